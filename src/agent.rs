@@ -1,0 +1,225 @@
+//! One agent's life: create and configure the TUN, start workers, links, presence and the
+//! statistics reporter, and take it all down again.
+//!
+//! [`Agent::start`] runs on a tokio runtime (the links and presence are tasks on it); the
+//! TX workers are OS threads pinned to cores. [`Agent::shutdown`] stops everything within
+//! about a second: it says goodbye, deletes the queues, closes the connections, joins the
+//! workers and closes the TUN queues, which removes the interface. Several agents can live
+//! in one process (the lab does that); they share nothing but the runtime.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::amqp::link::{self, Link};
+use crate::amqp::presence::{self, Hello};
+use crate::amqp::BrokerState;
+use crate::codec::v1::HEADER_LEN;
+use crate::config::AgentConfig;
+use crate::metrics::report::{self, Report};
+use crate::metrics::{new_histogram, Counters, SharedHistogram};
+use crate::ring::Ring;
+use crate::route::RoutingKey;
+use crate::tun::{netns, TunDevice, TunQueue};
+use crate::worker::tx::{TxWorker, MAX_ENTRY, MAX_OPEN};
+
+/// How long shutdown waits for the links to delete their queues and close.
+const CLOSE_GRACE: Duration = Duration::from_millis(1200);
+
+/// A running agent.
+pub struct Agent {
+    config: Arc<AgentConfig>,
+    stop_tx: watch::Sender<bool>,
+    stop_flag: Arc<AtomicBool>,
+    tasks: JoinSet<()>,
+    workers: Vec<JoinHandle<()>>,
+    queues: Vec<Arc<TunQueue>>,
+    counters: Vec<Arc<Counters>>,
+    latency: Vec<SharedHistogram>,
+    started: Instant,
+}
+
+/// A name that cannot collide: the device is created under it, then renamed in its namespace.
+fn temporary_ifname() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("tbt{:05x}{:03x}", std::process::id() & 0xf_ffff, n & 0xfff)
+}
+
+/// Creates the interface and configures it where it belongs.
+fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
+    let create_as = match &c.netns {
+        Some(ns) => {
+            if !netns::namespace_exists(ns) {
+                bail!(netns::Error::NoNamespace(ns.clone()));
+            }
+            temporary_ifname()
+        }
+        None => {
+            if netns::interface_exists(None, &c.ifname) {
+                bail!(netns::Error::Exists { name: c.ifname.clone(), netns: None });
+            }
+            c.ifname.clone()
+        }
+    };
+    let dev = TunDevice::create(&create_as, c.queues, c.offload)?;
+    if let Some(ns) = &c.netns {
+        netns::move_into(&create_as, ns, &c.ifname)?; // on error `dev` drops: interface gone
+    }
+    netns::configure(c.netns.as_deref(), &c.ifname, c.mtu, &c.addrs)?;
+    Ok(dev)
+}
+
+impl Agent {
+    /// Brings the agent up. Returns once the interface exists and every task is started
+    /// (the links connect in the background; traffic flows as soon as they are connected).
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+        let config = Arc::new(config);
+        let dev = bring_up_interface(&config)
+            .with_context(|| format!("setting up interface {} for agent {}", config.ifname, config.name))?;
+        let Some(flood_key) = RoutingKey::all(&config.name) else {
+            bail!("agent name {:?} is not a valid topic word", config.name);
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let broker = Arc::new(BrokerState::default());
+        let own_v4: Vec<(Ipv4Addr, u8)> = config
+            .addrs
+            .iter()
+            .filter_map(|p| match p.addr {
+                IpAddr::V4(a) => Some((a, p.len)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let cpus = if config.cpus.is_empty() {
+            core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
+        } else {
+            config.cpus.clone()
+        };
+        let buffer_bytes = config.max_batch_bytes.max(HEADER_LEN + MAX_ENTRY);
+        let mut agent = Agent {
+            config: config.clone(),
+            stop_tx,
+            stop_flag: stop_flag.clone(),
+            tasks: JoinSet::new(),
+            workers: Vec::new(),
+            queues: Vec::new(),
+            counters: Vec::new(),
+            latency: Vec::new(),
+            started: Instant::now(),
+        };
+        for q in dev.queues {
+            let k = q.index();
+            let queue = Arc::new(q);
+            let ring = Arc::new(Ring::new(config.ring_slots, MAX_OPEN + 2, buffer_bytes));
+            let counters = Arc::new(Counters::default());
+            let latency: SharedHistogram = Arc::new(Mutex::new(new_histogram()));
+            let link = Link {
+                config: config.clone(),
+                index: k,
+                ring: ring.clone(),
+                tun: queue.clone(),
+                counters: counters.clone(),
+                latency: latency.clone(),
+                broker: broker.clone(),
+                own_flood_key: flood_key,
+                addrs: config.addrs.iter().map(|p| p.addr).collect(),
+            };
+            agent.tasks.spawn(link::run(link, stop_rx.clone()));
+            let worker = TxWorker::new(queue.clone(), ring, counters.clone(), stop_flag.clone(), flood_key, own_v4.clone());
+            let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
+            let handle = std::thread::Builder::new()
+                .name(format!("tx-{}-{k}", config.name))
+                .spawn(move || {
+                    if let Some(id) = core {
+                        core_affinity::set_for_current(core_affinity::CoreId { id });
+                    }
+                    let _span = tracing::debug_span!("tx", queue = k).entered();
+                    worker.run();
+                })
+                .context("spawning a TX worker thread")?;
+            agent.workers.push(handle);
+            agent.queues.push(queue);
+            agent.counters.push(counters);
+            agent.latency.push(latency);
+        }
+        let hello = Hello {
+            name: config.name.clone(),
+            session: config.session.clone(),
+            addresses: config.addrs.iter().map(ToString::to_string).collect(),
+            queues: config.queues,
+            wire: "v1".to_owned(),
+            started_unix_ms: crate::worker::now_ns() / 1_000_000,
+            interface: config.ifname.clone(),
+            netns: config.netns.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            leaving: false,
+        };
+        agent.tasks.spawn(presence::run(
+            config.url.clone(),
+            config.exchange.clone(),
+            config.queue_prefix(),
+            hello,
+            stop_rx.clone(),
+        ));
+        if !config.stats_interval.is_zero() {
+            agent.tasks.spawn(report::periodic(
+                config.name.clone(),
+                config.stats_interval,
+                agent.counters.clone(),
+                agent.latency.clone(),
+                stop_rx,
+            ));
+        }
+        tracing::info!(
+            agent = %config.name,
+            interface = %config.ifname,
+            netns = config.netns.as_deref().unwrap_or("-"),
+            queues = config.queues,
+            tso = dev.offloads.tso,
+            uso = dev.offloads.uso,
+            "agent up"
+        );
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// The statistics so far.
+    pub fn report(&self) -> Report {
+        report::build(&self.config.name, self.started.elapsed(), &self.counters, &self.latency)
+    }
+
+    /// Stops everything and returns the final statistics.
+    pub async fn shutdown(mut self) -> Report {
+        let _ = self.stop_tx.send(true);
+        self.stop_flag.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        while !self.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::debug!(agent = %self.config.name, "links slow to close; aborting them");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        for w in self.workers.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        let report = self.report();
+        self.queues.clear(); // last references: closing the fds removes the interface
+        report
+    }
+}

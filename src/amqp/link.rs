@@ -1,0 +1,243 @@
+//! One link per TUN queue k: an AMQP connection that publishes the batches of TX worker k
+//! and consumes queue `…<name>.k`, writing what arrives into TUN queue k.
+//!
+//! A tokio task per link. While connected, a publisher loop drains the ring (one
+//! `basic_publish` per batch: transient, no confirms, no `mandatory`) and a consumer loop
+//! decodes deliveries and acknowledges them in batches (`multiple`, when the consumer has
+//! nothing more ready or every `prefetch / 2` messages). When the connection fails, the link
+//! drops and counts the batches it cannot send, waits a jittered backoff, reconnects,
+//! re-declares its queue and bindings, and carries on. Queue k is bound to shard `s` of
+//! each owned address when `s mod K == k`; queue 0 also takes the flood pattern.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::anyhow;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use tokio::sync::watch;
+
+use super::BrokerState;
+use crate::config::AgentConfig;
+use crate::metrics::{Counters, DropReason, LocalHistogram, SharedHistogram};
+use crate::ring::Ring;
+use crate::route::{self, RoutingKey};
+use crate::tun::TunQueue;
+use crate::worker::{now_ns, rx};
+
+/// Bounds of each consumer queue: beyond them the broker drops the oldest messages rather
+/// than let a slow receiver build seconds of delay (bufferbloat). See docs/decisions.
+pub const QUEUE_MAX_MESSAGES: i32 = 4096;
+pub const QUEUE_MAX_BYTES: i64 = 16 * 1024 * 1024;
+
+/// What link k needs; shared with worker k through `Arc`s.
+pub struct Link {
+    pub config: Arc<AgentConfig>,
+    pub index: usize,
+    pub ring: Arc<Ring>,
+    pub tun: Arc<TunQueue>,
+    pub counters: Arc<Counters>,
+    pub latency: SharedHistogram,
+    pub broker: Arc<BrokerState>,
+    /// Our own flood key: flood messages carrying it are ours, echoed back by the broker.
+    pub own_flood_key: RoutingKey,
+    /// Addresses whose unicast keys this agent binds.
+    pub addrs: Vec<IpAddr>,
+}
+
+struct Session {
+    conn: Connection,
+    publish: Channel,
+    consume: Channel,
+    consumer: Consumer,
+}
+
+/// Runs link `link` until `stop` turns true; then deletes its queue and closes.
+pub async fn run(link: Link, mut stop: watch::Receiver<bool>) {
+    let name = link.config.name.clone();
+    let mut attempt = 0u32;
+    let mut down = false;
+    let seed = (link.index as u64) ^ now_ns();
+    loop {
+        let opened = tokio::select! {
+            r = open(&link) => r,
+            _ = drain_forever(&link) => unreachable!("drain_forever never returns"),
+            _ = stopped(&mut stop) => return,
+        };
+        match opened {
+            Ok(session) => {
+                if down {
+                    link.broker.link_up(&name);
+                    Counters::add(&link.counters.reconnects, 1);
+                }
+                attempt = 0;
+                tracing::debug!(agent = %name, queue = link.index, "link connected");
+                let result = tokio::select! {
+                    r = publish_loop(&link, &session.publish) => r,
+                    r = consume_loop(&link, &session.consume, session.consumer.clone()) => r,
+                    _ = stopped(&mut stop) => {
+                        close(&link, &session).await;
+                        return;
+                    }
+                };
+                let error = result.err().unwrap_or_else(|| anyhow!("link ended"));
+                link.broker.link_down(&name, &error);
+                down = true;
+            }
+            Err(error) => {
+                if !down {
+                    link.broker.link_down(&name, &error);
+                    down = true;
+                }
+                tracing::debug!(agent = %name, queue = link.index, %error, "connect failed");
+            }
+        }
+        let delay = super::backoff(attempt, seed);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = drain_forever(&link) => unreachable!("drain_forever never returns"),
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves when the stop flag is (or becomes) true, or its sender is gone.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn open(link: &Link) -> anyhow::Result<Session> {
+    let c = &link.config;
+    let conn = super::connect(&c.url, &format!("tunbus {} q{}", c.name, link.index)).await?;
+    let publish = conn.create_channel().await?;
+    let consume = conn.create_channel().await?;
+    super::declare_exchange(&publish, &c.exchange).await?;
+    let queue = c.queue_name(link.index);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(QUEUE_MAX_MESSAGES.into()));
+    args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(QUEUE_MAX_BYTES));
+    consume
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            args,
+        )
+        .await?;
+    let bind = |key: String| {
+        let consume = consume.clone();
+        let queue = queue.clone();
+        let exchange = c.exchange.clone();
+        async move {
+            consume
+                .queue_bind(queue.as_str().into(), exchange.as_str().into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                .await
+        }
+    };
+    for addr in &link.addrs {
+        for shard in 0..route::SHARDS {
+            if route::queue_for_shard(shard, c.queues) == link.index {
+                bind(RoutingKey::unicast(*addr, shard).as_str().to_owned()).await?;
+            }
+        }
+    }
+    if link.index == 0 {
+        bind(route::ALL_PATTERN.to_owned()).await?;
+    }
+    consume.basic_qos(c.prefetch, BasicQosOptions::default()).await?;
+    let consumer = consume
+        .basic_consume(
+            queue.as_str().into(),
+            format!("tunbus-{}-{}", c.name, link.index).as_str().into(),
+            BasicConsumeOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(Session { conn, publish, consume, consumer })
+}
+
+/// Publishes every batch the worker hands over, until the channel fails.
+async fn publish_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
+    let exchange = ShortString::from(link.config.exchange.as_str());
+    loop {
+        while let Some(batch) = link.ring.pop() {
+            let result = channel
+                .basic_publish(
+                    exchange.clone(),
+                    batch.key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    batch.writer.as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await;
+            let packets = batch.packets;
+            link.ring.give_buffer(batch.writer);
+            if let Err(e) = result {
+                link.counters.record_drop(DropReason::BrokerDown, u64::from(packets));
+                return Err(e.into());
+            }
+        }
+        link.ring.ready().await;
+    }
+}
+
+/// Writes deliveries into the TUN, acknowledging in batches, until the consumer fails.
+async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) -> anyhow::Result<()> {
+    let mut latency = LocalHistogram::new(link.latency.clone());
+    let ack_every = (u32::from(link.config.prefetch) / 2).max(1);
+    let mut unacked = None;
+    let mut since_ack = 0u32;
+    loop {
+        let next = match consumer.next().now_or_never() {
+            Some(item) => item,
+            None => {
+                if let Some(tag) = unacked.take() {
+                    channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+                    since_ack = 0;
+                }
+                latency.maybe_fold(Instant::now(), false);
+                consumer.next().await
+            }
+        };
+        let delivery = match next {
+            Some(d) => d?,
+            None => return Err(anyhow!("the broker cancelled our consumer")),
+        };
+        if delivery.routing_key.as_str() != link.own_flood_key.as_str() {
+            rx::deliver(&delivery.data, &link.tun, &link.counters, &mut latency, now_ns());
+        }
+        unacked = Some(delivery.delivery_tag);
+        since_ack += 1;
+        if since_ack >= ack_every {
+            if let Some(tag) = unacked.take() {
+                channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+            }
+            since_ack = 0;
+        }
+    }
+}
+
+/// While disconnected: take batches off the ring so the worker keeps a fresh pipeline, and
+/// count them as dropped because the broker is down.
+async fn drain_forever(link: &Link) {
+    loop {
+        while let Some(batch) = link.ring.pop() {
+            link.counters.record_drop(DropReason::BrokerDown, u64::from(batch.packets));
+            link.ring.give_buffer(batch.writer);
+        }
+        link.ring.ready().await;
+    }
+}
+
+/// Graceful end: delete our queue, close the connection (bounded in time by the caller).
+async fn close(link: &Link, s: &Session) {
+    let queue = link.config.queue_name(link.index);
+    let _ = s.consume.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = s.conn.close(200, "agent stopping".into()).await;
+}

@@ -1,0 +1,100 @@
+//! Everything that talks to the broker: connections, topology, the per-queue links, presence.
+//!
+//! Runs on the agent's tokio runtime; lapin gives each connection its own I/O loop. One
+//! connection per TUN queue ([`link`]) carries that queue's publishes and its consumer, so
+//! queues never contend on one socket; [`presence`] has its own small connection for
+//! hello/bye/probe. Reconnection is ours, not lapin's (its auto-recovery is off): a link
+//! that loses the broker drops and counts what it cannot send, retries with jittered
+//! exponential backoff, and re-declares its queue and bindings.
+
+pub mod link;
+pub mod presence;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// Longest wait for the TCP + AMQP handshake before a retry.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Opens a connection named after its role (shown in the management UI).
+pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(connection_name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the broker timed out").into()),
+    }
+}
+
+/// Declares `exchange` as a transient topic exchange, unless it is a predeclared `amq.*` one.
+/// Auto-delete: it vanishes with the last binding, so a finished session leaves nothing.
+pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    if exchange.starts_with("amq.") {
+        return Ok(());
+    }
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { durable: false, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Jittered exponential backoff: 100 ms doubling to 1 s, each ±50 %, so that hundreds of
+/// agents do not reconnect in lockstep, and traffic is back within ~1.5 s of the broker.
+pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
+    let base_ms = 100u64.saturating_mul(1 << attempt.min(4)).min(1000);
+    // splitmix64 step: cheap, deterministic per seed, good enough to spread retries
+    let mut z = jitter_seed.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(u64::from(attempt) + 1);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let jitter = z % (base_ms + 1); // 0..=base
+    Duration::from_millis(base_ms / 2 + jitter)
+}
+
+/// Broker reachability shared by all links of one agent, so that losing and regaining the
+/// broker is logged once, not once per queue.
+#[derive(Debug, Default)]
+pub struct BrokerState {
+    down: AtomicUsize,
+}
+
+impl BrokerState {
+    /// A link lost its connection (or failed to make its first one).
+    pub fn link_down(&self, agent: &str, error: &dyn std::fmt::Display) {
+        if self.down.fetch_add(1, Ordering::AcqRel) == 0 {
+            tracing::warn!(agent, %error, "lost the broker; dropping and counting traffic, reconnecting");
+        }
+    }
+
+    /// A link that was down is connected again.
+    pub fn link_up(&self, agent: &str) {
+        if self.down.fetch_sub(1, Ordering::AcqRel) == 1 {
+            tracing::info!(agent, "broker is back; traffic flows again");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_bounded_and_jittered() {
+        for seed in 0..100 {
+            for attempt in 0..20 {
+                let d = backoff(attempt, seed);
+                assert!(d <= Duration::from_millis(1500), "{d:?}");
+                assert!(d >= Duration::from_millis(50), "{d:?}");
+            }
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|s| backoff(5, s)).collect();
+        assert!(spread.len() > 10, "jitter should spread retries");
+    }
+}

@@ -1,0 +1,129 @@
+//! Validated configuration of one agent, and the address type it is built from.
+//!
+//! `cli.rs` turns command-line arguments into an [`AgentConfig`]; everything below the CLI
+//! (the agent, the lab) sees only this. Pure data: no I/O.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// An interface address with its prefix length, e.g. `198.18.0.1/24` or `fd00:7b::1/64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn new(addr: IpAddr, len: u8) -> Option<Prefix> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (len <= max).then_some(Prefix { addr, len })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} has no prefix length (write it as ADDR/LEN, e.g. 198.18.0.1/24)"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let len: u8 = len.parse().map_err(|_| format!("{len:?} is not a prefix length"))?;
+        Prefix::new(addr, len).ok_or_else(|| format!("prefix length {len} is too long for {addr}"))
+    }
+}
+
+/// Default MTU: see docs/decisions/0003-mtu.md.
+pub const DEFAULT_MTU: u32 = 9000;
+
+/// Everything one agent needs to run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub url: String,
+    pub name: String,
+    pub session: Option<String>,
+    pub queues: usize,
+    pub addrs: Vec<Prefix>,
+    pub mtu: u32,
+    pub netns: Option<String>,
+    pub ifname: String,
+    pub exchange: String,
+    /// Core for worker i is `cpus[i % cpus.len()]`; empty means no pinning.
+    pub cpus: Vec<usize>,
+    pub offload: bool,
+    pub stats_interval: Duration,
+    /// Upper bound of one AMQP message body.
+    pub max_batch_bytes: usize,
+    pub prefetch: u16,
+    /// Batches in flight between one worker and its publisher.
+    pub ring_slots: usize,
+}
+
+impl AgentConfig {
+    /// A configuration with the defaults of `agent connect`, for tests and the lab.
+    pub fn new(url: &str, name: &str) -> AgentConfig {
+        AgentConfig {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            session: None,
+            queues: 1,
+            addrs: Vec::new(),
+            mtu: DEFAULT_MTU,
+            netns: None,
+            ifname: "tb0".to_owned(),
+            exchange: "amq.topic".to_owned(),
+            cpus: Vec::new(),
+            offload: true,
+            stats_interval: Duration::from_secs(5),
+            max_batch_bytes: 256 * 1024,
+            prefetch: 256,
+            ring_slots: 32,
+        }
+    }
+
+    /// `tunbus[.<session>].<name>.<k>`: the queue that feeds TUN queue k.
+    pub fn queue_name(&self, k: usize) -> String {
+        format!("{}.{k}", self.queue_prefix())
+    }
+
+    /// Prefix of every queue this agent declares.
+    pub fn queue_prefix(&self) -> String {
+        match &self.session {
+            Some(s) => format!("tunbus.{s}.{}", self.name),
+            None => format!("tunbus.{}", self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_print() {
+        let p: Prefix = "198.18.0.1/24".parse().unwrap();
+        assert_eq!(p.to_string(), "198.18.0.1/24");
+        let p: Prefix = "fd00:7b::1/64".parse().unwrap();
+        assert_eq!(p.len, 64);
+        assert!("198.18.0.1".parse::<Prefix>().is_err());
+        assert!("198.18.0.1/33".parse::<Prefix>().is_err());
+        assert!("fd00::1/129".parse::<Prefix>().is_err());
+        assert!("nonsense/8".parse::<Prefix>().is_err());
+        assert!("fd00::1/x".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn queue_names_carry_the_session() {
+        let mut c = AgentConfig::new("amqp://x", "h1");
+        assert_eq!(c.queue_name(3), "tunbus.h1.3");
+        c.session = Some("s7".into());
+        assert_eq!(c.queue_name(0), "tunbus.s7.h1.0");
+    }
+}

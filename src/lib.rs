@@ -1,0 +1,25 @@
+//! tunbus: IP packets between hosts over a RabbitMQ message bus.
+//!
+//! Module map (see `docs/architecture.md` for the data path in both directions):
+//! - [`cli`]: command line → [`config::AgentConfig`]; nothing below sees clap types.
+//! - [`agent`]: one agent's life cycle: TUN, workers, links, presence, reports.
+//! - [`tun`]: the multi-queue TUN device with offloads and its configuration (OS glue; the
+//!   only module allowed `unsafe`).
+//! - [`codec`]: wire format v1 and the ioppytest JSON form. Pure.
+//! - [`route`]: destination → routing key, flow hash, shard → queue. Pure.
+//! - [`ring`]: lock-free hand-off of batches from a worker thread to its publisher.
+//! - [`worker`]: the per-queue TX thread and the RX write path (hot path).
+//! - [`amqp`]: connections, topology, per-queue links with reconnect, presence.
+//! - [`metrics`]: counters, latency histograms, reports.
+#![deny(unsafe_code)]
+
+pub mod agent;
+pub mod amqp;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod metrics;
+pub mod ring;
+pub mod route;
+pub mod tun;
+pub mod worker;

@@ -1,0 +1,104 @@
+//! `agent`: parse the command line, set up tracing, run the chosen command.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::watch;
+
+use tunbus::agent::Agent;
+use tunbus::cli::{bus_exchange, check_url, Cli, Command, PeersArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Connect(args) => {
+            let config = args.into_config()?;
+            let mut stop = stop_on_signal()?;
+            let agent = Agent::start(config).await?;
+            let _ = stop.wait_for(|s| *s).await;
+            tracing::info!(agent = %agent.config().name, "stopping");
+            let report = agent.shutdown().await;
+            println!("{report}");
+            Ok(())
+        }
+        Command::Peers(args) => peers(args).await,
+    }
+}
+
+/// A flag that turns true on SIGINT or SIGTERM.
+fn stop_on_signal() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn peers(args: PeersArgs) -> anyhow::Result<()> {
+    check_url(&args.bus.url)?;
+    let exchange = bus_exchange(&args.bus)?;
+    if !(args.wait > 0.0 && args.wait <= 600.0) {
+        anyhow::bail!("--wait must be between 0 and 600 seconds");
+    }
+    let peers = tunbus::amqp::presence::discover(&args.bus.url, &exchange, Duration::from_secs_f64(args.wait)).await?;
+    let now_ms = tunbus::worker::now_ns() / 1_000_000;
+    if args.json {
+        for p in &peers {
+            println!("{}", serde_json::to_string(&p.hello)?);
+        }
+        return Ok(());
+    }
+    if peers.is_empty() {
+        println!("no agents answered on exchange {exchange}");
+        return Ok(());
+    }
+    println!("{:<16} {:>6} {:>10} {:>10}  {:<10} addresses", "name", "queues", "heard", "up", "wire");
+    for p in &peers {
+        let h = &p.hello;
+        let up_s = now_ms.saturating_sub(h.started_unix_ms) / 1000;
+        println!(
+            "{:<16} {:>6} {:>8}ms {:>9}s  {:<10} {}",
+            h.name,
+            h.queues,
+            p.heard.elapsed().as_millis(),
+            up_s,
+            h.wire,
+            h.addresses.join(" ")
+        );
+    }
+    Ok(())
+}

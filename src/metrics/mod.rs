@@ -1,0 +1,222 @@
+//! Counters and latency histograms, per worker, merged for reports.
+//!
+//! Each worker (TX thread i, RX task i) owns one [`Counters`] block on its own cache line and
+//! adds to it with relaxed atomics once per burst or batch, never per packet. Latency is
+//! recorded into a [`LocalHistogram`] owned by the recording task and folded into a shared
+//! one at most every [`FOLD_EVERY`]: one uncontended lock per interval, never per packet.
+//! The reporter (a tokio task) takes [`Snapshot`]s and prints rates and percentiles.
+
+pub mod report;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Why a packet (or a whole batch) was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// No free batch buffer: the publisher is behind.
+    NoBuffer,
+    /// The ring to the publisher was full.
+    RingFull,
+    /// The broker connection was down when the batch was due.
+    BrokerDown,
+    /// A message from the bus that does not decode.
+    Malformed,
+    /// A packet larger than a batch may carry.
+    TooBig,
+    /// Bytes from the TUN that are not IPv4/IPv6.
+    NotIp,
+    /// A virtio header that does not match its packet.
+    BadVnet,
+    /// The kernel refused a TUN write.
+    TunWrite,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::NoBuffer,
+        DropReason::RingFull,
+        DropReason::BrokerDown,
+        DropReason::Malformed,
+        DropReason::TooBig,
+        DropReason::NotIp,
+        DropReason::BadVnet,
+        DropReason::TunWrite,
+    ];
+
+    /// Stable snake_case name, used in reports and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::NoBuffer => "no_buffer",
+            DropReason::RingFull => "ring_full",
+            DropReason::BrokerDown => "broker_down",
+            DropReason::Malformed => "malformed",
+            DropReason::TooBig => "too_big",
+            DropReason::NotIp => "not_ip",
+            DropReason::BadVnet => "bad_vnet",
+            DropReason::TunWrite => "tun_write",
+        }
+    }
+}
+
+/// Counters of one worker. Aligned so two workers never share a cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Counters {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub tx_batches: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub rx_batches: AtomicU64,
+    pub reconnects: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl Counters {
+    #[inline]
+    pub fn add(field: &AtomicU64, n: u64) {
+        if n != 0 {
+            field.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    pub fn record_drop(&self, reason: DropReason, n: u64) {
+        Counters::add(&self.drops[reason as usize], n);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut drops = [0; DropReason::ALL.len()];
+        for (d, a) in drops.iter_mut().zip(&self.drops) {
+            *d = l(a);
+        }
+        Snapshot {
+            tx_packets: l(&self.tx_packets),
+            tx_bytes: l(&self.tx_bytes),
+            tx_batches: l(&self.tx_batches),
+            rx_packets: l(&self.rx_packets),
+            rx_bytes: l(&self.rx_bytes),
+            rx_batches: l(&self.rx_batches),
+            reconnects: l(&self.reconnects),
+            drops,
+        }
+    }
+}
+
+/// Plain copy of counters, summable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_batches: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_batches: u64,
+    pub reconnects: u64,
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
+impl Snapshot {
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Counters>) -> Snapshot {
+        let mut total = Snapshot::default();
+        for c in all {
+            let s = c.snapshot();
+            total.tx_packets += s.tx_packets;
+            total.tx_bytes += s.tx_bytes;
+            total.tx_batches += s.tx_batches;
+            total.rx_packets += s.rx_packets;
+            total.rx_bytes += s.rx_bytes;
+            total.rx_batches += s.rx_batches;
+            total.reconnects += s.reconnects;
+            for (t, d) in total.drops.iter_mut().zip(s.drops) {
+                *t += d;
+            }
+        }
+        total
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// Latency histogram shared between a recording task and the reporter.
+pub type SharedHistogram = Arc<Mutex<Histogram<u64>>>;
+
+/// Microsecond histogram, 1 µs to 60 s, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    // invariant: these bounds are valid for hdrhistogram (low >= 1, high >= 2 * low, sigfig <= 5)
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// How often a local histogram is folded into its shared one.
+pub const FOLD_EVERY: Duration = Duration::from_millis(500);
+
+/// A histogram owned by one task, folded into `shared` periodically.
+pub struct LocalHistogram {
+    local: Histogram<u64>,
+    shared: SharedHistogram,
+    last_fold: Instant,
+}
+
+impl LocalHistogram {
+    pub fn new(shared: SharedHistogram) -> LocalHistogram {
+        LocalHistogram { local: new_histogram(), shared, last_fold: Instant::now() }
+    }
+
+    /// Records `n` samples of `value_us` (saturated into range).
+    #[inline]
+    pub fn record_n(&mut self, value_us: u64, n: u64) {
+        let _ = self.local.saturating_record_n(value_us.max(1), n);
+    }
+
+    /// Folds into the shared histogram when due (or when `force`).
+    pub fn maybe_fold(&mut self, now: Instant, force: bool) {
+        if force || now.duration_since(self.last_fold) >= FOLD_EVERY {
+            if self.local.len() > 0 {
+                if let Ok(mut shared) = self.shared.lock() {
+                    let _ = shared.add(&self.local);
+                }
+                self.local.reset();
+            }
+            self.last_fold = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_sum() {
+        let a = Counters::default();
+        let b = Counters::default();
+        Counters::add(&a.tx_packets, 3);
+        Counters::add(&b.tx_packets, 4);
+        b.record_drop(DropReason::Malformed, 2);
+        let s = Snapshot::sum([&a, &b]);
+        assert_eq!(s.tx_packets, 7);
+        assert_eq!(s.dropped(DropReason::Malformed), 2);
+        assert_eq!(s.total_drops(), 2);
+    }
+
+    #[test]
+    fn local_histogram_folds() {
+        let shared: SharedHistogram = Arc::new(Mutex::new(new_histogram()));
+        let mut h = LocalHistogram::new(shared.clone());
+        h.record_n(100, 5);
+        h.maybe_fold(Instant::now(), true);
+        assert_eq!(shared.lock().unwrap().len(), 5);
+    }
+}

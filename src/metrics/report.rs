@@ -1,0 +1,158 @@
+//! Reports: the periodic one-line summary and the final report of an agent.
+//!
+//! Control plane: a tokio task wakes every `--stats-interval`, sums the per-worker counters,
+//! merges the latency histograms (one short lock each), and logs one line with rates and
+//! one-way latency percentiles. The final [`Report`] is printed on exit and serialisable
+//! to JSON for scripts.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{new_histogram, Counters, DropReason, SharedHistogram, Snapshot};
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub samples: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// An agent's statistics at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub agent: String,
+    pub uptime_s: f64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_batches: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_batches: u64,
+    pub reconnects: u64,
+    pub drops: Vec<(String, u64)>,
+    /// One-way latency, sender's batch timestamp → our TUN write.
+    pub latency: Percentiles,
+}
+
+fn merged(latency: &[SharedHistogram]) -> Percentiles {
+    let mut all = new_histogram();
+    for h in latency {
+        if let Ok(h) = h.lock() {
+            let _ = all.add(&*h);
+        }
+    }
+    if all.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        samples: all.len(),
+        p50_us: all.value_at_quantile(0.5),
+        p99_us: all.value_at_quantile(0.99),
+        p999_us: all.value_at_quantile(0.999),
+        max_us: all.max(),
+    }
+}
+
+pub fn build(agent: &str, uptime: Duration, counters: &[Arc<Counters>], latency: &[SharedHistogram]) -> Report {
+    let s = Snapshot::sum(counters.iter().map(|c| &**c));
+    Report {
+        agent: agent.to_owned(),
+        uptime_s: uptime.as_secs_f64(),
+        tx_packets: s.tx_packets,
+        tx_bytes: s.tx_bytes,
+        tx_batches: s.tx_batches,
+        rx_packets: s.rx_packets,
+        rx_bytes: s.rx_bytes,
+        rx_batches: s.rx_batches,
+        reconnects: s.reconnects,
+        drops: DropReason::ALL.iter().map(|r| (r.name().to_owned(), s.dropped(*r))).filter(|(_, n)| *n > 0).collect(),
+        latency: merged(latency),
+    }
+}
+
+/// Human rate: bits per second with a unit.
+pub fn bits_per_s(bytes: u64, over: Duration) -> String {
+    let bps = bytes as f64 * 8.0 / over.as_secs_f64().max(1e-9);
+    match bps {
+        b if b >= 1e9 => format!("{:.2} Gbit/s", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} Mbit/s", b / 1e6),
+        b => format!("{:.0} kbit/s", b / 1e3),
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let up = Duration::from_secs_f64(self.uptime_s.max(0.0));
+        writeln!(f, "agent {} ran {:.1} s", self.agent, self.uptime_s)?;
+        writeln!(
+            f,
+            "  sent     {} packets, {} bytes in {} batches ({} average)",
+            self.tx_packets,
+            self.tx_bytes,
+            self.tx_batches,
+            bits_per_s(self.tx_bytes, up)
+        )?;
+        writeln!(
+            f,
+            "  received {} packets, {} bytes in {} batches ({} average)",
+            self.rx_packets,
+            self.rx_bytes,
+            self.rx_batches,
+            bits_per_s(self.rx_bytes, up)
+        )?;
+        let l = &self.latency;
+        writeln!(f, "  one-way latency p50 {} us, p99 {} us, p99.9 {} us, max {} us ({} samples)", l.p50_us, l.p99_us, l.p999_us, l.max_us, l.samples)?;
+        write!(f, "  reconnects {}, drops:", self.reconnects)?;
+        if self.drops.is_empty() {
+            write!(f, " none")?;
+        }
+        for (reason, n) in &self.drops {
+            write!(f, " {reason}={n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Logs one summary line every `every` until stopped.
+pub async fn periodic(
+    agent: String,
+    every: Duration,
+    counters: Vec<Arc<Counters>>,
+    latency: Vec<SharedHistogram>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last = Snapshot::sum(counters.iter().map(|c| &**c));
+    let mut last_at = Instant::now();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::amqp::link::stopped(&mut stop) => return,
+        }
+        let now = Snapshot::sum(counters.iter().map(|c| &**c));
+        let dt = last_at.elapsed();
+        let pps = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / dt.as_secs_f64().max(1e-9);
+        let l = merged(&latency);
+        tracing::info!(
+            agent = %agent,
+            tx = %bits_per_s(now.tx_bytes.saturating_sub(last.tx_bytes), dt),
+            tx_pps = pps(now.tx_packets, last.tx_packets) as u64,
+            rx = %bits_per_s(now.rx_bytes.saturating_sub(last.rx_bytes), dt),
+            rx_pps = pps(now.rx_packets, last.rx_packets) as u64,
+            drops = now.total_drops().saturating_sub(last.total_drops()),
+            p50_us = l.p50_us,
+            p99_us = l.p99_us,
+            "stats"
+        );
+        last = now;
+        last_at = Instant::now();
+    }
+}

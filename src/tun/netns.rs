@@ -1,0 +1,98 @@
+//! Interface configuration: namespace move, rename, MTU, addresses, link state.
+//!
+//! Control plane only (start-up and shutdown, never per packet), so it drives iproute2's
+//! `ip` command rather than speaking rtnetlink itself: one well-known tool, whose error
+//! messages we pass on verbatim. Run from the thread that starts the agent.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+
+use crate::config::Prefix;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("network namespace {0:?} does not exist (create it with `ip netns add {0}`)")]
+    NoNamespace(String),
+    #[error("interface {name:?} already exists{}", ns_suffix(.netns))]
+    Exists { name: String, netns: Option<String> },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `ip` (install iproute2): {0}")]
+    Spawn(std::io::Error),
+}
+
+fn ns_suffix(netns: &Option<String>) -> String {
+    netns.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_default()
+}
+
+/// Runs `ip [-n netns] args…`, returning stdout.
+pub fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, Error> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    cmd.args(args);
+    let out = cmd.output().map_err(Error::Spawn)?;
+    if !out.status.success() {
+        let mut command = String::from("ip");
+        if let Some(ns) = netns {
+            command.push_str(&format!(" -n {ns}"));
+        }
+        for a in args {
+            command.push(' ');
+            command.push_str(a);
+        }
+        return Err(Error::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn namespace_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+/// Whether `name` exists in `netns` (or in our own namespace when `None`).
+pub fn interface_exists(netns: Option<&str>, name: &str) -> bool {
+    match netns {
+        None => Path::new("/sys/class/net").join(name).exists(),
+        Some(_) => ip(netns, &["link", "show", "dev", name]).is_ok(),
+    }
+}
+
+/// Moves interface `from` into namespace `netns`, naming it `to` there.
+pub fn move_into(from: &str, netns: &str, to: &str) -> Result<(), Error> {
+    if !namespace_exists(netns) {
+        return Err(Error::NoNamespace(netns.to_owned()));
+    }
+    if interface_exists(Some(netns), to) {
+        return Err(Error::Exists { name: to.to_owned(), netns: Some(netns.to_owned()) });
+    }
+    ip(None, &["link", "set", "dev", from, "netns", netns, "name", to])?;
+    Ok(())
+}
+
+/// Sets MTU and addresses and brings the link up. IPv6 addresses skip duplicate address
+/// detection: the bus has no link layer on which a duplicate could answer, and DAD would
+/// hold the address tentative for a second or more.
+pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix]) -> Result<(), Error> {
+    let mtu = mtu.to_string();
+    ip(netns, &["link", "set", "dev", ifname, "mtu", &mtu])?;
+    for a in addrs {
+        let text = a.to_string();
+        match a.addr {
+            IpAddr::V4(_) => ip(netns, &["addr", "add", &text, "dev", ifname])?,
+            IpAddr::V6(_) => ip(netns, &["addr", "add", &text, "dev", ifname, "nodad"])?,
+        };
+    }
+    ip(netns, &["link", "set", "dev", ifname, "up"])?;
+    Ok(())
+}
+
+/// Deletes the interface (used when set-up fails half-way; normally closing the queues does it).
+pub fn delete(netns: Option<&str>, ifname: &str) {
+    let _ = ip(netns, &["link", "del", "dev", ifname]);
+}
