@@ -90,6 +90,9 @@ pub struct ConnectArgs {
     /// Largest AMQP message body (one batch of packets), in bytes.
     #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(70_000..=8_388_608))]
     pub max_batch_bytes: u32,
+    /// Write the final report as JSON to this file on exit.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<std::path::PathBuf>,
     /// Unacknowledged messages the broker may push to each consumer.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use tokio::sync::watch;
 
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Connect(args) => {
+            let stats_json = args.stats_json.clone();
             let config = args.into_config()?;
             let mut stop = stop_on_signal()?;
             let agent = Agent::start(config).await?;
@@ -46,6 +48,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(agent = %agent.config().name, "stopping");
             let report = agent.shutdown().await;
             println!("{report}");
+            if let Some(path) = stats_json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing --stats-json {}", path.display()))?;
+            }
             Ok(())
         }
         Command::Peers(args) => peers(args).await,

@@ -1,0 +1,329 @@
+//! Test harness for the system tests: real namespaces, real agents (the built `agent`
+//! binary), real RabbitMQ. Everything created here is removed on drop, also when a test
+//! fails. A test calls [`system_ready`] first: without root, TUN, `ip`, `ping` or a broker it
+//! is skipped with a notice, or fails when `TUNBUS_REQUIRE_SYSTEM_TESTS=1` (the README's test
+//! command and CI set it).
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub const BROKER: &str = "127.0.0.1:5672";
+pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn missing() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Some("not running as root (TUN devices and namespaces need it)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing (modprobe tun)".into());
+    }
+    for tool in ["ip", "ping"] {
+        if Command::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+            return Some(format!("`{tool}` is not installed (apt-get install iproute2 iputils-ping)"));
+        }
+    }
+    let addr: SocketAddr = BROKER.parse().expect("constant address");
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+        return Some(format!("no RabbitMQ on {BROKER} (start it: rabbitmq-server -detached)"));
+    }
+    None
+}
+
+/// True when the system tests can run; otherwise skips (or fails, when required).
+pub fn system_ready(test: &str) -> bool {
+    match missing() {
+        None => true,
+        Some(why) => {
+            if std::env::var("TUNBUS_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
+                panic!("{test}: system test cannot run: {why}");
+            }
+            eprintln!("SKIPPED {test}: {why} (set TUNBUS_REQUIRE_SYSTEM_TESTS=1 to make this a failure)");
+            false
+        }
+    }
+}
+
+/// A name unique to this test process: `<prefix><pid>x<n>`.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let name = unique("tbt");
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        Command::new("ip").args(&full).output().expect("ip netns exec runs")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Runs a command that must succeed.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An `agent connect` process, interrupted (then killed) on drop.
+pub struct AgentProc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    pub stats: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts `agent connect --name NAME --url URL <args>`.
+    pub fn start(name: &str, args: &[&str]) -> AgentProc {
+        let dir = std::env::temp_dir();
+        let log = dir.join(format!("{name}.log"));
+        let stats = dir.join(format!("{name}.stats.json"));
+        let _ = std::fs::remove_file(&stats);
+        let log_file = File::create(&log).expect("create agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["connect", "--name", name, "--url", URL, "--stats-interval", "0", "--stats-json"])
+            .arg(&stats)
+            .args(args)
+            .stdout(log_file.try_clone().expect("clone log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn agent");
+        AgentProc { name: name.to_owned(), child: Some(child), log, stats }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends `signal`, waits up to `limit`; returns the exit status and how long it took.
+    pub fn stop_with(&mut self, signal: i32, limit: Duration) -> (Option<ExitStatus>, Duration) {
+        let Some(mut child) = self.child.take() else { return (None, Duration::ZERO) };
+        let t0 = Instant::now();
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        while t0.elapsed() < limit {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (Some(status), t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        (None, t0.elapsed())
+    }
+
+    /// Ctrl-C, and the final report as JSON.
+    pub fn interrupt(&mut self) -> serde_json::Value {
+        let (status, took) = self.stop_with(libc::SIGINT, Duration::from_secs(5));
+        assert!(status.map(|s| s.success()).unwrap_or(false), "agent {} did not exit 0 after SIGINT ({status:?}, {took:?}):\n{}", self.name, self.logs());
+        let text = std::fs::read_to_string(&self.stats).unwrap_or_else(|_| panic!("no stats json from {}:\n{}", self.name, self.logs()));
+        serde_json::from_str(&text).expect("stats json parses")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(libc::SIGINT, Duration::from_secs(3));
+        }
+    }
+}
+
+/// The count of drops for `reason` in a final report.
+pub fn drops(report: &serde_json::Value, reason: &str) -> u64 {
+    report["drops"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d[0] == reason))
+        .and_then(|d| d[1].as_u64())
+        .unwrap_or(0)
+}
+
+/// One `ping` run inside `ns`; returns whether all replies came back, and the output.
+pub fn ping(ns: &Netns, dst: &str, count: u32) -> (bool, String) {
+    let count = count.to_string();
+    let out = ns.exec(&["ping", "-n", "-c", &count, "-i", "0.2", "-W", "1", dst]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success() && text.contains(" 0% packet loss"), text)
+}
+
+/// Pings until one reply comes back or `limit` passes; returns the time it took.
+pub fn wait_reachable(ns: &Netns, dst: &str, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let out = ns.exec(&["ping", "-n", "-c", "1", "-W", "1", dst]);
+        if out.status.success() {
+            return Some(t0.elapsed());
+        }
+    }
+    None
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's network namespace.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A deterministic pseudo-random byte stream (xorshift64*), the same on both ends.
+pub struct Stream {
+    state: u64,
+}
+
+impl Stream {
+    pub fn new(seed: u64) -> Stream {
+        Stream { state: seed | 1 }
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let v = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Result of one side of a transfer: bytes and SHA-256.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Digest256 {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Starts a TCP sink in `ns` on `bind` (e.g. "198.18.0.2:5001"); it accepts `conns`
+/// connections and returns the digest of each, in accept order.
+pub fn tcp_sink(ns: &str, bind: String, conns: usize) -> JoinHandle<Vec<Digest256>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = in_netns(ns, move || {
+        let listener = TcpListener::bind(&bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        tx.send(()).expect("signal listening");
+        let mut workers = Vec::new();
+        for _ in 0..conns {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+            workers.push(std::thread::spawn(move || {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    let n = s.read(&mut buf).expect("read from TCP sink");
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                    total += n as u64;
+                }
+                Digest256 { bytes: total, sha256: h.finalize().into() }
+            }));
+        }
+        workers.into_iter().map(|w| w.join().expect("sink worker")).collect()
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("sink listening");
+    handle
+}
+
+/// Sends `bytes` of the seeded stream from `ns` to `dst`; returns what it sent.
+pub fn tcp_send(ns: &str, dst: String, bytes: u64, seed: u64) -> JoinHandle<Digest256> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect(&dst).unwrap_or_else(|e| panic!("connect {dst}: {e}"));
+        s.set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let mut gen = Stream::new(seed);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            gen.fill(&mut buf[..n]);
+            h.update(&buf[..n]);
+            s.write_all(&buf[..n]).expect("write to TCP");
+            left -= n as u64;
+        }
+        drop(s);
+        Digest256 { bytes, sha256: h.finalize().into() }
+    })
+}
+
+/// Two namespaces with an agent each, addresses 198.18.<net>.1/.2 and fd00:<net>::1/::2.
+pub struct Pair {
+    pub a: AgentProc,
+    pub b: AgentProc,
+    pub ns_a: Netns,
+    pub ns_b: Netns,
+    pub v4: [String; 2],
+    pub v6: [String; 2],
+}
+
+impl Pair {
+    pub fn start(net: u8, extra: &[&str]) -> Pair {
+        let ns_a = Netns::new();
+        let ns_b = Netns::new();
+        let v4 = [format!("198.18.{net}.1"), format!("198.18.{net}.2")];
+        let v6 = [format!("fd00:{net:x}::1"), format!("fd00:{net:x}::2")];
+        let start = |ns: &Netns, i: usize| {
+            let v4a = format!("{}/24", v4[i]);
+            let v6a = format!("{}/64", v6[i]);
+            let mut args = vec!["--netns", ns.name.as_str(), "--ipv4", v4a.as_str(), "--ipv6", v6a.as_str()];
+            args.extend_from_slice(extra);
+            AgentProc::start(&ns.name, &args)
+        };
+        let a = start(&ns_a, 0);
+        let b = start(&ns_b, 1);
+        let pair = Pair { a, b, ns_a, ns_b, v4, v6 };
+        if wait_reachable(&pair.ns_a, &pair.v4[1], Duration::from_secs(15)).is_none() {
+            panic!("agents never became reachable:\n--- a\n{}\n--- b\n{}", pair.a.logs(), pair.b.logs());
+        }
+        pair
+    }
+}

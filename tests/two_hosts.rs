@@ -1,0 +1,181 @@
+//! Two agents in two namespaces over the real broker: ping, TCP integrity, multi-queue
+//! flows, malformed input, clean shutdown.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn ping_ipv4_and_ipv6_and_peers() {
+    if !system_ready("ping_ipv4_and_ipv6_and_peers") {
+        return;
+    }
+    let mut p = Pair::start(1, &["--queues", "2"]);
+    let (ok4, out4) = ping(&p.ns_a, &p.v4[1], 5);
+    assert!(ok4, "IPv4 ping failed:\n{out4}\n{}", p.a.logs());
+    let (ok6, out6) = ping(&p.ns_b, &p.v6[0], 5);
+    assert!(ok6, "IPv6 ping failed:\n{out6}\n{}", p.b.logs());
+
+    let peers = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["peers", "--url", URL, "--json", "--wait", "1"])
+        .output()
+        .expect("agent peers runs");
+    let text = String::from_utf8_lossy(&peers.stdout);
+    for agent in [&p.a.name, &p.b.name] {
+        let line = text.lines().find(|l| l.contains(&format!("\"name\":\"{agent}\""))).unwrap_or_else(|| panic!("{agent} missing from peers:\n{text}"));
+        assert!(line.contains("\"queues\":2"), "{line}");
+    }
+
+    let ra = p.a.interrupt();
+    let rb = p.b.interrupt();
+    assert!(ra["rx_packets"].as_u64().unwrap() >= 10, "{ra}");
+    assert!(rb["rx_packets"].as_u64().unwrap() >= 10, "{rb}");
+    assert_eq!(drops(&ra, "malformed") + drops(&rb, "malformed"), 0);
+}
+
+#[test]
+fn tcp_200_mb_arrives_intact() {
+    if !system_ready("tcp_200_mb_arrives_intact") {
+        return;
+    }
+    let p = Pair::start(2, &[]);
+    let size = 200 * 1024 * 1024;
+    let sink = tcp_sink(&p.ns_b.name, format!("{}:5001", p.v4[1]), 1);
+    let sent = tcp_send(&p.ns_a.name, format!("{}:5001", p.v4[1]), size, 42).join().expect("sender");
+    let got = sink.join().expect("sink");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].bytes, size, "length differs:\n{}", p.b.logs());
+    assert_eq!(got[0], sent, "SHA-256 differs");
+}
+
+#[test]
+fn eight_flows_over_four_queues_arrive_intact() {
+    if !system_ready("eight_flows_over_four_queues_arrive_intact") {
+        return;
+    }
+    let mut p = Pair::start(3, &["--queues", "4"]);
+    let flows = 8;
+    let size = 16 * 1024 * 1024;
+    // IPv6 this time, so both families carry bulk traffic.
+    let sink = tcp_sink(&p.ns_b.name, format!("[{}]:5002", p.v6[1]), flows);
+    let senders: Vec<_> = (0..flows).map(|i| tcp_send(&p.ns_a.name, format!("[{}]:5002", p.v6[1]), size, 1000 + i as u64)).collect();
+    let mut sent: Vec<_> = senders.into_iter().map(|s| s.join().expect("sender")).collect();
+    let mut got = sink.join().expect("sink");
+    // Accept order need not match connect order: compare as sets.
+    sent.sort_by_key(|d| d.sha256);
+    got.sort_by_key(|d| d.sha256);
+    assert_eq!(got, sent, "some flow arrived damaged:\n{}", p.b.logs());
+    let rb = p.b.interrupt();
+    assert!(rb["rx_bytes"].as_u64().unwrap() >= (flows as u64) * size, "{rb}");
+}
+
+/// Publishes raw bodies straight onto an agent's queue through the default exchange.
+fn publish_raw(queue: &str, bodies: Vec<Vec<u8>>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default()).await.expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        for body in bodies {
+            ch.basic_publish("".into(), queue.into(), Default::default(), &body, Default::default())
+                .await
+                .expect("publish");
+        }
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
+
+fn header(version: u8, flags: u8, count: u16) -> Vec<u8> {
+    let mut h = b"TB".to_vec();
+    h.push(version);
+    h.push(flags);
+    h.extend_from_slice(&count.to_be_bytes());
+    h.extend_from_slice(&[0; 2 + 8 + 8]);
+    h
+}
+
+#[test]
+fn malformed_messages_are_counted_and_forwarding_goes_on() {
+    if !system_ready("malformed_messages_are_counted_and_forwarding_goes_on") {
+        return;
+    }
+    let mut p = Pair::start(4, &[]);
+    let mut bodies = Vec::new();
+    bodies.push(Vec::new()); // empty
+    bodies.push(b"TB".to_vec()); // truncated header
+    bodies.push({ let mut b = header(1, 0, 1); b[0] = b'X'; b }); // wrong magic
+    bodies.push(header(9, 0, 0)); // unknown version
+    bodies.push(header(1, 0x80, 0)); // unknown flag
+    bodies.push({ let mut b = header(1, 0, 1); b.extend_from_slice(&1000u32.to_be_bytes()); b.extend_from_slice(&[0x45; 10]); b }); // length lies
+    bodies.push({ let mut b = header(1, 0, 3); b.extend_from_slice(&4u32.to_be_bytes()); b.extend_from_slice(&[0x45; 4]); b }); // count lies
+    bodies.push({ let mut b = header(1, 0, 1); b.extend_from_slice(&u32::MAX.to_be_bytes()); b }); // absurd length
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for len in [1usize, 23, 24, 25, 100, 1500, 70_000] {
+        let mut b = Vec::with_capacity(len);
+        for _ in 0..len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.push(x as u8);
+        }
+        bodies.push(b); // random bytes
+    }
+    bodies.push(vec![0xAB; 4 * 1024 * 1024]); // huge
+    let bad = bodies.len() as u64;
+    publish_raw(&format!("tunbus.{}.0", p.b.name), bodies);
+
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.b.alive(), "agent died on malformed input:\n{}", p.b.logs());
+    let (ok, out) = ping(&p.ns_a, &p.v4[1], 3);
+    assert!(ok, "ping after malformed input failed:\n{out}\n{}", p.b.logs());
+    let rb = p.b.interrupt();
+    assert_eq!(drops(&rb, "malformed"), bad, "{rb}");
+}
+
+#[test]
+fn ctrl_c_leaves_nothing_behind() {
+    if !system_ready("ctrl_c_leaves_nothing_behind") {
+        return;
+    }
+    // One agent in the root namespace (unique interface name), one moved into a namespace.
+    let ns = Netns::new();
+    let root_if = unique("tbr");
+    let root_name = unique("root");
+    let mut root = AgentProc::start(&root_name, &["--ifname", &root_if, "--queues", "2", "--ipv4", "198.18.5.1/24"]);
+    let mut moved = AgentProc::start(&ns.name, &["--netns", &ns.name, "--queues", "2", "--ipv4", "198.18.5.2/24"]);
+    wait_reachable(&ns, "198.18.5.1", Duration::from_secs(15)).unwrap_or_else(|| panic!("not reachable:\n{}", moved.logs()));
+    assert!(std::path::Path::new("/sys/class/net").join(&root_if).exists());
+
+    for (agent, signal) in [(&mut root, libc::SIGINT), (&mut moved, libc::SIGTERM)] {
+        let (status, took) = agent.stop_with(signal, Duration::from_secs(5));
+        assert!(status.map(|s| s.success()).unwrap_or(false), "exit status {status:?}:\n{}", agent.logs());
+        assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    }
+    assert!(!std::path::Path::new("/sys/class/net").join(&root_if).exists(), "root interface left behind");
+    let links = String::from_utf8_lossy(&ns.exec(&["ip", "-o", "link"]).stdout).into_owned();
+    assert!(!links.contains("tb0"), "interface left in namespace: {links}");
+    let queues = run("rabbitmqctl", &["list_queues", "-q", "name"]);
+    for name in [&root_name, &ns.name] {
+        assert!(!queues.contains(&format!("tunbus.{name}.")), "queue of {name} left behind:\n{queues}");
+    }
+}
+
+#[test]
+fn bad_flags_give_one_line_and_nonzero_exit() {
+    for args in [
+        vec!["connect", "--name", "bad.name"],
+        vec!["connect", "--name", "ok", "--ipv4", "fd00::1/64"],
+        vec!["connect", "--name", "ok", "--queues", "0"],
+        vec!["connect", "--name", "ok", "--url", "http://nope"],
+        vec!["connect"],
+        vec!["frobnicate"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_agent")).args(&args).output().expect("runs");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.to_lowercase().contains("error"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
