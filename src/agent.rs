@@ -81,6 +81,14 @@ impl Agent {
     /// (the links connect in the background; traffic flows as soon as they are connected).
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         let config = Arc::new(config);
+        let first_queue = config.queue_name(0);
+        if let Ok(true) = crate::amqp::queue_in_use(&config.url, &first_queue).await {
+            bail!(
+                "agent name {:?} is already in use on this bus (queue {first_queue} exists); pick another --name{}",
+                config.name,
+                if config.session.is_some() { "" } else { " or a --session" }
+            );
+        }
         let dev = bring_up_interface(&config)
             .with_context(|| format!("setting up interface {} for agent {}", config.ifname, config.name))?;
         let Some(flood_key) = RoutingKey::all(&config.name) else {
@@ -118,21 +126,23 @@ impl Agent {
             let k = q.index();
             let queue = Arc::new(q);
             let ring = Arc::new(Ring::new(config.ring_slots, MAX_OPEN + 2, buffer_bytes));
-            let counters = Arc::new(Counters::default());
+            // Separate blocks for the TX thread and the link task: no shared cache lines.
+            let tx_counters = Arc::new(Counters::default());
+            let link_counters = Arc::new(Counters::default());
             let latency: SharedHistogram = Arc::new(Mutex::new(new_histogram()));
             let link = Link {
                 config: config.clone(),
                 index: k,
                 ring: ring.clone(),
                 tun: queue.clone(),
-                counters: counters.clone(),
+                counters: link_counters.clone(),
                 latency: latency.clone(),
                 broker: broker.clone(),
                 own_flood_key: flood_key,
                 addrs: config.addrs.iter().map(|p| p.addr).collect(),
             };
             agent.tasks.spawn(link::run(link, stop_rx.clone()));
-            let worker = TxWorker::new(queue.clone(), ring, counters.clone(), stop_flag.clone(), flood_key, own_v4.clone());
+            let worker = TxWorker::new(queue.clone(), ring, tx_counters.clone(), stop_flag.clone(), flood_key, own_v4.clone());
             let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("tx-{}-{k}", config.name))
@@ -146,7 +156,8 @@ impl Agent {
                 .context("spawning a TX worker thread")?;
             agent.workers.push(handle);
             agent.queues.push(queue);
-            agent.counters.push(counters);
+            agent.counters.push(tx_counters);
+            agent.counters.push(link_counters);
             agent.latency.push(latency);
         }
         let hello = Hello {
@@ -198,7 +209,8 @@ impl Agent {
         report::build(&self.config.name, self.started.elapsed(), &self.counters, &self.latency)
     }
 
-    /// Stops everything and returns the final statistics.
+    /// Stops everything and returns the final statistics. Dropping an `Agent` without
+    /// calling this still stops its threads and tasks (see `Drop`), just without waiting.
     pub async fn shutdown(mut self) -> Report {
         let _ = self.stop_tx.send(true);
         self.stop_flag.store(true, Ordering::Relaxed);
@@ -221,5 +233,14 @@ impl Agent {
         let report = self.report();
         self.queues.clear(); // last references: closing the fds removes the interface
         report
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Workers see the flag within their 100 ms poll; tasks see the watch and end, and
+        // the last TUN queue reference goes with them, removing the interface.
+        self.stop_flag.store(true, Ordering::Relaxed);
+        let _ = self.stop_tx.send(true);
     }
 }

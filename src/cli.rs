@@ -58,8 +58,9 @@ pub struct ConnectArgs {
     /// its queue names.
     #[arg(long)]
     pub name: String,
-    /// TUN queues = worker threads = AMQP connections = consumer queues.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// TUN queues = worker threads = AMQP connections = consumer queues (at most 16, the
+    /// number of flow shards).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub queues: u16,
     /// IPv4 address with prefix length, e.g. 198.18.0.1/24 (repeatable).
     #[arg(long, value_name = "ADDR/PREFIX")]

@@ -55,7 +55,7 @@ pub struct AgentConfig {
     pub netns: Option<String>,
     pub ifname: String,
     pub exchange: String,
-    /// Core for worker i is `cpus[i % cpus.len()]`; empty means no pinning.
+    /// Core for worker i is `cpus[i % cpus.len()]`; empty means spread over all cores.
     pub cpus: Vec<usize>,
     pub offload: bool,
     pub stats_interval: Duration,

@@ -179,3 +179,24 @@ fn bad_flags_give_one_line_and_nonzero_exit() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
+
+#[test]
+fn a_name_already_on_the_bus_is_refused_clearly() {
+    if !system_ready("a_name_already_on_the_bus_is_refused_clearly") {
+        return;
+    }
+    let ns = Netns::new();
+    let ns2 = Netns::new();
+    let _first = AgentProc::start(&ns.name, &["--netns", &ns.name, "--ipv4", "198.18.7.1/24"]);
+    wait_reachable(&ns, "198.18.7.1", Duration::from_secs(10)).expect("own address answers");
+    std::thread::sleep(Duration::from_millis(500)); // let its link declare the queue
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["connect", "--url", URL, "--name", &ns.name, "--netns", &ns2.name, "--ipv4", "198.18.7.2/24"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    let links = String::from_utf8_lossy(&ns2.exec(&["ip", "-o", "link"]).stdout).into_owned();
+    assert!(!links.contains("tb0"), "refused agent left an interface: {links}");
+}

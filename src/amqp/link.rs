@@ -63,6 +63,7 @@ pub async fn run(link: Link, mut stop: watch::Receiver<bool>) {
     let name = link.config.name.clone();
     let mut attempt = 0u32;
     let mut down = false;
+    let mut ever_up = false;
     let seed = (link.index as u64) ^ now_ns();
     loop {
         let opened = tokio::select! {
@@ -74,8 +75,11 @@ pub async fn run(link: Link, mut stop: watch::Receiver<bool>) {
             Ok(session) => {
                 if down {
                     link.broker.link_up(&name);
-                    Counters::add(&link.counters.reconnects, 1);
+                    if ever_up {
+                        Counters::add(&link.counters.reconnects, 1);
+                    }
                 }
+                ever_up = true;
                 attempt = 0;
                 tracing::debug!(agent = %name, queue = link.index, "link connected");
                 let result = tokio::select! {
@@ -176,12 +180,13 @@ async fn publish_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
                     BasicProperties::default(),
                 )
                 .await;
-            let packets = batch.packets;
-            link.ring.give_buffer(batch.writer);
             if let Err(e) = result {
-                link.counters.record_drop(DropReason::BrokerDown, u64::from(packets));
+                link.counters.record_drop(DropReason::BrokerDown, u64::from(batch.packets));
                 return Err(e.into());
             }
+            Counters::add(&link.counters.tx_packets, u64::from(batch.packets));
+            Counters::add(&link.counters.tx_bytes, batch.bytes);
+            Counters::add(&link.counters.tx_batches, 1);
         }
         link.ring.ready().await;
     }
@@ -210,8 +215,10 @@ async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) ->
             None => return Err(anyhow!("the broker cancelled our consumer")),
         };
         if delivery.routing_key.as_str() != link.own_flood_key.as_str() {
-            rx::deliver(&delivery.data, &link.tun, &link.counters, &mut latency, now_ns());
+            let now = now_ns();
+            rx::deliver(&delivery.data, &link.tun, &link.counters, &mut latency, now);
         }
+        latency.maybe_fold(Instant::now(), false);
         unacked = Some(delivery.delivery_tag);
         since_ack += 1;
         if since_ack >= ack_every {
@@ -229,7 +236,6 @@ async fn drain_forever(link: &Link) {
     loop {
         while let Some(batch) = link.ring.pop() {
             link.counters.record_drop(DropReason::BrokerDown, u64::from(batch.packets));
-            link.ring.give_buffer(batch.writer);
         }
         link.ring.ready().await;
     }

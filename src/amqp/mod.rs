@@ -13,7 +13,8 @@ pub mod presence;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use lapin::options::ExchangeDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -43,6 +44,27 @@ pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), l
             FieldTable::default(),
         )
         .await
+}
+
+/// Whether the broker refused because another connection holds the resource exclusively.
+pub fn is_resource_locked(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)))
+}
+
+/// Whether queue `queue` exists already (another agent of the same name holds it).
+/// `Err` when the broker cannot be asked; the caller then starts anyway and retries.
+pub async fn queue_in_use(url: &str, queue: &str) -> Result<bool, lapin::Error> {
+    let conn = connect(url, "tunbus name check").await?;
+    let ch = conn.create_channel().await?;
+    let declared = ch
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await;
+    let _ = conn.close(200, "checked".into()).await;
+    match declared {
+        Ok(_) => Ok(true),
+        Err(e) if is_resource_locked(&e) => Ok(true),
+        Err(_) => Ok(false), // 404: nobody has it
+    }
 }
 
 /// Jittered exponential backoff: 100 ms doubling to 1 s, each ±50 %, so that hundreds of

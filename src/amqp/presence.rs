@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::link::stopped;
+use crate::route::{RoutingKey, BYE_PATTERN, CTL_PROBE, HELLO_PATTERN};
 
 pub const HELLO_EVERY: Duration = Duration::from_secs(5);
-pub const PROBE_KEY: &str = "tunbus.v1.ctl.probe";
 
 /// What an agent says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,12 +44,13 @@ pub struct Hello {
     pub leaving: bool,
 }
 
-pub fn hello_key(name: &str) -> String {
-    format!("tunbus.v1.ctl.hello.{name}")
+/// The hello key of a validated agent name.
+fn hello_key(name: &str) -> anyhow::Result<RoutingKey> {
+    RoutingKey::hello(name).ok_or_else(|| anyhow::anyhow!("agent name {name:?} is not a topic word"))
 }
 
-pub fn bye_key(name: &str) -> String {
-    format!("tunbus.v1.ctl.bye.{name}")
+fn bye_key(name: &str) -> anyhow::Result<RoutingKey> {
+    RoutingKey::bye(name).ok_or_else(|| anyhow::anyhow!("agent name {name:?} is not a topic word"))
 }
 
 async fn publish_json(ch: &Channel, exchange: &str, key: &str, body: &impl Serialize) -> anyhow::Result<()> {
@@ -92,26 +93,27 @@ async fn serve(url: &str, exchange: &str, queue_prefix: &str, hello: &Hello, sto
     let queue = format!("{queue_prefix}.ctl");
     ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
         .await?;
-    ch.queue_bind(queue.as_str().into(), exchange.into(), PROBE_KEY.into(), QueueBindOptions::default(), FieldTable::default())
+    ch.queue_bind(queue.as_str().into(), exchange.into(), CTL_PROBE.into(), QueueBindOptions::default(), FieldTable::default())
         .await?;
     let mut probes = ch
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
         .await?;
-    let key = hello_key(&hello.name);
-    publish_json(&ch, exchange, &key, hello).await?;
+    let key = hello_key(&hello.name)?;
+    let key = key.as_str();
+    publish_json(&ch, exchange, key, hello).await?;
     let mut tick = tokio::time::interval(HELLO_EVERY);
     tick.tick().await; // the first tick is immediate; we just said hello
     loop {
         tokio::select! {
-            _ = tick.tick() => publish_json(&ch, exchange, &key, hello).await?,
+            _ = tick.tick() => publish_json(&ch, exchange, key, hello).await?,
             p = probes.next() => match p {
-                Some(Ok(_)) => publish_json(&ch, exchange, &key, hello).await?,
+                Some(Ok(_)) => publish_json(&ch, exchange, key, hello).await?,
                 Some(Err(e)) => return Err(e.into()),
                 None => anyhow::bail!("probe consumer cancelled"),
             },
             _ = stopped(stop) => {
                 let bye = Hello { leaving: true, ..hello.clone() };
-                let _ = publish_json(&ch, exchange, &bye_key(&hello.name), &bye).await;
+                let _ = publish_json(&ch, exchange, bye_key(&hello.name)?.as_str(), &bye).await;
                 let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
                 let _ = conn.close(200, "agent stopping".into()).await;
                 return Ok(());
@@ -137,14 +139,14 @@ pub async fn discover(url: &str, exchange: &str, wait: Duration) -> anyhow::Resu
     let q = ch
         .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
         .await?;
-    for pattern in ["tunbus.v1.ctl.hello.*", "tunbus.v1.ctl.bye.*"] {
+    for pattern in [HELLO_PATTERN, BYE_PATTERN] {
         ch.queue_bind(q.name().clone(), exchange.into(), pattern.into(), QueueBindOptions::default(), FieldTable::default())
             .await?;
     }
     let mut consumer = ch
         .basic_consume(q.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
         .await?;
-    publish_json(&ch, exchange, PROBE_KEY, &serde_json::json!({ "from": "agent peers" })).await?;
+    publish_json(&ch, exchange, CTL_PROBE, &serde_json::json!({ "from": "agent peers" })).await?;
     let mut seen: BTreeMap<String, Peer> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + wait;
     loop {

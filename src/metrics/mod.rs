@@ -1,7 +1,7 @@
 //! Counters and latency histograms, per worker, merged for reports.
 //!
-//! Each worker (TX thread i, RX task i) owns one [`Counters`] block on its own cache line and
-//! adds to it with relaxed atomics once per burst or batch, never per packet. Latency is
+//! Each TX worker thread and each link task owns one [`Counters`] block on its own cache
+//! lines and adds to it with relaxed atomics once per burst or batch, never per packet. Latency is
 //! recorded into a [`LocalHistogram`] owned by the recording task and folded into a shared
 //! one at most every [`FOLD_EVERY`]: one uncontended lock per interval, never per packet.
 //! The reporter (a tokio task) takes [`Snapshot`]s and prints rates and percentiles.
@@ -191,6 +191,12 @@ impl LocalHistogram {
             }
             self.last_fold = now;
         }
+    }
+}
+
+impl Drop for LocalHistogram {
+    fn drop(&mut self) {
+        self.maybe_fold(Instant::now(), true);
     }
 }
 

@@ -8,6 +8,8 @@
 //! worker wakes it once per batch (a permit is stored when nobody waits, so no wake-up is
 //! lost). The worker thread and the publisher task are the only two users of one ring.
 
+use std::ops::Deref;
+
 use crossbeam_queue::ArrayQueue;
 use tokio::sync::Notify;
 
@@ -19,6 +21,31 @@ pub struct OutBatch {
     pub writer: BatchWriter,
     pub key: RoutingKey,
     pub packets: u32,
+    /// IP bytes carried (without frame overhead).
+    pub bytes: u64,
+}
+
+/// A batch taken off the ring. Its buffer goes back to the pool when this is dropped,
+/// whatever happens to the publish (it may be cancelled by a failing connection).
+pub struct Leased<'a> {
+    ring: &'a Ring,
+    batch: Option<OutBatch>,
+}
+
+impl Deref for Leased<'_> {
+    type Target = OutBatch;
+    fn deref(&self) -> &OutBatch {
+        // invariant: `batch` is Some from construction until drop
+        self.batch.as_ref().expect("leased batch present until drop")
+    }
+}
+
+impl Drop for Leased<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.batch.take() {
+            self.ring.give_buffer(b.writer);
+        }
+    }
 }
 
 pub struct Ring {
@@ -62,18 +89,14 @@ impl Ring {
         Ok(())
     }
 
+    /// Takes the next batch; its buffer returns to the pool when the lease drops.
     #[inline]
-    pub fn pop(&self) -> Option<OutBatch> {
-        self.full.pop()
+    pub fn pop(&self) -> Option<Leased<'_>> {
+        self.full.pop().map(|b| Leased { ring: self, batch: Some(b) })
     }
 
     /// Waits until a batch may be available.
     pub async fn ready(&self) {
         self.ready.notified().await;
-    }
-
-    /// Wakes the publisher without a batch (used at shutdown).
-    pub fn wake(&self) {
-        self.ready.notify_one();
     }
 }

@@ -92,7 +92,7 @@ pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix]) 
     Ok(())
 }
 
-/// Deletes the interface (used when set-up fails half-way; normally closing the queues does it).
+/// Deletes an interface (for tools that must remove a device another process may hold).
 pub fn delete(netns: Option<&str>, ifname: &str) {
     let _ = ip(netns, &["link", "del", "dev", ifname]);
 }

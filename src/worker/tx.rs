@@ -121,7 +121,9 @@ impl TxWorker {
                 }
             };
             if writer.commit(n).is_err() {
-                self.counters.record_drop(DropReason::TooBig, 1);
+                // Shorter than a virtio header, or longer than a packet may be.
+                let reason = if n <= VNET_HDR_LEN { DropReason::NotIp } else { DropReason::TooBig };
+                self.counters.record_drop(reason, 1);
                 continue;
             }
             match self.classify_last(li) {
@@ -263,12 +265,9 @@ impl TxWorker {
         let overhead = crate::codec::v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
         let bytes = writer.len().saturating_sub(overhead) as u64;
         writer.finish(self.seq, super::now_ns());
-        match self.ring.push(OutBatch { writer, key, packets: packets as u32 }) {
-            Ok(()) => {
-                Counters::add(&self.counters.tx_packets, packets);
-                Counters::add(&self.counters.tx_bytes, bytes);
-                Counters::add(&self.counters.tx_batches, 1);
-            }
+        // Sent packets are counted by the publisher once the broker has them.
+        match self.ring.push(OutBatch { writer, key, packets: packets as u32, bytes }) {
+            Ok(()) => {}
             Err(batch) => {
                 self.counters.record_drop(DropReason::RingFull, packets);
                 self.ring.give_buffer(batch.writer);
