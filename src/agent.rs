@@ -8,7 +8,7 @@
 //! in one process (the lab does that); they share nothing but the runtime.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ pub struct Agent {
     queues: Vec<Arc<TunQueue>>,
     counters: Vec<Arc<Counters>>,
     latency: Vec<SharedHistogram>,
+    connected: Arc<AtomicUsize>,
     started: Instant,
 }
 
@@ -82,7 +83,7 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         let config = Arc::new(config);
         let first_queue = config.queue_name(0);
-        if let Ok(true) = crate::amqp::queue_in_use(&config.url, &first_queue).await {
+        if config.check_name && crate::amqp::queue_in_use(&config.url, &first_queue).await.unwrap_or(false) {
             bail!(
                 "agent name {:?} is already in use on this bus (queue {first_queue} exists); pick another --name{}",
                 config.name,
@@ -97,6 +98,7 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_flag = Arc::new(AtomicBool::new(false));
         let broker = Arc::new(BrokerState::default());
+        let connected = Arc::new(AtomicUsize::new(0));
         let own_v4: Vec<(Ipv4Addr, u8)> = config
             .addrs
             .iter()
@@ -120,6 +122,7 @@ impl Agent {
             queues: Vec::new(),
             counters: Vec::new(),
             latency: Vec::new(),
+            connected: connected.clone(),
             started: Instant::now(),
         };
         for q in dev.queues {
@@ -138,6 +141,7 @@ impl Agent {
                 counters: link_counters.clone(),
                 latency: latency.clone(),
                 broker: broker.clone(),
+                connected: connected.clone(),
                 own_flood_key: flood_key,
                 addrs: config.addrs.iter().map(|p| p.addr).collect(),
             };
@@ -202,6 +206,16 @@ impl Agent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// Whether every link is connected to the broker (queues declared and bound).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire) == self.config.queues
+    }
+
+    /// Sums of the counters so far (cheap: relaxed loads).
+    pub fn totals(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot::sum(self.counters.iter().map(|c| &**c))
     }
 
     /// The statistics so far.

@@ -34,6 +34,74 @@ pub enum Command {
     Connect(ConnectArgs),
     /// List the agents present on the bus (asks them to announce themselves).
     Peers(PeersArgs),
+    /// Bring up N hosts (namespaces + agents) on this machine, check them, report, tear down.
+    Lab(LabArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=4000))]
+    pub hosts: u32,
+    /// TUN queues per host.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
+    /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
+    #[arg(long)]
+    pub keep: bool,
+    /// Broker URL [default: localhost:5672 if it answers, else a private RabbitMQ node].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Session: isolates this lab from other labs and agents on the same broker.
+    #[arg(long, default_value = crate::lab::plan::DEFAULT_SESSION)]
+    pub session: String,
+    /// Pairs to ping in labs larger than 8 hosts (smaller labs check all pairs).
+    #[arg(long, default_value_t = 100)]
+    pub sample: usize,
+    /// Seed of the pair sample.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Length of the iperf3 TCP sample from h1 to h2 (0: skip).
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub throughput_seconds: f64,
+    /// Start a private RabbitMQ node even if one answers on localhost:5672.
+    #[arg(long)]
+    pub private_broker: bool,
+    /// Interface MTU of every host.
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    pub mtu: u32,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+    /// Remove what earlier labs left behind (namespaces, private brokers) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+impl LabArgs {
+    pub fn options(&self) -> anyhow::Result<crate::lab::LabOptions> {
+        if !route::is_valid_word(&self.session) || self.session.len() > 20 {
+            bail!("--session {:?} must be one topic word of at most 20 characters: letters, digits, '-' or '_'", self.session);
+        }
+        if let Some(url) = &self.url {
+            check_url(url)?;
+        }
+        if !(self.throughput_seconds >= 0.0 && self.throughput_seconds <= 600.0) {
+            bail!("--throughput-seconds must be between 0 and 600");
+        }
+        Ok(crate::lab::LabOptions {
+            hosts: self.hosts as usize,
+            queues: usize::from(self.queues),
+            keep: self.keep,
+            url: self.url.clone(),
+            session: self.session.clone(),
+            sample: self.sample.max(1),
+            seed: self.seed,
+            throughput: Duration::from_secs_f64(self.throughput_seconds),
+            private_broker: self.private_broker,
+            mtu: self.mtu,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -203,7 +271,7 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
             Command::Connect(c) => c.into_config(),
-            Command::Peers(_) => unreachable!("parsed connect"),
+            _ => unreachable!("parsed connect"),
         }
     }
 

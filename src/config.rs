@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub prefetch: u16,
     /// Batches in flight between one worker and its publisher.
     pub ring_slots: usize,
+    /// Ask the broker at start whether the name is taken (the lab, which generates unique
+    /// names in a fresh session, skips it).
+    pub check_name: bool,
 }
 
 impl AgentConfig {
@@ -85,6 +88,7 @@ impl AgentConfig {
             max_batch_bytes: 256 * 1024,
             prefetch: 256,
             ring_slots: 32,
+            check_name: true,
         }
     }
 

@@ -8,14 +8,18 @@ use clap::Parser;
 use tokio::sync::watch;
 
 use tunbus::agent::Agent;
-use tunbus::cli::{bus_exchange, check_url, Cli, Command, PeersArgs};
+use tunbus::cli::{bus_exchange, check_url, Cli, Command, LabArgs, PeersArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A lab runs hundreds of agents in this process: their per-agent lines stay at debug.
+    let default_filter = match cli.command {
+        Command::Lab(_) => "info,tunbus::agent=warn,lapin=warn,amq_protocol=warn",
+        _ => "info,lapin=warn,amq_protocol=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -55,7 +59,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Peers(args) => peers(args).await,
+        Command::Lab(args) => lab(args).await,
     }
+}
+
+async fn lab(args: LabArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        return tunbus::lab::cleanup_all();
+    }
+    let opts = args.options()?;
+    let keep = opts.keep;
+    let stop = stop_on_signal()?;
+    let report = tunbus::lab::run(opts, stop).await?;
+    if keep {
+        println!("lab torn down");
+    } else {
+        println!("{report}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing --json {}", path.display()))?;
+    }
+    if !report.ok {
+        anyhow::bail!("the lab check failed ({} failure(s))", report.failures.len());
+    }
+    Ok(())
 }
 
 /// A flag that turns true on SIGINT or SIGTERM.

@@ -10,6 +10,7 @@
 //! each owned address when `s mod K == k`; queue 0 also takes the flood pattern.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,6 +46,8 @@ pub struct Link {
     pub counters: Arc<Counters>,
     pub latency: SharedHistogram,
     pub broker: Arc<BrokerState>,
+    /// Links of this agent currently connected.
+    pub connected: Arc<AtomicUsize>,
     /// Our own flood key: flood messages carrying it are ours, echoed back by the broker.
     pub own_flood_key: RoutingKey,
     /// Addresses whose unicast keys this agent binds.
@@ -81,6 +84,7 @@ pub async fn run(link: Link, mut stop: watch::Receiver<bool>) {
                 }
                 ever_up = true;
                 attempt = 0;
+                link.connected.fetch_add(1, Ordering::AcqRel);
                 tracing::debug!(agent = %name, queue = link.index, "link connected");
                 let result = tokio::select! {
                     r = publish_loop(&link, &session.publish) => r,
@@ -90,6 +94,7 @@ pub async fn run(link: Link, mut stop: watch::Receiver<bool>) {
                         return;
                     }
                 };
+                link.connected.fetch_sub(1, Ordering::AcqRel);
                 let error = result.err().unwrap_or_else(|| anyhow!("link ended"));
                 link.broker.link_down(&name, &error);
                 down = true;

@@ -1,0 +1,476 @@
+//! `agent lab`: a whole multi-host network on one machine, checked and reported.
+//!
+//! For each host i: a namespace (`tb-h<i>`), an agent whose TUN lives in it, and
+//! predictable addresses (198.18.0.0 + i /15, fd00:7b::i /64; see [`plan`]). All agents
+//! live in this one process and share its tokio runtime: each has its own worker thread(s)
+//! and AMQP connections, but no process, runtime or allocator of its own, which is what
+//! lets hundreds of hosts come up in seconds. Then: a connectivity check with real `ping`
+//! (all pairs, or a seeded sample), a TCP throughput sample with `iperf3`, and a report.
+//!
+//! Clean-up is the point of a lab: a state file under `/run/tunbus/` is written *before*
+//! anything is created, so that a lab killed with SIGKILL is cleaned by the next run (or by
+//! `--cleanup`): namespaces, a private broker, its temporary folder. Interfaces and queues
+//! need no record: they die with the process and its connections.
+
+pub mod broker;
+pub mod plan;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::agent::Agent;
+use crate::config::AgentConfig;
+use crate::metrics::report::bits_per_s;
+use broker::PrivateBroker;
+use plan::Host;
+
+/// Where lab state files live.
+pub const STATE_DIR: &str = "/run/tunbus";
+
+/// What `agent lab` was asked to do.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub hosts: usize,
+    pub queues: usize,
+    pub keep: bool,
+    pub url: Option<String>,
+    pub session: String,
+    pub sample: usize,
+    pub seed: u64,
+    pub throughput: Duration,
+    pub private_broker: bool,
+    pub mtu: u32,
+}
+
+/// The lab's findings.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LabReport {
+    pub session: String,
+    pub hosts: usize,
+    pub hosts_up: usize,
+    pub queues: usize,
+    pub broker: String,
+    pub bring_up_s: f64,
+    pub pairs_checked: usize,
+    pub pings_sent: usize,
+    pub failures: Vec<String>,
+    pub rtt_p50_ms: Option<f64>,
+    pub rtt_p99_ms: Option<f64>,
+    pub throughput_bits_per_s: Option<f64>,
+    pub throughput_note: String,
+    pub rss_mib: f64,
+    pub rss_per_agent_mib: f64,
+    pub ok: bool,
+}
+
+impl std::fmt::Display for LabReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map(|v| format!("{v:.3} ms")).unwrap_or_else(|| "-".into());
+        writeln!(f, "tunbus lab, session {} ({} queue(s) per host, broker {})", self.session, self.queues, self.broker)?;
+        writeln!(f, "  hosts up        {}/{} in {:.2} s", self.hosts_up, self.hosts, self.bring_up_s)?;
+        writeln!(f, "  pairs checked   {} ({} pings, IPv4 and IPv6), failures: {}", self.pairs_checked, self.pings_sent, self.failures.len())?;
+        for fail in self.failures.iter().take(20) {
+            writeln!(f, "    FAILED {fail}")?;
+        }
+        if self.failures.len() > 20 {
+            writeln!(f, "    … and {} more", self.failures.len() - 20)?;
+        }
+        writeln!(f, "  ping RTT        p50 {}, p99 {}", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?;
+        match self.throughput_bits_per_s {
+            Some(b) => writeln!(f, "  TCP h1 -> h2    {:.2} Gbit/s {}", b / 1e9, self.throughput_note)?,
+            None => writeln!(f, "  TCP h1 -> h2    - ({})", self.throughput_note)?,
+        }
+        writeln!(f, "  memory          {:.1} MiB for the lab process, {:.2} MiB per agent", self.rss_mib, self.rss_per_agent_mib)?;
+        write!(f, "  result          {}", if self.ok { "OK" } else { "FAILED" })
+    }
+}
+
+/// What a lab leaves on the machine, recorded before it is created.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    pid: u32,
+    session: String,
+    hosts: usize,
+    broker_node: Option<String>,
+    broker_port: Option<u16>,
+    temp_dir: Option<PathBuf>,
+}
+
+fn state_path(session: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("lab-{session}.json"))
+}
+
+fn write_state(state: &State) -> anyhow::Result<()> {
+    std::fs::create_dir_all(STATE_DIR).with_context(|| format!("creating {STATE_DIR}"))?;
+    std::fs::write(state_path(&state.session), serde_json::to_vec(state)?).context("writing the lab state file")
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Namespaces of `session` that exist now (exact pattern: prefix + digits).
+fn session_namespaces(session: &str) -> Vec<String> {
+    let prefix = plan::netns_prefix(session);
+    let list = crate::tun::netns::ip(None, &["netns", "list"]).unwrap_or_default();
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit())))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Deletes namespaces in one `ip -batch` run.
+fn delete_namespaces(names: &[String]) {
+    if names.is_empty() {
+        return;
+    }
+    let script: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
+    let _ = run_batch(&script);
+}
+
+fn run_batch(script: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running `ip -batch` (install iproute2)")?;
+    child.stdin.take().context("ip stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ip -batch failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Removes what a dead lab of `session` left. Errors if a lab of that session still runs.
+pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
+    let path = state_path(session);
+    let state: Option<State> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(s) = &state {
+        if s.pid != std::process::id() && process_alive(s.pid) {
+            bail!("a lab of session {session:?} is running (pid {}); stop it, or use another --session", s.pid);
+        }
+        if let (Some(node), Some(port), Some(dir)) = (&s.broker_node, s.broker_port, &s.temp_dir) {
+            PrivateBroker { node: node.clone(), port, dir: dir.join("rabbitmq") }.stop();
+        }
+        if let Some(dir) = &s.temp_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    let names = session_namespaces(session);
+    delete_namespaces(&names);
+    let _ = std::fs::remove_file(&path);
+    Ok(names.len())
+}
+
+/// `agent lab --cleanup`: every session with a state file, and the default session.
+pub fn cleanup_all() -> anyhow::Result<()> {
+    let mut sessions = vec![plan::DEFAULT_SESSION.to_owned()];
+    if let Ok(dir) = std::fs::read_dir(STATE_DIR) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(s) = name.strip_prefix("lab-").and_then(|n| n.strip_suffix(".json")) {
+                sessions.push(s.to_owned());
+            }
+        }
+    }
+    sessions.sort();
+    sessions.dedup();
+    for s in sessions {
+        match cleanup_session(&s) {
+            Ok(n) => println!("session {s}: removed {n} namespace(s)"),
+            Err(e) => println!("session {s}: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Everything the lab created, torn down in `teardown` (and, for namespaces and the
+/// broker, by the next run if this process is killed).
+struct Lab {
+    opts: LabOptions,
+    hosts: Vec<Host>,
+    agents: Vec<Agent>,
+    broker: Option<PrivateBroker>,
+    temp_dir: Option<PathBuf>,
+    url: String,
+}
+
+/// Runs a lab until it is checked (or, with `keep`, until `stop`), then tears it down.
+pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<LabReport> {
+    if opts.hosts < 2 || opts.hosts > plan::MAX_HOSTS {
+        bail!("--hosts must be between 2 and {}", plan::MAX_HOSTS);
+    }
+    cleanup_session(&opts.session)?;
+    let mut state = State { pid: std::process::id(), session: opts.session.clone(), hosts: opts.hosts, ..State::default() };
+    write_state(&state)?;
+    let mut lab = Lab { opts: opts.clone(), hosts: plan::hosts(&opts.session, opts.hosts), agents: Vec::new(), broker: None, temp_dir: None, url: String::new() };
+    let result = lab.up_and_check(&mut state, &mut stop).await;
+    lab.teardown().await;
+    let _ = std::fs::remove_file(state_path(&opts.session));
+    result
+}
+
+impl Lab {
+    async fn up_and_check(&mut self, state: &mut State, stop: &mut watch::Receiver<bool>) -> anyhow::Result<LabReport> {
+        let mut report = LabReport { session: self.opts.session.clone(), hosts: self.opts.hosts, queues: self.opts.queues, ..LabReport::default() };
+        self.url = self.choose_broker(state)?;
+        report.broker = match &self.broker {
+            Some(b) => format!("private node {} on port {}", b.node, b.port),
+            None => redact(&self.url),
+        };
+        let t0 = Instant::now();
+        self.create_namespaces()?;
+        for host in self.hosts.clone() {
+            if *stop.borrow() {
+                bail!("interrupted during bring-up");
+            }
+            let agent = Agent::start(self.agent_config(&host)).await.with_context(|| format!("starting host {}", host.name))?;
+            self.agents.push(agent);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.agents.iter().all(Agent::connected) {
+            if Instant::now() > deadline {
+                let down: Vec<_> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name.clone()).collect();
+                bail!("{} host(s) could not reach the broker within 60 s: {}", down.len(), down.join(" "));
+            }
+            if *stop.borrow() {
+                bail!("interrupted during bring-up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.bring_up_s = t0.elapsed().as_secs_f64();
+        report.hosts_up = self.agents.len();
+        tracing::info!(hosts = report.hosts_up, seconds = report.bring_up_s, "lab up");
+
+        self.check_pairs(&mut report).await;
+        let (bps, note) = self.throughput_sample().await;
+        report.throughput_bits_per_s = bps;
+        report.throughput_note = note;
+        report.rss_mib = rss_mib();
+        report.rss_per_agent_mib = report.rss_mib / self.agents.len().max(1) as f64;
+        report.ok = report.failures.is_empty() && report.hosts_up == report.hosts;
+
+        if self.opts.keep {
+            self.print_hosts();
+            println!("{report}");
+            self.live_status(stop).await;
+        }
+        Ok(report)
+    }
+
+    /// `--url`, else localhost:5672 if it answers, else a private node.
+    fn choose_broker(&mut self, state: &mut State) -> anyhow::Result<String> {
+        if let Some(url) = &self.opts.url {
+            return Ok(url.clone());
+        }
+        if !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
+            return Ok(crate::cli::DEFAULT_URL.replace("localhost", "127.0.0.1"));
+        }
+        if !broker::installed() {
+            bail!("no broker answers on localhost:5672 and RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url)");
+        }
+        let dir = std::env::temp_dir().join(format!("tunbus-lab-{}-{}", self.opts.session, std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        self.temp_dir = Some(dir.clone());
+        state.temp_dir = Some(dir.clone());
+        write_state(state)?;
+        tracing::info!("no broker on localhost:5672; starting a private RabbitMQ node");
+        let b = PrivateBroker::start(&dir.join("rabbitmq"))?;
+        state.broker_node = Some(b.node.clone());
+        state.broker_port = Some(b.port);
+        write_state(state)?;
+        let url = b.url();
+        self.broker = Some(b);
+        Ok(url)
+    }
+
+    fn create_namespaces(&self) -> anyhow::Result<()> {
+        let script: String = self.hosts.iter().map(|h| format!("netns add {}\n", h.netns)).collect();
+        run_batch(&script).context("creating the lab's namespaces")?;
+        for h in &self.hosts {
+            crate::tun::netns::ip(Some(&h.netns), &["link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    fn agent_config(&self, host: &Host) -> AgentConfig {
+        let mut c = AgentConfig::new(&self.url, &host.name);
+        c.session = Some(self.opts.session.clone());
+        c.exchange = format!("tunbus.{}", self.opts.session);
+        c.queues = self.opts.queues;
+        c.addrs = host.prefixes().to_vec();
+        c.netns = Some(host.netns.clone());
+        c.mtu = self.opts.mtu;
+        c.stats_interval = Duration::ZERO;
+        c.check_name = false;
+        // Many agents per process: fewer batches in flight each (still >> one burst).
+        if self.opts.hosts > 16 {
+            c.ring_slots = 8;
+        }
+        c
+    }
+
+    async fn check_pairs(&self, report: &mut LabReport) {
+        let pairs = plan::pairs(self.hosts.len(), self.opts.sample, self.opts.seed);
+        report.pairs_checked = pairs.len();
+        let jobs: Vec<(usize, usize, bool)> = pairs.iter().flat_map(|&(a, b)| [(a, b, false), (a, b, true)]).collect();
+        report.pings_sent = jobs.len() * 3;
+        let results: Vec<(String, Result<Vec<f64>, String>)> = stream::iter(jobs)
+            .map(|(a, b, v6)| {
+                let from = self.hosts[a].clone();
+                let to = self.hosts[b].clone();
+                async move {
+                    let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
+                    let label = format!("{} -> {} ({dst})", from.name, to.name);
+                    (label, ping(&from.netns, &dst).await)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut rtts = Vec::new();
+        for (label, r) in results {
+            match r {
+                Ok(mut t) => rtts.append(&mut t),
+                Err(why) => report.failures.push(format!("{label}: {why}")),
+            }
+        }
+        report.failures.sort();
+        report.rtt_p50_ms = plan::quantile(&rtts, 0.5);
+        report.rtt_p99_ms = plan::quantile(&rtts, 0.99);
+    }
+
+    /// iperf3 from host 1 to host 2 (real TCP through two agents and the broker).
+    async fn throughput_sample(&self) -> (Option<f64>, String) {
+        if self.opts.throughput.is_zero() {
+            return (None, "skipped (--throughput-seconds 0)".into());
+        }
+        if which("iperf3").is_none() {
+            return (None, "skipped: iperf3 is not installed (apt-get install iperf3)".into());
+        }
+        let (h1, h2) = (&self.hosts[0], &self.hosts[1]);
+        let server = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &h2.netns, "iperf3", "-s", "-1", "-B", &h2.v4.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let Ok(mut server) = server else { return (None, "iperf3 server did not start".into()) };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let secs = format!("{:.1}", self.opts.throughput.as_secs_f64());
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &h1.netns, "iperf3", "-c", &h2.v4.to_string(), "-t", &secs, "-J"])
+            .output()
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), server.wait()).await;
+        let Ok(out) = out else { return (None, "iperf3 client did not run".into()) };
+        let parsed: Option<f64> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());
+        match parsed {
+            Some(bps) => (Some(bps), format!("(iperf3, {secs} s, one flow)")),
+            None => (None, format!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("error")).unwrap_or("no result"))),
+        }
+    }
+
+    fn print_hosts(&self) {
+        println!("{:<6} {:<14} {:<16} {:<24}", "host", "namespace", "IPv4 (/15)", "IPv6 (/64)");
+        for h in self.hosts.iter().take(50) {
+            println!("{:<6} {:<14} {:<16} {:<24}", h.name, h.netns, h.v4, h.v6);
+        }
+        if self.hosts.len() > 50 {
+            println!("… {} more: host i is 198.18.0.0 + i and fd00:7b::i", self.hosts.len() - 50);
+        }
+        let h = &self.hosts[0];
+        println!("\nenter a host:  ip netns exec {} bash", h.netns);
+        println!("then e.g.:     ping {}   ping {}", self.hosts[1].v4, self.hosts[1].v6);
+        println!("Ctrl-C tears the lab down.\n");
+    }
+
+    async fn live_status(&self, stop: &mut watch::Receiver<bool>) {
+        let mut last = (0u64, 0u64, Instant::now());
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::amqp::link::stopped(stop) => break,
+            }
+            let (mut bytes, mut packets, mut drops) = (0u64, 0u64, 0u64);
+            for a in &self.agents {
+                let t = a.totals();
+                bytes += t.rx_bytes;
+                packets += t.rx_packets;
+                drops += t.total_drops();
+            }
+            let up = self.agents.iter().filter(|a| a.connected()).count();
+            let dt = last.2.elapsed();
+            eprint!(
+                "\r{up}/{} hosts connected, delivering {} ({:.0} packets/s), {drops} drops so far   ",
+                self.agents.len(),
+                bits_per_s(bytes.saturating_sub(last.0), dt),
+                packets.saturating_sub(last.1) as f64 / dt.as_secs_f64().max(1e-9)
+            );
+            last = (bytes, packets, Instant::now());
+        }
+        eprintln!();
+    }
+
+    async fn teardown(&mut self) {
+        let agents = std::mem::take(&mut self.agents);
+        let _ = futures_util::future::join_all(agents.into_iter().map(Agent::shutdown)).await;
+        let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
+        delete_namespaces(&names);
+        if let Some(b) = self.broker.take() {
+            b.stop();
+        }
+        if let Some(dir) = self.temp_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Three pings, 50 ms apart; Ok with the RTTs when at least one came back.
+async fn ping(netns: &str, dst: &str) -> Result<Vec<f64>, String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ping", "-n", "-c", "3", "-i", "0.05", "-W", "2", dst])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run ping: {e}"))?;
+    let rtts = plan::ping_rtts_ms(&String::from_utf8_lossy(&out.stdout));
+    if rtts.is_empty() {
+        Err("no reply".into())
+    } else {
+        Ok(rtts)
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|f| f.is_file()))
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
