@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Makes a Debian machine ready for tunbus, as root: installs what is missing
+# (iproute2, ping, iperf3, RabbitMQ) and starts the broker when it is not running.
+# Idempotent and quiet when everything is already there. Sourced by demo.sh and test.sh.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  say "run as root: tunbus creates TUN devices and network namespaces"; exit 1
+fi
+
+missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
+command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+[ -x /usr/sbin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # iperf3 asks whether to start a daemon; the answer is no.
+  echo 'iperf3 iperf3/start_daemon boolean false' | debconf-set-selections 2>/dev/null || true
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
+    [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+  done
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  say "cargo not found: install Rust 1.85 or newer (rustup, https://rustup.rs), then run this again"; exit 1
+fi
+
+[ -e /dev/net/tun ] || modprobe tun 2>/dev/null || true
+if [ ! -e /dev/net/tun ]; then
+  say "/dev/net/tun is missing and the tun module could not be loaded"; exit 1
+fi
+
+broker_answers() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! broker_answers; then
+  say "starting RabbitMQ (rabbitmq-server -detached)"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do
+    broker_answers && break
+    sleep 0.5
+  done
+  broker_answers || { say "RabbitMQ did not start; see /var/log/rabbitmq/"; exit 1; }
+  rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+fi
