@@ -386,7 +386,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const VECTOR_DIR: &str = "/work/shared/vectors/ioppytest";
+    /// `../shared/` sits beside the project root on every machine, CI's too.
+    const VECTOR_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/ioppytest");
 
     fn vector(name: &str) -> Vec<u8> {
         std::fs::read(format!("{VECTOR_DIR}/{name}")).expect("test vector readable")
