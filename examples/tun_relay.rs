@@ -121,7 +121,11 @@ fn create(ns: &str, addr: Prefix, mtu: u32, offload: bool, tag: &str) -> anyhow:
     let temp = format!("trly{}{tag}", std::process::id());
     let dev = TunDevice::create(&temp, 1, offload).with_context(|| format!("creating TUN {temp}"))?;
     if let Err(e) = netns::move_into(&temp, ns, "relay0")
-        .and_then(|()| netns::configure(Some(ns), "relay0", mtu, &[addr]))
+        .and_then(|()| {
+            // A distinct link-local per side (the relay joins two one-host "links").
+            let ll = if tag == "a" { "fe80::a" } else { "fe80::b" };
+            netns::configure(Some(ns), "relay0", mtu, &[addr], ll.parse().expect("constant address"))
+        })
     {
         netns::delete(Some(ns), "relay0");
         return Err(e).with_context(|| format!("moving {temp} into namespace {ns}"));

@@ -73,7 +73,7 @@ fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
     if let Some(ns) = &c.netns {
         netns::move_into(&create_as, ns, &c.ifname)?; // on error `dev` drops: interface gone
     }
-    netns::configure(c.netns.as_deref(), &c.ifname, c.mtu, &c.addrs)?;
+    netns::configure(c.netns.as_deref(), &c.ifname, c.mtu, &c.addrs, c.link_local())?;
     Ok(dev)
 }
 
@@ -143,7 +143,7 @@ impl Agent {
                 broker: broker.clone(),
                 connected: connected.clone(),
                 own_flood_key: flood_key,
-                addrs: config.addrs.iter().map(|p| p.addr).collect(),
+                addrs: config.owned_addresses(),
             };
             agent.tasks.spawn(link::run(link, stop_rx.clone()));
             let worker = TxWorker::new(queue.clone(), ring, tx_counters.clone(), stop_flag.clone(), flood_key, own_v4.clone());
@@ -167,7 +167,7 @@ impl Agent {
         let hello = Hello {
             name: config.name.clone(),
             session: config.session.clone(),
-            addresses: config.addrs.iter().map(ToString::to_string).collect(),
+            addresses: config.addrs.iter().map(ToString::to_string).chain([format!("{}/64", config.link_local())]).collect(),
             queues: config.queues,
             wire: "v1".to_owned(),
             started_unix_ms: crate::worker::now_ns() / 1_000_000,

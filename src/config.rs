@@ -4,7 +4,7 @@
 //! (the agent, the lab) sees only this. Pure data: no I/O.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -64,6 +64,10 @@ pub struct AgentConfig {
     pub prefetch: u16,
     /// Batches in flight between one worker and its publisher.
     pub ring_slots: usize,
+    /// The interface's IPv6 link-local address; `None` derives one from session and name
+    /// ([`AgentConfig::link_local`]). Agents bind it, so link-local traffic (neighbour
+    /// discovery, replies to multicast pings) reaches them across the bus.
+    pub link_local: Option<Ipv6Addr>,
     /// Ask the broker at start whether the name is taken (the lab, which generates unique
     /// names in a fresh session, skips it).
     pub check_name: bool,
@@ -89,7 +93,29 @@ impl AgentConfig {
             prefetch: 256,
             ring_slots: 32,
             check_name: true,
+            link_local: None,
         }
+    }
+
+    /// The link-local address: the configured one, else `fe80::` + 64 bits of a fixed
+    /// FNV-1a hash of `session/name` (stable across restarts, distinct between agents).
+    pub fn link_local(&self) -> Ipv6Addr {
+        if let Some(a) = self.link_local {
+            return a;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.session.as_deref().unwrap_or("").bytes().chain([b'/']).chain(self.name.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let iid = h.max(1); // never fe80::
+        Ipv6Addr::from((0xfe80u128 << 112) | u128::from(iid))
+    }
+
+    /// Every address this agent owns (and binds): configured ones and the link-local.
+    pub fn owned_addresses(&self) -> Vec<IpAddr> {
+        let mut all: Vec<IpAddr> = self.addrs.iter().map(|p| p.addr).collect();
+        all.push(IpAddr::V6(self.link_local()));
+        all
     }
 
     /// `tunbus[.<session>].<name>.<k>`: the queue that feeds TUN queue k.
@@ -121,6 +147,21 @@ mod tests {
         assert!("fd00::1/129".parse::<Prefix>().is_err());
         assert!("nonsense/8".parse::<Prefix>().is_err());
         assert!("fd00::1/x".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn link_local_is_stable_distinct_and_overridable() {
+        let a = AgentConfig::new("amqp://x", "h1");
+        let b = AgentConfig::new("amqp://x", "h2");
+        assert_eq!(a.link_local(), AgentConfig::new("amqp://y", "h1").link_local());
+        assert_ne!(a.link_local(), b.link_local());
+        assert_eq!(a.link_local().segments()[..4], [0xfe80, 0, 0, 0]);
+        let mut s = a.clone();
+        s.session = Some("other".into());
+        assert_ne!(s.link_local(), a.link_local());
+        s.link_local = Some("fe80::1".parse().unwrap());
+        assert_eq!(s.link_local().to_string(), "fe80::1");
+        assert!(a.owned_addresses().contains(&IpAddr::V6(a.link_local())));
     }
 
     #[test]

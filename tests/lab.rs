@@ -152,3 +152,75 @@ fn a_killed_lab_is_cleaned_by_the_next_run() {
     assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "--cleanup left namespaces");
     assert!(!std::path::Path::new(&format!("/run/tunbus/lab-{session}.json")).exists());
 }
+
+fn ifindex_here(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("no NUL");
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    #[allow(unsafe_code)]
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert!(i != 0, "no interface {name} in this namespace");
+    i
+}
+
+#[test]
+fn multicast_and_broadcast_reach_every_other_host() {
+    if !system_ready("multicast_and_broadcast_reach_every_other_host") {
+        return;
+    }
+    let session = unique("m");
+    let _lab = KeptLab::start(&session, 3);
+    let ns: Vec<String> = (1..=3).map(|i| format!("tb-{session}-h{i}")).collect();
+    assert!(wait_lab_ping(&ns[0], "198.18.0.3", Duration::from_secs(30)), "lab never came up");
+    assert!(wait_lab_ping(&ns[0], "198.18.0.2", Duration::from_secs(10)), "h2 not up");
+
+    // IPv6 ping to all-nodes: both other hosts answer (from their link-local addresses).
+    let own = run("ip", &["-n", &ns[0], "-6", "-o", "addr", "show", "dev", "tb0", "scope", "link"]);
+    let own_ll = own.split_whitespace().nth(3).and_then(|a| a.split('/').next()).expect("own link-local").to_owned();
+    let out = run("ip", &["netns", "exec", &ns[0], "ping", "-n", "-c", "3", "-i", "0.3", "-w", "4", "ff02::1%tb0"]);
+    let responders: std::collections::BTreeSet<String> = out
+        .lines()
+        // "64 bytes from fe80::…%tb0: icmp_seq=1 …" → "fe80::…"
+        .filter_map(|l| l.split("bytes from ").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(|a| a.trim_end_matches(':').split('%').next().unwrap_or("").to_owned())
+        .filter(|a| !a.is_empty() && *a != own_ll)
+        .collect();
+    assert_eq!(responders.len(), 2, "expected answers from the two other hosts, got {responders:?}:\n{out}");
+
+    // A UDP datagram to CoAP's all-nodes group ff02::fd arrives at both other hosts.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receivers: Vec<_> = ns[1..]
+        .iter()
+        .map(|n| {
+            let tx = tx.clone();
+            in_netns(n, move || {
+                let sock = std::net::UdpSocket::bind("[::]:5683").expect("bind 5683");
+                sock.join_multicast_v6(&"ff02::fd".parse().expect("group"), ifindex_here("tb0")).expect("join ff02::fd");
+                sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+                tx.send(()).expect("ready");
+                let mut buf = [0u8; 256];
+                let (n, _) = sock.recv_from(&mut buf).expect("multicast datagram arrives");
+                buf[..n].to_vec()
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(5)).expect("receivers ready");
+    }
+    std::thread::sleep(Duration::from_millis(300)); // MLD join travels to the kernel
+    let payload = b"tunbus multicast check".to_vec();
+    let sent = payload.clone();
+    in_netns(&ns[0], move || {
+        let sock = std::net::UdpSocket::bind("[::]:0").expect("bind");
+        let dst = std::net::SocketAddrV6::new("ff02::fd".parse().expect("group"), 5683, 0, ifindex_here("tb0"));
+        for _ in 0..3 {
+            sock.send_to(&sent, dst).expect("send multicast");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .join()
+    .expect("sender");
+    for r in receivers {
+        assert_eq!(r.join().expect("receiver"), payload);
+    }
+}

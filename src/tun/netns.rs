@@ -78,9 +78,14 @@ pub fn move_into(from: &str, netns: &str, to: &str) -> Result<(), Error> {
 /// Sets MTU and addresses and brings the link up. IPv6 addresses skip duplicate address
 /// detection: the bus has no link layer on which a duplicate could answer, and DAD would
 /// hold the address tentative for a second or more.
-pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix]) -> Result<(), Error> {
+///
+/// The kernel's own link-local address generation is turned off (`addrgenmode none`) and
+/// `link_local` is assigned instead: known in advance, so the agent can bind it, and usable
+/// at once (no DAD).
+pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix], link_local: std::net::Ipv6Addr) -> Result<(), Error> {
     let mtu = mtu.to_string();
-    ip(netns, &["link", "set", "dev", ifname, "mtu", &mtu])?;
+    ip(netns, &["link", "set", "dev", ifname, "mtu", &mtu, "addrgenmode", "none"])?;
+    ip(netns, &["addr", "add", &format!("{link_local}/64"), "dev", ifname, "nodad"])?;
     for a in addrs {
         let text = a.to_string();
         match a.addr {
