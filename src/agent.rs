@@ -169,20 +169,21 @@ impl Agent {
             session: config.session.clone(),
             addresses: config.addrs.iter().map(ToString::to_string).chain([format!("{}/64", config.link_local())]).collect(),
             queues: config.queues,
-            wire: "v1".to_owned(),
+            wire: config.wire.name().to_owned(),
             started_unix_ms: crate::worker::now_ns() / 1_000_000,
             interface: config.ifname.clone(),
             netns: config.netns.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             leaving: false,
         };
-        agent.tasks.spawn(presence::run(
-            config.url.clone(),
-            config.exchange.clone(),
-            config.queue_prefix(),
-            hello,
-            stop_rx.clone(),
-        ));
+        match config.wire {
+            crate::config::Wire::Native => {
+                agent.tasks.spawn(presence::run(config.url.clone(), config.exchange.clone(), config.queue_prefix(), hello, stop_rx.clone()));
+            }
+            crate::config::Wire::Ioppytest => {
+                agent.tasks.spawn(crate::interop::control::run(config.clone(), stop_rx.clone()));
+            }
+        }
         if !config.stats_interval.is_zero() {
             agent.tasks.spawn(report::periodic(
                 config.name.clone(),

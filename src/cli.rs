@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AgentConfig, Prefix, DEFAULT_MTU};
+use crate::config::{AgentConfig, Prefix, Wire, DEFAULT_MTU};
+use crate::interop::addressing::OldAddressing;
 use crate::route;
 
 pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
@@ -36,6 +37,31 @@ pub enum Command {
     Peers(PeersArgs),
     /// Bring up N hosts (namespaces + agents) on this machine, check them, report, tear down.
     Lab(LabArgs),
+    /// Serve an ioppytest session: route old agents' packets per the test configuration's
+    /// topology, and bridge them with native tunbus agents.
+    Route(RouteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
+    pub url: String,
+    /// ioppytest test configuration (YAML with a `topology` list of links and their nodes).
+    #[arg(long, value_name = "FILE")]
+    pub topology: std::path::PathBuf,
+    /// Exchange of the session (ioppytest uses amq.topic).
+    #[arg(long, default_value = "amq.topic")]
+    pub exchange: String,
+    /// Unacknowledged messages in flight from the broker.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// Seconds between one-line summaries (0: off).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub stats_interval: f64,
+    /// Write the final counters as JSON to this file on exit.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -136,11 +162,31 @@ pub struct ConnectArgs {
     /// IPv6 address with prefix length, e.g. fd00:7b::1/64 (repeatable).
     #[arg(long, value_name = "ADDR/PREFIX")]
     pub ipv6: Vec<Prefix>,
-    /// Interface MTU. 9000 by default: TCP super-packets of 64 KiB travel whole either way
-    /// (offloads), and jumbo frames cut the packet rate of non-offloaded bulk traffic 6x
-    /// compared with 1500. Use 1500 to match ioppytest testbeds.
-    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
-    pub mtu: u32,
+    /// Interface MTU [default: 9000; 1500 with --wire ioppytest]. TCP super-packets of
+    /// 64 KiB travel whole either way (offloads); jumbo frames cut the packet rate of
+    /// non-offloaded bulk traffic 6x compared with 1500.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    pub mtu: Option<u32>,
+    /// Wire format: native tunbus batches, or the Python ioppytest-agent's JSON (one
+    /// packet per message on fromAgent.<NAME>…/toAgent.<NAME>…, through `agent route`).
+    #[arg(long, value_enum, default_value_t = Wire::Native)]
+    pub wire: Wire,
+    /// With --wire ioppytest: create the interface only when toAgent.<NAME>.ip.tun.start
+    /// brings the addresses (as an ioppytest coordinator expects).
+    #[arg(long)]
+    pub wait_config: bool,
+    /// ioppytest-agent style: IPv6 prefix (with --ipv6-host: bbbb + 1 = bbbb::1/64, fe80::1).
+    #[arg(long, value_name = "PREFIX")]
+    pub ipv6_prefix: Option<String>,
+    /// ioppytest-agent style: IPv6 host part.
+    #[arg(long, value_name = "HOST")]
+    pub ipv6_host: Option<String>,
+    /// ioppytest-agent style: IPv4 address (netmask from --ipv4-netmask).
+    #[arg(long, value_name = "ADDR")]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    /// ioppytest-agent style: IPv4 netmask.
+    #[arg(long, value_name = "MASK", default_value = "255.255.255.0")]
+    pub ipv4_netmask: std::net::Ipv4Addr,
     /// Move the interface into this existing network namespace and configure it there.
     #[arg(long)]
     pub netns: Option<String>,
@@ -241,6 +287,40 @@ impl ConnectArgs {
             bail!("--stats-interval must be between 0 and 86400 seconds");
         }
         let exchange = bus_exchange(&self.bus)?;
+        let mut old = OldAddressing {
+            ipv4: match self.ipv4_address {
+                Some(a) => {
+                    let len = crate::interop::addressing::netmask_len(self.ipv4_netmask)
+                        .ok_or_else(|| anyhow::anyhow!("--ipv4-netmask {} is not a contiguous netmask", self.ipv4_netmask))?;
+                    Some((a, len))
+                }
+                None => None,
+            },
+            ipv6_prefix: self.ipv6_prefix.clone(),
+            ipv6_host: self.ipv6_host.clone(),
+        };
+        if self.ipv6_prefix.is_some() != self.ipv6_host.is_some() {
+            bail!("--ipv6-prefix and --ipv6-host go together (bbbb + 1 = bbbb::1)");
+        }
+        if old.ipv6_prefix.is_some() && old.global_v6().is_none() {
+            bail!("--ipv6-prefix {:?} with --ipv6-host {:?} is not an IPv6 address", self.ipv6_prefix.unwrap_or_default(), self.ipv6_host.unwrap_or_default());
+        }
+        if self.wait_config && self.wire != Wire::Ioppytest {
+            bail!("--wait-config goes with --wire ioppytest");
+        }
+        if self.wire == Wire::Ioppytest {
+            if self.queues > 1 {
+                bail!("--wire ioppytest carries one packet per message on one queue: use --queues 1");
+            }
+            if old.is_empty() && self.ipv4.is_empty() && self.ipv6.is_empty() && !self.wait_config {
+                old = OldAddressing::default_for(&self.name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "agent {:?} has no default addresses (only agent_1 … agent_6 do): give --ipv6-prefix/--ipv6-host and/or --ipv4-address, or --wait-config",
+                        self.name
+                    )
+                })?;
+            }
+        }
         let cpus = match &self.cpus {
             Some(text) => parse_cpus(text)?,
             None => Vec::new(),
@@ -249,12 +329,16 @@ impl ConnectArgs {
         config.session = self.bus.session;
         config.exchange = exchange;
         config.queues = usize::from(self.queues);
-        config.addrs = self.ipv4.into_iter().chain(self.ipv6).collect();
-        config.mtu = self.mtu;
+        config.addrs = self.ipv4.into_iter().chain(self.ipv6).chain(old.prefixes()).collect();
+        config.link_local = old.link_local();
+        config.old_addressing = old;
+        config.wire = self.wire;
+        config.mtu = self.mtu.unwrap_or(if self.wire == Wire::Ioppytest { 1500 } else { DEFAULT_MTU });
         config.netns = self.netns;
         config.ifname = self.ifname;
         config.cpus = cpus;
-        config.offload = !self.no_offload;
+        // The old wire carries plain packets only: no super-packets, no partial checksums.
+        config.offload = !self.no_offload && self.wire == Wire::Native;
         config.stats_interval = Duration::from_secs_f64(self.stats_interval);
         config.max_batch_bytes = self.max_batch_bytes as usize;
         config.prefetch = self.prefetch;
@@ -303,6 +387,25 @@ mod tests {
         assert!(connect(&["--name", "h1", "--ifname", "much-too-long-name"]).is_err());
         assert!(connect(&["--name", "h1", "--stats-interval", "-1"]).is_err());
         assert!(connect(&[]).is_err());
+    }
+
+    #[test]
+    fn ioppytest_flags_and_defaults() {
+        let c = connect(&["--name", "agent_2", "--wire", "ioppytest"]).unwrap();
+        let addrs: Vec<String> = c.addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["10.2.0.2/24", "bbbb::2/64"]);
+        assert_eq!(c.link_local().to_string(), "fe80::2");
+        assert_eq!(c.mtu, 1500);
+        assert!(!c.offload);
+        let c = connect(&["--name", "tt", "--wire", "ioppytest", "--ipv6-prefix", "fd00:20", "--ipv6-host", "1", "--ipv4-address", "198.18.20.1"]).unwrap();
+        let addrs: Vec<String> = c.addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["198.18.20.1/24", "fd00:20::1/64"]);
+        let e = connect(&["--name", "stranger", "--wire", "ioppytest"]).unwrap_err().to_string();
+        assert!(e.contains("no default addresses"), "{e}");
+        assert!(connect(&["--name", "stranger", "--wire", "ioppytest", "--wait-config"]).is_ok());
+        assert!(connect(&["--name", "x", "--wait-config"]).is_err());
+        assert!(connect(&["--name", "x", "--ipv6-prefix", "bbbb"]).is_err());
+        assert!(connect(&["--name", "agent_1", "--wire", "ioppytest", "--queues", "2"]).is_err());
     }
 
     #[test]

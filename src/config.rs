@@ -40,6 +40,25 @@ impl FromStr for Prefix {
     }
 }
 
+/// Which wire an agent speaks on the bus.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// tunbus v1 batches routed by destination (docs/wire-format.md).
+    #[default]
+    Native,
+    /// The Python ioppytest-agent's JSON, one packet per message, via its packet router.
+    Ioppytest,
+}
+
+impl Wire {
+    pub fn name(self) -> &'static str {
+        match self {
+            Wire::Native => "v1",
+            Wire::Ioppytest => "ioppytest",
+        }
+    }
+}
+
 /// Default MTU: see docs/decisions/0003-mtu.md.
 pub const DEFAULT_MTU: u32 = 9000;
 
@@ -68,6 +87,9 @@ pub struct AgentConfig {
     /// ([`AgentConfig::link_local`]). Agents bind it, so link-local traffic (neighbour
     /// discovery, replies to multicast pings) reaches them across the bus.
     pub link_local: Option<Ipv6Addr>,
+    pub wire: Wire,
+    /// With the ioppytest wire: the old agent's addressing, announced in `ip.tun.started`.
+    pub old_addressing: crate::interop::addressing::OldAddressing,
     /// Ask the broker at start whether the name is taken (the lab, which generates unique
     /// names in a fresh session, skips it).
     pub check_name: bool,
@@ -94,6 +116,8 @@ impl AgentConfig {
             ring_slots: 32,
             check_name: true,
             link_local: None,
+            wire: Wire::Native,
+            old_addressing: Default::default(),
         }
     }
 

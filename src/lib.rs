@@ -11,6 +11,7 @@
 //! - [`worker`]: the per-queue TX thread and the RX write path (hot path).
 //! - [`amqp`]: connections, topology, per-queue links with reconnect, presence.
 //! - [`metrics`]: counters, latency histograms, reports.
+//! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
 #![deny(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod amqp;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod interop;
 pub mod lab;
 pub mod metrics;
 pub mod ring;

@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio::sync::watch;
 
 use tunbus::agent::Agent;
-use tunbus::cli::{bus_exchange, check_url, Cli, Command, LabArgs, PeersArgs};
+use tunbus::cli::{bus_exchange, check_url, Cli, Command, LabArgs, PeersArgs, RouteArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,8 +45,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Connect(args) => {
             let stats_json = args.stats_json.clone();
-            let config = args.into_config()?;
+            let wait_config = args.wait_config;
+            let mut config = args.into_config()?;
             let mut stop = stop_on_signal()?;
+            if wait_config {
+                let found = tunbus::interop::control::wait_for_start(&config.url, &config.exchange, &config.name, &mut stop).await?;
+                let Some(addressing) = found else { return Ok(()) };
+                config.addrs.extend(addressing.prefixes());
+                config.link_local = addressing.link_local();
+                config.old_addressing = addressing;
+            }
             let agent = Agent::start(config).await?;
             let _ = stop.wait_for(|s| *s).await;
             tracing::info!(agent = %agent.config().name, "stopping");
@@ -60,7 +68,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Peers(args) => peers(args).await,
         Command::Lab(args) => lab(args).await,
+        Command::Route(args) => route(args).await,
     }
+}
+
+async fn route(args: RouteArgs) -> anyhow::Result<()> {
+    check_url(&args.url)?;
+    let text = std::fs::read_to_string(&args.topology).with_context(|| format!("reading --topology {}", args.topology.display()))?;
+    let topology = tunbus::interop::topology::Topology::parse(&text).with_context(|| format!("--topology {}", args.topology.display()))?;
+    if !(args.stats_interval >= 0.0 && args.stats_interval <= 86_400.0) {
+        anyhow::bail!("--stats-interval must be between 0 and 86400 seconds");
+    }
+    let stop = stop_on_signal()?;
+    let opts = tunbus::interop::router::RouterOptions {
+        url: args.url,
+        exchange: args.exchange,
+        topology,
+        prefetch: args.prefetch,
+        stats_interval: Duration::from_secs_f64(args.stats_interval),
+    };
+    let counters = tunbus::interop::router::run(opts, stop).await;
+    println!("router: {counters}");
+    if let Some(path) = &args.stats_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&counters)?).with_context(|| format!("writing --stats-json {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn lab(args: LabArgs) -> anyhow::Result<()> {

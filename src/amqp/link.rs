@@ -25,7 +25,8 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio::sync::watch;
 
 use super::BrokerState;
-use crate::config::AgentConfig;
+use crate::codec::{ioppytest, v1};
+use crate::config::{AgentConfig, Wire};
 use crate::metrics::{Counters, DropReason, LocalHistogram, SharedHistogram};
 use crate::ring::Ring;
 use crate::route::{self, RoutingKey};
@@ -149,15 +150,21 @@ async fn open(link: &Link) -> anyhow::Result<Session> {
                 .await
         }
     };
-    for addr in &link.addrs {
-        for shard in 0..route::SHARDS {
-            if route::queue_for_shard(shard, c.queues) == link.index {
-                bind(RoutingKey::unicast(*addr, shard).as_str().to_owned()).await?;
+    match c.wire {
+        Wire::Native => {
+            for addr in &link.addrs {
+                for shard in 0..route::SHARDS {
+                    if route::queue_for_shard(shard, c.queues) == link.index {
+                        bind(RoutingKey::unicast(*addr, shard).as_str().to_owned()).await?;
+                    }
+                }
+            }
+            if link.index == 0 {
+                bind(route::ALL_PATTERN.to_owned()).await?;
             }
         }
-    }
-    if link.index == 0 {
-        bind(route::ALL_PATTERN.to_owned()).await?;
+        // The router addresses old-wire agents by name, one packet per message.
+        Wire::Ioppytest => bind(ioppytest::routing_key_to_agent(&c.name)).await?,
     }
     consume.basic_qos(c.prefetch, BasicQosOptions::default()).await?;
     let consumer = consume
@@ -173,6 +180,9 @@ async fn open(link: &Link) -> anyhow::Result<Session> {
 
 /// Publishes every batch the worker hands over, until the channel fails.
 async fn publish_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
+    if link.config.wire == Wire::Ioppytest {
+        return publish_json_loop(link, channel).await;
+    }
     let exchange = ShortString::from(link.config.exchange.as_str());
     loop {
         while let Some(batch) = link.ring.pop() {
@@ -197,12 +207,40 @@ async fn publish_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
     }
 }
 
+/// The ioppytest wire: each packet of a batch becomes one JSON message on
+/// `fromAgent.<name>.ip.tun.packet.raw`, with the Python agent's properties.
+async fn publish_json_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
+    let exchange = ShortString::from(link.config.exchange.as_str());
+    let key = ShortString::from(ioppytest::routing_key_from_agent(&link.config.name));
+    let properties = crate::interop::json_properties();
+    let mut body = Vec::with_capacity(8 * 1024);
+    loop {
+        while let Some(batch) = link.ring.pop() {
+            // Our own frame: it decodes unless the codec is broken.
+            let Ok(frame) = v1::decode(batch.writer.as_bytes()) else { continue };
+            let seconds = now_ns() / 1_000_000_000;
+            for p in frame.packets() {
+                ioppytest::encode_packet(p.data, &link.config.ifname, seconds, &mut body);
+                if let Err(e) = channel.basic_publish(exchange.clone(), key.clone(), BasicPublishOptions::default(), &body, properties.clone()).await {
+                    link.counters.record_drop(DropReason::BrokerDown, u64::from(batch.packets));
+                    return Err(e.into());
+                }
+                Counters::add(&link.counters.tx_packets, 1);
+                Counters::add(&link.counters.tx_bytes, p.data.len() as u64);
+            }
+            Counters::add(&link.counters.tx_batches, 1);
+        }
+        link.ring.ready().await;
+    }
+}
+
 /// Writes deliveries into the TUN, acknowledging in batches, until the consumer fails.
 async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) -> anyhow::Result<()> {
     let mut latency = LocalHistogram::new(link.latency.clone());
     let ack_every = (u32::from(link.config.prefetch) / 2).max(1);
     let mut unacked = None;
     let mut since_ack = 0u32;
+    let mut json_scratch = Vec::new();
     loop {
         let next = match consumer.next().now_or_never() {
             Some(item) => item,
@@ -219,9 +257,14 @@ async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) ->
             Some(d) => d?,
             None => return Err(anyhow!("the broker cancelled our consumer")),
         };
-        if delivery.routing_key.as_str() != link.own_flood_key.as_str() {
-            let now = now_ns();
-            rx::deliver(&delivery.data, &link.tun, &link.counters, &mut latency, now);
+        match link.config.wire {
+            Wire::Ioppytest => {
+                rx::deliver_json(&delivery.data, &link.tun, &link.counters, &mut json_scratch);
+            }
+            Wire::Native if delivery.routing_key.as_str() != link.own_flood_key.as_str() => {
+                rx::deliver(&delivery.data, &link.tun, &link.counters, &mut latency, now_ns());
+            }
+            Wire::Native => {} // our own flood, echoed by the broker
         }
         latency.maybe_fold(Instant::now(), false);
         unacked = Some(delivery.delivery_tag);

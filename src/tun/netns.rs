@@ -85,15 +85,21 @@ pub fn move_into(from: &str, netns: &str, to: &str) -> Result<(), Error> {
 pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix], link_local: std::net::Ipv6Addr) -> Result<(), Error> {
     let mtu = mtu.to_string();
     ip(netns, &["link", "set", "dev", ifname, "mtu", &mtu, "addrgenmode", "none"])?;
-    ip(netns, &["addr", "add", &format!("{link_local}/64"), "dev", ifname, "nodad"])?;
+    add_address(netns, ifname, &Prefix { addr: IpAddr::V6(link_local), len: 64 })?;
     for a in addrs {
-        let text = a.to_string();
-        match a.addr {
-            IpAddr::V4(_) => ip(netns, &["addr", "add", &text, "dev", ifname])?,
-            IpAddr::V6(_) => ip(netns, &["addr", "add", &text, "dev", ifname, "nodad"])?,
-        };
+        add_address(netns, ifname, a)?;
     }
     ip(netns, &["link", "set", "dev", ifname, "up"])?;
+    Ok(())
+}
+
+/// Adds one address (IPv6 without duplicate address detection).
+pub fn add_address(netns: Option<&str>, ifname: &str, a: &Prefix) -> Result<(), Error> {
+    let text = a.to_string();
+    match a.addr {
+        IpAddr::V4(_) => ip(netns, &["addr", "add", &text, "dev", ifname])?,
+        IpAddr::V6(_) => ip(netns, &["addr", "add", &text, "dev", ifname, "nodad"])?,
+    };
     Ok(())
 }
 

@@ -6,9 +6,30 @@
 //! A body that does not decode is counted as malformed and dropped whole; a packet whose
 //! virtio header lies is counted and skipped; the rest of the batch still goes through.
 
-use crate::codec::v1;
+use crate::codec::{ioppytest, v1};
 use crate::metrics::{Counters, DropReason, LocalHistogram};
 use crate::tun::{vnet, TunQueue};
+
+/// Writes the one packet of an ioppytest JSON body into `tun`, decoding into `scratch`
+/// (reused: no allocation once it has grown to the largest packet).
+pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &Counters, scratch: &mut Vec<u8>) -> u64 {
+    if ioppytest::decode_packet(body, scratch).is_err() {
+        counters.record_drop(DropReason::Malformed, 1);
+        return 0;
+    }
+    Counters::add(&counters.rx_batches, 1);
+    match tun.write(&vnet::PLAIN, scratch) {
+        Ok(()) => {
+            Counters::add(&counters.rx_packets, 1);
+            Counters::add(&counters.rx_bytes, scratch.len() as u64);
+            1
+        }
+        Err(_) => {
+            counters.record_drop(DropReason::TunWrite, 1);
+            0
+        }
+    }
+}
 
 /// Writes every packet of `body` into `tun`. Returns the number of packets written.
 pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut LocalHistogram, now_ns: u64) -> u64 {

@@ -1,0 +1,221 @@
+//! ioppytest interop over the real broker: an agent speaking the old JSON wire and a native
+//! agent in one session behind `agent route`; and messages shaped exactly like the Python
+//! agent's, published by the test itself, answered through the router.
+//! Each test uses its own exchange so that concurrent routers never see each other.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+
+/// A running `agent route`, interrupted on drop.
+struct RouterProc {
+    child: Child,
+    log: PathBuf,
+    stats: PathBuf,
+}
+
+impl RouterProc {
+    fn start(exchange: &str, topology: &str) -> RouterProc {
+        let tag = unique("rt");
+        let dir = std::env::temp_dir();
+        let topo = dir.join(format!("{tag}.yaml"));
+        std::fs::File::create(&topo).and_then(|mut f| f.write_all(topology.as_bytes())).expect("topology file");
+        let log = dir.join(format!("{tag}.log"));
+        let stats = dir.join(format!("{tag}.stats.json"));
+        let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["route", "--url", URL, "--exchange", exchange, "--stats-interval", "0", "--topology"])
+            .arg(&topo)
+            .arg("--stats-json")
+            .arg(&stats)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("router log"))
+            .spawn()
+            .expect("spawn router");
+        let r = RouterProc { child, log, stats };
+        let t0 = Instant::now();
+        while !r.logs().contains("router serving") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "router did not come up:\n{}", r.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) -> serde_json::Value {
+        // SAFETY: signalling our own child.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let status = self.child.wait().expect("router exits");
+        assert!(status.success(), "router exit {status}:\n{}", self.logs());
+        serde_json::from_slice(&std::fs::read(&self.stats).expect("router stats")).expect("json")
+    }
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn all_ok(checks: &[(&Netns, &str)], limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if checks.iter().all(|(ns, dst)| ns.exec(&["ping", "-n", "-c", "1", "-W", "1", dst]).status.success()) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn old_wire_and_native_agents_talk_through_the_router() {
+    if !system_ready("old_wire_and_native_agents_talk_through_the_router") {
+        return;
+    }
+    let exchange = unique("tunbus.x");
+    let (ns_old, ns_new) = (Netns::new(), Netns::new());
+    let (old, new) = (unique("old"), unique("new"));
+    let mut router = RouterProc::start(&exchange, &format!("--- !configuration\ntopology:\n  - link_id: link_01\n    nodes: [{old}, {new}]\n"));
+    let mut a_old = AgentProc::start(
+        &old,
+        &["--exchange", &exchange, "--wire", "ioppytest", "--netns", &ns_old.name, "--ipv4-address", "198.18.30.1", "--ipv6-prefix", "fd00:30", "--ipv6-host", "1"],
+    );
+    let mut a_new = AgentProc::start(&new, &["--exchange", &exchange, "--netns", &ns_new.name, "--ipv4", "198.18.30.2/24", "--ipv6", "fd00:30::2/64"]);
+    let checks = [(&ns_old, "198.18.30.2"), (&ns_old, "fd00:30::2"), (&ns_new, "198.18.30.1"), (&ns_new, "fd00:30::1")];
+    assert!(all_ok(&checks, Duration::from_secs(20)), "no connectivity:\n--- router\n{}\n--- old\n{}\n--- new\n{}", router.logs(), a_old.logs(), a_new.logs());
+    for (ns, dst) in checks {
+        let (ok, out) = ping(ns, dst, 3);
+        assert!(ok, "{out}");
+    }
+    // TCP both ways, checked byte for byte: native → old carries offloaded super-packets
+    // (the router completes their checksums); old → native plain MTU-sized packets.
+    let size = 8 * 1024 * 1024;
+    let sink = tcp_sink(&ns_old.name, "198.18.30.1:5003".into(), 1);
+    let sent = tcp_send(&ns_new.name, "198.18.30.1:5003".into(), size, 7).join().expect("send");
+    assert_eq!(sink.join().expect("sink")[0], sent, "native → old transfer damaged:\n{}", router.logs());
+    let sink = tcp_sink(&ns_new.name, "[fd00:30::2]:5004".into(), 1);
+    let sent = tcp_send(&ns_old.name, "[fd00:30::2]:5004".into(), size, 8).join().expect("send");
+    assert_eq!(sink.join().expect("sink")[0], sent, "old → native transfer damaged");
+
+    let r_old = a_old.interrupt();
+    let _ = a_new.interrupt();
+    assert_eq!(r_old["drops"].as_array().map(|d| d.iter().filter(|x| x[0] == "malformed").count()), Some(0), "{r_old}");
+    let counters = router.stop();
+    assert!(counters["bridged_to_old"].as_u64().unwrap() > 100, "{counters}");
+    assert!(counters["bridged_to_native"].as_u64().unwrap() > 100, "{counters}");
+    assert_eq!(counters["agents_learned"], 1, "{counters}");
+}
+
+/// The captured Python agent message and the properties it is sent with.
+fn python_vector(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/../shared/vectors/ioppytest/{name}", env!("CARGO_MANIFEST_DIR"))).expect("vector")
+}
+
+#[test]
+fn python_shaped_messages_reach_a_native_agent_and_are_answered() {
+    if !system_ready("python_shaped_messages_reach_a_native_agent_and_are_answered") {
+        return;
+    }
+    let exchange = unique("tunbus.x");
+    let ns = Netns::new();
+    let native = unique("nat");
+    let mut router = RouterProc::start(&exchange, &format!("topology:\n  - link_id: l\n    nodes: [agent_1, {native}]\n"));
+    // The native agent owns 10.2.0.2, the destination of the captured echo request.
+    let mut agent = AgentProc::start(&native, &["--exchange", &exchange, "--netns", &ns.name, "--ipv4", "10.2.0.2/24"]);
+    wait_reachable(&ns, "10.2.0.2", Duration::from_secs(10)).expect("agent up");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let request_body = python_vector("packet-ipv4-icmp-echo.json");
+    let mut request = Vec::new();
+    tunbus::codec::ioppytest::decode_packet(&request_body, &mut request).expect("vector decodes");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let reply = rt.block_on(async {
+        let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default()).await.expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        // Play agent_1: listen where the router sends to it, announce, send the ping.
+        let q = ch.queue_declare("".into(), lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() }, Default::default()).await.expect("queue");
+        ch.queue_bind(q.name().clone(), exchange.as_str().into(), "toAgent.agent_1.ip.tun.packet.raw".into(), Default::default(), Default::default()).await.expect("bind");
+        let mut consumer = ch.basic_consume(q.name().clone(), "".into(), lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() }, Default::default()).await.expect("consume");
+        let props = || tunbus::interop::json_properties().with_headers(Default::default());
+        ch.basic_publish(exchange.as_str().into(), "fromAgent.agent_1.ip.tun.started".into(), Default::default(), &python_vector("tun-started.json"), props())
+            .await
+            .expect("publish started");
+        tokio::time::sleep(Duration::from_millis(300)).await; // the router binds agent_1's addresses
+        ch.basic_publish(exchange.as_str().into(), "fromAgent.agent_1.ip.tun.packet.raw".into(), Default::default(), &request_body, props())
+            .await
+            .expect("publish packet");
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("an answer within 10 s").expect("stream").expect("delivery");
+        assert_eq!(d.properties.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
+        let _ = conn.close(200, "bye".into()).await;
+        d.data
+    });
+    let mut answer = Vec::new();
+    tunbus::codec::ioppytest::decode_packet(&reply, &mut answer).expect("reply is ioppytest JSON");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("\"_api_version\"") && text.contains("\"interface_name\"") && text.contains("\"timestamp\""), "{text}");
+    // An ICMP echo reply 10.2.0.2 → 10.2.0.1 carrying the request's identifier, sequence and data.
+    assert_eq!(answer.len(), request.len());
+    assert_eq!(&answer[12..16], &request[16..20], "source is the request's destination");
+    assert_eq!(&answer[16..20], &request[12..16], "destination is the request's source");
+    assert_eq!(answer[20], 0, "ICMP echo reply");
+    assert_eq!(&answer[24..], &request[24..], "identifier, sequence and payload echoed");
+    let r = agent.interrupt();
+    assert!(r["rx_packets"].as_u64().unwrap() >= 1, "{r}");
+    let counters = router.stop();
+    assert_eq!(counters["bridged_to_native"], 1, "{counters}");
+    assert_eq!(counters["bridged_to_old"], 1, "{counters}");
+}
+
+#[test]
+fn malformed_json_is_counted_by_router_and_agent() {
+    if !system_ready("malformed_json_is_counted_by_router_and_agent") {
+        return;
+    }
+    let exchange = unique("tunbus.x");
+    let ns = Netns::new();
+    let old = unique("old");
+    let mut router = RouterProc::start(&exchange, &format!("topology:\n  - nodes: [{old}, peer]\n"));
+    let mut agent = AgentProc::start(&old, &["--exchange", &exchange, "--wire", "ioppytest", "--netns", &ns.name, "--ipv4-address", "198.18.31.1"]);
+    wait_reachable(&ns, "198.18.31.1", Duration::from_secs(10)).expect("agent up");
+    std::thread::sleep(Duration::from_millis(500));
+    let bad: Vec<&[u8]> = vec![
+        b"",
+        b"[1,2,3]",
+        b"{\"data\": \"nope\"}",
+        b"{\"data\": [1, 2, 256]}",
+        b"{\"data\": [-1]}",
+        b"{\"no_data\": 1}",
+        b"{\"data\": [69, 0,",
+        b"\xff\xfe garbage",
+    ];
+    let huge = format!("{{\"data\": [{}0]}}", "1, ".repeat(600_000));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default()).await.expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        for (key, bodies) in [(format!("toAgent.{old}.ip.tun.packet.raw"), &bad), (format!("fromAgent.{old}.ip.tun.packet.raw"), &bad)] {
+            for b in bodies.iter().copied().chain([huge.as_bytes()]) {
+                ch.basic_publish(exchange.as_str().into(), key.as_str().into(), Default::default(), b, Default::default()).await.expect("publish");
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(agent.alive(), "agent died:\n{}", agent.logs());
+    let r = agent.interrupt();
+    assert_eq!(drops(&r, "malformed"), bad.len() as u64 + 1, "{r}");
+    let counters = router.stop();
+    assert_eq!(counters["malformed_json"], bad.len() as u64 + 1, "{counters}");
+}
