@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::amqp::BrokerState;
 use crate::codec::v1::HEADER_LEN;
 use crate::config::AgentConfig;
 use crate::metrics::report::{self, Report};
-use crate::metrics::{new_histogram, Counters, SharedHistogram};
+use crate::metrics::{Counters, Histograms};
 use crate::ring::Ring;
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
@@ -41,7 +41,7 @@ pub struct Agent {
     workers: Vec<JoinHandle<()>>,
     queues: Vec<Arc<TunQueue>>,
     counters: Vec<Arc<Counters>>,
-    latency: Vec<SharedHistogram>,
+    hist: Vec<Arc<Histograms>>,
     connected: Arc<AtomicUsize>,
     started: Instant,
 }
@@ -121,7 +121,7 @@ impl Agent {
             workers: Vec::new(),
             queues: Vec::new(),
             counters: Vec::new(),
-            latency: Vec::new(),
+            hist: Vec::new(),
             connected: connected.clone(),
             started: Instant::now(),
         };
@@ -132,14 +132,14 @@ impl Agent {
             // Separate blocks for the TX thread and the link task: no shared cache lines.
             let tx_counters = Arc::new(Counters::default());
             let link_counters = Arc::new(Counters::default());
-            let latency: SharedHistogram = Arc::new(Mutex::new(new_histogram()));
+            let hist = Histograms::new();
             let link = Link {
                 config: config.clone(),
                 index: k,
                 ring: ring.clone(),
                 tun: queue.clone(),
                 counters: link_counters.clone(),
-                latency: latency.clone(),
+                hist: hist.clone(),
                 broker: broker.clone(),
                 connected: connected.clone(),
                 own_flood_key: flood_key,
@@ -162,7 +162,7 @@ impl Agent {
             agent.queues.push(queue);
             agent.counters.push(tx_counters);
             agent.counters.push(link_counters);
-            agent.latency.push(latency);
+            agent.hist.push(hist);
         }
         let hello = Hello {
             name: config.name.clone(),
@@ -184,12 +184,16 @@ impl Agent {
                 agent.tasks.spawn(crate::interop::control::run(config.clone(), stop_rx.clone()));
             }
         }
+        if let Some(addr) = config.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+            agent.tasks.spawn(crate::metrics::prometheus::serve(listener, config.name.clone(), agent.counters.clone(), agent.hist.clone(), stop_rx.clone()));
+        }
         if !config.stats_interval.is_zero() {
             agent.tasks.spawn(report::periodic(
                 config.name.clone(),
                 config.stats_interval,
                 agent.counters.clone(),
-                agent.latency.clone(),
+                agent.hist.clone(),
                 stop_rx,
             ));
         }
@@ -221,7 +225,7 @@ impl Agent {
 
     /// The statistics so far.
     pub fn report(&self) -> Report {
-        report::build(&self.config.name, self.started.elapsed(), &self.counters, &self.latency)
+        report::build(&self.config.name, self.started.elapsed(), &self.counters, &self.hist)
     }
 
     /// Stops everything and returns the final statistics. Dropping an `Agent` without

@@ -205,6 +205,10 @@ pub struct ConnectArgs {
     /// Largest AMQP message body (one batch of packets), in bytes.
     #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(70_000..=8_388_608))]
     pub max_batch_bytes: u32,
+    /// Serve Prometheus metrics on GET /metrics at this address (PORT alone means
+    /// 127.0.0.1:PORT). Off by default.
+    #[arg(long, value_name = "[HOST:]PORT")]
+    pub metrics_addr: Option<String>,
     /// Write the final report as JSON to this file on exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
@@ -342,6 +346,10 @@ impl ConnectArgs {
         config.stats_interval = Duration::from_secs_f64(self.stats_interval);
         config.max_batch_bytes = self.max_batch_bytes as usize;
         config.prefetch = self.prefetch;
+        config.metrics_addr = match &self.metrics_addr {
+            Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
         Ok(config)
     }
 }

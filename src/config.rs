@@ -88,6 +88,8 @@ pub struct AgentConfig {
     /// discovery, replies to multicast pings) reaches them across the bus.
     pub link_local: Option<Ipv6Addr>,
     pub wire: Wire,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// With the ioppytest wire: the old agent's addressing, announced in `ip.tun.started`.
     pub old_addressing: crate::interop::addressing::OldAddressing,
     /// Ask the broker at start whether the name is taken (the lab, which generates unique
@@ -117,6 +119,7 @@ impl AgentConfig {
             check_name: true,
             link_local: None,
             wire: Wire::Native,
+            metrics_addr: None,
             old_addressing: Default::default(),
         }
     }

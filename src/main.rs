@@ -13,9 +13,11 @@ use tunbus::cli::{bus_exchange, check_url, Cli, Command, LabArgs, PeersArgs, Rou
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A lab runs hundreds of agents in this process: their per-agent lines stay at debug.
+    // lapin logs expected refusals (the name check's 404) as errors; broker trouble is
+    // reported by our own lines, so its logging is off unless RUST_LOG asks for it.
     let default_filter = match cli.command {
-        Command::Lab(_) => "info,tunbus::agent=warn,lapin=warn,amq_protocol=warn",
-        _ => "info,lapin=warn,amq_protocol=warn",
+        Command::Lab(_) => "info,tunbus::agent=warn,lapin=off,amq_protocol=off",
+        _ => "info,lapin=off,amq_protocol=off",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -200,3 +200,32 @@ fn a_name_already_on_the_bus_is_refused_clearly() {
     let links = String::from_utf8_lossy(&ns2.exec(&["ip", "-o", "link"]).stdout).into_owned();
     assert!(!links.contains("tb0"), "refused agent left an interface: {links}");
 }
+
+#[test]
+fn metrics_endpoint_counts_what_crossed() {
+    if !system_ready("metrics_endpoint_counts_what_crossed") {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let port_text = port.to_string();
+    let p = Pair::start_with(8, &["--metrics-addr", &port_text], &[]);
+    let (ok, out) = ping(&p.ns_a, &p.v4[1], 10);
+    assert!(ok, "{out}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint listens");
+    use std::io::{Read, Write};
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    // Each echo request left A and each reply came back (plus whatever the kernel sent).
+    assert!(value("tunbus_tx_packets_total{") >= 10.0, "{text}");
+    assert!(value("tunbus_rx_packets_total{") >= 10.0, "{text}");
+    assert!(value("tunbus_one_way_latency_seconds_count{") >= 10.0, "{text}");
+}

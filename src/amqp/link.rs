@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::BrokerState;
 use crate::codec::{ioppytest, v1};
 use crate::config::{AgentConfig, Wire};
-use crate::metrics::{Counters, DropReason, LocalHistogram, SharedHistogram};
+use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::ring::Ring;
 use crate::route::{self, RoutingKey};
 use crate::tun::TunQueue;
@@ -45,7 +45,7 @@ pub struct Link {
     pub ring: Arc<Ring>,
     pub tun: Arc<TunQueue>,
     pub counters: Arc<Counters>,
-    pub latency: SharedHistogram,
+    pub hist: Arc<Histograms>,
     pub broker: Arc<BrokerState>,
     /// Links of this agent currently connected.
     pub connected: Arc<AtomicUsize>,
@@ -184,6 +184,9 @@ async fn publish_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
         return publish_json_loop(link, channel).await;
     }
     let exchange = ShortString::from(link.config.exchange.as_str());
+    let mut wait = LocalHistogram::new(link.hist.read_to_publish_us.clone());
+    let mut packets = LocalHistogram::new(link.hist.batch_packets.clone());
+    let mut bytes = LocalHistogram::new(link.hist.batch_bytes.clone());
     loop {
         while let Some(batch) = link.ring.pop() {
             let result = channel
@@ -202,6 +205,13 @@ async fn publish_loop(link: &Link, channel: &Channel) -> anyhow::Result<()> {
             Counters::add(&link.counters.tx_packets, u64::from(batch.packets));
             Counters::add(&link.counters.tx_bytes, batch.bytes);
             Counters::add(&link.counters.tx_batches, 1);
+            wait.record_n(now_ns().saturating_sub(batch.read_ns) / 1000, 1);
+            packets.record_n(u64::from(batch.packets), 1);
+            bytes.record_n(batch.writer.len() as u64, 1);
+            let now = Instant::now();
+            for h in [&mut wait, &mut packets, &mut bytes] {
+                h.maybe_fold(now, false);
+            }
         }
         link.ring.ready().await;
     }
@@ -236,7 +246,7 @@ async fn publish_json_loop(link: &Link, channel: &Channel) -> anyhow::Result<()>
 
 /// Writes deliveries into the TUN, acknowledging in batches, until the consumer fails.
 async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) -> anyhow::Result<()> {
-    let mut latency = LocalHistogram::new(link.latency.clone());
+    let mut latency = LocalHistogram::new(link.hist.one_way_us.clone());
     let ack_every = (u32::from(link.config.prefetch) / 2).max(1);
     let mut unacked = None;
     let mut since_ack = 0u32;

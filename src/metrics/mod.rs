@@ -6,6 +6,7 @@
 //! one at most every [`FOLD_EVERY`]: one uncontended lock per interval, never per packet.
 //! The reporter (a tokio task) takes [`Snapshot`]s and prints rates and percentiles.
 
+pub mod prometheus;
 pub mod report;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,6 +158,27 @@ pub type SharedHistogram = Arc<Mutex<Histogram<u64>>>;
 pub fn new_histogram() -> Histogram<u64> {
     // invariant: these bounds are valid for hdrhistogram (low >= 1, high >= 2 * low, sigfig <= 5)
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// The histograms of one queue. Each has one recording task (the link of that queue) that
+/// folds into it periodically; reports merge them across queues.
+#[derive(Debug)]
+pub struct Histograms {
+    /// One-way latency in µs: the sender's batch timestamp → our TUN write (RX).
+    pub one_way_us: SharedHistogram,
+    /// µs from the TUN read burst that opened a batch to the end of its publish (TX).
+    pub read_to_publish_us: SharedHistogram,
+    /// Packets per published batch (TX).
+    pub batch_packets: SharedHistogram,
+    /// Bytes per published batch body (TX).
+    pub batch_bytes: SharedHistogram,
+}
+
+impl Histograms {
+    pub fn new() -> Arc<Histograms> {
+        let h = || Arc::new(Mutex::new(new_histogram()));
+        Arc::new(Histograms { one_way_us: h(), read_to_publish_us: h(), batch_packets: h(), batch_bytes: h() })
+    }
 }
 
 /// How often a local histogram is folded into its shared one.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{new_histogram, Counters, DropReason, SharedHistogram, Snapshot};
+use super::{new_histogram, Counters, DropReason, Histograms, SharedHistogram, Snapshot};
 
 /// Latency percentiles in microseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -39,11 +39,18 @@ pub struct Report {
     pub drops: Vec<(String, u64)>,
     /// One-way latency, sender's batch timestamp → our TUN write.
     pub latency: Percentiles,
+    /// TUN read burst → batch published.
+    pub read_to_publish: Percentiles,
+    /// Packets per batch published (the `_us` fields hold counts here).
+    pub batch_packets: Percentiles,
+    /// Bytes per batch published (the `_us` fields hold bytes here).
+    pub batch_bytes: Percentiles,
 }
 
-fn merged(latency: &[SharedHistogram]) -> Percentiles {
+/// Merges one histogram of every queue.
+pub fn merged<'a>(hists: impl IntoIterator<Item = &'a SharedHistogram>) -> Percentiles {
     let mut all = new_histogram();
-    for h in latency {
+    for h in hists {
         if let Ok(h) = h.lock() {
             let _ = all.add(&*h);
         }
@@ -60,7 +67,7 @@ fn merged(latency: &[SharedHistogram]) -> Percentiles {
     }
 }
 
-pub fn build(agent: &str, uptime: Duration, counters: &[Arc<Counters>], latency: &[SharedHistogram]) -> Report {
+pub fn build(agent: &str, uptime: Duration, counters: &[Arc<Counters>], hist: &[Arc<Histograms>]) -> Report {
     let s = Snapshot::sum(counters.iter().map(|c| &**c));
     Report {
         agent: agent.to_owned(),
@@ -73,7 +80,10 @@ pub fn build(agent: &str, uptime: Duration, counters: &[Arc<Counters>], latency:
         rx_batches: s.rx_batches,
         reconnects: s.reconnects,
         drops: DropReason::ALL.iter().map(|r| (r.name().to_owned(), s.dropped(*r))).filter(|(_, n)| *n > 0).collect(),
-        latency: merged(latency),
+        latency: merged(hist.iter().map(|h| &h.one_way_us)),
+        read_to_publish: merged(hist.iter().map(|h| &h.read_to_publish_us)),
+        batch_packets: merged(hist.iter().map(|h| &h.batch_packets)),
+        batch_bytes: merged(hist.iter().map(|h| &h.batch_bytes)),
     }
 }
 
@@ -109,6 +119,10 @@ impl fmt::Display for Report {
         )?;
         let l = &self.latency;
         writeln!(f, "  one-way latency p50 {} us, p99 {} us, p99.9 {} us, max {} us ({} samples)", l.p50_us, l.p99_us, l.p999_us, l.max_us, l.samples)?;
+        let w = &self.read_to_publish;
+        writeln!(f, "  read→publish    p50 {} us, p99 {} us, p99.9 {} us, max {} us", w.p50_us, w.p99_us, w.p999_us, w.max_us)?;
+        let (p, b) = (&self.batch_packets, &self.batch_bytes);
+        writeln!(f, "  batch size      p50 {} packets / {} bytes, p99 {} packets / {} bytes", p.p50_us, b.p50_us, p.p99_us, b.p99_us)?;
         write!(f, "  reconnects {}, drops:", self.reconnects)?;
         if self.drops.is_empty() {
             write!(f, " none")?;
@@ -125,7 +139,7 @@ pub async fn periodic(
     agent: String,
     every: Duration,
     counters: Vec<Arc<Counters>>,
-    latency: Vec<SharedHistogram>,
+    hist: Vec<Arc<Histograms>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = Snapshot::sum(counters.iter().map(|c| &**c));
@@ -140,7 +154,9 @@ pub async fn periodic(
         let now = Snapshot::sum(counters.iter().map(|c| &**c));
         let dt = last_at.elapsed();
         let pps = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / dt.as_secs_f64().max(1e-9);
-        let l = merged(&latency);
+        let l = merged(hist.iter().map(|h| &h.one_way_us));
+        let w = merged(hist.iter().map(|h| &h.read_to_publish_us));
+        let b = merged(hist.iter().map(|h| &h.batch_packets));
         tracing::info!(
             agent = %agent,
             tx = %bits_per_s(now.tx_bytes.saturating_sub(last.tx_bytes), dt),
@@ -148,8 +164,10 @@ pub async fn periodic(
             rx = %bits_per_s(now.rx_bytes.saturating_sub(last.rx_bytes), dt),
             rx_pps = pps(now.rx_packets, last.rx_packets) as u64,
             drops = now.total_drops().saturating_sub(last.total_drops()),
-            p50_us = l.p50_us,
-            p99_us = l.p99_us,
+            one_way_p50_us = l.p50_us,
+            one_way_p99_us = l.p99_us,
+            publish_p99_us = w.p99_us,
+            batch_p50_packets = b.p50_us,
             "stats"
         );
         last = now;

@@ -23,6 +23,8 @@ pub struct OutBatch {
     pub packets: u32,
     /// IP bytes carried (without frame overhead).
     pub bytes: u64,
+    /// When the read burst that opened this batch started (ns since the epoch).
+    pub read_ns: u64,
 }
 
 /// A batch taken off the ring. Its buffer goes back to the pool when this is dropped,

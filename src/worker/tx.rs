@@ -33,6 +33,8 @@ pub const MAX_ENTRY: usize = 4 + MAX_READ;
 struct Open {
     key: Option<RoutingKey>,
     writer: BatchWriter,
+    /// Start of the burst in which this batch got its first packet.
+    read_ns: u64,
 }
 
 /// The state of one TX worker; owned by its thread.
@@ -46,6 +48,7 @@ pub struct TxWorker {
     open: Vec<Open>,
     last: usize,
     seq: u64,
+    burst_ns: u64,
     scratch: Vec<u8>,
     read_errors_logged: bool,
 }
@@ -69,6 +72,7 @@ impl TxWorker {
             open: Vec::with_capacity(MAX_OPEN),
             last: 0,
             seq: 0,
+            burst_ns: 0,
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
         }
@@ -97,6 +101,7 @@ impl TxWorker {
 
     /// Reads and batches up to BURST packets, then flushes everything open.
     fn burst(&mut self) {
+        self.burst_ns = super::now_ns();
         for _ in 0..BURST {
             let Some(li) = self.landing() else {
                 // No buffer: read into scratch to keep the queue moving, and count the drop.
@@ -158,7 +163,7 @@ impl TxWorker {
         }
         let mut writer = self.ring.take_buffer()?;
         writer.reset(FLAG_VNET);
-        self.open.push(Open { key: None, writer });
+        self.open.push(Open { key: None, writer, read_ns: 0 });
         Some(self.open.len() - 1)
     }
 
@@ -182,12 +187,14 @@ impl TxWorker {
             self.last = ti;
         } else if self.open[li].key.is_none() {
             self.open[li].key = Some(key);
+            self.open[li].read_ns = self.burst_ns;
             self.last = li;
         } else {
             // A new key while landing in a keyed batch: move the packet to a fresh batch.
             match self.new_open_for_move(li) {
                 Some(ti) => {
                     self.open[ti].key = Some(key);
+                    self.open[ti].read_ns = self.burst_ns;
                     self.move_last(li, ti);
                     self.last = ti;
                 }
@@ -216,7 +223,7 @@ impl TxWorker {
         }
         let mut writer = self.ring.take_buffer()?;
         writer.reset(FLAG_VNET);
-        self.open.push(Open { key: None, writer });
+        self.open.push(Open { key: None, writer, read_ns: 0 });
         Some(self.open.len() - 1)
     }
 
@@ -256,17 +263,18 @@ impl TxWorker {
         let writer = std::mem::replace(&mut o.writer, fresh);
         // invariant: a non-empty batch got its key when its first packet was placed
         let key = o.key.take().unwrap_or(self.flood_key);
-        self.publish(writer, key);
+        let read_ns = o.read_ns;
+        self.publish(writer, key, read_ns);
     }
 
-    fn publish(&mut self, mut writer: BatchWriter, key: RoutingKey) {
+    fn publish(&mut self, mut writer: BatchWriter, key: RoutingKey, read_ns: u64) {
         self.seq = self.seq.wrapping_add(1);
         let packets = writer.count() as u64;
         let overhead = crate::codec::v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
         let bytes = writer.len().saturating_sub(overhead) as u64;
         writer.finish(self.seq, super::now_ns());
         // Sent packets are counted by the publisher once the broker has them.
-        match self.ring.push(OutBatch { writer, key, packets: packets as u32, bytes }) {
+        match self.ring.push(OutBatch { writer, key, packets: packets as u32, bytes, read_ns }) {
             Ok(()) => {}
             Err(batch) => {
                 self.counters.record_drop(DropReason::RingFull, packets);

@@ -307,6 +307,11 @@ pub struct Pair {
 
 impl Pair {
     pub fn start(net: u8, extra: &[&str]) -> Pair {
+        Pair::start_with(net, extra, extra)
+    }
+
+    /// Like `start`, with different extra flags for agent a and agent b.
+    pub fn start_with(net: u8, extra_a: &[&str], extra_b: &[&str]) -> Pair {
         let ns_a = Netns::new();
         let ns_b = Netns::new();
         let v4 = [format!("198.18.{net}.1"), format!("198.18.{net}.2")];
@@ -315,7 +320,7 @@ impl Pair {
             let v4a = format!("{}/24", v4[i]);
             let v6a = format!("{}/64", v6[i]);
             let mut args = vec!["--netns", ns.name.as_str(), "--ipv4", v4a.as_str(), "--ipv6", v6a.as_str()];
-            args.extend_from_slice(extra);
+            args.extend_from_slice(if i == 0 { extra_a } else { extra_b });
             AgentProc::start(&ns.name, &args)
         };
         let a = start(&ns_a, 0);
