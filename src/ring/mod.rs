@@ -91,6 +91,12 @@ impl Ring {
         Ok(())
     }
 
+    /// Batches waiting for the publisher (not counting one it may be publishing now).
+    #[inline]
+    pub fn pending(&self) -> usize {
+        self.full.len()
+    }
+
     /// Takes the next batch; its buffer returns to the pool when the lease drops.
     #[inline]
     pub fn pop(&self) -> Option<Leased<'_>> {

@@ -195,9 +195,13 @@ impl TunQueue {
     /// Blocks until the queue has a packet or `timeout` passes.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<Readiness> {
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: pfd is one live pollfd and we pass a count of 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: pfd is one live pollfd and we pass a count of 1; ts is a live timespec;
+        // a null signal mask means "leave the mask as it is".
+        let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
