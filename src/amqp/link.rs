@@ -24,7 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio::sync::watch;
 
-use super::BrokerState;
+use super::{AckBatcher, BrokerState};
 use crate::codec::{ioppytest, v1};
 use crate::config::{AgentConfig, Wire};
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
@@ -247,17 +247,14 @@ async fn publish_json_loop(link: &Link, channel: &Channel) -> anyhow::Result<()>
 /// Writes deliveries into the TUN, acknowledging in batches, until the consumer fails.
 async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) -> anyhow::Result<()> {
     let mut latency = LocalHistogram::new(link.hist.one_way_us.clone());
-    let ack_every = (u32::from(link.config.prefetch) / 2).max(1);
-    let mut unacked = None;
-    let mut since_ack = 0u32;
+    let mut acks = AckBatcher::for_prefetch(link.config.prefetch);
     let mut json_scratch = Vec::new();
     loop {
         let next = match consumer.next().now_or_never() {
             Some(item) => item,
             None => {
-                if let Some(tag) = unacked.take() {
+                if let Some(tag) = acks.take() {
                     channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-                    since_ack = 0;
                 }
                 latency.maybe_fold(Instant::now(), false);
                 consumer.next().await
@@ -277,13 +274,8 @@ async fn consume_loop(link: &Link, channel: &Channel, mut consumer: Consumer) ->
             Wire::Native => {} // our own flood, echoed by the broker
         }
         latency.maybe_fold(Instant::now(), false);
-        unacked = Some(delivery.delivery_tag);
-        since_ack += 1;
-        if since_ack >= ack_every {
-            if let Some(tag) = unacked.take() {
-                channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-            }
-            since_ack = 0;
+        if let Some(tag) = acks.delivered(delivery.delivery_tag) {
+            channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
         }
     }
 }

@@ -80,6 +80,39 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
     Duration::from_millis(base_ms / 2 + jitter)
 }
 
+/// Batched acknowledgements: `multiple` acks every `every` deliveries, or whenever the
+/// consumer has nothing more ready (the caller asks with [`AckBatcher::take`]).
+#[derive(Debug)]
+pub struct AckBatcher {
+    every: u32,
+    since: u32,
+    last: Option<u64>,
+}
+
+impl AckBatcher {
+    /// Acks at least every half prefetch, so the broker never stalls on a full window.
+    pub fn for_prefetch(prefetch: u16) -> AckBatcher {
+        AckBatcher { every: (u32::from(prefetch) / 2).max(1), since: 0, last: None }
+    }
+
+    /// Notes a delivery; returns the tag to ack (with `multiple`) when the batch is full.
+    pub fn delivered(&mut self, tag: u64) -> Option<u64> {
+        self.last = Some(tag);
+        self.since += 1;
+        if self.since >= self.every {
+            self.take()
+        } else {
+            None
+        }
+    }
+
+    /// The tag to ack now (everything delivered so far), if any.
+    pub fn take(&mut self) -> Option<u64> {
+        self.since = 0;
+        self.last.take()
+    }
+}
+
 /// Broker reachability shared by all links of one agent, so that losing and regaining the
 /// broker is logged once, not once per queue.
 #[derive(Debug, Default)]
@@ -106,6 +139,19 @@ impl BrokerState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acks_are_batched() {
+        let mut a = AckBatcher::for_prefetch(6);
+        assert_eq!(a.delivered(1), None);
+        assert_eq!(a.delivered(2), None);
+        assert_eq!(a.delivered(3), Some(3));
+        assert_eq!(a.take(), None);
+        assert_eq!(a.delivered(4), None);
+        assert_eq!(a.take(), Some(4));
+        let mut one = AckBatcher::for_prefetch(1);
+        assert_eq!(one.delivered(9), Some(9));
+    }
 
     #[test]
     fn backoff_grows_is_bounded_and_jittered() {

@@ -156,18 +156,15 @@ impl Router {
         }
         *attempt = 0;
         tracing::info!(exchange = %self.opts.exchange, nodes = self.opts.topology.nodes().count(), "router serving");
-        let ack_every = (u32::from(self.opts.prefetch) / 2).max(1);
-        let mut unacked = None;
-        let mut since_ack = 0u32;
+        let mut acks = crate::amqp::AckBatcher::for_prefetch(self.opts.prefetch);
         let mut report = tokio::time::interval(if self.opts.stats_interval.is_zero() { Duration::from_secs(3600) } else { self.opts.stats_interval });
         report.tick().await;
         loop {
             let next = match consumer.next().now_or_never() {
                 Some(item) => item,
                 None => {
-                    if let Some(tag) = unacked.take() {
+                    if let Some(tag) = acks.take() {
                         consume.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-                        since_ack = 0;
                     }
                     tokio::select! {
                         item = consumer.next() => item,
@@ -185,13 +182,8 @@ impl Router {
                 None => return Err(anyhow!("the broker cancelled the router's consumer")),
             };
             self.dispatch(&publish, &consume, &queue, delivery.routing_key.as_str(), &delivery.data).await?;
-            unacked = Some(delivery.delivery_tag);
-            since_ack += 1;
-            if since_ack >= ack_every {
-                if let Some(tag) = unacked.take() {
-                    consume.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-                }
-                since_ack = 0;
+            if let Some(tag) = acks.delivered(delivery.delivery_tag) {
+                consume.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
             }
         }
     }

@@ -9,6 +9,7 @@
 //! lost). The worker thread and the publisher task are the only two users of one ring.
 
 use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 use tokio::sync::Notify;
@@ -47,6 +48,7 @@ impl Drop for Leased<'_> {
         if let Some(b) = self.batch.take() {
             self.ring.give_buffer(b.writer);
         }
+        self.ring.leased.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -54,6 +56,8 @@ pub struct Ring {
     full: ArrayQueue<OutBatch>,
     free: ArrayQueue<BatchWriter>,
     ready: Notify,
+    /// Batches the publisher has taken and not yet finished with.
+    leased: AtomicUsize,
 }
 
 impl Ring {
@@ -67,7 +71,7 @@ impl Ring {
             // invariant: `free` was created with room for exactly `buffers` items
             let _ = free.push(BatchWriter::with_capacity(buffer_bytes));
         }
-        Ring { full: ArrayQueue::new(slots), free, ready: Notify::new() }
+        Ring { full: ArrayQueue::new(slots), free, ready: Notify::new(), leased: AtomicUsize::new(0) }
     }
 
     /// An empty buffer for a new batch, if any is free.
@@ -91,16 +95,18 @@ impl Ring {
         Ok(())
     }
 
-    /// Batches waiting for the publisher (not counting one it may be publishing now).
+    /// Batches waiting for the publisher or being published now.
     #[inline]
     pub fn pending(&self) -> usize {
-        self.full.len()
+        self.full.len() + self.leased.load(Ordering::Acquire)
     }
 
     /// Takes the next batch; its buffer returns to the pool when the lease drops.
     #[inline]
     pub fn pop(&self) -> Option<Leased<'_>> {
-        self.full.pop().map(|b| Leased { ring: self, batch: Some(b) })
+        let b = self.full.pop()?;
+        self.leased.fetch_add(1, Ordering::AcqRel);
+        Some(Leased { ring: self, batch: Some(b) })
     }
 
     /// Waits until a batch may be available.

@@ -176,6 +176,11 @@ impl TxWorker {
                 return Some(i);
             }
         }
+        self.push_fresh()
+    }
+
+    /// Opens one more (empty, keyless) batch with a buffer from the pool.
+    fn push_fresh(&mut self) -> Option<usize> {
         let mut writer = self.ring.take_buffer()?;
         writer.reset(FLAG_VNET);
         self.open.push(Open { key: None, writer, read_ns: 0 });
@@ -236,10 +241,7 @@ impl TxWorker {
             self.flush(victim);
             return Some(victim);
         }
-        let mut writer = self.ring.take_buffer()?;
-        writer.reset(FLAG_VNET);
-        self.open.push(Open { key: None, writer, read_ns: 0 });
-        Some(self.open.len() - 1)
+        self.push_fresh()
     }
 
     /// Copies the last entry of batch `from` to batch `to` and removes it from `from`.

@@ -332,3 +332,60 @@ impl Pair {
         pair
     }
 }
+
+/// A running `agent route`, interrupted on drop.
+pub struct RouterProc {
+    child: Child,
+    log: PathBuf,
+    stats: PathBuf,
+}
+
+impl RouterProc {
+    pub fn start(exchange: &str, topology: &str) -> RouterProc {
+        let tag = unique("rt");
+        let dir = std::env::temp_dir();
+        let topo = dir.join(format!("{tag}.yaml"));
+        std::fs::File::create(&topo).and_then(|mut f| f.write_all(topology.as_bytes())).expect("topology file");
+        let log = dir.join(format!("{tag}.log"));
+        let stats = dir.join(format!("{tag}.stats.json"));
+        let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["route", "--url", URL, "--exchange", exchange, "--stats-interval", "0", "--topology"])
+            .arg(&topo)
+            .arg("--stats-json")
+            .arg(&stats)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("router log"))
+            .spawn()
+            .expect("spawn router");
+        let r = RouterProc { child, log, stats };
+        let t0 = Instant::now();
+        while !r.logs().contains("router serving") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "router did not come up:\n{}", r.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) -> serde_json::Value {
+        // SAFETY: signalling our own child.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let status = self.child.wait().expect("router exits");
+        assert!(status.success(), "router exit {status}:\n{}", self.logs());
+        serde_json::from_slice(&std::fs::read(&self.stats).expect("router stats")).expect("json")
+    }
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
