@@ -599,7 +599,9 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
                     f"p99.9 {fmt(lat.get('p999_us'))} µs ({lat.get('samples')} samples)."]
     out += ["", "## Inside tunbus", ""]
     for q in ("tunbus-q1", "tunbus-q2"):
-        d = res["systems"].get(q, {})
+        if q not in res["systems"]:
+            continue
+        d = res["systems"][q]
         if "error" in d and len(d) == 1:
             out.append(f"- {q}: failed: {d['error']}")
             continue
@@ -647,10 +649,10 @@ def svg(res: dict) -> str:
              f'{esc(res["meta"]["date"])} {esc(res["meta"]["commit"])} ({res["meta"]["mode"]})</text>']
     keys = list(SYSTEMS)
     charts = [
-        ("TCP 1 flow (Gbit/s)", lambda d: g(d, "tcp_1", "gbit_per_s"), ("broker 256 KiB", g(broker_by_size(br, 262144), "gbit_per_s"))),
-        ("TCP 8 flows (Gbit/s)", lambda d: g(d, "tcp_8", "gbit_per_s"), ("broker 256 KiB", g(broker_by_size(br, 262144), "gbit_per_s"))),
+        ("TCP 1 flow (Gbit/s)", lambda d: g(d, "tcp_1", "gbit_per_s"), ("broker alone, 256 KiB msgs", g(broker_by_size(br, 262144), "gbit_per_s"))),
+        ("TCP 8 flows (Gbit/s)", lambda d: g(d, "tcp_8", "gbit_per_s"), ("broker alone, 256 KiB msgs", g(broker_by_size(br, 262144), "gbit_per_s"))),
         ("UDP 1400 B delivered (kpkt/s)", lambda d: (g(d, "udp_1400", "delivered_pps") or 0) / 1e3 or None,
-         ("broker 1.5 KiB msg/s", (g(broker_by_size(br, 1536), "msg_per_s") or 0) / 1e3 or None)),
+         ("broker alone, 1.5 KiB kmsg/s", (g(broker_by_size(br, 1536), "msg_per_s") or 0) / 1e3 or None)),
         ("UDP 64 B delivered (kpkt/s)", lambda d: (g(d, "udp_64", "delivered_pps") or 0) / 1e3 or None, None),
     ]
     cw, ch = 340, 200
@@ -658,7 +660,7 @@ def svg(res: dict) -> str:
         x0 = 20 + (i % 2) * (cw + 30)
         y0 = 40 + (i // 2) * (ch + 50)
         vals = [getter(s.get(k, {})) for k in keys]
-        top = max([v for v in vals if v] + [ref[1] if ref and ref[1] else 0] + [1e-9]) * 1.15
+        top = max([v for v in vals if v] + [ref[1] if ref and ref[1] else 0] + [1e-9]) * 1.25
         plot_h = ch - 40
         base = y0 + 20 + plot_h
         parts.append(f'<text x="{x0}" y="{y0 + 12}" font-weight="bold">{esc(title)}</text>')
@@ -676,7 +678,7 @@ def svg(res: dict) -> str:
         if ref and ref[1]:
             ry = base - plot_h * ref[1] / top
             parts.append(f'<line x1="{x0}" y1="{ry:.1f}" x2="{x0 + cw}" y2="{ry:.1f}" stroke="{COLORS["broker"]}" stroke-dasharray="5,3"/>')
-            parts.append(f'<text x="{x0 + cw}" y="{ry - 3:.1f}" text-anchor="end" fill="{COLORS["broker"]}">{esc(ref[0])} {fmt(ref[1])}</text>')
+            parts.append(f'<text x="{x0}" y="{y0 + 26}" font-size="10" fill="{COLORS["broker"]}">dashed: {esc(ref[0])}, {fmt(ref[1])}</text>')
 
     # RTT percentile curves: x on a "nines" scale, y logarithmic in ms.
     px0, py0, pw, ph = 790, 60, 360, 380
@@ -695,7 +697,8 @@ def svg(res: dict) -> str:
     if hi <= lo:
         hi = lo * 10
     ys = lambda v: py0 + ph - ph * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
-    parts.append(f'<text x="{px0}" y="{py0 - 22}" font-weight="bold">ping RTT by percentile (ms, log); solid idle, dashed under TCP load</text>')
+    parts.append(f'<text x="{px0}" y="{py0 - 24}" font-weight="bold">ping RTT by percentile (ms, log scale)</text>')
+    parts.append(f'<text x="{px0}" y="{py0 - 10}">solid: idle; dashed: while a TCP flow saturates the path</text>')
     parts.append(f'<rect x="{px0}" y="{py0}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
     d = lo
     while d <= hi * 1.0001:
@@ -758,6 +761,8 @@ def main() -> int:
         return 0
 
     preflight()
+    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     if not args.no_build:
