@@ -212,8 +212,17 @@ pub struct ConnectArgs {
     /// Write the final report as JSON to this file on exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
-    /// Unacknowledged messages the broker may push to each consumer.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Bound of each of this agent's queues on the broker, in bytes (the oldest messages are
+    /// dropped beyond it): caps the delay that builds up when this receiver is slower than
+    /// its senders.
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..=1 << 32))]
+    pub queue_max_bytes: u64,
+    /// Batches that may wait between a worker and its publisher.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(2..=1024))]
+    pub ring_slots: u16,
+    /// Unacknowledged messages the broker may push to each consumer (they are not counted
+    /// against --queue-max-bytes, so this too bounds the delay under load).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 }
 
@@ -346,6 +355,8 @@ impl ConnectArgs {
         config.stats_interval = Duration::from_secs_f64(self.stats_interval);
         config.max_batch_bytes = self.max_batch_bytes as usize;
         config.prefetch = self.prefetch;
+        config.queue_max_bytes = self.queue_max_bytes;
+        config.ring_slots = usize::from(self.ring_slots);
         config.metrics_addr = match &self.metrics_addr {
             Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(anyhow::Error::msg)?),
             None => None,

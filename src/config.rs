@@ -83,6 +83,9 @@ pub struct AgentConfig {
     pub prefetch: u16,
     /// Batches in flight between one worker and its publisher.
     pub ring_slots: usize,
+    /// Bound of each consumer queue on the broker (bytes of ready messages; beyond it the
+    /// oldest are dropped): the delay a slow receiver can build up.
+    pub queue_max_bytes: u64,
     /// The interface's IPv6 link-local address; `None` derives one from session and name
     /// ([`AgentConfig::link_local`]). Agents bind it, so link-local traffic (neighbour
     /// discovery, replies to multicast pings) reaches them across the bus.
@@ -114,8 +117,9 @@ impl AgentConfig {
             offload: true,
             stats_interval: Duration::from_secs(5),
             max_batch_bytes: 256 * 1024,
-            prefetch: 256,
-            ring_slots: 32,
+            prefetch: 32,
+            ring_slots: 8,
+            queue_max_bytes: 4 * 1024 * 1024,
             check_name: true,
             link_local: None,
             wire: Wire::Native,

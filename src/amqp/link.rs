@@ -33,10 +33,10 @@ use crate::route::{self, RoutingKey};
 use crate::tun::TunQueue;
 use crate::worker::{now_ns, rx};
 
-/// Bounds of each consumer queue: beyond them the broker drops the oldest messages rather
-/// than let a slow receiver build seconds of delay (bufferbloat). See docs/decisions.
+/// Bound of each consumer queue in messages (the byte bound is `--queue-max-bytes`):
+/// beyond them the broker drops the oldest messages rather than let a slow receiver build
+/// seconds of delay (bufferbloat). See docs/decisions/0005-queue-bounds.md.
 pub const QUEUE_MAX_MESSAGES: i32 = 4096;
-pub const QUEUE_MAX_BYTES: i64 = 16 * 1024 * 1024;
 
 /// What link k needs; shared with worker k through `Arc`s.
 pub struct Link {
@@ -132,7 +132,7 @@ async fn open(link: &Link) -> anyhow::Result<Session> {
     let queue = c.queue_name(link.index);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(QUEUE_MAX_MESSAGES.into()));
-    args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(QUEUE_MAX_BYTES));
+    args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(c.queue_max_bytes.min(i64::MAX as u64) as i64));
     consume
         .queue_declare(
             queue.as_str().into(),

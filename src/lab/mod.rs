@@ -324,7 +324,7 @@ impl Lab {
         c.check_name = false;
         // Many agents per process: fewer batches in flight each (still >> one burst).
         if self.opts.hosts > 16 {
-            c.ring_slots = 8;
+            c.ring_slots = 4;
         }
         c
     }

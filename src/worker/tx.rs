@@ -101,7 +101,8 @@ impl TxWorker {
                 }
             }
         }
-        self.flush_all();
+        // Stopping: the link is closing too, so what is still open is not sent (and not
+        // counted as a broker failure); the buffers go back to the pool.
         for o in self.open.drain(..) {
             self.ring.give_buffer(o.writer);
         }
