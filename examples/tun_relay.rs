@@ -124,7 +124,7 @@ fn create(ns: &str, addr: Prefix, mtu: u32, offload: bool, tag: &str) -> anyhow:
         .and_then(|()| {
             // A distinct link-local per side (the relay joins two one-host "links").
             let ll = if tag == "a" { "fe80::a" } else { "fe80::b" };
-            netns::configure(Some(ns), "relay0", mtu, &[addr], ll.parse().expect("constant address"))
+            netns::configure(Some(ns), "relay0", mtu, &[addr], ll.parse().expect("constant address"), 0)
         })
     {
         netns::delete(Some(ns), "relay0");

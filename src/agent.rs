@@ -73,7 +73,7 @@ fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
     if let Some(ns) = &c.netns {
         netns::move_into(&create_as, ns, &c.ifname)?; // on error `dev` drops: interface gone
     }
-    netns::configure(c.netns.as_deref(), &c.ifname, c.mtu, &c.addrs, c.link_local())?;
+    netns::configure(c.netns.as_deref(), &c.ifname, c.mtu, &c.addrs, c.link_local(), c.router_solicitations)?;
     Ok(dev)
 }
 

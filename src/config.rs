@@ -83,6 +83,12 @@ pub struct AgentConfig {
     pub prefetch: u16,
     /// Batches in flight between one worker and its publisher.
     pub ring_slots: usize,
+    /// Largest AMQP frame on the data connections (`None`: the broker's). lapin's buffers
+    /// are 64 frames per connection, so the lab lowers it for hundreds of light agents.
+    pub frame_max: Option<u32>,
+    /// IPv6 router solicitations the interface sends at start (RFC 4861's 3; the lab, which
+    /// has no router, sends none).
+    pub router_solicitations: u8,
     /// Bound of each consumer queue on the broker (bytes of ready messages; beyond it the
     /// oldest are dropped): the delay a slow receiver can build up.
     pub queue_max_bytes: u64,
@@ -120,6 +126,8 @@ impl AgentConfig {
             prefetch: 32,
             ring_slots: 8,
             queue_max_bytes: 4 * 1024 * 1024,
+            frame_max: None,
+            router_solicitations: 3,
             check_name: true,
             link_local: None,
             wire: Wire::Native,

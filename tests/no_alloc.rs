@@ -208,7 +208,7 @@ fn tun_in(ns: &Netns, addr: &str) -> TunQueue {
     let mut dev = TunDevice::create(&name, 1, true).expect("create TUN device");
     netns::move_into(&name, &ns.name, "tb0").expect("move TUN into the namespace");
     let prefix = addr.parse().expect("valid prefix");
-    netns::configure(Some(&ns.name), "tb0", 9000, &[prefix], "fe80::99".parse().expect("constant"))
+    netns::configure(Some(&ns.name), "tb0", 9000, &[prefix], "fe80::99".parse().expect("constant"), 0)
         .expect("configure tb0");
     dev.queues.pop().expect("the device has one queue")
 }

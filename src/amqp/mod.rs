@@ -21,10 +21,23 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 /// Longest wait for the TCP + AMQP handshake before a retry.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Opens a connection named after its role (shown in the management UI).
-pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
+/// Frame size for control connections (presence, name check, ioppytest control): they
+/// carry small JSON only. lapin keeps two ring buffers of 32 frames per connection, so
+/// the frame size sets its memory: 2 × 32 × 8 KiB = 512 KiB instead of 8 MiB at the
+/// broker's default 128 KiB.
+pub const CONTROL_FRAME_MAX: u32 = 8192;
+
+/// Opens a connection named after its role (shown in the management UI). `frame_max`
+/// bounds the negotiated frame size (`None`: the broker's, 128 KiB on RabbitMQ).
+pub async fn connect(url: &str, connection_name: &str, frame_max: Option<u32>) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(connection_name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    if let Some(f) = frame_max {
+        uri.query.frame_max = Some(uri.query.frame_max.map_or(f, |given| given.min(f)));
+    }
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the broker timed out").into()),
     }
@@ -54,7 +67,7 @@ pub fn is_resource_locked(e: &lapin::Error) -> bool {
 /// Whether queue `queue` exists already (another agent of the same name holds it).
 /// `Err` when the broker cannot be asked; the caller then starts anyway and retries.
 pub async fn queue_in_use(url: &str, queue: &str) -> Result<bool, lapin::Error> {
-    let conn = connect(url, "tunbus name check").await?;
+    let conn = connect(url, "tunbus name check", Some(CONTROL_FRAME_MAX)).await?;
     let ch = conn.create_channel().await?;
     let declared = ch
         .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())

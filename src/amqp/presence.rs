@@ -87,7 +87,7 @@ pub async fn run(url: String, exchange: String, queue_prefix: String, hello: Hel
 }
 
 async fn serve(url: &str, exchange: &str, queue_prefix: &str, hello: &Hello, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
-    let conn = super::connect(url, &format!("tunbus {} presence", hello.name)).await?;
+    let conn = super::connect(url, &format!("tunbus {} presence", hello.name), Some(super::CONTROL_FRAME_MAX)).await?;
     let ch = conn.create_channel().await?;
     super::declare_exchange(&ch, exchange).await?;
     let queue = format!("{queue_prefix}.ctl");
@@ -131,7 +131,7 @@ pub struct Peer {
 
 /// Probes the bus and collects hellos for `wait`. Agents that said goodbye are left out.
 pub async fn discover(url: &str, exchange: &str, wait: Duration) -> anyhow::Result<Vec<Peer>> {
-    let conn = super::connect(url, "tunbus peers")
+    let conn = super::connect(url, "tunbus peers", Some(super::CONTROL_FRAME_MAX))
         .await
         .with_context(|| "cannot reach the broker (is RabbitMQ running? see --url)")?;
     let ch = conn.create_channel().await?;

@@ -38,7 +38,7 @@ async fn announce_ready(ch: &Channel, exchange: &str, name: &str) -> anyhow::Res
 
 /// Connection, channel and a consumer of `toAgent.<name>.ip.tun.start`.
 async fn open(url: &str, exchange: &str, name: &str) -> anyhow::Result<(Connection, Channel, Consumer)> {
-    let conn = crate::amqp::connect(url, &format!("tunbus {name} ioppytest control")).await?;
+    let conn = crate::amqp::connect(url, &format!("tunbus {name} ioppytest control"), Some(crate::amqp::CONTROL_FRAME_MAX)).await?;
     let ch = conn.create_channel().await?;
     let queue = format!("tunbus.{name}.ctl");
     ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())

@@ -132,7 +132,7 @@ pub async fn run(opts: RouterOptions, mut stop: watch::Receiver<bool>) -> Router
 
 impl Router {
     async fn serve(&mut self, lost: &mut bool, attempt: &mut u32) -> anyhow::Result<()> {
-        let conn = crate::amqp::connect(&self.opts.url, "tunbus router").await?;
+        let conn = crate::amqp::connect(&self.opts.url, "tunbus router", None).await?;
         let publish = conn.create_channel().await?;
         let consume = conn.create_channel().await?;
         crate::amqp::declare_exchange(&publish, &self.opts.exchange).await?;

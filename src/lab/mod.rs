@@ -322,10 +322,14 @@ impl Lab {
         c.mtu = self.opts.mtu;
         c.stats_interval = Duration::ZERO;
         c.check_name = false;
-        // Many agents per process: fewer batches in flight each (still >> one burst).
-        if self.opts.hosts > 16 {
-            c.ring_slots = 4;
-        }
+        c.router_solicitations = 0; // a lab has no router: nothing to solicit
+        // Many agents per process, so smaller per-agent buffers: 4 ring slots, 128 KiB batches,
+        // 32 KiB frames (lapin buffers 2 MiB per connection instead of 8). The same at every
+        // lab size, so that a lab's figures compare across sizes; `agent connect` keeps the
+        // defaults tuned for throughput.
+        c.ring_slots = 4;
+        c.max_batch_bytes = 128 * 1024;
+        c.frame_max = Some(32 * 1024);
         c
     }
 
@@ -344,7 +348,8 @@ impl Lab {
                     (label, ping(&from.netns, &dst).await)
                 }
             })
-            .buffer_unordered(16)
+            // 8 pings at a time: more would have the check itself starve the agents of CPU.
+            .buffer_unordered(8)
             .collect()
             .await;
         let mut rtts = Vec::new();
@@ -407,8 +412,11 @@ impl Lab {
     }
 
     async fn live_status(&self, stop: &mut watch::Receiver<bool>) {
-        let mut last = (0u64, 0u64, Instant::now());
+        let rx_totals = || self.agents.iter().map(Agent::totals).fold((0u64, 0u64), |(b, p), t| (b + t.rx_bytes, p + t.rx_packets));
+        let (b0, p0) = rx_totals();
+        let mut last = (b0, p0, Instant::now());
         let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.tick().await;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

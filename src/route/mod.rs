@@ -493,8 +493,50 @@ pub fn is_directed_broadcast(dst: Ipv4Addr, nets: &[(Ipv4Addr, u8)]) -> bool {
     })
 }
 
+/// Whether `packet` is an IPv6 MLD message (ICMPv6 types 130-132 and 143, behind the
+/// hop-by-hop header that carries their router alert). tunbus floods every multicast
+/// packet to every agent of a session whatever the membership, so membership reports
+/// inform nobody; agents do not forward them. Never panics.
+pub fn is_mld(packet: &[u8]) -> bool {
+    if packet.len() < 40 || packet[0] >> 4 != 6 {
+        return false;
+    }
+    let (mut next, mut at) = (packet[6], 40usize);
+    if next == 0 {
+        // hop-by-hop options: length in 8-byte units, not counting the first 8
+        let Some(&len) = packet.get(at + 1) else { return false };
+        next = packet[at];
+        at += 8 + usize::from(len) * 8;
+    }
+    next == 58 && matches!(packet.get(at), Some(130..=132 | 143))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mld_is_recognised_and_nothing_else() {
+        let mut p = vec![0u8; 40 + 8 + 28];
+        p[0] = 0x60;
+        p[6] = 0; // hop-by-hop
+        p[40] = 58; // then ICMPv6
+        p[41] = 0; // 8 bytes of options
+        p[48] = 143; // MLDv2 report
+        assert!(super::is_mld(&p));
+        p[48] = 131;
+        assert!(super::is_mld(&p));
+        p[48] = 128; // echo request
+        assert!(!super::is_mld(&p));
+        p[48] = 143;
+        p[40] = 17; // UDP after hop-by-hop
+        assert!(!super::is_mld(&p));
+        assert!(!super::is_mld(&p[..45]));
+        assert!(!super::is_mld(&[0x45; 60]));
+        assert!(!super::is_mld(&[]));
+        for n in 0..=p.len() {
+            let _ = super::is_mld(&p[..n]);
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

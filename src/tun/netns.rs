@@ -3,6 +3,11 @@
 //! Control plane only (start-up and shutdown, never per packet), so it drives iproute2's
 //! `ip` command rather than speaking rtnetlink itself: one well-known tool, whose error
 //! messages we pass on verbatim. Run from the thread that starts the agent.
+//!
+//! Sysctls of an interface inside a namespace are written from a short-lived thread that
+//! has joined that namespace (`setns(2)` changes only the calling thread's namespace, and
+//! `/proc/sys/net` shows the namespace of the thread that opens it): hundreds of agents
+//! come up without spawning a process each. That is the one `unsafe` call here.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -82,15 +87,42 @@ pub fn move_into(from: &str, netns: &str, to: &str) -> Result<(), Error> {
 /// The kernel's own link-local address generation is turned off (`addrgenmode none`) and
 /// `link_local` is assigned instead: known in advance, so the agent can bind it, and usable
 /// at once (no DAD).
-pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix], link_local: std::net::Ipv6Addr) -> Result<(), Error> {
+pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix], link_local: std::net::Ipv6Addr, router_solicitations: u8) -> Result<(), Error> {
     let mtu = mtu.to_string();
     ip(netns, &["link", "set", "dev", ifname, "mtu", &mtu, "addrgenmode", "none"])?;
+    // Linux retries router solicitations forever by default (RFC 7559 back-off); on a bus
+    // every one is flooded to every other agent. RFC 4861's MAX_RTR_SOLICITATIONS is 3.
+    set_sysctl(netns, &format!("net/ipv6/conf/{ifname}/router_solicitations"), &router_solicitations.to_string())?;
     add_address(netns, ifname, &Prefix { addr: IpAddr::V6(link_local), len: 64 })?;
     for a in addrs {
         add_address(netns, ifname, a)?;
     }
     ip(netns, &["link", "set", "dev", ifname, "up"])?;
     Ok(())
+}
+
+/// Writes `/proc/sys/<key>` (e.g. `net/ipv6/conf/tb0/router_solicitations`) in `netns`.
+pub fn set_sysctl(netns: Option<&str>, key: &str, value: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/{key}");
+    let value = value.to_owned();
+    let write = move || std::fs::write(&path, &value).map_err(|e| Error::Command { command: format!("write {path}"), stderr: e.to_string() });
+    let Some(ns) = netns else { return write() };
+    let ns_file = std::fs::File::open(Path::new("/run/netns").join(ns)).map_err(|_| Error::NoNamespace(ns.to_owned()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on an open namespace file descriptor; it changes the network
+            // namespace of this short-lived thread only, which ends right after the write.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(Error::Command { command: format!("setns {ns}"), stderr: std::io::Error::last_os_error().to_string() });
+            }
+            write()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::Command { command: "sysctl thread".into(), stderr: "panicked".into() }))
+    })
 }
 
 /// Adds one address (IPv6 without duplicate address detection).

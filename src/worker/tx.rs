@@ -29,6 +29,8 @@ use crate::tun::{Readiness, TunQueue};
 pub const BURST: usize = 256;
 /// How often a worker holding open batches (publisher busy) re-checks the ring.
 pub const HOLD_POLL: Duration = Duration::from_micros(50);
+/// How often an idle worker wakes to notice shutdown (hundreds of agents share a lab).
+pub const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Most batches open at once (distinct destination/shard keys within one burst).
 pub const MAX_OPEN: usize = 8;
 /// The largest read: a virtio header and a maximum-size packet.
@@ -88,7 +90,7 @@ impl TxWorker {
     pub fn run(mut self) {
         while !self.stop.load(Ordering::Relaxed) {
             let holding = self.open.iter().any(|o| !o.writer.is_empty());
-            let timeout = if holding { HOLD_POLL } else { Duration::from_millis(100) };
+            let timeout = if holding { HOLD_POLL } else { IDLE_POLL };
             match self.queue.wait_readable(timeout) {
                 Ok(Readiness::Readable) => self.burst(),
                 Ok(Readiness::TimedOut) => self.flush_if_publisher_idle(),
@@ -141,10 +143,10 @@ impl TxWorker {
                 continue;
             }
             match self.classify_last(li) {
-                Some(key) => self.place_last(li, key),
-                None => {
+                Ok(key) => self.place_last(li, key),
+                Err(reason) => {
                     self.open[li].writer.pop_last();
-                    self.counters.record_drop(DropReason::NotIp, 1);
+                    self.counters.record_drop(reason, 1);
                 }
             }
         }
@@ -188,11 +190,15 @@ impl TxWorker {
         Some(self.open.len() - 1)
     }
 
-    fn classify_last(&self, li: usize) -> Option<RoutingKey> {
-        let entry = self.open[li].writer.last_entry()?;
-        let packet = entry.get(VNET_HDR_LEN..)?;
-        let c = route::classify(packet).ok()?;
-        Some(match c.dst {
+    /// The routing key of the last packet of batch `li`, or why it is not sent.
+    fn classify_last(&self, li: usize) -> Result<RoutingKey, DropReason> {
+        let entry = self.open[li].writer.last_entry().ok_or(DropReason::NotIp)?;
+        let packet = entry.get(VNET_HDR_LEN..).ok_or(DropReason::NotIp)?;
+        if route::is_mld(packet) {
+            return Err(DropReason::Mld);
+        }
+        let c = route::classify(packet).map_err(|_| DropReason::NotIp)?;
+        Ok(match c.dst {
             Destination::Flood => self.flood_key,
             Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => self.flood_key,
             Destination::Unicast(ip) => RoutingKey::unicast(ip, c.shard),
