@@ -82,6 +82,11 @@ impl Agent {
     /// (the links connect in the background; traffic flows as soon as they are connected).
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         let config = Arc::new(config);
+        // Bind the metrics port first: a bad address must not bring the agent onto the bus.
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}: cannot listen"))?),
+            None => None,
+        };
         let first_queue = config.queue_name(0);
         if config.check_name && crate::amqp::queue_in_use(&config.url, &first_queue).await.unwrap_or(false) {
             bail!(
@@ -184,8 +189,7 @@ impl Agent {
                 agent.tasks.spawn(crate::interop::control::run(config.clone(), stop_rx.clone()));
             }
         }
-        if let Some(addr) = config.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+        if let Some(listener) = metrics_listener {
             agent.tasks.spawn(crate::metrics::prometheus::serve(listener, config.name.clone(), agent.counters.clone(), agent.hist.clone(), stop_rx.clone()));
         }
         if !config.stats_interval.is_zero() {
@@ -257,7 +261,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // Workers see the flag within their 100 ms poll; tasks see the watch and end, and
+        // Workers see the flag within their idle poll (250 ms); dropping the JoinSet aborts the tasks, and
         // the last TUN queue reference goes with them, removing the interface.
         self.stop_flag.store(true, Ordering::Relaxed);
         let _ = self.stop_tx.send(true);

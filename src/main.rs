@@ -51,7 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = args.into_config()?;
             let mut stop = stop_on_signal()?;
             if wait_config {
-                let found = tunbus::interop::control::wait_for_start(&config.url, &config.exchange, &config.name, &mut stop).await?;
+                let found = tunbus::interop::control::wait_for_start(&config, &mut stop).await?;
                 let Some(addressing) = found else { return Ok(()) };
                 config.addrs.extend(addressing.prefixes());
                 config.link_local = addressing.link_local();

@@ -224,3 +224,36 @@ fn multicast_and_broadcast_reach_every_other_host() {
         assert_eq!(r.join().expect("receiver"), payload);
     }
 }
+
+#[test]
+fn a_lab_without_a_broker_starts_and_removes_its_own() {
+    if !system_ready("a_lab_without_a_broker_starts_and_removes_its_own") {
+        return;
+    }
+    // --private-broker takes the path a machine without a running broker takes.
+    let session = unique("p");
+    let json = std::env::temp_dir().join(format!("{session}.json"));
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--private-broker", "--hosts", "2", "--session", &session, "--throughput-seconds", "0", "--json"])
+        .arg(&json)
+        .output()
+        .expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "lab with a private broker failed:\n{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
+    let broker = report["broker"].as_str().unwrap_or_default().to_owned();
+    assert!(broker.starts_with("private node "), "{report}");
+    assert_eq!(report["hosts_up"], 2, "{report}");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    // The node is stopped and its folder removed.
+    let node = broker.trim_start_matches("private node ").split(' ').next().unwrap_or_default().to_owned();
+    let procs = Command::new("pgrep").args(["-f", &node]).output().expect("pgrep");
+    assert!(String::from_utf8_lossy(&procs.stdout).trim().is_empty(), "private broker {node} still running");
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("tmp")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("tunbus-lab-{session}-")))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary folder left behind: {leftovers:?}");
+    assert!(namespaces_with(&format!("tb-{session}-")).is_empty());
+}

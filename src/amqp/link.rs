@@ -235,12 +235,15 @@ async fn publish_json_loop(link: &Link, channel: &Channel) -> anyhow::Result<()>
     loop {
         while let Some(batch) = link.ring.pop() {
             // Our own frame: it decodes unless the codec is broken.
-            let Ok(frame) = v1::decode(batch.writer.as_bytes()) else { continue };
+            let Ok(frame) = v1::decode(batch.writer.as_bytes()) else {
+                link.counters.record_drop(DropReason::Malformed, u64::from(batch.packets));
+                continue;
+            };
             let seconds = now_ns() / 1_000_000_000;
-            for p in frame.packets() {
+            for (sent, p) in frame.packets().enumerate() {
                 ioppytest::encode_packet(p.data, &link.config.ifname, seconds, &mut body);
                 if let Err(e) = channel.basic_publish(exchange.clone(), key.clone(), BasicPublishOptions::default(), &body, properties.clone()).await {
-                    link.counters.record_drop(DropReason::BrokerDown, u64::from(batch.packets));
+                    link.counters.record_drop(DropReason::BrokerDown, u64::from(batch.packets).saturating_sub(sent as u64));
                     return Err(e.into());
                 }
                 Counters::add(&link.counters.tx_packets, 1);

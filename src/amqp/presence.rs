@@ -70,9 +70,7 @@ async fn publish_json(ch: &Channel, exchange: &str, key: &str, body: &impl Seria
 pub async fn run(url: String, exchange: String, queue_prefix: String, hello: Hello, mut stop: watch::Receiver<bool>) {
     let mut attempt = 0u32;
     loop {
-        let r = tokio::select! {
-            r = serve(&url, &exchange, &queue_prefix, &hello, &mut stop) => r,
-        };
+        let r = serve(&url, &exchange, &queue_prefix, &hello, &mut stop).await;
         match r {
             Ok(()) => return,
             Err(error) => tracing::debug!(agent = %hello.name, %error, "presence connection failed"),

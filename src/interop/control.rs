@@ -37,10 +37,10 @@ async fn announce_ready(ch: &Channel, exchange: &str, name: &str) -> anyhow::Res
 }
 
 /// Connection, channel and a consumer of `toAgent.<name>.ip.tun.start`.
-async fn open(url: &str, exchange: &str, name: &str) -> anyhow::Result<(Connection, Channel, Consumer)> {
+async fn open(url: &str, exchange: &str, name: &str, queue_prefix: &str) -> anyhow::Result<(Connection, Channel, Consumer)> {
     let conn = crate::amqp::connect(url, &format!("tunbus {name} ioppytest control"), Some(crate::amqp::CONTROL_FRAME_MAX)).await?;
     let ch = conn.create_channel().await?;
-    let queue = format!("tunbus.{name}.ctl");
+    let queue = format!("{queue_prefix}.ctl");
     ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
         .await?;
     ch.queue_bind(queue.as_str().into(), exchange.into(), ioppytest::routing_key_tun_start(name).as_str().into(), QueueBindOptions::default(), FieldTable::default())
@@ -53,8 +53,9 @@ async fn open(url: &str, exchange: &str, name: &str) -> anyhow::Result<(Connecti
 
 /// Announces readiness and waits for the first `ip.tun.start` that carries addresses.
 /// `Ok(None)` when stopped first.
-pub async fn wait_for_start(url: &str, exchange: &str, name: &str, stop: &mut watch::Receiver<bool>) -> anyhow::Result<Option<OldAddressing>> {
-    let (conn, ch, mut consumer) = open(url, exchange, name).await?;
+pub async fn wait_for_start(config: &AgentConfig, stop: &mut watch::Receiver<bool>) -> anyhow::Result<Option<OldAddressing>> {
+    let (url, exchange, name) = (config.url.as_str(), config.exchange.as_str(), config.name.as_str());
+    let (conn, ch, mut consumer) = open(url, exchange, name, &config.queue_prefix()).await?;
     announce_ready(&ch, exchange, name).await?;
     tracing::info!(agent = name, key = %ioppytest::routing_key_tun_start(name), "waiting for the configuration");
     let found = loop {
@@ -102,7 +103,7 @@ pub async fn run(config: Arc<AgentConfig>, mut stop: watch::Receiver<bool>) {
 
 async fn serve(config: &AgentConfig, addressing: &mut OldAddressing) -> anyhow::Result<()> {
     let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
-    let (_conn, ch, mut consumer) = open(&config.url, exchange, name).await?;
+    let (_conn, ch, mut consumer) = open(&config.url, exchange, name, &config.queue_prefix()).await?;
     let started_key = ioppytest::routing_key_tun_started(name);
     announce_ready(&ch, exchange, name).await?;
     publish(&ch, exchange, &started_key, &addressing.to_started(name)).await?;

@@ -12,7 +12,8 @@
 //! - so native batches for old agents arrive here; their packets are re-emitted as JSON on
 //!   `toAgent.<owner>.ip.tun.packet.raw`, checksums completed (no offloads over there).
 //! - `tunbus.v1.all.*`: native floods, re-emitted as JSON to every old agent; floods the
-//!   router itself emitted on an old agent's behalf are recognised by sender and ignored.
+//!   router itself emitted on an old agent's behalf carry the sender word
+//!   [`ROUTER_SENDER`] and are ignored.
 //!
 //! Unlike the old router it keeps `prefetch` messages in flight, acknowledges in batches,
 //! survives a broker restart (reconnect, re-declare, re-bind what it learned), and counts
@@ -39,6 +40,10 @@ use crate::codec::v1::{self, BatchWriter, Packet};
 use crate::route::{self, Destination, RoutingKey};
 use crate::tun::vnet;
 use crate::worker::now_ns;
+
+/// The sender word of floods the router emits on behalf of old agents (an agent name can
+/// never contain '.', but it could be anything else; this one is reserved for the router).
+pub const ROUTER_SENDER: &str = "tunbus-router";
 
 /// What the router did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -194,7 +199,7 @@ impl Router {
             ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.from_old(publish, name, body).await,
             ["fromAgent", name, "ip", "tun", "started"] => self.learn(consume, queue, name, body).await,
             ["tunbus", "v1", "all", sender] => {
-                if self.old.contains_key(*sender) || self.opts.topology.nodes().any(|n| n == sender) {
+                if *sender == ROUTER_SENDER {
                     return Ok(()); // a flood we emitted for an old agent
                 }
                 self.from_native(publish, body, None).await
@@ -244,7 +249,7 @@ impl Router {
         }
         let Ok(c) = route::classify(&self.packet) else { return Ok(()) };
         let key = match c.dst {
-            Destination::Flood => RoutingKey::all(name),
+            Destination::Flood => RoutingKey::all(ROUTER_SENDER),
             Destination::Unicast(dst) if self.owner.contains_key(&dst) => None, // old agents got it above
             Destination::Unicast(dst) => Some(RoutingKey::unicast(dst, c.shard)),
         };

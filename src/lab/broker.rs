@@ -55,7 +55,11 @@ impl PrivateBroker {
         let port = free_port()?;
         let node = format!("tunbus-{}-{port}@localhost", std::process::id());
         std::fs::create_dir_all(dir.join("log"))?;
+        std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        // Debian's rabbitmq-server drops root privileges to the `rabbitmq` user, which must
+        // own the node's folder (where there is no such user, the server runs as us).
+        let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir).stderr(Stdio::null()).status();
         let broker = PrivateBroker { node, port, dir: dir.to_owned() };
         let status = broker
             .command("rabbitmq-server")

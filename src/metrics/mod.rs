@@ -35,7 +35,7 @@ pub enum DropReason {
     BadVnet,
     /// The kernel refused a TUN write.
     TunWrite,
-    /// An MLD membership report, not forwarded on purpose (see `route::is_mld`).
+    /// An MLD message (query, report, done), not forwarded on purpose (see `route::is_mld`).
     Mld,
 }
 
@@ -160,7 +160,7 @@ pub type SharedHistogram = Arc<Mutex<Histogram<u64>>>;
 
 /// Histogram of 1 to 60 000 000 (µs: up to a minute; also packet and byte counts) with 2
 /// significant digits: 1 % resolution is plenty for percentiles, and at ~50 KiB it is 8x
-/// smaller than 3 digits, which matters with 8 per queue and hundreds of agents per lab.
+/// smaller than 3 digits, which matters with several per queue and hundreds of agents per lab.
 pub fn new_histogram() -> Histogram<u64> {
     // invariant: these bounds are valid for hdrhistogram (low >= 1, high >= 2 * low, sigfig <= 5)
     Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds")
@@ -170,7 +170,7 @@ pub fn new_histogram() -> Histogram<u64> {
 /// folds into it periodically; reports merge them across queues.
 #[derive(Debug)]
 pub struct Histograms {
-    /// One-way latency in µs: the sender's batch timestamp → our TUN write (RX).
+    /// One-way latency in µs: the sender's batch timestamp → the delivery reaching the RX path.
     pub one_way_us: SharedHistogram,
     /// µs from the TUN read burst that opened a batch to the end of its publish (TX).
     pub read_to_publish_us: SharedHistogram,

@@ -50,6 +50,7 @@ pub fn render(agent: &str, counters: &[Arc<Counters>], hist: &[Arc<Histograms>])
         for (q, v) in [("0.5", p.p50_us), ("0.99", p.p99_us), ("0.999", p.p999_us)] {
             let _ = writeln!(out, "tunbus_{name}{{{label},quantile=\"{q}\"}} {}", v as f64 * scale);
         }
+        let _ = writeln!(out, "tunbus_{name}_sum{{{label}}} {}", p.mean * p.samples as f64 * scale);
         let _ = writeln!(out, "tunbus_{name}_count{{{label}}} {}", p.samples);
     };
     summary("one_way_latency_seconds", "Sender batch timestamp to TUN write, since start.", report::merged(hist.iter().map(|h| &h.one_way_us)), 1e-6);

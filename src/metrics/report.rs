@@ -18,6 +18,8 @@ use super::{new_histogram, Counters, DropReason, Histograms, SharedHistogram, Sn
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Percentiles {
     pub samples: u64,
+    /// Mean of the samples (same unit as the percentiles).
+    pub mean: f64,
     pub p50_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,
@@ -60,6 +62,7 @@ pub fn merged<'a>(hists: impl IntoIterator<Item = &'a SharedHistogram>) -> Perce
     }
     Percentiles {
         samples: all.len(),
+        mean: all.mean(),
         p50_us: all.value_at_quantile(0.5),
         p99_us: all.value_at_quantile(0.99),
         p999_us: all.value_at_quantile(0.999),

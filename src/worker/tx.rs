@@ -1,6 +1,6 @@
 //! TX worker: one pinned OS thread per TUN queue. Hot path.
 //!
-//! Loop: wait until the queue is readable (poll, 100 ms timeout to notice shutdown), then
+//! Loop: wait until the queue is readable (ppoll; IDLE_POLL to notice shutdown), then
 //! read a burst of up to [`BURST`] packets. Each packet is read straight into the open batch
 //! it most likely belongs to (the one the previous packet went to), at its final place in
 //! the outgoing frame, then classified (destination, flow shard → routing key). When the
@@ -110,7 +110,7 @@ impl TxWorker {
         }
     }
 
-    /// Reads and batches up to BURST packets, then flushes everything open.
+    /// Reads and batches up to BURST packets, then flushes if the publisher is idle.
     fn burst(&mut self) {
         self.burst_ns = super::now_ns();
         for _ in 0..BURST {
