@@ -29,6 +29,12 @@ use crate::tun::{Readiness, TunQueue};
 pub const BURST: usize = 256;
 /// How often a worker holding open batches (publisher busy) re-checks the ring.
 pub const HOLD_POLL: Duration = Duration::from_micros(50);
+/// A flush less than this long ago means a stream is running (see `flush_if_publisher_idle`).
+pub const STREAM_GAP: Duration = Duration::from_millis(1);
+/// Longest a packet waits for company while a stream runs.
+pub const LINGER: Duration = Duration::from_micros(100);
+/// Only batches this small linger (acknowledgements, small datagrams); bulk goes at once.
+pub const LINGER_MAX_BYTES: usize = 16 * 1024;
 /// How often an idle worker wakes to notice shutdown (hundreds of agents share a lab).
 pub const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Most batches open at once (distinct destination/shard keys within one burst).
@@ -57,6 +63,7 @@ pub struct TxWorker {
     last: usize,
     seq: u64,
     burst_ns: u64,
+    last_flush_ns: u64,
     scratch: Vec<u8>,
     read_errors_logged: bool,
 }
@@ -81,6 +88,7 @@ impl TxWorker {
             last: 0,
             seq: 0,
             burst_ns: 0,
+            last_flush_ns: 0,
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
         }
@@ -153,11 +161,24 @@ impl TxWorker {
         self.flush_if_publisher_idle();
     }
 
-    /// End of a burst: publish what is open unless the publisher still has batches queued.
+    /// End of a burst: publish what is open unless the publisher still has batches queued,
+    /// or a stream is running (a flush less than [`STREAM_GAP`] ago), what is open is small
+    /// (under [`LINGER_MAX_BYTES`]) and has waited less than [`LINGER`]: then small packets
+    /// (TCP ACKs of a bulk flow) share a message instead of costing the broker one each.
     fn flush_if_publisher_idle(&mut self) {
-        if self.ring.pending() == 0 {
-            self.flush_all();
+        if self.ring.pending() != 0 {
+            return;
         }
+        let now = super::now_ns();
+        let oldest = self.open.iter().filter(|o| !o.writer.is_empty()).map(|o| o.read_ns).min();
+        let Some(oldest) = oldest else { return };
+        let streaming = now.saturating_sub(self.last_flush_ns) < STREAM_GAP.as_nanos() as u64;
+        let small = self.open.iter().map(|o| o.writer.len()).sum::<usize>() < LINGER_MAX_BYTES;
+        if streaming && small && now.saturating_sub(oldest) < LINGER.as_nanos() as u64 {
+            return;
+        }
+        self.last_flush_ns = now;
+        self.flush_all();
     }
 
     /// Index of the batch the next read lands in: the last one used, or a fresh one.
