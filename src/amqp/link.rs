@@ -131,7 +131,7 @@ async fn open(link: &Link) -> anyhow::Result<Session> {
     super::declare_exchange(&publish, &c.exchange).await?;
     let queue = c.queue_name(link.index);
     let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(QUEUE_MAX_MESSAGES.into()));
+    args.insert("x-max-length".into(), AMQPValue::LongInt(QUEUE_MAX_MESSAGES));
     args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(c.queue_max_bytes.min(i64::MAX as u64) as i64));
     consume
         .queue_declare(

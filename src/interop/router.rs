@@ -196,17 +196,17 @@ impl Router {
     async fn dispatch(&mut self, publish: &Channel, consume: &Channel, queue: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
         let words: Vec<&str> = key.split('.').collect();
         match words.as_slice() {
-            ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.from_old(publish, name, body).await,
+            ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.on_old_packet(publish, name, body).await,
             ["fromAgent", name, "ip", "tun", "started"] => self.learn(consume, queue, name, body).await,
             ["tunbus", "v1", "all", sender] => {
                 if *sender == ROUTER_SENDER {
                     return Ok(()); // a flood we emitted for an old agent
                 }
-                self.from_native(publish, body, None).await
+                self.on_native_batch(publish, body, None).await
             }
             ["tunbus", "v1", word, _shard] => {
                 let owner = route::word_to_address(word).and_then(|a| self.owner.get(&a).cloned());
-                self.from_native(publish, body, owner).await
+                self.on_native_batch(publish, body, owner).await
             }
             _ => Ok(()),
         }
@@ -232,7 +232,7 @@ impl Router {
     }
 
     /// A JSON packet from old agent `name`.
-    async fn from_old(&mut self, publish: &Channel, name: &str, body: &[u8]) -> anyhow::Result<()> {
+    async fn on_old_packet(&mut self, publish: &Channel, name: &str, body: &[u8]) -> anyhow::Result<()> {
         self.counters.json_in += 1;
         if ioppytest::decode_packet(body, &mut self.packet).is_err() {
             self.counters.malformed_json += 1;
@@ -268,7 +268,7 @@ impl Router {
     }
 
     /// A native batch for an old agent (`owner`), or a native flood (`None`: to every old agent).
-    async fn from_native(&mut self, publish: &Channel, body: &[u8], owner: Option<String>) -> anyhow::Result<()> {
+    async fn on_native_batch(&mut self, publish: &Channel, body: &[u8], owner: Option<String>) -> anyhow::Result<()> {
         let Ok(frame) = v1::decode(body) else {
             self.counters.malformed_native += 1;
             return Ok(());

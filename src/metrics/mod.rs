@@ -205,13 +205,13 @@ impl LocalHistogram {
     /// Records `n` samples of `value_us` (saturated into range).
     #[inline]
     pub fn record_n(&mut self, value_us: u64, n: u64) {
-        let _ = self.local.saturating_record_n(value_us.max(1), n);
+        self.local.saturating_record_n(value_us.max(1), n);
     }
 
     /// Folds into the shared histogram when due (or when `force`).
     pub fn maybe_fold(&mut self, now: Instant, force: bool) {
         if force || now.duration_since(self.last_fold) >= FOLD_EVERY {
-            if self.local.len() > 0 {
+            if !self.local.is_empty() {
                 if let Ok(mut shared) = self.shared.lock() {
                     let _ = shared.add(&self.local);
                 }

@@ -64,6 +64,8 @@ pub struct TxWorker {
     seq: u64,
     burst_ns: u64,
     last_flush_ns: u64,
+    /// The last unicast (destination, shard) and its key.
+    last_unicast: Option<(IpAddr, u8, RoutingKey)>,
     scratch: Vec<u8>,
     read_errors_logged: bool,
 }
@@ -89,6 +91,7 @@ impl TxWorker {
             seq: 0,
             burst_ns: 0,
             last_flush_ns: 0,
+            last_unicast: None,
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
         }
@@ -212,7 +215,9 @@ impl TxWorker {
     }
 
     /// The routing key of the last packet of batch `li`, or why it is not sent.
-    fn classify_last(&self, li: usize) -> Result<RoutingKey, DropReason> {
+    /// Formatting a key costs most of the per-packet routing time, so the key of the last
+    /// (destination, shard) is kept: a run of one flow formats it once.
+    fn classify_last(&mut self, li: usize) -> Result<RoutingKey, DropReason> {
         let entry = self.open[li].writer.last_entry().ok_or(DropReason::NotIp)?;
         let packet = entry.get(VNET_HDR_LEN..).ok_or(DropReason::NotIp)?;
         if route::is_mld(packet) {
@@ -222,7 +227,14 @@ impl TxWorker {
         Ok(match c.dst {
             Destination::Flood => self.flood_key,
             Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => self.flood_key,
-            Destination::Unicast(ip) => RoutingKey::unicast(ip, c.shard),
+            Destination::Unicast(ip) => match self.last_unicast {
+                Some((cached_ip, cached_shard, key)) if cached_ip == ip && cached_shard == c.shard => key,
+                _ => {
+                    let key = RoutingKey::unicast(ip, c.shard);
+                    self.last_unicast = Some((ip, c.shard, key));
+                    key
+                }
+            },
         })
     }
 
