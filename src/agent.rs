@@ -17,17 +17,16 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::amqp::link::{self, Link};
+use crate::amqp::link::LinkContext;
 use crate::amqp::presence::{self, Hello};
 use crate::amqp::BrokerState;
-use crate::codec::v1::HEADER_LEN;
 use crate::config::AgentConfig;
 use crate::metrics::report::{self, Report};
 use crate::metrics::{Counters, Histograms};
-use crate::ring::Ring;
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
-use crate::worker::tx::{TxWorker, MAX_ENTRY, MAX_OPEN};
+use crate::worker::rx::RxWorker;
+use crate::worker::tx::TxWorker;
 
 /// How long shutdown waits for the links to delete their queues and close.
 const CLOSE_GRACE: Duration = Duration::from_millis(1200);
@@ -117,7 +116,6 @@ impl Agent {
         } else {
             config.cpus.clone()
         };
-        let buffer_bytes = config.max_batch_bytes.max(HEADER_LEN + MAX_ENTRY);
         let mut agent = Agent {
             config: config.clone(),
             stop_tx,
@@ -133,25 +131,21 @@ impl Agent {
         for q in dev.queues {
             let k = q.index();
             let queue = Arc::new(q);
-            let ring = Arc::new(Ring::new(config.ring_slots, MAX_OPEN + 2, buffer_bytes));
-            // Separate blocks for the TX thread and the link task: no shared cache lines.
+            // Separate blocks for the TX and RX threads: no shared cache lines.
             let tx_counters = Arc::new(Counters::default());
-            let link_counters = Arc::new(Counters::default());
+            let rx_counters = Arc::new(Counters::default());
             let hist = Histograms::new();
-            let link = Link {
-                config: config.clone(),
-                index: k,
-                ring: ring.clone(),
-                tun: queue.clone(),
-                counters: link_counters.clone(),
-                hist: hist.clone(),
-                broker: broker.clone(),
-                connected: connected.clone(),
-                own_flood_key: flood_key,
-                addrs: config.owned_addresses(),
-            };
-            agent.tasks.spawn(link::run(link, stop_rx.clone()));
-            let worker = TxWorker::new(queue.clone(), ring, tx_counters.clone(), stop_flag.clone(), flood_key, own_v4.clone());
+            let link = LinkContext { config: config.clone(), index: k, broker: broker.clone(), connected: connected.clone() };
+            let rx = RxWorker::new(link.clone(), queue.clone(), rx_counters.clone(), &hist, stop_flag.clone(), flood_key, config.owned_addresses());
+            let rx_handle = std::thread::Builder::new()
+                .name(format!("rx-{}-{k}", config.name))
+                .spawn(move || {
+                    let _span = tracing::debug_span!("rx", queue = k).entered();
+                    rx.run();
+                })
+                .context("spawning an RX worker thread")?;
+            agent.workers.push(rx_handle);
+            let worker = TxWorker::new(queue.clone(), link, tx_counters.clone(), hist.clone(), stop_flag.clone(), flood_key, own_v4.clone());
             let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("tx-{}-{k}", config.name))
@@ -166,7 +160,7 @@ impl Agent {
             agent.workers.push(handle);
             agent.queues.push(queue);
             agent.counters.push(tx_counters);
-            agent.counters.push(link_counters);
+            agent.counters.push(rx_counters);
             agent.hist.push(hist);
         }
         let hello = Hello {
@@ -217,9 +211,10 @@ impl Agent {
         &self.config
     }
 
-    /// Whether every link is connected to the broker (queues declared and bound).
+    /// Whether every link is connected to the broker (both connections of each queue up,
+    /// queues declared and bound).
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire) == self.config.queues
+        self.connected.load(Ordering::Acquire) == 2 * self.config.queues
     }
 
     /// Sums of the counters so far (cheap: relaxed loads).

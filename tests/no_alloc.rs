@@ -3,16 +3,17 @@
 //!
 //! A counting global allocator wraps `System`. A thread opts in by naming the [`Tally`] its
 //! allocations go to, and a tally counts only while armed, so the test harness, the traffic
-//! generator, the stand-in publisher and the start-up of the code under test allocate
+//! generator and the start-up of the code under test allocate
 //! freely. Each test warms its path up (buffers circulate, lazy state is initialised), arms
 //! its tally, pushes well over 10 000 packets through, disarms, and asserts that nothing was
 //! allocated. The first counted allocation keeps its backtrace, so a failure names the
 //! line of the hot path that allocated.
 //!
-//! - TX: a `TxWorker` on its own thread reads UDP datagrams that a socket in the namespace
-//!   sends out of the TUN, batches them and hands the batches to a consumer thread that
-//!   plays the publisher (it drops the lease, which returns the buffer).
-//! - RX: `worker::rx::deliver` writes valid v1 frames (vnet headers, checksummed IPv4 UDP
+//! - TX and RX workers: a `TxWorker` on its own thread reads UDP datagrams that a socket in
+//!   namespace A sends out of its TUN, batches them and publishes them to the real broker on
+//!   its own connection; an `RxWorker` for namespace B consumes them on its own connection
+//!   and writes them into B's TUN. Both threads are counted: the whole native data path.
+//! - RX deliver alone: `worker::rx::deliver` writes valid v1 frames (vnet headers, checksummed IPv4 UDP
 //!   packets to the namespace's own address) into the TUN queue.
 
 mod common;
@@ -21,15 +22,17 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::backtrace::Backtrace;
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{in_netns, system_ready, unique, Netns};
+use common::{in_netns, system_ready, unique, Netns, URL};
 use tunbus::codec::v1::{self, BatchWriter};
-use tunbus::metrics::{new_histogram, Counters, DropReason, LocalHistogram};
-use tunbus::ring::Ring;
+use tunbus::metrics::{new_histogram, Counters, DropReason, Histograms, LocalHistogram};
+use tunbus::amqp::link::LinkContext;
+use tunbus::amqp::BrokerState;
+use tunbus::config::AgentConfig;
 use tunbus::route::RoutingKey;
 use tunbus::tun::{netns, vnet, TunDevice, TunQueue};
 use tunbus::worker::{now_ns, rx, tx};
@@ -198,6 +201,7 @@ static ALLOCATOR: Counting = Counting;
 
 static TX: Tally = Tally::new();
 static RX: Tally = Tally::new();
+static RX_WORKER: Tally = Tally::new();
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
@@ -312,103 +316,122 @@ fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, len: usize) -> Vec<u8> {
 // The tests.
 
 #[test]
-fn tx_worker_steady_state_does_not_allocate() {
-    if !system_ready("tx_worker_steady_state_does_not_allocate") {
+fn tx_and_rx_workers_steady_state_do_not_allocate() {
+    if !system_ready("tx_and_rx_workers_steady_state_do_not_allocate") {
         return;
     }
     const WARM_UP: u64 = 10_000;
     const PACKETS: u64 = 100_000;
-    // Declared first, dropped last: the device goes before its namespace.
-    let ns = Netns::new();
-    let queue = Arc::new(tun_in(&ns, "198.18.99.1/24"));
-    let ring = Arc::new(Ring::new(32, tx::MAX_OPEN + 2, 256 * 1024));
-    let counters = Arc::new(Counters::default());
+    // Declared first, dropped last: the devices go before their namespaces.
+    let (ns_a, ns_b) = (Netns::new(), Netns::new());
+    let queue_a = Arc::new(tun_in(&ns_a, "198.18.99.1/24"));
+    let queue_b = Arc::new(tun_in(&ns_b, "198.18.99.2/24"));
     let stop = Arc::new(AtomicBool::new(false));
-    let _stop_worker = RaiseOnDrop(stop.clone());
-    let flood = RoutingKey::all("t").expect("valid word");
-    let worker = tx::TxWorker::new(queue.clone(), ring.clone(), counters.clone(), stop.clone(), flood, Vec::new());
-    let worker = thread::spawn(move || {
+    let _stop_workers = RaiseOnDrop(stop.clone());
+    let link = |name: &str, addr: &str| {
+        let mut c = AgentConfig::new(URL, &unique(name));
+        c.addrs = vec![addr.parse().expect("valid prefix")];
+        LinkContext {
+            config: Arc::new(c),
+            index: 0,
+            broker: Arc::new(BrokerState::default()),
+            connected: Arc::new(AtomicUsize::new(0)),
+        }
+    };
+    let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));
+
+    // B: an RX worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
+    let rx_counters = Arc::new(Counters::default());
+    let rx_worker = rx::RxWorker::new(
+        link_b.clone(),
+        queue_b.clone(),
+        rx_counters.clone(),
+        &Histograms::new(),
+        stop.clone(),
+        RoutingKey::all("b").expect("valid word"),
+        link_b.config.owned_addresses(),
+    );
+    let rx_thread = thread::spawn(move || {
+        count_on_this_thread(&RX_WORKER);
+        rx_worker.run();
+        stop_counting_on_this_thread();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link_b.connected.load(Ordering::Acquire) == 0 {
+        assert!(Instant::now() < deadline, "the RX worker did not connect to the broker");
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // A: a TX worker reading UDP datagrams sent to B and publishing them.
+    let tx_counters = Arc::new(Counters::default());
+    let flood = RoutingKey::all("a").expect("valid word");
+    let worker = tx::TxWorker::new(queue_a.clone(), link_a, tx_counters.clone(), Histograms::new(), stop.clone(), flood, Vec::new());
+    let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
         worker.run();
         stop_counting_on_this_thread();
     });
 
-    // The publisher's stand-in: pops batches, checks they decode, drops the leases.
-    let popped = Arc::new(AtomicU64::new(0));
-    let batches = Arc::new(AtomicU64::new(0));
-    let bad = Arc::new(AtomicU64::new(0));
-    let consumer_stop = Arc::new(AtomicBool::new(false));
-    let _stop_consumer = RaiseOnDrop(consumer_stop.clone());
-    let consumer = {
-        let (ring, popped, batches, bad, consumer_stop) =
-            (ring.clone(), popped.clone(), batches.clone(), bad.clone(), consumer_stop.clone());
-        thread::spawn(move || {
-            while !consumer_stop.load(Ordering::Relaxed) {
-                let Some(batch) = ring.pop() else {
-                    thread::yield_now();
-                    continue;
-                };
-                let ok = v1::decode(batch.writer.as_bytes()).is_ok_and(|f| f.len() == batch.packets as usize);
-                if !ok {
-                    bad.fetch_add(1, Ordering::Relaxed);
-                }
-                popped.fetch_add(u64::from(batch.packets), Ordering::Relaxed);
-                batches.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
-
     let dst: SocketAddr = "198.18.99.2:9".parse().expect("valid address");
-    let packets = {
-        let popped = popped.clone();
-        move || popped.load(Ordering::Relaxed)
+    let sent_packets = {
+        let c = tx_counters.clone();
+        move || c.snapshot().tx_packets
     };
-    // Warm-up: every buffer goes round the ring several times.
+    let received = {
+        let c = rx_counters.clone();
+        move || c.snapshot().rx_packets
+    };
+    // Warm-up: connections up, every batch slot used, buffers grown.
     let warm_until = {
-        let packets = packets.clone();
-        move || packets() >= WARM_UP
+        let received = received.clone();
+        move || received() >= WARM_UP
     };
-    send_udp_until(&ns.name, dst, &[64, 1400], warm_until, Duration::from_secs(10));
-    settle(&packets, Duration::from_millis(200), Duration::from_secs(5));
-    let warm = packets();
+    send_udp_until(&ns_a.name, dst, &[64, 1400], warm_until, Duration::from_secs(20));
+    settle(&received, Duration::from_millis(300), Duration::from_secs(5));
+    let warm = received();
     assert!(
         warm >= WARM_UP,
-        "the worker read only {warm} packets during warm-up; drops: {:?}",
-        counters.snapshot().drops
+        "B received only {warm} packets during warm-up; A published {}, drops A {:?} B {:?}",
+        sent_packets(),
+        tx_counters.snapshot().drops,
+        rx_counters.snapshot().drops
     );
 
-    let (p0, b0) = (packets(), batches.load(Ordering::Relaxed));
+    let (p0, r0) = (sent_packets(), received());
+    let b0 = tx_counters.snapshot().tx_batches;
     TX.arm();
+    RX_WORKER.arm();
     let measure_until = {
-        let packets = packets.clone();
-        move || packets() >= p0 + PACKETS
+        let received = received.clone();
+        move || received() >= r0 + PACKETS
     };
-    let sent = send_udp_until(&ns.name, dst, &[64, 1400], measure_until, Duration::from_secs(20));
-    settle(&packets, Duration::from_millis(200), Duration::from_secs(10));
+    let sent = send_udp_until(&ns_a.name, dst, &[64, 1400], measure_until, Duration::from_secs(30));
+    settle(&received, Duration::from_millis(300), Duration::from_secs(10));
     TX.disarm();
-    let read = packets() - p0;
-    let batch_count = batches.load(Ordering::Relaxed) - b0;
+    RX_WORKER.disarm();
+    let published = sent_packets() - p0;
+    let arrived = received() - r0;
+    let batch_count = tx_counters.snapshot().tx_batches - b0;
 
     stop.store(true, Ordering::Relaxed);
-    worker.join().expect("TX worker thread");
-    consumer_stop.store(true, Ordering::Relaxed);
-    consumer.join().expect("consumer thread");
+    tx_thread.join().expect("TX worker thread");
+    rx_thread.join().expect("RX worker thread");
 
-    let report = TX.report();
-    let snap = counters.snapshot();
+    let (tx_report, rx_report) = (TX.report(), RX_WORKER.report());
     eprintln!(
-        "tx: {} allocations, {} reallocations, {} frees over {read} packets in {batch_count} batches \
-         ({sent} sent; drops: no_buffer {}, ring_full {}, not_ip {})",
-        report.allocs,
-        report.reallocs,
-        report.frees,
-        snap.dropped(DropReason::NoBuffer),
-        snap.dropped(DropReason::RingFull),
-        snap.dropped(DropReason::NotIp),
+        "tx: {} allocations, {} reallocations over {published} packets published in {batch_count} batches ({sent} sent; drops {:?})\n\
+         rx: {} allocations, {} reallocations over {arrived} packets written (drops {:?})",
+        tx_report.allocs,
+        tx_report.reallocs,
+        tx_counters.snapshot().drops,
+        rx_report.allocs,
+        rx_report.reallocs,
+        rx_counters.snapshot().drops,
     );
-    assert_eq!(bad.load(Ordering::Relaxed), 0, "some batches did not decode or miscounted their packets");
-    assert!(read >= PACKETS, "the worker read only {read} of {sent} packets while measured");
-    report.assert_none("TX worker", read);
+    assert!(published >= PACKETS, "A published only {published} of {sent} packets while measured");
+    assert!(arrived >= PACKETS, "B wrote only {arrived} packets while measured");
+    tx_report.assert_none("TX worker", published);
+    rx_report.assert_none("RX worker", arrived);
 }
 
 #[test]

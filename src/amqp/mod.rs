@@ -7,8 +7,10 @@
 //! that loses the broker drops and counts what it cannot send, retries with jittered
 //! exponential backoff, and re-declares its queue and bindings.
 
+pub mod conn;
 pub mod link;
 pub mod presence;
+pub mod wire;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -78,6 +80,11 @@ pub async fn queue_in_use(url: &str, queue: &str) -> Result<bool, lapin::Error> 
         Err(e) if is_resource_locked(&e) => Ok(true),
         Err(_) => Ok(false), // 404: nobody has it
     }
+}
+
+/// Resolves when the stop flag is (or becomes) true, or its sender is gone.
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Jittered exponential backoff: 100 ms doubling to 1 s, each ±50 %, so that hundreds of

@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::link::stopped;
+use super::stopped;
 use crate::route::{RoutingKey, BYE_PATTERN, CTL_PROBE, HELLO_PATTERN};
 
 pub const HELLO_EVERY: Duration = Duration::from_secs(5);

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::addressing::OldAddressing;
 use super::json_properties;
-use crate::amqp::link::stopped;
+use crate::amqp::stopped;
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
 use crate::config::AgentConfig;
 

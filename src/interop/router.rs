@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use super::addressing::OldAddressing;
 use super::json_properties;
 use super::topology::Topology;
-use crate::amqp::link::stopped;
+use crate::amqp::stopped;
 use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter, Packet};
 use crate::route::{self, Destination, RoutingKey};

@@ -420,7 +420,7 @@ impl Lab {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = crate::amqp::link::stopped(stop) => break,
+                _ = crate::amqp::stopped(stop) => break,
             }
             let (mut bytes, mut packets, mut drops) = (0u64, 0u64, 0u64);
             for a in &self.agents {

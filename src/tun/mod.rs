@@ -20,7 +20,7 @@ pub mod vnet;
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -194,27 +194,63 @@ impl TunQueue {
 
     /// Blocks until the queue has a packet or `timeout` passes.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<Readiness> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-        };
-        // SAFETY: pfd is one live pollfd and we pass a count of 1; ts is a live timespec;
-        // a null signal mask means "leave the mask as it is".
-        let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(Readiness::TimedOut);
-            }
-            return Err(err);
+        let (tun, _) = self.wait_readable_or(None, timeout)?;
+        Ok(if tun { Readiness::Readable } else { Readiness::TimedOut })
+    }
+
+    /// Blocks until the queue has a packet, `other` (a broker socket) has bytes or an error,
+    /// or `timeout` passes. Returns (queue readable, other readable).
+    pub fn wait_readable_or(&self, other: Option<BorrowedFd<'_>>, timeout: Duration) -> io::Result<(bool, bool)> {
+        let mut pfds = [
+            libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: other.map_or(-1, |f| f.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        ];
+        let n = poll(&mut pfds, timeout)?;
+        if n == 0 {
+            return Ok((false, false));
         }
-        if rc == 0 {
-            return Ok(Readiness::TimedOut);
-        }
-        if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        if pfds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
             return Err(io::Error::other("TUN queue reported an error or hang-up"));
         }
-        Ok(Readiness::Readable)
+        Ok((pfds[0].revents & libc::POLLIN != 0, pfds[1].revents != 0))
     }
+}
+
+/// What to wait for on a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interest {
+    Read,
+    Write,
+}
+
+/// Blocks until `fd` is ready for `interest` (or has an error or hang-up, which the next
+/// read or write reports), or `timeout` passes. Returns whether it is ready. Lives here with
+/// the other raw `poll(2)` so that `unsafe` stays in one module.
+pub fn wait_fd(fd: BorrowedFd<'_>, interest: Interest, timeout: Duration) -> io::Result<bool> {
+    let events = match interest {
+        Interest::Read => libc::POLLIN,
+        Interest::Write => libc::POLLOUT,
+    };
+    let mut pfds = [libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 }];
+    Ok(poll(&mut pfds, timeout)? > 0)
+}
+
+/// `ppoll(2)` on `pfds` (entries with fd -1 are ignored). An interrupted wait counts as a
+/// timeout.
+fn poll(pfds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: pfds is a live, writable slice of pollfd and we pass its length; ts is a live
+    // timespec; a null signal mask means "leave the mask as it is".
+    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(err);
+    }
+    Ok(rc as usize)
 }

@@ -7,27 +7,39 @@
 //! guess was wrong, the packet is copied into the right batch: bulk flows arrive in runs,
 //! so a single flow is never copied.
 //!
-//! Flush policy: a batch goes to the ring when it cannot take one more maximum-size packet;
-//! all open batches go when the burst ends (the TUN has nothing more ready) *and the
-//! publisher has nothing queued*. While the publisher is still busy with earlier batches,
-//! sending a tiny batch now would only queue behind them, so the worker keeps filling and
-//! re-checks every [`HOLD_POLL`]: no latency added when idle, large messages under load.
-//! No allocation, lock or syscall per packet besides the `read` itself.
+//! Publishing: the worker writes each finished batch into its own AMQP connection itself
+//! ([`Publisher`], one `writev` per message), so a packet crosses no thread between the TUN
+//! and the broker's socket (docs/decisions/0010-own-amqp-data-path.md). While it writes,
+//! the next packets wait in the TUN queue, so the slower the broker, the larger the next
+//! burst and its batches. When the broker is gone, batches are counted as `broker_down`
+//! and the worker keeps draining the TUN while it reconnects with backoff.
+//!
+//! Flush policy: a batch is published when it cannot take one more maximum-size packet;
+//! all open batches go when the burst ends (the TUN has nothing more ready), except that
+//! while a stream runs, a small batch lingers up to [`LINGER`] for company (acknowledgements
+//! of a bulk flow then share a message: the broker's cost is per message). No latency added
+//! when idle, large messages under load. No allocation, lock or syscall per packet besides
+//! the `read` itself.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::codec::v1::{BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
-use crate::metrics::{Counters, DropReason};
-use crate::ring::{OutBatch, Ring};
+use crate::amqp::conn::{self, Conn};
+use crate::amqp::link::{self, LinkContext, Reconnect};
+use crate::amqp::wire::Properties;
+use crate::codec::ioppytest;
+use crate::codec::v1::{self, BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
+use crate::config::Wire;
+use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::route::{self, Destination, RoutingKey};
-use crate::tun::{Readiness, TunQueue};
+use crate::tun::TunQueue;
 
 /// Most packets read per wake-up before the open batches are flushed.
 pub const BURST: usize = 256;
-/// How often a worker holding open batches (publisher busy) re-checks the ring.
+/// How often a worker holding a lingering batch re-checks it.
 pub const HOLD_POLL: Duration = Duration::from_micros(50);
 /// A flush less than this long ago means a stream is running (see `flush_if_publisher_idle`).
 pub const STREAM_GAP: Duration = Duration::from_millis(1);
@@ -54,14 +66,14 @@ struct Open {
 /// The state of one TX worker; owned by its thread.
 pub struct TxWorker {
     queue: Arc<TunQueue>,
-    ring: Arc<Ring>,
+    publisher: Publisher,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     flood_key: RoutingKey,
     own_v4: Vec<(Ipv4Addr, u8)>,
     open: Vec<Open>,
+    buffer_bytes: usize,
     last: usize,
-    seq: u64,
     burst_ns: u64,
     last_flush_ns: u64,
     /// The last unicast (destination, shard) and its key.
@@ -71,24 +83,27 @@ pub struct TxWorker {
 }
 
 impl TxWorker {
+    /// A worker for `queue` publishing on link `link`, with batches of up to `buffer_bytes`.
     pub fn new(
         queue: Arc<TunQueue>,
-        ring: Arc<Ring>,
+        link: LinkContext,
         counters: Arc<Counters>,
+        hist: Arc<Histograms>,
         stop: Arc<AtomicBool>,
         flood_key: RoutingKey,
         own_v4: Vec<(Ipv4Addr, u8)>,
     ) -> TxWorker {
+        let buffer_bytes = link.config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
         TxWorker {
             queue,
-            ring,
+            publisher: Publisher::new(link, counters.clone(), &hist),
             counters,
             stop,
             flood_key,
             own_v4,
             open: Vec::with_capacity(MAX_OPEN),
+            buffer_bytes,
             last: 0,
-            seq: 0,
             burst_ns: 0,
             last_flush_ns: 0,
             last_unicast: None,
@@ -97,14 +112,26 @@ impl TxWorker {
         }
     }
 
-    /// Runs until the stop flag is set.
+    /// Runs until the stop flag is set; then closes the connection.
     pub fn run(mut self) {
         while !self.stop.load(Ordering::Relaxed) {
+            self.publisher.maintain();
             let holding = self.open.iter().any(|o| !o.writer.is_empty());
-            let timeout = if holding { HOLD_POLL } else { IDLE_POLL };
-            match self.queue.wait_readable(timeout) {
-                Ok(Readiness::Readable) => self.burst(),
-                Ok(Readiness::TimedOut) => self.flush_if_publisher_idle(),
+            let mut timeout = if holding { HOLD_POLL } else { IDLE_POLL };
+            if let Some(wait) = self.publisher.reconnect_in() {
+                timeout = timeout.min(wait.max(HOLD_POLL));
+            }
+            match self.queue.wait_readable_or(self.publisher.fd(), timeout) {
+                Ok((tun, socket)) => {
+                    if socket {
+                        self.publisher.on_readable();
+                    }
+                    if tun {
+                        self.burst();
+                    } else {
+                        self.end_of_burst();
+                    }
+                }
                 Err(e) => {
                     if !self.read_errors_logged {
                         tracing::warn!(queue = self.queue.index(), error = %e, "tun queue poll failed");
@@ -114,11 +141,8 @@ impl TxWorker {
                 }
             }
         }
-        // Stopping: the link is closing too, so what is still open is not sent (and not
-        // counted as a broker failure); the buffers go back to the pool.
-        for o in self.open.drain(..) {
-            self.ring.give_buffer(o.writer);
-        }
+        // Stopping: what is still open is not sent (and not counted as a broker failure).
+        self.publisher.close();
     }
 
     /// Reads and batches up to BURST packets, then flushes if the publisher is idle.
@@ -161,17 +185,14 @@ impl TxWorker {
                 }
             }
         }
-        self.flush_if_publisher_idle();
+        self.end_of_burst();
     }
 
-    /// End of a burst: publish what is open unless the publisher still has batches queued,
-    /// or a stream is running (a flush less than [`STREAM_GAP`] ago), what is open is small
-    /// (under [`LINGER_MAX_BYTES`]) and has waited less than [`LINGER`]: then small packets
-    /// (TCP ACKs of a bulk flow) share a message instead of costing the broker one each.
-    fn flush_if_publisher_idle(&mut self) {
-        if self.ring.pending() != 0 {
-            return;
-        }
+    /// End of a burst: publish what is open, unless a stream is running (a flush less than
+    /// [`STREAM_GAP`] ago), what is open is small (under [`LINGER_MAX_BYTES`]) and has
+    /// waited less than [`LINGER`]: then small packets (TCP ACKs of a bulk flow) share a
+    /// message instead of costing the broker one each.
+    fn end_of_burst(&mut self) {
         let now = super::now_ns();
         let oldest = self.open.iter().filter(|o| !o.writer.is_empty()).map(|o| o.read_ns).min();
         let Some(oldest) = oldest else { return };
@@ -206,9 +227,13 @@ impl TxWorker {
         self.push_fresh()
     }
 
-    /// Opens one more (empty, keyless) batch with a buffer from the pool.
+    /// Opens one more (empty, keyless) batch. Its buffer is allocated here, once: a slot
+    /// keeps its buffer for the worker's life, so steady state allocates nothing.
     fn push_fresh(&mut self) -> Option<usize> {
-        let mut writer = self.ring.take_buffer()?;
+        if self.open.len() == MAX_OPEN {
+            return None;
+        }
+        let mut writer = BatchWriter::with_capacity(self.buffer_bytes);
         writer.reset(FLAG_VNET);
         self.open.push(Open { key: None, writer, read_ns: 0 });
         Some(self.open.len() - 1)
@@ -301,43 +326,16 @@ impl TxWorker {
         }
     }
 
-    /// Finishes batch `i` and hands it to the publisher; the slot becomes fresh.
+    /// Publishes batch `i`; the slot becomes fresh (same buffer).
     fn flush(&mut self, i: usize) {
         let o = &mut self.open[i];
-        if o.writer.is_empty() {
-            o.key = None;
-            return;
+        if !o.writer.is_empty() {
+            // invariant: a non-empty batch got its key when its first packet was placed
+            let key = o.key.unwrap_or(self.flood_key);
+            self.publisher.send(&mut o.writer, key, o.read_ns);
         }
-        // The pool holds MAX_OPEN + 2 spare buffers beyond the ring's slots, so a fresh one
-        // is always there unless the publisher misbehaves; then the batch is dropped.
-        let Some(mut fresh) = self.ring.take_buffer() else {
-            self.counters.record_drop(DropReason::NoBuffer, o.writer.count() as u64);
-            o.writer.reset(FLAG_VNET);
-            o.key = None;
-            return;
-        };
-        fresh.reset(FLAG_VNET);
-        let writer = std::mem::replace(&mut o.writer, fresh);
-        // invariant: a non-empty batch got its key when its first packet was placed
-        let key = o.key.take().unwrap_or(self.flood_key);
-        let read_ns = o.read_ns;
-        self.publish(writer, key, read_ns);
-    }
-
-    fn publish(&mut self, mut writer: BatchWriter, key: RoutingKey, read_ns: u64) {
-        self.seq = self.seq.wrapping_add(1);
-        let packets = writer.count() as u64;
-        let overhead = crate::codec::v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
-        let bytes = writer.len().saturating_sub(overhead) as u64;
-        writer.finish(self.seq, super::now_ns());
-        // Sent packets are counted by the publisher once the broker has them.
-        match self.ring.push(OutBatch { writer, key, packets: packets as u32, bytes, read_ns }) {
-            Ok(()) => {}
-            Err(batch) => {
-                self.counters.record_drop(DropReason::RingFull, packets);
-                self.ring.give_buffer(batch.writer);
-            }
-        }
+        o.writer.reset(FLAG_VNET);
+        o.key = None;
     }
 
     fn flush_all(&mut self) {
@@ -357,4 +355,138 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
         let (x, y) = v.split_at_mut(a);
         (&mut y[0], &mut x[b])
     }
+}
+
+/// The publishing side of link k, owned by TX worker k: its connection (when up), what it
+/// counts, and the ioppytest form when that wire is chosen.
+struct Publisher {
+    link: LinkContext,
+    conn: Option<Conn>,
+    reconnect: Reconnect,
+    counters: Arc<Counters>,
+    exchange: String,
+    seq: u64,
+    wait: LocalHistogram,
+    packets: LocalHistogram,
+    bytes: LocalHistogram,
+    /// ioppytest wire: the routing key of our packets, and a reused body buffer.
+    json_key: String,
+    json_body: Vec<u8>,
+}
+
+impl Publisher {
+    fn new(link: LinkContext, counters: Arc<Counters>, hist: &Histograms) -> Publisher {
+        let seed = (link.index as u64) ^ super::now_ns();
+        Publisher {
+            exchange: link.config.exchange.clone(),
+            json_key: ioppytest::routing_key_from_agent(&link.config.name),
+            link,
+            conn: None,
+            reconnect: Reconnect::new(seed),
+            counters,
+            seq: 0,
+            wait: LocalHistogram::new(hist.read_to_publish_us.clone()),
+            packets: LocalHistogram::new(hist.batch_packets.clone()),
+            bytes: LocalHistogram::new(hist.batch_bytes.clone()),
+            json_body: Vec::with_capacity(8 * 1024),
+        }
+    }
+
+    /// Connects when disconnected and the backoff allows it.
+    fn maintain(&mut self) {
+        if self.conn.is_some() || !self.reconnect.due(Instant::now()) {
+            return;
+        }
+        match self.link.open_publisher() {
+            Ok(conn) => {
+                self.conn = Some(conn);
+                self.reconnect.up(&self.link, &self.counters);
+            }
+            Err(e) => self.reconnect.failed(&self.link, &e),
+        }
+    }
+
+    /// Time until the next connection attempt, while disconnected.
+    fn reconnect_in(&self) -> Option<Duration> {
+        self.conn.is_none().then(|| self.reconnect.until_due(Instant::now()))
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.conn.as_ref().map(Conn::fd)
+    }
+
+    /// The broker sent something on the publishing connection: only control can come
+    /// (a close when it shuts down).
+    fn on_readable(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            if let Err(e) = conn.pump_control() {
+                self.lose(&e);
+            }
+        }
+    }
+
+    fn lose(&mut self, e: &conn::Error) {
+        self.conn = None;
+        self.reconnect.lost(&self.link, e);
+    }
+
+    /// Publishes one finished batch, or counts it as dropped when the broker is away.
+    fn send(&mut self, writer: &mut BatchWriter, key: RoutingKey, read_ns: u64) {
+        let packets = writer.count() as u64;
+        let overhead = v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
+        let bytes = writer.len().saturating_sub(overhead) as u64;
+        let Some(conn) = &mut self.conn else {
+            self.counters.record_drop(DropReason::BrokerDown, packets);
+            return;
+        };
+        self.seq = self.seq.wrapping_add(1);
+        writer.finish(self.seq, super::now_ns());
+        let result = match self.link.config.wire {
+            Wire::Native => conn.publish(self.exchange.as_bytes(), key.as_str().as_bytes(), &Properties::default(), writer.as_bytes()),
+            Wire::Ioppytest => publish_json(conn, &self.exchange, &self.json_key, &self.link.config.ifname, writer.as_bytes(), &mut self.json_body),
+        };
+        match result {
+            Ok(()) => {
+                Counters::add(&self.counters.tx_packets, packets);
+                Counters::add(&self.counters.tx_bytes, bytes);
+                Counters::add(&self.counters.tx_batches, 1);
+                self.wait.record_n(super::now_ns().saturating_sub(read_ns) / 1000, 1);
+                self.packets.record_n(packets, 1);
+                self.bytes.record_n(writer.len() as u64, 1);
+                let now = Instant::now();
+                for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
+                    h.maybe_fold(now, false);
+                }
+            }
+            Err(conn::Error::TooBig(_)) => self.counters.record_drop(DropReason::TooBig, packets),
+            Err(e) => {
+                self.counters.record_drop(DropReason::BrokerDown, packets);
+                self.lose(&e);
+            }
+        }
+    }
+
+    /// Says goodbye to the broker (bounded wait).
+    fn close(&mut self) {
+        for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
+            h.maybe_fold(Instant::now(), true);
+        }
+        if let Some(conn) = self.conn.take() {
+            conn.close(link::CLOSE_WAIT);
+        }
+    }
+}
+
+/// The ioppytest wire: each packet of our own v1 frame becomes one JSON message on
+/// `fromAgent.<name>.ip.tun.packet.raw`, with the Python agent's properties.
+fn publish_json(conn: &mut Conn, exchange: &str, key: &str, ifname: &str, frame: &[u8], body: &mut Vec<u8>) -> Result<(), conn::Error> {
+    // Our own frame: it decodes unless the codec is broken.
+    let Ok(frame) = v1::decode(frame) else { return Ok(()) };
+    let seconds = super::now_ns() / 1_000_000_000;
+    let props = link::json_properties();
+    for p in frame.packets() {
+        ioppytest::encode_packet(p.data, ifname, seconds, body);
+        conn.publish(exchange.as_bytes(), key.as_bytes(), &props, body)?;
+    }
+    Ok(())
 }
