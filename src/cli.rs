@@ -219,9 +219,6 @@ pub struct ConnectArgs {
     /// its senders.
     #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..=1 << 32))]
     pub queue_max_bytes: u64,
-    /// Batches that may wait between a worker and its publisher.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(2..=1024))]
-    pub ring_slots: u16,
     /// Unacknowledged messages the broker may push to each consumer (they are not counted
     /// against --queue-max-bytes, so this too bounds the delay under load).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
@@ -358,7 +355,6 @@ impl ConnectArgs {
         config.max_batch_bytes = self.max_batch_bytes as usize;
         config.prefetch = self.prefetch;
         config.queue_max_bytes = self.queue_max_bytes;
-        config.ring_slots = usize::from(self.ring_slots);
         config.metrics_addr = match &self.metrics_addr {
             Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(anyhow::Error::msg)?),
             None => None,

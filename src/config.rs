@@ -81,10 +81,9 @@ pub struct AgentConfig {
     /// Upper bound of one AMQP message body.
     pub max_batch_bytes: usize,
     pub prefetch: u16,
-    /// Batches in flight between one worker and its publisher.
-    pub ring_slots: usize,
-    /// Largest AMQP frame on the data connections (`None`: the broker's). lapin's buffers
-    /// are 64 frames per connection, so the lab lowers it for hundreds of light agents.
+    /// Largest AMQP frame on the data connections (`None`: the broker's, 128 KiB on
+    /// RabbitMQ). Each consuming connection reads into two frames' worth of buffer, so the
+    /// lab lowers it for hundreds of light agents.
     pub frame_max: Option<u32>,
     /// IPv6 router solicitations the interface sends at start (RFC 4861's 3; the lab, which
     /// has no router, sends none).
@@ -124,7 +123,6 @@ impl AgentConfig {
             stats_interval: Duration::from_secs(5),
             max_batch_bytes: 256 * 1024,
             prefetch: 32,
-            ring_slots: 8,
             queue_max_bytes: 4 * 1024 * 1024,
             frame_max: None,
             router_solicitations: 3,

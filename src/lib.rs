@@ -7,9 +7,10 @@
 //!   only module allowed `unsafe`).
 //! - [`codec`]: wire format v1 and the ioppytest JSON form. Pure.
 //! - [`route`]: destination → routing key, flow hash, shard → queue. Pure.
-//! - [`ring`]: lock-free hand-off of batches from a worker thread to its publisher.
-//! - [`worker`]: the per-queue TX thread and the RX write path (hot path).
-//! - [`amqp`]: connections, topology, per-queue links with reconnect, presence.
+//! - [`worker`]: the per-queue TX and RX threads (hot path): TUN → batch → broker socket,
+//!   and broker socket → TUN.
+//! - [`amqp`]: our AMQP framing and blocking data connections, link set-up and reconnect;
+//!   presence (lapin).
 //! - [`metrics`]: counters, latency histograms, reports.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
@@ -23,7 +24,6 @@ pub mod config;
 pub mod interop;
 pub mod lab;
 pub mod metrics;
-pub mod ring;
 pub mod route;
 pub mod tun;
 pub mod worker;

@@ -1,11 +1,14 @@
 //! Everything that talks to the broker: connections, topology, the per-queue links, presence.
 //!
-//! Runs on the agent's tokio runtime; lapin gives each connection its own I/O loop. One
-//! connection per TUN queue ([`link`]) carries that queue's publishes and its consumer, so
-//! queues never contend on one socket; [`presence`] has its own small connection for
-//! hello/bye/probe. Reconnection is ours, not lapin's (its auto-recovery is off): a link
-//! that loses the broker drops and counts what it cannot send, retries with jittered
-//! exponential backoff, and re-declares its queue and bindings.
+//! Two kinds of connection. The data path uses our own ([`wire`]: AMQP framing, pure;
+//! [`conn`]: a blocking connection owned by one thread): each TUN queue has a publishing
+//! connection owned by its TX worker and a consuming one owned by its RX worker ([`link`]),
+//! so queues never contend on a socket and no packet waits for another thread. Control
+//! ([`presence`]: hello/bye/probe, the name check, and the ioppytest control messages and
+//! router elsewhere) uses lapin on the agent's tokio runtime, where convenience matters more
+//! than microseconds. Reconnection is ours: a link that loses the broker drops and counts
+//! what it cannot send, retries with jittered exponential backoff, and re-declares its queue
+//! and bindings.
 
 pub mod conn;
 pub mod link;

@@ -323,11 +323,10 @@ impl Lab {
         c.stats_interval = Duration::ZERO;
         c.check_name = false;
         c.router_solicitations = 0; // a lab has no router: nothing to solicit
-        // Many agents per process, so smaller per-agent buffers: 4 ring slots, 128 KiB batches,
-        // 32 KiB frames (lapin buffers 2 MiB per connection instead of 8). The same at every
-        // lab size, so that a lab's figures compare across sizes; `agent connect` keeps the
+        // Many agents per process, so smaller per-agent buffers: 128 KiB batches, 32 KiB
+        // frames (each data connection reads into two frames' worth). The same at every lab
+        // size, so that a lab's figures compare across sizes; `agent connect` keeps the
         // defaults tuned for throughput.
-        c.ring_slots = 4;
         c.max_batch_bytes = 128 * 1024;
         c.frame_max = Some(32 * 1024);
         c

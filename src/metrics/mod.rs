@@ -19,10 +19,8 @@ use hdrhistogram::Histogram;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
 pub enum DropReason {
-    /// No free batch buffer: the publisher is behind.
+    /// No batch slot free for a packet (more destinations in one burst than slots).
     NoBuffer,
-    /// The ring to the publisher was full.
-    RingFull,
     /// The broker connection was down when the batch was due.
     BrokerDown,
     /// A message from the bus that does not decode.
@@ -40,9 +38,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::NoBuffer,
-        DropReason::RingFull,
         DropReason::BrokerDown,
         DropReason::Malformed,
         DropReason::TooBig,
@@ -56,7 +53,6 @@ impl DropReason {
     pub fn name(self) -> &'static str {
         match self {
             DropReason::NoBuffer => "no_buffer",
-            DropReason::RingFull => "ring_full",
             DropReason::BrokerDown => "broker_down",
             DropReason::Malformed => "malformed",
             DropReason::TooBig => "too_big",

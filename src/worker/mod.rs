@@ -1,8 +1,9 @@
 //! The per-queue glue between the TUN and the bus.
 //!
-//! [`tx`]: one OS thread per TUN queue, pinned to a core: reads bursts, classifies, batches
-//! into ring buffers. [`rx`]: decodes a delivered batch and writes its packets into the TUN
-//! queue it belongs to; it runs inside the consumer task of `amqp::link`.
+//! [`tx`]: one OS thread per TUN queue, pinned to a core: reads bursts, classifies, batches,
+//! and publishes each batch on its own AMQP connection. [`rx`]: one OS thread per TUN queue
+//! that consumes that queue's messages on its own connection and writes their packets into
+//! the TUN queue they belong to.
 
 pub mod rx;
 pub mod tx;
