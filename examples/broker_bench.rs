@@ -1,42 +1,45 @@
 //! `broker_bench`: what the broker alone can carry, the ceiling under any bus tunnel.
 //!
-//! One publisher connection and one consumer connection on one transient queue (published
-//! through the default exchange), the same lapin settings as a tunbus link: transient
-//! messages, no confirms, prefetch 256, acks batched with `multiple`. For each message size
-//! it publishes as fast as the broker accepts for `--seconds`, keeping at most a bounded
-//! number of messages in flight (so the queue measures throughput, not memory), and counts
-//! what the consumer received. Then it measures the one-hop latency of a 100-byte message,
-//! publish → delivery, one message at a time. Prints one JSON object on stdout.
+//! Uses the same AMQP client as the agent's data path (`tunbus::amqp::conn`): one publishing
+//! connection (this thread) and one consuming connection (its own thread) on one exclusive
+//! queue, published through the default exchange; transient messages, no confirms,
+//! prefetch 256, acks batched with `multiple`. For each message size it publishes as fast as
+//! the broker accepts for `--seconds`, keeping a bounded number of bytes in flight (so the
+//! queue measures throughput, not memory), and counts what the consumer received.
+//!
+//! Then the one-hop latency of a 100-byte message, publish → delivery, one message at a
+//! time, once back to back and once with a pause between messages (`--latency-gaps`, in ms;
+//! the benchmark's ping interval): a broker that has gone idle takes longer to wake, so the
+//! limit a ping is compared with must be measured at the ping's own pace. Prints one JSON
+//! object on stdout.
 //!
 //! ```text
 //! broker_bench [--url amqp://guest:guest@127.0.0.1:5672/%2f] [--seconds 3]
-//!              [--sizes 1536,65536,262144] [--latency-samples 2000]
+//!              [--sizes 1536,65536,262144] [--latency-samples 2000] [--latency-gaps 0,10]
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio::sync::Notify;
+use tunbus::amqp::conn::{Conn, ReadState};
+use tunbus::amqp::wire::{self, Properties};
+use tunbus::tun::{wait_fd, Interest};
 
 const PREFETCH: u16 = 256;
 /// Bytes allowed between publisher and consumer: enough to keep both busy, small enough that
 /// the broker never pages messages out.
 const IN_FLIGHT_BYTES: u64 = 32 * 1024 * 1024;
+const SETUP: Duration = Duration::from_secs(3);
 
 struct Args {
     url: String,
     seconds: f64,
     sizes: Vec<usize>,
     latency_samples: usize,
+    latency_gaps_ms: Vec<u64>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -45,6 +48,10 @@ fn parse_args() -> anyhow::Result<Args> {
         seconds: 3.0,
         sizes: vec![1536, 64 * 1024, 256 * 1024],
         latency_samples: 2000,
+        latency_gaps_ms: vec![0, 10],
+    };
+    let list = |v: String, flag: &str| -> anyhow::Result<Vec<u64>> {
+        v.split(',').map(|s| s.trim().parse().with_context(|| format!("{flag}: {s:?}"))).collect()
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,83 +59,94 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--url" => args.url = value()?,
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
-            "--sizes" => {
-                args.sizes = value()?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>().context("--sizes")?
-            }
+            "--sizes" => args.sizes = list(value()?, "--sizes")?.into_iter().map(|s| s as usize).collect(),
             "--latency-samples" => args.latency_samples = value()?.parse().context("--latency-samples")?,
+            "--latency-gaps" => args.latency_gaps_ms = list(value()?, "--latency-gaps")?,
             other => bail!(
-                "unknown argument {other:?}\nusage: broker_bench [--url URL] [--seconds S] [--sizes A,B,..] [--latency-samples N]"
+                "unknown argument {other:?}\nusage: broker_bench [--url URL] [--seconds S] [--sizes A,B,..] \
+                 [--latency-samples N] [--latency-gaps MS,MS,..]"
             ),
         }
     }
     Ok(args)
 }
 
-async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await.with_context(|| format!("connecting to {url}"))
-}
-
-/// Shared between the publisher and the consumer task.
-#[derive(Default)]
+/// What the consumer thread has received.
 struct Progress {
-    received: AtomicU64,
-    received_bytes: AtomicU64,
-    consumed: Notify,
-    /// Latency mode: the consumer reports each arrival through this.
-    arrived: Notify,
-    latency_mode: AtomicBool,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    /// When the last body frame arrived, in ns since `epoch`.
+    arrival_ns: AtomicU64,
+    epoch: Instant,
+    stop: AtomicBool,
 }
 
-async fn consume(channel: Channel, queue: String, progress: Arc<Progress>) -> anyhow::Result<()> {
-    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(queue.as_str().into(), "broker-bench".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
-    let mut since_ack = 0u16;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        progress.received_bytes.fetch_add(delivery.data.len() as u64, Ordering::Relaxed);
-        progress.received.fetch_add(1, Ordering::Release);
-        since_ack += 1;
-        let latency = progress.latency_mode.load(Ordering::Relaxed);
-        if latency {
-            progress.arrived.notify_one();
-        } else {
-            progress.consumed.notify_one();
+/// Consumes until stopped: counts messages and body bytes, acks every half prefetch and
+/// whenever nothing more has arrived.
+fn consume(mut conn: Conn, progress: Arc<Progress>) -> anyhow::Result<()> {
+    let mut last_tag = 0u64;
+    let mut unacked = 0u16;
+    while !progress.stop.load(Ordering::Relaxed) {
+        while let Some((frame, n)) = conn.next_frame()? {
+            match frame.kind {
+                wire::FRAME_METHOD => {
+                    if let Ok((wire::method::BASIC_DELIVER, a)) = wire::method_of(frame.payload) {
+                        last_tag = wire::Deliver::parse(a)?.delivery_tag;
+                        unacked += 1;
+                    }
+                }
+                wire::FRAME_HEADER => {
+                    let size = wire::content_body_size(frame.payload)?;
+                    progress.bytes.fetch_add(size, Ordering::Relaxed);
+                    progress.messages.fetch_add(1, Ordering::Release);
+                }
+                wire::FRAME_BODY => {
+                    let at = progress.epoch.elapsed().as_nanos() as u64;
+                    progress.arrival_ns.store(at, Ordering::Release);
+                }
+                _ => {}
+            }
+            conn.consume_frame(n);
+            if unacked >= PREFETCH / 2 {
+                conn.ack_multiple(last_tag)?;
+                unacked = 0;
+            }
         }
-        if latency || since_ack >= PREFETCH / 2 {
-            channel.basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true }).await?;
-            since_ack = 0;
+        if conn.read_some()? == ReadState::Empty {
+            if unacked > 0 {
+                conn.ack_multiple(last_tag)?;
+                unacked = 0;
+            }
+            wait_fd(conn.fd(), Interest::Read, Duration::from_millis(100))?;
         }
     }
+    conn.close(Duration::from_millis(500));
     Ok(())
 }
 
-async fn throughput(publish: &Channel, queue: &str, size: usize, seconds: f64, progress: &Progress) -> anyhow::Result<serde_json::Value> {
+fn throughput(publish: &mut Conn, queue: &str, size: usize, seconds: f64, progress: &Progress) -> anyhow::Result<serde_json::Value> {
     let body = vec![0xA5u8; size];
     let window = (IN_FLIGHT_BYTES / size as u64).clamp(2 * u64::from(PREFETCH), 65_536);
-    let base = progress.received.load(Ordering::Acquire);
-    let base_bytes = progress.received_bytes.load(Ordering::Relaxed);
+    let base = progress.messages.load(Ordering::Acquire);
+    let base_bytes = progress.bytes.load(Ordering::Relaxed);
+    let received = || progress.messages.load(Ordering::Acquire) - base;
     let mut published = 0u64;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
     while Instant::now() < deadline {
-        while published.saturating_sub(progress.received.load(Ordering::Acquire) - base) >= window {
-            let _ = tokio::time::timeout(Duration::from_millis(10), progress.consumed.notified()).await;
+        while published.saturating_sub(received()) >= window {
+            thread::sleep(Duration::from_micros(50));
         }
-        publish
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, BasicProperties::default())
-            .await?;
+        publish.publish(b"", queue.as_bytes(), &Properties::default(), &body)?;
         published += 1;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let msgs = progress.received.load(Ordering::Acquire) - base;
-    let bytes = progress.received_bytes.load(Ordering::Relaxed) - base_bytes;
+    let msgs = received();
+    let bytes = progress.bytes.load(Ordering::Relaxed) - base_bytes;
     // Let the consumer catch up before the next size, so runs do not overlap.
     let settle = Instant::now();
-    while progress.received.load(Ordering::Acquire) - base < published && settle.elapsed() < Duration::from_secs(5) {
-        let _ = tokio::time::timeout(Duration::from_millis(10), progress.consumed.notified()).await;
+    while received() < published && settle.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
     }
     Ok(serde_json::json!({
         "size_bytes": size,
@@ -148,29 +166,37 @@ fn percentile(sorted_us: &[f64], q: f64) -> f64 {
     sorted_us[i.min(sorted_us.len() - 1)]
 }
 
-async fn latency(publish: &Channel, queue: &str, samples: usize, progress: &Progress) -> anyhow::Result<serde_json::Value> {
-    progress.latency_mode.store(true, Ordering::Relaxed);
+/// One-hop latency, one message at a time with `gap` between them: publish time to the
+/// consumer thread's arrival time (it notes the time itself, so how this thread waits for
+/// the arrival does not count).
+fn latency(publish: &mut Conn, queue: &str, samples: usize, gap: Duration, progress: &Progress) -> anyhow::Result<serde_json::Value> {
     let body = [0x5Au8; 100];
     let mut us = Vec::with_capacity(samples);
     for i in 0..samples + 50 {
-        let before = progress.received.load(Ordering::Acquire);
-        let t0 = Instant::now();
-        publish
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, BasicProperties::default())
-            .await?;
-        while progress.received.load(Ordering::Acquire) == before {
-            if tokio::time::timeout(Duration::from_secs(2), progress.arrived.notified()).await.is_err() {
+        if !gap.is_zero() {
+            thread::sleep(gap);
+        }
+        let t0 = progress.epoch.elapsed().as_nanos() as u64;
+        publish.publish(b"", queue.as_bytes(), &Properties::default(), &body)?;
+        let arrived = loop {
+            let at = progress.arrival_ns.load(Ordering::Acquire);
+            if at > t0 {
+                break at;
+            }
+            if progress.epoch.elapsed().as_nanos() as u64 - t0 > 2_000_000_000 {
                 bail!("a 100-byte message did not arrive within 2 s");
             }
-        }
+            thread::sleep(Duration::from_micros(100));
+        };
         if i >= 50 {
             // the first 50 warm up connections and caches
-            us.push(t0.elapsed().as_secs_f64() * 1e6);
+            us.push((arrived - t0) as f64 / 1e3);
         }
     }
     us.sort_by(f64::total_cmp);
     Ok(serde_json::json!({
         "size_bytes": 100,
+        "gap_ms": gap.as_millis() as u64,
         "samples": us.len(),
         "p50_us": percentile(&us, 0.5),
         "p99_us": percentile(&us, 0.99),
@@ -179,40 +205,50 @@ async fn latency(publish: &Channel, queue: &str, samples: usize, progress: &Prog
     }))
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let queue = format!("tunbus-perf-broker-{}-{}", std::process::id(), tunbus::worker::now_ns() % 1_000_000);
-    let pub_conn = connect(&args.url, "broker_bench publisher").await?;
-    let sub_conn = connect(&args.url, "broker_bench consumer").await?;
-    let publish = pub_conn.create_channel().await?;
-    let consume_ch = sub_conn.create_channel().await?;
-    consume_ch
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions { auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
-    let progress = Arc::new(Progress::default());
-    let consumer = tokio::spawn(consume(consume_ch.clone(), queue.clone(), progress.clone()));
+    let mut consumer = Conn::open(&args.url, "broker_bench consumer", None, SETUP).with_context(|| format!("connecting to {}", args.url))?;
+    // Exclusive and auto-delete: the queue goes with the consumer's connection, whatever happens.
+    consumer.queue_declare(&queue, i32::MAX, i64::MAX)?;
+    consumer.consume(&queue, "broker-bench", PREFETCH)?;
+    let mut publish = Conn::open(&args.url, "broker_bench publisher", None, SETUP)?;
+    let progress = Arc::new(Progress {
+        messages: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        arrival_ns: AtomicU64::new(0),
+        epoch: Instant::now(),
+        stop: AtomicBool::new(false),
+    });
+    let consumer = {
+        let progress = progress.clone();
+        thread::spawn(move || consume(consumer, progress))
+    };
 
-    let result = async {
+    let result = (|| {
         let mut runs = Vec::new();
         for &size in &args.sizes {
-            runs.push(throughput(&publish, &queue, size, args.seconds, &progress).await?);
+            runs.push(throughput(&mut publish, &queue, size, args.seconds, &progress)?);
         }
-        let lat = latency(&publish, &queue, args.latency_samples, &progress).await?;
-        anyhow::Ok(serde_json::json!({ "queue": queue, "throughput": runs, "one_hop_latency": lat }))
-    }
-    .await;
+        let mut hops = Vec::new();
+        for &gap in &args.latency_gaps_ms {
+            hops.push(latency(&mut publish, &queue, args.latency_samples, Duration::from_millis(gap), &progress)?);
+        }
+        let back_to_back = hops.first().cloned().unwrap_or(serde_json::Value::Null);
+        anyhow::Ok(serde_json::json!({
+            "client": "tunbus::amqp::conn",
+            "queue": queue,
+            "throughput": runs,
+            "one_hop_latency": back_to_back,
+            "one_hop_latency_by_gap": hops,
+        }))
+    })();
 
-    // Always remove the queue, also when a run failed.
-    let _ = publish.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await;
-    let _ = publish.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-    consumer.abort();
-    let _ = pub_conn.close(200, "done".into()).await;
-    let _ = sub_conn.close(200, "done".into()).await;
-    println!("{}", serde_json::to_string(&result?)?);
+    progress.stop.store(true, Ordering::Relaxed);
+    publish.close(Duration::from_millis(500));
+    let consumed = consumer.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))?;
+    let result = result?;
+    consumed?;
+    println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

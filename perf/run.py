@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RELEASE = REPO / "target" / "release"
 AGENT = RELEASE / "agent"
+AGENT_ARGS: list[str] = []  # --agent-args
 TUN_RELAY = RELEASE / "examples" / "tun_relay"
 BROKER_BENCH = RELEASE / "examples" / "broker_bench"
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
@@ -446,7 +447,7 @@ def system_tunbus(plan: dict, queues: int, logdir: Path) -> dict:
             errlog = logdir / f"{name}.log"
             cmd = [str(AGENT), "connect", "--url", URL, "--session", session, "--name", name, "--netns", ns,
                    "--ipv4", f"{v4}/24", "--ipv6", f"{v6}/64", "--queues", str(queues), "--mtu", str(plan["mtu"]),
-                   "--stats-interval", "0"]
+                   "--stats-interval", "0"] + AGENT_ARGS
             p = CLEANUP.spawn(cmd, stop_signal=signal.SIGINT, stdout=subprocess.PIPE,
                               stderr=open(errlog, "w"), text=True,
                               env={**os.environ, "NO_COLOR": "1", "RUST_BACKTRACE": "0"})
@@ -476,7 +477,8 @@ def system_tunbus(plan: dict, queues: int, logdir: Path) -> dict:
 
 def system_broker(plan: dict) -> dict:
     cmd = [str(BROKER_BENCH), "--url", URL, "--seconds", str(plan["broker_s"]),
-           "--latency-samples", str(plan["broker_lat_samples"])]
+           "--latency-samples", str(plan["broker_lat_samples"]),
+           "--latency-gaps", f"0,{round(plan['ping_interval'] * 1000)}"]
     p = CLEANUP.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_BACKTRACE": "0"})
     try:
         out, err = p.communicate(timeout=plan["broker_s"] * 3 + 60)
@@ -528,12 +530,23 @@ def broker_by_size(broker: dict, size: int) -> dict:
     return {}
 
 
+def ping_pace_hop(res: dict) -> dict:
+    """The broker's one-hop latency measured at the ping's pace (an idle broker is slower to
+    wake than a busy one, so a ping is compared with hops spaced like its own packets)."""
+    br = res["systems"].get("broker", {})
+    gap = round(g(res, "meta", "plan", "ping_interval", default=0.01) * 1000)
+    for h in br.get("one_hop_latency_by_gap", []):
+        if h.get("gap_ms") == gap:
+            return h
+    return br.get("one_hop_latency") or {}
+
+
 def make_rows(res: dict) -> list[dict]:
     """The table: one row per workload, a value per system, and the tunbus ratios."""
     s = res["systems"]
-    br = res["systems"].get("broker", {})
-    hop_p50 = g(br, "one_hop_latency", "p50_us")
-    hop_p99 = g(br, "one_hop_latency", "p99_us")
+    hop = ping_pace_hop(res)
+    hop_p50 = hop.get("p50_us")
+    hop_p99 = hop.get("p99_us")
     rows = []
 
     def row(label, getter, limit_key, unit, limit_name, better="higher", extra_limit=None):
@@ -587,16 +600,20 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
         vals = [fmt(r["values"][k], digits=digits) for k in SYSTEMS]
         out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} |")
     br = res["systems"].get("broker", {})
-    out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, lapin)", ""]
+    out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, tunbus's own AMQP client)", ""]
     if "error" in br:
         out.append(f"failed: {br['error']}")
     else:
         out += ["| message | msg/s | Gbit/s |", "|---|---:|---:|"]
         for t in br.get("throughput", []):
             out.append(f"| {t['size_bytes']} B | {fmt(t['msg_per_s'])} | {fmt(t['gbit_per_s'])} |")
-        lat = br.get("one_hop_latency", {})
-        out += ["", f"One hop, 100 B, one at a time: p50 {fmt(lat.get('p50_us'))} µs, p99 {fmt(lat.get('p99_us'))} µs, "
-                    f"p99.9 {fmt(lat.get('p999_us'))} µs ({lat.get('samples')} samples)."]
+        hops = br.get("one_hop_latency_by_gap") or [br.get("one_hop_latency", {})]
+        out.append("")
+        for lat in hops:
+            pace = "back to back" if not lat.get("gap_ms") else f"{lat['gap_ms']} ms apart"
+            out.append(f"One hop, 100 B, one at a time, {pace}: p50 {fmt(lat.get('p50_us'))} µs, p99 {fmt(lat.get('p99_us'))} µs, "
+                       f"p99.9 {fmt(lat.get('p999_us'))} µs ({lat.get('samples')} samples).")
+        out += ["", "The ping rows compare with two hops at the ping's pace (an idle broker wakes more slowly)."]
     out += ["", "## Inside tunbus", ""]
     for q in ("tunbus-q1", "tunbus-q2"):
         if q not in res["systems"]:
@@ -689,7 +706,7 @@ def svg(res: dict) -> str:
             c = g(s.get(k, {}), cond, "curve_ms")
             if c:
                 curves.append((k, cond, dash, [(float(p), v) for p, v in c.items() if v]))
-    hop = br.get("one_hop_latency") or {}
+    hop = ping_pace_hop(res)
     hop_pts = [(p, 2 * hop[f]) for p, f in ((50, "p50_us"), (99, "p99_us"), (99.9, "p999_us")) if hop.get(f)]
     allv = [v for _, _, _, pts in curves for _, v in pts] + [v / 1000 for _, v in hop_pts]
     lo = 10 ** math.floor(math.log10(min(allv))) if allv else 0.01
@@ -744,8 +761,10 @@ def main() -> int:
     ap.add_argument("--mtu", type=int, default=9000, help="MTU of every interface under test [9000, the agent's default]")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
     ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2")
+    ap.add_argument("--agent-args", default="", help="extra flags for both tunbus agents, e.g. \"--prefetch 64\" (to compare settings)")
     ap.add_argument("--render", metavar="JSON", help="only re-render latest.md and the SVG from a results JSON")
     args = ap.parse_args()
+    AGENT_ARGS.extend(args.agent_args.split())
 
     if args.render:
         res = json.loads(Path(args.render).read_text())
@@ -787,6 +806,7 @@ def main() -> int:
             "host": platform.node(),
             "kernel": platform.release(),
             "cpus": os.cpu_count(),
+            "agent_args": " ".join(AGENT_ARGS),
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
             "mtu": args.mtu,
             "plan": plan,

@@ -111,11 +111,7 @@ impl Agent {
                 IpAddr::V6(_) => None,
             })
             .collect();
-        let cpus = if config.cpus.is_empty() {
-            core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
-        } else {
-            config.cpus.clone()
-        };
+        let cpus = config.cpus.clone();
         let mut agent = Agent {
             config: config.clone(),
             stop_tx,

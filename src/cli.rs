@@ -195,7 +195,8 @@ pub struct ConnectArgs {
     /// Interface name.
     #[arg(long, default_value = "tb0")]
     pub ifname: String,
-    /// Cores to pin the workers to, e.g. 0,1 or 2-5 [default: spread over all cores].
+    /// Pin TX worker k to core LIST[k mod len], e.g. 0,1 or 2-5 [default: no pinning; the
+    /// scheduler places them, which measured better when agents share a machine].
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
     /// Do not ask the kernel for TSO/USO super-packets and checksum offload.

@@ -74,7 +74,8 @@ pub struct AgentConfig {
     pub netns: Option<String>,
     pub ifname: String,
     pub exchange: String,
-    /// Core for worker i is `cpus[i % cpus.len()]`; empty means spread over all cores.
+    /// Core for TX worker i is `cpus[i % cpus.len()]`; empty means not pinned
+    /// (docs/decisions/0011-no-pinning-by-default.md).
     pub cpus: Vec<usize>,
     pub offload: bool,
     pub stats_interval: Duration,
