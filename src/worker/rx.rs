@@ -26,6 +26,9 @@ use crate::tun::{vnet, wait_fd, Interest, TunQueue};
 
 /// How often an idle RX worker wakes to notice shutdown.
 pub const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Largest body gathered (a native batch is at most 8 MiB); a larger one is skipped and
+/// counted as malformed instead of growing the buffer without bound.
+pub const MAX_BODY: usize = 16 << 20;
 
 /// The message being received: announced by `basic.deliver`, then a header, then bodies.
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +36,8 @@ struct Incoming {
     /// Our own flood, echoed back by the broker: acknowledged, not written.
     own: bool,
     size: Option<usize>,
+    /// Too large to gather: its body frames are skipped.
+    skip: bool,
 }
 
 /// One RX worker; owned by its thread.
@@ -113,23 +118,7 @@ impl RxWorker {
             while let Some((frame, n)) = conn.next_frame()? {
                 match frame.kind {
                     wire::FRAME_BODY => {
-                        if let Some(m) = &mut incoming {
-                            let size = m.size.unwrap_or(0);
-                            if self.body.is_empty() && frame.payload.len() == size {
-                                // The whole body in one frame: decode it where it lies.
-                                self.deliver(m.own, frame.payload);
-                                incoming = None;
-                            } else {
-                                self.body.extend_from_slice(frame.payload);
-                                if self.body.len() >= size {
-                                    let body = std::mem::take(&mut self.body);
-                                    self.deliver(m.own, &body);
-                                    self.body = body;
-                                    self.body.clear();
-                                    incoming = None;
-                                }
-                            }
-                        }
+                        self.on_body(&mut incoming, frame.payload);
                         conn.consume_frame(n);
                     }
                     wire::FRAME_HEADER => {
@@ -137,7 +126,10 @@ impl RxWorker {
                         conn.consume_frame(n);
                         if let Some(m) = &mut incoming {
                             m.size = Some(size as usize);
-                            if size == 0 {
+                            if size as usize > MAX_BODY {
+                                m.skip = true;
+                                self.counters.record_drop(DropReason::Malformed, 1);
+                            } else if size == 0 {
                                 self.deliver(m.own, &[]);
                                 incoming = None;
                             }
@@ -148,7 +140,7 @@ impl RxWorker {
                             let d = Deliver::parse(a)?;
                             let (tag, own) = (d.delivery_tag, d.routing_key == self.own_flood_key.as_str().as_bytes());
                             conn.consume_frame(n);
-                            incoming = Some(Incoming { own, size: None });
+                            incoming = Some(Incoming { own, size: None, skip: false });
                             self.body.clear();
                             if let Some(tag) = acks.delivered(tag) {
                                 conn.ack_multiple(tag)?;
@@ -179,6 +171,33 @@ impl RxWorker {
             wait_fd(conn.fd(), Interest::Read, IDLE_POLL)?;
             if self.stopping() {
                 return Ok(());
+            }
+        }
+    }
+
+    /// One body frame of the message being received; delivers the message once whole.
+    fn on_body(&mut self, incoming: &mut Option<Incoming>, payload: &[u8]) {
+        let Some(m) = incoming else { return }; // no deliver before it: not ours to handle
+        let size = m.size.unwrap_or(0);
+        if m.skip {
+            m.size = Some(size.saturating_sub(payload.len()));
+            if m.size == Some(0) {
+                *incoming = None;
+            }
+        } else if self.body.is_empty() && payload.len() >= size {
+            // The whole body in one frame: decode it where it lies.
+            let own = m.own;
+            *incoming = None;
+            self.deliver(own, payload);
+        } else {
+            self.body.extend_from_slice(payload);
+            if self.body.len() >= size {
+                let own = m.own;
+                *incoming = None;
+                let body = std::mem::take(&mut self.body);
+                self.deliver(own, &body);
+                self.body = body;
+                self.body.clear();
             }
         }
     }

@@ -458,7 +458,6 @@ impl Publisher {
                     h.maybe_fold(now, false);
                 }
             }
-            Err(conn::Error::TooBig(_)) => self.counters.record_drop(DropReason::TooBig, packets),
             Err(e) => {
                 self.counters.record_drop(DropReason::BrokerDown, packets);
                 self.lose(&e);
