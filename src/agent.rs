@@ -112,6 +112,7 @@ impl Agent {
             })
             .collect();
         let cpus = config.cpus.clone();
+        let peers = Arc::new(crate::route::peers::PeerQueues::new());
         let mut agent = Agent {
             config: config.clone(),
             stop_tx,
@@ -132,7 +133,7 @@ impl Agent {
             let rx_counters = Arc::new(Counters::default());
             let hist = Histograms::new();
             let link = LinkContext { config: config.clone(), index: k, broker: broker.clone(), connected: connected.clone() };
-            let rx = RxWorker::new(link.clone(), queue.clone(), rx_counters.clone(), &hist, stop_flag.clone(), flood_key, config.owned_addresses());
+            let rx = RxWorker::new(link.clone(), queue.clone(), rx_counters.clone(), &hist, stop_flag.clone(), flood_key, config.owned_addresses(), peers.clone());
             let rx_handle = std::thread::Builder::new()
                 .name(format!("rx-{}-{k}", config.name))
                 .spawn(move || {
@@ -141,7 +142,7 @@ impl Agent {
                 })
                 .context("spawning an RX worker thread")?;
             agent.workers.push(rx_handle);
-            let worker = TxWorker::new(queue.clone(), link, tx_counters.clone(), hist.clone(), stop_flag.clone(), flood_key, own_v4.clone());
+            let worker = TxWorker::new(queue.clone(), link, tx_counters.clone(), hist.clone(), stop_flag.clone(), flood_key, own_v4.clone(), peers.clone());
             let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("tx-{}-{k}", config.name))

@@ -33,6 +33,7 @@ use tunbus::metrics::{new_histogram, Counters, DropReason, Histograms, LocalHist
 use tunbus::amqp::link::LinkContext;
 use tunbus::amqp::BrokerState;
 use tunbus::config::AgentConfig;
+use tunbus::route::peers::PeerQueues;
 use tunbus::route::RoutingKey;
 use tunbus::tun::{netns, vnet, TunDevice, TunQueue};
 use tunbus::worker::{now_ns, rx, tx};
@@ -350,6 +351,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         stop.clone(),
         RoutingKey::all("b").expect("valid word"),
         link_b.config.owned_addresses(),
+        Arc::new(PeerQueues::new()),
     );
     let rx_thread = thread::spawn(move || {
         count_on_this_thread(&RX_WORKER);
@@ -365,7 +367,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     // A: a TX worker reading UDP datagrams sent to B and publishing them.
     let tx_counters = Arc::new(Counters::default());
     let flood = RoutingKey::all("a").expect("valid word");
-    let worker = tx::TxWorker::new(queue_a.clone(), link_a, tx_counters.clone(), Histograms::new(), stop.clone(), flood, Vec::new());
+    let worker = tx::TxWorker::new(queue_a.clone(), link_a, tx_counters.clone(), Histograms::new(), stop.clone(), flood, Vec::new(), Arc::new(PeerQueues::new()));
     let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
         worker.run();
@@ -450,6 +452,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
         .map(|&(size, count)| {
             let pkt = ipv4_udp(peer, own, size);
             let mut w = BatchWriter::with_capacity(256 * 1024);
+            w.set_sender_queues(2); // the receiver notes it: that path is counted too
             w.reset(v1::FLAG_VNET);
             for _ in 0..count {
                 w.push(Some(&vnet::PLAIN), &pkt).expect("packet fits the batch");
@@ -466,8 +469,9 @@ fn rx_deliver_steady_state_does_not_allocate() {
         let (counters, queue) = (counters.clone(), queue.clone());
         thread::spawn(move || {
             let mut latency = LocalHistogram::new(shared);
+            let peers = PeerQueues::new();
             let round = |latency: &mut LocalHistogram| -> u64 {
-                frames.iter().map(|f| rx::deliver(f, &queue, &counters, latency, now_ns())).sum()
+                frames.iter().map(|f| rx::deliver(f, &queue, &counters, latency, &peers, now_ns())).sum()
             };
             for _ in 0..20 {
                 round(&mut latency);

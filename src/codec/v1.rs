@@ -38,7 +38,8 @@ mod field {
     pub const VERSION: usize = 2;
     pub const FLAGS: usize = 3;
     pub const COUNT: Range<usize> = 4..6;
-    pub const RESERVED: Range<usize> = 6..8;
+    pub const SENDER_QUEUES: usize = 6;
+    pub const RESERVED: usize = 7;
     pub const SEQ: Range<usize> = 8..16;
     pub const TIMESTAMP: Range<usize> = 16..24;
 }
@@ -50,6 +51,9 @@ pub struct FrameHeader {
     pub flags: u8,
     /// Number of packet entries.
     pub count: u16,
+    /// How many consumer queues the sender has (1..=16), so that replies can be batched per
+    /// queue instead of per shard; 0 when not stated (older senders wrote 0 here).
+    pub sender_queues: u8,
     /// Sender's sequence number (per publisher, for loss and reorder accounting).
     pub seq: u64,
     /// Sender's clock when the frame was finished, ns since the UNIX epoch.
@@ -176,6 +180,7 @@ pub fn decode(body: &[u8]) -> Result<Frame<'_>, DecodeError> {
     let header = FrameHeader {
         flags,
         count: be_u16(head, field::COUNT),
+        sender_queues: head[field::SENDER_QUEUES],
         seq: be_u64(head, field::SEQ),
         timestamp_ns: be_u64(head, field::TIMESTAMP),
     };
@@ -303,6 +308,8 @@ pub struct BatchWriter {
     len: usize,
     flags: u8,
     count: usize,
+    /// Written into the header's `sender_queues`; kept across `reset`.
+    sender_queues: u8,
     /// Offset of the last entry's length field (valid when `count > 0`).
     last_start: usize,
     /// Offset of the entry before it, when known (lets one `pop_last` stay O(1)).
@@ -319,6 +326,7 @@ impl BatchWriter {
             len: HEADER_LEN,
             flags: 0,
             count: 0,
+            sender_queues: 0,
             last_start: HEADER_LEN,
             prev_start: None,
         };
@@ -334,6 +342,11 @@ impl BatchWriter {
         self.count = 0;
         self.last_start = HEADER_LEN;
         self.prev_start = None;
+    }
+
+    /// States how many consumer queues the sender has in every frame this writer finishes.
+    pub fn set_sender_queues(&mut self, queues: u8) {
+        self.sender_queues = queues;
     }
 
     /// The flags of the current batch.
@@ -462,7 +475,8 @@ impl BatchWriter {
             head[field::VERSION] = VERSION;
             head[field::FLAGS] = self.flags;
             head[field::COUNT].copy_from_slice(&count.to_be_bytes());
-            head[field::RESERVED].copy_from_slice(&[0, 0]);
+            head[field::SENDER_QUEUES] = self.sender_queues;
+            head[field::RESERVED] = 0;
             head[field::SEQ].copy_from_slice(&seq.to_be_bytes());
             head[field::TIMESTAMP].copy_from_slice(&timestamp_ns.to_be_bytes());
         }
@@ -557,7 +571,7 @@ pub fn encode(
     out.push(flags);
     // packets.len() <= MAX_PACKETS == u16::MAX, checked above.
     out.extend_from_slice(&(packets.len() as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&[header.sender_queues, 0]);
     out.extend_from_slice(&header.seq.to_be_bytes());
     out.extend_from_slice(&header.timestamp_ns.to_be_bytes());
     for p in packets {
@@ -580,6 +594,7 @@ mod tests {
         FrameHeader {
             flags,
             count: 0,
+            sender_queues: 0,
             seq,
             timestamp_ns: ts,
         }
@@ -596,7 +611,7 @@ mod tests {
         v.push(1);
         v.push(flags);
         v.extend_from_slice(&count.to_be_bytes());
-        v.extend_from_slice(&[0xAA, 0xBB]); // reserved: ignored on decode
+        v.extend_from_slice(&[3, 0xBB]); // sender_queues 3, then the reserved octet (ignored)
         v.extend_from_slice(&7u64.to_be_bytes());
         v.extend_from_slice(&9u64.to_be_bytes());
         v
@@ -663,6 +678,7 @@ mod tests {
             FrameHeader {
                 flags: 0,
                 count: 2,
+                sender_queues: 3,
                 seq: 7,
                 timestamp_ns: 9
             }
@@ -860,6 +876,7 @@ mod tests {
             FrameHeader {
                 flags: 0,
                 count: 2,
+                sender_queues: 0,
                 seq: 5,
                 timestamp_ns: 6
             }
@@ -1010,20 +1027,21 @@ mod tests {
 
     proptest! {
         #[test]
-        fn prop_decode_encode_roundtrip((flags, seq, ts, pkts) in arb_frame()) {
+        fn prop_decode_encode_roundtrip((flags, seq, ts, pkts) in arb_frame(), queues in 0u8..=16) {
             let vnet = flags & FLAG_VNET != 0;
             let packets: Vec<Packet<'_>> = pkts
                 .iter()
                 .map(|(v, d)| Packet { vnet: vnet.then_some(v), data: d })
                 .collect();
             let mut out = Vec::new();
-            encode(FrameHeader { flags, count: 999, seq, timestamp_ns: ts }, &packets, &mut out).unwrap();
+            encode(FrameHeader { flags, count: 999, sender_queues: queues, seq, timestamp_ns: ts }, &packets, &mut out).unwrap();
             let f = decode(&out).unwrap();
-            prop_assert_eq!(f.header(), FrameHeader { flags, count: packets.len() as u16, seq, timestamp_ns: ts });
+            prop_assert_eq!(f.header(), FrameHeader { flags, count: packets.len() as u16, sender_queues: queues, seq, timestamp_ns: ts });
             prop_assert_eq!(f.packets().collect::<Vec<_>>(), packets.clone());
 
             // the writer produces the same bytes, via push and via slot/commit
             let mut w = BatchWriter::with_capacity(out.len());
+            w.set_sender_queues(queues);
             w.reset(flags);
             for p in &packets {
                 w.push(p.vnet, p.data).unwrap();
@@ -1063,7 +1081,7 @@ mod tests {
                 .map(|(v, d)| Packet { vnet: vnet.then_some(v), data: d })
                 .collect();
             let mut out = Vec::new();
-            encode(FrameHeader { flags, count: 0, seq, timestamp_ns: ts }, &packets, &mut out).unwrap();
+            encode(FrameHeader { flags, count: 0, sender_queues: 0, seq, timestamp_ns: ts }, &packets, &mut out).unwrap();
             let i = flip.index(out.len());
             out[i] ^= bits;
             let cut = cut.index(out.len() + 1);

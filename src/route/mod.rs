@@ -11,6 +11,8 @@
 //! here panics on any input; the flow hash is fixed (no random seed) so every host and
 //! every run agree on it.
 
+pub mod peers;
+
 use core::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -350,6 +352,15 @@ pub fn classify(packet: &[u8]) -> Result<Classified, ClassifyError> {
         dst,
         shard: shard(flow_hash(packet)),
     })
+}
+
+/// The source address of an IP packet (no vnet header), if it has one.
+pub fn source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => array_at::<4>(packet, 12).map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        6 => array_at::<16>(packet, 8).map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        _ => None,
+    }
 }
 
 /// Transport protocols whose first four bytes are source and destination ports.
@@ -1201,6 +1212,7 @@ mod tests {
                 Ok(c) => {
                     prop_assert!(c.shard < SHARDS);
                     prop_assert_eq!(c.shard, shard(h));
+                    prop_assert_eq!(source(&p), Some(c.src));
                 }
                 Err(ClassifyError::Empty) => prop_assert!(p.is_empty()),
                 Err(ClassifyError::NotIp) => prop_assert!(!matches!(p[0] >> 4, 4 | 6)),

@@ -21,7 +21,8 @@ use crate::amqp::AckBatcher;
 use crate::codec::{ioppytest, v1};
 use crate::config::Wire;
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
-use crate::route::RoutingKey;
+use crate::route::peers::PeerQueues;
+use crate::route::{self, RoutingKey};
 use crate::tun::{vnet, wait_fd, Interest, TunQueue};
 
 /// How often an idle RX worker wakes to notice shutdown.
@@ -49,12 +50,15 @@ pub struct RxWorker {
     stop: Arc<AtomicBool>,
     own_flood_key: RoutingKey,
     addrs: Vec<IpAddr>,
+    /// Where the queue counts stated by senders are noted for the TX workers.
+    peers: Arc<PeerQueues>,
     /// Bodies that span several frames are gathered here.
     body: Vec<u8>,
     json_scratch: Vec<u8>,
 }
 
 impl RxWorker {
+    #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
     pub fn new(
         link: LinkContext,
         tun: Arc<TunQueue>,
@@ -63,8 +67,10 @@ impl RxWorker {
         stop: Arc<AtomicBool>,
         own_flood_key: RoutingKey,
         addrs: Vec<IpAddr>,
+        peers: Arc<PeerQueues>,
     ) -> RxWorker {
         RxWorker {
+            peers,
             link,
             tun,
             counters,
@@ -209,7 +215,7 @@ impl RxWorker {
                 deliver_json(body, &self.tun, &self.counters, &mut self.json_scratch);
             }
             Wire::Native if !own => {
-                deliver(body, &self.tun, &self.counters, &mut self.latency, super::now_ns());
+                deliver(body, &self.tun, &self.counters, &mut self.latency, &self.peers, super::now_ns());
             }
             Wire::Native => {} // our own flood, echoed by the broker
         }
@@ -237,8 +243,9 @@ pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &Counters, scratch: &
     }
 }
 
-/// Writes every packet of `body` into `tun`. Returns the number of packets written.
-pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut LocalHistogram, now_ns: u64) -> u64 {
+/// Writes every packet of `body` into `tun`, noting in `peers` the queue count the sender
+/// stated for its source addresses. Returns the number of packets written.
+pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut LocalHistogram, peers: &PeerQueues, now_ns: u64) -> u64 {
     let frame = match v1::decode(body) {
         Ok(f) => f,
         Err(_) => {
@@ -250,7 +257,18 @@ pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut L
     let mut bytes = 0u64;
     let mut bad_vnet = 0u64;
     let mut refused = 0u64;
+    let sender_queues = frame.header().sender_queues;
+    let mut last_src = None;
     for p in frame.packets() {
+        if sender_queues != 0 {
+            let src = route::source(p.data);
+            if src != last_src {
+                if let Some(a) = src {
+                    peers.note(a, sender_queues);
+                }
+                last_src = src;
+            }
+        }
         let hdr = match p.vnet {
             Some(h) => match vnet::fix_for_write(h, p.data) {
                 Ok(h) => h,

@@ -34,6 +34,7 @@ use crate::codec::ioppytest;
 use crate::codec::v1::{self, BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
 use crate::config::Wire;
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
+use crate::route::peers::{self, PeerQueues};
 use crate::route::{self, Destination, RoutingKey};
 use crate::tun::TunQueue;
 
@@ -71,8 +72,12 @@ pub struct TxWorker {
     stop: Arc<AtomicBool>,
     flood_key: RoutingKey,
     own_v4: Vec<(Ipv4Addr, u8)>,
+    /// Receivers' queue counts, learned by the RX workers: batch per receiving queue.
+    peers: Arc<PeerQueues>,
     open: Vec<Open>,
     buffer_bytes: usize,
+    /// Our own queue count, stated in every frame.
+    own_queues: u8,
     last: usize,
     burst_ns: u64,
     last_flush_ns: u64,
@@ -83,7 +88,9 @@ pub struct TxWorker {
 }
 
 impl TxWorker {
-    /// A worker for `queue` publishing on link `link`, with batches of up to `buffer_bytes`.
+    /// A worker for `queue` publishing on link `link`, with batches of up to
+    /// `max_batch_bytes` (from the link's configuration).
+    #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
     pub fn new(
         queue: Arc<TunQueue>,
         link: LinkContext,
@@ -92,9 +99,13 @@ impl TxWorker {
         stop: Arc<AtomicBool>,
         flood_key: RoutingKey,
         own_v4: Vec<(Ipv4Addr, u8)>,
+        peers: Arc<PeerQueues>,
     ) -> TxWorker {
         let buffer_bytes = link.config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
+        let own_queues = u8::try_from(link.config.queues).unwrap_or(0);
         TxWorker {
+            peers,
+            own_queues,
             queue,
             publisher: Publisher::new(link, counters.clone(), &hist),
             counters,
@@ -234,14 +245,17 @@ impl TxWorker {
             return None;
         }
         let mut writer = BatchWriter::with_capacity(self.buffer_bytes);
+        writer.set_sender_queues(self.own_queues);
         writer.reset(FLAG_VNET);
         self.open.push(Open { key: None, writer, read_ns: 0 });
         Some(self.open.len() - 1)
     }
 
-    /// The routing key of the last packet of batch `li`, or why it is not sent.
-    /// Formatting a key costs most of the per-packet routing time, so the key of the last
-    /// (destination, shard) is kept: a run of one flow formats it once.
+    /// The routing key of the last packet of batch `li`, or why it is not sent. A unicast
+    /// key carries the flow's shard reduced to the receiver's queue count when known
+    /// ([`peers::key_shard`]). Formatting a key costs most of the per-packet routing time, so
+    /// the key of the last (destination, key shard) is kept: a run of one flow, or of flows
+    /// to one receiving queue, formats it once.
     fn classify_last(&mut self, li: usize) -> Result<RoutingKey, DropReason> {
         let entry = self.open[li].writer.last_entry().ok_or(DropReason::NotIp)?;
         let packet = entry.get(VNET_HDR_LEN..).ok_or(DropReason::NotIp)?;
@@ -252,14 +266,17 @@ impl TxWorker {
         Ok(match c.dst {
             Destination::Flood => self.flood_key,
             Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => self.flood_key,
-            Destination::Unicast(ip) => match self.last_unicast {
-                Some((cached_ip, cached_shard, key)) if cached_ip == ip && cached_shard == c.shard => key,
-                _ => {
-                    let key = RoutingKey::unicast(ip, c.shard);
-                    self.last_unicast = Some((ip, c.shard, key));
-                    key
+            Destination::Unicast(ip) => {
+                let shard = peers::key_shard(c.shard, self.peers.queues(ip));
+                match self.last_unicast {
+                    Some((cached_ip, cached_shard, key)) if cached_ip == ip && cached_shard == shard => key,
+                    _ => {
+                        let key = RoutingKey::unicast(ip, shard);
+                        self.last_unicast = Some((ip, shard, key));
+                        key
+                    }
                 }
-            },
+            }
         })
     }
 
