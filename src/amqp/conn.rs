@@ -163,6 +163,11 @@ impl Conn {
         self.frame_max
     }
 
+    /// Bytes sent that the broker has not acknowledged yet (0 if the kernel cannot say).
+    pub fn unsent(&self) -> usize {
+        crate::tun::unsent_bytes(self.stream.as_fd()).unwrap_or(0)
+    }
+
     /// The socket, to wait on together with a TUN queue.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()

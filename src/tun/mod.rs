@@ -235,6 +235,19 @@ pub fn wait_fd(fd: BorrowedFd<'_>, interest: Interest, timeout: Duration) -> io:
     Ok(poll(&mut pfds, timeout)? > 0)
 }
 
+/// Bytes written to the TCP socket `fd` that its peer has not acknowledged yet
+/// (`SIOCOUTQ`): how far behind the broker is in reading what we sent.
+pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one c_int through the pointer, which points at a
+    // live, writable c_int for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// `ppoll(2)` on `pfds` (entries with fd -1 are ignored). An interrupted wait counts as a
 /// timeout.
 fn poll(pfds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {

@@ -16,7 +16,8 @@
 //!
 //! Flush policy: a batch is published when it cannot take one more maximum-size packet;
 //! all open batches go when the burst ends (the TUN has nothing more ready), except that
-//! while a stream runs, a small batch lingers up to [`LINGER`] for company (acknowledgements
+//! they stay open while the broker has not yet taken what we sent ([`HOLD_UNSENT`]), and
+//! while a stream runs a small batch lingers up to [`LINGER`] for company (acknowledgements
 //! of a bulk flow then share a message: the broker's cost is per message). No latency added
 //! when idle, large messages under load. No allocation, lock or syscall per packet besides
 //! the `read` itself.
@@ -44,6 +45,10 @@ pub const BURST: usize = 256;
 pub const HOLD_POLL: Duration = Duration::from_micros(50);
 /// A flush less than this long ago means a stream is running (see `flush_if_publisher_idle`).
 pub const STREAM_GAP: Duration = Duration::from_millis(1);
+/// Unacknowledged bytes in the publishing socket above which the broker counts as busy:
+/// the end of a burst then keeps its batches open (re-checked every [`HOLD_POLL`]) instead
+/// of queueing small messages behind large ones (decision 0013).
+pub const HOLD_UNSENT: usize = 256 * 1024;
 /// Longest a packet waits for company while a stream runs.
 pub const LINGER: Duration = Duration::from_micros(100);
 /// Only batches this small linger (acknowledgements, small datagrams); bulk goes at once.
@@ -199,11 +204,15 @@ impl TxWorker {
         self.end_of_burst();
     }
 
-    /// End of a burst: publish what is open, unless a stream is running (a flush less than
-    /// [`STREAM_GAP`] ago), what is open is small (under [`LINGER_MAX_BYTES`]) and has
-    /// waited less than [`LINGER`]: then small packets (TCP ACKs of a bulk flow) share a
-    /// message instead of costing the broker one each.
+    /// End of a burst: publish what is open, unless the broker is still behind on what we
+    /// sent (more than [`HOLD_UNSENT`] unacknowledged in the socket), or a stream is running
+    /// (a flush less than [`STREAM_GAP`] ago), what is open is small (under
+    /// [`LINGER_MAX_BYTES`]) and has waited less than [`LINGER`]: then small packets (TCP
+    /// ACKs of a bulk flow) share a message instead of costing the broker one each.
     fn end_of_burst(&mut self) {
+        if self.publisher.busy() {
+            return;
+        }
         let now = super::now_ns();
         let oldest = self.open.iter().filter(|o| !o.writer.is_empty()).map(|o| o.read_ns).min();
         let Some(oldest) = oldest else { return };
@@ -421,6 +430,12 @@ impl Publisher {
             }
             Err(e) => self.reconnect.failed(&self.link, &e),
         }
+    }
+
+    /// Whether the broker is still behind on what we sent: then a small batch would only
+    /// queue behind it, so the worker keeps filling.
+    fn busy(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.unsent() > HOLD_UNSENT)
     }
 
     /// Time until the next connection attempt, while disconnected.
