@@ -26,8 +26,10 @@ use crate::route::{self, RoutingKey};
 /// seconds of delay (bufferbloat). See docs/decisions/0005-queue-bounds.md.
 pub const QUEUE_MAX_MESSAGES: i32 = 4096;
 
-/// Longest wait for the TCP connection and each set-up answer of a data connection.
-pub const SETUP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for the TCP connection and each set-up answer of a data connection (a
+/// broker that is accepting hundreds of connections at once, as when a 300-host lab starts,
+/// can take seconds to answer).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a stopping link waits for the broker to confirm its close.
 pub const CLOSE_WAIT: Duration = Duration::from_millis(300);

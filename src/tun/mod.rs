@@ -235,6 +235,27 @@ pub fn wait_fd(fd: BorrowedFd<'_>, interest: Interest, timeout: Duration) -> io:
     Ok(poll(&mut pfds, timeout)? > 0)
 }
 
+/// Raises this process's soft limit of open files towards its hard limit (at most `want`)
+/// and returns the soft limit now in force. Each agent holds a TUN queue fd and three
+/// sockets per queue, so a lab of hundreds of hosts needs more than the usual 1024.
+pub fn raise_fd_limit(want: u64) -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit through the pointer, which points at a live one.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let target = want.min(lim.rlim_max);
+    if lim.rlim_cur >= target {
+        return Ok(lim.rlim_cur);
+    }
+    let new = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit only reads the rlimit behind the pointer, which is live.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(target)
+}
+
 /// Bytes written to the TCP socket `fd` that its peer has not acknowledged yet
 /// (`SIOCOUTQ`): how far behind the broker is in reading what we sent.
 pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
