@@ -18,15 +18,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::amqp::link::LinkContext;
-use crate::amqp::presence::{self, Hello};
+use crate::amqp::presence::{Announcements, Hello};
 use crate::amqp::BrokerState;
 use crate::config::AgentConfig;
 use crate::metrics::report::{self, Report};
 use crate::metrics::{Counters, Histograms};
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
-use crate::worker::rx::RxWorker;
-use crate::worker::tx::TxWorker;
+use crate::worker::queue::QueueWorker;
 
 /// How long shutdown waits for the links to delete their queues and close.
 const CLOSE_GRACE: Duration = Duration::from_millis(1200);
@@ -125,41 +124,6 @@ impl Agent {
             connected: connected.clone(),
             started: Instant::now(),
         };
-        for q in dev.queues {
-            let k = q.index();
-            let queue = Arc::new(q);
-            // Separate blocks for the TX and RX threads: no shared cache lines.
-            let tx_counters = Arc::new(Counters::default());
-            let rx_counters = Arc::new(Counters::default());
-            let hist = Histograms::new();
-            let link = LinkContext { config: config.clone(), index: k, broker: broker.clone(), connected: connected.clone() };
-            let rx = RxWorker::new(link.clone(), queue.clone(), rx_counters.clone(), &hist, stop_flag.clone(), flood_key, config.owned_addresses(), peers.clone());
-            let rx_handle = std::thread::Builder::new()
-                .name(format!("rx-{}-{k}", config.name))
-                .spawn(move || {
-                    let _span = tracing::debug_span!("rx", queue = k).entered();
-                    rx.run();
-                })
-                .context("spawning an RX worker thread")?;
-            agent.workers.push(rx_handle);
-            let worker = TxWorker::new(queue.clone(), link, tx_counters.clone(), hist.clone(), stop_flag.clone(), flood_key, own_v4.clone(), peers.clone());
-            let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
-            let handle = std::thread::Builder::new()
-                .name(format!("tx-{}-{k}", config.name))
-                .spawn(move || {
-                    if let Some(id) = core {
-                        core_affinity::set_for_current(core_affinity::CoreId { id });
-                    }
-                    let _span = tracing::debug_span!("tx", queue = k).entered();
-                    worker.run();
-                })
-                .context("spawning a TX worker thread")?;
-            agent.workers.push(handle);
-            agent.queues.push(queue);
-            agent.counters.push(tx_counters);
-            agent.counters.push(rx_counters);
-            agent.hist.push(hist);
-        }
         let hello = Hello {
             name: config.name.clone(),
             session: config.session.clone(),
@@ -172,13 +136,55 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             leaving: false,
         };
-        match config.wire {
-            crate::config::Wire::Native => {
-                agent.tasks.spawn(presence::run(config.url.clone(), config.exchange.clone(), config.queue_prefix(), hello, stop_rx.clone()));
-            }
-            crate::config::Wire::Ioppytest => {
-                agent.tasks.spawn(crate::interop::control::run(config.clone(), stop_rx.clone()));
-            }
+        // Native agents announce themselves on their queue-0 connection (no presence connection).
+        let announcements = match config.wire {
+            crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello)?)),
+            crate::config::Wire::Ioppytest => None,
+        };
+        for q in dev.queues {
+            let k = q.index();
+            let queue = Arc::new(q);
+            // Separate blocks for the TX and RX threads: no shared cache lines.
+            let tx_counters = Arc::new(Counters::default());
+            let rx_counters = Arc::new(Counters::default());
+            let hist = Histograms::new();
+            let link = LinkContext {
+                config: config.clone(),
+                index: k,
+                broker: broker.clone(),
+                connected: connected.clone(),
+                hello: if k == 0 { announcements.clone() } else { None },
+            };
+            let worker = QueueWorker::new(
+                queue.clone(),
+                link,
+                tx_counters.clone(),
+                rx_counters.clone(),
+                hist.clone(),
+                stop_flag.clone(),
+                flood_key,
+                own_v4.clone(),
+                peers.clone(),
+            );
+            let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
+            let handle = std::thread::Builder::new()
+                .name(format!("q-{}-{k}", config.name))
+                .spawn(move || {
+                    if let Some(id) = core {
+                        core_affinity::set_for_current(core_affinity::CoreId { id });
+                    }
+                    let _span = tracing::debug_span!("queue", queue = k).entered();
+                    worker.run();
+                })
+                .context("spawning a queue worker thread")?;
+            agent.workers.push(handle);
+            agent.queues.push(queue);
+            agent.counters.push(tx_counters);
+            agent.counters.push(rx_counters);
+            agent.hist.push(hist);
+        }
+        if config.wire == crate::config::Wire::Ioppytest {
+            agent.tasks.spawn(crate::interop::control::run(config.clone(), stop_rx.clone()));
         }
         if let Some(listener) = metrics_listener {
             agent.tasks.spawn(crate::metrics::prometheus::serve(listener, config.name.clone(), agent.counters.clone(), agent.hist.clone(), stop_rx.clone()));
@@ -208,10 +214,9 @@ impl Agent {
         &self.config
     }
 
-    /// Whether every link is connected to the broker (both connections of each queue up,
-    /// queues declared and bound).
+    /// Whether every link is connected to the broker (queues declared and bound).
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire) == 2 * self.config.queues
+        self.connected.load(Ordering::Acquire) == self.config.queues
     }
 
     /// Sums of the counters so far (cheap: relaxed loads).

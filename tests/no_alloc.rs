@@ -9,10 +9,10 @@
 //! allocated. The first counted allocation keeps its backtrace, so a failure names the
 //! line of the hot path that allocated.
 //!
-//! - TX and RX workers: a `TxWorker` on its own thread reads UDP datagrams that a socket in
-//!   namespace A sends out of its TUN, batches them and publishes them to the real broker on
-//!   its own connection; an `RxWorker` for namespace B consumes them on its own connection
-//!   and writes them into B's TUN. Both threads are counted: the whole native data path.
+//! - Queue workers: worker A on its own thread reads UDP datagrams that a socket in
+//!   namespace A sends out of its TUN, batches them and publishes them to the real broker;
+//!   worker B for namespace B consumes them and writes them into B's TUN. Both threads are
+//!   counted: the whole native data path, sending and receiving.
 //! - RX deliver alone: `worker::rx::deliver` writes valid v1 frames (vnet headers, checksummed IPv4 UDP
 //!   packets to the namespace's own address) into the TUN queue.
 
@@ -36,7 +36,7 @@ use tunbus::config::AgentConfig;
 use tunbus::route::peers::PeerQueues;
 use tunbus::route::RoutingKey;
 use tunbus::tun::{netns, vnet, TunDevice, TunQueue};
-use tunbus::worker::{now_ns, rx, tx};
+use tunbus::worker::{now_ns, queue, rx};
 
 // ---------------------------------------------------------------------------------------
 // The counting allocator.
@@ -337,37 +337,49 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
             index: 0,
             broker: Arc::new(BrokerState::default()),
             connected: Arc::new(AtomicUsize::new(0)),
+            hello: None,
         }
     };
     let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));
 
-    // B: an RX worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
-    let rx_counters = Arc::new(Counters::default());
-    let rx_worker = rx::RxWorker::new(
-        link_b.clone(),
+    // B: a queue worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
+    let (b_tx, rx_counters) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
+    let worker_b = queue::QueueWorker::new(
         queue_b.clone(),
+        link_b.clone(),
+        b_tx,
         rx_counters.clone(),
-        &Histograms::new(),
+        Histograms::new(),
         stop.clone(),
         RoutingKey::all("b").expect("valid word"),
-        link_b.config.owned_addresses(),
+        Vec::new(),
         Arc::new(PeerQueues::new()),
     );
     let rx_thread = thread::spawn(move || {
         count_on_this_thread(&RX_WORKER);
-        rx_worker.run();
+        worker_b.run();
         stop_counting_on_this_thread();
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while link_b.connected.load(Ordering::Acquire) == 0 {
-        assert!(Instant::now() < deadline, "the RX worker did not connect to the broker");
+        assert!(Instant::now() < deadline, "worker B did not connect to the broker");
         thread::sleep(Duration::from_millis(20));
     }
 
-    // A: a TX worker reading UDP datagrams sent to B and publishing them.
-    let tx_counters = Arc::new(Counters::default());
+    // A: a queue worker reading UDP datagrams sent to B and publishing them.
+    let (tx_counters, a_rx) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
     let flood = RoutingKey::all("a").expect("valid word");
-    let worker = tx::TxWorker::new(queue_a.clone(), link_a, tx_counters.clone(), Histograms::new(), stop.clone(), flood, Vec::new(), Arc::new(PeerQueues::new()));
+    let worker = queue::QueueWorker::new(
+        queue_a.clone(),
+        link_a,
+        tx_counters.clone(),
+        a_rx,
+        Histograms::new(),
+        stop.clone(),
+        flood,
+        Vec::new(),
+        Arc::new(PeerQueues::new()),
+    );
     let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
         worker.run();

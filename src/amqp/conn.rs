@@ -334,19 +334,6 @@ impl Conn {
         Err(e)
     }
 
-    /// Reads and handles whatever control frames arrived on a publish-only connection.
-    pub fn pump_control(&mut self) -> Result<(), Error> {
-        while self.read_some()? == ReadState::Data {
-            while let Some((frame, n)) = self.next_frame()? {
-                let (kind, channel) = (frame.kind, frame.channel);
-                let payload = frame.payload.to_vec(); // rare: control frames only
-                self.consume_frame(n);
-                self.control(Frame { kind, channel, payload: &payload })?;
-            }
-        }
-        Ok(())
-    }
-
     /// Acknowledges every delivery up to `tag`.
     pub fn ack_multiple(&mut self, tag: u64) -> Result<(), Error> {
         let mut frame = [0u8; FRAME_HEADER_LEN + 4 + 8 + 1 + 1];

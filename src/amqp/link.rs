@@ -1,19 +1,18 @@
-//! One link per TUN queue k: two AMQP connections of our own ([`super::conn`]), one owned
-//! by TX worker k (it publishes each batch itself) and one owned by RX worker k (it consumes
-//! queue `…<name>.k` and writes what arrives into TUN queue k).
+//! One link per TUN queue k: one AMQP connection of our own ([`super::conn`]), owned by
+//! queue worker k, which publishes its batches on it and consumes queue `…<name>.k` from
+//! it.
 //!
-//! This module holds what both directions share: how to open each connection (the consumer
-//! declares its exclusive queue and bindings; queue k is bound to shard `s` of each owned
+//! This module holds how to open it (the exchange, the exclusive queue and its bindings; queue k is bound to shard `s` of each owned
 //! address when `s mod K == k`, queue 0 also takes the flood pattern) and [`Reconnect`], the
 //! state of a connection that may be lost: jittered backoff, one log line per outage for
 //! the whole agent ([`BrokerState`]) and the reconnect counter.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::conn::{self, Conn};
+use super::presence::Announcements;
 use super::wire::Properties;
 use super::BrokerState;
 use crate::codec::ioppytest;
@@ -34,32 +33,27 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping link waits for the broker to confirm its close.
 pub const CLOSE_WAIT: Duration = Duration::from_millis(300);
 
-/// What TX worker k and RX worker k share about their link.
+/// What queue worker k needs to open and report on its link.
 #[derive(Clone)]
 pub struct LinkContext {
     pub config: Arc<AgentConfig>,
     pub index: usize,
     pub broker: Arc<BrokerState>,
-    /// Connections of this agent currently up (two per queue when all is well).
+    /// Connections of this agent currently up (one per queue when all is well).
     pub connected: Arc<AtomicUsize>,
+    /// What this agent says about itself on the bus, for the link that announces it (queue
+    /// 0 of a native agent; `None` elsewhere): it publishes hellos and answers probes.
+    pub hello: Option<Arc<Announcements>>,
 }
 
 impl LinkContext {
-    /// Opens the publishing connection of queue k.
-    pub fn open_publisher(&self) -> Result<Conn, conn::Error> {
-        let c = &self.config;
-        let mut conn = Conn::open(&c.url, &format!("tunbus {} q{} publish", c.name, self.index), c.frame_max, SETUP_TIMEOUT)?;
-        if c.wire == Wire::Native && !c.exchange.starts_with("amq.") {
-            conn.exchange_declare(&c.exchange)?;
-        }
-        Ok(conn)
-    }
-
-    /// Opens the consuming connection of queue k: its queue, bindings and consumer.
-    pub fn open_consumer(&self, addrs: &[IpAddr]) -> Result<Conn, conn::Error> {
+    /// Opens the connection of queue k, which carries both directions: the exchange, the
+    /// queue, its bindings and the consumer; publishing needs nothing more.
+    pub fn open(&self) -> Result<Conn, conn::Error> {
         let c = &self.config;
         let k = self.index;
-        let mut conn = Conn::open(&c.url, &format!("tunbus {} q{k} consume", c.name), c.frame_max, SETUP_TIMEOUT)?;
+        let addrs = c.owned_addresses();
+        let mut conn = Conn::open(&c.url, &format!("tunbus {} q{k}", c.name), c.frame_max, SETUP_TIMEOUT)?;
         if !c.exchange.starts_with("amq.") {
             conn.exchange_declare(&c.exchange)?;
         }
@@ -70,14 +64,14 @@ impl LinkContext {
             // One queue takes every shard: one wildcard binding per address says so, and
             // keeps the exchange small (300 agents: ~900 bindings instead of ~10 000).
             Wire::Native if c.queues == 1 => {
-                for addr in addrs {
+                for addr in &addrs {
                     let key = format!("{}{}.*", route::KEY_PREFIX, route::address_word(*addr).as_str());
                     conn.queue_bind(&queue, &c.exchange, &key)?;
                 }
                 conn.queue_bind(&queue, &c.exchange, route::ALL_PATTERN)?;
             }
             Wire::Native => {
-                for addr in addrs {
+                for addr in &addrs {
                     for shard in 0..route::SHARDS {
                         if route::queue_for_shard(shard, c.queues) == k {
                             conn.queue_bind(&queue, &c.exchange, RoutingKey::unicast(*addr, shard).as_str())?;
@@ -90,6 +84,9 @@ impl LinkContext {
             }
             // The router addresses old-wire agents by name, one packet per message.
             Wire::Ioppytest => conn.queue_bind(&queue, &c.exchange, &ioppytest::routing_key_to_agent(&c.name))?,
+        }
+        if self.hello.is_some() {
+            conn.queue_bind(&queue, &c.exchange, route::CTL_PROBE)?;
         }
         conn.consume(&queue, &format!("tunbus-{}-{k}", c.name), c.prefetch)?;
         Ok(conn)

@@ -2,7 +2,10 @@
 //!
 //! An agent publishes a [`Hello`] on `tunbus.v1.ctl.hello.<name>` when it starts, every
 //! [`HELLO_EVERY`], and whenever someone publishes `tunbus.v1.ctl.probe`; it publishes
-//! `tunbus.v1.ctl.bye.<name>` when it stops. `agent peers` probes and collects the answers.
+//! `tunbus.v1.ctl.bye.<name>` when it stops. Queue worker 0 does this on its data
+//! connection ([`Announcements`]; its queue also binds the probe key), so presence costs
+//! no connection of its own (decision 0014). `agent peers` ([`discover`], lapin) probes
+//! and collects the answers.
 //! One tokio task per agent with its own small connection; it retries quietly when the
 //! broker is away (the data links log that).
 
@@ -15,9 +18,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
-use super::stopped;
 use crate::route::{RoutingKey, BYE_PATTERN, CTL_PROBE, HELLO_PATTERN};
 
 pub const HELLO_EVERY: Duration = Duration::from_secs(5);
@@ -44,13 +45,26 @@ pub struct Hello {
     pub leaving: bool,
 }
 
-/// The hello key of a validated agent name.
-fn hello_key(name: &str) -> anyhow::Result<RoutingKey> {
-    RoutingKey::hello(name).ok_or_else(|| anyhow::anyhow!("agent name {name:?} is not a topic word"))
+/// The hello and bye of one agent, serialised once at start, with their keys: queue worker
+/// 0 publishes them on its own connection, so presence costs no connection of its own.
+#[derive(Clone, Debug)]
+pub struct Announcements {
+    pub hello_key: String,
+    pub hello: Vec<u8>,
+    pub bye_key: String,
+    pub bye: Vec<u8>,
 }
 
-fn bye_key(name: &str) -> anyhow::Result<RoutingKey> {
-    RoutingKey::bye(name).ok_or_else(|| anyhow::anyhow!("agent name {name:?} is not a topic word"))
+impl Announcements {
+    pub fn new(hello: &Hello) -> anyhow::Result<Announcements> {
+        let word = |k: Option<RoutingKey>| k.map(|k| k.as_str().to_owned()).ok_or_else(|| anyhow::anyhow!("agent name {:?} is not a topic word", hello.name));
+        Ok(Announcements {
+            hello_key: word(RoutingKey::hello(&hello.name))?,
+            hello: serde_json::to_vec(hello)?,
+            bye_key: word(RoutingKey::bye(&hello.name))?,
+            bye: serde_json::to_vec(&Hello { leaving: true, ..hello.clone() })?,
+        })
+    }
 }
 
 async fn publish_json(ch: &Channel, exchange: &str, key: &str, body: &impl Serialize) -> anyhow::Result<()> {
@@ -64,60 +78,6 @@ async fn publish_json(ch: &Channel, exchange: &str, key: &str, body: &impl Seria
     )
     .await?;
     Ok(())
-}
-
-/// Announces `hello` until `stop`, then says goodbye.
-pub async fn run(url: String, exchange: String, queue_prefix: String, hello: Hello, mut stop: watch::Receiver<bool>) {
-    let mut attempt = 0u32;
-    loop {
-        let r = serve(&url, &exchange, &queue_prefix, &hello, &mut stop).await;
-        match r {
-            Ok(()) => return,
-            Err(error) => tracing::debug!(agent = %hello.name, %error, "presence connection failed"),
-        }
-        let delay = super::backoff(attempt, crate::worker::now_ns());
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return,
-        }
-    }
-}
-
-async fn serve(url: &str, exchange: &str, queue_prefix: &str, hello: &Hello, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
-    let conn = super::connect(url, &format!("tunbus {} presence", hello.name), Some(super::CONTROL_FRAME_MAX)).await?;
-    let ch = conn.create_channel().await?;
-    super::declare_exchange(&ch, exchange).await?;
-    let queue = format!("{queue_prefix}.ctl");
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    ch.queue_bind(queue.as_str().into(), exchange.into(), CTL_PROBE.into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
-    let mut probes = ch
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    let key = hello_key(&hello.name)?;
-    let key = key.as_str();
-    publish_json(&ch, exchange, key, hello).await?;
-    let mut tick = tokio::time::interval(HELLO_EVERY);
-    tick.tick().await; // the first tick is immediate; we just said hello
-    loop {
-        tokio::select! {
-            _ = tick.tick() => publish_json(&ch, exchange, key, hello).await?,
-            p = probes.next() => match p {
-                Some(Ok(_)) => publish_json(&ch, exchange, key, hello).await?,
-                Some(Err(e)) => return Err(e.into()),
-                None => anyhow::bail!("probe consumer cancelled"),
-            },
-            _ = stopped(stop) => {
-                let bye = Hello { leaving: true, ..hello.clone() };
-                let _ = publish_json(&ch, exchange, bye_key(&hello.name)?.as_str(), &bye).await;
-                let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
-                let _ = conn.close(200, "agent stopping".into()).await;
-                return Ok(());
-            }
-        }
-    }
 }
 
 /// One agent as `agent peers` saw it.

@@ -1,12 +1,12 @@
 //! The per-queue glue between the TUN and the bus.
 //!
-//! [`tx`]: one OS thread per TUN queue, pinned to a core: reads bursts, classifies, batches,
-//! and publishes each batch on its own AMQP connection. [`rx`]: one OS thread per TUN queue
-//! that consumes that queue's messages on its own connection and writes their packets into
-//! the TUN queue they belong to.
+//! [`queue`]: one OS thread per TUN queue k, owning TUN queue k and link k (one AMQP
+//! connection, both directions): reads bursts, classifies, batches and publishes; and,
+//! through [`rx::Receiver`], reads deliveries from the same connection and writes their
+//! packets into TUN queue k.
 
+pub mod queue;
 pub mod rx;
-pub mod tx;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,5 +1,6 @@
-//! RX: one thread per TUN queue k owns the consuming connection of link k, reads
-//! deliveries from its socket and writes their packets into TUN queue k. Hot path.
+//! RX: the receiving half of a queue worker. [`Receiver::on_readable`] takes what has
+//! arrived on the link's connection, reassembles deliveries and writes their packets into
+//! the worker's TUN queue. Hot path.
 //!
 //! Queue k only ever writes TUN queue k, so a flow (one shard, one queue) keeps its order
 //! end to end. A message whose body fits one AMQP frame (the common case) is decoded where
@@ -9,13 +10,10 @@
 //! counted and skipped; the rest of the batch still goes through. Acknowledgements are
 //! batched (`multiple`): when nothing more has arrived, or every half prefetch.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::amqp::conn::{self, Conn, ReadState};
-use crate::amqp::link::{self, LinkContext, Reconnect};
 use crate::amqp::wire::{self, method, Deliver};
 use crate::amqp::AckBatcher;
 use crate::codec::{ioppytest, v1};
@@ -23,185 +21,191 @@ use crate::config::Wire;
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
-use crate::tun::{vnet, wait_fd, Interest, TunQueue};
+use crate::tun::{vnet, TunQueue};
 
-/// How often an idle RX worker wakes to notice shutdown.
-pub const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Largest body gathered (a native batch is at most 8 MiB); a larger one is skipped and
 /// counted as malformed instead of growing the buffer without bound.
 pub const MAX_BODY: usize = 16 << 20;
+/// Most socket reads per wake-up, so a flood of deliveries cannot starve the TUN side.
+pub const READS_PER_WAKE: usize = 16;
+
+/// What a delivery carries, told by its routing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carries {
+    Packets,
+    /// Our own flood, echoed back by the broker: acknowledged, not written.
+    OwnFlood,
+    /// A presence probe (queue 0 of a native agent binds it): answered with a hello.
+    Probe,
+}
 
 /// The message being received: announced by `basic.deliver`, then a header, then bodies.
 #[derive(Clone, Copy, Debug)]
 struct Incoming {
-    /// Our own flood, echoed back by the broker: acknowledged, not written.
-    own: bool,
+    what: Carries,
     size: Option<usize>,
     /// Too large to gather: its body frames are skipped.
     skip: bool,
 }
 
-/// One RX worker; owned by its thread.
-pub struct RxWorker {
-    link: LinkContext,
+/// The receiving state of one queue worker.
+pub struct Receiver {
+    wire: Wire,
     tun: Arc<TunQueue>,
     counters: Arc<Counters>,
     latency: LocalHistogram,
-    stop: Arc<AtomicBool>,
     own_flood_key: RoutingKey,
-    addrs: Vec<IpAddr>,
-    /// Where the queue counts stated by senders are noted for the TX workers.
+    /// Where the queue counts stated by senders are noted for the sending half.
     peers: Arc<PeerQueues>,
+    acks: AckBatcher,
+    incoming: Option<Incoming>,
+    /// A probe arrived since [`Receiver::take_probe`] was last asked.
+    probed: bool,
     /// Bodies that span several frames are gathered here.
     body: Vec<u8>,
     json_scratch: Vec<u8>,
 }
 
-impl RxWorker {
+impl Receiver {
     #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
     pub fn new(
-        link: LinkContext,
+        wire: Wire,
+        prefetch: u16,
         tun: Arc<TunQueue>,
         counters: Arc<Counters>,
         hist: &Histograms,
-        stop: Arc<AtomicBool>,
         own_flood_key: RoutingKey,
-        addrs: Vec<IpAddr>,
         peers: Arc<PeerQueues>,
-    ) -> RxWorker {
-        RxWorker {
-            peers,
-            link,
+    ) -> Receiver {
+        Receiver {
+            wire,
             tun,
             counters,
             latency: LocalHistogram::new(hist.one_way_us.clone()),
-            stop,
             own_flood_key,
-            addrs,
+            peers,
+            acks: AckBatcher::for_prefetch(prefetch),
+            incoming: None,
+            probed: false,
             body: Vec::new(),
             json_scratch: Vec::new(),
         }
     }
 
-    /// Connects, consumes until the connection fails, reconnects; until the stop flag.
-    pub fn run(mut self) {
-        let mut reconnect = Reconnect::new((self.link.index as u64).rotate_left(32) ^ super::now_ns());
-        while !self.stopping() {
-            let now = Instant::now();
-            if !reconnect.due(now) {
-                std::thread::sleep(reconnect.until_due(now).min(Duration::from_millis(50)));
-                continue;
-            }
-            let mut conn = match self.link.open_consumer(&self.addrs) {
-                Ok(c) => c,
-                Err(e) => {
-                    reconnect.failed(&self.link, &e);
-                    continue;
+    /// Forgets a half-received message and pending acks: the connection is new.
+    pub fn reset(&mut self) {
+        self.acks.take();
+        self.incoming = None;
+        self.body.clear();
+    }
+
+    /// Whether a presence probe arrived since the last call.
+    pub fn take_probe(&mut self) -> bool {
+        std::mem::take(&mut self.probed)
+    }
+
+    /// Nothing to do: fold what was recorded, so readers of the statistics see it now.
+    pub fn idle(&mut self) {
+        self.latency.maybe_fold(Instant::now(), true);
+    }
+
+    /// Delivers what has arrived on `conn` (up to [`READS_PER_WAKE`] reads), and acks once
+    /// the socket is drained. `Err` when the connection failed or the broker closed it.
+    pub fn on_readable(&mut self, conn: &mut Conn) -> Result<(), conn::Error> {
+        for _ in 0..READS_PER_WAKE {
+            self.take_frames(conn)?;
+            if conn.read_some()? == ReadState::Empty {
+                // Nothing more has arrived: acknowledge.
+                if let Some(tag) = self.acks.take() {
+                    conn.ack_multiple(tag)?;
                 }
-            };
-            reconnect.up(&self.link, &self.counters);
-            match self.consume(&mut conn) {
-                Ok(()) => {
-                    // Stopping: closing the connection deletes our exclusive queue.
-                    self.latency.maybe_fold(Instant::now(), true);
-                    conn.close(link::CLOSE_WAIT);
-                    return;
-                }
-                Err(e) => reconnect.lost(&self.link, &e),
+                break;
             }
         }
+        self.take_frames(conn)?;
+        self.latency.maybe_fold(Instant::now(), false);
+        Ok(())
     }
 
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Reads and delivers until the connection fails (`Err`) or the worker stops (`Ok`).
-    fn consume(&mut self, conn: &mut Conn) -> Result<(), conn::Error> {
-        let mut acks = AckBatcher::for_prefetch(self.link.config.prefetch);
-        let mut incoming: Option<Incoming> = None;
-        loop {
-            while let Some((frame, n)) = conn.next_frame()? {
-                match frame.kind {
-                    wire::FRAME_BODY => {
-                        self.on_body(&mut incoming, frame.payload);
-                        conn.consume_frame(n);
-                    }
-                    wire::FRAME_HEADER => {
-                        let size = wire::content_body_size(frame.payload)?;
-                        conn.consume_frame(n);
-                        if let Some(m) = &mut incoming {
-                            m.size = Some(size as usize);
-                            if size as usize > MAX_BODY {
-                                m.skip = true;
-                                self.counters.record_drop(DropReason::Malformed, 1);
-                            } else if size == 0 {
-                                self.deliver(m.own, &[]);
-                                incoming = None;
-                            }
-                        }
-                    }
-                    wire::FRAME_METHOD => match wire::method_of(frame.payload)? {
-                        (method::BASIC_DELIVER, a) => {
-                            let d = Deliver::parse(a)?;
-                            let (tag, own) = (d.delivery_tag, d.routing_key == self.own_flood_key.as_str().as_bytes());
-                            conn.consume_frame(n);
-                            incoming = Some(Incoming { own, size: None, skip: false });
-                            self.body.clear();
-                            if let Some(tag) = acks.delivered(tag) {
-                                conn.ack_multiple(tag)?;
-                            }
-                        }
-                        _ => {
-                            let (kind, channel) = (frame.kind, frame.channel);
-                            let payload = frame.payload.to_vec(); // rare: control only
-                            conn.consume_frame(n);
-                            conn.control(wire::Frame { kind, channel, payload: &payload })?;
-                        }
-                    },
-                    _ => conn.consume_frame(n), // heartbeats (off) and anything else
+    /// Handles every complete frame already read.
+    fn take_frames(&mut self, conn: &mut Conn) -> Result<(), conn::Error> {
+        while let Some((frame, n)) = conn.next_frame()? {
+            match frame.kind {
+                wire::FRAME_BODY => {
+                    self.on_body(frame.payload);
+                    conn.consume_frame(n);
                 }
+                wire::FRAME_HEADER => {
+                    let size = wire::content_body_size(frame.payload)?;
+                    conn.consume_frame(n);
+                    self.on_header(size);
+                }
+                wire::FRAME_METHOD => match wire::method_of(frame.payload)? {
+                    (method::BASIC_DELIVER, a) => {
+                        let d = Deliver::parse(a)?;
+                        let what = if d.routing_key == self.own_flood_key.as_str().as_bytes() {
+                            Carries::OwnFlood
+                        } else if d.routing_key == route::CTL_PROBE.as_bytes() {
+                            Carries::Probe
+                        } else {
+                            Carries::Packets
+                        };
+                        let tag = d.delivery_tag;
+                        conn.consume_frame(n);
+                        self.incoming = Some(Incoming { what, size: None, skip: false });
+                        self.body.clear();
+                        if let Some(tag) = self.acks.delivered(tag) {
+                            conn.ack_multiple(tag)?;
+                        }
+                    }
+                    _ => {
+                        let (kind, channel) = (frame.kind, frame.channel);
+                        let payload = frame.payload.to_vec(); // rare: control only
+                        conn.consume_frame(n);
+                        conn.control(wire::Frame { kind, channel, payload: &payload })?;
+                    }
+                },
+                _ => conn.consume_frame(n), // heartbeats (off) and anything else
             }
-            if conn.read_some()? == ReadState::Data {
-                continue;
-            }
-            // Nothing more has arrived: acknowledge, then wait.
-            if let Some(tag) = acks.take() {
-                conn.ack_multiple(tag)?;
-            }
-            // Idle: fold what was recorded, so readers of the statistics see it now.
-            self.latency.maybe_fold(Instant::now(), true);
-            if self.stopping() {
-                return Ok(());
-            }
-            wait_fd(conn.fd(), Interest::Read, IDLE_POLL)?;
-            if self.stopping() {
-                return Ok(());
-            }
+        }
+        Ok(())
+    }
+
+    /// The content header of the message being received: its body size.
+    fn on_header(&mut self, size: u64) {
+        let Some(m) = &mut self.incoming else { return };
+        m.size = Some(size as usize);
+        if size as usize > MAX_BODY {
+            m.skip = true;
+            self.counters.record_drop(DropReason::Malformed, 1);
+        } else if size == 0 {
+            let what = m.what;
+            self.incoming = None;
+            self.deliver(what, &[]);
         }
     }
 
     /// One body frame of the message being received; delivers the message once whole.
-    fn on_body(&mut self, incoming: &mut Option<Incoming>, payload: &[u8]) {
-        let Some(m) = incoming else { return }; // no deliver before it: not ours to handle
+    fn on_body(&mut self, payload: &[u8]) {
+        let Some(m) = &mut self.incoming else { return }; // no deliver before it: not ours to handle
         let size = m.size.unwrap_or(0);
         if m.skip {
             m.size = Some(size.saturating_sub(payload.len()));
             if m.size == Some(0) {
-                *incoming = None;
+                self.incoming = None;
             }
         } else if self.body.is_empty() && payload.len() >= size {
             // The whole body in one frame: decode it where it lies.
-            let own = m.own;
-            *incoming = None;
-            self.deliver(own, payload);
+            let what = m.what;
+            self.incoming = None;
+            self.deliver(what, payload);
         } else {
             self.body.extend_from_slice(payload);
             if self.body.len() >= size {
-                let own = m.own;
-                *incoming = None;
+                let what = m.what;
+                self.incoming = None;
                 let body = std::mem::take(&mut self.body);
-                self.deliver(own, &body);
+                self.deliver(what, &body);
                 self.body = body;
                 self.body.clear();
             }
@@ -209,15 +213,16 @@ impl RxWorker {
     }
 
     /// One whole message body.
-    fn deliver(&mut self, own: bool, body: &[u8]) {
-        match self.link.config.wire {
-            Wire::Ioppytest => {
+    fn deliver(&mut self, what: Carries, body: &[u8]) {
+        match (self.wire, what) {
+            (Wire::Ioppytest, _) => {
                 deliver_json(body, &self.tun, &self.counters, &mut self.json_scratch);
             }
-            Wire::Native if !own => {
+            (Wire::Native, Carries::Packets) => {
                 deliver(body, &self.tun, &self.counters, &mut self.latency, &self.peers, super::now_ns());
             }
-            Wire::Native => {} // our own flood, echoed by the broker
+            (Wire::Native, Carries::Probe) => self.probed = true,
+            (Wire::Native, Carries::OwnFlood) => {} // echoed by the broker
         }
     }
 }

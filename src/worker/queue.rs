@@ -1,15 +1,21 @@
-//! TX worker: one pinned OS thread per TUN queue. Hot path.
+//! The queue worker: one OS thread per TUN queue k, owning TUN queue k and link k, a
+//! single AMQP connection that carries both directions. Hot path.
 //!
-//! Loop: wait until the queue is readable (ppoll; IDLE_POLL to notice shutdown), then
+//! One `ppoll` waits on the TUN queue and the connection's socket. Packets read from the
+//! TUN are batched and published (below); deliveries read from the socket go to the
+//! [`Receiver`] (`worker::rx`), which writes them into the same TUN queue. One thread and
+//! one connection per queue, both directions (docs/decisions/0014-one-worker-per-queue.md).
+//!
+//! TX: when the queue is readable (`IDLE_POLL` bounds the wait, to notice shutdown),
 //! read a burst of up to [`BURST`] packets. Each packet is read straight into the open batch
 //! it most likely belongs to (the one the previous packet went to), at its final place in
 //! the outgoing frame, then classified (destination, flow shard → routing key). When the
 //! guess was wrong, the packet is copied into the right batch: bulk flows arrive in runs,
 //! so a single flow is never copied.
 //!
-//! Publishing: the worker writes each finished batch into its own AMQP connection itself
-//! ([`Publisher`], one `writev` per message), so a packet crosses no thread between the TUN
-//! and the broker's socket (docs/decisions/0010-own-amqp-data-path.md). While it writes,
+//! Publishing: the worker writes each finished batch into the connection itself ([`Link`],
+//! one `writev` per message), so a packet crosses no thread between the TUN and the
+//! broker's socket (docs/decisions/0010-own-amqp-data-path.md). While it writes,
 //! the next packets wait in the TUN queue, so the slower the broker, the larger the next
 //! burst and its batches. When the broker is gone, batches are counted as `broker_down`
 //! and the worker keeps draining the TUN while it reconnects with backoff.
@@ -30,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::amqp::conn::{self, Conn};
 use crate::amqp::link::{self, LinkContext, Reconnect};
+use crate::amqp::presence::{Announcements, HELLO_EVERY};
 use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
 use crate::codec::v1::{self, BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
@@ -39,11 +46,13 @@ use crate::route::peers::{self, PeerQueues};
 use crate::route::{self, Destination, RoutingKey};
 use crate::tun::TunQueue;
 
+use super::rx::Receiver;
+
 /// Most packets read per wake-up before the open batches are flushed.
 pub const BURST: usize = 256;
 /// How often a worker holding a lingering batch re-checks it.
 pub const HOLD_POLL: Duration = Duration::from_micros(50);
-/// A flush less than this long ago means a stream is running (see `flush_if_publisher_idle`).
+/// A flush less than this long ago means a stream is running (see `end_of_burst`).
 pub const STREAM_GAP: Duration = Duration::from_millis(1);
 /// Unacknowledged bytes in the publishing socket above which the broker counts as busy:
 /// the end of a burst then keeps its batches open (re-checked every [`HOLD_POLL`]) instead
@@ -70,9 +79,9 @@ struct Open {
 }
 
 /// The state of one TX worker; owned by its thread.
-pub struct TxWorker {
+pub struct QueueWorker {
     queue: Arc<TunQueue>,
-    publisher: Publisher,
+    link: Link,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     flood_key: RoutingKey,
@@ -92,27 +101,31 @@ pub struct TxWorker {
     read_errors_logged: bool,
 }
 
-impl TxWorker {
-    /// A worker for `queue` publishing on link `link`, with batches of up to
-    /// `max_batch_bytes` (from the link's configuration).
+impl QueueWorker {
+    /// A worker for TUN queue `queue` and link `link`, with batches of up to
+    /// `max_batch_bytes` (from the link's configuration). The sending half counts into
+    /// `counters`, the receiving half into `rx_counters`.
     #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
     pub fn new(
         queue: Arc<TunQueue>,
         link: LinkContext,
         counters: Arc<Counters>,
+        rx_counters: Arc<Counters>,
         hist: Arc<Histograms>,
         stop: Arc<AtomicBool>,
         flood_key: RoutingKey,
         own_v4: Vec<(Ipv4Addr, u8)>,
         peers: Arc<PeerQueues>,
-    ) -> TxWorker {
+    ) -> QueueWorker {
         let buffer_bytes = link.config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
         let own_queues = u8::try_from(link.config.queues).unwrap_or(0);
-        TxWorker {
+        let (wire, prefetch) = (link.config.wire, link.config.prefetch);
+        let receiver = Receiver::new(wire, prefetch, queue.clone(), rx_counters, &hist, flood_key, peers.clone());
+        QueueWorker {
             peers,
             own_queues,
             queue,
-            publisher: Publisher::new(link, counters.clone(), &hist),
+            link: Link::new(link, counters.clone(), &hist, receiver),
             counters,
             stop,
             flood_key,
@@ -131,21 +144,29 @@ impl TxWorker {
     /// Runs until the stop flag is set; then closes the connection.
     pub fn run(mut self) {
         while !self.stop.load(Ordering::Relaxed) {
-            self.publisher.maintain();
+            self.link.maintain();
+            self.link.announce_if_due();
             let holding = self.open.iter().any(|o| !o.writer.is_empty());
             let mut timeout = if holding { HOLD_POLL } else { IDLE_POLL };
-            if let Some(wait) = self.publisher.reconnect_in() {
+            if let Some(wait) = self.link.reconnect_in() {
                 timeout = timeout.min(wait.max(HOLD_POLL));
             }
-            match self.queue.wait_readable_or(self.publisher.fd(), timeout) {
+            match self.queue.wait_readable_or(self.link.fd(), timeout) {
                 Ok((tun, socket)) => {
                     if socket {
-                        self.publisher.on_readable();
+                        self.link.on_readable();
+                        if self.link.receiver.take_probe() {
+                            self.link.next_hello = Instant::now();
+                            self.link.announce_if_due();
+                        }
                     }
                     if tun {
                         self.burst();
                     } else {
                         self.end_of_burst();
+                    }
+                    if !tun && !socket {
+                        self.link.receiver.idle();
                     }
                 }
                 Err(e) => {
@@ -158,10 +179,10 @@ impl TxWorker {
             }
         }
         // Stopping: what is still open is not sent (and not counted as a broker failure).
-        self.publisher.close();
+        self.link.close();
     }
 
-    /// Reads and batches up to BURST packets, then flushes if the publisher is idle.
+    /// Reads and batches up to BURST packets, then ends the burst.
     fn burst(&mut self) {
         self.burst_ns = super::now_ns();
         for _ in 0..BURST {
@@ -210,7 +231,7 @@ impl TxWorker {
     /// [`LINGER_MAX_BYTES`]) and has waited less than [`LINGER`]: then small packets (TCP
     /// ACKs of a bulk flow) share a message instead of costing the broker one each.
     fn end_of_burst(&mut self) {
-        if self.publisher.busy() {
+        if self.link.busy() {
             return;
         }
         let now = super::now_ns();
@@ -358,7 +379,7 @@ impl TxWorker {
         if !o.writer.is_empty() {
             // invariant: a non-empty batch got its key when its first packet was placed
             let key = o.key.unwrap_or(self.flood_key);
-            self.publisher.send(&mut o.writer, key, o.read_ns);
+            self.link.send(&mut o.writer, key, o.read_ns);
         }
         o.writer.reset(FLAG_VNET);
         o.key = None;
@@ -370,6 +391,9 @@ impl TxWorker {
         }
     }
 }
+
+/// The properties of presence messages.
+const JSON: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None };
 
 /// Two distinct mutable elements of a slice.
 fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
@@ -383,11 +407,15 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     }
 }
 
-/// The publishing side of link k, owned by TX worker k: its connection (when up), what it
-/// counts, and the ioppytest form when that wire is chosen.
-struct Publisher {
+/// Link k, owned by queue worker k: its connection (when up) with the receiving half, what
+/// the sending half counts, and the ioppytest form when that wire is chosen.
+struct Link {
     link: LinkContext,
     conn: Option<Conn>,
+    receiver: Receiver,
+    /// Queue 0 of a native agent: its presence, and when to say hello next.
+    announce: Option<Arc<Announcements>>,
+    next_hello: Instant,
     reconnect: Reconnect,
     counters: Arc<Counters>,
     exchange: String,
@@ -400,14 +428,17 @@ struct Publisher {
     json_body: Vec<u8>,
 }
 
-impl Publisher {
-    fn new(link: LinkContext, counters: Arc<Counters>, hist: &Histograms) -> Publisher {
+impl Link {
+    fn new(link: LinkContext, counters: Arc<Counters>, hist: &Histograms, receiver: Receiver) -> Link {
         let seed = (link.index as u64) ^ super::now_ns();
-        Publisher {
+        Link {
             exchange: link.config.exchange.clone(),
             json_key: ioppytest::routing_key_from_agent(&link.config.name),
+            announce: link.hello.clone(),
+            next_hello: Instant::now(),
             link,
             conn: None,
+            receiver,
             reconnect: Reconnect::new(seed),
             counters,
             seq: 0,
@@ -423,12 +454,28 @@ impl Publisher {
         if self.conn.is_some() || !self.reconnect.due(Instant::now()) {
             return;
         }
-        match self.link.open_publisher() {
+        match self.link.open() {
             Ok(conn) => {
                 self.conn = Some(conn);
+                self.receiver.reset();
+                self.next_hello = Instant::now(); // say hello on every new connection
                 self.reconnect.up(&self.link, &self.counters);
             }
             Err(e) => self.reconnect.failed(&self.link, &e),
+        }
+    }
+
+    /// Publishes this agent's hello when it is due (every [`HELLO_EVERY`], at once after a
+    /// connection or a probe). Pre-serialised bytes: no allocation.
+    fn announce_if_due(&mut self) {
+        let (Some(a), Some(conn)) = (&self.announce, &mut self.conn) else { return };
+        let now = Instant::now();
+        if now < self.next_hello {
+            return;
+        }
+        self.next_hello = now + HELLO_EVERY;
+        if let Err(e) = conn.publish(self.exchange.as_bytes(), a.hello_key.as_bytes(), &JSON, &a.hello) {
+            self.lose(&e);
         }
     }
 
@@ -447,11 +494,11 @@ impl Publisher {
         self.conn.as_ref().map(Conn::fd)
     }
 
-    /// The broker sent something on the publishing connection: only control can come
-    /// (a close when it shuts down).
+    /// The broker sent something: deliveries (and control, such as a close when it shuts
+    /// down) for the receiving half.
     fn on_readable(&mut self) {
         if let Some(conn) = &mut self.conn {
-            if let Err(e) = conn.pump_control() {
+            if let Err(e) = self.receiver.on_readable(conn) {
                 self.lose(&e);
             }
         }
@@ -497,10 +544,15 @@ impl Publisher {
         }
     }
 
-    /// Says goodbye to the broker (bounded wait).
+    /// Says goodbye to the broker (bounded wait); closing the connection deletes the
+    /// exclusive queue.
     fn close(&mut self) {
+        self.receiver.idle();
         for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
             h.maybe_fold(Instant::now(), true);
+        }
+        if let (Some(a), Some(conn)) = (&self.announce, &mut self.conn) {
+            let _ = conn.publish(self.exchange.as_bytes(), a.bye_key.as_bytes(), &JSON, &a.bye);
         }
         if let Some(conn) = self.conn.take() {
             conn.close(link::CLOSE_WAIT);
