@@ -10,7 +10,7 @@
 //! - [`worker`]: the per-queue TX and RX threads (hot path): TUN → batch → broker socket,
 //!   and broker socket → TUN.
 //! - [`amqp`]: our AMQP framing and blocking data connections, link set-up and reconnect;
-//!   presence (lapin).
+//!   presence; lapin for control connections.
 //! - [`metrics`]: counters, latency histograms, reports.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.

@@ -1,14 +1,14 @@
 //! Everything that talks to the broker: connections, topology, the per-queue links, presence.
 //!
 //! Two kinds of connection. The data path uses our own ([`wire`]: AMQP framing, pure;
-//! [`conn`]: a blocking connection owned by one thread): each TUN queue has a publishing
-//! connection owned by its TX worker and a consuming one owned by its RX worker ([`link`]),
-//! so queues never contend on a socket and no packet waits for another thread. Control
-//! ([`presence`]: hello/bye/probe, the name check, and the ioppytest control messages and
-//! router elsewhere) uses lapin on the agent's tokio runtime, where convenience matters more
-//! than microseconds. Reconnection is ours: a link that loses the broker drops and counts
-//! what it cannot send, retries with jittered exponential backoff, and re-declares its queue
-//! and bindings.
+//! [`conn`]: a blocking connection owned by one thread): each TUN queue has one connection,
+//! owned by its queue worker, carrying both directions ([`link`]), so queues never contend
+//! on a socket and no packet waits for another thread; queue 0's also carries the agent's
+//! presence ([`presence`]). Control (the name check, `agent peers`, and the ioppytest
+//! control messages and router elsewhere) uses lapin on the agent's tokio runtime, where
+//! convenience matters more than microseconds. Reconnection is ours: a link that loses the
+//! broker drops and counts what it cannot send, retries with jittered exponential backoff,
+//! and re-declares its queue and bindings.
 
 pub mod conn;
 pub mod link;
@@ -26,7 +26,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 /// Longest wait for the TCP + AMQP handshake before a retry.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Frame size for control connections (presence, name check, ioppytest control): they
+/// Frame size for control connections (name check, `agent peers`, ioppytest control): they
 /// carry small JSON only. lapin keeps two ring buffers of 32 frames per connection, so
 /// the frame size sets its memory: 2 × 32 × 8 KiB = 512 KiB instead of 8 MiB at the
 /// broker's default 128 KiB.

@@ -5,7 +5,8 @@
 //! (our task → lapin's I/O loop on send; I/O loop → our task on receive), and those
 //! hand-offs dominated the profile (docs/decisions/0010-own-amqp-data-path.md). A data link
 //! only ever opens a connection, declares and binds a queue, publishes, consumes and acks,
-//! so its protocol fits in this file; control (presence, the router) stays on lapin.
+//! so its protocol fits in this file; control (the name check, `agent peers`, the ioppytest
+//! control messages, the router) stays on lapin.
 //!
 //! A frame is `type:u8 channel:u16 size:u32 payload[size] 0xCE`; a method payload is
 //! `class:u16 method:u16 arguments`. Strings are `u8`-length ("short") or `u32`-length
