@@ -1,10 +1,65 @@
 #!/usr/bin/env python3
-"""Writes docs/performance.md from the latest benchmark outputs (never by hand):
-perf/results/latest.md (perf/run.py) and perf/results/lab-scale.md (perf/lab_scale.py)."""
+"""Writes docs/performance.md from the benchmark outputs (never by hand):
+perf/results/latest.md (perf/run.py), perf/results/lab-scale.md (perf/lab_scale.py), and a
+before/after table from two full perf/run.py results (BASELINE against the newest full run)."""
+import glob
+import importlib.util
+import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = os.path.join(ROOT, "perf", "results")
+# The last full run before the data path moved to our own AMQP connections (decision 0010).
+BASELINE = "2026-11-22-014806-00264f2.json"
+# Rows of the before/after table: (workload in perf/run.py's table, the limit it is held to).
+COMPARED = ["TCP 1 flow", "TCP 8 flows", "UDP 64 B delivered", "ping idle p50", "ping idle p99",
+            "ping loaded p99", "CPU per GB (TCP 1 flow)"]
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("perf_run", os.path.join(ROOT, "perf", "run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def before_after():
+    """Baseline against the newest full run: tunbus values and their ratios to the limits."""
+    fulls = []
+    for path in sorted(glob.glob(os.path.join(R, "20*.json"))):
+        with open(path) as f:
+            res = json.load(f)
+        if res.get("meta", {}).get("mode") == "full" and "tunbus-q1" in res.get("systems", {}):
+            fulls.append((path, res))
+    base_path = os.path.join(R, BASELINE)
+    if not fulls or not os.path.exists(base_path):
+        return "_No baseline or full run yet._\n"
+    with open(base_path) as f:
+        base = json.load(f)
+    latest_path, latest = fulls[-1]
+    run = load_run_module()
+    rows_b = {r["workload"]: r for r in run.make_rows(base)}
+    rows_a = {r["workload"]: r for r in run.make_rows(latest)}
+    out = [
+        "## Before and after",
+        "",
+        f"Before: commit `{base['meta']['commit']}` ({base['meta']['date']}, ring + lapin). "
+        f"After: commit `{latest['meta']['commit']}` ({latest['meta']['date']}). "
+        "Both full `perf/run.py` runs on this machine; each ratio is to the limit measured in its own run.",
+        "",
+        "| workload | q1 before | q1 after | q1 ratio after | q2 before | q2 after | q2 ratio after |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    for name in COMPARED:
+        b, a = rows_b.get(name), rows_a.get(name)
+        if not b or not a:
+            continue
+        digits = 3 if a["unit"] == "ms" else 2
+        f = lambda r, q: run.fmt(r["values"].get(q), digits=digits)
+        out.append(f"| {name} ({a['unit']}) | {f(b, 'tunbus-q1')} | {f(a, 'tunbus-q1')} | {a['ratio_tunbus-q1']} "
+                   f"| {f(b, 'tunbus-q2')} | {f(a, 'tunbus-q2')} | {a['ratio_tunbus-q2']} |")
+    out.append("")
+    return "\n".join(out) + "\n"
 
 
 def section(name, level_shift=1):
@@ -23,17 +78,18 @@ Reproduce (as root, RabbitMQ on localhost):
 
 ```sh
 python3 perf/run.py            # tunbus beside veth, the TUN relay and the broker (< 10 min)
-python3 perf/lab_scale.py      # agent lab with 2 and 300 hosts, 2 runs each (~3 min)
+python3 perf/lab_scale.py      # agent lab with 2 and 300 hosts, 2 runs each (~1 min)
 python3 perf/docs.py           # rewrite this page from perf/results/
 ```
 
 Targets (issue 4) are ratios to limits measured in the same run; see the tables' last columns.
-What was tried and why, with before/after numbers: docs/decisions/0009-flush-policy.md,
-commit messages touching src/worker, src/ring, src/amqp, and the profile notes below the
-tables in each run.
+What was tried and why, with before/after numbers: docs/decisions/0009 to 0014 (flush
+policy, our own AMQP data path, no pinning, batching per receiving queue, holding while the
+broker is behind, one worker and one connection per queue), the commit messages touching
+src/worker and src/amqp, and the notes below the tables in each run.
 
 """
 
 with open(os.path.join(ROOT, "docs", "performance.md"), "w") as f:
-    f.write(HEAD + section("latest.md") + "\n" + section("lab-scale.md"))
+    f.write(HEAD + before_after() + "\n" + section("latest.md") + "\n" + section("lab-scale.md"))
 print("wrote docs/performance.md")

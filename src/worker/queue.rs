@@ -165,6 +165,7 @@ impl QueueWorker {
                     } else {
                         self.end_of_burst();
                     }
+                    self.link.ack_if_drained();
                     if !tun && !socket {
                         self.link.receiver.idle();
                     }
@@ -499,6 +500,16 @@ impl Link {
     fn on_readable(&mut self) {
         if let Some(conn) = &mut self.conn {
             if let Err(e) = self.receiver.on_readable(conn) {
+                self.lose(&e);
+            }
+        }
+    }
+
+    /// Acknowledges deliveries once the socket was drained (after the TUN side, see
+    /// [`Receiver::ack_if_drained`]).
+    fn ack_if_drained(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            if let Err(e) = self.receiver.ack_if_drained(conn) {
                 self.lose(&e);
             }
         }

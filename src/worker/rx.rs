@@ -61,6 +61,8 @@ pub struct Receiver {
     incoming: Option<Incoming>,
     /// A probe arrived since [`Receiver::take_probe`] was last asked.
     probed: bool,
+    /// The socket was drained since the last [`Receiver::ack_if_drained`].
+    drained: bool,
     /// Bodies that span several frames are gathered here.
     body: Vec<u8>,
     json_scratch: Vec<u8>,
@@ -87,6 +89,7 @@ impl Receiver {
             acks: AckBatcher::for_prefetch(prefetch),
             incoming: None,
             probed: false,
+            drained: false,
             body: Vec::new(),
             json_scratch: Vec::new(),
         }
@@ -95,8 +98,21 @@ impl Receiver {
     /// Forgets a half-received message and pending acks: the connection is new.
     pub fn reset(&mut self) {
         self.acks.take();
+        self.drained = false;
         self.incoming = None;
         self.body.clear();
+    }
+
+    /// Acknowledges what was delivered if the socket was drained. The worker calls this
+    /// after its TUN side: a reply the kernel produced for what was just written (a ping's
+    /// echo, a TCP ACK) is published first, and the broker handles our ack after it.
+    pub fn ack_if_drained(&mut self, conn: &mut Conn) -> Result<(), conn::Error> {
+        if std::mem::take(&mut self.drained) {
+            if let Some(tag) = self.acks.take() {
+                conn.ack_multiple(tag)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether a presence probe arrived since the last call.
@@ -109,16 +125,14 @@ impl Receiver {
         self.latency.maybe_fold(Instant::now(), true);
     }
 
-    /// Delivers what has arrived on `conn` (up to [`READS_PER_WAKE`] reads), and acks once
-    /// the socket is drained. `Err` when the connection failed or the broker closed it.
+    /// Delivers what has arrived on `conn` (up to [`READS_PER_WAKE`] reads). Once the
+    /// socket is drained, the acknowledgement is due ([`Receiver::ack_if_drained`]).
+    /// `Err` when the connection failed or the broker closed it.
     pub fn on_readable(&mut self, conn: &mut Conn) -> Result<(), conn::Error> {
         for _ in 0..READS_PER_WAKE {
             self.take_frames(conn)?;
             if conn.read_some()? == ReadState::Empty {
-                // Nothing more has arrived: acknowledge.
-                if let Some(tag) = self.acks.take() {
-                    conn.ack_multiple(tag)?;
-                }
+                self.drained = true;
                 break;
             }
         }
