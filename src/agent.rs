@@ -1,10 +1,12 @@
-//! One agent's life: create and configure the TUN, start workers, links, presence and the
-//! statistics reporter, and take it all down again.
+//! One agent's life: create and configure the TUN, start one worker per queue (each with its
+//! link; worker 0 also announces presence) and the statistics reporter, and take it all
+//! down again.
 //!
-//! [`Agent::start`] runs on a tokio runtime (the links and presence are tasks on it); the
-//! TX workers are OS threads pinned to cores. [`Agent::shutdown`] stops everything within
-//! about a second: it says goodbye, deletes the queues, closes the connections, joins the
-//! workers and closes the TUN queues, which removes the interface. Several agents can live
+//! [`Agent::start`] runs on a tokio runtime (the reporter, the Prometheus endpoint and the
+//! ioppytest control messages are tasks on it); the queue workers are OS threads, pinned
+//! only with `--cpus`. [`Agent::shutdown`] stops everything within about a second: the
+//! workers say goodbye, close their connections (which deletes their queues) and are
+//! joined, and the TUN queues close, which removes the interface. Several agents can live
 //! in one process (the lab does that); they share nothing but the runtime.
 
 use std::net::{IpAddr, Ipv4Addr};

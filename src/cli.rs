@@ -195,7 +195,7 @@ pub struct ConnectArgs {
     /// Interface name.
     #[arg(long, default_value = "tb0")]
     pub ifname: String,
-    /// Pin TX worker k to core LIST[k mod len], e.g. 0,1 or 2-5 [default: no pinning; the
+    /// Pin queue worker k to core LIST[k mod len], e.g. 0,1 or 2-5 [default: no pinning; the
     /// scheduler places them, which measured better when agents share a machine].
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,

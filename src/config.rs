@@ -74,7 +74,7 @@ pub struct AgentConfig {
     pub netns: Option<String>,
     pub ifname: String,
     pub exchange: String,
-    /// Core for TX worker i is `cpus[i % cpus.len()]`; empty means not pinned
+    /// Core for queue worker i is `cpus[i % cpus.len()]`; empty means not pinned
     /// (docs/decisions/0011-no-pinning-by-default.md).
     pub cpus: Vec<usize>,
     pub offload: bool,

@@ -428,8 +428,8 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     let batch_count = tx_counters.snapshot().tx_batches - b0;
 
     stop.store(true, Ordering::Relaxed);
-    tx_thread.join().expect("TX worker thread");
-    rx_thread.join().expect("RX worker thread");
+    tx_thread.join().expect("worker A thread");
+    rx_thread.join().expect("worker B thread");
 
     let (tx_report, rx_report) = (TX.report(), RX_WORKER.report());
     eprintln!(

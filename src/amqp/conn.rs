@@ -1,9 +1,9 @@
-//! A blocking AMQP 0-9-1 connection for one data link direction, owned by one thread.
+//! A blocking AMQP 0-9-1 connection for one data link, owned by one thread.
 //!
-//! The TX worker owns a publishing connection and writes each batch into its socket itself;
-//! the RX thread owns a consuming connection and reads deliveries from its socket itself.
-//! No other thread touches either, so a packet crosses no thread hand-off between the TUN
-//! and the broker (docs/decisions/0010-own-amqp-data-path.md). Framing is in [`super::wire`].
+//! Queue worker k owns the connection of link k: it writes each batch into the socket
+//! itself and reads deliveries from it itself. No other thread touches it, so a packet
+//! crosses no thread hand-off between the TUN and the broker
+//! (docs/decisions/0010-own-amqp-data-path.md, 0014). Framing is in [`super::wire`].
 //!
 //! After the handshake the socket is non-blocking: [`Conn::read_some`] returns what has
 //! arrived (the caller waits with `tun::wait_fd` or together with its TUN queue), and

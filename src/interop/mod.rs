@@ -8,8 +8,8 @@
 //! - [`router`]: `agent route`, the packet router and old↔new bridge. A tokio task.
 //!
 //! The data path of an ioppytest-wire agent is the native one up to the finished batch;
-//! its TX worker then publishes one JSON message per packet, and its RX worker decodes
-//! JSON on the way in (`worker::tx`, `worker::rx`).
+//! its queue worker then publishes one JSON message per packet, and decodes JSON on the way
+//! in (`worker::queue`, `worker::rx`).
 
 pub mod addressing;
 pub mod control;

@@ -1,8 +1,8 @@
 //! Counters and latency histograms, per worker, merged for reports.
 //!
-//! Each TX worker thread and each link task owns one [`Counters`] block on its own cache
-//! lines and adds to it with relaxed atomics once per burst or batch, never per packet. Latency is
-//! recorded into a [`LocalHistogram`] owned by the recording task and folded into a shared
+//! Each queue worker owns two [`Counters`] blocks (sending and receiving half) on their own
+//! cache lines and adds to them with relaxed atomics once per burst or batch, never per
+//! packet. Latency is recorded into a [`LocalHistogram`] owned by the worker and folded into a shared
 //! one at most every [`FOLD_EVERY`]: one uncontended lock per interval, never per packet.
 //! The reporter (a tokio task) takes [`Snapshot`]s and prints rates and percentiles.
 

@@ -1,8 +1,8 @@
 //! What an agent has learned about its peers' queue counts, so that it can batch per
 //! receiving queue instead of per flow shard (docs/decisions/0012-batch-per-receiver-queue.md).
 //!
-//! Every v1 frame states how many consumer queues its sender has (`sender_queues`). RX
-//! workers note it for the source addresses of the packets they deliver; TX workers look
+//! Every v1 frame states how many consumer queues its sender has (`sender_queues`). Workers'
+//! receiving halves note it for the source addresses of the packets they deliver; sending halves look
 //! up the destination and publish shard `s mod K` instead of `s` ([`key_shard`]). The
 //! receiver binds shard `s` to its queue `s mod K`, so the packet reaches the same queue as
 //! before (and a flow keeps one queue and its order), but a destination now has K keys

@@ -4,9 +4,8 @@
 //! IFF_MULTI_QUEUE | IFF_VNET_HDR`, then enables checksum and segmentation offloads with
 //! `TUNSETOFFLOAD` so that the kernel hands us whole TCP (and, where it can, UDP)
 //! super-packets of up to 64 KiB, each preceded by a 10-byte `virtio_net_hdr` ([`vnet`]).
-//! Every queue file descriptor is non-blocking; a [`TunQueue`] is shared by the TX worker
-//! thread that reads it and the RX consumer task that writes it (both are plain syscalls on
-//! one fd, which the kernel serialises).
+//! Every queue file descriptor is non-blocking; queue k is read and written by queue
+//! worker k (plain syscalls on one fd).
 //!
 //! Why `unsafe` is allowed here: the TUN API is `ioctl(2)` on a C struct, and the hot path
 //! needs `read(2)`, `writev(2)` and `poll(2)` on a raw fd without extra copies. Each block

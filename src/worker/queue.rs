@@ -78,7 +78,7 @@ struct Open {
     read_ns: u64,
 }
 
-/// The state of one TX worker; owned by its thread.
+/// The state of one queue worker; owned by its thread.
 pub struct QueueWorker {
     queue: Arc<TunQueue>,
     link: Link,
@@ -86,7 +86,7 @@ pub struct QueueWorker {
     stop: Arc<AtomicBool>,
     flood_key: RoutingKey,
     own_v4: Vec<(Ipv4Addr, u8)>,
-    /// Receivers' queue counts, learned by the RX workers: batch per receiving queue.
+    /// Receivers' queue counts, learned by the receiving halves: batch per receiving queue.
     peers: Arc<PeerQueues>,
     open: Vec<Open>,
     buffer_bytes: usize,
