@@ -158,11 +158,6 @@ impl Conn {
         Ok(())
     }
 
-    /// The negotiated frame size.
-    pub fn frame_max(&self) -> u32 {
-        self.frame_max
-    }
-
     /// Bytes sent that the broker has not acknowledged yet (0 if the kernel cannot say).
     pub fn unsent(&self) -> usize {
         crate::tun::unsent_bytes(self.stream.as_fd()).unwrap_or(0)

@@ -468,12 +468,6 @@ impl Properties<'_> {
     }
 }
 
-/// How many body frames a body of `len` bytes takes with frames of `frame_max` bytes.
-pub fn body_frames(len: usize, frame_max: u32) -> usize {
-    let chunk = (frame_max as usize).saturating_sub(FRAME_OVERHEAD).max(1);
-    len.div_ceil(chunk)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,14 +586,6 @@ mod tests {
         *bad.last_mut().unwrap() = 0;
         assert_eq!(parse_frame(&bad, 4096), Err(Error::BadFrameEnd));
         assert_eq!(parse_frame(&good, 3), Err(Error::FrameTooLarge { size: 4, max: 3 }));
-    }
-
-    #[test]
-    fn body_frame_count() {
-        assert_eq!(body_frames(0, 4096), 0);
-        assert_eq!(body_frames(4088, 4096), 1);
-        assert_eq!(body_frames(4089, 4096), 2);
-        assert_eq!(body_frames(256 * 1024, 131_072), 3);
     }
 
     proptest! {

@@ -156,8 +156,7 @@ impl QueueWorker {
                     if socket {
                         self.link.on_readable();
                         if self.link.receiver.take_probe() {
-                            self.link.next_hello = Instant::now();
-                            self.link.announce_if_due();
+                            self.link.answer_probe();
                         }
                     }
                     if tun {
@@ -411,7 +410,7 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
 /// Link k, owned by queue worker k: its connection (when up) with the receiving half, what
 /// the sending half counts, and the ioppytest form when that wire is chosen.
 struct Link {
-    link: LinkContext,
+    ctx: LinkContext,
     conn: Option<Conn>,
     receiver: Receiver,
     /// Queue 0 of a native agent: its presence, and when to say hello next.
@@ -430,14 +429,14 @@ struct Link {
 }
 
 impl Link {
-    fn new(link: LinkContext, counters: Arc<Counters>, hist: &Histograms, receiver: Receiver) -> Link {
-        let seed = (link.index as u64) ^ super::now_ns();
+    fn new(ctx: LinkContext, counters: Arc<Counters>, hist: &Histograms, receiver: Receiver) -> Link {
+        let seed = (ctx.index as u64) ^ super::now_ns();
         Link {
-            exchange: link.config.exchange.clone(),
-            json_key: ioppytest::routing_key_from_agent(&link.config.name),
-            announce: link.hello.clone(),
+            exchange: ctx.config.exchange.clone(),
+            json_key: ioppytest::routing_key_from_agent(&ctx.config.name),
+            announce: ctx.hello.clone(),
             next_hello: Instant::now(),
-            link,
+            ctx,
             conn: None,
             receiver,
             reconnect: Reconnect::new(seed),
@@ -455,15 +454,21 @@ impl Link {
         if self.conn.is_some() || !self.reconnect.due(Instant::now()) {
             return;
         }
-        match self.link.open() {
+        match self.ctx.open() {
             Ok(conn) => {
                 self.conn = Some(conn);
                 self.receiver.reset();
                 self.next_hello = Instant::now(); // say hello on every new connection
-                self.reconnect.up(&self.link, &self.counters);
+                self.reconnect.up(&self.ctx, &self.counters);
             }
-            Err(e) => self.reconnect.failed(&self.link, &e),
+            Err(e) => self.reconnect.failed(&self.ctx, &e),
         }
+    }
+
+    /// A probe arrived: say hello now.
+    fn answer_probe(&mut self) {
+        self.next_hello = Instant::now();
+        self.announce_if_due();
     }
 
     /// Publishes this agent's hello when it is due (every [`HELLO_EVERY`], at once after a
@@ -517,7 +522,7 @@ impl Link {
 
     fn lose(&mut self, e: &conn::Error) {
         self.conn = None;
-        self.reconnect.lost(&self.link, e);
+        self.reconnect.lost(&self.ctx, e);
     }
 
     /// Publishes one finished batch, or counts it as dropped when the broker is away.
@@ -531,9 +536,9 @@ impl Link {
         };
         self.seq = self.seq.wrapping_add(1);
         writer.finish(self.seq, super::now_ns());
-        let result = match self.link.config.wire {
+        let result = match self.ctx.config.wire {
             Wire::Native => conn.publish(self.exchange.as_bytes(), key.as_str().as_bytes(), &Properties::default(), writer.as_bytes()),
-            Wire::Ioppytest => publish_json(conn, &self.exchange, &self.json_key, &self.link.config.ifname, writer.as_bytes(), &mut self.json_body),
+            Wire::Ioppytest => publish_json(conn, &self.exchange, &self.json_key, &self.ctx.config.ifname, writer.as_bytes(), &mut self.json_body),
         };
         match result {
             Ok(()) => {
