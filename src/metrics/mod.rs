@@ -206,7 +206,13 @@ impl LocalHistogram {
 
     /// Folds into the shared histogram when due (or when `force`).
     pub fn maybe_fold(&mut self, now: Instant, force: bool) {
-        if force || now.duration_since(self.last_fold) >= FOLD_EVERY {
+        self.fold_if_older(now, if force { Duration::ZERO } else { FOLD_EVERY });
+    }
+
+    /// Folds when the last fold is at least `age` old: a worker that has just gone quiet
+    /// folds soon (readers see its last samples) without folding after every message.
+    pub fn fold_if_older(&mut self, now: Instant, age: Duration) {
+        if now.duration_since(self.last_fold) >= age {
             if !self.local.is_empty() {
                 if let Ok(mut shared) = self.shared.lock() {
                     let _ = shared.add(&self.local);

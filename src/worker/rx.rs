@@ -11,7 +11,7 @@
 //! batched (`multiple`): when nothing more has arrived, or every half prefetch.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::amqp::conn::{self, Conn, ReadState};
 use crate::amqp::wire::{self, method, Deliver};
@@ -26,6 +26,9 @@ use crate::tun::{vnet, TunQueue};
 /// Largest body gathered (a native batch is at most 8 MiB); a larger one is skipped and
 /// counted as malformed instead of growing the buffer without bound.
 pub const MAX_BODY: usize = 16 << 20;
+/// A drained socket folds the latency samples when the last fold is older than this, so
+/// statistics read right after traffic stops include it.
+pub const QUIET_FOLD: Duration = Duration::from_millis(20);
 /// Most socket reads per wake-up, so a flood of deliveries cannot starve the TUN side.
 pub const READS_PER_WAKE: usize = 16;
 
@@ -111,6 +114,7 @@ impl Receiver {
             if let Some(tag) = self.acks.take() {
                 conn.ack_multiple(tag)?;
             }
+            self.latency.fold_if_older(Instant::now(), QUIET_FOLD);
         }
         Ok(())
     }
