@@ -1,6 +1,6 @@
 //! `broker_bench`: what the broker alone can carry, the ceiling under any bus tunnel.
 //!
-//! Uses the same AMQP client as the agent's data path (`tunbus::amqp::conn`): one publishing
+//! Uses the same AMQP client as the agent's data path (`tunbus::amqp::client`): one publishing
 //! connection (this thread) and one consuming connection (its own thread) on one exclusive
 //! queue, published through the default exchange; transient messages, no confirms,
 //! prefetch 256, acks batched with `multiple`. For each message size it publishes as fast as
@@ -24,15 +24,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tunbus::amqp::conn::{Conn, ReadState};
-use tunbus::amqp::wire::{self, Properties};
-use tunbus::tun::{wait_fd, Interest};
+use tunbus::amqp::client::{Client, ConnectOptions, Endpoint, Published};
+use tunbus::amqp::session::{Event, QueueOptions};
+use tunbus::amqp::wire::{Properties, Value};
+use tunbus::sys::{wait_fd, Interest};
 
 const PREFETCH: u16 = 256;
 /// Bytes allowed between publisher and consumer: enough to keep both busy, small enough that
 /// the broker never pages messages out.
 const IN_FLIGHT_BYTES: u64 = 32 * 1024 * 1024;
-const SETUP: Duration = Duration::from_secs(3);
 
 struct Args {
     url: String,
@@ -83,48 +83,56 @@ struct Progress {
 
 /// Consumes until stopped: counts messages and body bytes, acks every half prefetch and
 /// whenever nothing more has arrived.
-fn consume(mut conn: Conn, progress: Arc<Progress>) -> anyhow::Result<()> {
+fn consume(mut conn: Client, progress: Arc<Progress>) -> anyhow::Result<()> {
     let mut last_tag = 0u64;
     let mut unacked = 0u16;
     while !progress.stop.load(Ordering::Relaxed) {
-        while let Some((frame, n)) = conn.next_frame()? {
-            match frame.kind {
-                wire::FRAME_METHOD => {
-                    if let Ok((wire::method::BASIC_DELIVER, a)) = wire::method_of(frame.payload) {
-                        last_tag = wire::Deliver::parse(a)?.delivery_tag;
-                        unacked += 1;
-                    }
+        loop {
+            let event = conn.next_event(Instant::now())?;
+            let Some(Event::Delivery(d)) = event else {
+                if event.is_none() {
+                    break;
                 }
-                wire::FRAME_HEADER => {
-                    let size = wire::content_body_size(frame.payload)?;
-                    progress.bytes.fetch_add(size, Ordering::Relaxed);
-                    progress.messages.fetch_add(1, Ordering::Release);
-                }
-                wire::FRAME_BODY => {
-                    let at = progress.epoch.elapsed().as_nanos() as u64;
-                    progress.arrival_ns.store(at, Ordering::Release);
-                }
-                _ => {}
-            }
-            conn.consume_frame(n);
+                continue;
+            };
+            last_tag = d.tag;
+            unacked += 1;
+            progress.bytes.fetch_add(d.body.len() as u64, Ordering::Relaxed);
+            progress.arrival_ns.store(progress.epoch.elapsed().as_nanos() as u64, Ordering::Release);
+            progress.messages.fetch_add(1, Ordering::Release);
             if unacked >= PREFETCH / 2 {
-                conn.ack_multiple(last_tag)?;
+                conn.ack_multiple(last_tag);
                 unacked = 0;
             }
         }
-        if conn.read_some()? == ReadState::Empty {
+        if conn.read_some()? == 0 {
             if unacked > 0 {
-                conn.ack_multiple(last_tag)?;
+                conn.ack_multiple(last_tag);
                 unacked = 0;
             }
+            conn.flush(Instant::now())?;
             wait_fd(conn.fd(), Interest::Read, Duration::from_millis(100))?;
         }
+        conn.tick(Instant::now())?;
     }
     conn.close(Duration::from_millis(500));
     Ok(())
 }
 
-fn throughput(publish: &mut Conn, queue: &str, size: usize, seconds: f64, progress: &Progress) -> anyhow::Result<serde_json::Value> {
+/// Publishes one message, waiting while the previous one is still being written.
+fn publish_one(conn: &mut Client, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+    loop {
+        match conn.publish(Instant::now(), "", queue, &Properties::default(), body)? {
+            Published::Sent => return Ok(()),
+            Published::Busy => {
+                conn.wait_writable(Duration::from_secs(2))?;
+            }
+            Published::Blocked => bail!("the broker blocked publishing (a resource alarm)"),
+        }
+    }
+}
+
+fn throughput(publish: &mut Client, queue: &str, size: usize, seconds: f64, progress: &Progress) -> anyhow::Result<serde_json::Value> {
     let body = vec![0xA5u8; size];
     let window = (IN_FLIGHT_BYTES / size as u64).clamp(2 * u64::from(PREFETCH), 65_536);
     let base = progress.messages.load(Ordering::Acquire);
@@ -137,7 +145,7 @@ fn throughput(publish: &mut Conn, queue: &str, size: usize, seconds: f64, progre
         while published.saturating_sub(received()) >= window {
             thread::sleep(Duration::from_micros(50));
         }
-        publish.publish(b"", queue.as_bytes(), &Properties::default(), &body)?;
+        publish_one(publish, queue, &body)?;
         published += 1;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -169,7 +177,7 @@ fn percentile(sorted_us: &[f64], q: f64) -> f64 {
 /// One-hop latency, one message at a time with `gap` between them: publish time to the
 /// consumer thread's arrival time (it notes the time itself, so how this thread waits for
 /// the arrival does not count).
-fn latency(publish: &mut Conn, queue: &str, samples: usize, gap: Duration, progress: &Progress) -> anyhow::Result<serde_json::Value> {
+fn latency(publish: &mut Client, queue: &str, samples: usize, gap: Duration, progress: &Progress) -> anyhow::Result<serde_json::Value> {
     let body = [0x5Au8; 100];
     let mut us = Vec::with_capacity(samples);
     for i in 0..samples + 50 {
@@ -177,7 +185,7 @@ fn latency(publish: &mut Conn, queue: &str, samples: usize, gap: Duration, progr
             thread::sleep(gap);
         }
         let t0 = progress.epoch.elapsed().as_nanos() as u64;
-        publish.publish(b"", queue.as_bytes(), &Properties::default(), &body)?;
+        publish_one(publish, queue, &body)?;
         let arrived = loop {
             let at = progress.arrival_ns.load(Ordering::Acquire);
             if at > t0 {
@@ -207,12 +215,16 @@ fn latency(publish: &mut Conn, queue: &str, samples: usize, gap: Duration, progr
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let queue = format!("tunbus-perf-broker-{}-{}", std::process::id(), tunbus::worker::now_ns() % 1_000_000);
-    let mut consumer = Conn::open(&args.url, "broker_bench consumer", None, SETUP).with_context(|| format!("connecting to {}", args.url))?;
-    // Exclusive and auto-delete: the queue goes with the consumer's connection, whatever happens.
-    consumer.queue_declare(&queue, i32::MAX, i64::MAX)?;
-    consumer.consume(&queue, "broker-bench", PREFETCH)?;
-    let mut publish = Conn::open(&args.url, "broker_bench publisher", None, SETUP)?;
+    let queue = format!("tunbus-perf-broker-{}-{}", std::process::id(), tunbus::util::now_ns() % 1_000_000);
+    let endpoint = Endpoint::new(args.url.parse()?, &Default::default())?;
+    let never = AtomicBool::new(false);
+    let mut consumer = Client::open(&endpoint, &ConnectOptions::new("broker_bench consumer"), &never).with_context(|| format!("connecting to {}", endpoint.url))?;
+    // Exclusive: the queue goes with the consumer's connection, whatever happens.
+    let exclusive = QueueOptions { exclusive: true, ..QueueOptions::default() };
+    consumer.queue_declare(&queue, exclusive, &[("x-max-length", Value::I32(i32::MAX))], &never)?;
+    consumer.basic_qos(PREFETCH, &never)?;
+    consumer.basic_consume(&queue, "broker-bench", false, true, &never)?;
+    let mut publish = Client::open(&endpoint, &ConnectOptions::new("broker_bench publisher"), &never)?;
     let progress = Arc::new(Progress {
         messages: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
@@ -236,7 +248,7 @@ fn main() -> anyhow::Result<()> {
         }
         let back_to_back = hops.first().cloned().unwrap_or(serde_json::Value::Null);
         anyhow::Ok(serde_json::json!({
-            "client": "tunbus::amqp::conn",
+            "client": "tunbus::amqp::client",
             "queue": queue,
             "throughput": runs,
             "one_hop_latency": back_to_back,

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tunbus::config::Prefix;
-use tunbus::tun::{netns, vnet, TunDevice, TunQueue};
+use tunbus::codec::vnet;
+use tunbus::tun::{netns, TunDevice, TunQueue};
 
 struct Args {
     ns_a: String,

@@ -1,16 +1,21 @@
-//! One agent's life: create and configure the TUN, start one worker per queue (each with its
-//! link; worker 0 also announces presence) and the statistics reporter, and take it all
+//! One agent's life: join the bus (the first data connection is opened before anything is
+//! created on this host, so a wrong password, an unknown vhost, a TLS failure or a taken
+//! name ends the start with its own exit code and leaves nothing behind), create and
+//! configure the TUN, start one worker per queue (each with its link; worker 0 also
+//! announces presence) and the statistics reporter, watch the workers, and take it all
 //! down again.
 //!
 //! [`Agent::start`] runs on a tokio runtime (the reporter, the Prometheus endpoint and the
-//! ioppytest control messages are tasks on it); the queue workers are OS threads, pinned
-//! only with `--cpus`. [`Agent::shutdown`] stops everything within about a second: the
-//! workers say goodbye, close their connections (which deletes their queues) and are
-//! joined, and the TUN queues close, which removes the interface. Several agents can live
-//! in one process (the lab does that); they share nothing but the runtime.
+//! ioppytest control thread's watcher are tasks on it); the queue workers are OS threads,
+//! pinned only with `--cpus`. [`Agent::failure`] says when a worker died (the caller then
+//! exits non-zero: a queue never dies silently). [`Agent::shutdown`] stops everything
+//! within about a second: the workers say goodbye, close their connections (which deletes
+//! their queues) and are joined, and the TUN queues close, which removes the interface.
+//! Several agents can live in one process (the lab does that); they share nothing but the
+//! runtime.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,15 +24,24 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::amqp::client::{self, Client, FailureClass};
 use crate::amqp::link::LinkContext;
-use crate::amqp::presence::{Announcements, Hello};
+use crate::amqp::presence::{self, Announcements, Hello};
 use crate::amqp::BrokerState;
 use crate::config::AgentConfig;
+use crate::exit::{Exit, Failure};
 use crate::metrics::report::{self, Report};
 use crate::metrics::{Counters, Histograms};
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
+use crate::util::{now_ns, Stop};
 use crate::worker::queue::QueueWorker;
+
+/// How long the start waits for the broker to drop a dead connection that still holds this
+/// agent's queue (its heartbeats time it out: 2 × at most 30 s).
+const STALE_WAIT: Duration = Duration::from_secs(65);
+/// How long a live owner of the name has to answer the probe.
+const NAME_PROBE_WAIT: Duration = Duration::from_millis(1500);
 
 /// How long shutdown waits for the links to delete their queues and close.
 const CLOSE_GRACE: Duration = Duration::from_millis(1200);
@@ -36,9 +50,11 @@ const CLOSE_GRACE: Duration = Duration::from_millis(1200);
 pub struct Agent {
     config: Arc<AgentConfig>,
     stop_tx: watch::Sender<bool>,
-    stop_flag: Arc<AtomicBool>,
+    stop_flag: Stop,
     tasks: JoinSet<()>,
     workers: Vec<JoinHandle<()>>,
+    /// Helper threads (the ioppytest control connection), stopped with the agent.
+    helpers: Vec<JoinHandle<()>>,
     queues: Vec<Arc<TunQueue>>,
     counters: Vec<Arc<Counters>>,
     hist: Vec<Arc<Histograms>>,
@@ -69,7 +85,7 @@ fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
             c.ifname.clone()
         }
     };
-    let dev = TunDevice::create(&create_as, c.queues, c.offload)?;
+    let dev = TunDevice::create(&create_as, c.queues, c.offload).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
     if let Some(ns) = &c.netns {
         netns::move_into(&create_as, ns, &c.ifname)?; // on error `dev` drops: interface gone
     }
@@ -77,31 +93,80 @@ fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
     Ok(dev)
 }
 
+/// Opens link 0 before anything is created on this host: what the broker refuses ends the
+/// start here, with its exit code. A taken queue name is a live agent of the same name (it
+/// answers a probe: exit 8) or a dead connection the broker has not dropped yet (it does
+/// within two of its heartbeats: wait for it).
+fn join_bus(ctx: &LinkContext, interrupt: &Stop) -> Result<Option<(Client, usize)>, Failure> {
+    let c = &ctx.config;
+    let started = Instant::now();
+    let mut said_stale = false;
+    loop {
+        let e = match ctx.open(0) {
+            Ok(link) => return Ok(Some(link)),
+            Err(client::Error::Stopped) => return Ok(None),
+            Err(e) => e,
+        };
+        if e.class() != FailureClass::Locked {
+            let advice = match e.class() {
+                FailureClass::Unreachable => " Is RabbitMQ running there? Check --url (host and port).",
+                FailureClass::Permission => " The broker user lacks a permission tunbus needs (see docs/security.md).",
+                _ => "",
+            };
+            return Err(Failure::new(Exit::from(e.class()), format!("cannot join the bus: {e}.{advice}")));
+        }
+        let taken = presence::name_answers(&c.endpoints, &c.exchange, &c.name, NAME_PROBE_WAIT, interrupt).map_err(Failure::from)?;
+        if taken {
+            return Err(Failure::new(
+                Exit::NameInUse,
+                format!(
+                    "agent name {:?} is already in use on this bus (a live agent holds queue {}); pick another --name{}",
+                    c.name,
+                    c.queue_name(0),
+                    if c.session.is_some() { "" } else { " or a --session" }
+                ),
+            ));
+        }
+        if started.elapsed() > STALE_WAIT {
+            return Err(Failure::new(
+                Exit::NameInUse,
+                format!("queue {} is still held by a connection that does not answer, after {} s; the broker will drop it once its heartbeats time out (see `rabbitmqctl list_connections`)", c.queue_name(0), STALE_WAIT.as_secs()),
+            ));
+        }
+        if !said_stale {
+            tracing::warn!(agent = %c.name, queue = %c.queue_name(0), "the queue is held by a dead connection (no agent of this name answers); waiting for the broker to drop it");
+            said_stale = true;
+        }
+        for _ in 0..10 {
+            if interrupt.is_raised() {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 impl Agent {
     /// Brings the agent up. Returns once the interface exists and every task is started
-    /// (the links connect in the background; traffic flows as soon as they are connected).
-    pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+    /// (when `config.check_name`, link 0 is connected first; the other links connect in
+    /// the background; traffic flows as soon as they are connected). `Ok(None)` when
+    /// `interrupt` was raised during the start.
+    pub async fn start(config: AgentConfig, interrupt: &Stop) -> anyhow::Result<Option<Agent>> {
         let config = Arc::new(config);
         // Bind the metrics port first: a bad address must not bring the agent onto the bus.
         let metrics_listener = match config.metrics_addr {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}: cannot listen"))?),
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Failure::new(Exit::Local, format!("--metrics-addr {addr}: cannot listen: {e}")))?,
+            ),
             None => None,
         };
-        let first_queue = config.queue_name(0);
-        if config.check_name && crate::amqp::queue_in_use(&config.url, &first_queue).await.unwrap_or(false) {
-            bail!(
-                "agent name {:?} is already in use on this bus (queue {first_queue} exists); pick another --name{}",
-                config.name,
-                if config.session.is_some() { "" } else { " or a --session" }
-            );
-        }
-        let dev = bring_up_interface(&config)
-            .with_context(|| format!("setting up interface {} for agent {}", config.ifname, config.name))?;
         let Some(flood_key) = RoutingKey::all(&config.name) else {
             bail!("agent name {:?} is not a valid topic word", config.name);
         };
         let (stop_tx, stop_rx) = watch::channel(false);
-        let stop_flag = Arc::new(AtomicBool::new(false));
+        let stop_flag = Stop::new();
         let broker = Arc::new(BrokerState::default());
         let connected = Arc::new(AtomicUsize::new(0));
         let own_v4: Vec<(Ipv4Addr, u8)> = config
@@ -114,28 +179,17 @@ impl Agent {
             .collect();
         let cpus = config.cpus.clone();
         let peers = Arc::new(crate::route::peers::PeerQueues::new());
-        let mut agent = Agent {
-            config: config.clone(),
-            stop_tx,
-            stop_flag: stop_flag.clone(),
-            tasks: JoinSet::new(),
-            workers: Vec::new(),
-            queues: Vec::new(),
-            counters: Vec::new(),
-            hist: Vec::new(),
-            connected: connected.clone(),
-            started: Instant::now(),
-        };
         let hello = Hello {
             name: config.name.clone(),
             session: config.session.clone(),
             addresses: config.addrs.iter().map(ToString::to_string).chain([format!("{}/64", config.link_local())]).collect(),
             queues: config.queues,
             wire: config.wire.name().to_owned(),
-            started_unix_ms: crate::worker::now_ns() / 1_000_000,
+            started_unix_ms: now_ns() / 1_000_000,
             interface: config.ifname.clone(),
             netns: config.netns.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            node: None,
             leaving: false,
         };
         // Native agents announce themselves on their queue-0 connection (no presence connection).
@@ -143,20 +197,51 @@ impl Agent {
             crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello)?)),
             crate::config::Wire::Ioppytest => None,
         };
+        let link_context = |k: usize| LinkContext {
+            config: config.clone(),
+            index: k,
+            broker: broker.clone(),
+            connected: connected.clone(),
+            hello: if k == 0 { announcements.clone() } else { None },
+            stop: stop_flag.clone(),
+        };
+        let mut first_link = if config.check_name {
+            // Connection attempts of the start give up on Ctrl-C.
+            let mut ctx = link_context(0);
+            ctx.stop = interrupt.clone();
+            let joined = tokio::task::spawn_blocking(move || join_bus(&ctx, &ctx.stop)).await.context("the start-up connection thread")??;
+            match joined {
+                Some(link) => Some(link),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        if interrupt.is_raised() {
+            return Ok(None);
+        }
+        let dev = bring_up_interface(&config).with_context(|| format!("setting up interface {} for agent {}", config.ifname, config.name))?;
+        let mut agent = Agent {
+            config: config.clone(),
+            stop_tx,
+            stop_flag: stop_flag.clone(),
+            tasks: JoinSet::new(),
+            workers: Vec::new(),
+            helpers: Vec::new(),
+            queues: Vec::new(),
+            counters: Vec::new(),
+            hist: Vec::new(),
+            connected: connected.clone(),
+            started: Instant::now(),
+        };
         for q in dev.queues {
             let k = q.index();
             let queue = Arc::new(q);
-            // Separate blocks for the TX and RX threads: no shared cache lines.
+            // Separate blocks for the sending and receiving halves: no shared cache lines.
             let tx_counters = Arc::new(Counters::default());
             let rx_counters = Arc::new(Counters::default());
             let hist = Histograms::new();
-            let link = LinkContext {
-                config: config.clone(),
-                index: k,
-                broker: broker.clone(),
-                connected: connected.clone(),
-                hello: if k == 0 { announcements.clone() } else { None },
-            };
+            let link = link_context(k);
             let worker = QueueWorker::new(
                 queue.clone(),
                 link,
@@ -167,6 +252,7 @@ impl Agent {
                 flood_key,
                 own_v4.clone(),
                 peers.clone(),
+                if k == 0 { first_link.take() } else { None },
             );
             let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
             let handle = std::thread::Builder::new()
@@ -186,7 +272,13 @@ impl Agent {
             agent.hist.push(hist);
         }
         if config.wire == crate::config::Wire::Ioppytest {
-            agent.tasks.spawn(crate::interop::control::run(config.clone(), stop_rx.clone()));
+            let (c, stop) = (config.clone(), stop_flag.clone());
+            agent.helpers.push(
+                std::thread::Builder::new()
+                    .name(format!("ctl-{}", config.name))
+                    .spawn(move || crate::interop::control::run(&c, &stop))
+                    .context("spawning the ioppytest control thread")?,
+            );
         }
         if let Some(listener) = metrics_listener {
             agent.tasks.spawn(crate::metrics::prometheus::serve(listener, config.name.clone(), agent.counters.clone(), agent.hist.clone(), stop_rx.clone()));
@@ -209,11 +301,20 @@ impl Agent {
             uso = dev.offloads.uso,
             "agent up"
         );
-        Ok(agent)
+        Ok(Some(agent))
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// A worker that ended while the agent was not stopping: the agent is broken and must
+    /// not pretend to forward (the caller exits with [`Exit::Internal`]).
+    pub fn failure(&self) -> Option<String> {
+        if self.stop_flag.is_raised() {
+            return None;
+        }
+        self.workers.iter().position(JoinHandle::is_finished).map(|k| format!("queue worker {k} of agent {} died; see the log above", self.config.name))
     }
 
     /// Whether every link is connected to the broker (queues declared and bound).
@@ -235,7 +336,7 @@ impl Agent {
     /// calling this still stops its threads and tasks (see `Drop`), just without waiting.
     pub async fn shutdown(mut self) -> Report {
         let _ = self.stop_tx.send(true);
-        self.stop_flag.store(true, Ordering::Relaxed);
+        self.stop_flag.raise();
         let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
         while !self.tasks.is_empty() {
             match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
@@ -249,7 +350,7 @@ impl Agent {
                 }
             }
         }
-        for w in self.workers.drain(..) {
+        for w in self.workers.drain(..).chain(self.helpers.drain(..)) {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
         }
         let report = self.report();
@@ -262,7 +363,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         // Workers see the flag within their idle poll (250 ms); dropping the JoinSet aborts the tasks, and
         // the last TUN queue reference goes with them, removing the interface.
-        self.stop_flag.store(true, Ordering::Relaxed);
+        self.stop_flag.raise();
         let _ = self.stop_tx.send(true);
     }
 }

@@ -2,16 +2,19 @@
 //!
 //! Nothing below this module sees `Args`; a bad flag becomes a one-line error here.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::amqp::client::Endpoint;
+use crate::amqp::tls::TlsOptions;
+use crate::amqp::url::{self, BrokerUrl, DEFAULT_URL};
 use crate::config::{AgentConfig, Prefix, Wire, DEFAULT_MTU};
+use crate::exit::{Exit, Failure};
 use crate::interop::addressing::OldAddressing;
 use crate::route;
-
-pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,7 +25,8 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 Each agent owns a multi-queue TUN interface. Packets the kernel routes into it are batched \
 and published to the broker with a routing key naming their destination; the agent that owns \
 that address consumes them and writes them into its own TUN.\n\n\
-Logging: RUST_LOG (e.g. RUST_LOG=debug) controls verbosity; the default is info."
+Logging: RUST_LOG (e.g. RUST_LOG=debug) controls verbosity; the default is info.",
+    after_help = crate::exit::TABLE
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the TUN interface and connect it to the bus until Ctrl-C / SIGTERM.
+    #[command(after_help = crate::exit::TABLE)]
     Connect(ConnectArgs),
     /// List the agents present on the bus (asks them to announce themselves).
     Peers(PeersArgs),
@@ -46,9 +51,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RouteArgs {
-    /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
-    pub url: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// ioppytest test configuration (YAML with a `topology` list of links and their nodes).
     #[arg(long, value_name = "FILE")]
     pub topology: std::path::PathBuf,
@@ -77,9 +81,10 @@ pub struct LabArgs {
     /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
     #[arg(long)]
     pub keep: bool,
-    /// Broker URL [default: localhost:5672 if it answers, else a private RabbitMQ node].
-    #[arg(long)]
-    pub url: Option<String>,
+    /// Broker URL, repeatable for the nodes of a cluster [default: localhost:5672 if it
+    /// answers, else a private RabbitMQ node]. TLS flags as for `connect`.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Session: isolates this lab from other labs and agents on the same broker.
     #[arg(long, default_value = crate::lab::plan::DEFAULT_SESSION)]
     pub session: String,
@@ -111,9 +116,7 @@ impl LabArgs {
         if !route::is_valid_word(&self.session) || self.session.len() > 20 {
             bail!("--session {:?} must be one topic word of at most 20 characters: letters, digits, '-' or '_'", self.session);
         }
-        if let Some(url) = &self.url {
-            check_url(url)?;
-        }
+        let endpoints = if self.broker.given() { Some(self.broker.endpoints()?) } else { None };
         if !(self.throughput_seconds >= 0.0 && self.throughput_seconds <= 600.0) {
             bail!("--throughput-seconds must be between 0 and 600");
         }
@@ -121,7 +124,8 @@ impl LabArgs {
             hosts: self.hosts as usize,
             queues: usize::from(self.queues),
             keep: self.keep,
-            url: self.url.clone(),
+            endpoints,
+            heartbeat: self.broker.heartbeat()?,
             session: self.session.clone(),
             sample: self.sample.max(1),
             seed: self.seed,
@@ -132,11 +136,97 @@ impl LabArgs {
     }
 }
 
+/// Where the broker is and how to reach it: shared by every command that connects.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Broker URL: amqp[s]://USER:PASS@HOST[:PORT]/VHOST[?heartbeat=S&connection_timeout=MS&…]
+    /// (vhost URL-encoded: %2f is "/"). Repeat it for the nodes of one cluster, in order
+    /// of preference. Without it: --url-file, else $AMQP_URL_FILE, else $AMQP_URL (a
+    /// comma-separated list), else amqp://guest:guest@localhost:5672/%2f (RabbitMQ's guest
+    /// works from localhost only). Passwords are never printed.
+    #[arg(long, value_name = "URL")]
+    pub url: Vec<String>,
+    /// Read the URL (or a comma- or line-separated list) from FILE, keeping the password out
+    /// of the process list [env: AMQP_URL_FILE].
+    #[arg(long, value_name = "FILE")]
+    pub url_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the broker's certificate, for amqps:// [default:
+    /// the system's roots]. The URL's cacertfile= overrides it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM): log in by certificate (SASL EXTERNAL) when the URL names no
+    /// user. The URL's certfile= overrides it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of --tls-cert (PEM). The URL's keyfile= overrides it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Do not verify the broker's certificate (warns once; anyone on the path can then pose
+    /// as the broker). Same as the URL's verify=verify_none.
+    #[arg(long)]
+    pub tls_insecure: bool,
+    /// Heartbeat interval asked of the broker, in seconds (0: off); a dead path is noticed
+    /// within two of them. The URL's heartbeat= overrides it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub heartbeat: u16,
+}
+
+impl BrokerArgs {
+    /// Whether any URL was given (flag, file or environment).
+    pub fn given(&self) -> bool {
+        !self.url.is_empty() || self.url_file.is_some() || std::env::var_os("AMQP_URL_FILE").is_some() || std::env::var_os("AMQP_URL").is_some()
+    }
+
+    /// The broker URLs, from the first place that has them.
+    pub fn urls(&self) -> Result<Vec<BrokerUrl>, Failure> {
+        let usage = |e: url::UrlError| Failure::new(Exit::Usage, e.to_string());
+        if !self.url.is_empty() {
+            let mut all = Vec::new();
+            for u in &self.url {
+                all.extend(url::parse_list(u).map_err(usage)?);
+            }
+            return Ok(all);
+        }
+        let file = self.url_file.clone().or_else(|| std::env::var_os("AMQP_URL_FILE").map(PathBuf::from));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(&path).map_err(|e| Failure::new(Exit::Local, format!("cannot read the URL file {}: {e}", path.display())))?;
+            let list: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+            return url::parse_list(&list.join(",")).map_err(|e| Failure::new(Exit::Usage, format!("{}: {e}", path.display())));
+        }
+        if let Ok(env) = std::env::var("AMQP_URL") {
+            return url::parse_list(&env).map_err(|e| Failure::new(Exit::Usage, format!("$AMQP_URL: {e}")));
+        }
+        url::parse_list(DEFAULT_URL).map_err(usage)
+    }
+
+    pub fn tls(&self) -> TlsOptions {
+        TlsOptions { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone(), insecure: self.tls_insecure }
+    }
+
+    /// The nodes with their TLS clients built (certificate files read now).
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, Failure> {
+        let tls = self.tls();
+        if (tls.ca.is_some() || tls.cert.is_some() || tls.insecure) && self.urls()?.iter().all(|u| !u.tls) {
+            return Err(Failure::new(Exit::Usage, "--tls-* flags need an amqps:// URL (TLS is chosen by the URL's scheme)"));
+        }
+        self.urls()?
+            .into_iter()
+            .map(|u| {
+                let shown = u.to_string();
+                Endpoint::new(u, &tls).map_err(|e| Failure::new(Exit::Tls, format!("TLS settings for {shown}: {e}")))
+            })
+            .collect()
+    }
+
+    pub fn heartbeat(&self) -> Result<Duration, Failure> {
+        Ok(Duration::from_secs(u64::from(self.heartbeat)))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BusArgs {
-    /// Broker URL (amqp://user:pass@host:port/vhost, vhost URL-encoded: %2f is "/").
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
-    pub url: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Testbed session: agents of different sessions never see each other's packets or
     /// presence. Uses the topic exchange `tunbus.<SESSION>` unless --exchange is given.
     #[arg(long)]
@@ -247,16 +337,9 @@ pub fn bus_exchange(bus: &BusArgs) -> anyhow::Result<String> {
     }
     Ok(match (&bus.exchange, &bus.session) {
         (Some(e), _) => e.clone(),
-        (None, Some(s)) => format!("tunbus.{s}"),
+        (None, Some(s)) => route::session_exchange(s),
         (None, None) => "amq.topic".to_owned(),
     })
-}
-
-/// Checks that `url` is an AMQP URL lapin can use.
-pub fn check_url(url: &str) -> anyhow::Result<()> {
-    url.parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| anyhow::anyhow!("--url {url:?} is not an AMQP URL ({e}); expected amqp://user:pass@host:5672/%2f"))?;
-    Ok(())
 }
 
 /// Parses a core list: `0,1`, `2-5`, `0,2-3`.
@@ -283,7 +366,8 @@ pub fn parse_cpus(text: &str) -> anyhow::Result<Vec<usize>> {
 
 impl ConnectArgs {
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
-        check_url(&self.bus.url)?;
+        let endpoints = self.bus.broker.endpoints()?;
+        let heartbeat = self.bus.broker.heartbeat()?;
         if !route::is_valid_word(&self.name) {
             bail!("--name {:?} must be one topic word: letters, digits, '-' or '_' (no '.', '*', '#')", self.name);
         }
@@ -338,7 +422,8 @@ impl ConnectArgs {
             Some(text) => parse_cpus(text)?,
             None => Vec::new(),
         };
-        let mut config = AgentConfig::new(&self.bus.url, &self.name);
+        let mut config = AgentConfig::new(endpoints, &self.name);
+        config.heartbeat = heartbeat;
         config.session = self.bus.session;
         config.exchange = exchange;
         config.queues = usize::from(self.queues);

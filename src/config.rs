@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::amqp::client::{Endpoint, DEFAULT_HEARTBEAT};
+
 /// An interface address with its prefix length, e.g. `198.18.0.1/24` or `fd00:7b::1/64`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Prefix {
@@ -65,7 +67,10 @@ pub const DEFAULT_MTU: u32 = 9000;
 /// Everything one agent needs to run.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub url: String,
+    /// The broker's nodes, in order of preference (the first that answers is used).
+    pub endpoints: Vec<Endpoint>,
+    /// Heartbeat interval asked for (a URL's `heartbeat` overrides it).
+    pub heartbeat: Duration,
     pub name: String,
     pub session: Option<String>,
     pub queues: usize,
@@ -108,9 +113,10 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// A configuration with the defaults of `agent connect`, for tests and the lab.
-    pub fn new(url: &str, name: &str) -> AgentConfig {
+    pub fn new(endpoints: Vec<Endpoint>, name: &str) -> AgentConfig {
         AgentConfig {
-            url: url.to_owned(),
+            endpoints,
+            heartbeat: DEFAULT_HEARTBEAT,
             name: name.to_owned(),
             session: None,
             queues: 1,
@@ -141,10 +147,7 @@ impl AgentConfig {
         if let Some(a) = self.link_local {
             return a;
         }
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.session.as_deref().unwrap_or("").bytes().chain([b'/']).chain(self.name.bytes()) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = crate::util::fnv1a64(&[self.session.as_deref().unwrap_or("").as_bytes(), b"/", self.name.as_bytes()]);
         let iid = h.max(1); // never fe80::
         Ipv6Addr::from((0xfe80u128 << 112) | u128::from(iid))
     }
@@ -189,9 +192,9 @@ mod tests {
 
     #[test]
     fn link_local_is_stable_distinct_and_overridable() {
-        let a = AgentConfig::new("amqp://x", "h1");
-        let b = AgentConfig::new("amqp://x", "h2");
-        assert_eq!(a.link_local(), AgentConfig::new("amqp://y", "h1").link_local());
+        let a = AgentConfig::new(Vec::new(), "h1");
+        let b = AgentConfig::new(Vec::new(), "h2");
+        assert_eq!(a.link_local(), AgentConfig::new(Vec::new(), "h1").link_local());
         assert_ne!(a.link_local(), b.link_local());
         assert_eq!(a.link_local().segments()[..4], [0xfe80, 0, 0, 0]);
         let mut s = a.clone();
@@ -204,7 +207,7 @@ mod tests {
 
     #[test]
     fn queue_names_carry_the_session() {
-        let mut c = AgentConfig::new("amqp://x", "h1");
+        let mut c = AgentConfig::new(Vec::new(), "h1");
         assert_eq!(c.queue_name(3), "tunbus.h1.3");
         c.session = Some("s7".into());
         assert_eq!(c.queue_name(0), "tunbus.s7.h1.0");

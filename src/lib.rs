@@ -2,18 +2,21 @@
 //!
 //! Module map (see `docs/architecture.md` for the data path in both directions):
 //! - [`cli`]: command line → [`config::AgentConfig`]; nothing below sees clap types.
-//! - [`agent`]: one agent's life cycle: TUN, workers, links, presence, reports.
-//! - [`tun`]: the multi-queue TUN device with offloads and its configuration (OS glue; the
-//!   only module allowed `unsafe`).
-//! - [`codec`]: wire format v1 and the ioppytest JSON form. Pure.
+//! - [`agent`]: one agent's life cycle: join the bus, TUN, workers, presence, reports.
+//! - [`exit`]: exit codes, one per class of failure.
+//! - [`tun`]: the multi-queue TUN device with offloads and its configuration.
+//! - [`sys`]: every call into the OS the standard library does not wrap (the only module
+//!   allowed `unsafe`).
+//! - [`codec`]: wire format v1, the virtio header and the ioppytest JSON form. Pure.
 //! - [`route`]: destination → routing key, flow hash, shard → queue. Pure.
-//! - [`worker`]: the per-queue TX and RX threads (hot path): TUN → batch → broker socket,
-//!   and broker socket → TUN.
-//! - [`amqp`]: our AMQP framing and blocking data connections, link set-up and reconnect;
-//!   presence; lapin for control connections.
+//! - [`worker`]: one thread per queue (hot path): TUN → batch → broker socket, and broker
+//!   socket → TUN, on one connection.
+//! - [`amqp`]: our AMQP client: URLs, framing and the session state machine (pure), TLS
+//!   and TCP transport, links with reconnection, presence.
 //! - [`metrics`]: counters, latency histograms, reports.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
+//! - [`util`]: the clock, the stop flag, fixed hashes.
 #![deny(unsafe_code)]
 
 pub mod agent;
@@ -21,9 +24,12 @@ pub mod amqp;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod exit;
 pub mod interop;
 pub mod lab;
 pub mod metrics;
 pub mod route;
+pub mod sys;
 pub mod tun;
+pub mod util;
 pub mod worker;

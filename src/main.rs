@@ -1,4 +1,5 @@
-//! `agent`: parse the command line, set up tracing, run the chosen command.
+//! `agent`: parse the command line, set up tracing, run the chosen command, and turn its
+//! outcome into an exit code (`tunbus::exit`).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,16 +9,16 @@ use clap::Parser;
 use tokio::sync::watch;
 
 use tunbus::agent::Agent;
-use tunbus::cli::{bus_exchange, check_url, Cli, Command, LabArgs, PeersArgs, RouteArgs};
+use tunbus::cli::{bus_exchange, Cli, Command, LabArgs, PeersArgs, RouteArgs};
+use tunbus::exit::{self, Exit, Failure};
+use tunbus::util::{now_ns, Stop};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A lab runs hundreds of agents in this process: their per-agent lines stay at debug.
-    // lapin logs expected refusals (the name check's 404) as errors; broker trouble is
-    // reported by our own lines, so its logging is off unless RUST_LOG asks for it.
     let default_filter = match cli.command {
-        Command::Lab(_) => "info,tunbus::agent=warn,lapin=off,amq_protocol=off",
-        _ => "info,lapin=off,amq_protocol=off",
+        Command::Lab(_) => "info,tunbus::agent=warn",
+        _ => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::code_of(&e).code())
         }
     }
 }
@@ -49,16 +50,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stats_json = args.stats_json.clone();
             let wait_config = args.wait_config;
             let mut config = args.into_config()?;
-            let mut stop = stop_on_signal()?;
+            let (interrupt, mut stop) = stop_on_signal()?;
             if wait_config {
-                let found = tunbus::interop::control::wait_for_start(&config, &mut stop).await?;
+                let (c, s) = (config.clone(), interrupt.clone());
+                let found = tokio::task::spawn_blocking(move || tunbus::interop::control::wait_for_start(&c, &s)).await??;
                 let Some(addressing) = found else { return Ok(()) };
                 config.addrs.extend(addressing.prefixes());
                 config.link_local = addressing.link_local();
                 config.old_addressing = addressing;
             }
-            let agent = Agent::start(config).await?;
-            let _ = stop.wait_for(|s| *s).await;
+            let Some(agent) = Agent::start(config, &interrupt).await? else {
+                return Ok(()); // interrupted while joining the bus
+            };
+            let failure = loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break None,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if let Some(f) = agent.failure() {
+                            break Some(f);
+                        }
+                    }
+                }
+            };
             tracing::info!(agent = %agent.config().name, "stopping");
             let report = agent.shutdown().await;
             println!("{report}");
@@ -66,7 +79,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing --stats-json {}", path.display()))?;
             }
-            Ok(())
+            match failure {
+                Some(f) => Err(Failure::new(Exit::Internal, f).into()),
+                None => Ok(()),
+            }
         }
         Command::Peers(args) => peers(args).await,
         Command::Lab(args) => lab(args).await,
@@ -75,21 +91,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
-    check_url(&args.url)?;
+    let endpoints = args.broker.endpoints()?;
     let text = std::fs::read_to_string(&args.topology).with_context(|| format!("reading --topology {}", args.topology.display()))?;
     let topology = tunbus::interop::topology::Topology::parse(&text).with_context(|| format!("--topology {}", args.topology.display()))?;
     if !(args.stats_interval >= 0.0 && args.stats_interval <= 86_400.0) {
         anyhow::bail!("--stats-interval must be between 0 and 86400 seconds");
     }
-    let stop = stop_on_signal()?;
+    let (interrupt, _stop) = stop_on_signal()?;
     let opts = tunbus::interop::router::RouterOptions {
-        url: args.url,
+        endpoints,
         exchange: args.exchange,
         topology,
         prefetch: args.prefetch,
         stats_interval: Duration::from_secs_f64(args.stats_interval),
+        heartbeat: args.broker.heartbeat()?,
     };
-    let counters = tunbus::interop::router::run(opts, stop).await;
+    let counters = tokio::task::spawn_blocking(move || tunbus::interop::router::run(opts, &interrupt)).await?;
     println!("router: {counters}");
     if let Some(path) = &args.stats_json {
         std::fs::write(path, serde_json::to_vec_pretty(&counters)?).with_context(|| format!("writing --stats-json {}", path.display()))?;
@@ -103,8 +120,8 @@ async fn lab(args: LabArgs) -> anyhow::Result<()> {
     }
     let opts = args.options()?;
     let keep = opts.keep;
-    let stop = stop_on_signal()?;
-    let report = tunbus::lab::run(opts, stop).await?;
+    let (interrupt, stop) = stop_on_signal()?;
+    let report = tunbus::lab::run(opts, stop, interrupt).await?;
     if keep {
         println!("lab torn down");
     } else {
@@ -119,33 +136,52 @@ async fn lab(args: LabArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A flag that turns true on SIGINT or SIGTERM.
-fn stop_on_signal() -> anyhow::Result<watch::Receiver<bool>> {
+/// A flag (and a watch of it) that turns true on SIGINT or SIGTERM; a second signal ends
+/// the process at once.
+fn stop_on_signal() -> anyhow::Result<(Stop, watch::Receiver<bool>)> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(false);
+    let stop = Stop::new();
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
+    let flag = stop.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+        for round in 0..2 {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if round == 1 {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            }
+            flag.raise();
+            let _ = tx.send(true);
         }
-        let _ = tx.send(true);
     });
-    Ok(rx)
+    Ok((stop, rx))
 }
 
 async fn peers(args: PeersArgs) -> anyhow::Result<()> {
-    check_url(&args.bus.url)?;
+    let endpoints = args.bus.broker.endpoints()?;
     let exchange = bus_exchange(&args.bus)?;
     if !(args.wait > 0.0 && args.wait <= 600.0) {
         anyhow::bail!("--wait must be between 0 and 600 seconds");
     }
-    let peers = tunbus::amqp::presence::discover(&args.bus.url, &exchange, Duration::from_secs_f64(args.wait)).await?;
-    let now_ms = tunbus::worker::now_ns() / 1_000_000;
+    let (interrupt, _stop) = stop_on_signal()?;
+    let wait = Duration::from_secs_f64(args.wait);
+    let ex = exchange.clone();
+    let peers = tokio::task::spawn_blocking(move || tunbus::amqp::presence::discover(&endpoints, &ex, wait, &interrupt))
+        .await?
+        .map_err(Failure::from)?;
+    let now_ms = now_ns() / 1_000_000;
     if args.json {
         for p in &peers {
-            println!("{}", serde_json::to_string(&p.hello)?);
+            let mut v = serde_json::to_value(&p.hello)?;
+            if let Some(user) = &p.user {
+                v["user"] = serde_json::Value::from(user.as_str());
+            }
+            println!("{}", serde_json::to_string(&v)?);
         }
         return Ok(());
     }
@@ -153,17 +189,18 @@ async fn peers(args: PeersArgs) -> anyhow::Result<()> {
         println!("no agents answered on exchange {exchange}");
         return Ok(());
     }
-    println!("{:<16} {:>6} {:>10} {:>10}  {:<10} addresses", "name", "queues", "heard", "up", "wire");
+    println!("{:<16} {:>6} {:>10} {:>10}  {:<10} {:<22} addresses", "name", "queues", "heard", "up", "wire", "node");
     for p in &peers {
         let h = &p.hello;
         let up_s = now_ms.saturating_sub(h.started_unix_ms) / 1000;
         println!(
-            "{:<16} {:>6} {:>8}ms {:>9}s  {:<10} {}",
+            "{:<16} {:>6} {:>8}ms {:>9}s  {:<10} {:<22} {}",
             h.name,
             h.queues,
             p.heard.elapsed().as_millis(),
             up_s,
             h.wire,
+            h.node.as_deref().unwrap_or("-"),
             h.addresses.join(" ")
         );
     }

@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::StreamExt;
 
 fn all_ok(checks: &[(&Netns, &str)], limit: Duration) -> bool {
     let t0 = Instant::now();
@@ -81,27 +80,16 @@ fn python_shaped_messages_reach_a_native_agent_and_are_answered() {
     let request_body = python_vector("packet-ipv4-icmp-echo.json");
     let mut request = Vec::new();
     tunbus::codec::ioppytest::decode_packet(&request_body, &mut request).expect("vector decodes");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let reply = rt.block_on(async {
-        let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default()).await.expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
-        // Play agent_1: listen where the router sends to it, announce, send the ping.
-        let q = ch.queue_declare("".into(), lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() }, Default::default()).await.expect("queue");
-        ch.queue_bind(q.name().clone(), exchange.as_str().into(), "toAgent.agent_1.ip.tun.packet.raw".into(), Default::default(), Default::default()).await.expect("bind");
-        let mut consumer = ch.basic_consume(q.name().clone(), "".into(), lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() }, Default::default()).await.expect("consume");
-        let props = || tunbus::interop::json_properties().with_headers(Default::default());
-        ch.basic_publish(exchange.as_str().into(), "fromAgent.agent_1.ip.tun.started".into(), Default::default(), &python_vector("tun-started.json"), props())
-            .await
-            .expect("publish started");
-        tokio::time::sleep(Duration::from_millis(300)).await; // the router binds agent_1's addresses
-        ch.basic_publish(exchange.as_str().into(), "fromAgent.agent_1.ip.tun.packet.raw".into(), Default::default(), &request_body, props())
-            .await
-            .expect("publish packet");
-        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("an answer within 10 s").expect("stream").expect("delivery");
-        assert_eq!(d.properties.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
-        let _ = conn.close(200, "bye".into()).await;
-        d.data
-    });
+    let mut c = bus_client();
+    // Play agent_1: listen where the router sends to it, announce, send the ping.
+    listen(&mut c, &exchange, &["toAgent.agent_1.ip.tun.packet.raw"]);
+    let props = tunbus::amqp::link::json_properties();
+    publish(&mut c, &exchange, "fromAgent.agent_1.ip.tun.started", &props, &python_vector("tun-started.json"));
+    std::thread::sleep(Duration::from_millis(300)); // the router binds agent_1's addresses
+    publish(&mut c, &exchange, "fromAgent.agent_1.ip.tun.packet.raw", &props, &request_body);
+    let (_, content_type, reply) = next_delivery(&mut c, Duration::from_secs(10)).expect("an answer within 10 s");
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    c.close(Duration::from_secs(1));
     let mut answer = Vec::new();
     tunbus::codec::ioppytest::decode_packet(&reply, &mut answer).expect("reply is ioppytest JSON");
     let text = String::from_utf8_lossy(&reply);
@@ -142,17 +130,13 @@ fn malformed_json_is_counted_by_router_and_agent() {
         b"\xff\xfe garbage",
     ];
     let huge = format!("{{\"data\": [{}0]}}", "1, ".repeat(600_000));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default()).await.expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
-        for (key, bodies) in [(format!("toAgent.{old}.ip.tun.packet.raw"), &bad), (format!("fromAgent.{old}.ip.tun.packet.raw"), &bad)] {
-            for b in bodies.iter().copied().chain([huge.as_bytes()]) {
-                ch.basic_publish(exchange.as_str().into(), key.as_str().into(), Default::default(), b, Default::default()).await.expect("publish");
-            }
+    let mut c = bus_client();
+    for (key, bodies) in [(format!("toAgent.{old}.ip.tun.packet.raw"), &bad), (format!("fromAgent.{old}.ip.tun.packet.raw"), &bad)] {
+        for b in bodies.iter().copied().chain([huge.as_bytes()]) {
+            publish(&mut c, &exchange, &key, &Default::default(), b);
         }
-        let _ = conn.close(200, "bye".into()).await;
-    });
+    }
+    c.close(Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(800));
     assert!(agent.alive(), "agent died:\n{}", agent.logs());
     let r = agent.interrupt();

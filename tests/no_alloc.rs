@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{in_netns, system_ready, unique, Netns, URL};
+use common::{in_netns, system_ready, unique, Netns};
 use tunbus::codec::v1::{self, BatchWriter};
 use tunbus::metrics::{new_histogram, Counters, DropReason, Histograms, LocalHistogram};
 use tunbus::amqp::link::LinkContext;
@@ -35,8 +35,10 @@ use tunbus::amqp::BrokerState;
 use tunbus::config::AgentConfig;
 use tunbus::route::peers::PeerQueues;
 use tunbus::route::RoutingKey;
-use tunbus::tun::{netns, vnet, TunDevice, TunQueue};
-use tunbus::worker::{now_ns, queue, rx};
+use tunbus::codec::vnet;
+use tunbus::tun::{netns, TunDevice, TunQueue};
+use tunbus::util::{now_ns, Stop};
+use tunbus::worker::{queue, rx};
 
 // ---------------------------------------------------------------------------------------
 // The counting allocator.
@@ -229,11 +231,11 @@ fn tb0_rx_packets(ns: &Netns) -> u64 {
 }
 
 /// Sets a stop flag when dropped, so a failing test does not leave its threads running.
-struct RaiseOnDrop(Arc<AtomicBool>);
+struct RaiseOnDrop(Stop);
 
 impl Drop for RaiseOnDrop {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.raise();
     }
 }
 
@@ -327,10 +329,10 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     let (ns_a, ns_b) = (Netns::new(), Netns::new());
     let queue_a = Arc::new(tun_in(&ns_a, "198.18.99.1/24"));
     let queue_b = Arc::new(tun_in(&ns_b, "198.18.99.2/24"));
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::new();
     let _stop_workers = RaiseOnDrop(stop.clone());
     let link = |name: &str, addr: &str| {
-        let mut c = AgentConfig::new(URL, &unique(name));
+        let mut c = AgentConfig::new(vec![common::endpoint()], &unique(name));
         c.addrs = vec![addr.parse().expect("valid prefix")];
         LinkContext {
             config: Arc::new(c),
@@ -338,6 +340,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
             broker: Arc::new(BrokerState::default()),
             connected: Arc::new(AtomicUsize::new(0)),
             hello: None,
+            stop: stop.clone(),
         }
     };
     let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));
@@ -354,6 +357,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         RoutingKey::all("b").expect("valid word"),
         Vec::new(),
         Arc::new(PeerQueues::new()),
+        None,
     );
     let rx_thread = thread::spawn(move || {
         count_on_this_thread(&RX_WORKER);
@@ -379,6 +383,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         flood,
         Vec::new(),
         Arc::new(PeerQueues::new()),
+        None,
     );
     let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
@@ -427,7 +432,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     let arrived = received() - r0;
     let batch_count = tx_counters.snapshot().tx_batches - b0;
 
-    stop.store(true, Ordering::Relaxed);
+    stop.raise();
     tx_thread.join().expect("worker A thread");
     rx_thread.join().expect("worker B thread");
 

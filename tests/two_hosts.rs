@@ -74,17 +74,11 @@ fn eight_flows_over_four_queues_arrive_intact() {
 
 /// Publishes raw bodies straight onto an agent's queue through the default exchange.
 fn publish_raw(queue: &str, bodies: Vec<Vec<u8>>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default()).await.expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
-        for body in bodies {
-            ch.basic_publish("".into(), queue.into(), Default::default(), &body, Default::default())
-                .await
-                .expect("publish");
-        }
-        conn.close(200, "bye".into()).await.expect("close");
-    });
+    let mut c = bus_client();
+    for body in bodies {
+        publish(&mut c, "", queue, &Default::default(), &body);
+    }
+    c.close(Duration::from_secs(1));
 }
 
 fn header(version: u8, flags: u8, count: u16) -> Vec<u8> {

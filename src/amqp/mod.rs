@@ -1,106 +1,89 @@
-//! Everything that talks to the broker: connections, topology, the per-queue links, presence.
+//! Everything that talks to the broker, on one AMQP client of our own.
 //!
-//! Two kinds of connection. The data path uses our own ([`wire`]: AMQP framing, pure;
-//! [`conn`]: a blocking connection owned by one thread): each TUN queue has one connection,
-//! owned by its queue worker, carrying both directions ([`link`]), so queues never contend
-//! on a socket and no packet waits for another thread; queue 0's also carries the agent's
-//! presence ([`presence`]). Control (the name check, `agent peers`, and the ioppytest
-//! control messages and router elsewhere) uses lapin on the agent's tokio runtime, where
-//! convenience matters more than microseconds. Reconnection is ours: a link that loses the
-//! broker drops and counts what it cannot send, retries with jittered exponential backoff,
-//! and re-declares its queue and bindings.
+//! - [`url`] (pure): broker URLs as RabbitMQ's URI spec writes them, printed without
+//!   their passwords.
+//! - [`wire`] (pure): AMQP 0-9-1 framing and the methods tunbus uses.
+//! - [`session`] (pure): the protocol state machine of one connection, bytes and time in,
+//!   events and bytes out (handshake, tune, heartbeats, reassembly, blocked, close).
+//! - [`transport`]: the socket under it, plain TCP or TLS ([`tls`]: rustls settings).
+//! - [`client`]: a session on a transport, owned by one thread: non-blocking for the data
+//!   path, with blocking helpers (deadlines, a stop flag) for set-up and control.
+//! - [`link`]: a queue worker's data connection: its queue and bindings, reconnection.
+//! - [`presence`]: hellos, byes, probes and `agent peers`.
+//!
+//! One client for every connection tunbus opens (decision 0015): data links, presence,
+//! `agent peers`, the ioppytest control wire and `agent route` share TLS, login, liveness
+//! and error classes. Reconnection is ours: a link that loses the broker drops and counts
+//! what it cannot send, retries with capped, fully jittered exponential backoff
+//! ([`backoff`]), and re-declares its queue and bindings.
 
-pub mod conn;
+pub mod client;
 pub mod link;
 pub mod presence;
+pub mod session;
+pub mod tls;
+pub mod transport;
+pub mod url;
 pub mod wire;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use crate::util::splitmix64;
 
-/// Longest wait for the TCP + AMQP handshake before a retry.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Frame size for control connections (name check, `agent peers`, ioppytest control): they
-/// carry small JSON only. lapin keeps two ring buffers of 32 frames per connection, so
-/// the frame size sets its memory: 2 × 32 × 8 KiB = 512 KiB instead of 8 MiB at the
-/// broker's default 128 KiB.
+/// Frame size for control connections (name check, `agent peers`, ioppytest control):
+/// they carry small JSON only, so their read buffers stay small.
 pub const CONTROL_FRAME_MAX: u32 = 8192;
 
-/// Opens a connection named after its role (shown in the management UI). `frame_max`
-/// bounds the negotiated frame size (`None`: the broker's, 128 KiB on RabbitMQ).
-pub async fn connect(url: &str, connection_name: &str, frame_max: Option<u32>) -> Result<Connection, lapin::Error> {
-    let props = ConnectionProperties::default().with_connection_name(connection_name.into());
-    let mut uri: lapin::uri::AMQPUri = url
-        .parse()
-        .map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-    if let Some(f) = frame_max {
-        uri.query.frame_max = Some(uri.query.frame_max.map_or(f, |given| given.min(f)));
+/// Longest wait between reconnection attempts.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// First backoff ceiling; doubles per failed attempt up to [`BACKOFF_CAP`].
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+
+/// Capped exponential backoff with full jitter: a delay drawn evenly from zero to a ceiling
+/// that doubles per failed attempt from [`BACKOFF_BASE`] up to [`BACKOFF_CAP`] (AWS's "full
+/// jitter"), so that a thousand agents that lost their broker together do not come back
+/// together. The ceiling is also held to half the outage so far (`outage`, at least the
+/// base): failures against a closed port are instant, and without that bound a broker back
+/// after a 6 s restart would find agents that had doubled their way to 13 s waits. Agents
+/// that lost the broker together still spread their return over half the outage's length
+/// (docs/decisions/0016-liveness.md).
+pub fn backoff(attempt: u32, jitter_seed: u64, outage: Duration) -> Duration {
+    let base = BACKOFF_BASE.as_millis() as u64;
+    let doubling = base.saturating_mul(1u64 << attempt.min(20));
+    let by_outage = (outage.as_millis() as u64 / 2).max(base);
+    let ceiling_ms = doubling.min(by_outage).min(BACKOFF_CAP.as_millis() as u64);
+    let draw = splitmix64(jitter_seed ^ splitmix64(u64::from(attempt)));
+    Duration::from_millis(draw % (ceiling_ms + 1))
+}
+
+/// The retry schedule of one connection: [`backoff`] with its attempt count and the start
+/// of the outage.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    attempt: u32,
+    seed: u64,
+    since: Option<Instant>,
+}
+
+impl Backoff {
+    pub fn new(seed: u64) -> Backoff {
+        Backoff { attempt: 0, seed, since: None }
     }
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the broker timed out").into()),
+
+    /// An attempt failed at `now`: how long to wait before the next one.
+    pub fn failed(&mut self, now: Instant) -> Duration {
+        let outage = now.saturating_duration_since(*self.since.get_or_insert(now));
+        let d = backoff(self.attempt, self.seed, outage);
+        self.attempt = self.attempt.saturating_add(1);
+        d
     }
-}
 
-/// Declares `exchange` as a transient topic exchange, unless it is a predeclared `amq.*` one.
-/// Auto-delete: it vanishes with the last binding, so a finished session leaves nothing.
-pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
-    if exchange.starts_with("amq.") {
-        return Ok(());
+    /// Connected: the next outage starts afresh.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+        self.since = None;
     }
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: false, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-}
-
-/// Whether the broker refused because another connection holds the resource exclusively.
-pub fn is_resource_locked(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)))
-}
-
-/// Whether queue `queue` exists already (another agent of the same name holds it).
-/// `Err` when the broker cannot be asked; the caller then starts anyway and retries.
-pub async fn queue_in_use(url: &str, queue: &str) -> Result<bool, lapin::Error> {
-    let conn = connect(url, "tunbus name check", Some(CONTROL_FRAME_MAX)).await?;
-    let ch = conn.create_channel().await?;
-    let declared = ch
-        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await;
-    let _ = conn.close(200, "checked".into()).await;
-    match declared {
-        Ok(_) => Ok(true),
-        Err(e) if is_resource_locked(&e) => Ok(true),
-        Err(_) => Ok(false), // 404: nobody has it
-    }
-}
-
-/// Resolves when the stop flag is (or becomes) true, or its sender is gone.
-pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-/// Jittered exponential backoff: 100 ms doubling to 1 s, each ±50 %, so that hundreds of
-/// agents do not reconnect in lockstep, and traffic is back within ~1.5 s of the broker.
-pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
-    let base_ms = 100u64.saturating_mul(1 << attempt.min(4)).min(1000);
-    // splitmix64 step: cheap, deterministic per seed, good enough to spread retries
-    let mut z = jitter_seed.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(u64::from(attempt) + 1);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    let jitter = z % (base_ms + 1); // 0..=base
-    Duration::from_millis(base_ms / 2 + jitter)
 }
 
 /// Batched acknowledgements: `multiple` acks every `every` deliveries, or whenever the
@@ -177,15 +160,23 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_is_bounded_and_jittered() {
-        for seed in 0..100 {
-            for attempt in 0..20 {
-                let d = backoff(attempt, seed);
-                assert!(d <= Duration::from_millis(1500), "{d:?}");
-                assert!(d >= Duration::from_millis(50), "{d:?}");
+    fn backoff_is_capped_and_fully_jittered() {
+        let long = Duration::from_secs(3600);
+        for seed in 0..200 {
+            for attempt in 0..40 {
+                let d = backoff(attempt, seed, long);
+                let ceiling = (BACKOFF_BASE * 2u32.saturating_pow(attempt.min(20))).min(BACKOFF_CAP);
+                assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+                assert!(backoff(attempt, seed, Duration::from_secs(6)) <= Duration::from_secs(3), "held to half a short outage");
             }
         }
-        let spread: std::collections::HashSet<_> = (0..50).map(|s| backoff(5, s)).collect();
-        assert!(spread.len() > 10, "jitter should spread retries");
+        // Late attempts spread over the whole range up to the cap: 1,000 agents do not
+        // come back in one burst.
+        let late: Vec<Duration> = (0..1000).map(|s| backoff(12, s, long)).collect();
+        let under_3s = late.iter().filter(|d| **d < Duration::from_secs(3)).count();
+        assert!((50..200).contains(&under_3s), "about a tenth should fall in the first tenth: {under_3s}");
+        assert!(late.iter().any(|d| *d > Duration::from_secs(27)));
+        assert!(backoff(0, 7, long) <= BACKOFF_BASE);
+        assert!(backoff(9, 7, Duration::ZERO) <= BACKOFF_BASE, "a fresh outage starts small");
     }
 }

@@ -1,27 +1,28 @@
 //! Presence: who is on the bus. Control plane, never on the data path.
 //!
-//! An agent publishes a [`Hello`] on `tunbus.v1.ctl.hello.<name>` when it starts, every
+//! An agent publishes a [`Hello`] on `tunbus.v1.ctl.hello.<name>` when it connects, every
 //! [`HELLO_EVERY`], and whenever someone publishes `tunbus.v1.ctl.probe`; it publishes
 //! `tunbus.v1.ctl.bye.<name>` when it stops. Queue worker 0 does this on its data
 //! connection ([`Announcements`]; its queue also binds the probe key), so presence costs
-//! no connection of its own (decision 0014). `agent peers` ([`discover`], lapin) probes
-//! and collects the answers.
-//! One tokio task per agent with its own small connection; it retries quietly when the
-//! broker is away (the data links log that).
+//! no connection of its own (decision 0014). [`discover`] (`agent peers`) and
+//! [`name_answers`] (the start-up name check) probe and collect the answers on a short
+//! connection of their own, on the calling thread.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 
+use super::client::{self, Client, ConnectOptions, Endpoint, Owned};
+use super::session::QueueOptions;
+use super::wire::Properties;
 use crate::route::{RoutingKey, BYE_PATTERN, CTL_PROBE, HELLO_PATTERN};
+use crate::util::Stop;
 
 pub const HELLO_EVERY: Duration = Duration::from_secs(5);
+
+/// The properties of presence messages.
+pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None };
 
 /// What an agent says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,86 +41,123 @@ pub struct Hello {
     pub netns: Option<String>,
     #[serde(default)]
     pub version: String,
+    /// The broker node (`host:port`) the announcing connection is on.
+    #[serde(default)]
+    pub node: Option<String>,
     /// Set on the goodbye message.
     #[serde(default)]
     pub leaving: bool,
 }
 
-/// The hello and bye of one agent, serialised once at start, with their keys: queue worker
-/// 0 publishes them on its own connection, so presence costs no connection of its own.
+/// The hello and bye of one agent, serialised when its announcing link connects (not per
+/// message), with their keys.
 #[derive(Clone, Debug)]
 pub struct Announcements {
     pub hello_key: String,
     pub hello: Vec<u8>,
     pub bye_key: String,
     pub bye: Vec<u8>,
+    template: Hello,
 }
 
 impl Announcements {
     pub fn new(hello: &Hello) -> anyhow::Result<Announcements> {
         let word = |k: Option<RoutingKey>| k.map(|k| k.as_str().to_owned()).ok_or_else(|| anyhow::anyhow!("agent name {:?} is not a topic word", hello.name));
-        Ok(Announcements {
+        let mut a = Announcements {
             hello_key: word(RoutingKey::hello(&hello.name))?,
-            hello: serde_json::to_vec(hello)?,
+            hello: Vec::new(),
             bye_key: word(RoutingKey::bye(&hello.name))?,
-            bye: serde_json::to_vec(&Hello { leaving: true, ..hello.clone() })?,
-        })
+            bye: Vec::new(),
+            template: hello.clone(),
+        };
+        a.on_node(hello.node.as_deref());
+        Ok(a)
     }
-}
 
-async fn publish_json(ch: &Channel, exchange: &str, key: &str, body: &impl Serialize) -> anyhow::Result<()> {
-    let bytes = serde_json::to_vec(body)?;
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        &bytes,
-        BasicProperties::default().with_content_type("application/json".into()),
-    )
-    .await?;
-    Ok(())
+    /// The announcing connection is (now) on `node`.
+    pub fn on_node(&mut self, node: Option<&str>) {
+        self.template.node = node.map(str::to_owned);
+        // Serialising a struct of strings cannot fail.
+        self.hello = serde_json::to_vec(&self.template).unwrap_or_default();
+        self.bye = serde_json::to_vec(&Hello { leaving: true, ..self.template.clone() }).unwrap_or_default();
+    }
 }
 
 /// One agent as `agent peers` saw it.
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub hello: Hello,
+    /// The broker user that published the hello (RabbitMQ checked it), when it said.
+    pub user: Option<String>,
     pub heard: Instant,
 }
 
-/// Probes the bus and collects hellos for `wait`. Agents that said goodbye are left out.
-pub async fn discover(url: &str, exchange: &str, wait: Duration) -> anyhow::Result<Vec<Peer>> {
-    let conn = super::connect(url, "tunbus peers", Some(super::CONTROL_FRAME_MAX))
-        .await
-        .with_context(|| "cannot reach the broker (is RabbitMQ running? see --url)")?;
-    let ch = conn.create_channel().await?;
-    super::declare_exchange(&ch, exchange).await?;
-    let q = ch
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    for pattern in [HELLO_PATTERN, BYE_PATTERN] {
-        ch.queue_bind(q.name().clone(), exchange.into(), pattern.into(), QueueBindOptions::default(), FieldTable::default())
-            .await?;
+/// A short control connection with an exclusive, server-named queue bound to `patterns`.
+fn listener(endpoints: &[Endpoint], exchange: &str, role: &str, patterns: &[&str], stop: &Stop) -> Result<(Client, String), client::Error> {
+    let mut opts = ConnectOptions::new(role);
+    opts.frame_max = Some(super::CONTROL_FRAME_MAX);
+    let mut last = None;
+    for e in endpoints {
+        match Client::open(e, &opts, stop.flag()) {
+            Ok(mut c) => {
+                if !exchange.starts_with("amq.") {
+                    c.exchange_declare(exchange, stop.flag())?;
+                }
+                let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[], stop.flag())?;
+                for p in patterns {
+                    c.queue_bind(&q, exchange, p, stop.flag())?;
+                }
+                c.basic_consume(&q, "", true, true, stop.flag())?;
+                return Ok((c, q));
+            }
+            Err(client::Error::Stopped) => return Err(client::Error::Stopped),
+            Err(err) => last = Some(err),
+        }
     }
-    let mut consumer = ch
-        .basic_consume(q.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    publish_json(&ch, exchange, CTL_PROBE, &serde_json::json!({ "from": "agent peers" })).await?;
+    Err(last.unwrap_or(client::Error::Stopped))
+}
+
+/// Probes the bus and collects hellos for `wait`. Agents that said goodbye are left out.
+pub fn discover(endpoints: &[Endpoint], exchange: &str, wait: Duration, stop: &Stop) -> Result<Vec<Peer>, client::Error> {
+    let (mut c, _q) = listener(endpoints, exchange, "tunbus peers", &[HELLO_PATTERN, BYE_PATTERN], stop)?;
+    c.publish_copy(exchange, CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent peers"}"#)?;
     let mut seen: BTreeMap<String, Peer> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let d = tokio::select! {
-            d = consumer.next() => d,
-            _ = tokio::time::sleep_until(deadline) => break,
-        };
-        let Some(Ok(d)) = d else { break };
-        let Ok(hello) = serde_json::from_slice::<Hello>(&d.data) else { continue };
+    let deadline = Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Some(event) = c.wait_event(left, stop.flag())? else { break };
+        let Owned::Delivery { body, user_id, .. } = event else { continue };
+        let Ok(hello) = serde_json::from_slice::<Hello>(&body) else { continue };
         if hello.leaving {
             seen.remove(&hello.name);
         } else {
-            seen.insert(hello.name.clone(), Peer { hello, heard: Instant::now() });
+            seen.insert(hello.name.clone(), Peer { hello, user: user_id, heard: Instant::now() });
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    c.close(Duration::from_millis(300));
     Ok(seen.into_values().collect())
+}
+
+/// Whether a live agent called `name` answers a probe within `wait` (the start-up check
+/// when its queue name is taken: a live owner answers, a dead connection the broker has
+/// not dropped yet does not).
+pub fn name_answers(endpoints: &[Endpoint], exchange: &str, name: &str, wait: Duration, stop: &Stop) -> Result<bool, client::Error> {
+    let Some(key) = RoutingKey::hello(name) else { return Ok(false) };
+    let (mut c, _q) = listener(endpoints, exchange, "tunbus name check", &[key.as_str()], stop)?;
+    c.publish_copy(exchange, CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"name check"}"#)?;
+    let deadline = Instant::now() + wait;
+    let mut answered = false;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match c.wait_event(left, stop.flag())? {
+            Some(Owned::Delivery { body, .. }) => {
+                if serde_json::from_slice::<Hello>(&body).is_ok_and(|h| h.name == name && !h.leaving) {
+                    answered = true;
+                    break;
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    c.close(Duration::from_millis(300));
+    Ok(answered)
 }

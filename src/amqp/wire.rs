@@ -38,6 +38,9 @@ pub mod method {
     pub const CONNECTION_OPEN_OK: (u16, u16) = (10, 41);
     pub const CONNECTION_CLOSE: (u16, u16) = (10, 50);
     pub const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
+    pub const CONNECTION_SECURE: (u16, u16) = (10, 20);
+    pub const CONNECTION_BLOCKED: (u16, u16) = (10, 60);
+    pub const CONNECTION_UNBLOCKED: (u16, u16) = (10, 61);
     pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
     pub const CHANNEL_OPEN_OK: (u16, u16) = (20, 11);
     pub const CHANNEL_CLOSE: (u16, u16) = (20, 40);
@@ -50,10 +53,15 @@ pub mod method {
     pub const QUEUE_BIND_OK: (u16, u16) = (50, 21);
     pub const QUEUE_DELETE: (u16, u16) = (50, 40);
     pub const QUEUE_DELETE_OK: (u16, u16) = (50, 41);
+    pub const QUEUE_UNBIND: (u16, u16) = (50, 50);
+    pub const QUEUE_UNBIND_OK: (u16, u16) = (50, 51);
     pub const BASIC_QOS: (u16, u16) = (60, 10);
     pub const BASIC_QOS_OK: (u16, u16) = (60, 11);
     pub const BASIC_CONSUME: (u16, u16) = (60, 20);
     pub const BASIC_CONSUME_OK: (u16, u16) = (60, 21);
+    pub const BASIC_CANCEL: (u16, u16) = (60, 30);
+    pub const BASIC_CANCEL_OK: (u16, u16) = (60, 31);
+    pub const BASIC_RETURN: (u16, u16) = (60, 50);
     pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
     pub const BASIC_DELIVER: (u16, u16) = (60, 60);
     pub const BASIC_ACK: (u16, u16) = (60, 80);
@@ -129,6 +137,7 @@ pub fn frame_header(kind: u8, channel: u16, size: u32) -> [u8; FRAME_HEADER_LEN]
 // Reading arguments.
 
 /// A cursor over method arguments; every read checks the length first.
+#[derive(Clone)]
 pub struct Args<'a> {
     buf: &'a [u8],
     bits: Option<(u8, u8)>,
@@ -263,6 +272,88 @@ pub fn content_body_size(payload: &[u8]) -> Result<u64, Error> {
     let _class = a.short()?;
     let _weight = a.short()?;
     a.longlong()
+}
+
+/// A content header: the body size and the properties a receiver looks at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContentHeader<'a> {
+    pub body_size: u64,
+    pub content_type: Option<&'a [u8]>,
+    /// Set by the publisher and, on RabbitMQ, checked against the publisher's login.
+    pub user_id: Option<&'a [u8]>,
+}
+
+/// Property flag bits of the basic class, most significant first (AMQP 0-9-1, 4.2.6.1).
+mod prop {
+    pub const CONTENT_TYPE: u16 = 1 << 15;
+    pub const CONTENT_ENCODING: u16 = 1 << 14;
+    pub const HEADERS: u16 = 1 << 13;
+    pub const DELIVERY_MODE: u16 = 1 << 12;
+    pub const PRIORITY: u16 = 1 << 11;
+    pub const CORRELATION_ID: u16 = 1 << 10;
+    pub const REPLY_TO: u16 = 1 << 9;
+    pub const EXPIRATION: u16 = 1 << 8;
+    pub const MESSAGE_ID: u16 = 1 << 7;
+    pub const TIMESTAMP: u16 = 1 << 6;
+    pub const TYPE: u16 = 1 << 5;
+    pub const USER_ID: u16 = 1 << 4;
+    pub const APP_ID: u16 = 1 << 3;
+    pub const CLUSTER_ID: u16 = 1 << 2;
+    /// Another flags word follows (never used by RabbitMQ for the basic class).
+    pub const CONTINUATION: u16 = 1;
+}
+
+impl<'a> ContentHeader<'a> {
+    /// Parses a content header frame's payload, properties included. Every field is
+    /// length-checked; a header that ends early is [`Error::Truncated`].
+    pub fn parse(payload: &'a [u8]) -> Result<ContentHeader<'a>, Error> {
+        let mut a = Args::new(payload);
+        let _class = a.short()?;
+        let _weight = a.short()?;
+        let body_size = a.longlong()?;
+        let mut flags = a.short()?;
+        let first = flags;
+        while flags & prop::CONTINUATION != 0 {
+            flags = a.short()?; // further flag words name properties the basic class has not got
+        }
+        let mut h = ContentHeader { body_size, content_type: None, user_id: None };
+        let f = first;
+        if f & prop::CONTENT_TYPE != 0 {
+            h.content_type = Some(a.shortstr()?);
+        }
+        if f & prop::CONTENT_ENCODING != 0 {
+            a.shortstr()?;
+        }
+        if f & prop::HEADERS != 0 {
+            a.longstr()?; // a table: its length, then its entries, skipped whole
+        }
+        if f & prop::DELIVERY_MODE != 0 {
+            a.octet()?;
+        }
+        if f & prop::PRIORITY != 0 {
+            a.octet()?;
+        }
+        for bit in [prop::CORRELATION_ID, prop::REPLY_TO, prop::EXPIRATION, prop::MESSAGE_ID] {
+            if f & bit != 0 {
+                a.shortstr()?;
+            }
+        }
+        if f & prop::TIMESTAMP != 0 {
+            a.longlong()?;
+        }
+        if f & prop::TYPE != 0 {
+            a.shortstr()?;
+        }
+        if f & prop::USER_ID != 0 {
+            h.user_id = Some(a.shortstr()?);
+        }
+        for bit in [prop::APP_ID, prop::CLUSTER_ID] {
+            if f & bit != 0 {
+                a.shortstr()?;
+            }
+        }
+        Ok(h)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -435,22 +526,28 @@ pub struct Properties<'a> {
     /// An empty `headers` table, as the Python agent sends.
     pub empty_headers: bool,
     pub delivery_mode: Option<u8>,
+    /// The publisher's broker user: RabbitMQ refuses a message whose `user_id` is not the
+    /// connection's login, so receivers can trust it.
+    pub user_id: Option<&'a str>,
 }
 
 impl Properties<'_> {
     fn write(&self, w: &mut Writer) {
         let mut flags = 0u16;
         if self.content_type.is_some() {
-            flags |= 1 << 15;
+            flags |= prop::CONTENT_TYPE;
         }
         if self.content_encoding.is_some() {
-            flags |= 1 << 14;
+            flags |= prop::CONTENT_ENCODING;
         }
         if self.empty_headers {
-            flags |= 1 << 13;
+            flags |= prop::HEADERS;
         }
         if self.delivery_mode.is_some() {
-            flags |= 1 << 12;
+            flags |= prop::DELIVERY_MODE;
+        }
+        if self.user_id.is_some() {
+            flags |= prop::USER_ID;
         }
         w.short(flags);
         if let Some(t) = self.content_type {
@@ -465,7 +562,81 @@ impl Properties<'_> {
         if let Some(m) = self.delivery_mode {
             w.octet(m);
         }
+        if let Some(u) = self.user_id {
+            w.shortstr(u.as_bytes());
+        }
     }
+}
+
+/// Lays out the frames of one published message for a vectored write that leaves the body
+/// where it is: into `w`, the `basic.publish` method and content header frames, then for
+/// each body frame its header (preceded, from the second on, by the end octet of the one
+/// before), then the last end octet. Returns the length of the method and header frames
+/// (the prefix). [`publish_iov`] pairs these separators with the body's chunks.
+pub fn publish_frames(w: &mut Writer, channel: u16, exchange: &[u8], key: &[u8], props: &Properties<'_>, body: &[u8], frame_max: u32) -> usize {
+    let chunk = body_chunk(frame_max);
+    w.clear();
+    w.publish(channel, exchange, key, body.len() as u64, props);
+    let prefix = w.buf.len();
+    for (i, part) in body.chunks(chunk).enumerate() {
+        if i > 0 {
+            w.buf.push(FRAME_END);
+        }
+        w.buf.extend_from_slice(&frame_header(FRAME_BODY, channel, part.len() as u32));
+    }
+    if !body.is_empty() {
+        w.buf.push(FRAME_END);
+    }
+    prefix
+}
+
+/// Body bytes per frame at `frame_max` (at least one: `frame_max` is never below
+/// [`FRAME_MIN_SIZE`] once negotiated).
+pub fn body_chunk(frame_max: u32) -> usize {
+    (frame_max as usize).saturating_sub(FRAME_OVERHEAD).max(1)
+}
+
+/// The slices of body frames `first..` of a message laid out by [`publish_frames`]
+/// (`seps` is the writer's buffer, `prefix` its return value), into `iov`, at most
+/// `(iov.len() - 1) / 2` frames. Returns how many slices were filled and the first frame
+/// not yet in them (the message is complete when that is [`body_frames`]). Frame 0 carries
+/// the method and header frames with it.
+pub fn publish_iov<'a>(
+    seps: &'a [u8],
+    prefix: usize,
+    body: &'a [u8],
+    frame_max: u32,
+    first: usize,
+    iov: &mut [std::io::IoSlice<'a>],
+) -> (usize, usize) {
+    let chunk = body_chunk(frame_max);
+    if body.is_empty() {
+        iov[0] = std::io::IoSlice::new(&seps[..prefix]);
+        return (1, 1);
+    }
+    let frames = body_frames(body.len(), frame_max);
+    let mut n = 0;
+    let mut i = first;
+    while i < frames && n + 3 <= iov.len() {
+        // Separator i starts after the prefix's first header, then 8 bytes per frame.
+        let (start, len) = if i == 0 { (0, prefix + FRAME_HEADER_LEN) } else { (prefix + FRAME_HEADER_LEN + (i - 1) * (1 + FRAME_HEADER_LEN), 1 + FRAME_HEADER_LEN) };
+        iov[n] = std::io::IoSlice::new(&seps[start..start + len]);
+        let end = ((i + 1) * chunk).min(body.len());
+        iov[n + 1] = std::io::IoSlice::new(&body[i * chunk..end]);
+        n += 2;
+        i += 1;
+    }
+    if i == frames {
+        iov[n] = std::io::IoSlice::new(&seps[seps.len() - 1..]);
+        n += 1;
+    }
+    (n, i)
+}
+
+/// How many body frames a body of `len` bytes takes at `frame_max` (an empty body counts
+/// as one step: its method and header frames).
+pub fn body_frames(len: usize, frame_max: u32) -> usize {
+    len.div_ceil(body_chunk(frame_max)).max(1)
 }
 
 #[cfg(test)]
@@ -542,7 +713,7 @@ mod tests {
     #[test]
     fn publish_carries_key_size_and_properties() {
         let mut w = Writer::new();
-        let props = Properties { content_type: Some("application/json"), content_encoding: Some("utf-8"), empty_headers: true, delivery_mode: Some(2) };
+        let props = Properties { content_type: Some("application/json"), content_encoding: Some("utf-8"), empty_headers: true, delivery_mode: Some(2), user_id: Some("h1") };
         w.publish(1, b"amq.topic", b"fromAgent.a.ip.tun.packet.raw", 1234, &props);
         let f = frames(&w.buf);
         assert_eq!(f.len(), 2);
@@ -554,11 +725,14 @@ mod tests {
         assert_eq!(f[1].0, FRAME_HEADER);
         assert_eq!(content_body_size(&f[1].2).unwrap(), 1234);
         let mut h = Args::new(&f[1].2[12..]);
-        assert_eq!(h.short().unwrap(), 0b1111 << 12);
+        assert_eq!(h.short().unwrap(), 0b1111 << 12 | 1 << 4);
         assert_eq!(h.shortstr().unwrap(), b"application/json");
         assert_eq!(h.shortstr().unwrap(), b"utf-8");
         assert_eq!(h.longstr().unwrap(), b"");
         assert_eq!(h.octet().unwrap(), 2);
+        assert_eq!(h.shortstr().unwrap(), b"h1");
+        let parsed = ContentHeader::parse(&f[1].2).unwrap();
+        assert_eq!(parsed, ContentHeader { body_size: 1234, content_type: Some(b"application/json"), user_id: Some(b"h1") });
     }
 
     #[test]

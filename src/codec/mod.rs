@@ -1,9 +1,10 @@
 //! Message bodies: the native wire format v1 and the ioppytest JSON form.
 //!
 //! Pure code: bytes in, frames out. No I/O, no clock, no async, no `unsafe`, so it is
-//! unit-tested, property-tested and fuzzed in isolation. The per-queue worker threads call
+//! unit-tested and property-tested in isolation. The per-queue worker threads call
 //! it on the hot path (batch building on TX, frame decoding on RX); `v1` copies no packet
 //! bytes and allocates nothing. The byte-level contract is `docs/wire-format.md`.
 
 pub mod ioppytest;
+pub mod vnet;
 pub mod v1;

@@ -4,67 +4,76 @@
 //! `fromAgent.<name>.ip.tun.started` with its addressing. It consumes
 //! `toAgent.<name>.ip.tun.start`: with `--wait-config` the first one supplies the addresses
 //! before the interface exists ([`wait_for_start`]); later ones add addresses to the running
-//! interface and are answered with `ip.tun.started` again ([`run`]). A tokio task with its
-//! own connection, reconnecting quietly (the data link logs broker loss).
+//! interface and are answered with `ip.tun.started` again ([`run`]). A thread of the
+//! agent's with its own connection, reconnecting quietly (the data link logs broker loss).
 
-use std::sync::Arc;
-
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
-use tokio::sync::watch;
+use std::time::Duration;
 
 use super::addressing::OldAddressing;
-use super::json_properties;
-use crate::amqp::stopped;
+use crate::amqp::client::{self, Client, ConnectOptions, Owned};
+use crate::amqp::link::json_properties;
+use crate::amqp::session::QueueOptions;
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
 use crate::config::AgentConfig;
+use crate::util::{now_ns, Stop};
 
-async fn publish(ch: &Channel, exchange: &str, key: &str, body: &impl serde::Serialize) -> anyhow::Result<()> {
-    let bytes = serde_json::to_vec(body)?;
-    ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), &bytes, json_properties()).await?;
-    Ok(())
+fn publish(c: &mut Client, exchange: &str, key: &str, body: &impl serde::Serialize) -> Result<(), client::Error> {
+    // Serialising these plain structs cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    c.publish_copy(exchange, key, &json_properties(), &bytes).map(drop)
 }
 
-async fn announce_ready(ch: &Channel, exchange: &str, name: &str) -> anyhow::Result<()> {
+fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), client::Error> {
     let ready = ComponentReady {
         _api_version: API_VERSION.to_owned(),
         component: name.to_owned(),
         description: format!("{name} READY to start test suite."),
     };
-    publish(ch, exchange, ioppytest::ROUTING_KEY_COMPONENT_READY, &ready).await
+    publish(c, exchange, ioppytest::ROUTING_KEY_COMPONENT_READY, &ready)
 }
 
-/// Connection, channel and a consumer of `toAgent.<name>.ip.tun.start`.
-async fn open(url: &str, exchange: &str, name: &str, queue_prefix: &str) -> anyhow::Result<(Connection, Channel, Consumer)> {
-    let conn = crate::amqp::connect(url, &format!("tunbus {name} ioppytest control"), Some(crate::amqp::CONTROL_FRAME_MAX)).await?;
-    let ch = conn.create_channel().await?;
-    let queue = format!("{queue_prefix}.ctl");
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    ch.queue_bind(queue.as_str().into(), exchange.into(), ioppytest::routing_key_tun_start(name).as_str().into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
-    let consumer = ch
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    Ok((conn, ch, consumer))
+/// A connection consuming `toAgent.<name>.ip.tun.start`, on the first node that answers.
+fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
+    let mut opts = ConnectOptions::new(format!("tunbus {} ioppytest control", config.name));
+    opts.frame_max = Some(crate::amqp::CONTROL_FRAME_MAX);
+    opts.heartbeat = config.heartbeat;
+    let mut last = None;
+    for e in &config.endpoints {
+        let mut c = match Client::open(e, &opts, stop.flag()) {
+            Ok(c) => c,
+            Err(client::Error::Stopped) => return Err(client::Error::Stopped),
+            Err(err) => {
+                last = Some(err);
+                continue;
+            }
+        };
+        let queue = format!("{}.ctl", config.queue_prefix());
+        c.queue_declare(&queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", crate::amqp::wire::Value::I32(100))], stop.flag())?;
+        c.queue_bind(&queue, &config.exchange, &ioppytest::routing_key_tun_start(&config.name), stop.flag())?;
+        c.basic_consume(&queue, "", true, true, stop.flag())?;
+        return Ok(c);
+    }
+    Err(last.unwrap_or(client::Error::Stopped))
 }
 
 /// Announces readiness and waits for the first `ip.tun.start` that carries addresses.
 /// `Ok(None)` when stopped first.
-pub async fn wait_for_start(config: &AgentConfig, stop: &mut watch::Receiver<bool>) -> anyhow::Result<Option<OldAddressing>> {
-    let (url, exchange, name) = (config.url.as_str(), config.exchange.as_str(), config.name.as_str());
-    let (conn, ch, mut consumer) = open(url, exchange, name, &config.queue_prefix()).await?;
-    announce_ready(&ch, exchange, name).await?;
+pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAddressing>, client::Error> {
+    let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
+    let mut c = match open(config, stop) {
+        Ok(c) => c,
+        Err(client::Error::Stopped) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    announce_ready(&mut c, exchange, name)?;
     tracing::info!(agent = name, key = %ioppytest::routing_key_tun_start(name), "waiting for the configuration");
     let found = loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => d,
-            _ = stopped(stop) => break None,
-        };
-        let Some(Ok(d)) = delivery else { anyhow::bail!("the broker closed the configuration queue") };
-        match serde_json::from_slice::<TunStarted>(&d.data) {
+        if stop.is_raised() {
+            break None;
+        }
+        let Some(event) = c.wait_event(Duration::from_millis(250), stop.flag())? else { continue };
+        let Owned::Delivery { body, .. } = event else { continue };
+        match serde_json::from_slice::<TunStarted>(&body) {
             Ok(t) => {
                 let a = OldAddressing::from_started(&t);
                 if a.is_empty() {
@@ -76,40 +85,42 @@ pub async fn wait_for_start(config: &AgentConfig, stop: &mut watch::Receiver<boo
             Err(e) => tracing::warn!(agent = name, error = %e, "ip.tun.start is not valid JSON; still waiting"),
         }
     };
-    let _ = conn.close(200, "configured".into()).await;
+    c.close(Duration::from_millis(300));
     Ok(found)
 }
 
-/// Announces `ip.tun.started` (and readiness) and serves later `ip.tun.start` messages.
-pub async fn run(config: Arc<AgentConfig>, mut stop: watch::Receiver<bool>) {
+/// Announces `ip.tun.started` (and readiness) and serves later `ip.tun.start` messages,
+/// reconnecting quietly (the data link logs broker loss), until `stop`.
+pub fn run(config: &AgentConfig, stop: &Stop) {
     let mut addressing = config.old_addressing.clone();
-    let mut attempt = 0u32;
-    loop {
-        let served = tokio::select! {
-            r = serve(&config, &mut addressing) => r,
-            _ = stopped(&mut stop) => return,
-        };
-        if let Err(error) = served {
-            tracing::debug!(agent = %config.name, %error, "ioppytest control connection failed");
+    let mut backoff = crate::amqp::Backoff::new(now_ns());
+    while !stop.is_raised() {
+        match serve(config, &mut addressing, stop) {
+            Ok(()) => return,
+            Err(client::Error::Stopped) => return,
+            Err(error) => tracing::debug!(agent = %config.name, %error, "ioppytest control connection failed"),
         }
-        let delay = crate::amqp::backoff(attempt, crate::worker::now_ns());
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return,
+        let until = std::time::Instant::now() + backoff.failed(std::time::Instant::now());
+        while std::time::Instant::now() < until && !stop.is_raised() {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
-async fn serve(config: &AgentConfig, addressing: &mut OldAddressing) -> anyhow::Result<()> {
+fn serve(config: &AgentConfig, addressing: &mut OldAddressing, stop: &Stop) -> Result<(), client::Error> {
     let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
-    let (_conn, ch, mut consumer) = open(&config.url, exchange, name, &config.queue_prefix()).await?;
+    let mut c = open(config, stop)?;
     let started_key = ioppytest::routing_key_tun_started(name);
-    announce_ready(&ch, exchange, name).await?;
-    publish(&ch, exchange, &started_key, &addressing.to_started(name)).await?;
-    while let Some(d) = consumer.next().await {
-        let d = d?;
-        let Ok(t) = serde_json::from_slice::<TunStarted>(&d.data) else {
+    announce_ready(&mut c, exchange, name)?;
+    publish(&mut c, exchange, &started_key, &addressing.to_started(name))?;
+    while !stop.is_raised() {
+        let Some(event) = c.wait_event(Duration::from_millis(250), stop.flag())? else { continue };
+        let body = match event {
+            Owned::Delivery { body, .. } => body,
+            Owned::Cancelled => return Err(client::Error::Eof { broker: c.broker().to_owned(), hint: " (the control consumer was cancelled)" }),
+            _ => continue,
+        };
+        let Ok(t) = serde_json::from_slice::<TunStarted>(&body) else {
             tracing::warn!(agent = name, "ignoring an ip.tun.start that is not valid JSON");
             continue;
         };
@@ -125,7 +136,8 @@ async fn serve(config: &AgentConfig, addressing: &mut OldAddressing) -> anyhow::
         if !wanted.is_empty() {
             *addressing = wanted;
         }
-        publish(&ch, exchange, &started_key, &addressing.to_started(name)).await?;
+        publish(&mut c, exchange, &started_key, &addressing.to_started(name))?;
     }
-    anyhow::bail!("the broker cancelled the control consumer")
+    c.close(Duration::from_millis(300));
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! `agent route`: ioppytest's packet router, and the bridge between old and new agents.
 //!
-//! One tokio task, one connection (a publishing and a consuming channel), one exclusive
+//! One thread, one connection (publishing and consuming on its channel), one exclusive
 //! queue bound to:
 //! - `fromAgent.*.ip.tun.packet.raw`: JSON packets from old-wire agents (Python agents and
 //!   tunbus agents with `--wire ioppytest`). Each is forwarded unchanged to the other nodes
@@ -21,25 +21,24 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
-use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
 use serde::Serialize;
-use tokio::sync::watch;
 
 use super::addressing::OldAddressing;
-use super::json_properties;
 use super::topology::Topology;
-use crate::amqp::stopped;
+use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned, Published};
+use crate::amqp::link::json_properties;
+use crate::amqp::session::QueueOptions;
+use crate::amqp::wire::{Properties, Value};
 use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter, Packet};
+use crate::codec::vnet;
 use crate::route::{self, Destination, RoutingKey};
-use crate::tun::vnet;
-use crate::worker::now_ns;
+use crate::util::{now_ns, Stop};
+
+/// Bound of the router's queue in messages (it forwards one packet per message).
+pub const QUEUE_MAX_MESSAGES: i32 = 10_000;
 
 /// The sender word of floods the router emits on behalf of old agents (an agent name can
 /// never contain '.', but it could be anything else; this one is reserved for the router).
@@ -82,11 +81,12 @@ impl std::fmt::Display for RouterCounters {
 }
 
 pub struct RouterOptions {
-    pub url: String,
+    pub endpoints: Vec<Endpoint>,
     pub exchange: String,
     pub topology: Topology,
     pub prefetch: u16,
     pub stats_interval: Duration,
+    pub heartbeat: Duration,
 }
 
 /// The router's memory: topology, learned old agents, reusable buffers.
@@ -99,10 +99,11 @@ struct Router {
     packet: Vec<u8>,
     json: Vec<u8>,
     seq: u64,
+    queue: String,
 }
 
 /// Runs until `stop`; returns the counters.
-pub async fn run(opts: RouterOptions, mut stop: watch::Receiver<bool>) -> RouterCounters {
+pub fn run(opts: RouterOptions, stop: &Stop) -> RouterCounters {
     let mut r = Router {
         opts,
         old: BTreeMap::new(),
@@ -112,108 +113,115 @@ pub async fn run(opts: RouterOptions, mut stop: watch::Receiver<bool>) -> Router
         packet: Vec::new(),
         json: Vec::new(),
         seq: 0,
+        queue: format!("tunbus.router.{}", std::process::id()),
     };
-    let mut attempt = 0u32;
+    let mut backoff = crate::amqp::Backoff::new(now_ns());
     let mut lost = false;
-    loop {
-        let result = tokio::select! {
-            res = r.serve(&mut lost, &mut attempt) => res,
-            _ = stopped(&mut stop) => return r.counters,
-        };
-        if let Err(error) = result {
-            if !lost {
-                tracing::warn!(%error, "router lost the broker; reconnecting");
-                lost = true;
+    while !stop.is_raised() {
+        match r.serve(&mut lost, &mut backoff, stop) {
+            Ok(()) | Err(client::Error::Stopped) => break,
+            Err(error) => {
+                if !lost {
+                    tracing::warn!(%error, "router lost the broker; reconnecting");
+                    lost = true;
+                }
             }
         }
-        let delay = crate::amqp::backoff(attempt, now_ns());
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return r.counters,
+        let until = Instant::now() + backoff.failed(Instant::now());
+        while Instant::now() < until && !stop.is_raised() {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
+    r.counters
 }
 
 impl Router {
-    async fn serve(&mut self, lost: &mut bool, attempt: &mut u32) -> anyhow::Result<()> {
-        let conn = crate::amqp::connect(&self.opts.url, "tunbus router", None).await?;
-        let publish = conn.create_channel().await?;
-        let consume = conn.create_channel().await?;
-        crate::amqp::declare_exchange(&publish, &self.opts.exchange).await?;
-        let queue = format!("tunbus.router.{}", std::process::id());
-        consume
-            .queue_declare(queue.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
-            .await?;
-        let mut keys = vec!["fromAgent.*.ip.tun.packet.raw".to_owned(), "fromAgent.*.ip.tun.started".to_owned(), route::ALL_PATTERN.to_owned()];
-        keys.extend(self.owner.keys().map(|a| unicast_pattern(*a)));
-        for key in &keys {
-            bind(&consume, &queue, &self.opts.exchange, key).await?;
+    fn connect(&self, stop: &Stop) -> Result<Client, client::Error> {
+        let mut opts = ConnectOptions::new("tunbus router");
+        opts.heartbeat = self.opts.heartbeat;
+        let mut last = None;
+        for e in &self.opts.endpoints {
+            match Client::open(e, &opts, stop.flag()) {
+                Ok(c) => return Ok(c),
+                Err(client::Error::Stopped) => return Err(client::Error::Stopped),
+                Err(err) => last = Some(err),
+            }
         }
-        consume.basic_qos(self.opts.prefetch, BasicQosOptions::default()).await?;
-        let mut consumer = consume
-            .basic_consume(queue.as_str().into(), "tunbus-router".into(), BasicConsumeOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-            .await?;
+        Err(last.unwrap_or(client::Error::Stopped))
+    }
+
+    fn serve(&mut self, lost: &mut bool, backoff: &mut crate::amqp::Backoff, stop: &Stop) -> Result<(), client::Error> {
+        let mut c = self.connect(stop)?;
+        let s = stop.flag();
+        if !self.opts.exchange.starts_with("amq.") {
+            c.exchange_declare(&self.opts.exchange, s)?;
+        }
+        c.queue_declare(&self.queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(QUEUE_MAX_MESSAGES))], s)?;
+        let mut keys = vec!["fromAgent.*.ip.tun.packet.raw".to_owned(), "fromAgent.*.ip.tun.started".to_owned(), route::ALL_PATTERN.to_owned()];
+        keys.extend(self.owner.keys().map(|a| route::unicast_pattern(*a)));
+        for key in &keys {
+            c.queue_bind(&self.queue, &self.opts.exchange, key, s)?;
+        }
+        c.basic_qos(self.opts.prefetch, s)?;
+        c.basic_consume(&self.queue, "tunbus-router", false, true, s)?;
         if *lost {
             tracing::info!("router reconnected to the broker");
             self.counters.reconnects += 1;
             *lost = false;
         }
-        *attempt = 0;
+        backoff.reset();
         tracing::info!(exchange = %self.opts.exchange, nodes = self.opts.topology.nodes().count(), "router serving");
         let mut acks = crate::amqp::AckBatcher::for_prefetch(self.opts.prefetch);
-        let mut report = tokio::time::interval(if self.opts.stats_interval.is_zero() { Duration::from_secs(3600) } else { self.opts.stats_interval });
-        report.tick().await;
-        loop {
-            let next = match consumer.next().now_or_never() {
-                Some(item) => item,
-                None => {
-                    if let Some(tag) = acks.take() {
-                        consume.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-                    }
-                    tokio::select! {
-                        item = consumer.next() => item,
-                        _ = report.tick() => {
-                            if !self.opts.stats_interval.is_zero() {
-                                tracing::info!(counters = %self.counters, "router");
-                            }
-                            continue;
-                        }
+        let mut next_report = Instant::now() + self.opts.stats_interval;
+        while !stop.is_raised() {
+            let event = c.wait_event(Duration::from_millis(100), s)?;
+            let Some(event) = event else {
+                if let Some(tag) = acks.take() {
+                    c.ack_multiple(tag);
+                    c.flush(Instant::now())?;
+                }
+                if !self.opts.stats_interval.is_zero() && Instant::now() >= next_report {
+                    tracing::info!(counters = %self.counters, "router");
+                    next_report = Instant::now() + self.opts.stats_interval;
+                }
+                continue;
+            };
+            match event {
+                Owned::Delivery { tag, routing_key, body, .. } => {
+                    self.dispatch(&mut c, &routing_key, &body, stop)?;
+                    if let Some(tag) = acks.delivered(tag) {
+                        c.ack_multiple(tag);
                     }
                 }
-            };
-            let delivery = match next {
-                Some(d) => d?,
-                None => return Err(anyhow!("the broker cancelled the router's consumer")),
-            };
-            self.dispatch(&publish, &consume, &queue, delivery.routing_key.as_str(), &delivery.data).await?;
-            if let Some(tag) = acks.delivered(delivery.delivery_tag) {
-                consume.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+                Owned::Cancelled => return Err(client::Error::Eof { broker: c.broker().to_owned(), hint: " (the router's consumer was cancelled)" }),
+                Owned::Blocked | Owned::Unblocked => {}
             }
         }
+        c.close(Duration::from_millis(300));
+        Ok(())
     }
 
-    async fn dispatch(&mut self, publish: &Channel, consume: &Channel, queue: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
+    fn dispatch(&mut self, c: &mut Client, key: &str, body: &[u8], stop: &Stop) -> Result<(), client::Error> {
         let words: Vec<&str> = key.split('.').collect();
         match words.as_slice() {
-            ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.on_old_packet(publish, name, body).await,
-            ["fromAgent", name, "ip", "tun", "started"] => self.learn(consume, queue, name, body).await,
+            ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.on_old_packet(c, name, body),
+            ["fromAgent", name, "ip", "tun", "started"] => self.learn(c, name, body, stop),
             ["tunbus", "v1", "all", sender] => {
                 if *sender == ROUTER_SENDER {
                     return Ok(()); // a flood we emitted for an old agent
                 }
-                self.on_native_batch(publish, body, None).await
+                self.on_native_batch(c, body, None)
             }
             ["tunbus", "v1", word, _shard] => {
                 let owner = route::word_to_address(word).and_then(|a| self.owner.get(&a).cloned());
-                self.on_native_batch(publish, body, owner).await
+                self.on_native_batch(c, body, owner)
             }
             _ => Ok(()),
         }
     }
 
     /// `ip.tun.started` from an old agent: remember its addresses and bind them.
-    async fn learn(&mut self, consume: &Channel, queue: &str, name: &str, body: &[u8]) -> anyhow::Result<()> {
+    fn learn(&mut self, c: &mut Client, name: &str, body: &[u8], stop: &Stop) -> Result<(), client::Error> {
         let Ok(started) = serde_json::from_slice::<TunStarted>(body) else {
             self.counters.malformed_json += 1;
             return Ok(());
@@ -221,7 +229,7 @@ impl Router {
         let addressing = OldAddressing::from_started(&started);
         for addr in addressing.addresses() {
             if self.owner.insert(addr, name.to_owned()).is_none() {
-                bind(consume, queue, &self.opts.exchange, &unicast_pattern(addr)).await?;
+                c.queue_bind(&self.queue, &self.opts.exchange, &route::unicast_pattern(addr), stop.flag())?;
             }
         }
         if self.old.insert(name.to_owned(), addressing).is_none() {
@@ -232,7 +240,7 @@ impl Router {
     }
 
     /// A JSON packet from old agent `name`.
-    async fn on_old_packet(&mut self, publish: &Channel, name: &str, body: &[u8]) -> anyhow::Result<()> {
+    fn on_old_packet(&mut self, c: &mut Client, name: &str, body: &[u8]) -> Result<(), client::Error> {
         self.counters.json_in += 1;
         if ioppytest::decode_packet(body, &mut self.packet).is_err() {
             self.counters.malformed_json += 1;
@@ -244,14 +252,14 @@ impl Router {
         }
         for peer in &targets {
             let key = ioppytest::routing_key_to_agent(peer);
-            publish.basic_publish(self.opts.exchange.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), body, json_properties()).await?;
+            send(c, &self.opts.exchange, &key, &json_properties(), body)?;
             self.counters.json_forwarded += 1;
         }
-        let Ok(c) = route::classify(&self.packet) else { return Ok(()) };
-        let key = match c.dst {
+        let Ok(class) = route::classify(&self.packet) else { return Ok(()) };
+        let key = match class.dst {
             Destination::Flood => RoutingKey::all(ROUTER_SENDER),
             Destination::Unicast(dst) if self.owner.contains_key(&dst) => None, // old agents got it above
-            Destination::Unicast(dst) => Some(RoutingKey::unicast(dst, c.shard)),
+            Destination::Unicast(dst) => Some(RoutingKey::unicast(dst, class.shard)),
         };
         let Some(key) = key else { return Ok(()) };
         self.batch.reset(0);
@@ -260,15 +268,13 @@ impl Router {
         }
         self.seq += 1;
         let frame = self.batch.finish(self.seq, now_ns());
-        publish
-            .basic_publish(self.opts.exchange.as_str().into(), ShortString::from(key.as_str()), BasicPublishOptions::default(), frame, BasicProperties::default())
-            .await?;
+        send(c, &self.opts.exchange, key.as_str(), &Properties::default(), frame)?;
         self.counters.bridged_to_native += 1;
         Ok(())
     }
 
     /// A native batch for an old agent (`owner`), or a native flood (`None`: to every old agent).
-    async fn on_native_batch(&mut self, publish: &Channel, body: &[u8], owner: Option<String>) -> anyhow::Result<()> {
+    fn on_native_batch(&mut self, c: &mut Client, body: &[u8], owner: Option<String>) -> Result<(), client::Error> {
         let Ok(frame) = v1::decode(body) else {
             self.counters.malformed_native += 1;
             return Ok(());
@@ -299,7 +305,7 @@ impl Router {
             ioppytest::encode_packet(&self.packet, "tun0", now_ns() / 1_000_000_000, &mut self.json);
             for name in &to {
                 let key = ioppytest::routing_key_to_agent(name);
-                publish.basic_publish(self.opts.exchange.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), &self.json, json_properties()).await?;
+                send(c, &self.opts.exchange, &key, &json_properties(), &self.json)?;
                 self.counters.bridged_to_old += 1;
             }
         }
@@ -317,11 +323,10 @@ impl Router {
     }
 }
 
-fn unicast_pattern(addr: IpAddr) -> String {
-    format!("tunbus.v1.{}.*", route::address_word(addr).as_str())
-}
-
-async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> anyhow::Result<()> {
-    ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default()).await?;
+/// Publishes one message, waiting (bounded) while the previous one is still being written.
+fn send(c: &mut Client, exchange: &str, key: &str, props: &Properties<'_>, body: &[u8]) -> Result<(), client::Error> {
+    if c.publish(Instant::now(), exchange, key, props, body)? == Published::Busy && c.wait_writable(client::SEND_STALL)? {
+        c.publish(Instant::now(), exchange, key, props, body)?;
+    }
     Ok(())
 }

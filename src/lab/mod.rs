@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::agent::Agent;
+use crate::amqp::client::Endpoint;
+use crate::amqp::url::{self, DEFAULT_URL};
 use crate::config::AgentConfig;
+use crate::util::Stop;
 use crate::metrics::report::bits_per_s;
 use broker::PrivateBroker;
 use plan::Host;
@@ -39,7 +42,9 @@ pub struct LabOptions {
     pub hosts: usize,
     pub queues: usize,
     pub keep: bool,
-    pub url: Option<String>,
+    /// The broker given by `--url` (else localhost, else a private node).
+    pub endpoints: Option<Vec<Endpoint>>,
+    pub heartbeat: Duration,
     pub session: String,
     pub sample: usize,
     pub seed: u64,
@@ -211,18 +216,27 @@ struct Lab {
     agents: Vec<Agent>,
     broker: Option<PrivateBroker>,
     temp_dir: Option<PathBuf>,
-    url: String,
+    endpoints: Vec<Endpoint>,
+    interrupt: Stop,
 }
 
 /// Runs a lab until it is checked (or, with `keep`, until `stop`), then tears it down.
-pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<LabReport> {
+pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: Stop) -> anyhow::Result<LabReport> {
     if opts.hosts < 2 || opts.hosts > plan::MAX_HOSTS {
         bail!("--hosts must be between 2 and {}", plan::MAX_HOSTS);
     }
     cleanup_session(&opts.session)?;
     let mut state = State { pid: std::process::id(), session: opts.session.clone(), hosts: opts.hosts, ..State::default() };
     write_state(&state)?;
-    let mut lab = Lab { opts: opts.clone(), hosts: plan::hosts(&opts.session, opts.hosts), agents: Vec::new(), broker: None, temp_dir: None, url: String::new() };
+    let mut lab = Lab {
+        opts: opts.clone(),
+        hosts: plan::hosts(&opts.session, opts.hosts),
+        agents: Vec::new(),
+        broker: None,
+        temp_dir: None,
+        endpoints: Vec::new(),
+        interrupt,
+    };
     let result = lab.up_and_check(&mut state, &mut stop).await;
     lab.teardown().await;
     let _ = std::fs::remove_file(state_path(&opts.session));
@@ -232,10 +246,10 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>) -> anyhow::R
 impl Lab {
     async fn up_and_check(&mut self, state: &mut State, stop: &mut watch::Receiver<bool>) -> anyhow::Result<LabReport> {
         let mut report = LabReport { session: self.opts.session.clone(), hosts: self.opts.hosts, queues: self.opts.queues, ..LabReport::default() };
-        self.url = self.choose_broker(state)?;
+        self.endpoints = self.choose_broker(state)?;
         report.broker = match &self.broker {
             Some(b) => format!("private node {} on port {}", b.node, b.port),
-            None => redact(&self.url),
+            None => self.endpoints.iter().map(|e| e.url.to_string()).collect::<Vec<_>>().join(", "),
         };
         let t0 = Instant::now();
         self.create_namespaces()?;
@@ -243,7 +257,9 @@ impl Lab {
             if *stop.borrow() {
                 bail!("interrupted during bring-up");
             }
-            let agent = Agent::start(self.agent_config(&host)).await.with_context(|| format!("starting host {}", host.name))?;
+            let Some(agent) = Agent::start(self.agent_config(&host), &self.interrupt).await.with_context(|| format!("starting host {}", host.name))? else {
+                bail!("interrupted during bring-up");
+            };
             self.agents.push(agent);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -278,12 +294,12 @@ impl Lab {
     }
 
     /// `--url`, else localhost:5672 if it answers, else a private node.
-    fn choose_broker(&mut self, state: &mut State) -> anyhow::Result<String> {
-        if let Some(url) = &self.opts.url {
-            return Ok(url.clone());
+    fn choose_broker(&mut self, state: &mut State) -> anyhow::Result<Vec<Endpoint>> {
+        if let Some(endpoints) = &self.opts.endpoints {
+            return Ok(endpoints.clone());
         }
         if !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
-            return Ok(crate::cli::DEFAULT_URL.replace("localhost", "127.0.0.1"));
+            return Ok(vec![Endpoint::plain(url::parse(&DEFAULT_URL.replace("localhost", "127.0.0.1"))?)]);
         }
         if !broker::installed() {
             bail!("no broker answers on localhost:5672 and RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url)");
@@ -298,9 +314,9 @@ impl Lab {
         state.broker_node = Some(b.node.clone());
         state.broker_port = Some(b.port);
         write_state(state)?;
-        let url = b.url();
+        let url = url::parse(&b.url())?;
         self.broker = Some(b);
-        Ok(url)
+        Ok(vec![Endpoint::plain(url)])
     }
 
     fn create_namespaces(&self) -> anyhow::Result<()> {
@@ -313,9 +329,10 @@ impl Lab {
     }
 
     fn agent_config(&self, host: &Host) -> AgentConfig {
-        let mut c = AgentConfig::new(&self.url, &host.name);
+        let mut c = AgentConfig::new(self.endpoints.clone(), &host.name);
+        c.heartbeat = self.opts.heartbeat;
         c.session = Some(self.opts.session.clone());
-        c.exchange = format!("tunbus.{}", self.opts.session);
+        c.exchange = crate::route::session_exchange(&self.opts.session);
         c.queues = self.opts.queues;
         c.addrs = host.prefixes().to_vec();
         c.netns = Some(host.netns.clone());
@@ -419,7 +436,7 @@ impl Lab {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = crate::amqp::stopped(stop) => break,
+                _ = stop.wait_for(|s| *s) => break,
             }
             let (mut bytes, mut packets, mut drops) = (0u64, 0u64, 0u64);
             for a in &self.agents {
@@ -472,12 +489,4 @@ async fn ping(netns: &str, dst: &str) -> Result<Vec<f64>, String> {
 
 fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|f| f.is_file()))
-}
-
-/// The URL without its password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
 }

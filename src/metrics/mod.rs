@@ -23,6 +23,8 @@ pub enum DropReason {
     NoBuffer,
     /// The broker connection was down when the batch was due.
     BrokerDown,
+    /// The broker had blocked publishing (a memory or disk alarm) when the batch was due.
+    BrokerBlocked,
     /// A message from the bus that does not decode.
     Malformed,
     /// A packet larger than a batch may carry.
@@ -38,9 +40,10 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
+        DropReason::BrokerBlocked,
         DropReason::Malformed,
         DropReason::TooBig,
         DropReason::NotIp,
@@ -54,6 +57,7 @@ impl DropReason {
         match self {
             DropReason::NoBuffer => "no_buffer",
             DropReason::BrokerDown => "broker_down",
+            DropReason::BrokerBlocked => "broker_blocked",
             DropReason::Malformed => "malformed",
             DropReason::TooBig => "too_big",
             DropReason::NotIp => "not_ip",

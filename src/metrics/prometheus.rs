@@ -65,7 +65,7 @@ pub async fn serve(listener: TcpListener, agent: String, counters: Vec<Arc<Count
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::amqp::stopped(&mut stop) => return,
+            _ = stop.wait_for(|s| *s) => return,
         };
         let Ok((mut sock, _)) = accepted else { continue };
         let mut head = [0u8; 1024];

@@ -152,7 +152,7 @@ pub async fn periodic(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::amqp::stopped(&mut stop) => return,
+            _ = stop.wait_for(|s| *s) => return,
         }
         let now = Snapshot::sum(counters.iter().map(|c| &**c));
         let dt = last_at.elapsed();

@@ -195,6 +195,17 @@ pub fn word_to_address(word: &str) -> Option<IpAddr> {
     (address_word(ip).as_str() == word).then_some(ip)
 }
 
+/// The topic exchange of a testbed session: `tunbus.<session>`.
+pub fn session_exchange(session: &str) -> String {
+    format!("tunbus.{session}")
+}
+
+/// `tunbus.v1.<addr>.*`: every shard of one address (a one-queue receiver's binding, and
+/// the router's for the addresses of old-wire agents).
+pub fn unicast_pattern(addr: IpAddr) -> String {
+    format!("{KEY_PREFIX}{}.*", address_word(addr))
+}
+
 /// A routing key, built on the stack (no allocation).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RoutingKey {

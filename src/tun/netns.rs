@@ -7,7 +7,7 @@
 //! Sysctls of an interface inside a namespace are written from a short-lived thread that
 //! has joined that namespace (`setns(2)` changes only the calling thread's namespace, and
 //! `/proc/sys/net` shows the namespace of the thread that opens it): hundreds of agents
-//! come up without spawning a process each. That is the one `unsafe` call here.
+//! come up without spawning a process each.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -110,14 +110,9 @@ pub fn set_sysctl(netns: Option<&str>, key: &str, value: &str) -> Result<(), Err
     let ns_file = std::fs::File::open(Path::new("/run/netns").join(ns)).map_err(|_| Error::NoNamespace(ns.to_owned()))?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns(2) on an open namespace file descriptor; it changes the network
-            // namespace of this short-lived thread only, which ends right after the write.
-            #[allow(unsafe_code)]
-            let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(Error::Command { command: format!("setns {ns}"), stderr: std::io::Error::last_os_error().to_string() });
-            }
+            use std::os::fd::AsFd;
+            crate::sys::enter_netns(ns_file.as_fd())
+                .map_err(|e| Error::Command { command: format!("setns {ns}"), stderr: e.to_string() })?;
             write()
         })
         .join()

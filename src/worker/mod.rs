@@ -7,11 +7,3 @@
 
 pub mod queue;
 pub mod rx;
-
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Wall-clock nanoseconds since the UNIX epoch (the batch timestamp; a vDSO call, no syscall).
-#[inline]
-pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}

@@ -30,13 +30,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::amqp::conn::{self, Conn};
+use crate::amqp::client::{self, Client, Published};
 use crate::amqp::link::{self, LinkContext, Reconnect};
-use crate::amqp::presence::{Announcements, HELLO_EVERY};
+use crate::amqp::presence::{Announcements, HELLO_EVERY, JSON_PROPERTIES};
+use crate::amqp::session::Event;
 use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
 use crate::codec::v1::{self, BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
@@ -44,7 +44,9 @@ use crate::config::Wire;
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::route::peers::{self, PeerQueues};
 use crate::route::{self, Destination, RoutingKey};
+use crate::sys::{self, Interest};
 use crate::tun::TunQueue;
+use crate::util::{now_ns, Stop};
 
 use super::rx::Receiver;
 
@@ -83,7 +85,7 @@ pub struct QueueWorker {
     queue: Arc<TunQueue>,
     link: Link,
     counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     flood_key: RoutingKey,
     own_v4: Vec<(Ipv4Addr, u8)>,
     /// Receivers' queue counts, learned by the receiving halves: batch per receiving queue.
@@ -105,17 +107,18 @@ impl QueueWorker {
     /// A worker for TUN queue `queue` and link `link`, with batches of up to
     /// `max_batch_bytes` (from the link's configuration). The sending half counts into
     /// `counters`, the receiving half into `rx_counters`.
-    #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
+    #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once (a value of its own comes with the house keeping)
     pub fn new(
         queue: Arc<TunQueue>,
         link: LinkContext,
         counters: Arc<Counters>,
         rx_counters: Arc<Counters>,
         hist: Arc<Histograms>,
-        stop: Arc<AtomicBool>,
+        stop: Stop,
         flood_key: RoutingKey,
         own_v4: Vec<(Ipv4Addr, u8)>,
         peers: Arc<PeerQueues>,
+        client: Option<(Client, usize)>,
     ) -> QueueWorker {
         let buffer_bytes = link.config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
         let own_queues = u8::try_from(link.config.queues).unwrap_or(0);
@@ -125,7 +128,7 @@ impl QueueWorker {
             peers,
             own_queues,
             queue,
-            link: Link::new(link, counters.clone(), &hist, receiver),
+            link: Link::new(link, counters.clone(), &hist, receiver, client),
             counters,
             stop,
             flood_key,
@@ -143,35 +146,56 @@ impl QueueWorker {
 
     /// Runs until the stop flag is set; then closes the connection.
     pub fn run(mut self) {
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.is_raised() {
             self.link.maintain();
             self.link.announce_if_due();
+            let now = Instant::now();
             let holding = self.open.iter().any(|o| !o.writer.is_empty());
             let mut timeout = if holding { HOLD_POLL } else { IDLE_POLL };
             if let Some(wait) = self.link.reconnect_in() {
                 timeout = timeout.min(wait.max(HOLD_POLL));
             }
-            match self.queue.wait_readable_or(self.link.fd(), timeout) {
-                Ok((tun, socket)) => {
-                    if socket {
+            if let Some(at) = self.link.next_deadline() {
+                timeout = timeout.min(at.saturating_duration_since(now));
+            }
+            if self.link.has_buffered() {
+                timeout = Duration::ZERO;
+            }
+            // While a message is half-written, packets wait in the TUN queue: backpressure
+            // instead of an unbounded queue of our own.
+            let tun = (!self.link.backlogged()).then(|| (self.queue.fd(), Interest::Read));
+            let socket = self.link.fd().map(|fd| (fd, if self.link.wants_write() { Interest::ReadWrite } else { Interest::Read }));
+            match sys::wait([tun, socket], timeout) {
+                Ok([t, s]) => {
+                    if s.write {
+                        self.link.flush();
+                    }
+                    let socket_event = s.read || s.error || self.link.has_buffered();
+                    if socket_event {
                         self.link.on_readable();
                         if self.link.receiver.take_probe() {
                             self.link.answer_probe();
                         }
                     }
-                    if tun {
+                    if t.error && !self.read_errors_logged {
+                        tracing::warn!(queue = self.queue.index(), "tun queue reported an error or hang-up");
+                        self.read_errors_logged = true;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    if t.read {
                         self.burst();
                     } else {
                         self.end_of_burst();
                     }
                     self.link.ack_if_drained();
-                    if !tun && !socket {
+                    self.link.tick();
+                    if !t.read && !socket_event {
                         self.link.receiver.idle();
                     }
                 }
                 Err(e) => {
                     if !self.read_errors_logged {
-                        tracing::warn!(queue = self.queue.index(), error = %e, "tun queue poll failed");
+                        tracing::warn!(queue = self.queue.index(), error = %e, "poll failed");
                         self.read_errors_logged = true;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -184,8 +208,11 @@ impl QueueWorker {
 
     /// Reads and batches up to BURST packets, then ends the burst.
     fn burst(&mut self) {
-        self.burst_ns = super::now_ns();
+        self.burst_ns = now_ns();
         for _ in 0..BURST {
+            if self.link.backlogged() {
+                break; // the broker is behind: leave the rest in the TUN queue
+            }
             let Some(li) = self.landing() else {
                 // No buffer: read into scratch to keep the queue moving, and count the drop.
                 match self.queue.read(&mut self.scratch) {
@@ -234,7 +261,7 @@ impl QueueWorker {
         if self.link.busy() {
             return;
         }
-        let now = super::now_ns();
+        let now = now_ns();
         let oldest = self.open.iter().filter(|o| !o.writer.is_empty()).map(|o| o.read_ns).min();
         let Some(oldest) = oldest else { return };
         let streaming = now.saturating_sub(self.last_flush_ns) < STREAM_GAP.as_nanos() as u64;
@@ -373,13 +400,16 @@ impl QueueWorker {
         }
     }
 
-    /// Publishes batch `i`; the slot becomes fresh (same buffer).
+    /// Publishes batch `i`; the slot becomes fresh (same buffer). A batch the connection
+    /// cannot take yet (a message still half-written) stays open as it is.
     fn flush(&mut self, i: usize) {
         let o = &mut self.open[i];
         if !o.writer.is_empty() {
             // invariant: a non-empty batch got its key when its first packet was placed
             let key = o.key.unwrap_or(self.flood_key);
-            self.link.send(&mut o.writer, key, o.read_ns);
+            if !self.link.send(&mut o.writer, key, o.read_ns) {
+                return;
+            }
         }
         o.writer.reset(FLAG_VNET);
         o.key = None;
@@ -391,9 +421,6 @@ impl QueueWorker {
         }
     }
 }
-
-/// The properties of presence messages.
-const JSON: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None };
 
 /// Two distinct mutable elements of a slice.
 fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
@@ -411,10 +438,10 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
 /// the sending half counts, and the ioppytest form when that wire is chosen.
 struct Link {
     ctx: LinkContext,
-    conn: Option<Conn>,
+    client: Option<Client>,
     receiver: Receiver,
     /// Queue 0 of a native agent: its presence, and when to say hello next.
-    announce: Option<Arc<Announcements>>,
+    announce: Option<Announcements>,
     next_hello: Instant,
     reconnect: Reconnect,
     counters: Arc<Counters>,
@@ -429,15 +456,15 @@ struct Link {
 }
 
 impl Link {
-    fn new(ctx: LinkContext, counters: Arc<Counters>, hist: &Histograms, receiver: Receiver) -> Link {
-        let seed = (ctx.index as u64) ^ super::now_ns();
-        Link {
+    fn new(ctx: LinkContext, counters: Arc<Counters>, hist: &Histograms, receiver: Receiver, client: Option<(Client, usize)>) -> Link {
+        let seed = (ctx.index as u64) ^ now_ns() ^ u64::from(std::process::id()) << 32;
+        let mut link = Link {
             exchange: ctx.config.exchange.clone(),
             json_key: ioppytest::routing_key_from_agent(&ctx.config.name),
-            announce: ctx.hello.clone(),
+            announce: ctx.hello.as_deref().cloned(),
             next_hello: Instant::now(),
             ctx,
-            conn: None,
+            client: None,
             receiver,
             reconnect: Reconnect::new(seed),
             counters,
@@ -446,21 +473,31 @@ impl Link {
             packets: LocalHistogram::new(hist.batch_packets.clone()),
             bytes: LocalHistogram::new(hist.batch_bytes.clone()),
             json_body: Vec::with_capacity(8 * 1024),
+        };
+        if let Some((c, node)) = client {
+            link.connected(c, node);
         }
+        link
+    }
+
+    fn connected(&mut self, client: Client, node: usize) {
+        if let Some(a) = &mut self.announce {
+            a.on_node(Some(client.broker()));
+        }
+        self.client = Some(client);
+        self.receiver.reset();
+        self.next_hello = Instant::now(); // say hello on every new connection
+        self.reconnect.up(&self.ctx, &self.counters, node);
     }
 
     /// Connects when disconnected and the backoff allows it.
     fn maintain(&mut self) {
-        if self.conn.is_some() || !self.reconnect.due(Instant::now()) {
+        if self.client.is_some() || !self.reconnect.due(Instant::now()) {
             return;
         }
-        match self.ctx.open() {
-            Ok(conn) => {
-                self.conn = Some(conn);
-                self.receiver.reset();
-                self.next_hello = Instant::now(); // say hello on every new connection
-                self.reconnect.up(&self.ctx, &self.counters);
-            }
+        match self.ctx.open(self.reconnect.node()) {
+            Ok((client, node)) => self.connected(client, node),
+            Err(client::Error::Stopped) => {}
             Err(e) => self.reconnect.failed(&self.ctx, &e),
         }
     }
@@ -474,88 +511,135 @@ impl Link {
     /// Publishes this agent's hello when it is due (every [`HELLO_EVERY`], at once after a
     /// connection or a probe). Pre-serialised bytes: no allocation.
     fn announce_if_due(&mut self) {
-        let (Some(a), Some(conn)) = (&self.announce, &mut self.conn) else { return };
+        let (Some(a), Some(client)) = (&self.announce, &mut self.client) else { return };
         let now = Instant::now();
         if now < self.next_hello {
             return;
         }
-        self.next_hello = now + HELLO_EVERY;
-        if let Err(e) = conn.publish(self.exchange.as_bytes(), a.hello_key.as_bytes(), &JSON, &a.hello) {
-            self.lose(&e);
+        match client.publish(now, &self.exchange, &a.hello_key, &JSON_PROPERTIES, &a.hello) {
+            Ok(Published::Busy) => {} // try again on the next turn
+            Ok(_) => self.next_hello = now + HELLO_EVERY,
+            Err(e) => self.lose(e),
         }
     }
 
     /// Whether the broker is still behind on what we sent: then a small batch would only
     /// queue behind it, so the worker keeps filling.
     fn busy(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.unsent() > HOLD_UNSENT)
+        self.client.as_ref().is_some_and(|c| c.backlogged() || c.unsent() > HOLD_UNSENT)
+    }
+
+    /// A message is half-written: nothing more can be published until it is out.
+    fn backlogged(&self) -> bool {
+        self.client.as_ref().is_some_and(Client::backlogged)
+    }
+
+    fn wants_write(&self) -> bool {
+        self.client.as_ref().is_some_and(Client::wants_write)
+    }
+
+    fn has_buffered(&self) -> bool {
+        self.client.as_ref().is_some_and(Client::has_buffered)
     }
 
     /// Time until the next connection attempt, while disconnected.
     fn reconnect_in(&self) -> Option<Duration> {
-        self.conn.is_none().then(|| self.reconnect.until_due(Instant::now()))
+        self.client.is_none().then(|| self.reconnect.until_due(Instant::now()))
+    }
+
+    /// When the connection wants attention (a heartbeat, the stall check).
+    fn next_deadline(&self) -> Option<Instant> {
+        self.client.as_ref().and_then(Client::poll_timeout)
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.conn.as_ref().map(Conn::fd)
+        self.client.as_ref().map(Client::fd)
+    }
+
+    fn flush(&mut self) {
+        if let Some(c) = &mut self.client {
+            if let Err(e) = c.flush(Instant::now()) {
+                self.lose(e);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if let Some(c) = &mut self.client {
+            if let Err(e) = c.tick(Instant::now()) {
+                self.lose(e);
+            }
+        }
     }
 
     /// The broker sent something: deliveries (and control, such as a close when it shuts
     /// down) for the receiving half.
     fn on_readable(&mut self) {
-        if let Some(conn) = &mut self.conn {
-            if let Err(e) = self.receiver.on_readable(conn) {
-                self.lose(&e);
-            }
+        let Some(client) = &mut self.client else { return };
+        if let Err(e) = receive(client, &mut self.receiver) {
+            self.lose(e);
         }
     }
 
     /// Acknowledges deliveries once the socket was drained (after the TUN side, see
-    /// [`Receiver::ack_if_drained`]).
+    /// [`Receiver::take_ack`]).
     fn ack_if_drained(&mut self) {
-        if let Some(conn) = &mut self.conn {
-            if let Err(e) = self.receiver.ack_if_drained(conn) {
-                self.lose(&e);
+        let Some(client) = &mut self.client else { return };
+        if let Some(tag) = self.receiver.take_ack() {
+            client.ack_multiple(tag);
+            if let Err(e) = client.flush(Instant::now()) {
+                self.lose(e);
             }
         }
     }
 
-    fn lose(&mut self, e: &conn::Error) {
-        self.conn = None;
-        self.reconnect.lost(&self.ctx, e);
+    fn lose(&mut self, e: client::Error) {
+        self.client = None;
+        self.reconnect.lost(&self.ctx, &e);
     }
 
-    /// Publishes one finished batch, or counts it as dropped when the broker is away.
-    fn send(&mut self, writer: &mut BatchWriter, key: RoutingKey, read_ns: u64) {
+    /// Publishes one finished batch, or counts it as dropped when the broker is away or
+    /// blocked. `false` when the connection cannot take it yet (keep it and try later).
+    fn send(&mut self, writer: &mut BatchWriter, key: RoutingKey, read_ns: u64) -> bool {
         let packets = writer.count() as u64;
         let overhead = v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
         let bytes = writer.len().saturating_sub(overhead) as u64;
-        let Some(conn) = &mut self.conn else {
+        let Some(client) = &mut self.client else {
             self.counters.record_drop(DropReason::BrokerDown, packets);
-            return;
+            return true;
         };
+        if client.backlogged() {
+            return false;
+        }
         self.seq = self.seq.wrapping_add(1);
-        writer.finish(self.seq, super::now_ns());
+        writer.finish(self.seq, now_ns());
+        let now = Instant::now();
         let result = match self.ctx.config.wire {
-            Wire::Native => conn.publish(self.exchange.as_bytes(), key.as_str().as_bytes(), &Properties::default(), writer.as_bytes()),
-            Wire::Ioppytest => publish_json(conn, &self.exchange, &self.json_key, &self.ctx.config.ifname, writer.as_bytes(), &mut self.json_body),
+            Wire::Native => client.publish(now, &self.exchange, key.as_str(), &Properties::default(), writer.as_bytes()),
+            Wire::Ioppytest => publish_json(client, now, &self.exchange, &self.json_key, &self.ctx.config.ifname, writer.as_bytes(), &mut self.json_body),
         };
         match result {
-            Ok(()) => {
+            Ok(Published::Sent) => {
                 Counters::add(&self.counters.tx_packets, packets);
                 Counters::add(&self.counters.tx_bytes, bytes);
                 Counters::add(&self.counters.tx_batches, 1);
-                self.wait.record_n(super::now_ns().saturating_sub(read_ns) / 1000, 1);
+                self.wait.record_n(now_ns().saturating_sub(read_ns) / 1000, 1);
                 self.packets.record_n(packets, 1);
                 self.bytes.record_n(writer.len() as u64, 1);
-                let now = Instant::now();
                 for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
                     h.maybe_fold(now, false);
                 }
+                true
             }
+            Ok(Published::Blocked) => {
+                self.counters.record_drop(DropReason::BrokerBlocked, packets);
+                true
+            }
+            Ok(Published::Busy) => false,
             Err(e) => {
                 self.counters.record_drop(DropReason::BrokerDown, packets);
-                self.lose(&e);
+                self.lose(e);
+                true
             }
         }
     }
@@ -567,25 +651,64 @@ impl Link {
         for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
             h.maybe_fold(Instant::now(), true);
         }
-        if let (Some(a), Some(conn)) = (&self.announce, &mut self.conn) {
-            let _ = conn.publish(self.exchange.as_bytes(), a.bye_key.as_bytes(), &JSON, &a.bye);
+        if let (Some(a), Some(client)) = (&self.announce, &mut self.client) {
+            let _ = client.publish(Instant::now(), &self.exchange, &a.bye_key, &JSON_PROPERTIES, &a.bye);
+            let _ = client.flush(Instant::now());
         }
-        if let Some(conn) = self.conn.take() {
-            conn.close(link::CLOSE_WAIT);
+        if let Some(client) = self.client.take() {
+            client.close(link::CLOSE_WAIT);
+        }
+    }
+}
+
+/// Takes what has arrived on `client` (up to [`super::rx::READS_PER_WAKE`] reads) and
+/// hands deliveries to `receiver`; once the socket is drained the acknowledgement is due.
+fn receive(client: &mut Client, receiver: &mut Receiver) -> Result<(), client::Error> {
+    for _ in 0..super::rx::READS_PER_WAKE {
+        take_events(client, receiver)?;
+        if client.read_some()? == 0 {
+            receiver.drained();
+            break;
+        }
+    }
+    take_events(client, receiver)?;
+    receiver.fold_now();
+    Ok(())
+}
+
+/// Handles every whole event already read.
+fn take_events(client: &mut Client, receiver: &mut Receiver) -> Result<(), client::Error> {
+    let now = Instant::now();
+    loop {
+        let ack = match client.next_event(now)? {
+            None => return Ok(()),
+            Some(Event::Delivery(d)) => receiver.on_delivery(d, now_ns()),
+            Some(Event::Oversized { tag }) => receiver.on_oversized(tag),
+            Some(Event::Cancelled) => return Err(client::Error::Eof { broker: client.broker().to_owned(), hint: " (our consumer was cancelled)" }),
+            Some(_) => None, // blocked and unblocked are the client's; no reply is due
+        };
+        if let Some(tag) = ack {
+            client.ack_multiple(tag);
         }
     }
 }
 
 /// The ioppytest wire: each packet of our own v1 frame becomes one JSON message on
 /// `fromAgent.<name>.ip.tun.packet.raw`, with the Python agent's properties.
-fn publish_json(conn: &mut Conn, exchange: &str, key: &str, ifname: &str, frame: &[u8], body: &mut Vec<u8>) -> Result<(), conn::Error> {
+fn publish_json(client: &mut Client, now: Instant, exchange: &str, key: &str, ifname: &str, frame: &[u8], body: &mut Vec<u8>) -> Result<Published, client::Error> {
     // Our own frame: it decodes unless the codec is broken.
-    let Ok(frame) = v1::decode(frame) else { return Ok(()) };
-    let seconds = super::now_ns() / 1_000_000_000;
+    let Ok(frame) = v1::decode(frame) else { return Ok(Published::Sent) };
+    let seconds = now_ns() / 1_000_000_000;
     let props = link::json_properties();
     for p in frame.packets() {
         ioppytest::encode_packet(p.data, ifname, seconds, body);
-        conn.publish(exchange.as_bytes(), key.as_bytes(), &props, body)?;
+        let mut result = client.publish(now, exchange, key, &props, body)?;
+        if result == Published::Busy && client.wait_writable(client::SEND_STALL)? {
+            result = client.publish(Instant::now(), exchange, key, &props, body)?;
+        }
+        if result != Published::Sent {
+            return Ok(result);
+        }
     }
-    Ok(())
+    Ok(Published::Sent)
 }

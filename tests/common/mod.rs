@@ -16,6 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use tunbus::amqp::client::{Client, ConnectOptions, Endpoint, Owned};
+use tunbus::amqp::session::QueueOptions;
+use tunbus::amqp::wire::Properties;
 
 pub const BROKER: &str = "127.0.0.1:5672";
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -389,3 +392,44 @@ impl Drop for RouterProc {
     }
 }
 
+
+/// The machine's broker as an endpoint.
+pub fn endpoint() -> Endpoint {
+    Endpoint::plain(URL.parse().expect("constant URL"))
+}
+
+/// A plain client on the machine's broker, for tests that play a bus member themselves.
+pub fn bus_client() -> Client {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    Client::open(&endpoint(), &ConnectOptions::new("tunbus test"), &never).expect("connect to the test broker")
+}
+
+/// Declares a server-named exclusive queue bound to `keys` on `exchange` and consumes it
+/// without acks; returns its name.
+pub fn listen(c: &mut Client, exchange: &str, keys: &[&str]) -> String {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let q = c.queue_declare("", QueueOptions { exclusive: true, ..QueueOptions::default() }, &[], &never).expect("declare");
+    for k in keys {
+        c.queue_bind(&q, exchange, k, &never).expect("bind");
+    }
+    c.basic_consume(&q, "", true, true, &never).expect("consume");
+    q
+}
+
+/// Publishes `body` (copied), waiting until it has left.
+pub fn publish(c: &mut Client, exchange: &str, key: &str, props: &Properties<'_>, body: &[u8]) {
+    c.publish_copy(exchange, key, props, body).expect("publish");
+    assert!(c.wait_writable(Duration::from_secs(5)).expect("send"), "publish did not leave");
+}
+
+/// The next delivery within `timeout`: (routing key, content type, body).
+pub fn next_delivery(c: &mut Client, timeout: Duration) -> Option<(String, Option<String>, Vec<u8>)> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if let Some(Owned::Delivery { routing_key, content_type, body, .. }) = c.wait_event(left, &never).expect("connection") {
+            return Some((routing_key, content_type, body));
+        }
+    }
+    None
+}

@@ -1,6 +1,6 @@
 //! The 10-byte `virtio_net_hdr` that precedes every packet on an `IFF_VNET_HDR` TUN.
 //!
-//! Pure: no syscalls. Called by the RX path (consumer tasks) once per packet before the
+//! Pure: no syscalls. Called by the receiving half of each queue worker once per packet before the
 //! TUN write, so it must not allocate. The header travels on the wire exactly as the sending
 //! kernel produced it (little-endian fields, see `docs/wire-format.md`); before writing it
 //! into our TUN we recompute `hdr_len`, which the kernel uses to size the linear part of the

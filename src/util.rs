@@ -1,0 +1,78 @@
+//! Small helpers every layer uses: the wall clock, a stop flag, and the fixed hash and
+//! pseudo-random steps (kept here once so that every host computes the same values).
+//!
+//! Pure apart from [`now_ns`], which reads the clock (a vDSO call, no syscall).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Wall-clock nanoseconds since the UNIX epoch (batch timestamps, presence start times).
+#[inline]
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// One step of splitmix64: a well-mixed 64-bit value from any input (jitter, seeded
+/// choices). Not for secrets.
+#[inline]
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a over bytes: a fixed, portable hash (deterministic addresses from names).
+pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A flag that tells threads to finish: raised once, read often (relaxed loads).
+#[derive(Clone, Debug, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn new() -> Stop {
+        Stop::default()
+    }
+
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The flag itself, for code that takes `&AtomicBool`.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_fixed() {
+        assert_eq!(fnv1a64(&[b""]), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(&[b"a", b"b"]), fnv1a64(&[b"ab"]));
+        assert_ne!(splitmix64(1), splitmix64(2));
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn stop_is_shared() {
+        let s = Stop::new();
+        let t = s.clone();
+        assert!(!t.is_raised());
+        s.raise();
+        assert!(t.is_raised() && t.flag().load(Ordering::Relaxed));
+    }
+}
