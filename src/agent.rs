@@ -102,7 +102,7 @@ fn join_bus(ctx: &LinkContext, interrupt: &Stop) -> Result<Option<(Client, usize
     let started = Instant::now();
     let mut said_stale = false;
     loop {
-        let e = match ctx.open(0) {
+        let e = match ctx.open(0, client::CONNECT_TIMEOUT) {
             Ok(link) => return Ok(Some(link)),
             Err(client::Error::Stopped) => return Ok(None),
             Err(e) => e,
@@ -234,6 +234,8 @@ impl Agent {
             connected: connected.clone(),
             started: Instant::now(),
         };
+        // Fault injection for the test that a dead worker is never silent (read once).
+        let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
         for q in dev.queues {
             let k = q.index();
             let queue = Arc::new(q);
@@ -255,6 +257,7 @@ impl Agent {
                 if k == 0 { first_link.take() } else { None },
             );
             let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
+            let die = k == 0 && fault_worker_panic;
             let handle = std::thread::Builder::new()
                 .name(format!("q-{}-{k}", config.name))
                 .spawn(move || {
@@ -262,6 +265,11 @@ impl Agent {
                         core_affinity::set_for_current(core_affinity::CoreId { id });
                     }
                     let _span = tracing::debug_span!("queue", queue = k).entered();
+                    if die {
+                        std::thread::sleep(Duration::from_secs(1));
+                        tracing::error!("TUNBUS_FAULT=worker-panic: queue worker 0 dies on purpose");
+                        return;
+                    }
                     worker.run();
                 })
                 .context("spawning a queue worker thread")?;

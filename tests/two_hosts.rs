@@ -184,12 +184,14 @@ fn a_name_already_on_the_bus_is_refused_clearly() {
     let _first = AgentProc::start(&ns.name, &["--netns", &ns.name, "--ipv4", "198.18.7.1/24"]);
     wait_reachable(&ns, "198.18.7.1", Duration::from_secs(10)).expect("own address answers");
     std::thread::sleep(Duration::from_millis(500)); // let its link declare the queue
+    let t0 = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(["connect", "--url", URL, "--name", &ns.name, "--netns", &ns2.name, "--ipv4", "198.18.7.2/24"])
         .output()
         .expect("runs");
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "a taken name has exit code 8:\n{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     assert!(err.contains("already in use"), "{err}");
     let links = String::from_utf8_lossy(&ns2.exec(&["ip", "-o", "link"]).stdout).into_owned();
     assert!(!links.contains("tb0"), "refused agent left an interface: {links}");
@@ -222,4 +224,19 @@ fn metrics_endpoint_counts_what_crossed() {
     assert!(value("tunbus_tx_packets_total{") >= 10.0, "{text}");
     assert!(value("tunbus_rx_packets_total{") >= 10.0, "{text}");
     assert!(value("tunbus_one_way_latency_seconds_count{") >= 10.0, "{text}");
+}
+
+#[test]
+fn a_dead_worker_ends_the_agent_with_its_exit_code() {
+    if !system_ready("a_dead_worker_ends_the_agent_with_its_exit_code") {
+        return;
+    }
+    let ns = Netns::new();
+    let mut agent = AgentProc::spawn_env(&unique("dies"), &["--url", URL, "--netns", &ns.name, "--ipv4", "198.18.9.1/24", "--queues", "2"], &[("TUNBUS_FAULT", "worker-panic")]);
+    let (status, took) = agent.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| panic!("the agent lived on with a dead worker:\n{}", agent.logs()));
+    assert_eq!(status.code(), Some(10), "exit code of an agent whose worker died:\n{}", agent.logs());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(agent.logs().contains("queue worker 0"), "{}", agent.logs());
+    let links = ns.exec(&["ip", "-o", "link"]);
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("tb0"), "interface left behind");
 }

@@ -347,9 +347,10 @@ impl Client {
     /// buffer: handle them before reading again.
     pub fn next_event(&mut self, now: Instant) -> Result<Option<Event<'_>>, Error> {
         let broker = &self.broker;
+        let opened = self.session.is_open();
         let h = match self.session.handle(now, &self.rbuf[self.rpos..self.rlen]) {
             Ok(h) => h,
-            Err(e) => return Err(Error::Session { broker: broker.clone(), hint: hint_for(&e), source: e }),
+            Err(e) => return Err(Error::Session { broker: broker.clone(), hint: hint_for(&e, !opened), source: e }),
         };
         self.rpos += h.consumed;
         match h.event {
@@ -597,7 +598,7 @@ impl Client {
     }
 
     fn session_error(&self, e: session::Error) -> Error {
-        Error::Session { broker: self.broker.clone(), hint: hint_for(&e), source: e }
+        Error::Session { broker: self.broker.clone(), hint: hint_for(&e, !self.session.is_open()), source: e }
     }
 }
 
@@ -618,13 +619,14 @@ fn owned(e: Event<'_>) -> Option<Owned> {
     })
 }
 
-fn hint_for(e: &session::Error) -> &'static str {
+/// Advice for an error; `handshaking`: before the session was open.
+fn hint_for(e: &session::Error, handshaking: bool) -> &'static str {
     use session::{Error as S, Phase};
     match e {
         S::ConnectionClosed { phase: Phase::Login, .. } => " (check the user name and password in the URL, or the client certificate)",
         S::ConnectionClosed { phase: Phase::Open, .. } => " (check the vhost in the URL, and that the user has permissions on it)",
         S::NoMechanism { .. } => " (EXTERNAL needs RabbitMQ's rabbitmq_auth_mechanism_ssl plugin)",
-        S::Frame(_) => " (is this a TLS port? use amqps://)",
+        S::Frame(_) if handshaking => " (is this a TLS port? use amqps://)",
         _ => "",
     }
 }

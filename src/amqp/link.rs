@@ -30,6 +30,11 @@ pub const QUEUE_MAX_MESSAGES: i32 = 4096;
 /// How long a stopping link waits for the broker to confirm its close.
 pub const CLOSE_WAIT: Duration = Duration::from_millis(300);
 
+/// Deadline of a reconnection attempt (the first attempt of a link gets
+/// [`super::client::CONNECT_TIMEOUT`]; a URL's `connection_timeout` overrides both): a path
+/// that black-holes the handshake costs at most this once it heals.
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// What queue worker k needs to open and report on its link.
 #[derive(Clone)]
 pub struct LinkContext {
@@ -46,24 +51,25 @@ pub struct LinkContext {
 }
 
 impl LinkContext {
-    /// Connection options of this link.
-    pub fn connect_options(&self) -> ConnectOptions {
+    /// Connection options of this link (`timeout`: the attempt's deadline).
+    pub fn connect_options(&self, timeout: Duration) -> ConnectOptions {
         let c = &self.config;
         let mut o = ConnectOptions::new(format!("tunbus {} q{}", c.name, self.index));
         o.frame_max = c.frame_max;
         o.heartbeat = c.heartbeat;
+        o.timeout = timeout;
         o
     }
 
     /// Opens the connection of queue k on the first node that answers, trying them in
-    /// order from `start_at`: the exchange, the queue, its bindings and the consumer;
-    /// publishing needs nothing more. Returns the client and the node's index.
-    pub fn open(&self, start_at: usize) -> Result<(Client, usize), Error> {
+    /// order from `start_at` with `timeout` each: the exchange, the queue, its bindings and
+    /// the consumer; publishing needs nothing more. Returns the client and the node's index.
+    pub fn open(&self, start_at: usize, timeout: Duration) -> Result<(Client, usize), Error> {
         let endpoints = &self.config.endpoints;
         let mut last = None;
         for i in 0..endpoints.len() {
             let at = (start_at + i) % endpoints.len();
-            match self.open_on(&endpoints[at]) {
+            match self.open_on(&endpoints[at], timeout) {
                 Ok(c) => return Ok((c, at)),
                 Err(Error::Stopped) => return Err(Error::Stopped),
                 Err(e) => {
@@ -75,11 +81,11 @@ impl LinkContext {
         Err(last.unwrap_or(Error::Stopped))
     }
 
-    fn open_on(&self, endpoint: &Endpoint) -> Result<Client, Error> {
+    fn open_on(&self, endpoint: &Endpoint, timeout: Duration) -> Result<Client, Error> {
         let c = &self.config;
         let k = self.index;
         let stop = self.stop.flag();
-        let mut client = Client::open(endpoint, &self.connect_options(), stop)?;
+        let mut client = Client::open(endpoint, &self.connect_options(timeout), stop)?;
         if !c.exchange.starts_with("amq.") {
             client.exchange_declare(&c.exchange, stop)?;
         }
@@ -173,6 +179,15 @@ impl Reconnect {
         self.node
     }
 
+    /// The next attempt's deadline: the full one until the link has been up once.
+    pub fn attempt_timeout(&self) -> Duration {
+        if self.ever_up {
+            RECONNECT_TIMEOUT
+        } else {
+            super::client::CONNECT_TIMEOUT
+        }
+    }
+
     /// The connection is up (first time, or again) on node `node`.
     pub fn up(&mut self, ctx: &LinkContext, counters: &Counters, node: usize) {
         if self.down {
@@ -200,14 +215,22 @@ impl Reconnect {
         self.failed(ctx, error);
     }
 
-    /// A connection attempt failed, or a connection was lost: report once, back off.
+    /// A connection was lost: report once, back off.
     pub fn failed(&mut self, ctx: &LinkContext, error: &Error) {
+        let now = Instant::now();
+        self.attempt_failed(ctx, error, now);
+    }
+
+    /// A connection attempt that began at `started` failed: report once, back off. The
+    /// time the attempt itself took counts towards the backoff (a black-holed handshake
+    /// has waited its deadline already; spacing attempts is what the backoff is for).
+    pub fn attempt_failed(&mut self, ctx: &LinkContext, error: &Error, started: Instant) {
         if !self.down {
             ctx.broker.link_down(&ctx.config.name, error);
             self.down = true;
         }
         tracing::debug!(agent = %ctx.config.name, queue = ctx.index, %error, "data connection failed");
         let now = Instant::now();
-        self.next_try = now + self.backoff.failed(now);
+        self.next_try = (started + self.backoff.failed(now)).max(now);
     }
 }

@@ -1,10 +1,11 @@
-//! A private RabbitMQ node for a lab when no broker answers: its own node name, port and
-//! data directory under a temporary folder, stopped and removed when the lab ends.
+//! A private RabbitMQ node for a lab when no broker answers (and for tests that need a
+//! broker of their own: a TLS listener, users and permissions, an alarm): its own node
+//! name, port and data directory under a temporary folder, stopped and removed when done.
 //!
-//! Control plane, run from the lab's thread. It drives Debian's `rabbitmq-server` and
+//! Control plane, run from the caller's thread. It drives Debian's `rabbitmq-server` and
 //! `rabbitmqctl` with environment variables (the documented way to run several nodes on
-//! one host), and disables every plugin so that no other port (management, Prometheus)
-//! is opened.
+//! one host). Plugins are off unless [`NodeConfig::plugins`] names them, so that no other
+//! port (management, Prometheus) is opened by accident.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -56,6 +57,27 @@ fn free_port() -> anyhow::Result<u16> {
     bail!("no free port pair for a private RabbitMQ node")
 }
 
+/// A TLS listener for a private node (RabbitMQ's `listeners.ssl` and `ssl_options`).
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    pub port: u16,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Ask clients for a certificate (verify_peer), without requiring one.
+    pub verify_peer: bool,
+}
+
+/// What a private node runs with beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct NodeConfig {
+    pub tls: Option<TlsListener>,
+    /// Plugins to enable (e.g. `rabbitmq_auth_mechanism_ssl`, `rabbitmq_management`).
+    pub plugins: Vec<String>,
+    /// More `rabbitmq.conf` lines (`auth_mechanisms.1 = PLAIN`, …).
+    pub extra: Vec<String>,
+}
+
 /// A running private node.
 #[derive(Debug)]
 pub struct PrivateBroker {
@@ -64,9 +86,20 @@ pub struct PrivateBroker {
     pub dir: PathBuf,
 }
 
+/// A free TCP port on loopback (for a second listener of a node).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 impl PrivateBroker {
     /// Starts a node under `dir` and waits (up to 60 s) until it accepts connections.
     pub fn start(dir: &Path) -> anyhow::Result<PrivateBroker> {
+        PrivateBroker::start_with(dir, &NodeConfig::default())
+    }
+
+    /// Starts a node with `config` under `dir` (files it names may live there too: the
+    /// folder is handed to the `rabbitmq` user) and waits until every listener answers.
+    pub fn start_with(dir: &Path, config: &NodeConfig) -> anyhow::Result<PrivateBroker> {
         if !installed() {
             bail!("RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url to a broker)");
         }
@@ -74,7 +107,18 @@ impl PrivateBroker {
         let node = format!("tunbus-{}-{port}@localhost", std::process::id());
         std::fs::create_dir_all(dir.join("log"))?;
         std::fs::create_dir_all(dir.join("mnesia"))?;
-        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(dir.join("enabled_plugins"), format!("[{}].\n", config.plugins.join(",")))?;
+        let mut conf = vec!["loopback_users = none".to_owned()];
+        if let Some(t) = &config.tls {
+            conf.push(format!("listeners.ssl.default = 127.0.0.1:{}", t.port));
+            conf.push(format!("ssl_options.cacertfile = {}", t.ca.display()));
+            conf.push(format!("ssl_options.certfile = {}", t.cert.display()));
+            conf.push(format!("ssl_options.keyfile = {}", t.key.display()));
+            conf.push(format!("ssl_options.verify = {}", if t.verify_peer { "verify_peer" } else { "verify_none" }));
+            conf.push("ssl_options.fail_if_no_peer_cert = false".to_owned());
+        }
+        conf.extend(config.extra.iter().cloned());
+        std::fs::write(dir.join("rabbitmq.conf"), conf.join("\n") + "\n")?;
         // Debian's rabbitmq-server drops root privileges to the `rabbitmq` user, which must
         // own the node's folder (where there is no such user, the server runs as us).
         let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir).stderr(Stdio::null()).status();
@@ -99,14 +143,35 @@ impl PrivateBroker {
             bail!("rabbitmq-server -detached failed ({status}); logs in {}", dir.join("log").display());
         }
         let t0 = Instant::now();
-        while !answers(&format!("127.0.0.1:{port}")) {
+        let ports: Vec<u16> = std::iter::once(port).chain(config.tls.as_ref().map(|t| t.port)).collect();
+        while !ports.iter().all(|p| answers(&format!("127.0.0.1:{p}"))) {
             if t0.elapsed() > Duration::from_secs(60) {
+                let log = std::fs::read_dir(dir.join("log"))
+                    .ok()
+                    .and_then(|d| d.flatten().find(|e| e.file_name().to_string_lossy().ends_with("@localhost.log")))
+                    .and_then(|e| std::fs::read_to_string(e.path()).ok())
+                    .map(|t| t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default();
                 broker.stop();
-                bail!("the private RabbitMQ node did not come up in 60 s; logs in {}", dir.join("log").display());
+                bail!("the private RabbitMQ node did not come up in 60 s; its log ended with:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(broker)
+    }
+
+    /// Runs `rabbitmqctl -n NODE args…`; its stdout, or an error with its stderr.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command("rabbitmqctl").arg("-n").arg(&self.node).args(args).output().context("running rabbitmqctl")?;
+        if !out.status.success() {
+            bail!("rabbitmqctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node's Erlang pid (`beam.smp`), to kill it hard.
+    pub fn os_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("pid")).ok()?.trim().parse().ok()
     }
 
     fn command(&self, program: &str) -> Command {
@@ -119,7 +184,7 @@ impl PrivateBroker {
             .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
             .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
-            .env("RABBITMQ_CONFIG_FILE", self.dir.join("none"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", self.dir.join("none-advanced.config"));
         c
     }

@@ -495,10 +495,11 @@ impl Link {
         if self.client.is_some() || !self.reconnect.due(Instant::now()) {
             return;
         }
-        match self.ctx.open(self.reconnect.node()) {
+        let started = Instant::now();
+        match self.ctx.open(self.reconnect.node(), self.reconnect.attempt_timeout()) {
             Ok((client, node)) => self.connected(client, node),
             Err(client::Error::Stopped) => {}
-            Err(e) => self.reconnect.failed(&self.ctx, &e),
+            Err(e) => self.reconnect.attempt_failed(&self.ctx, &e, started),
         }
     }
 

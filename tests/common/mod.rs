@@ -5,6 +5,9 @@
 //! command and CI set it).
 #![allow(dead_code)]
 
+pub mod fake_broker;
+pub mod nodes;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -108,22 +111,50 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Starts `agent connect --name NAME --url URL <args>`.
+    /// Starts `agent connect --name NAME --url URL <args>` on the machine's broker.
     pub fn start(name: &str, args: &[&str]) -> AgentProc {
+        let mut all = vec!["--url", URL];
+        all.extend_from_slice(args);
+        AgentProc::spawn(name, &all)
+    }
+
+    /// Starts `agent connect --name NAME <args>`: `args` say where the broker is.
+    pub fn spawn(name: &str, args: &[&str]) -> AgentProc {
+        AgentProc::spawn_env(name, args, &[])
+    }
+
+    /// Like [`AgentProc::spawn`], with environment variables.
+    pub fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
         let dir = std::env::temp_dir();
         let log = dir.join(format!("{name}.log"));
         let stats = dir.join(format!("{name}.stats.json"));
         let _ = std::fs::remove_file(&stats);
         let log_file = File::create(&log).expect("create agent log");
         let child = Command::new(env!("CARGO_BIN_EXE_agent"))
-            .args(["connect", "--name", name, "--url", URL, "--stats-interval", "0", "--stats-json"])
+            .args(["connect", "--name", name, "--stats-interval", "0", "--stats-json"])
             .arg(&stats)
             .args(args)
+            .envs(env.iter().copied())
+            .env_remove("AMQP_URL")
             .stdout(log_file.try_clone().expect("clone log fd"))
             .stderr(log_file)
             .spawn()
             .expect("spawn agent");
         AgentProc { name: name.to_owned(), child: Some(child), log, stats }
+    }
+
+    /// Waits up to `limit` for the agent to exit by itself: its status and how long it took.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
+        let child = self.child.as_mut()?;
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some((status, t0.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn pid(&self) -> i32 {
@@ -315,6 +346,15 @@ impl Pair {
 
     /// Like `start`, with different extra flags for agent a and agent b.
     pub fn start_with(net: u8, extra_a: &[&str], extra_b: &[&str]) -> Pair {
+        let with_url = |extra: &[&str]| -> Vec<String> { ["--url", URL].iter().chain(extra).map(|s| s.to_string()).collect() };
+        Pair::spawn(net, &with_url(extra_a), &with_url(extra_b))
+    }
+
+    /// Two agents whose flags (`extra_a`, `extra_b`) say where the broker is.
+    pub fn spawn(net: u8, extra_a: &[String], extra_b: &[String]) -> Pair {
+        let extra_a: Vec<&str> = extra_a.iter().map(String::as_str).collect();
+        let extra_b: Vec<&str> = extra_b.iter().map(String::as_str).collect();
+        let (extra_a, extra_b) = (extra_a.as_slice(), extra_b.as_slice());
         let ns_a = Netns::new();
         let ns_b = Netns::new();
         let v4 = [format!("198.18.{net}.1"), format!("198.18.{net}.2")];
@@ -324,7 +364,7 @@ impl Pair {
             let v6a = format!("{}/64", v6[i]);
             let mut args = vec!["--netns", ns.name.as_str(), "--ipv4", v4a.as_str(), "--ipv6", v6a.as_str()];
             args.extend_from_slice(if i == 0 { extra_a } else { extra_b });
-            AgentProc::start(&ns.name, &args)
+            AgentProc::spawn(&ns.name, &args)
         };
         let a = start(&ns_a, 0);
         let b = start(&ns_b, 1);
