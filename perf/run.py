@@ -9,6 +9,8 @@ One run measures, side by side and with the same workloads:
   broker      RabbitMQ alone (examples/broker_bench.rs): msg/s, Gbit/s, one-hop latency
   tunbus-q1   two tunbus agents in two namespaces through the broker, --queues 1
   tunbus-q2   the same with --queues 2
+  tunbus-node / tunbus-tls   --queues 1 through a private RabbitMQ node of this run, over
+              amqp:// and over amqps:// (TCP 1 flow, UDP 64 B, idle ping, CPU): TLS's cost
 
 and writes a markdown table (each tunbus figure and its ratio to the relevant limit),
 the same data as JSON, and an SVG picture into perf/results/. See perf/README.md.
@@ -54,6 +56,8 @@ SYSTEMS = {
     "relay-gso": "TUN relay, offload",
     "tunbus-q1": "tunbus --queues 1",
     "tunbus-q2": "tunbus --queues 2",
+    "tunbus-node": "tunbus q1, private node, amqp://",
+    "tunbus-tls": "tunbus q1, private node, amqps://",
 }
 COLORS = {
     "veth": "#8c8c8c",
@@ -62,6 +66,8 @@ COLORS = {
     "broker": "#6a4fc9",
     "tunbus-q1": "#1f77b4",
     "tunbus-q2": "#2ca02c",
+    "tunbus-node": "#17becf",
+    "tunbus-tls": "#d62728",
 }
 PCTS = [10, 25, 50, 75, 90, 95, 99, 99.5, 99.9]
 
@@ -145,7 +151,7 @@ def preflight() -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("must run as root (creates network namespaces and TUN devices): sudo python3 perf/run.py")
-    for tool, pkg in [("iperf3", "iperf3"), ("ping", "iputils-ping"), ("ip", "iproute2"), ("cargo", "rustup/cargo")]:
+    for tool, pkg in [("iperf3", "iperf3"), ("ping", "iputils-ping"), ("ip", "iproute2"), ("cargo", "rustup/cargo"), ("openssl", "openssl")]:
         if shutil.which(tool) is None:
             problems.append(f"`{tool}` not found (install {pkg})")
     if not os.path.exists("/dev/net/tun"):
@@ -303,12 +309,15 @@ class Host2:
         }
 
 
-def workloads(h: Host2, plan: dict, measure_cpu: bool) -> dict:
-    """Runs every workload of the plan on the prepared pair; one failure does not stop the rest."""
+def workloads(h: Host2, plan: dict, measure_cpu: bool, subset: set | None = None) -> dict:
+    """Runs every workload of the plan (or of `subset`) on the prepared pair; one failure
+    does not stop the rest."""
     res: dict = {}
     h.start_server()
 
     def attempt(name, fn):
+        if subset is not None and name not in subset:
+            return
         log(f"  {h.key}: {name}")
         try:
             res[name] = fn()
@@ -435,17 +444,18 @@ def parse_agent_report(text: str) -> dict:
     return out
 
 
-def system_tunbus(plan: dict, queues: int, logdir: Path) -> dict:
-    key = f"tunbus-q{queues}"
-    h = Host2(key, 12 + queues)
+def system_tunbus(plan: dict, queues: int, logdir: Path, key: str | None = None, url: str = URL,
+                  url_args: list[str] | None = None, subnet: int | None = None, subset: set | None = None) -> dict:
+    key = key or f"tunbus-q{queues}"
+    h = Host2(key, subnet or 12 + queues)
     agents: list[tuple[str, subprocess.Popen, Path]] = []
-    session = f"{TAG}q{queues}"  # private exchange: no cross-talk with other agents on the broker
+    session = f"{TAG}{key.replace('-', '')}"  # private exchange: no cross-talk with other agents on the broker
     try:
         h.create()
         for side, ns, v4, v6 in [("a", h.ns_a, h.addr_a, h.v6_a), ("b", h.ns_b, h.addr_b, h.v6_b)]:
-            name = f"{TAG}-q{queues}-{side}"
+            name = f"{TAG}-{key}-{side}"
             errlog = logdir / f"{name}.log"
-            cmd = [str(AGENT), "connect", "--url", URL, "--session", session, "--name", name, "--netns", ns,
+            cmd = [str(AGENT), "connect", "--url", url, *(url_args or []), "--session", session, "--name", name, "--netns", ns,
                    "--ipv4", f"{v4}/24", "--ipv6", f"{v6}/64", "--queues", str(queues), "--mtu", str(plan["mtu"]),
                    "--stats-interval", "0"] + AGENT_ARGS
             p = CLEANUP.spawn(cmd, stop_signal=signal.SIGINT, stdout=subprocess.PIPE,
@@ -459,7 +469,7 @@ def system_tunbus(plan: dict, queues: int, logdir: Path) -> dict:
             for name, p, errlog in agents:
                 log(f"  {name} (exit {p.poll()}): {errlog.read_text()[-600:]}")
             raise
-        res = workloads(h, plan, measure_cpu=True)
+        res = workloads(h, plan, measure_cpu=True, subset=subset)
         reports = {}
         for name, p, errlog in agents:
             CLEANUP.stop(p, signal.SIGINT, grace=15)
@@ -473,6 +483,29 @@ def system_tunbus(plan: dict, queues: int, logdir: Path) -> dict:
         for _, p, _ in agents:
             CLEANUP.stop(p, signal.SIGINT, grace=15)
         h.destroy()
+
+
+TLS_WORKLOADS = {"tcp_1", "udp_64", "ping_idle"}
+
+
+def system_private_node(plan: dict, logdir: Path, tls: bool) -> dict:
+    """tunbus --queues 1 through a private node of this run, over amqp:// or amqps://: the
+    same node software and settings for both, so the difference is TLS."""
+    import nodes  # perf/nodes.py
+    node = nodes.PrivateNode(tls=True)
+    try:
+        node.start()
+        node.add_user("tbperf", "tbperf-password")
+        if tls:
+            url = f"amqps://tbperf:tbperf-password@localhost:{node.tls_port}/%2f"
+            args = ["--tls-ca", str(node.certs["ca"])]
+        else:
+            url = f"amqp://tbperf:tbperf-password@127.0.0.1:{node.port}/%2f"
+            args = []
+        key = "tunbus-tls" if tls else "tunbus-node"
+        return system_tunbus(plan, 1, logdir, key=key, url=url, url_args=args, subnet=20 if tls else 21, subset=TLS_WORKLOADS)
+    finally:
+        node.stop()
 
 
 def system_broker(plan: dict) -> dict:
@@ -552,9 +585,12 @@ def make_rows(res: dict) -> list[dict]:
     def row(label, getter, limit_key, unit, limit_name, better="higher", extra_limit=None):
         vals = {k: getter(s.get(k, {})) for k in SYSTEMS}
         r = {"workload": label, "unit": unit, "values": vals, "limit": limit_key, "better": better}
-        for q in ("tunbus-q1", "tunbus-q2"):
+        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls"):
             parts = []
-            if limit_key and vals.get(limit_key) is not None:
+            if q == "tunbus-tls":
+                if vals.get("tunbus-node") is not None:
+                    parts.append(f"{ratio(vals[q], vals['tunbus-node'])} plain")
+            elif limit_key and vals.get(limit_key) is not None:
                 parts.append(f"{ratio(vals[q], vals[limit_key])} {limit_name}")
             if extra_limit:
                 ex_name, ex_val = extra_limit
@@ -592,13 +628,13 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
         "Ratios: tunbus / limit measured in this run (TCP vs the TUN relay with offloads, UDP packet rates vs "
         "the relay without offloads, ping vs the relay and vs twice the broker's one-hop latency).",
         "",
-        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit |",
-        "|---|" + "---:|" * len(SYSTEMS) + "---|---|",
+        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain |",
+        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|",
     ]
     for r in rows:
         digits = 3 if r["unit"] == "ms" else 2
         vals = [fmt(r["values"][k], digits=digits) for k in SYSTEMS]
-        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} |")
+        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} |")
     br = res["systems"].get("broker", {})
     out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, tunbus's own AMQP client)", ""]
     if "error" in br:
@@ -615,7 +651,7 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
                        f"p99.9 {fmt(lat.get('p999_us'))} µs ({lat.get('samples')} samples).")
         out += ["", "The ping rows compare with two hops at the ping's pace (an idle broker wakes more slowly)."]
     out += ["", "## Inside tunbus", ""]
-    for q in ("tunbus-q1", "tunbus-q2"):
+    for q in ("tunbus-q1", "tunbus-q2", "tunbus-node", "tunbus-tls"):
         if q not in res["systems"]:
             continue
         d = res["systems"][q]
@@ -760,7 +796,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "perf" / "results"), help="results directory [perf/results]")
     ap.add_argument("--mtu", type=int, default=9000, help="MTU of every interface under test [9000, the agent's default]")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
-    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2")
+    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-node,tunbus-tls")
     ap.add_argument("--agent-args", default="", help="extra flags for both tunbus agents, e.g. \"--prefetch 64\" (to compare settings)")
     ap.add_argument("--render", metavar="JSON", help="only re-render latest.md and the SVG from a results JSON")
     args = ap.parse_args()
@@ -821,6 +857,8 @@ def main() -> int:
         ("broker", lambda: system_broker(plan)),
         ("tunbus-q1", lambda: system_tunbus(plan, 1, logdir)),
         ("tunbus-q2", lambda: system_tunbus(plan, 2, logdir)),
+        ("tunbus-node", lambda: system_private_node(plan, logdir, tls=False)),
+        ("tunbus-tls", lambda: system_private_node(plan, logdir, tls=True)),
     ]
     interrupted = False
     try:

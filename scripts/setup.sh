@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes a Debian machine ready for tunbus, as root: installs what is missing
-# (iproute2, ping, iperf3, RabbitMQ) and starts the broker when it is not running.
+# (iproute2, ping, iperf3, openssl, RabbitMQ) and starts the broker when it is not running.
 # Idempotent and quiet when everything is already there. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /usr/sbin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -31,7 +32,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   done
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  say "cargo not found: install Rust 1.85 or newer (rustup, https://rustup.rs), then run this again"; exit 1
+  say "cargo not found: install Rust 1.88 or newer (rustup, https://rustup.rs), then run this again"; exit 1
+fi
+rustc_minor=$(rustc --version 2>/dev/null | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')
+if [ -n "$rustc_minor" ] && [ "$rustc_minor" -lt 88 ]; then
+  say "$(rustc --version) is too old: the locked crates need Rust 1.88 or newer (rustup update stable)"; exit 1
 fi
 
 [ -e /dev/net/tun ] || modprobe tun 2>/dev/null || true

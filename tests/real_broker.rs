@@ -230,11 +230,11 @@ fn memory_alarm_during_traffic(node: &TestNode) {
     let (ok, out) = ping(&p.ns_a, &p.v4[1], 2);
     assert!(ok, "{out}");
     // Traffic throughout: a ping every 100 ms.
-    let pinger = {
-        let ns = p.ns_a.name.clone();
-        let dst = p.v4[1].clone();
-        std::thread::spawn(move || Command::new("ip").args(["netns", "exec", &ns, "ping", "-n", "-c", "140", "-i", "0.1", "-W", "1", &dst]).output())
-    };
+    let mut pinger = Command::new("ip")
+        .args(["netns", "exec", &p.ns_a.name, "ping", "-n", "-q", "-i", "0.1", &p.v4[1]])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ping runs");
     std::thread::sleep(Duration::from_secs(2));
     let guard = Watermark(node);
     node.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
@@ -249,7 +249,8 @@ fn memory_alarm_during_traffic(node: &TestNode) {
     let back = wait_reachable(&p.ns_a, &p.v4[1], Duration::from_secs(10)).unwrap_or_else(|| panic!("no traffic after the alarm:\n{}\n{}", p.a.logs(), p.b.logs()));
     assert!(back < Duration::from_secs(2), "traffic back {back:?} after the alarm cleared ({:?})", cleared.elapsed());
     eprintln!("alarm: traffic back {back:?} after the alarm cleared");
-    let _ = pinger.join();
+    let _ = pinger.kill();
+    let _ = pinger.wait();
     let (ra, rb) = (p.a.interrupt(), p.b.interrupt());
     eprintln!("alarm: dropped as broker_blocked: a {}, b {}", drops(&ra, "broker_blocked"), drops(&rb, "broker_blocked"));
     for (r, logs) in [(&ra, p.a.logs()), (&rb, p.b.logs())] {
