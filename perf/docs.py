@@ -77,7 +77,7 @@ benchmarks, run on the machine named in each section; the SVG is drawn by `perf/
 Reproduce (as root, RabbitMQ on localhost):
 
 ```sh
-python3 perf/run.py            # tunbus beside veth, the TUN relay and the broker (< 10 min)
+python3 perf/run.py            # tunbus beside veth, the TUN relay, the broker, and over TLS (< 10 min)
 python3 perf/lab_scale.py      # agent lab with 2 and 300 hosts, 2 runs each (~1 min)
 python3 perf/docs.py           # rewrite this page from perf/results/
 ```
@@ -96,6 +96,16 @@ Two targets of issue 4 are out of reach on this machine, for reasons measured he
 - Eight TCP flows over two queues at least as fast as one flow: on two cores the broker
   takes about 60 % of the machine under TCP load (`perf record -a`, decision 0013), and a
   second queue adds worker threads, not cores. With one queue, eight flows do beat one.
+
+TLS (issue 10): the columns "private node, amqp://" and "amqps://" run the same two
+one-queue agents through one private RabbitMQ node of the run, without and with TLS. The
+target, TCP over TLS at least 0.6× plaintext, is out of reach on this machine: the broker
+decrypts and re-encrypts every byte in Erlang's TLS, which costs it about 3 CPU-s per GB
+more than plaintext (the "broker CPU-s/GB" figures under "Inside tunbus"), on top of
+about 1 CPU-s per GB for the two agents' rustls. With two cores shared by the broker and
+both agents, that caps TLS near half the plaintext rate; even free encryption in the
+agents would leave it under 0.6×. Preferring AES-128-GCM or TLS 1.2 changed nothing
+beyond the run-to-run noise (four quick runs: 1.73–2.04 Gbit/s).
 
 """
 
