@@ -14,7 +14,6 @@
 //! Several agents can live in one process (the lab does that); they share nothing but the
 //! runtime.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,7 +34,8 @@ use crate::metrics::{Counters, Histograms};
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
 use crate::util::{now_ns, Stop};
-use crate::worker::queue::QueueWorker;
+use crate::identity::{claims::Claims, Trust};
+use crate::worker::queue::{QueueWorker, WorkerSetup};
 
 /// How long the start waits for the broker to drop a dead connection that still holds this
 /// agent's queue (its heartbeats time it out: 2 × at most 30 s).
@@ -162,23 +162,18 @@ impl Agent {
             ),
             None => None,
         };
-        let Some(flood_key) = RoutingKey::all(&config.name) else {
+        if RoutingKey::all(&config.name).is_none() {
             bail!("agent name {:?} is not a valid topic word", config.name);
-        };
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_flag = Stop::new();
         let broker = Arc::new(BrokerState::default());
         let connected = Arc::new(AtomicUsize::new(0));
-        let own_v4: Vec<(Ipv4Addr, u8)> = config
-            .addrs
-            .iter()
-            .filter_map(|p| match p.addr {
-                IpAddr::V4(a) => Some((a, p.len)),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
         let cpus = config.cpus.clone();
         let peers = Arc::new(crate::route::peers::PeerQueues::new());
+        let trust = Trust::new(&config.identity);
+        // First claim: queue 0 of a native agent keeps the claims its hellos bring.
+        let claims = (config.identity == crate::identity::Mode::FirstClaim && config.wire == crate::config::Wire::Native).then(|| Arc::new(std::sync::Mutex::new(Claims::new())));
         let hello = Hello {
             name: config.name.clone(),
             session: config.session.clone(),
@@ -244,18 +239,17 @@ impl Agent {
             let rx_counters = Arc::new(Counters::default());
             let hist = Histograms::new();
             let link = link_context(k);
-            let worker = QueueWorker::new(
-                queue.clone(),
+            let worker = QueueWorker::new(WorkerSetup {
+                queue: queue.clone(),
                 link,
-                tx_counters.clone(),
-                rx_counters.clone(),
-                hist.clone(),
-                stop_flag.clone(),
-                flood_key,
-                own_v4.clone(),
-                peers.clone(),
-                if k == 0 { first_link.take() } else { None },
-            );
+                tx_counters: tx_counters.clone(),
+                rx_counters: rx_counters.clone(),
+                hist: hist.clone(),
+                peers: peers.clone(),
+                trust: trust.clone(),
+                claims: if k == 0 { claims.clone() } else { None },
+                connected: if k == 0 { first_link.take() } else { None },
+            });
             let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
             let die = k == 0 && fault_worker_panic;
             let handle = std::thread::Builder::new()

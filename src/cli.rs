@@ -314,6 +314,20 @@ pub struct ConnectArgs {
     /// against --queue-max-bytes, so this too bounds the delay under load).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Strict identities: accept a packet only when the broker user that published it may
+    /// use its source address, as FILE says (one line per user: USER PREFIX[,PREFIX…]; each
+    /// user also gets its agent's link-local address). Without it, first claim: a user's
+    /// hello claims its addresses, and a later claim by another live user is refused.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_identity_check")]
+    pub peers: Option<PathBuf>,
+    /// Accept every packet, whoever sent it (no check of senders' identities; warns).
+    #[arg(long)]
+    pub no_identity_check: bool,
+    /// The broker user this agent logs in as, when neither the URL nor the client
+    /// certificate's common name says (RabbitMQ's ssl_cert_login_from other than
+    /// common_name): every message carries it as user_id, which the broker checks.
+    #[arg(long, value_name = "USER")]
+    pub broker_user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -424,6 +438,19 @@ impl ConnectArgs {
         };
         let mut config = AgentConfig::new(endpoints, &self.name);
         config.heartbeat = heartbeat;
+        if let Some(u) = &self.broker_user {
+            config.user = u.clone();
+        }
+        config.identity = if self.no_identity_check {
+            tracing::warn!("--no-identity-check: packets are accepted whoever sent them; any bus member can pose as any address");
+            crate::identity::Mode::Off
+        } else if let Some(path) = &self.peers {
+            let text = std::fs::read_to_string(path).map_err(|e| Failure::new(Exit::Local, format!("cannot read --peers {}: {e}", path.display())))?;
+            let table = crate::identity::peers_file::parse(&text, self.bus.session.as_deref()).map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", path.display())))?;
+            crate::identity::Mode::Strict(table)
+        } else {
+            crate::identity::Mode::FirstClaim
+        };
         config.session = self.bus.session;
         config.exchange = exchange;
         config.queues = usize::from(self.queues);

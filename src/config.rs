@@ -72,6 +72,11 @@ pub struct AgentConfig {
     /// Heartbeat interval asked for (a URL's `heartbeat` overrides it).
     pub heartbeat: Duration,
     pub name: String,
+    /// The broker user this agent logs in as: every message it publishes carries it as
+    /// `user_id`, which RabbitMQ checks against the login.
+    pub user: String,
+    /// How received packets are checked against their senders' identities.
+    pub identity: crate::identity::Mode,
     pub session: Option<String>,
     pub queues: usize,
     pub addrs: Vec<Prefix>,
@@ -114,10 +119,13 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// A configuration with the defaults of `agent connect`, for tests and the lab.
     pub fn new(endpoints: Vec<Endpoint>, name: &str) -> AgentConfig {
+        let user = endpoints.first().map(Endpoint::user).unwrap_or_else(|| "guest".to_owned());
         AgentConfig {
             endpoints,
             heartbeat: DEFAULT_HEARTBEAT,
             name: name.to_owned(),
+            user,
+            identity: crate::identity::Mode::FirstClaim,
             session: None,
             queues: 1,
             addrs: Vec::new(),
@@ -147,9 +155,7 @@ impl AgentConfig {
         if let Some(a) = self.link_local {
             return a;
         }
-        let h = crate::util::fnv1a64(&[self.session.as_deref().unwrap_or("").as_bytes(), b"/", self.name.as_bytes()]);
-        let iid = h.max(1); // never fe80::
-        Ipv6Addr::from((0xfe80u128 << 112) | u128::from(iid))
+        crate::identity::link_local(self.session.as_deref(), &self.name)
     }
 
     /// Every address this agent owns (and binds): configured ones and the link-local.

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod exit;
+pub mod identity;
 pub mod interop;
 pub mod lab;
 pub mod metrics;

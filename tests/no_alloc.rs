@@ -34,7 +34,6 @@ use tunbus::amqp::link::LinkContext;
 use tunbus::amqp::BrokerState;
 use tunbus::config::AgentConfig;
 use tunbus::route::peers::PeerQueues;
-use tunbus::route::RoutingKey;
 use tunbus::codec::vnet;
 use tunbus::tun::{netns, TunDevice, TunQueue};
 use tunbus::util::{now_ns, Stop};
@@ -334,6 +333,9 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     let link = |name: &str, addr: &str| {
         let mut c = AgentConfig::new(vec![common::endpoint()], &unique(name));
         c.addrs = vec![addr.parse().expect("valid prefix")];
+        // Strict identities: the receiving half checks every batch (the check is counted too).
+        let table = tunbus::identity::Table::new(vec![(c.user.clone(), vec!["198.18.99.0/24".parse().expect("prefix")])]);
+        c.identity = tunbus::identity::Mode::Strict(table);
         LinkContext {
             config: Arc::new(c),
             index: 0,
@@ -347,18 +349,18 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
 
     // B: a queue worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
     let (b_tx, rx_counters) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
-    let worker_b = queue::QueueWorker::new(
-        queue_b.clone(),
-        link_b.clone(),
-        b_tx,
-        rx_counters.clone(),
-        Histograms::new(),
-        stop.clone(),
-        RoutingKey::all("b").expect("valid word"),
-        Vec::new(),
-        Arc::new(PeerQueues::new()),
-        None,
-    );
+    let setup = |queue: &Arc<tunbus::tun::TunQueue>, link: &LinkContext, tx: &Arc<Counters>, rx: &Arc<Counters>| queue::WorkerSetup {
+        queue: queue.clone(),
+        link: link.clone(),
+        tx_counters: tx.clone(),
+        rx_counters: rx.clone(),
+        hist: Histograms::new(),
+        peers: Arc::new(PeerQueues::new()),
+        trust: tunbus::identity::Trust::new(&link.config.identity),
+        claims: None,
+        connected: None,
+    };
+    let worker_b = queue::QueueWorker::new(setup(&queue_b, &link_b, &b_tx, &rx_counters));
     let rx_thread = thread::spawn(move || {
         count_on_this_thread(&RX_WORKER);
         worker_b.run();
@@ -372,19 +374,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
 
     // A: a queue worker reading UDP datagrams sent to B and publishing them.
     let (tx_counters, a_rx) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
-    let flood = RoutingKey::all("a").expect("valid word");
-    let worker = queue::QueueWorker::new(
-        queue_a.clone(),
-        link_a,
-        tx_counters.clone(),
-        a_rx,
-        Histograms::new(),
-        stop.clone(),
-        flood,
-        Vec::new(),
-        Arc::new(PeerQueues::new()),
-        None,
-    );
+    let worker = queue::QueueWorker::new(setup(&queue_a, &link_a, &tx_counters, &a_rx));
     let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
         worker.run();
@@ -487,18 +477,23 @@ fn rx_deliver_steady_state_does_not_allocate() {
         thread::spawn(move || {
             let mut latency = LocalHistogram::new(shared);
             let peers = PeerQueues::new();
-            let round = |latency: &mut LocalHistogram| -> u64 {
-                frames.iter().map(|f| rx::deliver(f, &queue, &counters, latency, &peers, now_ns())).sum()
+            // Strict identities: the peer's user may use its address (the check is counted too).
+            let table = tunbus::identity::Table::new(vec![("peer".into(), vec!["198.18.98.2/32".parse().expect("prefix")])]);
+            let trust = tunbus::identity::Trust::new(&tunbus::identity::Mode::Strict(table)).view();
+            let mut suspects = rx::SuspectLog::default();
+            let round = |latency: &mut LocalHistogram, suspects: &mut rx::SuspectLog| -> u64 {
+                let mut sink = rx::Sink { tun: &queue, counters: &counters, latency, peers: &peers, trust: &trust, suspects };
+                frames.iter().map(|f| rx::deliver(f, Some(b"peer"), now_ns(), &mut sink)).sum()
             };
             for _ in 0..20 {
-                round(&mut latency);
+                round(&mut latency, &mut suspects);
             }
             count_on_this_thread(&RX);
             RX.arm();
             let mut written = 0;
             let mut rounds = 0;
             while written < PACKETS && rounds < 2 * PACKETS / per_round {
-                written += round(&mut latency);
+                written += round(&mut latency, &mut suspects);
                 rounds += 1;
             }
             RX.disarm();

@@ -11,6 +11,9 @@
 //! queueing without bound. A backlog that makes no progress for [`SEND_STALL`] while the
 //! broker has not told us it is blocked means the connection is dead.
 //!
+//! Every message is stamped with the login user as `user_id` ([`Endpoint::user`]):
+//! RabbitMQ refuses a message whose `user_id` is not the login, so receivers can trust it.
+//!
 //! Receiving: bytes are read into a buffer of two frames; [`Client::next_event`] hands out
 //! the session's events, deliveries as slices of that buffer.
 //!
@@ -68,6 +71,21 @@ impl Endpoint {
     /// `amqp://…` endpoints need no settings.
     pub fn plain(url: BrokerUrl) -> Endpoint {
         Endpoint { url, tls: None }
+    }
+
+    /// The broker user this endpoint logs in as: the URL's user; with a client certificate
+    /// and no user, the certificate's common name (RabbitMQ's `ssl_cert_login_from =
+    /// common_name`); else RabbitMQ's default, `guest`.
+    pub fn user(&self) -> String {
+        if let Some(u) = &self.url.username {
+            return u.clone();
+        }
+        if self.mechanism() == Mechanism::External {
+            if let Some(cn) = self.tls.as_ref().and_then(|t| t.common_name.clone()) {
+                return cn;
+            }
+        }
+        "guest".to_owned()
     }
 
     /// How this client logs in: the URL's `auth_mechanism`, else EXTERNAL when a client
@@ -202,6 +220,9 @@ pub struct Client {
     deferred: VecDeque<Owned>,
     /// The negotiated heartbeat (zero until tuned).
     heartbeat: Duration,
+    /// The `user_id` every message is stamped with (the login user) unless the caller
+    /// sets one: receivers trust what RabbitMQ checked.
+    stamp: Option<String>,
 }
 
 impl fmt::Debug for Client {
@@ -254,6 +275,7 @@ impl Client {
             broker,
             deferred: VecDeque::new(),
             heartbeat: Duration::ZERO,
+            stamp: Some(endpoint.user()),
         };
         client.drive(deadline, stop, "logging in", |e| matches!(e, Event::Opened))?;
         client.heartbeat = client.session.heartbeat();
@@ -267,6 +289,12 @@ impl Client {
     /// `host:port` of the broker.
     pub fn broker(&self) -> &str {
         &self.broker
+    }
+
+    /// The `user_id` messages are stamped with (`None`: not stamped; for tests that play
+    /// a client which does not say who it is).
+    pub fn set_stamp(&mut self, user: Option<String>) {
+        self.stamp = user;
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -410,7 +438,8 @@ impl Client {
         if self.backlogged() || !self.session.pending().is_empty() {
             return Ok(Published::Busy);
         }
-        let prefix = self.session.publish_frames(&mut self.w, exchange, key, props, body);
+        let props = Properties { user_id: props.user_id.or(self.stamp.as_deref()), ..*props };
+        let prefix = self.session.publish_frames(&mut self.w, exchange, key, &props, body);
         let frame_max = self.session.frame_max();
         let frames = wire::body_frames(body.len(), frame_max);
         let mut first = 0;
@@ -552,7 +581,8 @@ impl Client {
         if self.session.blocked() {
             return Ok(Published::Blocked);
         }
-        self.session.publish_copy(exchange, key, props, body);
+        let props = Properties { user_id: props.user_id.or(self.stamp.as_deref()), ..*props };
+        self.session.publish_copy(exchange, key, &props, body);
         self.flush(Instant::now())?;
         Ok(Published::Sent)
     }

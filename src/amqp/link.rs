@@ -130,6 +130,11 @@ impl LinkContext {
         }
         if self.hello.is_some() {
             keys.push(route::CTL_PROBE.to_owned());
+            if c.identity == crate::identity::Mode::FirstClaim {
+                // First claim: every hello and bye, to know who holds which address.
+                keys.push(route::HELLO_PATTERN.to_owned());
+                keys.push(route::BYE_PATTERN.to_owned());
+            }
         }
         keys
     }

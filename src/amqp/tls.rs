@@ -60,6 +60,9 @@ pub struct TlsClient {
     pub server_name: ServerName<'static>,
     /// A client certificate is presented (the login may be EXTERNAL).
     pub has_client_cert: bool,
+    /// The client certificate's subject common name: the broker user an EXTERNAL login
+    /// becomes under RabbitMQ's `ssl_cert_login_from = common_name`.
+    pub common_name: Option<String>,
 }
 
 static INSECURE_WARNED: AtomicBool = AtomicBool::new(false);
@@ -85,8 +88,13 @@ pub fn client_for(url: &BrokerUrl, options: &TlsOptions) -> Result<TlsClient, Tl
             builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
         }
     };
+    let mut common = None;
     let mut config = match (&cert, &key) {
-        (Some(c), Some(k)) => builder.with_client_auth_cert(certificates(c)?, private_key(k)?).map_err(|e| TlsError::Bad { path: c.clone(), reason: e.to_string() })?,
+        (Some(c), Some(k)) => {
+            let chain = certificates(c)?;
+            common = chain.first().and_then(|der| common_name(der));
+            builder.with_client_auth_cert(chain, private_key(k)?).map_err(|e| TlsError::Bad { path: c.clone(), reason: e.to_string() })?
+        }
         (Some(_), None) => return Err(TlsError::CertWithoutKey),
         (None, _) => builder.with_no_client_auth(),
     };
@@ -99,7 +107,7 @@ pub fn client_for(url: &BrokerUrl, options: &TlsOptions) -> Result<TlsClient, Tl
         None => url.host.clone(),
     };
     let server_name = ServerName::try_from(name.clone()).map_err(|_| TlsError::BadServerName(name))?;
-    Ok(TlsClient { config: Arc::new(config), server_name, has_client_cert: cert.is_some() })
+    Ok(TlsClient { config: Arc::new(config), server_name, has_client_cert: cert.is_some(), common_name: common })
 }
 
 fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
@@ -136,6 +144,50 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::Empty { what: "private key", path: path.to_owned() },
         other => TlsError::Bad { path: path.to_owned(), reason: other.to_string() },
     })
+}
+
+/// The subject common name of a DER certificate (`None` when it has none or the bytes are
+/// not a certificate). A walk over the few DER structures on the way; every length is
+/// checked.
+fn common_name(der: &[u8]) -> Option<String> {
+    /// One TLV: (tag, contents, rest).
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, b) = b.split_first()?;
+        let (len, b) = if first < 0x80 {
+            (usize::from(first), b)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            (b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x)), &b[n..])
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (0x30, cert, _) = tlv(der)? else { return None };
+    let (0x30, mut tbs, _) = tlv(cert)? else { return None };
+    let mut fields = Vec::with_capacity(6);
+    while let Some((tag, body, rest)) = tlv(tbs) {
+        fields.push((tag, body));
+        tbs = rest;
+    }
+    // [0] version (optional), serial, signature, issuer, validity, subject.
+    let skip = usize::from(fields.first()?.0 == 0xa0);
+    let &(0x30, mut subject) = fields.get(skip + 4)? else { return None };
+    while let Some((0x31, mut set, rest)) = tlv(subject) {
+        while let Some((0x30, atv, more)) = tlv(set) {
+            if let Some((0x06, oid, value)) = tlv(atv) {
+                if oid == [0x55, 0x04, 0x03] {
+                    let (_, text, _) = tlv(value)?;
+                    return String::from_utf8(text.to_vec()).ok();
+                }
+            }
+            set = more;
+        }
+        subject = rest;
+    }
+    None
 }
 
 /// Accepts any server certificate (still checking the handshake's signatures, so the
@@ -180,6 +232,29 @@ mod tests {
         let e = client_for(&url, &TlsOptions { cert: Some(empty), insecure: true, ..TlsOptions::default() }).unwrap_err();
         assert!(matches!(e, TlsError::CertWithoutKey), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_common_name_comes_out_of_a_certificate() {
+        // openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/O=tunbus/CN=lab.h1" -days 1
+        let pem = "-----BEGIN CERTIFICATE-----
+MIIBmDCCAT+gAwIBAgIUTnN/fWgLSiMhThnOyAqCLsrXy54wCgYIKoZIzj0EAwIw
+IjEPMA0GA1UECgwGdHVuYnVzMQ8wDQYDVQQDDAZsYWIuaDEwHhcNMjYxMjAyMTUy
+ODE5WhcNMjYxMjAzMTUyODE5WjAiMQ8wDQYDVQQKDAZ0dW5idXMxDzANBgNVBAMM
+BmxhYi5oMTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABEiKzjEHANLQxrd+bKnZ
+XWOIUBQ8E9i6McPUjXho5VsuXMRQd065f5JZvx0in2KrMNZ3u/HveZ7TIER9uMck
+6NyjUzBRMB0GA1UdDgQWBBQVMZDuDD29d7OhbcBHoTmVjK1jhzAfBgNVHSMEGDAW
+gBQVMZDuDD29d7OhbcBHoTmVjK1jhzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49
+BAMCA0cAMEQCIDsNDbbM7GjC3zlKE/KcfXy4Uvu81+b5ZQmv+4ZLZWkGAiB32/sL
+zzUBTvtOU4fbwYIdzD108YMgVReCRKeybQA2fA==
+-----END CERTIFICATE-----
+";
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(common_name(&der).as_deref(), Some("lab.h1"));
+        for cut in 0..der.len() {
+            let _ = common_name(&der[..cut]); // never panics on a truncated certificate
+        }
+        assert_eq!(common_name(b"not a certificate"), None);
     }
 
     #[test]

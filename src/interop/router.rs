@@ -28,6 +28,8 @@ use serde::Serialize;
 use super::addressing::OldAddressing;
 use super::topology::Topology;
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned, Published};
+use crate::amqp::presence::{Hello, HELLO_EVERY, JSON_PROPERTIES};
+use crate::identity::claims::Claims;
 use crate::amqp::link::json_properties;
 use crate::amqp::session::QueueOptions;
 use crate::amqp::wire::{Properties, Value};
@@ -57,6 +59,9 @@ pub struct RouterCounters {
     pub unknown_sender: u64,
     pub no_old_owner: u64,
     pub agents_learned: u64,
+    /// `ip.tun.started` refused: the name is not a topology node, or an address belongs
+    /// to a native agent.
+    pub refused_claims: u64,
     pub reconnects: u64,
 }
 
@@ -64,7 +69,7 @@ impl std::fmt::Display for RouterCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "json in {} (forwarded {} copies, bridged {} to native), native in {} (bridged {} to old), dropped: malformed json {}, malformed native {}, sender not in topology {}, no old owner {}; agents learned {}, reconnects {}",
+            "json in {} (forwarded {} copies, bridged {} to native), native in {} (bridged {} to old), dropped: malformed json {}, malformed native {}, sender not in topology {}, no old owner {}; agents learned {}, claims refused {}, reconnects {}",
             self.json_in,
             self.json_forwarded,
             self.bridged_to_native,
@@ -75,6 +80,7 @@ impl std::fmt::Display for RouterCounters {
             self.unknown_sender,
             self.no_old_owner,
             self.agents_learned,
+            self.refused_claims,
             self.reconnects
         )
     }
@@ -100,6 +106,9 @@ struct Router {
     json: Vec<u8>,
     seq: u64,
     queue: String,
+    /// Addresses native agents claim in their hellos: never learned for an old agent.
+    native: Claims,
+    next_hello: Instant,
 }
 
 /// Runs until `stop`; returns the counters.
@@ -114,6 +123,8 @@ pub fn run(opts: RouterOptions, stop: &Stop) -> RouterCounters {
         json: Vec::new(),
         seq: 0,
         queue: format!("tunbus.router.{}", std::process::id()),
+        native: Claims::new(),
+        next_hello: Instant::now(),
     };
     let mut backoff = crate::amqp::Backoff::new(now_ns());
     let mut lost = false;
@@ -157,7 +168,14 @@ impl Router {
             c.exchange_declare(&self.opts.exchange, s)?;
         }
         c.queue_declare(&self.queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(QUEUE_MAX_MESSAGES))], s)?;
-        let mut keys = vec!["fromAgent.*.ip.tun.packet.raw".to_owned(), "fromAgent.*.ip.tun.started".to_owned(), route::ALL_PATTERN.to_owned()];
+        let mut keys = vec![
+            "fromAgent.*.ip.tun.packet.raw".to_owned(),
+            "fromAgent.*.ip.tun.started".to_owned(),
+            route::ALL_PATTERN.to_owned(),
+            route::HELLO_PATTERN.to_owned(),
+            route::BYE_PATTERN.to_owned(),
+            route::CTL_PROBE.to_owned(),
+        ];
         keys.extend(self.owner.keys().map(|a| route::unicast_pattern(*a)));
         for key in &keys {
             c.queue_bind(&self.queue, &self.opts.exchange, key, s)?;
@@ -173,7 +191,11 @@ impl Router {
         tracing::info!(exchange = %self.opts.exchange, nodes = self.opts.topology.nodes().count(), "router serving");
         let mut acks = crate::amqp::AckBatcher::for_prefetch(self.opts.prefetch);
         let mut next_report = Instant::now() + self.opts.stats_interval;
+        self.next_hello = Instant::now();
         while !stop.is_raised() {
+            if Instant::now() >= self.next_hello {
+                self.announce(&mut c, false)?;
+            }
             let event = c.wait_event(Duration::from_millis(100), s)?;
             let Some(event) = event else {
                 if let Some(tag) = acks.take() {
@@ -187,8 +209,8 @@ impl Router {
                 continue;
             };
             match event {
-                Owned::Delivery { tag, routing_key, body, .. } => {
-                    self.dispatch(&mut c, &routing_key, &body, stop)?;
+                Owned::Delivery { tag, routing_key, body, user_id, .. } => {
+                    self.dispatch(&mut c, &routing_key, user_id.as_deref(), &body, stop)?;
                     if let Some(tag) = acks.delivered(tag) {
                         c.ack_multiple(tag);
                     }
@@ -197,13 +219,49 @@ impl Router {
                 Owned::Blocked | Owned::Unblocked => {}
             }
         }
+        self.announce(&mut c, true)?;
         c.close(Duration::from_millis(300));
         Ok(())
     }
 
-    fn dispatch(&mut self, c: &mut Client, key: &str, body: &[u8], stop: &Stop) -> Result<(), client::Error> {
+    /// Publishes the router's hello (or bye): it claims the old agents' addresses, for which
+    /// it publishes bridged batches, so native receivers accept them from its broker user.
+    fn announce(&mut self, c: &mut Client, leaving: bool) -> Result<(), client::Error> {
+        self.next_hello = Instant::now() + HELLO_EVERY;
+        let addresses = self.owner.keys().map(|a| format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 })).collect();
+        let hello = Hello {
+            name: ROUTER_SENDER.to_owned(),
+            session: None,
+            addresses,
+            queues: 1,
+            wire: "router".to_owned(),
+            started_unix_ms: 0,
+            interface: String::new(),
+            netns: None,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            node: Some(c.broker().to_owned()),
+            leaving,
+        };
+        let (key, body) = match (RoutingKey::hello(ROUTER_SENDER), RoutingKey::bye(ROUTER_SENDER)) {
+            (Some(h), Some(b)) => (if leaving { b } else { h }, serde_json::to_vec(&hello).unwrap_or_default()),
+            _ => return Ok(()), // invariant: the router's name is a topic word
+        };
+        c.publish_copy(&self.opts.exchange, key.as_str(), &JSON_PROPERTIES, &body).map(drop)
+    }
+
+    fn dispatch(&mut self, c: &mut Client, key: &str, user: Option<&str>, body: &[u8], stop: &Stop) -> Result<(), client::Error> {
         let words: Vec<&str> = key.split('.').collect();
         match words.as_slice() {
+            ["tunbus", "v1", "ctl", "probe"] => {
+                self.next_hello = Instant::now();
+                Ok(())
+            }
+            ["tunbus", "v1", "ctl", kind @ ("hello" | "bye"), name] => {
+                if *name != ROUTER_SENDER {
+                    self.note_native(user, *kind == "bye", body);
+                }
+                Ok(())
+            }
             ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.on_old_packet(c, name, body),
             ["fromAgent", name, "ip", "tun", "started"] => self.learn(c, name, body, stop),
             ["tunbus", "v1", "all", sender] => {
@@ -220,17 +278,45 @@ impl Router {
         }
     }
 
-    /// `ip.tun.started` from an old agent: remember its addresses and bind them.
+    /// A native agent's hello or bye (published by broker user `user`): what it claims.
+    fn note_native(&mut self, user: Option<&str>, leaving: bool, body: &[u8]) {
+        let (Some(user), Ok(hello)) = (user, serde_json::from_slice::<Hello>(body)) else { return };
+        let addrs: Vec<IpAddr> = hello.addresses.iter().filter_map(|a| a.parse::<crate::config::Prefix>().ok()).map(|p| p.addr).collect();
+        if leaving || hello.leaving {
+            self.native.on_bye(user, &addrs);
+        } else {
+            self.native.on_hello(user, &addrs, Instant::now());
+        }
+    }
+
+    /// `ip.tun.started` from an old agent: remember its addresses and bind them, if it is a
+    /// node of the topology and no native agent holds them.
     fn learn(&mut self, c: &mut Client, name: &str, body: &[u8], stop: &Stop) -> Result<(), client::Error> {
         let Ok(started) = serde_json::from_slice::<TunStarted>(body) else {
             self.counters.malformed_json += 1;
             return Ok(());
         };
+        if !self.opts.topology.nodes().any(|n| n == name) && name != super::topology::TESTING_TOOL {
+            self.counters.refused_claims += 1;
+            tracing::warn!(agent = name, "ignoring ip.tun.started from a name that is not a node of the topology");
+            return Ok(());
+        }
+        self.native.expire(Instant::now());
         let addressing = OldAddressing::from_started(&started);
+        let mut added = false;
         for addr in addressing.addresses() {
+            if let Some(holder) = self.native.holder(addr) {
+                self.counters.refused_claims += 1;
+                tracing::warn!(agent = name, address = %addr, holder, "REFUSED: an old-wire agent announced an address a native agent holds");
+                continue;
+            }
             if self.owner.insert(addr, name.to_owned()).is_none() {
                 c.queue_bind(&self.queue, &self.opts.exchange, &route::unicast_pattern(addr), stop.flag())?;
+                added = true;
             }
+        }
+        if added {
+            self.announce(c, false)?;
         }
         if self.old.insert(name.to_owned(), addressing).is_none() {
             self.counters.agents_learned += 1;

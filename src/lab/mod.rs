@@ -340,6 +340,10 @@ impl Lab {
         c.stats_interval = Duration::ZERO;
         c.check_name = false;
         c.router_solicitations = 0; // a lab has no router: nothing to solicit
+        // Every host logs in as the same user: it may use the lab's prefixes. (First claim
+        // would have every host bind every hello: N² messages.)
+        let prefixes: Vec<crate::config::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+        c.identity = crate::identity::Mode::Strict(crate::identity::Table::new(vec![(c.user.clone(), prefixes)]));
         // Many agents per process, so smaller per-agent buffers: 128 KiB batches, 32 KiB
         // frames (each data connection reads into two frames' worth). The same at every lab
         // size, so that a lab's figures compare across sizes; `agent connect` keeps the

@@ -37,10 +37,17 @@ pub enum DropReason {
     TunWrite,
     /// An MLD message (query, report, done), not forwarded on purpose (see `route::is_mld`).
     Mld,
+    /// A packet whose source address its sender's broker user may not use.
+    Spoofed,
+    /// A packet in a message without `user_id`: nobody vouches for it.
+    NoIdentity,
+    /// A control message from someone not allowed to give it (`ip.tun.start` from a
+    /// non-coordinator, an address outside the session's subnet, one start too many).
+    ForgedControl,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -50,6 +57,9 @@ impl DropReason {
         DropReason::BadVnet,
         DropReason::TunWrite,
         DropReason::Mld,
+        DropReason::Spoofed,
+        DropReason::NoIdentity,
+        DropReason::ForgedControl,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -64,6 +74,9 @@ impl DropReason {
             DropReason::BadVnet => "bad_vnet",
             DropReason::TunWrite => "tun_write",
             DropReason::Mld => "mld",
+            DropReason::Spoofed => "spoofed",
+            DropReason::NoIdentity => "no_identity",
+            DropReason::ForgedControl => "forged_control",
         }
     }
 }

@@ -22,6 +22,8 @@ pub const SHARDS: u8 = 16;
 pub const KEY_PREFIX: &str = "tunbus.v1.";
 /// Binding pattern for broadcast and multicast from all agents (each ignores its own).
 pub const ALL_PATTERN: &str = "tunbus.v1.all.*";
+/// Prefix of every control (presence) key.
+pub const CTL_PREFIX: &str = "tunbus.v1.ctl.";
 /// Routing key of a presence probe (agents answer with a hello).
 pub const CTL_PROBE: &str = "tunbus.v1.ctl.probe";
 /// Binding pattern for every agent's hello.

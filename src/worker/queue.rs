@@ -30,7 +30,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::amqp::client::{self, Client, Published};
@@ -41,6 +41,8 @@ use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
 use crate::codec::v1::{self, BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
 use crate::config::Wire;
+use crate::identity::claims::Claims;
+use crate::identity::Trust;
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::route::peers::{self, PeerQueues};
 use crate::route::{self, Destination, RoutingKey};
@@ -103,32 +105,51 @@ pub struct QueueWorker {
     read_errors_logged: bool,
 }
 
+/// Everything queue worker k is built from.
+pub struct WorkerSetup {
+    pub queue: Arc<TunQueue>,
+    pub link: LinkContext,
+    /// What the sending half counts.
+    pub tx_counters: Arc<Counters>,
+    /// What the receiving half counts.
+    pub rx_counters: Arc<Counters>,
+    pub hist: Arc<Histograms>,
+    /// Receivers' queue counts, shared by the agent's workers.
+    pub peers: Arc<PeerQueues>,
+    /// Who may use which source addresses, shared by the agent's workers.
+    pub trust: Arc<Trust>,
+    /// First-claim mode, queue 0: the claims its hellos keep.
+    pub claims: Option<Arc<Mutex<Claims>>>,
+    /// The connection when it was opened before the worker (link 0 at start).
+    pub connected: Option<(Client, usize)>,
+}
+
 impl QueueWorker {
-    /// A worker for TUN queue `queue` and link `link`, with batches of up to
-    /// `max_batch_bytes` (from the link's configuration). The sending half counts into
-    /// `counters`, the receiving half into `rx_counters`.
-    #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once (a value of its own comes with the house keeping)
-    pub fn new(
-        queue: Arc<TunQueue>,
-        link: LinkContext,
-        counters: Arc<Counters>,
-        rx_counters: Arc<Counters>,
-        hist: Arc<Histograms>,
-        stop: Stop,
-        flood_key: RoutingKey,
-        own_v4: Vec<(Ipv4Addr, u8)>,
-        peers: Arc<PeerQueues>,
-        client: Option<(Client, usize)>,
-    ) -> QueueWorker {
-        let buffer_bytes = link.config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
-        let own_queues = u8::try_from(link.config.queues).unwrap_or(0);
-        let (wire, prefetch) = (link.config.wire, link.config.prefetch);
-        let receiver = Receiver::new(wire, prefetch, queue.clone(), rx_counters, &hist, flood_key, peers.clone());
+    /// A worker for TUN queue `setup.queue` and its link, with batches of up to
+    /// `max_batch_bytes` (from the link's configuration).
+    pub fn new(setup: WorkerSetup) -> QueueWorker {
+        let WorkerSetup { queue, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected } = setup;
+        let config = link.config.clone();
+        let buffer_bytes = config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
+        let own_queues = u8::try_from(config.queues).unwrap_or(0);
+        // invariant: the agent refuses a name that is not a topic word before it builds workers
+        let flood_key = RoutingKey::all(&config.name).unwrap_or_else(|| RoutingKey::unicast(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        let own_v4 = config
+            .addrs
+            .iter()
+            .filter_map(|p| match p.addr {
+                IpAddr::V4(a) => Some((a, p.len)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
+        let receiver = Receiver::new(config.wire, config.prefetch, queue.clone(), rx_counters, &hist, flood_key, peers.clone(), trust.view(), presence);
+        let stop = link.stop.clone();
         QueueWorker {
             peers,
             own_queues,
             queue,
-            link: Link::new(link, counters.clone(), &hist, receiver, client),
+            link: Link::new(link, counters.clone(), &hist, receiver, connected),
             counters,
             stop,
             flood_key,
@@ -443,6 +464,8 @@ struct Link {
     /// Queue 0 of a native agent: its presence, and when to say hello next.
     announce: Option<Announcements>,
     next_hello: Instant,
+    /// First claim: ask everyone for their hellos once connected (to learn their claims).
+    probe_due: bool,
     reconnect: Reconnect,
     counters: Arc<Counters>,
     exchange: String,
@@ -463,6 +486,7 @@ impl Link {
             json_key: ioppytest::routing_key_from_agent(&ctx.config.name),
             announce: ctx.hello.as_deref().cloned(),
             next_hello: Instant::now(),
+            probe_due: false,
             ctx,
             client: None,
             receiver,
@@ -487,6 +511,7 @@ impl Link {
         self.client = Some(client);
         self.receiver.reset();
         self.next_hello = Instant::now(); // say hello on every new connection
+        self.probe_due = self.announce.is_some() && self.ctx.config.identity == crate::identity::Mode::FirstClaim;
         self.reconnect.up(&self.ctx, &self.counters, node);
     }
 
@@ -520,7 +545,12 @@ impl Link {
         match client.publish(now, &self.exchange, &a.hello_key, &JSON_PROPERTIES, &a.hello) {
             Ok(Published::Busy) => {} // try again on the next turn
             Ok(_) => self.next_hello = now + HELLO_EVERY,
-            Err(e) => self.lose(e),
+            Err(e) => return self.lose(e),
+        }
+        if std::mem::take(&mut self.probe_due) {
+            if let Err(e) = client.publish_copy(&self.exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"first claim"}"#) {
+                self.lose(e);
+            }
         }
     }
 

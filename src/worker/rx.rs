@@ -13,10 +13,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+
+use std::sync::Mutex;
+
+use crate::amqp::presence::Hello;
 use crate::amqp::session::Delivery;
 use crate::amqp::AckBatcher;
 use crate::codec::{ioppytest, v1, vnet};
 use crate::config::Wire;
+use crate::config::Prefix;
+use crate::identity::claims::Claims;
+use crate::identity::{self, Verdict};
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
@@ -36,6 +44,8 @@ enum Carries {
     OwnFlood,
     /// A presence probe (queue 0 of a native agent binds it): answered with a hello.
     Probe,
+    /// A hello or bye (queue 0 in first-claim mode): claims of addresses.
+    Presence,
 }
 
 /// The receiving state of one queue worker.
@@ -47,6 +57,11 @@ pub struct Receiver {
     own_flood_key: RoutingKey,
     /// Where the queue counts stated by senders are noted for the sending half.
     peers: Arc<PeerQueues>,
+    /// Who may use which source addresses (refreshed once per delivery).
+    trust: identity::View,
+    suspects: SuspectLog,
+    /// First-claim mode, queue 0: keeps the claims from hellos.
+    presence: Option<ClaimKeeper>,
     acks: AckBatcher,
     /// A probe arrived since [`Receiver::take_probe`] was last asked.
     probed: bool,
@@ -65,6 +80,8 @@ impl Receiver {
         hist: &Histograms,
         own_flood_key: RoutingKey,
         peers: Arc<PeerQueues>,
+        trust: identity::View,
+        presence: Option<ClaimKeeper>,
     ) -> Receiver {
         Receiver {
             wire,
@@ -73,6 +90,9 @@ impl Receiver {
             latency: LocalHistogram::new(hist.one_way_us.clone()),
             own_flood_key,
             peers,
+            trust,
+            suspects: SuspectLog::default(),
+            presence,
             acks: AckBatcher::for_prefetch(prefetch),
             probed: false,
             drained: false,
@@ -108,9 +128,13 @@ impl Receiver {
         std::mem::take(&mut self.probed)
     }
 
-    /// Nothing to do: fold what was recorded, so readers of the statistics see it now.
+    /// Nothing to do: fold what was recorded, so readers of the statistics see it now;
+    /// let silent claims lapse.
     pub fn idle(&mut self) {
         self.latency.maybe_fold(Instant::now(), true);
+        if let Some(p) = &mut self.presence {
+            p.expire(Instant::now());
+        }
     }
 
     /// Folds latency samples when due.
@@ -124,6 +148,8 @@ impl Receiver {
             Carries::OwnFlood
         } else if d.routing_key == route::CTL_PROBE.as_bytes() {
             Carries::Probe
+        } else if d.routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
+            Carries::Presence
         } else {
             Carries::Packets
         };
@@ -132,9 +158,23 @@ impl Receiver {
                 deliver_json(d.body, &self.tun, &self.counters, &mut self.json_scratch);
             }
             (Wire::Native, Carries::Packets) => {
-                deliver(d.body, &self.tun, &self.counters, &mut self.latency, &self.peers, now_ns);
+                self.trust.refresh();
+                let mut sink = Sink {
+                    tun: &self.tun,
+                    counters: &self.counters,
+                    latency: &mut self.latency,
+                    peers: &self.peers,
+                    trust: &self.trust,
+                    suspects: &mut self.suspects,
+                };
+                deliver(d.body, d.user_id, now_ns, &mut sink);
             }
             (Wire::Native, Carries::Probe) => self.probed = true,
+            (Wire::Native, Carries::Presence) => {
+                if let Some(p) = &mut self.presence {
+                    p.on_presence(d.user_id, d.body, Instant::now());
+                }
+            }
             (Wire::Native, Carries::OwnFlood) => {} // echoed by the broker
         }
         self.acks.delivered(d.tag)
@@ -168,13 +208,27 @@ pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &Counters, scratch: &
     }
 }
 
-/// Writes every packet of `body` into `tun`, noting in `peers` the queue count the sender
-/// stated for its source addresses. Returns the number of packets written.
-pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut LocalHistogram, peers: &PeerQueues, now_ns: u64) -> u64 {
+/// Where a receiver writes what passed: its TUN queue, counters and latency histogram, the
+/// peers' queue counts, the trust table it checks senders against, and its rate limit
+/// for warnings about refused packets.
+pub struct Sink<'a> {
+    pub tun: &'a TunQueue,
+    pub counters: &'a Counters,
+    pub latency: &'a mut LocalHistogram,
+    pub peers: &'a PeerQueues,
+    pub trust: &'a identity::View,
+    pub suspects: &'a mut SuspectLog,
+}
+
+/// Writes every packet of `body`, a batch published by broker user `user` (`None`: the
+/// message had no `user_id`), into the TUN, unless that user may not use the packet's
+/// source address (counted as `spoofed` or `no_identity`). Notes the queue count the
+/// sender stated for its (allowed) source addresses. Returns the number of packets written.
+pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_>) -> u64 {
     let frame = match v1::decode(body) {
         Ok(f) => f,
         Err(_) => {
-            counters.record_drop(DropReason::Malformed, 1);
+            sink.counters.record_drop(DropReason::Malformed, 1);
             return 0;
         }
     };
@@ -182,16 +236,44 @@ pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut L
     let mut bytes = 0u64;
     let mut bad_vnet = 0u64;
     let mut refused = 0u64;
+    let mut spoofed = 0u64;
+    let mut unsigned = 0u64;
     let sender_queues = frame.header().sender_queues;
-    let mut last_src = None;
+    let checks = sink.trust.checks();
+    // The last source seen and what was concluded about it: a batch is mostly one flow.
+    let mut last: Option<(Option<IpAddr>, Verdict)> = None;
     for p in frame.packets() {
-        if sender_queues != 0 {
+        if checks || sender_queues != 0 {
             let src = route::source(p.data);
-            if src != last_src {
-                if let Some(a) = src {
-                    peers.note(a, sender_queues);
+            let verdict = match last {
+                Some((s, v)) if s == src => v,
+                _ => {
+                    let v = match src {
+                        Some(a) => sink.trust.check(user, a),
+                        None => Verdict::Spoofed, // no source address to vouch for
+                    };
+                    let v = if checks { v } else { Verdict::Allowed };
+                    if v == Verdict::Allowed && sender_queues != 0 {
+                        if let Some(a) = src {
+                            sink.peers.note(a, sender_queues);
+                        }
+                    } else if v != Verdict::Allowed {
+                        sink.suspects.note(user, src, v);
+                    }
+                    last = Some((src, v));
+                    v
                 }
-                last_src = src;
+            };
+            match verdict {
+                Verdict::Allowed => {}
+                Verdict::Spoofed => {
+                    spoofed += 1;
+                    continue;
+                }
+                Verdict::NoIdentity => {
+                    unsigned += 1;
+                    continue;
+                }
             }
         }
         let hdr = match p.vnet {
@@ -204,7 +286,7 @@ pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut L
             },
             None => vnet::PLAIN,
         };
-        match tun.write(&hdr, p.data) {
+        match sink.tun.write(&hdr, p.data) {
             Ok(()) => {
                 written += 1;
                 bytes += p.data.len() as u64;
@@ -212,14 +294,100 @@ pub fn deliver(body: &[u8], tun: &TunQueue, counters: &Counters, latency: &mut L
             Err(_) => refused += 1,
         }
     }
-    counters.record_drop(DropReason::BadVnet, bad_vnet);
-    counters.record_drop(DropReason::TunWrite, refused);
-    Counters::add(&counters.rx_packets, written);
-    Counters::add(&counters.rx_bytes, bytes);
-    Counters::add(&counters.rx_batches, 1);
+    let c = sink.counters;
+    c.record_drop(DropReason::BadVnet, bad_vnet);
+    c.record_drop(DropReason::TunWrite, refused);
+    c.record_drop(DropReason::Spoofed, spoofed);
+    c.record_drop(DropReason::NoIdentity, unsigned);
+    Counters::add(&c.rx_packets, written);
+    Counters::add(&c.rx_bytes, bytes);
+    Counters::add(&c.rx_batches, 1);
     let sent = frame.header().timestamp_ns;
     if written > 0 && sent > 0 {
-        latency.record_n(now_ns.saturating_sub(sent) / 1000, written);
+        sink.latency.record_n(now_ns.saturating_sub(sent) / 1000, written);
     }
     written
+}
+
+/// First-claim mode: the claims queue 0 keeps from the hellos and byes it receives, shared
+/// with the agent's other workers through [`identity::Trust`]. Control plane: hellos come
+/// every few seconds per agent, parsed here (with allocation, unlike packets).
+pub struct ClaimKeeper {
+    claims: Arc<Mutex<Claims>>,
+    trust: Arc<identity::Trust>,
+    last_expire: Instant,
+}
+
+impl ClaimKeeper {
+    pub fn new(claims: Arc<Mutex<Claims>>, trust: Arc<identity::Trust>) -> ClaimKeeper {
+        ClaimKeeper { claims, trust, last_expire: Instant::now() }
+    }
+
+    /// A hello or bye published by broker user `user`.
+    pub fn on_presence(&mut self, user: Option<&[u8]>, body: &[u8], now: Instant) {
+        let Some(user) = user.map(String::from_utf8_lossy) else {
+            return; // a claim nobody vouches for claims nothing
+        };
+        let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
+        let Ok(mut claims) = self.claims.lock() else { return };
+        let addrs: Vec<IpAddr> = hello.addresses.iter().filter_map(|a| a.parse::<Prefix>().ok()).map(|p| p.addr).collect();
+        let changed = if hello.leaving {
+            claims.on_bye(&user, &addrs)
+        } else {
+            let (refused, changed) = claims.on_hello(&user, &addrs, now);
+            for r in refused {
+                tracing::warn!(agent = %hello.name, user = %r.claimant, address = %r.addr, holder = %r.holder, "REFUSED a claim: this address belongs to another live broker user; its packets from it are dropped");
+            }
+            changed
+        };
+        if changed {
+            self.trust.publish(claims.table());
+        }
+    }
+
+    /// Lets claims lapse whose users have gone silent (checked every few seconds).
+    pub fn expire(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_expire) < Duration::from_secs(5) {
+            return;
+        }
+        self.last_expire = now;
+        if let Ok(mut claims) = self.claims.lock() {
+            if claims.expire(now) {
+                self.trust.publish(claims.table());
+            }
+        }
+    }
+}
+
+/// Warnings about refused packets, at most one per second per sender (a hash of its user
+/// decides its slot; two senders sharing a slot share the limit).
+pub struct SuspectLog {
+    slots: [(Option<Instant>, u64); SUSPECT_SLOTS],
+}
+
+const SUSPECT_SLOTS: usize = 32;
+
+impl Default for SuspectLog {
+    fn default() -> SuspectLog {
+        SuspectLog { slots: [(None, 0); SUSPECT_SLOTS] }
+    }
+}
+
+impl SuspectLog {
+    /// A packet from `src` in a message of `user` was refused with `verdict`.
+    pub fn note(&mut self, user: Option<&[u8]>, src: Option<IpAddr>, verdict: Verdict) {
+        let slot = (crate::util::fnv1a64(&[user.unwrap_or(b"")]) as usize) % SUSPECT_SLOTS;
+        let (last, since) = &mut self.slots[slot];
+        *since += 1;
+        let now = Instant::now();
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            let who = user.map(String::from_utf8_lossy);
+            match verdict {
+                Verdict::NoIdentity => tracing::warn!(source = ?src, dropped = *since, "dropping packets from a message without user_id: nobody vouches for them"),
+                _ => tracing::warn!(user = who.as_deref().unwrap_or("-"), source = ?src, dropped = *since, "dropping packets whose source address this broker user may not use (spoofed)"),
+            }
+            *last = Some(now);
+            *since = 0;
+        }
+    }
 }
