@@ -275,10 +275,12 @@ impl Agent {
         }
         if config.wire == crate::config::Wire::Ioppytest {
             let (c, stop) = (config.clone(), stop_flag.clone());
+            let counters = Arc::new(Counters::default());
+            agent.counters.push(counters.clone());
             agent.helpers.push(
                 std::thread::Builder::new()
                     .name(format!("ctl-{}", config.name))
-                    .spawn(move || crate::interop::control::run(&c, &stop))
+                    .spawn(move || crate::interop::control::run(&c, &stop, counters))
                     .context("spawning the ioppytest control thread")?,
             );
         }

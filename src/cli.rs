@@ -47,6 +47,58 @@ pub enum Command {
     /// Serve an ioppytest session: route old agents' packets per the test configuration's
     /// topology, and bridge them with native tunbus agents.
     Route(RouteArgs),
+    /// Create (or with --revoke remove) a session on a shared broker: its vhost and
+    /// exchange, one user per agent with its own permissions, URL files and a peers file.
+    Provision(ProvisionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// An administrator's broker URL (the agents' URL files use its host, port and query).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The session: its vhost, exchange `tunbus.SESSION` and users `SESSION.AGENT`.
+    #[arg(long)]
+    pub session: String,
+    /// An agent and its interface prefixes, NAME=PREFIX[,PREFIX…] (repeatable), e.g.
+    /// h1=198.18.0.1/24,fd00:7b::1/64.
+    #[arg(long = "agent", value_name = "NAME=PREFIXES")]
+    pub agents: Vec<String>,
+    /// Agents from a file: one NAME=PREFIX[,PREFIX…] per line, # comments.
+    #[arg(long, value_name = "FILE")]
+    pub agents_file: Option<PathBuf>,
+    /// Write NAME.url (the agent's URL, password included, mode 0600) and peers here.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The management API [default: http://<broker host>:15672; without it, rabbitmqctl
+    /// on this machine].
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
+    /// Remove the session instead: its vhost and every user of it.
+    #[arg(long)]
+    pub revoke: bool,
+}
+
+impl ProvisionArgs {
+    pub fn options(&self) -> anyhow::Result<crate::provision::Options> {
+        let urls = self.broker.urls()?;
+        let admin = urls.into_iter().next().ok_or_else(|| anyhow::anyhow!("no broker URL"))?;
+        let mut agents = Vec::new();
+        for a in &self.agents {
+            agents.push(a.parse::<crate::provision::plan::AgentSpec>().map_err(|e| Failure::new(Exit::Usage, format!("--agent {a}: {e}")))?);
+        }
+        if let Some(f) = &self.agents_file {
+            let text = std::fs::read_to_string(f).map_err(|e| Failure::new(Exit::Local, format!("cannot read --agents-file {}: {e}", f.display())))?;
+            agents.extend(crate::provision::plan::parse_agents_file(&text).map_err(|e| Failure::new(Exit::Usage, format!("--agents-file {}: {e}", f.display())))?);
+        }
+        if !route::is_valid_word(&self.session) {
+            return Err(Failure::new(Exit::Usage, format!("--session {:?} must be one topic word", self.session)).into());
+        }
+        if agents.is_empty() && !self.revoke {
+            return Err(Failure::new(Exit::Usage, "give at least one --agent NAME=PREFIXES (or --agents-file)").into());
+        }
+        Ok(crate::provision::Options { admin, tls: self.broker.tls(), api: self.api.clone(), session: self.session.clone(), agents, out: self.out.clone() })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +319,15 @@ pub struct ConnectArgs {
     /// brings the addresses (as an ioppytest coordinator expects).
     #[arg(long)]
     pub wait_config: bool,
+    /// With --wire ioppytest: the broker user whose toAgent.<NAME>.ip.tun.start orders
+    /// count [default: this agent's own broker user]; others are refused and counted.
+    #[arg(long, value_name = "USER")]
+    pub coordinator: Option<String>,
+    /// With --wire ioppytest: ordered addresses must lie in these prefixes, at least as
+    /// narrow (repeatable) [default: ioppytest's 10.2.0.0/24 and bbbb::/64, and the
+    /// networks of --ipv4/--ipv6].
+    #[arg(long, value_name = "PREFIX")]
+    pub start_within: Vec<Prefix>,
     /// ioppytest-agent style: IPv6 prefix (with --ipv6-host: bbbb + 1 = bbbb::1/64, fe80::1).
     #[arg(long, value_name = "PREFIX")]
     pub ipv6_prefix: Option<String>,
@@ -441,6 +502,10 @@ impl ConnectArgs {
         if let Some(u) = &self.broker_user {
             config.user = u.clone();
         }
+        config.coordinator = self.coordinator.clone();
+        if !self.start_within.is_empty() {
+            config.start_within = self.start_within.clone();
+        }
         config.identity = if self.no_identity_check {
             tracing::warn!("--no-identity-check: packets are accepted whoever sent them; any bus member can pose as any address");
             crate::identity::Mode::Off
@@ -457,6 +522,10 @@ impl ConnectArgs {
         config.addrs = self.ipv4.into_iter().chain(self.ipv6).chain(old.prefixes()).collect();
         config.link_local = old.link_local();
         config.old_addressing = old;
+        if self.start_within.is_empty() {
+            // The networks of the agent's own prefixes are the session's too.
+            config.start_within.extend(config.addrs.iter().copied());
+        }
         config.wire = self.wire;
         config.mtu = self.mtu.unwrap_or(if self.wire == Wire::Ioppytest { 1500 } else { DEFAULT_MTU });
         config.netns = self.netns;

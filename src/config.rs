@@ -111,6 +111,11 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// With the ioppytest wire: the old agent's addressing, announced in `ip.tun.started`.
     pub old_addressing: crate::interop::addressing::OldAddressing,
+    /// ioppytest wire: the broker user whose `ip.tun.start` orders count (`None`: this
+    /// agent's own user).
+    pub coordinator: Option<String>,
+    /// ioppytest wire: where ordered addresses must lie.
+    pub start_within: Vec<Prefix>,
     /// Ask the broker at start whether the name is taken (the lab, which generates unique
     /// names in a fresh session, skips it).
     pub check_name: bool,
@@ -142,6 +147,8 @@ impl AgentConfig {
             frame_max: None,
             router_solicitations: 3,
             check_name: true,
+            coordinator: None,
+            start_within: crate::interop::addressing::default_subnets(),
             link_local: None,
             wire: Wire::Native,
             metrics_addr: None,

@@ -16,6 +16,8 @@
 //! - [`metrics`]: counters, latency histograms, reports.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
+//! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
+//! - [`provision`]: `agent provision`, a session's vhost, users and permissions.
 //! - [`util`]: the clock, the stop flag, fixed hashes.
 #![deny(unsafe_code)]
 
@@ -29,6 +31,7 @@ pub mod identity;
 pub mod interop;
 pub mod lab;
 pub mod metrics;
+pub mod provision;
 pub mod route;
 pub mod sys;
 pub mod tun;

@@ -89,7 +89,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers(args) => peers(args).await,
         Command::Lab(args) => lab(args).await,
         Command::Route(args) => route(args).await,
+        Command::Provision(args) => provision(args).await,
     }
+}
+
+async fn provision(args: tunbus::cli::ProvisionArgs) -> anyhow::Result<()> {
+    let opts = args.options()?;
+    let revoke = args.revoke;
+    let summary = tokio::task::spawn_blocking(move || if revoke { tunbus::provision::revoke(&opts) } else { tunbus::provision::provision(&opts) }).await??;
+    match &summary.plan {
+        None => println!("session {}: removed its vhost and {} user(s) ({})", args.session, summary.removed_users.len(), summary.backend),
+        Some(plan) => {
+            println!("session {}: vhost {}, exchange {}, {} user(s), via {}", plan.session, plan.vhost, plan.exchange, plan.users.len(), summary.backend);
+            for u in &plan.users {
+                let addrs: Vec<String> = u.addresses.iter().map(ToString::to_string).collect();
+                println!("  {:<16} user {:<24} may send from {}", u.agent, u.user, addrs.join(" "));
+            }
+            if summary.files.is_empty() {
+                println!("no --out: the passwords were not written anywhere; run again with --out DIR");
+            } else {
+                for f in &summary.files {
+                    println!("  wrote {}", f.display());
+                }
+                if let (Some(dir), Some(u)) = (&args.out, plan.users.first()) {
+                    println!(
+                        "start an agent: agent connect --url-file {} --session {} --name {} --peers {} …",
+                        dir.join(format!("{}.url", u.agent)).display(),
+                        plan.session,
+                        u.agent,
+                        dir.join("peers").display()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
@@ -177,12 +211,22 @@ async fn peers(args: PeersArgs) -> anyhow::Result<()> {
         .await?
         .map_err(Failure::from)?;
     let now_ms = now_ns() / 1_000_000;
+    // Addresses claimed by more than one broker user: first claim refuses all but one.
+    let mut claimants: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    for p in &peers {
+        for a in &p.hello.addresses {
+            let addr = a.split('/').next().unwrap_or(a).to_owned();
+            claimants.entry(addr).or_default().insert(p.user.clone().unwrap_or_else(|| "(no user_id)".into()));
+        }
+    }
+    let conflicts_of = |p: &tunbus::amqp::presence::Peer| -> Vec<String> {
+        p.hello.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).filter(|a| claimants.get(a).is_some_and(|u| u.len() > 1)).collect()
+    };
     if args.json {
         for p in &peers {
             let mut v = serde_json::to_value(&p.hello)?;
-            if let Some(user) = &p.user {
-                v["user"] = serde_json::Value::from(user.as_str());
-            }
+            v["user"] = p.user.as_deref().map_or(serde_json::Value::Null, serde_json::Value::from);
+            v["conflicts"] = serde_json::Value::from(conflicts_of(p));
             println!("{}", serde_json::to_string(&v)?);
         }
         return Ok(());
@@ -191,19 +235,22 @@ async fn peers(args: PeersArgs) -> anyhow::Result<()> {
         println!("no agents answered on exchange {exchange}");
         return Ok(());
     }
-    println!("{:<16} {:>6} {:>10} {:>10}  {:<10} {:<22} addresses", "name", "queues", "heard", "up", "wire", "node");
+    println!("{:<16} {:<16} {:>6} {:>10} {:>10}  {:<10} {:<22} addresses", "name", "user", "queues", "heard", "up", "wire", "node");
     for p in &peers {
         let h = &p.hello;
         let up_s = now_ms.saturating_sub(h.started_unix_ms) / 1000;
+        let conflicts = conflicts_of(p);
         println!(
-            "{:<16} {:>6} {:>8}ms {:>9}s  {:<10} {:<22} {}",
+            "{:<16} {:<16} {:>6} {:>8}ms {:>9}s  {:<10} {:<22} {}{}",
             h.name,
+            p.user.as_deref().unwrap_or("-"),
             h.queues,
             p.heard.elapsed().as_millis(),
             up_s,
             h.wire,
             h.node.as_deref().unwrap_or("-"),
-            h.addresses.join(" ")
+            h.addresses.join(" "),
+            if conflicts.is_empty() { String::new() } else { format!("  CONFLICT: {} claimed by several users", conflicts.join(" ")) }
         );
     }
     Ok(())

@@ -29,7 +29,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::session::{self, Config, Event, QueueOptions, Session};
+use super::session::{self, Config, Event, ExchangeOptions, QueueOptions, Session};
 use super::tls::{self, TlsClient, TlsOptions};
 use super::transport::{connect_tcp, Transport, TransportError, STOP_POLL};
 use super::url::{BrokerUrl, Mechanism};
@@ -549,8 +549,8 @@ impl Client {
         self.drive(Instant::now() + CALL_TIMEOUT, stop, during, |e| matches!(e, Event::Reply { .. }))
     }
 
-    pub fn exchange_declare(&mut self, name: &str, stop: &AtomicBool) -> Result<(), Error> {
-        self.call(|s| s.exchange_declare(name), stop).map(drop)
+    pub fn exchange_declare_with(&mut self, name: &str, options: ExchangeOptions, stop: &AtomicBool) -> Result<(), Error> {
+        self.call(|s| s.exchange_declare(name, options), stop).map(drop)
     }
 
     /// Declares a queue; returns its name (the broker's, when `name` is empty).
@@ -629,6 +629,26 @@ impl Client {
 
     fn session_error(&self, e: session::Error) -> Error {
         Error::Session { broker: self.broker.clone(), hint: hint_for(&e, !self.session.is_open()), source: e }
+    }
+}
+
+/// Makes sure `exchange` exists on the connection `open` makes: a passive declare first
+/// (a provisioned session's exchange exists, and its users may not declare it), else an
+/// agent's own transient, auto-delete one on a fresh connection (a 404 closes the channel).
+/// Predeclared `amq.*` exchanges are left alone.
+pub fn with_exchange(exchange: &str, stop: &AtomicBool, mut open: impl FnMut() -> Result<Client, Error>) -> Result<Client, Error> {
+    let mut c = open()?;
+    if exchange.starts_with("amq.") {
+        return Ok(c);
+    }
+    match c.exchange_declare_with(exchange, ExchangeOptions { passive: true, ..ExchangeOptions::default() }, stop) {
+        Ok(()) => Ok(c),
+        Err(e) if e.reply_code() == Some(404) => {
+            let mut c = open()?;
+            c.exchange_declare_with(exchange, ExchangeOptions::default(), stop)?;
+            Ok(c)
+        }
+        Err(e) => Err(e),
     }
 }
 

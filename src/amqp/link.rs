@@ -85,10 +85,8 @@ impl LinkContext {
         let c = &self.config;
         let k = self.index;
         let stop = self.stop.flag();
-        let mut client = Client::open(endpoint, &self.connect_options(timeout), stop)?;
-        if !c.exchange.starts_with("amq.") {
-            client.exchange_declare(&c.exchange, stop)?;
-        }
+        let opts = self.connect_options(timeout);
+        let mut client = super::client::with_exchange(&c.exchange, stop, || Client::open(endpoint, &opts, stop))?;
         let queue = c.queue_name(k);
         let max_bytes = c.queue_max_bytes.min(i64::MAX as u64) as i64;
         let args = [("x-max-length", Value::I32(QUEUE_MAX_MESSAGES)), ("x-max-length-bytes", Value::I64(max_bytes))];

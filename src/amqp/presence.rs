@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use super::client::{self, Client, ConnectOptions, Endpoint, Owned};
 use super::session::QueueOptions;
-use super::wire::Properties;
+use super::wire::{Properties, Value};
 use crate::route::{RoutingKey, BYE_PATTERN, CTL_PROBE, HELLO_PATTERN};
 use crate::util::Stop;
 
 pub const HELLO_EVERY: Duration = Duration::from_secs(5);
+/// Bound of the queues `agent peers` and the name check listen on (hellos of every agent).
+pub const LISTEN_QUEUE_MAX: i32 = 100_000;
 
 /// The properties of presence messages.
 pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None };
@@ -98,12 +100,9 @@ fn listener(endpoints: &[Endpoint], exchange: &str, role: &str, patterns: &[&str
     opts.frame_max = Some(super::CONTROL_FRAME_MAX);
     let mut last = None;
     for e in endpoints {
-        match Client::open(e, &opts, stop.flag()) {
+        match client::with_exchange(exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
             Ok(mut c) => {
-                if !exchange.starts_with("amq.") {
-                    c.exchange_declare(exchange, stop.flag())?;
-                }
-                let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[], stop.flag())?;
+                let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(LISTEN_QUEUE_MAX))], stop.flag())?;
                 for p in patterns {
                     c.queue_bind(&q, exchange, p, stop.flag())?;
                 }

@@ -587,11 +587,11 @@ impl Session {
     // -----------------------------------------------------------------------------------
     // What a client asks for. Each synchronous one is answered by `Event::Reply`.
 
-    /// `exchange.declare`: a topic exchange, transient, deleted with its last binding.
-    pub fn exchange_declare(&mut self, name: &str) {
+    /// `exchange.declare` of a topic exchange.
+    pub fn exchange_declare(&mut self, name: &str, o: ExchangeOptions) {
         self.ask(method::EXCHANGE_DECLARE, |w| {
             w.short(0).shortstr(name.as_bytes()).shortstr(b"topic");
-            w.bit(false).bit(false).bit(true).bit(false).bit(false); // passive, durable, auto-delete, internal, nowait
+            w.bit(o.passive).bit(o.durable).bit(o.auto_delete).bit(false).bit(false); // …, internal, nowait
             w.table(&[]);
         });
     }
@@ -705,6 +705,23 @@ impl ShortStr {
 
     fn get(&self) -> Option<&[u8]> {
         self.len.map(|n| &self.buf[..usize::from(n)])
+    }
+}
+
+/// Options of `exchange.declare`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExchangeOptions {
+    /// Only check that it exists (needs no configure permission).
+    pub passive: bool,
+    pub durable: bool,
+    /// Deleted with its last binding.
+    pub auto_delete: bool,
+}
+
+impl Default for ExchangeOptions {
+    /// What an agent declares for a session nobody provisioned: transient, auto-delete.
+    fn default() -> ExchangeOptions {
+        ExchangeOptions { passive: false, durable: false, auto_delete: true }
     }
 }
 

@@ -122,8 +122,87 @@ impl OldAddressing {
     }
 }
 
+/// Who may configure an ioppytest-wire agent with `ip.tun.start`, with what, and how often.
+/// A forged order (another user, an address outside the session's subnets, a prefix wider
+/// than the subnet, one order too many) is refused and counted; the agent runs `ip addr add`
+/// only for what passes. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartPolicy {
+    /// The broker user whose orders count (the coordinator).
+    pub coordinator: String,
+    /// Where ordered addresses must lie, at least as narrow as these prefixes.
+    pub within: Vec<Prefix>,
+    /// Most orders honoured in the agent's life.
+    pub max_orders: u32,
+    honoured: u32,
+}
+
+/// What became of an `ip.tun.start`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Order {
+    Accept(OldAddressing),
+    /// Carries no address.
+    Empty,
+    NotCoordinator(Option<String>),
+    OutsideSubnets(Prefix),
+    TooMany,
+}
+
+/// Orders honoured at most, by default.
+pub const MAX_ORDERS: u32 = 8;
+
+/// ioppytest's own subnets: `10.2.0.0/24`, `bbbb::/64`.
+pub fn default_subnets() -> Vec<Prefix> {
+    ["10.2.0.0/24", "bbbb::/64"].iter().filter_map(|p| p.parse().ok()).collect()
+}
+
+impl StartPolicy {
+    pub fn new(coordinator: String, within: Vec<Prefix>) -> StartPolicy {
+        StartPolicy { coordinator, within, max_orders: MAX_ORDERS, honoured: 0 }
+    }
+
+    /// Judges one order published by broker user `user`; an accepted one counts against
+    /// the bound.
+    pub fn judge(&mut self, user: Option<&str>, wanted: OldAddressing) -> Order {
+        if user != Some(self.coordinator.as_str()) {
+            return Order::NotCoordinator(user.map(str::to_owned));
+        }
+        if wanted.is_empty() {
+            return Order::Empty;
+        }
+        for p in wanted.prefixes() {
+            if !self.within.iter().any(|w| w.len <= p.len && crate::identity::contains(w, p.addr)) {
+                return Order::OutsideSubnets(p);
+            }
+        }
+        if self.honoured >= self.max_orders {
+            return Order::TooMany;
+        }
+        self.honoured += 1;
+        Order::Accept(wanted)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn orders_come_from_the_coordinator_inside_the_subnets_and_not_too_often() {
+        let mut p = StartPolicy::new("coord".into(), default_subnets());
+        let ok = OldAddressing { ipv4: Some(("10.2.0.9".parse().unwrap(), 24)), ipv6_prefix: Some("bbbb".into()), ipv6_host: Some("9".into()) };
+        assert_eq!(p.judge(Some("rogue"), ok.clone()), Order::NotCoordinator(Some("rogue".into())));
+        assert_eq!(p.judge(None, ok.clone()), Order::NotCoordinator(None));
+        assert_eq!(p.judge(Some("coord"), ok.clone()), Order::Accept(ok.clone()));
+        let everything = OldAddressing { ipv4: Some(("10.2.0.9".parse().unwrap(), 0)), ..OldAddressing::default() };
+        assert!(matches!(p.judge(Some("coord"), everything), Order::OutsideSubnets(_)), "netmask 0.0.0.0 routes everything onto the bus");
+        let elsewhere = OldAddressing { ipv4: Some(("192.168.1.1".parse().unwrap(), 24)), ..OldAddressing::default() };
+        assert!(matches!(p.judge(Some("coord"), elsewhere), Order::OutsideSubnets(_)));
+        assert_eq!(p.judge(Some("coord"), OldAddressing::default()), Order::Empty);
+        for _ in 1..MAX_ORDERS {
+            assert_eq!(p.judge(Some("coord"), ok.clone()), Order::Accept(ok.clone()));
+        }
+        assert_eq!(p.judge(Some("coord"), ok), Order::TooMany);
+    }
+
     use super::*;
 
     #[test]

@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
-use super::addressing::OldAddressing;
+use std::sync::Arc;
+
+use super::addressing::{OldAddressing, Order, StartPolicy};
+use crate::metrics::{Counters, DropReason};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
 use crate::amqp::link::json_properties;
 use crate::amqp::session::QueueOptions;
@@ -39,7 +42,7 @@ fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
     opts.heartbeat = config.heartbeat;
     let mut last = None;
     for e in &config.endpoints {
-        let mut c = match Client::open(e, &opts, stop.flag()) {
+        let mut c = match client::with_exchange(&config.exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
             Ok(c) => c,
             Err(client::Error::Stopped) => return Err(client::Error::Stopped),
             Err(err) => {
@@ -56,6 +59,34 @@ fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
     Err(last.unwrap_or(client::Error::Stopped))
 }
 
+/// The order policy of `config`: its coordinator (else its own user) and subnets.
+pub fn policy(config: &AgentConfig) -> StartPolicy {
+    StartPolicy::new(config.coordinator.clone().unwrap_or_else(|| config.user.clone()), config.start_within.clone())
+}
+
+/// Judges an order; logs (and counts into `counters`) a refused one.
+fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], counters: Option<&Counters>) -> Option<OldAddressing> {
+    let Ok(t) = serde_json::from_slice::<TunStarted>(body) else {
+        tracing::warn!(agent = name, "ignoring an ip.tun.start that is not valid JSON");
+        return None;
+    };
+    let why = match policy.judge(user, OldAddressing::from_started(&t)) {
+        Order::Accept(a) => return Some(a),
+        Order::Empty => {
+            tracing::warn!(agent = name, "ip.tun.start without addresses; ignored");
+            return None;
+        }
+        Order::NotCoordinator(u) => format!("from broker user {:?}, not the coordinator {:?}", u.unwrap_or_default(), policy.coordinator),
+        Order::OutsideSubnets(p) => format!("for {p}, outside the session's subnets (--start-within)"),
+        Order::TooMany => format!("one too many (at most {})", policy.max_orders),
+    };
+    tracing::warn!(agent = name, "REFUSED an ip.tun.start {why}");
+    if let Some(c) = counters {
+        c.record_drop(DropReason::ForgedControl, 1);
+    }
+    None
+}
+
 /// Announces readiness and waits for the first `ip.tun.start` that carries addresses.
 /// `Ok(None)` when stopped first.
 pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAddressing>, client::Error> {
@@ -67,35 +98,30 @@ pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAdd
     };
     announce_ready(&mut c, exchange, name)?;
     tracing::info!(agent = name, key = %ioppytest::routing_key_tun_start(name), "waiting for the configuration");
+    let mut policy = policy(config);
     let found = loop {
         if stop.is_raised() {
             break None;
         }
         let Some(event) = c.wait_event(Duration::from_millis(250), stop.flag())? else { continue };
-        let Owned::Delivery { body, .. } = event else { continue };
-        match serde_json::from_slice::<TunStarted>(&body) {
-            Ok(t) => {
-                let a = OldAddressing::from_started(&t);
-                if a.is_empty() {
-                    tracing::warn!(agent = name, "ip.tun.start without addresses; still waiting");
-                } else {
-                    break Some(a);
-                }
-            }
-            Err(e) => tracing::warn!(agent = name, error = %e, "ip.tun.start is not valid JSON; still waiting"),
+        let Owned::Delivery { body, user_id, .. } = event else { continue };
+        if let Some(a) = judge(&mut policy, name, user_id.as_deref(), &body, None) {
+            break Some(a);
         }
     };
     c.close(Duration::from_millis(300));
     Ok(found)
 }
 
-/// Announces `ip.tun.started` (and readiness) and serves later `ip.tun.start` messages,
-/// reconnecting quietly (the data link logs broker loss), until `stop`.
-pub fn run(config: &AgentConfig, stop: &Stop) {
+/// Announces `ip.tun.started` (and readiness) and serves later `ip.tun.start` messages
+/// (from the coordinator only, counting forged ones into `counters`), reconnecting quietly
+/// (the data link logs broker loss), until `stop`.
+pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<Counters>) {
     let mut addressing = config.old_addressing.clone();
     let mut backoff = crate::amqp::Backoff::new(now_ns());
+    let mut policy = policy(config);
     while !stop.is_raised() {
-        match serve(config, &mut addressing, stop) {
+        match serve(config, &mut addressing, &mut policy, &counters, stop) {
             Ok(()) => return,
             Err(client::Error::Stopped) => return,
             Err(error) => tracing::debug!(agent = %config.name, %error, "ioppytest control connection failed"),
@@ -107,7 +133,7 @@ pub fn run(config: &AgentConfig, stop: &Stop) {
     }
 }
 
-fn serve(config: &AgentConfig, addressing: &mut OldAddressing, stop: &Stop) -> Result<(), client::Error> {
+fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &Counters, stop: &Stop) -> Result<(), client::Error> {
     let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
     let mut c = open(config, stop)?;
     let started_key = ioppytest::routing_key_tun_started(name);
@@ -115,16 +141,12 @@ fn serve(config: &AgentConfig, addressing: &mut OldAddressing, stop: &Stop) -> R
     publish(&mut c, exchange, &started_key, &addressing.to_started(name))?;
     while !stop.is_raised() {
         let Some(event) = c.wait_event(Duration::from_millis(250), stop.flag())? else { continue };
-        let body = match event {
-            Owned::Delivery { body, .. } => body,
+        let (body, user) = match event {
+            Owned::Delivery { body, user_id, .. } => (body, user_id),
             Owned::Cancelled => return Err(client::Error::Eof { broker: c.broker().to_owned(), hint: " (the control consumer was cancelled)" }),
             _ => continue,
         };
-        let Ok(t) = serde_json::from_slice::<TunStarted>(&body) else {
-            tracing::warn!(agent = name, "ignoring an ip.tun.start that is not valid JSON");
-            continue;
-        };
-        let wanted = OldAddressing::from_started(&t);
+        let Some(wanted) = judge(policy, name, user.as_deref(), &body, Some(counters)) else { continue };
         for p in wanted.prefixes() {
             if !config.addrs.iter().any(|c| c.addr == p.addr) && !addressing.prefixes().iter().any(|c| c.addr == p.addr) {
                 match crate::tun::netns::add_address(config.netns.as_deref(), &config.ifname, &p) {

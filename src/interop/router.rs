@@ -162,11 +162,9 @@ impl Router {
     }
 
     fn serve(&mut self, lost: &mut bool, backoff: &mut crate::amqp::Backoff, stop: &Stop) -> Result<(), client::Error> {
-        let mut c = self.connect(stop)?;
         let s = stop.flag();
-        if !self.opts.exchange.starts_with("amq.") {
-            c.exchange_declare(&self.opts.exchange, s)?;
-        }
+        let exchange = self.opts.exchange.clone();
+        let mut c = client::with_exchange(&exchange, s, || self.connect(stop))?;
         c.queue_declare(&self.queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(QUEUE_MAX_MESSAGES))], s)?;
         let mut keys = vec![
             "fromAgent.*.ip.tun.packet.raw".to_owned(),
@@ -182,6 +180,8 @@ impl Router {
         }
         c.basic_qos(self.opts.prefetch, s)?;
         c.basic_consume(&self.queue, "tunbus-router", false, true, s)?;
+        // Hear every native agent's claims now, not at its next hello.
+        c.publish_copy(&exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent route"}"#)?;
         if *lost {
             tracing::info!("router reconnected to the broker");
             self.counters.reconnects += 1;
@@ -304,12 +304,14 @@ impl Router {
         self.native.expire(Instant::now());
         let addressing = OldAddressing::from_started(&started);
         let mut added = false;
+        let mut kept = 0;
         for addr in addressing.addresses() {
             if let Some(holder) = self.native.holder(addr) {
                 self.counters.refused_claims += 1;
                 tracing::warn!(agent = name, address = %addr, holder, "REFUSED: an old-wire agent announced an address a native agent holds");
                 continue;
             }
+            kept += 1;
             if self.owner.insert(addr, name.to_owned()).is_none() {
                 c.queue_bind(&self.queue, &self.opts.exchange, &route::unicast_pattern(addr), stop.flag())?;
                 added = true;
@@ -318,7 +320,7 @@ impl Router {
         if added {
             self.announce(c, false)?;
         }
-        if self.old.insert(name.to_owned(), addressing).is_none() {
+        if kept > 0 && self.old.insert(name.to_owned(), addressing).is_none() {
             self.counters.agents_learned += 1;
             tracing::info!(agent = name, addresses = ?self.old[name].addresses(), "learned an old-wire agent");
         }

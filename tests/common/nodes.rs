@@ -73,21 +73,41 @@ pub struct TestNode {
     pub dir: PathBuf,
     pub tls_port: u16,
     pub certs: Certs,
+    /// The management HTTP API's port, when the node runs it.
+    pub api_port: Option<u16>,
 }
 
 impl TestNode {
     pub fn start() -> TestNode {
+        TestNode::start_with_api(false)
+    }
+
+    /// A node that also runs the management HTTP API (`management.tcp.port`).
+    pub fn start_with_api(api: bool) -> TestNode {
         let dir = std::env::temp_dir().join(unique("tunbus-node-"));
         // Inside the node's folder, which is handed to the rabbitmq user: it must read the key.
         let certs = Certs::generate(&dir.join("node").join("certs"));
         let tls_port = free_tcp_port().expect("free port");
-        let config = NodeConfig {
+        let api_port = api.then(|| free_tcp_port().expect("free port"));
+        let mut config = NodeConfig {
             tls: Some(TlsListener { port: tls_port, ca: certs.ca.clone(), cert: certs.server_cert.clone(), key: certs.server_key.clone(), verify_peer: true }),
             plugins: vec!["rabbitmq_auth_mechanism_ssl".into()],
             extra: vec!["auth_mechanisms.1 = PLAIN".into(), "auth_mechanisms.2 = EXTERNAL".into(), "ssl_cert_login_from = common_name".into()],
         };
+        if let Some(p) = api_port {
+            config.plugins.push("rabbitmq_management".into());
+            config.extra.push(format!("management.tcp.port = {p}"));
+            config.extra.push("management.tcp.ip = 127.0.0.1".into());
+        }
         let broker = PrivateBroker::start_with(&dir.join("node"), &config).expect("a private RabbitMQ node with TLS starts");
-        TestNode { broker, dir, tls_port, certs }
+        if let Some(p) = api_port {
+            let t0 = Instant::now();
+            while TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(t0.elapsed() < Duration::from_secs(60), "the management API did not come up");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        TestNode { broker, dir, tls_port, certs, api_port }
     }
 
     pub fn ctl(&self, args: &[&str]) -> String {
