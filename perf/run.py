@@ -9,6 +9,7 @@ One run measures, side by side and with the same workloads:
   broker      RabbitMQ alone (examples/broker_bench.rs): msg/s, Gbit/s, one-hop latency
   tunbus-q1   two tunbus agents in two namespaces through the broker, --queues 1
   tunbus-q2   the same with --queues 2
+  tunbus-noid the same as tunbus-q1 without the receivers' identity check (its cost)
   tunbus-node / tunbus-tls   --queues 1 through a private RabbitMQ node of this run, over
               amqp:// and over amqps:// (TCP 1 flow, UDP 64 B, idle ping, CPU): TLS's cost
 
@@ -56,6 +57,7 @@ SYSTEMS = {
     "relay-gso": "TUN relay, offload",
     "tunbus-q1": "tunbus --queues 1",
     "tunbus-q2": "tunbus --queues 2",
+    "tunbus-noid": "tunbus q1, --no-identity-check",
     "tunbus-node": "tunbus q1, private node, amqp://",
     "tunbus-tls": "tunbus q1, private node, amqps://",
 }
@@ -66,6 +68,7 @@ COLORS = {
     "broker": "#6a4fc9",
     "tunbus-q1": "#1f77b4",
     "tunbus-q2": "#2ca02c",
+    "tunbus-noid": "#9467bd",
     "tunbus-node": "#17becf",
     "tunbus-tls": "#d62728",
 }
@@ -585,9 +588,12 @@ def make_rows(res: dict) -> list[dict]:
     def row(label, getter, limit_key, unit, limit_name, better="higher", extra_limit=None):
         vals = {k: getter(s.get(k, {})) for k in SYSTEMS}
         r = {"workload": label, "unit": unit, "values": vals, "limit": limit_key, "better": better}
-        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls"):
+        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid"):
             parts = []
-            if q == "tunbus-tls":
+            if q == "tunbus-noid":
+                if vals.get("tunbus-q1") is not None:
+                    parts.append(f"{ratio(vals['tunbus-q1'], vals[q])} checked/unchecked")
+            elif q == "tunbus-tls":
                 if vals.get("tunbus-node") is not None:
                     parts.append(f"{ratio(vals[q], vals['tunbus-node'])} plain")
             elif limit_key and vals.get(limit_key) is not None:
@@ -628,13 +634,13 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
         "Ratios: tunbus / limit measured in this run (TCP vs the TUN relay with offloads, UDP packet rates vs "
         "the relay without offloads, ping vs the relay and vs twice the broker's one-hop latency).",
         "",
-        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain |",
-        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|",
+        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off |",
+        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|",
     ]
     for r in rows:
         digits = 3 if r["unit"] == "ms" else 2
         vals = [fmt(r["values"][k], digits=digits) for k in SYSTEMS]
-        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} |")
+        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} |")
     br = res["systems"].get("broker", {})
     out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, tunbus's own AMQP client)", ""]
     if "error" in br:
@@ -651,7 +657,7 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
                        f"p99.9 {fmt(lat.get('p999_us'))} µs ({lat.get('samples')} samples).")
         out += ["", "The ping rows compare with two hops at the ping's pace (an idle broker wakes more slowly)."]
     out += ["", "## Inside tunbus", ""]
-    for q in ("tunbus-q1", "tunbus-q2", "tunbus-node", "tunbus-tls"):
+    for q in ("tunbus-q1", "tunbus-q2", "tunbus-noid", "tunbus-node", "tunbus-tls"):
         if q not in res["systems"]:
             continue
         d = res["systems"][q]
@@ -796,7 +802,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "perf" / "results"), help="results directory [perf/results]")
     ap.add_argument("--mtu", type=int, default=9000, help="MTU of every interface under test [9000, the agent's default]")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
-    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-node,tunbus-tls")
+    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,tunbus-node,tunbus-tls")
     ap.add_argument("--agent-args", default="", help="extra flags for both tunbus agents, e.g. \"--prefetch 64\" (to compare settings)")
     ap.add_argument("--render", metavar="JSON", help="only re-render latest.md and the SVG from a results JSON")
     args = ap.parse_args()
@@ -857,6 +863,8 @@ def main() -> int:
         ("broker", lambda: system_broker(plan)),
         ("tunbus-q1", lambda: system_tunbus(plan, 1, logdir)),
         ("tunbus-q2", lambda: system_tunbus(plan, 2, logdir)),
+        ("tunbus-noid", lambda: system_tunbus(plan, 1, logdir, key="tunbus-noid", url_args=["--no-identity-check"], subnet=22,
+                                              subset={"tcp_1", "udp_64"})),
         ("tunbus-node", lambda: system_private_node(plan, logdir, tls=False)),
         ("tunbus-tls", lambda: system_private_node(plan, logdir, tls=True)),
     ]

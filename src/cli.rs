@@ -97,7 +97,7 @@ impl ProvisionArgs {
         if agents.is_empty() && !self.revoke {
             return Err(Failure::new(Exit::Usage, "give at least one --agent NAME=PREFIXES (or --agents-file)").into());
         }
-        Ok(crate::provision::Options { admin, tls: self.broker.tls(), api: self.api.clone(), session: self.session.clone(), agents, out: self.out.clone() })
+        Ok(crate::provision::Options { admin, tls: self.broker.tls(), api: self.api.clone(), session: self.session.clone(), agents, out: self.out.clone(), node: None })
     }
 }
 
@@ -161,6 +161,10 @@ pub struct LabArgs {
     /// Remove what earlier labs left behind (namespaces, private brokers) and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// Provision the session as `agent provision` does (its vhost, one broker user per host
+    /// with its own permissions) and run every host with its own identity, strict mode.
+    #[arg(long)]
+    pub secure: bool,
 }
 
 impl LabArgs {
@@ -183,6 +187,7 @@ impl LabArgs {
             seed: self.seed,
             throughput: Duration::from_secs_f64(self.throughput_seconds),
             private_broker: self.private_broker,
+            secure: self.secure,
             mtu: self.mtu,
         })
     }

@@ -108,6 +108,26 @@ fn three_host_lab_checks_all_pairs_and_cleans_up() {
 }
 
 #[test]
+fn a_secure_lab_gives_each_host_its_own_identity_and_removes_them() {
+    if !system_ready("a_secure_lab_gives_each_host_its_own_identity_and_removes_them") {
+        return;
+    }
+    let session = unique("s");
+    let json = std::env::temp_dir().join(format!("{session}.json"));
+    // The shared broker: provisioning goes through rabbitmqctl, and is revoked at the end.
+    let out = lab(&["--hosts", "3", "--session", &session, "--secure", "--throughput-seconds", "0", "--json"]).arg(&json).output().expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "secure lab failed:\n{text}");
+    assert!(text.contains("lab session provisioned users=3"), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json report")).expect("parses");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    let users = run("rabbitmqctl", &["list_users", "-q"]);
+    assert!(!users.contains(&format!("{session}.h")), "users left behind:\n{users}");
+    let vhosts = run("rabbitmqctl", &["list_vhosts", "-q"]);
+    assert!(!vhosts.lines().any(|l| l.trim() == session), "vhost left behind:\n{vhosts}");
+}
+
+#[test]
 fn two_labs_in_different_sessions_do_not_see_each_other() {
     if !system_ready("two_labs_in_different_sessions_do_not_see_each_other") {
         return;

@@ -51,6 +51,9 @@ pub struct LabOptions {
     pub throughput: Duration,
     pub private_broker: bool,
     pub mtu: u32,
+    /// Provision the session (vhost, one user per host, permissions) and run each host with
+    /// its own identity, strict mode.
+    pub secure: bool,
 }
 
 /// The lab's findings.
@@ -105,6 +108,10 @@ struct State {
     broker_node: Option<String>,
     broker_port: Option<u16>,
     temp_dir: Option<PathBuf>,
+    /// The session was provisioned on this broker (admin URL without password when it is
+    /// the default one); the next run revokes it.
+    #[serde(default)]
+    provisioned_on: Option<String>,
 }
 
 fn state_path(session: &str) -> PathBuf {
@@ -167,6 +174,8 @@ pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
         }
         if let (Some(node), Some(port), Some(dir)) = (&s.broker_node, s.broker_port, &s.temp_dir) {
             PrivateBroker { node: node.clone(), port, dir: dir.join("rabbitmq") }.stop();
+        } else if s.provisioned_on.is_some() {
+            revoke_local(session);
         }
         if let Some(dir) = &s.temp_dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -218,6 +227,17 @@ struct Lab {
     temp_dir: Option<PathBuf>,
     endpoints: Vec<Endpoint>,
     interrupt: Stop,
+    /// `--secure`: the session's users (user, URL) per host, and the strict table.
+    identities: Option<(std::collections::HashMap<String, (String, Endpoint)>, crate::identity::Table)>,
+}
+
+/// Revokes a lab's provisioned session on this machine's broker (rabbitmqctl).
+fn revoke_local(session: &str) {
+    let Ok(admin) = url::parse(DEFAULT_URL) else { return };
+    let o = crate::provision::Options { admin, tls: Default::default(), api: None, session: session.to_owned(), agents: Vec::new(), out: None, node: None };
+    if let Err(e) = crate::provision::revoke(&o) {
+        tracing::warn!(session, error = %e, "could not revoke the lab's session");
+    }
 }
 
 /// Runs a lab until it is checked (or, with `keep`, until `stop`), then tears it down.
@@ -236,6 +256,7 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
         temp_dir: None,
         endpoints: Vec::new(),
         interrupt,
+        identities: None,
     };
     let result = lab.up_and_check(&mut state, &mut stop).await;
     lab.teardown().await;
@@ -251,6 +272,9 @@ impl Lab {
             Some(b) => format!("private node {} on port {}", b.node, b.port),
             None => self.endpoints.iter().map(|e| e.url.to_string()).collect::<Vec<_>>().join(", "),
         };
+        if self.opts.secure {
+            self.provision(state)?;
+        }
         let t0 = Instant::now();
         self.create_namespaces()?;
         for host in self.hosts.clone() {
@@ -319,6 +343,38 @@ impl Lab {
         Ok(vec![Endpoint::plain(url)])
     }
 
+    /// `--secure`: the session's vhost, one user per host, permissions; recorded first so
+    /// that a killed lab's session is revoked by the next run.
+    fn provision(&mut self, state: &mut State) -> anyhow::Result<()> {
+        let Some(base) = self.endpoints.first().map(|e| e.url.clone()) else { bail!("no broker") };
+        let agents: Vec<crate::provision::plan::AgentSpec> = self.hosts.iter().map(|h| crate::provision::plan::AgentSpec { name: h.name.clone(), prefixes: h.prefixes().to_vec() }).collect();
+        let o = crate::provision::Options {
+            admin: base.clone(),
+            tls: Default::default(),
+            api: None,
+            session: self.opts.session.clone(),
+            agents,
+            out: None,
+            node: self.broker.as_ref().map(|b| b.node.clone()),
+        };
+        if self.broker.is_none() {
+            state.provisioned_on = Some(base.authority());
+            write_state(state)?;
+        }
+        let t0 = Instant::now();
+        let summary = crate::provision::provision(&o).context("provisioning the lab's session (--secure)")?;
+        let plan = summary.plan.context("provisioning made no plan")?;
+        let table = crate::identity::peers_file::parse(&plan.peers_file(), Some(&plan.session)).map_err(anyhow::Error::msg)?;
+        let mut by_host = std::collections::HashMap::new();
+        for u in &plan.users {
+            let url = base.with_credentials(&u.user, &u.password).with_vhost(&plan.vhost);
+            by_host.insert(u.agent.clone(), (u.user.clone(), Endpoint::plain(url)));
+        }
+        tracing::info!(users = plan.users.len(), seconds = t0.elapsed().as_secs_f64(), via = summary.backend, "lab session provisioned");
+        self.identities = Some((by_host, table));
+        Ok(())
+    }
+
     fn create_namespaces(&self) -> anyhow::Result<()> {
         let script: String = self.hosts.iter().map(|h| format!("netns add {}\n", h.netns)).collect();
         run_batch(&script).context("creating the lab's namespaces")?;
@@ -342,8 +398,20 @@ impl Lab {
         c.router_solicitations = 0; // a lab has no router: nothing to solicit
         // Every host logs in as the same user: it may use the lab's prefixes. (First claim
         // would have every host bind every hello: N² messages.)
-        let prefixes: Vec<crate::config::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
-        c.identity = crate::identity::Mode::Strict(crate::identity::Table::new(vec![(c.user.clone(), prefixes)]));
+        match &self.identities {
+            // --secure: the host's own user, and only the session's users and addresses.
+            Some((by_host, table)) => {
+                if let Some((user, endpoint)) = by_host.get(&host.name) {
+                    c.endpoints = vec![endpoint.clone()];
+                    c.user = user.clone();
+                }
+                c.identity = crate::identity::Mode::Strict(table.clone());
+            }
+            None => {
+                let prefixes: Vec<crate::config::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                c.identity = crate::identity::Mode::Strict(crate::identity::Table::new(vec![(c.user.clone(), prefixes)]));
+            }
+        }
         // Many agents per process, so smaller per-agent buffers: 128 KiB batches, 32 KiB
         // frames (each data connection reads into two frames' worth). The same at every lab
         // size, so that a lab's figures compare across sizes; `agent connect` keeps the
@@ -469,6 +537,9 @@ impl Lab {
         delete_namespaces(&names);
         if let Some(b) = self.broker.take() {
             b.stop();
+        } else if self.identities.take().is_some() {
+            let session = self.opts.session.clone();
+            let _ = tokio::task::spawn_blocking(move || revoke_local(&session)).await;
         }
         if let Some(dir) = self.temp_dir.take() {
             let _ = std::fs::remove_dir_all(dir);

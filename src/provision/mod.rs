@@ -1,11 +1,12 @@
 //! `agent provision`: a session of its own on a shared broker, and an identity for each
 //! of its agents.
 //!
-//! For session `S` it creates the vhost `S`, the durable topic exchange `tunbus.S` (over
-//! AMQP, as the admin), one user `S.<agent>` per agent with a generated password and the
-//! permissions of [`plan`] (its own queues, the session's exchange, its own address keys),
-//! and writes each agent's URL file (mode 0600) and the session's peers file (strict mode).
-//! `--revoke` removes the vhost and every user tagged with the session.
+//! For session `S` it creates the vhost `S`, the durable topic exchange `tunbus.S`, one
+//! user `S.<agent>` per agent with a generated password (stored as RabbitMQ's salted
+//! SHA-256) and the permissions of [`plan`] (its own queues, the session's exchange, its
+//! own address keys), all in one definitions import, and writes each agent's URL file (mode
+//! 0600) and the session's peers file (strict mode). `--revoke` removes the vhost and every
+//! user tagged with the session.
 //!
 //! It talks to RabbitMQ's management HTTP API when the broker has one (that is what remote
 //! operators have: `--api`, else `http://<broker host>:15672`), and falls back to
@@ -22,13 +23,10 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::amqp::client::{Client, ConnectOptions, Endpoint};
-use crate::amqp::session::ExchangeOptions;
 use crate::amqp::tls::TlsOptions;
 use crate::amqp::url::BrokerUrl;
-use crate::util::Stop;
 use http::{segment, Api};
-use plan::{AgentSpec, Permissions, SessionPlan};
+use plan::{AgentSpec, SessionPlan};
 
 /// What `agent provision` was asked to do.
 #[derive(Clone, Debug)]
@@ -42,24 +40,31 @@ pub struct Options {
     pub agents: Vec<AgentSpec>,
     /// Where to write the URL files and the peers file.
     pub out: Option<PathBuf>,
+    /// Use `rabbitmqctl -n NODE` (a private node of this machine) instead of looking for
+    /// the API.
+    pub node: Option<String>,
 }
 
 /// How the broker's users and permissions are changed.
 enum Backend {
     Api(Api),
-    Ctl,
+    /// `rabbitmqctl`, of node `-n NODE` when given.
+    Ctl(Option<String>),
 }
 
 impl Backend {
     fn name(&self) -> &'static str {
         match self {
             Backend::Api(_) => "the management HTTP API",
-            Backend::Ctl => "rabbitmqctl on this machine",
+            Backend::Ctl(_) => "rabbitmqctl on this machine",
         }
     }
 
     /// The API if it answers, else `rabbitmqctl` when the broker is on this machine.
     fn choose(o: &Options) -> anyhow::Result<Backend> {
+        if o.node.is_some() {
+            return Ok(Backend::Ctl(o.node.clone()));
+        }
         let base = o.api.clone().unwrap_or_else(|| format!("http://{}:15672", if o.admin.host.contains(':') { format!("[{}]", o.admin.host) } else { o.admin.host.clone() }));
         let api = Api::new(&base, o.admin.username.as_deref().unwrap_or("guest"), o.admin.password().unwrap_or("guest"), &o.tls)?;
         match api.request("GET", "/api/overview", None, &[]) {
@@ -70,73 +75,47 @@ impl Backend {
         let local = matches!(o.admin.host.as_str(), "localhost" | "127.0.0.1" | "::1");
         let ctl = Command::new("rabbitmqctl").arg("-q").arg("status").output().is_ok_and(|r| r.status.success());
         if local && ctl {
-            return Ok(Backend::Ctl);
+            return Ok(Backend::Ctl(None));
         }
         bail!("no management API at {base} (enable rabbitmq_management, or give --api), and the broker is not this machine's (rabbitmqctl works only here)")
     }
 
-    fn ctl(args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("rabbitmqctl").arg("-q").args(args).output().context("running rabbitmqctl")?;
+    fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("rabbitmqctl");
+        cmd.arg("-q");
+        if let Backend::Ctl(Some(node)) = self {
+            cmd.args(["-n", node]);
+        }
+        let out = cmd.args(args).output().context("running rabbitmqctl")?;
         if !out.status.success() {
             bail!("rabbitmqctl {}: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn add_vhost(&self, vhost: &str) -> anyhow::Result<()> {
+    /// Imports definitions (vhost, exchange, users, permissions) in one call: a session of
+    /// hundreds of agents takes as long as one of two.
+    fn import(&self, defs: &serde_json::Value) -> anyhow::Result<()> {
         match self {
-            Backend::Api(a) => a.request("PUT", &format!("/api/vhosts/{}", segment(vhost)), Some("{}"), &[]).map(drop)?,
-            Backend::Ctl => {
-                if !Backend::ctl(&["list_vhosts"])?.lines().any(|l| l.trim() == vhost) {
-                    Backend::ctl(&["add_vhost", vhost])?;
-                }
+            Backend::Api(a) => a.request("POST", "/api/definitions", Some(&defs.to_string()), &[]).map(drop)?,
+            Backend::Ctl(_) => {
+                let path = std::env::temp_dir().join(format!("tunbus-definitions-{}-{}.json", std::process::id(), crate::util::now_ns()));
+                write_private(&path, &defs.to_string())?;
+                // The rabbitmq user reads it (Debian's rabbitmqctl runs as that user).
+                let _ = Command::new("chown").arg("rabbitmq").arg(&path).status();
+                let r = self.ctl(&["import_definitions", &path.to_string_lossy()]);
+                let _ = std::fs::remove_file(&path);
+                r?;
             }
         }
         Ok(())
     }
 
-    fn delete_vhost(&self, vhost: &str) -> anyhow::Result<bool> {
-        match self {
-            Backend::Api(a) => Ok(a.request("DELETE", &format!("/api/vhosts/{}", segment(vhost)), None, &[404])?.0 != 404),
-            Backend::Ctl => {
-                if Backend::ctl(&["list_vhosts"])?.lines().any(|l| l.trim() == vhost) {
-                    Backend::ctl(&["delete_vhost", vhost])?;
-                    Ok(true)
-                } else {
-                    Ok(false)
-                }
-            }
-        }
-    }
-
-    fn put_user(&self, user: &str, password: &str, tag: &str) -> anyhow::Result<()> {
-        match self {
-            Backend::Api(a) => a.request("PUT", &format!("/api/users/{}", segment(user)), Some(&json!({ "password": password, "tags": tag }).to_string()), &[]).map(drop)?,
-            Backend::Ctl => {
-                if Backend::users_tagged(self, "")?.iter().any(|u| u == user) {
-                    Backend::ctl(&["change_password", user, password])?;
-                } else {
-                    Backend::ctl(&["add_user", user, password])?;
-                }
-                Backend::ctl(&["set_user_tags", user, tag])?;
-            }
-        }
-        Ok(())
-    }
-
-    fn delete_user(&self, user: &str) -> anyhow::Result<()> {
-        match self {
-            Backend::Api(a) => a.request("DELETE", &format!("/api/users/{}", segment(user)), None, &[404]).map(drop)?,
-            Backend::Ctl => Backend::ctl(&["delete_user", user]).map(drop)?,
-        }
-        Ok(())
-    }
-
-    /// Users carrying `tag` (every user when `tag` is empty).
+    /// Users carrying `tag`.
     fn users_tagged(&self, tag: &str) -> anyhow::Result<Vec<String>> {
         let list: serde_json::Value = match self {
             Backend::Api(a) => serde_json::from_str(&a.request("GET", "/api/users", None, &[])?.1)?,
-            Backend::Ctl => serde_json::from_str(&Backend::ctl(&["list_users", "--formatter", "json"])?)?,
+            Backend::Ctl(_) => serde_json::from_str(&self.ctl(&["list_users", "--formatter", "json"])?)?,
         };
         let mut out = Vec::new();
         for u in list.as_array().map(Vec::as_slice).unwrap_or_default() {
@@ -146,45 +125,87 @@ impl Backend {
                 serde_json::Value::String(s) => s.split(',').map(|t| t.trim().to_owned()).collect(),
                 _ => Vec::new(),
             };
-            if tag.is_empty() || tags.iter().any(|t| t == tag) {
+            if tags.iter().any(|t| t == tag) {
                 out.push(name.to_owned());
             }
         }
         Ok(out)
     }
 
-    fn permissions(&self, vhost: &str, user: &str, exchange: &str, p: &Permissions) -> anyhow::Result<()> {
+    /// Deletes `users` in one call.
+    fn delete_users(&self, users: &[String]) -> anyhow::Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
         match self {
-            Backend::Api(a) => {
-                let path = format!("/api/permissions/{}/{}", segment(vhost), segment(user));
-                a.request("PUT", &path, Some(&json!({ "configure": p.configure, "write": p.write, "read": p.read }).to_string()), &[])?;
-                let path = format!("/api/topic-permissions/{}/{}", segment(vhost), segment(user));
-                a.request("PUT", &path, Some(&json!({ "exchange": exchange, "write": p.topic_write, "read": p.topic_read }).to_string()), &[])?;
-            }
-            Backend::Ctl => {
-                Backend::ctl(&["set_permissions", "-p", vhost, user, &p.configure, &p.write, &p.read])?;
-                Backend::ctl(&["set_topic_permissions", "-p", vhost, user, exchange, &p.topic_write, &p.topic_read])?;
+            Backend::Api(a) => a.request("POST", "/api/users/bulk-delete", Some(&json!({ "users": users }).to_string()), &[]).map(drop)?,
+            Backend::Ctl(_) => {
+                // One Erlang call for all of them (a rabbitmqctl per user takes half a second).
+                let list: Vec<String> = users.iter().map(|u| format!("<<\"{}\">>", u.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+                let code = format!("[catch rabbit_auth_backend_internal:delete_user(U, <<\"tunbus\">>) || U <- [{}]], ok.", list.join(","));
+                self.ctl(&["eval", &code])?;
             }
         }
         Ok(())
     }
 
-    /// Full permissions for the administrator, to declare the session's exchange.
-    fn admin_permissions(&self, vhost: &str, admin: &str) -> anyhow::Result<()> {
-        let all = Permissions { configure: ".*".into(), write: ".*".into(), read: ".*".into(), topic_write: ".*".into(), topic_read: ".*".into() };
+    fn delete_vhost(&self, vhost: &str) -> anyhow::Result<()> {
         match self {
-            Backend::Api(a) => a.request("PUT", &format!("/api/permissions/{}/{}", segment(vhost), segment(admin)), Some(&json!({ "configure": all.configure, "write": all.write, "read": all.read }).to_string()), &[]).map(drop)?,
-            Backend::Ctl => Backend::ctl(&["set_permissions", "-p", vhost, admin, ".*", ".*", ".*"]).map(drop)?,
+            Backend::Api(a) => a.request("DELETE", &format!("/api/vhosts/{}", segment(vhost)), None, &[404]).map(drop)?,
+            Backend::Ctl(_) => {
+                if self.ctl(&["list_vhosts"])?.lines().any(|l| l.trim() == vhost) {
+                    self.ctl(&["delete_vhost", vhost])?;
+                }
+            }
         }
         Ok(())
     }
 }
 
+/// RabbitMQ's password hash (`rabbit_password_hashing_sha256`): base64 of a 4-byte salt
+/// followed by SHA-256 of the salt and the password.
+pub fn password_hash(password: &str, salt: [u8; 4]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    let mut out = salt.to_vec();
+    out.extend_from_slice(&h.finalize());
+    http::base64(&out)
+}
+
+/// The definitions that make `plan` (RabbitMQ's import format).
+pub fn definitions(plan: &SessionPlan, salt: &mut impl FnMut() -> [u8; 4]) -> serde_json::Value {
+    let users: Vec<_> = plan
+        .users
+        .iter()
+        .map(|u| json!({ "name": u.user, "password_hash": password_hash(&u.password, salt()), "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": plan.tag, "limits": {} }))
+        .collect();
+    let perms: Vec<_> = plan.users.iter().map(|u| json!({ "user": u.user, "vhost": plan.vhost, "configure": u.permissions.configure, "write": u.permissions.write, "read": u.permissions.read })).collect();
+    let topic: Vec<_> = plan
+        .users
+        .iter()
+        .map(|u| json!({ "user": u.user, "vhost": plan.vhost, "exchange": plan.exchange, "write": u.permissions.topic_write, "read": u.permissions.topic_read }))
+        .collect();
+    json!({
+        "vhosts": [{ "name": plan.vhost }],
+        "users": users,
+        "permissions": perms,
+        "topic_permissions": topic,
+        "exchanges": [{ "name": plan.exchange, "vhost": plan.vhost, "type": "topic", "durable": true, "auto_delete": false, "internal": false, "arguments": {} }],
+    })
+}
+
+fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut raw = [0u8; N];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw)).context("reading /dev/urandom")?;
+    Ok(raw)
+}
+
 /// A password of 24 letters and digits from the kernel's random source.
 pub fn generate_password() -> anyhow::Result<String> {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
-    let mut raw = [0u8; 64];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw)).context("reading /dev/urandom")?;
+    let raw: [u8; 64] = random_bytes()?;
     // Rejection sampling keeps every letter equally likely.
     let limit = 256 - 256 % ALPHABET.len();
     let pw: String = raw.iter().filter(|&&b| usize::from(b) < limit).take(24).map(|&b| ALPHABET[usize::from(b) % ALPHABET.len()] as char).collect();
@@ -210,14 +231,17 @@ pub fn provision(o: &Options) -> anyhow::Result<Summary> {
         bail!("could not generate passwords");
     }
     let backend = Backend::choose(o)?;
-    backend.add_vhost(&plan.vhost)?;
-    let admin_user = o.admin.username.clone().unwrap_or_else(|| "guest".into());
-    backend.admin_permissions(&plan.vhost, &admin_user)?;
-    declare_exchange(o, &plan)?;
-    for u in &plan.users {
-        backend.put_user(&u.user, &u.password, &plan.tag)?;
-        backend.permissions(&plan.vhost, &u.user, &plan.exchange, &u.permissions)?;
+    let mut salt_error = None;
+    let defs = definitions(&plan, &mut || {
+        random_bytes().unwrap_or_else(|e| {
+            salt_error = Some(e);
+            [0; 4]
+        })
+    });
+    if let Some(e) = salt_error {
+        return Err(e);
     }
+    backend.import(&defs).context("importing the session's definitions")?;
     let mut files = Vec::new();
     if let Some(dir) = &o.out {
         files = write_files(dir, o, &plan)?;
@@ -230,22 +254,9 @@ pub fn revoke(o: &Options) -> anyhow::Result<Summary> {
     let backend = Backend::choose(o)?;
     let tag = plan::session_tag(&o.session);
     let users = backend.users_tagged(&tag)?;
-    for u in &users {
-        backend.delete_user(u)?;
-    }
+    backend.delete_users(&users)?;
     backend.delete_vhost(&o.session)?;
     Ok(Summary { backend: backend.name(), plan: None, files: Vec::new(), removed_users: users })
-}
-
-/// The session's exchange, durable, declared as the administrator in the new vhost.
-fn declare_exchange(o: &Options, plan: &SessionPlan) -> anyhow::Result<()> {
-    let endpoint = Endpoint::new(o.admin.with_vhost(&plan.vhost), &o.tls).map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
-    let stop = Stop::new();
-    let mut c = Client::open(&endpoint, &ConnectOptions::new("tunbus provision"), stop.flag()).context("connecting to the broker as the administrator")?;
-    c.exchange_declare_with(&plan.exchange, ExchangeOptions { passive: false, durable: true, auto_delete: false }, stop.flag())
-        .with_context(|| format!("declaring the exchange {}", plan.exchange))?;
-    c.close(std::time::Duration::from_millis(300));
-    Ok(())
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -270,4 +281,33 @@ fn write_files(dir: &Path, o: &Options, plan: &SessionPlan) -> anyhow::Result<Ve
     write_private(&peers, &plan.peers_file())?;
     files.push(peers);
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hashes_are_rabbitmqs() {
+        // RabbitMQ 3.10: rabbitmqctl eval 'base64:encode(rabbit_password:salted_hash(
+        // rabbit_password_hashing_sha256, <<144,141,198,10>>, <<"guest">>)).' gives
+        // uzAEs1lDMckn3lAujJ8BWihiGe9/uNuqJb0GM5hSWh4= for the hash; stored with the salt first.
+        let h = password_hash("guest", [0x90, 0x8d, 0xc6, 0x0a]);
+        assert_eq!(h, "kI3GCrswBLNZQzHJJ95QLoyfAVooYhnvf7jbqiW9BjOYUloe");
+        assert_eq!(http::base64(&[0x90, 0x8d, 0xc6, 0x0a]).get(..5), h.get(..5));
+    }
+
+    #[test]
+    fn definitions_carry_every_part_of_the_plan() {
+        let agents = vec!["h1=198.18.0.1/24".parse().unwrap()];
+        let plan = plan::plan("lab", &agents, || "pw".into()).unwrap();
+        let d = definitions(&plan, &mut || [1, 2, 3, 4]);
+        assert_eq!(d["vhosts"][0]["name"], "lab");
+        assert_eq!(d["users"][0]["name"], "lab.h1");
+        assert_eq!(d["users"][0]["tags"], "tunbus-lab");
+        assert_eq!(d["permissions"][0]["vhost"], "lab");
+        assert_eq!(d["topic_permissions"][0]["exchange"], "tunbus.lab");
+        assert_eq!(d["exchanges"][0]["durable"], true);
+        assert_eq!(d["exchanges"][0]["auto_delete"], false);
+    }
 }
