@@ -5,6 +5,9 @@
 //! `unicast_key` are those two halves alone, `flow_hash` the 5-tuple hash alone. One element
 //! is one packet; the packets are 64-byte IPv4 TCP and IPv6 UDP (only headers are read).
 //!
+//! `identity/source_check` is the receiver's check of a packet's source against its sender's
+//! broker user (strict table of 300 users).
+//!
 //! Run: `cargo bench --bench route`.
 
 use std::hint::black_box;
@@ -89,9 +92,37 @@ fn routing(c: &mut Criterion) {
     g.finish();
 }
 
+/// The receiver's identity check: the sender's prefixes looked up once per message in a
+/// strict table of 300 users, then `route::source` and the verdict, as `rx::deliver` does it
+/// for a packet whose source differs from the one before.
+fn identity(c: &mut Criterion) {
+    use tunbus::identity::{Mode, Table, Trust, Verdict};
+    let users: Vec<(String, Vec<tunbus::config::Prefix>)> = (1..=300u32)
+        .map(|i| {
+            let v4 = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
+            (format!("lab.h{i}"), vec![format!("{v4}/32").parse().expect("prefix"), format!("fd00:7b::{i:x}/128").parse().expect("prefix")])
+        })
+        .collect();
+    let view = Trust::new(&Mode::Strict(Table::new(users))).view();
+    let packets = [("ipv4_tcp", ipv4_tcp(), &b"lab.h1"[..]), ("ipv6_udp", ipv6_udp(), &b"lab.h1"[..])];
+    for (_, p, u) in &packets {
+        assert_eq!(view.check(Some(u), route::source(p).expect("has a source")), Verdict::Allowed);
+    }
+    let mut g = c.benchmark_group("identity");
+    g.throughput(Throughput::Elements(1));
+    for (name, p, u) in &packets {
+        // Once per message: the sender's prefixes.
+        g.bench_function(format!("sender/{name}"), |b| b.iter(|| view.sender(Some(black_box(u)))));
+        // Once per new source in a message: its verdict.
+        let sender = view.sender(Some(u));
+        g.bench_function(format!("source_check/{name}"), |b| b.iter(|| route::source(black_box(p)).map(|s| sender.check(s))));
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = routing
+    targets = routing, identity
 }
 criterion_main!(benches);

@@ -202,10 +202,48 @@ impl View {
 
     #[inline]
     pub fn check(&self, user: Option<&[u8]>, src: IpAddr) -> Verdict {
+        self.sender(user).check(src)
+    }
+
+    /// The checker for one message's sender: the user is looked up once, then each
+    /// source costs a scan of that user's few prefixes.
+    #[inline]
+    pub fn sender(&self, user: Option<&[u8]>) -> Sender<'_> {
         if !self.trust.checks() {
-            return Verdict::Allowed;
+            return Sender::Anyone;
         }
-        self.table.check(user, src)
+        match user {
+            None => Sender::Unsigned,
+            Some(u) => Sender::User(self.table.prefixes(u).unwrap_or(&[])),
+        }
+    }
+}
+
+/// What one message's sender may use.
+#[derive(Clone, Copy, Debug)]
+pub enum Sender<'a> {
+    /// Checks are off.
+    Anyone,
+    /// The message had no `user_id`.
+    Unsigned,
+    /// A user and its prefixes (none when the table does not know it).
+    User(&'a [Prefix]),
+}
+
+impl Sender<'_> {
+    #[inline]
+    pub fn check(&self, src: IpAddr) -> Verdict {
+        match self {
+            Sender::Anyone => Verdict::Allowed,
+            Sender::Unsigned => Verdict::NoIdentity,
+            Sender::User(ps) => {
+                if !never_a_source(src) && ps.iter().any(|p| contains(p, src)) {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Spoofed
+                }
+            }
+        }
     }
 }
 

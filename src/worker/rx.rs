@@ -240,6 +240,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     let mut unsigned = 0u64;
     let sender_queues = frame.header().sender_queues;
     let checks = sink.trust.checks();
+    let sender = sink.trust.sender(user);
     // The last source seen and what was concluded about it: a batch is mostly one flow.
     let mut last: Option<(Option<IpAddr>, Verdict)> = None;
     for p in frame.packets() {
@@ -249,7 +250,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
                 Some((s, v)) if s == src => v,
                 _ => {
                     let v = match src {
-                        Some(a) => sink.trust.check(user, a),
+                        Some(a) => sender.check(a),
                         None => Verdict::Spoofed, // no source address to vouch for
                     };
                     let v = if checks { v } else { Verdict::Allowed };
