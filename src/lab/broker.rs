@@ -78,6 +78,59 @@ pub struct NodeConfig {
     pub extra: Vec<String>,
 }
 
+/// A private cluster of several nodes on this machine: node 1 starts, the others join it
+/// (`rabbitmqctl join_cluster`). All run as the `rabbitmq` user, so they share its Erlang
+/// cookie. Stopped and removed like a single node.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    pub nodes: Vec<PrivateBroker>,
+}
+
+impl PrivateCluster {
+    /// Starts `n` nodes under `dir/node<i>` and joins them into one cluster.
+    pub fn start(dir: &Path, n: usize, config: &NodeConfig) -> anyhow::Result<PrivateCluster> {
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            nodes.push(PrivateBroker::prepare(&dir.join(format!("node{i}")), config)?);
+        }
+        let cluster = PrivateCluster { nodes };
+        // Booting in parallel: the VMs start at once, the joins come after.
+        for node in &cluster.nodes {
+            if let Err(e) = node.launch() {
+                cluster.stop();
+                return Err(e);
+            }
+        }
+        for node in &cluster.nodes {
+            if let Err(e) = node.wait_up(config.tls.as_ref().map(|t| t.port), Duration::from_secs(90)) {
+                cluster.stop();
+                return Err(e);
+            }
+        }
+        let first = cluster.nodes[0].node.clone();
+        for node in &cluster.nodes[1..] {
+            let joined = node.ctl(&["stop_app"]).and_then(|_| node.ctl(&["join_cluster", &first])).and_then(|_| node.ctl(&["start_app"]));
+            if let Err(e) = joined.and_then(|_| node.wait_up(None, Duration::from_secs(60))) {
+                cluster.stop();
+                return Err(e.context(format!("joining {} to {first}", node.node)));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The nodes' AMQP URLs (guest), in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(PrivateBroker::url).collect()
+    }
+
+    /// Stops every node and removes their folders.
+    pub fn stop(&self) {
+        for n in &self.nodes {
+            n.stop();
+        }
+    }
+}
+
 /// A running private node.
 #[derive(Debug)]
 pub struct PrivateBroker {
@@ -100,6 +153,15 @@ impl PrivateBroker {
     /// Starts a node with `config` under `dir` (files it names may live there too: the
     /// folder is handed to the `rabbitmq` user) and waits until every listener answers.
     pub fn start_with(dir: &Path, config: &NodeConfig) -> anyhow::Result<PrivateBroker> {
+        let broker = PrivateBroker::prepare(dir, config)?;
+        broker.launch()?;
+        broker.wait_up(config.tls.as_ref().map(|t| t.port), Duration::from_secs(60))?;
+        Ok(broker)
+    }
+
+    /// Writes the node's folder and configuration (its own name, ports, data): nothing runs
+    /// yet.
+    pub fn prepare(dir: &Path, config: &NodeConfig) -> anyhow::Result<PrivateBroker> {
         if !installed() {
             bail!("RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url to a broker)");
         }
@@ -122,42 +184,63 @@ impl PrivateBroker {
         // Debian's rabbitmq-server drops root privileges to the `rabbitmq` user, which must
         // own the node's folder (where there is no such user, the server runs as us).
         let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir).stderr(Stdio::null()).status();
-        let broker = PrivateBroker { node, port, dir: dir.to_owned() };
+        Ok(PrivateBroker { node, port, dir: dir.to_owned() })
+    }
+
+    /// Starts the prepared node (again, after a crash: same name, ports and data, so a
+    /// cluster member rejoins its cluster).
+    pub fn launch(&self) -> anyhow::Result<()> {
         let debian = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
             && Command::new("id").arg("rabbitmq").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
         let mut start = if debian {
-            let mut c = broker.command("su");
+            let mut c = self.command("su");
             c.args(["rabbitmq", "-s", "/bin/sh", "-c", RAISED_START]);
             c
         } else {
-            let mut c = broker.command("rabbitmq-server");
+            let mut c = self.command("rabbitmq-server");
             c.arg("-detached");
             c
         };
-        let status = start
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("starting rabbitmq-server")?;
+        let status = start.stdout(Stdio::null()).stderr(Stdio::null()).status().context("starting rabbitmq-server")?;
         if !status.success() {
-            bail!("rabbitmq-server -detached failed ({status}); logs in {}", dir.join("log").display());
+            bail!("rabbitmq-server -detached failed ({status}); logs in {}", self.dir.join("log").display());
         }
+        Ok(())
+    }
+
+    /// Waits until the node's AMQP port (and `tls_port`) answer; stops it on failure.
+    pub fn wait_up(&self, tls_port: Option<u16>, limit: Duration) -> anyhow::Result<()> {
         let t0 = Instant::now();
-        let ports: Vec<u16> = std::iter::once(port).chain(config.tls.as_ref().map(|t| t.port)).collect();
+        let ports: Vec<u16> = std::iter::once(self.port).chain(tls_port).collect();
         while !ports.iter().all(|p| answers(&format!("127.0.0.1:{p}"))) {
-            if t0.elapsed() > Duration::from_secs(60) {
-                let log = std::fs::read_dir(dir.join("log"))
+            if t0.elapsed() > limit {
+                let log = std::fs::read_dir(self.dir.join("log"))
                     .ok()
                     .and_then(|d| d.flatten().find(|e| e.file_name().to_string_lossy().ends_with("@localhost.log")))
                     .and_then(|e| std::fs::read_to_string(e.path()).ok())
                     .map(|t| t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
                     .unwrap_or_default();
-                broker.stop();
-                bail!("the private RabbitMQ node did not come up in 60 s; its log ended with:\n{log}");
+                self.stop();
+                bail!("the private RabbitMQ node did not come up in {} s; its log ended with:\n{log}", limit.as_secs());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(broker)
+        Ok(())
+    }
+
+    /// Kills the node hard (SIGKILL of its Erlang VM), as a crashed machine would; its
+    /// folder stays, so [`PrivateBroker::launch`] brings it back.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        let pid = self.os_pid().context("the node has no pid file")?;
+        let status = Command::new("kill").args(["-9", &pid.to_string()]).status().context("kill")?;
+        if !status.success() {
+            bail!("kill -9 {pid} failed");
+        }
+        let t0 = Instant::now();
+        while answers(&format!("127.0.0.1:{}", self.port)) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// Runs `rabbitmqctl -n NODE args…`; its stdout, or an error with its stderr.

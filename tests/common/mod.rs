@@ -310,7 +310,14 @@ pub fn tcp_sink(ns: &str, bind: String, conns: usize) -> JoinHandle<Vec<Digest25
 
 /// Sends `bytes` of the seeded stream from `ns` to `dst`; returns what it sent.
 pub fn tcp_send(ns: &str, dst: String, bytes: u64, seed: u64) -> JoinHandle<Digest256> {
+    tcp_send_paced(ns, dst, bytes, seed, u64::MAX)
+}
+
+/// Like [`tcp_send`], at most `bytes_per_s` (so that a stream is still running when a test
+/// breaks something under it).
+pub fn tcp_send_paced(ns: &str, dst: String, bytes: u64, seed: u64, bytes_per_s: u64) -> JoinHandle<Digest256> {
     in_netns(ns, move || {
+        let t0 = Instant::now();
         let mut s = TcpStream::connect(&dst).unwrap_or_else(|e| panic!("connect {dst}: {e}"));
         s.set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
         let mut gen = Stream::new(seed);
@@ -323,6 +330,12 @@ pub fn tcp_send(ns: &str, dst: String, bytes: u64, seed: u64) -> JoinHandle<Dige
             h.update(&buf[..n]);
             s.write_all(&buf[..n]).expect("write to TCP");
             left -= n as u64;
+            if bytes_per_s != u64::MAX {
+                let due = Duration::from_secs_f64((bytes - left) as f64 / bytes_per_s as f64);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
         }
         drop(s);
         Digest256 { bytes, sha256: h.finalize().into() }
