@@ -152,6 +152,10 @@ pub struct LabArgs {
     /// Start a private RabbitMQ node even if one answers on localhost:5672.
     #[arg(long)]
     pub private_broker: bool,
+    /// Start a private RabbitMQ cluster of N nodes and spread the hosts over them round
+    /// robin (each host lists the other nodes after its own, for failover).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub brokers: u16,
     /// Interface MTU of every host.
     #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
     pub mtu: u32,
@@ -187,6 +191,7 @@ impl LabArgs {
             seed: self.seed,
             throughput: Duration::from_secs_f64(self.throughput_seconds),
             private_broker: self.private_broker,
+            brokers: usize::from(self.brokers),
             secure: self.secure,
             mtu: self.mtu,
         })

@@ -16,9 +16,10 @@ use tunbus::util::{now_ns, Stop};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A lab runs hundreds of agents in this process: their per-agent lines stay at debug.
+    // A lab runs hundreds of agents in this process: their per-agent lines stay quiet (the
+    // lab reports connectivity itself).
     let default_filter = match cli.command {
-        Command::Lab(_) => "info,tunbus::agent=warn",
+        Command::Lab(_) => "info,tunbus::agent=warn,tunbus::amqp=error",
         _ => "info",
     };
     tracing_subscriber::fmt()

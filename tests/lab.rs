@@ -277,3 +277,25 @@ fn a_lab_without_a_broker_starts_and_removes_its_own() {
     assert!(leftovers.is_empty(), "temporary folder left behind: {leftovers:?}");
     assert!(namespaces_with(&format!("tb-{session}-")).is_empty());
 }
+
+#[test]
+fn a_large_lab_leaves_the_broker_healthy() {
+    if !system_ready("a_large_lab_leaves_the_broker_healthy") {
+        return;
+    }
+    let session = unique("big");
+    let out = lab(&["--hosts", "300", "--session", &session, "--sample", "30", "--throughput-seconds", "0"]).output().expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a 300-host lab failed:\n{text}");
+    // The broker it used still runs, has no alarm, and declares queues.
+    for check in [["-q", "check_running"], ["-q", "check_local_alarms"]] {
+        let o = Command::new("rabbitmq-diagnostics").args(check).output().expect("rabbitmq-diagnostics");
+        assert!(o.status.success(), "rabbitmq-diagnostics {check:?} after the lab: {}", String::from_utf8_lossy(&o.stdout));
+    }
+    let mut c = bus_client();
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let q = c.queue_declare("", tunbus::amqp::session::QueueOptions { exclusive: true, ..Default::default() }, &[], &never);
+    assert!(q.is_ok(), "the broker no longer declares queues after a large lab: {q:?}");
+    let queues = run("rabbitmqctl", &["list_queues", "-q", "name"]);
+    assert!(!queues.contains(&format!("tunbus.{session}.")), "queues left behind");
+}

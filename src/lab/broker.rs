@@ -27,15 +27,39 @@ pub fn installed() -> bool {
         || Command::new("sh").args(["-c", "command -v rabbitmq-server"]).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
 }
 
-/// The open-files limit the default local node reports (`rabbitmqctl status`), if it can
-/// be asked. Each AMQP connection takes one.
-pub fn local_fd_limit() -> Option<usize> {
+/// What the default local node can still take (`rabbitmqctl status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Sockets (connections) it may still accept under its open-files limit.
+    pub sockets_free: usize,
+    /// Bytes below its memory high watermark.
+    pub memory_free: u64,
+}
+
+/// What one agent connection costs a broker in memory (measured: perf/cluster_sim.py).
+pub const MEMORY_PER_CONNECTION: u64 = 256 * 1024;
+
+impl Capacity {
+    /// Whether `connections` more fit, with a fifth to spare: a broker at its socket limit
+    /// refuses connections and, at its memory watermark, blocks every publisher.
+    pub fn holds(&self, connections: usize) -> bool {
+        let want = connections + connections / 5 + 16;
+        want <= self.sockets_free && (want as u64) * MEMORY_PER_CONNECTION <= self.memory_free
+    }
+}
+
+/// The default local node's free sockets and memory, if it can be asked.
+pub fn local_capacity() -> Option<Capacity> {
     let out = Command::new("rabbitmqctl").args(["status", "--formatter", "json"]).stderr(Stdio::null()).output().ok()?;
     if !out.status.success() {
         return None;
     }
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    status.get("file_descriptors")?.get("total_limit")?.as_u64().map(|n| n as usize)
+    let fd = status.get("file_descriptors")?;
+    let sockets_free = fd.get("sockets_limit")?.as_u64()?.saturating_sub(fd.get("sockets_used")?.as_u64()?) as usize;
+    let limit = status.get("vm_memory_high_watermark_limit")?.as_u64()?;
+    let used = status.get("memory").and_then(|m| m.get("total")).and_then(|t| t.get("rss").or_else(|| t.get("erlang"))).and_then(|v| v.as_u64()).unwrap_or(0);
+    Some(Capacity { sockets_free, memory_free: limit.saturating_sub(used) })
 }
 
 /// Debian's `rabbitmq-server` wrapper starts the node through `su rabbitmq`, whose soft
@@ -93,6 +117,12 @@ impl PrivateCluster {
         for i in 1..=n {
             nodes.push(PrivateBroker::prepare(&dir.join(format!("node{i}")), config)?);
         }
+        PrivateCluster::start_prepared(nodes)
+    }
+
+    /// Starts prepared nodes and joins them to the first.
+    pub fn start_prepared(nodes: Vec<PrivateBroker>) -> anyhow::Result<PrivateCluster> {
+        let config = NodeConfig::default();
         let cluster = PrivateCluster { nodes };
         // Booting in parallel: the VMs start at once, the joins come after.
         for node in &cluster.nodes {
@@ -280,5 +310,18 @@ impl PrivateBroker {
     pub fn stop(&self) {
         let _ = self.command("rabbitmqctl").args(["-n", &self.node, "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_keeps_a_fifth_to_spare() {
+        let c = Capacity { sockets_free: 832, memory_free: 8 << 30 };
+        assert!(c.holds(600));
+        assert!(!c.holds(1000), "832 sockets do not hold 1000 agents");
+        assert!(!Capacity { sockets_free: 100_000, memory_free: 10 << 20 }.holds(1000), "nor 10 MiB of memory");
     }
 }

@@ -50,6 +50,8 @@ pub struct LabOptions {
     pub seed: u64,
     pub throughput: Duration,
     pub private_broker: bool,
+    /// Nodes of a private cluster to start (1: one node, or the local broker).
+    pub brokers: usize,
     pub mtu: u32,
     /// Provision the session (vhost, one user per host, permissions) and run each host with
     /// its own identity, strict mode.
@@ -74,6 +76,8 @@ pub struct LabReport {
     pub throughput_note: String,
     pub rss_mib: f64,
     pub rss_per_agent_mib: f64,
+    /// Hosts per broker node (the node each host lists first).
+    pub nodes: Vec<(String, usize)>,
     pub ok: bool,
 }
 
@@ -94,6 +98,11 @@ impl std::fmt::Display for LabReport {
             Some(b) => writeln!(f, "  TCP h1 -> h2    {:.2} Gbit/s {}", b / 1e9, self.throughput_note)?,
             None => writeln!(f, "  TCP h1 -> h2    - ({})", self.throughput_note)?,
         }
+        if self.nodes.len() > 1 {
+            for (node, hosts) in &self.nodes {
+                writeln!(f, "  node {node:<21} {hosts} host(s)")?;
+            }
+        }
         writeln!(f, "  memory          {:.1} MiB for the lab process, {:.2} MiB per agent", self.rss_mib, self.rss_per_agent_mib)?;
         write!(f, "  result          {}", if self.ok { "OK" } else { "FAILED" })
     }
@@ -107,6 +116,9 @@ struct State {
     hosts: usize,
     broker_node: Option<String>,
     broker_port: Option<u16>,
+    /// The private nodes of a `--brokers N` cluster, (node, port), under `temp_dir`.
+    #[serde(default)]
+    cluster: Vec<(String, u16)>,
     temp_dir: Option<PathBuf>,
     /// The session was provisioned on this broker (admin URL without password when it is
     /// the default one); the next run revokes it.
@@ -164,6 +176,19 @@ fn run_batch(script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A private folder for a lab's broker nodes: an unpredictable name under the temporary
+/// directory, mode 0700, owned by the `rabbitmq` user that runs the nodes (root reads it
+/// anyway).
+fn private_dir(session: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut raw = [0u8; 8];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw)).context("reading /dev/urandom")?;
+    let dir = std::env::temp_dir().join(format!("tunbus-lab-{session}-{:016x}", u64::from_le_bytes(raw)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = std::process::Command::new("chown").arg("rabbitmq:rabbitmq").arg(&dir).stderr(Stdio::null()).status();
+    Ok(dir)
+}
+
 /// Removes what a dead lab of `session` left. Errors if a lab of that session still runs.
 pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
     let path = state_path(session);
@@ -174,6 +199,10 @@ pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
         }
         if let (Some(node), Some(port), Some(dir)) = (&s.broker_node, s.broker_port, &s.temp_dir) {
             PrivateBroker { node: node.clone(), port, dir: dir.join("rabbitmq") }.stop();
+        } else if let (false, Some(dir)) = (s.cluster.is_empty(), &s.temp_dir) {
+            for (i, (node, port)) in s.cluster.iter().enumerate() {
+                PrivateBroker { node: node.clone(), port: *port, dir: dir.join(format!("node{}", i + 1)) }.stop();
+            }
         } else if s.provisioned_on.is_some() {
             revoke_local(session);
         }
@@ -223,12 +252,19 @@ struct Lab {
     opts: LabOptions,
     hosts: Vec<Host>,
     agents: Vec<Agent>,
-    broker: Option<PrivateBroker>,
+    /// Private nodes this lab started (one, or a `--brokers N` cluster).
+    private: Vec<PrivateBroker>,
     temp_dir: Option<PathBuf>,
     endpoints: Vec<Endpoint>,
     interrupt: Stop,
     /// `--secure`: the session's users (user, URL) per host, and the strict table.
-    identities: Option<(std::collections::HashMap<String, (String, Endpoint)>, crate::identity::Table)>,
+    identities: Option<SecureSession>,
+}
+
+/// `--secure`: each host's broker user and URL, and the session's strict table.
+struct SecureSession {
+    by_host: std::collections::HashMap<String, (String, Endpoint)>,
+    table: crate::identity::Table,
 }
 
 /// Revokes a lab's provisioned session on this machine's broker (rabbitmqctl).
@@ -245,6 +281,12 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
     if opts.hosts < 2 || opts.hosts > plan::MAX_HOSTS {
         bail!("--hosts must be between 2 and {}", plan::MAX_HOSTS);
     }
+    // Per queue of each host: a TUN queue and a socket; then namespaces, pipes, slack.
+    let fds = (opts.hosts * opts.queues * 2 + opts.hosts + 256) as u64;
+    let got = crate::sys::raise_fd_limit(fds).context("raising the open-files limit")?;
+    if got < fds {
+        bail!("a lab of {} hosts needs {fds} open files, and this process may have {got}: raise the hard limit (ulimit -Hn, or LimitNOFILE= in a unit)", opts.hosts);
+    }
     cleanup_session(&opts.session)?;
     let mut state = State { pid: std::process::id(), session: opts.session.clone(), hosts: opts.hosts, ..State::default() };
     write_state(&state)?;
@@ -252,7 +294,7 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
         opts: opts.clone(),
         hosts: plan::hosts(&opts.session, opts.hosts),
         agents: Vec::new(),
-        broker: None,
+        private: Vec::new(),
         temp_dir: None,
         endpoints: Vec::new(),
         interrupt,
@@ -268,9 +310,10 @@ impl Lab {
     async fn up_and_check(&mut self, state: &mut State, stop: &mut watch::Receiver<bool>) -> anyhow::Result<LabReport> {
         let mut report = LabReport { session: self.opts.session.clone(), hosts: self.opts.hosts, queues: self.opts.queues, ..LabReport::default() };
         self.endpoints = self.choose_broker(state)?;
-        report.broker = match &self.broker {
-            Some(b) => format!("private node {} on port {}", b.node, b.port),
-            None => self.endpoints.iter().map(|e| e.url.to_string()).collect::<Vec<_>>().join(", "),
+        report.broker = match self.private.as_slice() {
+            [] => self.endpoints.iter().map(|e| e.url.to_string()).collect::<Vec<_>>().join(", "),
+            [b] => format!("private node {} on port {}", b.node, b.port),
+            nodes => format!("private {}-node cluster on ports {}", nodes.len(), nodes.iter().map(|b| b.port.to_string()).collect::<Vec<_>>().join(", ")),
         };
         if self.opts.secure {
             self.provision(state)?;
@@ -298,6 +341,8 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         report.bring_up_s = t0.elapsed().as_secs_f64();
+        let n = self.endpoints.len().max(1);
+        report.nodes = self.endpoints.iter().enumerate().map(|(i, e)| (e.url.authority(), (0..self.hosts.len()).filter(|h| h % n == i).count())).collect();
         report.hosts_up = self.agents.len();
         tracing::info!(hosts = report.hosts_up, seconds = report.bring_up_s, "lab up");
 
@@ -317,29 +362,53 @@ impl Lab {
         Ok(report)
     }
 
-    /// `--url`, else localhost:5672 if it answers, else a private node.
+    /// `--url`, else (one node asked for) localhost:5672 if it answers and can hold the
+    /// lab, else a private node, or a private cluster of `--brokers N` nodes.
     fn choose_broker(&mut self, state: &mut State) -> anyhow::Result<Vec<Endpoint>> {
         if let Some(endpoints) = &self.opts.endpoints {
             return Ok(endpoints.clone());
         }
-        if !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
-            return Ok(vec![Endpoint::plain(url::parse(&DEFAULT_URL.replace("localhost", "127.0.0.1"))?)]);
+        let connections = self.opts.hosts * self.opts.queues;
+        if self.opts.brokers <= 1 && !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
+            match broker::local_capacity() {
+                Some(cap) if !cap.holds(connections) => tracing::warn!(
+                    connections,
+                    sockets_free = cap.sockets_free,
+                    memory_free_mib = cap.memory_free / (1 << 20),
+                    "the local broker cannot hold this lab (raise its open-files limit: scripts/setup.sh starts it so); starting a private node with a raised limit instead"
+                ),
+                _ => return Ok(vec![Endpoint::plain(url::parse(&DEFAULT_URL.replace("localhost", "127.0.0.1"))?)]),
+            }
         }
         if !broker::installed() {
             bail!("no broker answers on localhost:5672 and RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url)");
         }
-        let dir = std::env::temp_dir().join(format!("tunbus-lab-{}-{}", self.opts.session, std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = private_dir(&self.opts.session)?;
         self.temp_dir = Some(dir.clone());
         state.temp_dir = Some(dir.clone());
         write_state(state)?;
-        tracing::info!("no broker on localhost:5672; starting a private RabbitMQ node");
-        let b = PrivateBroker::start(&dir.join("rabbitmq"))?;
+        if self.opts.brokers > 1 {
+            tracing::info!(nodes = self.opts.brokers, "starting a private RabbitMQ cluster");
+            let prepared: Vec<PrivateBroker> = (1..=self.opts.brokers)
+                .map(|i| PrivateBroker::prepare(&dir.join(format!("node{i}")), &broker::NodeConfig::default()))
+                .collect::<anyhow::Result<_>>()?;
+            // Recorded before anything runs: a killed lab's nodes are stopped by the next run.
+            state.cluster = prepared.iter().map(|b| (b.node.clone(), b.port)).collect();
+            write_state(state)?;
+            let cluster = broker::PrivateCluster::start_prepared(prepared)?;
+            let urls = cluster.urls();
+            self.private = cluster.nodes;
+            return urls.iter().map(|u| Ok(Endpoint::plain(url::parse(u)?))).collect();
+        }
+        tracing::info!("starting a private RabbitMQ node");
+        let b = PrivateBroker::prepare(&dir.join("rabbitmq"), &broker::NodeConfig::default())?;
         state.broker_node = Some(b.node.clone());
         state.broker_port = Some(b.port);
         write_state(state)?;
+        b.launch()?;
+        b.wait_up(None, Duration::from_secs(60))?;
         let url = url::parse(&b.url())?;
-        self.broker = Some(b);
+        self.private = vec![b];
         Ok(vec![Endpoint::plain(url)])
     }
 
@@ -355,9 +424,9 @@ impl Lab {
             session: self.opts.session.clone(),
             agents,
             out: None,
-            node: self.broker.as_ref().map(|b| b.node.clone()),
+            node: self.private.first().map(|b| b.node.clone()),
         };
-        if self.broker.is_none() {
+        if self.private.is_empty() {
             state.provisioned_on = Some(base.authority());
             write_state(state)?;
         }
@@ -371,7 +440,7 @@ impl Lab {
             by_host.insert(u.agent.clone(), (u.user.clone(), Endpoint::plain(url)));
         }
         tracing::info!(users = plan.users.len(), seconds = t0.elapsed().as_secs_f64(), via = summary.backend, "lab session provisioned");
-        self.identities = Some((by_host, table));
+        self.identities = Some(SecureSession { by_host, table });
         Ok(())
     }
 
@@ -385,7 +454,11 @@ impl Lab {
     }
 
     fn agent_config(&self, host: &Host) -> AgentConfig {
-        let mut c = AgentConfig::new(self.endpoints.clone(), &host.name);
+        // Hosts spread over the nodes round robin; each lists the others after its own.
+        let n = self.endpoints.len().max(1);
+        let mut endpoints = self.endpoints.clone();
+        endpoints.rotate_left((host.index - 1) % n);
+        let mut c = AgentConfig::new(endpoints, &host.name);
         c.heartbeat = self.opts.heartbeat;
         c.session = Some(self.opts.session.clone());
         c.exchange = crate::route::session_exchange(&self.opts.session);
@@ -400,12 +473,13 @@ impl Lab {
         // would have every host bind every hello: N² messages.)
         match &self.identities {
             // --secure: the host's own user, and only the session's users and addresses.
-            Some((by_host, table)) => {
-                if let Some((user, endpoint)) = by_host.get(&host.name) {
-                    c.endpoints = vec![endpoint.clone()];
+            Some(secure) => {
+                if let Some((user, endpoint)) = secure.by_host.get(&host.name) {
+                    let url = &endpoint.url;
+                    c.endpoints = c.endpoints.iter().map(|e| Endpoint::plain(e.url.with_credentials(url.username.as_deref().unwrap_or(user), url.password().unwrap_or("")).with_vhost(&url.vhost))).collect();
                     c.user = user.clone();
                 }
-                c.identity = crate::identity::Mode::Strict(table.clone());
+                c.identity = crate::identity::Mode::Strict(secure.table.clone());
             }
             None => {
                 let prefixes: Vec<crate::config::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
@@ -503,7 +577,11 @@ impl Lab {
         let rx_totals = || self.agents.iter().map(Agent::totals).fold((0u64, 0u64), |(b, p), t| (b + t.rx_bytes, p + t.rx_packets));
         let (b0, p0) = rx_totals();
         let mut last = (b0, p0, Instant::now());
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        // On a terminal one line rewritten every second; elsewhere (a log, a script) a line
+        // every second with a time stamp, so a reader can follow reconnections.
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let t0 = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         loop {
             tokio::select! {
@@ -519,15 +597,22 @@ impl Lab {
             }
             let up = self.agents.iter().filter(|a| a.connected()).count();
             let dt = last.2.elapsed();
-            eprint!(
-                "\r{up}/{} hosts connected, delivering {} ({:.0} packets/s), {drops} drops so far   ",
+            let line = format!(
+                "{up}/{} hosts connected, delivering {} ({:.0} packets/s), {drops} drops so far",
                 self.agents.len(),
                 bits_per_s(bytes.saturating_sub(last.0), dt),
                 packets.saturating_sub(last.1) as f64 / dt.as_secs_f64().max(1e-9)
             );
+            if terminal {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("[{:7.1} s] {line}", t0.elapsed().as_secs_f64());
+            }
             last = (bytes, packets, Instant::now());
         }
-        eprintln!();
+        if terminal {
+            eprintln!();
+        }
     }
 
     async fn teardown(&mut self) {
@@ -535,8 +620,10 @@ impl Lab {
         let _ = futures_util::future::join_all(agents.into_iter().map(Agent::shutdown)).await;
         let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
         delete_namespaces(&names);
-        if let Some(b) = self.broker.take() {
-            b.stop();
+        if !self.private.is_empty() {
+            for b in std::mem::take(&mut self.private) {
+                b.stop();
+            }
         } else if self.identities.take().is_some() {
             let session = self.opts.session.clone();
             let _ = tokio::task::spawn_blocking(move || revoke_local(&session)).await;
