@@ -40,6 +40,11 @@ struct Args {
     sizes: Vec<usize>,
     latency_samples: usize,
     latency_gaps_ms: Vec<u64>,
+    /// `x-queue-type` (classic, quorum): quorum queues are durable and replicated, so the
+    /// queue is not exclusive and is deleted at the end.
+    queue_type: String,
+    /// The publisher's node when it differs from the consumer's (`--url`).
+    publish_url: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -49,6 +54,8 @@ fn parse_args() -> anyhow::Result<Args> {
         sizes: vec![1536, 64 * 1024, 256 * 1024],
         latency_samples: 2000,
         latency_gaps_ms: vec![0, 10],
+        queue_type: "classic".to_owned(),
+        publish_url: None,
     };
     let list = |v: String, flag: &str| -> anyhow::Result<Vec<u64>> {
         v.split(',').map(|s| s.trim().parse().with_context(|| format!("{flag}: {s:?}"))).collect()
@@ -62,6 +69,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--sizes" => args.sizes = list(value()?, "--sizes")?.into_iter().map(|s| s as usize).collect(),
             "--latency-samples" => args.latency_samples = value()?.parse().context("--latency-samples")?,
             "--latency-gaps" => args.latency_gaps_ms = list(value()?, "--latency-gaps")?,
+            "--queue-type" => args.queue_type = value()?,
+            "--publish-url" => args.publish_url = Some(value()?),
             other => bail!(
                 "unknown argument {other:?}\nusage: broker_bench [--url URL] [--seconds S] [--sizes A,B,..] \
                  [--latency-samples N] [--latency-gaps MS,MS,..]"
@@ -220,11 +229,24 @@ fn main() -> anyhow::Result<()> {
     let never = AtomicBool::new(false);
     let mut consumer = Client::open(&endpoint, &ConnectOptions::new("broker_bench consumer"), &never).with_context(|| format!("connecting to {}", endpoint.url))?;
     // Exclusive: the queue goes with the consumer's connection, whatever happens.
-    let exclusive = QueueOptions { exclusive: true, ..QueueOptions::default() };
-    consumer.queue_declare(&queue, exclusive, &[("x-max-length", Value::I32(i32::MAX))], &never)?;
+    let quorum = args.queue_type != "classic";
+    let options = QueueOptions { exclusive: !quorum, ..QueueOptions::default() };
+    let mut qargs = vec![("x-max-length", Value::I32(i32::MAX))];
+    if quorum {
+        qargs.push(("x-queue-type", Value::Str(&args.queue_type)));
+    }
+    if quorum {
+        consumer.call(|s| s.queue_declare_durable(&queue, &qargs), &never)?; // quorum queues must be durable
+    } else {
+        consumer.queue_declare(&queue, options, &qargs, &never)?;
+    }
     consumer.basic_qos(PREFETCH, &never)?;
     consumer.basic_consume(&queue, "broker-bench", false, true, &never)?;
-    let mut publish = Client::open(&endpoint, &ConnectOptions::new("broker_bench publisher"), &never)?;
+    let publish_endpoint = match &args.publish_url {
+        Some(u) => Endpoint::new(u.parse()?, &Default::default())?,
+        None => endpoint.clone(),
+    };
+    let mut publish = Client::open(&publish_endpoint, &ConnectOptions::new("broker_bench publisher"), &never)?;
     let progress = Arc::new(Progress {
         messages: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
@@ -249,6 +271,7 @@ fn main() -> anyhow::Result<()> {
         let back_to_back = hops.first().cloned().unwrap_or(serde_json::Value::Null);
         anyhow::Ok(serde_json::json!({
             "client": "tunbus::amqp::client",
+            "queue_type": args.queue_type,
             "queue": queue,
             "throughput": runs,
             "one_hop_latency": back_to_back,
@@ -257,6 +280,9 @@ fn main() -> anyhow::Result<()> {
     })();
 
     progress.stop.store(true, Ordering::Relaxed);
+    if quorum {
+        let _ = publish.call(|s| s.queue_delete(&queue), &never);
+    }
     publish.close(Duration::from_millis(500));
     let consumed = consumer.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))?;
     let result = result?;

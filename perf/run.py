@@ -10,6 +10,8 @@ One run measures, side by side and with the same workloads:
   tunbus-q1   two tunbus agents in two namespaces through the broker, --queues 1
   tunbus-q2   the same with --queues 2
   tunbus-noid the same as tunbus-q1 without the receivers' identity check (its cost)
+  cluster-same / cluster-cross   --queues 1 through a private 3-node cluster, both agents
+              on one node, and on two different nodes (TCP 1 flow, UDP 64 B, idle ping)
   tunbus-node / tunbus-tls   --queues 1 through a private RabbitMQ node of this run, over
               amqp:// and over amqps:// (TCP 1 flow, UDP 64 B, idle ping, CPU): TLS's cost
 
@@ -60,6 +62,8 @@ SYSTEMS = {
     "tunbus-noid": "tunbus q1, --no-identity-check",
     "tunbus-node": "tunbus q1, private node, amqp://",
     "tunbus-tls": "tunbus q1, private node, amqps://",
+    "cluster-same": "tunbus q1, 3-node cluster, same node",
+    "cluster-cross": "tunbus q1, 3-node cluster, two nodes",
 }
 COLORS = {
     "veth": "#8c8c8c",
@@ -71,6 +75,8 @@ COLORS = {
     "tunbus-noid": "#9467bd",
     "tunbus-node": "#17becf",
     "tunbus-tls": "#d62728",
+    "cluster-same": "#8c564b",
+    "cluster-cross": "#e377c2",
 }
 PCTS = [10, 25, 50, 75, 90, 95, 99, 99.5, 99.9]
 
@@ -511,6 +517,50 @@ def system_private_node(plan: dict, logdir: Path, tls: bool) -> dict:
         node.stop()
 
 
+def system_cluster(plan: dict, logdir: Path) -> dict:
+    """Both cluster columns from one private 3-node cluster: agents on the same node, then
+    on two nodes (each lists the others after its own, as agent lab --brokers does)."""
+    import nodes  # perf/nodes.py
+    cluster = nodes.PrivateCluster(3)
+    out = {}
+    try:
+        cluster.start()
+        u = cluster.urls()
+        same = system_tunbus_pair(plan, logdir, "cluster-same", [u[0], u[1], u[2]], [u[0], u[1], u[2]], 23)
+        cross = system_tunbus_pair(plan, logdir, "cluster-cross", [u[0], u[1], u[2]], [u[1], u[2], u[0]], 24)
+        out = {"cluster-same": same, "cluster-cross": cross}
+    finally:
+        cluster.stop()
+    return out
+
+
+def system_tunbus_pair(plan: dict, logdir: Path, key: str, urls_a: list[str], urls_b: list[str], subnet: int) -> dict:
+    """Like system_tunbus with one queue, each agent with its own list of nodes."""
+    h = Host2(key, subnet)
+    agents = []
+    session = f"{TAG}{key.replace('-', '')}"
+    try:
+        h.create()
+        for side, ns, v4, v6, urls in [("a", h.ns_a, h.addr_a, h.v6_a, urls_a), ("b", h.ns_b, h.addr_b, h.v6_b, urls_b)]:
+            name = f"{TAG}-{key}-{side}"
+            errlog = logdir / f"{name}.log"
+            cmd = [str(AGENT), "connect", *[a for url in urls for a in ("--url", url)], "--session", session, "--name", name,
+                   "--netns", ns, "--ipv4", f"{v4}/24", "--ipv6", f"{v6}/64", "--mtu", str(plan["mtu"]), "--stats-interval", "0"] + AGENT_ARGS
+            p = CLEANUP.spawn(cmd, stop_signal=signal.SIGINT, stdout=subprocess.PIPE, stderr=open(errlog, "w"), text=True,
+                              env={**os.environ, "NO_COLOR": "1"})
+            agents.append((name, p, errlog))
+        h.cpu_pids = [p.pid for _, p, _ in agents]
+        h.wait_ping()
+        res = workloads(h, plan, measure_cpu=True, subset={"tcp_1", "udp_64", "ping_idle"})
+        for _, p, _ in agents:
+            CLEANUP.stop(p, signal.SIGINT, grace=15)
+        return res
+    finally:
+        for _, p, _ in agents:
+            CLEANUP.stop(p, signal.SIGINT, grace=15)
+        h.destroy()
+
+
 def system_broker(plan: dict) -> dict:
     cmd = [str(BROKER_BENCH), "--url", URL, "--seconds", str(plan["broker_s"]),
            "--latency-samples", str(plan["broker_lat_samples"]),
@@ -588,9 +638,12 @@ def make_rows(res: dict) -> list[dict]:
     def row(label, getter, limit_key, unit, limit_name, better="higher", extra_limit=None):
         vals = {k: getter(s.get(k, {})) for k in SYSTEMS}
         r = {"workload": label, "unit": unit, "values": vals, "limit": limit_key, "better": better}
-        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid"):
+        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid", "cluster-cross"):
             parts = []
-            if q == "tunbus-noid":
+            if q == "cluster-cross":
+                if vals.get("cluster-same") is not None:
+                    parts.append(f"{ratio(vals[q], vals['cluster-same'])} same node")
+            elif q == "tunbus-noid":
                 if vals.get("tunbus-q1") is not None:
                     parts.append(f"{ratio(vals['tunbus-q1'], vals[q])} checked/unchecked")
             elif q == "tunbus-tls":
@@ -634,13 +687,13 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
         "Ratios: tunbus / limit measured in this run (TCP vs the TUN relay with offloads, UDP packet rates vs "
         "the relay without offloads, ping vs the relay and vs twice the broker's one-hop latency).",
         "",
-        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off |",
-        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|",
+        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off | two nodes vs one |",
+        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|---|",
     ]
     for r in rows:
         digits = 3 if r["unit"] == "ms" else 2
         vals = [fmt(r["values"][k], digits=digits) for k in SYSTEMS]
-        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} |")
+        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} | {r['ratio_cluster-cross']} |")
     br = res["systems"].get("broker", {})
     out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, tunbus's own AMQP client)", ""]
     if "error" in br:
@@ -802,7 +855,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "perf" / "results"), help="results directory [perf/results]")
     ap.add_argument("--mtu", type=int, default=9000, help="MTU of every interface under test [9000, the agent's default]")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
-    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,tunbus-node,tunbus-tls")
+    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,cluster,tunbus-node,tunbus-tls")
     ap.add_argument("--agent-args", default="", help="extra flags for both tunbus agents, e.g. \"--prefetch 64\" (to compare settings)")
     ap.add_argument("--render", metavar="JSON", help="only re-render latest.md and the SVG from a results JSON")
     args = ap.parse_args()
@@ -865,6 +918,7 @@ def main() -> int:
         ("tunbus-q2", lambda: system_tunbus(plan, 2, logdir)),
         ("tunbus-noid", lambda: system_tunbus(plan, 1, logdir, key="tunbus-noid", url_args=["--no-identity-check"], subnet=22,
                                               subset={"tcp_1", "udp_64"})),
+        ("cluster", lambda: system_cluster(plan, logdir)),
         ("tunbus-node", lambda: system_private_node(plan, logdir, tls=False)),
         ("tunbus-tls", lambda: system_private_node(plan, logdir, tls=True)),
     ]
@@ -876,7 +930,11 @@ def main() -> int:
             log(f"{key}: start")
             t0 = time.monotonic()
             try:
-                res["systems"][key] = fn()
+                got = fn()
+                if key == "cluster":
+                    res["systems"].update(got)  # two columns from one cluster
+                else:
+                    res["systems"][key] = got
             except KeyboardInterrupt:
                 raise
             except Exception as e:

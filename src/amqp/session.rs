@@ -605,6 +605,15 @@ impl Session {
         });
     }
 
+    /// `queue.declare` of a durable queue (quorum and stream queues must be).
+    pub fn queue_declare_durable(&mut self, name: &str, args: &[(&str, Value<'_>)]) {
+        self.ask(method::QUEUE_DECLARE, |w| {
+            w.short(0).shortstr(name.as_bytes());
+            w.bit(false).bit(true).bit(false).bit(false).bit(false); // passive, durable, exclusive, auto-delete, nowait
+            w.table(args);
+        });
+    }
+
     pub fn queue_bind(&mut self, queue: &str, exchange: &str, key: &str) {
         self.ask(method::QUEUE_BIND, |w| {
             w.short(0).shortstr(queue.as_bytes()).shortstr(exchange.as_bytes()).shortstr(key.as_bytes()).bit(false).table(&[]);
