@@ -99,7 +99,7 @@ fn relay(from: &TunQueue, to: &TunQueue, stop: &AtomicBool, c: &Counters) {
             };
             let (hdr, packet) = buf[..n].split_at(vnet::HDR_LEN);
             let hdr: &[u8; vnet::HDR_LEN] = hdr.try_into().expect("split_at(HDR_LEN) gives HDR_LEN bytes");
-            let hdr = match vnet::fix_for_write(hdr, packet) {
+            let hdr = match vnet::build(hdr, packet) {
                 Ok(h) => h,
                 Err(_) => {
                     c.bad_headers.fetch_add(1, Ordering::Relaxed);

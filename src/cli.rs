@@ -363,6 +363,12 @@ pub struct ConnectArgs {
     /// Do not ask the kernel for TSO/USO super-packets and checksum offload.
     #[arg(long)]
     pub no_offload: bool,
+    /// Hand no offload from the bus to the kernel: checksums that senders left to
+    /// offload are completed in software, super-packets (TSO/USO) are dropped as
+    /// `offload_refused` (senders should then run with --no-offload). By default offload
+    /// headers pass only after the allow-list in docs/security.md.
+    #[arg(long)]
+    pub no_offload_from_bus: bool,
     /// Seconds between one-line statistics summaries (0: off).
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub stats_interval: f64,
@@ -543,6 +549,7 @@ impl ConnectArgs {
         config.cpus = cpus;
         // The old wire carries plain packets only: no super-packets, no partial checksums.
         config.offload = !self.no_offload && self.wire == Wire::Native;
+        config.offload_from_bus = !self.no_offload_from_bus;
         config.stats_interval = Duration::from_secs_f64(self.stats_interval);
         config.max_batch_bytes = self.max_batch_bytes as usize;
         config.prefetch = self.prefetch;

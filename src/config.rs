@@ -88,6 +88,10 @@ pub struct AgentConfig {
     /// (docs/decisions/0011-no-pinning-by-default.md).
     pub cpus: Vec<usize>,
     pub offload: bool,
+    /// Whether offload asked for by packets from the bus (checksum-only, TSO, USO) is
+    /// handed to the kernel after the allow-list (`codec::vnet`); `false` completes
+    /// checksums in software and refuses super-packets (`--no-offload-from-bus`).
+    pub offload_from_bus: bool,
     pub stats_interval: Duration,
     /// Upper bound of one AMQP message body.
     pub max_batch_bytes: usize,
@@ -140,6 +144,7 @@ impl AgentConfig {
             exchange: "amq.topic".to_owned(),
             cpus: Vec::new(),
             offload: true,
+            offload_from_bus: true,
             stats_interval: Duration::from_secs(5),
             max_batch_bytes: 256 * 1024,
             prefetch: 32,

@@ -10,7 +10,7 @@
 //! - [`codec`]: wire format v1, the virtio header and the ioppytest JSON form. Pure.
 //! - [`route`]: destination → routing key, flow hash, shard → queue. Pure.
 //! - [`worker`]: one thread per queue (hot path): TUN → batch → broker socket, and broker
-//!   socket → TUN, on one connection.
+//!   socket → TUN, on one connection; the batcher itself is pure.
 //! - [`amqp`]: our AMQP client: URLs, framing and the session state machine (pure), TLS
 //!   and TCP transport, links with reconnection, presence.
 //! - [`metrics`]: counters, latency histograms, reports.
@@ -19,6 +19,7 @@
 //! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
 //! - [`provision`]: `agent provision`, a session's vhost, users and permissions.
 //! - [`util`]: the clock, the stop flag, fixed hashes.
+//! - `fuzzing`: the bodies of the fuzz targets, replayed by `tests/corpus.rs` (hidden).
 #![deny(unsafe_code)]
 
 pub mod agent;
@@ -27,6 +28,8 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod interop;
 pub mod lab;

@@ -481,8 +481,9 @@ fn rx_deliver_steady_state_does_not_allocate() {
             let table = tunbus::identity::Table::new(vec![("peer".into(), vec!["198.18.98.2/32".parse().expect("prefix")])]);
             let trust = tunbus::identity::Trust::new(&tunbus::identity::Mode::Strict(table)).view();
             let mut suspects = rx::SuspectLog::default();
-            let round = |latency: &mut LocalHistogram, suspects: &mut rx::SuspectLog| -> u64 {
-                let mut sink = rx::Sink { tun: &queue, counters: &counters, latency, peers: &peers, trust: &trust, suspects };
+            let mut scratch = Vec::new();
+            let mut round = |latency: &mut LocalHistogram, suspects: &mut rx::SuspectLog| -> u64 {
+                let mut sink = rx::Sink { tun: &queue, counters: &counters, latency, peers: &peers, trust: &trust, suspects, offload_from_bus: true, scratch: &mut scratch };
                 frames.iter().map(|f| rx::deliver(f, Some(b"peer"), now_ns(), &mut sink)).sum()
             };
             for _ in 0..20 {

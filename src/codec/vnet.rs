@@ -1,10 +1,32 @@
-//! The 10-byte `virtio_net_hdr` that precedes every packet on an `IFF_VNET_HDR` TUN.
+//! The 10-byte `virtio_net_hdr` that precedes every packet on an `IFF_VNET_HDR` TUN, and the
+//! allow-list that decides which of them a receiver hands to its kernel.
 //!
-//! Pure: no syscalls. Called by the receiving half of each queue worker once per packet before the
-//! TUN write, so it must not allocate. The header travels on the wire exactly as the sending
-//! kernel produced it (little-endian fields, see `docs/wire-format.md`); before writing it
-//! into our TUN we recompute `hdr_len`, which the kernel uses to size the linear part of the
-//! skb and which is not trustworthy on forwarded packets.
+//! Pure: no syscalls, no allocation. Called by the receiving half of each queue worker once
+//! per packet before the TUN write. The header travels on the wire as the sending kernel
+//! produced it (little-endian fields, see `docs/wire-format.md`), but any bus member can
+//! write any ten bytes there, and the kernel acts on them (`virtio_net_hdr_to_skb`, then
+//! GSO). So the receiver never passes on what the sender claimed: [`build`] parses the packet
+//! and writes a header of its own, for one of these cases only:
+//!
+//! | packet                | gso_type          | flags      | csum_start / csum_offset |
+//! |-----------------------|-------------------|------------|--------------------------|
+//! | anything              | NONE              | none       | 0 / 0 (the plain header) |
+//! | IPv4 or IPv6 / TCP    | NONE              | NEEDS_CSUM | transport header / 16    |
+//! | IPv4 or IPv6 / UDP    | NONE              | NEEDS_CSUM | transport header / 6     |
+//! | IPv4 / TCP            | TCPV4 (+ECN)      | NEEDS_CSUM | transport header / 16    |
+//! | IPv6 / TCP            | TCPV6 (+ECN)      | NEEDS_CSUM | transport header / 16    |
+//! | IPv4 or IPv6 / UDP    | UDP_L4            | NEEDS_CSUM | transport header / 6     |
+//!
+//! The IP header must match the packet's length and not be a fragment; IPv6 extension
+//! headers are not followed. A GSO packet's `gso_size` is at least [`MIN_GSO_SIZE`] and cuts
+//! it into at most [`MAX_SEGMENTS`] segments; `hdr_len` is recomputed. The sender's
+//! `DATA_VALID` flag is not passed on (the kernel then verifies the checksum itself).
+//!
+//! What is not in the table is refused ([`VnetError`], counted as `bad_vnet`), with one
+//! exception that is safe to degrade: a GSO packet whose payload fits in one segment is
+//! written as checksum-only, which is what it is. The receiver's `--no-offload-from-bus`
+//! goes further: checksums are completed in software ([`complete_checksum`]) and the kernel
+//! only ever sees the plain header.
 
 /// Size of `struct virtio_net_hdr` (without `num_buffers`).
 pub const HDR_LEN: usize = 10;
@@ -12,6 +34,7 @@ pub const HDR_LEN: usize = 10;
 pub const PLAIN: [u8; HDR_LEN] = [0; HDR_LEN];
 
 pub const F_NEEDS_CSUM: u8 = 1;
+pub const F_DATA_VALID: u8 = 2;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 pub const GSO_UDP: u8 = 3;
@@ -19,13 +42,31 @@ pub const GSO_TCPV6: u8 = 4;
 pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
 
-/// Why a header cannot be made consistent with its packet.
+/// Why a claimed header is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum VnetError {
-    #[error("checksum or transport header lies outside the packet")]
-    OutOfBounds,
+    #[error("flag bits other than NEEDS_CSUM and DATA_VALID")]
+    UnknownFlags,
     #[error("unknown GSO type")]
     UnknownGso,
+    #[error("UDP fragmentation offload (UFO) is not accepted")]
+    Ufo,
+    #[error("segmentation offload without NEEDS_CSUM")]
+    GsoWithoutCsum,
+    #[error("offload asked for a packet that is not unfragmented TCP or UDP over IPv4/IPv6")]
+    NotTransport,
+    #[error("IP header does not match the packet's length")]
+    IpLength,
+    #[error("GSO type does not match the packet's IP version or protocol")]
+    WrongGso,
+    #[error("csum_start/csum_offset do not point at the transport checksum")]
+    ChecksumPlace,
+    #[error("gso_size below the minimum")]
+    GsoSize,
+    #[error("more segments than allowed")]
+    TooManySegments,
+    #[error("checksum or transport header lies outside the packet")]
+    OutOfBounds,
 }
 
 /// A parsed view of the header fields we need.
@@ -68,33 +109,128 @@ impl VnetHdr {
     }
 }
 
-/// Returns the header to write with `packet`: `hdr_len` recomputed from the packet itself
-/// (the IP and transport headers up to the payload for GSO packets; up to the checksum
-/// field for checksum-only packets; 0 otherwise).
-pub fn fix_for_write(hdr: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], VnetError> {
-    let mut h = VnetHdr::parse(hdr);
-    let start = usize::from(h.csum_start);
-    let needs_csum = h.flags & F_NEEDS_CSUM != 0;
-    let hdr_len = if h.is_gso() {
-        let l4_len = match h.gso_type & !GSO_ECN {
-            GSO_TCPV4 | GSO_TCPV6 => {
-                let doff = *packet.get(start + 12).ok_or(VnetError::OutOfBounds)?;
-                usize::from(doff >> 4) * 4
+/// The kernel's constants: a TCP peer may announce an MSS this small
+/// (`TCP_MIN_SND_MSS`), and UDP GSO cuts a send into at most this many datagrams
+/// (`UDP_MAX_SEGMENTS`).
+pub const MIN_GSO_SIZE: u16 = 48;
+pub const MAX_SEGMENTS: usize = 128;
+
+/// Offset of the checksum field in a TCP and in a UDP header.
+const TCP_CSUM: usize = 16;
+const UDP_CSUM: usize = 6;
+
+/// What [`build`] needs to know about a packet: where its transport header starts and ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Transport {
+    v6: bool,
+    tcp: bool,
+    /// Offset of the TCP or UDP header.
+    start: usize,
+    /// Offset of the first payload byte.
+    end: usize,
+}
+
+impl Transport {
+    fn csum_offset(&self) -> usize {
+        if self.tcp {
+            TCP_CSUM
+        } else {
+            UDP_CSUM
+        }
+    }
+}
+
+/// Parses the IP and transport headers of `p` far enough to place a checksum.
+fn transport(p: &[u8]) -> Result<Transport, VnetError> {
+    let be16 = |i: usize| p.get(i..i + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    let (v6, start, proto) = match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            if ihl < 20 || p.len() < ihl || be16(2) != Some(p.len()) {
+                return Err(VnetError::IpLength);
             }
-            GSO_UDP | GSO_UDP_L4 => 8,
-            _ => return Err(VnetError::UnknownGso),
-        };
-        start + l4_len
-    } else if needs_csum {
-        start + usize::from(h.csum_offset) + 2
-    } else {
-        0
+            // invariant: p.len() >= ihl >= 20, so bytes 6..8 and 9 exist
+            if be16(6).unwrap_or(0) & 0x3fff != 0 {
+                return Err(VnetError::NotTransport); // a fragment: no whole transport header
+            }
+            (false, ihl, p[9])
+        }
+        Some(6) => {
+            if p.len() < 40 || be16(4).map(|n| n + 40) != Some(p.len()) {
+                return Err(VnetError::IpLength);
+            }
+            (true, 40, p[6])
+        }
+        _ => return Err(VnetError::NotTransport),
     };
-    if hdr_len > packet.len() || (needs_csum && start + usize::from(h.csum_offset) + 2 > packet.len()) {
+    let end = match proto {
+        6 => {
+            let doff = usize::from(p.get(start + 12).ok_or(VnetError::OutOfBounds)? >> 4) * 4;
+            if doff < 20 {
+                return Err(VnetError::OutOfBounds);
+            }
+            start + doff
+        }
+        17 => start + 8,
+        _ => return Err(VnetError::NotTransport),
+    };
+    if end > p.len() {
         return Err(VnetError::OutOfBounds);
     }
-    h.hdr_len = u16::try_from(hdr_len).map_err(|_| VnetError::OutOfBounds)?;
-    Ok(h.to_bytes())
+    Ok(Transport { v6, tcp: proto == 6, start, end })
+}
+
+/// The header to write with `packet`, built from the packet itself: one of the rows of the
+/// table above, or why the sender's `claimed` header is refused.
+pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], VnetError> {
+    let c = VnetHdr::parse(claimed);
+    if c.flags & !(F_NEEDS_CSUM | F_DATA_VALID) != 0 {
+        return Err(VnetError::UnknownFlags);
+    }
+    let ecn = c.gso_type & GSO_ECN != 0;
+    let gso = c.gso_type & !GSO_ECN;
+    match gso {
+        GSO_NONE | GSO_TCPV4 | GSO_TCPV6 | GSO_UDP_L4 => {}
+        GSO_UDP => return Err(VnetError::Ufo),
+        _ => return Err(VnetError::UnknownGso),
+    }
+    let needs_csum = c.flags & F_NEEDS_CSUM != 0;
+    if gso == GSO_NONE && !needs_csum {
+        return if ecn { Err(VnetError::UnknownGso) } else { Ok(PLAIN) };
+    }
+    if !needs_csum {
+        return Err(VnetError::GsoWithoutCsum);
+    }
+    let t = transport(packet)?;
+    if usize::from(c.csum_start) != t.start || usize::from(c.csum_offset) != t.csum_offset() {
+        return Err(VnetError::ChecksumPlace);
+    }
+    let fits = match gso {
+        GSO_NONE => !ecn,
+        GSO_TCPV4 => t.tcp && !t.v6,
+        GSO_TCPV6 => t.tcp && t.v6,
+        _ => !t.tcp && !ecn, // GSO_UDP_L4
+    };
+    if !fits {
+        return Err(VnetError::WrongGso);
+    }
+    // invariant: t.end <= packet.len() <= MAX_PACKET_LEN < 65536 (checked by transport and the codec)
+    let hdr_len = u16::try_from(t.end).map_err(|_| VnetError::OutOfBounds)?;
+    let checksum_only = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len, gso_size: 0, csum_start: c.csum_start, csum_offset: c.csum_offset };
+    if gso == GSO_NONE {
+        return Ok(checksum_only.to_bytes());
+    }
+    if c.gso_size < MIN_GSO_SIZE {
+        return Err(VnetError::GsoSize);
+    }
+    let payload = packet.len() - t.end;
+    if payload <= usize::from(c.gso_size) {
+        return Ok(checksum_only.to_bytes()); // one segment: nothing to segment
+    }
+    if payload.div_ceil(usize::from(c.gso_size)) > MAX_SEGMENTS {
+        return Err(VnetError::TooManySegments);
+    }
+    Ok(VnetHdr { gso_type: c.gso_type, gso_size: c.gso_size, ..checksum_only }.to_bytes())
 }
 
 /// Finishes a partial checksum in place (`F_NEEDS_CSUM`: the transport checksum field holds
@@ -130,34 +266,202 @@ pub fn complete_checksum(hdr: &[u8; HDR_LEN], packet: &mut [u8]) -> Result<(), V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    fn tcp4_packet(len: usize, doff_words: u8) -> Vec<u8> {
+    /// A well-formed packet: IPv4 or IPv6, TCP (32-byte header) or UDP, `payload` bytes.
+    fn packet(v6: bool, tcp: bool, payload: usize) -> Vec<u8> {
+        let ip = if v6 { 40 } else { 20 };
+        let l4 = if tcp { 32 } else { 8 };
+        let len = ip + l4 + payload;
         let mut p = vec![0u8; len];
-        p[0] = 0x45;
-        p[20 + 12] = doff_words << 4;
+        if v6 {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+            p[6] = if tcp { 6 } else { 17 };
+        } else {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            p[9] = if tcp { 6 } else { 17 };
+        }
+        if tcp {
+            p[ip + 12] = 8 << 4;
+        } else {
+            p[ip + 4..ip + 6].copy_from_slice(&((len - ip) as u16).to_be_bytes());
+        }
         p
     }
 
-    #[test]
-    fn plain_header_stays_plain() {
-        assert_eq!(fix_for_write(&PLAIN, &[0x45; 40]).unwrap(), PLAIN);
+    /// What the sending kernel writes for `p` with segments of `gso_size` (0: checksum only).
+    fn kernel_header(p: &[u8], gso_size: u16) -> VnetHdr {
+        let v6 = p[0] >> 4 == 6;
+        let ip = if v6 { 40 } else { 20 };
+        let tcp = p[if v6 { 6 } else { 9 }] == 6;
+        let gso_type = match (gso_size, tcp, v6) {
+            (0, _, _) => GSO_NONE,
+            (_, true, false) => GSO_TCPV4,
+            (_, true, true) => GSO_TCPV6,
+            (_, false, _) => GSO_UDP_L4,
+        };
+        VnetHdr { flags: F_NEEDS_CSUM, gso_type, hdr_len: 7, gso_size, csum_start: ip as u16, csum_offset: if tcp { 16 } else { 6 } }
+    }
+
+    /// The allow-list written out once more, independently of `build`: whether `h` may go
+    /// to the kernel with `p`.
+    fn allowed(h: &[u8; HDR_LEN], p: &[u8]) -> bool {
+        crate::fuzzing::vnet_allowed(h, p)
+    }
+
+    fn all_packets() -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        for v6 in [false, true] {
+            for tcp in [false, true] {
+                for payload in [0, 1, 47, 48, 1000, 8000, 65_000 - 80] {
+                    v.push(packet(v6, tcp, payload));
+                }
+            }
+        }
+        v
     }
 
     #[test]
-    fn tcp_gso_hdr_len_is_recomputed() {
-        let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 9999, gso_size: 1448, csum_start: 20, csum_offset: 16 };
-        let p = tcp4_packet(3000, 8); // 32-byte TCP header (timestamps)
-        let fixed = VnetHdr::parse(&fix_for_write(&h.to_bytes(), &p).unwrap());
-        assert_eq!(fixed.hdr_len, 52);
-        assert_eq!(fixed.gso_size, 1448);
+    fn plain_header_stays_plain_for_any_bytes() {
+        assert_eq!(build(&PLAIN, &[0x45; 40]), Ok(PLAIN));
+        assert_eq!(build(&PLAIN, &[]), Ok(PLAIN));
+        // DATA_VALID alone: the kernel verifies instead.
+        let dv = VnetHdr { flags: F_DATA_VALID, ..VnetHdr::parse(&PLAIN) };
+        assert_eq!(build(&dv.to_bytes(), &[1, 2, 3]), Ok(PLAIN));
     }
 
     #[test]
-    fn udp_gso_and_checksum_only() {
-        let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_UDP_L4, hdr_len: 0, gso_size: 1400, csum_start: 40, csum_offset: 6 };
-        assert_eq!(VnetHdr::parse(&fix_for_write(&h.to_bytes(), &[0; 3000]).unwrap()).hdr_len, 48);
-        let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len: 0, gso_size: 0, csum_start: 20, csum_offset: 16 };
-        assert_eq!(VnetHdr::parse(&fix_for_write(&h.to_bytes(), &[0; 100]).unwrap()).hdr_len, 38);
+    fn what_kernels_send_passes_with_hdr_len_recomputed() {
+        for v6 in [false, true] {
+            for tcp in [false, true] {
+                let p = packet(v6, tcp, 3000);
+                let end = if v6 { 40 } else { 20 } + if tcp { 32 } else { 8 };
+                for gso in [0, 1448] {
+                    let h = kernel_header(&p, gso);
+                    let out = VnetHdr::parse(&build(&h.to_bytes(), &p).unwrap());
+                    assert_eq!(out, VnetHdr { hdr_len: end as u16, ..h }, "v6 {v6} tcp {tcp} gso {gso}");
+                }
+            }
+        }
+        let p = packet(false, true, 3000);
+        let ecn = VnetHdr { gso_type: GSO_TCPV4 | GSO_ECN, ..kernel_header(&p, 1448) };
+        assert_eq!(VnetHdr::parse(&build(&ecn.to_bytes(), &p).unwrap()).gso_type, GSO_TCPV4 | GSO_ECN);
+    }
+
+    #[test]
+    fn every_flag_and_gso_type_against_the_table() {
+        for p in all_packets() {
+            let v6 = p[0] >> 4 == 6;
+            let tcp = p[if v6 { 6 } else { 9 }] == 6;
+            let base = kernel_header(&p, 1400);
+            for flags in 0..=255u8 {
+                for gso_type in 0..=255u8 {
+                    let h = VnetHdr { flags, gso_type, ..base };
+                    let got = build(&h.to_bytes(), &p);
+                    let known = flags & !(F_NEEDS_CSUM | F_DATA_VALID) == 0;
+                    let csum = flags & F_NEEDS_CSUM != 0;
+                    let ecn = gso_type & GSO_ECN != 0;
+                    let ok = known
+                        && match gso_type & !GSO_ECN {
+                            GSO_NONE => !ecn,
+                            GSO_TCPV4 => csum && tcp && !v6,
+                            GSO_TCPV6 => csum && tcp && v6,
+                            GSO_UDP_L4 => csum && !tcp && !ecn,
+                            _ => false,
+                        };
+                    assert_eq!(got.is_ok(), ok, "flags {flags:#x} gso {gso_type:#x} v6 {v6} tcp {tcp} len {}: {got:?}", p.len());
+                    if let Ok(out) = got {
+                        assert!(allowed(&out, &p), "{:?}", VnetHdr::parse(&out));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn offsets_must_point_at_the_transport_checksum() {
+        for p in all_packets() {
+            let h = kernel_header(&p, 0);
+            for (start, off) in [(0, h.csum_offset), (h.csum_start + 1, h.csum_offset), (h.csum_start, h.csum_offset + 2), (65535, 65535), (h.csum_start, 0)] {
+                let bad = VnetHdr { csum_start: start, csum_offset: off, ..h };
+                assert_eq!(build(&bad.to_bytes(), &p), Err(VnetError::ChecksumPlace));
+            }
+        }
+    }
+
+    #[test]
+    fn gso_size_is_bounded_both_ways() {
+        let p = packet(false, false, 20_000);
+        let h = |size| kernel_header(&p, size).to_bytes();
+        assert_eq!(build(&h(1), &p), Err(VnetError::GsoSize));
+        assert_eq!(build(&h(MIN_GSO_SIZE - 1), &p), Err(VnetError::GsoSize));
+        assert_eq!(build(&h(100), &p), Err(VnetError::TooManySegments)); // 200 segments
+        assert!(build(&h(20_000 / 128 + 1), &p).is_ok());
+        // gso_size 0 with a GSO type: below the minimum.
+        assert_eq!(build(&h(0).map_or_gso(GSO_UDP_L4), &p), Err(VnetError::GsoSize));
+        // One segment or less: written as checksum-only.
+        for size in [20_000, 20_001, 65535] {
+            let out = VnetHdr::parse(&build(&h(size), &p).unwrap());
+            assert_eq!((out.gso_type, out.gso_size, out.flags), (GSO_NONE, 0, F_NEEDS_CSUM));
+        }
+    }
+
+    trait WithGso {
+        fn map_or_gso(self, gso: u8) -> [u8; HDR_LEN];
+    }
+    impl WithGso for [u8; HDR_LEN] {
+        fn map_or_gso(mut self, gso: u8) -> [u8; HDR_LEN] {
+            self[1] = gso;
+            self
+        }
+    }
+
+    #[test]
+    fn lying_ip_headers_and_other_protocols_are_refused() {
+        let h = |p: &[u8]| kernel_header(p, 0).to_bytes();
+        let mut p = packet(false, true, 100);
+        p[2] ^= 1; // total length off by one
+        assert_eq!(build(&h(&p), &p), Err(VnetError::IpLength));
+        let mut p = packet(true, false, 100);
+        p[5] ^= 1;
+        assert_eq!(build(&h(&p), &p), Err(VnetError::IpLength));
+        let mut p = packet(false, true, 100);
+        p[6] = 0x20; // more fragments
+        assert_eq!(build(&h(&p), &p), Err(VnetError::NotTransport));
+        let mut p = packet(false, true, 100);
+        p[9] = 1; // ICMP
+        assert_eq!(build(&kernel_header(&packet(false, true, 100), 0).to_bytes(), &p), Err(VnetError::NotTransport));
+        let mut p = packet(false, true, 0);
+        p[20 + 12] = 15 << 4; // TCP header longer than the packet
+        assert_eq!(build(&h(&packet(false, true, 0)), &p), Err(VnetError::OutOfBounds));
+        let mut p = packet(false, true, 10);
+        p[20 + 12] = 4 << 4; // TCP header shorter than 20
+        assert_eq!(build(&h(&packet(false, true, 10)), &p), Err(VnetError::OutOfBounds));
+        let hdr = kernel_header(&packet(false, true, 10), 0).to_bytes();
+        for len in 0..60 {
+            let _ = build(&hdr, &packet(false, true, 10)[..len.min(62)]);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn whatever_the_sender_claims_the_result_is_on_the_list(
+            v6: bool, tcp: bool, payload in 0usize..9000, claimed: [u8; HDR_LEN], damage: Option<(usize, u8)>,
+            near: bool, gso_size in 0u16..12000,
+        ) {
+            let mut p = packet(v6, tcp, payload);
+            if let Some((at, byte)) = damage {
+                let at = at % p.len();
+                p[at] = byte;
+            }
+            // Half the time a header near what a kernel writes, so the interesting checks run.
+            let h = if near { VnetHdr { flags: claimed[0] & 3, gso_type: claimed[1] & 0x87, gso_size, ..kernel_header(&packet(v6, tcp, payload), 1) }.to_bytes() } else { claimed };
+            if let Ok(out) = build(&h, &p) {
+                prop_assert!(allowed(&out, &p), "{:?} for {:?}", VnetHdr::parse(&out), VnetHdr::parse(&h));
+            }
+        }
     }
 
     /// RFC 1071 sum of the IPv4 pseudo-header and the UDP datagram.
@@ -195,7 +499,8 @@ mod tests {
         p[26..28].copy_from_slice(&(pseudo as u16).to_be_bytes());
         let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len: 0, gso_size: 0, csum_start: 20, csum_offset: 6 };
         assert!(!udp4_checksum_ok(&p));
-        complete_checksum(&h.to_bytes(), &mut p).unwrap();
+        let built = build(&h.to_bytes(), &p).unwrap();
+        complete_checksum(&built, &mut p).unwrap();
         assert!(udp4_checksum_ok(&p), "{p:?}");
         // Nothing to do without the flag; out-of-bounds offsets are refused.
         let before = p.clone();
@@ -203,16 +508,5 @@ mod tests {
         assert_eq!(p, before);
         let bad = VnetHdr { csum_offset: 60_000, ..h };
         assert_eq!(complete_checksum(&bad.to_bytes(), &mut p), Err(VnetError::OutOfBounds));
-    }
-
-    #[test]
-    fn lying_offsets_are_rejected_not_panicking() {
-        let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 0, gso_size: 1, csum_start: 65535, csum_offset: 65535 };
-        assert_eq!(fix_for_write(&h.to_bytes(), &[0; 10]), Err(VnetError::OutOfBounds));
-        let h = VnetHdr { gso_type: 77, ..h };
-        assert_eq!(fix_for_write(&h.to_bytes(), &[0; 10]), Err(VnetError::UnknownGso));
-        for b in 0..=255u8 {
-            let _ = fix_for_write(&[b; HDR_LEN], &[b; 64]);
-        }
     }
 }

@@ -405,7 +405,8 @@ impl Router {
         self.packet.clear();
         self.packet.extend_from_slice(p.data);
         match p.vnet {
-            Some(h) => vnet::complete_checksum(h, &mut self.packet).is_ok(),
+            // The header the allow-list builds from the packet, never the sender's offsets.
+            Some(h) => vnet::build(h, p.data).and_then(|h| vnet::complete_checksum(&h, &mut self.packet)).is_ok(),
             None => true,
         }
     }

@@ -31,8 +31,10 @@ pub enum DropReason {
     TooBig,
     /// Bytes from the TUN that are not IPv4/IPv6.
     NotIp,
-    /// A virtio header that does not match its packet.
+    /// A virtio header that is not on the allow-list for its packet (`codec::vnet`).
     BadVnet,
+    /// A super-packet (TSO/USO) from the bus while `--no-offload-from-bus` is set.
+    OffloadRefused,
     /// The kernel refused a TUN write.
     TunWrite,
     /// An MLD message (query, report, done), not forwarded on purpose (see `route::is_mld`).
@@ -47,7 +49,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -55,6 +57,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::NotIp,
         DropReason::BadVnet,
+        DropReason::OffloadRefused,
         DropReason::TunWrite,
         DropReason::Mld,
         DropReason::Spoofed,
@@ -72,6 +75,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::NotIp => "not_ip",
             DropReason::BadVnet => "bad_vnet",
+            DropReason::OffloadRefused => "offload_refused",
             DropReason::TunWrite => "tun_write",
             DropReason::Mld => "mld",
             DropReason::Spoofed => "spoofed",

@@ -5,5 +5,6 @@
 //! through [`rx::Receiver`], reads deliveries from the same connection and writes their
 //! packets into TUN queue k.
 
+pub mod batch;
 pub mod queue;
 pub mod rx;

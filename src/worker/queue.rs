@@ -7,26 +7,18 @@
 //! one connection per queue, both directions (docs/decisions/0014-one-worker-per-queue.md).
 //!
 //! TX: when the queue is readable (`IDLE_POLL` bounds the wait, to notice shutdown),
-//! read a burst of up to [`BURST`] packets. Each packet is read straight into the open batch
-//! it most likely belongs to (the one the previous packet went to), at its final place in
-//! the outgoing frame, then classified (destination, flow shard → routing key). When the
-//! guess was wrong, the packet is copied into the right batch: bulk flows arrive in runs,
-//! so a single flow is never copied.
+//! read a burst of up to [`BURST`] packets, each straight into the slot the [`Batcher`]
+//! (`worker::batch`) hands out, classify it (destination, flow shard → routing key) and
+//! let the batcher place it; the batcher decides when a batch is published (its flush
+//! policy, the linger, the hold while the broker is behind). The worker shuttles bytes.
 //!
 //! Publishing: the worker writes each finished batch into the connection itself ([`Link`],
 //! one `writev` per message), so a packet crosses no thread between the TUN and the
 //! broker's socket (docs/decisions/0010-own-amqp-data-path.md). While it writes,
 //! the next packets wait in the TUN queue, so the slower the broker, the larger the next
 //! burst and its batches. When the broker is gone, batches are counted as `broker_down`
-//! and the worker keeps draining the TUN while it reconnects with backoff.
-//!
-//! Flush policy: a batch is published when it cannot take one more maximum-size packet;
-//! all open batches go when the burst ends (the TUN has nothing more ready), except that
-//! they stay open while the broker has not yet taken what we sent ([`HOLD_UNSENT`]), and
-//! while a stream runs a small batch lingers up to [`LINGER`] for company (acknowledgements
-//! of a bulk flow then share a message: the broker's cost is per message). No latency added
-//! when idle, large messages under load. No allocation, lock or syscall per packet besides
-//! the `read` itself.
+//! and the worker keeps draining the TUN while it reconnects with backoff. No allocation,
+//! lock or syscall per packet besides the `read` itself.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::BorrowedFd;
@@ -39,7 +31,7 @@ use crate::amqp::presence::{Announcements, HELLO_EVERY, JSON_PROPERTIES};
 use crate::amqp::session::Event;
 use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
-use crate::codec::v1::{self, BatchWriter, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
+use crate::codec::v1::{self, BatchWriter, VNET_HDR_LEN};
 use crate::config::Wire;
 use crate::identity::claims::Claims;
 use crate::identity::Trust;
@@ -50,37 +42,20 @@ use crate::sys::{self, Interest};
 use crate::tun::TunQueue;
 use crate::util::{now_ns, Stop};
 
+use super::batch::{Batcher, Outlet, MAX_READ};
 use super::rx::Receiver;
 
 /// Most packets read per wake-up before the open batches are flushed.
 pub const BURST: usize = 256;
 /// How often a worker holding a lingering batch re-checks it.
 pub const HOLD_POLL: Duration = Duration::from_micros(50);
-/// A flush less than this long ago means a stream is running (see `end_of_burst`).
-pub const STREAM_GAP: Duration = Duration::from_millis(1);
-/// Unacknowledged bytes in the publishing socket above which the broker counts as busy:
+/// Unacknowledged bytes in the publishing socket above which the broker counts as busy
+/// ([`Outlet::busy`]):
 /// the end of a burst then keeps its batches open (re-checked every [`HOLD_POLL`]) instead
 /// of queueing small messages behind large ones (decision 0013).
 pub const HOLD_UNSENT: usize = 256 * 1024;
-/// Longest a packet waits for company while a stream runs.
-pub const LINGER: Duration = Duration::from_micros(100);
-/// Only batches this small linger (acknowledgements, small datagrams); bulk goes at once.
-pub const LINGER_MAX_BYTES: usize = 16 * 1024;
 /// How often an idle worker wakes to notice shutdown (hundreds of agents share a lab).
 pub const IDLE_POLL: Duration = Duration::from_millis(250);
-/// Most batches open at once (distinct destination/shard keys within one burst).
-pub const MAX_OPEN: usize = 8;
-/// The largest read: a virtio header and a maximum-size packet.
-pub const MAX_READ: usize = VNET_HDR_LEN + MAX_PACKET_LEN;
-/// Bytes one entry can take in a batch (length field + read).
-pub const MAX_ENTRY: usize = 4 + MAX_READ;
-
-struct Open {
-    key: Option<RoutingKey>,
-    writer: BatchWriter,
-    /// Start of the burst in which this batch got its first packet.
-    read_ns: u64,
-}
 
 /// The state of one queue worker; owned by its thread.
 pub struct QueueWorker {
@@ -88,21 +63,20 @@ pub struct QueueWorker {
     link: Link,
     counters: Arc<Counters>,
     stop: Stop,
+    batcher: Batcher,
+    classifier: Classifier,
+    scratch: Vec<u8>,
+    read_errors_logged: bool,
+}
+
+/// Turns a packet into its routing key.
+struct Classifier {
     flood_key: RoutingKey,
     own_v4: Vec<(Ipv4Addr, u8)>,
     /// Receivers' queue counts, learned by the receiving halves: batch per receiving queue.
     peers: Arc<PeerQueues>,
-    open: Vec<Open>,
-    buffer_bytes: usize,
-    /// Our own queue count, stated in every frame.
-    own_queues: u8,
-    last: usize,
-    burst_ns: u64,
-    last_flush_ns: u64,
     /// The last unicast (destination, shard) and its key.
     last_unicast: Option<(IpAddr, u8, RoutingKey)>,
-    scratch: Vec<u8>,
-    read_errors_logged: bool,
 }
 
 /// Everything queue worker k is built from.
@@ -130,7 +104,6 @@ impl QueueWorker {
     pub fn new(setup: WorkerSetup) -> QueueWorker {
         let WorkerSetup { queue, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected } = setup;
         let config = link.config.clone();
-        let buffer_bytes = config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY);
         let own_queues = u8::try_from(config.queues).unwrap_or(0);
         // invariant: the agent refuses a name that is not a topic word before it builds workers
         let flood_key = RoutingKey::all(&config.name).unwrap_or_else(|| RoutingKey::unicast(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
@@ -143,23 +116,15 @@ impl QueueWorker {
             })
             .collect();
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
-        let receiver = Receiver::new(config.wire, config.prefetch, queue.clone(), rx_counters, &hist, flood_key, peers.clone(), trust.view(), presence);
+        let receiver = Receiver::new(&config, queue.clone(), rx_counters, &hist, flood_key, peers.clone(), trust.view(), presence);
         let stop = link.stop.clone();
         QueueWorker {
-            peers,
-            own_queues,
             queue,
             link: Link::new(link, counters.clone(), &hist, receiver, connected),
             counters,
             stop,
-            flood_key,
-            own_v4,
-            open: Vec::with_capacity(MAX_OPEN),
-            buffer_bytes,
-            last: 0,
-            burst_ns: 0,
-            last_flush_ns: 0,
-            last_unicast: None,
+            batcher: Batcher::new(config.max_batch_bytes, own_queues, flood_key),
+            classifier: Classifier { flood_key, own_v4, peers, last_unicast: None },
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
         }
@@ -171,7 +136,7 @@ impl QueueWorker {
             self.link.maintain();
             self.link.announce_if_due();
             let now = Instant::now();
-            let holding = self.open.iter().any(|o| !o.writer.is_empty());
+            let holding = self.batcher.holding();
             let mut timeout = if holding { HOLD_POLL } else { IDLE_POLL };
             if let Some(wait) = self.link.reconnect_in() {
                 timeout = timeout.min(wait.max(HOLD_POLL));
@@ -206,7 +171,7 @@ impl QueueWorker {
                     if t.read {
                         self.burst();
                     } else {
-                        self.end_of_burst();
+                        self.batcher.end_of_burst(now_ns(), &mut self.link);
                     }
                     self.link.ack_if_drained();
                     self.link.tick();
@@ -229,12 +194,12 @@ impl QueueWorker {
 
     /// Reads and batches up to BURST packets, then ends the burst.
     fn burst(&mut self) {
-        self.burst_ns = now_ns();
+        self.batcher.begin_burst(now_ns());
         for _ in 0..BURST {
             if self.link.backlogged() {
                 break; // the broker is behind: leave the rest in the TUN queue
             }
-            let Some(li) = self.landing() else {
+            let Some(slot) = self.batcher.slot(&mut self.link) else {
                 // No buffer: read into scratch to keep the queue moving, and count the drop.
                 match self.queue.read(&mut self.scratch) {
                     Ok(Some(_)) => {
@@ -244,8 +209,7 @@ impl QueueWorker {
                     _ => break,
                 }
             };
-            let writer = &mut self.open[li].writer;
-            let n = match self.queue.read(writer.slot(MAX_READ)) {
+            let n = match self.queue.read(slot) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => {
@@ -256,86 +220,20 @@ impl QueueWorker {
                     break;
                 }
             };
-            if writer.commit(n).is_err() {
-                // Shorter than a virtio header, or longer than a packet may be.
-                let reason = if n <= VNET_HDR_LEN { DropReason::NotIp } else { DropReason::TooBig };
-                self.counters.record_drop(reason, 1);
-                continue;
-            }
-            match self.classify_last(li) {
-                Ok(key) => self.place_last(li, key),
-                Err(reason) => {
-                    self.open[li].writer.pop_last();
-                    self.counters.record_drop(reason, 1);
-                }
-            }
+            let classifier = &mut self.classifier;
+            self.batcher.commit(n, |entry| classifier.key(entry), &mut self.link);
         }
-        self.end_of_burst();
+        self.batcher.end_of_burst(now_ns(), &mut self.link);
     }
+}
 
-    /// End of a burst: publish what is open, unless the broker is still behind on what we
-    /// sent (more than [`HOLD_UNSENT`] unacknowledged in the socket), or a stream is running
-    /// (a flush less than [`STREAM_GAP`] ago), what is open is small (under
-    /// [`LINGER_MAX_BYTES`]) and has waited less than [`LINGER`]: then small packets (TCP
-    /// ACKs of a bulk flow) share a message instead of costing the broker one each.
-    fn end_of_burst(&mut self) {
-        if self.link.busy() {
-            return;
-        }
-        let now = now_ns();
-        let oldest = self.open.iter().filter(|o| !o.writer.is_empty()).map(|o| o.read_ns).min();
-        let Some(oldest) = oldest else { return };
-        let streaming = now.saturating_sub(self.last_flush_ns) < STREAM_GAP.as_nanos() as u64;
-        let small = self.open.iter().map(|o| o.writer.len()).sum::<usize>() < LINGER_MAX_BYTES;
-        if streaming && small && now.saturating_sub(oldest) < LINGER.as_nanos() as u64 {
-            return;
-        }
-        self.last_flush_ns = now;
-        self.flush_all();
-    }
-
-    /// Index of the batch the next read lands in: the last one used, or a fresh one.
-    fn landing(&mut self) -> Option<usize> {
-        if self.last < self.open.len() && self.open[self.last].writer.remaining() >= MAX_ENTRY {
-            return Some(self.last);
-        }
-        if let Some(i) = self.open.iter().position(|o| o.key.is_none()) {
-            return Some(i);
-        }
-        self.new_open()
-    }
-
-    fn new_open(&mut self) -> Option<usize> {
-        if self.open.len() == MAX_OPEN {
-            // Too many destinations in one burst: publish what we have and start over.
-            self.flush_all();
-            if let Some(i) = self.open.iter().position(|o| o.key.is_none()) {
-                return Some(i);
-            }
-        }
-        self.push_fresh()
-    }
-
-    /// Opens one more (empty, keyless) batch. Its buffer is allocated here, once: a slot
-    /// keeps its buffer for the worker's life, so steady state allocates nothing.
-    fn push_fresh(&mut self) -> Option<usize> {
-        if self.open.len() == MAX_OPEN {
-            return None;
-        }
-        let mut writer = BatchWriter::with_capacity(self.buffer_bytes);
-        writer.set_sender_queues(self.own_queues);
-        writer.reset(FLAG_VNET);
-        self.open.push(Open { key: None, writer, read_ns: 0 });
-        Some(self.open.len() - 1)
-    }
-
-    /// The routing key of the last packet of batch `li`, or why it is not sent. A unicast
-    /// key carries the flow's shard reduced to the receiver's queue count when known
-    /// ([`peers::key_shard`]). Formatting a key costs most of the per-packet routing time, so
-    /// the key of the last (destination, key shard) is kept: a run of one flow, or of flows
-    /// to one receiving queue, formats it once.
-    fn classify_last(&mut self, li: usize) -> Result<RoutingKey, DropReason> {
-        let entry = self.open[li].writer.last_entry().ok_or(DropReason::NotIp)?;
+impl Classifier {
+    /// The routing key of `entry` (virtio header and packet), or why it is not sent. A
+    /// unicast key carries the flow's shard reduced to the receiver's queue count when
+    /// known ([`peers::key_shard`]). Formatting a key costs most of the per-packet routing
+    /// time, so the key of the last (destination, key shard) is kept: a run of one flow, or
+    /// of flows to one receiving queue, formats it once.
+    fn key(&mut self, entry: &[u8]) -> Result<RoutingKey, DropReason> {
         let packet = entry.get(VNET_HDR_LEN..).ok_or(DropReason::NotIp)?;
         if route::is_mld(packet) {
             return Err(DropReason::Mld);
@@ -356,102 +254,6 @@ impl QueueWorker {
                 }
             }
         })
-    }
-
-    /// Leaves the last entry of batch `li` where it is when its key matches, else moves it.
-    fn place_last(&mut self, li: usize, key: RoutingKey) {
-        if self.open[li].key == Some(key) {
-            self.last = li;
-        } else if let Some(ti) = self.open.iter().position(|o| o.key == Some(key)) {
-            self.move_last(li, ti);
-            self.last = ti;
-        } else if self.open[li].key.is_none() {
-            self.open[li].key = Some(key);
-            self.open[li].read_ns = self.burst_ns;
-            self.last = li;
-        } else {
-            // A new key while landing in a keyed batch: move the packet to a fresh batch.
-            match self.new_open_for_move(li) {
-                Some(ti) => {
-                    self.open[ti].key = Some(key);
-                    self.open[ti].read_ns = self.burst_ns;
-                    self.move_last(li, ti);
-                    self.last = ti;
-                }
-                None => {
-                    self.open[li].writer.pop_last();
-                    self.counters.record_drop(DropReason::NoBuffer, 1);
-                    return;
-                }
-            }
-        }
-        let t = self.last;
-        if self.open[t].writer.remaining() < MAX_ENTRY {
-            self.flush(t);
-        }
-    }
-
-    /// A fresh batch to move the last entry of `li` into; never flushes `li` itself.
-    fn new_open_for_move(&mut self, li: usize) -> Option<usize> {
-        if let Some(i) = self.open.iter().position(|o| o.key.is_none()) {
-            return Some(i);
-        }
-        if self.open.len() == MAX_OPEN {
-            let victim = if li == 0 { 1 } else { 0 };
-            self.flush(victim);
-            return Some(victim);
-        }
-        self.push_fresh()
-    }
-
-    /// Copies the last entry of batch `from` to batch `to` and removes it from `from`.
-    fn move_last(&mut self, from: usize, to: usize) {
-        let (src, dst) = two_mut(&mut self.open, from, to);
-        let moved = match src.writer.last_entry() {
-            Some(entry) if entry.len() > VNET_HDR_LEN => {
-                let (hdr, data) = entry.split_at(VNET_HDR_LEN);
-                let hdr: &[u8; VNET_HDR_LEN] = hdr.try_into().unwrap_or(&[0; VNET_HDR_LEN]);
-                dst.writer.push(Some(hdr), data).is_ok()
-            }
-            _ => false,
-        };
-        src.writer.pop_last();
-        if !moved {
-            self.counters.record_drop(DropReason::TooBig, 1);
-        }
-    }
-
-    /// Publishes batch `i`; the slot becomes fresh (same buffer). A batch the connection
-    /// cannot take yet (a message still half-written) stays open as it is.
-    fn flush(&mut self, i: usize) {
-        let o = &mut self.open[i];
-        if !o.writer.is_empty() {
-            // invariant: a non-empty batch got its key when its first packet was placed
-            let key = o.key.unwrap_or(self.flood_key);
-            if !self.link.send(&mut o.writer, key, o.read_ns) {
-                return;
-            }
-        }
-        o.writer.reset(FLAG_VNET);
-        o.key = None;
-    }
-
-    fn flush_all(&mut self) {
-        for i in 0..self.open.len() {
-            self.flush(i);
-        }
-    }
-}
-
-/// Two distinct mutable elements of a slice.
-fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
-    assert_ne!(a, b, "two_mut needs distinct indices"); // invariant upheld by callers
-    if a < b {
-        let (x, y) = v.split_at_mut(b);
-        (&mut x[a], &mut y[0])
-    } else {
-        let (x, y) = v.split_at_mut(a);
-        (&mut y[0], &mut x[b])
     }
 }
 
@@ -629,9 +431,27 @@ impl Link {
         self.reconnect.lost(&self.ctx, &e);
     }
 
+    /// Says goodbye to the broker (bounded wait); closing the connection deletes the
+    /// exclusive queue.
+    fn close(&mut self) {
+        self.receiver.idle();
+        for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
+            h.maybe_fold(Instant::now(), true);
+        }
+        if let (Some(a), Some(client)) = (&self.announce, &mut self.client) {
+            let _ = client.publish(Instant::now(), &self.exchange, &a.bye_key, &JSON_PROPERTIES, &a.bye);
+            let _ = client.flush(Instant::now());
+        }
+        if let Some(client) = self.client.take() {
+            client.close(link::CLOSE_WAIT);
+        }
+    }
+}
+
+impl Outlet for Link {
     /// Publishes one finished batch, or counts it as dropped when the broker is away or
     /// blocked. `false` when the connection cannot take it yet (keep it and try later).
-    fn send(&mut self, writer: &mut BatchWriter, key: RoutingKey, read_ns: u64) -> bool {
+    fn publish(&mut self, writer: &mut BatchWriter, key: RoutingKey, read_ns: u64) -> bool {
         let packets = writer.count() as u64;
         let overhead = v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
         let bytes = writer.len().saturating_sub(overhead) as u64;
@@ -675,20 +495,12 @@ impl Link {
         }
     }
 
-    /// Says goodbye to the broker (bounded wait); closing the connection deletes the
-    /// exclusive queue.
-    fn close(&mut self) {
-        self.receiver.idle();
-        for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
-            h.maybe_fold(Instant::now(), true);
-        }
-        if let (Some(a), Some(client)) = (&self.announce, &mut self.client) {
-            let _ = client.publish(Instant::now(), &self.exchange, &a.bye_key, &JSON_PROPERTIES, &a.bye);
-            let _ = client.flush(Instant::now());
-        }
-        if let Some(client) = self.client.take() {
-            client.close(link::CLOSE_WAIT);
-        }
+    fn busy(&self) -> bool {
+        Link::busy(self)
+    }
+
+    fn dropped(&mut self, reason: DropReason, packets: u64) {
+        self.counters.record_drop(reason, packets);
     }
 }
 

@@ -20,9 +20,9 @@ use std::sync::Mutex;
 use crate::amqp::presence::Hello;
 use crate::amqp::session::Delivery;
 use crate::amqp::AckBatcher;
-use crate::codec::{ioppytest, v1, vnet};
-use crate::config::Wire;
-use crate::config::Prefix;
+use crate::codec::vnet::{self, VnetHdr};
+use crate::codec::{ioppytest, v1};
+use crate::config::{AgentConfig, Prefix, Wire};
 use crate::identity::claims::Claims;
 use crate::identity::{self, Verdict};
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
@@ -67,14 +67,16 @@ pub struct Receiver {
     probed: bool,
     /// The socket was drained since the last [`Receiver::take_ack`].
     drained: bool,
-    json_scratch: Vec<u8>,
+    /// Offload from the bus goes to the kernel (after the allow-list).
+    offload_from_bus: bool,
+    /// A reused buffer: an ioppytest packet decoded, a packet whose checksum is completed.
+    scratch: Vec<u8>,
 }
 
 impl Receiver {
     #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
     pub fn new(
-        wire: Wire,
-        prefetch: u16,
+        config: &AgentConfig,
         tun: Arc<TunQueue>,
         counters: Arc<Counters>,
         hist: &Histograms,
@@ -84,7 +86,7 @@ impl Receiver {
         presence: Option<ClaimKeeper>,
     ) -> Receiver {
         Receiver {
-            wire,
+            wire: config.wire,
             tun,
             counters,
             latency: LocalHistogram::new(hist.one_way_us.clone()),
@@ -93,10 +95,11 @@ impl Receiver {
             trust,
             suspects: SuspectLog::default(),
             presence,
-            acks: AckBatcher::for_prefetch(prefetch),
+            acks: AckBatcher::for_prefetch(config.prefetch),
             probed: false,
             drained: false,
-            json_scratch: Vec::new(),
+            offload_from_bus: config.offload_from_bus,
+            scratch: Vec::new(),
         }
     }
 
@@ -155,7 +158,7 @@ impl Receiver {
         };
         match (self.wire, what) {
             (Wire::Ioppytest, _) => {
-                deliver_json(d.body, &self.tun, &self.counters, &mut self.json_scratch);
+                deliver_json(d.body, &self.tun, &self.counters, &mut self.scratch);
             }
             (Wire::Native, Carries::Packets) => {
                 self.trust.refresh();
@@ -166,6 +169,8 @@ impl Receiver {
                     peers: &self.peers,
                     trust: &self.trust,
                     suspects: &mut self.suspects,
+                    offload_from_bus: self.offload_from_bus,
+                    scratch: &mut self.scratch,
                 };
                 deliver(d.body, d.user_id, now_ns, &mut sink);
             }
@@ -209,8 +214,8 @@ pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &Counters, scratch: &
 }
 
 /// Where a receiver writes what passed: its TUN queue, counters and latency histogram, the
-/// peers' queue counts, the trust table it checks senders against, and its rate limit
-/// for warnings about refused packets.
+/// peers' queue counts, the trust table it checks senders against, its rate limit for
+/// warnings about refused packets, and what it does with offload from the bus.
 pub struct Sink<'a> {
     pub tun: &'a TunQueue,
     pub counters: &'a Counters,
@@ -218,6 +223,10 @@ pub struct Sink<'a> {
     pub peers: &'a PeerQueues,
     pub trust: &'a identity::View,
     pub suspects: &'a mut SuspectLog,
+    /// Offload headers go to the kernel after the allow-list; `false`: never.
+    pub offload_from_bus: bool,
+    /// Where a packet is copied to complete its checksum (grows once, then reused).
+    pub scratch: &'a mut Vec<u8>,
 }
 
 /// Writes every packet of `body`, a batch published by broker user `user` (`None`: the
@@ -235,6 +244,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     let mut written = 0u64;
     let mut bytes = 0u64;
     let mut bad_vnet = 0u64;
+    let mut refused_offload = 0u64;
     let mut refused = 0u64;
     let mut spoofed = 0u64;
     let mut unsigned = 0u64;
@@ -277,26 +287,42 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
                 }
             }
         }
-        let hdr = match p.vnet {
-            Some(h) => match vnet::fix_for_write(h, p.data) {
-                Ok(h) => h,
-                Err(_) => {
-                    bad_vnet += 1;
-                    continue;
-                }
-            },
+        // Never the sender's header: one built from the packet (see codec::vnet).
+        let hdr = match p.vnet.map(|h| vnet::build(h, p.data)) {
             None => vnet::PLAIN,
+            Some(Ok(h)) => h,
+            Some(Err(_)) => {
+                bad_vnet += 1;
+                continue;
+            }
         };
-        match sink.tun.write(&hdr, p.data) {
+        let mut data = p.data;
+        if hdr != vnet::PLAIN && !sink.offload_from_bus {
+            if VnetHdr::parse(&hdr).is_gso() {
+                refused_offload += 1;
+                continue;
+            }
+            sink.scratch.clear();
+            sink.scratch.extend_from_slice(p.data);
+            // invariant: `build` placed the checksum inside the packet, so completing cannot fail
+            if vnet::complete_checksum(&hdr, sink.scratch).is_err() {
+                bad_vnet += 1;
+                continue;
+            }
+            data = sink.scratch.as_slice();
+        }
+        let hdr = if sink.offload_from_bus { hdr } else { vnet::PLAIN };
+        match sink.tun.write(&hdr, data) {
             Ok(()) => {
                 written += 1;
-                bytes += p.data.len() as u64;
+                bytes += data.len() as u64;
             }
             Err(_) => refused += 1,
         }
     }
     let c = sink.counters;
     c.record_drop(DropReason::BadVnet, bad_vnet);
+    c.record_drop(DropReason::OffloadRefused, refused_offload);
     c.record_drop(DropReason::TunWrite, refused);
     c.record_drop(DropReason::Spoofed, spoofed);
     c.record_drop(DropReason::NoIdentity, unsigned);
