@@ -30,6 +30,7 @@ use crate::amqp::BrokerState;
 use crate::config::AgentConfig;
 use crate::exit::{Exit, Failure};
 use crate::metrics::report::{self, Report};
+use crate::metrics::kernel::KernelDrops;
 use crate::metrics::{Counters, Histograms};
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
@@ -45,6 +46,8 @@ const NAME_PROBE_WAIT: Duration = Duration::from_millis(1500);
 
 /// How long shutdown waits for the links to delete their queues and close.
 const CLOSE_GRACE: Duration = Duration::from_millis(1200);
+/// How often the kernel's drops on the TUN are read.
+const KERNEL_POLL: Duration = Duration::from_secs(1);
 
 /// A running agent.
 pub struct Agent {
@@ -283,6 +286,25 @@ impl Agent {
                     .spawn(move || crate::interop::control::run(&c, &stop, counters))
                     .context("spawning the ioppytest control thread")?,
             );
+        }
+        // The kernel's drops on our TUN (its queue full while a worker was busy), once a second.
+        let kernel_counters = Arc::new(Counters::default());
+        agent.counters.push(kernel_counters.clone());
+        match KernelDrops::open(config.netns.as_deref(), &config.ifname) {
+            Ok(mut k) => {
+                k.refresh(&kernel_counters);
+                let mut stop = stop_rx.clone();
+                agent.tasks.spawn(async move {
+                    let mut tick = tokio::time::interval(KERNEL_POLL);
+                    loop {
+                        tokio::select! {
+                            _ = tick.tick() => { k.refresh(&kernel_counters); }
+                            _ = stop.changed() => { k.refresh(&kernel_counters); return; }
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(agent = %config.name, error = %e, "cannot read the kernel's statistics of the interface; its tun_queue_full drops will not be reported"),
         }
         if let Some(listener) = metrics_listener {
             agent.tasks.spawn(crate::metrics::prometheus::serve(listener, config.name.clone(), agent.counters.clone(), agent.hist.clone(), stop_rx.clone()));

@@ -169,6 +169,9 @@ pub struct LabArgs {
     /// with its own permissions) and run every host with its own identity, strict mode.
     #[arg(long)]
     pub secure: bool,
+    /// Internal: be the guard of lab process PID (see `lab::guard`).
+    #[arg(long, hide = true, value_name = "PID")]
+    pub guard: Option<u32>,
 }
 
 impl LabArgs {

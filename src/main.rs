@@ -155,6 +155,9 @@ async fn lab(args: LabArgs) -> anyhow::Result<()> {
     if args.cleanup {
         return tunbus::lab::cleanup_all();
     }
+    if let Some(pid) = args.guard {
+        return tokio::task::spawn_blocking(move || tunbus::lab::guard::run(pid, &args.session)).await?;
+    }
     let opts = args.options()?;
     let keep = opts.keep;
     let (interrupt, stop) = stop_on_signal()?;

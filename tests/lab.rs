@@ -15,10 +15,6 @@ fn lab(args: &[&str]) -> Command {
     c
 }
 
-fn namespaces_with(prefix: &str) -> Vec<String> {
-    run("ip", &["netns", "list"]).lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(prefix)).map(str::to_owned).collect()
-}
-
 /// A `--keep` lab in the background, interrupted on drop.
 struct KeptLab {
     child: Child,
@@ -156,17 +152,21 @@ fn two_labs_in_different_sessions_do_not_see_each_other() {
 }
 
 #[test]
-fn a_killed_lab_is_cleaned_by_the_next_run() {
-    if !system_ready("a_killed_lab_is_cleaned_by_the_next_run") {
+fn a_lab_killed_with_its_guard_is_cleaned_by_cleanup() {
+    if !system_ready("a_lab_killed_with_its_guard_is_cleaned_by_cleanup") {
         return;
     }
     let session = unique("k");
     let mut kept = KeptLab::start(&session, 2);
     let h1 = format!("tb-{session}-h1");
     assert!(wait_lab_ping(&h1, "198.18.0.2", Duration::from_secs(30)), "lab never came up");
+    // The guard would clean at once (tests/robustness.rs); without it the state file is
+    // what is left to go by.
+    let guard = guard_of(kept.child.id()).expect("the lab runs a guard");
+    run("kill", &["-9", &guard.to_string()]);
     kept.child.kill().expect("SIGKILL");
     let _ = kept.child.wait();
-    assert_eq!(namespaces_with(&format!("tb-{session}-")).len(), 2, "a killed lab leaves its namespaces (that is what we clean)");
+    assert_eq!(namespaces_with(&format!("tb-{session}-")).len(), 2, "a lab killed with its guard leaves its namespaces (that is what we clean)");
     let out = lab(&["--cleanup"]).output().expect("cleanup runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "--cleanup left namespaces");

@@ -1,6 +1,8 @@
-//! Robustness of a receiving agent against what any bus member can send: hostile virtio
-//! headers (the allow-list in `codec::vnet`), and `--no-offload-from-bus`. Real agents in
-//! real namespaces, real broker; packets checked where the kernel delivers them.
+//! Robustness, with real agents in real namespaces and the real broker: hostile virtio
+//! headers (the allow-list in `codec::vnet`) and `--no-offload-from-bus`, packets checked
+//! where the kernel delivers them; a receiver flooded far beyond what it drains (memory,
+//! queue limits, broker alarms, recovery); the kernel's own drops on a full TUN queue;
+//! `kill -9` of agents and labs at random moments, and nothing left behind.
 
 mod common;
 
@@ -10,6 +12,9 @@ use std::time::Duration;
 use common::*;
 use tunbus::codec::v1::{self, FrameHeader, Packet, FLAG_VNET};
 use tunbus::codec::vnet::{self, VnetHdr};
+
+/// The flood and the kills each want the machine to themselves (a 2 s recovery is measured).
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// RFC 1071 sum of `bytes` folded to 16 bits (not complemented).
 fn sum16(bytes: &[u8], mut sum: u32) -> u16 {
@@ -238,4 +243,313 @@ fn no_offload_from_bus_completes_checksums_and_refuses_super_packets() {
     let rb = p.b.interrupt();
     assert_eq!(drops(&rb, "offload_refused"), 1, "{rb}");
     assert_eq!(drops(&rb, "bad_vnet"), 0, "{rb}");
+}
+
+/// What one kill may leave, looked for after it.
+struct Leftovers {
+    namespaces: Vec<String>,
+    state_file: bool,
+    broker_processes: Vec<u32>,
+    folders: Vec<String>,
+    guard: Option<u32>,
+}
+
+impl Leftovers {
+    /// What lab `pid` of `session` left, once its guard is done (bounded wait).
+    fn of_lab(pid: u32, session: &str, wait: Duration) -> Leftovers {
+        let t0 = std::time::Instant::now();
+        loop {
+            let l = Leftovers {
+                namespaces: namespaces_with(&format!("tb-{session}-")),
+                state_file: std::path::Path::new(&format!("/run/tunbus/lab-{session}.json")).exists(),
+                broker_processes: processes_with_env_prefix(&format!("RABBITMQ_NODENAME=tunbus-{pid}-")),
+                folders: std::fs::read_dir(std::env::temp_dir())
+                    .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&format!("tunbus-lab-{session}-"))).collect())
+                    .unwrap_or_default(),
+                guard: processes_with_args(&["--guard", &pid.to_string()]).first().copied(),
+            };
+            if l.is_empty() || t0.elapsed() > wait {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && !self.state_file && self.broker_processes.is_empty() && self.folders.is_empty() && self.guard.is_none()
+    }
+}
+
+impl std::fmt::Debug for Leftovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "namespaces {:?}, state file {}, broker processes {:?}, folders {:?}, guard {:?}", self.namespaces, self.state_file, self.broker_processes, self.folders, self.guard)
+    }
+}
+
+/// Processes with an environment entry starting with `prefix`.
+fn processes_with_env_prefix(prefix: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|v| v.starts_with(prefix.as_bytes()))))
+        .collect()
+}
+
+/// TUN devices in namespace `ns` (`None`: this one).
+fn tun_devices(ns: Option<&str>) -> Vec<String> {
+    let mut args = vec![];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-o", "link", "show", "type", "tun"]);
+    run("ip", &args).lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n).to_owned()).collect()
+}
+
+/// Queues on the machine's broker whose name starts with one of `prefixes`.
+fn queues_with(prefixes: &[String]) -> Vec<String> {
+    run("rabbitmqctl", &["list_queues", "-q", "--no-table-headers", "name"]).lines().map(str::trim).filter(|q| prefixes.iter().any(|p| q.starts_with(p.as_str()))).map(str::to_owned).collect()
+}
+
+#[test]
+fn killed_at_random_moments_nothing_is_left() {
+    if !system_ready("killed_at_random_moments_nothing_is_left") {
+        return;
+    }
+    let _alone = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // TUNBUS_KILL_SEED=<n> replays a run (the seed is printed on failure);
+    // TUNBUS_KILL_ROUNDS=200 is the long run of docs/performance.md.
+    let rounds: u64 = std::env::var("TUNBUS_KILL_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let seed = std::env::var("TUNBUS_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(tunbus::util::now_ns);
+    let mut state = seed;
+    let mut next = |bound: u64| {
+        state = tunbus::util::splitmix64(state);
+        state % bound
+    };
+    let mut queue_prefixes = Vec::new();
+    let mut done = Vec::new();
+    // Of every 5 kills: 2 agents, 2 labs on the machine's broker (one --keep), 1 lab on a
+    // private node; each at a random moment from start-up to teardown.
+    for round in 0..rounds {
+        let kind = round % 5;
+        let at = Duration::from_millis(match kind {
+            0 | 1 => next(2500),
+            2 | 3 => next(4000),
+            _ => next(9000),
+        });
+        if kind < 2 {
+            let ns = Netns::new();
+            let name = unique("kill");
+            queue_prefixes.push(format!("tunbus.{name}."));
+            let mut agent = AgentProc::start(&name, &["--netns", &ns.name, "--ipv4", "198.18.62.1/24", "--queues", "2"]);
+            std::thread::sleep(at);
+            agent.stop_with(libc::SIGKILL, Duration::from_secs(5));
+            // The TUN closes with the process; nothing of it stays here or there.
+            let t0 = std::time::Instant::now();
+            let left = loop {
+                let left: Vec<String> = tun_devices(Some(&ns.name)).into_iter().chain(tun_devices(None).into_iter().filter(|n| n.starts_with("tbt"))).collect();
+                if left.is_empty() || t0.elapsed() > Duration::from_secs(5) {
+                    break left;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert!(left.is_empty(), "seed {seed}, round {round}: agent killed after {at:?} left TUN devices {left:?}");
+            done.push(format!("connect at {at:?}"));
+        } else {
+            let session = unique("kl");
+            queue_prefixes.push(format!("tunbus.{session}."));
+            let mut args = vec!["lab", "--hosts", "3", "--throughput-seconds", "0", "--session", &session];
+            match kind {
+                2 => args.push("--keep"),
+                3 => {}
+                _ => args.push("--private-broker"),
+            }
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("lab starts");
+            std::thread::sleep(at);
+            let pid = child.id();
+            let _ = child.kill();
+            let _ = child.wait();
+            let left = Leftovers::of_lab(pid, &session, Duration::from_secs(30));
+            if !left.is_empty() {
+                let _ = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(["lab", "--cleanup"]).output();
+                panic!("seed {seed}, round {round}: lab {args:?} killed after {at:?} left {left:?}");
+            }
+            done.push(format!("{} at {at:?}", args[7..].join(" ")));
+        }
+    }
+    let left = queues_with(&queue_prefixes);
+    assert!(left.is_empty(), "seed {seed}: queues left behind: {left:?}");
+    println!("seed {seed}: {rounds} kills, nothing left: {}", done.join(", "));
+}
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// (name, ready messages, their bytes) of the machine broker's queues starting with
+/// `prefix`: what the queue's length limits bound (messages delivered and not yet
+/// acknowledged are bounded by the prefetch instead).
+fn queue_depths(prefix: &str) -> Vec<(String, u64, u64)> {
+    run("rabbitmqctl", &["list_queues", "-q", "--no-table-headers", "name", "messages_ready", "message_bytes_ready"])
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (n, m, b) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+            n.starts_with(prefix).then(|| (n.to_owned(), m, b))
+        })
+        .collect()
+}
+
+fn broker_alarms() -> String {
+    run("rabbitmqctl", &["eval", "rabbit_alarm:get_alarms()."]).trim().to_owned()
+}
+
+/// One flood: what a thread publishes until `stop`, as fast as the broker takes it.
+fn flood(kind: u8, queue: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, src: Ipv4Addr, dst: Ipv4Addr) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        use std::sync::atomic::Ordering;
+        let mut c = bus_client();
+        let small: Vec<Vec<u8>> = (0..900).map(|i| udp4(src, dst, 4000 + (i % 16) as u16, 9, &[0u8; 36], true)).collect();
+        let frame_of = |packets: &[Vec<u8>]| {
+            let ps: Vec<Packet<'_>> = packets.iter().map(|p| Packet { vnet: Some(&vnet::PLAIN), data: p }).collect();
+            let mut out = Vec::new();
+            v1::encode(FrameHeader { flags: FLAG_VNET, count: 0, sender_queues: 0, seq: 1, timestamp_ns: 0 }, &ps, &mut out).expect("frame");
+            out
+        };
+        let smalls = frame_of(&small);
+        let big: Vec<Vec<u8>> = (0..4).map(|_| udp4(src, dst, 4000, 9, &vec![1u8; 60_000], true)).collect();
+        let bigs = frame_of(&big);
+        let spoofed = frame_of(&[udp4(Ipv4Addr::new(198, 18, 63, 99), dst, 4000, 9, &[0u8; 36], true)]);
+        let garbage: Vec<u8> = (0..60_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let (exchange, key, body): (&str, String, Vec<u8>) = match kind {
+                0 => ("", queue.clone(), smalls.clone()),
+                1 => match i % 4 {
+                    0 => ("", queue.clone(), garbage.clone()),
+                    1 => ("", queue.clone(), spoofed.clone()),
+                    _ => ("", queue.clone(), bigs.clone()),
+                },
+                _ => {
+                    if i % 2 == 0 {
+                        ("amq.topic", "tunbus.v1.ctl.probe".into(), br#"{"from":"flood"}"#.to_vec())
+                    } else {
+                        let addrs: Vec<String> = (0..64).map(|j| format!("\"10.{}.{}.{}/32\"", (i >> 8) & 255, i & 255, j)).collect();
+                        let hello = format!(r#"{{"name":"flood{i}","addresses":[{}],"queues":1,"wire":"v1","started_unix_ms":0}}"#, addrs.join(","));
+                        ("amq.topic", format!("tunbus.v1.ctl.hello.flood{}", i % 1000), hello.into_bytes())
+                    }
+                }
+            };
+            if c.publish_copy(exchange, &key, &Default::default(), &body).is_err() || !c.wait_writable(Duration::from_secs(5)).unwrap_or(false) {
+                break;
+            }
+            messages += 1;
+            bytes += body.len() as u64;
+        }
+        c.close(Duration::from_secs(1));
+        (messages, bytes)
+    })
+}
+
+#[test]
+fn an_overloaded_receiver_stays_bounded_and_recovers() {
+    if !system_ready("an_overloaded_receiver_stays_bounded_and_recovers") {
+        return;
+    }
+    let _alone = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut p = Pair::start(63, &[]);
+    let (a, b): (Ipv4Addr, Ipv4Addr) = (p.v4[0].parse().expect("v4"), p.v4[1].parse().expect("v4"));
+    let seconds = std::env::var("TUNBUS_OVERLOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30u64);
+    let queue = format!("tunbus.{}.0", p.b.name);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let floods: Vec<_> = (0..3).map(|k| flood(k, queue.clone(), stop.clone(), a, b)).collect();
+
+    // The agent's bound (docs/architecture.md, "Memory"): 24 MiB of its own, per queue two
+    // batch sets (8 × 256 KiB), receive buffers, and the first-claim table when full.
+    let bound_mib = 24.0 + 1.0 * (8.0 * 0.25 + 2.0 * 0.125 + 1.0) + 16.0;
+    let limits = (4096u64, 4u64 << 20);
+    let (mut max_rss, mut max_depth, mut worst) = (0.0f64, (0u64, 0u64), String::new());
+    let t0 = std::time::Instant::now();
+    let mut alarms = Vec::new();
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        max_rss = max_rss.max(rss_mib(p.b.pid()));
+        for (name, messages, bytes) in queue_depths("tunbus.").into_iter().filter(|q| q.0.contains(&p.b.name) || q.0.contains(&p.a.name)) {
+            if messages > max_depth.0 || bytes > max_depth.1 {
+                worst = name.clone();
+            }
+            max_depth = (max_depth.0.max(messages), max_depth.1.max(bytes));
+        }
+        let a = broker_alarms();
+        if a != "[]" {
+            alarms.push(a);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent: Vec<(u64, u64)> = floods.into_iter().map(|f| f.join().expect("flood thread")).collect();
+    let flood_end = std::time::Instant::now();
+    let recovered = (0..100).find_map(|_| {
+        let out = p.ns_a.exec(&["ping", "-n", "-c", "1", "-W", "0.1", &p.v4[1]]);
+        out.status.success().then(|| flood_end.elapsed())
+    });
+    assert!(p.b.alive(), "the receiver died under the flood:\n{}", p.b.logs());
+    let rb = p.b.interrupt();
+    let offered: u64 = sent.iter().map(|s| s.0).sum();
+    println!(
+        "{seconds} s flood: {offered} messages ({:.0} MB) offered, {:.1} times what the receiver took ({} messages), it wrote {} packets; max RSS {max_rss:.1} MiB (bound {bound_mib:.1}); deepest queue {worst}: {} messages, {} bytes; recovered in {recovered:?}; drops {}",
+        sent.iter().map(|s| s.1).sum::<u64>() as f64 / 1e6,
+        offered as f64 / rb["rx_batches"].as_u64().unwrap_or(1).max(1) as f64,
+        rb["rx_batches"],
+        rb["rx_packets"],
+        max_depth.0,
+        max_depth.1,
+        rb["drops"]
+    );
+    assert!(alarms.is_empty(), "the broker raised alarms: {alarms:?}");
+    assert!(max_rss <= bound_mib, "receiver RSS {max_rss:.1} MiB above its bound {bound_mib:.1} MiB");
+    assert!(max_depth.0 <= limits.0 && max_depth.1 <= limits.1 + (256 << 10), "queue {worst} grew past its limits: {max_depth:?}");
+    assert!(recovered.is_some_and(|d| d <= Duration::from_secs(2)), "not reachable within 2 s of the flood's end: {recovered:?}");
+    for reason in ["malformed", "spoofed"] {
+        assert!(drops(&rb, reason) > 0, "no {reason} drops counted: {rb}");
+    }
+}
+
+#[test]
+fn the_kernels_drops_on_a_full_tun_queue_are_counted() {
+    if !system_ready("the_kernels_drops_on_a_full_tun_queue_are_counted") {
+        return;
+    }
+    let mut p = Pair::start(64, &[]);
+    let dst = format!("{}:9", p.v4[1]);
+    // A worker that does not read (stopped): the kernel's TUN queue fills and it drops.
+    // SAFETY: kill(2) on the pid of a child the test spawned.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(p.a.pid(), libc::SIGSTOP);
+    }
+    in_netns(&p.ns_a.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("udp");
+        for _ in 0..5000 {
+            let _ = s.send_to(&[0u8; 64], &dst);
+        }
+    })
+    .join()
+    .expect("sender");
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(p.a.pid(), libc::SIGCONT);
+    }
+    let stats = String::from_utf8_lossy(&p.ns_a.exec(&["cat", "/proc/net/dev"]).stdout).into_owned();
+    let kernel = tunbus::metrics::kernel::tx_dropped(&stats, "tb0").expect("tb0 in /proc/net/dev");
+    assert!(kernel > 0, "the kernel dropped nothing:\n{stats}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let ra = p.a.interrupt();
+    assert_eq!(drops(&ra, "tun_queue_full"), kernel, "{ra}");
 }

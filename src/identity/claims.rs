@@ -5,7 +5,9 @@
 //! stays while its user keeps announcing it (hellos every few seconds) and lapses
 //! [`CLAIM_LIFETIME`] after the last one, or at once with the user's bye. A second user's
 //! claim of a held address is refused (and reported, so the agent can log it loudly); its
-//! other addresses are still granted. Pure: the caller passes the time.
+//! other addresses are still granted. The table is bounded ([`MAX_CLAIMS`], and at most
+//! [`MAX_PER_HELLO`] addresses of one hello count), so a flood of hellos claiming made-up
+//! addresses costs memory once, not without end. Pure: the caller passes the time.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +18,12 @@ use crate::config::Prefix;
 
 /// How long a claim outlives its user's last hello (three missed hellos and then some).
 pub const CLAIM_LIFETIME: Duration = Duration::from_secs(35);
+/// Most addresses held at once (a 4000-host lab holds 12 000: IPv4, IPv6, link-local).
+pub const MAX_CLAIMS: usize = 65_536;
+/// Most addresses one hello claims (an agent announces its prefixes and its link-local).
+pub const MAX_PER_HELLO: usize = 64;
+/// The holder named when a claim is refused because the table is full.
+pub const TABLE_FULL: &str = "(claims table full)";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Claim {
@@ -47,11 +55,15 @@ impl Claims {
     pub fn on_hello(&mut self, user: &str, addresses: &[IpAddr], now: Instant) -> (Vec<Refused>, bool) {
         let mut refused = Vec::new();
         let mut changed = false;
-        for &addr in addresses {
+        for &addr in addresses.iter().take(MAX_PER_HELLO) {
+            let full = self.by_addr.len() >= MAX_CLAIMS;
             match self.by_addr.get_mut(&addr) {
                 Some(c) if c.user == user => c.refreshed = now,
                 Some(c) if now.saturating_duration_since(c.refreshed) < CLAIM_LIFETIME => {
                     refused.push(Refused { addr, claimant: user.to_owned(), holder: c.user.clone() });
+                }
+                None if full => {
+                    refused.push(Refused { addr, claimant: user.to_owned(), holder: TABLE_FULL.to_owned() });
                 }
                 _ => {
                     self.by_addr.insert(addr, Claim { user: user.to_owned(), refreshed: now });
@@ -75,6 +87,11 @@ impl Claims {
         let before = self.by_addr.len();
         self.by_addr.retain(|_, c| now.saturating_duration_since(c.refreshed) < CLAIM_LIFETIME);
         self.by_addr.len() != before
+    }
+
+    /// How many addresses are held.
+    pub fn table_len(&self) -> usize {
+        self.by_addr.len()
     }
 
     /// Who holds `addr`, if anyone.
@@ -139,5 +156,26 @@ mod tests {
         let (refused, _) = c.on_hello("c", &[ip("198.18.0.1")], t0 + Duration::from_secs(1) + CLAIM_LIFETIME);
         assert!(refused.is_empty());
         assert_eq!(c.holder(ip("198.18.0.1")), Some("c"));
+    }
+
+    #[test]
+    fn a_hello_flood_fills_the_table_once_and_no_further() {
+        let t0 = Instant::now();
+        let mut c = Claims::new();
+        let many: Vec<IpAddr> = (0..200u32).map(|i| IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i))).collect();
+        c.on_hello("a", &many, t0);
+        assert_eq!(c.table_len(), MAX_PER_HELLO, "one hello claims at most MAX_PER_HELLO addresses");
+        for i in 0..(MAX_CLAIMS as u32 / 64 + 10) {
+            let addrs: Vec<IpAddr> = (0..64u32).map(|j| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i * 64 + j))).collect();
+            c.on_hello("flood", &addrs, t0);
+        }
+        assert_eq!(c.table_len(), MAX_CLAIMS);
+        let (refused, changed) = c.on_hello("late", &[ip("fd00::99")], t0);
+        assert!(!changed);
+        assert_eq!(refused[0].holder, TABLE_FULL);
+        // Once the flood's claims lapse, real agents get addresses again.
+        c.on_hello("a", &many[..1], t0 + CLAIM_LIFETIME);
+        assert!(c.expire(t0 + CLAIM_LIFETIME));
+        assert!(c.on_hello("late", &[ip("fd00::99")], t0 + CLAIM_LIFETIME).0.is_empty());
     }
 }

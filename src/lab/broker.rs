@@ -69,6 +69,16 @@ const RAISED_START: &str = "cd /var/lib/rabbitmq 2>/dev/null; n=$(ulimit -Hn); \
     if [ \"$n\" = unlimited ] || [ \"$n\" -gt 65536 ]; then n=65536; fi; ulimit -Sn \"$n\"; \
     exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached";
 
+/// Processes started for RabbitMQ node `node` (`RABBITMQ_NODENAME=node` in their environment).
+pub fn processes_of_node(node: &str) -> Vec<u32> {
+    let entry = format!("RABBITMQ_NODENAME={node}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == entry.as_bytes())))
+        .collect()
+}
+
 /// A free TCP port on loopback whose RabbitMQ distribution port (port + 20000) is free too.
 fn free_port() -> anyhow::Result<u16> {
     for _ in 0..50 {
@@ -306,9 +316,15 @@ impl PrivateBroker {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    /// Stops the node (waits for it) and removes its data directory.
+    /// Stops the node (waits for it) and removes its data directory. A node that does not
+    /// stop (still booting, or wedged) is killed: every process started with this node's
+    /// name in its environment, which is only ever this node's Erlang VM and helpers (node
+    /// names hold the lab's pid and port).
     pub fn stop(&self) {
         let _ = self.command("rabbitmqctl").args(["-n", &self.node, "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        for pid in processes_of_node(&self.node) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -9,10 +9,12 @@
 //!
 //! Clean-up is the point of a lab: a state file under `/run/tunbus/` is written *before*
 //! anything is created, so that a lab killed with SIGKILL is cleaned by the next run (or by
-//! `--cleanup`): namespaces, a private broker, its temporary folder. Interfaces and queues
-//! need no record: they die with the process and its connections.
+//! `--cleanup`), and at once by the lab's [`guard`] process: namespaces, a private broker,
+//! its temporary folder. Interfaces and queues need no record: they die with the process
+//! and its connections.
 
 pub mod broker;
+pub mod guard;
 pub mod plan;
 
 use std::path::{Path, PathBuf};
@@ -135,8 +137,12 @@ fn write_state(state: &State) -> anyhow::Result<()> {
     std::fs::write(state_path(&state.session), serde_json::to_vec(state)?).context("writing the lab state file")
 }
 
+/// Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not).
 fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Namespaces of `session` that exist now (exact pattern: prefix + digits).
@@ -176,17 +182,20 @@ fn run_batch(script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A private folder for a lab's broker nodes: an unpredictable name under the temporary
-/// directory, mode 0700, owned by the `rabbitmq` user that runs the nodes (root reads it
-/// anyway).
-fn private_dir(session: &str) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
+/// Where a lab's broker nodes live: an unpredictable name under the temporary directory.
+fn private_dir_name(session: &str) -> anyhow::Result<PathBuf> {
     let mut raw = [0u8; 8];
     std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw)).context("reading /dev/urandom")?;
-    let dir = std::env::temp_dir().join(format!("tunbus-lab-{session}-{:016x}", u64::from_le_bytes(raw)));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _ = std::process::Command::new("chown").arg("rabbitmq:rabbitmq").arg(&dir).stderr(Stdio::null()).status();
-    Ok(dir)
+    Ok(std::env::temp_dir().join(format!("tunbus-lab-{session}-{:016x}", u64::from_le_bytes(raw))))
+}
+
+/// Creates the folder named by [`private_dir_name`]: mode 0700 (failing if anything is
+/// there already), owned by the `rabbitmq` user that runs the nodes (root reads it anyway).
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = std::process::Command::new("chown").arg("rabbitmq:rabbitmq").arg(dir).stderr(Stdio::null()).status();
+    Ok(())
 }
 
 /// Removes what a dead lab of `session` left. Errors if a lab of that session still runs.
@@ -290,6 +299,7 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
     cleanup_session(&opts.session)?;
     let mut state = State { pid: std::process::id(), session: opts.session.clone(), hosts: opts.hosts, ..State::default() };
     write_state(&state)?;
+    guard::spawn(&opts.session)?;
     let mut lab = Lab {
         opts: opts.clone(),
         hosts: plan::hosts(&opts.session, opts.hosts),
@@ -383,10 +393,12 @@ impl Lab {
         if !broker::installed() {
             bail!("no broker answers on localhost:5672 and RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url)");
         }
-        let dir = private_dir(&self.opts.session)?;
+        // Recorded before it exists, so that no moment of a kill leaves it behind.
+        let dir = private_dir_name(&self.opts.session)?;
         self.temp_dir = Some(dir.clone());
         state.temp_dir = Some(dir.clone());
         write_state(state)?;
+        create_private_dir(&dir)?;
         if self.opts.brokers > 1 {
             tracing::info!(nodes = self.opts.brokers, "starting a private RabbitMQ cluster");
             let prepared: Vec<PrivateBroker> = (1..=self.opts.brokers)

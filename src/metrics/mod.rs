@@ -6,6 +6,7 @@
 //! one at most every [`FOLD_EVERY`]: one uncontended lock per interval, never per packet.
 //! The reporter (a tokio task) takes [`Snapshot`]s and prints rates and percentiles.
 
+pub mod kernel;
 pub mod prometheus;
 pub mod report;
 
@@ -43,13 +44,16 @@ pub enum DropReason {
     Spoofed,
     /// A packet in a message without `user_id`: nobody vouches for it.
     NoIdentity,
+    /// Packets the kernel dropped on our TUN because its queue was full (the worker was
+    /// busy): the interface's `tx_dropped`, read from the kernel ([`kernel`]).
+    TunQueueFull,
     /// A control message from someone not allowed to give it (`ip.tun.start` from a
     /// non-coordinator, an address outside the session's subnet, one start too many).
     ForgedControl,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -59,6 +63,7 @@ impl DropReason {
         DropReason::BadVnet,
         DropReason::OffloadRefused,
         DropReason::TunWrite,
+        DropReason::TunQueueFull,
         DropReason::Mld,
         DropReason::Spoofed,
         DropReason::NoIdentity,
@@ -77,6 +82,7 @@ impl DropReason {
             DropReason::BadVnet => "bad_vnet",
             DropReason::OffloadRefused => "offload_refused",
             DropReason::TunWrite => "tun_write",
+            DropReason::TunQueueFull => "tun_queue_full",
             DropReason::Mld => "mld",
             DropReason::Spoofed => "spoofed",
             DropReason::NoIdentity => "no_identity",
@@ -110,6 +116,11 @@ impl Counters {
     #[inline]
     pub fn record_drop(&self, reason: DropReason, n: u64) {
         Counters::add(&self.drops[reason as usize], n);
+    }
+
+    /// Sets a drop count kept elsewhere (the kernel's, see [`kernel`]).
+    pub fn set_drop(&self, reason: DropReason, n: u64) {
+        self.drops[reason as usize].store(n, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -135,19 +135,26 @@ pub fn ip_batch(netns: Option<&str>, script: &str) -> Result<(), Error> {
 /// Writes `/proc/sys/<key>` (e.g. `net/ipv6/conf/tb0/router_solicitations`) in `netns`.
 pub fn set_sysctl(netns: Option<&str>, key: &str, value: &str) -> Result<(), Error> {
     let path = format!("/proc/sys/{key}");
-    let value = value.to_owned();
-    let write = move || std::fs::write(&path, &value).map_err(|e| Error::Command { command: format!("write {path}"), stderr: e.to_string() });
-    let Some(ns) = netns else { return write() };
+    in_netns(netns, || std::fs::write(&path, value)).map_err(|e| match e {
+        Error::Command { stderr, .. } => Error::Command { command: format!("write {path}"), stderr },
+        e => e,
+    })
+}
+
+/// Runs `f` on a short-lived thread inside `netns` (`None`: here, on this thread), for
+/// what only a thread in the namespace sees (`/proc/sys/net`, `/proc/thread-self/net`).
+pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> std::io::Result<T> + Send) -> Result<T, Error> {
+    let failed = |command: String| move |e: std::io::Error| Error::Command { command, stderr: e.to_string() };
+    let Some(ns) = netns else { return f().map_err(failed("in this namespace".into())) };
     let ns_file = std::fs::File::open(Path::new("/run/netns").join(ns)).map_err(|_| Error::NoNamespace(ns.to_owned()))?;
     std::thread::scope(|s| {
         s.spawn(|| {
             use std::os::fd::AsFd;
-            crate::sys::enter_netns(ns_file.as_fd())
-                .map_err(|e| Error::Command { command: format!("setns {ns}"), stderr: e.to_string() })?;
-            write()
+            crate::sys::enter_netns(ns_file.as_fd()).map_err(failed(format!("setns {ns}")))?;
+            f().map_err(failed(format!("in namespace {ns}")))
         })
         .join()
-        .unwrap_or_else(|_| Err(Error::Command { command: "sysctl thread".into(), stderr: "panicked".into() }))
+        .unwrap_or_else(|_| Err(Error::Command { command: format!("thread in namespace {ns}"), stderr: "panicked".into() }))
     })
 }
 

@@ -54,6 +54,8 @@ pub const HOLD_POLL: Duration = Duration::from_micros(50);
 /// the end of a burst then keeps its batches open (re-checked every [`HOLD_POLL`]) instead
 /// of queueing small messages behind large ones (decision 0013).
 pub const HOLD_UNSENT: usize = 256 * 1024;
+/// Shortest time between two hellos sent in answer to probes.
+pub const PROBE_ANSWER_GAP: Duration = Duration::from_millis(250);
 /// How often an idle worker wakes to notice shutdown (hundreds of agents share a lab).
 pub const IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -266,6 +268,7 @@ struct Link {
     /// Queue 0 of a native agent: its presence, and when to say hello next.
     announce: Option<Announcements>,
     next_hello: Instant,
+    last_hello: Instant,
     /// First claim: ask everyone for their hellos once connected (to learn their claims).
     probe_due: bool,
     reconnect: Reconnect,
@@ -288,6 +291,7 @@ impl Link {
             json_key: ioppytest::routing_key_from_agent(&ctx.config.name),
             announce: ctx.hello.as_deref().cloned(),
             next_hello: Instant::now(),
+            last_hello: Instant::now() - PROBE_ANSWER_GAP,
             probe_due: false,
             ctx,
             client: None,
@@ -330,9 +334,10 @@ impl Link {
         }
     }
 
-    /// A probe arrived: say hello now.
+    /// A probe arrived: say hello now, or at most one answer per [`PROBE_ANSWER_GAP`]: a probe flood costs a hello now and then.
     fn answer_probe(&mut self) {
-        self.next_hello = Instant::now();
+        let now = Instant::now();
+        self.next_hello = self.next_hello.min(now.max(self.last_hello + PROBE_ANSWER_GAP));
         self.announce_if_due();
     }
 
@@ -346,7 +351,10 @@ impl Link {
         }
         match client.publish(now, &self.exchange, &a.hello_key, &JSON_PROPERTIES, &a.hello) {
             Ok(Published::Busy) => {} // try again on the next turn
-            Ok(_) => self.next_hello = now + HELLO_EVERY,
+            Ok(_) => {
+                self.next_hello = now + HELLO_EVERY;
+                self.last_hello = now;
+            }
             Err(e) => return self.lose(e),
         }
         if std::mem::take(&mut self.probe_due) {

@@ -23,7 +23,7 @@ use crate::amqp::AckBatcher;
 use crate::codec::vnet::{self, VnetHdr};
 use crate::codec::{ioppytest, v1};
 use crate::config::{AgentConfig, Prefix, Wire};
-use crate::identity::claims::Claims;
+use crate::identity::claims::{Claims, MAX_PER_HELLO};
 use crate::identity::{self, Verdict};
 use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
 use crate::route::peers::PeerQueues;
@@ -140,9 +140,14 @@ impl Receiver {
         }
     }
 
-    /// Folds latency samples when due.
+    /// Folds latency samples when due; publishes or expires claims when due (traffic that
+    /// never lets the worker idle must not hold them back).
     pub fn fold_now(&mut self) {
-        self.latency.maybe_fold(Instant::now(), false);
+        let now = Instant::now();
+        self.latency.maybe_fold(now, false);
+        if let Some(p) = &mut self.presence {
+            p.expire(now);
+        }
     }
 
     /// One whole message; returns a tag to acknowledge now (every half prefetch).
@@ -339,15 +344,27 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
 /// First-claim mode: the claims queue 0 keeps from the hellos and byes it receives, shared
 /// with the agent's other workers through [`identity::Trust`]. Control plane: hellos come
 /// every few seconds per agent, parsed here (with allocation, unlike packets).
+///
+/// Under a flood of hellos the table is republished at most every [`REPUBLISH_GAP`] (a
+/// claim then takes effect that much later), and refused claims are logged once a second.
 pub struct ClaimKeeper {
     claims: Arc<Mutex<Claims>>,
     trust: Arc<identity::Trust>,
     last_expire: Instant,
+    last_publish: Instant,
+    /// The table changed since it was last published.
+    dirty: bool,
+    last_warning: Option<Instant>,
+    refused_since: u64,
 }
+
+/// Shortest time between two publications of the claims table to the workers.
+pub const REPUBLISH_GAP: Duration = Duration::from_millis(100);
 
 impl ClaimKeeper {
     pub fn new(claims: Arc<Mutex<Claims>>, trust: Arc<identity::Trust>) -> ClaimKeeper {
-        ClaimKeeper { claims, trust, last_expire: Instant::now() }
+        let now = Instant::now();
+        ClaimKeeper { claims, trust, last_expire: now, last_publish: now - REPUBLISH_GAP, dirty: false, last_warning: None, refused_since: 0 }
     }
 
     /// A hello or bye published by broker user `user`.
@@ -357,32 +374,49 @@ impl ClaimKeeper {
         };
         let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
         let Ok(mut claims) = self.claims.lock() else { return };
-        let addrs: Vec<IpAddr> = hello.addresses.iter().filter_map(|a| a.parse::<Prefix>().ok()).map(|p| p.addr).collect();
+        let addrs: Vec<IpAddr> = hello.addresses.iter().take(MAX_PER_HELLO).filter_map(|a| a.parse::<Prefix>().ok()).map(|p| p.addr).collect();
         let changed = if hello.leaving {
             claims.on_bye(&user, &addrs)
         } else {
             let (refused, changed) = claims.on_hello(&user, &addrs, now);
-            for r in refused {
-                tracing::warn!(agent = %hello.name, user = %r.claimant, address = %r.addr, holder = %r.holder, "REFUSED a claim: this address belongs to another live broker user; its packets from it are dropped");
+            self.refused_since += refused.len() as u64;
+            if let Some(r) = refused.first() {
+                if self.last_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                    tracing::warn!(agent = %hello.name, user = %r.claimant, address = %r.addr, holder = %r.holder, refused = self.refused_since, "REFUSED a claim: this address belongs to another live broker user (or the table is full); its packets from it are dropped");
+                    self.last_warning = Some(now);
+                    self.refused_since = 0;
+                }
             }
             changed
         };
-        if changed {
+        self.dirty |= changed;
+        drop(claims);
+        self.publish_if_due(now);
+    }
+
+    /// Publishes the table when it changed and the last publication is old enough.
+    pub fn publish_if_due(&mut self, now: Instant) {
+        if !self.dirty || now.saturating_duration_since(self.last_publish) < REPUBLISH_GAP {
+            return;
+        }
+        if let Ok(claims) = self.claims.lock() {
             self.trust.publish(claims.table());
+            self.dirty = false;
+            self.last_publish = now;
         }
     }
 
     /// Lets claims lapse whose users have gone silent (checked every few seconds).
     pub fn expire(&mut self, now: Instant) {
+        self.publish_if_due(now);
         if now.saturating_duration_since(self.last_expire) < Duration::from_secs(5) {
             return;
         }
         self.last_expire = now;
         if let Ok(mut claims) = self.claims.lock() {
-            if claims.expire(now) {
-                self.trust.publish(claims.table());
-            }
+            self.dirty |= claims.expire(now);
         }
+        self.publish_if_due(now);
     }
 }
 

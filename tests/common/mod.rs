@@ -68,6 +68,36 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The pid of the guard process of lab `lab_pid` (`agent lab … --guard LAB_PID`).
+pub fn guard_of(lab_pid: u32) -> Option<u32> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if let Some(p) = processes_with_args(&["--guard", &lab_pid.to_string()]).first() {
+            return Some(*p);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Processes whose command line contains `args` in a row.
+pub fn processes_with_args(args: &[&str]) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let words: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            words.windows(args.len()).any(|w| w.iter().zip(args).all(|(a, b)| *a == b.as_bytes()))
+        })
+        .collect()
+}
+
+/// Network namespaces whose name starts with `prefix`.
+pub fn namespaces_with(prefix: &str) -> Vec<String> {
+    run("ip", &["netns", "list"]).lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(prefix)).map(str::to_owned).collect()
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
