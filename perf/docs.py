@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Writes docs/performance.md from the benchmark outputs (never by hand):
-perf/results/latest.md (perf/run.py), perf/results/lab-scale.md (perf/lab_scale.py), and a
-before/after table from two full perf/run.py results (BASELINE against the newest full run)."""
+perf/results/latest.md (perf/run.py), lab-scale.md (perf/lab_scale.py), lab-thousand.md
+(perf/lab_thousand.py), cluster-sim.md (perf/cluster_sim.py), queue-types.md
+(perf/queue_types.py), soak.md (perf/soak.py), and a before/after table from two full
+perf/run.py results (BASELINE against the newest full run)."""
 import glob
 import importlib.util
 import json
@@ -66,7 +68,9 @@ def section(name, level_shift=1):
     path = os.path.join(R, name)
     if not os.path.exists(path):
         return f"_No {name} yet: run the benchmark._\n"
-    text = open(path).read().replace("](latest.svg)", "](../perf/results/latest.svg)")
+    text = open(path).read()
+    for svg in ("latest.svg", "soak.svg", "cluster-sim.svg"):
+        text = text.replace(f"]({svg})", f"](../perf/results/{svg})")
     return "\n".join(("#" * level_shift + l) if l.startswith("#") else l for l in text.splitlines()) + "\n"
 
 
@@ -79,6 +83,10 @@ Reproduce (as root, RabbitMQ on localhost):
 ```sh
 python3 perf/run.py            # tunbus beside veth, the TUN relay, the broker, and over TLS (< 10 min)
 python3 perf/lab_scale.py      # agent lab with 2 and 300 hosts, 2 runs each (~1 min)
+python3 perf/lab_thousand.py   # 1000 hosts on one node and on three; restart and node loss (~10 min)
+python3 perf/cluster_sim.py    # 10 000 simulated agents on a private 3-node cluster (~10 min)
+python3 perf/queue_types.py    # classic against quorum queues on that cluster (~3 min)
+python3 perf/soak.py --duration 1h   # mixed traffic, broker restarts every 10 min, growth
 python3 perf/docs.py           # rewrite this page from perf/results/
 ```
 
@@ -110,5 +118,6 @@ beyond the run-to-run noise (four quick runs: 1.73–2.04 Gbit/s).
 """
 
 with open(os.path.join(ROOT, "docs", "performance.md"), "w") as f:
-    f.write(HEAD + before_after() + "\n" + section("latest.md") + "\n" + section("lab-scale.md"))
+    parts = ["latest.md", "lab-scale.md", "lab-thousand.md", "cluster-sim.md", "queue-types.md", "soak.md"]
+    f.write(HEAD + before_after() + "".join("\n" + section(p) for p in parts))
 print("wrote docs/performance.md")

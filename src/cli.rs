@@ -326,7 +326,7 @@ pub struct ConnectArgs {
     pub mtu: Option<u32>,
     /// Wire format: native tunbus batches, or the Python ioppytest-agent's JSON (one
     /// packet per message on fromAgent.<NAME>…/toAgent.<NAME>…, through `agent route`).
-    #[arg(long, value_enum, default_value_t = Wire::Native)]
+    #[arg(long, default_value = "native", value_parser = wire_parser())]
     pub wire: Wire,
     /// With --wire ioppytest: create the interface only when toAgent.<NAME>.ip.tun.start
     /// brings the addresses (as an ioppytest coordinator expects).
@@ -434,6 +434,12 @@ pub fn bus_exchange(bus: &BusArgs) -> anyhow::Result<String> {
         (None, Some(s)) => route::session_exchange(s),
         (None, None) => "amq.topic".to_owned(),
     })
+}
+
+/// `--wire native|ioppytest` (the configuration's `Wire` knows nothing of clap).
+fn wire_parser() -> impl clap::builder::TypedValueParser<Value = Wire> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["native", "ioppytest"]).map(|s| if s == "ioppytest" { Wire::Ioppytest } else { Wire::Native })
 }
 
 /// Parses a core list: `0,1`, `2-5`, `0,2-3`.

@@ -43,7 +43,7 @@ impl FromStr for Prefix {
 }
 
 /// Which wire an agent speaks on the bus.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Wire {
     /// tunbus v1 batches routed by destination (docs/wire-format.md).
     #[default]

@@ -1,7 +1,9 @@
-//! Message bodies: the native wire format v1 and the ioppytest JSON form.
+//! The wire formats: message bodies (the native format v1, the ioppytest JSON form) and the
+//! virtio header that precedes each packet.
 //!
 //! Pure code: bytes in, frames out. No I/O, no clock, no async, no `unsafe`, so it is
-//! unit-tested and property-tested in isolation. The per-queue worker threads call
+//! unit-tested, property-tested and fuzzed (`fuzz/`, replayed by `tests/corpus.rs`) in
+//! isolation. The per-queue worker threads call
 //! it on the hot path (batch building on TX, frame decoding on RX); `v1` copies no packet
 //! bytes and allocates nothing. The byte-level contract is `docs/wire-format.md`.
 

@@ -20,8 +20,8 @@ pub struct KernelDrops {
 
 impl KernelDrops {
     /// Opens the statistics of `ifname` in `netns` (`None`: this namespace).
-    pub fn open(netns: Option<&str>, ifname: &str) -> Result<KernelDrops, crate::tun::netns::Error> {
-        let dev = crate::tun::netns::in_netns(netns, || File::open("/proc/thread-self/net/dev"))?;
+    pub fn open(netns: Option<&str>, ifname: &str) -> std::io::Result<KernelDrops> {
+        let dev = crate::sys::in_netns(netns, || File::open("/proc/thread-self/net/dev"))?;
         Ok(KernelDrops { dev, ifname: ifname.to_owned(), buf: String::new() })
     }
 

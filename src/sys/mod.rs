@@ -188,6 +188,23 @@ pub fn enter_netns(ns: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a short-lived thread inside namespace `netns` (`/run/netns/NAME`; `None`:
+/// here, on this thread), for what only a thread in the namespace sees (`/proc/sys/net`,
+/// `/proc/thread-self/net`; a file opened there keeps that namespace).
+pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let Some(ns) = netns else { return f() };
+    let ns_file = std::fs::File::open(std::path::Path::new("/run/netns").join(ns))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsFd;
+            enter_netns(ns_file.as_fd())?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other(format!("the thread in namespace {ns} panicked"))))
+    })
+}
+
 /// Raises this process's soft limit of open files towards its hard limit (at most `want`)
 /// and returns the soft limit now in force. A lab of hundreds of agents holds a TUN queue
 /// and a socket per queue of each.

@@ -141,21 +141,14 @@ pub fn set_sysctl(netns: Option<&str>, key: &str, value: &str) -> Result<(), Err
     })
 }
 
-/// Runs `f` on a short-lived thread inside `netns` (`None`: here, on this thread), for
-/// what only a thread in the namespace sees (`/proc/sys/net`, `/proc/thread-self/net`).
+/// [`crate::sys::in_netns`], with a missing namespace said as such.
 pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> std::io::Result<T> + Send) -> Result<T, Error> {
-    let failed = |command: String| move |e: std::io::Error| Error::Command { command, stderr: e.to_string() };
-    let Some(ns) = netns else { return f().map_err(failed("in this namespace".into())) };
-    let ns_file = std::fs::File::open(Path::new("/run/netns").join(ns)).map_err(|_| Error::NoNamespace(ns.to_owned()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            use std::os::fd::AsFd;
-            crate::sys::enter_netns(ns_file.as_fd()).map_err(failed(format!("setns {ns}")))?;
-            f().map_err(failed(format!("in namespace {ns}")))
-        })
-        .join()
-        .unwrap_or_else(|_| Err(Error::Command { command: format!("thread in namespace {ns}"), stderr: "panicked".into() }))
-    })
+    if let Some(ns) = netns {
+        if !namespace_exists(ns) {
+            return Err(Error::NoNamespace(ns.to_owned()));
+        }
+    }
+    crate::sys::in_netns(netns, f).map_err(|e| Error::Command { command: format!("in namespace {}", netns.unwrap_or("of this process")), stderr: e.to_string() })
 }
 
 /// Adds one address (IPv6 without duplicate address detection).

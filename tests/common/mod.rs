@@ -266,6 +266,20 @@ pub fn wait_reachable(ns: &Netns, dst: &str, limit: Duration) -> Option<Duration
     None
 }
 
+/// The time from `since` until the first echo reply reaches `ns`, pinging `dst` every
+/// 50 ms until one reply comes or `limit` passes. The reply's own arrival time (`ping -D`) is used, so a slow
+/// reply counts when it arrives, and the cost of starting processes does not count at all.
+pub fn first_reply_after(ns: &Netns, dst: &str, since: std::time::SystemTime, limit: Duration) -> Option<Duration> {
+    let deadline = limit.as_secs().max(1).to_string();
+    let out = ns.exec(&["ping", "-n", "-D", "-c", "1", "-i", "0.05", "-W", "1", "-w", &deadline, dst]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let since = since.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    text.lines()
+        .filter(|l| l.contains("bytes from"))
+        .find_map(|l| l.strip_prefix('[')?.split(']').next()?.parse::<f64>().ok())
+        .map(|at| Duration::from_secs_f64((at - since).max(0.0)))
+}
+
 /// Runs `f` on a thread that has entered network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
