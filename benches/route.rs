@@ -97,7 +97,7 @@ fn routing(c: &mut Criterion) {
 /// for a packet whose source differs from the one before.
 fn identity(c: &mut Criterion) {
     use tunbus::identity::{Mode, Table, Trust, Verdict};
-    let users: Vec<(String, Vec<tunbus::config::Prefix>)> = (1..=300u32)
+    let users: Vec<(String, Vec<tunbus::route::Prefix>)> = (1..=300u32)
         .map(|i| {
             let v4 = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
             (format!("lab.h{i}"), vec![format!("{v4}/32").parse().expect("prefix"), format!("fd00:7b::{i:x}/128").parse().expect("prefix")])

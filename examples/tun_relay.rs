@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tunbus::config::Prefix;
+use tunbus::route::Prefix;
 use tunbus::codec::vnet;
 use tunbus::tun::{netns, TunDevice, TunQueue};
 

@@ -3,44 +3,12 @@
 //! `cli.rs` turns command-line arguments into an [`AgentConfig`]; everything below the CLI
 //! (the agent, the lab) sees only this. Pure data: no I/O.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::amqp::client::{Endpoint, DEFAULT_HEARTBEAT};
 
-/// An interface address with its prefix length, e.g. `198.18.0.1/24` or `fd00:7b::1/64`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl Prefix {
-    pub fn new(addr: IpAddr, len: u8) -> Option<Prefix> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (len <= max).then_some(Prefix { addr, len })
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl FromStr for Prefix {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Prefix, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} has no prefix length (write it as ADDR/LEN, e.g. 198.18.0.1/24)"))?;
-        let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let len: u8 = len.parse().map_err(|_| format!("{len:?} is not a prefix length"))?;
-        Prefix::new(addr, len).ok_or_else(|| format!("prefix length {len} is too long for {addr}"))
-    }
-}
+pub use crate::route::Prefix;
 
 /// Which wire an agent speaks on the bus.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -194,19 +162,6 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_parse_and_print() {
-        let p: Prefix = "198.18.0.1/24".parse().unwrap();
-        assert_eq!(p.to_string(), "198.18.0.1/24");
-        let p: Prefix = "fd00:7b::1/64".parse().unwrap();
-        assert_eq!(p.len, 64);
-        assert!("198.18.0.1".parse::<Prefix>().is_err());
-        assert!("198.18.0.1/33".parse::<Prefix>().is_err());
-        assert!("fd00::1/129".parse::<Prefix>().is_err());
-        assert!("nonsense/8".parse::<Prefix>().is_err());
-        assert!("fd00::1/x".parse::<Prefix>().is_err());
-    }
 
     #[test]
     fn link_local_is_stable_distinct_and_overridable() {

@@ -259,6 +259,28 @@ pub fn routing(data: &[u8]) {
     if route::is_valid_word(text) {
         assert!(RoutingKey::all(text).is_some());
     }
+    // Every key the grammar reads is one its constructors build, spelled the same way.
+    let rebuilt = match route::Key::parse(text) {
+        Some(route::Key::Unicast { dst, shard }) => Some(RoutingKey::unicast(dst, shard)),
+        Some(route::Key::All { sender }) => RoutingKey::all(sender),
+        Some(route::Key::Hello { name }) => RoutingKey::hello(name),
+        Some(route::Key::Bye { name }) => RoutingKey::bye(name),
+        Some(route::Key::Probe) => {
+            assert_eq!(text, route::CTL_PROBE);
+            None
+        }
+        None => None,
+    };
+    if let Some(key) = rebuilt {
+        assert_eq!(key.as_str(), text);
+    }
+    if let Some(from) = crate::codec::ioppytest::parse_from_agent(text) {
+        let again = match from {
+            crate::codec::ioppytest::FromAgent::Packet { name } => crate::codec::ioppytest::routing_key_from_agent(name),
+            crate::codec::ioppytest::FromAgent::Started { name } => crate::codec::ioppytest::routing_key_tun_started(name),
+        };
+        assert_eq!(again, text);
+    }
 }
 
 /// One step of the batcher model.

@@ -23,6 +23,60 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A seeded, reproducible sequence of [`splitmix64`] values (lab pair samples). Not for
+/// secrets.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next value of the sequence.
+    pub fn next_u64(&mut self) -> u64 {
+        let out = splitmix64(self.0);
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        out
+    }
+}
+
+/// FNV-1a, 32-bit, streaming, with [`fmix32`] over the result: the flow hash, fixed and
+/// portable so that every agent shards a flow alike.
+#[derive(Clone, Debug)]
+pub struct Fnv1a32(pub u32);
+
+impl Fnv1a32 {
+    const OFFSET: u32 = 0x811c_9dc5;
+    const PRIME: u32 = 0x0100_0193;
+
+    pub fn new() -> Self {
+        Fnv1a32(Self::OFFSET)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u32::from(b)).wrapping_mul(Self::PRIME);
+        }
+    }
+
+    pub fn finish(&self) -> u32 {
+        fmix32(self.0)
+    }
+}
+
+impl Default for Fnv1a32 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// MurmurHash3's finaliser: full avalanche of a 32-bit value.
+pub fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
 /// FNV-1a over bytes: a fixed, portable hash (deterministic addresses from names).
 pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -439,7 +439,7 @@ fn flood(kind: u8, queue: String, stop: std::sync::Arc<std::sync::atomic::Atomic
                     _ => ("", queue.clone(), bigs.clone()),
                 },
                 _ => {
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         ("amq.topic", "tunbus.v1.ctl.probe".into(), br#"{"from":"flood"}"#.to_vec())
                     } else {
                         let addrs: Vec<String> = (0..64).map(|j| format!("\"10.{}.{}.{}/32\"", (i >> 8) & 255, i & 255, j)).collect();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::client::{Client, ConnectOptions, Endpoint, Error};
 use super::presence::Announcements;
 use super::session::QueueOptions;
-use super::wire::{Properties, Value};
+use super::wire::Value;
 use super::BrokerState;
 use crate::codec::ioppytest;
 use crate::config::{AgentConfig, Wire};
@@ -135,17 +135,6 @@ impl LinkContext {
             }
         }
         keys
-    }
-}
-
-/// The properties of an ioppytest packet message (the Python receivers want JSON's).
-pub fn json_properties() -> Properties<'static> {
-    Properties {
-        content_type: Some(ioppytest::CONTENT_TYPE),
-        content_encoding: Some(ioppytest::CONTENT_ENCODING),
-        empty_headers: true,
-        delivery_mode: Some(ioppytest::DELIVERY_MODE),
-        user_id: None,
     }
 }
 

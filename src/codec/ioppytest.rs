@@ -12,6 +12,7 @@ use core::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::v1::MAX_PACKET_LEN;
+use crate::amqp::wire::Properties;
 
 /// `_api_version` written in every body (the one ioppytest-agent 0.2.20 sends).
 pub const API_VERSION: &str = "1.2.15";
@@ -25,6 +26,15 @@ pub const CONTENT_TYPE: &str = "application/json";
 pub const CONTENT_ENCODING: &str = "utf-8";
 /// `delivery_mode` property set by the Python agent (persistent).
 pub const DELIVERY_MODE: u8 = 2;
+/// The AMQP properties of every ioppytest message tunbus publishes (packets and control):
+/// the Python receivers want them as they set them.
+pub const PROPERTIES: Properties<'static> = Properties {
+    content_type: Some(CONTENT_TYPE),
+    content_encoding: Some(CONTENT_ENCODING),
+    empty_headers: true,
+    delivery_mode: Some(DELIVERY_MODE),
+    user_id: None,
+};
 /// Routing key of the "component ready" announcement.
 pub const ROUTING_KEY_COMPONENT_READY: &str = "testingtool.component.ready";
 
@@ -361,6 +371,29 @@ fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(<Option<bool> as serde::Deserialize>::deserialize(d)?.unwrap_or(false))
 }
 
+/// What an old agent published, by the key it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromAgent<'a> {
+    /// `fromAgent.<name>.ip.tun.packet.raw`.
+    Packet { name: &'a str },
+    /// `fromAgent.<name>.ip.tun.started`.
+    Started { name: &'a str },
+}
+
+/// Parses a `fromAgent.…` key (the inverse of [`routing_key_from_agent`] and
+/// [`routing_key_tun_started`]); `None` for any other key or an empty or dotted name.
+pub fn parse_from_agent(key: &str) -> Option<FromAgent<'_>> {
+    let (name, topic) = key.strip_prefix("fromAgent.")?.split_once('.')?;
+    if name.is_empty() {
+        return None;
+    }
+    match topic {
+        "ip.tun.packet.raw" => Some(FromAgent::Packet { name }),
+        "ip.tun.started" => Some(FromAgent::Started { name }),
+        _ => None,
+    }
+}
+
 /// `fromAgent.<name>.ip.tun.packet.raw`: packets an agent read from its TUN.
 pub fn routing_key_from_agent(name: &str) -> String {
     format!("fromAgent.{name}.ip.tun.packet.raw")
@@ -630,6 +663,11 @@ mod tests {
             routing_key_tun_start("agent_1"),
             "toAgent.agent_1.ip.tun.start"
         );
+        assert_eq!(parse_from_agent(&routing_key_from_agent("agent_1")), Some(FromAgent::Packet { name: "agent_1" }));
+        assert_eq!(parse_from_agent(&routing_key_tun_started("agent_1")), Some(FromAgent::Started { name: "agent_1" }));
+        for bad in ["fromAgent..ip.tun.started", "toAgent.a.ip.tun.packet.raw", "fromAgent.a.ip.tun.start", "fromAgent.a", "fromAgent.a.b.ip.tun.started"] {
+            assert_eq!(parse_from_agent(bad), None, "{bad:?}");
+        }
     }
 
     proptest! {

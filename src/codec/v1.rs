@@ -136,9 +136,8 @@ pub struct Packet<'a> {
     pub data: &'a [u8],
 }
 
-/// A validated frame borrowing the message body.
-///
-/// Use `bytes::Bytes::slice_ref` on `Packet::data` to hand packets on without copying.
+/// A validated frame borrowing the message body: its packets are slices of that body,
+/// written to the TUN without a copy.
 #[derive(Clone, Copy, Debug)]
 pub struct Frame<'a> {
     header: FrameHeader,

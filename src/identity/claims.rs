@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::Table;
-use crate::config::Prefix;
+use crate::route::Prefix;
 
 /// How long a claim outlives its user's last hello (three missed hellos and then some).
 pub const CLAIM_LIFETIME: Duration = Duration::from_secs(35);

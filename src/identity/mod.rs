@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::config::Prefix;
+use crate::route::Prefix;
 
 /// What a receiver concludes about one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,7 +13,7 @@
 //! Pure: parsing only; errors name the line.
 
 use super::{agent_of_user, link_local, Table};
-use crate::config::Prefix;
+use crate::route::Prefix;
 
 /// A line that is not `USER PREFIX[,PREFIX…]`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

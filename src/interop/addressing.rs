@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::codec::ioppytest::{TunStarted, API_VERSION};
-use crate::config::Prefix;
+use crate::route::Prefix;
 
 /// The addresses of one old-style agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use super::addressing::{OldAddressing, Order, StartPolicy};
 use crate::metrics::{Counters, DropReason};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
-use crate::amqp::link::json_properties;
 use crate::amqp::session::QueueOptions;
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
 use crate::config::AgentConfig;
@@ -23,7 +22,7 @@ use crate::util::{now_ns, Stop};
 fn publish(c: &mut Client, exchange: &str, key: &str, body: &impl serde::Serialize) -> Result<(), client::Error> {
     // Serialising these plain structs cannot fail.
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    c.publish_copy(exchange, key, &json_properties(), &bytes).map(drop)
+    c.publish_copy(exchange, key, &ioppytest::PROPERTIES, &bytes).map(drop)
 }
 
 fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), client::Error> {

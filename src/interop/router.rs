@@ -30,13 +30,12 @@ use super::topology::Topology;
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned, Published};
 use crate::amqp::presence::{Hello, HELLO_EVERY, JSON_PROPERTIES};
 use crate::identity::claims::Claims;
-use crate::amqp::link::json_properties;
 use crate::amqp::session::QueueOptions;
 use crate::amqp::wire::{Properties, Value};
 use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter, Packet};
 use crate::codec::vnet;
-use crate::route::{self, Destination, RoutingKey};
+use crate::route::{self, Destination, Key, RoutingKey};
 use crate::util::{now_ns, Stop};
 
 /// Bound of the router's queue in messages (it forwards one packet per message).
@@ -250,38 +249,40 @@ impl Router {
     }
 
     fn dispatch(&mut self, c: &mut Client, key: &str, user: Option<&str>, body: &[u8], stop: &Stop) -> Result<(), client::Error> {
-        let words: Vec<&str> = key.split('.').collect();
-        match words.as_slice() {
-            ["tunbus", "v1", "ctl", "probe"] => {
+        if let Some(old) = ioppytest::parse_from_agent(key) {
+            return match old {
+                ioppytest::FromAgent::Packet { name } => self.on_old_packet(c, name, body),
+                ioppytest::FromAgent::Started { name } => self.learn(c, name, body, stop),
+            };
+        }
+        match Key::parse(key) {
+            Some(Key::Probe) => {
                 self.next_hello = Instant::now();
                 Ok(())
             }
-            ["tunbus", "v1", "ctl", kind @ ("hello" | "bye"), name] => {
-                if *name != ROUTER_SENDER {
-                    self.note_native(user, *kind == "bye", body);
-                }
+            Some(Key::Hello { name } | Key::Bye { name }) if name == ROUTER_SENDER => Ok(()),
+            Some(Key::Hello { .. }) => {
+                self.note_native(user, false, body);
                 Ok(())
             }
-            ["fromAgent", name, "ip", "tun", "packet", "raw"] => self.on_old_packet(c, name, body),
-            ["fromAgent", name, "ip", "tun", "started"] => self.learn(c, name, body, stop),
-            ["tunbus", "v1", "all", sender] => {
-                if *sender == ROUTER_SENDER {
-                    return Ok(()); // a flood we emitted for an old agent
-                }
-                self.on_native_batch(c, body, None)
+            Some(Key::Bye { .. }) => {
+                self.note_native(user, true, body);
+                Ok(())
             }
-            ["tunbus", "v1", word, _shard] => {
-                let owner = route::word_to_address(word).and_then(|a| self.owner.get(&a).cloned());
+            Some(Key::All { sender }) if sender == ROUTER_SENDER => Ok(()), // a flood we emitted for an old agent
+            Some(Key::All { .. }) => self.on_native_batch(c, body, None),
+            Some(Key::Unicast { dst, .. }) => {
+                let owner = self.owner.get(&dst).cloned();
                 self.on_native_batch(c, body, owner)
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
     /// A native agent's hello or bye (published by broker user `user`): what it claims.
     fn note_native(&mut self, user: Option<&str>, leaving: bool, body: &[u8]) {
         let (Some(user), Ok(hello)) = (user, serde_json::from_slice::<Hello>(body)) else { return };
-        let addrs: Vec<IpAddr> = hello.addresses.iter().filter_map(|a| a.parse::<crate::config::Prefix>().ok()).map(|p| p.addr).collect();
+        let addrs: Vec<IpAddr> = hello.addresses.iter().filter_map(|a| a.parse::<crate::route::Prefix>().ok()).map(|p| p.addr).collect();
         if leaving || hello.leaving {
             self.native.on_bye(user, &addrs);
         } else {
@@ -340,7 +341,7 @@ impl Router {
         }
         for peer in &targets {
             let key = ioppytest::routing_key_to_agent(peer);
-            send(c, &self.opts.exchange, &key, &json_properties(), body)?;
+            send(c, &self.opts.exchange, &key, &ioppytest::PROPERTIES, body)?;
             self.counters.json_forwarded += 1;
         }
         let Ok(class) = route::classify(&self.packet) else { return Ok(()) };
@@ -393,7 +394,7 @@ impl Router {
             ioppytest::encode_packet(&self.packet, "tun0", now_ns() / 1_000_000_000, &mut self.json);
             for name in &to {
                 let key = ioppytest::routing_key_to_agent(name);
-                send(c, &self.opts.exchange, &key, &json_properties(), &self.json)?;
+                send(c, &self.opts.exchange, &key, &ioppytest::PROPERTIES, &self.json)?;
                 self.counters.bridged_to_old += 1;
             }
         }

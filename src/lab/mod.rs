@@ -494,7 +494,7 @@ impl Lab {
                 c.identity = crate::identity::Mode::Strict(secure.table.clone());
             }
             None => {
-                let prefixes: Vec<crate::config::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                let prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
                 c.identity = crate::identity::Mode::Strict(crate::identity::Table::new(vec![(c.user.clone(), prefixes)]));
             }
         }

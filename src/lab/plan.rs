@@ -3,7 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::config::Prefix;
+use crate::route::Prefix;
+use crate::util::SplitMix64;
 
 /// Session used when `--session` is not given.
 pub const DEFAULT_SESSION: &str = "lab";
@@ -63,29 +64,16 @@ pub fn pairs(n: usize, sample: usize, seed: u64) -> Vec<(usize, usize)> {
     if n <= ALL_PAIRS_UP_TO || sample >= n * (n - 1) {
         return (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).map(move |b| (a, b))).collect();
     }
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64(seed);
     let mut chosen = std::collections::BTreeSet::new();
     while chosen.len() < sample {
-        let a = (rng.next() % n as u64) as usize;
-        let b = (rng.next() % n as u64) as usize;
+        let a = (rng.next_u64() % n as u64) as usize;
+        let b = (rng.next_u64() % n as u64) as usize;
         if a != b {
             chosen.insert((a, b));
         }
     }
     chosen.into_iter().collect()
-}
-
-/// splitmix64: a tiny, seeded, reproducible generator.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 /// Round-trip times (ms) from `ping` output lines like `64 bytes from …: icmp_seq=1 ttl=64 time=0.523 ms`.

@@ -19,7 +19,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::config::Prefix;
+use crate::route::Prefix;
 use crate::route;
 
 /// One agent of a session: its name and interface prefixes.

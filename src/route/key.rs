@@ -262,6 +262,45 @@ impl RoutingKey {
     }
 }
 
+/// What a tunbus v1 routing key names, read by the grammar above: the inverse of
+/// [`RoutingKey`]'s constructors and [`CTL_PROBE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key<'a> {
+    /// `tunbus.v1.<dst>.<shard>`.
+    Unicast { dst: IpAddr, shard: u8 },
+    /// `tunbus.v1.all.<sender>`.
+    All { sender: &'a str },
+    /// `tunbus.v1.ctl.probe`.
+    Probe,
+    /// `tunbus.v1.ctl.hello.<name>`.
+    Hello { name: &'a str },
+    /// `tunbus.v1.ctl.bye.<name>`.
+    Bye { name: &'a str },
+}
+
+impl Key<'_> {
+    /// Parses `key`; `None` for anything these constructors would not have built
+    /// (another prefix, an invalid word, a non-canonical address or shard).
+    pub fn parse(key: &str) -> Option<Key<'_>> {
+        let rest = key.strip_prefix(KEY_PREFIX)?;
+        if key == CTL_PROBE {
+            return Some(Key::Probe);
+        }
+        let word = |w: &'_ str| is_valid_word(w).then_some(());
+        if let Some(ctl) = rest.strip_prefix("ctl.") {
+            return match ctl.split_once('.')? {
+                ("hello", name) => word(name).map(|()| Key::Hello { name }),
+                ("bye", name) => word(name).map(|()| Key::Bye { name }),
+                _ => None,
+            };
+        }
+        if let Some(sender) = rest.strip_prefix("all.") {
+            return word(sender).map(|()| Key::All { sender });
+        }
+        RoutingKey::parse_unicast(key).map(|(dst, shard)| Key::Unicast { dst, shard })
+    }
+}
+
 impl fmt::Display for RoutingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -286,6 +325,40 @@ mod tests {
     use proptest::prelude::*;
 
     // ---- routing keys ----
+
+    #[test]
+    fn keys_parse_back_to_what_built_them() {
+        let ip: IpAddr = "fd00:7b::2".parse().unwrap();
+        for shard in 0..SHARDS {
+            assert_eq!(Key::parse(RoutingKey::unicast(ip, shard).as_str()), Some(Key::Unicast { dst: ip, shard }));
+        }
+        assert_eq!(Key::parse(RoutingKey::all("h1").unwrap().as_str()), Some(Key::All { sender: "h1" }));
+        assert_eq!(Key::parse(RoutingKey::hello("h-2").unwrap().as_str()), Some(Key::Hello { name: "h-2" }));
+        assert_eq!(Key::parse(RoutingKey::bye("h_3").unwrap().as_str()), Some(Key::Bye { name: "h_3" }));
+        assert_eq!(Key::parse(CTL_PROBE), Some(Key::Probe));
+        for bad in [
+            "", "tunbus.v1.", "tunbus.v2.198-18-0-2.1", "tunbus.v1.198-18-0-2.16", "tunbus.v1.198-18-0-2.07",
+            "tunbus.v1.198-18-0-2", "tunbus.v1.all.", "tunbus.v1.all.a.b", "tunbus.v1.all.*", "tunbus.v1.ctl.hello.",
+            "tunbus.v1.ctl.hello.a.b", "tunbus.v1.ctl.probe.x", "tunbus.v1.ctl.other.x", "tunbus.v1.ctl",
+            "fromAgent.a.ip.tun.packet.raw", "tunbus.v1.ctl.bye.#",
+        ] {
+            assert_eq!(Key::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn key_parse_never_panics_and_accepts_only_canonical_keys(key in "[a-z0-9.*#:-]{0,60}") {
+            match Key::parse(&key) {
+                Some(Key::Unicast { dst, shard }) => prop_assert_eq!(RoutingKey::unicast(dst, shard).to_string(), key.clone()),
+                Some(Key::All { sender }) => prop_assert_eq!(RoutingKey::all(sender).map(|k| k.to_string()), Some(key.clone())),
+                Some(Key::Hello { name }) => prop_assert_eq!(RoutingKey::hello(name).map(|k| k.to_string()), Some(key.clone())),
+                Some(Key::Bye { name }) => prop_assert_eq!(RoutingKey::bye(name).map(|k| k.to_string()), Some(key.clone())),
+                Some(Key::Probe) => prop_assert_eq!(key.as_str(), CTL_PROBE),
+                None => {}
+            }
+        }
+    }
 
     #[test]
     fn unicast_keys() {

@@ -7,8 +7,8 @@
 //! its order.
 //!
 //! [`key`] is the grammar of keys, patterns and exchange names; [`packet`] classifies
-//! packets (destination, flow hash, shard); [`peers`] keeps receivers' queue counts. Both
-//! are re-exported here.
+//! packets (destination, flow hash, shard); [`peers`] keeps receivers' queue counts;
+//! [`prefix`] is the interface prefix (`ADDR/LEN`). All but `peers` are re-exported here.
 //!
 //! Pure and allocation-free: the per-queue worker threads call [`classify`] for every
 //! packet read from the TUN and build a [`RoutingKey`] (on the stack) per batch. Nothing
@@ -18,6 +18,8 @@
 pub mod key;
 pub mod packet;
 pub mod peers;
+pub mod prefix;
 
 pub use key::*;
 pub use packet::*;
+pub use prefix::Prefix;

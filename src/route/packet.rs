@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::key::SHARDS;
+use crate::util::{fmix32, Fnv1a32};
 
 /// Where a packet goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,38 +101,6 @@ fn has_ports(proto: u8) -> bool {
 /// Most IPv6 extension headers followed before giving up (ports = 0).
 const MAX_EXT_HEADERS: usize = 8;
 
-/// FNV-1a, 32-bit, streaming.
-struct Fnv1a(u32);
-
-impl Fnv1a {
-    const OFFSET: u32 = 0x811c_9dc5;
-    const PRIME: u32 = 0x0100_0193;
-
-    fn new() -> Self {
-        Fnv1a(Self::OFFSET)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u32::from(b)).wrapping_mul(Self::PRIME);
-        }
-    }
-
-    fn finish(&self) -> u32 {
-        fmix32(self.0)
-    }
-}
-
-/// MurmurHash3's finaliser: full avalanche of a 32-bit value.
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
-}
-
 /// Deterministic 32-bit hash of (src, dst, protocol, src port, dst port): FNV-1a over the
 /// tuple bytes, then MurmurHash3's `fmix32`. The same on every host and every run.
 ///
@@ -144,7 +113,7 @@ pub fn flow_hash(packet: &[u8]) -> u32 {
     let Some(&first) = packet.first() else {
         return 0;
     };
-    let mut h = Fnv1a::new();
+    let mut h = Fnv1a32::new();
     match first >> 4 {
         4 => {
             let (Some(src), Some(dst)) = (array_at::<4>(packet, 12), array_at::<4>(packet, 16))
@@ -348,7 +317,7 @@ mod tests {
 
     /// The hash as the documented tuple would give it.
     fn tuple_hash(src: &[u8], dst: &[u8], proto: u8, sp: u16, dp: u16) -> u32 {
-        let mut h = Fnv1a::new();
+        let mut h = Fnv1a32::new();
         h.write(src);
         h.write(dst);
         h.write(&[proto]);
@@ -664,7 +633,7 @@ mod tests {
         assert_eq!(flow_hash(&p), 0x3919_ce76);
         assert_eq!(shard(flow_hash(&p)), 12);
         assert_eq!(fmix32(0), 0);
-        assert_eq!(Fnv1a::new().0, 0x811c_9dc5);
+        assert_eq!(Fnv1a32::new().0, 0x811c_9dc5);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::SHARDS;
+use crate::util::splitmix64;
 
 /// Entries in the table (8 bytes each).
 pub const SLOTS: usize = 1024;
@@ -80,14 +81,7 @@ fn hash(addr: IpAddr) -> u64 {
         IpAddr::V4(a) => a.to_ipv6_mapped().to_bits(),
         IpAddr::V6(a) => a.to_bits(),
     };
-    mix(mix(bits as u64) ^ (bits >> 64) as u64)
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    splitmix64(splitmix64(bits as u64) ^ (bits >> 64) as u64)
 }
 
 #[cfg(test)]

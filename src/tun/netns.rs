@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 
-use crate::config::Prefix;
+use crate::route::Prefix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -550,7 +550,7 @@ fn publish_json(client: &mut Client, now: Instant, exchange: &str, key: &str, if
     // Our own frame: it decodes unless the codec is broken.
     let Ok(frame) = v1::decode(frame) else { return Ok(Published::Sent) };
     let seconds = now_ns() / 1_000_000_000;
-    let props = link::json_properties();
+    let props = ioppytest::PROPERTIES;
     for p in frame.packets() {
         ioppytest::encode_packet(p.data, ifname, seconds, body);
         let mut result = client.publish(now, exchange, key, &props, body)?;
