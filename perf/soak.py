@@ -7,7 +7,8 @@ perf/results/soak.md, soak.svg (one panel per series, restarts marked) and a JSO
 them; growth is the change of each series' median between the first window after warm-up
 and the last window, so a leak shows and a restart's spike does not.
 
-    sudo python3 perf/soak.py --duration 1h [--hosts 4] [--no-build]
+    sudo python3 perf/soak.py --duration 1h [--hosts 4] [--no-build] [--note TEXT]
+    python3 perf/soak.py --report perf/results/soak-….json [--note TEXT]   # rewrite the report
 """
 import argparse
 import datetime
@@ -115,6 +116,51 @@ def growth(samples: list[dict], key: str, warmup: float, window: float) -> tuple
     return statistics.median(first or [0]), statistics.median(last or [0])
 
 
+def drops_by_cause(samples: list[dict], restarts: list[float], after: float = 60.0) -> tuple[int, int]:
+    """(drops counted within `after` seconds of a broker restart, drops at other times),
+    from the increments between samples."""
+    near = other = 0
+    prev = None
+    for s in samples:
+        if s.get("drops") is None:
+            continue
+        if prev is not None and s["drops"] > prev["drops"]:
+            d = s["drops"] - prev["drops"]
+            if any(r - 1.0 <= s["t"] and prev["t"] <= r + after for r in restarts):
+                near += d
+            else:
+                other += d
+        prev = s
+    return near, other
+
+
+def write_report(run: dict, note: str = "") -> None:
+    """soak.md and soak.svg from one run (as saved in its JSON)."""
+    samples, restarts, duration = run["samples"], run["restarts"], run["duration_s"]
+    warmup = min(600.0, duration / 6)
+    window = min(600.0, duration / 6)
+    md = [f"## Soak (perf/soak.py --duration {duration / 60:.0f}m)", "",
+          f"{run.get('utc', '?')} UTC · commit `{run.get('commit', '?')}` · {run['hosts']} hosts on a private node, "
+          f"broker restarted every {run.get('restart_every_s', 600) / 60:.0f} min ({len(restarts)} times), samples every {run.get('sample_s', 10):.0f} s", "",
+          f"| series | median, minutes {warmup / 60:.1f}–{(warmup + window) / 60:.1f} | median, last {window / 60:.1f} minutes | growth |", "|---|---:|---:|---:|"]
+    for key, unit in (("rss_mib", "MiB"), ("fds", ""), ("threads", ""), ("queued", "messages")):
+        first, last = growth(samples, key, warmup, window)
+        g = f"{(last - first) / first * 100:+.1f} %" if first else f"{last - first:+.0f}"
+        md.append(f"| {key} | {first:.1f} {unit} | {last:.1f} {unit} | {g} |")
+    drops = [s["drops"] for s in samples if s.get("drops") is not None]
+    near, other = drops_by_cause(samples, restarts)
+    md += ["", f"Drops counted by the lab's agents over the run: {drops[-1] if drops else 'n/a'}; {near} within a minute of a broker "
+               f"restart (`broker_down` while the node is away), {other} at other times."]
+    if note:
+        md += ["", note]
+    md += ["", "![soak](soak.svg)", ""]
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "soak.svg"), "w") as f:
+        f.write(svg(samples, restarts))
+    with open(os.path.join(OUT, "soak.md"), "w") as f:
+        f.write("\n".join(md))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=duration, default=3600.0, help="how long, e.g. 10m or 1h (default 1h)")
@@ -122,7 +168,12 @@ def main() -> int:
     ap.add_argument("--restart-every", type=duration, default=600.0, help="seconds between broker restarts (default 10m)")
     ap.add_argument("--sample", type=duration, default=10.0, help="seconds between samples (default 10)")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the report (what else ran on the machine, say)")
+    ap.add_argument("--report", metavar="JSON", help="only rewrite soak.md and soak.svg from a saved run")
     a = ap.parse_args()
+    if a.report:
+        write_report(json.load(open(a.report)), a.note)
+        return 0
     if os.geteuid() != 0:
         sys.exit("run as root (namespaces, TUN devices, a private broker)")
     for tool in ("iperf3", "rabbitmqctl"):
@@ -175,30 +226,15 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             lab.kill()
         os.unlink(err.name)
-    warmup = min(600.0, a.duration / 6)
-    window = min(600.0, a.duration / 6)
-    rows = []
-    for key, unit in (("rss_mib", "MiB"), ("fds", ""), ("threads", ""), ("queued", "messages")):
-        first, last = growth(samples, key, warmup, window)
-        rows.append((key, first, last, unit))
     c = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     now = datetime.datetime.now(datetime.timezone.utc)
-    md = [f"## Soak (perf/soak.py --duration {a.duration / 60:.0f}m)", "", f"{now:%Y-%m-%d %H:%M:%S} UTC · commit `{c}` · {a.hosts} hosts on a private node, "
-          f"broker restarted every {a.restart_every / 60:.0f} min ({len(restarts)} times), samples every {a.sample:.0f} s", "",
-          f"| series | median, minutes {warmup / 60:.1f}–{(warmup + window) / 60:.1f} | median, last {window / 60:.1f} minutes | growth |", "|---|---:|---:|---:|"]
-    for key, first, last, unit in rows:
-        g = f"{(last - first) / first * 100:+.1f} %" if first else f"{last - first:+.0f}"
-        md.append(f"| {key} | {first:.1f} {unit} | {last:.1f} {unit} | {g} |")
-    drops = [s["drops"] for s in samples if s["drops"] is not None]
-    md += ["", f"Drops so far at the end: {drops[-1] if drops else 'n/a'} (they come from the restarts: `broker_down` while the node is away).", "", "![soak](soak.svg)", ""]
+    run = {"samples": samples, "restarts": restarts, "duration_s": a.duration, "hosts": a.hosts,
+           "restart_every_s": a.restart_every, "sample_s": a.sample, "commit": c, "utc": f"{now:%Y-%m-%d %H:%M:%S}"}
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "soak.svg"), "w") as f:
-        f.write(svg(samples, restarts))
     with open(os.path.join(OUT, f"soak-{now:%Y-%m-%d-%H%M%S}-{c}.json"), "w") as f:
-        json.dump({"samples": samples, "restarts": restarts, "duration_s": a.duration, "hosts": a.hosts}, f, indent=1)
-    with open(os.path.join(OUT, "soak.md"), "w") as f:
-        f.write("\n".join(md))
-    print("\n".join(md))
+        json.dump(run, f, indent=1)
+    write_report(run, a.note)
+    print(open(os.path.join(OUT, "soak.md")).read())
     return 0
 
 
