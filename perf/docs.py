@@ -47,7 +47,10 @@ def before_after():
         "",
         f"Before: commit `{base['meta']['commit']}` ({base['meta']['date']}, ring + lapin). "
         f"After: commit `{latest['meta']['commit']}` ({latest['meta']['date']}). "
-        "Both full `perf/run.py` runs on this machine; each ratio is to the limit measured in its own run.",
+        "Both full `perf/run.py` runs; each ratio is to the limit measured in its own run. "
+        + ("Both ran on the same kind of machine." if base["meta"].get("cpu_model") == latest["meta"].get("cpu_model") else
+           f"The machines differ (before: {base['meta'].get('cpu_model', '?')}, kernel {base['meta'].get('kernel', '?')}; "
+           f"after: {latest['meta'].get('cpu_model', '?')}, kernel {latest['meta'].get('kernel', '?')}), so compare the ratios, not the absolute figures."),
         "",
         "| workload | q1 before | q1 after | q1 ratio after | q2 before | q2 after | q2 ratio after |",
         "|---|---:|---:|---|---:|---:|---|",

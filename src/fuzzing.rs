@@ -283,6 +283,46 @@ pub fn routing(data: &[u8]) {
     }
 }
 
+/// A well-formed packet for tests and seeds: IPv4 or IPv6, TCP (a 32-byte header) or UDP
+/// (its length set), `payload` zero bytes; checksums are left zero.
+pub fn sample_packet(v6: bool, tcp: bool, payload: usize) -> Vec<u8> {
+    let ip = if v6 { 40 } else { 20 };
+    let l4 = if tcp { 32 } else { 8 };
+    let len = ip + l4 + payload;
+    let mut p = vec![0u8; len];
+    if v6 {
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+        p[6] = if tcp { 6 } else { 17 };
+    } else {
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[9] = if tcp { 6 } else { 17 };
+    }
+    if tcp {
+        p[ip + 12] = 8 << 4;
+    } else {
+        p[ip + 4..ip + 6].copy_from_slice(&((len - ip) as u16).to_be_bytes());
+    }
+    p
+}
+
+/// The virtio header a sending kernel writes for [`sample_packet`] `p` with segments of
+/// `gso_size` (0: checksum only).
+pub fn kernel_header(p: &[u8], gso_size: u16) -> vnet::VnetHdr {
+    let v6 = p[0] >> 4 == 6;
+    let ip = if v6 { 40 } else { 20 };
+    let tcp = p[if v6 { 6 } else { 9 }] == 6;
+    let gso_type = match (gso_size, tcp, v6) {
+        (0, _, _) => vnet::GSO_NONE,
+        (_, true, false) => vnet::GSO_TCPV4,
+        (_, true, true) => vnet::GSO_TCPV6,
+        (_, false, _) => vnet::GSO_UDP_L4,
+    };
+    let l4 = if tcp { 32 } else { 8 };
+    vnet::VnetHdr { flags: vnet::F_NEEDS_CSUM, gso_type, hdr_len: (ip + l4) as u16, gso_size, csum_start: ip as u16, csum_offset: if tcp { 16 } else { 6 } }
+}
+
 /// One step of the batcher model.
 #[derive(Clone, Copy, Debug)]
 pub enum BatchOp {

@@ -8,7 +8,8 @@
 //! - [`sys`]: every call into the OS the standard library does not wrap (the only module
 //!   allowed `unsafe`).
 //! - [`codec`]: wire format v1, the virtio header and the ioppytest JSON form. Pure.
-//! - [`route`]: destination → routing key, flow hash, shard → queue. Pure.
+//! - [`route`]: the key grammar (keys, patterns, exchanges, parsing them back), packet
+//!   classification (destination, flow hash, shard → queue), interface prefixes. Pure.
 //! - [`worker`]: one thread per queue (hot path): TUN → batch → broker socket, and broker
 //!   socket → TUN, on one connection; the batcher itself is pure.
 //! - [`amqp`]: our AMQP client: URLs, framing and the session state machine (pure), TLS
@@ -18,7 +19,7 @@
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
 //! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
 //! - [`provision`]: `agent provision`, a session's vhost, users and permissions.
-//! - [`util`]: the clock, the stop flag, fixed hashes.
+//! - [`util`]: the clock, the stop flag, the fixed hashes and the seeded generator.
 //! - `fuzzing`: the bodies of the fuzz targets, replayed by `tests/corpus.rs` (hidden).
 #![deny(unsafe_code)]
 

@@ -34,33 +34,11 @@ fn every_corpus_file_replays_cleanly() {
     println!("{total} corpus files replayed over {} targets", TARGETS.len());
 }
 
-/// IPv4 or IPv6, TCP or UDP, `payload` bytes, with the virtio header a kernel writes
+/// IPv4 or IPv6, TCP or UDP, `payload` bytes, after the virtio header a kernel writes
 /// (`gso_size` 0: checksum only).
 fn kernel_packet(v6: bool, tcp: bool, payload: usize, gso_size: u16) -> Vec<u8> {
-    let ip = if v6 { 40 } else { 20 };
-    let l4 = if tcp { 20 } else { 8 };
-    let len = ip + l4 + payload;
-    let mut p = vec![0u8; len];
-    if v6 {
-        p[0] = 0x60;
-        p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-        p[6] = if tcp { 6 } else { 17 };
-    } else {
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        p[9] = if tcp { 6 } else { 17 };
-    }
-    if tcp {
-        p[ip + 12] = 5 << 4;
-    }
-    let gso_type = match (gso_size, tcp, v6) {
-        (0, _, _) => vnet::GSO_NONE,
-        (_, true, false) => vnet::GSO_TCPV4,
-        (_, true, true) => vnet::GSO_TCPV6,
-        _ => vnet::GSO_UDP_L4,
-    };
-    let h = vnet::VnetHdr { flags: vnet::F_NEEDS_CSUM, gso_type, hdr_len: (ip + l4) as u16, gso_size, csum_start: ip as u16, csum_offset: if tcp { 16 } else { 6 } };
-    let mut out = h.to_bytes().to_vec();
+    let p = tunbus::fuzzing::sample_packet(v6, tcp, payload);
+    let mut out = tunbus::fuzzing::kernel_header(&p, gso_size).to_bytes().to_vec();
     out.extend_from_slice(&p);
     out
 }

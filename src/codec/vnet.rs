@@ -268,42 +268,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A well-formed packet: IPv4 or IPv6, TCP (32-byte header) or UDP, `payload` bytes.
-    fn packet(v6: bool, tcp: bool, payload: usize) -> Vec<u8> {
-        let ip = if v6 { 40 } else { 20 };
-        let l4 = if tcp { 32 } else { 8 };
-        let len = ip + l4 + payload;
-        let mut p = vec![0u8; len];
-        if v6 {
-            p[0] = 0x60;
-            p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-            p[6] = if tcp { 6 } else { 17 };
-        } else {
-            p[0] = 0x45;
-            p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            p[9] = if tcp { 6 } else { 17 };
-        }
-        if tcp {
-            p[ip + 12] = 8 << 4;
-        } else {
-            p[ip + 4..ip + 6].copy_from_slice(&((len - ip) as u16).to_be_bytes());
-        }
-        p
-    }
-
-    /// What the sending kernel writes for `p` with segments of `gso_size` (0: checksum only).
-    fn kernel_header(p: &[u8], gso_size: u16) -> VnetHdr {
-        let v6 = p[0] >> 4 == 6;
-        let ip = if v6 { 40 } else { 20 };
-        let tcp = p[if v6 { 6 } else { 9 }] == 6;
-        let gso_type = match (gso_size, tcp, v6) {
-            (0, _, _) => GSO_NONE,
-            (_, true, false) => GSO_TCPV4,
-            (_, true, true) => GSO_TCPV6,
-            (_, false, _) => GSO_UDP_L4,
-        };
-        VnetHdr { flags: F_NEEDS_CSUM, gso_type, hdr_len: 7, gso_size, csum_start: ip as u16, csum_offset: if tcp { 16 } else { 6 } }
-    }
+    use crate::fuzzing::{kernel_header, sample_packet as packet};
 
     /// The allow-list written out once more, independently of `build`: whether `h` may go
     /// to the kernel with `p`.
