@@ -316,6 +316,13 @@ impl Client {
         self.backlogged() || !self.session.pending().is_empty()
     }
 
+    /// Makes room up front for `bytes` of unsent data (the largest message this connection
+    /// will publish), so that a full socket never grows the backlog on the hot path.
+    /// Capacity not yet written costs address space, not resident memory.
+    pub fn reserve_backlog(&mut self, bytes: usize) {
+        self.backlog.reserve(bytes.saturating_sub(self.backlog.len()));
+    }
+
     /// Whether a published message is still being written.
     pub fn backlogged(&self) -> bool {
         !self.backlog.is_empty() || self.transport.wants_write()

@@ -310,7 +310,9 @@ impl Link {
         link
     }
 
-    fn connected(&mut self, client: Client, node: usize) {
+    fn connected(&mut self, mut client: Client, node: usize) {
+        // The backlog holds at most one message: the largest batch and its frames.
+        client.reserve_backlog(self.ctx.config.max_batch_bytes.max(v1::HEADER_LEN + super::batch::MAX_ENTRY) + 16 * 1024);
         if let Some(a) = &mut self.announce {
             a.on_node(Some(client.broker()));
         }
