@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+import nodes  # perf/nodes.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "target", "release", "agent")
 STATUS = re.compile(r"^\[\s*([0-9.]+) s\] (\d+)/(\d+) hosts connected")
@@ -94,11 +96,7 @@ def restart_under(hosts, brokers):
         result = {"hosts": hosts, "brokers": brokers, "how": how, "broken_for_s": broken_for, "all_back_s": done,
                   "reconnected": len([b for b in backs if b >= 0]), "per_second": dict(sorted(spread.items()))}
     finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        nodes.interrupt(p, 300)
         os.unlink(err.name)
     return result
 

@@ -21,6 +21,17 @@ RAISED_START = ("cd /var/lib/rabbitmq 2>/dev/null; n=$(ulimit -Hn); "
                 "exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached")
 
 
+def interrupt(p: subprocess.Popen, timeout: float) -> None:
+    """Ends a process we started as Ctrl-C would (SIGINT), so it cleans up after itself;
+    kills it if it has not ended within `timeout` seconds."""
+    import signal
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

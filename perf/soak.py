@@ -15,13 +15,14 @@ import datetime
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+import nodes  # perf/nodes.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "target", "release", "agent")
@@ -220,11 +221,7 @@ def main() -> int:
             time.sleep(max(0.0, a.sample - (time.monotonic() - t0 - t)))
     finally:
         stop.set()
-        lab.send_signal(signal.SIGINT)
-        try:
-            lab.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            lab.kill()
+        nodes.interrupt(lab, 120)
         os.unlink(err.name)
     c = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     now = datetime.datetime.now(datetime.timezone.utc)
