@@ -24,14 +24,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::amqp::client::{self, Client, FailureClass};
-use crate::amqp::link::LinkContext;
+use crate::worker::link::LinkContext;
 use crate::amqp::presence::{self, Announcements, Hello};
 use crate::amqp::BrokerState;
 use crate::config::AgentConfig;
 use crate::exit::{Exit, Failure};
 use crate::metrics::report::{self, Report};
 use crate::metrics::kernel::KernelDrops;
-use crate::metrics::{Counters, Histograms};
+use crate::metrics::{AgentCounters, Histograms, RxCounters, TxCounters};
 use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
 use crate::util::{now_ns, Stop};
@@ -59,7 +59,7 @@ pub struct Agent {
     /// Helper threads (the ioppytest control connection), stopped with the agent.
     helpers: Vec<JoinHandle<()>>,
     queues: Vec<Arc<TunQueue>>,
-    counters: Vec<Arc<Counters>>,
+    counters: AgentCounters,
     hist: Vec<Arc<Histograms>>,
     connected: Arc<AtomicUsize>,
     started: Instant,
@@ -227,7 +227,7 @@ impl Agent {
             workers: Vec::new(),
             helpers: Vec::new(),
             queues: Vec::new(),
-            counters: Vec::new(),
+            counters: AgentCounters::default(),
             hist: Vec::new(),
             connected: connected.clone(),
             started: Instant::now(),
@@ -238,8 +238,8 @@ impl Agent {
             let k = q.index();
             let queue = Arc::new(q);
             // Separate blocks for the sending and receiving halves: no shared cache lines.
-            let tx_counters = Arc::new(Counters::default());
-            let rx_counters = Arc::new(Counters::default());
+            let tx_counters = Arc::new(TxCounters::default());
+            let rx_counters = Arc::new(RxCounters::default());
             let hist = Histograms::new();
             let link = link_context(k);
             let worker = QueueWorker::new(WorkerSetup {
@@ -272,14 +272,14 @@ impl Agent {
                 .context("spawning a queue worker thread")?;
             agent.workers.push(handle);
             agent.queues.push(queue);
-            agent.counters.push(tx_counters);
-            agent.counters.push(rx_counters);
+            agent.counters.tx.push(tx_counters);
+            agent.counters.rx.push(rx_counters);
             agent.hist.push(hist);
         }
         if config.wire == crate::config::Wire::Ioppytest {
             let (c, stop) = (config.clone(), stop_flag.clone());
-            let counters = Arc::new(Counters::default());
-            agent.counters.push(counters.clone());
+            let counters = Arc::new(RxCounters::default());
+            agent.counters.rx.push(counters.clone());
             agent.helpers.push(
                 std::thread::Builder::new()
                     .name(format!("ctl-{}", config.name))
@@ -288,8 +288,8 @@ impl Agent {
             );
         }
         // The kernel's drops on our TUN (its queue full while a worker was busy), once a second.
-        let kernel_counters = Arc::new(Counters::default());
-        agent.counters.push(kernel_counters.clone());
+        let kernel_counters = Arc::new(TxCounters::default());
+        agent.counters.tx.push(kernel_counters.clone());
         match KernelDrops::open(config.netns.as_deref(), &config.ifname) {
             Ok(mut k) => {
                 k.refresh(&kernel_counters);
@@ -350,7 +350,7 @@ impl Agent {
 
     /// Sums of the counters so far (cheap: relaxed loads).
     pub fn totals(&self) -> crate::metrics::Snapshot {
-        crate::metrics::Snapshot::sum(self.counters.iter().map(|c| &**c))
+        crate::metrics::Snapshot::of(&self.counters)
     }
 
     /// The statistics so far.

@@ -11,9 +11,10 @@
 //! - [`route`]: the key grammar (keys, patterns, exchanges, parsing them back), packet
 //!   classification (destination, flow hash, shard → queue), interface prefixes. Pure.
 //! - [`worker`]: one thread per queue (hot path): TUN → batch → broker socket, and broker
-//!   socket → TUN, on one connection; the batcher itself is pure.
+//!   socket → TUN, on one connection; each wire (native, ioppytest) is a type; links with
+//!   reconnection; the batcher itself is pure.
 //! - [`amqp`]: our AMQP client: URLs, framing and the session state machine (pure), TLS
-//!   and TCP transport, links with reconnection, presence.
+//!   and TCP transport, presence.
 //! - [`metrics`]: counters, latency histograms, reports.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use common::{in_netns, system_ready, unique, Netns};
 use tunbus::codec::v1::{self, BatchWriter};
-use tunbus::metrics::{new_histogram, Counters, DropReason, Histograms, LocalHistogram};
-use tunbus::amqp::link::LinkContext;
+use tunbus::metrics::{new_histogram, DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
+use tunbus::worker::link::LinkContext;
 use tunbus::amqp::BrokerState;
 use tunbus::config::AgentConfig;
 use tunbus::route::peers::PeerQueues;
@@ -348,8 +348,8 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));
 
     // B: a queue worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
-    let (b_tx, rx_counters) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
-    let setup = |queue: &Arc<tunbus::tun::TunQueue>, link: &LinkContext, tx: &Arc<Counters>, rx: &Arc<Counters>| queue::WorkerSetup {
+    let (b_tx, rx_counters) = (Arc::new(TxCounters::default()), Arc::new(RxCounters::default()));
+    let setup = |queue: &Arc<tunbus::tun::TunQueue>, link: &LinkContext, tx: &Arc<TxCounters>, rx: &Arc<RxCounters>| queue::WorkerSetup {
         queue: queue.clone(),
         link: link.clone(),
         tx_counters: tx.clone(),
@@ -373,7 +373,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     }
 
     // A: a queue worker reading UDP datagrams sent to B and publishing them.
-    let (tx_counters, a_rx) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
+    let (tx_counters, a_rx) = (Arc::new(TxCounters::default()), Arc::new(RxCounters::default()));
     let worker = queue::QueueWorker::new(setup(&queue_a, &link_a, &tx_counters, &a_rx));
     let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
@@ -469,7 +469,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
         .collect();
     let per_round: u64 = frames.iter().map(|f| v1::decode(f).expect("valid frame").len() as u64).sum();
 
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(RxCounters::default());
     let shared = Arc::new(Mutex::new(new_histogram()));
     let rx_before = tb0_rx_packets(&ns);
     let delivered = {

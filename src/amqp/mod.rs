@@ -8,17 +8,15 @@
 //! - [`transport`]: the socket under it, plain TCP or TLS ([`tls`]: rustls settings).
 //! - [`client`]: a session on a transport, owned by one thread: non-blocking for the data
 //!   path, with blocking helpers (deadlines, a stop flag) for set-up and control.
-//! - [`link`]: a queue worker's data connection: its queue and bindings, reconnection.
 //! - [`presence`]: hellos, byes, probes and `agent peers`.
 //!
 //! One client for every connection tunbus opens (decision 0015): data links, presence,
 //! `agent peers`, the ioppytest control wire and `agent route` share TLS, login, liveness
-//! and error classes. Reconnection is ours: a link that loses the broker drops and counts
+//! and error classes. Reconnection is ours (`worker::link`): a link that loses the broker drops and counts
 //! what it cannot send, retries with capped, fully jittered exponential backoff
 //! ([`backoff`]), and re-declares its queue and bindings.
 
 pub mod client;
-pub mod link;
 pub mod presence;
 pub mod session;
 pub mod tls;

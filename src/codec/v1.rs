@@ -522,6 +522,12 @@ impl BatchWriter {
         last
     }
 
+    /// The payload of every entry so far (vnet header included in a vnet batch), in
+    /// order: the batch read back by its writer, which checked each entry as it went in.
+    pub fn entries(&self) -> Entries<'_> {
+        Entries { buf: self.as_bytes(), at: HEADER_LEN, vnet_len: self.vnet_len(), left: self.count }
+    }
+
     /// The frame so far (header bytes are valid only after `finish`).
     pub fn as_bytes(&self) -> &[u8] {
         self.buf.get(..self.len).unwrap_or_default()
@@ -531,6 +537,33 @@ impl BatchWriter {
     pub fn into_inner(mut self) -> Vec<u8> {
         self.buf.truncate(self.len);
         self.buf
+    }
+}
+
+/// The entries of a [`BatchWriter`], see [`BatchWriter::entries`].
+#[derive(Clone, Debug)]
+pub struct Entries<'a> {
+    buf: &'a [u8],
+    at: usize,
+    vnet_len: usize,
+    left: usize,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let len_field = self.buf.get(self.at..self.at + ENTRY_LEN_FIELD)?;
+        let len = u32::from_be_bytes(len_field.try_into().ok()?) as usize;
+        let start = self.at + ENTRY_LEN_FIELD;
+        let end = start + self.vnet_len + len;
+        let entry = self.buf.get(start..end)?;
+        self.at = end;
+        self.left -= 1;
+        Some(entry)
     }
 }
 
@@ -1058,6 +1091,9 @@ mod tests {
                 prop_assert_eq!(w.last_entry(), Some(&slot_bytes(p)[..]));
             }
             prop_assert_eq!(w.finish(seq, ts), &out[..]);
+            // and reads its entries back as they went in
+            let entries: Vec<Vec<u8>> = w.entries().map(<[u8]>::to_vec).collect();
+            prop_assert_eq!(entries, packets.iter().map(slot_bytes).collect::<Vec<_>>());
         }
 
         #[test]

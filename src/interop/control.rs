@@ -12,7 +12,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use super::addressing::{OldAddressing, Order, StartPolicy};
-use crate::metrics::{Counters, DropReason};
+use crate::metrics::{DropReason, RxCounters};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
 use crate::amqp::session::QueueOptions;
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
@@ -64,7 +64,7 @@ pub fn policy(config: &AgentConfig) -> StartPolicy {
 }
 
 /// Judges an order; logs (and counts into `counters`) a refused one.
-fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], counters: Option<&Counters>) -> Option<OldAddressing> {
+fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], counters: Option<&RxCounters>) -> Option<OldAddressing> {
     let Ok(t) = serde_json::from_slice::<TunStarted>(body) else {
         tracing::warn!(agent = name, "ignoring an ip.tun.start that is not valid JSON");
         return None;
@@ -115,7 +115,7 @@ pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAdd
 /// Announces `ip.tun.started` (and readiness) and serves later `ip.tun.start` messages
 /// (from the coordinator only, counting forged ones into `counters`), reconnecting quietly
 /// (the data link logs broker loss), until `stop`.
-pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<Counters>) {
+pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>) {
     let mut addressing = config.old_addressing.clone();
     let mut backoff = crate::amqp::Backoff::new(now_ns());
     let mut policy = policy(config);
@@ -132,7 +132,7 @@ pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<Counters>) {
     }
 }
 
-fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &Counters, stop: &Stop) -> Result<(), client::Error> {
+fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &RxCounters, stop: &Stop) -> Result<(), client::Error> {
     let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
     let mut c = open(config, stop)?;
     let started_key = ioppytest::routing_key_tun_started(name);

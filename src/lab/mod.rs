@@ -132,9 +132,15 @@ fn state_path(session: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("lab-{session}.json"))
 }
 
+/// Writes the state file atomically (a temporary file renamed over it): the lab's guard
+/// reads it every 100 ms, and a file caught half-written would read as "the lab is done",
+/// so that the guard left without cleaning up.
 fn write_state(state: &State) -> anyhow::Result<()> {
     std::fs::create_dir_all(STATE_DIR).with_context(|| format!("creating {STATE_DIR}"))?;
-    std::fs::write(state_path(&state.session), serde_json::to_vec(state)?).context("writing the lab state file")
+    let path = state_path(&state.session);
+    let temp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    std::fs::write(&temp, serde_json::to_vec(state)?).context("writing the lab state file")?;
+    std::fs::rename(&temp, &path).context("writing the lab state file")
 }
 
 /// Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not).
@@ -222,6 +228,13 @@ pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
     let names = session_namespaces(session);
     delete_namespaces(&names);
     let _ = std::fs::remove_file(&path);
+    // A lab killed between writing and renaming its state leaves the temporary file.
+    let temp_prefix = format!("lab-{session}.json.");
+    for e in std::fs::read_dir(STATE_DIR).into_iter().flatten().flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with(&temp_prefix) && n.ends_with(".tmp")) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     Ok(names.len())
 }
 

@@ -3,13 +3,13 @@
 //! while its queue worker was busy and the queue of 500 packets was full). Read from
 //! `/proc/net/dev` of the interface's namespace, a file opened once from a thread inside
 //! that namespace (the file keeps the namespace it was opened in), and stored as the
-//! `tun_queue_full` drops of a counter block of its own, so every report and the metrics
+//! `tun_queue_full` drops of a sending-side counter block of its own, so every report and the metrics
 //! endpoint include it. Control plane: once a second, and before the final report.
 
 use std::fs::File;
 use std::io::{Read, Seek};
 
-use super::{Counters, DropReason};
+use super::{DropReason, TxCounters};
 
 /// The kernel's transmit drops of one interface.
 pub struct KernelDrops {
@@ -27,7 +27,7 @@ impl KernelDrops {
 
     /// Reads the current count into `counters` (as `tun_queue_full`); `false` when the
     /// interface is not listed (gone) or the file cannot be read.
-    pub fn refresh(&mut self, counters: &Counters) -> bool {
+    pub fn refresh(&mut self, counters: &TxCounters) -> bool {
         self.buf.clear();
         if self.dev.rewind().is_err() || self.dev.read_to_string(&mut self.buf).is_err() {
             return false;
@@ -75,7 +75,7 @@ mod tests {
     #[test]
     fn this_namespace_lists_loopback() {
         let mut k = KernelDrops::open(None, "lo").expect("/proc/thread-self/net/dev");
-        let c = Counters::default();
+        let c = TxCounters::default();
         assert!(k.refresh(&c));
         assert!(k.refresh(&c), "the file reads again");
     }

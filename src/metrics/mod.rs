@@ -1,7 +1,7 @@
 //! Counters and latency histograms, per worker, merged for reports.
 //!
-//! Each queue worker owns two [`Counters`] blocks (sending and receiving half) on their own
-//! cache lines and adds to them with relaxed atomics once per burst or batch, never per
+//! Each queue worker owns a [`TxCounters`] and an [`RxCounters`] block (its sending and
+//! receiving half) on their own cache lines and adds to them with relaxed atomics once per burst or batch, never per
 //! packet. Latency is recorded into a [`LocalHistogram`] owned by the worker and folded into a shared
 //! one at most every [`FOLD_EVERY`]: one uncontended lock per interval, never per packet.
 //! The reporter (a tokio task) takes [`Snapshot`]s and prints rates and percentiles.
@@ -91,58 +91,117 @@ impl DropReason {
     }
 }
 
-/// Counters of one worker. Aligned so two workers never share a cache line.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct Counters {
-    pub tx_packets: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub tx_batches: AtomicU64,
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    pub rx_batches: AtomicU64,
-    pub reconnects: AtomicU64,
-    drops: [AtomicU64; DropReason::ALL.len()],
+/// Adds `n` to a counter (relaxed; skipped when 0).
+#[inline]
+fn add(field: &AtomicU64, n: u64) {
+    if n != 0 {
+        field.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
-impl Counters {
-    #[inline]
-    pub fn add(field: &AtomicU64, n: u64) {
-        if n != 0 {
-            field.fetch_add(n, Ordering::Relaxed);
+/// Drops by reason.
+#[derive(Debug, Default)]
+struct Drops([AtomicU64; DropReason::ALL.len()]);
+
+impl Drops {
+    fn load(&self) -> [u64; DropReason::ALL.len()] {
+        let mut out = [0; DropReason::ALL.len()];
+        for (o, a) in out.iter_mut().zip(&self.0) {
+            *o = a.load(Ordering::Relaxed);
         }
+        out
+    }
+}
+
+/// What passed one way: messages (batches), packets, IP bytes.
+#[derive(Debug, Default)]
+pub struct Passed {
+    batches: AtomicU64,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Passed {
+    /// One message of `packets` packets and `bytes` IP bytes passed.
+    #[inline]
+    pub fn message(&self, packets: u64, bytes: u64) {
+        add(&self.batches, 1);
+        add(&self.packets, packets);
+        add(&self.bytes, bytes);
     }
 
+    fn load(&self) -> (u64, u64, u64) {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (l(&self.batches), l(&self.packets), l(&self.bytes))
+    }
+}
+
+/// What the sending half of one queue counts: what it published, its link's reconnects,
+/// its drops (and, in a block of its own, the kernel's drops on the TUN, [`kernel`]).
+/// Aligned so two blocks never share a cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct TxCounters {
+    pub sent: Passed,
+    reconnects: AtomicU64,
+    drops: Drops,
+}
+
+impl TxCounters {
     #[inline]
     pub fn record_drop(&self, reason: DropReason, n: u64) {
-        Counters::add(&self.drops[reason as usize], n);
+        add(&self.drops.0[reason as usize], n);
     }
 
     /// Sets a drop count kept elsewhere (the kernel's, see [`kernel`]).
     pub fn set_drop(&self, reason: DropReason, n: u64) {
-        self.drops[reason as usize].store(n, Ordering::Relaxed);
+        self.drops.0[reason as usize].store(n, Ordering::Relaxed);
     }
 
+    /// The link came up again after it was lost.
+    pub fn reconnected(&self) {
+        add(&self.reconnects, 1);
+    }
+
+    /// This block alone.
     pub fn snapshot(&self) -> Snapshot {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut drops = [0; DropReason::ALL.len()];
-        for (d, a) in drops.iter_mut().zip(&self.drops) {
-            *d = l(a);
-        }
-        Snapshot {
-            tx_packets: l(&self.tx_packets),
-            tx_bytes: l(&self.tx_bytes),
-            tx_batches: l(&self.tx_batches),
-            rx_packets: l(&self.rx_packets),
-            rx_bytes: l(&self.rx_bytes),
-            rx_batches: l(&self.rx_batches),
-            reconnects: l(&self.reconnects),
-            drops,
-        }
+        let mut s = Snapshot::default();
+        s.add_tx(self);
+        s
     }
 }
 
-/// Plain copy of counters, summable.
+/// What the receiving half of one queue counts: what it wrote into the TUN, its drops
+/// (and, in a block of its own, refused control messages). Aligned like [`TxCounters`].
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct RxCounters {
+    pub received: Passed,
+    drops: Drops,
+}
+
+impl RxCounters {
+    #[inline]
+    pub fn record_drop(&self, reason: DropReason, n: u64) {
+        add(&self.drops.0[reason as usize], n);
+    }
+
+    /// This block alone.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.add_rx(self);
+        s
+    }
+}
+
+/// Every counter block of one agent: the reports and the metrics endpoint sum them.
+#[derive(Clone, Debug, Default)]
+pub struct AgentCounters {
+    pub tx: Vec<Arc<TxCounters>>,
+    pub rx: Vec<Arc<RxCounters>>,
+}
+
+/// Plain copy of an agent's counters, summed over its blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub tx_packets: u64,
@@ -156,22 +215,34 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Counters>) -> Snapshot {
+    pub fn of(counters: &AgentCounters) -> Snapshot {
         let mut total = Snapshot::default();
-        for c in all {
-            let s = c.snapshot();
-            total.tx_packets += s.tx_packets;
-            total.tx_bytes += s.tx_bytes;
-            total.tx_batches += s.tx_batches;
-            total.rx_packets += s.rx_packets;
-            total.rx_bytes += s.rx_bytes;
-            total.rx_batches += s.rx_batches;
-            total.reconnects += s.reconnects;
-            for (t, d) in total.drops.iter_mut().zip(s.drops) {
-                *t += d;
-            }
+        for c in &counters.tx {
+            total.add_tx(c);
+        }
+        for c in &counters.rx {
+            total.add_rx(c);
         }
         total
+    }
+
+    fn add_tx(&mut self, c: &TxCounters) {
+        let (b, p, n) = c.sent.load();
+        (self.tx_batches, self.tx_packets, self.tx_bytes) = (self.tx_batches + b, self.tx_packets + p, self.tx_bytes + n);
+        self.reconnects += c.reconnects.load(Ordering::Relaxed);
+        self.add_drops(&c.drops);
+    }
+
+    fn add_rx(&mut self, c: &RxCounters) {
+        let (b, p, n) = c.received.load();
+        (self.rx_batches, self.rx_packets, self.rx_bytes) = (self.rx_batches + b, self.rx_packets + p, self.rx_bytes + n);
+        self.add_drops(&c.drops);
+    }
+
+    fn add_drops(&mut self, d: &Drops) {
+        for (t, n) in self.drops.iter_mut().zip(d.load()) {
+            *t += n;
+        }
     }
 
     pub fn dropped(&self, reason: DropReason) -> u64 {
@@ -267,16 +338,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshots_sum() {
-        let a = Counters::default();
-        let b = Counters::default();
-        Counters::add(&a.tx_packets, 3);
-        Counters::add(&b.tx_packets, 4);
-        b.record_drop(DropReason::Malformed, 2);
-        let s = Snapshot::sum([&a, &b]);
-        assert_eq!(s.tx_packets, 7);
+    fn snapshots_sum_both_directions() {
+        let (a, b) = (Arc::new(TxCounters::default()), Arc::new(TxCounters::default()));
+        let r = Arc::new(RxCounters::default());
+        a.sent.message(3, 300);
+        b.sent.message(4, 400);
+        b.reconnected();
+        b.record_drop(DropReason::BrokerDown, 1);
+        r.received.message(5, 500);
+        r.record_drop(DropReason::Malformed, 2);
+        let s = Snapshot::of(&AgentCounters { tx: vec![a, b], rx: vec![r] });
+        assert_eq!((s.tx_batches, s.tx_packets, s.tx_bytes, s.reconnects), (2, 7, 700, 1));
+        assert_eq!((s.rx_batches, s.rx_packets, s.rx_bytes), (1, 5, 500));
         assert_eq!(s.dropped(DropReason::Malformed), 2);
-        assert_eq!(s.total_drops(), 2);
+        assert_eq!(s.total_drops(), 3);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::report::{self, Percentiles};
-use super::{Counters, DropReason, Histograms, Snapshot};
+use super::{AgentCounters, DropReason, Histograms, Snapshot};
 
 /// Parses `--metrics-addr`: `HOST:PORT`, or just `PORT` (then 127.0.0.1).
 pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -27,8 +27,8 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// Renders the exposition text.
-pub fn render(agent: &str, counters: &[Arc<Counters>], hist: &[Arc<Histograms>]) -> String {
-    let s = Snapshot::sum(counters.iter().map(|c| &**c));
+pub fn render(agent: &str, counters: &AgentCounters, hist: &[Arc<Histograms>]) -> String {
+    let s = Snapshot::of(counters);
     let mut out = String::with_capacity(4096);
     let label = format!("agent=\"{}\"", agent.replace(['\\', '"'], "_"));
     let mut counter = |name: &str, help: &str, v: u64| {
@@ -61,7 +61,7 @@ pub fn render(agent: &str, counters: &[Arc<Counters>], hist: &[Arc<Histograms>])
 }
 
 /// Serves `/metrics` on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, agent: String, counters: Vec<Arc<Counters>>, hist: Vec<Arc<Histograms>>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, agent: String, counters: AgentCounters, hist: Vec<Arc<Histograms>>, mut stop: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -100,12 +100,13 @@ mod tests {
 
     #[test]
     fn exposition_text_is_well_formed() {
-        let c = Arc::new(Counters::default());
-        Counters::add(&c.tx_packets, 7);
-        c.record_drop(DropReason::Malformed, 2);
+        let (tx, rx) = (Arc::new(super::super::TxCounters::default()), Arc::new(super::super::RxCounters::default()));
+        tx.sent.message(7, 700);
+        rx.record_drop(DropReason::Malformed, 2);
+        let c = AgentCounters { tx: vec![tx], rx: vec![rx] };
         let h = Histograms::new();
         h.one_way_us.lock().unwrap().record(250).unwrap();
-        let text = render("h\"1", &[c], &[h]);
+        let text = render("h\"1", &c, &[h]);
         assert!(text.contains("tunbus_tx_packets_total{agent=\"h_1\"} 7"), "{text}");
         assert!(text.contains("tunbus_dropped_packets_total{agent=\"h_1\",reason=\"malformed\"} 2"), "{text}");
         assert!(text.contains("tunbus_one_way_latency_seconds_count{agent=\"h_1\"} 1"), "{text}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{new_histogram, Counters, DropReason, Histograms, SharedHistogram, Snapshot};
+use super::{new_histogram, AgentCounters, DropReason, Histograms, SharedHistogram, Snapshot};
 
 /// Latency percentiles in microseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -70,8 +70,8 @@ pub fn merged<'a>(hists: impl IntoIterator<Item = &'a SharedHistogram>) -> Perce
     }
 }
 
-pub fn build(agent: &str, uptime: Duration, counters: &[Arc<Counters>], hist: &[Arc<Histograms>]) -> Report {
-    let s = Snapshot::sum(counters.iter().map(|c| &**c));
+pub fn build(agent: &str, uptime: Duration, counters: &AgentCounters, hist: &[Arc<Histograms>]) -> Report {
+    let s = Snapshot::of(counters);
     Report {
         agent: agent.to_owned(),
         uptime_s: uptime.as_secs_f64(),
@@ -141,11 +141,11 @@ impl fmt::Display for Report {
 pub async fn periodic(
     agent: String,
     every: Duration,
-    counters: Vec<Arc<Counters>>,
+    counters: AgentCounters,
     hist: Vec<Arc<Histograms>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut last = Snapshot::sum(counters.iter().map(|c| &**c));
+    let mut last = Snapshot::of(&counters);
     let mut last_at = Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -154,7 +154,7 @@ pub async fn periodic(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let now = Snapshot::sum(counters.iter().map(|c| &**c));
+        let now = Snapshot::of(&counters);
         let dt = last_at.elapsed();
         let pps = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / dt.as_secs_f64().max(1e-9);
         let l = merged(hist.iter().map(|h| &h.one_way_us));

@@ -3,8 +3,11 @@
 //! [`queue`]: one OS thread per TUN queue k, owning TUN queue k and link k (one AMQP
 //! connection, both directions): reads bursts, classifies, batches and publishes; and,
 //! through [`rx::Receiver`], reads deliveries from the same connection and writes their
-//! packets into TUN queue k.
+//! packets into TUN queue k. [`wire`]: how each wire (native v1, ioppytest JSON) publishes
+//! a batch and reads a delivery.
 
 pub mod batch;
+pub mod link;
 pub mod queue;
 pub mod rx;
+pub mod wire;

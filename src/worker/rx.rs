@@ -1,6 +1,7 @@
 //! RX: the receiving half of a queue worker. The worker reads its connection and hands
-//! each delivery to [`Receiver::on_delivery`], which writes its packets into the worker's
-//! TUN queue. Hot path.
+//! each delivery to [`Receiver::on_delivery`]; the wire's [`Inbound`] (`worker::wire`)
+//! tells what it carries, and [`deliver`] (native) or [`deliver_json`] (ioppytest) writes
+//! its packets into the worker's TUN queue. Hot path.
 //!
 //! Queue k only ever writes TUN queue k, so a flow (one shard, one queue) keeps its order
 //! end to end. The AMQP session hands a delivery over as a slice of the read buffer when
@@ -22,13 +23,15 @@ use crate::amqp::session::Delivery;
 use crate::amqp::AckBatcher;
 use crate::codec::vnet::{self, VnetHdr};
 use crate::codec::{ioppytest, v1};
-use crate::config::{AgentConfig, Prefix, Wire};
+use crate::config::{AgentConfig, Prefix};
 use crate::identity::claims::{Claims, MAX_PER_HELLO};
 use crate::identity::{self, Verdict};
-use crate::metrics::{Counters, DropReason, Histograms, LocalHistogram};
+use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
+use crate::route;
 use crate::route::peers::PeerQueues;
-use crate::route::{self, RoutingKey};
 use crate::tun::TunQueue;
+
+use super::wire::{Inbound, TunSide};
 
 /// A drained socket folds the latency samples when the last fold is older than this, so
 /// statistics read right after traffic stops include it.
@@ -36,71 +39,24 @@ pub const QUIET_FOLD: Duration = Duration::from_millis(20);
 /// Most socket reads per wake-up, so a flood of deliveries cannot starve the TUN side.
 pub const READS_PER_WAKE: usize = 16;
 
-/// What a delivery carries, told by its routing key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Carries {
-    Packets,
-    /// Our own flood, echoed back by the broker: acknowledged, not written.
-    OwnFlood,
-    /// A presence probe (queue 0 of a native agent binds it): answered with a hello.
-    Probe,
-    /// A hello or bye (queue 0 in first-claim mode): claims of addresses.
-    Presence,
-}
-
-/// The receiving state of one queue worker.
+/// The receiving state of one queue worker: what every wire shares (the TUN queue, the
+/// counters, the latency samples, the acknowledgements); what a delivery means is the
+/// wire's ([`Inbound`]).
 pub struct Receiver {
-    wire: Wire,
+    inbound: Box<dyn Inbound>,
     tun: Arc<TunQueue>,
-    counters: Arc<Counters>,
+    counters: Arc<RxCounters>,
     latency: LocalHistogram,
-    own_flood_key: RoutingKey,
-    /// Where the queue counts stated by senders are noted for the sending half.
-    peers: Arc<PeerQueues>,
-    /// Who may use which source addresses (refreshed once per delivery).
-    trust: identity::View,
-    suspects: SuspectLog,
-    /// First-claim mode, queue 0: keeps the claims from hellos.
-    presence: Option<ClaimKeeper>,
     acks: AckBatcher,
-    /// A probe arrived since [`Receiver::take_probe`] was last asked.
-    probed: bool,
     /// The socket was drained since the last [`Receiver::take_ack`].
     drained: bool,
-    /// Offload from the bus goes to the kernel (after the allow-list).
-    offload_from_bus: bool,
     /// A reused buffer: an ioppytest packet decoded, a packet whose checksum is completed.
     scratch: Vec<u8>,
 }
 
 impl Receiver {
-    #[allow(clippy::too_many_arguments)] // the parts of one agent a worker shares; built once
-    pub fn new(
-        config: &AgentConfig,
-        tun: Arc<TunQueue>,
-        counters: Arc<Counters>,
-        hist: &Histograms,
-        own_flood_key: RoutingKey,
-        peers: Arc<PeerQueues>,
-        trust: identity::View,
-        presence: Option<ClaimKeeper>,
-    ) -> Receiver {
-        Receiver {
-            wire: config.wire,
-            tun,
-            counters,
-            latency: LocalHistogram::new(hist.one_way_us.clone()),
-            own_flood_key,
-            peers,
-            trust,
-            suspects: SuspectLog::default(),
-            presence,
-            acks: AckBatcher::for_prefetch(config.prefetch),
-            probed: false,
-            drained: false,
-            offload_from_bus: config.offload_from_bus,
-            scratch: Vec::new(),
-        }
+    pub fn new(config: &AgentConfig, tun: Arc<TunQueue>, counters: Arc<RxCounters>, hist: &Histograms, inbound: Box<dyn Inbound>) -> Receiver {
+        Receiver { inbound, tun, counters, latency: LocalHistogram::new(hist.one_way_us.clone()), acks: AckBatcher::for_prefetch(config.prefetch), drained: false, scratch: Vec::new() }
     }
 
     /// Forgets pending acks: the connection is new.
@@ -128,16 +84,14 @@ impl Receiver {
 
     /// Whether a presence probe arrived since the last call.
     pub fn take_probe(&mut self) -> bool {
-        std::mem::take(&mut self.probed)
+        self.inbound.take_probe()
     }
 
     /// Nothing to do: fold what was recorded, so readers of the statistics see it now;
     /// let silent claims lapse.
     pub fn idle(&mut self) {
         self.latency.maybe_fold(Instant::now(), true);
-        if let Some(p) = &mut self.presence {
-            p.expire(Instant::now());
-        }
+        self.inbound.tick(Instant::now());
     }
 
     /// Folds latency samples when due; publishes or expires claims when due (traffic that
@@ -145,48 +99,13 @@ impl Receiver {
     pub fn fold_now(&mut self) {
         let now = Instant::now();
         self.latency.maybe_fold(now, false);
-        if let Some(p) = &mut self.presence {
-            p.expire(now);
-        }
+        self.inbound.tick(now);
     }
 
     /// One whole message; returns a tag to acknowledge now (every half prefetch).
     pub fn on_delivery(&mut self, d: Delivery<'_>, now_ns: u64) -> Option<u64> {
-        let what = if d.routing_key == self.own_flood_key.as_str().as_bytes() {
-            Carries::OwnFlood
-        } else if d.routing_key == route::CTL_PROBE.as_bytes() {
-            Carries::Probe
-        } else if d.routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
-            Carries::Presence
-        } else {
-            Carries::Packets
-        };
-        match (self.wire, what) {
-            (Wire::Ioppytest, _) => {
-                deliver_json(d.body, &self.tun, &self.counters, &mut self.scratch);
-            }
-            (Wire::Native, Carries::Packets) => {
-                self.trust.refresh();
-                let mut sink = Sink {
-                    tun: &self.tun,
-                    counters: &self.counters,
-                    latency: &mut self.latency,
-                    peers: &self.peers,
-                    trust: &self.trust,
-                    suspects: &mut self.suspects,
-                    offload_from_bus: self.offload_from_bus,
-                    scratch: &mut self.scratch,
-                };
-                deliver(d.body, d.user_id, now_ns, &mut sink);
-            }
-            (Wire::Native, Carries::Probe) => self.probed = true,
-            (Wire::Native, Carries::Presence) => {
-                if let Some(p) = &mut self.presence {
-                    p.on_presence(d.user_id, d.body, Instant::now());
-                }
-            }
-            (Wire::Native, Carries::OwnFlood) => {} // echoed by the broker
-        }
+        let out = TunSide { tun: &self.tun, counters: &self.counters, latency: &mut self.latency, scratch: &mut self.scratch };
+        self.inbound.on_delivery(&d, now_ns, out);
         self.acks.delivered(d.tag)
     }
 
@@ -199,19 +118,18 @@ impl Receiver {
 
 /// Writes the one packet of an ioppytest JSON body into `tun`, decoding into `scratch`
 /// (reused: no allocation once it has grown to the largest packet).
-pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &Counters, scratch: &mut Vec<u8>) -> u64 {
+pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &RxCounters, scratch: &mut Vec<u8>) -> u64 {
     if ioppytest::decode_packet(body, scratch).is_err() {
         counters.record_drop(DropReason::Malformed, 1);
         return 0;
     }
-    Counters::add(&counters.rx_batches, 1);
     match tun.write(&vnet::PLAIN, scratch) {
         Ok(()) => {
-            Counters::add(&counters.rx_packets, 1);
-            Counters::add(&counters.rx_bytes, scratch.len() as u64);
+            counters.received.message(1, scratch.len() as u64);
             1
         }
         Err(_) => {
+            counters.received.message(0, 0);
             counters.record_drop(DropReason::TunWrite, 1);
             0
         }
@@ -223,7 +141,7 @@ pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &Counters, scratch: &
 /// warnings about refused packets, and what it does with offload from the bus.
 pub struct Sink<'a> {
     pub tun: &'a TunQueue,
-    pub counters: &'a Counters,
+    pub counters: &'a RxCounters,
     pub latency: &'a mut LocalHistogram,
     pub peers: &'a PeerQueues,
     pub trust: &'a identity::View,
@@ -331,9 +249,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     c.record_drop(DropReason::TunWrite, refused);
     c.record_drop(DropReason::Spoofed, spoofed);
     c.record_drop(DropReason::NoIdentity, unsigned);
-    Counters::add(&c.rx_packets, written);
-    Counters::add(&c.rx_bytes, bytes);
-    Counters::add(&c.rx_batches, 1);
+    c.received.message(written, bytes);
     let sent = frame.header().timestamp_ns;
     if written > 0 && sent > 0 {
         sink.latency.record_n(now_ns.saturating_sub(sent) / 1000, written);

@@ -1,0 +1,205 @@
+//! The wire a queue worker speaks, as types: how a finished batch goes onto the bus
+//! ([`Outbound`]) and what a delivery coming off it means ([`Inbound`]). Hot path.
+//!
+//! Each wire has one implementation of each half: the native v1 wire ([`NativeOut`],
+//! [`NativeIn`]) and the Python agent's JSON wire ([`IoppytestOut`], [`IoppytestIn`]). The
+//! worker is given one pair when it is built ([`for_agent`]); its loops call the trait and
+//! never ask which wire they speak. One virtual call per batch and per delivery, none per
+//! packet.
+//!
+//! The ioppytest wire encodes each packet once: the batcher's buffer is only where the
+//! TUN read landed, and [`IoppytestOut`] reads its entries back (`BatchWriter::entries`)
+//! into one JSON message each, without building or decoding a v1 frame.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::amqp::client::{self, Client, Published};
+use crate::amqp::session::Delivery;
+use crate::amqp::wire::Properties;
+use crate::codec::ioppytest;
+use crate::codec::v1::{BatchWriter, FLAG_VNET, VNET_HDR_LEN};
+use crate::config::{AgentConfig, Wire};
+use crate::identity;
+use crate::metrics::{LocalHistogram, RxCounters};
+use crate::route::peers::PeerQueues;
+use crate::route::{self, RoutingKey};
+use crate::tun::TunQueue;
+use crate::util::now_ns;
+
+use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
+
+/// How a finished batch is published.
+pub trait Outbound: Send {
+    /// Publishes `batch` (finished: its header is written) for routing key `key`.
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error>;
+}
+
+/// What the receiving half owns and an [`Inbound`] writes into: the worker's TUN queue,
+/// its counters and latency histogram, a reused buffer.
+pub struct TunSide<'a> {
+    pub tun: &'a TunQueue,
+    pub counters: &'a RxCounters,
+    pub latency: &'a mut LocalHistogram,
+    pub scratch: &'a mut Vec<u8>,
+}
+
+/// What a delivery means and where its packets go. Acknowledging it is the receiver's.
+pub trait Inbound: Send {
+    /// One whole message, received at `now_ns`.
+    fn on_delivery(&mut self, d: &Delivery<'_>, now_ns: u64, out: TunSide<'_>);
+
+    /// Whether a presence probe arrived since the last call.
+    fn take_probe(&mut self) -> bool {
+        false
+    }
+
+    /// Housekeeping when due (claims lapse, the claims table is published).
+    fn tick(&mut self, _now: Instant) {}
+}
+
+/// The halves of the wire that agent `config` speaks, for a worker whose flood key is
+/// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
+pub fn for_agent(config: &AgentConfig, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
+    match config.wire {
+        Wire::Native => (
+            Box::new(NativeOut),
+            Box::new(NativeIn { own_flood_key: flood_key, peers, trust, suspects: SuspectLog::default(), presence, probed: false, offload_from_bus: config.offload_from_bus }),
+        ),
+        Wire::Ioppytest => (Box::new(IoppytestOut::new(&config.name, &config.ifname)), Box::new(IoppytestIn)),
+    }
+}
+
+/// The native wire: the batch is the message.
+pub struct NativeOut;
+
+impl Outbound for NativeOut {
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
+        client.publish(now, exchange, key.as_str(), &Properties::default(), batch.as_bytes())
+    }
+}
+
+/// What a native delivery carries, told by its routing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carries {
+    Packets,
+    /// Our own flood, echoed back by the broker: acknowledged, not written.
+    OwnFlood,
+    /// A presence probe (queue 0 of a native agent binds it): answered with a hello.
+    Probe,
+    /// A hello or bye (queue 0 in first-claim mode): claims of addresses.
+    Presence,
+}
+
+impl Carries {
+    fn of(routing_key: &[u8], own_flood_key: &RoutingKey) -> Carries {
+        if routing_key == own_flood_key.as_str().as_bytes() {
+            Carries::OwnFlood
+        } else if routing_key == route::CTL_PROBE.as_bytes() {
+            Carries::Probe
+        } else if routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
+            Carries::Presence
+        } else {
+            Carries::Packets
+        }
+    }
+}
+
+/// The native wire's receiving half: v1 batches checked against who sent them
+/// ([`rx::deliver`]), presence probes and claims.
+pub struct NativeIn {
+    own_flood_key: RoutingKey,
+    /// Where the queue counts stated by senders are noted for the sending half.
+    peers: Arc<PeerQueues>,
+    /// Who may use which source addresses (refreshed once per delivery).
+    trust: identity::View,
+    suspects: SuspectLog,
+    /// First-claim mode, queue 0: keeps the claims from hellos.
+    presence: Option<ClaimKeeper>,
+    /// A probe arrived since [`Inbound::take_probe`] was last asked.
+    probed: bool,
+    /// Offload from the bus goes to the kernel (after the allow-list).
+    offload_from_bus: bool,
+}
+
+impl Inbound for NativeIn {
+    fn on_delivery(&mut self, d: &Delivery<'_>, now_ns: u64, out: TunSide<'_>) {
+        match Carries::of(d.routing_key, &self.own_flood_key) {
+            Carries::Packets => {
+                self.trust.refresh();
+                let mut sink = Sink {
+                    tun: out.tun,
+                    counters: out.counters,
+                    latency: out.latency,
+                    peers: &self.peers,
+                    trust: &self.trust,
+                    suspects: &mut self.suspects,
+                    offload_from_bus: self.offload_from_bus,
+                    scratch: out.scratch,
+                };
+                rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+            }
+            Carries::Probe => self.probed = true,
+            Carries::Presence => {
+                if let Some(p) = &mut self.presence {
+                    p.on_presence(d.user_id, d.body, Instant::now());
+                }
+            }
+            Carries::OwnFlood => {} // echoed by the broker
+        }
+    }
+
+    fn take_probe(&mut self) -> bool {
+        std::mem::take(&mut self.probed)
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if let Some(p) = &mut self.presence {
+            p.expire(now);
+        }
+    }
+}
+
+/// The ioppytest wire's sending half: each packet one JSON message on
+/// `fromAgent.<name>.ip.tun.packet.raw`, with the Python agent's properties.
+pub struct IoppytestOut {
+    key: String,
+    ifname: String,
+    /// The JSON body, reused.
+    body: Vec<u8>,
+}
+
+impl IoppytestOut {
+    pub fn new(name: &str, ifname: &str) -> IoppytestOut {
+        IoppytestOut { key: ioppytest::routing_key_from_agent(name), ifname: ifname.to_owned(), body: Vec::with_capacity(8 * 1024) }
+    }
+}
+
+impl Outbound for IoppytestOut {
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, _key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
+        let vnet_len = if batch.flags() & FLAG_VNET != 0 { VNET_HDR_LEN } else { 0 };
+        let seconds = now_ns() / 1_000_000_000;
+        let props = ioppytest::PROPERTIES;
+        for entry in batch.entries() {
+            let Some(packet) = entry.get(vnet_len..) else { continue };
+            ioppytest::encode_packet(packet, &self.ifname, seconds, &mut self.body);
+            let mut result = client.publish(now, exchange, &self.key, &props, &self.body)?;
+            if result == Published::Busy && client.wait_writable(client::SEND_STALL)? {
+                result = client.publish(Instant::now(), exchange, &self.key, &props, &self.body)?;
+            }
+            if result != Published::Sent {
+                return Ok(result);
+            }
+        }
+        Ok(Published::Sent)
+    }
+}
+
+/// The ioppytest wire's receiving half: every delivery is one JSON packet.
+pub struct IoppytestIn;
+
+impl Inbound for IoppytestIn {
+    fn on_delivery(&mut self, d: &Delivery<'_>, _now_ns: u64, out: TunSide<'_>) {
+        rx::deliver_json(d.body, out.tun, out.counters, out.scratch);
+    }
+}
