@@ -5,7 +5,8 @@
 //! - [`topology`] (pure): which nodes share a link, from ioppytest's configuration YAML.
 //! - [`control`]: for an agent with `--wire ioppytest`, the control messages
 //!   (`ip.tun.started`, `testingtool.component.ready`, `ip.tun.start`). A thread.
-//! - [`router`]: `agent route`, the packet router and old↔new bridge. A thread.
+//! - [`router`]: `agent route`, the packet router and old↔new bridge: its decisions pure
+//!   ([`router::state`]), its connection a thread.
 //!
 //! The data path of an ioppytest-wire agent is the native one up to the finished batch;
 //! its queue worker then publishes one JSON message per packet, and decodes JSON on the way
