@@ -32,7 +32,6 @@ use crate::exit::{Exit, Failure};
 use crate::metrics::report::{self, Report};
 use crate::metrics::kernel::KernelDrops;
 use crate::metrics::{AgentCounters, Histograms, RxCounters, TxCounters};
-use crate::route::RoutingKey;
 use crate::tun::{netns, TunDevice, TunQueue};
 use crate::util::{now_ns, Stop};
 use crate::identity::{claims::Claims, Trust};
@@ -74,7 +73,7 @@ fn temporary_ifname() -> String {
 
 /// Creates the interface and configures it where it belongs.
 fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
-    let create_as = match &c.netns {
+    let create_as = match &c.interface().netns {
         Some(ns) => {
             if !netns::namespace_exists(ns) {
                 bail!(netns::Error::NoNamespace(ns.clone()));
@@ -82,17 +81,17 @@ fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
             temporary_ifname()
         }
         None => {
-            if netns::interface_exists(None, &c.ifname) {
-                bail!(netns::Error::Exists { name: c.ifname.clone(), netns: None });
+            if netns::interface_exists(None, &c.interface().ifname) {
+                bail!(netns::Error::Exists { name: c.interface().ifname.clone(), netns: None });
             }
-            c.ifname.clone()
+            c.interface().ifname.clone()
         }
     };
-    let dev = TunDevice::create(&create_as, c.queues, c.offload).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
-    if let Some(ns) = &c.netns {
-        netns::move_into(&create_as, ns, &c.ifname)?; // on error `dev` drops: interface gone
+    let dev = TunDevice::create(&create_as, c.interface().queues, c.interface().offload).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+    if let Some(ns) = &c.interface().netns {
+        netns::move_into(&create_as, ns, &c.interface().ifname)?; // on error `dev` drops: interface gone
     }
-    netns::configure(c.netns.as_deref(), &c.ifname, c.mtu, &c.addrs, c.link_local(), c.router_solicitations)?;
+    netns::configure(c.interface().netns.as_deref(), &c.interface().ifname, c.interface().mtu, &c.interface().addrs, c.link_local(), c.interface().router_solicitations)?;
     Ok(dev)
 }
 
@@ -118,15 +117,15 @@ fn join_bus(ctx: &LinkContext, interrupt: &Stop) -> Result<Option<(Client, usize
             };
             return Err(Failure::new(Exit::from(e.class()), format!("cannot join the bus: {e}.{advice}")));
         }
-        let taken = presence::name_answers(&c.endpoints, &c.exchange, &c.name, NAME_PROBE_WAIT, interrupt).map_err(Failure::from)?;
+        let taken = presence::name_answers(&c.bus().endpoints, &c.bus().exchange, c.name(), NAME_PROBE_WAIT, interrupt).map_err(Failure::from)?;
         if taken {
             return Err(Failure::new(
                 Exit::NameInUse,
                 format!(
                     "agent name {:?} is already in use on this bus (a live agent holds queue {}); pick another --name{}",
-                    c.name,
+                    c.name(),
                     c.queue_name(0),
-                    if c.session.is_some() { "" } else { " or a --session" }
+                    if c.bus().session.is_some() { "" } else { " or a --session" }
                 ),
             ));
         }
@@ -137,7 +136,7 @@ fn join_bus(ctx: &LinkContext, interrupt: &Stop) -> Result<Option<(Client, usize
             ));
         }
         if !said_stale {
-            tracing::warn!(agent = %c.name, queue = %c.queue_name(0), "the queue is held by a dead connection (no agent of this name answers); waiting for the broker to drop it");
+            tracing::warn!(agent = %c.name(), queue = %c.queue_name(0), "the queue is held by a dead connection (no agent of this name answers); waiting for the broker to drop it");
             said_stale = true;
         }
         for _ in 0..10 {
@@ -149,6 +148,23 @@ fn join_bus(ctx: &LinkContext, interrupt: &Stop) -> Result<Option<(Client, usize
     }
 }
 
+/// What this agent announces on the bus.
+fn hello_of(config: &AgentConfig) -> Hello {
+    Hello {
+        name: config.name().to_owned(),
+        session: config.bus().session.clone(),
+        addresses: config.interface().addrs.iter().map(ToString::to_string).chain([format!("{}/64", config.link_local())]).collect(),
+        queues: config.interface().queues,
+        wire: config.data_path().wire.name().to_owned(),
+        started_unix_ms: now_ns() / 1_000_000,
+        interface: config.interface().ifname.clone(),
+        netns: config.interface().netns.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        node: None,
+        leaving: false,
+    }
+}
+
 impl Agent {
     /// Brings the agent up. Returns once the interface exists and every task is started
     /// (when `config.check_name`, link 0 is connected first; the other links connect in
@@ -157,7 +173,7 @@ impl Agent {
     pub async fn start(config: AgentConfig, interrupt: &Stop) -> anyhow::Result<Option<Agent>> {
         let config = Arc::new(config);
         // Bind the metrics port first: a bad address must not bring the agent onto the bus.
-        let metrics_listener = match config.metrics_addr {
+        let metrics_listener = match config.data_path().metrics_addr {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
                     .await
@@ -165,33 +181,17 @@ impl Agent {
             ),
             None => None,
         };
-        if RoutingKey::all(&config.name).is_none() {
-            bail!("agent name {:?} is not a valid topic word", config.name);
-        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_flag = Stop::new();
         let broker = Arc::new(BrokerState::default());
         let connected = Arc::new(AtomicUsize::new(0));
-        let cpus = config.cpus.clone();
         let peers = Arc::new(crate::route::peers::PeerQueues::new());
-        let trust = Trust::new(&config.identity);
+        let trust = Trust::new(&config.identity().mode);
         // First claim: queue 0 of a native agent keeps the claims its hellos bring.
-        let claims = (config.identity == crate::identity::Mode::FirstClaim && config.wire == crate::config::Wire::Native).then(|| Arc::new(std::sync::Mutex::new(Claims::new())));
-        let hello = Hello {
-            name: config.name.clone(),
-            session: config.session.clone(),
-            addresses: config.addrs.iter().map(ToString::to_string).chain([format!("{}/64", config.link_local())]).collect(),
-            queues: config.queues,
-            wire: config.wire.name().to_owned(),
-            started_unix_ms: now_ns() / 1_000_000,
-            interface: config.ifname.clone(),
-            netns: config.netns.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            node: None,
-            leaving: false,
-        };
+        let claims = (config.identity().mode == crate::identity::Mode::FirstClaim && config.data_path().wire == crate::config::Wire::Native).then(|| Arc::new(std::sync::Mutex::new(Claims::new())));
+        let hello = hello_of(&config);
         // Native agents announce themselves on their queue-0 connection (no presence connection).
-        let announcements = match config.wire {
+        let announcements = match config.data_path().wire {
             crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello)?)),
             crate::config::Wire::Ioppytest => None,
         };
@@ -203,7 +203,7 @@ impl Agent {
             hello: if k == 0 { announcements.clone() } else { None },
             stop: stop_flag.clone(),
         };
-        let mut first_link = if config.check_name {
+        let mut first_link = if config.bus().check_name {
             // Connection attempts of the start give up on Ctrl-C.
             let mut ctx = link_context(0);
             ctx.stop = interrupt.clone();
@@ -218,7 +218,7 @@ impl Agent {
         if interrupt.is_raised() {
             return Ok(None);
         }
-        let dev = bring_up_interface(&config).with_context(|| format!("setting up interface {} for agent {}", config.ifname, config.name))?;
+        let dev = bring_up_interface(&config).with_context(|| format!("setting up interface {} for agent {}", config.interface().ifname, config.name()))?;
         let mut agent = Agent {
             config: config.clone(),
             stop_tx,
@@ -236,65 +236,86 @@ impl Agent {
         let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
         for q in dev.queues {
             let k = q.index();
-            let queue = Arc::new(q);
-            // Separate blocks for the sending and receiving halves: no shared cache lines.
-            let tx_counters = Arc::new(TxCounters::default());
-            let rx_counters = Arc::new(RxCounters::default());
-            let hist = Histograms::new();
-            let link = link_context(k);
-            let worker = QueueWorker::new(WorkerSetup {
-                queue: queue.clone(),
-                link,
-                tx_counters: tx_counters.clone(),
-                rx_counters: rx_counters.clone(),
-                hist: hist.clone(),
+            let setup = WorkerSetup {
+                queue: Arc::new(q),
+                link: link_context(k),
+                // Separate blocks for the sending and receiving halves: no shared cache lines.
+                tx_counters: Arc::new(TxCounters::default()),
+                rx_counters: Arc::new(RxCounters::default()),
+                hist: Histograms::new(),
                 peers: peers.clone(),
                 trust: trust.clone(),
                 claims: if k == 0 { claims.clone() } else { None },
                 connected: if k == 0 { first_link.take() } else { None },
-            });
-            let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
-            let die = k == 0 && fault_worker_panic;
-            let handle = std::thread::Builder::new()
-                .name(format!("q-{}-{k}", config.name))
-                .spawn(move || {
-                    if let Some(id) = core {
-                        core_affinity::set_for_current(core_affinity::CoreId { id });
-                    }
-                    let _span = tracing::debug_span!("queue", queue = k).entered();
-                    if die {
-                        std::thread::sleep(Duration::from_secs(1));
-                        tracing::error!("TUNBUS_FAULT=worker-panic: queue worker 0 dies on purpose");
-                        return;
-                    }
-                    worker.run();
-                })
-                .context("spawning a queue worker thread")?;
-            agent.workers.push(handle);
-            agent.queues.push(queue);
-            agent.counters.tx.push(tx_counters);
-            agent.counters.rx.push(rx_counters);
-            agent.hist.push(hist);
+            };
+            agent.spawn_worker(setup, k == 0 && fault_worker_panic)?;
         }
-        if config.wire == crate::config::Wire::Ioppytest {
+        if config.data_path().wire == crate::config::Wire::Ioppytest {
             let (c, stop) = (config.clone(), stop_flag.clone());
             let counters = Arc::new(RxCounters::default());
             agent.counters.rx.push(counters.clone());
             agent.helpers.push(
                 std::thread::Builder::new()
-                    .name(format!("ctl-{}", config.name))
+                    .name(format!("ctl-{}", config.name()))
                     .spawn(move || crate::interop::control::run(&c, &stop, counters))
                     .context("spawning the ioppytest control thread")?,
             );
         }
-        // The kernel's drops on our TUN (its queue full while a worker was busy), once a second.
+        agent.watch_kernel_drops(&stop_rx);
+        agent.spawn_reports(metrics_listener, stop_rx);
+        tracing::info!(
+            agent = %config.name(),
+            interface = %config.interface().ifname,
+            netns = config.interface().netns.as_deref().unwrap_or("-"),
+            queues = config.interface().queues,
+            tso = dev.offloads.tso,
+            uso = dev.offloads.uso,
+            "agent up"
+        );
+        Ok(Some(agent))
+    }
+
+    /// Starts queue worker k on its own thread, pinned when `--cpus` says so (`die`: the
+    /// fault injection for the test that a dead worker is never silent).
+    fn spawn_worker(&mut self, setup: WorkerSetup, die: bool) -> anyhow::Result<()> {
+        let k = setup.link.index;
+        let (queue, tx, rx, hist) = (setup.queue.clone(), setup.tx_counters.clone(), setup.rx_counters.clone(), setup.hist.clone());
+        let cpus = &self.config.data_path().cpus;
+        let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
+        let worker = QueueWorker::new(setup);
+        let handle = std::thread::Builder::new()
+            .name(format!("q-{}-{k}", self.config.name()))
+            .spawn(move || {
+                if let Some(id) = core {
+                    core_affinity::set_for_current(core_affinity::CoreId { id });
+                }
+                let _span = tracing::debug_span!("queue", queue = k).entered();
+                if die {
+                    std::thread::sleep(Duration::from_secs(1));
+                    tracing::error!("TUNBUS_FAULT=worker-panic: queue worker 0 dies on purpose");
+                    return;
+                }
+                worker.run();
+            })
+            .context("spawning a queue worker thread")?;
+        self.workers.push(handle);
+        self.queues.push(queue);
+        self.counters.tx.push(tx);
+        self.counters.rx.push(rx);
+        self.hist.push(hist);
+        Ok(())
+    }
+
+    /// The kernel's drops on our TUN (its queue full while a worker was busy), once a second.
+    fn watch_kernel_drops(&mut self, stop: &watch::Receiver<bool>) {
         let kernel_counters = Arc::new(TxCounters::default());
-        agent.counters.tx.push(kernel_counters.clone());
-        match KernelDrops::open(config.netns.as_deref(), &config.ifname) {
+        self.counters.tx.push(kernel_counters.clone());
+        let config = &self.config;
+        match KernelDrops::open(config.interface().netns.as_deref(), &config.interface().ifname) {
             Ok(mut k) => {
                 k.refresh(&kernel_counters);
-                let mut stop = stop_rx.clone();
-                agent.tasks.spawn(async move {
+                let mut stop = stop.clone();
+                self.tasks.spawn(async move {
                     let mut tick = tokio::time::interval(KERNEL_POLL);
                     loop {
                         tokio::select! {
@@ -304,30 +325,20 @@ impl Agent {
                     }
                 });
             }
-            Err(e) => tracing::warn!(agent = %config.name, error = %e, "cannot read the kernel's statistics of the interface; its tun_queue_full drops will not be reported"),
+            Err(e) => tracing::warn!(agent = %config.name(), error = %e, "cannot read the kernel's statistics of the interface; its tun_queue_full drops will not be reported"),
         }
-        if let Some(listener) = metrics_listener {
-            agent.tasks.spawn(crate::metrics::prometheus::serve(listener, config.name.clone(), agent.counters.clone(), agent.hist.clone(), stop_rx.clone()));
+    }
+
+    /// Prometheus on `listener`, and the periodic stats line.
+    fn spawn_reports(&mut self, listener: Option<tokio::net::TcpListener>, stop: watch::Receiver<bool>) {
+        let name = self.config.name().to_owned();
+        if let Some(listener) = listener {
+            self.tasks.spawn(crate::metrics::prometheus::serve(listener, name.clone(), self.counters.clone(), self.hist.clone(), stop.clone()));
         }
-        if !config.stats_interval.is_zero() {
-            agent.tasks.spawn(report::periodic(
-                config.name.clone(),
-                config.stats_interval,
-                agent.counters.clone(),
-                agent.hist.clone(),
-                stop_rx,
-            ));
+        let every = self.config.data_path().stats_interval;
+        if !every.is_zero() {
+            self.tasks.spawn(report::periodic(name, every, self.counters.clone(), self.hist.clone(), stop));
         }
-        tracing::info!(
-            agent = %config.name,
-            interface = %config.ifname,
-            netns = config.netns.as_deref().unwrap_or("-"),
-            queues = config.queues,
-            tso = dev.offloads.tso,
-            uso = dev.offloads.uso,
-            "agent up"
-        );
-        Ok(Some(agent))
     }
 
     pub fn config(&self) -> &AgentConfig {
@@ -340,12 +351,12 @@ impl Agent {
         if self.stop_flag.is_raised() {
             return None;
         }
-        self.workers.iter().position(JoinHandle::is_finished).map(|k| format!("queue worker {k} of agent {} died; see the log above", self.config.name))
+        self.workers.iter().position(JoinHandle::is_finished).map(|k| format!("queue worker {k} of agent {} died; see the log above", self.config.name()))
     }
 
     /// Whether every link is connected to the broker (queues declared and bound).
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire) == self.config.queues
+        self.connected.load(Ordering::Acquire) == self.config.interface().queues
     }
 
     /// Sums of the counters so far (cheap: relaxed loads).
@@ -355,7 +366,7 @@ impl Agent {
 
     /// The statistics so far.
     pub fn report(&self) -> Report {
-        report::build(&self.config.name, self.started.elapsed(), &self.counters, &self.hist)
+        report::build(self.config.name(), self.started.elapsed(), &self.counters, &self.hist)
     }
 
     /// Stops everything and returns the final statistics. Dropping an `Agent` without
@@ -369,7 +380,7 @@ impl Agent {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(_) => {
-                    tracing::debug!(agent = %self.config.name, "links slow to close; aborting them");
+                    tracing::debug!(agent = %self.config.name(), "links slow to close; aborting them");
                     self.tasks.abort_all();
                     while self.tasks.join_next().await.is_some() {}
                     break;

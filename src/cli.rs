@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::amqp::client::Endpoint;
 use crate::amqp::tls::TlsOptions;
 use crate::amqp::url::{self, BrokerUrl, DEFAULT_URL};
-use crate::config::{AgentConfig, Prefix, Wire, DEFAULT_MTU};
+use crate::config::{self, AgentConfig, Bus, ConfigError, DataPath, Identity, Interface, Ioppytest, Prefix, Wire, DEFAULT_MTU};
 use crate::exit::{Exit, Failure};
-use crate::interop::addressing::OldAddressing;
+use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::route;
 
 #[derive(Debug, Parser)]
@@ -128,7 +128,7 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=4000))]
     pub hosts: u32,
     /// TUN queues per host.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
     pub queues: u16,
     /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
     #[arg(long)]
@@ -157,7 +157,7 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub brokers: u16,
     /// Interface MTU of every host.
-    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(clap_range(config::MTU.start(), config::MTU.end())))]
     pub mtu: u32,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -311,7 +311,7 @@ pub struct ConnectArgs {
     pub name: String,
     /// TUN queues = worker threads = AMQP connections = consumer queues (at most 16, the
     /// number of flow shards).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
     pub queues: u16,
     /// IPv4 address with prefix length, e.g. 198.18.0.1/24 (repeatable).
     #[arg(long, value_name = "ADDR/PREFIX")]
@@ -322,7 +322,7 @@ pub struct ConnectArgs {
     /// Interface MTU [default: 9000; 1500 with --wire ioppytest]. TCP super-packets of
     /// 64 KiB travel whole either way (offloads); jumbo frames cut the packet rate of
     /// non-offloaded bulk traffic 6x compared with 1500.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(clap_range(config::MTU.start(), config::MTU.end())))]
     pub mtu: Option<u32>,
     /// Wire format: native tunbus batches, or the Python ioppytest-agent's JSON (one
     /// packet per message on fromAgent.<NAME>…/toAgent.<NAME>…, through `agent route`).
@@ -376,7 +376,7 @@ pub struct ConnectArgs {
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub stats_interval: f64,
     /// Largest AMQP message body (one batch of packets), in bytes.
-    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(70_000..=8_388_608))]
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(clap_range(config::MAX_BATCH_BYTES.start(), config::MAX_BATCH_BYTES.end())))]
     pub max_batch_bytes: u32,
     /// Serve Prometheus metrics on GET /metrics at this address (PORT alone means
     /// 127.0.0.1:PORT). Off by default.
@@ -388,7 +388,7 @@ pub struct ConnectArgs {
     /// Bound of each of this agent's queues on the broker, in bytes (the oldest messages are
     /// dropped beyond it): caps the delay that builds up when this receiver is slower than
     /// its senders.
-    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..=1 << 32))]
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(config::QUEUE_MAX_BYTES))]
     pub queue_max_bytes: u64,
     /// Unacknowledged messages the broker may push to each consumer (they are not counted
     /// against --queue-max-bytes, so this too bounds the delay under load).
@@ -420,6 +420,11 @@ pub struct PeersArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A configuration range as clap's (`i64` bounds).
+fn clap_range<T: Copy + Into<i64>>(start: &T, end: &T) -> std::ops::RangeInclusive<i64> {
+    (*start).into()..=(*end).into()
 }
 
 /// Exchange and session from the shared bus flags.
@@ -468,26 +473,17 @@ impl ConnectArgs {
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
         let endpoints = self.bus.broker.endpoints()?;
         let heartbeat = self.bus.broker.heartbeat()?;
-        if !route::is_valid_word(&self.name) {
-            bail!("--name {:?} must be one topic word: letters, digits, '-' or '_' (no '.', '*', '#')", self.name);
-        }
-        if !crate::tun::valid_ifname(&self.ifname) {
-            bail!("--ifname {:?} is not a valid interface name (1-15 characters)", self.ifname);
-        }
         if let Some(p) = self.ipv4.iter().find(|p| !p.addr.is_ipv4()) {
             bail!("--ipv4 {p} is not an IPv4 address");
         }
         if let Some(p) = self.ipv6.iter().find(|p| !p.addr.is_ipv6()) {
             bail!("--ipv6 {p} is not an IPv6 address");
         }
-        if !(self.stats_interval >= 0.0 && self.stats_interval <= 86_400.0) {
-            bail!("--stats-interval must be between 0 and 86400 seconds");
-        }
         let exchange = bus_exchange(&self.bus)?;
         let mut old = OldAddressing {
             ipv4: match self.ipv4_address {
                 Some(a) => {
-                    let len = crate::interop::addressing::netmask_len(self.ipv4_netmask)
+                    let len = crate::codec::ioppytest::addressing::netmask_len(self.ipv4_netmask)
                         .ok_or_else(|| anyhow::anyhow!("--ipv4-netmask {} is not a contiguous netmask", self.ipv4_netmask))?;
                     Some((a, len))
                 }
@@ -505,33 +501,19 @@ impl ConnectArgs {
         if self.wait_config && self.wire != Wire::Ioppytest {
             bail!("--wait-config goes with --wire ioppytest");
         }
-        if self.wire == Wire::Ioppytest {
-            if self.queues > 1 {
-                bail!("--wire ioppytest carries one packet per message on one queue: use --queues 1");
-            }
-            if old.is_empty() && self.ipv4.is_empty() && self.ipv6.is_empty() && !self.wait_config {
-                old = OldAddressing::default_for(&self.name).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "agent {:?} has no default addresses (only agent_1 … agent_6 do): give --ipv6-prefix/--ipv6-host and/or --ipv4-address, or --wait-config",
-                        self.name
-                    )
-                })?;
-            }
+        if self.wire == Wire::Ioppytest && old.is_empty() && self.ipv4.is_empty() && self.ipv6.is_empty() && !self.wait_config {
+            old = OldAddressing::default_for(&self.name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "agent {:?} has no default addresses (only agent_1 … agent_6 do): give --ipv6-prefix/--ipv6-host and/or --ipv4-address, or --wait-config",
+                    self.name
+                )
+            })?;
         }
         let cpus = match &self.cpus {
             Some(text) => parse_cpus(text)?,
             None => Vec::new(),
         };
-        let mut config = AgentConfig::new(endpoints, &self.name);
-        config.heartbeat = heartbeat;
-        if let Some(u) = &self.broker_user {
-            config.user = u.clone();
-        }
-        config.coordinator = self.coordinator.clone();
-        if !self.start_within.is_empty() {
-            config.start_within = self.start_within.clone();
-        }
-        config.identity = if self.no_identity_check {
+        let identity = if self.no_identity_check {
             tracing::warn!("--no-identity-check: packets are accepted whoever sent them; any bus member can pose as any address");
             crate::identity::Mode::Off
         } else if let Some(path) = &self.peers {
@@ -541,33 +523,49 @@ impl ConnectArgs {
         } else {
             crate::identity::Mode::FirstClaim
         };
-        config.session = self.bus.session;
-        config.exchange = exchange;
-        config.queues = usize::from(self.queues);
-        config.addrs = self.ipv4.into_iter().chain(self.ipv6).chain(old.prefixes()).collect();
-        config.link_local = old.link_local();
-        config.old_addressing = old;
-        if self.start_within.is_empty() {
-            // The networks of the agent's own prefixes are the session's too.
-            config.start_within.extend(config.addrs.iter().copied());
-        }
-        config.wire = self.wire;
-        config.mtu = self.mtu.unwrap_or(if self.wire == Wire::Ioppytest { 1500 } else { DEFAULT_MTU });
-        config.netns = self.netns;
-        config.ifname = self.ifname;
-        config.cpus = cpus;
-        // The old wire carries plain packets only: no super-packets, no partial checksums.
-        config.offload = !self.no_offload && self.wire == Wire::Native;
-        config.offload_from_bus = !self.no_offload_from_bus;
-        config.stats_interval = Duration::from_secs_f64(self.stats_interval);
-        config.max_batch_bytes = self.max_batch_bytes as usize;
-        config.prefetch = self.prefetch;
-        config.queue_max_bytes = self.queue_max_bytes;
-        config.metrics_addr = match &self.metrics_addr {
+        let stats_interval = Duration::try_from_secs_f64(self.stats_interval).map_err(|_| anyhow::anyhow!("--stats-interval must be between 0 and 86400 seconds"))?;
+        let metrics_addr = match &self.metrics_addr {
             Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(anyhow::Error::msg)?),
             None => None,
         };
-        Ok(config)
+        let bus = Bus {
+            heartbeat,
+            session: self.bus.session,
+            exchange,
+            prefetch: self.prefetch,
+            queue_max_bytes: self.queue_max_bytes,
+            ..Bus::new(endpoints)
+        };
+        let interface = Interface {
+            ifname: self.ifname,
+            netns: self.netns,
+            queues: usize::from(self.queues),
+            addrs: self.ipv4.into_iter().chain(self.ipv6).chain(old.prefixes()).collect(),
+            mtu: self.mtu.unwrap_or(if self.wire == Wire::Ioppytest { 1500 } else { DEFAULT_MTU }),
+            link_local: old.link_local(),
+            // The old wire carries plain packets only: no super-packets, no partial checksums.
+            offload: !self.no_offload && self.wire == Wire::Native,
+            ..Interface::default()
+        };
+        let data_path = DataPath {
+            wire: self.wire,
+            cpus,
+            offload_from_bus: !self.no_offload_from_bus,
+            max_batch_bytes: self.max_batch_bytes as usize,
+            stats_interval,
+            metrics_addr,
+        };
+        let mut start_within = self.start_within;
+        if start_within.is_empty() {
+            // The old agent's subnets, and the networks of the agent's own prefixes.
+            start_within = Ioppytest::default().start_within;
+            start_within.extend(interface.addrs.iter().copied());
+        }
+        let ioppytest = Ioppytest { addressing: old, coordinator: self.coordinator, start_within };
+        let invalid = |e: ConfigError| Failure::new(Exit::Usage, e.to_string());
+        let config = AgentConfig::new(&self.name, bus, interface).map_err(invalid)?.with_data_path(data_path).map_err(invalid)?.with_ioppytest(ioppytest).map_err(invalid)?;
+        let user = self.broker_user.unwrap_or_else(|| config.identity().user.clone());
+        Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?)
     }
 }
 
@@ -587,17 +585,17 @@ mod tests {
     #[test]
     fn defaults_and_addresses() {
         let c = connect(&["--name", "h1", "--ipv4", "198.18.0.1/24", "--ipv6", "fd00:7b::1/64", "--queues", "2"]).unwrap();
-        assert_eq!(c.queues, 2);
-        assert_eq!(c.addrs.len(), 2);
-        assert_eq!(c.exchange, "amq.topic");
-        assert_eq!(c.ifname, "tb0");
-        assert!(c.offload);
+        assert_eq!(c.interface().queues, 2);
+        assert_eq!(c.interface().addrs.len(), 2);
+        assert_eq!(c.bus().exchange, "amq.topic");
+        assert_eq!(c.interface().ifname, "tb0");
+        assert!(c.interface().offload);
     }
 
     #[test]
     fn session_picks_its_exchange() {
         let c = connect(&["--name", "h1", "--session", "lab7"]).unwrap();
-        assert_eq!(c.exchange, "tunbus.lab7");
+        assert_eq!(c.bus().exchange, "tunbus.lab7");
         assert_eq!(c.queue_name(1), "tunbus.lab7.h1.1");
     }
 
@@ -617,13 +615,13 @@ mod tests {
     #[test]
     fn ioppytest_flags_and_defaults() {
         let c = connect(&["--name", "agent_2", "--wire", "ioppytest"]).unwrap();
-        let addrs: Vec<String> = c.addrs.iter().map(ToString::to_string).collect();
+        let addrs: Vec<String> = c.interface().addrs.iter().map(ToString::to_string).collect();
         assert_eq!(addrs, ["10.2.0.2/24", "bbbb::2/64"]);
         assert_eq!(c.link_local().to_string(), "fe80::2");
-        assert_eq!(c.mtu, 1500);
-        assert!(!c.offload);
+        assert_eq!(c.interface().mtu, 1500);
+        assert!(!c.interface().offload);
         let c = connect(&["--name", "tt", "--wire", "ioppytest", "--ipv6-prefix", "fd00:20", "--ipv6-host", "1", "--ipv4-address", "198.18.20.1"]).unwrap();
-        let addrs: Vec<String> = c.addrs.iter().map(ToString::to_string).collect();
+        let addrs: Vec<String> = c.interface().addrs.iter().map(ToString::to_string).collect();
         assert_eq!(addrs, ["198.18.20.1/24", "fd00:20::1/64"]);
         let e = connect(&["--name", "stranger", "--wire", "ioppytest"]).unwrap_err().to_string();
         assert!(e.contains("no default addresses"), "{e}");

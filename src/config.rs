@@ -1,12 +1,17 @@
-//! Validated configuration of one agent, and the address type it is built from.
+//! Validated configuration of one agent, from its parts (decision 0019).
 //!
-//! `cli.rs` turns command-line arguments into an [`AgentConfig`]; everything below the CLI
-//! (the agent, the lab) sees only this. Pure data: no I/O.
+//! [`Bus`], [`Interface`], [`DataPath`], [`Identity`] and [`Ioppytest`] are plain data with
+//! the defaults of `agent connect`. [`AgentConfig::new`] and its `with_*` methods are the
+//! only way to a configuration, and each checks the whole, so the CLI, the lab and the tests
+//! build agents through the same checks. Everything below the CLI sees only this. Pure: no
+//! I/O, no clap, no interop types.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::amqp::client::{Endpoint, DEFAULT_HEARTBEAT};
+use crate::codec::ioppytest::addressing::{default_subnets, OldAddressing};
 
 pub use crate::route::Prefix;
 
@@ -31,116 +36,291 @@ impl Wire {
 
 /// Default MTU: see docs/decisions/0003-mtu.md.
 pub const DEFAULT_MTU: u32 = 9000;
+/// TUN queues (and workers) one agent may have.
+pub const QUEUES: RangeInclusive<u16> = 1..=16;
+/// Interface MTU: IPv6's minimum up to the largest IP packet.
+pub const MTU: RangeInclusive<u32> = 1280..=65535;
+/// One batch must hold the largest packet with its headers; 8 MiB bounds the memory.
+pub const MAX_BATCH_BYTES: RangeInclusive<u32> = 70_000..=8_388_608;
+/// Bytes of ready messages a consumer queue may hold on the broker.
+pub const QUEUE_MAX_BYTES: RangeInclusive<u64> = 65_536..=1 << 32;
+/// AMQP's smallest `frame_max` (0-9-1 §4.2.3).
+pub const MIN_FRAME_MAX: u32 = 4096;
+/// Longest report interval.
+pub const MAX_STATS_INTERVAL: Duration = Duration::from_secs(86_400);
 
-/// Everything one agent needs to run.
+/// Why a configuration is not valid: one sentence naming the setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn ensure(ok: bool, why: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(why()))
+    }
+}
+
+/// The bus: which broker nodes, which session and exchange, and how the data connections
+/// use them.
 #[derive(Clone, Debug)]
-pub struct AgentConfig {
+pub struct Bus {
     /// The broker's nodes, in order of preference (the first that answers is used).
     pub endpoints: Vec<Endpoint>,
     /// Heartbeat interval asked for (a URL's `heartbeat` overrides it).
     pub heartbeat: Duration,
-    pub name: String,
-    /// The broker user this agent logs in as: every message it publishes carries it as
-    /// `user_id`, which RabbitMQ checks against the login.
-    pub user: String,
-    /// How received packets are checked against their senders' identities.
-    pub identity: crate::identity::Mode,
     pub session: Option<String>,
-    pub queues: usize,
-    pub addrs: Vec<Prefix>,
-    pub mtu: u32,
-    pub netns: Option<String>,
-    pub ifname: String,
     pub exchange: String,
-    /// Core for queue worker i is `cpus[i % cpus.len()]`; empty means not pinned
-    /// (docs/decisions/0011-no-pinning-by-default.md).
-    pub cpus: Vec<usize>,
-    pub offload: bool,
-    /// Whether offload asked for by packets from the bus (checksum-only, TSO, USO) is
-    /// handed to the kernel after the allow-list (`codec::vnet`); `false` completes
-    /// checksums in software and refuses super-packets (`--no-offload-from-bus`).
-    pub offload_from_bus: bool,
-    pub stats_interval: Duration,
-    /// Upper bound of one AMQP message body.
-    pub max_batch_bytes: usize,
-    pub prefetch: u16,
     /// Largest AMQP frame on the data connections (`None`: the broker's, 128 KiB on
     /// RabbitMQ). Each consuming connection reads into two frames' worth of buffer, so the
     /// lab lowers it for hundreds of light agents.
     pub frame_max: Option<u32>,
-    /// IPv6 router solicitations the interface sends at start (RFC 4861's 3; the lab, which
-    /// has no router, sends none).
-    pub router_solicitations: u8,
+    pub prefetch: u16,
     /// Bound of each consumer queue on the broker (bytes of ready messages; beyond it the
     /// oldest are dropped): the delay a slow receiver can build up.
     pub queue_max_bytes: u64,
-    /// The interface's IPv6 link-local address; `None` derives one from session and name
-    /// ([`AgentConfig::link_local`]). Agents bind it, so link-local traffic (neighbour
-    /// discovery, replies to multicast pings) reaches them across the bus.
-    pub link_local: Option<Ipv6Addr>,
-    pub wire: Wire,
-    /// Where to serve Prometheus metrics (`None`: nowhere).
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// With the ioppytest wire: the old agent's addressing, announced in `ip.tun.started`.
-    pub old_addressing: crate::interop::addressing::OldAddressing,
-    /// ioppytest wire: the broker user whose `ip.tun.start` orders count (`None`: this
-    /// agent's own user).
-    pub coordinator: Option<String>,
-    /// ioppytest wire: where ordered addresses must lie.
-    pub start_within: Vec<Prefix>,
     /// Ask the broker at start whether the name is taken (the lab, which generates unique
     /// names in a fresh session, skips it).
     pub check_name: bool,
 }
 
-impl AgentConfig {
-    /// A configuration with the defaults of `agent connect`, for tests and the lab.
-    pub fn new(endpoints: Vec<Endpoint>, name: &str) -> AgentConfig {
-        let user = endpoints.first().map(Endpoint::user).unwrap_or_else(|| "guest".to_owned());
-        AgentConfig {
+impl Bus {
+    /// The defaults of `agent connect` on these nodes, without a session.
+    pub fn new(endpoints: Vec<Endpoint>) -> Bus {
+        Bus {
             endpoints,
             heartbeat: DEFAULT_HEARTBEAT,
-            name: name.to_owned(),
-            user,
-            identity: crate::identity::Mode::FirstClaim,
             session: None,
-            queues: 1,
-            addrs: Vec::new(),
-            mtu: DEFAULT_MTU,
-            netns: None,
-            ifname: "tb0".to_owned(),
             exchange: "amq.topic".to_owned(),
-            cpus: Vec::new(),
-            offload: true,
-            offload_from_bus: true,
-            stats_interval: Duration::from_secs(5),
-            max_batch_bytes: 256 * 1024,
+            frame_max: None,
             prefetch: 32,
             queue_max_bytes: 4 * 1024 * 1024,
-            frame_max: None,
-            router_solicitations: 3,
             check_name: true,
-            coordinator: None,
-            start_within: crate::interop::addressing::default_subnets(),
-            link_local: None,
-            wire: Wire::Native,
-            metrics_addr: None,
-            old_addressing: Default::default(),
         }
+    }
+
+    /// In session `session`, on its own exchange.
+    pub fn in_session(self, session: &str) -> Bus {
+        Bus { session: Some(session.to_owned()), exchange: crate::route::session_exchange(session), ..self }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if let Some(s) = &self.session {
+            ensure(crate::route::is_valid_word(s), || format!("session {s:?} must be one topic word: letters, digits, '-' or '_'"))?;
+        }
+        ensure(!self.exchange.is_empty(), || "the exchange name is empty".into())?;
+        ensure(self.prefetch >= 1, || "prefetch must be at least 1".into())?;
+        ensure(QUEUE_MAX_BYTES.contains(&self.queue_max_bytes), || format!("queue max bytes {} is outside {QUEUE_MAX_BYTES:?}", self.queue_max_bytes))?;
+        if let Some(f) = self.frame_max {
+            ensure(f >= MIN_FRAME_MAX, || format!("frame max {f} is below AMQP's minimum of {MIN_FRAME_MAX}"))?;
+        }
+        ensure(self.heartbeat.as_secs() <= u64::from(u16::MAX), || "heartbeat must be at most 65535 s".into())
+    }
+}
+
+/// The TUN interface: its name, namespace, queues, addresses and offloads.
+#[derive(Clone, Debug)]
+pub struct Interface {
+    pub ifname: String,
+    pub netns: Option<String>,
+    pub queues: usize,
+    pub addrs: Vec<Prefix>,
+    pub mtu: u32,
+    /// The interface's IPv6 link-local address; `None` derives one from session and name
+    /// ([`AgentConfig::link_local`]). Agents bind it, so link-local traffic (neighbour
+    /// discovery, replies to multicast pings) reaches them across the bus.
+    pub link_local: Option<Ipv6Addr>,
+    /// IPv6 router solicitations the interface sends at start (RFC 4861's 3; the lab, which
+    /// has no router, sends none).
+    pub router_solicitations: u8,
+    /// TSO/USO and checksum offload on the TUN (`IFF_VNET_HDR`).
+    pub offload: bool,
+}
+
+impl Default for Interface {
+    fn default() -> Interface {
+        Interface { ifname: "tb0".to_owned(), netns: None, queues: 1, addrs: Vec::new(), mtu: DEFAULT_MTU, link_local: None, router_solicitations: 3, offload: true }
+    }
+}
+
+impl Interface {
+    fn check(&self) -> Result<(), ConfigError> {
+        ensure(crate::tun::valid_ifname(&self.ifname), || format!("interface name {:?} is not valid (1-15 characters, no '/', ':' or spaces)", self.ifname))?;
+        ensure(u16::try_from(self.queues).is_ok_and(|q| QUEUES.contains(&q)), || format!("{} queues: an agent has {QUEUES:?}", self.queues))?;
+        ensure(MTU.contains(&self.mtu), || format!("MTU {} is outside {MTU:?}", self.mtu))?;
+        if let Some(ll) = self.link_local {
+            ensure(ll.segments()[0] & 0xffc0 == 0xfe80, || format!("link-local address {ll} is not in fe80::/10"))?;
+        }
+        Ok(())
+    }
+}
+
+/// How packets are carried (wire, batches, cores, offload from the bus) and measured.
+#[derive(Clone, Debug)]
+pub struct DataPath {
+    pub wire: Wire,
+    /// Core for queue worker i is `cpus[i % cpus.len()]`; empty means not pinned
+    /// (docs/decisions/0011-no-pinning-by-default.md).
+    pub cpus: Vec<usize>,
+    /// Whether offload asked for by packets from the bus (checksum-only, TSO, USO) is
+    /// handed to the kernel after the allow-list (`codec::vnet`); `false` completes
+    /// checksums in software and refuses super-packets (`--no-offload-from-bus`).
+    pub offload_from_bus: bool,
+    /// Upper bound of one AMQP message body.
+    pub max_batch_bytes: usize,
+    pub stats_interval: Duration,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl Default for DataPath {
+    fn default() -> DataPath {
+        DataPath { wire: Wire::Native, cpus: Vec::new(), offload_from_bus: true, max_batch_bytes: 256 * 1024, stats_interval: Duration::from_secs(5), metrics_addr: None }
+    }
+}
+
+impl DataPath {
+    fn check(&self) -> Result<(), ConfigError> {
+        ensure(u32::try_from(self.max_batch_bytes).is_ok_and(|b| MAX_BATCH_BYTES.contains(&b)), || format!("max batch bytes {} is outside {MAX_BATCH_BYTES:?}", self.max_batch_bytes))?;
+        ensure(self.stats_interval <= MAX_STATS_INTERVAL, || "the stats interval must be at most 86400 s".into())
+    }
+}
+
+/// Who this agent is on the bus, and whom it believes.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The broker user this agent logs in as: every message it publishes carries it as
+    /// `user_id`, which RabbitMQ checks against the login.
+    pub user: String,
+    /// How received packets are checked against their senders' identities.
+    pub mode: crate::identity::Mode,
+}
+
+/// With the ioppytest wire: what the old agent announces and whose orders it takes.
+#[derive(Clone, Debug)]
+pub struct Ioppytest {
+    /// The old agent's addressing, announced in `ip.tun.started`.
+    pub addressing: OldAddressing,
+    /// The broker user whose `ip.tun.start` orders count (`None`: this agent's own user).
+    pub coordinator: Option<String>,
+    /// Where ordered addresses must lie.
+    pub start_within: Vec<Prefix>,
+}
+
+impl Default for Ioppytest {
+    fn default() -> Ioppytest {
+        Ioppytest { addressing: OldAddressing::default(), coordinator: None, start_within: default_subnets() }
+    }
+}
+
+/// Everything one agent needs to run, valid by construction: built only by
+/// [`AgentConfig::new`] and the `with_*` methods, each of which checks the whole.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    name: String,
+    bus: Bus,
+    interface: Interface,
+    data_path: DataPath,
+    identity: Identity,
+    ioppytest: Ioppytest,
+}
+
+impl AgentConfig {
+    /// Agent `name` on `bus` with `interface`; the default data path, and identity as the
+    /// first node's user with first-claim checks.
+    pub fn new(name: &str, bus: Bus, interface: Interface) -> Result<AgentConfig, ConfigError> {
+        let user = bus.endpoints.first().map(Endpoint::user).unwrap_or_else(|| "guest".to_owned());
+        let config = AgentConfig {
+            name: name.to_owned(),
+            bus,
+            interface,
+            data_path: DataPath::default(),
+            identity: Identity { user, mode: crate::identity::Mode::FirstClaim },
+            ioppytest: Ioppytest::default(),
+        };
+        config.checked()
+    }
+
+    pub fn with_data_path(self, data_path: DataPath) -> Result<AgentConfig, ConfigError> {
+        AgentConfig { data_path, ..self }.checked()
+    }
+
+    pub fn with_identity(self, identity: Identity) -> Result<AgentConfig, ConfigError> {
+        AgentConfig { identity, ..self }.checked()
+    }
+
+    pub fn with_ioppytest(self, ioppytest: Ioppytest) -> Result<AgentConfig, ConfigError> {
+        AgentConfig { ioppytest, ..self }.checked()
+    }
+
+    /// The addressing an `ip.tun.start` order gave (`--wait-config`): announced, and its
+    /// prefixes added to the interface's.
+    pub fn with_ordered_addressing(mut self, addressing: OldAddressing) -> Result<AgentConfig, ConfigError> {
+        self.interface.addrs.extend(addressing.prefixes());
+        self.interface.link_local = addressing.link_local();
+        self.ioppytest.addressing = addressing;
+        self.checked()
+    }
+
+    fn checked(self) -> Result<AgentConfig, ConfigError> {
+        ensure(crate::route::is_valid_word(&self.name), || format!("name {:?} must be one topic word: letters, digits, '-' or '_' (no '.', '*', '#')", self.name))?;
+        ensure(!self.bus.endpoints.is_empty(), || "no broker URL".into())?;
+        self.bus.check()?;
+        self.interface.check()?;
+        self.data_path.check()?;
+        ensure(!self.identity.user.is_empty(), || "the broker user is empty".into())?;
+        if self.data_path.wire == Wire::Ioppytest {
+            ensure(self.interface.queues == 1, || "the ioppytest wire carries one packet per message on one queue: use 1 queue".into())?;
+            // The old wire carries plain packets only: no super-packets, no partial checksums.
+            ensure(!self.interface.offload, || "the ioppytest wire carries plain packets: offload must be off".into())?;
+        }
+        Ok(self)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    pub fn interface(&self) -> &Interface {
+        &self.interface
+    }
+
+    pub fn data_path(&self) -> &DataPath {
+        &self.data_path
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn ioppytest(&self) -> &Ioppytest {
+        &self.ioppytest
     }
 
     /// The link-local address: the configured one, else `fe80::` + 64 bits of a fixed
     /// FNV-1a hash of `session/name` (stable across restarts, distinct between agents).
     pub fn link_local(&self) -> Ipv6Addr {
-        if let Some(a) = self.link_local {
+        if let Some(a) = self.interface.link_local {
             return a;
         }
-        crate::identity::link_local(self.session.as_deref(), &self.name)
+        crate::identity::link_local(self.bus.session.as_deref(), &self.name)
     }
 
     /// Every address this agent owns (and binds): configured ones and the link-local.
     pub fn owned_addresses(&self) -> Vec<IpAddr> {
-        let mut all: Vec<IpAddr> = self.addrs.iter().map(|p| p.addr).collect();
+        let mut all: Vec<IpAddr> = self.interface.addrs.iter().map(|p| p.addr).collect();
         all.push(IpAddr::V6(self.link_local()));
         all
     }
@@ -152,7 +332,7 @@ impl AgentConfig {
 
     /// Prefix of every queue this agent declares.
     pub fn queue_prefix(&self) -> String {
-        match &self.session {
+        match &self.bus.session {
             Some(s) => format!("tunbus.{s}.{}", self.name),
             None => format!("tunbus.{}", self.name),
         }
@@ -163,26 +343,65 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
+    fn bus() -> Bus {
+        Bus::new(vec![Endpoint::plain(crate::amqp::url::parse("amqp://h1:pw@127.0.0.1:5672/%2f").unwrap())])
+    }
+
+    fn agent(name: &str) -> AgentConfig {
+        AgentConfig::new(name, bus(), Interface::default()).unwrap()
+    }
+
     #[test]
     fn link_local_is_stable_distinct_and_overridable() {
-        let a = AgentConfig::new(Vec::new(), "h1");
-        let b = AgentConfig::new(Vec::new(), "h2");
-        assert_eq!(a.link_local(), AgentConfig::new(Vec::new(), "h1").link_local());
+        let a = agent("h1");
+        let b = agent("h2");
+        assert_eq!(a.link_local(), agent("h1").link_local());
         assert_ne!(a.link_local(), b.link_local());
         assert_eq!(a.link_local().segments()[..4], [0xfe80, 0, 0, 0]);
-        let mut s = a.clone();
-        s.session = Some("other".into());
+        let s = AgentConfig::new("h1", bus().in_session("other"), Interface::default()).unwrap();
         assert_ne!(s.link_local(), a.link_local());
-        s.link_local = Some("fe80::1".parse().unwrap());
+        let s = AgentConfig::new("h1", bus(), Interface { link_local: Some("fe80::1".parse().unwrap()), ..Interface::default() }).unwrap();
         assert_eq!(s.link_local().to_string(), "fe80::1");
         assert!(a.owned_addresses().contains(&IpAddr::V6(a.link_local())));
     }
 
     #[test]
-    fn queue_names_carry_the_session() {
-        let mut c = AgentConfig::new(Vec::new(), "h1");
-        assert_eq!(c.queue_name(3), "tunbus.h1.3");
-        c.session = Some("s7".into());
+    fn queue_names_and_exchange_carry_the_session() {
+        assert_eq!(agent("h1").queue_name(3), "tunbus.h1.3");
+        let c = AgentConfig::new("h1", bus().in_session("s7"), Interface::default()).unwrap();
         assert_eq!(c.queue_name(0), "tunbus.s7.h1.0");
+        assert_eq!(c.bus().exchange, "tunbus.s7");
+    }
+
+    #[test]
+    fn the_identity_defaults_to_the_login() {
+        let c = agent("h1");
+        assert_eq!(c.identity().user, "h1");
+        assert!(matches!(c.identity().mode, crate::identity::Mode::FirstClaim));
+    }
+
+    /// Every part is checked, whoever builds it (the CLI, the lab, a test).
+    #[test]
+    fn invalid_parts_are_refused_with_the_setting_named() {
+        let err = |r: Result<AgentConfig, ConfigError>| r.unwrap_err().0;
+        assert!(err(AgentConfig::new("h.1", bus(), Interface::default())).contains("name \"h.1\""));
+        assert!(err(AgentConfig::new("h1", Bus::new(Vec::new()), Interface::default())).contains("no broker URL"));
+        assert!(err(AgentConfig::new("h1", bus().in_session("a.b"), Interface::default())).contains("session"));
+        assert!(err(AgentConfig::new("h1", Bus { frame_max: Some(8), ..bus() }, Interface::default())).contains("frame max 8"));
+        assert!(err(AgentConfig::new("h1", Bus { prefetch: 0, ..bus() }, Interface::default())).contains("prefetch"));
+        assert!(err(AgentConfig::new("h1", Bus { queue_max_bytes: 10, ..bus() }, Interface::default())).contains("queue max bytes"));
+        assert!(err(AgentConfig::new("h1", bus(), Interface { queues: 0, ..Interface::default() })).contains("0 queues"));
+        assert!(err(AgentConfig::new("h1", bus(), Interface { queues: 17, ..Interface::default() })).contains("17 queues"));
+        assert!(err(AgentConfig::new("h1", bus(), Interface { mtu: 576, ..Interface::default() })).contains("MTU 576"));
+        assert!(err(AgentConfig::new("h1", bus(), Interface { ifname: "a/b".into(), ..Interface::default() })).contains("interface name"));
+        assert!(err(AgentConfig::new("h1", bus(), Interface { link_local: Some("fd00::1".parse().unwrap()), ..Interface::default() })).contains("fe80::/10"));
+        assert!(err(agent("h1").with_data_path(DataPath { max_batch_bytes: 1000, ..DataPath::default() })).contains("max batch bytes"));
+        assert!(err(agent("h1").with_data_path(DataPath { stats_interval: Duration::from_secs(100_000), ..DataPath::default() })).contains("stats interval"));
+        // The ioppytest wire: one queue, no offload.
+        let old = DataPath { wire: Wire::Ioppytest, ..DataPath::default() };
+        assert!(err(agent("h1").with_data_path(old.clone())).contains("offload"));
+        let plain = Interface { offload: false, ..Interface::default() };
+        assert!(err(AgentConfig::new("h1", bus(), Interface { queues: 2, ..plain.clone() }).unwrap().with_data_path(old.clone())).contains("one queue"));
+        assert!(AgentConfig::new("h1", bus(), plain).unwrap().with_data_path(old).is_ok());
     }
 }

@@ -224,7 +224,7 @@ pub fn ioppytest_json(data: &[u8]) {
         assert_eq!(again, packet);
     }
     if let Ok(started) = serde_json::from_slice::<ioppytest::TunStarted>(data) {
-        let addressing = crate::interop::addressing::OldAddressing::from_started(&started);
+        let addressing = crate::codec::ioppytest::addressing::OldAddressing::from_started(&started);
         let _ = (addressing.prefixes(), addressing.addresses(), addressing.to_started("agent"));
     }
     let _ = serde_json::from_slice::<ioppytest::ComponentReady>(data);

@@ -2,6 +2,8 @@
 //!
 //! Module map (see `docs/architecture.md` for the data path in both directions):
 //! - [`cli`]: command line → [`config::AgentConfig`]; nothing below sees clap types.
+//! - [`config`]: one agent's configuration, built from checked parts (bus, interface, data
+//!   path, identity, ioppytest); nothing can change it after the checks.
 //! - [`agent`]: one agent's life cycle: join the bus, TUN, workers, presence, reports.
 //! - [`exit`]: exit codes, one per class of failure.
 //! - [`tun`]: the multi-queue TUN device with offloads and its configuration.

@@ -58,9 +58,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let (c, s) = (config.clone(), interrupt.clone());
                 let found = tokio::task::spawn_blocking(move || tunbus::interop::control::wait_for_start(&c, &s)).await??;
                 let Some(addressing) = found else { return Ok(()) };
-                config.addrs.extend(addressing.prefixes());
-                config.link_local = addressing.link_local();
-                config.old_addressing = addressing;
+                config = config.with_ordered_addressing(addressing).map_err(|e| Failure::new(Exit::Usage, format!("the ip.tun.start order: {e}")))?;
             }
             let Some(agent) = Agent::start(config, &interrupt).await? else {
                 return Ok(()); // interrupted while joining the bus
@@ -75,7 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             };
-            tracing::info!(agent = %agent.config().name, "stopping");
+            tracing::info!(agent = %agent.config().name(), "stopping");
             let report = agent.shutdown().await;
             println!("{report}");
             if let Some(path) = stats_json {

@@ -32,7 +32,7 @@ use tunbus::codec::v1::{self, BatchWriter};
 use tunbus::metrics::{new_histogram, DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
 use tunbus::worker::link::LinkContext;
 use tunbus::amqp::BrokerState;
-use tunbus::config::AgentConfig;
+use tunbus::config::{AgentConfig, Bus, Identity, Interface};
 use tunbus::route::peers::PeerQueues;
 use tunbus::codec::vnet;
 use tunbus::tun::{netns, TunDevice, TunQueue};
@@ -331,11 +331,12 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     let stop = Stop::new();
     let _stop_workers = RaiseOnDrop(stop.clone());
     let link = |name: &str, addr: &str| {
-        let mut c = AgentConfig::new(vec![common::endpoint()], &unique(name));
-        c.addrs = vec![addr.parse().expect("valid prefix")];
+        let interface = Interface { addrs: vec![addr.parse().expect("valid prefix")], ..Interface::default() };
+        let c = AgentConfig::new(&unique(name), Bus::new(vec![common::endpoint()]), interface).expect("valid configuration");
         // Strict identities: the receiving half checks every batch (the check is counted too).
-        let table = tunbus::identity::Table::new(vec![(c.user.clone(), vec!["198.18.99.0/24".parse().expect("prefix")])]);
-        c.identity = tunbus::identity::Mode::Strict(table);
+        let user = c.identity().user.clone();
+        let table = tunbus::identity::Table::new(vec![(user.clone(), vec!["198.18.99.0/24".parse().expect("prefix")])]);
+        let c = c.with_identity(Identity { user, mode: tunbus::identity::Mode::Strict(table) }).expect("valid identity");
         LinkContext {
             config: Arc::new(c),
             index: 0,
@@ -356,7 +357,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         rx_counters: rx.clone(),
         hist: Histograms::new(),
         peers: Arc::new(PeerQueues::new()),
-        trust: tunbus::identity::Trust::new(&link.config.identity),
+        trust: tunbus::identity::Trust::new(&link.config.identity().mode),
         claims: None,
         connected: None,
     };

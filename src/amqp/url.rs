@@ -123,16 +123,16 @@ impl BrokerUrl {
     fn render(&self, with_password: bool) -> String {
         let mut s = String::from(if self.tls { "amqps://" } else { "amqp://" });
         if let Some(u) = &self.username {
-            s.push_str(&encode(u));
+            s.push_str(&percent_encode(u));
             if let Some(p) = &self.password {
                 s.push(':');
-                s.push_str(&if with_password { encode(p) } else { "***".to_owned() });
+                s.push_str(&if with_password { percent_encode(p) } else { "***".to_owned() });
             }
             s.push('@');
         }
         s.push_str(&self.authority());
         s.push('/');
-        s.push_str(&encode(&self.vhost));
+        s.push_str(&percent_encode(&self.vhost));
         if !self.query_text.is_empty() {
             s.push('?');
             s.push_str(&self.query_text);
@@ -344,8 +344,8 @@ fn decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Percent-encoding of everything but unreserved characters.
-fn encode(s: &str) -> String {
+/// Percent-encoding of everything but RFC 3986's unreserved characters.
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -446,7 +446,7 @@ mod tests {
             };
             let back = parse(&u.to_secret_string()).unwrap();
             prop_assert_eq!(&back, &u);
-            let key_emoji = encode("\u{1F511}");
+            let key_emoji = percent_encode("\u{1F511}");
             prop_assert!(!u.to_string().contains(&key_emoji), "the password shows in {}", u);
         }
 

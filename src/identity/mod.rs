@@ -301,8 +301,8 @@ mod tests {
         assert_eq!(agent_of_user(Some("lab"), "h1"), "h1");
         assert_eq!(agent_of_user(Some("lab"), "lab."), "lab.");
         assert_eq!(agent_of_user(None, "lab.h1"), "lab.h1");
-        let mut c = crate::config::AgentConfig::new(Vec::new(), "h1");
-        c.session = Some("s".into());
-        assert_eq!(link_local(Some("s"), "h1"), c.link_local());
+        assert_eq!(link_local(Some("s"), "h1"), link_local(Some("s"), "h1"));
+        assert_ne!(link_local(Some("s"), "h1"), link_local(None, "h1"));
+        assert_ne!(link_local(Some("s"), "h1"), link_local(Some("s"), "h2"));
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use super::addressing::{OldAddressing, Order, StartPolicy};
+use crate::codec::ioppytest::addressing::{OldAddressing, Order, StartPolicy};
 use crate::metrics::{DropReason, RxCounters};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
 use crate::amqp::session::QueueOptions;
@@ -36,12 +36,12 @@ fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), clie
 
 /// A connection consuming `toAgent.<name>.ip.tun.start`, on the first node that answers.
 fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
-    let mut opts = ConnectOptions::new(format!("tunbus {} ioppytest control", config.name));
+    let mut opts = ConnectOptions::new(format!("tunbus {} ioppytest control", config.name()));
     opts.frame_max = Some(crate::amqp::CONTROL_FRAME_MAX);
-    opts.heartbeat = config.heartbeat;
+    opts.heartbeat = config.bus().heartbeat;
     let mut last = None;
-    for e in &config.endpoints {
-        let mut c = match client::with_exchange(&config.exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
+    for e in &config.bus().endpoints {
+        let mut c = match client::with_exchange(&config.bus().exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
             Ok(c) => c,
             Err(client::Error::Stopped) => return Err(client::Error::Stopped),
             Err(err) => {
@@ -51,7 +51,7 @@ fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
         };
         let queue = format!("{}.ctl", config.queue_prefix());
         c.queue_declare(&queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", crate::amqp::wire::Value::I32(100))], stop.flag())?;
-        c.queue_bind(&queue, &config.exchange, &ioppytest::routing_key_tun_start(&config.name), stop.flag())?;
+        c.queue_bind(&queue, &config.bus().exchange, &ioppytest::routing_key_tun_start(config.name()), stop.flag())?;
         c.basic_consume(&queue, "", true, true, stop.flag())?;
         return Ok(c);
     }
@@ -60,7 +60,7 @@ fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
 
 /// The order policy of `config`: its coordinator (else its own user) and subnets.
 pub fn policy(config: &AgentConfig) -> StartPolicy {
-    StartPolicy::new(config.coordinator.clone().unwrap_or_else(|| config.user.clone()), config.start_within.clone())
+    StartPolicy::new(config.ioppytest().coordinator.clone().unwrap_or_else(|| config.identity().user.clone()), config.ioppytest().start_within.clone())
 }
 
 /// Judges an order; logs (and counts into `counters`) a refused one.
@@ -89,7 +89,7 @@ fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], 
 /// Announces readiness and waits for the first `ip.tun.start` that carries addresses.
 /// `Ok(None)` when stopped first.
 pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAddressing>, client::Error> {
-    let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
+    let (exchange, name) = (config.bus().exchange.as_str(), config.name());
     let mut c = match open(config, stop) {
         Ok(c) => c,
         Err(client::Error::Stopped) => return Ok(None),
@@ -116,14 +116,14 @@ pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAdd
 /// (from the coordinator only, counting forged ones into `counters`), reconnecting quietly
 /// (the data link logs broker loss), until `stop`.
 pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>) {
-    let mut addressing = config.old_addressing.clone();
+    let mut addressing = config.ioppytest().addressing.clone();
     let mut backoff = crate::amqp::Backoff::new(now_ns());
     let mut policy = policy(config);
     while !stop.is_raised() {
         match serve(config, &mut addressing, &mut policy, &counters, stop) {
             Ok(()) => return,
             Err(client::Error::Stopped) => return,
-            Err(error) => tracing::debug!(agent = %config.name, %error, "ioppytest control connection failed"),
+            Err(error) => tracing::debug!(agent = %config.name(), %error, "ioppytest control connection failed"),
         }
         let until = std::time::Instant::now() + backoff.failed(std::time::Instant::now());
         while std::time::Instant::now() < until && !stop.is_raised() {
@@ -133,7 +133,7 @@ pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>) {
 }
 
 fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &RxCounters, stop: &Stop) -> Result<(), client::Error> {
-    let (exchange, name) = (config.exchange.as_str(), config.name.as_str());
+    let (exchange, name) = (config.bus().exchange.as_str(), config.name());
     let mut c = open(config, stop)?;
     let started_key = ioppytest::routing_key_tun_started(name);
     announce_ready(&mut c, exchange, name)?;
@@ -147,8 +147,8 @@ fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut Star
         };
         let Some(wanted) = judge(policy, name, user.as_deref(), &body, Some(counters)) else { continue };
         for p in wanted.prefixes() {
-            if !config.addrs.iter().any(|c| c.addr == p.addr) && !addressing.prefixes().iter().any(|c| c.addr == p.addr) {
-                match crate::tun::netns::add_address(config.netns.as_deref(), &config.ifname, &p) {
+            if !config.interface().addrs.iter().any(|c| c.addr == p.addr) && !addressing.prefixes().iter().any(|c| c.addr == p.addr) {
+                match crate::tun::netns::add_address(config.interface().netns.as_deref(), &config.interface().ifname, &p) {
                     Ok(()) => tracing::info!(agent = name, address = %p, "address added by ip.tun.start"),
                     Err(e) => tracing::warn!(agent = name, error = %e, "cannot add address from ip.tun.start"),
                 }

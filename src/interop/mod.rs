@@ -1,7 +1,6 @@
 //! Interoperability with ioppytest testbeds: the old agent's wire, its control messages,
 //! and a packet router that serves old and new agents at once.
 //!
-//! - [`addressing`] (pure): the old agent's address flags, defaults and `ip.tun.started`.
 //! - [`topology`] (pure): which nodes share a link, from ioppytest's configuration YAML.
 //! - [`control`]: for an agent with `--wire ioppytest`, the control messages
 //!   (`ip.tun.started`, `testingtool.component.ready`, `ip.tun.start`). A thread.
@@ -12,7 +11,6 @@
 //! its queue worker then publishes one JSON message per packet, and decodes JSON on the way
 //! in (`worker::queue`, `worker::rx`).
 
-pub mod addressing;
 pub mod control;
 pub mod router;
 pub mod topology;

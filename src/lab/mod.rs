@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::agent::Agent;
 use crate::amqp::client::Endpoint;
 use crate::amqp::url::{self, DEFAULT_URL};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Bus, ConfigError, DataPath, Identity, Interface};
 use crate::util::Stop;
 use crate::metrics::report::bits_per_s;
 use broker::PrivateBroker;
@@ -347,7 +347,8 @@ impl Lab {
             if *stop.borrow() {
                 bail!("interrupted during bring-up");
             }
-            let Some(agent) = Agent::start(self.agent_config(&host), &self.interrupt).await.with_context(|| format!("starting host {}", host.name))? else {
+            let config = self.agent_config(&host).with_context(|| format!("configuring host {}", host.name))?;
+            let Some(agent) = Agent::start(config, &self.interrupt).await.with_context(|| format!("starting host {}", host.name))? else {
                 bail!("interrupted during bring-up");
             };
             self.agents.push(agent);
@@ -355,7 +356,7 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.agents.iter().all(Agent::connected) {
             if Instant::now() > deadline {
-                let down: Vec<_> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name.clone()).collect();
+                let down: Vec<_> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name().to_owned()).collect();
                 bail!("{} host(s) could not reach the broker within 60 s: {}", down.len(), down.join(" "));
             }
             if *stop.borrow() {
@@ -478,46 +479,44 @@ impl Lab {
         Ok(())
     }
 
-    fn agent_config(&self, host: &Host) -> AgentConfig {
+    fn agent_config(&self, host: &Host) -> Result<AgentConfig, ConfigError> {
         // Hosts spread over the nodes round robin; each lists the others after its own.
         let n = self.endpoints.len().max(1);
         let mut endpoints = self.endpoints.clone();
         endpoints.rotate_left((host.index - 1) % n);
-        let mut c = AgentConfig::new(endpoints, &host.name);
-        c.heartbeat = self.opts.heartbeat;
-        c.session = Some(self.opts.session.clone());
-        c.exchange = crate::route::session_exchange(&self.opts.session);
-        c.queues = self.opts.queues;
-        c.addrs = host.prefixes().to_vec();
-        c.netns = Some(host.netns.clone());
-        c.mtu = self.opts.mtu;
-        c.stats_interval = Duration::ZERO;
-        c.check_name = false;
-        c.router_solicitations = 0; // a lab has no router: nothing to solicit
         // Every host logs in as the same user: it may use the lab's prefixes. (First claim
-        // would have every host bind every hello: N² messages.)
-        match &self.identities {
-            // --secure: the host's own user, and only the session's users and addresses.
-            Some(secure) => {
-                if let Some((user, endpoint)) = secure.by_host.get(&host.name) {
-                    let url = &endpoint.url;
-                    c.endpoints = c.endpoints.iter().map(|e| Endpoint::plain(e.url.with_credentials(url.username.as_deref().unwrap_or(user), url.password().unwrap_or("")).with_vhost(&url.vhost))).collect();
-                    c.user = user.clone();
-                }
-                c.identity = crate::identity::Mode::Strict(secure.table.clone());
-            }
-            None => {
-                let prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
-                c.identity = crate::identity::Mode::Strict(crate::identity::Table::new(vec![(c.user.clone(), prefixes)]));
-            }
+        // would have every host bind every hello: N² messages.) With --secure: the host's
+        // own user, and only the session's users and addresses.
+        let mut user = None;
+        if let Some((login, endpoint)) = self.identities.as_ref().and_then(|secure| secure.by_host.get(&host.name)) {
+            let url = &endpoint.url;
+            endpoints = endpoints.iter().map(|e| Endpoint::plain(e.url.with_credentials(url.username.as_deref().unwrap_or(login), url.password().unwrap_or("")).with_vhost(&url.vhost))).collect();
+            user = Some(login.clone());
         }
         // Many agents per process, so smaller per-agent buffers: 128 KiB batches, 32 KiB
         // frames (each data connection reads into two frames' worth). The same at every lab
         // size, so that a lab's figures compare across sizes; `agent connect` keeps the
         // defaults tuned for throughput.
-        c.max_batch_bytes = 128 * 1024;
-        c.frame_max = Some(32 * 1024);
-        c
+        let bus = Bus { heartbeat: self.opts.heartbeat, check_name: false, frame_max: Some(32 * 1024), ..Bus::new(endpoints).in_session(&self.opts.session) };
+        let interface = Interface {
+            queues: self.opts.queues,
+            addrs: host.prefixes().to_vec(),
+            netns: Some(host.netns.clone()),
+            mtu: self.opts.mtu,
+            router_solicitations: 0, // a lab has no router: nothing to solicit
+            ..Interface::default()
+        };
+        let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, ..DataPath::default() };
+        let c = AgentConfig::new(&host.name, bus, interface)?.with_data_path(data_path)?;
+        let user = user.unwrap_or_else(|| c.identity().user.clone());
+        let mode = match &self.identities {
+            Some(secure) => crate::identity::Mode::Strict(secure.table.clone()),
+            None => {
+                let prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                crate::identity::Mode::Strict(crate::identity::Table::new(vec![(user.clone(), prefixes)]))
+            }
+        };
+        c.with_identity(Identity { user, mode })
     }
 
     async fn check_pairs(&self, report: &mut LabReport) {

@@ -120,18 +120,8 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-/// Percent-encodes one path segment (vhost and user names).
-pub fn segment(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// Percent-encodes one path segment (vhost and user names): RFC 3986's, as in AMQP URLs.
+pub use crate::amqp::url::percent_encode as segment;
 
 /// Standard base64 with padding.
 pub fn base64(data: &[u8]) -> String {

@@ -73,9 +73,9 @@ impl LinkContext {
     /// Connection options of this link (`timeout`: the attempt's deadline).
     pub fn connect_options(&self, timeout: Duration) -> ConnectOptions {
         let c = &self.config;
-        let mut o = ConnectOptions::new(format!("tunbus {} q{}", c.name, self.index));
-        o.frame_max = c.frame_max;
-        o.heartbeat = c.heartbeat;
+        let mut o = ConnectOptions::new(format!("tunbus {} q{}", c.name(), self.index));
+        o.frame_max = c.bus().frame_max;
+        o.heartbeat = c.bus().heartbeat;
         o.timeout = timeout;
         o
     }
@@ -84,7 +84,7 @@ impl LinkContext {
     /// order from `start_at` with `timeout` each: the exchange, the queue, its bindings and
     /// the consumer; publishing needs nothing more. Returns the client and the node's index.
     pub fn open(&self, start_at: usize, timeout: Duration) -> Result<(Client, usize), Error> {
-        let endpoints = &self.config.endpoints;
+        let endpoints = &self.config.bus().endpoints;
         let mut last = None;
         for i in 0..endpoints.len() {
             let at = (start_at + i) % endpoints.len();
@@ -92,7 +92,7 @@ impl LinkContext {
                 Ok(c) => return Ok((c, at)),
                 Err(Error::Stopped) => return Err(Error::Stopped),
                 Err(e) => {
-                    tracing::debug!(agent = %self.config.name, queue = self.index, node = %endpoints[at].url, error = %e, "node did not take the link");
+                    tracing::debug!(agent = %self.config.name(), queue = self.index, node = %endpoints[at].url, error = %e, "node did not take the link");
                     last = Some(e);
                 }
             }
@@ -105,16 +105,16 @@ impl LinkContext {
         let k = self.index;
         let stop = self.stop.flag();
         let opts = self.connect_options(timeout);
-        let mut client = client::with_exchange(&c.exchange, stop, || Client::open(endpoint, &opts, stop))?;
+        let mut client = client::with_exchange(&c.bus().exchange, stop, || Client::open(endpoint, &opts, stop))?;
         let queue = c.queue_name(k);
-        let max_bytes = c.queue_max_bytes.min(i64::MAX as u64) as i64;
+        let max_bytes = c.bus().queue_max_bytes.min(i64::MAX as u64) as i64;
         let args = [("x-max-length", Value::I32(QUEUE_MAX_MESSAGES)), ("x-max-length-bytes", Value::I64(max_bytes))];
         client.queue_declare(&queue, QueueOptions { exclusive: true, ..QueueOptions::default() }, &args, stop)?;
         for key in self.binding_keys() {
-            client.queue_bind(&queue, &c.exchange, &key, stop)?;
+            client.queue_bind(&queue, &c.bus().exchange, &key, stop)?;
         }
-        client.basic_qos(c.prefetch, stop)?;
-        client.basic_consume(&queue, &format!("tunbus-{}-{k}", c.name), false, false, stop)?;
+        client.basic_qos(c.bus().prefetch, stop)?;
+        client.basic_consume(&queue, &format!("tunbus-{}-{k}", c.name()), false, false, stop)?;
         Ok(client)
     }
 
@@ -123,17 +123,17 @@ impl LinkContext {
         let c = &self.config;
         let k = self.index;
         let mut keys = Vec::new();
-        match c.wire {
+        match c.data_path().wire {
             // One queue takes every shard: one wildcard binding per address says so, and
             // keeps the exchange small (300 agents: ~900 bindings instead of ~10 000).
-            Wire::Native if c.queues == 1 => {
+            Wire::Native if c.interface().queues == 1 => {
                 keys.extend(c.owned_addresses().into_iter().map(route::unicast_pattern));
                 keys.push(route::ALL_PATTERN.to_owned());
             }
             Wire::Native => {
                 for addr in c.owned_addresses() {
                     for shard in 0..route::SHARDS {
-                        if route::queue_for_shard(shard, c.queues) == k {
+                        if route::queue_for_shard(shard, c.interface().queues) == k {
                             keys.push(RoutingKey::unicast(addr, shard).as_str().to_owned());
                         }
                     }
@@ -143,11 +143,11 @@ impl LinkContext {
                 }
             }
             // The router addresses old-wire agents by name, one packet per message.
-            Wire::Ioppytest => keys.push(ioppytest::routing_key_to_agent(&c.name)),
+            Wire::Ioppytest => keys.push(ioppytest::routing_key_to_agent(c.name())),
         }
         if self.hello.is_some() {
             keys.push(route::CTL_PROBE.to_owned());
-            if c.identity == crate::identity::Mode::FirstClaim {
+            if c.identity().mode == crate::identity::Mode::FirstClaim {
                 // First claim: every hello and bye, to know who holds which address.
                 keys.push(route::HELLO_PATTERN.to_owned());
                 keys.push(route::BYE_PATTERN.to_owned());
@@ -202,7 +202,7 @@ impl Reconnect {
     /// The connection is up (first time, or again) on node `node`.
     pub fn up(&mut self, ctx: &LinkContext, counters: &TxCounters, node: usize) {
         if self.down {
-            ctx.broker.link_up(&ctx.config.name);
+            ctx.broker.link_up(ctx.config.name());
             if self.ever_up {
                 counters.reconnected();
             }
@@ -212,14 +212,14 @@ impl Reconnect {
         self.backoff.reset();
         self.node = node;
         ctx.connected.fetch_add(1, Ordering::AcqRel);
-        tracing::debug!(agent = %ctx.config.name, queue = ctx.index, node, "link connected");
+        tracing::debug!(agent = %ctx.config.name(), queue = ctx.index, node, "link connected");
     }
 
     /// A connection that was up is gone: the next attempt starts with the next node, so a
     /// dead node costs one failed attempt, not one per retry.
     pub fn lost(&mut self, ctx: &LinkContext, error: &Error) {
         ctx.connected.fetch_sub(1, Ordering::AcqRel);
-        let nodes = ctx.config.endpoints.len().max(1);
+        let nodes = ctx.config.bus().endpoints.len().max(1);
         if !matches!(error, Error::Stopped) && nodes > 1 {
             self.node = (self.node + 1) % nodes;
         }
@@ -237,10 +237,10 @@ impl Reconnect {
     /// has waited its deadline already; spacing attempts is what the backoff is for).
     pub fn attempt_failed(&mut self, ctx: &LinkContext, error: &Error, started: Instant) {
         if !self.down {
-            ctx.broker.link_down(&ctx.config.name, error);
+            ctx.broker.link_down(ctx.config.name(), error);
             self.down = true;
         }
-        tracing::debug!(agent = %ctx.config.name, queue = ctx.index, %error, "data connection failed");
+        tracing::debug!(agent = %ctx.config.name(), queue = ctx.index, %error, "data connection failed");
         let now = Instant::now();
         self.next_try = (started + self.backoff.failed(now)).max(now);
     }
@@ -272,7 +272,7 @@ impl Link {
     pub fn new(ctx: LinkContext, counters: Arc<TxCounters>, hist: &Histograms, outbound: Box<dyn Outbound>, receiver: Receiver, client: Option<(Client, usize)>) -> Link {
         let seed = (ctx.index as u64) ^ now_ns() ^ u64::from(std::process::id()) << 32;
         let mut link = Link {
-            exchange: ctx.config.exchange.clone(),
+            exchange: ctx.config.bus().exchange.clone(),
             announce: ctx.hello.as_deref().cloned(),
             next_hello: Instant::now(),
             last_hello: Instant::now() - PROBE_ANSWER_GAP,
@@ -296,14 +296,14 @@ impl Link {
 
     fn connected(&mut self, mut client: Client, node: usize) {
         // The backlog holds at most one message: the largest batch and its frames.
-        client.reserve_backlog(self.ctx.config.max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY) + 16 * 1024);
+        client.reserve_backlog(self.ctx.config.data_path().max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY) + 16 * 1024);
         if let Some(a) = &mut self.announce {
             a.on_node(Some(client.broker()));
         }
         self.client = Some(client);
         self.receiver.reset();
         self.next_hello = Instant::now(); // say hello on every new connection
-        self.probe_due = self.announce.is_some() && self.ctx.config.identity == crate::identity::Mode::FirstClaim;
+        self.probe_due = self.announce.is_some() && self.ctx.config.identity().mode == crate::identity::Mode::FirstClaim;
         self.reconnect.up(&self.ctx, &self.counters, node);
     }
 

@@ -94,11 +94,11 @@ impl QueueWorker {
     pub fn new(setup: WorkerSetup) -> QueueWorker {
         let WorkerSetup { queue, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected } = setup;
         let config = link.config.clone();
-        let own_queues = u8::try_from(config.queues).unwrap_or(0);
+        let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
         // invariant: the agent refuses a name that is not a topic word before it builds workers
-        let flood_key = RoutingKey::all(&config.name).unwrap_or_else(|| RoutingKey::unicast(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        let flood_key = RoutingKey::all(config.name()).unwrap_or_else(|| RoutingKey::unicast(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
         let own_v4 = config
-            .addrs
+            .interface().addrs
             .iter()
             .filter_map(|p| match p.addr {
                 IpAddr::V4(a) => Some((a, p.len)),
@@ -114,7 +114,7 @@ impl QueueWorker {
             link: Link::new(link, counters.clone(), &hist, outbound, receiver, connected),
             counters,
             stop,
-            batcher: Batcher::new(config.max_batch_bytes, own_queues, flood_key),
+            batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key),
             classifier: Classifier { flood_key, own_v4, peers, last_unicast: None },
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,

@@ -56,7 +56,7 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn new(config: &AgentConfig, tun: Arc<TunQueue>, counters: Arc<RxCounters>, hist: &Histograms, inbound: Box<dyn Inbound>) -> Receiver {
-        Receiver { inbound, tun, counters, latency: LocalHistogram::new(hist.one_way_us.clone()), acks: AckBatcher::for_prefetch(config.prefetch), drained: false, scratch: Vec::new() }
+        Receiver { inbound, tun, counters, latency: LocalHistogram::new(hist.one_way_us.clone()), acks: AckBatcher::for_prefetch(config.bus().prefetch), drained: false, scratch: Vec::new() }
     }
 
     /// Forgets pending acks: the connection is new.

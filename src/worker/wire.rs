@@ -61,12 +61,12 @@ pub trait Inbound: Send {
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
 pub fn for_agent(config: &AgentConfig, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
-    match config.wire {
+    match config.data_path().wire {
         Wire::Native => (
             Box::new(NativeOut),
-            Box::new(NativeIn { own_flood_key: flood_key, peers, trust, suspects: SuspectLog::default(), presence, probed: false, offload_from_bus: config.offload_from_bus }),
+            Box::new(NativeIn { own_flood_key: flood_key, peers, trust, suspects: SuspectLog::default(), presence, probed: false, offload_from_bus: config.data_path().offload_from_bus }),
         ),
-        Wire::Ioppytest => (Box::new(IoppytestOut::new(&config.name, &config.ifname)), Box::new(IoppytestIn)),
+        Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
     }
 }
 

@@ -15,7 +15,7 @@ use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter, Packet};
 use crate::codec::vnet;
 use crate::identity::claims::Claims;
-use crate::interop::addressing::OldAddressing;
+use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::interop::topology::{Topology, TESTING_TOOL};
 use crate::route::{self, Destination, Key, RoutingKey};
 

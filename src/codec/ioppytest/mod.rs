@@ -2,7 +2,8 @@
 //! `ioppytest-agent` and its packet router speak it on `amq.topic`.
 //!
 //! Owns the packet body (`{"_api_version", "data": [bytes as integers], "interface_name",
-//! "timestamp"}`), the `ip.tun.started` / `ip.tun.start` control body and the topic names.
+//! "timestamp"}`), the `ip.tun.started` / `ip.tun.start` control body and the topic names;
+//! [`addressing`], the old agent's addresses in that body and its flags.
 //! Pure: no I/O, no clock. The per-queue worker threads call it per packet in compatibility
 //! mode; decoding streams `data` straight into a reused buffer (no `serde_json::Value`),
 //! encoding writes into a reused buffer, byte-identical to Python's `json.dumps`.
@@ -10,6 +11,8 @@
 use core::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+pub mod addressing;
 
 use super::v1::MAX_PACKET_LEN;
 use crate::amqp::wire::Properties;
