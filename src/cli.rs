@@ -31,6 +31,33 @@ Logging: RUST_LOG (e.g. RUST_LOG=debug) controls verbosity; the default is info.
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log warnings and errors only (RUST_LOG, when set, still decides).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// How log lines are written to stderr: text for people, json (one object per line)
+    /// for journald and log shippers.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// The name under which tunbus is the Python agent's drop-in (a symlink to `agent`).
+pub const IOPPYTEST_AGENT: &str = "ioppytest-agent";
+
+/// The arguments `agent` parses. Invoked as [`IOPPYTEST_AGENT`], `connect` speaks the old
+/// wire unless `--wire` is given, so `ioppytest-agent connect --url … --name agent_1
+/// --force-bootstrap` runs as it did with the Python agent.
+pub fn effective_args(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let invoked = argv.first().and_then(|a| std::path::Path::new(a).file_name()).and_then(|n| n.to_str()).unwrap_or("");
+    if invoked != IOPPYTEST_AGENT {
+        return argv;
+    }
+    let has_wire = argv.iter().any(|a| a == "--wire" || a.to_str().is_some_and(|a| a.starts_with("--wire=")));
+    if let Some(i) = argv.iter().position(|a| a == "connect") {
+        if !has_wire {
+            argv.splice(i + 1..i + 1, ["--wire".into(), "ioppytest".into()]);
+        }
+    }
+    argv
 }
 
 // Parsed once per run: the size difference between variants does not matter.
@@ -50,6 +77,24 @@ pub enum Command {
     /// Create (or with --revoke remove) a session on a shared broker: its vhost and
     /// exchange, one user per agent with its own permissions, URL files and a peers file.
     Provision(ProvisionArgs),
+    /// Print a shell completion script: `source <(agent completions bash)`, or save it where
+    /// the shell looks (bash: /usr/share/bash-completion/completions/agent).
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_parser = clap::value_parser!(clap_complete::Shell))]
+    pub shell: clap_complete::Shell,
+}
+
+impl CompletionsArgs {
+    /// Writes the completion script for `agent` (and its `ioppytest-agent` name) to `out`.
+    pub fn write(&self, out: &mut dyn std::io::Write) {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(self.shell, &mut command, "agent", out);
+    }
 }
 
 #[derive(Debug, Args)]
@@ -332,6 +377,14 @@ pub struct ConnectArgs {
     /// brings the addresses (as an ioppytest coordinator expects).
     #[arg(long)]
     pub wait_config: bool,
+    /// Accepted so that ioppytest-agent 0.2.20 scripts run unchanged. It changes nothing:
+    /// tunbus always configures its interface (the flag defaulted to on there too).
+    #[arg(long)]
+    pub force_bootstrap: bool,
+    /// Accepted so that ioppytest-agent 0.2.20 scripts run unchanged (it did nothing there
+    /// either). tunbus has no per-agent capture yet: it warns and carries on.
+    #[arg(long)]
+    pub dump: bool,
     /// With --wire ioppytest: the broker user whose toAgent.<NAME>.ip.tun.start orders
     /// count [default: this agent's own broker user]; others are refused and counted.
     #[arg(long, value_name = "USER")]
@@ -473,6 +526,9 @@ impl ConnectArgs {
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
         let endpoints = self.bus.broker.endpoints()?;
         let heartbeat = self.bus.broker.heartbeat()?;
+        if self.dump {
+            tracing::warn!("--dump: tunbus has no per-agent capture yet; carrying on without one");
+        }
         if let Some(p) = self.ipv4.iter().find(|p| !p.addr.is_ipv4()) {
             bail!("--ipv4 {p} is not an IPv4 address");
         }
@@ -590,6 +646,22 @@ mod tests {
         assert_eq!(c.bus().exchange, "amq.topic");
         assert_eq!(c.interface().ifname, "tb0");
         assert!(c.interface().offload);
+    }
+
+    #[test]
+    fn as_ioppytest_agent_connect_speaks_the_old_wire() {
+        let args = |v: &[&str]| effective_args(v.iter().map(Into::into).collect()).into_iter().map(|a| a.into_string().unwrap()).collect::<Vec<_>>();
+        assert_eq!(args(&["/usr/bin/ioppytest-agent", "connect", "--name", "agent_1", "--force-bootstrap"]), ["/usr/bin/ioppytest-agent", "connect", "--wire", "ioppytest", "--name", "agent_1", "--force-bootstrap"]);
+        assert_eq!(args(&["ioppytest-agent", "connect", "--wire", "native"]), ["ioppytest-agent", "connect", "--wire", "native"]);
+        assert_eq!(args(&["ioppytest-agent", "connect", "--wire=native"]), ["ioppytest-agent", "connect", "--wire=native"]);
+        assert_eq!(args(&["agent", "connect", "--name", "h1"]), ["agent", "connect", "--name", "h1"]);
+        assert_eq!(args(&["ioppytest-agent", "--help"]), ["ioppytest-agent", "--help"]);
+        let argv = effective_args(["ioppytest-agent", "connect", "--url", "amqp://127.0.0.1", "--name", "agent_1", "--force-bootstrap", "--dump"].map(Into::into).to_vec());
+        let Command::Connect(c) = Cli::try_parse_from(argv).unwrap().command else { panic!("connect") };
+        let c = c.into_config().unwrap();
+        assert_eq!(c.data_path().wire, Wire::Ioppytest);
+        let addrs: Vec<String> = c.interface().addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["10.2.0.1/24", "bbbb::1/64"]);
     }
 
     #[test]

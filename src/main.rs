@@ -15,20 +15,21 @@ use tunbus::exit::{self, Exit, Failure};
 use tunbus::util::{now_ns, Stop};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(tunbus::cli::effective_args(std::env::args_os().collect()));
     // A lab runs hundreds of agents in this process: their per-agent lines stay quiet (the
     // lab reports connectivity itself).
-    let default_filter = match cli.command {
-        Command::Lab(_) => "info,tunbus::agent=warn,tunbus::amqp=error",
-        _ => "info",
+    let default_filter = match (cli.quiet, &cli.command) {
+        (true, _) => "warn",
+        (false, Command::Lab(_)) => "info,tunbus::agent=warn,tunbus::amqp=error",
+        (false, _) => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())).init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -89,6 +90,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(args) => lab(args).await,
         Command::Route(args) => route(args).await,
         Command::Provision(args) => provision(args).await,
+        Command::Completions(args) => {
+            args.write(&mut std::io::stdout().lock());
+            Ok(())
+        }
     }
 }
 

@@ -59,6 +59,55 @@ fn old_wire_and_native_agents_talk_through_the_router() {
 }
 
 /// The captured Python agent message and the properties it is sent with.
+/// A folder holding `ioppytest-agent`, a symlink to the agent; removed on drop.
+struct DropIn(std::path::PathBuf);
+
+impl DropIn {
+    fn new() -> DropIn {
+        let dir = std::env::temp_dir().join(unique("dropin"));
+        std::fs::create_dir_all(&dir).expect("create the drop-in folder");
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_agent"), dir.join("ioppytest-agent")).expect("symlink ioppytest-agent");
+        DropIn(dir)
+    }
+
+    fn program(&self) -> std::path::PathBuf {
+        self.0.join("ioppytest-agent")
+    }
+}
+
+impl Drop for DropIn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An F-Interop script's command line, `ioppytest-agent connect --url … --exchange …
+/// --name agent_1 --force-bootstrap`, run unchanged through the `ioppytest-agent` name (plus
+/// `--netns`, to keep the test's interface in its own namespace): it speaks the old wire
+/// with agent_1's default addresses, and pings a native agent through the router.
+#[test]
+fn the_ioppytest_agent_command_line_runs_unchanged() {
+    if !system_ready("the_ioppytest_agent_command_line_runs_unchanged") {
+        return;
+    }
+    let exchange = unique("tunbus.x");
+    let (ns_old, ns_new) = (Netns::new(), Netns::new());
+    let native = unique("nat");
+    let dropin = DropIn::new();
+    let mut router = RouterProc::start(&exchange, &format!("topology:\n  - link_id: l\n    nodes: [agent_1, {native}]\n"));
+    let mut old = AgentProc::spawn_program(&dropin.program(), "agent_1", &["--url", URL, "--exchange", &exchange, "--force-bootstrap", "--netns", &ns_old.name], &[]);
+    let mut new = AgentProc::start(&native, &["--exchange", &exchange, "--netns", &ns_new.name, "--ipv4", "10.2.0.2/24", "--ipv6", "bbbb::2/64"]);
+    let checks = [(&ns_old, "10.2.0.2"), (&ns_old, "bbbb::2"), (&ns_new, "10.2.0.1"), (&ns_new, "bbbb::1")];
+    assert!(all_ok(&checks, Duration::from_secs(20)), "no connectivity:\n--- router\n{}\n--- ioppytest-agent\n{}\n--- native\n{}", router.logs(), old.logs(), new.logs());
+    let r_old = old.interrupt();
+    let _ = new.interrupt();
+    assert!(r_old["tx_packets"].as_u64().unwrap_or(0) > 0, "{r_old}");
+    let counters = router.stop();
+    // The agent spoke the old wire: the router forwarded its JSON and learned it.
+    assert!(counters["json_in"].as_u64().unwrap_or(0) > 0, "{counters}");
+    assert_eq!(counters["agents_learned"], 1, "{counters}");
+}
+
 fn python_vector(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/../shared/vectors/ioppytest/{name}", env!("CARGO_MANIFEST_DIR"))).expect("vector")
 }

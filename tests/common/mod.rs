@@ -155,12 +155,17 @@ impl AgentProc {
 
     /// Like [`AgentProc::spawn`], with environment variables.
     pub fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
+        AgentProc::spawn_program(Path::new(env!("CARGO_BIN_EXE_agent")), name, args, env)
+    }
+
+    /// Like [`AgentProc::spawn_env`], running `program` (the agent under another name).
+    pub fn spawn_program(program: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
         let dir = std::env::temp_dir();
         let log = dir.join(format!("{name}.log"));
         let stats = dir.join(format!("{name}.stats.json"));
         let _ = std::fs::remove_file(&stats);
         let log_file = File::create(&log).expect("create agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+        let child = Command::new(program)
             .args(["connect", "--name", name, "--stats-interval", "0", "--stats-json"])
             .arg(&stats)
             .args(args)
