@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
 use tokio::sync::watch;
 
 use tunbus::agent::Agent;
@@ -15,7 +14,14 @@ use tunbus::exit::{self, Exit, Failure};
 use tunbus::util::{now_ns, Stop};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(tunbus::cli::effective_args(std::env::args_os().collect()));
+    let cli = match tunbus::cli::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(tunbus::cli::ParseError::Clap(e)) => e.exit(),
+        Err(tunbus::cli::ParseError::File(failure)) => {
+            eprintln!("error: {failure}");
+            return ExitCode::from(failure.exit.code());
+        }
+    };
     // A lab runs hundreds of agents in this process: their per-agent lines stay quiet (the
     // lab reports connectivity itself).
     let default_filter = match (cli.quiet, &cli.command) {

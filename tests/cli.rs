@@ -119,3 +119,82 @@ fn log_lines_can_be_json_or_quiet() {
     assert!(!quiet.contains("INFO") && !quiet.contains("router serving"), "{quiet}");
     assert_eq!(agent(&["connect", "--log-format", "xml"]).status.code(), Some(2));
 }
+
+/// `agent connect` with `env` and a `--config` file holding `file`: its stderr and exit code.
+fn connect_with(file: &str, args: &[&str], env: &[(&str, &str)]) -> (String, Option<i32>) {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("tunbus-config")));
+    std::fs::write(&path, file).expect("write the file");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["connect", "--url", "amqp://127.0.0.1:1", "--config"])
+        .arg(&path)
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("AMQP_URL")
+        .output()
+        .expect("run agent");
+    let _ = std::fs::remove_file(&path);
+    (String::from_utf8_lossy(&out.stderr).into_owned(), out.status.code())
+}
+
+/// Precedence flag > environment > file > default, seen through which out-of-range value
+/// the parser refuses (each source gives a different one).
+#[test]
+fn config_file_precedence_and_errors() {
+    let file = "name = \"h1\"\n# the queues\nqueues = 19\n";
+    let (err, code) = connect_with(file, &[], &[]);
+    assert!(err.contains(":3: key `queues`: invalid value '19'"), "{err}");
+    assert_eq!(code, Some(2));
+    let (err, _) = connect_with(file, &[], &[("TUNBUS_QUEUES", "17")]);
+    assert!(err.contains("invalid value '17'") && !err.contains("--config"), "{err}");
+    let (err, _) = connect_with(file, &["--queues", "18"], &[("TUNBUS_QUEUES", "17")]);
+    assert!(err.contains("invalid value '18'"), "{err}");
+    // Valid values from the file: the agent gets as far as the broker (unreachable: 3).
+    let (err, code) = connect_with("name = \"h1\"\nqueues = 2\nno-offload = true\nipv4 = [\"198.18.0.1/24\"]\n", &[], &[]);
+    assert_eq!(code, Some(3), "{err}");
+    // A key that is no flag, a table, bad TOML, a file that is not there.
+    let (err, code) = connect_with("name = \"h1\"\nqueus = 2\n", &[], &[]);
+    assert!(err.contains(":2: key `queus`: not a flag"), "{err}");
+    assert_eq!(code, Some(2));
+    let (err, code) = connect_with("[agent]\nname = \"h1\"\n", &[], &[]);
+    assert!(err.contains(":1: key `agent`: is a table"), "{err}");
+    assert_eq!(code, Some(2));
+    let (err, code) = connect_with("name = \"h1\n", &[], &[]);
+    assert!(err.contains(":1: "), "{err}");
+    assert_eq!(code, Some(2));
+    // The example in docs/ is read as it stands: every key is a flag with a valid value (its
+    // tls-ca then meets this plain URL).
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/agent.example.toml");
+    let out = agent(&["connect", "--url", "amqp://127.0.0.1:1", "--config", example]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("--config") && err.contains("--tls-* flags need an amqps:// URL"), "{err}");
+    let out = agent(&["connect", "--name", "h1", "--config", "/nonexistent/tunbus.toml"]);
+    assert_eq!(out.status.code(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every flag of `connect` has an environment variable, shown in `--help`.
+#[test]
+fn every_connect_flag_has_an_environment_variable() {
+    let help = String::from_utf8(agent(&["connect", "--help"]).stdout).expect("utf-8 help");
+    let mut entries: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let t = line.trim_start();
+        let starts_entry = line.starts_with("  ") && !line.starts_with("          ") && t.starts_with('-');
+        match entries.last_mut() {
+            Some(e) if !starts_entry => e.push_str(line),
+            _ if starts_entry => entries.push(t.split(", ").last().unwrap_or(t).to_owned()),
+            _ => {}
+        }
+    }
+    let mut flags = 0;
+    for entry in &entries {
+        let flag = entry.split([' ', '=']).next().unwrap_or_default();
+        if matches!(flag, "--url" | "--url-file" | "--help" | "--version" | "--quiet" | "--log-format") {
+            continue;
+        }
+        flags += 1;
+        let var = format!("TUNBUS_{}", flag.trim_start_matches("--").to_uppercase().replace('-', "_"));
+        assert!(entry.contains(&format!("[env: {var}=")), "{flag} has no {var}:\n{entry}");
+    }
+    assert!(flags > 30, "{flags} flags:\n{help}");
+    assert_eq!(Command::new(env!("CARGO_BIN_EXE_agent")).args(["connect", "--url", "amqp://127.0.0.1:1"]).env("TUNBUS_NAME", "h1").env("TUNBUS_QUEUES", "0").output().expect("run").status.code(), Some(2));
+}

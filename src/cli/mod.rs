@@ -2,6 +2,9 @@
 //!
 //! Nothing below this module sees `Args`; a bad flag becomes a one-line error here.
 
+pub mod config_file;
+
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,13 +43,99 @@ pub struct Cli {
     pub log_format: String,
 }
 
+/// The command line's definition, with an environment variable for every `connect` flag:
+/// `TUNBUS_` and the flag's long name in capitals (the URL keeps `AMQP_URL` and
+/// `AMQP_URL_FILE`, which `BrokerArgs` reads itself).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command().mut_subcommand("connect", |connect| {
+        let longs: Vec<(String, String)> = connect
+            .get_arguments()
+            .filter(|a| a.get_env().is_none())
+            .filter_map(|a| Some((a.get_id().to_string(), a.get_long()?.to_owned())))
+            .filter(|(_, long)| !matches!(long.as_str(), "url" | "url-file" | "help" | "version"))
+            .collect();
+        longs.into_iter().fold(connect, |c, (id, long)| {
+            // Built once per run: leaking a few dozen short names is the simplest 'static.
+            let var: &'static str = Box::leak(format!("TUNBUS_{}", long.to_uppercase().replace('-', "_")).into_boxed_str());
+            c.mut_arg(id, |a| a.env(var))
+        })
+    })
+}
+
+/// Why the command line could not be read.
+#[derive(Debug)]
+pub enum ParseError {
+    /// clap's own (usage, --help, --version): `exit()` prints it with clap's exit code.
+    Clap(clap::Error),
+    /// The `--config` file: unreadable, not TOML, or a key that is no flag or has a bad value.
+    File(Failure),
+}
+
+/// Parses the command line: flags, then the environment, then `connect --config FILE`,
+/// then the defaults ([`config_file`]).
+pub fn parse(argv: Vec<OsString>) -> Result<Cli, ParseError> {
+    use clap::FromArgMatches;
+    let argv = effective_args(argv);
+    // A first, lenient look for `connect --config` and for what the flags and the
+    // environment already set (the file may hold required flags, like the name).
+    let lenient = command().ignore_errors(true).mut_subcommand("connect", |c| c.ignore_errors(true)).try_get_matches_from(&argv);
+    let file = match lenient.as_ref().ok().and_then(|m| m.subcommand()) {
+        Some(("connect", given)) => match given.get_one::<PathBuf>("config") {
+            Some(path) => Some((path.clone(), file_args(path, given)?)),
+            None => None,
+        },
+        _ => None,
+    };
+    let Some((path, (text, table, extra))) = file else {
+        return command().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m)).map_err(ParseError::Clap);
+    };
+    match command().try_get_matches_from(argv.iter().chain(&extra)).and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            // A value from the file that the parser refuses: name its line and key.
+            let arg = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(a)) => a.clone(),
+                _ => String::new(),
+            };
+            let long = arg.trim_start_matches("--").split([' ', '=']).next().unwrap_or_default().to_owned();
+            let Some(key) = table.keys().find(|k| !long.is_empty() && k.replace('_', "-") == long && extra.iter().any(|x| x.to_str().is_some_and(|x| x.starts_with(&format!("--{long}"))))) else {
+                return Err(ParseError::Clap(e));
+            };
+            let text_of_error = e.to_string();
+            let why = text_of_error.lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+            let err = config_file::FileError { line: config_file::line_of(&text, key), key: Some(key.clone()), why };
+            Err(ParseError::File(Failure::new(Exit::Usage, format!("--config {}", err.describe(&path.display().to_string())))))
+        }
+    }
+}
+
+/// The `--config` file: its text, its table, and its keys as arguments.
+fn file_args(path: &std::path::Path, given: &clap::ArgMatches) -> Result<(String, toml::Table, Vec<OsString>), ParseError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ParseError::File(Failure::new(Exit::Local, format!("cannot read --config {file}: {e}"))))?;
+    let bad = |e: config_file::FileError| ParseError::File(Failure::new(Exit::Usage, format!("--config {}", e.describe(&file))));
+    let table = config_file::parse(&text).map_err(bad)?;
+    let cmd = command();
+    let connect = cmd.find_subcommand("connect").ok_or_else(|| ParseError::File(Failure::new(Exit::Internal, "no connect command".to_owned())))?;
+    // The URL's variables outrank the file, as every flag's own does.
+    let url_in_env = std::env::var_os("AMQP_URL").is_some() || std::env::var_os("AMQP_URL_FILE").is_some();
+    let mut all = Vec::new();
+    for (key, value) in &table {
+        if url_in_env && matches!(key.replace('_', "-").as_str(), "url" | "url-file") {
+            continue;
+        }
+        all.extend(config_file::key_args(&text, connect, given, key, value).map_err(bad)?);
+    }
+    Ok((text, table, all))
+}
+
 /// The name under which tunbus is the Python agent's drop-in (a symlink to `agent`).
 pub const IOPPYTEST_AGENT: &str = "ioppytest-agent";
 
 /// The arguments `agent` parses. Invoked as [`IOPPYTEST_AGENT`], `connect` speaks the old
 /// wire unless `--wire` is given, so `ioppytest-agent connect --url … --name agent_1
 /// --force-bootstrap` runs as it did with the Python agent.
-pub fn effective_args(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+pub fn effective_args(mut argv: Vec<OsString>) -> Vec<OsString> {
     let invoked = argv.first().and_then(|a| std::path::Path::new(a).file_name()).and_then(|n| n.to_str()).unwrap_or("");
     if invoked != IOPPYTEST_AGENT {
         return argv;
@@ -92,7 +181,7 @@ pub struct CompletionsArgs {
 impl CompletionsArgs {
     /// Writes the completion script for `agent` (and its `ioppytest-agent` name) to `out`.
     pub fn write(&self, out: &mut dyn std::io::Write) {
-        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut command = command();
         clap_complete::generate(self.shell, &mut command, "agent", out);
     }
 }
@@ -348,6 +437,12 @@ pub struct BusArgs {
 
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
+    /// Read connect's flags from a TOML file, under their long names (`queues = 4`, `url =
+    /// ["amqp://…", …]`, `no-offload = true`). Precedence: flag > environment variable >
+    /// file > default. Every flag has a variable: TUNBUS_ and its name in capitals
+    /// (TUNBUS_QUEUES, TUNBUS_MAX_BATCH_BYTES); the URL's are AMQP_URL and AMQP_URL_FILE.
+    #[arg(long, value_name = "FILE", env = "TUNBUS_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub bus: BusArgs,
     /// Name of this agent on the bus (one topic word: letters, digits, '-', '_'); part of
