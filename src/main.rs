@@ -96,6 +96,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(args) => lab(args).await,
         Command::Route(args) => route(args).await,
         Command::Provision(args) => provision(args).await,
+        Command::Manpages(args) => {
+            for path in args.write().with_context(|| format!("writing man pages into {}", args.dir.display()))? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         Command::Completions(args) => {
             args.write(&mut std::io::stdout().lock());
             Ok(())

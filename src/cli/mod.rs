@@ -54,11 +54,7 @@ pub fn command() -> clap::Command {
             .filter_map(|a| Some((a.get_id().to_string(), a.get_long()?.to_owned())))
             .filter(|(_, long)| !matches!(long.as_str(), "url" | "url-file" | "help" | "version"))
             .collect();
-        longs.into_iter().fold(connect, |c, (id, long)| {
-            // Built once per run: leaking a few dozen short names is the simplest 'static.
-            let var: &'static str = Box::leak(format!("TUNBUS_{}", long.to_uppercase().replace('-', "_")).into_boxed_str());
-            c.mut_arg(id, |a| a.env(var))
-        })
+        longs.into_iter().fold(connect, |c, (id, long)| c.mut_arg(id, |a| a.env(format!("TUNBUS_{}", long.to_uppercase().replace('-', "_")))))
     })
 }
 
@@ -169,6 +165,40 @@ pub enum Command {
     /// Print a shell completion script: `source <(agent completions bash)`, or save it where
     /// the shell looks (bash: /usr/share/bash-completion/completions/agent).
     Completions(CompletionsArgs),
+    /// Write the man pages (agent.1 and one per subcommand) into DIR, for packaging.
+    #[command(hide = true)]
+    Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ManpagesArgs {
+    /// Folder to write `agent.1`, `agent-connect.1`, … into (created if missing).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+impl ManpagesArgs {
+    /// Writes one page for `agent` and one for each visible subcommand, from the same
+    /// definitions as `--help` (so they cannot drift).
+    pub fn write(&self) -> std::io::Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(&self.dir)?;
+        let root = command().name("agent");
+        let mut written = Vec::new();
+        let mut page = |cmd: clap::Command, name: &str| -> std::io::Result<()> {
+            let path = self.dir.join(format!("{name}.1"));
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            std::fs::write(&path, out)?;
+            written.push(path);
+            Ok(())
+        };
+        for sub in root.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let name = format!("agent-{}", sub.get_name());
+            page(sub.clone().name(name.clone()).bin_name(format!("agent {}", sub.get_name())), &name)?;
+        }
+        page(root, "agent")?;
+        Ok(written)
+    }
 }
 
 #[derive(Debug, Args)]
