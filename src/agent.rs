@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::amqp::client::{self, Client, FailureClass};
+use crate::status::LinkState;
 use crate::worker::link::LinkContext;
 use crate::amqp::presence::{self, Announcements, Hello};
 use crate::amqp::BrokerState;
@@ -61,6 +62,8 @@ pub struct Agent {
     counters: AgentCounters,
     hist: Vec<Arc<Histograms>>,
     connected: Arc<AtomicUsize>,
+    /// Each link's state, for `agent status`.
+    links: Vec<Arc<LinkState>>,
     started: Instant,
 }
 
@@ -195,6 +198,7 @@ impl Agent {
             crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello)?)),
             crate::config::Wire::Ioppytest => None,
         };
+        let links: Vec<Arc<LinkState>> = (0..config.interface().queues).map(|_| Arc::new(LinkState::default())).collect();
         let link_context = |k: usize| LinkContext {
             config: config.clone(),
             index: k,
@@ -202,6 +206,7 @@ impl Agent {
             connected: connected.clone(),
             hello: if k == 0 { announcements.clone() } else { None },
             stop: stop_flag.clone(),
+            state: links.get(k).cloned().unwrap_or_default(),
         };
         let mut first_link = if config.bus().check_name {
             // Connection attempts of the start give up on Ctrl-C.
@@ -230,6 +235,7 @@ impl Agent {
             counters: AgentCounters::default(),
             hist: Vec::new(),
             connected: connected.clone(),
+            links: links.clone(),
             started: Instant::now(),
         };
         // Fault injection for the test that a dead worker is never silent (read once).
@@ -262,6 +268,7 @@ impl Agent {
             );
         }
         agent.watch_kernel_drops(&stop_rx);
+        agent.serve_status(claims, &stop_rx);
         agent.spawn_reports(metrics_listener, stop_rx);
         tracing::info!(
             agent = %config.name(),
@@ -327,6 +334,65 @@ impl Agent {
             }
             Err(e) => tracing::warn!(agent = %config.name(), error = %e, "cannot read the kernel's statistics of the interface; its tun_queue_full drops will not be reported"),
         }
+    }
+
+    /// The `agent status` socket, when the configuration has a folder for it. A socket
+    /// that cannot be made is a warning: the agent carries traffic without it.
+    fn serve_status(&mut self, claims: Option<Arc<std::sync::Mutex<Claims>>>, stop: &watch::Receiver<bool>) {
+        let Some(dir) = self.config.data_path().status_dir.clone() else { return };
+        let (listener, path) = match crate::status::bind(&dir, self.config.name()) {
+            Ok(bound) => bound,
+            Err(e) => {
+                tracing::warn!(agent = %self.config.name(), dir = %dir.display(), error = %e, "no agent status socket");
+                return;
+            }
+        };
+        let (config, links, counters, hist, started) = (self.config.clone(), self.links.clone(), self.counters.clone(), self.hist.clone(), self.started);
+        let sampled = counters.clone();
+        let sample = Arc::new(move || {
+            let s = crate::metrics::Snapshot::of(&sampled);
+            [s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes]
+        });
+        let status = Arc::new(move |rates| {
+            let nodes = &config.bus().endpoints;
+            let queues = links
+                .iter()
+                .enumerate()
+                .map(|(queue, l)| {
+                    let node = l.node().and_then(|i| nodes.get(i)).map(|e| e.url.to_string());
+                    crate::status::QueueStatus { queue, connected: node.is_some(), node }
+                })
+                .collect();
+            let table = match &config.identity().mode {
+                crate::identity::Mode::Strict(t) => Some(t.clone()),
+                crate::identity::Mode::FirstClaim => claims.as_ref().and_then(|c| c.lock().ok().map(|c| c.table())),
+                crate::identity::Mode::Off => None,
+            };
+            let mut peers: Vec<crate::status::PeerStatus> = table
+                .iter()
+                .flat_map(|t| t.users().map(|(user, prefixes)| crate::status::PeerStatus { user: user.to_owned(), addresses: prefixes.iter().map(ToString::to_string).collect() }))
+                .collect();
+            peers.sort_by(|a, b| a.user.cmp(&b.user));
+            crate::status::Status {
+                agent: config.name().to_owned(),
+                pid: std::process::id(),
+                session: config.bus().session.clone(),
+                wire: config.data_path().wire.name().to_owned(),
+                interface: config.interface().ifname.clone(),
+                netns: config.interface().netns.clone(),
+                queues,
+                rates,
+                identity: match config.identity().mode {
+                    crate::identity::Mode::Strict(_) => "strict",
+                    crate::identity::Mode::FirstClaim => "first-claim",
+                    crate::identity::Mode::Off => "off",
+                }
+                .to_owned(),
+                peers,
+                report: crate::status::report_value(&report::build(config.name(), started.elapsed(), &counters, &hist)),
+            }
+        });
+        self.tasks.spawn(crate::status::serve(listener, path, status, sample, stop.clone()));
     }
 
     /// Prometheus on `listener`, and the periodic stats line.

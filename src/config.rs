@@ -179,11 +179,13 @@ pub struct DataPath {
     pub stats_interval: Duration,
     /// Where to serve Prometheus metrics (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Folder of the `agent status` socket (`None`: no socket; the lab's in-process agents).
+    pub status_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for DataPath {
     fn default() -> DataPath {
-        DataPath { wire: Wire::Native, cpus: Vec::new(), offload_from_bus: true, max_batch_bytes: 256 * 1024, stats_interval: Duration::from_secs(5), metrics_addr: None }
+        DataPath { wire: Wire::Native, cpus: Vec::new(), offload_from_bus: true, max_batch_bytes: 256 * 1024, stats_interval: Duration::from_secs(5), metrics_addr: None, status_dir: Some(crate::status::DEFAULT_DIR.into()) }
     }
 }
 

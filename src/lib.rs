@@ -21,6 +21,7 @@
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
 //! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
+//! - [`status`]: `agent status`, the local control socket of a running agent.
 //! - [`provision`]: `agent provision`, a session's vhost, users and permissions.
 //! - [`util`]: the clock, the stop flag, the fixed hashes and the seeded generator.
 //! - `fuzzing`: the bodies of the fuzz targets, replayed by `tests/corpus.rs` (hidden).
@@ -40,6 +41,7 @@ pub mod lab;
 pub mod metrics;
 pub mod provision;
 pub mod route;
+pub mod status;
 pub mod sys;
 pub mod tun;
 pub mod util;

@@ -96,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(args) => lab(args).await,
         Command::Route(args) => route(args).await,
         Command::Provision(args) => provision(args).await,
+        Command::Status(args) => status(args),
         Command::Manpages(args) => {
             for path in args.write().with_context(|| format!("writing man pages into {}", args.dir.display()))? {
                 println!("{}", path.display());
@@ -215,6 +216,34 @@ fn stop_on_signal() -> anyhow::Result<(Stop, watch::Receiver<bool>)> {
         }
     });
     Ok((stop, rx))
+}
+
+/// `agent status`: every local agent's status, or one's.
+fn status(args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
+    use tunbus::status;
+    let sockets = status::sockets(&args.dir, args.name.as_deref()).map_err(|e| Failure::new(Exit::Local, e))?;
+    if sockets.is_empty() {
+        if !args.json {
+            println!("no agents running on this host (no sockets in {})", args.dir.display());
+        }
+        return Ok(());
+    }
+    let mut failed = None;
+    for (i, path) in sockets.iter().enumerate() {
+        match status::query(path) {
+            Ok(s) if args.json => println!("{}", serde_json::to_string(&s)?),
+            Ok(s) => print!("{}{s}", if i > 0 { "\n" } else { "" }),
+            // A socket left by an agent that was killed: say so, keep going.
+            Err(e) => {
+                eprintln!("{e}");
+                failed = Some(e);
+            }
+        }
+    }
+    match (failed, args.name) {
+        (Some(e), Some(_)) => Err(Failure::new(Exit::Local, e).into()),
+        _ => Ok(()),
+    }
 }
 
 async fn peers(args: PeersArgs) -> anyhow::Result<()> {

@@ -240,3 +240,49 @@ fn a_dead_worker_ends_the_agent_with_its_exit_code() {
     let links = ns.exec(&["ip", "-o", "link"]);
     assert!(!String::from_utf8_lossy(&links.stdout).contains("tb0"), "interface left behind");
 }
+
+/// `agent status` against two running agents: their links and nodes, peers, and the same
+/// counters `--stats-json` reports at exit for the same traffic; the sockets go with them.
+#[test]
+fn status_shows_links_peers_and_the_counters_of_the_exit_report() {
+    if !system_ready("status_shows_links_peers_and_the_counters_of_the_exit_report") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("status"));
+    let dir_text = dir.display().to_string();
+    let mut p = Pair::start(41, &["--status-dir", &dir_text, "--queues", "2"]);
+    let (ok, out) = ping(&p.ns_a, &p.v4[1], 10);
+    assert!(ok, "{out}");
+    let status = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_agent")).arg("status").args(args).args(["--dir", &dir_text]).output().expect("agent status");
+    let out = status(&["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let of = |name: &str| all.iter().find(|s| s["agent"] == name).cloned().unwrap_or_else(|| panic!("no status of {name}: {all:?}"));
+    let (sa, sb) = (of(&p.a.name), of(&p.b.name));
+    for s in [&sa, &sb] {
+        let queues = s["queues"].as_array().expect("queues");
+        assert_eq!(queues.len(), 2, "{s}");
+        assert!(queues.iter().all(|q| q["connected"] == true && q["node"].as_str().is_some_and(|n| n.contains("127.0.0.1:5672") && !n.contains(":guest@"))), "{s}");
+        assert_eq!(s["identity"], "first-claim", "{s}");
+    }
+    let heard: Vec<String> = sa["peers"].as_array().expect("peers").iter().flat_map(|p| p["addresses"].as_array().cloned().unwrap_or_default()).filter_map(|a| a.as_str().map(str::to_owned)).collect();
+    assert!(heard.contains(&format!("{}/32", p.v4[1])), "a has not heard b: {heard:?}");
+    let text = String::from_utf8_lossy(&status(&[&p.a.name]).stdout).into_owned();
+    assert!(text.contains(&format!("agent: {}", p.a.name)) && text.contains("queue 1: connected to amqp://guest:***@127.0.0.1:5672") && text.contains("latency: p50"), "{text}");
+
+    let (ra, rb) = (p.a.interrupt(), p.b.interrupt());
+    // The same traffic: the exit report has what status had, plus at most what the kernel
+    // sent on its own in between (neighbour discovery, MLD).
+    for (live, exit) in [(&sa["report"], &ra), (&sb["report"], &rb)] {
+        for key in ["tx_packets", "rx_packets"] {
+            let (l, e) = (live[key].as_u64().expect("live count"), exit[key].as_u64().expect("exit count"));
+            assert!(l >= 10 && e >= l && e - l <= 10, "{key}: status {l}, exit report {e}");
+        }
+        assert_eq!(live["drops"], exit["drops"], "drops differ");
+    }
+    assert!(!dir.join(format!("{}.sock", p.a.name)).exists(), "socket left behind");
+    assert!(String::from_utf8_lossy(&status(&[]).stdout).contains("no agents running"));
+    assert_eq!(status(&[&p.a.name]).status.code(), Some(9));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -162,6 +162,9 @@ pub enum Command {
     /// Create (or with --revoke remove) a session on a shared broker: its vhost and
     /// exchange, one user per agent with its own permissions, URL files and a peers file.
     Provision(ProvisionArgs),
+    /// Show the agents running on this host (like `wg show`): links and their broker
+    /// nodes, rates, drops by reason, latency, peers. Asks each agent's control socket.
+    Status(StatusArgs),
     /// Print a shell completion script: `source <(agent completions bash)`, or save it where
     /// the shell looks (bash: /usr/share/bash-completion/completions/agent).
     Completions(CompletionsArgs),
@@ -199,6 +202,18 @@ impl ManpagesArgs {
         page(root, "agent")?;
         Ok(written)
     }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this agent [default: every agent on this host].
+    pub name: Option<String>,
+    /// One JSON object per agent per line (the report inside is `--stats-json`'s).
+    #[arg(long)]
+    pub json: bool,
+    /// Where the agents' sockets are (their --status-dir).
+    #[arg(long, value_name = "DIR", default_value = crate::status::DEFAULT_DIR)]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -560,6 +575,9 @@ pub struct ConnectArgs {
     /// 127.0.0.1:PORT). Off by default.
     #[arg(long, value_name = "[HOST:]PORT")]
     pub metrics_addr: Option<String>,
+    /// Folder of this agent's control socket for `agent status` (made root-only).
+    #[arg(long, value_name = "DIR", default_value = crate::status::DEFAULT_DIR)]
+    pub status_dir: PathBuf,
     /// Write the final report as JSON to this file on exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
@@ -735,6 +753,7 @@ impl ConnectArgs {
             max_batch_bytes: self.max_batch_bytes as usize,
             stats_interval,
             metrics_addr,
+            status_dir: Some(self.status_dir),
         };
         let mut start_within = self.start_within;
         if start_within.is_empty() {

@@ -506,7 +506,7 @@ impl Lab {
             router_solicitations: 0, // a lab has no router: nothing to solicit
             ..Interface::default()
         };
-        let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, ..DataPath::default() };
+        let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, status_dir: None, ..DataPath::default() };
         let c = AgentConfig::new(&host.name, bus, interface)?.with_data_path(data_path)?;
         let user = user.unwrap_or_else(|| c.identity().user.clone());
         let mode = match &self.identities {

@@ -67,6 +67,8 @@ pub struct LinkContext {
     pub hello: Option<Arc<Announcements>>,
     /// The agent's stop flag: a connection attempt gives up when it is raised.
     pub stop: Stop,
+    /// Whether this link is up and on which node, for `agent status`.
+    pub state: Arc<crate::status::LinkState>,
 }
 
 impl LinkContext {
@@ -211,6 +213,7 @@ impl Reconnect {
         self.ever_up = true;
         self.backoff.reset();
         self.node = node;
+        ctx.state.up(node);
         ctx.connected.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(agent = %ctx.config.name(), queue = ctx.index, node, "link connected");
     }
@@ -218,6 +221,7 @@ impl Reconnect {
     /// A connection that was up is gone: the next attempt starts with the next node, so a
     /// dead node costs one failed attempt, not one per retry.
     pub fn lost(&mut self, ctx: &LinkContext, error: &Error) {
+        ctx.state.down();
         ctx.connected.fetch_sub(1, Ordering::AcqRel);
         let nodes = ctx.config.bus().endpoints.len().max(1);
         if !matches!(error, Error::Stopped) && nodes > 1 {
