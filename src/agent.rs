@@ -399,7 +399,8 @@ impl Agent {
     fn spawn_reports(&mut self, listener: Option<tokio::net::TcpListener>, stop: watch::Receiver<bool>) {
         let name = self.config.name().to_owned();
         if let Some(listener) = listener {
-            self.tasks.spawn(crate::metrics::prometheus::serve(listener, name.clone(), self.counters.clone(), self.hist.clone(), stop.clone()));
+            let sources = crate::metrics::prometheus::Sources { agent: name.clone(), counters: self.counters.clone(), hist: self.hist.clone(), links: self.links.clone() };
+            self.tasks.spawn(crate::metrics::prometheus::serve(listener, sources, stop.clone()));
         }
         let every = self.config.data_path().stats_interval;
         if !every.is_zero() {

@@ -9,7 +9,6 @@
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,27 +21,7 @@ use crate::metrics::report::Report;
 /// Where agents put their sockets unless told otherwise.
 pub const DEFAULT_DIR: &str = "/run/tunbus";
 
-/// The state of one link, shared by its worker (writer) and the status server (reader).
-#[derive(Debug, Default)]
-pub struct LinkState {
-    /// 0: not connected; i + 1: connected to node i.
-    node: AtomicUsize,
-}
-
-impl LinkState {
-    pub fn up(&self, node: usize) {
-        self.node.store(node + 1, Ordering::Relaxed);
-    }
-
-    pub fn down(&self) {
-        self.node.store(0, Ordering::Relaxed);
-    }
-
-    /// The node connected to, if any.
-    pub fn node(&self) -> Option<usize> {
-        self.node.load(Ordering::Relaxed).checked_sub(1)
-    }
-}
+pub use crate::metrics::LinkState;
 
 /// One queue's link as `agent status` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -219,18 +198,6 @@ impl std::fmt::Display for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn link_state_says_which_node() {
-        let s = LinkState::default();
-        assert_eq!(s.node(), None);
-        s.up(0);
-        assert_eq!(s.node(), Some(0));
-        s.up(2);
-        assert_eq!(s.node(), Some(2));
-        s.down();
-        assert_eq!(s.node(), None);
-    }
 
     #[test]
     fn sockets_lists_only_sockets_in_order() {

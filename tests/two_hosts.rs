@@ -207,12 +207,16 @@ fn metrics_endpoint_counts_what_crossed() {
     let p = Pair::start_with(8, &["--metrics-addr", &port_text], &[]);
     let (ok, out) = ping(&p.ns_a, &p.v4[1], 10);
     assert!(ok, "{out}");
+    // A scraper that connects and says nothing holds no other (it is dropped after 2 s).
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint listens");
+    let asked = std::time::Instant::now();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint listens");
     use std::io::{Read, Write};
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("response");
     assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(asked.elapsed() < Duration::from_millis(1500), "the scrape waited for the silent client: {:?}", asked.elapsed());
     let value = |name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -224,6 +228,9 @@ fn metrics_endpoint_counts_what_crossed() {
     assert!(value("tunbus_tx_packets_total{") >= 10.0, "{text}");
     assert!(value("tunbus_rx_packets_total{") >= 10.0, "{text}");
     assert!(value("tunbus_one_way_latency_seconds_count{") >= 10.0, "{text}");
+    assert!(value("tunbus_one_way_latency_seconds_bucket{") <= value("tunbus_one_way_latency_seconds_count{"), "{text}");
+    assert_eq!(value("tunbus_link_connected{"), 1.0, "{text}");
+    assert_eq!(value("tunbus_build_info{"), 1.0, "{text}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ pub mod kernel;
 pub mod prometheus;
 pub mod report;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -333,6 +333,28 @@ impl Drop for LocalHistogram {
     }
 }
 
+/// The state of one link, shared by its worker (writer) and the status server (reader).
+#[derive(Debug, Default)]
+pub struct LinkState {
+    /// 0: not connected; i + 1: connected to node i.
+    node: AtomicUsize,
+}
+
+impl LinkState {
+    pub fn up(&self, node: usize) {
+        self.node.store(node + 1, Ordering::Relaxed);
+    }
+
+    pub fn down(&self) {
+        self.node.store(0, Ordering::Relaxed);
+    }
+
+    /// The node connected to, if any.
+    pub fn node(&self) -> Option<usize> {
+        self.node.load(Ordering::Relaxed).checked_sub(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,4 +384,17 @@ mod tests {
         h.maybe_fold(Instant::now(), true);
         assert_eq!(shared.lock().unwrap().len(), 5);
     }
+
+    #[test]
+    fn link_state_says_which_node() {
+        let s = LinkState::default();
+        assert_eq!(s.node(), None);
+        s.up(0);
+        assert_eq!(s.node(), Some(0));
+        s.up(2);
+        assert_eq!(s.node(), Some(2));
+        s.down();
+        assert_eq!(s.node(), None);
+    }
+
 }

@@ -49,14 +49,20 @@ pub struct Report {
     pub batch_bytes: Percentiles,
 }
 
-/// Merges one histogram of every queue.
-pub fn merged<'a>(hists: impl IntoIterator<Item = &'a SharedHistogram>) -> Percentiles {
+/// One histogram of every queue, merged.
+pub fn merged_histogram<'a>(hists: impl IntoIterator<Item = &'a SharedHistogram>) -> hdrhistogram::Histogram<u64> {
     let mut all = new_histogram();
     for h in hists {
         if let Ok(h) = h.lock() {
             let _ = all.add(&*h);
         }
     }
+    all
+}
+
+/// Percentiles of one histogram of every queue, merged.
+pub fn merged<'a>(hists: impl IntoIterator<Item = &'a SharedHistogram>) -> Percentiles {
+    let all = merged_histogram(hists);
     if all.is_empty() {
         return Percentiles::default();
     }
