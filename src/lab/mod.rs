@@ -16,6 +16,7 @@
 pub mod broker;
 pub mod guard;
 pub mod plan;
+pub mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -343,6 +344,7 @@ impl Lab {
         }
         let t0 = Instant::now();
         self.create_namespaces()?;
+        let mut progress = progress::Progress::new("hosts started", self.hosts.len(), t0);
         for host in self.hosts.clone() {
             if *stop.borrow() {
                 bail!("interrupted during bring-up");
@@ -352,9 +354,17 @@ impl Lab {
                 bail!("interrupted during bring-up");
             };
             self.agents.push(agent);
+            progress.update(self.agents.len());
         }
+        progress.finish();
+        let mut progress = progress::Progress::new("hosts connected", self.agents.len(), t0);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.agents.iter().all(Agent::connected) {
+        loop {
+            let connected = self.agents.iter().filter(|a| a.connected()).count();
+            progress.update(connected);
+            if connected == self.agents.len() {
+                break;
+            }
             if Instant::now() > deadline {
                 let down: Vec<_> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name().to_owned()).collect();
                 bail!("{} host(s) could not reach the broker within 60 s: {}", down.len(), down.join(" "));
@@ -364,6 +374,7 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        progress.finish();
         report.bring_up_s = t0.elapsed().as_secs_f64();
         let n = self.endpoints.len().max(1);
         report.nodes = self.endpoints.iter().enumerate().map(|(i, e)| (e.url.authority(), (0..self.hosts.len()).filter(|h| h % n == i).count())).collect();
