@@ -32,6 +32,8 @@ root=$(mktemp -d "${TMPDIR:-/tmp}/tunbus-deb.XXXXXX")
 trap 'rm -rf "$root"' EXIT
 
 install -D -m 0755 "$binary" "$root/usr/bin/agent"
+# Debug information stays in the build tree (the release profile keeps it for perf).
+if command -v strip >/dev/null; then strip --strip-debug "$root/usr/bin/agent"; fi
 ln -s agent "$root/usr/bin/ioppytest-agent"
 "$binary" manpages "$root/usr/share/man/man1" >/dev/null
 gzip -9n "$root"/usr/share/man/man1/*.1
