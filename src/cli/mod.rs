@@ -28,7 +28,9 @@ use crate::route;
 Each agent owns a multi-queue TUN interface. Packets the kernel routes into it are batched \
 and published to the broker with a routing key naming their destination; the agent that owns \
 that address consumes them and writes them into its own TUN.\n\n\
-Logging: RUST_LOG (e.g. RUST_LOG=debug) controls verbosity; the default is info.",
+Logging: RUST_LOG (e.g. RUST_LOG=debug) controls verbosity; the default is info.\n\n\
+Invoked as ioppytest-agent (a symlink), connect speaks the Python ioppytest-agent's wire by \
+default and accepts its 0.2.20 flags.",
     after_help = crate::exit::TABLE
 )]
 pub struct Cli {
