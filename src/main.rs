@@ -233,7 +233,13 @@ fn status(args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
         match status::query(path) {
             Ok(s) if args.json => println!("{}", serde_json::to_string(&s)?),
             Ok(s) => print!("{}{s}", if i > 0 { "\n" } else { "" }),
-            // A socket left by an agent that was killed: say so, keep going.
+            // A socket left by an agent that was killed: remove it, keep going.
+            Err(_) if status::is_stale(path) && std::fs::remove_file(path).is_ok() => {
+                eprintln!("removed {}: its agent is gone (killed before it could remove it)", path.display());
+                if args.name.is_some() {
+                    failed = Some(format!("agent {} is not running", args.name.as_deref().unwrap_or_default()));
+                }
+            }
             Err(e) => {
                 eprintln!("{e}");
                 failed = Some(e);

@@ -4,7 +4,9 @@
 //! folder is made root-only, the socket 0600). A client connects and reads one JSON
 //! document, [`Status`], then the agent closes: there is no request to parse, so nothing a
 //! client writes can reach the agent. The report inside is the one `--stats-json` writes at
-//! exit, so scripts read both the same way.
+//! exit, so scripts read both the same way. An agent removes its socket when it stops; one
+//! killed with SIGKILL cannot, and `agent status` removes what such an agent left (as the
+//! next start of an agent of that name would).
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -140,6 +142,12 @@ pub fn query(path: &Path) -> Result<Status, String> {
     let mut body = Vec::new();
     stream.read_to_end(&mut body).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&body).map_err(|e| format!("{}: not a status reply: {e}", path.display()))
+}
+
+/// Whether `path` is a socket no agent listens on any more (its agent was killed before it
+/// could remove it): connecting is refused.
+pub fn is_stale(path: &Path) -> bool {
+    matches!(std::os::unix::net::UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// The sockets in `dir`: every agent's, or only `name`'s.

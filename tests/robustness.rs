@@ -330,6 +330,10 @@ fn killed_at_random_moments_nothing_is_left() {
     };
     let mut queue_prefixes = Vec::new();
     let mut done = Vec::new();
+    // The agents' status sockets: a killed agent cannot remove its own; `agent status`
+    // removes what it left.
+    let status_dir = std::env::temp_dir().join(unique("killst"));
+    let status_text = status_dir.display().to_string();
     // Of every 5 kills: 2 agents, 2 labs on the machine's broker (one --keep), 1 lab on a
     // private node; each at a random moment from start-up to teardown.
     for round in 0..rounds {
@@ -343,7 +347,7 @@ fn killed_at_random_moments_nothing_is_left() {
             let ns = Netns::new();
             let name = unique("kill");
             queue_prefixes.push(format!("tunbus.{name}."));
-            let mut agent = AgentProc::start(&name, &["--netns", &ns.name, "--ipv4", "198.18.62.1/24", "--queues", "2"]);
+            let mut agent = AgentProc::start(&name, &["--netns", &ns.name, "--ipv4", "198.18.62.1/24", "--queues", "2", "--status-dir", &status_text]);
             std::thread::sleep(at);
             agent.stop_with(libc::SIGKILL, Duration::from_secs(5));
             // The TUN closes with the process; nothing of it stays here or there.
@@ -381,6 +385,11 @@ fn killed_at_random_moments_nothing_is_left() {
     }
     let left = queues_with(&queue_prefixes);
     assert!(left.is_empty(), "seed {seed}: queues left behind: {left:?}");
+    let swept = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(["status", "--dir", &status_text]).output().expect("agent status");
+    assert!(swept.status.success(), "{}", String::from_utf8_lossy(&swept.stderr));
+    let sockets: Vec<_> = std::fs::read_dir(&status_dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(sockets.is_empty(), "seed {seed}: status sockets left after agent status: {sockets:?}");
+    let _ = std::fs::remove_dir(&status_dir);
     println!("seed {seed}: {rounds} kills, nothing left: {}", done.join(", "));
 }
 
