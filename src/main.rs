@@ -236,8 +236,8 @@ fn status(args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
             // A socket left by an agent that was killed: remove it, keep going.
             Err(_) if status::is_stale(path) && std::fs::remove_file(path).is_ok() => {
                 eprintln!("removed {}: its agent is gone (killed before it could remove it)", path.display());
-                if args.name.is_some() {
-                    failed = Some(format!("agent {} is not running", args.name.as_deref().unwrap_or_default()));
+                if let Some(name) = &args.name {
+                    failed = Some(format!("agent {name} is not running"));
                 }
             }
             Err(e) => {

@@ -165,8 +165,9 @@ pub fn sockets(dir: &Path, name: Option<&str>) -> Result<Vec<PathBuf>, String> {
     Ok(all)
 }
 
+/// A rate in bits/s, written as the reports write theirs.
 fn rate(bits_per_s: f64) -> String {
-    format!("{:.2} Mbit/s", bits_per_s / 1e6)
+    crate::metrics::report::bits_per_s((bits_per_s / 8.0) as u64, Duration::from_secs(1))
 }
 
 impl std::fmt::Display for Status {
