@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes a Debian machine ready for tunbus, as root: installs what is missing
-# (iproute2, ping, iperf3, openssl, RabbitMQ) and starts the broker when it is not running.
+# (iproute2, ping, iperf3, tcpdump, openssl, RabbitMQ) and starts the broker when it is not running.
 # Idempotent and quiet when everything is already there. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+command -v tcpdump >/dev/null 2>&1 || missing+=(tcpdump)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /usr/sbin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)

@@ -44,6 +44,10 @@ const STALE_WAIT: Duration = Duration::from_secs(65);
 /// How long a live owner of the name has to answer the probe.
 const NAME_PROBE_WAIT: Duration = Duration::from_millis(1500);
 
+/// How often the `--emulate-to` peers' hellos are asked for while one is unknown.
+pub const LEARN_AGAIN: Duration = Duration::from_secs(2);
+/// How often they are asked for once all are known (an agent may come back elsewhere).
+pub const LEARN_KNOWN: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the links to delete their queues and close.
 const CLOSE_GRACE: Duration = Duration::from_millis(1200);
 /// How often the kernel's drops on the TUN are read.
@@ -240,6 +244,14 @@ impl Agent {
         };
         // Fault injection for the test that a dead worker is never silent (read once).
         let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
+        let emulation = Arc::new(crate::emulate::Links::new(config.data_path().emulation.clone(), now_ns()));
+        if !emulation.emulation().is_off() {
+            let e = emulation.emulation();
+            let to: Vec<String> = e.to.iter().map(|(peer, spec)| format!("{peer}='{spec}'")).collect();
+            let all = e.all.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into());
+            tracing::info!(agent = %config.name(), all = %all, to = %to.join(" "), seed = e.seed, "link emulation on (the same --emulate-seed replays the same decisions)");
+            agent.learn_emulated_peers(&emulation)?;
+        }
         for q in dev.queues {
             let k = q.index();
             let setup = WorkerSetup {
@@ -253,6 +265,7 @@ impl Agent {
                 trust: trust.clone(),
                 claims: if k == 0 { claims.clone() } else { None },
                 connected: if k == 0 { first_link.take() } else { None },
+                shaper: emulation.shaper(k),
             };
             agent.spawn_worker(setup, k == 0 && fault_worker_panic)?;
         }
@@ -280,6 +293,35 @@ impl Agent {
             "agent up"
         );
         Ok(Some(agent))
+    }
+
+    /// `--emulate-to` names agents: their addresses come from their hellos, asked for now,
+    /// again every [`LEARN_AGAIN`] until every peer is known, then every [`LEARN_KNOWN`].
+    fn learn_emulated_peers(&mut self, links: &Arc<crate::emulate::Links>) -> anyhow::Result<()> {
+        if links.peers().next().is_none() {
+            return Ok(());
+        }
+        let (links, config, stop) = (links.clone(), self.config.clone(), self.stop_flag.clone());
+        let learn = move || {
+            while !stop.is_raised() {
+                match presence::discover(&config.bus().endpoints, &config.bus().exchange, Duration::from_secs(1), &stop) {
+                    Ok(found) => {
+                        for peer in found.iter().filter(|p| links.peers().any(|n| n == p.hello.name)) {
+                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()).collect();
+                            links.learn(&peer.hello.name, &addrs);
+                        }
+                    }
+                    Err(e) => tracing::debug!(agent = %config.name(), error = %e, "asking for the emulated peers' hellos"),
+                }
+                let again = Instant::now() + if links.all_known() { LEARN_KNOWN } else { LEARN_AGAIN };
+                while !stop.is_raised() && Instant::now() < again {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        let handle = std::thread::Builder::new().name(format!("emu-{}", self.config.name())).spawn(learn).context("spawning the emulation's peer thread")?;
+        self.helpers.push(handle);
+        Ok(())
     }
 
     /// Starts queue worker k on its own thread, pinned when `--cpus` says so (`die`: the

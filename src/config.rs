@@ -181,11 +181,25 @@ pub struct DataPath {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Folder of the `agent status` socket (`None`: no socket; the lab's in-process agents).
     pub status_dir: Option<std::path::PathBuf>,
+    /// Link emulation on egress (`--emulate`, `--emulate-to`, `--emulate-seed`).
+    pub emulation: crate::emulate::Emulation,
+    /// Where to write what crosses the TUN, both directions (`--pcap`).
+    pub pcap: Option<std::path::PathBuf>,
 }
 
 impl Default for DataPath {
     fn default() -> DataPath {
-        DataPath { wire: Wire::Native, cpus: Vec::new(), offload_from_bus: true, max_batch_bytes: 256 * 1024, stats_interval: Duration::from_secs(5), metrics_addr: None, status_dir: Some(crate::status::DEFAULT_DIR.into()) }
+        DataPath {
+            wire: Wire::Native,
+            cpus: Vec::new(),
+            offload_from_bus: true,
+            max_batch_bytes: 256 * 1024,
+            stats_interval: Duration::from_secs(5),
+            metrics_addr: None,
+            status_dir: Some(crate::status::DEFAULT_DIR.into()),
+            emulation: crate::emulate::Emulation::default(),
+            pcap: None,
+        }
     }
 }
 

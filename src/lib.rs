@@ -5,6 +5,8 @@
 //! - [`config`]: one agent's configuration, built from checked parts (bus, interface, data
 //!   path, identity, ioppytest); nothing can change it after the checks.
 //! - [`agent`]: one agent's life cycle: join the bus, TUN, workers, presence, reports.
+//! - [`emulate`]: link emulation on egress (tc-netem's words, seeded decisions, the delay
+//!   line).
 //! - [`exit`]: exit codes, one per class of failure.
 //! - [`tun`]: the multi-queue TUN device with offloads and its configuration.
 //! - [`sys`]: every call into the OS the standard library does not wrap (the only module
@@ -32,6 +34,7 @@ pub mod amqp;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod emulate;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -523,10 +523,28 @@ pub struct ConnectArgs {
     /// tunbus always configures its interface (the flag defaulted to on there too).
     #[arg(long)]
     pub force_bootstrap: bool,
-    /// Accepted so that ioppytest-agent 0.2.20 scripts run unchanged (it did nothing there
-    /// either). tunbus has no per-agent capture yet: it warns and carries on.
+    /// What ioppytest-agent 0.2.20 promised (it did nothing there): --pcap NAME.pcapng.
     #[arg(long)]
     pub dump: bool,
+    /// Write what crosses this agent's TUN, both directions, to FILE (pcapng, raw IP,
+    /// stamped when read or written). A writer thread of its own: when it falls behind,
+    /// packets are left out of the file and counted, never delayed.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+    /// Emulate a link on everything this agent sends, in tc-netem's words: 'delay 20ms 2ms
+    /// loss 1% rate 100mbit'; also loss gemodel P R [1-H [1-K]], duplicate P%, reorder P%,
+    /// limit PACKETS, flap UP DOWN. Random decisions come from --emulate-seed.
+    #[arg(long, value_name = "SPEC", value_parser = parse_spec)]
+    pub emulate: Option<crate::emulate::Spec>,
+    /// Emulate a link towards one agent (by name; its addresses come from its hellos),
+    /// instead of --emulate for its packets: h2='delay 50ms loss gemodel 1% 10%'. Repeat
+    /// for more peers.
+    #[arg(long, value_name = "PEER=SPEC", value_parser = crate::emulate::Emulation::parse_to)]
+    pub emulate_to: Vec<(String, crate::emulate::Spec)>,
+    /// Seed of every random decision of the emulation: the same seed and the same packets
+    /// give the same drops, delays and reorders (to replay a failing run).
+    #[arg(long, value_name = "N", default_value_t = crate::emulate::DEFAULT_SEED)]
+    pub emulate_seed: u64,
     /// With --wire ioppytest: the broker user whose toAgent.<NAME>.ip.tun.start orders
     /// count [default: this agent's own broker user]; others are refused and counted.
     #[arg(long, value_name = "USER")]
@@ -667,13 +685,15 @@ pub fn parse_cpus(text: &str) -> anyhow::Result<Vec<usize>> {
     Ok(cpus)
 }
 
+fn parse_spec(text: &str) -> Result<crate::emulate::Spec, String> {
+    text.parse().map_err(|e: crate::emulate::SpecError| e.to_string())
+}
+
 impl ConnectArgs {
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
         let endpoints = self.bus.broker.endpoints()?;
         let heartbeat = self.bus.broker.heartbeat()?;
-        if self.dump {
-            tracing::warn!("--dump: tunbus has no per-agent capture yet; carrying on without one");
-        }
+        let pcap = self.pcap.or_else(|| self.dump.then(|| PathBuf::from(format!("{}.pcapng", self.name))));
         if let Some(p) = self.ipv4.iter().find(|p| !p.addr.is_ipv4()) {
             bail!("--ipv4 {p} is not an IPv4 address");
         }
@@ -756,6 +776,8 @@ impl ConnectArgs {
             stats_interval,
             metrics_addr,
             status_dir: Some(self.status_dir),
+            emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed },
+            pcap,
         };
         let mut start_within = self.start_within;
         if start_within.is_empty() {

@@ -1,5 +1,6 @@
-//! The wire formats: message bodies (the native format v1, the ioppytest JSON form) and the
-//! virtio header that precedes each packet.
+//! The wire formats: message bodies (the native format v1, the ioppytest JSON form), the
+//! virtio header that precedes each packet, and the cutting of a super-packet into the
+//! wire-sized packets it stands for (`segment`: capture and emulation).
 //!
 //! Pure code: bytes in, frames out. No I/O, no clock, no async, no `unsafe`, so it is
 //! unit-tested, property-tested and fuzzed (`fuzz/`, replayed by `tests/corpus.rs`) in
@@ -8,5 +9,6 @@
 //! bytes and allocates nothing. The byte-level contract is `docs/wire-format.md`.
 
 pub mod ioppytest;
+pub mod segment;
 pub mod vnet;
 pub mod v1;

@@ -50,10 +50,12 @@ pub enum DropReason {
     /// A control message from someone not allowed to give it (`ip.tun.start` from a
     /// non-coordinator, an address outside the session's subnet, one start too many).
     ForgedControl,
+    /// Dropped by the link emulation on purpose (`--emulate`: loss, a flap, its limit).
+    Emulated,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -68,6 +70,7 @@ impl DropReason {
         DropReason::Spoofed,
         DropReason::NoIdentity,
         DropReason::ForgedControl,
+        DropReason::Emulated,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -87,6 +90,7 @@ impl DropReason {
             DropReason::Spoofed => "spoofed",
             DropReason::NoIdentity => "no_identity",
             DropReason::ForgedControl => "forged_control",
+            DropReason::Emulated => "emulated",
         }
     }
 }

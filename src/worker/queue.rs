@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::amqp::client::Client;
 use crate::codec::v1::VNET_HDR_LEN;
+use crate::emulate::Shaper;
 use crate::identity::claims::Claims;
 use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, RxCounters, TxCounters};
@@ -35,7 +36,7 @@ use crate::sys::{self, Interest};
 use crate::tun::TunQueue;
 use crate::util::{now_ns, Stop};
 
-use super::batch::{Batcher, MAX_READ};
+use super::batch::{Batcher, Outlet, MAX_READ};
 use super::link::{Link, LinkContext};
 use super::rx::Receiver;
 use super::wire;
@@ -57,6 +58,8 @@ pub struct QueueWorker {
     classifier: Classifier,
     scratch: Vec<u8>,
     read_errors_logged: bool,
+    /// Link emulation (`--emulate`): packets wait in its delay line before their batch.
+    shaper: Option<Shaper>,
 }
 
 /// Turns a packet into its routing key.
@@ -67,6 +70,8 @@ struct Classifier {
     peers: Arc<PeerQueues>,
     /// The last unicast (destination, shard) and its key.
     last_unicast: Option<(IpAddr, u8, RoutingKey)>,
+    /// The destination of the last packet classified (`None`: a flood).
+    last_dst: Option<IpAddr>,
 }
 
 /// Everything queue worker k is built from.
@@ -86,13 +91,15 @@ pub struct WorkerSetup {
     pub claims: Option<Arc<Mutex<Claims>>>,
     /// The connection when it was opened before the worker (link 0 at start).
     pub connected: Option<(Client, usize)>,
+    /// This worker's link emulation, when there is one.
+    pub shaper: Option<Shaper>,
 }
 
 impl QueueWorker {
     /// A worker for TUN queue `setup.queue` and its link, with batches of up to
     /// `max_batch_bytes` (from the link's configuration).
     pub fn new(setup: WorkerSetup) -> QueueWorker {
-        let WorkerSetup { queue, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected } = setup;
+        let WorkerSetup { queue, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected, shaper } = setup;
         let config = link.config.clone();
         let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
         // invariant: the agent refuses a name that is not a topic word before it builds workers
@@ -115,9 +122,10 @@ impl QueueWorker {
             counters,
             stop,
             batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key),
-            classifier: Classifier { flood_key, own_v4, peers, last_unicast: None },
+            classifier: Classifier { flood_key, own_v4, peers, last_unicast: None, last_dst: None },
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
+            shaper,
         }
     }
 
@@ -134,6 +142,9 @@ impl QueueWorker {
             }
             if let Some(at) = self.link.next_deadline() {
                 timeout = timeout.min(at.saturating_duration_since(now));
+            }
+            if let Some(due) = self.shaper.as_ref().and_then(Shaper::next_due) {
+                timeout = timeout.min(Duration::from_nanos(due.saturating_sub(now_ns())));
             }
             if self.link.has_buffered() {
                 timeout = Duration::ZERO;
@@ -161,6 +172,10 @@ impl QueueWorker {
                     }
                     if t.read {
                         self.burst();
+                    } else if self.shaper.is_some() {
+                        self.batcher.begin_burst(now_ns());
+                        self.release_due();
+                        self.batcher.end_of_burst(now_ns(), &mut self.link);
                     } else {
                         self.batcher.end_of_burst(now_ns(), &mut self.link);
                     }
@@ -185,6 +200,9 @@ impl QueueWorker {
 
     /// Reads and batches up to BURST packets, then ends the burst.
     fn burst(&mut self) {
+        if self.shaper.is_some() {
+            return self.burst_shaped();
+        }
         self.batcher.begin_burst(now_ns());
         for _ in 0..BURST {
             if self.link.backlogged() {
@@ -218,6 +236,59 @@ impl QueueWorker {
     }
 }
 
+impl QueueWorker {
+    /// With link emulation: reads up to BURST packets into the delay line, then batches
+    /// those that are due and ends the burst.
+    fn burst_shaped(&mut self) {
+        let now = now_ns();
+        self.batcher.begin_burst(now);
+        for _ in 0..BURST {
+            if self.link.backlogged() {
+                break;
+            }
+            let n = match self.queue.read(&mut self.scratch) {
+                Ok(Some(n)) => n,
+                _ => break,
+            };
+            let Some(entry) = self.scratch.get(..n) else { break };
+            let key = match self.classifier.key(entry) {
+                Ok(key) => key,
+                Err(reason) => {
+                    self.counters.record_drop(reason, 1);
+                    continue;
+                }
+            };
+            let Some(shaper) = &mut self.shaper else { return };
+            let dropped = shaper.admit(entry, key, self.classifier.last_dst, now_ns());
+            if dropped > 0 {
+                self.counters.record_drop(DropReason::Emulated, dropped);
+            }
+        }
+        self.release_due();
+        self.batcher.end_of_burst(now_ns(), &mut self.link);
+    }
+
+    /// Moves the held packets that are due into their batches.
+    fn release_due(&mut self) {
+        let Some(shaper) = &mut self.shaper else { return };
+        let (batcher, link) = (&mut self.batcher, &mut self.link);
+        shaper.release(now_ns(), |key, entry| {
+            if link.backlogged() {
+                return false; // the broker is behind: the packet waits in the line
+            }
+            let Some(slot) = batcher.slot(link) else {
+                link.dropped(DropReason::NoBuffer, 1);
+                return true;
+            };
+            if let Some(place) = slot.get_mut(..entry.len()) {
+                place.copy_from_slice(entry);
+                batcher.commit(entry.len(), |_| Ok(key), link);
+            }
+            true
+        });
+    }
+}
+
 impl Classifier {
     /// The routing key of `entry` (virtio header and packet), or why it is not sent. A
     /// unicast key carries the flow's shard reduced to the receiver's queue count when
@@ -230,6 +301,10 @@ impl Classifier {
             return Err(DropReason::Mld);
         }
         let c = route::classify(packet).map_err(|_| DropReason::NotIp)?;
+        self.last_dst = match c.dst {
+            Destination::Flood => None,
+            Destination::Unicast(ip) => Some(ip),
+        };
         Ok(match c.dst {
             Destination::Flood => self.flood_key,
             Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => self.flood_key,

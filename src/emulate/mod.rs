@@ -1,0 +1,333 @@
+//! Link emulation in the agent: `--emulate SPEC` on all egress, `--emulate-to PEER=SPEC`
+//! towards one agent, every random decision from `--emulate-seed` (docs/decisions/0021).
+//!
+//! - [`spec`]: the tc-netem vocabulary, parsed and printed (pure);
+//! - [`model`]: the seeded decisions of one link, packet by packet (pure);
+//! - [`Emulation`]: what the configuration says (specs and seed);
+//! - [`Links`]: the agent's links at run time: the rate clocks the queue workers share,
+//!   and which addresses each `--emulate-to` peer has (learned from its hellos);
+//! - [`Shaper`]: queue worker k's side: one [`Emulator`] per link, the delay line of the
+//!   packets held, and the cutting of super-packets when packets are told apart by chance.
+//!
+//! Off (no spec given), the worker has no shaper and its path is unchanged: the check is
+//! one `Option` per burst. On, each packet read is copied once into the delay line and
+//! copied into its batch when it is due; the line's buffers are reused.
+
+pub mod model;
+pub mod spec;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use model::{Dropped, Emulator, RateClock, Verdict};
+pub use spec::{Spec, SpecError};
+
+use crate::codec::segment::Segmenter;
+use crate::codec::v1::VNET_HDR_LEN;
+use crate::route::RoutingKey;
+
+/// The seed when `--emulate-seed` is not given (the run prints it, to replay).
+pub const DEFAULT_SEED: u64 = 1;
+
+/// Most packets a worker holds for destinations without a spec (due at once; they wait
+/// only while the broker is behind).
+pub const MAX_HELD: usize = 10 * spec::DEFAULT_LIMIT;
+
+/// The size of a wire packet, for counting super-packets against `limit`.
+pub const WIRE_PACKET: usize = 1500;
+
+/// What the configuration asks for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Emulation {
+    /// Applies to every packet sent (`--emulate`).
+    pub all: Option<Spec>,
+    /// Applies to the packets for one agent, by name (`--emulate-to`), instead of `all`.
+    pub to: Vec<(String, Spec)>,
+    pub seed: u64,
+}
+
+impl Emulation {
+    pub fn is_off(&self) -> bool {
+        self.all.is_none() && self.to.is_empty()
+    }
+
+    /// `PEER=SPEC` as `--emulate-to` takes it.
+    pub fn parse_to(text: &str) -> Result<(String, Spec), String> {
+        let (peer, spec) = text.split_once('=').ok_or_else(|| format!("--emulate-to {text:?}: expected PEER=SPEC, e.g. h2='delay 50ms loss 1%'"))?;
+        let peer = peer.trim();
+        if peer.is_empty() {
+            return Err(format!("--emulate-to {text:?}: the peer's name is empty"));
+        }
+        Ok((peer.to_owned(), spec.parse().map_err(|e: SpecError| e.to_string())?))
+    }
+}
+
+/// One agent's links at run time, shared by its queue workers.
+pub struct Links {
+    emulation: Emulation,
+    all_rate: Arc<RateClock>,
+    to_rate: Vec<Arc<RateClock>>,
+    /// Which `to` peer each address belongs to, and a generation bumped on each change.
+    addresses: Mutex<HashMap<IpAddr, usize>>,
+    generation: AtomicU64,
+    start_ns: u64,
+}
+
+impl Links {
+    pub fn new(emulation: Emulation, start_ns: u64) -> Links {
+        let to_rate = emulation.to.iter().map(|_| Arc::default()).collect();
+        Links { emulation, all_rate: Arc::default(), to_rate, addresses: Mutex::default(), generation: AtomicU64::new(0), start_ns }
+    }
+
+    pub fn emulation(&self) -> &Emulation {
+        &self.emulation
+    }
+
+    /// The names of the `--emulate-to` peers.
+    pub fn peers(&self) -> impl Iterator<Item = &str> {
+        self.emulation.to.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Peer `name` has `addrs` (from its hello); the workers pick it up on their next packet.
+    pub fn learn(&self, name: &str, addrs: &[IpAddr]) {
+        let Some(i) = self.emulation.to.iter().position(|(n, _)| n == name) else { return };
+        let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|a, owner| *owner != i || addrs.contains(a));
+        let mut changed = map.len() != before;
+        for a in addrs {
+            changed |= map.insert(*a, i) != Some(i);
+        }
+        if changed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Whether every `--emulate-to` peer has addresses.
+    pub fn all_known(&self) -> bool {
+        let map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        (0..self.emulation.to.len()).all(|i| map.values().any(|o| *o == i))
+    }
+
+    /// Queue worker `queue`'s shaper, or `None` when nothing is emulated.
+    pub fn shaper(self: &Arc<Links>, queue: usize) -> Option<Shaper> {
+        if self.emulation.is_off() {
+            return None;
+        }
+        let seed = self.emulation.seed;
+        let stream = |link: u64| (queue as u64) << 32 | link;
+        let all = self.emulation.all.clone().map(|s| Emulator::new(s, seed, stream(0), self.all_rate.clone(), self.start_ns));
+        let to = self.emulation.to.iter().zip(&self.to_rate).enumerate().map(|(i, ((_, s), rate))| Emulator::new(s.clone(), seed, stream(i as u64 + 1), rate.clone(), self.start_ns)).collect();
+        Some(Shaper { links: self.clone(), all, to, seen: u64::MAX, addresses: HashMap::new(), line: DelayLine::default(), segmenter: Segmenter::new(), cut: Vec::new() })
+    }
+}
+
+/// Queue worker k's emulation: its decisions and the packets it holds.
+pub struct Shaper {
+    links: Arc<Links>,
+    all: Option<Emulator>,
+    to: Vec<Emulator>,
+    /// The generation of [`Links`]' addresses copied into `addresses`.
+    seen: u64,
+    addresses: HashMap<IpAddr, usize>,
+    line: DelayLine,
+    segmenter: Segmenter,
+    /// One segment of a super-packet, with a plain virtio header.
+    cut: Vec<u8>,
+}
+
+impl Shaper {
+    /// Hands `entry` (virtio header and packet) for `key` and `dst` (`None`: a flood) to
+    /// its link at `now_ns`: it is held until due, or dropped (returns how many packets
+    /// were dropped: a cut super-packet can lose some of its segments).
+    pub fn admit(&mut self, entry: &[u8], key: RoutingKey, dst: Option<IpAddr>, now_ns: u64) -> u64 {
+        self.refresh();
+        let Shaper { all, to, addresses, line, segmenter, cut, .. } = self;
+        let emulator = match dst.and_then(|d| addresses.get(&d).copied()) {
+            Some(i) => to.get_mut(i),
+            None => all.as_mut(),
+        };
+        let Some(emulator) = emulator else {
+            if line.len() >= MAX_HELD {
+                return 1;
+            }
+            line.hold(now_ns, key, entry); // no spec for this destination: due at once
+            return 0;
+        };
+        let (Some(vnet), Some(packet)) = (entry.first_chunk::<VNET_HDR_LEN>(), entry.get(VNET_HDR_LEN..)) else { return 1 };
+        if !emulator.spec().per_packet() || vnet[1] == 0 {
+            return Self::one(emulator, line, now_ns, key, entry);
+        }
+        // Each wire-sized packet of a super-packet gets its own draw.
+        let mut dropped = 0;
+        let result = segmenter.segments(Some(vnet), packet, |p| {
+            cut.clear();
+            cut.extend_from_slice(&[0; VNET_HDR_LEN]);
+            cut.extend_from_slice(p);
+            dropped += Self::one(emulator, line, now_ns, key, cut);
+        });
+        match result {
+            Ok(_) => dropped,
+            Err(_) => Self::one(emulator, line, now_ns, key, entry),
+        }
+    }
+
+    fn one(emulator: &mut Emulator, line: &mut DelayLine, now_ns: u64, key: RoutingKey, entry: &[u8]) -> u64 {
+        match emulator.decide(now_ns, entry.len().saturating_sub(VNET_HDR_LEN), line.packets()) {
+            Verdict::Drop(_) => 1,
+            Verdict::Send { at_ns, copies } => {
+                for _ in 0..copies {
+                    line.hold(at_ns, key, entry);
+                }
+                0
+            }
+        }
+    }
+
+    /// Copies the peers' addresses again when they changed.
+    fn refresh(&mut self) {
+        let generation = self.links.generation.load(Ordering::Acquire);
+        if generation != self.seen {
+            self.addresses = self.links.addresses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            self.seen = generation;
+        }
+    }
+
+    /// When the next held packet is due, in ns.
+    pub fn next_due(&self) -> Option<u64> {
+        self.line.next_due()
+    }
+
+    /// Gives each packet due at `now_ns` to `send`, in the order they are due, until
+    /// `send` says it cannot take one (it is then kept for the next call).
+    pub fn release(&mut self, now_ns: u64, mut send: impl FnMut(RoutingKey, &[u8]) -> bool) {
+        while let Some(slot) = self.line.peek_due(now_ns) {
+            let (key, entry) = &self.line.held[slot];
+            if !send(*key, entry) {
+                return;
+            }
+            self.line.pop();
+        }
+    }
+
+    /// Packets held.
+    pub fn held(&self) -> usize {
+        self.line.len()
+    }
+}
+
+/// Packets held until they are due, ordered by due time (then by arrival); the buffers are
+/// kept for reuse.
+#[derive(Default)]
+struct DelayLine {
+    due: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    held: Vec<(RoutingKey, Vec<u8>)>,
+    free: Vec<usize>,
+    order: u64,
+    /// Bytes held.
+    bytes: usize,
+}
+
+impl DelayLine {
+    fn len(&self) -> usize {
+        self.due.len()
+    }
+
+    /// Packets held, counting a super-packet as the wire-sized packets it stands for
+    /// ([`WIRE_PACKET`] bytes each), so that `limit` bounds the delay a line can build.
+    fn packets(&self) -> usize {
+        self.due.len().max(self.bytes.div_ceil(WIRE_PACKET))
+    }
+
+    fn hold(&mut self, at_ns: u64, key: RoutingKey, entry: &[u8]) {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                let (k, buf) = &mut self.held[s];
+                *k = key;
+                buf.clear();
+                buf.extend_from_slice(entry);
+                s
+            }
+            None => {
+                self.held.push((key, entry.to_vec()));
+                self.held.len() - 1
+            }
+        };
+        self.order += 1;
+        self.bytes += entry.len();
+        self.due.push(Reverse((at_ns, self.order, slot)));
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        self.due.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The slot of the first packet when it is due at `now_ns`.
+    fn peek_due(&self, now_ns: u64) -> Option<usize> {
+        let Reverse((at, _, slot)) = self.due.peek()?;
+        (*at <= now_ns).then_some(*slot)
+    }
+
+    /// Drops the first packet and keeps its buffer for reuse.
+    fn pop(&mut self) {
+        if let Some(Reverse((_, _, slot))) = self.due.pop() {
+            self.bytes -= self.held[slot].1.len();
+            self.free.push(slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn key() -> RoutingKey {
+        RoutingKey::unicast(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 0)
+    }
+
+    #[test]
+    fn the_line_releases_in_due_order_and_reuses_buffers() {
+        let mut line = DelayLine::default();
+        for (at, b) in [(30, 3u8), (10, 1), (20, 2), (10, 4)] {
+            line.hold(at, key(), &[b; 20]);
+        }
+        let mut out = Vec::new();
+        while let Some(slot) = line.peek_due(25) {
+            out.push(line.held[slot].1[0]);
+            line.pop();
+        }
+        assert_eq!(out, [1, 4, 2]);
+        assert_eq!(line.next_due(), Some(30));
+        line.hold(40, key(), &[5; 20]);
+        assert_eq!(line.held.len(), 4, "a freed buffer is reused");
+    }
+
+    #[test]
+    fn peers_get_their_own_link_and_others_the_default() {
+        let emulation = Emulation { all: Some("delay 1ms".parse().unwrap()), to: vec![Emulation::parse_to("h2=delay 5ms").unwrap()], seed: 1 };
+        let links = Arc::new(Links::new(emulation, 0));
+        let h2 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+        let h3 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3));
+        assert!(!links.all_known());
+        links.learn("h2", &[h2]);
+        assert!(links.all_known());
+        let mut s = links.shaper(0).expect("on");
+        let entry = [0u8; VNET_HDR_LEN + 20];
+        assert_eq!(s.admit(&entry, key(), Some(h2), 0), 0);
+        assert_eq!(s.admit(&entry, key(), Some(h3), 0), 0);
+        assert_eq!(s.admit(&entry, key(), None, 0), 0);
+        assert_eq!(s.next_due(), Some(1_000_000));
+        let mut at = Vec::new();
+        s.release(10_000_000, |_, _| {
+            at.push(());
+            true
+        });
+        assert_eq!(at.len(), 3);
+        assert!(Emulation::parse_to("h2").unwrap_err().contains("PEER=SPEC"));
+        assert!(Emulation::parse_to("=delay 1ms").unwrap_err().contains("empty"));
+    }
+}
