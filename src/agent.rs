@@ -69,6 +69,8 @@ pub struct Agent {
     /// Each link's state, for `agent status`.
     links: Vec<Arc<LinkState>>,
     started: Instant,
+    /// `--pcap`: the writer thread, which ends once the last TUN queue is gone.
+    pcap: Option<JoinHandle<crate::capture::tun::Written>>,
 }
 
 /// A name that cannot collide: the device is created under it, then renamed in its namespace.
@@ -241,6 +243,7 @@ impl Agent {
             connected: connected.clone(),
             links: links.clone(),
             started: Instant::now(),
+            pcap: None,
         };
         // Fault injection for the test that a dead worker is never silent (read once).
         let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
@@ -252,8 +255,21 @@ impl Agent {
             tracing::info!(agent = %config.name(), all = %all, to = %to.join(" "), seed = e.seed, "link emulation on (the same --emulate-seed replays the same decisions)");
             agent.learn_emulated_peers(&emulation)?;
         }
+        let tap = match &config.data_path().pcap {
+            Some(path) => {
+                let addrs: Vec<(std::net::IpAddr, u8)> = config.interface().addrs.iter().map(|p| (p.addr, p.len)).collect();
+                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs).map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
+                agent.pcap = Some(writer);
+                Some(tap)
+            }
+            None => None,
+        };
         for q in dev.queues {
             let k = q.index();
+            let q = match &tap {
+                Some(t) => q.with_tap(t.clone()),
+                None => q,
+            };
             let setup = WorkerSetup {
                 queue: Arc::new(q),
                 link: link_context(k),
@@ -501,6 +517,15 @@ impl Agent {
         }
         let report = self.report();
         self.queues.clear(); // last references: closing the fds removes the interface
+        if let Some(writer) = self.pcap.take() {
+            if let Ok(Ok(w)) = tokio::task::spawn_blocking(move || writer.join()).await {
+                let file = self.config.data_path().pcap.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                match &w.error {
+                    Some(e) => tracing::warn!(agent = %self.config.name(), packets = w.packets, left_out = w.left_out, error = %e, "--pcap {file}: writing stopped early"),
+                    None => tracing::info!(agent = %self.config.name(), packets = w.packets, left_out = w.left_out, "--pcap {file}: written"),
+                }
+            }
+        }
         report
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Module map (see `docs/architecture.md` for the data path in both directions):
 //! - [`cli`]: command line → [`config::AgentConfig`]; nothing below sees clap types.
+//! - [`capture`]: `agent capture` (the bus of a session into one pcapng), `--pcap`, and
+//!   ioppytest's sniffer role.
 //! - [`config`]: one agent's configuration, built from checked parts (bus, interface, data
 //!   path, identity, ioppytest); nothing can change it after the checks.
 //! - [`agent`]: one agent's life cycle: join the bus, TUN, workers, presence, reports.
@@ -31,6 +33,7 @@
 
 pub mod agent;
 pub mod amqp;
+pub mod capture;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -97,6 +97,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Route(args) => route(args).await,
         Command::Provision(args) => provision(args).await,
         Command::Status(args) => status(args),
+        Command::Capture(args) => capture(args).await,
+        Command::Sniffer(args) => sniffer(args).await,
         Command::Manpages(args) => {
             for path in args.write().with_context(|| format!("writing man pages into {}", args.dir.display()))? {
                 println!("{}", path.display());
@@ -219,6 +221,45 @@ fn stop_on_signal() -> anyhow::Result<(Stop, watch::Receiver<bool>)> {
 }
 
 /// `agent status`: every local agent's status, or one's.
+async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
+    use tunbus::capture::{self, pcapng};
+    let opts = capture::Options {
+        endpoints: args.bus.broker.endpoints()?,
+        exchange: bus_exchange(&args.bus)?,
+        filter: capture::Filter { agents: args.agents, addresses: args.addresses, no_segment: args.no_segment },
+        duration: args.duration,
+        queue_max_bytes: args.queue_max_bytes,
+    };
+    let file = args.write.display().to_string();
+    let out = capture::output(&args.write).map_err(|e| Failure::new(Exit::Local, format!("-w {file}: cannot write it: {e}")))?;
+    let (interrupt, _stop) = stop_on_signal()?;
+    if args.write.as_os_str() != "-" {
+        eprintln!("capture: exchange {} into {file}{} (Ctrl-C to stop)", opts.exchange, opts.duration.map(|d| format!(" for {:.0} s", d.as_secs_f64())).unwrap_or_default());
+    }
+    let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<capture::Summary> {
+        let mut writer = pcapng::Writer::new(out, concat!("tunbus ", env!("CARGO_PKG_VERSION"), " agent capture"))?;
+        Ok(capture::run(&opts, &mut writer, &interrupt).map_err(Failure::from)?)
+    })
+    .await??;
+    if args.json {
+        eprintln!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!("{}", summary.line(&file));
+    }
+    Ok(())
+}
+
+async fn sniffer(args: tunbus::cli::SnifferArgs) -> anyhow::Result<()> {
+    let opts = tunbus::capture::sniffer::Options {
+        endpoints: args.bus.broker.endpoints()?,
+        exchange: bus_exchange(&args.bus)?,
+        dir: args.dir,
+        queue_max_bytes: args.queue_max_bytes,
+    };
+    let (interrupt, _stop) = stop_on_signal()?;
+    tokio::task::spawn_blocking(move || tunbus::capture::sniffer::serve(opts, &interrupt)).await?
+}
+
 fn status(args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
     use tunbus::status;
     let sockets = status::sockets(&args.dir, args.name.as_deref()).map_err(|e| Failure::new(Exit::Local, e))?;

@@ -127,7 +127,7 @@ fn entry(i: u32) -> Vec<u8> {
 /// Replays `n` packets, 100 µs apart, through queue worker 0's shaper for `spec` with
 /// `seed`; returns the indices of the dropped packets and the order they left in.
 fn replay(spec: &str, seed: u64, n: u32) -> (Vec<u32>, Vec<u32>) {
-    let emulation = Emulation { all: Some(spec.parse().expect("spec")), to: Vec::new(), seed };
+    let emulation = Emulation { all: Some(spec.parse().expect("spec")), seed, ..Emulation::default() };
     let links = Arc::new(Links::new(emulation, 0));
     let mut shaper = links.shaper(0).expect("emulation is on");
     let key = RoutingKey::unicast(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 0);

@@ -197,7 +197,7 @@ pub enum Published {
 /// An event with its data copied out, for control paths that wait for one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Owned {
-    Delivery { tag: u64, routing_key: String, user_id: Option<String>, content_type: Option<String>, body: Vec<u8> },
+    Delivery { tag: u64, routing_key: String, user_id: Option<String>, content_type: Option<String>, correlation_id: Option<String>, body: Vec<u8> },
     Blocked,
     Unblocked,
     Cancelled,
@@ -667,6 +667,7 @@ fn owned(e: Event<'_>) -> Option<Owned> {
             routing_key: String::from_utf8_lossy(d.routing_key).into_owned(),
             user_id: d.user_id.map(|u| String::from_utf8_lossy(u).into_owned()),
             content_type: d.content_type.map(|u| String::from_utf8_lossy(u).into_owned()),
+            correlation_id: d.correlation_id.map(|u| String::from_utf8_lossy(u).into_owned()),
             body: d.body.to_vec(),
         },
         Event::Blocked => Owned::Blocked,

@@ -24,7 +24,7 @@ pub const HELLO_EVERY: Duration = Duration::from_secs(5);
 pub const LISTEN_QUEUE_MAX: i32 = 100_000;
 
 /// The properties of presence messages.
-pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None };
+pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None, correlation_id: None };
 
 /// What an agent says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

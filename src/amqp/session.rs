@@ -155,6 +155,8 @@ pub struct Delivery<'a> {
     pub user_id: Option<&'a [u8]>,
     /// The `content_type` property, if set.
     pub content_type: Option<&'a [u8]>,
+    /// The `correlation_id` property, if set.
+    pub correlation_id: Option<&'a [u8]>,
     pub body: &'a [u8],
 }
 
@@ -227,6 +229,7 @@ pub struct Session {
     key_len: u8,
     user_id: ShortStr,
     content_type: ShortStr,
+    correlation_id: ShortStr,
     gather: Vec<u8>,
     blocked: bool,
 }
@@ -252,6 +255,7 @@ impl Session {
             key_len: 0,
             user_id: ShortStr::default(),
             content_type: ShortStr::default(),
+            correlation_id: ShortStr::default(),
             gather: Vec::new(),
             blocked: false,
         }
@@ -349,6 +353,7 @@ impl Session {
                         routing_key: &self.key[..usize::from(self.key_len)],
                         user_id: self.user_id.get(),
                         content_type: self.content_type.get(),
+                        correlation_id: self.correlation_id.get(),
                         body: frame.payload,
                     };
                     return Ok(Handled { consumed: at, event: Some(Event::Delivery(delivery)) });
@@ -359,6 +364,7 @@ impl Session {
                         routing_key: &self.key[..usize::from(self.key_len)],
                         user_id: self.user_id.get(),
                         content_type: self.content_type.get(),
+                        correlation_id: self.correlation_id.get(),
                         body: &self.gather,
                     };
                     return Ok(Handled { consumed: at, event: Some(Event::Delivery(delivery)) });
@@ -507,6 +513,7 @@ impl Session {
                 let h = ContentHeader::parse(frame.payload)?;
                 self.user_id.set(h.user_id);
                 self.content_type.set(h.content_type);
+                self.correlation_id.set(h.correlation_id);
                 let oversized = h.body_size > self.config.max_body as u64;
                 self.gather.clear();
                 if h.body_size == 0 {

@@ -281,6 +281,8 @@ pub struct ContentHeader<'a> {
     pub content_type: Option<&'a [u8]>,
     /// Set by the publisher and, on RabbitMQ, checked against the publisher's login.
     pub user_id: Option<&'a [u8]>,
+    /// What a request is answered with (ioppytest's `sniffing.*` requests).
+    pub correlation_id: Option<&'a [u8]>,
 }
 
 /// Property flag bits of the basic class, most significant first (AMQP 0-9-1, 4.2.6.1).
@@ -316,7 +318,7 @@ impl<'a> ContentHeader<'a> {
         while flags & prop::CONTINUATION != 0 {
             flags = a.short()?; // further flag words name properties the basic class has not got
         }
-        let mut h = ContentHeader { body_size, content_type: None, user_id: None };
+        let mut h = ContentHeader { body_size, content_type: None, user_id: None, correlation_id: None };
         let f = first;
         if f & prop::CONTENT_TYPE != 0 {
             h.content_type = Some(a.shortstr()?);
@@ -333,7 +335,10 @@ impl<'a> ContentHeader<'a> {
         if f & prop::PRIORITY != 0 {
             a.octet()?;
         }
-        for bit in [prop::CORRELATION_ID, prop::REPLY_TO, prop::EXPIRATION, prop::MESSAGE_ID] {
+        if f & prop::CORRELATION_ID != 0 {
+            h.correlation_id = Some(a.shortstr()?);
+        }
+        for bit in [prop::REPLY_TO, prop::EXPIRATION, prop::MESSAGE_ID] {
             if f & bit != 0 {
                 a.shortstr()?;
             }
@@ -529,6 +534,8 @@ pub struct Properties<'a> {
     /// The publisher's broker user: RabbitMQ refuses a message whose `user_id` is not the
     /// connection's login, so receivers can trust it.
     pub user_id: Option<&'a str>,
+    /// The request a reply answers.
+    pub correlation_id: Option<&'a str>,
 }
 
 impl Properties<'_> {
@@ -546,6 +553,9 @@ impl Properties<'_> {
         if self.delivery_mode.is_some() {
             flags |= prop::DELIVERY_MODE;
         }
+        if self.correlation_id.is_some() {
+            flags |= prop::CORRELATION_ID;
+        }
         if self.user_id.is_some() {
             flags |= prop::USER_ID;
         }
@@ -561,6 +571,9 @@ impl Properties<'_> {
         }
         if let Some(m) = self.delivery_mode {
             w.octet(m);
+        }
+        if let Some(c) = self.correlation_id {
+            w.shortstr(c.as_bytes());
         }
         if let Some(u) = self.user_id {
             w.shortstr(u.as_bytes());
@@ -713,7 +726,7 @@ mod tests {
     #[test]
     fn publish_carries_key_size_and_properties() {
         let mut w = Writer::new();
-        let props = Properties { content_type: Some("application/json"), content_encoding: Some("utf-8"), empty_headers: true, delivery_mode: Some(2), user_id: Some("h1") };
+        let props = Properties { content_type: Some("application/json"), content_encoding: Some("utf-8"), empty_headers: true, delivery_mode: Some(2), user_id: Some("h1"), correlation_id: None };
         w.publish(1, b"amq.topic", b"fromAgent.a.ip.tun.packet.raw", 1234, &props);
         let f = frames(&w.buf);
         assert_eq!(f.len(), 2);
@@ -732,7 +745,7 @@ mod tests {
         assert_eq!(h.octet().unwrap(), 2);
         assert_eq!(h.shortstr().unwrap(), b"h1");
         let parsed = ContentHeader::parse(&f[1].2).unwrap();
-        assert_eq!(parsed, ContentHeader { body_size: 1234, content_type: Some(b"application/json"), user_id: Some(b"h1") });
+        assert_eq!(parsed, ContentHeader { body_size: 1234, content_type: Some(b"application/json"), user_id: Some(b"h1"), correlation_id: None });
     }
 
     #[test]

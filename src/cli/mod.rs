@@ -164,6 +164,12 @@ pub enum Command {
     /// Create (or with --revoke remove) a session on a shared broker: its vhost and
     /// exchange, one user per agent with its own permissions, URL files and a peers file.
     Provision(ProvisionArgs),
+    /// Write everything crossing a session's bus into one pcapng file, one interface per
+    /// sending agent, until Ctrl-C or --duration (like tcpdump -w, for the whole testbed).
+    Capture(CaptureArgs),
+    /// Serve ioppytest's sniffer role: sniffing.start/stop/getcapture/getlastcapture
+    /// requests on the exchange, answered with pcap files of what crossed the bus.
+    Sniffer(SnifferArgs),
     /// Show the agents running on this host (like `wg show`): links and their broker
     /// nodes, rates, drops by reason, latency, peers. Asks each agent's control socket.
     Status(StatusArgs),
@@ -173,6 +179,49 @@ pub enum Command {
     /// Write the man pages (agent.1 and one per subcommand) into DIR, for packaging.
     #[command(hide = true)]
     Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  agent capture --session lab -w lab.pcapng\n  agent capture --session lab -w h2.pcapng --agent h2 --duration 30s\n  agent capture --session lab -w - | tshark -r -\n\nThe broker user needs read on the session's exchange, configure/write/read on amq.gen-* queues and topic read on tunbus.v1.# (docs/security.md, \"Capture\").")]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Write to FILE (pcapng, raw IP; `-`: standard output).
+    #[arg(short = 'w', long = "write", value_name = "FILE")]
+    pub write: PathBuf,
+    /// Only packets sent by, or addressed to, this agent (repeatable).
+    #[arg(long = "agent", value_name = "NAME")]
+    pub agents: Vec<String>,
+    /// Only packets from or to this address (repeatable).
+    #[arg(long = "address", value_name = "IP", value_parser = crate::capture::parse_address)]
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Stop after this long (30s, 2m, 500ms) [default: until Ctrl-C].
+    #[arg(long, value_name = "TIME", value_parser = crate::capture::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Keep TCP/UDP super-packets whole, as the agents carry them, instead of cutting them
+    /// into the wire-sized packets they stand for.
+    #[arg(long)]
+    pub no_segment: bool,
+    /// Bound of the capture's queue on the broker, in bytes: when the capture falls behind,
+    /// the broker drops the oldest messages of this queue (never the agents'), and the
+    /// summary counts them.
+    #[arg(long, default_value_t = crate::capture::TAP_MAX_BYTES, value_name = "BYTES")]
+    pub queue_max_bytes: u64,
+    /// Print the summary as JSON on standard error.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SnifferArgs {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Folder where the captures are kept (<capture_id>.pcap).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tunbus/captures")]
+    pub dir: PathBuf,
+    /// Bound of each capture's queue on the broker, in bytes.
+    #[arg(long, default_value_t = crate::capture::TAP_MAX_BYTES, value_name = "BYTES")]
+    pub queue_max_bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -353,6 +402,11 @@ pub struct LabArgs {
     /// Internal: be the guard of lab process PID (see `lab::guard`).
     #[arg(long, hide = true, value_name = "PID")]
     pub guard: Option<u32>,
+    /// Which hosts are linked and how each link behaves, in YAML (hosts: N; links: a list
+    /// of {between: [h1, h2], emulate: 'delay 10ms loss 1%'}); hosts without a link cannot
+    /// reach each other. Sets the number of hosts. See docs/lab.md.
+    #[arg(long, value_name = "FILE")]
+    pub topology: Option<PathBuf>,
 }
 
 impl LabArgs {
@@ -364,8 +418,16 @@ impl LabArgs {
         if !(self.throughput_seconds >= 0.0 && self.throughput_seconds <= 600.0) {
             bail!("--throughput-seconds must be between 0 and 600");
         }
+        let topology = match &self.topology {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
+                Some(crate::lab::topology::Topology::parse(&text).map_err(|e| anyhow::anyhow!("--topology {}: {e}", path.display()))?)
+            }
+            None => None,
+        };
         Ok(crate::lab::LabOptions {
-            hosts: self.hosts as usize,
+            hosts: topology.as_ref().map_or(self.hosts as usize, |t| t.hosts),
+            topology,
             queues: usize::from(self.queues),
             keep: self.keep,
             endpoints,
@@ -776,7 +838,7 @@ impl ConnectArgs {
             stats_interval,
             metrics_addr,
             status_dir: Some(self.status_dir),
-            emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed },
+            emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed, known: Vec::new() },
             pcap,
         };
         let mut start_within = self.start_within;

@@ -47,6 +47,8 @@ pub struct Emulation {
     /// Applies to the packets for one agent, by name (`--emulate-to`), instead of `all`.
     pub to: Vec<(String, Spec)>,
     pub seed: u64,
+    /// Addresses of `to` peers known before any hello (a lab's plan).
+    pub known: Vec<(String, Vec<IpAddr>)>,
 }
 
 impl Emulation {
@@ -79,7 +81,12 @@ pub struct Links {
 impl Links {
     pub fn new(emulation: Emulation, start_ns: u64) -> Links {
         let to_rate = emulation.to.iter().map(|_| Arc::default()).collect();
-        Links { emulation, all_rate: Arc::default(), to_rate, addresses: Mutex::default(), generation: AtomicU64::new(0), start_ns }
+        let known = emulation.known.clone();
+        let links = Links { emulation, all_rate: Arc::default(), to_rate, addresses: Mutex::default(), generation: AtomicU64::new(0), start_ns };
+        for (name, addrs) in &known {
+            links.learn(name, addrs);
+        }
+        links
     }
 
     pub fn emulation(&self) -> &Emulation {
@@ -308,7 +315,7 @@ mod tests {
 
     #[test]
     fn peers_get_their_own_link_and_others_the_default() {
-        let emulation = Emulation { all: Some("delay 1ms".parse().unwrap()), to: vec![Emulation::parse_to("h2=delay 5ms").unwrap()], seed: 1 };
+        let emulation = Emulation { all: Some("delay 1ms".parse().unwrap()), to: vec![Emulation::parse_to("h2=delay 5ms").unwrap()], seed: 1, known: Vec::new() };
         let links = Arc::new(Links::new(emulation, 0));
         let h2 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
         let h3 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3));

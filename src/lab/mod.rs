@@ -17,6 +17,7 @@ pub mod broker;
 pub mod guard;
 pub mod plan;
 pub mod progress;
+pub mod topology;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -59,6 +60,24 @@ pub struct LabOptions {
     /// Provision the session (vhost, one user per host, permissions) and run each host with
     /// its own identity, strict mode.
     pub secure: bool,
+    /// `--topology`: which hosts are linked, with what emulation (`None`: all, plain).
+    pub topology: Option<topology::Topology>,
+}
+
+/// One pair of hosts of a topology: its link as configured, and what the pings measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinkReport {
+    pub a: String,
+    pub b: String,
+    pub linked: bool,
+    /// The link's emulation, in tc-netem words (`None`: a plain link).
+    pub emulate: Option<String>,
+    /// The round trip the emulation adds (its delay, both ways).
+    pub configured_rtt_ms: Option<f64>,
+    pub rtt_p50_ms: Option<f64>,
+    /// Echo replies out of requests, both directions and both address families.
+    pub replies: usize,
+    pub requests: usize,
 }
 
 /// The lab's findings.
@@ -81,6 +100,8 @@ pub struct LabReport {
     pub rss_per_agent_mib: f64,
     /// Hosts per broker node (the node each host lists first).
     pub nodes: Vec<(String, usize)>,
+    /// `--topology`: each link (and each pair without one), configured beside measured.
+    pub links: Vec<LinkReport>,
     pub ok: bool,
 }
 
@@ -97,6 +118,14 @@ impl std::fmt::Display for LabReport {
             writeln!(f, "    … and {} more", self.failures.len() - 20)?;
         }
         writeln!(f, "  ping RTT        p50 {}, p99 {}", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?;
+        for l in &self.links {
+            let configured = match (&l.emulate, l.linked) {
+                (_, false) => "no link".to_owned(),
+                (None, true) => "plain link".to_owned(),
+                (Some(e), true) => format!("emulate {e} (+{:.1} ms RTT)", l.configured_rtt_ms.unwrap_or(0.0)),
+            };
+            writeln!(f, "  link {:<4}{:<5} {configured:<44} measured: RTT p50 {}, {}/{} replies", l.a, l.b, ms(l.rtt_p50_ms), l.replies, l.requests)?;
+        }
         match self.throughput_bits_per_s {
             Some(b) => writeln!(f, "  TCP h1 -> h2    {:.2} Gbit/s {}", b / 1e9, self.throughput_note)?,
             None => writeln!(f, "  TCP h1 -> h2    - ({})", self.throughput_note)?,
@@ -517,7 +546,15 @@ impl Lab {
             router_solicitations: 0, // a lab has no router: nothing to solicit
             ..Interface::default()
         };
-        let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, status_dir: None, ..DataPath::default() };
+        let emulation = match &self.opts.topology {
+            Some(t) => {
+                let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+                let addrs: Vec<Vec<std::net::IpAddr>> = self.hosts.iter().map(|h| h.prefixes().iter().map(|p| p.addr).collect()).collect();
+                crate::emulate::Emulation { known: topology::Topology::addresses(&names, &addrs), ..t.emulation_of(host.index, &names, self.opts.seed) }
+            }
+            None => crate::emulate::Emulation::default(),
+        };
+        let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, status_dir: None, emulation, ..DataPath::default() };
         let c = AgentConfig::new(&host.name, bus, interface)?.with_data_path(data_path)?;
         let user = user.unwrap_or_else(|| c.identity().user.clone());
         let mode = match &self.identities {
@@ -531,6 +568,9 @@ impl Lab {
     }
 
     async fn check_pairs(&self, report: &mut LabReport) {
+        if let Some(t) = &self.opts.topology {
+            return self.check_topology(t, report).await;
+        }
         let pairs = plan::pairs(self.hosts.len(), self.opts.sample, self.opts.seed);
         report.pairs_checked = pairs.len();
         let jobs: Vec<(usize, usize, bool)> = pairs.iter().flat_map(|&(a, b)| [(a, b, false), (a, b, true)]).collect();
@@ -562,6 +602,64 @@ impl Lab {
     }
 
     /// iperf3 from host 1 to host 2 (real TCP through two agents and the broker).
+    /// A topology lab: every ordered pair is pinged; linked pairs must answer, the others
+    /// must not. Each pair's RTT is reported beside its link's configuration.
+    async fn check_topology(&self, t: &topology::Topology, report: &mut LabReport) {
+        let n = self.hosts.len();
+        let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
+        report.pairs_checked = n * (n - 1);
+        report.pings_sent = jobs.len() * 3;
+        let results: Vec<((usize, usize), Result<Vec<f64>, String>)> = stream::iter(jobs)
+            .map(|(a, b, v6)| {
+                let (from, to) = (self.hosts[a].clone(), self.hosts[b].clone());
+                async move {
+                    let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
+                    ((a, b), ping(&from.netns, &dst).await)
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut all = Vec::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                let link = t.link(a, b);
+                let mut rtts = Vec::new();
+                let mut replies = 0;
+                for ((x, y), r) in &results {
+                    if (x.min(y), x.max(y)) != (&a, &b) {
+                        continue;
+                    }
+                    if let Ok(v) = r {
+                        replies += v.len();
+                        rtts.extend_from_slice(v);
+                    }
+                    let (from, to) = (&self.hosts[*x].name, &self.hosts[*y].name);
+                    match (link.is_some(), r) {
+                        (true, Err(why)) => report.failures.push(format!("{from} -> {to}: {why}, but they are linked")),
+                        (false, Ok(_)) => report.failures.push(format!("{from} -> {to}: answered, but they have no link")),
+                        _ => {}
+                    }
+                }
+                all.extend_from_slice(&rtts);
+                let spec = link.and_then(|l| l.spec.as_ref());
+                report.links.push(LinkReport {
+                    a: self.hosts[a].name.clone(),
+                    b: self.hosts[b].name.clone(),
+                    linked: link.is_some(),
+                    emulate: spec.map(ToString::to_string),
+                    configured_rtt_ms: spec.map(|s| 2.0 * s.delay.as_secs_f64() * 1000.0),
+                    rtt_p50_ms: plan::quantile(&rtts, 0.5),
+                    replies,
+                    requests: 4 * 3,
+                });
+            }
+        }
+        report.failures.sort();
+        report.rtt_p50_ms = plan::quantile(&all, 0.5);
+        report.rtt_p99_ms = plan::quantile(&all, 0.99);
+    }
+
     async fn throughput_sample(&self) -> (Option<f64>, String) {
         if self.opts.throughput.is_zero() {
             return (None, "skipped (--throughput-seconds 0)".into());

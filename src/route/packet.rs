@@ -93,6 +93,16 @@ pub fn source(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// The destination address of an IP packet (no vnet header), as written (multicast and
+/// broadcast included), if it has one.
+pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => array_at::<4>(packet, 16).map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        6 => array_at::<16>(packet, 24).map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        _ => None,
+    }
+}
+
 /// Transport protocols whose first four bytes are source and destination ports.
 fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 132 | 136)

@@ -460,8 +460,10 @@ impl Outlet for Link {
         if client.backlogged() {
             return false;
         }
-        self.seq = self.seq.wrapping_add(1);
-        writer.finish(self.seq, now_ns());
+        // The top 16 bits name the link, the rest counts its batches (docs/wire-format.md):
+        // a capture tells a gap in one link's batches from another link's.
+        self.seq = (self.seq + 1) & crate::capture::LINK_SEQ_MASK;
+        writer.finish(self.seq | (self.ctx.index as u64) << crate::capture::LINK_SHIFT, now_ns());
         let now = Instant::now();
         match self.outbound.publish(client, now, &self.exchange, key, writer) {
             Ok(Published::Sent) => {

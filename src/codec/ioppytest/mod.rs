@@ -37,6 +37,7 @@ pub const PROPERTIES: Properties<'static> = Properties {
     empty_headers: true,
     delivery_mode: Some(DELIVERY_MODE),
     user_id: None,
+    correlation_id: None,
 };
 /// Routing key of the "component ready" announcement.
 pub const ROUTING_KEY_COMPONENT_READY: &str = "testingtool.component.ready";

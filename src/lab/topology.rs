@@ -1,0 +1,145 @@
+//! `agent lab --topology FILE`: which lab hosts are linked, and how each link behaves.
+//! Pure: the file is parsed and checked here, and turned into each host's emulation.
+//!
+//! ```yaml
+//! hosts: 3                  # h1, h2, h3
+//! links:
+//!   - between: [h1, h2]
+//!     emulate: delay 10ms loss 1%
+//!   - between: [h2, h3]     # a plain link
+//! ```
+//! A link's `emulate` (tc-netem words, `emulate::spec`) applies in each direction, as netem
+//! on both ends of a cable: `delay 10ms` makes a 20 ms round trip. Hosts without a link
+//! cannot reach each other: each drops what it would send to the other (counted as
+//! `emulated`). Broadcast and multicast are not filtered.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use crate::emulate::{Emulation, Spec};
+
+/// The file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    hosts: usize,
+    #[serde(default)]
+    links: Vec<LinkEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkEntry {
+    between: [String; 2],
+    #[serde(default)]
+    emulate: Option<String>,
+}
+
+/// One link between hosts `a` and `b` (indices from 0), and its emulation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Link {
+    pub a: usize,
+    pub b: usize,
+    pub spec: Option<Spec>,
+}
+
+/// A checked topology.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Topology {
+    pub hosts: usize,
+    pub links: Vec<Link>,
+}
+
+/// Host name → index: `h1` is 0.
+fn index_of(name: &str, hosts: usize) -> Option<usize> {
+    let i: usize = name.strip_prefix('h')?.parse().ok()?;
+    (1..=hosts).contains(&i).then(|| i - 1)
+}
+
+impl Topology {
+    /// Parses and checks a topology file's text.
+    pub fn parse(text: &str) -> Result<Topology, String> {
+        let file: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        if !(2..=super::plan::ALL_PAIRS_UP_TO * 8).contains(&file.hosts) {
+            return Err(format!("hosts: {} (a topology has 2 to {} hosts)", file.hosts, super::plan::ALL_PAIRS_UP_TO * 8));
+        }
+        let mut links: Vec<Link> = Vec::new();
+        for entry in file.links {
+            let [x, y] = &entry.between;
+            let a = index_of(x, file.hosts).ok_or_else(|| format!("link {x}–{y}: {x:?} is not a host (h1 … h{})", file.hosts))?;
+            let b = index_of(y, file.hosts).ok_or_else(|| format!("link {x}–{y}: {y:?} is not a host (h1 … h{})", file.hosts))?;
+            if a == b {
+                return Err(format!("link {x}–{y}: a host cannot be linked to itself"));
+            }
+            if links.iter().any(|l| (l.a, l.b) == (a.min(b), a.max(b))) {
+                return Err(format!("link {x}–{y} is given twice"));
+            }
+            let spec = entry.emulate.as_deref().map(str::parse::<Spec>).transpose().map_err(|e| format!("link {x}–{y}: {e}"))?;
+            links.push(Link { a: a.min(b), b: a.max(b), spec });
+        }
+        Ok(Topology { hosts: file.hosts, links })
+    }
+
+    /// The link between hosts `a` and `b`, if they are linked.
+    pub fn link(&self, a: usize, b: usize) -> Option<&Link> {
+        self.links.iter().find(|l| (l.a, l.b) == (a.min(b), a.max(b)))
+    }
+
+    /// Host `i`'s emulation: its links' specs towards its peers, and a link that drops
+    /// everything towards the hosts it has no link with. `names[j]` and `addrs[j]` are
+    /// host j's name and addresses (known from the plan, before any hello).
+    pub fn emulation_of(&self, i: usize, names: &[String], seed: u64) -> Emulation {
+        let mut to = Vec::new();
+        for (j, name) in names.iter().enumerate().filter(|(j, _)| *j != i) {
+            match self.link(i, j) {
+                Some(Link { spec: Some(spec), .. }) => to.push((name.clone(), spec.clone())),
+                Some(_) => {}
+                None => to.push((name.clone(), Spec::unlinked())),
+            }
+        }
+        Emulation { all: None, to, seed, known: Vec::new() }
+    }
+
+    /// The addresses each `--emulate-to` peer has, from the plan.
+    pub fn addresses(names: &[String], addrs: &[Vec<IpAddr>]) -> Vec<(String, Vec<IpAddr>)> {
+        names.iter().cloned().zip(addrs.iter().cloned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const THREE: &str = "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h3, h2]\n";
+
+    #[test]
+    fn parses_and_turns_into_emulation() {
+        let t = Topology::parse(THREE).unwrap();
+        assert_eq!(t.links.len(), 2);
+        assert_eq!(t.link(1, 0).and_then(|l| l.spec.clone()), Some("delay 10ms".parse().unwrap()));
+        assert!(t.link(1, 2).is_some_and(|l| l.spec.is_none()));
+        assert!(t.link(0, 2).is_none());
+        let names: Vec<String> = ["h1", "h2", "h3"].map(String::from).to_vec();
+        let h1 = t.emulation_of(0, &names, 7);
+        assert_eq!(h1.to, vec![("h2".to_owned(), "delay 10ms".parse().unwrap()), ("h3".to_owned(), Spec::unlinked())]);
+        assert_eq!(h1.seed, 7);
+        let h2 = t.emulation_of(1, &names, 7);
+        assert_eq!(h2.to, vec![("h1".to_owned(), "delay 10ms".parse().unwrap())], "h2–h3 is a plain link");
+    }
+
+    #[test]
+    fn mistakes_name_the_link() {
+        for (text, says) in [
+            ("hosts: 3\nlinks:\n  - between: [h1, h4]\n", "\"h4\" is not a host"),
+            ("hosts: 3\nlinks:\n  - between: [h1, h1]\n", "itself"),
+            ("hosts: 3\nlinks:\n  - between: [h1, h2]\n  - between: [h2, h1]\n", "twice"),
+            ("hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay fast\n", "link h1–h2"),
+            ("hosts: 1\n", "2 to"),
+            ("hosts: 3\nlinkz: []\n", "unknown field"),
+        ] {
+            let e = Topology::parse(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+}
