@@ -215,7 +215,7 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     for h in &hs {
         assert!(names.contains(h.agent.name.as_str()), "an interface per agent: {names:?}");
     }
-    assert!(cap.interfaces.iter().all(|i| i.linktype == pcapng::LINKTYPE_RAW));
+    assert!(cap.interfaces.iter().all(|i| pcapng::is_raw_ip(i.linktype)), "raw IP");
     let owner: HashMap<IpAddr, &str> = hs.iter().map(|h| (h.addr.parse().expect("ip"), h.agent.name.as_str())).collect();
     let mut echoes: BTreeSet<(IpAddr, IpAddr, bool, u16)> = BTreeSet::new();
     let mut last_ts: HashMap<u32, u64> = HashMap::new();

@@ -7,7 +7,8 @@
 //! - A v1 batch's packets are stamped with the sender's frame timestamp (when it published
 //!   them, which is what receivers see) and commented with sender, routing key and batch
 //!   sequence; its sender is the broker user that published it when a hello of that user is
-//!   known (a secure session), else the agent that owns the packet's source address.
+//!   known and no other agent logs in as that user (a secure session), else the agent that
+//!   owns the packet's source address.
 //! - An ioppytest JSON packet (`fromAgent.<name>.ip.tun.packet.raw`) is its agent's,
 //!   stamped when it arrived (the old wire carries no finer time).
 //! - Super-packets are cut into the wire-sized packets they stand for (`codec::segment`)
@@ -78,8 +79,9 @@ pub struct Merge {
     agents: HashMap<String, Agent>,
     /// Address → agent name.
     owners: HashMap<IpAddr, String>,
-    /// Broker user → agent name.
-    users: HashMap<String, String>,
+    /// Broker user → agent name (`None`: more than one agent logs in as that user, as
+    /// in a trusting session where all are `guest`).
+    users: HashMap<String, Option<String>>,
     /// Interfaces of senders without a hello, by name.
     strangers: HashMap<String, u32>,
     /// (sender, link) → last sequence number seen.
@@ -155,7 +157,11 @@ impl Merge {
             self.owners.insert(*ip, hello.name.clone());
         }
         if let Some(u) = user_id {
-            self.users.insert(u.to_owned(), hello.name.clone());
+            let name = Some(hello.name.clone());
+            let entry = self.users.entry(u.to_owned()).or_insert_with(|| name.clone());
+            if *entry != name {
+                *entry = None;
+            }
         }
         let entry = self.agents.entry(hello.name).or_insert(Agent { addrs: Vec::new(), user: None, iface: None });
         entry.addrs = addrs;
@@ -189,7 +195,7 @@ impl Merge {
     /// Who sent a batch: the agent of its broker user, else the owner of its first
     /// packet's source address, else the address itself.
     fn sender_of(&self, user_id: Option<&str>, first: Option<&[u8]>) -> String {
-        if let Some(name) = user_id.and_then(|u| self.users.get(u)) {
+        if let Some(Some(name)) = user_id.and_then(|u| self.users.get(u)) {
             return name.clone();
         }
         let src = first.and_then(|p| route::source(p));

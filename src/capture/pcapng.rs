@@ -2,8 +2,8 @@
 //! comments and directions, nanosecond timestamps), classic libpcap (what ioppytest's
 //! tools read), and a reader of what [`Writer`] writes, for tests and tools.
 //!
-//! Little-endian throughout, link type raw IP (101: the packet starts at its IPv4 or IPv6
-//! header), as the pcapng specification (draft-ietf-opsawg-pcapng) lays out the blocks:
+//! Little-endian throughout, link type raw IP (the packet starts at its IPv4 or IPv6 header;
+//! 101, and 12 after the first interface, see [`LINKTYPE_RAW_DLT`]), as the pcapng specification (draft-ietf-opsawg-pcapng) lays out the blocks:
 //! type, total length, body padded to 32 bits, total length again.
 
 use std::io::{self, Write};
@@ -11,6 +11,16 @@ use std::net::IpAddr;
 
 /// Raw IPv4/IPv6, no link header.
 pub const LINKTYPE_RAW: u16 = 101;
+/// Raw IP under its Linux DLT number, which libpcap and Wireshark also read as raw IP. The
+/// interfaces after the first carry it: libpcap (1.10.3, Debian 12's tcpdump) compares
+/// each later interface's type with the *converted* type of the first (101 → 12) and
+/// refuses a file of several raw-IP interfaces that all say 101.
+pub const LINKTYPE_RAW_DLT: u16 = 12;
+
+/// Whether `linktype` is raw IP as these files write it.
+pub fn is_raw_ip(linktype: u16) -> bool {
+    linktype == LINKTYPE_RAW || linktype == LINKTYPE_RAW_DLT
+}
 
 const SHB: u32 = 0x0A0D_0D0A;
 const IDB: u32 = 1;
@@ -94,7 +104,8 @@ impl<W: Write> Writer<W> {
     /// returns its id (0, 1, … in order).
     pub fn add_interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
         let mut body = Vec::new();
-        body.extend_from_slice(&LINKTYPE_RAW.to_le_bytes());
+        let linktype = if self.interfaces == 0 { LINKTYPE_RAW } else { LINKTYPE_RAW_DLT };
+        body.extend_from_slice(&linktype.to_le_bytes());
         body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&0u32.to_le_bytes()); // snaplen: no limit
         option(&mut body, IF_NAME, name.as_bytes());
@@ -344,7 +355,7 @@ mod tests {
     fn reads_back_what_it_wrote() {
         let cap = read(&sample()).unwrap();
         assert_eq!(cap.app, "tunbus test");
-        assert_eq!(cap.interfaces.iter().map(|i| (i.name.as_str(), i.linktype)).collect::<Vec<_>>(), [("h1", LINKTYPE_RAW), ("h2", LINKTYPE_RAW)]);
+        assert_eq!(cap.interfaces.iter().map(|i| (i.name.as_str(), i.linktype)).collect::<Vec<_>>(), [("h1", LINKTYPE_RAW), ("h2", LINKTYPE_RAW_DLT)]);
         assert_eq!(cap.packets.len(), 9);
         for (r, len) in cap.packets.iter().zip(1..=9u8) {
             assert_eq!(r.data, (0..len).collect::<Vec<_>>());
