@@ -299,3 +299,31 @@ fn a_large_lab_leaves_the_broker_healthy() {
     let queues = run("rabbitmqctl", &["list_queues", "-q", "name"]);
     assert!(!queues.contains(&format!("tunbus.{session}.")), "queues left behind");
 }
+
+#[test]
+fn a_topology_lab_links_some_hosts_and_reports_each_link() {
+    if !system_ready("a_topology_lab_links_some_hosts_and_reports_each_link") {
+        return;
+    }
+    let session = unique("t");
+    let dir = std::env::temp_dir();
+    let (file, json) = (dir.join(format!("{session}.yaml")), dir.join(format!("{session}.json")));
+    std::fs::write(&file, "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h2, h3]\n").expect("topology file");
+    let out = lab(&["--topology", file.to_str().expect("utf-8"), "--session", &session, "--throughput-seconds", "0", "--json"]).arg(&json).output().expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "lab failed:\n{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json report")).expect("parses");
+    assert_eq!(report["hosts_up"], 3, "{report}");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    let link = |a: &str, b: &str| report["links"].as_array().and_then(|l| l.iter().find(|x| x["a"] == a && x["b"] == b).cloned()).unwrap_or_else(|| panic!("no link {a}-{b} in {report}"));
+    let h1h2 = link("h1", "h2");
+    let rtt = h1h2["rtt_p50_ms"].as_f64().expect("h1-h2 answers");
+    assert!((19.0..=24.0).contains(&rtt), "h1-h2 has 'delay 10ms' each way: RTT p50 {rtt} ms\n{text}");
+    assert_eq!(h1h2["configured_rtt_ms"].as_f64(), Some(20.0));
+    assert!(link("h2", "h3")["rtt_p50_ms"].as_f64().is_some_and(|r| r < 5.0), "h2-h3 is a plain link\n{text}");
+    let h1h3 = link("h1", "h3");
+    assert_eq!((h1h3["linked"].clone(), h1h3["replies"].clone()), (false.into(), 0.into()), "h1 cannot reach h3\n{text}");
+    assert!(text.contains("emulate delay 10ms"), "the report shows each link's configuration beside what it measured:\n{text}");
+    assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "namespaces left behind");
+    let _ = std::fs::remove_file(&file);
+}

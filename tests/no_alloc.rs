@@ -361,6 +361,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         trust: tunbus::identity::Trust::new(&link.config.identity().mode),
         claims: None,
         connected: None,
+        shaper: None,
     };
     let worker_b = queue::QueueWorker::new(setup(&queue_b, &link_b, &b_tx, &rx_counters));
     let rx_thread = thread::spawn(move || {

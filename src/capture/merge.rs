@@ -198,7 +198,7 @@ impl Merge {
         if let Some(Some(name)) = user_id.and_then(|u| self.users.get(u)) {
             return name.clone();
         }
-        let src = first.and_then(|p| route::source(p));
+        let src = first.and_then(route::source);
         match src {
             Some(ip) => self.owners.get(&ip).cloned().unwrap_or_else(|| format!("unknown-{ip}")),
             None => "unknown".to_owned(),

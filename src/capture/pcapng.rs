@@ -63,7 +63,7 @@ fn option(body: &mut Vec<u8>, code: u16, value: &[u8]) {
 }
 
 fn pad(body: &mut Vec<u8>) {
-    while body.len() % 4 != 0 {
+    while !body.len().is_multiple_of(4) {
         body.push(0);
     }
 }
@@ -276,7 +276,7 @@ pub fn read(bytes: &[u8]) -> Result<Capture, ReadError> {
     while at < bytes.len() {
         let kind = u32_at(bytes, at)?;
         let total = u32_at(bytes, at + 4)? as usize;
-        if total < 12 || total % 4 != 0 {
+        if total < 12 || !total.is_multiple_of(4) {
             return Err(ReadError::BadBlock);
         }
         let block = bytes.get(at..at + total).ok_or(ReadError::Truncated)?;

@@ -211,8 +211,8 @@ mod tests {
             lo = lo.min(at_ns - now);
             hi = hi.max(at_ns - now);
         }
-        assert!(lo >= 18_000_000 && lo < 18_100_000, "{lo}");
-        assert!(hi <= 22_000_000 && hi > 21_900_000, "{hi}");
+        assert!((18_000_000..18_100_000).contains(&lo), "{lo}");
+        assert!((21_900_001..=22_000_000).contains(&hi), "{hi}");
     }
 
     #[test]

@@ -211,14 +211,14 @@ pub fn parse_rate(s: &str) -> Option<u64> {
     let (number, scale) = UNITS.iter().find_map(|(unit, scale)| Some((s.strip_suffix(unit)?, *scale)))?;
     let v: f64 = number.parse().ok()?;
     let bits = v * scale;
-    (bits.is_finite() && bits >= 1.0 && bits <= 1e12).then_some(bits as u64)
+    (bits.is_finite() && (1.0..=1e12).contains(&bits)).then_some(bits as u64)
 }
 
 fn time(d: Duration) -> String {
     let us = d.as_micros();
-    if us % 1_000_000 == 0 {
+    if us.is_multiple_of(1_000_000) {
         format!("{}s", us / 1_000_000)
-    } else if us % 1000 == 0 {
+    } else if us.is_multiple_of(1000) {
         format!("{}ms", us / 1000)
     } else {
         format!("{us}us")

@@ -64,6 +64,9 @@ pub struct LabOptions {
     pub topology: Option<topology::Topology>,
 }
 
+/// A ping from host a to host b: its RTTs, or why none came back.
+type PairPing = ((usize, usize), Result<Vec<f64>, String>);
+
 /// One pair of hosts of a topology: its link as configured, and what the pings measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LinkReport {
@@ -550,7 +553,8 @@ impl Lab {
             Some(t) => {
                 let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
                 let addrs: Vec<Vec<std::net::IpAddr>> = self.hosts.iter().map(|h| h.prefixes().iter().map(|p| p.addr).collect()).collect();
-                crate::emulate::Emulation { known: topology::Topology::addresses(&names, &addrs), ..t.emulation_of(host.index, &names, self.opts.seed) }
+                // `Host::index` counts from 1; the topology's indices from 0.
+                crate::emulate::Emulation { known: topology::Topology::addresses(&names, &addrs), ..t.emulation_of(host.index - 1, &names, self.opts.seed) }
             }
             None => crate::emulate::Emulation::default(),
         };
@@ -609,7 +613,7 @@ impl Lab {
         let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
         report.pairs_checked = n * (n - 1);
         report.pings_sent = jobs.len() * 3;
-        let results: Vec<((usize, usize), Result<Vec<f64>, String>)> = stream::iter(jobs)
+        let results: Vec<PairPing> = stream::iter(jobs)
             .map(|(a, b, v6)| {
                 let (from, to) = (self.hosts[a].clone(), self.hosts[b].clone());
                 async move {
