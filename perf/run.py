@@ -64,6 +64,8 @@ SYSTEMS = {
     "tunbus-tls": "tunbus q1, private node, amqps://",
     "cluster-same": "tunbus q1, 3-node cluster, same node",
     "cluster-cross": "tunbus q1, 3-node cluster, two nodes",
+    "tunbus-emu0": "tunbus q1, --emulate 'delay 0ms'",
+    "tunbus-capture": "tunbus q1, agent capture running",
 }
 COLORS = {
     "veth": "#8c8c8c",
@@ -77,6 +79,8 @@ COLORS = {
     "tunbus-tls": "#d62728",
     "cluster-same": "#8c564b",
     "cluster-cross": "#e377c2",
+    "tunbus-emu0": "#bcbd22",
+    "tunbus-capture": "#7f7f7f",
 }
 PCTS = [10, 25, 50, 75, 90, 95, 99, 99.5, 99.9]
 
@@ -454,7 +458,8 @@ def parse_agent_report(text: str) -> dict:
 
 
 def system_tunbus(plan: dict, queues: int, logdir: Path, key: str | None = None, url: str = URL,
-                  url_args: list[str] | None = None, subnet: int | None = None, subset: set | None = None) -> dict:
+                  url_args: list[str] | None = None, subnet: int | None = None, subset: set | None = None,
+                  capture: bool = False) -> dict:
     key = key or f"tunbus-q{queues}"
     h = Host2(key, subnet or 12 + queues)
     agents: list[tuple[str, subprocess.Popen, Path]] = []
@@ -478,7 +483,19 @@ def system_tunbus(plan: dict, queues: int, logdir: Path, key: str | None = None,
             for name, p, errlog in agents:
                 log(f"  {name} (exit {p.poll()}): {errlog.read_text()[-600:]}")
             raise
+        tap = None
+        if capture:
+            # The whole session into the capture (decoded, cut, written; to /dev/null so that
+            # the disk is not what is measured).
+            caplog = logdir / f"{TAG}-{key}-capture.log"
+            tap = CLEANUP.spawn([str(AGENT), "capture", "--url", url, "--session", session, "-w", "/dev/null"],
+                                stop_signal=signal.SIGINT, stderr=open(caplog, "w"), env={**os.environ, "NO_COLOR": "1"})
+            time.sleep(1.0)
         res = workloads(h, plan, measure_cpu=True, subset=subset)
+        if tap is not None:
+            CLEANUP.stop(tap, signal.SIGINT, grace=15)
+            res["capture_summary"] = next((l for l in caplog.read_text().splitlines() if l.startswith("capture: ") and "packets" in l), "no summary")
+            log(f"  {key}: {res['capture_summary']}")
         reports = {}
         for name, p, errlog in agents:
             CLEANUP.stop(p, signal.SIGINT, grace=15)
@@ -638,9 +655,12 @@ def make_rows(res: dict) -> list[dict]:
     def row(label, getter, limit_key, unit, limit_name, better="higher", extra_limit=None):
         vals = {k: getter(s.get(k, {})) for k in SYSTEMS}
         r = {"workload": label, "unit": unit, "values": vals, "limit": limit_key, "better": better}
-        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid", "cluster-cross"):
+        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid", "cluster-cross", "tunbus-emu0", "tunbus-capture"):
             parts = []
-            if q == "cluster-cross":
+            if q in ("tunbus-emu0", "tunbus-capture"):
+                if vals.get("tunbus-q1") is not None:
+                    parts.append(f"{ratio(vals[q], vals['tunbus-q1'])} off")
+            elif q == "cluster-cross":
                 if vals.get("cluster-same") is not None:
                     parts.append(f"{ratio(vals[q], vals['cluster-same'])} same node")
             elif q == "tunbus-noid":
@@ -687,13 +707,13 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
         "Ratios: tunbus / limit measured in this run (TCP vs the TUN relay with offloads, UDP packet rates vs "
         "the relay without offloads, ping vs the relay and vs twice the broker's one-hop latency).",
         "",
-        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off | two nodes vs one |",
-        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|---|",
+        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off | two nodes vs one | delay 0ms vs off | capture vs off |",
+        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|---|---|---|",
     ]
     for r in rows:
         digits = 3 if r["unit"] == "ms" else 2
         vals = [fmt(r["values"][k], digits=digits) for k in SYSTEMS]
-        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} | {r['ratio_cluster-cross']} |")
+        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} | {r['ratio_cluster-cross']} | {r['ratio_tunbus-emu0']} | {r['ratio_tunbus-capture']} |")
     br = res["systems"].get("broker", {})
     out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, tunbus's own AMQP client)", ""]
     if "error" in br:
@@ -855,7 +875,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "perf" / "results"), help="results directory [perf/results]")
     ap.add_argument("--mtu", type=int, default=9000, help="MTU of every interface under test [9000, the agent's default]")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
-    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,cluster,tunbus-node,tunbus-tls")
+    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,tunbus-emu0,tunbus-capture,cluster,tunbus-node,tunbus-tls")
     ap.add_argument("--agent-args", default="", help="extra flags for both tunbus agents, e.g. \"--prefetch 64\" (to compare settings)")
     ap.add_argument("--render", metavar="JSON", help="only re-render latest.md and the SVG from a results JSON")
     args = ap.parse_args()
@@ -918,6 +938,11 @@ def main() -> int:
         ("tunbus-q2", lambda: system_tunbus(plan, 2, logdir)),
         ("tunbus-noid", lambda: system_tunbus(plan, 1, logdir, key="tunbus-noid", url_args=["--no-identity-check"], subnet=22,
                                               subset={"tcp_1", "udp_64"})),
+        # Emulation off is tunbus-q1 above; these two run right after it, in the same run.
+        ("tunbus-emu0", lambda: system_tunbus(plan, 1, logdir, key="tunbus-emu0", url_args=["--emulate", "delay 0ms"], subnet=23,
+                                              subset={"tcp_1", "udp_64", "ping_idle"})),
+        ("tunbus-capture", lambda: system_tunbus(plan, 1, logdir, key="tunbus-capture", subnet=24, capture=True,
+                                                 subset={"tcp_1", "udp_64", "ping_idle"})),
         ("cluster", lambda: system_cluster(plan, logdir)),
         ("tunbus-node", lambda: system_private_node(plan, logdir, tls=False)),
         ("tunbus-tls", lambda: system_private_node(plan, logdir, tls=True)),

@@ -198,3 +198,27 @@ fn every_connect_flag_has_an_environment_variable() {
     assert!(flags > 30, "{flags} flags:\n{help}");
     assert_eq!(Command::new(env!("CARGO_BIN_EXE_agent")).args(["connect", "--url", "amqp://127.0.0.1:1"]).env("TUNBUS_NAME", "h1").env("TUNBUS_QUEUES", "0").output().expect("run").status.code(), Some(2));
 }
+
+#[test]
+fn a_wrong_emulation_or_capture_flag_says_what_is_wrong() {
+    for (args, says) in [
+        (&["connect", "--name", "h1", "--emulate", "delay fast"][..], "\"fast\" after \"delay\" is not a valid value"),
+        (&["connect", "--name", "h1", "--emulate", "jitter 1ms"][..], "unknown word \"jitter\""),
+        (&["connect", "--name", "h1", "--emulate-to", "h2"][..], "expected PEER=SPEC"),
+        (&["connect", "--name", "h1", "--emulate-to", "h2=loss 120%"][..], "not a valid value"),
+        (&["capture", "-w", "x.pcapng", "--duration", "soon"][..], "is not a duration"),
+        (&["capture", "-w", "x.pcapng", "--address", "h2"][..], "is not an IP address"),
+        (&["capture"][..], "--write <FILE>"),
+    ] {
+        let out = agent(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let help = String::from_utf8_lossy(&agent(&["connect", "--help"]).stdout).into_owned();
+    for flag in ["--emulate <SPEC>", "--emulate-to <PEER=SPEC>", "--emulate-seed <N>", "--pcap <FILE>"] {
+        assert!(help.contains(flag), "connect --help lists {flag}");
+    }
+    let help = String::from_utf8_lossy(&agent(&["capture", "--help"]).stdout).into_owned();
+    assert!(help.contains("--agent <NAME>") && help.contains("--no-segment") && help.contains("topic read"), "{help}");
+}

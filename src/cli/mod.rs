@@ -404,7 +404,7 @@ pub struct LabArgs {
     pub guard: Option<u32>,
     /// Which hosts are linked and how each link behaves, in YAML (hosts: N; links: a list
     /// of {between: [h1, h2], emulate: 'delay 10ms loss 1%'}); hosts without a link cannot
-    /// reach each other. Sets the number of hosts. See docs/lab.md.
+    /// reach each other. Sets the number of hosts. See docs/capture-and-emulation.md.
     #[arg(long, value_name = "FILE")]
     pub topology: Option<PathBuf>,
 }
