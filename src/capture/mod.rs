@@ -156,6 +156,9 @@ pub fn run_on(mut tap: Client, opts: &Options, sink: &mut dyn Sink, stop: &Stop)
             last_flush = Instant::now();
         }
     }
+    if let Err(e) = merge.finish(sink) {
+        ended_by.get_or_insert(format!("cannot write the capture: {e}"));
+    }
     let _ = sink.flush();
     tap.close(Duration::from_millis(300));
     Ok(Summary { counts: merge.counts().clone(), seconds: started.elapsed().as_secs_f64(), ended_by })

@@ -460,13 +460,15 @@ impl Outlet for Link {
         if client.backlogged() {
             return false;
         }
-        // The top 16 bits name the link, the rest counts its batches (docs/wire-format.md):
-        // a capture tells a gap in one link's batches from another link's.
-        self.seq = (self.seq + 1) & crate::capture::LINK_SEQ_MASK;
-        writer.finish(self.seq | (self.ctx.index as u64) << crate::capture::LINK_SHIFT, now_ns());
+        // The top 16 bits name the link, the rest counts the batches it sent
+        // (docs/wire-format.md): a capture reads a gap in one link's count as batches lost.
+        // A number is used up only by a batch that goes out (not by one retried later).
+        let seq = (self.seq + 1) & crate::capture::LINK_SEQ_MASK;
+        writer.finish(seq | (self.ctx.index as u64) << crate::capture::LINK_SHIFT, now_ns());
         let now = Instant::now();
         match self.outbound.publish(client, now, &self.exchange, key, writer) {
             Ok(Published::Sent) => {
+                self.seq = seq;
                 self.counters.sent.message(packets, bytes);
                 self.wait.record_n(now_ns().saturating_sub(read_ns) / 1000, 1);
                 self.packets.record_n(packets, 1);
