@@ -240,7 +240,17 @@ async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
         let mut writer = pcapng::Writer::new(out, concat!("tunbus ", env!("CARGO_PKG_VERSION"), " agent capture"))?;
         Ok(capture::run(&opts, &mut writer, &interrupt).map_err(Failure::from)?)
     })
-    .await??;
+    .await?;
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing was captured: leave no empty file behind.
+            if args.write.as_os_str() != "-" {
+                let _ = std::fs::remove_file(&args.write);
+            }
+            return Err(e);
+        }
+    };
     if args.json {
         eprintln!("{}", serde_json::to_string(&summary)?);
     } else {

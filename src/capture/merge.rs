@@ -160,11 +160,9 @@ impl Merge {
                 self.on_hello(body, user_id);
                 self.release_named(sink)?;
             }
-            Some(Key::Unicast { .. } | Key::All { .. }) => {
-                if self.on_batch(routing_key, user_id, body, sink, true)? {
-                    self.held_bytes += body.len();
-                    self.held.push_back(Held { routing_key: routing_key.to_owned(), user_id: user_id.map(str::to_owned), body: body.to_vec(), at_ns: now_ns });
-                }
+            Some(Key::Unicast { .. } | Key::All { .. }) if self.on_batch(routing_key, user_id, body, sink, true)? => {
+                self.held_bytes += body.len();
+                self.held.push_back(Held { routing_key: routing_key.to_owned(), user_id: user_id.map(str::to_owned), body: body.to_vec(), at_ns: now_ns });
             }
             _ => {}
         }

@@ -62,7 +62,7 @@ struct Sniffer {
 pub fn serve(opts: Options, stop: &Stop) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(&opts.dir).with_context(|| format!("--dir {}: cannot create it", opts.dir.display()))?;
-    let mut c = open(&opts.endpoints, &opts.exchange, stop)?;
+    let mut c = open(&opts.endpoints, &opts.exchange, stop).map_err(crate::exit::Failure::from)?;
     let ready = ioppytest::ComponentReady { _api_version: ioppytest::API_VERSION.into(), component: "sniffing".into(), description: "tunbus agent sniffer".into() };
     if let Ok(body) = serde_json::to_vec(&ready) {
         c.publish_copy(&opts.exchange, ioppytest::ROUTING_KEY_COMPONENT_READY, &props(None), &body)?;

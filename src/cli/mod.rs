@@ -892,6 +892,7 @@ mod tests {
         assert_eq!(c.data_path().wire, Wire::Ioppytest);
         let addrs: Vec<String> = c.interface().addrs.iter().map(ToString::to_string).collect();
         assert_eq!(addrs, ["10.2.0.1/24", "bbbb::1/64"]);
+        assert_eq!(c.data_path().pcap.as_deref(), Some(std::path::Path::new("agent_1.pcapng")), "--dump is --pcap NAME.pcapng");
     }
 
     #[test]
