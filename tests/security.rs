@@ -67,6 +67,7 @@ fn provision(node: &TestNode, session: &str, agents: &[&str], out: &Path, api: b
     for a in agents {
         cmd.args(["--agent", a]);
     }
+    cmd.args(["--observer", "o"]); // a capture user
     if api {
         cmd.args(["--api", &format!("http://127.0.0.1:{}", node.api_port.expect("api"))]);
     } else {
@@ -160,6 +161,56 @@ fn spoofing_is_dropped_and_refused(w: &World) {
     assert!(drops(&rb, "no_identity") >= 5, "{rb}");
     a.interrupt();
     c.interrupt();
+}
+
+/// The capture user (`--observer o`) captures the session with `agent capture`: it sees
+/// a's and b's echoes on their interfaces, and a rogue's packet with a's source address
+/// under the rogue's own name (the broker vouches for its user). It may send no data.
+fn a_capture_user_sees_the_session(w: &World) {
+    let url_file = w.dir.join("o.url");
+    let file = w.dir.join("session.pcapng");
+    let (ns_a, ns_b) = (Netns::new(), Netns::new());
+    let mut a = start_agent(&w.dir, "a", &ns_a, "198.18.50.1/24", "fd00:50::1/64", true);
+    let mut b = start_agent(&w.dir, "b", &ns_b, "198.18.50.2/24", "fd00:50::2/64", true);
+    assert!(wait_reachable(&ns_a, "198.18.50.2", Duration::from_secs(15)).is_some(), "{}", a.logs());
+    let log = w.dir.join("capture.log");
+    let mut capture = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["capture", "--url-file", url_file.to_str().expect("utf-8"), "--session", SESSION, "-w", file.to_str().expect("utf-8")])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("agent capture");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("tap open") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the capture user could not open its tap: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out) = ping(&ns_a, "198.18.50.2", 5);
+    assert!(ok, "{out}");
+    let mut rogue = client_of(&url_of(&w.dir, "r"));
+    let hello = br#"{"name":"r","addresses":["198.18.50.9/24"],"queues":1,"wire":"v1","started_unix_ms":0}"#;
+    publish(&mut rogue, "tunbus.sec", "tunbus.v1.ctl.hello.r", &Properties::default(), hello);
+    let spoofed = batch(&udp4("198.18.50.1".parse().unwrap(), "198.18.50.2".parse().unwrap(), 7777, b"spoofed, in the capture"));
+    publish(&mut rogue, "tunbus.sec", "tunbus.v1.198-18-50-2.3", &Properties::default(), &spoofed);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(capture.id() as i32, libc::SIGINT);
+    }
+    assert!(capture.wait().expect("capture exits").success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(said.contains("nothing lost"), "{said}");
+    let cap = tunbus::capture::pcapng::read(&std::fs::read(&file).expect("the capture")).expect("pcapng");
+    let on = |r: &tunbus::capture::pcapng::Record| cap.interfaces[r.iface as usize].name.clone();
+    let icmp_from_a = cap.packets.iter().filter(|r| r.data.get(9) == Some(&1) && r.data.get(12..16) == Some(&[198, 18, 50, 1][..])).map(on).collect::<Vec<_>>();
+    assert!(icmp_from_a.len() >= 5 && icmp_from_a.iter().all(|i| i == "a"), "a's echoes on a's interface: {icmp_from_a:?}");
+    let spoof: Vec<String> = cap.packets.iter().filter(|r| r.data.windows(7).any(|w| w == b"spoofed")).map(on).collect();
+    assert_eq!(spoof, ["r"], "the rogue's packet is named after the rogue's user, not a");
+    let publish_data = |c: &mut Client, _: &AtomicBool| c.publish_copy("tunbus.sec", "tunbus.v1.198-18-50-2.3", &Properties::default(), &spoofed).map(drop);
+    assert_eq!(refused_code(&url_of(&w.dir, "o"), publish_data), Some(403), "the capture user may not send packets");
+    a.interrupt();
+    b.interrupt();
+    let _ = std::fs::remove_file(&file);
 }
 
 /// Runs `act` on a fresh rogue connection; returns the broker's reply code of its refusal.
@@ -320,11 +371,12 @@ fn identities_the_broker_enforces() {
     eprintln!("provisioned: {}\n{}", text.lines().next().unwrap_or(""), text2.lines().next().unwrap_or(""));
     let world = World { node, dir };
     type Step = (&'static str, fn(&World));
-    let steps: [Step; 4] = [
+    let steps: [Step; 5] = [
         ("spoofing_is_dropped_and_refused", spoofing_is_dropped_and_refused),
         ("the_broker_refuses_what_agents_must_not_do", the_broker_refuses_what_agents_must_not_do),
         ("first_claim", first_claim),
         ("forged_orders_are_refused", forged_orders_are_refused),
+        ("a_capture_user_sees_the_session", a_capture_user_sees_the_session),
     ];
     let only = std::env::var("TUNBUS_STEP").ok();
     let mut failed = Vec::new();
@@ -348,7 +400,7 @@ fn identities_the_broker_enforces() {
         .expect("revoke");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let users = world.node.ctl(&["list_users", "-q"]);
-    assert!(!users.contains("sec.a") && !users.contains("sec.r"), "{users}");
+    assert!(!users.contains("sec.a") && !users.contains("sec.r") && !users.contains("sec.o"), "{users}");
     assert!(!world.node.ctl(&["list_vhosts", "-q"]).lines().any(|l| l.trim() == SESSION));
     let _ = std::fs::remove_dir_all(&world.dir);
     assert!(failed.is_empty(), "failed steps: {failed:?}");

@@ -297,6 +297,11 @@ pub struct ProvisionArgs {
     /// Agents from a file: one NAME=PREFIX[,PREFIX…] per line, # comments.
     #[arg(long, value_name = "FILE")]
     pub agents_file: Option<PathBuf>,
+    /// Also a capture user NAME (repeatable), for `agent capture` and `agent sniffer`: it
+    /// reads every packet of the session and may send nothing but the presence probe.
+    /// Its URL file is NAME.url.
+    #[arg(long = "observer", value_name = "NAME")]
+    pub observers: Vec<String>,
     /// Write NAME.url (the agent's URL, password included, mode 0600) and peers here.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -327,7 +332,7 @@ impl ProvisionArgs {
         if agents.is_empty() && !self.revoke {
             return Err(Failure::new(Exit::Usage, "give at least one --agent NAME=PREFIXES (or --agents-file)").into());
         }
-        Ok(crate::provision::Options { admin, tls: self.broker.tls(), api: self.api.clone(), session: self.session.clone(), agents, out: self.out.clone(), node: None })
+        Ok(crate::provision::Options { admin, tls: self.broker.tls(), api: self.api.clone(), session: self.session.clone(), agents, observers: self.observers.clone(), out: self.out.clone(), node: None })
     }
 }
 

@@ -325,7 +325,7 @@ struct SecureSession {
 /// Revokes a lab's provisioned session on this machine's broker (rabbitmqctl).
 fn revoke_local(session: &str) {
     let Ok(admin) = url::parse(DEFAULT_URL) else { return };
-    let o = crate::provision::Options { admin, tls: Default::default(), api: None, session: session.to_owned(), agents: Vec::new(), out: None, node: None };
+    let o = crate::provision::Options { admin, tls: Default::default(), api: None, session: session.to_owned(), agents: Vec::new(), observers: Vec::new(), out: None, node: None };
     if let Err(e) = crate::provision::revoke(&o) {
         tracing::warn!(session, error = %e, "could not revoke the lab's session");
     }
@@ -492,6 +492,7 @@ impl Lab {
             api: None,
             session: self.opts.session.clone(),
             agents,
+            observers: Vec::new(),
             out: None,
             node: self.private.first().map(|b| b.node.clone()),
         };

@@ -38,6 +38,8 @@ pub struct Options {
     pub api: Option<String>,
     pub session: String,
     pub agents: Vec<AgentSpec>,
+    /// Capture users (`--observer`): they read the whole session and send nothing.
+    pub observers: Vec<String>,
     /// Where to write the URL files and the peers file.
     pub out: Option<PathBuf>,
     /// Use `rabbitmqctl -n NODE` (a private node of this machine) instead of looking for
@@ -226,7 +228,10 @@ pub struct Summary {
 
 /// Creates the session: vhost, exchange, users, permissions, files.
 pub fn provision(o: &Options) -> anyhow::Result<Summary> {
-    let plan = plan::plan(&o.session, &o.agents, || generate_password().unwrap_or_default()).map_err(anyhow::Error::msg)?;
+    let mut plan = plan::plan(&o.session, &o.agents, || generate_password().unwrap_or_default()).map_err(anyhow::Error::msg)?;
+    for name in &o.observers {
+        plan::add_observer(&mut plan, name, generate_password().unwrap_or_default()).map_err(anyhow::Error::msg)?;
+    }
     if plan.users.iter().any(|u| u.password.len() < 24) {
         bail!("could not generate passwords");
     }

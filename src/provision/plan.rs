@@ -80,6 +80,8 @@ pub struct UserPlan {
     pub permissions: Permissions,
     /// The addresses the user may send from (host prefixes), for the peers file.
     pub addresses: Vec<Prefix>,
+    /// A capture user (`--observer`): reads the whole session, sends nothing, no agent.
+    pub observer: bool,
 }
 
 /// Everything a session is made of.
@@ -134,6 +136,34 @@ pub fn permissions(session: &str, agent: &str, addresses: &[IpAddr]) -> Permissi
     }
 }
 
+/// The permissions of a capture user (`agent capture`, `agent sniffer`) of `session`: a
+/// server-named queue of its own, bound to every key of the session's exchange; it may
+/// publish the presence probe and nothing else.
+pub fn observer_permissions(session: &str) -> Permissions {
+    let exchange = regex_escape(&route::session_exchange(session));
+    let gen = "amq\\.gen-.*";
+    Permissions {
+        configure: format!("^{gen}$"),
+        write: format!("^({exchange}|{gen})$"),
+        read: format!("^({exchange}|{gen})$"),
+        topic_write: "^tunbus\\.v1\\.ctl\\.probe$".to_owned(),
+        topic_read: "^tunbus\\.v1\\..*$".to_owned(),
+    }
+}
+
+/// Adds a capture user named `name` to `plan`.
+pub fn add_observer(plan: &mut SessionPlan, name: &str, password: String) -> Result<(), String> {
+    if !route::is_valid_word(name) {
+        return Err(format!("observer {name:?} must be one topic word"));
+    }
+    if plan.users.iter().any(|u| u.agent == name) {
+        return Err(format!("{name:?} is given twice"));
+    }
+    let permissions = observer_permissions(&plan.session);
+    plan.users.push(UserPlan { agent: name.to_owned(), user: user_name(&plan.session, name), password, permissions, addresses: Vec::new(), observer: true });
+    Ok(())
+}
+
 /// The plan for `agents` in `session`; `password` makes each user's password (a random
 /// generator in the command, a fixed one in tests).
 pub fn plan(session: &str, agents: &[AgentSpec], mut password: impl FnMut() -> String) -> Result<SessionPlan, String> {
@@ -156,6 +186,7 @@ pub fn plan(session: &str, agents: &[AgentSpec], mut password: impl FnMut() -> S
             password: password(),
             permissions: permissions(session, &a.name, &addrs),
             addresses,
+            observer: false,
         });
     }
     Ok(SessionPlan { session: session.to_owned(), vhost: session.to_owned(), exchange: route::session_exchange(session), tag: session_tag(session), users })
@@ -164,7 +195,7 @@ pub fn plan(session: &str, agents: &[AgentSpec], mut password: impl FnMut() -> S
 impl SessionPlan {
     /// The peers file of the session (strict mode for every agent).
     pub fn peers_file(&self) -> String {
-        let entries: Vec<(String, Vec<Prefix>)> = self.users.iter().map(|u| (u.user.clone(), u.addresses.clone())).collect();
+        let entries: Vec<(String, Vec<Prefix>)> = self.users.iter().filter(|u| !u.observer).map(|u| (u.user.clone(), u.addresses.clone())).collect();
         crate::identity::peers_file::render(&entries)
     }
 }
@@ -338,6 +369,25 @@ mod tests {
         use crate::identity::Verdict;
         assert_eq!(t.check(Some(b"lab.h1"), "198.18.0.1".parse().unwrap()), Verdict::Allowed);
         assert_eq!(t.check(Some(b"lab.h1"), "198.18.0.2".parse().unwrap()), Verdict::Spoofed, "host addresses, not the /24");
+    }
+
+    #[test]
+    fn an_observer_binds_everything_and_publishes_only_the_probe() {
+        let mut plan = plan_h1();
+        add_observer(&mut plan, "cap", "pw".into()).unwrap();
+        assert!(add_observer(&mut plan, "h1", "pw".into()).unwrap_err().contains("twice"));
+        assert!(add_observer(&mut plan, "a.b", "pw".into()).is_err());
+        let o = plan.users.last().unwrap();
+        assert_eq!((o.user.as_str(), o.observer), ("lab.cap", true));
+        let (p, ok) = (&o.permissions, |re: &str, s: &str| re::full_match(re, s));
+        assert!(ok(&p.configure, "amq.gen-Xyz") && !ok(&p.configure, "tunbus.lab.h1.0"));
+        assert!(ok(&p.read, "tunbus.lab") && ok(&p.write, "amq.gen-Xyz") && !ok(&p.read, "tunbus.lab.h1.0"));
+        assert!(ok(&p.topic_read, "tunbus.v1.#") && !ok(&p.topic_read, "#"));
+        assert!(ok(&p.topic_write, "tunbus.v1.ctl.probe"));
+        for k in ["tunbus.v1.198-18-0-2.7", "tunbus.v1.all.cap", "tunbus.v1.ctl.hello.cap", "tunbus.v1.ctl.hello.h1"] {
+            assert!(!ok(&p.topic_write, k), "an observer must not publish {k}");
+        }
+        assert!(!plan.peers_file().contains("lab.cap"), "an observer sends nothing: not a peer");
     }
 
     #[test]
