@@ -13,6 +13,14 @@ use common::*;
 use tunbus::emulate::{Emulation, Links};
 use tunbus::route::RoutingKey;
 
+/// The system tests of this file run one at a time: a ping RTT checked to ±2 ms must not
+/// share two cores with a 5000-datagram/s sender or an iperf3 run.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The round-trip times `ping` printed, in ms.
 fn rtts(text: &str) -> Vec<f64> {
     text.lines().filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok()).collect()
@@ -28,6 +36,7 @@ fn delay_on_both_agents_adds_up_in_the_round_trip() {
     if !system_ready("delay_on_both_agents_adds_up_in_the_round_trip") {
         return;
     }
+    let _alone = alone();
     let pair = Pair::start(70, &["--emulate", "delay 20ms"]);
     let (_, text) = ping(&pair.ns_a, &pair.v4[1], 30);
     let rtt = rtts(&text);
@@ -42,6 +51,7 @@ fn loss_five_percent_of_twenty_thousand_datagrams() {
     if !system_ready("loss_five_percent_of_twenty_thousand_datagrams") {
         return;
     }
+    let _alone = alone();
     // Only the sender emulates: the loss is one way, on the datagrams.
     let pair = Pair::start_with(71, &["--emulate", "loss 5%", "--emulate-seed", "11"], &[]);
     const N: u32 = 20_000;
@@ -93,6 +103,7 @@ fn rate_ten_mbit_caps_a_tcp_transfer() {
     if !system_ready("rate_ten_mbit_caps_a_tcp_transfer") {
         return;
     }
+    let _alone = alone();
     if Command::new("iperf3").arg("--version").output().is_err() {
         panic!("iperf3 is not installed (apt-get install iperf3; the README's test command installs it)");
     }

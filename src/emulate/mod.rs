@@ -36,6 +36,9 @@ pub const DEFAULT_SEED: u64 = 1;
 /// only while the broker is behind).
 pub const MAX_HELD: usize = 10 * spec::DEFAULT_LIMIT;
 
+/// Wake-ups later than this are not the timer's lateness (the worker was busy).
+pub const MAX_LATENESS_NS: u64 = 1_000_000;
+
 /// The size of a wire packet, for counting super-packets against `limit`.
 pub const WIRE_PACKET: usize = 1500;
 
@@ -128,7 +131,7 @@ impl Links {
         let stream = |link: u64| (queue as u64) << 32 | link;
         let all = self.emulation.all.clone().map(|s| Emulator::new(s, seed, stream(0), self.all_rate.clone(), self.start_ns));
         let to = self.emulation.to.iter().zip(&self.to_rate).enumerate().map(|(i, ((_, s), rate))| Emulator::new(s.clone(), seed, stream(i as u64 + 1), rate.clone(), self.start_ns)).collect();
-        Some(Shaper { links: self.clone(), all, to, seen: u64::MAX, addresses: HashMap::new(), line: DelayLine::default(), segmenter: Segmenter::new(), cut: Vec::new() })
+        Some(Shaper { links: self.clone(), all, to, seen: u64::MAX, addresses: HashMap::new(), line: DelayLine::default(), segmenter: Segmenter::new(), cut: Vec::new(), lateness_ns: 0, planned_wake: None })
     }
 }
 
@@ -144,6 +147,9 @@ pub struct Shaper {
     segmenter: Segmenter,
     /// One segment of a super-packet, with a plain virtio header.
     cut: Vec<u8>,
+    /// How late timed wake-ups come (a moving average), and the one planned.
+    lateness_ns: u64,
+    planned_wake: Option<u64>,
 }
 
 impl Shaper {
@@ -208,10 +214,29 @@ impl Shaper {
         self.line.next_due()
     }
 
-    /// Gives each packet due at `now_ns` to `send`, in the order they are due, until
-    /// `send` says it cannot take one (it is then kept for the next call).
+    /// When the worker should wake for the next held packet: that early by how late its
+    /// timed wake-ups come (a VM's timer and scheduler add 0.2–0.5 ms here), so that the
+    /// packet leaves when it is due rather than that much after.
+    pub fn wake_at(&mut self) -> Option<u64> {
+        let at = self.line.next_due()?.saturating_sub(self.lateness_ns);
+        self.planned_wake = Some(at);
+        Some(at)
+    }
+
+    /// Gives each packet due by `now_ns` (and within how late a wake-up comes: sooner
+    /// cannot be hit) to `send`, in the order they are due, until `send` says it cannot
+    /// take one (it is then kept for the next call).
     pub fn release(&mut self, now_ns: u64, mut send: impl FnMut(RoutingKey, &[u8]) -> bool) {
-        while let Some(slot) = self.line.peek_due(now_ns) {
+        if let Some(planned) = self.planned_wake.take() {
+            // A timed wake-up: how late did it come? (An earlier wake was for something else.)
+            if let Some(late) = now_ns.checked_sub(planned).filter(|l| *l < MAX_LATENESS_NS) {
+                self.lateness_ns = (self.lateness_ns * 7 + late) / 8;
+            } else if now_ns < planned {
+                self.planned_wake = Some(planned);
+            }
+        }
+        let by = now_ns.saturating_add(self.lateness_ns);
+        while let Some(slot) = self.line.peek_due(by) {
             let (key, entry) = &self.line.held[slot];
             if !send(*key, entry) {
                 return;

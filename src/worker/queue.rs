@@ -143,7 +143,7 @@ impl QueueWorker {
             if let Some(at) = self.link.next_deadline() {
                 timeout = timeout.min(at.saturating_duration_since(now));
             }
-            if let Some(due) = self.shaper.as_ref().and_then(Shaper::next_due) {
+            if let Some(due) = self.shaper.as_mut().and_then(Shaper::wake_at) {
                 timeout = timeout.min(Duration::from_nanos(due.saturating_sub(now_ns())));
             }
             if self.link.has_buffered() {
