@@ -27,7 +27,7 @@
 //! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
 //! - [`status`]: `agent status`, the local control socket of a running agent.
 //! - [`provision`]: `agent provision`, a session's vhost, users and permissions.
-//! - [`util`]: the clock, the stop flag, the fixed hashes and the seeded generator.
+//! - [`util`]: the clock, the stop flag, the fixed hashes, the seeded generator, base64.
 //! - `fuzzing`: the bodies of the fuzz targets, replayed by `tests/corpus.rs` (hidden).
 #![deny(unsafe_code)]
 

@@ -179,7 +179,7 @@ impl Sniffer {
         }
         let name = file_name(id).ok_or_else(|| format!("capture_id {id:?} is not a capture name"))?;
         let bytes = read(&self.opts.dir.join(&name))?;
-        Ok(json!({ "ok": true, "file_enc": FILE_ENC, "filename": name, "value": base64(&bytes) }))
+        Ok(json!({ "ok": true, "file_enc": FILE_ENC, "filename": name, "value": crate::util::base64(&bytes) }))
     }
 }
 
@@ -187,35 +187,9 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("no capture {}: {e}", path.display()))
 }
 
-/// Standard base64 with padding (RFC 4648), as Python's `base64.b64encode`.
-pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> shift & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc_4648() {
-        for (plain, coded) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
-            assert_eq!(base64(plain.as_bytes()), coded);
-        }
-        assert_eq!(base64(&[0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0]), "1MOyoQIABAA=");
-    }
 
     #[test]
     fn capture_ids_are_file_names() {

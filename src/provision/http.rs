@@ -52,7 +52,7 @@ impl Api {
         } else {
             None
         };
-        Ok(Api { host, port, tls, auth: base64(format!("{user}:{password}").as_bytes()) })
+        Ok(Api { host, port, tls, auth: crate::util::base64(format!("{user}:{password}").as_bytes()) })
     }
 
     fn addr(&self) -> String {
@@ -123,33 +123,11 @@ fn dechunk(mut s: &str) -> String {
 /// Percent-encodes one path segment (vhost and user names): RFC 3986's, as in AMQP URLs.
 pub use crate::amqp::url::percent_encode as segment;
 
-/// Standard base64 with padding.
-pub fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn base64_matches_rfc_4648() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
-            assert_eq!(base64(i.as_bytes()), o);
-        }
-    }
 
     #[test]
     fn segments_and_chunks() {

@@ -173,7 +173,7 @@ pub fn password_hash(password: &str, salt: [u8; 4]) -> String {
     h.update(password.as_bytes());
     let mut out = salt.to_vec();
     out.extend_from_slice(&h.finalize());
-    http::base64(&out)
+    crate::util::base64(&out)
 }
 
 /// The definitions that make `plan` (RabbitMQ's import format).
@@ -299,7 +299,7 @@ mod tests {
         // uzAEs1lDMckn3lAujJ8BWihiGe9/uNuqJb0GM5hSWh4= for the hash; stored with the salt first.
         let h = password_hash("guest", [0x90, 0x8d, 0xc6, 0x0a]);
         assert_eq!(h, "kI3GCrswBLNZQzHJJ95QLoyfAVooYhnvf7jbqiW9BjOYUloe");
-        assert_eq!(http::base64(&[0x90, 0x8d, 0xc6, 0x0a]).get(..5), h.get(..5));
+        assert_eq!(crate::util::base64(&[0x90, 0x8d, 0xc6, 0x0a]).get(..5), h.get(..5));
     }
 
     #[test]
