@@ -357,11 +357,15 @@ pub struct RouteArgs {
     pub stats_json: Option<std::path::PathBuf>,
 }
 
+/// Hosts of a lab when neither `--hosts` nor a topology says.
+pub const DEFAULT_LAB_HOSTS: u32 = 4;
+
 #[derive(Debug, Args)]
 pub struct LabArgs {
-    /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=4000))]
-    pub hosts: u32,
+    /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>) [default: 4, or
+    /// the topology's `hosts:`].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4000))]
+    pub hosts: Option<u32>,
     /// TUN queues per host.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
     pub queues: u16,
@@ -409,7 +413,7 @@ pub struct LabArgs {
     pub guard: Option<u32>,
     /// Which hosts are linked and how each link behaves, in YAML (hosts: N; links: a list
     /// of {between: [h1, h2], emulate: 'delay 10ms loss 1%'}); hosts without a link cannot
-    /// reach each other. Sets the number of hosts. See docs/capture-and-emulation.md.
+    /// reach each other. Its hosts: may be left to --hosts. See docs/capture-and-emulation.md.
     #[arg(long, value_name = "FILE")]
     pub topology: Option<PathBuf>,
 }
@@ -426,12 +430,13 @@ impl LabArgs {
         let topology = match &self.topology {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
-                Some(crate::lab::topology::Topology::parse(&text).map_err(|e| anyhow::anyhow!("--topology {}: {e}", path.display()))?)
+                let hosts = self.hosts.map(|h| h as usize);
+                Some(crate::lab::topology::Topology::parse(&text, hosts).map_err(|e| Failure::new(Exit::Usage, format!("--topology {}: {e}", path.display())))?)
             }
             None => None,
         };
         Ok(crate::lab::LabOptions {
-            hosts: topology.as_ref().map_or(self.hosts as usize, |t| t.hosts),
+            hosts: topology.as_ref().map_or(self.hosts.unwrap_or(DEFAULT_LAB_HOSTS) as usize, |t| t.hosts),
             topology,
             queues: usize::from(self.queues),
             keep: self.keep,

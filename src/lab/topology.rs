@@ -19,11 +19,15 @@ use serde::Deserialize;
 
 use crate::emulate::{Emulation, Spec};
 
+/// Most hosts of a topology lab (every ordered pair is pinged).
+pub const MAX_HOSTS: usize = 64;
+
 /// The file, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    hosts: usize,
+    #[serde(default)]
+    hosts: Option<usize>,
     #[serde(default)]
     links: Vec<LinkEntry>,
 }
@@ -58,17 +62,23 @@ fn index_of(name: &str, hosts: usize) -> Option<usize> {
 }
 
 impl Topology {
-    /// Parses and checks a topology file's text.
-    pub fn parse(text: &str) -> Result<Topology, String> {
+    /// Parses and checks a topology file's text; `hosts` is `--hosts`, when given (the
+    /// file's `hosts:` may then be left out, and must agree when it is not).
+    pub fn parse(text: &str, hosts: Option<usize>) -> Result<Topology, String> {
         let file: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-        if !(2..=super::plan::ALL_PAIRS_UP_TO * 8).contains(&file.hosts) {
-            return Err(format!("hosts: {} (a topology has 2 to {} hosts)", file.hosts, super::plan::ALL_PAIRS_UP_TO * 8));
+        let n = match (file.hosts, hosts) {
+            (Some(f), Some(h)) if f != h => return Err(format!("the file has hosts: {f}, the command line --hosts {h}: give one, or the same")),
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => return Err("how many hosts? add `hosts: N` to the file, or give --hosts N".into()),
+        };
+        if !(2..=MAX_HOSTS).contains(&n) {
+            return Err(format!("hosts: {n} (a topology has 2 to {MAX_HOSTS} hosts)"));
         }
         let mut links: Vec<Link> = Vec::new();
         for entry in file.links {
             let [x, y] = &entry.between;
-            let a = index_of(x, file.hosts).ok_or_else(|| format!("link {x}–{y}: {x:?} is not a host (h1 … h{})", file.hosts))?;
-            let b = index_of(y, file.hosts).ok_or_else(|| format!("link {x}–{y}: {y:?} is not a host (h1 … h{})", file.hosts))?;
+            let a = index_of(x, n).ok_or_else(|| format!("link {x}–{y}: {x:?} is not a host (h1 … h{n})"))?;
+            let b = index_of(y, n).ok_or_else(|| format!("link {x}–{y}: {y:?} is not a host (h1 … h{n})"))?;
             if a == b {
                 return Err(format!("link {x}–{y}: a host cannot be linked to itself"));
             }
@@ -78,7 +88,7 @@ impl Topology {
             let spec = entry.emulate.as_deref().map(str::parse::<Spec>).transpose().map_err(|e| format!("link {x}–{y}: {e}"))?;
             links.push(Link { a: a.min(b), b: a.max(b), spec });
         }
-        Ok(Topology { hosts: file.hosts, links })
+        Ok(Topology { hosts: n, links })
     }
 
     /// The link between hosts `a` and `b`, if they are linked.
@@ -115,7 +125,9 @@ mod tests {
 
     #[test]
     fn parses_and_turns_into_emulation() {
-        let t = Topology::parse(THREE).unwrap();
+        let t = Topology::parse(THREE, None).unwrap();
+        assert_eq!(Topology::parse(THREE, Some(3)).unwrap(), t);
+        assert_eq!(Topology::parse("links:\n  - between: [h1, h2]\n", Some(5)).unwrap().hosts, 5, "--hosts when the file has none");
         assert_eq!(t.links.len(), 2);
         assert_eq!(t.link(1, 0).and_then(|l| l.spec.clone()), Some("delay 10ms".parse().unwrap()));
         assert!(t.link(1, 2).is_some_and(|l| l.spec.is_none()));
@@ -137,9 +149,12 @@ mod tests {
             ("hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay fast\n", "link h1–h2"),
             ("hosts: 1\n", "2 to"),
             ("hosts: 3\nlinkz: []\n", "unknown field"),
+            ("links: []\n", "how many hosts"),
         ] {
-            let e = Topology::parse(text).unwrap_err();
+            let e = Topology::parse(text, None).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
+        let e = Topology::parse("hosts: 3\n", Some(6)).unwrap_err();
+        assert!(e.contains("--hosts 6: give one, or the same"), "{e}");
     }
 }
