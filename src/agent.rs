@@ -281,7 +281,7 @@ impl Agent {
                 trust: trust.clone(),
                 claims: if k == 0 { claims.clone() } else { None },
                 connected: if k == 0 { first_link.take() } else { None },
-                shaper: emulation.shaper(k),
+                shaper: emulation.shaper(),
             };
             agent.spawn_worker(setup, k == 0 && fault_worker_panic)?;
         }

@@ -1,6 +1,7 @@
 //! Link emulation (`--emulate`), end to end: real agents in namespaces, real ping, UDP and
-//! iperf3 through a real RabbitMQ; and the replay of a seeded run through the agent's own
-//! emulation code (`emulate::Links` and its shaper), packet by packet.
+//! iperf3 through a real RabbitMQ; a seeded run of real agents replayed; and the replay of
+//! a seeded packet sequence through the agent's own emulation code (`emulate::Links` and
+//! its shapers), packet by packet.
 
 mod common;
 
@@ -10,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tunbus::emulate::{Emulation, Links};
-use tunbus::route::RoutingKey;
+use tunbus::emulate::{Emulation, Flow, Links};
+use tunbus::route::{self, RoutingKey};
 
 /// The system tests of this file run one at a time: a ping RTT checked to ±2 ms must not
 /// share two cores with a 5000-datagram/s sender or an iperf3 run.
@@ -123,55 +124,138 @@ fn rate_ten_mbit_caps_a_tcp_transfer() {
     assert!((8.0..=10.5).contains(&mbit), "iperf3 TCP through 'rate 10mbit': {mbit:.2} Mbit/s, expected 8 to 10.5");
 }
 
-/// One IPv4/UDP packet with a virtio header in front, as the TUN gives it.
-fn entry(i: u32) -> Vec<u8> {
+/// Pings `count` times from a to b (10 ms apart) through agents where only a emulates
+/// `spec` with `seed` (both with `queues` queues); returns the sequence numbers that got
+/// no reply. The agents are waited for over IPv6, another flow shard than the IPv4 pings
+/// (asserted), so that the pings are the only packets of their stream: the same seed must
+/// lose the same ones.
+fn lost_pings(net: u8, spec: &str, seed: u64, queues: u32, count: u16) -> Vec<u16> {
+    let (v4, v6) = ([format!("198.18.{net}.1"), format!("198.18.{net}.2")], [format!("fd00:{net:x}::1"), format!("fd00:{net:x}::2")]);
+    let probe = |src: &str, dst: &str| {
+        let (s, d): (IpAddr, IpAddr) = (src.parse().expect("ip"), dst.parse().expect("ip"));
+        let p = match (s, d) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => [&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0][..], &s.octets(), &d.octets(), &[8, 0, 0, 0, 0, 0, 0, 0]].concat(),
+            (IpAddr::V6(s), IpAddr::V6(d)) => [&[0x60, 0, 0, 0, 0, 8, 58, 64][..], &s.octets(), &d.octets(), &[128, 0, 0, 0, 0, 0, 0, 0]].concat(),
+            _ => unreachable!("one family"),
+        };
+        route::shard(route::flow_hash(&p))
+    };
+    assert_ne!(probe(&v4[0], &v4[1]), probe(&v6[0], &v6[1]), "pick addresses whose IPv4 and IPv6 pings are in different shards");
+    let queues = queues.to_string();
+    let seed = seed.to_string();
+    let (ns_a, ns_b) = (Netns::new(), Netns::new());
+    let session = unique("replay");
+    let agent = |ns: &Netns, i: usize, extra: &[&str]| {
+        let (a4, a6) = (format!("{}/24", v4[i]), format!("{}/64", v6[i]));
+        let mut args = vec!["--url", URL, "--session", &session, "--netns", &ns.name, "--queues", &queues, "--ipv4", &a4, "--ipv6", &a6];
+        args.extend_from_slice(extra);
+        AgentProc::spawn(&ns.name, &args)
+    };
+    let a = agent(&ns_a, 0, &["--emulate", spec, "--emulate-seed", &seed]);
+    let b = agent(&ns_b, 1, &[]);
+    assert!(wait_reachable(&ns_a, &v6[1], Duration::from_secs(15)).is_some(), "agents never reachable:\n{}\n{}", a.logs(), b.logs());
+    let out = ns_a.exec(&["ping", "-n", "-c", &count.to_string(), "-i", "0.01", "-W", "1", &v4[1]]);
+    let answered: Vec<u16> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok()).collect();
+    (1..=count).filter(|s| !answered.contains(s)).collect()
+}
+
+#[test]
+fn real_agents_replay_the_same_losses_with_the_same_seed() {
+    if !system_ready("real_agents_replay_the_same_losses_with_the_same_seed") {
+        return;
+    }
+    let _alone = alone();
+    let spec = "loss 20%";
+    let first = lost_pings(73, spec, 7, 2, 200);
+    let again = lost_pings(73, spec, 7, 2, 200);
+    eprintln!("loss 20%, seed 7: pings lost {first:?}, then {again:?}");
+    assert!((20..=60).contains(&first.len()), "{} of 200 lost with 'loss 20%'", first.len());
+    assert_eq!(first, again, "the same seed on the same pings loses the same ones");
+    let one_queue = lost_pings(73, spec, 7, 1, 200);
+    assert_eq!(first, one_queue, "decisions are per flow shard: the queue count does not change them");
+    let other = lost_pings(73, spec, 8, 2, 200);
+    assert_ne!(first, other, "another seed loses other pings");
+}
+
+/// One IPv4/UDP packet from source port `port`, with a virtio header in front, as the TUN
+/// gives it; its payload is `i`.
+fn entry(i: u32, port: u16) -> Vec<u8> {
     let mut e = vec![0u8; 10];
     let payload = i.to_be_bytes();
     let total = 20 + 8 + payload.len();
     let mut ip = vec![0x45, 0, 0, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2];
-    ip.extend_from_slice(&[0x1f, 0x40, 0x1f, 0x41, 0, 12, 0, 0]);
+    ip.extend_from_slice(&port.to_be_bytes());
+    ip.extend_from_slice(&[0x1f, 0x41, 0, 12, 0, 0]);
     ip.extend_from_slice(&payload);
     e.extend_from_slice(&ip);
     e
 }
 
-/// Replays `n` packets, 100 µs apart, through queue worker 0's shaper for `spec` with
-/// `seed`; returns the indices of the dropped packets and the order they left in.
-fn replay(spec: &str, seed: u64, n: u32) -> (Vec<u32>, Vec<u32>) {
+fn shard_of_port(port: u16) -> u8 {
+    route::shard(route::flow_hash(&entry(0, port)[10..]))
+}
+
+/// Replays `n` packets, 100 µs apart, of UDP flows from source `ports` (packet i from
+/// `ports[i mod len]`) through the shapers of `queues` queue workers for `spec` with
+/// `seed`; packet i goes to worker (its flow shard mod `queues`), as the TUN steers flows.
+/// Returns the indices of the dropped packets and the order they left in.
+fn replay(spec: &str, seed: u64, n: u32, ports: &[u16], queues: usize) -> (Vec<u32>, Vec<u32>) {
     let emulation = Emulation { all: Some(spec.parse().expect("spec")), seed, ..Emulation::default() };
     let links = Arc::new(Links::new(emulation, 0));
-    let mut shaper = links.shaper(0).expect("emulation is on");
-    let key = RoutingKey::unicast(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 0);
-    let dst = Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)));
+    let mut shapers: Vec<_> = (0..queues).map(|_| links.shaper().expect("emulation is on")).collect();
+    let dst = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
     let (mut dropped, mut order) = (Vec::new(), Vec::new());
     let mut sent = |e: &[u8]| order.push(u32::from_be_bytes(e[e.len() - 4..].try_into().expect("4 bytes")));
     for i in 0..n {
         let now = u64::from(i) * 100_000;
-        if shaper.admit(&entry(i), key, dst, now) > 0 {
+        let port = ports[i as usize % ports.len()];
+        let e = entry(i, port);
+        let shard = shard_of_port(port);
+        let shaper = &mut shapers[usize::from(shard) % queues];
+        if shaper.admit(&e, RoutingKey::unicast(dst, shard), Flow::unicast(dst, shard), now) > 0 {
             dropped.push(i);
         }
-        shaper.release(now, |_, e| {
+        for s in &mut shapers {
+            s.release(now, |_, e| {
+                sent(e);
+                true
+            });
+        }
+    }
+    for s in &mut shapers {
+        s.release(u64::MAX, |_, e| {
             sent(e);
             true
         });
     }
-    shaper.release(u64::MAX, |_, e| {
-        sent(e);
-        true
-    });
     (dropped, order)
 }
 
 #[test]
 fn the_same_seed_replays_the_same_drops_and_order() {
     let spec = "delay 10ms 5ms loss 5% duplicate 1% reorder 5%";
-    let (dropped, order) = replay(spec, 7, 10_000);
+    let (dropped, order) = replay(spec, 7, 10_000, &[8000], 1);
     assert!((400..600).contains(&dropped.len()), "{} of 10 000 dropped", dropped.len());
-    let (again, order_again) = replay(spec, 7, 10_000);
+    let (again, order_again) = replay(spec, 7, 10_000, &[8000], 1);
     assert_eq!(dropped, again, "the same seed must drop the same packets");
     assert_eq!(order, order_again, "and deliver the rest in the same order, with the same duplicates");
     let reordered = order.windows(2).filter(|w| w[1] < w[0]).count();
     assert!(reordered > 100, "jitter and reorder move packets: {reordered}");
-    let (other, _) = replay(spec, 8, 10_000);
+    let (other, _) = replay(spec, 8, 10_000, &[8000], 1);
     assert_ne!(dropped, other, "another seed must drop another set");
+}
+
+#[test]
+fn decisions_are_per_flow_shard_whatever_the_queue_count() {
+    let spec = "loss 5% duplicate 2%";
+    let ports: Vec<u16> = (8000..8008).collect();
+    let (one, _) = replay(spec, 3, 10_000, &ports, 1);
+    for queues in [2, 4] {
+        assert_eq!(replay(spec, 3, 10_000, &ports, queues).0, one, "8 flows over {queues} queues drop what they drop over one");
+    }
+    // A flow alone in its shard loses the same packets with 7 other flows beside it or alone.
+    let k = ports.iter().position(|p| ports.iter().filter(|q| shard_of_port(**q) == shard_of_port(*p)).count() == 1).expect("a flow alone in its shard");
+    let mixed: Vec<u32> = one.iter().filter(|i| **i as usize % 8 == k).map(|i| i / 8).collect();
+    let (by_itself, _) = replay(spec, 3, 10_000 / 8, &ports[k..=k], 1);
+    assert_eq!(mixed, by_itself, "flow {}'s drops with 7 other flows and alone", ports[k]);
 }

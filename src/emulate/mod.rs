@@ -2,16 +2,24 @@
 //! towards one agent, every random decision from `--emulate-seed` (docs/decisions/0021).
 //!
 //! - [`spec`]: the tc-netem vocabulary, parsed and printed (pure);
-//! - [`model`]: the seeded decisions of one link, packet by packet (pure);
+//! - [`model`]: the seeded decisions of one stream, packet by packet (pure);
 //! - [`Emulation`]: what the configuration says (specs and seed);
-//! - [`Links`]: the agent's links at run time: the rate clocks the queue workers share,
-//!   and which addresses each `--emulate-to` peer has (learned from its hellos);
-//! - [`Shaper`]: queue worker k's side: one [`Emulator`] per link, the delay line of the
-//!   packets held, and the cutting of super-packets when packets are told apart by chance.
+//! - [`Links`]: the agent's links at run time: per link, one stream of decisions per flow
+//!   shard (and one for floods) and the rate clock, all shared by the queue workers; and
+//!   which addresses each `--emulate-to` peer has (learned from its hellos);
+//! - [`Shaper`]: queue worker k's side: the delay line of the packets it holds, and the
+//!   cutting of super-packets when packets are told apart by chance.
+//!
+//! **Per flow shard.** A packet draws from the stream of its (link, flow shard): what
+//! happens to a flow depends only on the seed and on the packets of its shard, not on how
+//! many queues the agent has, which TUN queue the kernel hands the flow to (it moves a flow
+//! to the queue its replies are written on), or what other flows and the kernel's own
+//! chatter (router solicitations, to the floods' stream) send meanwhile. So a run replays.
 //!
 //! Off (no spec given), the worker has no shaper and its path is unchanged: the check is
 //! one `Option` per burst. On, each packet read is copied once into the delay line and
-//! copied into its batch when it is due; the line's buffers are reused.
+//! copied into its batch when it is due; the line's buffers are reused. A stream is a
+//! `Mutex` taken once per packet read, uncontended unless two queues carry one shard.
 
 pub mod model;
 pub mod spec;
@@ -20,14 +28,14 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub use model::{Dropped, Emulator, RateClock, Verdict};
 pub use spec::{Spec, SpecError};
 
 use crate::codec::segment::Segmenter;
 use crate::codec::v1::VNET_HDR_LEN;
-use crate::route::RoutingKey;
+use crate::route::{RoutingKey, SHARDS};
 
 /// The seed when `--emulate-seed` is not given (the run prints it, to replay).
 pub const DEFAULT_SEED: u64 = 1;
@@ -70,22 +78,58 @@ impl Emulation {
     }
 }
 
+/// Where a packet goes, as the emulation sees it: its destination (`None`: a flood) and its
+/// flow shard (`route::shard`, before any reduction to the receiver's queue count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub dst: Option<IpAddr>,
+    pub shard: u8,
+}
+
+impl Flow {
+    /// A broadcast or multicast packet: all floods share one stream.
+    pub const FLOOD: Flow = Flow { dst: None, shard: 0 };
+
+    pub fn unicast(dst: IpAddr, shard: u8) -> Flow {
+        Flow { dst: Some(dst), shard }
+    }
+
+    /// Which of its link's streams it draws from: its shard's, or the floods' (the last).
+    fn stream(self) -> usize {
+        match self.dst {
+            Some(_) => usize::from(self.shard % SHARDS),
+            None => usize::from(SHARDS),
+        }
+    }
+}
+
+/// One link's decisions: a stream per flow shard and one for floods (`SHARDS + 1`), each an
+/// [`Emulator`] seeded by (seed, link, stream), shared by the queue workers; they share the
+/// link's rate clock.
+type Streams = Arc<[Mutex<Emulator>]>;
+
 /// One agent's links at run time, shared by its queue workers.
 pub struct Links {
     emulation: Emulation,
-    all_rate: Arc<RateClock>,
-    to_rate: Vec<Arc<RateClock>>,
+    /// `--emulate`'s link, then one per `--emulate-to` peer.
+    all: Option<Streams>,
+    to: Vec<Streams>,
     /// Which `to` peer each address belongs to, and a generation bumped on each change.
     addresses: Mutex<HashMap<IpAddr, usize>>,
     generation: AtomicU64,
-    start_ns: u64,
 }
 
 impl Links {
     pub fn new(emulation: Emulation, start_ns: u64) -> Links {
-        let to_rate = emulation.to.iter().map(|_| Arc::default()).collect();
+        let seed = emulation.seed;
+        let streams = |link: u64, spec: &Spec| -> Streams {
+            let rate = Arc::new(RateClock::default());
+            (0..=u64::from(SHARDS)).map(|s| Mutex::new(Emulator::new(spec.clone(), seed, link << 8 | s, rate.clone(), start_ns))).collect()
+        };
+        let all = emulation.all.as_ref().map(|s| streams(0, s));
+        let to = emulation.to.iter().enumerate().map(|(i, (_, s))| streams(i as u64 + 1, s)).collect();
         let known = emulation.known.clone();
-        let links = Links { emulation, all_rate: Arc::default(), to_rate, addresses: Mutex::default(), generation: AtomicU64::new(0), start_ns };
+        let links = Links { emulation, all, to, addresses: Mutex::default(), generation: AtomicU64::new(0) };
         for (name, addrs) in &known {
             links.learn(name, addrs);
         }
@@ -122,24 +166,31 @@ impl Links {
         (0..self.emulation.to.len()).all(|i| map.values().any(|o| *o == i))
     }
 
-    /// Queue worker `queue`'s shaper, or `None` when nothing is emulated.
-    pub fn shaper(self: &Arc<Links>, queue: usize) -> Option<Shaper> {
+    /// A queue worker's shaper, or `None` when nothing is emulated.
+    pub fn shaper(self: &Arc<Links>) -> Option<Shaper> {
         if self.emulation.is_off() {
             return None;
         }
-        let seed = self.emulation.seed;
-        let stream = |link: u64| (queue as u64) << 32 | link;
-        let all = self.emulation.all.clone().map(|s| Emulator::new(s, seed, stream(0), self.all_rate.clone(), self.start_ns));
-        let to = self.emulation.to.iter().zip(&self.to_rate).enumerate().map(|(i, ((_, s), rate))| Emulator::new(s.clone(), seed, stream(i as u64 + 1), rate.clone(), self.start_ns)).collect();
-        Some(Shaper { links: self.clone(), all, to, seen: u64::MAX, addresses: HashMap::new(), line: DelayLine::default(), segmenter: Segmenter::new(), cut: Vec::new(), lateness_ns: 0, planned_wake: None })
+        Some(Shaper {
+            links: self.clone(),
+            all: self.all.clone(),
+            to: self.to.clone(),
+            seen: u64::MAX,
+            addresses: HashMap::new(),
+            line: DelayLine::default(),
+            segmenter: Segmenter::new(),
+            cut: Vec::new(),
+            lateness_ns: 0,
+            planned_wake: None,
+        })
     }
 }
 
-/// Queue worker k's emulation: its decisions and the packets it holds.
+/// Queue worker k's emulation: the links' decisions and the packets it holds.
 pub struct Shaper {
     links: Arc<Links>,
-    all: Option<Emulator>,
-    to: Vec<Emulator>,
+    all: Option<Streams>,
+    to: Vec<Streams>,
     /// The generation of [`Links`]' addresses copied into `addresses`.
     seen: u64,
     addresses: HashMap<IpAddr, usize>,
@@ -153,23 +204,25 @@ pub struct Shaper {
 }
 
 impl Shaper {
-    /// Hands `entry` (virtio header and packet) for `key` and `dst` (`None`: a flood) to
-    /// its link at `now_ns`: it is held until due, or dropped (returns how many packets
-    /// were dropped: a cut super-packet can lose some of its segments).
-    pub fn admit(&mut self, entry: &[u8], key: RoutingKey, dst: Option<IpAddr>, now_ns: u64) -> u64 {
+    /// Hands `entry` (virtio header and packet) for `key` and `flow` to its link at
+    /// `now_ns`: it is held until due, or dropped (returns how many packets were dropped: a
+    /// cut super-packet can lose some of its segments).
+    pub fn admit(&mut self, entry: &[u8], key: RoutingKey, flow: Flow, now_ns: u64) -> u64 {
         self.refresh();
         let Shaper { all, to, addresses, line, segmenter, cut, .. } = self;
-        let emulator = match dst.and_then(|d| addresses.get(&d).copied()) {
-            Some(i) => to.get_mut(i),
-            None => all.as_mut(),
+        let streams = match flow.dst.and_then(|d| addresses.get(&d).copied()) {
+            Some(i) => to.get(i),
+            None => all.as_ref(),
         };
-        let Some(emulator) = emulator else {
+        let Some(stream) = streams.and_then(|s| s.get(flow.stream())) else {
             if line.len() >= MAX_HELD {
                 return 1;
             }
             line.hold(now_ns, key, entry); // no spec for this destination: due at once
             return 0;
         };
+        let mut emulator = stream.lock().unwrap_or_else(PoisonError::into_inner);
+        let emulator = &mut *emulator;
         let (Some(vnet), Some(packet)) = (entry.first_chunk::<VNET_HDR_LEN>(), entry.get(VNET_HDR_LEN..)) else { return 1 };
         if !emulator.spec().per_packet() || vnet[1] == 0 {
             return Self::one(emulator, line, now_ns, key, entry);
@@ -347,11 +400,11 @@ mod tests {
         assert!(!links.all_known());
         links.learn("h2", &[h2]);
         assert!(links.all_known());
-        let mut s = links.shaper(0).expect("on");
+        let mut s = links.shaper().expect("on");
         let entry = [0u8; VNET_HDR_LEN + 20];
-        assert_eq!(s.admit(&entry, key(), Some(h2), 0), 0);
-        assert_eq!(s.admit(&entry, key(), Some(h3), 0), 0);
-        assert_eq!(s.admit(&entry, key(), None, 0), 0);
+        assert_eq!(s.admit(&entry, key(), Flow::unicast(h2, 0), 0), 0);
+        assert_eq!(s.admit(&entry, key(), Flow::unicast(h3, 0), 0), 0);
+        assert_eq!(s.admit(&entry, key(), Flow::FLOOD, 0), 0);
         assert_eq!(s.next_due(), Some(1_000_000));
         let mut at = Vec::new();
         s.release(10_000_000, |_, _| {

@@ -1,7 +1,7 @@
 //! What a link does to each packet: the seeded decisions of one [`Spec`]. Pure: the time
 //! and the packet length come in, a [`Verdict`] goes out, and every random draw comes from
-//! the generator seeded by `--emulate-seed` (and the stream: the queue worker and the
-//! destination), so the same seed and the same packet sequence give the same verdicts.
+//! the generator seeded by `--emulate-seed` and the stream (which link, which flow shard),
+//! so the same seed and the same packet sequence give the same verdicts.
 //!
 //! Per packet, in this order (as netem): is the link flapped down; is the packet lost
 //! (random, or the Gilbert–Elliott chain); is the queue full (`limit`); is it duplicated;
@@ -53,7 +53,7 @@ impl RateClock {
     }
 }
 
-/// One stream of decisions for one link.
+/// One stream of decisions of one link (the link's packets of one flow shard).
 #[derive(Debug)]
 pub struct Emulator {
     spec: Spec,
@@ -69,7 +69,7 @@ pub struct Emulator {
 }
 
 impl Emulator {
-    /// Decisions for `spec`, from `seed` and `stream` (which worker and which link), with
+    /// Decisions for `spec`, from `seed` and `stream` (which link and which flow shard), with
     /// the flap schedule starting at `start_ns`.
     pub fn new(spec: Spec, seed: u64, stream: u64, rate: Arc<RateClock>, start_ns: u64) -> Emulator {
         let rng = SplitMix64(splitmix64(seed ^ splitmix64(stream)));

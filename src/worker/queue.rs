@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::amqp::client::Client;
 use crate::codec::v1::VNET_HDR_LEN;
-use crate::emulate::Shaper;
+use crate::emulate::{Flow, Shaper};
 use crate::identity::claims::Claims;
 use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, RxCounters, TxCounters};
@@ -70,8 +70,8 @@ struct Classifier {
     peers: Arc<PeerQueues>,
     /// The last unicast (destination, shard) and its key.
     last_unicast: Option<(IpAddr, u8, RoutingKey)>,
-    /// The destination of the last packet classified (`None`: a flood).
-    last_dst: Option<IpAddr>,
+    /// Where the last packet classified goes, for the emulation.
+    last_flow: Flow,
 }
 
 /// Everything queue worker k is built from.
@@ -122,7 +122,7 @@ impl QueueWorker {
             counters,
             stop,
             batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key),
-            classifier: Classifier { flood_key, own_v4, peers, last_unicast: None, last_dst: None },
+            classifier: Classifier { flood_key, own_v4, peers, last_unicast: None, last_flow: Flow::FLOOD },
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
             shaper,
@@ -259,7 +259,7 @@ impl QueueWorker {
                 }
             };
             let Some(shaper) = &mut self.shaper else { return };
-            let dropped = shaper.admit(entry, key, self.classifier.last_dst, now_ns());
+            let dropped = shaper.admit(entry, key, self.classifier.last_flow, now_ns());
             if dropped > 0 {
                 self.counters.record_drop(DropReason::Emulated, dropped);
             }
@@ -301,14 +301,15 @@ impl Classifier {
             return Err(DropReason::Mld);
         }
         let c = route::classify(packet).map_err(|_| DropReason::NotIp)?;
-        self.last_dst = match c.dst {
-            Destination::Flood => None,
+        let ip = match c.dst {
+            Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => None,
             Destination::Unicast(ip) => Some(ip),
+            Destination::Flood => None,
         };
-        Ok(match c.dst {
-            Destination::Flood => self.flood_key,
-            Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => self.flood_key,
-            Destination::Unicast(ip) => {
+        self.last_flow = ip.map_or(Flow::FLOOD, |ip| Flow::unicast(ip, c.shard));
+        Ok(match ip {
+            None => self.flood_key,
+            Some(ip) => {
                 let shard = peers::key_shard(c.shard, self.peers.queues(ip));
                 match self.last_unicast {
                     Some((cached_ip, cached_shard, key)) if cached_ip == ip && cached_shard == shard => key,
