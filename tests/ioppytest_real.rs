@@ -17,6 +17,11 @@
 //! unchanged). Without PyPI (or Python 2.7) a test is skipped with a notice, or fails when
 //! `TUNBUS_REQUIRE_SYSTEM_TESTS=1`, like `system_ready`.
 //!
+//! `a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer` is the other end
+//! of an F-Interop session: a coordinator written with the published `ioppytest-utils`
+//! 1.2.14 (its message classes, its `amqp_request`, its pcap reader;
+//! tests/ioppytest_real/coordinator.py) asks `agent sniffer` for a capture of real pings.
+//!
 //! RabbitMQ may listen on 127.0.0.1 only, so the test forwards the root end of the veth
 //! (198.18.250.x, port chosen by the kernel) to the broker with a small TCP relay of its own.
 //! The two tests share `amq.topic` and the ioppytest addresses, so they run one at a time.
@@ -159,6 +164,19 @@ fn python3_runtime() -> Result<PyRuntime, String> {
         lead: vec![here().join("tests/ioppytest_real/py3_agent.py").display().to_string()],
         env: vec![],
     })
+}
+
+/// A Python 3.11 virtualenv with the coordinator's library, `ioppytest-utils` (no agent).
+fn coordinator_python() -> Result<PathBuf, String> {
+    let venv = here().join("target/ioppytest-venv/utils");
+    let reqs = here().join("tests/ioppytest_real/requirements-utils.txt");
+    let base = std::env::var("TUNBUS_PYTHON3").unwrap_or_else(|_| "python3.11".into());
+    pip_install(&venv, &reqs, || {
+        try_run(Command::new(&base).args(["-m", "venv"]).arg(&venv)).map_err(|e| format!("cannot create a Python 3.11 venv: {e}"))?;
+        try_run(Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20", "--no-deps", "-r"]).arg(&reqs))
+            .map_err(|e| format!("pip could not install ioppytest-utils (is PyPI reachable?): {e}"))
+    })?;
+    Ok(venv.join("bin/python"))
 }
 
 /// The Python agent, in its own process group; the whole group is ended on drop.
@@ -435,4 +453,88 @@ fn real_python_agent_pings_a_tunbus_agent_through_the_router() {
 #[test]
 fn real_python_agent_on_python3_with_bytes_fixes_through_the_router() {
     python_agent_and_tunbus_agent_through_the_router("real_python_agent_on_python3_with_bytes_fixes_through_the_router", python3_runtime);
+}
+
+/// An IPv4 ICMP echo: (source, destination, is_request, sequence number).
+fn echo(p: &[u8]) -> Option<(String, String, bool, u16)> {
+    if p.first()? >> 4 != 4 || *p.get(9)? != 1 {
+        return None;
+    }
+    let icmp = p.get(usize::from(p[0] & 0xf) * 4..)?;
+    let request = match icmp.first()? {
+        8 => true,
+        0 => false,
+        _ => return None,
+    };
+    let addr = |at: usize| std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&p[at..at + 4]).expect("4 bytes")).to_string();
+    Some((addr(12), addr(16), request, u16::from_be_bytes([*icmp.get(6)?, *icmp.get(7)?])))
+}
+
+#[test]
+fn a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer() {
+    let test = "a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer";
+    if !system_ready(test) {
+        return;
+    }
+    let python = match coordinator_python() {
+        Ok(p) => p,
+        Err(why) => {
+            cannot_run(test, &why);
+            return;
+        }
+    };
+    let exchange = unique("coord");
+    let dir = std::env::temp_dir().join(&exchange);
+    let out_file = std::env::temp_dir().join(format!("{exchange}.hex"));
+    let log = std::env::temp_dir().join(format!("{exchange}.log"));
+    let mut sniffer = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["sniffer", "--url", URL, "--exchange", &exchange, "--dir"])
+        .arg(&dir)
+        .env_remove("AMQP_URL")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("agent sniffer");
+    let pair = Pair::start(83, &["--exchange", &exchange]);
+    let mut coordinator = Command::new(&python)
+        .arg(here().join("tests/ioppytest_real/coordinator.py"))
+        .args([URL, &exchange, "TD_COAP_CORE_07"])
+        .arg(&out_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the coordinator");
+    let mut said = std::io::BufReader::new(coordinator.stdout.take().expect("piped"));
+    let mut line = String::new();
+    use std::io::BufRead;
+    while said.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && !line.starts_with("started") {
+        line.clear();
+    }
+    assert!(line.starts_with("started"), "the coordinator got no sniffing.start.reply; sniffer:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let (ok, text) = ping(&pair.ns_a, &pair.v4[1], 10);
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    use std::io::Write;
+    coordinator.stdin.take().expect("piped").write_all(b"stop\n").expect("to the coordinator");
+    let mut summary = String::new();
+    let _ = std::io::Read::read_to_string(&mut said, &mut summary);
+    let status = coordinator.wait().expect("the coordinator ends");
+    let _ = sniffer.kill();
+    let _ = sniffer.wait();
+    assert!(status.success(), "the coordinator failed (its assertions are on the typed replies): {summary}\nsniffer:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let summary: serde_json::Value = serde_json::from_str(summary.lines().last().unwrap_or("")).expect("the coordinator's summary");
+    assert_eq!((summary["filename"].as_str(), summary["linktype"].as_u64()), (Some("TD_COAP_CORE_07.pcap"), Some(101)), "{summary}");
+    let packets: Vec<Vec<u8>> = std::fs::read_to_string(&out_file)
+        .expect("the packets pure_pcapy read")
+        .lines()
+        .map(|l| (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).expect("hex")).collect())
+        .collect();
+    let echoes: Vec<_> = packets.iter().filter_map(|p| echo(p)).collect();
+    let (a, b) = (&pair.v4[0], &pair.v4[1]);
+    for seq in 1..=10 {
+        assert!(echoes.iter().any(|e| (&e.0, &e.1, e.2, e.3) == (a, b, true, seq)), "echo request {seq} missing from the capture: {echoes:?}");
+        assert!(echoes.iter().any(|e| (&e.0, &e.1, e.2, e.3) == (b, a, false, seq)), "echo reply {seq} missing from the capture: {echoes:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&out_file);
+    let _ = std::fs::remove_file(&log);
 }
