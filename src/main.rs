@@ -220,7 +220,7 @@ fn stop_on_signal() -> anyhow::Result<(Stop, watch::Receiver<bool>)> {
     Ok((stop, rx))
 }
 
-/// `agent status`: every local agent's status, or one's.
+/// `agent capture`: the session's bus into one pcapng file, until Ctrl-C or --duration.
 async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
     use tunbus::capture::{self, pcapng};
     let opts = capture::Options {

@@ -387,3 +387,54 @@ fn ioppytest_sniffer_answers_start_stop_and_getcapture() {
     drop(sniffer);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An ioppytest session where `agent route` bridges an old-wire agent and a native one:
+/// the old agent's packets cross the bus twice (its JSON, then the router's v1 copy). The
+/// capture holds each once, on the interface of the agent that sent it, and the old
+/// agent's interface carries the addresses of its `ip.tun.started`.
+#[test]
+fn a_bridged_ioppytest_session_is_captured_once_per_packet() {
+    if !system_ready("a_bridged_ioppytest_session_is_captured_once_per_packet") {
+        return;
+    }
+    let exchange = unique("tunbus.capx");
+    let (old, native) = (unique("old"), unique("nat"));
+    let (ns_old, ns_new) = (Netns::new(), Netns::new());
+    let _router = RouterProc::start(&exchange, &format!("topology:\n  - link_id: l\n    nodes: [{old}, {native}]\n"));
+    let file = std::env::temp_dir().join(format!("{exchange}.pcapng"));
+    let mut capture = Tool::start(&["capture", "--url", URL, "--exchange", &exchange, "-w", file.to_str().expect("utf-8")], &exchange);
+    capture.wait_for("tap open", Duration::from_secs(10));
+    let _old = AgentProc::start(&old, &["--wire", "ioppytest", "--exchange", &exchange, "--netns", &ns_old.name, "--ipv4", "10.2.0.1/24"]);
+    let _new = AgentProc::start(&native, &["--exchange", &exchange, "--netns", &ns_new.name, "--ipv4", "10.2.0.2/24"]);
+    assert!(wait_reachable(&ns_old, "10.2.0.2", Duration::from_secs(20)).is_some(), "no connectivity through the router");
+    let out = ns_old.exec(&["ping", "-n", "-q", "-c", "20", "-i", "0.05", "-W", "1", "10.2.0.2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" 0% packet loss"), "{}", String::from_utf8_lossy(&out.stdout));
+    std::thread::sleep(Duration::from_millis(300));
+    let said = capture.interrupt();
+    assert!(said.contains("copies the ioppytest router bridged left out"), "{said}");
+
+    let cap = pcapng::read(&std::fs::read(&file).expect("the capture file")).expect("pcapng");
+    let (a, b): (IpAddr, IpAddr) = ("10.2.0.1".parse().expect("ip"), "10.2.0.2".parse().expect("ip"));
+    let mut seen: HashMap<(bool, u16, u16), Vec<&str>> = HashMap::new();
+    for r in &cap.packets {
+        let Some((src, dst, request, id, seq)) = echo(&r.data) else { continue };
+        if (src, dst) == (a, b) || (src, dst) == (b, a) {
+            seen.entry((request, id, seq)).or_default().push(cap.interfaces[r.iface as usize].name.as_str());
+        }
+    }
+    // Every echo (wait_reachable's and the 20 pings') is in the file once, under its sender;
+    // the 20 pings' run is whole.
+    for ((request, id, seq), by) in &seen {
+        let what = if *request { "request" } else { "reply" };
+        assert_eq!(by.len(), 1, "echo {what} id {id} seq {seq} is in the file {} times: {by:?}", by.len());
+        assert_eq!(by[0], if *request { old.as_str() } else { native.as_str() }, "echo {what} on its sender's interface");
+    }
+    let run = seen.keys().filter(|(request, _, seq)| *request && *seq == 20).map(|k| k.1).next().expect("the 20th ping");
+    for seq in 1..=20u16 {
+        assert!(seen.contains_key(&(true, run, seq)) && seen.contains_key(&(false, run, seq)), "echo {seq} of the run missing: {seen:?}");
+    }
+    let iface = cap.interfaces.iter().find(|i| i.name == old).expect("the old agent's interface");
+    assert!(iface.addresses.iter().any(|(ip, len)| *ip == a && *len == 24), "its addresses, from its ip.tun.started: {:?}", iface.addresses);
+    assert_eq!(tcpdump(&file, "icmp and host 10.2.0.2").matches("echo request").count(), seen.keys().filter(|k| k.0).count(), "tcpdump reads the same");
+    let _ = std::fs::remove_file(&file);
+}

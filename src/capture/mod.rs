@@ -12,7 +12,7 @@
 //!
 //! The capture's broker user needs (docs/security.md, "Capture"): configure, write and read
 //! on `amq.gen-.*` (its queue), read on the session's exchange (to bind), topic read on
-//! `tunbus.v1.#` (and `fromAgent.#` on amq.topic), and write plus topic write on
+//! `tunbus.v1.#` and `fromAgent.#`, and write plus topic write on
 //! `tunbus.v1.ctl.probe` to ask the agents for their hellos at once (optional).
 
 pub mod merge;
@@ -31,7 +31,6 @@ use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned};
 use crate::amqp::presence::JSON_PROPERTIES;
 use crate::amqp::session::QueueOptions;
 use crate::amqp::wire::Value;
-use crate::codec::ioppytest;
 use crate::route;
 use crate::util::{now_ns, Stop};
 
@@ -41,7 +40,7 @@ pub const TAP_MAX_MESSAGES: i32 = 100_000;
 pub const TAP_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// What the tap binds: every data and presence key of the native wire.
 pub const NATIVE_PATTERN: &str = "tunbus.v1.#";
-/// And on the ioppytest exchange, what old agents publish.
+/// And what old agents publish (on amq.topic, or the exchange they were given).
 pub const IOPPYTEST_PATTERN: &str = "fromAgent.#";
 
 /// A capture to run.
@@ -74,6 +73,9 @@ impl Summary {
         }
         if c.filtered > 0 {
             s += &format!("; {} left out by the filter", c.filtered);
+        }
+        if c.bridged > 0 {
+            s += &format!("; {} copies the ioppytest router bridged left out (each is in the file once, from its old agent)", c.bridged);
         }
         if c.lost_batches > 0 {
             s += &format!("; LOST {} batches (the capture fell behind and the broker dropped them from its tap queue: raise --queue-max-bytes or filter)", c.lost_batches);
@@ -108,9 +110,7 @@ pub fn open_tap(endpoints: &[Endpoint], exchange: &str, queue_max_bytes: u64, st
         let args = [("x-max-length", Value::I32(TAP_MAX_MESSAGES)), ("x-max-length-bytes", Value::I64(bytes))];
         let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &args, stop.flag())?;
         c.queue_bind(&q, exchange, NATIVE_PATTERN, stop.flag())?;
-        if exchange == ioppytest::EXCHANGE {
-            c.queue_bind(&q, exchange, IOPPYTEST_PATTERN, stop.flag())?;
-        }
+        c.queue_bind(&q, exchange, IOPPYTEST_PATTERN, stop.flag())?;
         c.basic_consume(&q, "", true, true, stop.flag())?;
         c.publish_copy(exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent capture"}"#)?;
         return Ok(c);

@@ -206,6 +206,8 @@ pub struct Interface {
     pub name: String,
     pub description: String,
     pub linktype: u16,
+    /// `if_IPv4addr` and `if_IPv6addr`: address and prefix length.
+    pub addresses: Vec<(IpAddr, u8)>,
 }
 
 /// A packet of a file read back.
@@ -293,11 +295,21 @@ pub fn read(bytes: &[u8]) -> Result<Capture, ReadError> {
                 }
             }
             IDB => {
-                let mut i = Interface { name: String::new(), description: String::new(), linktype: u16_at(body, 0)? };
+                let mut i = Interface { name: String::new(), description: String::new(), linktype: u16_at(body, 0)?, addresses: Vec::new() };
                 for (code, v) in options(body, 8)? {
                     match code {
                         IF_NAME => i.name = text(v),
                         IF_DESCRIPTION => i.description = text(v),
+                        IF_IPV4ADDR => {
+                            if let (Some(a), Some(m)) = (v.first_chunk::<4>(), v.get(4..8).and_then(|m| <[u8; 4]>::try_from(m).ok())) {
+                                i.addresses.push((IpAddr::from(*a), u32::from_be_bytes(m).leading_ones() as u8));
+                            }
+                        }
+                        IF_IPV6ADDR => {
+                            if let (Some(a), Some(len)) = (v.first_chunk::<16>(), v.get(16)) {
+                                i.addresses.push((IpAddr::from(*a), *len));
+                            }
+                        }
                         _ => {}
                     }
                 }

@@ -182,7 +182,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  agent capture --session lab -w lab.pcapng\n  agent capture --session lab -w h2.pcapng --agent h2 --duration 30s\n  agent capture --session lab -w - | tshark -r -\n\nThe broker user needs read on the session's exchange, configure/write/read on amq.gen-* queues and topic read on tunbus.v1.# (docs/security.md, \"Capture\").")]
+#[command(after_help = "Examples:\n  agent capture --session lab -w lab.pcapng\n  agent capture --session lab -w h2.pcapng --agent h2 --duration 30s\n  agent capture --session lab -w - | tshark -r -\n\nThe broker user needs read on the session's exchange, configure/write/read on amq.gen-* queues and topic read on tunbus.v1.# and fromAgent.# (docs/security.md, \"Capture\").")]
 pub struct CaptureArgs {
     #[command(flatten)]
     pub bus: BusArgs,
@@ -802,6 +802,14 @@ impl ConnectArgs {
                 )
             })?;
         }
+        if self.wire == Wire::Ioppytest && old.ipv4.is_none() {
+            // ip.tun.started names one IPv4 address: the first --ipv4, so that a router
+            // learns it (and bridges to it) as it does --ipv4-address.
+            old.ipv4 = self.ipv4.iter().find_map(|p| match p.addr {
+                std::net::IpAddr::V4(a) => Some((a, p.len)),
+                std::net::IpAddr::V6(_) => None,
+            });
+        }
         let cpus = match &self.cpus {
             Some(text) => parse_cpus(text)?,
             None => Vec::new(),
@@ -833,7 +841,15 @@ impl ConnectArgs {
             ifname: self.ifname,
             netns: self.netns,
             queues: usize::from(self.queues),
-            addrs: self.ipv4.into_iter().chain(self.ipv6).chain(old.prefixes()).collect(),
+            addrs: {
+                let mut addrs: Vec<Prefix> = self.ipv4.into_iter().chain(self.ipv6).collect();
+                for p in old.prefixes() {
+                    if !addrs.contains(&p) {
+                        addrs.push(p);
+                    }
+                }
+                addrs
+            },
             mtu: self.mtu.unwrap_or(if self.wire == Wire::Ioppytest { 1500 } else { DEFAULT_MTU }),
             link_local: old.link_local(),
             // The old wire carries plain packets only: no super-packets, no partial checksums.

@@ -147,7 +147,7 @@ pub fn observer_permissions(session: &str) -> Permissions {
         write: format!("^({exchange}|{gen})$"),
         read: format!("^({exchange}|{gen})$"),
         topic_write: "^tunbus\\.v1\\.ctl\\.probe$".to_owned(),
-        topic_read: "^tunbus\\.v1\\..*$".to_owned(),
+        topic_read: "^(tunbus\\.v1\\..*|fromAgent\\..*)$".to_owned(),
     }
 }
 
@@ -382,7 +382,7 @@ mod tests {
         let (p, ok) = (&o.permissions, |re: &str, s: &str| re::full_match(re, s));
         assert!(ok(&p.configure, "amq.gen-Xyz") && !ok(&p.configure, "tunbus.lab.h1.0"));
         assert!(ok(&p.read, "tunbus.lab") && ok(&p.write, "amq.gen-Xyz") && !ok(&p.read, "tunbus.lab.h1.0"));
-        assert!(ok(&p.topic_read, "tunbus.v1.#") && !ok(&p.topic_read, "#"));
+        assert!(ok(&p.topic_read, "tunbus.v1.#") && ok(&p.topic_read, "fromAgent.#") && !ok(&p.topic_read, "#"));
         assert!(ok(&p.topic_write, "tunbus.v1.ctl.probe"));
         for k in ["tunbus.v1.198-18-0-2.7", "tunbus.v1.all.cap", "tunbus.v1.ctl.hello.cap", "tunbus.v1.ctl.hello.h1"] {
             assert!(!ok(&p.topic_write, k), "an observer must not publish {k}");
