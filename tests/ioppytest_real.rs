@@ -149,34 +149,33 @@ fn python27_runtime() -> Result<PyRuntime, String> {
     Ok(PyRuntime { python, lead: vec!["-m".into(), "agent".into()], env: vec![("PYTHONPATH".into(), site.display().to_string())] })
 }
 
-/// A Python 3.11 virtualenv with the agent, started through py3_agent.py.
-fn python3_runtime() -> Result<PyRuntime, String> {
-    let venv = here().join("target/ioppytest-venv/py311");
-    let reqs = here().join("tests/ioppytest_real/requirements-py311.txt");
+/// A Python 3.11 virtualenv `target/ioppytest-venv/<name>` with the packages of
+/// tests/ioppytest_real/<requirements> (installed with `pip_flags` too); its python.
+fn python3_venv(name: &str, requirements: &str, pip_flags: &[&str], what: &str) -> Result<PathBuf, String> {
+    let venv = here().join("target/ioppytest-venv").join(name);
+    let reqs = here().join("tests/ioppytest_real").join(requirements);
     let base = std::env::var("TUNBUS_PYTHON3").unwrap_or_else(|_| "python3.11".into());
     pip_install(&venv, &reqs, || {
         try_run(Command::new(&base).args(["-m", "venv"]).arg(&venv)).map_err(|e| format!("cannot create a Python 3.11 venv: {e}"))?;
-        try_run(Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20", "-r"]).arg(&reqs))
-            .map_err(|e| format!("pip could not install ioppytest-agent for Python 3.11 (is PyPI reachable?): {e}"))
+        try_run(Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20"]).args(pip_flags).arg("-r").arg(&reqs))
+            .map_err(|e| format!("pip could not install {what} for Python 3.11 (is PyPI reachable?): {e}"))
     })?;
+    Ok(venv.join("bin/python"))
+}
+
+/// A Python 3.11 virtualenv with the agent, started through py3_agent.py.
+fn python3_runtime() -> Result<PyRuntime, String> {
     Ok(PyRuntime {
-        python: venv.join("bin/python"),
+        python: python3_venv("py311", "requirements-py311.txt", &[], "ioppytest-agent")?,
         lead: vec![here().join("tests/ioppytest_real/py3_agent.py").display().to_string()],
         env: vec![],
     })
 }
 
-/// A Python 3.11 virtualenv with the coordinator's library, `ioppytest-utils` (no agent).
+/// A Python 3.11 virtualenv with the coordinator's library, `ioppytest-utils` (no agent;
+/// without its CLI's pinned dependencies).
 fn coordinator_python() -> Result<PathBuf, String> {
-    let venv = here().join("target/ioppytest-venv/utils");
-    let reqs = here().join("tests/ioppytest_real/requirements-utils.txt");
-    let base = std::env::var("TUNBUS_PYTHON3").unwrap_or_else(|_| "python3.11".into());
-    pip_install(&venv, &reqs, || {
-        try_run(Command::new(&base).args(["-m", "venv"]).arg(&venv)).map_err(|e| format!("cannot create a Python 3.11 venv: {e}"))?;
-        try_run(Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20", "--no-deps", "-r"]).arg(&reqs))
-            .map_err(|e| format!("pip could not install ioppytest-utils (is PyPI reachable?): {e}"))
-    })?;
-    Ok(venv.join("bin/python"))
+    python3_venv("utils", "requirements-utils.txt", &["--no-deps"], "ioppytest-utils")
 }
 
 /// The Python agent, in its own process group; the whole group is ended on drop.
