@@ -308,8 +308,8 @@ fn a_topology_lab_links_some_hosts_and_reports_each_link() {
     let session = unique("t");
     let dir = std::env::temp_dir();
     let (file, json) = (dir.join(format!("{session}.yaml")), dir.join(format!("{session}.json")));
-    std::fs::write(&file, "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h2, h3]\n").expect("topology file");
-    let out = lab(&["--topology", file.to_str().expect("utf-8"), "--session", &session, "--throughput-seconds", "0", "--json"]).arg(&json).output().expect("lab runs");
+    std::fs::write(&file, "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h2, h3]\n    emulate: rate 20mbit\n").expect("topology file");
+    let out = lab(&["--topology", file.to_str().expect("utf-8"), "--session", &session, "--throughput-seconds", "1", "--json"]).arg(&json).output().expect("lab runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "lab failed:\n{text}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json report")).expect("parses");
@@ -320,7 +320,11 @@ fn a_topology_lab_links_some_hosts_and_reports_each_link() {
     let rtt = h1h2["rtt_p50_ms"].as_f64().expect("h1-h2 answers");
     assert!((19.0..=24.0).contains(&rtt), "h1-h2 has 'delay 10ms' each way: RTT p50 {rtt} ms\n{text}");
     assert_eq!(h1h2["configured_rtt_ms"].as_f64(), Some(20.0));
-    assert!(link("h2", "h3")["rtt_p50_ms"].as_f64().is_some_and(|r| r < 5.0), "h2-h3 is a plain link\n{text}");
+    let h2h3 = link("h2", "h3");
+    assert!(h2h3["rtt_p50_ms"].as_f64().is_some_and(|r| r < 5.0), "h2-h3 has no delay\n{text}");
+    let mbit = h2h3["tcp_bits_per_s"].as_f64().map(|b| b / 1e6);
+    assert!(mbit.is_some_and(|m| (5.0..=21.0).contains(&m)), "h2-h3 'rate 20mbit': the lab measures a TCP flow over it: {mbit:?} Mbit/s\n{text}");
+    assert!(text.contains("emulate rate 20mbit") && text.contains("TCP "), "the rate beside the measured TCP:\n{text}");
     let h1h3 = link("h1", "h3");
     assert_eq!((h1h3["linked"].clone(), h1h3["replies"].clone()), (false.into(), 0.into()), "h1 cannot reach h3\n{text}");
     assert!(text.contains("emulate delay 10ms"), "the report shows each link's configuration beside what it measured:\n{text}");

@@ -81,6 +81,10 @@ pub struct LinkReport {
     /// Echo replies out of requests, both directions and both address families.
     pub replies: usize,
     pub requests: usize,
+    /// A link with `loss`: round trips lost out of a burst of pings (a → b, IPv4).
+    pub loss_probe: Option<(usize, usize)>,
+    /// A link with `rate`: one TCP flow a → b (iperf3), bits per second.
+    pub tcp_bits_per_s: Option<f64>,
 }
 
 /// The lab's findings.
@@ -127,7 +131,14 @@ impl std::fmt::Display for LabReport {
                 (None, true) => "plain link".to_owned(),
                 (Some(e), true) => format!("emulate {e} (+{:.1} ms RTT)", l.configured_rtt_ms.unwrap_or(0.0)),
             };
-            writeln!(f, "  link {:<4}{:<5} {configured:<44} measured: RTT p50 {}, {}/{} replies", l.a, l.b, ms(l.rtt_p50_ms), l.replies, l.requests)?;
+            let mut measured = format!("RTT p50 {}, {}/{} replies", ms(l.rtt_p50_ms), l.replies, l.requests);
+            if let Some((lost, sent)) = l.loss_probe {
+                measured += &format!(", {lost}/{sent} round trips lost");
+            }
+            if let Some(bps) = l.tcp_bits_per_s {
+                measured += &format!(", TCP {:.2} Mbit/s", bps / 1e6);
+            }
+            writeln!(f, "  link {:<4}{:<5} {configured:<44} measured: {measured}", l.a, l.b)?;
         }
         match self.throughput_bits_per_s {
             Some(b) => writeln!(f, "  TCP h1 -> h2    {:.2} Gbit/s {}", b / 1e9, self.throughput_note)?,
@@ -606,9 +617,9 @@ impl Lab {
         report.rtt_p99_ms = plan::quantile(&rtts, 0.99);
     }
 
-    /// iperf3 from host 1 to host 2 (real TCP through two agents and the broker).
     /// A topology lab: every ordered pair is pinged; linked pairs must answer, the others
-    /// must not. Each pair's RTT is reported beside its link's configuration.
+    /// must not. Each pair's RTT is reported beside its link's configuration; a link with
+    /// `loss` also gets a burst of pings, one with `rate` a TCP flow (one link at a time).
     async fn check_topology(&self, t: &topology::Topology, report: &mut LabReport) {
         let n = self.hosts.len();
         let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
@@ -657,7 +668,20 @@ impl Lab {
                     rtt_p50_ms: plan::quantile(&rtts, 0.5),
                     replies,
                     requests: 4 * 3,
+                    ..LinkReport::default()
                 });
+            }
+        }
+        for l in &mut report.links {
+            let index = |name: &str| self.hosts.iter().position(|h| h.name == name);
+            let (Some(a), Some(b)) = (index(&l.a), index(&l.b)) else { continue };
+            let Some(spec) = t.link(a, b).and_then(|link| link.spec.as_ref()) else { continue };
+            let (a, b) = (&self.hosts[a], &self.hosts[b]);
+            if spec.loss.is_some() {
+                l.loss_probe = loss_probe(&a.netns, &b.v4.to_string()).await;
+            }
+            if spec.rate.is_some() && !self.opts.throughput.is_zero() && which("iperf3").is_some() {
+                l.tcp_bits_per_s = iperf(a, b, self.opts.throughput).await.ok();
             }
         }
         report.failures.sort();
@@ -665,6 +689,7 @@ impl Lab {
         report.rtt_p99_ms = plan::quantile(&all, 0.99);
     }
 
+    /// iperf3 from host 1 to host 2 (real TCP through two agents and the broker).
     async fn throughput_sample(&self) -> (Option<f64>, String) {
         if self.opts.throughput.is_zero() {
             return (None, "skipped (--throughput-seconds 0)".into());
@@ -672,28 +697,9 @@ impl Lab {
         if which("iperf3").is_none() {
             return (None, "skipped: iperf3 is not installed (apt-get install iperf3)".into());
         }
-        let (h1, h2) = (&self.hosts[0], &self.hosts[1]);
-        let server = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &h2.netns, "iperf3", "-s", "-1", "-B", &h2.v4.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn();
-        let Ok(mut server) = server else { return (None, "iperf3 server did not start".into()) };
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let secs = format!("{:.1}", self.opts.throughput.as_secs_f64());
-        let out = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &h1.netns, "iperf3", "-c", &h2.v4.to_string(), "-t", &secs, "-J"])
-            .output()
-            .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), server.wait()).await;
-        let Ok(out) = out else { return (None, "iperf3 client did not run".into()) };
-        let parsed: Option<f64> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());
-        match parsed {
-            Some(bps) => (Some(bps), format!("(iperf3, {secs} s, one flow)")),
-            None => (None, format!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("error")).unwrap_or("no result"))),
+        match iperf(&self.hosts[0], &self.hosts[1], self.opts.throughput).await {
+            Ok(bps) => (Some(bps), format!("(iperf3, {:.1} s, one flow)", self.opts.throughput.as_secs_f64())),
+            Err(why) => (None, why),
         }
     }
 
@@ -785,6 +791,40 @@ async fn ping(netns: &str, dst: &str) -> Result<Vec<f64>, String> {
     } else {
         Ok(rtts)
     }
+}
+
+/// One TCP flow from `from` to `to` for `time` (iperf3): the bits per second received.
+async fn iperf(from: &plan::Host, to: &plan::Host, time: Duration) -> Result<f64, String> {
+    let server = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &to.netns, "iperf3", "-s", "-1", "-B", &to.v4.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut server) = server else { return Err("iperf3 server did not start".into()) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let secs = format!("{:.1}", time.as_secs_f64());
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &from.netns, "iperf3", "-c", &to.v4.to_string(), "-t", &secs, "-J"])
+        .output()
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server.wait()).await;
+    let Ok(out) = out else { return Err("iperf3 client did not run".into()) };
+    let parsed: Option<f64> = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());
+    parsed.ok_or_else(|| format!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("error")).unwrap_or("no result")))
+}
+
+/// Pings in a burst that a link's `loss` shows in (100, 10 ms apart): (lost, sent).
+async fn loss_probe(netns: &str, dst: &str) -> Option<(usize, usize)> {
+    const SENT: usize = 100;
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ping", "-n", "-q", "-c", &SENT.to_string(), "-i", "0.01", "-W", "1", dst])
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: usize = text.lines().find_map(|l| l.split(" received").next()?.rsplit(", ").next()?.trim().parse().ok())?;
+    Some((SENT.saturating_sub(received), SENT))
 }
 
 fn which(program: &str) -> Option<PathBuf> {
