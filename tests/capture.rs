@@ -182,8 +182,12 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     let only_h3 = std::env::temp_dir().join(format!("{session}-h3.pcapng"));
     let mut capture = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.to_str().expect("utf-8")], &session);
     let mut filtered = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", only_h3.to_str().expect("utf-8"), "--agent", &hs[2].agent.name], &format!("{session}-h3"));
+    let whole = std::env::temp_dir().join(format!("{session}-whole.pcapng"));
+    let h3_addr = hs[2].addr.clone();
+    let mut unsegmented = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", whole.to_str().expect("utf-8"), "--address", &h3_addr, "--no-segment"], &format!("{session}-whole"));
     capture.wait_for("tap open", Duration::from_secs(10));
     filtered.wait_for("tap open", Duration::from_secs(10));
+    unsegmented.wait_for("tap open", Duration::from_secs(10));
 
     // 100 pings each way between h1 and h2, and between h2 and h3.
     let runs: Vec<_> = [(0, 1), (1, 0), (1, 2), (2, 1)]
@@ -204,6 +208,7 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     std::thread::sleep(Duration::from_millis(500));
     let said = capture.interrupt();
     let said_h3 = filtered.interrupt();
+    let said_whole = unsegmented.interrupt();
     assert!(said.contains("nothing lost"), "{said}");
 
     // tcpdump reads the file and sees every echo.
@@ -250,8 +255,16 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
         let (s, d) = (&r.data[12..16], &r.data[16..20]);
         assert!(IpAddr::from(<[u8; 4]>::try_from(s).expect("4")) == h3 || IpAddr::from(<[u8; 4]>::try_from(d).expect("4")) == h3, "--agent h3 kept a packet neither from nor to h3");
     }
-    let _ = std::fs::remove_file(&file);
-    let _ = std::fs::remove_file(&only_h3);
+
+    // --no-segment: the super-packets as the agents carried them, the same stream.
+    let kept = pcapng::read(&std::fs::read(&whole).expect("file")).expect("pcapng");
+    let biggest = kept.packets.iter().map(|r| r.data.len()).max().unwrap_or(0);
+    assert!(biggest > 9000, "--no-segment keeps super-packets whole: the largest is {biggest} bytes\n{said_whole}");
+    let packets: Vec<&[u8]> = kept.packets.iter().map(|r| r.data.as_slice()).collect();
+    assert_eq!(<[u8; 32]>::from(Sha256::digest(reassemble(&packets, hs[0].addr.parse().expect("ip"), 5301))), sent.sha256, "the whole super-packets hold the same stream");
+    for f in [&file, &only_h3, &whole] {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 #[test]

@@ -202,10 +202,10 @@ fn every_connect_flag_has_an_environment_variable() {
 #[test]
 fn a_wrong_emulation_or_capture_flag_says_what_is_wrong() {
     for (args, says) in [
-        (&["connect", "--name", "h1", "--emulate", "delay fast"][..], "\"fast\" after \"delay\" is not a valid value"),
+        (&["connect", "--name", "h1", "--emulate", "delay fast"][..], "delay TIME: expected a time (20ms, 1.5ms, 500us, 2s), found \"fast\""),
         (&["connect", "--name", "h1", "--emulate", "jitter 1ms"][..], "unknown word \"jitter\""),
         (&["connect", "--name", "h1", "--emulate-to", "h2"][..], "expected PEER=SPEC"),
-        (&["connect", "--name", "h1", "--emulate-to", "h2=loss 120%"][..], "not a valid value"),
+        (&["connect", "--name", "h1", "--emulate-to", "h2=loss 120%"][..], "loss PERCENT: expected a percentage from 0% to 100% (1%, 0.5%), found \"120%\""),
         (&["capture", "-w", "x.pcapng", "--duration", "soon"][..], "is not a duration"),
         (&["capture", "-w", "x.pcapng", "--address", "h2"][..], "is not an IP address"),
         (&["capture"][..], "--write <FILE>"),

@@ -96,25 +96,25 @@ impl FromStr for Spec {
         while let Some(word) = w.next() {
             match word {
                 "delay" => {
-                    spec.delay = w.required(parse_time).map_err(err)?;
+                    spec.delay = w.required("delay TIME", TIME, parse_time).map_err(err)?;
                     if let Some(j) = w.optional(parse_time) {
                         spec.jitter = j;
                         spec.delay_correlation = w.optional(parse_percent).unwrap_or(0.0);
                     }
                 }
                 "loss" => spec.loss = Some(parse_loss(&mut w).map_err(err)?),
-                "duplicate" => spec.duplicate = w.required(parse_percent).map_err(err)?,
+                "duplicate" => spec.duplicate = w.required("duplicate PERCENT", PERCENT, parse_percent).map_err(err)?,
                 "reorder" => {
-                    spec.reorder = w.required(parse_percent).map_err(err)?;
+                    spec.reorder = w.required("reorder PERCENT", PERCENT, parse_percent).map_err(err)?;
                     spec.reorder_correlation = w.optional(parse_percent).unwrap_or(0.0);
                 }
-                "rate" => spec.rate = Some(w.required(parse_rate).map_err(err)?),
+                "rate" => spec.rate = Some(w.required("rate RATE", RATE, parse_rate).map_err(err)?),
                 "limit" => {
-                    spec.limit = w.required(|s| s.parse::<usize>().ok().filter(|n| *n > 0)).map_err(err)?;
+                    spec.limit = w.required("limit PACKETS", "a number of packets above 0 (1000)", |s| s.parse::<usize>().ok().filter(|n| *n > 0)).map_err(err)?;
                 }
                 "flap" => {
-                    let up = w.required(parse_time).map_err(err)?;
-                    let down = w.required(parse_time).map_err(err)?;
+                    let up = w.required("flap UP DOWN", TIME, parse_time).map_err(err)?;
+                    let down = w.required("flap UP DOWN", TIME, parse_time).map_err(err)?;
                     if up.is_zero() {
                         return Err(err("flap: the up time must be more than 0".into()));
                     }
@@ -144,11 +144,12 @@ impl<'a> Words<'a> {
     }
 
     /// The next word as `parse` reads it, or why not.
-    fn required<T>(&mut self, parse: impl Fn(&str) -> Option<T>) -> Result<T, String> {
-        let before = self.words.get(self.at.wrapping_sub(1)).copied().unwrap_or("");
+    /// The next word, read by `parse`; else says where (`slot`, as `delay TIME`) it
+    /// expected `what` and what it found.
+    fn required<T>(&mut self, slot: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, String> {
         match self.next() {
-            Some(w) => parse(w).ok_or_else(|| format!("{w:?} after {before:?} is not a valid value")),
-            None => Err(format!("{before:?} needs a value")),
+            Some(w) => parse(w).ok_or_else(|| format!("{slot}: expected {what}, found {w:?}")),
+            None => Err(format!("{slot}: expected {what}, found the end")),
         }
     }
 
@@ -160,9 +161,14 @@ impl<'a> Words<'a> {
     }
 }
 
+/// What a time, a percentage and a rate look like, for the errors.
+const TIME: &str = "a time (20ms, 1.5ms, 500us, 2s)";
+const PERCENT: &str = "a percentage from 0% to 100% (1%, 0.5%)";
+const RATE: &str = "a rate above 0 (100mbit, 1gbit, 64kbit, 10mbps)";
+
 fn parse_loss(w: &mut Words<'_>) -> Result<Loss, String> {
     if w.optional(|s| (s == "gemodel").then_some(())).is_some() {
-        let p = w.required(parse_percent)?;
+        let p = w.required("loss gemodel P", PERCENT, parse_percent)?;
         // netem's defaults: R = 1 - P, 1-H = 100 %, 1-K = 0 %.
         let r = w.optional(parse_percent).unwrap_or(1.0 - p);
         let bad_loss = w.optional(parse_percent).unwrap_or(1.0);
@@ -170,7 +176,7 @@ fn parse_loss(w: &mut Words<'_>) -> Result<Loss, String> {
         return Ok(Loss::GilbertElliott { p, r, bad_loss, good_loss });
     }
     let _ = w.optional(|s| (s == "random").then_some(()));
-    let p = w.required(parse_percent)?;
+    let p = w.required("loss PERCENT", PERCENT, parse_percent)?;
     let correlation = w.optional(parse_percent).unwrap_or(0.0);
     Ok(Loss::Random { p, correlation })
 }
@@ -340,19 +346,20 @@ mod tests {
     #[test]
     fn mistakes_say_which_word() {
         for (text, says) in [
-            ("delay", "needs a value"),
-            ("delay 20", "not a valid value"),
-            ("loss 101%", "not a valid value"),
-            ("loss 1", "not a valid value"),
-            ("rate fast", "not a valid value"),
-            ("rate 0bit", "not a valid value"),
-            ("limit 0", "not a valid value"),
-            ("flap 1s", "needs a value"),
+            ("delay", "delay TIME: expected a time (20ms, 1.5ms, 500us, 2s), found the end"),
+            ("delay 20", "delay TIME: expected a time (20ms, 1.5ms, 500us, 2s), found \"20\""),
+            ("loss 101%", "loss PERCENT: expected a percentage from 0% to 100%"),
+            ("loss 1", "found \"1\""),
+            ("loss gemodel", "loss gemodel P: expected a percentage"),
+            ("rate fast", "rate RATE: expected a rate above 0"),
+            ("rate 0bit", "found \"0bit\""),
+            ("limit 0", "limit PACKETS: expected a number of packets above 0"),
+            ("flap 1s", "flap UP DOWN: expected a time (20ms, 1.5ms, 500us, 2s), found the end"),
             ("flap 0s 1s", "up time"),
             ("jitter 1ms", "unknown word \"jitter\""),
             ("reorder 5%", "needs a delay"),
-            ("delay -1ms", "not a valid value"),
-            ("delay NaNms", "not a valid value"),
+            ("delay -1ms", "found \"-1ms\""),
+            ("delay NaNms", "found \"NaNms\""),
         ] {
             let e = text.parse::<Spec>().expect_err(text).to_string();
             assert!(e.contains(says), "{text}: {e}");
