@@ -93,6 +93,9 @@ pub struct Counts {
     pub malformed: u64,
     /// Packets left out as the ioppytest router's copies of old agents' JSON packets.
     pub bridged: u64,
+    /// Packets that reached the capture too late to be put in timestamp order
+    /// ([`super::reorder`]).
+    pub late: u64,
     /// Agents that have an interface in the file.
     pub agents: u64,
 }

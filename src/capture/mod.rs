@@ -3,6 +3,7 @@
 //!
 //! - [`pcapng`]: the file formats (pcapng, and classic pcap for ioppytest), and a reader;
 //! - [`merge`]: a delivery from the bus → packets attributed to their sender (pure);
+//! - [`reorder`]: those packets in timestamp order, within a window (pure);
 //! - [`run`]: the tap itself: a bounded, server-named queue bound to every data and
 //!   presence key of the session's exchange, consumed without acknowledgements. When the
 //!   capture cannot keep up, the broker drops the oldest messages of the tap queue (never
@@ -17,6 +18,7 @@
 
 pub mod merge;
 pub mod pcapng;
+pub mod reorder;
 pub mod sniffer;
 pub mod tun;
 
@@ -26,6 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use merge::{Counts, Filter, Merge, Sink, LINK_SEQ_MASK, LINK_SHIFT};
+pub use reorder::Reorder;
 
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned};
 use crate::amqp::presence::JSON_PROPERTIES;
@@ -85,6 +88,9 @@ impl Summary {
         if c.malformed > 0 {
             s += &format!("; {} messages did not decode", c.malformed);
         }
+        if c.late > 0 {
+            s += &format!("; {} packets came more than {} ms behind later ones and are out of order", c.late, reorder::WINDOW_NS / 1_000_000);
+        }
         if let Some(why) = &self.ended_by {
             s += &format!("; ended early: {why}");
         }
@@ -129,6 +135,7 @@ pub fn run(opts: &Options, sink: &mut dyn Sink, stop: &Stop) -> Result<Summary, 
 pub fn run_on(mut tap: Client, opts: &Options, sink: &mut dyn Sink, stop: &Stop) -> Result<Summary, client::Error> {
     let started = Instant::now();
     let mut merge = Merge::new(opts.filter.clone());
+    let mut sink = Reorder::new(sink);
     let mut ended_by = None;
     let mut last_flush = Instant::now();
     loop {
@@ -136,32 +143,31 @@ pub fn run_on(mut tap: Client, opts: &Options, sink: &mut dyn Sink, stop: &Stop)
         if stop.is_raised() || left == Some(Duration::ZERO) {
             break;
         }
-        let wait = left.unwrap_or(Duration::MAX).min(Duration::from_millis(250));
-        match tap.wait_event(wait, stop.flag()) {
-            Ok(Some(Owned::Delivery { routing_key, user_id, body, .. })) => {
-                if let Err(e) = merge.on_delivery(&routing_key, user_id.as_deref(), &body, now_ns(), sink) {
-                    ended_by = Some(format!("cannot write the capture: {e}"));
-                    break;
-                }
-            }
-            Ok(_) => {}
+        let wait = left.unwrap_or(Duration::MAX).min(Duration::from_millis(50));
+        let written = match tap.wait_event(wait, stop.flag()) {
+            Ok(Some(Owned::Delivery { routing_key, user_id, body, .. })) => merge.on_delivery(&routing_key, user_id.as_deref(), &body, now_ns(), &mut sink),
+            Ok(_) => Ok(()),
             Err(client::Error::Stopped) => break,
             Err(e) => {
                 ended_by = Some(format!("the broker connection was lost: {e}"));
                 break;
             }
+        };
+        if let Err(e) = written.and_then(|()| sink.advance(now_ns())) {
+            ended_by = Some(format!("cannot write the capture: {e}"));
+            break;
         }
         if last_flush.elapsed() > Duration::from_secs(1) {
             let _ = sink.flush();
             last_flush = Instant::now();
         }
     }
-    if let Err(e) = merge.finish(sink) {
+    if let Err(e) = merge.finish(&mut sink).and_then(|()| sink.drain()) {
         ended_by.get_or_insert(format!("cannot write the capture: {e}"));
     }
-    let _ = sink.flush();
     tap.close(Duration::from_millis(300));
-    Ok(Summary { counts: merge.counts().clone(), seconds: started.elapsed().as_secs_f64(), ended_by })
+    let counts = Counts { late: sink.late(), ..merge.counts().clone() };
+    Ok(Summary { counts, seconds: started.elapsed().as_secs_f64(), ended_by })
 }
 
 impl<W: Write> Sink for pcapng::Writer<W> {
