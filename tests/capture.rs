@@ -86,6 +86,38 @@ impl Drop for Tool {
     }
 }
 
+/// A file in the temporary folder, removed on drop (also when the test fails).
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> TempFile {
+        TempFile(std::env::temp_dir().join(name))
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temporary path")
+    }
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempFile {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// An ICMP echo in an IPv4 packet: (source, destination, is_request, id, seq).
 fn echo(p: &[u8]) -> Option<(IpAddr, IpAddr, bool, u16, u16)> {
     if p.first()? >> 4 != 4 || *p.get(9)? != 1 {
@@ -180,13 +212,13 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     // Two queues per agent: batches of one sender cross the broker on two connections and
     // reach the tap out of timestamp order; the file must still be in order.
     let hs = hosts(80, 3, &["--session", &session, "--queues", "2"]);
-    let file = std::env::temp_dir().join(format!("{session}.pcapng"));
-    let only_h3 = std::env::temp_dir().join(format!("{session}-h3.pcapng"));
-    let mut capture = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.to_str().expect("utf-8")], &session);
-    let mut filtered = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", only_h3.to_str().expect("utf-8"), "--agent", &hs[2].agent.name], &format!("{session}-h3"));
-    let whole = std::env::temp_dir().join(format!("{session}-whole.pcapng"));
+    let file = TempFile::new(&format!("{session}.pcapng"));
+    let only_h3 = TempFile::new(&format!("{session}-h3.pcapng"));
+    let mut capture = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.arg()], &session);
+    let mut filtered = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", only_h3.arg(), "--agent", &hs[2].agent.name], &format!("{session}-h3"));
+    let whole = TempFile::new(&format!("{session}-whole.pcapng"));
     let h3_addr = hs[2].addr.clone();
-    let mut unsegmented = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", whole.to_str().expect("utf-8"), "--address", &h3_addr, "--no-segment"], &format!("{session}-whole"));
+    let mut unsegmented = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", whole.arg(), "--address", &h3_addr, "--no-segment"], &format!("{session}-whole"));
     capture.wait_for("tap open", Duration::from_secs(10));
     filtered.wait_for("tap open", Duration::from_secs(10));
     unsegmented.wait_for("tap open", Duration::from_secs(10));
@@ -273,9 +305,6 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     assert!(biggest > 9000, "--no-segment keeps super-packets whole: the largest is {biggest} bytes\n{said_whole}");
     let packets: Vec<&[u8]> = kept.packets.iter().map(|r| r.data.as_slice()).collect();
     assert_eq!(<[u8; 32]>::from(Sha256::digest(reassemble(&packets, hs[0].addr.parse().expect("ip"), 5301))), sent.sha256, "the whole super-packets hold the same stream");
-    for f in [&file, &only_h3, &whole] {
-        let _ = std::fs::remove_file(f);
-    }
 }
 
 #[test]
@@ -284,14 +313,13 @@ fn capture_stops_by_itself_after_its_duration() {
         return;
     }
     let session = unique("capd");
-    let file = std::env::temp_dir().join(format!("{session}.pcapng"));
-    let mut t = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.to_str().expect("utf-8"), "--duration", "1s"], &session);
+    let file = TempFile::new(&format!("{session}.pcapng"));
+    let mut t = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.arg(), "--duration", "1s"], &session);
     let mut child = t.child.take().expect("running");
     let status = wait_child(&mut child, Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {}", t.logs());
     assert!(t.logs().contains("0 packets"), "{}", t.logs());
     assert!(pcapng::read(&std::fs::read(&file).expect("file")).expect("pcapng").packets.is_empty());
-    let _ = std::fs::remove_file(&file);
 }
 
 #[test]
@@ -299,8 +327,8 @@ fn connect_pcap_holds_both_directions_of_the_tun() {
     if !system_ready("connect_pcap_holds_both_directions_of_the_tun") {
         return;
     }
-    let file = std::env::temp_dir().join(format!("{}.pcapng", unique("tunpcap")));
-    let path = file.to_str().expect("utf-8").to_owned();
+    let file = TempFile::new(&format!("{}.pcapng", unique("tunpcap")));
+    let path = file.arg().to_owned();
     let mut pair = Pair::start_with(81, &["--pcap", &path], &[]);
     let (ok, text) = ping(&pair.ns_a, &pair.v4[1], 20);
     assert!(ok, "{text}");
@@ -325,7 +353,6 @@ fn connect_pcap_holds_both_directions_of_the_tun() {
     assert!(all.is_subset(&out) && all.is_subset(&back), "requests out {out:?}, replies in {back:?}");
     let dump = tcpdump(&file, "icmp");
     assert!(dump.matches("echo request").count() >= 20, "{dump}");
-    let _ = std::fs::remove_file(&file);
 }
 
 /// Standard base64 back to bytes (the test's own, to check the sniffer's).
@@ -425,8 +452,8 @@ fn a_bridged_ioppytest_session_is_captured_once_per_packet() {
     let (old, native) = (unique("old"), unique("nat"));
     let (ns_old, ns_new) = (Netns::new(), Netns::new());
     let _router = RouterProc::start(&exchange, &format!("topology:\n  - link_id: l\n    nodes: [{old}, {native}]\n"));
-    let file = std::env::temp_dir().join(format!("{exchange}.pcapng"));
-    let mut capture = Tool::start(&["capture", "--url", URL, "--exchange", &exchange, "-w", file.to_str().expect("utf-8")], &exchange);
+    let file = TempFile::new(&format!("{exchange}.pcapng"));
+    let mut capture = Tool::start(&["capture", "--url", URL, "--exchange", &exchange, "-w", file.arg()], &exchange);
     capture.wait_for("tap open", Duration::from_secs(10));
     let _old = AgentProc::start(&old, &["--wire", "ioppytest", "--exchange", &exchange, "--netns", &ns_old.name, "--ipv4", "10.2.0.1/24"]);
     let _new = AgentProc::start(&native, &["--exchange", &exchange, "--netns", &ns_new.name, "--ipv4", "10.2.0.2/24"]);
@@ -460,5 +487,4 @@ fn a_bridged_ioppytest_session_is_captured_once_per_packet() {
     let iface = cap.interfaces.iter().find(|i| i.name == old).expect("the old agent's interface");
     assert!(iface.addresses.iter().any(|(ip, len)| *ip == a && *len == 24), "its addresses, from its ip.tun.started: {:?}", iface.addresses);
     assert_eq!(tcpdump(&file, "icmp and host 10.2.0.2").matches("echo request").count(), seen.keys().filter(|k| k.0).count(), "tcpdump reads the same");
-    let _ = std::fs::remove_file(&file);
 }
