@@ -50,14 +50,20 @@ impl Tool {
         }
     }
 
-    /// Ctrl-C; waits for a clean exit.
-    fn interrupt(&mut self) -> String {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child, not reaped yet.
+    /// Sends `signal` to the running tool.
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill(2) on our own child, not reaped yet (it is reaped only once taken).
         #[allow(unsafe_code)]
         unsafe {
-            libc::kill(child.id() as i32, libc::SIGINT);
+            libc::kill(child.id() as i32, signal);
         }
+    }
+
+    /// Ctrl-C; waits for a clean exit.
+    fn interrupt(&mut self) -> String {
+        self.signal(libc::SIGINT);
+        let mut child = self.child.take().expect("running");
         let status = wait_child(&mut child, Duration::from_secs(10));
         assert!(status.is_some_and(|s| s.success()), "exit after SIGINT: {status:?}\n{}", self.logs());
         self.logs()
@@ -305,6 +311,46 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     assert!(biggest > 9000, "--no-segment keeps super-packets whole: the largest is {biggest} bytes\n{said_whole}");
     let packets: Vec<&[u8]> = kept.packets.iter().map(|r| r.data.as_slice()).collect();
     assert_eq!(<[u8; 32]>::from(Sha256::digest(reassemble(&packets, hs[0].addr.parse().expect("ip"), 5301))), sent.sha256, "the whole super-packets hold the same stream");
+}
+
+/// A capture that cannot keep up (stopped with SIGSTOP while 64 MiB of TCP cross the bus,
+/// its tap queue bounded at 64 KiB) loses from its own queue only: it reports the batches
+/// it lost, and the transfer arrives whole, the sender's report without a drop.
+#[test]
+fn a_capture_that_falls_behind_counts_its_losses_and_the_agents_lose_nothing() {
+    if !system_ready("a_capture_that_falls_behind_counts_its_losses_and_the_agents_lose_nothing") {
+        return;
+    }
+    let session = unique("capl");
+    let mut pair = Pair::start(84, &["--session", &session]);
+    let file = TempFile::new(&format!("{session}.pcapng"));
+    let mut capture = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.arg(), "--queue-max-bytes", "65536", "--json"], &session);
+    capture.wait_for("tap open", Duration::from_secs(10));
+    capture.signal(libc::SIGSTOP);
+    let sink = tcp_sink(&pair.ns_b.name, format!("{}:5303", pair.v4[1]), 1);
+    let sent = tcp_send(&pair.ns_a.name, format!("{}:5303", pair.v4[1]), 64 << 20, 7).join().expect("sender");
+    let got = sink.join().expect("sink");
+    capture.signal(libc::SIGCONT);
+    assert_eq!(got, vec![Digest256 { bytes: sent.bytes, sha256: sent.sha256 }], "the transfer arrives whole");
+    // What the tap kept is read now, then a ping shows the capture is current again.
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, text) = ping(&pair.ns_a, &pair.v4[1], 3);
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_millis(500));
+    let said = capture.interrupt();
+    let summary: serde_json::Value = said.lines().rev().find_map(|l| serde_json::from_str(l).ok()).unwrap_or_else(|| panic!("no JSON summary:\n{said}"));
+    let lost = summary["counts"]["lost_batches"].as_u64().unwrap_or(0);
+    eprintln!("a stopped capture: {} batches written, {lost} lost", summary["counts"]["messages"]);
+    assert!(lost > 0 && summary["counts"]["packets"].as_u64().unwrap_or(0) > 0, "a stopped capture with a 64 KiB tap loses batches and says so: {summary}");
+    let cap = pcapng::read(&std::fs::read(&file).expect("the capture file")).expect("pcapng");
+    let (a, b): (IpAddr, IpAddr) = (pair.v4[0].parse().expect("ip"), pair.v4[1].parse().expect("ip"));
+    let pings: BTreeSet<u16> = cap.packets.iter().filter_map(|r| echo(&r.data)).filter(|e| (e.0, e.1, e.2) == (a, b, true)).map(|e| e.4).collect();
+    assert_eq!(pings, (1..=3).collect(), "after its losses the capture goes on: the pings sent after are in the file");
+    let report = pair.a.interrupt();
+    for reason in ["broker_blocked", "broker_down", "no_buffer"] {
+        assert_eq!(drops(&report, reason), 0, "the sender dropped nothing ({reason}) while the capture lost {lost} batches: {report}");
+    }
+    assert_eq!(report["reconnects"], 0, "{report}");
 }
 
 #[test]
