@@ -47,6 +47,43 @@ fn delay_on_both_agents_adds_up_in_the_round_trip() {
     assert!((38.0..=42.0).contains(&p50), "ping RTT p50 {p50} ms, expected 40 ± 2 ms:\n{text}");
 }
 
+/// `--emulate-to B='delay 30ms'` on agent A: A learns B's addresses from B's hello (it
+/// asks every 2 s until it knows them), then delays what it sends to B, not to C.
+#[test]
+fn emulate_to_one_peer_delays_that_peer_only() {
+    if !system_ready("emulate_to_one_peer_delays_that_peer_only") {
+        return;
+    }
+    let _alone = alone();
+    let session = unique("to");
+    let (b_name, c_name) = (unique("eb"), unique("ec"));
+    let nss: Vec<Netns> = (0..3).map(|_| Netns::new()).collect();
+    let addr = |i: usize| format!("198.18.74.{}", i + 1);
+    let to = format!("{b_name}=delay 30ms");
+    let start = |i: usize, name: &str, extra: &[&str]| {
+        let v4 = format!("{}/24", addr(i));
+        let mut args = vec!["--session", session.as_str(), "--netns", nss[i].name.as_str(), "--ipv4", v4.as_str()];
+        args.extend_from_slice(extra);
+        AgentProc::start(name, &args)
+    };
+    let _a = start(0, &unique("ea"), &["--emulate-to", &to]);
+    let _b = start(1, &b_name, &[]);
+    let _c = start(2, &c_name, &[]);
+    for i in [1, 2] {
+        assert!(wait_reachable(&nss[0], &addr(i), Duration::from_secs(15)).is_some(), "{} unreachable", addr(i));
+    }
+    // Until A has B's hello, B's packets are not delayed.
+    let t0 = Instant::now();
+    while rtts(&ping(&nss[0], &addr(1), 1).1).first().is_none_or(|rtt| *rtt < 25.0) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "A never learned B's addresses");
+    }
+    let to_b = median(rtts(&ping(&nss[0], &addr(1), 10).1));
+    let to_c = median(rtts(&ping(&nss[0], &addr(2), 10).1));
+    eprintln!("--emulate-to B='delay 30ms': ping B p50 {to_b:.2} ms, C {to_c:.2} ms");
+    assert!((29.0..=36.0).contains(&to_b), "to B: RTT p50 {to_b} ms, expected 30 ms and the path's own");
+    assert!(to_c < 10.0, "to C: RTT p50 {to_c} ms, expected no delay");
+}
+
 #[test]
 fn loss_five_percent_of_twenty_thousand_datagrams() {
     if !system_ready("loss_five_percent_of_twenty_thousand_datagrams") {
