@@ -26,6 +26,10 @@ pub const LISTEN_QUEUE_MAX: i32 = 100_000;
 /// The properties of presence messages.
 pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None, correlation_id: None };
 
+/// The `wire` of `agent route`'s hello: it claims the old agents' addresses on their
+/// behalf and republishes their packets (a capture leaves those copies out).
+pub const ROUTER_WIRE: &str = "router";
+
 /// What an agent says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -34,7 +38,7 @@ pub struct Hello {
     pub session: Option<String>,
     pub addresses: Vec<String>,
     pub queues: usize,
-    /// Wire format spoken: "v1" (native) or "ioppytest".
+    /// Wire format spoken: "v1" (native), "ioppytest", or [`ROUTER_WIRE`].
     pub wire: String,
     pub started_unix_ms: u64,
     #[serde(default)]

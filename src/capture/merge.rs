@@ -31,6 +31,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::IpAddr;
 
+use crate::amqp::presence::ROUTER_WIRE;
 use crate::codec::segment::Segmenter;
 use crate::codec::ioppytest::{self, addressing::OldAddressing};
 use crate::codec::v1;
@@ -193,7 +194,7 @@ struct Hello {
     addresses: Vec<String>,
     #[serde(default)]
     leaving: bool,
-    /// `router` for `agent route`, which claims the old agents' addresses on their behalf.
+    /// [`ROUTER_WIRE`] for `agent route`, which claims the old agents' addresses on their behalf.
     #[serde(default)]
     wire: String,
 }
@@ -337,7 +338,7 @@ impl Merge {
             })
             .collect();
         for (ip, _) in &addrs {
-            if hello.wire == "router" {
+            if hello.wire == ROUTER_WIRE {
                 self.owners.entry(*ip).or_insert_with(|| hello.name.clone()); // an old agent's own say wins
             } else {
                 self.owners.insert(*ip, hello.name.clone());

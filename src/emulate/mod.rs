@@ -106,7 +106,7 @@ impl Flow {
 /// One link's decisions: a stream per flow shard and one for floods (`SHARDS + 1`), each an
 /// [`Emulator`] seeded by (seed, link, stream), shared by the queue workers; they share the
 /// link's rate clock.
-type Streams = Arc<[Mutex<Emulator>]>;
+type Streams = Box<[Mutex<Emulator>]>;
 
 /// One agent's links at run time, shared by its queue workers.
 pub struct Links {
@@ -173,8 +173,6 @@ impl Links {
         }
         Some(Shaper {
             links: self.clone(),
-            all: self.all.clone(),
-            to: self.to.clone(),
             seen: u64::MAX,
             addresses: HashMap::new(),
             line: DelayLine::default(),
@@ -189,8 +187,6 @@ impl Links {
 /// Queue worker k's emulation: the links' decisions and the packets it holds.
 pub struct Shaper {
     links: Arc<Links>,
-    all: Option<Streams>,
-    to: Vec<Streams>,
     /// The generation of [`Links`]' addresses copied into `addresses`.
     seen: u64,
     addresses: HashMap<IpAddr, usize>,
@@ -209,10 +205,10 @@ impl Shaper {
     /// cut super-packet can lose some of its segments).
     pub fn admit(&mut self, entry: &[u8], key: RoutingKey, flow: Flow, now_ns: u64) -> u64 {
         self.refresh();
-        let Shaper { all, to, addresses, line, segmenter, cut, .. } = self;
+        let Shaper { links, addresses, line, segmenter, cut, .. } = self;
         let streams = match flow.dst.and_then(|d| addresses.get(&d).copied()) {
-            Some(i) => to.get(i),
-            None => all.as_ref(),
+            Some(i) => links.to.get(i),
+            None => links.all.as_ref(),
         };
         let Some(stream) = streams.and_then(|s| s.get(flow.stream())) else {
             if line.len() >= MAX_HELD {

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::RouterCounters;
-use crate::amqp::presence::Hello;
+use crate::amqp::presence::{Hello, ROUTER_WIRE};
 use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter, Packet};
 use crate::codec::vnet;
@@ -102,7 +102,7 @@ impl Router {
             session: None,
             addresses,
             queues: 1,
-            wire: "router".to_owned(),
+            wire: ROUTER_WIRE.to_owned(),
             started_unix_ms: 0,
             interface: String::new(),
             netns: None,
