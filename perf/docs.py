@@ -124,7 +124,12 @@ its delay line on, no effect) and "agent capture running" (the session captured 
 before: four interleaved quick runs each of `4af33ea` and of the branch gave TCP 1 flow
 means of 5.31 and 5.10 Gbit/s and UDP 64 B 129k and 119k pkt/s, each within a spread
 wider than the difference (perf/results/ab-issue15.md). A capture shares the two cores
-with the agents and the broker: TCP 1 flow ran at 0.57× with one running.
+with the agents and the broker: TCP 1 flow ran at 0.57× with one running. The decision
+streams then moved from one per queue worker to one per (link, flow shard), shared behind
+a `Mutex` each: four interleaved quick runs each of `42c29f2` and `01babc6` gave TCP 1
+flow means of 5.81 and 5.85 Gbit/s off and 5.61 and 5.77 with `delay 0ms`, UDP 64 B 167k
+and 176k pkt/s off, all within the spread. With the capture's 250 ms reorder buffer, a
+capture running left TCP 1 flow at 0.52× and 0.60× in two quick runs.
 
 """
 
