@@ -232,19 +232,17 @@ impl Merge {
         self.expire(now_ns, sink)?;
         let wait = match ioppytest::parse_from_agent(routing_key) {
             Some(ioppytest::FromAgent::Packet { name }) => {
-                let mut json = std::mem::take(&mut self.json);
-                let wait = match ioppytest::decode_packet(body, &mut json) {
-                    Ok(()) => {
-                        self.recent_json.note(&json); // now: the router's copy follows at once
-                        self.on_json(name, &json, now_ns, sink, true)
-                    }
-                    Err(_) => {
+                let wait = self.with_json(body, |m, packet| {
+                    m.recent_json.note(packet); // now: the router's copy follows at once
+                    m.on_json(name, packet, now_ns, sink, true)
+                });
+                match wait {
+                    Some(wait) => wait?,
+                    None => {
                         self.counts.malformed += 1;
-                        Ok(false)
+                        false
                     }
-                };
-                self.json = json;
-                wait?
+                }
             }
             Some(ioppytest::FromAgent::Started { name }) => {
                 self.on_started(name, body);
@@ -271,18 +269,20 @@ impl Merge {
         self.expire(u64::MAX, sink)
     }
 
+    /// Decodes an old agent's JSON body into the reused buffer and hands the packet to
+    /// `f`; `None` when the body does not decode.
+    fn with_json<T>(&mut self, body: &[u8], f: impl FnOnce(&mut Merge, &[u8]) -> T) -> Option<T> {
+        let mut json = std::mem::take(&mut self.json);
+        let result = ioppytest::decode_packet(body, &mut json).ok().map(|()| f(self, &json));
+        self.json = json;
+        result
+    }
+
     /// Writes a held message now, or (when `may_hold`) returns `true` if it must wait on.
     fn replay(&mut self, h: &Held, sink: &mut dyn Sink, may_hold: bool) -> io::Result<bool> {
         match ioppytest::parse_from_agent(&h.routing_key) {
-            Some(ioppytest::FromAgent::Packet { name }) => {
-                let mut json = std::mem::take(&mut self.json);
-                let wait = match ioppytest::decode_packet(&h.body, &mut json) {
-                    Ok(()) => self.on_json(name, &json, h.at_ns, sink, may_hold),
-                    Err(_) => Ok(false), // counted when it arrived
-                };
-                self.json = json;
-                wait
-            }
+            // One that does not decode was counted when it arrived, and never held.
+            Some(ioppytest::FromAgent::Packet { name }) => self.with_json(&h.body, |m, packet| m.on_json(name, packet, h.at_ns, sink, may_hold)).unwrap_or(Ok(false)),
             _ => self.on_batch(&h.routing_key, h.user_id.as_deref(), &h.body, sink, may_hold),
         }
     }
@@ -467,9 +467,17 @@ impl Merge {
     /// `ip.tun.started` may come a moment after its first packet: another connection),
     /// writes nothing and returns `true` (the caller holds it).
     fn on_json(&mut self, name: &str, packet: &[u8], at_ns: u64, sink: &mut dyn Sink, may_hold: bool) -> io::Result<bool> {
-        let agent = self.agents.entry(name.to_owned()).or_default();
-        agent.old_wire = true;
-        if may_hold && agent.iface.is_none() && agent.addrs.is_empty() {
+        let known = match self.agents.get_mut(name) {
+            Some(agent) => {
+                agent.old_wire = true;
+                agent.iface.is_some() || !agent.addrs.is_empty()
+            }
+            None => {
+                self.agents.insert(name.to_owned(), Agent { old_wire: true, ..Agent::default() });
+                false
+            }
+        };
+        if may_hold && !known {
             return Ok(true);
         }
         self.counts.messages += 1;

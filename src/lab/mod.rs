@@ -659,29 +659,27 @@ impl Lab {
                 }
                 all.extend_from_slice(&rtts);
                 let spec = link.and_then(|l| l.spec.as_ref());
+                let (from, to) = (&self.hosts[a], &self.hosts[b]);
+                let loss_probe = match spec.and_then(|s| s.loss) {
+                    Some(_) => loss_probe(&from.netns, &to.v4.to_string()).await,
+                    None => None,
+                };
+                let tcp_bits_per_s = match spec.and_then(|s| s.rate) {
+                    Some(_) if !self.opts.throughput.is_zero() && which("iperf3").is_some() => iperf(from, to, self.opts.throughput).await.ok(),
+                    _ => None,
+                };
                 report.links.push(LinkReport {
-                    a: self.hosts[a].name.clone(),
-                    b: self.hosts[b].name.clone(),
+                    a: from.name.clone(),
+                    b: to.name.clone(),
                     linked: link.is_some(),
                     emulate: spec.map(ToString::to_string),
                     configured_rtt_ms: spec.map(|s| 2.0 * s.delay.as_secs_f64() * 1000.0),
                     rtt_p50_ms: plan::quantile(&rtts, 0.5),
                     replies,
                     requests: 4 * 3,
-                    ..LinkReport::default()
+                    loss_probe,
+                    tcp_bits_per_s,
                 });
-            }
-        }
-        for l in &mut report.links {
-            let index = |name: &str| self.hosts.iter().position(|h| h.name == name);
-            let (Some(a), Some(b)) = (index(&l.a), index(&l.b)) else { continue };
-            let Some(spec) = t.link(a, b).and_then(|link| link.spec.as_ref()) else { continue };
-            let (a, b) = (&self.hosts[a], &self.hosts[b]);
-            if spec.loss.is_some() {
-                l.loss_probe = loss_probe(&a.netns, &b.v4.to_string()).await;
-            }
-            if spec.rate.is_some() && !self.opts.throughput.is_zero() && which("iperf3").is_some() {
-                l.tcp_bits_per_s = iperf(a, b, self.opts.throughput).await.ok();
             }
         }
         report.failures.sort();
