@@ -22,6 +22,8 @@
 //! - [`amqp`]: our AMQP client: URLs, framing and the session state machine (pure), TLS
 //!   and TCP transport, presence.
 //! - [`metrics`]: counters, latency histograms, reports.
+//! - [`port`]: the host end of a queue worker (TUN, userspace stack, TAP, serial probe)
+//!   behind one small interface.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
 //! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
@@ -45,6 +47,7 @@ pub mod identity;
 pub mod interop;
 pub mod lab;
 pub mod metrics;
+pub mod port;
 pub mod provision;
 pub mod route;
 pub mod status;

@@ -175,3 +175,25 @@ impl TunQueue {
         Ok(if r.read { Readiness::Readable } else { Readiness::TimedOut })
     }
 }
+
+impl crate::port::Port for TunQueue {
+    fn layer(&self) -> crate::port::Layer {
+        crate::port::Layer::Ip
+    }
+
+    fn index(&self) -> usize {
+        self.index
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        TunQueue::read(self, buf)
+    }
+
+    fn write(&mut self, vnet_hdr: &[u8; vnet::HDR_LEN], unit: &[u8]) -> io::Result<()> {
+        TunQueue::write(self, vnet_hdr, unit)
+    }
+}
