@@ -28,8 +28,15 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 /// Largest packet count (the count field is a `u16`).
 pub const MAX_PACKETS: usize = u16::MAX as usize;
 
+/// Header flag: the entries are Ethernet frames (an L2 session), not IP packets.
+pub const FLAG_ETHERNET: u8 = 0x02;
+/// Header flag: the entries are IEEE 802.15.4 frames (serial probes, simulated radios).
+pub const FLAG_IEEE802154: u8 = 0x04;
+/// The flag bits that name what the entries are; none set: IP packets. At most one is set.
+pub const LAYER_FLAGS: u8 = FLAG_ETHERNET | FLAG_IEEE802154;
+
 /// Flag bits this version knows.
-const KNOWN_FLAGS: u8 = FLAG_VNET;
+const KNOWN_FLAGS: u8 = FLAG_VNET | LAYER_FLAGS;
 
 /// Byte offsets inside the frame header.
 mod field {
@@ -47,7 +54,7 @@ mod field {
 /// The decoded fixed header of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
-    /// Flag bits; only [`FLAG_VNET`] is defined.
+    /// Flag bits: [`FLAG_VNET`], and at most one of [`LAYER_FLAGS`].
     pub flags: u8,
     /// Number of packet entries.
     pub count: u16,
@@ -173,7 +180,7 @@ pub fn decode(body: &[u8]) -> Result<Frame<'_>, DecodeError> {
         return Err(DecodeError::UnknownVersion(head[field::VERSION]));
     }
     let flags = head[field::FLAGS];
-    if flags & !KNOWN_FLAGS != 0 {
+    if flags & !KNOWN_FLAGS != 0 || (flags & LAYER_FLAGS).count_ones() > 1 {
         return Err(DecodeError::UnknownFlags(flags));
     }
     let header = FrameHeader {
@@ -333,8 +340,8 @@ impl BatchWriter {
         writer
     }
 
-    /// Starts a new empty batch with these flags, keeping the buffer. Flag bits other than
-    /// [`FLAG_VNET`] are cleared (a receiver would reject them).
+    /// Starts a new empty batch with these flags, keeping the buffer. Unknown flag bits are
+    /// cleared (a receiver would reject them).
     pub fn reset(&mut self, flags: u8) {
         self.flags = flags & KNOWN_FLAGS;
         self.len = HEADER_LEN;
@@ -743,9 +750,13 @@ mod tests {
         b[2] = 2;
         assert_eq!(decode(&b).unwrap_err(), UnknownVersion(2));
         assert_eq!(
-            decode(&raw_header(0x02, 0)).unwrap_err(),
-            UnknownFlags(0x02)
+            decode(&raw_header(0x08, 0)).unwrap_err(),
+            UnknownFlags(0x08)
         );
+        // Both layer bits: an entry cannot be an Ethernet and an 802.15.4 frame at once.
+        assert_eq!(decode(&raw_header(0x06, 0)).unwrap_err(), UnknownFlags(0x06));
+        assert_eq!(decode(&raw_header(FLAG_ETHERNET, 0)).unwrap().header().flags, FLAG_ETHERNET);
+        assert_eq!(decode(&raw_header(FLAG_IEEE802154, 0)).unwrap().header().flags, FLAG_IEEE802154);
         assert_eq!(
             decode(&raw_header(0x81, 0)).unwrap_err(),
             UnknownFlags(0x81)
@@ -1029,7 +1040,7 @@ mod tests {
     fn writer_reset_keeps_buffer_and_masks_flags() {
         let mut w = BatchWriter::with_capacity(128);
         w.push(None, &[1, 2]).unwrap();
-        w.reset(0xFF);
+        w.reset(0xF9);
         assert_eq!(w.flags(), FLAG_VNET);
         assert!(w.is_empty());
         assert_eq!(w.capacity(), 128);

@@ -32,6 +32,30 @@ pub enum Layer {
     Ieee802154,
 }
 
+impl Layer {
+    /// The v1 frame flag that marks a batch of this layer's units (none for IP, so IP
+    /// batches are what they always were; an older agent refuses the others as unknown
+    /// flags rather than write a frame into its TUN).
+    pub fn frame_flag(self) -> u8 {
+        match self {
+            Layer::Ip => 0,
+            Layer::Ethernet => crate::codec::v1::FLAG_ETHERNET,
+            Layer::Ieee802154 => crate::codec::v1::FLAG_IEEE802154,
+        }
+    }
+
+    /// The layer a frame's flags name.
+    pub fn of_frame_flags(flags: u8) -> Layer {
+        if flags & crate::codec::v1::FLAG_ETHERNET != 0 {
+            Layer::Ethernet
+        } else if flags & crate::codec::v1::FLAG_IEEE802154 != 0 {
+            Layer::Ieee802154
+        } else {
+            Layer::Ip
+        }
+    }
+}
+
 /// The host end of one queue worker. Owned by the worker's thread; every call is
 /// non-blocking.
 pub trait Port: Send {
