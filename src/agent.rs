@@ -33,7 +33,8 @@ use crate::exit::{Exit, Failure};
 use crate::metrics::report::{self, Report};
 use crate::metrics::kernel::KernelDrops;
 use crate::metrics::{AgentCounters, Histograms, RxCounters, TxCounters};
-use crate::tun::{netns, TunDevice, TunQueue};
+use crate::port::Port;
+use crate::tun::{netns, TunDevice};
 use crate::util::{now_ns, Stop};
 use crate::identity::{claims::Claims, Trust};
 use crate::worker::queue::{QueueWorker, WorkerSetup};
@@ -59,10 +60,10 @@ pub struct Agent {
     stop_tx: watch::Sender<bool>,
     stop_flag: Stop,
     tasks: JoinSet<()>,
-    workers: Vec<JoinHandle<()>>,
+    /// Queue workers; each hands its port back when it ends.
+    workers: Vec<JoinHandle<Option<Box<dyn Port>>>>,
     /// Helper threads (the ioppytest control connection), stopped with the agent.
     helpers: Vec<JoinHandle<()>>,
-    queues: Vec<Arc<TunQueue>>,
     counters: AgentCounters,
     hist: Vec<Arc<Histograms>>,
     connected: Arc<AtomicUsize>,
@@ -237,7 +238,6 @@ impl Agent {
             tasks: JoinSet::new(),
             workers: Vec::new(),
             helpers: Vec::new(),
-            queues: Vec::new(),
             counters: AgentCounters::default(),
             hist: Vec::new(),
             connected: connected.clone(),
@@ -271,7 +271,7 @@ impl Agent {
                 None => q,
             };
             let setup = WorkerSetup {
-                queue: Arc::new(q),
+                port: Box::new(q),
                 link: link_context(k),
                 // Separate blocks for the sending and receiving halves: no shared cache lines.
                 tx_counters: Arc::new(TxCounters::default()),
@@ -344,7 +344,7 @@ impl Agent {
     /// fault injection for the test that a dead worker is never silent).
     fn spawn_worker(&mut self, setup: WorkerSetup, die: bool) -> anyhow::Result<()> {
         let k = setup.link.index;
-        let (queue, tx, rx, hist) = (setup.queue.clone(), setup.tx_counters.clone(), setup.rx_counters.clone(), setup.hist.clone());
+        let (tx, rx, hist) = (setup.tx_counters.clone(), setup.rx_counters.clone(), setup.hist.clone());
         let cpus = &self.config.data_path().cpus;
         let core = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
         let worker = QueueWorker::new(setup);
@@ -358,13 +358,12 @@ impl Agent {
                 if die {
                     std::thread::sleep(Duration::from_secs(1));
                     tracing::error!("TUNBUS_FAULT=worker-panic: queue worker 0 dies on purpose");
-                    return;
+                    return None;
                 }
-                worker.run();
+                Some(worker.run())
             })
             .context("spawning a queue worker thread")?;
         self.workers.push(handle);
-        self.queues.push(queue);
         self.counters.tx.push(tx);
         self.counters.rx.push(rx);
         self.hist.push(hist);
@@ -512,11 +511,17 @@ impl Agent {
                 }
             }
         }
-        for w in self.workers.drain(..).chain(self.helpers.drain(..)) {
-            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        let mut ports = Vec::new();
+        for w in self.workers.drain(..) {
+            if let Ok(Ok(Some(port))) = tokio::task::spawn_blocking(move || w.join()).await {
+                ports.push(port);
+            }
+        }
+        for h in self.helpers.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         let report = self.report();
-        self.queues.clear(); // last references: closing the fds removes the interface
+        drop(ports); // closing the TUN queues' fds removes the interface
         if let Some(writer) = self.pcap.take() {
             if let Ok(Ok(w)) = tokio::task::spawn_blocking(move || writer.join()).await {
                 let file = self.config.data_path().pcap.as_ref().map(|p| p.display().to_string()).unwrap_or_default();

@@ -326,8 +326,8 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
     const PACKETS: u64 = 100_000;
     // Declared first, dropped last: the devices go before their namespaces.
     let (ns_a, ns_b) = (Netns::new(), Netns::new());
-    let queue_a = Arc::new(tun_in(&ns_a, "198.18.99.1/24"));
-    let queue_b = Arc::new(tun_in(&ns_b, "198.18.99.2/24"));
+    let queue_a = tun_in(&ns_a, "198.18.99.1/24");
+    let queue_b = tun_in(&ns_b, "198.18.99.2/24");
     let stop = Stop::new();
     let _stop_workers = RaiseOnDrop(stop.clone());
     let link = |name: &str, addr: &str| {
@@ -351,8 +351,8 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
 
     // B: a queue worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
     let (b_tx, rx_counters) = (Arc::new(TxCounters::default()), Arc::new(RxCounters::default()));
-    let setup = |queue: &Arc<tunbus::tun::TunQueue>, link: &LinkContext, tx: &Arc<TxCounters>, rx: &Arc<RxCounters>| queue::WorkerSetup {
-        queue: queue.clone(),
+    let setup = |queue: TunQueue, link: &LinkContext, tx: &Arc<TxCounters>, rx: &Arc<RxCounters>| queue::WorkerSetup {
+        port: Box::new(queue),
         link: link.clone(),
         tx_counters: tx.clone(),
         rx_counters: rx.clone(),
@@ -363,7 +363,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         connected: None,
         shaper: None,
     };
-    let worker_b = queue::QueueWorker::new(setup(&queue_b, &link_b, &b_tx, &rx_counters));
+    let worker_b = queue::QueueWorker::new(setup(queue_b, &link_b, &b_tx, &rx_counters));
     let rx_thread = thread::spawn(move || {
         count_on_this_thread(&RX_WORKER);
         worker_b.run();
@@ -377,7 +377,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
 
     // A: a queue worker reading UDP datagrams sent to B and publishing them.
     let (tx_counters, a_rx) = (Arc::new(TxCounters::default()), Arc::new(RxCounters::default()));
-    let worker = queue::QueueWorker::new(setup(&queue_a, &link_a, &tx_counters, &a_rx));
+    let worker = queue::QueueWorker::new(setup(queue_a, &link_a, &tx_counters, &a_rx));
     let tx_thread = thread::spawn(move || {
         count_on_this_thread(&TX);
         worker.run();
@@ -453,7 +453,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
     }
     const PACKETS: u64 = 100_000;
     let ns = Netns::new();
-    let queue = Arc::new(tun_in(&ns, "198.18.98.1/24"));
+    let mut queue = tun_in(&ns, "198.18.98.1/24");
     let (own, peer) = (Ipv4Addr::new(198, 18, 98, 1), Ipv4Addr::new(198, 18, 98, 2));
 
     // Two frames as a peer's TX worker would send them: vnet headers, 64 and 1400 bytes.
@@ -476,7 +476,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
     let shared = Arc::new(Mutex::new(new_histogram()));
     let rx_before = tb0_rx_packets(&ns);
     let delivered = {
-        let (counters, queue) = (counters.clone(), queue.clone());
+        let counters = counters.clone();
         thread::spawn(move || {
             let mut latency = LocalHistogram::new(shared);
             let peers = PeerQueues::new();
@@ -486,7 +486,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
             let mut suspects = rx::SuspectLog::default();
             let mut scratch = Vec::new();
             let mut round = |latency: &mut LocalHistogram, suspects: &mut rx::SuspectLog| -> u64 {
-                let mut sink = rx::Sink { tun: &queue, counters: &counters, latency, peers: &peers, trust: &trust, suspects, offload_from_bus: true, scratch: &mut scratch };
+                let mut sink = rx::Sink { port: &mut queue, counters: &counters, latency, peers: &peers, trust: &trust, suspects, offload_from_bus: true, scratch: &mut scratch };
                 frames.iter().map(|f| rx::deliver(f, Some(b"peer"), now_ns(), &mut sink)).sum()
             };
             for _ in 0..20 {
@@ -502,12 +502,14 @@ fn rx_deliver_steady_state_does_not_allocate() {
             }
             RX.disarm();
             stop_counting_on_this_thread();
-            (written, rounds * per_round)
+            drop(round);
+            // The queue goes back to the test: closing it would remove tb0 before it is read.
+            (written, rounds * per_round, queue)
         })
         .join()
         .expect("RX thread")
     };
-    let (written, offered) = delivered;
+    let (written, offered, _queue) = delivered;
     let rx_after = tb0_rx_packets(&ns);
 
     let report = RX.report();

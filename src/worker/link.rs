@@ -25,6 +25,7 @@ use crate::codec::ioppytest;
 use crate::codec::v1::{self, BatchWriter, VNET_HDR_LEN};
 use crate::config::{AgentConfig, Wire};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, TxCounters};
+use crate::port::Port;
 use crate::route::{self, RoutingKey};
 use crate::util::{now_ns, Stop};
 
@@ -405,9 +406,9 @@ impl Link {
 
     /// The broker sent something: deliveries (and control, such as a close when it shuts
     /// down) for the receiving half.
-    pub fn on_readable(&mut self) {
+    pub fn on_readable(&mut self, port: &mut dyn Port) {
         let Some(client) = &mut self.client else { return };
-        if let Err(e) = receive(client, &mut self.receiver) {
+        if let Err(e) = receive(client, &mut self.receiver, port) {
             self.lose(e);
         }
     }
@@ -502,26 +503,26 @@ impl Outlet for Link {
 
 /// Takes what has arrived on `client` (up to [`READS_PER_WAKE`] reads) and
 /// hands deliveries to `receiver`; once the socket is drained the acknowledgement is due.
-fn receive(client: &mut Client, receiver: &mut Receiver) -> Result<(), client::Error> {
+fn receive(client: &mut Client, receiver: &mut Receiver, port: &mut dyn Port) -> Result<(), client::Error> {
     for _ in 0..READS_PER_WAKE {
-        take_events(client, receiver)?;
+        take_events(client, receiver, port)?;
         if client.read_some()? == 0 {
             receiver.drained();
             break;
         }
     }
-    take_events(client, receiver)?;
+    take_events(client, receiver, port)?;
     receiver.fold_now();
     Ok(())
 }
 
 /// Handles every whole event already read.
-fn take_events(client: &mut Client, receiver: &mut Receiver) -> Result<(), client::Error> {
+fn take_events(client: &mut Client, receiver: &mut Receiver, port: &mut dyn Port) -> Result<(), client::Error> {
     let now = Instant::now();
     loop {
         let ack = match client.next_event(now)? {
             None => return Ok(()),
-            Some(Event::Delivery(d)) => receiver.on_delivery(d, now_ns()),
+            Some(Event::Delivery(d)) => receiver.on_delivery(d, now_ns(), port),
             Some(Event::Oversized { tag }) => receiver.on_oversized(tag),
             Some(Event::Cancelled) => return Err(client::Error::Eof { broker: client.broker().to_owned(), hint: " (our consumer was cancelled)" }),
             Some(_) => None, // blocked and unblocked are the client's; no reply is due

@@ -32,8 +32,8 @@ use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, RxCounters, TxCounters};
 use crate::route::peers::{self, PeerQueues};
 use crate::route::{self, Destination, RoutingKey};
+use crate::port::Port;
 use crate::sys::{self, Interest};
-use crate::tun::TunQueue;
 use crate::util::{now_ns, Stop};
 
 use super::batch::{Batcher, Outlet, MAX_READ};
@@ -50,7 +50,8 @@ pub const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// The state of one queue worker; owned by its thread.
 pub struct QueueWorker {
-    queue: Arc<TunQueue>,
+    /// The host end: a TUN queue, or another kind of port (`crate::port`).
+    port: Box<dyn Port>,
     link: Link,
     counters: Arc<TxCounters>,
     stop: Stop,
@@ -76,7 +77,8 @@ struct Classifier {
 
 /// Everything queue worker k is built from.
 pub struct WorkerSetup {
-    pub queue: Arc<TunQueue>,
+    /// The host end this worker reads and writes (owned: it closes when the worker ends).
+    pub port: Box<dyn Port>,
     pub link: LinkContext,
     /// What the sending half counts.
     pub tx_counters: Arc<TxCounters>,
@@ -99,7 +101,7 @@ impl QueueWorker {
     /// A worker for TUN queue `setup.queue` and its link, with batches of up to
     /// `max_batch_bytes` (from the link's configuration).
     pub fn new(setup: WorkerSetup) -> QueueWorker {
-        let WorkerSetup { queue, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected, shaper } = setup;
+        let WorkerSetup { port, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected, shaper } = setup;
         let config = link.config.clone();
         let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
         // invariant: the agent refuses a name that is not a topic word before it builds workers
@@ -114,10 +116,10 @@ impl QueueWorker {
             .collect();
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
         let (outbound, inbound) = wire::for_agent(&config, flood_key, peers.clone(), trust.view(), presence);
-        let receiver = Receiver::new(&config, queue.clone(), rx_counters, &hist, inbound);
+        let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         QueueWorker {
-            queue,
+            port,
             link: Link::new(link, counters.clone(), &hist, outbound, receiver, connected),
             counters,
             stop,
@@ -129,8 +131,9 @@ impl QueueWorker {
         }
     }
 
-    /// Runs until the stop flag is set; then closes the connection.
-    pub fn run(mut self) {
+    /// Runs until the stop flag is set; then closes the connection and hands the port back
+    /// (the agent closes it after its final report).
+    pub fn run(mut self) -> Box<dyn Port> {
         while !self.stop.is_raised() {
             self.link.maintain();
             self.link.announce_if_due();
@@ -146,27 +149,33 @@ impl QueueWorker {
             if let Some(due) = self.shaper.as_mut().and_then(Shaper::wake_at) {
                 timeout = timeout.min(Duration::from_nanos(due.saturating_sub(now_ns())));
             }
+            if let Some(at) = self.port.poll_at() {
+                timeout = timeout.min(at.saturating_duration_since(now));
+            }
             if self.link.has_buffered() {
                 timeout = Duration::ZERO;
             }
             // While a message is half-written, packets wait in the TUN queue: backpressure
             // instead of an unbounded queue of our own.
-            let tun = (!self.link.backlogged()).then(|| (self.queue.fd(), Interest::Read));
+            let port_fd = if self.link.backlogged() { None } else { self.port.fd().map(|fd| (fd, Interest::Read)) };
             let socket = self.link.fd().map(|fd| (fd, if self.link.wants_write() { Interest::ReadWrite } else { Interest::Read }));
-            match sys::wait([tun, socket], timeout) {
-                Ok([t, s]) => {
+            match sys::wait([port_fd, socket], timeout) {
+                Ok([mut t, s]) => {
+                    if self.port.poll_at().is_some_and(|at| at <= Instant::now()) {
+                        t.read |= self.port.poll(Instant::now());
+                    }
                     if s.write {
                         self.link.flush();
                     }
                     let socket_event = s.read || s.error || self.link.has_buffered();
                     if socket_event {
-                        self.link.on_readable();
+                        self.link.on_readable(&mut *self.port);
                         if self.link.receiver.take_probe() {
                             self.link.answer_probe();
                         }
                     }
                     if t.error && !self.read_errors_logged {
-                        tracing::warn!(queue = self.queue.index(), "tun queue reported an error or hang-up");
+                        tracing::warn!(queue = self.port.index(), "the port reported an error or hang-up");
                         self.read_errors_logged = true;
                         std::thread::sleep(Duration::from_millis(100));
                     }
@@ -187,7 +196,7 @@ impl QueueWorker {
                 }
                 Err(e) => {
                     if !self.read_errors_logged {
-                        tracing::warn!(queue = self.queue.index(), error = %e, "poll failed");
+                        tracing::warn!(queue = self.port.index(), error = %e, "poll failed");
                         self.read_errors_logged = true;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -196,6 +205,7 @@ impl QueueWorker {
         }
         // Stopping: what is still open is not sent (and not counted as a broker failure).
         self.link.close();
+        self.port
     }
 
     /// Reads and batches up to BURST packets, then ends the burst.
@@ -210,7 +220,7 @@ impl QueueWorker {
             }
             let Some(slot) = self.batcher.slot(&mut self.link) else {
                 // No buffer: read into scratch to keep the queue moving, and count the drop.
-                match self.queue.read(&mut self.scratch) {
+                match self.port.read(&mut self.scratch) {
                     Ok(Some(_)) => {
                         self.counters.record_drop(DropReason::NoBuffer, 1);
                         continue;
@@ -218,12 +228,12 @@ impl QueueWorker {
                     _ => break,
                 }
             };
-            let n = match self.queue.read(slot) {
+            let n = match self.port.read(slot) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => {
                     if !self.read_errors_logged {
-                        tracing::warn!(queue = self.queue.index(), error = %e, "tun read failed");
+                        tracing::warn!(queue = self.port.index(), error = %e, "port read failed");
                         self.read_errors_logged = true;
                     }
                     break;
@@ -246,7 +256,7 @@ impl QueueWorker {
             if self.link.backlogged() {
                 break;
             }
-            let n = match self.queue.read(&mut self.scratch) {
+            let n = match self.port.read(&mut self.scratch) {
                 Ok(Some(n)) => n,
                 _ => break,
             };

@@ -1,7 +1,8 @@
 //! RX: the receiving half of a queue worker. The worker reads its connection and hands
 //! each delivery to [`Receiver::on_delivery`]; the wire's [`Inbound`] (`worker::wire`)
 //! tells what it carries, and [`deliver`] (native) or [`deliver_json`] (ioppytest) writes
-//! its packets into the worker's TUN queue. Hot path.
+//! its packets into the worker's port (`crate::port`: its TUN queue, or another kind of
+//! host end). Hot path.
 //!
 //! Queue k only ever writes TUN queue k, so a flow (one shard, one queue) keeps its order
 //! end to end. The AMQP session hands a delivery over as a slice of the read buffer when
@@ -29,9 +30,9 @@ use crate::identity::{self, Verdict};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
 use crate::route;
 use crate::route::peers::PeerQueues;
-use crate::tun::TunQueue;
+use crate::port::Port;
 
-use super::wire::{Inbound, TunSide};
+use super::wire::{Inbound, PortSide};
 
 /// A drained socket folds the latency samples when the last fold is older than this, so
 /// statistics read right after traffic stops include it.
@@ -44,7 +45,6 @@ pub const READS_PER_WAKE: usize = 16;
 /// wire's ([`Inbound`]).
 pub struct Receiver {
     inbound: Box<dyn Inbound>,
-    tun: Arc<TunQueue>,
     counters: Arc<RxCounters>,
     latency: LocalHistogram,
     acks: AckBatcher,
@@ -55,8 +55,8 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    pub fn new(config: &AgentConfig, tun: Arc<TunQueue>, counters: Arc<RxCounters>, hist: &Histograms, inbound: Box<dyn Inbound>) -> Receiver {
-        Receiver { inbound, tun, counters, latency: LocalHistogram::new(hist.one_way_us.clone()), acks: AckBatcher::for_prefetch(config.bus().prefetch), drained: false, scratch: Vec::new() }
+    pub fn new(config: &AgentConfig, counters: Arc<RxCounters>, hist: &Histograms, inbound: Box<dyn Inbound>) -> Receiver {
+        Receiver { inbound, counters, latency: LocalHistogram::new(hist.one_way_us.clone()), acks: AckBatcher::for_prefetch(config.bus().prefetch), drained: false, scratch: Vec::new() }
     }
 
     /// Forgets pending acks: the connection is new.
@@ -102,9 +102,10 @@ impl Receiver {
         self.inbound.tick(now);
     }
 
-    /// One whole message; returns a tag to acknowledge now (every half prefetch).
-    pub fn on_delivery(&mut self, d: Delivery<'_>, now_ns: u64) -> Option<u64> {
-        let out = TunSide { tun: &self.tun, counters: &self.counters, latency: &mut self.latency, scratch: &mut self.scratch };
+    /// One whole message, whose units go to `port`; returns a tag to acknowledge now
+    /// (every half prefetch).
+    pub fn on_delivery(&mut self, d: Delivery<'_>, now_ns: u64, port: &mut dyn Port) -> Option<u64> {
+        let out = PortSide { port, counters: &self.counters, latency: &mut self.latency, scratch: &mut self.scratch };
         self.inbound.on_delivery(&d, now_ns, out);
         self.acks.delivered(d.tag)
     }
@@ -116,14 +117,14 @@ impl Receiver {
     }
 }
 
-/// Writes the one packet of an ioppytest JSON body into `tun`, decoding into `scratch`
+/// Writes the one packet of an ioppytest JSON body into `port`, decoding into `scratch`
 /// (reused: no allocation once it has grown to the largest packet).
-pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &RxCounters, scratch: &mut Vec<u8>) -> u64 {
+pub fn deliver_json(body: &[u8], port: &mut dyn Port, counters: &RxCounters, scratch: &mut Vec<u8>) -> u64 {
     if ioppytest::decode_packet(body, scratch).is_err() {
         counters.record_drop(DropReason::Malformed, 1);
         return 0;
     }
-    match tun.write(&vnet::PLAIN, scratch) {
+    match port.write(&vnet::PLAIN, scratch) {
         Ok(()) => {
             counters.received.message(1, scratch.len() as u64);
             1
@@ -136,11 +137,11 @@ pub fn deliver_json(body: &[u8], tun: &TunQueue, counters: &RxCounters, scratch:
     }
 }
 
-/// Where a receiver writes what passed: its TUN queue, counters and latency histogram, the
+/// Where a receiver writes what passed: its port, counters and latency histogram, the
 /// peers' queue counts, the trust table it checks senders against, its rate limit for
 /// warnings about refused packets, and what it does with offload from the bus.
 pub struct Sink<'a> {
-    pub tun: &'a TunQueue,
+    pub port: &'a mut dyn Port,
     pub counters: &'a RxCounters,
     pub latency: &'a mut LocalHistogram,
     pub peers: &'a PeerQueues,
@@ -235,7 +236,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
             data = sink.scratch.as_slice();
         }
         let hdr = if sink.offload_from_bus { hdr } else { vnet::PLAIN };
-        match sink.tun.write(&hdr, data) {
+        match sink.port.write(&hdr, data) {
             Ok(()) => {
                 written += 1;
                 bytes += data.len() as u64;

@@ -24,7 +24,7 @@ use crate::identity;
 use crate::metrics::{LocalHistogram, RxCounters};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
-use crate::tun::TunQueue;
+use crate::port::Port;
 use crate::util::now_ns;
 
 use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
@@ -35,10 +35,10 @@ pub trait Outbound: Send {
     fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error>;
 }
 
-/// What the receiving half owns and an [`Inbound`] writes into: the worker's TUN queue,
-/// its counters and latency histogram, a reused buffer.
-pub struct TunSide<'a> {
-    pub tun: &'a TunQueue,
+/// What the receiving half owns and an [`Inbound`] writes into: the worker's port, its
+/// counters and latency histogram, a reused buffer.
+pub struct PortSide<'a> {
+    pub port: &'a mut dyn Port,
     pub counters: &'a RxCounters,
     pub latency: &'a mut LocalHistogram,
     pub scratch: &'a mut Vec<u8>,
@@ -47,7 +47,7 @@ pub struct TunSide<'a> {
 /// What a delivery means and where its packets go. Acknowledging it is the receiver's.
 pub trait Inbound: Send {
     /// One whole message, received at `now_ns`.
-    fn on_delivery(&mut self, d: &Delivery<'_>, now_ns: u64, out: TunSide<'_>);
+    fn on_delivery(&mut self, d: &Delivery<'_>, now_ns: u64, out: PortSide<'_>);
 
     /// Whether a presence probe arrived since the last call.
     fn take_probe(&mut self) -> bool {
@@ -123,12 +123,12 @@ pub struct NativeIn {
 }
 
 impl Inbound for NativeIn {
-    fn on_delivery(&mut self, d: &Delivery<'_>, now_ns: u64, out: TunSide<'_>) {
+    fn on_delivery(&mut self, d: &Delivery<'_>, now_ns: u64, out: PortSide<'_>) {
         match Carries::of(d.routing_key, &self.own_flood_key) {
             Carries::Packets => {
                 self.trust.refresh();
                 let mut sink = Sink {
-                    tun: out.tun,
+                    port: out.port,
                     counters: out.counters,
                     latency: out.latency,
                     peers: &self.peers,
@@ -199,7 +199,7 @@ impl Outbound for IoppytestOut {
 pub struct IoppytestIn;
 
 impl Inbound for IoppytestIn {
-    fn on_delivery(&mut self, d: &Delivery<'_>, _now_ns: u64, out: TunSide<'_>) {
-        rx::deliver_json(d.body, out.tun, out.counters, out.scratch);
+    fn on_delivery(&mut self, d: &Delivery<'_>, _now_ns: u64, out: PortSide<'_>) {
+        rx::deliver_json(d.body, out.port, out.counters, out.scratch);
     }
 }
