@@ -120,7 +120,8 @@ fn consume(mut conn: Client, progress: Arc<Progress>) -> anyhow::Result<()> {
                 unacked = 0;
             }
             conn.flush(Instant::now())?;
-            wait_fd(conn.fd(), Interest::Read, Duration::from_millis(100))?;
+            let Some((fd, _)) = conn.fd() else { bail!("lost the broker") };
+            wait_fd(fd, Interest::Read, Duration::from_millis(100))?;
         }
         conn.tick(Instant::now())?;
     }
@@ -137,6 +138,7 @@ fn publish_one(conn: &mut Client, queue: &str, body: &[u8]) -> anyhow::Result<()
                 conn.wait_writable(Duration::from_secs(2))?;
             }
             Published::Blocked => bail!("the broker blocked publishing (a resource alarm)"),
+            Published::Down => bail!("lost the broker"),
         }
     }
 }

@@ -38,8 +38,9 @@ fn agent(endpoints: &[Endpoint], i: usize) -> anyhow::Result<Client> {
     let mut opts = ConnectOptions::new(format!("sim h{i}"));
     opts.frame_max = Some(8192);
     opts.heartbeat = Duration::ZERO; // nobody ticks these connections
-    opts.timeout = Duration::from_secs(30);
-    let mut c = tunbus::amqp::client::with_exchange(EXCHANGE, &never, || Client::open(&endpoints[i % endpoints.len()], &opts, &never))?;
+    opts.timeout = Some(Duration::from_secs(30));
+    let plan = tunbus::amqp::client::Plan { exchange: EXCHANGE.into(), queue: None };
+    let mut c = Client::connect(vec![endpoints[i % endpoints.len()].clone()], &opts, plan, tunbus::amqp::client::Retry::OncePerNode, &never)?;
     let q = format!("tunbus.sim.h{i}.0");
     c.queue_declare(&q, QueueOptions { exclusive: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(4096)), ("x-max-length-bytes", Value::I64(4 << 20))], &never)?;
     for a in addresses(i) {
@@ -68,6 +69,7 @@ fn publish_rate(endpoints: &[Endpoint], receiver: &mut Client, seconds: f64) -> 
                     publisher.wait_writable(Duration::from_millis(100))?;
                 }
                 Published::Blocked => bail!("the broker blocked publishing"),
+                Published::Down => bail!("lost the broker"),
             }
         }
         receiver.read_some()?;
@@ -77,7 +79,9 @@ fn publish_rate(endpoints: &[Endpoint], receiver: &mut Client, seconds: f64) -> 
             }
         }
         if sent - got >= 2000 {
-            tunbus::sys::wait_fd(receiver.fd(), tunbus::sys::Interest::Read, Duration::from_millis(10))?;
+            if let Some((fd, _)) = receiver.fd() {
+                tunbus::sys::wait_fd(fd, tunbus::sys::Interest::Read, Duration::from_millis(10))?;
+            }
         }
     }
     let rate = got as f64 / t0.elapsed().as_secs_f64();
@@ -91,7 +95,9 @@ fn publish_rate(endpoints: &[Endpoint], receiver: &mut Client, seconds: f64) -> 
                 got += 1;
             }
         }
-        tunbus::sys::wait_fd(receiver.fd(), tunbus::sys::Interest::Read, Duration::from_millis(20))?;
+        if let Some((fd, _)) = receiver.fd() {
+            tunbus::sys::wait_fd(fd, tunbus::sys::Interest::Read, Duration::from_millis(20))?;
+        }
     }
     Ok(rate)
 }

@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     let endpoint = Endpoint::plain("amqp://guest:guest@127.0.0.1:5672/%2f".parse()?);
     let mut opts = ConnectOptions::new("idle");
     opts.frame_max = Some(32768);
-    opts.timeout = Duration::from_secs(10);
+    opts.timeout = Some(Duration::from_secs(10));
     opts.heartbeat = Duration::ZERO; // nobody ticks these connections
     let never = AtomicBool::new(false);
     let conns = (0..n).map(|_| Client::open(&endpoint, &opts, &never)).collect::<Result<Vec<_>, _>>()?;

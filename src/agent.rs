@@ -23,9 +23,9 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::amqp::client::{self, Client, FailureClass};
+use crate::amqp::client::{self, Client, FailureClass, Retry};
 use crate::status::LinkState;
-use crate::worker::link::LinkContext;
+use crate::worker::uplink::UplinkContext;
 use crate::amqp::presence::{self, Announcements, Hello};
 use crate::amqp::BrokerState;
 use crate::config::AgentConfig;
@@ -109,13 +109,14 @@ fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
 /// start here, with its exit code. A taken queue name is a live agent of the same name (it
 /// answers a probe: exit 8) or a dead connection the broker has not dropped yet (it does
 /// within two of its heartbeats: wait for it).
-fn join_bus(ctx: &LinkContext, interrupt: &Stop) -> Result<Option<(Client, usize)>, Failure> {
+fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Failure> {
     let c = &ctx.config;
     let started = Instant::now();
     let mut said_stale = false;
     loop {
-        let e = match ctx.open(0, client::CONNECT_TIMEOUT) {
-            Ok(link) => return Ok(Some(link)),
+        let mut client = ctx.client(Retry::OncePerNode);
+        let e = match client.wait_up(interrupt.flag()) {
+            Ok(()) => return Ok(Some(client)),
             Err(client::Error::Stopped) => return Ok(None),
             Err(e) => e,
         };
@@ -206,7 +207,7 @@ impl Agent {
             crate::config::Wire::Ioppytest => None,
         };
         let links: Vec<Arc<LinkState>> = (0..config.interface().queues).map(|_| Arc::new(LinkState::default())).collect();
-        let link_context = |k: usize| LinkContext {
+        let link_context = |k: usize| UplinkContext {
             config: config.clone(),
             index: k,
             broker: broker.clone(),

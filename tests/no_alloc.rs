@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use common::{in_netns, system_ready, unique, Netns};
 use tunbus::codec::v1::{self, BatchWriter};
 use tunbus::metrics::{new_histogram, DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
-use tunbus::worker::link::LinkContext;
+use tunbus::worker::uplink::UplinkContext;
 use tunbus::amqp::BrokerState;
 use tunbus::config::{AgentConfig, Bus, Identity, Interface};
 use tunbus::route::peers::PeerQueues;
@@ -337,7 +337,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         let user = c.identity().user.clone();
         let table = tunbus::identity::Table::new(vec![(user.clone(), vec!["198.18.99.0/24".parse().expect("prefix")])]);
         let c = c.with_identity(Identity { user, mode: tunbus::identity::Mode::Strict(table) }).expect("valid identity");
-        LinkContext {
+        UplinkContext {
             config: Arc::new(c),
             index: 0,
             broker: Arc::new(BrokerState::default()),
@@ -351,7 +351,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
 
     // B: a queue worker consuming what A publishes to 198.18.99.2, writing it into its TUN.
     let (b_tx, rx_counters) = (Arc::new(TxCounters::default()), Arc::new(RxCounters::default()));
-    let setup = |queue: TunQueue, link: &LinkContext, tx: &Arc<TxCounters>, rx: &Arc<RxCounters>| queue::WorkerSetup {
+    let setup = |queue: TunQueue, link: &UplinkContext, tx: &Arc<TxCounters>, rx: &Arc<RxCounters>| queue::WorkerSetup {
         port: Box::new(queue),
         link: link.clone(),
         tx_counters: tx.clone(),

@@ -17,6 +17,8 @@
 //! ([`backoff`]), and re-declares its queue and bindings.
 
 pub mod client;
+pub mod connection;
+pub mod error;
 pub mod presence;
 pub mod session;
 pub mod tls;

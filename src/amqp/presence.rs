@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::client::{self, Client, ConnectOptions, Endpoint, Owned};
-use super::session::QueueOptions;
-use super::wire::{Properties, Value};
+use super::wire::Properties;
 use crate::route::{RoutingKey, BYE_PATTERN, CTL_PROBE, HELLO_PATTERN};
 use crate::util::Stop;
 
@@ -102,22 +101,10 @@ pub struct Peer {
 fn listener(endpoints: &[Endpoint], exchange: &str, role: &str, patterns: &[&str], stop: &Stop) -> Result<(Client, String), client::Error> {
     let mut opts = ConnectOptions::new(role);
     opts.frame_max = Some(super::CONTROL_FRAME_MAX);
-    let mut last = None;
-    for e in endpoints {
-        match client::with_exchange(exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
-            Ok(mut c) => {
-                let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(LISTEN_QUEUE_MAX))], stop.flag())?;
-                for p in patterns {
-                    c.queue_bind(&q, exchange, p, stop.flag())?;
-                }
-                c.basic_consume(&q, "", true, true, stop.flag())?;
-                return Ok((c, q));
-            }
-            Err(client::Error::Stopped) => return Err(client::Error::Stopped),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or(client::Error::Stopped))
+    let plan = client::Plan::listener(exchange, patterns.iter().map(|p| (*p).to_owned()).collect(), Some(LISTEN_QUEUE_MAX));
+    let c = Client::connect(endpoints.to_vec(), &opts, plan, client::Retry::OncePerNode, stop.flag())?;
+    let q = c.queue().to_owned();
+    Ok((c, q))
 }
 
 /// Probes the bus and collects hellos for `wait`. Agents that said goodbye are left out.

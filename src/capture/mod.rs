@@ -32,8 +32,6 @@ pub use reorder::Reorder;
 
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned};
 use crate::amqp::presence::JSON_PROPERTIES;
-use crate::amqp::session::QueueOptions;
-use crate::amqp::wire::Value;
 use crate::route;
 use crate::util::{now_ns, Stop};
 
@@ -102,26 +100,13 @@ impl Summary {
 /// and a probe so that the agents say hello at once.
 pub fn open_tap(endpoints: &[Endpoint], exchange: &str, queue_max_bytes: u64, stop: &Stop) -> Result<Client, client::Error> {
     let opts = ConnectOptions::new("tunbus capture");
-    let mut last = None;
-    for e in endpoints {
-        let mut c = match client::with_exchange(exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
-            Ok(c) => c,
-            Err(client::Error::Stopped) => return Err(client::Error::Stopped),
-            Err(err) => {
-                last = Some(err);
-                continue;
-            }
-        };
-        let bytes = queue_max_bytes.min(i64::MAX as u64) as i64;
-        let args = [("x-max-length", Value::I32(TAP_MAX_MESSAGES)), ("x-max-length-bytes", Value::I64(bytes))];
-        let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &args, stop.flag())?;
-        c.queue_bind(&q, exchange, NATIVE_PATTERN, stop.flag())?;
-        c.queue_bind(&q, exchange, IOPPYTEST_PATTERN, stop.flag())?;
-        c.basic_consume(&q, "", true, true, stop.flag())?;
-        c.publish_copy(exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent capture"}"#)?;
-        return Ok(c);
+    let mut plan = client::Plan::listener(exchange, vec![NATIVE_PATTERN.to_owned(), IOPPYTEST_PATTERN.to_owned()], Some(TAP_MAX_MESSAGES));
+    if let Some(q) = &mut plan.queue {
+        q.max_length_bytes = Some(queue_max_bytes.min(i64::MAX as u64) as i64);
     }
-    Err(last.unwrap_or(client::Error::Stopped))
+    let mut c = Client::connect(endpoints.to_vec(), &opts, plan, client::Retry::OncePerNode, stop.flag())?;
+    c.publish_copy(exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent capture"}"#)?;
+    Ok(c)
 }
 
 /// Runs a capture into `sink` until `stop`, the duration, or the broker ends it.

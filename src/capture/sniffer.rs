@@ -24,7 +24,6 @@ use serde_json::{json, Value as Json};
 use super::pcapng::{ClassicWriter, LINKTYPE_RAW};
 use super::{Filter, Options as CaptureOptions, Summary};
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned};
-use crate::amqp::session::QueueOptions;
 use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
 use crate::util::Stop;
@@ -93,20 +92,8 @@ fn props(correlation_id: Option<&str>) -> Properties<'_> {
 
 fn open(endpoints: &[Endpoint], exchange: &str, stop: &Stop) -> Result<Client, client::Error> {
     let opts = ConnectOptions::new("tunbus sniffer");
-    let mut last = None;
-    for e in endpoints {
-        match client::with_exchange(exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
-            Ok(mut c) => {
-                let q = c.queue_declare("", QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[], stop.flag())?;
-                c.queue_bind(&q, exchange, REQUESTS, stop.flag())?;
-                c.basic_consume(&q, "", true, true, stop.flag())?;
-                return Ok(c);
-            }
-            Err(client::Error::Stopped) => return Err(client::Error::Stopped),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or(client::Error::Stopped))
+    let plan = client::Plan::listener(exchange, vec![REQUESTS.to_owned()], None);
+    Client::connect(endpoints.to_vec(), &opts, plan, client::Retry::OncePerNode, stop.flag())
 }
 
 /// A capture id as a file name: letters, digits, `-`, `_` and `.` (not leading).

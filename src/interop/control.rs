@@ -14,10 +14,9 @@ use std::sync::Arc;
 use crate::codec::ioppytest::addressing::{OldAddressing, Order, StartPolicy};
 use crate::metrics::{DropReason, RxCounters};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
-use crate::amqp::session::QueueOptions;
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
 use crate::config::AgentConfig;
-use crate::util::{now_ns, Stop};
+use crate::util::Stop;
 
 fn publish(c: &mut Client, exchange: &str, key: &str, body: &impl serde::Serialize) -> Result<(), client::Error> {
     // Serialising these plain structs cannot fail.
@@ -35,27 +34,15 @@ fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), clie
 }
 
 /// A connection consuming `toAgent.<name>.ip.tun.start`, on the first node that answers.
-fn open(config: &AgentConfig, stop: &Stop) -> Result<Client, client::Error> {
+fn open(config: &AgentConfig, retry: client::Retry, stop: &Stop) -> Result<Client, client::Error> {
     let mut opts = ConnectOptions::new(format!("tunbus {} ioppytest control", config.name()));
     opts.frame_max = Some(crate::amqp::CONTROL_FRAME_MAX);
     opts.heartbeat = config.bus().heartbeat;
-    let mut last = None;
-    for e in &config.bus().endpoints {
-        let mut c = match client::with_exchange(&config.bus().exchange, stop.flag(), || Client::open(e, &opts, stop.flag())) {
-            Ok(c) => c,
-            Err(client::Error::Stopped) => return Err(client::Error::Stopped),
-            Err(err) => {
-                last = Some(err);
-                continue;
-            }
-        };
-        let queue = format!("{}.ctl", config.queue_prefix());
-        c.queue_declare(&queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", crate::amqp::wire::Value::I32(100))], stop.flag())?;
-        c.queue_bind(&queue, &config.bus().exchange, &ioppytest::routing_key_tun_start(config.name()), stop.flag())?;
-        c.basic_consume(&queue, "", true, true, stop.flag())?;
-        return Ok(c);
+    let mut plan = client::Plan::listener(&config.bus().exchange, vec![ioppytest::routing_key_tun_start(config.name())], Some(100));
+    if let Some(q) = &mut plan.queue {
+        q.name = format!("{}.ctl", config.queue_prefix());
     }
-    Err(last.unwrap_or(client::Error::Stopped))
+    Client::connect(config.bus().endpoints.clone(), &opts, plan, retry, stop.flag())
 }
 
 /// The order policy of `config`: its coordinator (else its own user) and subnets.
@@ -90,7 +77,7 @@ fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], 
 /// `Ok(None)` when stopped first.
 pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAddressing>, client::Error> {
     let (exchange, name) = (config.bus().exchange.as_str(), config.name());
-    let mut c = match open(config, stop) {
+    let mut c = match open(config, client::Retry::OncePerNode, stop) {
         Ok(c) => c,
         Err(client::Error::Stopped) => return Ok(None),
         Err(e) => return Err(e),
@@ -117,27 +104,27 @@ pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAdd
 /// (the data link logs broker loss), until `stop`.
 pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>) {
     let mut addressing = config.ioppytest().addressing.clone();
-    let mut backoff = crate::amqp::Backoff::new(now_ns());
     let mut policy = policy(config);
+    // The connection retries on its own (the machine's backoff, the next node).
+    let Ok(mut c) = open(config, client::Retry::Forever, stop) else { return };
     while !stop.is_raised() {
-        match serve(config, &mut addressing, &mut policy, &counters, stop) {
-            Ok(()) => return,
-            Err(client::Error::Stopped) => return,
+        match serve(&mut c, config, &mut addressing, &mut policy, &counters, stop) {
+            Ok(()) | Err(client::Error::Stopped) => break,
             Err(error) => tracing::debug!(agent = %config.name(), %error, "ioppytest control connection failed"),
         }
-        let until = std::time::Instant::now() + backoff.failed(std::time::Instant::now());
-        while std::time::Instant::now() < until && !stop.is_raised() {
-            std::thread::sleep(Duration::from_millis(50));
+        if c.reconnect(stop.flag()).is_err() {
+            return;
         }
     }
+    c.close(Duration::from_millis(300));
 }
 
-fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &RxCounters, stop: &Stop) -> Result<(), client::Error> {
+fn serve(c: &mut Client, config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &RxCounters, stop: &Stop) -> Result<(), client::Error> {
     let (exchange, name) = (config.bus().exchange.as_str(), config.name());
-    let mut c = open(config, stop)?;
+    let c = &mut *c;
     let started_key = ioppytest::routing_key_tun_started(name);
-    announce_ready(&mut c, exchange, name)?;
-    publish(&mut c, exchange, &started_key, &addressing.to_started(name))?;
+    announce_ready(c, exchange, name)?;
+    publish(c, exchange, &started_key, &addressing.to_started(name))?;
     while !stop.is_raised() {
         let Some(event) = c.wait_event(Duration::from_millis(250), stop.flag())? else { continue };
         let (body, user) = match event {
@@ -157,8 +144,7 @@ fn serve(config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut Star
         if !wanted.is_empty() {
             *addressing = wanted;
         }
-        publish(&mut c, exchange, &started_key, &addressing.to_started(name))?;
+        publish(c, exchange, &started_key, &addressing.to_started(name))?;
     }
-    c.close(Duration::from_millis(300));
     Ok(())
 }

@@ -281,12 +281,16 @@ pub struct Histograms {
     pub batch_packets: SharedHistogram,
     /// Bytes per published batch body (TX).
     pub batch_bytes: SharedHistogram,
+    /// µs a queue worker spent in one turn of its loop, from waking to waiting again: what
+    /// its port and its connection waited for it (nothing in a turn waits on the network,
+    /// so this stays short also while the broker is away).
+    pub loop_turn_us: SharedHistogram,
 }
 
 impl Histograms {
     pub fn new() -> Arc<Histograms> {
         let h = || Arc::new(Mutex::new(new_histogram()));
-        Arc::new(Histograms { one_way_us: h(), read_to_publish_us: h(), batch_packets: h(), batch_bytes: h() })
+        Arc::new(Histograms { one_way_us: h(), read_to_publish_us: h(), batch_packets: h(), batch_bytes: h(), loop_turn_us: h() })
     }
 }
 

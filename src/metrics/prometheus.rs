@@ -79,6 +79,7 @@ pub fn render(src: &Sources) -> String {
     };
     histogram("one_way_latency_seconds", "Sender batch timestamp to TUN write, since start.", &mut hist.iter().map(|h| &h.one_way_us));
     histogram("read_to_publish_seconds", "TUN read burst to batch published, since start.", &mut hist.iter().map(|h| &h.read_to_publish_us));
+    histogram("loop_turn_seconds", "One turn of a queue worker's loop, waking to waiting again, since start.", &mut hist.iter().map(|h| &h.loop_turn_us));
     let mut summary = |name: &str, help: &str, p: Percentiles, scale: f64| {
         let _ = writeln!(out, "# HELP tunbus_{name} {help}\n# TYPE tunbus_{name} summary");
         for (q, v) in [("0.5", p.p50_us), ("0.99", p.p99_us), ("0.999", p.p999_us)] {
@@ -89,6 +90,7 @@ pub fn render(src: &Sources) -> String {
     };
     summary("one_way_latency_quantiles_seconds", "Sender batch timestamp to TUN write, since start (quantiles).", report::merged(hist.iter().map(|h| &h.one_way_us)), 1e-6);
     summary("read_to_publish_quantiles_seconds", "TUN read burst to batch published, since start (quantiles).", report::merged(hist.iter().map(|h| &h.read_to_publish_us)), 1e-6);
+    summary("loop_turn_quantiles_seconds", "One turn of a queue worker's loop, since start (quantiles; max is the loop's worst stall).", report::merged(hist.iter().map(|h| &h.loop_turn_us)), 1e-6);
     summary("batch_packets", "Packets per published batch, since start.", report::merged(hist.iter().map(|h| &h.batch_packets)), 1.0);
     summary("batch_bytes", "Bytes per published batch, since start.", report::merged(hist.iter().map(|h| &h.batch_bytes)), 1.0);
     out

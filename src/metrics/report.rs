@@ -47,6 +47,8 @@ pub struct Report {
     pub batch_packets: Percentiles,
     /// Bytes per batch published (the `_us` fields hold bytes here).
     pub batch_bytes: Percentiles,
+    /// One turn of a queue worker's loop, waking to waiting again (the loop's lag).
+    pub loop_turn: Percentiles,
 }
 
 /// One histogram of every queue, merged.
@@ -93,6 +95,7 @@ pub fn build(agent: &str, uptime: Duration, counters: &AgentCounters, hist: &[Ar
         read_to_publish: merged(hist.iter().map(|h| &h.read_to_publish_us)),
         batch_packets: merged(hist.iter().map(|h| &h.batch_packets)),
         batch_bytes: merged(hist.iter().map(|h| &h.batch_bytes)),
+        loop_turn: merged(hist.iter().map(|h| &h.loop_turn_us)),
     }
 }
 

@@ -7,7 +7,7 @@
 //! a batch and reads a delivery.
 
 pub mod batch;
-pub mod link;
 pub mod queue;
 pub mod rx;
+pub mod uplink;
 pub mod wire;

@@ -24,12 +24,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::amqp::client::Client;
+use crate::amqp::client::{Client, Retry};
 use crate::codec::v1::VNET_HDR_LEN;
 use crate::emulate::{Flow, Shaper};
 use crate::identity::claims::Claims;
 use crate::identity::Trust;
-use crate::metrics::{DropReason, Histograms, RxCounters, TxCounters};
+use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
 use crate::route::peers::{self, PeerQueues};
 use crate::route::{self, Destination, RoutingKey};
 use crate::port::Port;
@@ -37,7 +37,7 @@ use crate::sys::{self, Interest};
 use crate::util::{now_ns, Stop};
 
 use super::batch::{Batcher, Outlet, MAX_READ};
-use super::link::{Link, LinkContext};
+use super::uplink::{Uplink, UplinkContext};
 use super::rx::Receiver;
 use super::wire;
 
@@ -52,7 +52,10 @@ pub const IDLE_POLL: Duration = Duration::from_millis(250);
 pub struct QueueWorker {
     /// The host end: a TUN queue, or another kind of port (`crate::port`).
     port: Box<dyn Port>,
-    link: Link,
+    /// The AMQP connection of this queue, with the wire and the receiving half.
+    link: Uplink,
+    /// How long each turn of the loop took, waking to waiting again.
+    turn: LocalHistogram,
     counters: Arc<TxCounters>,
     stop: Stop,
     batcher: Batcher,
@@ -79,7 +82,7 @@ struct Classifier {
 pub struct WorkerSetup {
     /// The host end this worker reads and writes (owned: it closes when the worker ends).
     pub port: Box<dyn Port>,
-    pub link: LinkContext,
+    pub link: UplinkContext,
     /// What the sending half counts.
     pub tx_counters: Arc<TxCounters>,
     /// What the receiving half counts.
@@ -92,7 +95,7 @@ pub struct WorkerSetup {
     /// First-claim mode, queue 0: the claims its hellos keep.
     pub claims: Option<Arc<Mutex<Claims>>>,
     /// The connection when it was opened before the worker (link 0 at start).
-    pub connected: Option<(Client, usize)>,
+    pub connected: Option<Client>,
     /// This worker's link emulation, when there is one.
     pub shaper: Option<Shaper>,
 }
@@ -118,9 +121,12 @@ impl QueueWorker {
         let (outbound, inbound) = wire::for_agent(&config, flood_key, peers.clone(), trust.view(), presence);
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
+        let client = connected.unwrap_or_else(|| link.client(Retry::Forever));
+        let turn = LocalHistogram::new(hist.loop_turn_us.clone());
         QueueWorker {
             port,
-            link: Link::new(link, counters.clone(), &hist, outbound, receiver, connected),
+            turn,
+            link: Uplink::new(link, counters.clone(), &hist, outbound, receiver, client),
             counters,
             stop,
             batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key),
@@ -134,15 +140,13 @@ impl QueueWorker {
     /// Runs until the stop flag is set; then closes the connection and hands the port back
     /// (the agent closes it after its final report).
     pub fn run(mut self) -> Box<dyn Port> {
+        let mut woke = Instant::now();
         while !self.stop.is_raised() {
-            self.link.maintain();
+            self.link.poll(Instant::now());
             self.link.announce_if_due();
             let now = Instant::now();
             let holding = self.batcher.holding();
             let mut timeout = if holding { HOLD_POLL } else { IDLE_POLL };
-            if let Some(wait) = self.link.reconnect_in() {
-                timeout = timeout.min(wait.max(HOLD_POLL));
-            }
             if let Some(at) = self.link.next_deadline() {
                 timeout = timeout.min(at.saturating_duration_since(now));
             }
@@ -155,17 +159,22 @@ impl QueueWorker {
             if self.link.has_buffered() {
                 timeout = Duration::ZERO;
             }
-            // While a message is half-written, packets wait in the TUN queue: backpressure
-            // instead of an unbounded queue of our own.
+            // While a message is half-written, units wait in the port: backpressure instead
+            // of an unbounded queue of our own.
             let port_fd = if self.link.backlogged() { None } else { self.port.fd().map(|fd| (fd, Interest::Read)) };
-            let socket = self.link.fd().map(|fd| (fd, if self.link.wants_write() { Interest::ReadWrite } else { Interest::Read }));
-            match sys::wait([port_fd, socket], timeout) {
+            let socket = self.link.fd();
+            self.turn.record_n(woke.elapsed().as_micros() as u64, 1);
+            self.turn.maybe_fold(now, false);
+            let waited = sys::wait([port_fd, socket], timeout);
+            woke = Instant::now();
+            match waited {
                 Ok([mut t, s]) => {
-                    if self.port.poll_at().is_some_and(|at| at <= Instant::now()) {
-                        t.read |= self.port.poll(Instant::now());
+                    if self.port.poll_at().is_some_and(|at| at <= woke) {
+                        t.read |= self.port.poll(woke);
                     }
-                    if s.write {
-                        self.link.flush();
+                    if s.write || ((s.read || s.error) && !self.link.is_up()) {
+                        // A connect that finished, a handshake or set-up that moved, bytes to send.
+                        self.link.poll(woke);
                     }
                     let socket_event = s.read || s.error || self.link.has_buffered();
                     if socket_event {
@@ -177,7 +186,6 @@ impl QueueWorker {
                     if t.error && !self.read_errors_logged {
                         tracing::warn!(queue = self.port.index(), "the port reported an error or hang-up");
                         self.read_errors_logged = true;
-                        std::thread::sleep(Duration::from_millis(100));
                     }
                     if t.read {
                         self.burst();
@@ -189,7 +197,6 @@ impl QueueWorker {
                         self.batcher.end_of_burst(now_ns(), &mut self.link);
                     }
                     self.link.ack_if_drained();
-                    self.link.tick();
                     if !t.read && !socket_event {
                         self.link.receiver.idle();
                     }
@@ -199,10 +206,11 @@ impl QueueWorker {
                         tracing::warn!(queue = self.port.index(), error = %e, "poll failed");
                         self.read_errors_logged = true;
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }
+        self.turn.maybe_fold(Instant::now(), true);
         // Stopping: what is still open is not sent (and not counted as a broker failure).
         self.link.close();
         self.port

@@ -33,7 +33,7 @@ use super::topology::Topology;
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned, Published};
 use crate::amqp::presence::{HELLO_EVERY, JSON_PROPERTIES};
 use crate::amqp::session::QueueOptions;
-use crate::amqp::wire::{Properties, Value};
+use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
 use crate::route::{self, RoutingKey};
 use crate::util::{now_ns, Stop};
@@ -105,66 +105,55 @@ struct Shell {
 pub fn run(mut opts: RouterOptions, stop: &Stop) -> RouterCounters {
     let topology = std::mem::take(&mut opts.topology);
     let mut r = Shell { opts, router: Router::new(topology), actions: Vec::new(), queue: format!("tunbus.router.{}", std::process::id()), next_hello: Instant::now() };
-    let mut backoff = crate::amqp::Backoff::new(now_ns());
-    let mut lost = false;
-    while !stop.is_raised() {
-        match r.serve(&mut lost, &mut backoff, stop) {
+    let mut opts = ConnectOptions::new("tunbus router");
+    opts.heartbeat = r.opts.heartbeat;
+    let plan = client::Plan {
+        exchange: r.opts.exchange.clone(),
+        queue: Some(client::QueuePlan {
+            name: r.queue.clone(),
+            options: QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() },
+            max_length: Some(QUEUE_MAX_MESSAGES),
+            max_length_bytes: None,
+            bindings: r.router.bindings(),
+            prefetch: Some(r.opts.prefetch),
+            consume: Some(client::Consume { tag: "tunbus-router".into(), no_ack: false, exclusive: true }),
+        }),
+    };
+    // One connection that comes back by itself (the machine's backoff, the next node).
+    let mut c = match Client::connect(r.opts.endpoints.clone(), &opts, plan, client::Retry::Forever, stop.flag()) {
+        Ok(c) => c,
+        Err(_) => return r.router.counters,
+    };
+    loop {
+        match r.serve(&mut c, stop) {
             Ok(()) | Err(client::Error::Stopped) => break,
-            Err(error) => {
-                if !lost {
-                    tracing::warn!(%error, "router lost the broker; reconnecting");
-                    lost = true;
-                }
-            }
+            Err(error) => tracing::warn!(%error, "router lost the broker; reconnecting"),
         }
-        let until = Instant::now() + backoff.failed(Instant::now());
-        while Instant::now() < until && !stop.is_raised() {
-            std::thread::sleep(Duration::from_millis(50));
+        if c.reconnect(stop.flag()).is_err() {
+            break;
         }
+        tracing::info!("router reconnected to the broker");
+        r.router.counters.reconnects += 1;
     }
+    r.announce(&mut c, true).ok();
+    c.close(Duration::from_millis(300));
     r.router.counters
 }
 
 impl Shell {
-    fn connect(&self, stop: &Stop) -> Result<Client, client::Error> {
-        let mut opts = ConnectOptions::new("tunbus router");
-        opts.heartbeat = self.opts.heartbeat;
-        let mut last = None;
-        for e in &self.opts.endpoints {
-            match Client::open(e, &opts, stop.flag()) {
-                Ok(c) => return Ok(c),
-                Err(client::Error::Stopped) => return Err(client::Error::Stopped),
-                Err(err) => last = Some(err),
-            }
-        }
-        Err(last.unwrap_or(client::Error::Stopped))
-    }
-
-    fn serve(&mut self, lost: &mut bool, backoff: &mut crate::amqp::Backoff, stop: &Stop) -> Result<(), client::Error> {
+    /// Serves one connection until it is lost (`Err`) or `stop`.
+    fn serve(&mut self, c: &mut Client, stop: &Stop) -> Result<(), client::Error> {
         let s = stop.flag();
         let exchange = self.opts.exchange.clone();
-        let mut c = client::with_exchange(&exchange, s, || self.connect(stop))?;
-        c.queue_declare(&self.queue, QueueOptions { exclusive: true, auto_delete: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(QUEUE_MAX_MESSAGES))], s)?;
-        for key in self.router.bindings() {
-            c.queue_bind(&self.queue, &exchange, &key, s)?;
-        }
-        c.basic_qos(self.opts.prefetch, s)?;
-        c.basic_consume(&self.queue, "tunbus-router", false, true, s)?;
         // Hear every native agent's claims now, not at its next hello.
         c.publish_copy(&exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent route"}"#)?;
-        if *lost {
-            tracing::info!("router reconnected to the broker");
-            self.router.counters.reconnects += 1;
-            *lost = false;
-        }
-        backoff.reset();
         tracing::info!(exchange = %exchange, nodes = self.router.topology().nodes().count(), "router serving");
         let mut acks = crate::amqp::AckBatcher::for_prefetch(self.opts.prefetch);
         let mut next_report = Instant::now() + self.opts.stats_interval;
         self.next_hello = Instant::now();
         while !stop.is_raised() {
             if Instant::now() >= self.next_hello {
-                self.announce(&mut c, false)?;
+                self.announce(c, false)?;
             }
             let event = c.wait_event(Duration::from_millis(100), s)?;
             let Some(event) = event else {
@@ -181,7 +170,7 @@ impl Shell {
             match event {
                 Owned::Delivery { tag, routing_key, body, user_id, .. } => {
                     self.router.on_delivery(&routing_key, user_id.as_deref(), &body, Instant::now(), now_ns(), &mut self.actions);
-                    self.carry_out(&mut c, stop)?;
+                    self.carry_out(c, stop)?;
                     if let Some(tag) = acks.delivered(tag) {
                         c.ack_multiple(tag);
                     }
@@ -190,8 +179,6 @@ impl Shell {
                 Owned::Blocked | Owned::Unblocked => {}
             }
         }
-        self.announce(&mut c, true)?;
-        c.close(Duration::from_millis(300));
         Ok(())
     }
 
@@ -203,7 +190,10 @@ impl Shell {
             result = match action {
                 Action::Publish { key, form: Form::Ioppytest, body } => send(c, &self.opts.exchange, &key, &ioppytest::PROPERTIES, &body),
                 Action::Publish { key, form: Form::Native, body } => send(c, &self.opts.exchange, &key, &Properties::default(), &body),
-                Action::Bind(pattern) => c.queue_bind(&self.queue, &self.opts.exchange, &pattern, stop.flag()).map(drop),
+                Action::Bind(pattern) => {
+                    c.plan_binding(&pattern); // bound again by every reconnection
+                    c.queue_bind(&self.queue, &self.opts.exchange, &pattern, stop.flag())
+                }
                 Action::Announce => {
                     // A probe or new claims: hello now (a bind above came first).
                     self.announce(c, false)

@@ -1,0 +1,444 @@
+//! Queue worker k's uplink: its one AMQP connection ([`Client`], non-blocking, driven by
+//! the worker's `ppoll`), on which it publishes its batches and consumes queue
+//! `…<name>.k`, with the wire's [`Outbound`], the receiving half ([`Receiver`]), presence
+//! (queue 0 of a native agent says hello and answers probes) and what the sending half
+//! counts. Hot path.
+//!
+//! The connection's life (which node, backoff, handshake, the queue and its bindings:
+//! queue k is bound to shard `s` of each owned address when `s mod K == k`, queue 0 also
+//! takes the flood pattern; failover, close) is the pure machine `amqp::connection`, so no
+//! call here waits on the network: while the uplink is down or setting up, the worker
+//! keeps draining its port and counts what it cannot send as `broker_down`. What the
+//! machine notes (up, lost, failed attempts) becomes the agent's one log line per outage
+//! ([`BrokerState`]), the reconnect counter, and the link's state in `agent status`.
+//! It is the agent's side of a connection, so it lives with the worker, above `amqp`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::os::fd::BorrowedFd;
+
+use crate::amqp::client::{self, Client, ConnectOptions, Consume, Note, Plan, Published, QueuePlan, Retry};
+use crate::amqp::presence::{Announcements, HELLO_EVERY, JSON_PROPERTIES};
+use crate::amqp::session::{Event, QueueOptions};
+use crate::amqp::BrokerState;
+use crate::codec::ioppytest;
+use crate::codec::v1::{self, BatchWriter, VNET_HDR_LEN};
+use crate::config::{AgentConfig, Wire};
+use crate::metrics::{DropReason, Histograms, LocalHistogram, TxCounters};
+use crate::port::Port;
+use crate::route::{self, RoutingKey};
+use crate::sys::Interest;
+use crate::util::{now_ns, Stop};
+
+use super::batch::{Outlet, MAX_ENTRY};
+use super::rx::{Receiver, READS_PER_WAKE};
+use super::wire::Outbound;
+
+/// Unacknowledged bytes in the publishing socket above which the broker counts as busy
+/// ([`Outlet::busy`]):
+/// the end of a burst then keeps its batches open (re-checked every
+/// [`super::queue::HOLD_POLL`]) instead of queueing small messages behind large ones
+/// (decision 0013).
+pub const HOLD_UNSENT: usize = 256 * 1024;
+/// Shortest time between two hellos sent in answer to probes.
+pub const PROBE_ANSWER_GAP: Duration = Duration::from_millis(250);
+
+/// Bound of each consumer queue in messages (the byte bound is `--queue-max-bytes`):
+/// beyond them the broker drops the oldest messages rather than let a slow receiver build
+/// seconds of delay (bufferbloat). See docs/decisions/0005-queue-bounds.md.
+pub const QUEUE_MAX_MESSAGES: i32 = 4096;
+
+/// How long a stopping uplink waits for the broker to confirm its close.
+pub const CLOSE_WAIT: Duration = crate::amqp::connection::CLOSE_WAIT;
+
+/// What queue worker k needs to open and report on its uplink.
+#[derive(Clone)]
+pub struct UplinkContext {
+    pub config: Arc<AgentConfig>,
+    pub index: usize,
+    pub broker: Arc<BrokerState>,
+    /// Connections of this agent currently up (one per queue when all is well).
+    pub connected: Arc<AtomicUsize>,
+    /// What this agent says about itself on the bus, for the link that announces it (queue
+    /// 0 of a native agent; `None` elsewhere): it publishes hellos and answers probes.
+    pub hello: Option<Arc<Announcements>>,
+    /// The agent's stop flag: a connection attempt gives up when it is raised.
+    pub stop: Stop,
+    /// Whether this link is up and on which node, for `agent status`.
+    pub state: Arc<crate::status::LinkState>,
+}
+
+impl UplinkContext {
+    /// Connection options of this uplink.
+    pub fn connect_options(&self) -> ConnectOptions {
+        let c = &self.config;
+        let mut o = ConnectOptions::new(format!("tunbus {} q{}", c.name(), self.index));
+        o.frame_max = c.bus().frame_max;
+        o.heartbeat = c.bus().heartbeat;
+        o
+    }
+
+    /// What queue k sets up on every node: the exchange, the exclusive queue (bounded), its
+    /// bindings, the prefetch and the consumer.
+    pub fn plan(&self) -> Plan {
+        let c = &self.config;
+        let k = self.index;
+        Plan {
+            exchange: c.bus().exchange.clone(),
+            queue: Some(QueuePlan {
+                name: c.queue_name(k),
+                options: QueueOptions { exclusive: true, ..QueueOptions::default() },
+                max_length: Some(QUEUE_MAX_MESSAGES),
+                max_length_bytes: Some(c.bus().queue_max_bytes.min(i64::MAX as u64) as i64),
+                bindings: self.binding_keys(),
+                prefetch: Some(c.bus().prefetch),
+                consume: Some(Consume { tag: format!("tunbus-{}-{k}", c.name()), no_ack: false, exclusive: false }),
+            }),
+        }
+    }
+
+    /// A client for this uplink, not connected yet (`retry`: forever for a running
+    /// agent; once per node for the start, which reports what the broker refused).
+    pub fn client(&self, retry: Retry) -> Client {
+        let seed = (self.index as u64) ^ now_ns() ^ u64::from(std::process::id()) << 32;
+        Client::new(self.config.bus().endpoints.clone(), &self.connect_options(), self.plan(), retry, seed)
+    }
+
+    /// The keys queue k binds.
+    pub fn binding_keys(&self) -> Vec<String> {
+        let c = &self.config;
+        let k = self.index;
+        let mut keys = Vec::new();
+        match c.data_path().wire {
+            // One queue takes every shard: one wildcard binding per address says so, and
+            // keeps the exchange small (300 agents: ~900 bindings instead of ~10 000).
+            Wire::Native if c.interface().queues == 1 => {
+                keys.extend(c.owned_addresses().into_iter().map(route::unicast_pattern));
+                keys.push(route::ALL_PATTERN.to_owned());
+            }
+            Wire::Native => {
+                for addr in c.owned_addresses() {
+                    for shard in 0..route::SHARDS {
+                        if route::queue_for_shard(shard, c.interface().queues) == k {
+                            keys.push(RoutingKey::unicast(addr, shard).as_str().to_owned());
+                        }
+                    }
+                }
+                if k == 0 {
+                    keys.push(route::ALL_PATTERN.to_owned());
+                }
+            }
+            // The router addresses old-wire agents by name, one packet per message.
+            Wire::Ioppytest => keys.push(ioppytest::routing_key_to_agent(c.name())),
+        }
+        if self.hello.is_some() {
+            keys.push(route::CTL_PROBE.to_owned());
+            if c.identity().mode == crate::identity::Mode::FirstClaim {
+                // First claim: every hello and bye, to know who holds which address.
+                keys.push(route::HELLO_PATTERN.to_owned());
+                keys.push(route::BYE_PATTERN.to_owned());
+            }
+        }
+        keys
+    }
+}
+
+/// Queue worker k's uplink: its connection (up or not), how batches go onto it (the wire's
+/// [`Outbound`]), the receiving half, presence, and what the sending half counts.
+pub struct Uplink {
+    ctx: UplinkContext,
+    client: Client,
+    outbound: Box<dyn Outbound>,
+    pub receiver: Receiver,
+    /// Queue 0 of a native agent: its presence, and when to say hello next.
+    announce: Option<Announcements>,
+    next_hello: Instant,
+    last_hello: Instant,
+    /// First claim: ask everyone for their hellos once connected (to learn their claims).
+    probe_due: bool,
+    /// Down as far as [`BrokerState`] knows (so up and down are reported once each).
+    down: bool,
+    counters: Arc<TxCounters>,
+    exchange: String,
+    seq: u64,
+    wait: LocalHistogram,
+    packets: LocalHistogram,
+    bytes: LocalHistogram,
+}
+
+impl Uplink {
+    /// An uplink on `client` (a fresh one, or the one the agent's start connected).
+    pub fn new(ctx: UplinkContext, counters: Arc<TxCounters>, hist: &Histograms, outbound: Box<dyn Outbound>, receiver: Receiver, mut client: Client) -> Uplink {
+        // The backlog holds at most one message: the largest batch and its frames.
+        client.reserve_backlog(ctx.config.data_path().max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY) + 16 * 1024);
+        // A running agent's link comes back, whatever happened at the start.
+        client.set_retry(Retry::Forever);
+        let mut up = Uplink {
+            exchange: ctx.config.bus().exchange.clone(),
+            announce: ctx.hello.as_deref().cloned(),
+            next_hello: Instant::now(),
+            last_hello: Instant::now() - PROBE_ANSWER_GAP,
+            probe_due: false,
+            down: false,
+            ctx,
+            client,
+            outbound,
+            receiver,
+            counters,
+            seq: 0,
+            wait: LocalHistogram::new(hist.read_to_publish_us.clone()),
+            packets: LocalHistogram::new(hist.batch_packets.clone()),
+            bytes: LocalHistogram::new(hist.batch_bytes.clone()),
+        };
+        if up.client.is_up() {
+            let node = up.client.node();
+            up.connected(node, false);
+        }
+        up
+    }
+
+    /// Moves the connection on (timers, the next attempt, handshake, set-up, queued
+    /// bytes) without waiting, and acts on what its machine noted.
+    pub fn poll(&mut self, now: Instant) {
+        self.client.poll(now);
+        while let Some(note) = self.client.poll_note() {
+            match note {
+                Note::Up { node, again } => self.connected(node, again),
+                Note::Lost { error, .. } => {
+                    self.ctx.state.down();
+                    self.ctx.connected.fetch_sub(1, Ordering::AcqRel);
+                    self.report_down(&error);
+                }
+                Note::AttemptFailed { node, error } => {
+                    tracing::debug!(agent = %self.ctx.config.name(), queue = self.ctx.index, node, %error, "connection attempt failed");
+                    self.report_down(&error);
+                }
+            }
+        }
+    }
+
+    fn report_down(&mut self, error: &client::Error) {
+        if !self.down {
+            self.ctx.broker.link_down(self.ctx.config.name(), error);
+            self.down = true;
+        }
+    }
+
+    /// Set up on `node` (`again`: a reconnection).
+    fn connected(&mut self, node: usize, again: bool) {
+        if self.down {
+            self.ctx.broker.link_up(self.ctx.config.name());
+            self.down = false;
+        }
+        if again {
+            self.counters.reconnected();
+        }
+        if let Some(a) = &mut self.announce {
+            a.on_node(Some(self.client.broker()));
+        }
+        self.receiver.reset();
+        self.next_hello = Instant::now(); // say hello on every new connection
+        self.probe_due = self.announce.is_some() && self.ctx.config.identity().mode == crate::identity::Mode::FirstClaim;
+        self.ctx.state.up(node);
+        self.ctx.connected.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(agent = %self.ctx.config.name(), queue = self.ctx.index, node, "link connected");
+    }
+
+    /// A probe arrived: say hello now, or at most one answer per [`PROBE_ANSWER_GAP`]: a probe flood costs a hello now and then.
+    pub fn answer_probe(&mut self) {
+        let now = Instant::now();
+        self.next_hello = self.next_hello.min(now.max(self.last_hello + PROBE_ANSWER_GAP));
+        self.announce_if_due();
+    }
+
+    /// Publishes this agent's hello when it is due (every [`HELLO_EVERY`], at once after a
+    /// connection or a probe). Pre-serialised bytes: no allocation.
+    pub fn announce_if_due(&mut self) {
+        let Some(a) = &self.announce else { return };
+        let now = Instant::now();
+        if now < self.next_hello || !self.client.is_up() {
+            return;
+        }
+        match self.client.publish(now, &self.exchange, &a.hello_key, &JSON_PROPERTIES, &a.hello) {
+            Ok(Published::Busy | Published::Down) => {} // try again on the next turn
+            Ok(_) => {
+                self.next_hello = now + HELLO_EVERY;
+                self.last_hello = now;
+            }
+            Err(e) => return self.client.fail(now, e),
+        }
+        if std::mem::take(&mut self.probe_due) {
+            if let Err(e) = self.client.publish_copy(&self.exchange, route::CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"first claim"}"#) {
+                self.client.fail(now, e);
+            }
+        }
+    }
+
+    /// Whether the broker is still behind on what we sent: then a small batch would only
+    /// queue behind it, so the worker keeps filling.
+    pub fn busy(&self) -> bool {
+        self.client.backlogged() || self.client.unsent() > HOLD_UNSENT
+    }
+
+    /// A message is half-written: nothing more can be published until it is out.
+    pub fn backlogged(&self) -> bool {
+        self.client.backlogged()
+    }
+
+    pub fn has_buffered(&self) -> bool {
+        self.client.has_buffered()
+    }
+
+    /// When the connection wants attention (the next attempt, a deadline, a heartbeat,
+    /// the stall check).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.client.poll_timeout()
+    }
+
+    /// What to wait on: the socket (or the connect under way), and for what.
+    pub fn fd(&self) -> Option<(BorrowedFd<'_>, Interest)> {
+        self.client.fd()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.client.is_up()
+    }
+
+    /// The broker sent something: deliveries (and control, such as a close when it shuts
+    /// down) for the receiving half, whose units go to `port`.
+    pub fn on_readable(&mut self, port: &mut dyn Port) {
+        if !self.client.is_up() {
+            return;
+        }
+        if let Err(e) = receive(&mut self.client, &mut self.receiver, port) {
+            self.client.fail(Instant::now(), e);
+        }
+    }
+
+    /// Acknowledges deliveries once the socket was drained (after the TUN side, see
+    /// [`Receiver::take_ack`]).
+    pub fn ack_if_drained(&mut self) {
+        if !self.client.is_up() {
+            return;
+        }
+        if let Some(tag) = self.receiver.take_ack() {
+            self.client.ack_multiple(tag);
+            if let Err(e) = self.client.flush(Instant::now()) {
+                self.client.fail(Instant::now(), e);
+            }
+        }
+    }
+
+    /// Says goodbye to the broker (bounded wait); closing the connection deletes the
+    /// exclusive queue.
+    pub fn close(&mut self) {
+        self.receiver.idle();
+        for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
+            h.maybe_fold(Instant::now(), true);
+        }
+        if let Some(a) = &self.announce {
+            if self.client.is_up() {
+                let _ = self.client.publish(Instant::now(), &self.exchange, &a.bye_key, &JSON_PROPERTIES, &a.bye);
+                let _ = self.client.flush(Instant::now());
+            }
+        }
+        if self.client.is_up() {
+            self.ctx.state.down();
+            self.ctx.connected.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.client.close_within(CLOSE_WAIT);
+    }
+}
+
+impl Outlet for Uplink {
+    /// Publishes one finished batch, or counts it as dropped when the broker is away or
+    /// blocked. `false` when the connection cannot take it yet (keep it and try later).
+    fn publish(&mut self, writer: &mut BatchWriter, key: RoutingKey, read_ns: u64) -> bool {
+        let packets = writer.count() as u64;
+        let overhead = v1::HEADER_LEN + writer.count() * (4 + VNET_HDR_LEN);
+        let bytes = writer.len().saturating_sub(overhead) as u64;
+        let client = &mut self.client;
+        if !client.is_up() {
+            self.counters.record_drop(DropReason::BrokerDown, packets);
+            return true;
+        }
+        if client.backlogged() {
+            return false;
+        }
+        // The top 16 bits name the link, the rest counts the batches it sent
+        // (docs/wire-format.md): a capture reads a gap in one link's count as batches lost.
+        // A number is used up only by a batch that goes out (not by one retried later).
+        let seq = (self.seq + 1) & crate::capture::LINK_SEQ_MASK;
+        writer.finish(seq | (self.ctx.index as u64) << crate::capture::LINK_SHIFT, now_ns());
+        let now = Instant::now();
+        match self.outbound.publish(client, now, &self.exchange, key, writer) {
+            Ok(Published::Sent) => {
+                self.seq = seq;
+                self.counters.sent.message(packets, bytes);
+                self.wait.record_n(now_ns().saturating_sub(read_ns) / 1000, 1);
+                self.packets.record_n(packets, 1);
+                self.bytes.record_n(writer.len() as u64, 1);
+                for h in [&mut self.wait, &mut self.packets, &mut self.bytes] {
+                    h.maybe_fold(now, false);
+                }
+                true
+            }
+            Ok(Published::Blocked) => {
+                self.counters.record_drop(DropReason::BrokerBlocked, packets);
+                true
+            }
+            Ok(Published::Busy) => false,
+            Ok(Published::Down) => {
+                self.counters.record_drop(DropReason::BrokerDown, packets);
+                true
+            }
+            Err(e) => {
+                self.counters.record_drop(DropReason::BrokerDown, packets);
+                self.client.fail(Instant::now(), e);
+                true
+            }
+        }
+    }
+
+    fn busy(&self) -> bool {
+        Uplink::busy(self)
+    }
+
+    fn dropped(&mut self, reason: DropReason, packets: u64) {
+        self.counters.record_drop(reason, packets);
+    }
+}
+
+/// Takes what has arrived on `client` (up to [`READS_PER_WAKE`] reads) and
+/// hands deliveries to `receiver`; once the socket is drained the acknowledgement is due.
+fn receive(client: &mut Client, receiver: &mut Receiver, port: &mut dyn Port) -> Result<(), client::Error> {
+    for _ in 0..READS_PER_WAKE {
+        take_events(client, receiver, port)?;
+        if client.read_some()? == 0 {
+            receiver.drained();
+            break;
+        }
+    }
+    take_events(client, receiver, port)?;
+    receiver.fold_now();
+    Ok(())
+}
+
+/// Handles every whole event already read.
+fn take_events(client: &mut Client, receiver: &mut Receiver, port: &mut dyn Port) -> Result<(), client::Error> {
+    let now = Instant::now();
+    loop {
+        let ack = match client.next_event(now)? {
+            None => return Ok(()),
+            Some(Event::Delivery(d)) => receiver.on_delivery(d, now_ns(), port),
+            Some(Event::Oversized { tag }) => receiver.on_oversized(tag),
+            Some(Event::Cancelled) => return Err(client::Error::Eof { broker: client.broker().to_owned(), hint: " (our consumer was cancelled)" }),
+            Some(_) => None, // blocked and unblocked are the client's; no reply is due
+        };
+        if let Some(tag) = ack {
+            client.ack_multiple(tag);
+        }
+    }
+}
