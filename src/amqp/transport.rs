@@ -12,15 +12,14 @@
 //! heartbeats ([`Transport::set_liveness`]).
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{SockRef, TcpKeepalive};
 
 use super::tls::TlsClient;
-use crate::sys::{self, Interest};
+use crate::sys;
 
 /// How long a blocking step waits before it looks at the stop flag again.
 pub const STOP_POLL: Duration = Duration::from_millis(100);
@@ -45,51 +44,6 @@ pub enum Transport {
 pub struct TlsStream {
     sock: TcpStream,
     tls: rustls::ClientConnection,
-}
-
-/// Connects to the first address of `authority` (`host:port`) that answers before
-/// `deadline`, giving up early when `stop` is raised.
-pub fn connect_tcp(authority: &str, deadline: Instant, stop: &AtomicBool) -> io::Result<TcpStream> {
-    let addrs: Vec<SocketAddr> = authority.to_socket_addrs()?.collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolves to no address");
-    for addr in addrs {
-        match connect_one(addr, deadline, stop) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
-            break;
-        }
-    }
-    Err(last)
-}
-
-fn connect_one(addr: SocketAddr, deadline: Instant, stop: &AtomicBool) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, "stopped while connecting"));
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {addr} in time")));
-                }
-                if sys::wait_fd(socket.as_fd(), Interest::Write, left.min(STOP_POLL))? {
-                    break;
-                }
-            }
-            if let Some(e) = socket.take_error()? {
-                return Err(e);
-            }
-        }
-        Err(e) => return Err(e),
-    }
-    socket.set_tcp_nodelay(true)?;
-    Ok(socket.into())
 }
 
 impl Transport {
@@ -233,15 +187,9 @@ mod tests {
     use std::net::TcpListener;
 
     #[test]
-    fn connect_reports_refusal_and_honours_stop() {
+    fn liveness_settings_apply_to_a_plain_socket() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        drop(l);
-        let stop = AtomicBool::new(false);
-        let e = connect_tcp(&addr, Instant::now() + Duration::from_secs(2), &stop).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = connect_tcp(&l.local_addr().unwrap().to_string(), Instant::now() + Duration::from_secs(2), &stop).unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let t = Transport::new(s, None).unwrap();
         t.set_liveness(Duration::from_secs(10), true).unwrap();
         t.set_liveness(Duration::from_secs(10), false).unwrap();
