@@ -18,7 +18,10 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
+
 use crate::codec::v1::VNET_HDR_LEN;
+
+pub mod userspace;
 
 /// What a port's units are: decides how the worker classifies them (routing key, flow
 /// shard) and how a receiver checks who sent them.
