@@ -261,7 +261,7 @@ impl Decoder {
                         .position(|&c| c == END || c == ESC)
                         .unwrap_or(input.len() - i);
                     let room = self.max_frame - self.buf.len();
-                    if 1 + run <= room {
+                    if run < room {
                         self.buf.push(b);
                         self.buf.extend_from_slice(&input[i..i + run]);
                         i += run;
@@ -486,7 +486,7 @@ mod tests {
             encode(&over2, &mut input);
             encode(&full, &mut input);
             let (frames, stats) = decode_whole(Framing::Delimited, max, &input);
-            assert_eq!(frames, [full.clone()], "max {max}");
+            assert_eq!(frames, [full], "max {max}");
             assert_eq!(
                 stats,
                 DecodeStats {
