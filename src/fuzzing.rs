@@ -234,7 +234,7 @@ pub fn ioppytest_json(data: &[u8]) {
     // The serial side: a frame body comes back, the start body parses.
     if ioppytest::serial::decode_frame(data, slip::DEFAULT_MAX_FRAME, &mut packet).is_ok() {
         let mut body = Vec::new();
-        ioppytest::serial::encode_frame(&packet, 1.5, &mut body);
+        ioppytest::serial::encode_frame(&packet, 1, &mut body);
         let mut again = Vec::new();
         ioppytest::serial::decode_frame(&body, slip::DEFAULT_MAX_FRAME, &mut again).expect("an encoded frame decodes");
         assert_eq!(again, packet);

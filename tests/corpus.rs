@@ -133,7 +133,7 @@ fn write_seeds() {
     seeds.push(("slip", [&[0x35u8][..], &stream].concat()));
     seeds.push(("slip", [&[0x8au8][..], &[0xc0][..], &[0x11; 300][..], &[0xc0, 0xc0, 7, 0xc0]].concat()));
     let mut json = Vec::new();
-    ioppytest::serial::encode_frame(&[0x41, 0xc0, 0xdb, 0x88], 1_488_586_183.45, &mut json);
+    ioppytest::serial::encode_frame(&[0x41, 0xc0, 0xdb, 0x88], 1_796_618_101, &mut json);
     seeds.push(("ioppytest", json));
     seeds.push(("ioppytest", br#"{"_api_version": "1.2.15", "boudrate": "460800", "name": "probe1", "port": "/dev/ttyUSB0"}"#.to_vec()));
     for (i, (target, data)) in seeds.iter().enumerate() {

@@ -13,10 +13,10 @@
 //! - a frame read from the probe becomes a `MsgPacketSniffedRaw` whose body, keys sorted
 //!   (`Message.to_dict`) and dumped by kombu's `json` serializer, reads
 //!   `{"_api_version": "1.2.15", "data": [...], "data_slip": [...], "interface_name":
-//!   "serial", "timestamp": 1488586183.45}`: `data` the frame, `data_slip` the bytes as they
+//!   "serial", "timestamp": 1796618101}`: `data` the frame, `data_slip` the bytes as they
 //!   came off the line, its opening and closing END included; both lists of integers.
-//!   The listener never sets `timestamp`, so every frame carries the message template's
-//!   float ([`LISTENER_TIMESTAMP`]); we write the real time, as a float too.
+//!   `timestamp` is whole seconds: the listener never sets it, and `Message.__init__`
+//!   overwrites the template's float with its `timestamp` property, `int(time.time())`.
 //! - properties: kombu's (`content_type` `application/json`, `content_encoding` `utf-8`,
 //!   persistent): [`super::PROPERTIES`].
 //! - on opening the port it publishes `MsgAgentSerialStarted` `{"_api_version", "boudrate",
@@ -38,9 +38,6 @@ use crate::codec::slip;
 
 /// `interface_name` of every serial frame body.
 pub const INTERFACE_NAME: &str = "serial";
-/// The `timestamp` of every frame the Python serial listener publishes (its message
-/// template's, never replaced).
-pub const LISTENER_TIMESTAMP: f64 = 1_488_586_183.45;
 /// The Python listener's defaults: `/dev/ttyUSB0` at 460800 baud.
 pub const DEFAULT_PORT: &str = "/dev/ttyUSB0";
 /// See [`DEFAULT_PORT`].
@@ -102,11 +99,9 @@ pub fn parse_key(key: &str) -> Option<SerialKey<'_>> {
 
 /// Encodes a frame body into `out` (cleared first) as the Python listener publishes it:
 /// `{"_api_version": "1.2.15", "data": [...], "data_slip": [...], "interface_name": "serial",
-/// "timestamp": 1795303105.25}`. `data_slip` is [`slip::encode`] of the frame (what the
-/// listener records for a frame sent that way); `timestamp_s` is written as Python writes a
-/// float (`1795303105.0` for a whole number; shortest round-trip digits otherwise, which
-/// is Python's `repr` for any value below 1e16).
-pub fn encode_frame(frame: &[u8], timestamp_s: f64, out: &mut Vec<u8>) {
+/// "timestamp": 1795303105}`. `data_slip` is [`slip::encode`] of the frame (what the
+/// listener records for a frame sent that way); `timestamp_s` is UNIX seconds.
+pub fn encode_frame(frame: &[u8], timestamp_s: u64, out: &mut Vec<u8>) {
     out.clear();
     // "255, " per byte; data_slip at most twice the frame plus the two ENDs; ~110 else.
     out.reserve(frame.len().saturating_mul(15).saturating_add(140));
@@ -130,7 +125,7 @@ pub fn encode_frame(frame: &[u8], timestamp_s: f64, out: &mut Vec<u8>) {
     out.extend_from_slice(b", 192], \"interface_name\": \"");
     out.extend_from_slice(INTERFACE_NAME.as_bytes());
     out.extend_from_slice(b"\", \"timestamp\": ");
-    write_float(out, timestamp_s);
+    write_decimal(out, timestamp_s);
     out.push(b'}');
 }
 
@@ -142,19 +137,6 @@ fn write_list(out: &mut Vec<u8>, bytes: impl Iterator<Item = u8>) {
         }
         write_decimal(out, u64::from(b));
     }
-}
-
-/// A float as Python's `repr` writes one below 1e16 (`1.0`, `1488586183.45`); a value that
-/// is not finite (which Python would write as the non-JSON `NaN`) is written as `0.0`.
-fn write_float(out: &mut Vec<u8>, v: f64) {
-    use std::io::Write;
-    let v = if v.is_finite() { v } else { 0.0 };
-    // Writing into a Vec cannot fail.
-    let _ = if v.fract() == 0.0 && v.abs() < 1e16 {
-        write!(out, "{v:.1}")
-    } else {
-        write!(out, "{v}")
-    };
 }
 
 /// Decodes the frame (`data`) of a frame body into `out`: keys in any order, extra keys
@@ -226,17 +208,13 @@ mod tests {
 
     /// What ioppytest-agent 0.2.20's listener published on Python 3.11 (kombu 5.7) for a
     /// frame `41 88 c0 db 01` sent `c0 41 88 db dc db dd 01 c0` (recorded with
-    /// tests/ioppytest_real/serial_listener.py).
-    const PYTHON_BODY: &[u8] = br#"{"_api_version": "1.2.15", "data": [65, 136, 192, 219, 1], "data_slip": [192, 65, 136, 219, 220, 219, 221, 1, 192], "interface_name": "serial", "timestamp": 1488586183.45}"#;
+    /// tests/ioppytest_real/serial_listener.py; `tests/ioppytest_real.rs` checks it live).
+    const PYTHON_BODY: &[u8] = br#"{"_api_version": "1.2.15", "data": [65, 136, 192, 219, 1], "data_slip": [192, 65, 136, 219, 220, 219, 221, 1, 192], "interface_name": "serial", "timestamp": 1796618101}"#;
 
     #[test]
     fn encodes_byte_for_byte_what_the_python_listener_publishes() {
         let mut out = Vec::new();
-        encode_frame(
-            &[0x41, 0x88, 0xc0, 0xdb, 0x01],
-            LISTENER_TIMESTAMP,
-            &mut out,
-        );
+        encode_frame(&[0x41, 0x88, 0xc0, 0xdb, 0x01], 1_796_618_101, &mut out);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             std::str::from_utf8(PYTHON_BODY).unwrap()
@@ -252,31 +230,10 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_are_written_as_python_floats() {
-        let mut out = Vec::new();
-        for (v, text) in [
-            (1_795_303_105.0, "1795303105.0"),
-            (1_795_303_105.25, "1795303105.25"),
-            (LISTENER_TIMESTAMP, "1488586183.45"),
-            (0.0, "0.0"),
-            (f64::NAN, "0.0"),
-            (1_733_558_123.456_789_3, "1733558123.4567893"),
-        ] {
-            encode_frame(&[1], v, &mut out);
-            let s = std::str::from_utf8(&out).unwrap();
-            assert!(s.ends_with(&format!("\"timestamp\": {text}}}")), "{s}");
-            let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
-            if v.is_finite() {
-                assert!(parsed["timestamp"].is_f64());
-            }
-        }
-    }
-
-    #[test]
     fn decoding_tolerates_key_order_extra_keys_and_python2_dicts() {
         let mut out = Vec::new();
         // Python 2.7's dict order, and a router's extra key.
-        let body = br#"{"interface_name": "serial", "timestamp": 1488586183.45, "data_slip": [192, 1, 192], "_api_version": "1.2.15", "data": [1], "x": {"y": null}}"#;
+        let body = br#"{"interface_name": "serial", "timestamp": 1796618101.5, "data_slip": [192, 1, 192], "_api_version": "1.2.15", "data": [1], "x": {"y": null}}"#;
         decode_frame(body, 127, &mut out).unwrap();
         assert_eq!(out, [1]);
         // An injection body without data_slip (MsgPacketInjectRaw's shape).
@@ -294,10 +251,10 @@ mod tests {
         let mut out = Vec::new();
         let mut body = Vec::new();
         let max: Vec<u8> = (0..127).collect();
-        encode_frame(&max, 1.0, &mut body);
+        encode_frame(&max, 1, &mut body);
         decode_frame(&body, slip::MAX_PSDU, &mut out).unwrap();
         assert_eq!(out, max);
-        encode_frame(&[7; 128], 1.0, &mut body);
+        encode_frame(&[7; 128], 1, &mut body);
         assert_eq!(
             decode_frame(&body, slip::MAX_PSDU, &mut out),
             Err(JsonError::PacketTooBig)
@@ -387,7 +344,10 @@ mod tests {
         // The message template's nulls, a number, junk.
         let s: SerialStart =
             serde_json::from_str(r#"{"name": null, "port": null, "boudrate": null}"#).unwrap();
-        assert_eq!((s.name.as_str(), s.port.as_deref(), s.baud()), ("", None, None));
+        assert_eq!(
+            (s.name.as_str(), s.port.as_deref(), s.baud()),
+            ("", None, None)
+        );
         let s: SerialStart = serde_json::from_str(r#"{"boudrate": 115200, "extra": 1}"#).unwrap();
         assert_eq!(s.baud(), Some(115_200));
         let s: SerialStart = serde_json::from_str(r#"{"boudrate": "fast"}"#).unwrap();
@@ -397,7 +357,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn prop_roundtrip(frame in proptest::collection::vec(any::<u8>(), 1..=slip::DEFAULT_MAX_FRAME), ts in 0.0f64..4e9) {
+        fn prop_roundtrip(frame in proptest::collection::vec(any::<u8>(), 1..=slip::DEFAULT_MAX_FRAME), ts in any::<u64>()) {
             let mut body = Vec::new();
             encode_frame(&frame, ts, &mut body);
             let mut out = Vec::new();
@@ -408,11 +368,7 @@ mod tests {
             slip::encode(&frame, &mut line);
             prop_assert_eq!(&out, &line);
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            prop_assert!(v["timestamp"].is_f64());
-            // serde_json's default float parsing is not exact: read the text back with Rust's.
-            let text = std::str::from_utf8(&body).unwrap();
-            let at = text.rfind("\"timestamp\": ").unwrap() + 13;
-            prop_assert_eq!(text[at..text.len() - 1].parse::<f64>().ok(), Some(ts));
+            prop_assert_eq!(v["timestamp"].as_u64(), Some(ts));
             prop_assert_eq!(v["interface_name"].as_str(), Some(INTERFACE_NAME));
         }
 
