@@ -342,3 +342,34 @@ fn a_probe_absent_at_start_is_waited_for() {
     assert_eq!(got.first().map(Vec::as_slice), Some(&b"hello"[..]));
     assert_eq!(stats(&port).reopens, 1);
 }
+
+/// Frames per second from a probe through the port, with the pseudo-terminal as fast as
+/// the machine goes (a real line at 460800 baud carries at most ~357 maximal frames/s).
+#[test]
+fn throughput_is_far_above_the_line_rate() {
+    let probe = FakeProbe::new();
+    let mut port =
+        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let n = 20_000usize;
+    let frame: Vec<u8> = (0..MAX_PSDU).map(|i| i as u8).collect();
+    let mut line = Vec::new();
+    for _ in 0..n {
+        slip::encode(&frame, &mut line);
+    }
+    let t0 = Instant::now();
+    let got = std::thread::scope(|s| {
+        s.spawn(|| probe.send_raw(&line));
+        pump(&mut port, Duration::from_secs(30), |f| f.len() >= n)
+    });
+    let elapsed = t0.elapsed();
+    assert_eq!(got.len(), n);
+    assert!(got.iter().all(|f| f == &frame));
+    let per_s = n as f64 / elapsed.as_secs_f64();
+    let line_rate = BAUD as f64 / 10.0 / slip::encoded_len(&frame) as f64;
+    eprintln!(
+        "{n} frames of {MAX_PSDU} bytes through a pty in {elapsed:.2?}: {per_s:.0} frames/s, {:.1} MB/s, {:.0}x a 460800-baud line",
+        per_s * MAX_PSDU as f64 / 1e6,
+        per_s / line_rate
+    );
+    assert!(per_s > 10.0 * line_rate, "{per_s:.0} frames/s");
+}
