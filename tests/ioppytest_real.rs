@@ -22,6 +22,13 @@
 //! 1.2.14 (its message classes, its `amqp_request`, its pcap reader;
 //! tests/ioppytest_real/coordinator.py) asks `agent sniffer` for a capture of real pings.
 //!
+//! `real_python_serial_listener_on_python{3,27}_speaks_our_serial_codec`: the package's
+//! 802.15.4 serial listener (`agent.utils.serial_listener.SerialListener`, which 0.2.20's
+//! command line no longer starts) run by tests/ioppytest_real/serial_listener.py on a
+//! pseudo-terminal probe (`common::probe`): frames from the probe arrive on the broker in
+//! bodies `codec::ioppytest::serial` decodes byte-exact (and writes byte for byte, on
+//! Python 3), and bodies it encodes for the probe arrive SLIP-framed on the probe's line.
+//!
 //! RabbitMQ may listen on 127.0.0.1 only, so the test forwards the root end of the veth
 //! (198.18.250.x, port chosen by the kernel) to the broker with a small TCP relay of its own.
 //! The two tests share `amq.topic` and the ioppytest addresses, so they run one at a time.
@@ -549,7 +556,7 @@ fn a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer() {
 
 /// tests/ioppytest_real/serial_listener.py: the published agent's `SerialListener` on a
 /// device, publishing what it reads, and writing what comes for it to the device as the
-/// 0.1.x consumer did; its process group ended on drop.
+/// consumer of releases up to 0.2.0 did; its process group ended on drop.
 struct PySerial {
     child: Option<Child>,
     stdin: Option<std::process::ChildStdin>,
@@ -720,10 +727,16 @@ fn python_serial_listener_speaks_our_serial_codec(test: &str, runtime: fn() -> R
     }
 
     // Our codec → bus → Python's message classes → the probe's line.
+    // Both shapes: a listener's body (as a bridge passes it on) and the router's.
     let mut line = Vec::new();
-    for f in &frames {
+    for (i, f) in frames.iter().enumerate() {
         let mut body = Vec::new();
-        serial::encode_frame(f, tunbus::util::now_ns() / 1_000_000_000, &mut body);
+        let now_s = tunbus::util::now_ns() / 1_000_000_000;
+        if i % 2 == 0 {
+            serial::encode_frame(f, now_s, &mut body);
+        } else {
+            serial::encode_inject(f, now_s, &mut body);
+        }
         publish(&mut bus, ioppytest::EXCHANGE, &serial::routing_key_to_agent(&name), &ioppytest::PROPERTIES, &body);
         slip::encode(f, &mut line);
     }

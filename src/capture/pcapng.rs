@@ -12,8 +12,8 @@
 //! because that is what the ioppytest stack carries: its packet sniffer writes serial
 //! captures as `DLT_IEEE802_15_4_NOFCS` (ioppytest `packet_sniffer`, `802_15_4_tun` mode,
 //! and the agent's `packet_dumper`), and a frame's `data` there is the MAC frame the probe
-//! passed on. Sniffer firmware that keeps the FCS (OpenThread's and Zephyr's sniffers write
-//! 195) needs `--fcs`; with the wrong choice Wireshark takes two payload bytes for an FCS,
+//! passed on. Sniffer firmware that keeps the FCS (OpenThread's pyspinel and Zephyr's
+//! sniffer tools write 195) needs `--fcs`; with the wrong choice Wireshark takes two payload bytes for an FCS,
 //! or the reverse. libpcap (tcpdump) reads a file only when all its interfaces share the
 //! first one's link type: a capture of probes holds 802.15.4 interfaces only (Wireshark
 //! reads mixed files).

@@ -9,7 +9,7 @@
 //!
 //! **A leading END is sent.** [`encode`] writes `END, escaped bytes, END`, as RFC 1055
 //! advises (the first END flushes whatever line noise the receiver holds) and as the
-//! ioppytest stack does: ioppytest-agent's serial consumer (0.1.x, `SerialConsumer.handle_data`)
+//! ioppytest stack does: ioppytest-agent's serial consumer (`SerialConsumer.handle_data`, up to 0.2.0)
 //! wrote `c0 … c0`, and 0.2.20's listener (`utils/serial_listener.py`) only accepts a frame
 //! that *opens* with END: bytes after a closing END that are not END are rubbish to it,
 //! so a sender without the leading END loses every frame there.

@@ -4,7 +4,7 @@
     python serial_listener.py URL NAME DEVICE [BAUD]
 
 - Probe -> bus: the package's own listener, agent.utils.serial_listener.SerialListener,
-  built as the agent's 0.1.x serial connector built it (agent name, kombu connection,
+  built as the agent's serial connector (up to 0.2.0) built it (agent name, kombu connection,
   exchange amq.topic, device, baud rate as a string) and run on a thread of its own.
   It publishes fromAgent.NAME.802154.serial.started when it has opened the device, then
   every SLIP frame it reads as MsgPacketSniffedRaw on
@@ -18,7 +18,7 @@
   package's. On Python 2.7 the class runs unmodified.
 - Bus -> probe: 0.2.20 has no code that writes frames to a probe. The harness consumes
   toAgent.NAME.802154.serial.packet.raw, parses each body with the package's own message
-  classes (Message.load -> MsgPacketInjectRaw, as the 0.1.x consumer's dispatcher did)
+  classes (Message.load -> MsgPacketInjectRaw, as that connector's consumer did)
   and writes its `data` to the device the way that consumer did: END, the bytes with END
   and ESC escaped, END.
 

@@ -22,14 +22,16 @@
 //! - on opening the port it publishes `MsgAgentSerialStarted` `{"_api_version", "boudrate",
 //!   "name", "port"}` (sic: `boudrate`, a string such as `"460800"`) on
 //!   `fromAgent.<name>.802154.serial.started`. `MsgAgentSerialStart` (same fields) on
-//!   `toAgent.<name>.802154.serial.start` is declared in the message classes, but 0.2.20
-//!   handles none: its port comes from its configuration.
-//! - 0.2.20 has no code that writes frames to a probe: its serial consumer (0.1.x,
+//!   `toAgent.<name>.802154.serial.start` is declared in the message classes, but nothing
+//!   handles it: the old serial connector took its device from environment variables
+//!   (`FINTEROP_CONNECTOR_SERIAL_PORT`, `…_BAUDRATE`), and 0.2.20 starts no listener at all.
+//! - 0.2.20 has no code that writes frames to a probe: its serial consumer (up to 0.2.0,
 //!   `SerialConsumer.handle_data`) was dropped. That consumer took `data` of the
 //!   `MsgPacketInjectRaw` on `toAgent.<name>.802154.serial.packet.raw` and wrote it
-//!   SLIP-framed with a leading END; ioppytest's packet router forwards each agent's
-//!   `fromAgent…` body unchanged to its peers' `toAgent…` key, so what arrives there is the
-//!   body above, and only `data` is read.
+//!   SLIP-framed with a leading END. ioppytest's packet router re-publishes each sniffed
+//!   frame to its peers' `toAgent…` keys as a `MsgPacketInjectRaw`: `{"_api_version",
+//!   "data", "interface_name", "timestamp"}`, no `data_slip`, `content_type` only
+//!   ([`encode_inject`]). Only `data` is read on the way in.
 //! - the listener publishes empty frames (`END END`) and has no size limit; we count and
 //!   drop both (a 802.15.4 PSDU is at most 127 bytes: [`crate::codec::slip`]).
 
@@ -127,6 +129,14 @@ pub fn encode_frame(frame: &[u8], timestamp_s: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\", \"timestamp\": ");
     write_decimal(out, timestamp_s);
     out.push(b'}');
+}
+
+/// Encodes a frame for `toAgent.<name>.802154.serial.packet.raw` into `out` (cleared first)
+/// as ioppytest's packet router forwards one (`MsgPacketInjectRaw`, keys sorted):
+/// `{"_api_version": "1.2.15", "data": [...], "interface_name": "serial", "timestamp":
+/// 1795303105}`.
+pub fn encode_inject(frame: &[u8], timestamp_s: u64, out: &mut Vec<u8>) {
+    super::encode_packet(frame, INTERFACE_NAME, timestamp_s, out);
 }
 
 /// `1, 2, 3`.
@@ -236,7 +246,13 @@ mod tests {
         let body = br#"{"interface_name": "serial", "timestamp": 1796618101.5, "data_slip": [192, 1, 192], "_api_version": "1.2.15", "data": [1], "x": {"y": null}}"#;
         decode_frame(body, 127, &mut out).unwrap();
         assert_eq!(out, [1]);
-        // An injection body without data_slip (MsgPacketInjectRaw's shape).
+        // What ioppytest's router forwards (MsgPacketInjectRaw: no data_slip).
+        encode_inject(&[255, 0], 1_796_618_101, &mut out);
+        assert_eq!(
+            out,
+            br#"{"_api_version": "1.2.15", "data": [255, 0], "interface_name": "serial", "timestamp": 1796618101}"#
+        );
+        // An injection body in another key order.
         decode_frame(
             br#"{"timestamp": 1, "interface_name": "serial", "data": [255, 0]}"#,
             127,
