@@ -120,6 +120,22 @@ impl FakeProbe {
         got
     }
 
+    /// Reads and discards what the program wrote, for up to `wait`; returns how many bytes.
+    pub fn discard(&self, wait: Duration) -> usize {
+        let master = self.pty().master.as_fd();
+        let mut buf = [0u8; 4096];
+        let mut n = 0;
+        if sys::wait_fd(master, Interest::Read, wait).unwrap_or(false) {
+            while let Ok(Some(got)) = sys::read(master, &mut buf) {
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+        }
+        n
+    }
+
     /// The next `n` frames the program wrote (fewer if `timeout` passes first).
     pub fn recv_frames(&mut self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
         let mut frames = Vec::new();
