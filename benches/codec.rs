@@ -1,5 +1,5 @@
-//! Codec micro benchmarks: wire format v1 (encode with `BatchWriter`, decode and iterate)
-//! and the ioppytest JSON form.
+//! Codec micro benchmarks: wire format v1 (encode with `BatchWriter`, decode and iterate),
+//! the ioppytest JSON form, SLIP and the ioppytest serial JSON (802.15.4 frames).
 //!
 //! v1 frames carry a virtio header per entry, as the TX worker builds them (`FLAG_VNET`).
 //! Sizes are IP packet sizes; throughput counts IP bytes only (not headers or framing).
@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tunbus::codec::{ioppytest, v1};
+use tunbus::codec::{ioppytest, slip, v1};
 
 const SIZES: [usize; 5] = [64, 576, 1400, 9000, 65535];
 const BATCH_BYTES: usize = 256 * 1024;
@@ -185,9 +185,68 @@ fn ioppytest_json(c: &mut Criterion) {
     g.finish();
 }
 
+/// 802.15.4 frames as probes send them: SLIP decode of a stream of frames (each with a
+/// leading END, some END and ESC bytes inside), SLIP encode, and the serial JSON body.
+/// Throughput counts frame bytes. At 460800 baud a probe delivers at most 46 kB/s.
+fn serial(c: &mut Criterion) {
+    let mut g = c.benchmark_group("serial");
+    for size in [20, slip::MAX_PSDU] {
+        let frame: Vec<u8> = ipv4_udp(size.max(28))[..size]
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| if i % 16 == 5 { slip::END } else { b })
+            .collect();
+        let frames = 64;
+        let mut line = Vec::new();
+        for _ in 0..frames {
+            slip::encode(&frame, &mut line);
+        }
+        g.throughput(Throughput::Bytes((size * frames) as u64));
+        g.bench_with_input(
+            BenchmarkId::new("slip_decode_64", size),
+            &line,
+            |b, line| {
+                let mut d = slip::Decoder::new(slip::Framing::Delimited, slip::DEFAULT_MAX_FRAME);
+                b.iter(|| {
+                    let mut n = 0;
+                    d.decode_all(black_box(line), |f| n += f.len());
+                    assert_eq!(n, size * frames);
+                })
+            },
+        );
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("slip_encode", size), &frame, |b, frame| {
+            let mut out = Vec::with_capacity(slip::max_encoded_len(size));
+            b.iter(|| {
+                out.clear();
+                slip::encode(black_box(frame), &mut out);
+                black_box(out.len())
+            })
+        });
+        let mut body = Vec::new();
+        ioppytest::serial::encode_frame(&frame, 1_796_618_101, &mut body);
+        g.bench_with_input(BenchmarkId::new("json_encode", size), &frame, |b, frame| {
+            let mut out = Vec::new();
+            b.iter(|| {
+                ioppytest::serial::encode_frame(black_box(frame), 1_796_618_101, &mut out);
+                black_box(out.len())
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("json_decode", size), &body, |b, body| {
+            let mut out = Vec::new();
+            b.iter(|| {
+                ioppytest::serial::decode_frame(black_box(body), slip::DEFAULT_MAX_FRAME, &mut out)
+                    .expect("valid body");
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = v1_encode, v1_decode, ioppytest_json
+    targets = v1_encode, v1_decode, ioppytest_json, serial
 }
 criterion_main!(benches);

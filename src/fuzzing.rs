@@ -14,6 +14,7 @@ use crate::amqp::session::{Config, Event, Session};
 use crate::amqp::url::Mechanism;
 use crate::amqp::wire::{self, method, Args, Close, ContentHeader, Deliver, Tune, Value, Writer};
 use crate::codec::v1::{self, BatchWriter, FrameHeader, Packet, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
+use crate::codec::slip::{self, DecodeStats, Decoder, Framing, Malformed};
 use crate::codec::{ioppytest, vnet};
 use crate::metrics::DropReason;
 use crate::route::{self, RoutingKey};
@@ -32,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("topology", topology),
     ("routing", routing),
     ("batcher", batcher),
+    ("slip", slip),
 ];
 
 /// `v1::decode`; what decodes is encoded again by `v1::encode` and by the hot path's
@@ -212,8 +214,8 @@ fn broker_handshake() -> Vec<u8> {
     w.buf
 }
 
-/// ioppytest JSON: a packet body decodes, is encoded again and decodes to the same bytes;
-/// the control messages parse without panicking.
+/// ioppytest JSON: a packet body (and a serial frame body) decodes, is encoded again and
+/// decodes to the same bytes; the control messages parse without panicking.
 pub fn ioppytest_json(data: &[u8]) {
     let mut packet = Vec::new();
     if ioppytest::decode_packet(data, &mut packet).is_ok() && !packet.is_empty() {
@@ -229,6 +231,127 @@ pub fn ioppytest_json(data: &[u8]) {
     }
     let _ = serde_json::from_slice::<ioppytest::ComponentReady>(data);
     let _ = serde_json::from_slice::<crate::amqp::presence::Hello>(data);
+    // The serial side: a frame body comes back, the start body parses.
+    if ioppytest::serial::decode_frame(data, slip::DEFAULT_MAX_FRAME, &mut packet).is_ok() {
+        let mut body = Vec::new();
+        ioppytest::serial::encode_frame(&packet, 1, &mut body);
+        let mut again = Vec::new();
+        ioppytest::serial::decode_frame(&body, slip::DEFAULT_MAX_FRAME, &mut again).expect("an encoded frame decodes");
+        assert_eq!(again, packet);
+    }
+    if let Ok(start) = serde_json::from_slice::<ioppytest::serial::SerialStart>(data) {
+        let _ = start.baud();
+    }
+}
+
+/// The SLIP decoder: the first byte picks the framing, the maximum frame length and where
+/// the rest is cut in two; the streaming decoder must agree with [`slip_reference`]
+/// (whole and in two pieces), and every frame it hands out must encode and decode back.
+pub fn slip(data: &[u8]) {
+    let Some((&choice, input)) = data.split_first() else { return };
+    let framing = if choice & 1 == 0 { Framing::Delimited } else { Framing::Terminated };
+    let max = [1, 2, 3, 8, slip::MAX_PSDU, slip::DEFAULT_MAX_FRAME, 0, 1000][usize::from((choice >> 1) & 7)];
+    let cut = usize::from(choice >> 4) * input.len() / 15;
+    let want = slip_reference(framing, max, input);
+    let mut d = Decoder::new(framing, max);
+    let mut frames = Vec::new();
+    d.decode_all(&input[..cut], |f| frames.push(f.to_vec()));
+    d.decode_all(&input[cut..], |f| frames.push(f.to_vec()));
+    assert_eq!(frames, want.frames, "frames differ from the reference");
+    assert_eq!(d.stats(), want.stats, "totals differ from the reference");
+    for f in &frames {
+        let mut encoded = Vec::new();
+        slip::encode(f, &mut encoded);
+        assert_eq!(encoded.len(), slip::encoded_len(f));
+        let mut again = Decoder::new(framing, max);
+        let (used, back) = again.decode(&encoded);
+        assert_eq!((used, back), (encoded.len(), Some(f.as_slice())), "a decoded frame does not come back");
+    }
+}
+
+/// What [`slip_reference`] decodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlipReference {
+    pub frames: Vec<Vec<u8>>,
+    pub stats: DecodeStats,
+}
+
+/// SLIP decoding as `codec::slip` documents it, written independently as the oracle of its
+/// tests and of the `slip` fuzz target: the whole input at once, cut at every END.
+pub fn slip_reference(framing: Framing, max: usize, input: &[u8]) -> SlipReference {
+    let max = max.max(1);
+    let mut out = SlipReference::default();
+    let segments: Vec<&[u8]> = input.split(|&b| b == slip::END).collect();
+    let count = |stats: &mut DecodeStats, why: Malformed| match why {
+        Malformed::BadEscape => stats.bad_escape += 1,
+        Malformed::TooLong => stats.too_long += 1,
+        Malformed::Noise => stats.noise += 1,
+    };
+    // Before the first END: the middle of something, noise.
+    if !segments[0].is_empty() {
+        out.stats.noise += 1;
+    }
+    // Whether the END before a segment opened a frame (the first always does) or closed one.
+    let mut opened = true;
+    let last = segments.len() - 1;
+    for (k, seg) in segments.iter().enumerate().skip(1) {
+        let closed_by_end = k < last;
+        if !opened {
+            // Delimited framing, after a closing END: anything here is noise, and the END
+            // after it opens the next frame.
+            if !seg.is_empty() {
+                out.stats.noise += 1;
+            }
+            opened = true;
+            continue;
+        }
+        // Inside a frame: unescape, first fault wins.
+        let mut frame = Vec::new();
+        let mut fault = None;
+        let mut i = 0;
+        while i < seg.len() && fault.is_none() {
+            let b = if seg[i] == slip::ESC {
+                match seg.get(i + 1) {
+                    Some(&slip::ESC_END) => slip::END,
+                    Some(&slip::ESC_ESC) => slip::ESC,
+                    Some(_) => {
+                        fault = Some(Malformed::BadEscape);
+                        break;
+                    }
+                    // ESC right before END: broken; at the end of the input: not yet known.
+                    None if closed_by_end => {
+                        fault = Some(Malformed::BadEscape);
+                        break;
+                    }
+                    None => break,
+                }
+            } else {
+                seg[i]
+            };
+            i += if seg[i] == slip::ESC { 2 } else { 1 };
+            if frame.len() == max {
+                fault = Some(Malformed::TooLong);
+            } else {
+                frame.push(b);
+            }
+        }
+        if let Some(why) = fault {
+            count(&mut out.stats, why);
+        }
+        if !closed_by_end {
+            break;
+        }
+        if fault.is_none() && frame.is_empty() {
+            out.stats.empty += 1;
+            continue;
+        }
+        if fault.is_none() {
+            out.stats.frames += 1;
+            out.frames.push(frame);
+        }
+        opened = framing == Framing::Terminated;
+    }
+    out
 }
 
 /// The topology YAML (aliases, tags and nesting included).

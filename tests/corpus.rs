@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use tunbus::amqp::wire::{self, method, Properties, Writer};
 use tunbus::codec::v1::{self, FrameHeader, Packet, FLAG_VNET};
-use tunbus::codec::{ioppytest, vnet};
+use tunbus::codec::{ioppytest, slip, vnet};
 use tunbus::fuzzing::TARGETS;
 use tunbus::route::{self, RoutingKey};
 
@@ -123,6 +123,19 @@ fn write_seeds() {
     seeds.push(("routing", ping.clone()));
     seeds.push(("batcher", vec![0, 1, 2, 0, 1, 2, 1, 3, 1, 4, 0, 50, 7, 2, 0, 0, 1, 7, 4, 0, 1, 7, 0, 0, 4, 0, 200]));
     seeds.push(("batcher", (0..300u32).flat_map(|i| [(i % 4) as u8, (i % 9) as u8, 1 + (i % 3) as u8]).collect()));
+    // slip: first byte = framing, maximum and cut (tunbus::fuzzing::slip), then the stream.
+    let mut stream = vec![0x55, 0xaa];
+    for f in [&[1u8, 2, 3][..], &[0xc0, 0xdb, 0xdc, 0xdd], &(0..127u8).collect::<Vec<_>>(), &ping] {
+        slip::encode(f, &mut stream);
+    }
+    stream.extend_from_slice(&[0xc0, 1, 0xdb, 0x42, 0xc0, 0xc0, 0xc0, 9, 0xdb, 0xc0, 0xc0]);
+    seeds.push(("slip", [&[0x78u8][..], &stream].concat()));
+    seeds.push(("slip", [&[0x35u8][..], &stream].concat()));
+    seeds.push(("slip", [&[0x8au8][..], &[0xc0][..], &[0x11; 300][..], &[0xc0, 0xc0, 7, 0xc0]].concat()));
+    let mut json = Vec::new();
+    ioppytest::serial::encode_frame(&[0x41, 0xc0, 0xdb, 0x88], 1_796_618_101, &mut json);
+    seeds.push(("ioppytest", json));
+    seeds.push(("ioppytest", br#"{"_api_version": "1.2.15", "boudrate": "460800", "name": "probe1", "port": "/dev/ttyUSB0"}"#.to_vec()));
     for (i, (target, data)) in seeds.iter().enumerate() {
         let dir = corpus_dir(target);
         std::fs::create_dir_all(&dir).expect("corpus dir");

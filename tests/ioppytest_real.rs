@@ -22,6 +22,13 @@
 //! 1.2.14 (its message classes, its `amqp_request`, its pcap reader;
 //! tests/ioppytest_real/coordinator.py) asks `agent sniffer` for a capture of real pings.
 //!
+//! `real_python_serial_listener_on_python{3,27}_speaks_our_serial_codec`: the package's
+//! 802.15.4 serial listener (`agent.utils.serial_listener.SerialListener`, which 0.2.20's
+//! command line no longer starts) run by tests/ioppytest_real/serial_listener.py on a
+//! pseudo-terminal probe (`common::probe`): frames from the probe arrive on the broker in
+//! bodies `codec::ioppytest::serial` decodes byte-exact (and writes byte for byte, on
+//! Python 3), and bodies it encodes for the probe arrive SLIP-framed on the probe's line.
+//!
 //! RabbitMQ may listen on 127.0.0.1 only, so the test forwards the root end of the veth
 //! (198.18.250.x, port chosen by the kernel) to the broker with a small TCP relay of its own.
 //! The two tests share `amq.topic` and the ioppytest addresses, so they run one at a time.
@@ -224,31 +231,38 @@ impl PyAgent {
 
 impl Drop for PyAgent {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let pgid = child.id() as i32;
-        for (signal, wait) in [(libc::SIGTERM, Duration::from_secs(3)), (libc::SIGKILL, Duration::from_secs(3))] {
-            // SAFETY: kill(2) on the process group of a child we spawned with process_group(0)
-            // and have not reaped: the agent and the processes it forked, nothing else.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::kill(-pgid, signal);
-            }
-            let t0 = Instant::now();
-            while t0.elapsed() < wait {
-                if let Ok(Some(_)) = child.try_wait() {
-                    // The forked consumers share the group; make sure they are gone too.
-                    // SAFETY: as above; ESRCH once the group is empty is harmless.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        libc::kill(-pgid, libc::SIGKILL);
-                    }
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(child) = self.child.take() {
+            end_process_group(child);
         }
-        let _ = child.wait();
     }
+}
+
+/// Ends a child started with `process_group(0)` and everything in its group: SIGTERM, then
+/// SIGKILL, 3 s each.
+fn end_process_group(mut child: Child) {
+    let pgid = child.id() as i32;
+    for (signal, wait) in [(libc::SIGTERM, Duration::from_secs(3)), (libc::SIGKILL, Duration::from_secs(3))] {
+        // SAFETY: kill(2) on the process group of a child we spawned with process_group(0)
+        // and have not reaped: the agent and the processes it forked, nothing else.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < wait {
+            if let Ok(Some(_)) = child.try_wait() {
+                // The forked consumers share the group; make sure they are gone too.
+                // SAFETY: as above; ESRCH once the group is empty is harmless.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.wait();
 }
 
 // ---------------------------------------------------------------- network plumbing
@@ -536,4 +550,209 @@ fn a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&out_file);
     let _ = std::fs::remove_file(&log);
+}
+
+// ---------------------------------------------------------------- the serial side
+
+/// tests/ioppytest_real/serial_listener.py: the published agent's `SerialListener` on a
+/// device, publishing what it reads, and writing what comes for it to the device as the
+/// consumer of releases up to 0.2.0 did; its process group ended on drop.
+struct PySerial {
+    child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl PySerial {
+    /// Starts the harness and waits (at most 30 s) until it says it is ready.
+    fn start(rt: &PyRuntime, name: &str, device: &Path) -> PySerial {
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let mut child = Command::new(&rt.python)
+            .arg("-u")
+            .arg(here().join("tests/ioppytest_real/serial_listener.py"))
+            // kombu's spelling of the default vhost.
+            .args(["amqp://guest:guest@127.0.0.1:5672//", name])
+            .arg(device)
+            .arg("460800")
+            .envs(rt.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("harness log"))
+            .process_group(0)
+            .spawn()
+            .expect("start the Python serial harness");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let py = PySerial { child: Some(child), stdin, lines, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match py.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line == "ready" => break,
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(e) => panic!("the Python serial harness is not ready ({e:?}):\n{}", py.logs()),
+            }
+        }
+        py
+    }
+
+    fn logs(&self) -> String {
+        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 40)
+    }
+
+    /// Ends the harness through its stdin; its last line.
+    fn stop(&mut self) -> String {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = String::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => last = line,
+                Err(_) => break,
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(5) && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            end_process_group(child);
+        }
+        last
+    }
+}
+
+impl Drop for PySerial {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            end_process_group(child);
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Frames for the serial tests: END and ESC inside, a maximal 127-byte PSDU, one byte.
+fn radio_frames() -> Vec<Vec<u8>> {
+    use tunbus::codec::slip::{END, ESC, ESC_END, ESC_ESC, MAX_PSDU};
+    vec![
+        vec![0x41, 0x88, 0x01, 0xcd, 0xab, 0xff, 0xff, 0x01, 0x00, 0x3f, 0x00],
+        vec![END],
+        vec![ESC, ESC_END, ESC_ESC, END, ESC, 0x00],
+        (0..MAX_PSDU).map(|i| [END, ESC, i as u8][i % 3]).collect(),
+        (0..MAX_PSDU as u8).rev().collect(),
+        vec![0x02, 0x00, 0x2a],
+    ]
+}
+
+/// The real listener, fed by a fake probe on a pseudo-terminal, publishes every frame in
+/// a body our codec reads byte-exact (and, where Python sorts the keys, writes byte for
+/// byte); bodies our codec writes on the injection key arrive on the probe's line,
+/// SLIP-framed as the Python agent framed them.
+fn python_serial_listener_speaks_our_serial_codec(test: &str, runtime: fn() -> Result<PyRuntime, String>) {
+    use tunbus::codec::ioppytest::{self, serial};
+    use tunbus::codec::slip;
+    if !system_ready(test) {
+        return;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(why) => {
+            match why.strip_prefix(OPTIONAL) {
+                Some(why) => eprintln!("SKIPPED {test}: {why} (optional interpreter; not a failure)"),
+                None => {
+                    cannot_run(test, &why);
+                }
+            }
+            return;
+        }
+    };
+    let python3 = !is_python27(&rt.python);
+    let name = unique("probe");
+    let mut bus = bus_client();
+    listen(&mut bus, ioppytest::EXCHANGE, &[&format!("fromAgent.{name}.#")]);
+    let mut probe = common::probe::FakeProbe::new();
+    let t0 = Instant::now();
+    let mut py = PySerial::start(&rt, &name, probe.path());
+
+    // Started: fromAgent.<name>.802154.serial.started, `boudrate` a string.
+    let (key, content_type, body) = next_delivery(&mut bus, Duration::from_secs(10)).unwrap_or_else(|| panic!("no serial.started:\n{}", py.logs()));
+    assert_eq!(key, serial::routing_key_started(&name));
+    assert_eq!(content_type.as_deref(), Some(ioppytest::CONTENT_TYPE));
+    let started: serial::SerialStart = serde_json::from_slice(&body).expect("serial.started parses");
+    assert_eq!((started.name.as_str(), started.port.as_deref(), started.baud()), (name.as_str(), probe.path().to_str(), Some(460_800)), "{}", String::from_utf8_lossy(&body));
+    let mut ours = Vec::new();
+    serial::encode_started(&name, &probe.path().display().to_string(), 460_800, &mut ours);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&ours).unwrap(), serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+    if python3 {
+        assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&body), "serial.started byte for byte");
+    }
+
+    // Probe → Python → bus → our codec.
+    let frames = radio_frames();
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    probe.send(&refs);
+    for want in &frames {
+        let (key, content_type, body) = next_delivery(&mut bus, Duration::from_secs(10)).unwrap_or_else(|| panic!("frame {want:02x?} never published:\n{}", py.logs()));
+        assert_eq!(key, serial::routing_key_from_agent(&name));
+        assert_eq!(serial::parse_key(&key), Some(serial::SerialKey::FromAgent { name: &name }));
+        assert_eq!(content_type.as_deref(), Some(ioppytest::CONTENT_TYPE));
+        let text = String::from_utf8_lossy(&body);
+        let mut frame = Vec::new();
+        serial::decode_frame(&body, slip::MAX_PSDU, &mut frame).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(&frame, want, "{text}");
+        let mut line = Vec::new();
+        serial::decode_data_slip(&body, slip::max_encoded_len(slip::MAX_PSDU), &mut line).expect("data_slip");
+        let mut sent = Vec::new();
+        slip::encode(want, &mut sent);
+        assert_eq!(line, sent, "data_slip is the line as sent: {text}");
+        let value: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(value["interface_name"], "serial");
+        let ts = value["timestamp"].as_u64().unwrap_or_else(|| panic!("timestamp is not whole seconds: {text}"));
+        let mut ours = Vec::new();
+        serial::encode_frame(want, ts, &mut ours);
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&ours).unwrap(), value);
+        if python3 {
+            assert_eq!(String::from_utf8_lossy(&ours), text, "our body byte for byte");
+        }
+    }
+
+    // Our codec → bus → Python's message classes → the probe's line.
+    // Both shapes: a listener's body (as a bridge passes it on) and the router's.
+    let mut line = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let mut body = Vec::new();
+        let now_s = tunbus::util::now_ns() / 1_000_000_000;
+        if i % 2 == 0 {
+            serial::encode_frame(f, now_s, &mut body);
+        } else {
+            serial::encode_inject(f, now_s, &mut body);
+        }
+        publish(&mut bus, ioppytest::EXCHANGE, &serial::routing_key_to_agent(&name), &ioppytest::PROPERTIES, &body);
+        slip::encode(f, &mut line);
+    }
+    let got = probe.recv_raw(Duration::from_secs(10), |b| b.len() >= line.len());
+    assert_eq!(got, line, "what the harness wrote to the probe:\n{}", py.logs());
+    let last = py.stop();
+    assert!(last.starts_with("stopped:") && last.ends_with(&format!("{} frames injected", frames.len())), "{last}\n{}", py.logs());
+    eprintln!("{test}: {} frames each way through the Python serial side in {:.1?} ({last})", frames.len(), t0.elapsed());
+}
+
+#[test]
+fn real_python_serial_listener_on_python3_speaks_our_serial_codec() {
+    python_serial_listener_speaks_our_serial_codec("real_python_serial_listener_on_python3_speaks_our_serial_codec", python3_runtime);
+}
+
+#[test]
+fn real_python_serial_listener_on_python27_speaks_our_serial_codec() {
+    python_serial_listener_speaks_our_serial_codec("real_python_serial_listener_on_python27_speaks_our_serial_codec", python27_runtime);
 }

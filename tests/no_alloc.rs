@@ -15,6 +15,9 @@
 //!   counted: the whole native data path, sending and receiving.
 //! - RX deliver alone: `worker::rx::deliver` writes valid v1 frames (vnet headers, checksummed IPv4 UDP
 //!   packets to the namespace's own address) into the TUN queue.
+//! - The serial port: `SerialPort::read` decodes SLIP frames (escapes, malformed frames)
+//!   from a fake probe on a pseudo-terminal, and `write` sends frames back, partly while
+//!   the line is full.
 
 mod common;
 
@@ -532,4 +535,98 @@ fn rx_deliver_steady_state_does_not_allocate() {
         rx_after - rx_before
     );
     report.assert_none("RX deliver", written);
+}
+
+static SERIAL: Tally = Tally::new();
+
+/// The serial port (`port::serial::SerialPort`) against a fake probe on a pseudo-terminal:
+/// reading SLIP frames (escapes and malformed input included) and writing frames, with the
+/// port's thread counted. Needs only `/dev/ptmx`.
+#[test]
+fn serial_port_steady_state_does_not_allocate() {
+    use tunbus::codec::slip;
+    use tunbus::port::serial::{SerialConfig, SerialPort};
+    use tunbus::port::Port;
+    use tunbus::sys::{self, Interest};
+    const FRAMES: u64 = 20_000;
+
+    let probe = common::probe::FakeProbe::new();
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), 460_800)).expect("open the probe");
+    // A line of frames of every length, END and ESC inside, with a malformed one after
+    // every 100 (counted, not allocated).
+    let mut line = Vec::new();
+    for i in 0..1000usize {
+        let frame: Vec<u8> = (0..1 + i % slip::MAX_PSDU).map(|j| [slip::END, slip::ESC, (i + j) as u8][j % 3]).collect();
+        slip::encode(&frame, &mut line);
+        if i % 100 == 99 {
+            line.extend_from_slice(&[slip::END, 1, slip::ESC, 0x42, slip::END]);
+        }
+    }
+    let out_frame: Vec<u8> = (0..slip::MAX_PSDU).map(|j| [slip::END, 7][j % 2]).collect();
+    let (stop, sender_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (read, written) = thread::scope(|s| {
+        // The probe: sends the line over and over; drains what the port writes.
+        let probe_ref = &probe;
+        let sender = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                probe_ref.send_raw(&line);
+            }
+            sender_done.store(true, Ordering::Relaxed);
+        });
+        let drainer = s.spawn(|| {
+            let mut bytes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                bytes += probe_ref.discard(Duration::from_millis(10));
+            }
+            bytes
+        });
+        let stop_rx = &stop;
+        let counted = s.spawn(|| {
+            let mut buf = vec![0u8; 65_536];
+            let mut round = |want: u64, write_every: u64| -> (u64, u64) {
+                let (mut read, mut written) = (0u64, 0u64);
+                while read < want && !(want == u64::MAX && sender_done.load(Ordering::Relaxed)) {
+                    if let Some(fd) = port.fd() {
+                        sys::wait([Some((fd, Interest::Read))], Duration::from_millis(10)).expect("poll");
+                    }
+                    port.poll(Instant::now());
+                    while let Ok(Some(n)) = port.read(&mut buf) {
+                        assert!(n > 10);
+                        read += 1;
+                        if read % write_every == 0 {
+                            port.write(&vnet::PLAIN, &out_frame).expect("never fails");
+                            written += 1;
+                        }
+                    }
+                }
+                (read, written)
+            };
+            round(2000, 10);
+            count_on_this_thread(&SERIAL);
+            SERIAL.arm();
+            let r = round(FRAMES, 10);
+            SERIAL.disarm();
+            stop_counting_on_this_thread();
+            stop_rx.store(true, Ordering::Relaxed);
+            // Keep the line moving until the probe has sent its last line.
+            round(u64::MAX, u64::MAX);
+            r
+        });
+        let r = counted.join().expect("the port's thread");
+        sender.join().expect("the probe's sender");
+        let drained = drainer.join().expect("the probe's drainer");
+        (r.0, (r.1, drained))
+    });
+    let (written, drained) = written;
+    let stats = port.counters().snapshot();
+    let report = SERIAL.report();
+    eprintln!(
+        "serial: {} allocations, {} reallocations, {} frees over {read} frames read and {written} written \
+         ({drained} bytes drained on the probe's side; {stats:?})",
+        report.allocs, report.reallocs, report.frees
+    );
+    assert!(stats.bad_escape > 0, "the malformed frames were not read");
+    // Frames the probe's side did not take in time are dropped as lost_busy: both paths ran.
+    assert!(stats.frames_out >= 1000 && stats.frames_out + stats.lost_busy >= written, "the write path hardly ran: {stats:?}");
+    report.assert_none("serial port", read + written);
 }

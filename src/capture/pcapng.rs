@@ -5,6 +5,18 @@
 //! Little-endian throughout, link type raw IP (the packet starts at its IPv4 or IPv6 header;
 //! 101, and 12 after the first interface, see [`LINKTYPE_RAW_DLT`]), as the pcapng specification (draft-ietf-opsawg-pcapng) lays out the blocks:
 //! type, total length, body padded to 32 bits, total length again.
+//!
+//! IEEE 802.15.4 probes get interfaces of their own link type ([`Writer::add_interface_of`]):
+//! [`LINKTYPE_IEEE802_15_4_NOFCS`] (230) by default, [`LINKTYPE_IEEE802_15_4_WITHFCS`] (195)
+//! when the probe's frames end with their 2-byte FCS (`--fcs`). Without is the default
+//! because that is what the ioppytest stack carries: its packet sniffer writes serial
+//! captures as `DLT_IEEE802_15_4_NOFCS` (ioppytest `packet_sniffer`, `802_15_4_tun` mode,
+//! and the agent's `packet_dumper`), and a frame's `data` there is the MAC frame the probe
+//! passed on. Sniffer firmware that keeps the FCS (OpenThread's pyspinel and Zephyr's
+//! sniffer tools write 195) needs `--fcs`; with the wrong choice Wireshark takes two payload bytes for an FCS,
+//! or the reverse. libpcap (tcpdump) reads a file only when all its interfaces share the
+//! first one's link type: a capture of probes holds 802.15.4 interfaces only (Wireshark
+//! reads mixed files).
 
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -16,6 +28,25 @@ pub const LINKTYPE_RAW: u16 = 101;
 /// each later interface's type with the *converted* type of the first (101 → 12) and
 /// refuses a file of several raw-IP interfaces that all say 101.
 pub const LINKTYPE_RAW_DLT: u16 = 12;
+
+/// IEEE 802.15.4 MAC frames that end with their 2-byte FCS.
+pub const LINKTYPE_IEEE802_15_4_WITHFCS: u16 = 195;
+/// IEEE 802.15.4 MAC frames without FCS: what ioppytest's probes carry (the default).
+pub const LINKTYPE_IEEE802_15_4_NOFCS: u16 = 230;
+
+/// The link type of an 802.15.4 probe's interface: whether its frames end with the FCS.
+pub fn ieee802154_linktype(fcs: bool) -> u16 {
+    if fcs {
+        LINKTYPE_IEEE802_15_4_WITHFCS
+    } else {
+        LINKTYPE_IEEE802_15_4_NOFCS
+    }
+}
+
+/// Whether `linktype` is IEEE 802.15.4 (with or without FCS).
+pub fn is_ieee802154(linktype: u16) -> bool {
+    linktype == LINKTYPE_IEEE802_15_4_WITHFCS || linktype == LINKTYPE_IEEE802_15_4_NOFCS
+}
 
 /// Whether `linktype` is raw IP as these files write it.
 pub fn is_raw_ip(linktype: u16) -> bool {
@@ -103,8 +134,15 @@ impl<W: Write> Writer<W> {
     /// Adds an interface (raw IP, nanosecond timestamps) named `name` with `addrs`;
     /// returns its id (0, 1, … in order).
     pub fn add_interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
+        self.add_interface_of(LINKTYPE_RAW, name, description, addrs)
+    }
+
+    /// Adds an interface of `linktype` (nanosecond timestamps), e.g.
+    /// [`ieee802154_linktype`] for a probe; raw IP is written as [`LINKTYPE_RAW_DLT`] after
+    /// the first interface. Returns its id.
+    pub fn add_interface_of(&mut self, linktype: u16, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
         let mut body = Vec::new();
-        let linktype = if self.interfaces == 0 { LINKTYPE_RAW } else { LINKTYPE_RAW_DLT };
+        let linktype = if is_raw_ip(linktype) && self.interfaces > 0 { LINKTYPE_RAW_DLT } else { linktype };
         body.extend_from_slice(&linktype.to_le_bytes());
         body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&0u32.to_le_bytes()); // snaplen: no limit
@@ -387,6 +425,91 @@ mod tests {
         let mut bad = bytes.clone();
         bad[8] ^= 0xff;
         assert_eq!(read(&bad), Err(ReadError::BadMagic));
+    }
+
+    /// CRC-16/KERMIT, the 802.15.4 FCS (ITU-T polynomial, reflected, initial 0), sent
+    /// least significant byte first.
+    fn fcs(frame: &[u8]) -> [u8; 2] {
+        let mut crc = 0u16;
+        for &b in frame {
+            crc ^= u16::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0x8408 } else { crc >> 1 };
+            }
+        }
+        crc.to_le_bytes()
+    }
+
+    /// An acknowledgement (seq 0x2a) and a data frame from short address 0x0001 to the
+    /// broadcast address on PAN 0xabcd, seq 1, payload `3f 00 "hello"`.
+    fn radio_frames() -> [Vec<u8>; 2] {
+        let mut data = vec![0x41, 0x88, 0x01, 0xcd, 0xab, 0xff, 0xff, 0x01, 0x00, 0x3f, 0x00];
+        data.extend_from_slice(b"hello");
+        [vec![0x02, 0x00, 0x2a], data]
+    }
+
+    /// `tcpdump -nn -v -r` of `bytes` (written to a temporary file), or `None` (with a notice)
+    /// when tcpdump is not installed and system tests are not required.
+    fn tcpdump(bytes: &[u8]) -> Option<String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = std::env::temp_dir().join(format!("tunbus-pcapng-{}-{n}.pcapng", std::process::id()));
+        std::fs::write(&file, bytes).unwrap();
+        let out = std::process::Command::new("tcpdump").args(["-nn", "-v", "-r"]).arg(&file).output();
+        let _ = std::fs::remove_file(&file);
+        match out {
+            Ok(out) => {
+                let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+                assert!(out.status.success(), "tcpdump -r failed:\n{text}");
+                Some(text)
+            }
+            Err(e) if std::env::var("TUNBUS_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1") => {
+                eprintln!("SKIPPED the tcpdump half: {e} (scripts/setup.sh installs tcpdump)");
+                None
+            }
+            Err(e) => panic!("tcpdump: {e} (scripts/setup.sh installs tcpdump)"),
+        }
+    }
+
+    #[test]
+    fn ieee802154_probes_read_back_and_tcpdump_reads_them() {
+        for fcs_on in [false, true] {
+            let mut w = Writer::new(Vec::new(), "tunbus test").unwrap();
+            let lt = ieee802154_linktype(fcs_on);
+            let a = w.add_interface_of(lt, "probe1", "serial probe /dev/ttyUSB0", &[]).unwrap();
+            let b = w.add_interface_of(lt, "probe2", "serial probe /dev/ttyACM0", &[]).unwrap();
+            let frames = radio_frames();
+            for (i, f) in frames.iter().enumerate() {
+                let mut f = f.clone();
+                if fcs_on {
+                    let sum = fcs(&f);
+                    f.extend_from_slice(&sum);
+                }
+                w.packet([a, b][i], 1_700_000_000_000_000_000 + i as u64, &f, None, Some(Direction::Inbound)).unwrap();
+            }
+            let bytes = w.into_inner();
+            let cap = read(&bytes).unwrap();
+            assert_eq!(cap.interfaces.iter().map(|i| (i.name.as_str(), i.linktype)).collect::<Vec<_>>(), [("probe1", lt), ("probe2", lt)]);
+            assert!(cap.interfaces.iter().all(|i| is_ieee802154(i.linktype) && !is_raw_ip(i.linktype)));
+            assert_eq!(cap.packets.len(), 2);
+            assert_eq!(cap.packets[0].data[..3], frames[0][..]);
+            let Some(text) = tcpdump(&bytes) else { continue };
+            let want_type = if fcs_on { "link-type IEEE802_15_4 (IEEE 802.15.4 with FCS)" } else { "link-type IEEE802_15_4_NOFCS (IEEE 802.15.4 without FCS)" };
+            assert!(text.contains(want_type), "{text}");
+            assert!(text.contains("IEEE 802.15.4 ACK packet v0 seq 2a"), "{text}");
+            assert!(text.contains("IEEE 802.15.4 Data packet v0 seq 01 abcd:ffff < -:0001"), "{text}");
+            // The payload, FCS not included in either case.
+            assert!(text.contains("0x0000:  3f00 6865 6c6c 6f  "), "{text}");
+        }
+    }
+
+    #[test]
+    fn raw_ip_after_a_first_interface_is_still_written_as_dlt_12() {
+        let mut w = Writer::new(Vec::new(), "t").unwrap();
+        w.add_interface_of(LINKTYPE_RAW, "a", "", &[]).unwrap();
+        w.add_interface_of(LINKTYPE_RAW, "b", "", &[]).unwrap();
+        let cap = read(&w.into_inner()).unwrap();
+        assert_eq!(cap.interfaces.iter().map(|i| i.linktype).collect::<Vec<_>>(), [LINKTYPE_RAW, LINKTYPE_RAW_DLT]);
     }
 
     #[test]

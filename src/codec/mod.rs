@@ -1,6 +1,7 @@
-//! The wire formats: message bodies (the native format v1, the ioppytest JSON form), the
-//! virtio header that precedes each packet, and the cutting of a super-packet into the
-//! wire-sized packets it stands for (`segment`: capture and emulation).
+//! The wire formats: message bodies (the native format v1, the ioppytest JSON form, its
+//! serial side in `ioppytest::serial`), the virtio header that precedes each packet, the
+//! cutting of a super-packet into the wire-sized packets it stands for (`segment`:
+//! capture and emulation), and SLIP, the framing of 802.15.4 serial probes (`slip`).
 //!
 //! Pure code: bytes in, frames out. No I/O, no clock, no async, no `unsafe`, so it is
 //! unit-tested, property-tested and fuzzed (`fuzz/`, replayed by `tests/corpus.rs`) in
@@ -10,5 +11,6 @@
 
 pub mod ioppytest;
 pub mod segment;
+pub mod slip;
 pub mod vnet;
 pub mod v1;

@@ -8,11 +8,13 @@
 //! - the kernel's multi-queue TUN ([`crate::tun::TunQueue`]): IP packets, Linux only;
 //! - a userspace TCP/IP stack inside the agent: IP packets, no privileges, any OS;
 //! - a TAP device: Ethernet frames;
-//! - an 802.15.4 serial probe: SLIP-framed radio frames.
+//! - an 802.15.4 serial probe: SLIP-framed radio frames ([`serial::SerialPort`]).
 //!
 //! A unit crosses the seam as it crosses the wire: a 10-byte `virtio_net_hdr`
 //! ([`crate::codec::vnet`]) followed by the unit's bytes. Ports without offloads write
 //! and expect the plain header (all zeros). Runs on the worker's thread; hot path.
+
+pub mod serial;
 
 use std::io;
 use std::os::fd::BorrowedFd;

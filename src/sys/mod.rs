@@ -1,7 +1,7 @@
 //! Every call into the operating system that Rust's standard library does not wrap: the
 //! TUN ioctls, `read`/`writev` on a TUN queue, `ppoll` over several descriptors, a
-//! socket's unsent bytes, `setns`, and the open-files limit. OS glue, the one module
-//! allowed `unsafe`.
+//! socket's unsent bytes, `setns`, and the open-files limit; terminals (serial probes,
+//! pseudo-terminals) in [`tty`]. OS glue, the one module allowed `unsafe`.
 //!
 //! Why `unsafe` is allowed here: these are `ioctl(2)`, `ppoll(2)`, `setns(2)` and
 //! `setrlimit(2)` on C structs, and the hot path needs `read(2)` and `writev(2)` on a raw
@@ -10,6 +10,8 @@
 //! by whichever thread needs them (queue workers per burst, set-up code once); nothing here
 //! keeps state.
 #![allow(unsafe_code)]
+
+pub mod tty;
 
 use std::ffi::CString;
 use std::io;

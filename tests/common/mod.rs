@@ -7,6 +7,7 @@
 
 pub mod fake_broker;
 pub mod nodes;
+pub mod probe;
 
 use std::fs::File;
 use std::io::{Read, Write};

@@ -3,7 +3,8 @@
 //!
 //! Owns the packet body (`{"_api_version", "data": [bytes as integers], "interface_name",
 //! "timestamp"}`), the `ip.tun.started` / `ip.tun.start` control body and the topic names;
-//! [`addressing`], the old agent's addresses in that body and its flags.
+//! [`addressing`], the old agent's addresses in that body and its flags; [`serial`], the
+//! serial side (802.15.4 probes: frames, `data_slip`, `802154.serial.*` keys).
 //! Pure: no I/O, no clock. The per-queue worker threads call it per packet in compatibility
 //! mode; decoding streams `data` straight into a reused buffer (no `serde_json::Value`),
 //! encoding writes into a reused buffer, byte-identical to Python's `json.dumps`.
@@ -13,6 +14,7 @@ use core::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 pub mod addressing;
+pub mod serial;
 
 use super::v1::MAX_PACKET_LEN;
 use crate::amqp::wire::Properties;
@@ -77,6 +79,14 @@ pub enum JsonError {
 /// appears twice the last one wins (as with Python's `json.loads`). On error `out` holds
 /// an unspecified prefix.
 pub fn decode_packet(body: &[u8], out: &mut Vec<u8>) -> Result<(), JsonError> {
+    decode_bytes(body, "data", MAX_PACKET_LEN, out)
+}
+
+/// Decodes the integer list under `key` of a JSON object (as [`decode_packet`] does for
+/// `data`) into `out`: at most `max_len` bytes, else [`JsonError::PacketTooBig`] (found as
+/// soon as the list grows past it). A missing `key` is [`JsonError::MissingData`], an
+/// empty list [`JsonError::EmptyPacket`].
+pub fn decode_bytes(body: &[u8], key: &str, max_len: usize, out: &mut Vec<u8>) -> Result<(), JsonError> {
     out.clear();
     if body.len() > MAX_BODY_LEN {
         return Err(JsonError::TooBig);
@@ -84,6 +94,8 @@ pub fn decode_packet(body: &[u8], out: &mut Vec<u8>) -> Result<(), JsonError> {
     let mut reason = None;
     let mut de = serde_json::Deserializer::from_slice(body);
     let found = BodySeed {
+        key,
+        max_len,
         out: &mut *out,
         reason: &mut reason,
     }
@@ -102,9 +114,11 @@ pub fn decode_packet(body: &[u8], out: &mut Vec<u8>) -> Result<(), JsonError> {
     Ok(())
 }
 
-/// Top-level object; yields whether a `data` key was seen. `reason` says which
+/// Top-level object; yields whether its `key` was seen. `reason` says which
 /// [`JsonError`] a serde data error stands for.
 struct BodySeed<'o> {
+    key: &'o str,
+    max_len: usize,
     out: &'o mut Vec<u8>,
     reason: &'o mut Option<JsonError>,
 }
@@ -127,11 +141,12 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
         let mut found = false;
         *self.reason = None;
-        while let Some(is_data) = map.next_key_seed(IsDataKey)? {
+        while let Some(is_data) = map.next_key_seed(IsKey(self.key))? {
             if is_data {
                 found = true;
                 self.out.clear();
                 map.next_value_seed(DataSeed {
+                    max_len: self.max_len,
                     out: &mut *self.out,
                     reason: &mut *self.reason,
                 })?;
@@ -144,28 +159,29 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
     }
 }
 
-/// Map key: is it `"data"`? Compares without allocating.
-struct IsDataKey;
+/// Map key: is it this one (`"data"`)? Compares without allocating.
+struct IsKey<'k>(&'k str);
 
-impl<'de> DeserializeSeed<'de> for IsDataKey {
+impl<'de> DeserializeSeed<'de> for IsKey<'_> {
     type Value = bool;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl Visitor<'_> for IsDataKey {
+impl Visitor<'_> for IsKey<'_> {
     type Value = bool;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a key")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
-        Ok(v == "data")
+        Ok(v == self.0)
     }
 }
 
 /// The `data` list: each element goes straight into `out`.
 struct DataSeed<'o> {
+    max_len: usize,
     out: &'o mut Vec<u8>,
     reason: &'o mut Option<JsonError>,
 }
@@ -191,7 +207,7 @@ impl<'de> Visitor<'de> for DataSeed<'_> {
             let Some(byte) = seq.next_element::<u8>()? else {
                 return Ok(());
             };
-            if self.out.len() >= MAX_PACKET_LEN {
+            if self.out.len() >= self.max_len {
                 *self.reason = Some(JsonError::PacketTooBig);
                 return Err(de::Error::custom("packet too big"));
             }
