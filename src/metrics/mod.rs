@@ -52,10 +52,13 @@ pub enum DropReason {
     ForgedControl,
     /// Dropped by the link emulation on purpose (`--emulate`: loss, a flap, its limit).
     Emulated,
+    /// A batch of another layer than this agent's port (Ethernet frames at an IP agent,
+    /// IP packets at a serial probe): sessions of different layers do not mix.
+    WrongLayer,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -71,6 +74,7 @@ impl DropReason {
         DropReason::NoIdentity,
         DropReason::ForgedControl,
         DropReason::Emulated,
+        DropReason::WrongLayer,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -91,6 +95,7 @@ impl DropReason {
             DropReason::NoIdentity => "no_identity",
             DropReason::ForgedControl => "forged_control",
             DropReason::Emulated => "emulated",
+            DropReason::WrongLayer => "wrong_layer",
         }
     }
 }

@@ -92,4 +92,11 @@ pub trait Port: Send {
     fn poll(&mut self, _now: Instant) -> bool {
         false
     }
+
+    /// For a port that hosts several endpoints: the name of the one whose unit
+    /// [`Port::read`] returned last (its floods go out under its name). `None`: the
+    /// agent's own name.
+    fn unit_sender(&self) -> Option<&str> {
+        None
+    }
 }

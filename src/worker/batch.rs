@@ -70,6 +70,8 @@ pub struct Batcher {
     landing: Option<usize>,
     burst_ns: u64,
     last_flush_ns: u64,
+    /// The frame flags of every batch: the virtio header, and the port's layer.
+    flags: u8,
 }
 
 impl Batcher {
@@ -85,7 +87,14 @@ impl Batcher {
             landing: None,
             burst_ns: 0,
             last_flush_ns: 0,
+            flags: FLAG_VNET,
         }
+    }
+
+    /// Batches whose entries are units of `layer_flag` (`port::Layer::frame_flag`).
+    pub fn with_layer_flag(mut self, layer_flag: u8) -> Batcher {
+        self.flags = FLAG_VNET | layer_flag;
+        self
     }
 
     /// Whether any batch holds packets.
@@ -174,7 +183,7 @@ impl Batcher {
         }
         let mut writer = BatchWriter::with_capacity(self.buffer_bytes);
         writer.set_sender_queues(self.sender_queues);
-        writer.reset(FLAG_VNET);
+        writer.reset(self.flags);
         self.open.push(Open { key: None, writer, read_ns: 0 });
         Some(self.open.len() - 1)
     }
@@ -254,7 +263,7 @@ impl Batcher {
                 return;
             }
         }
-        o.writer.reset(FLAG_VNET);
+        o.writer.reset(self.flags);
         o.key = None;
     }
 

@@ -7,6 +7,7 @@
 //! a batch and reads a delivery.
 
 pub mod batch;
+pub mod classify;
 pub mod queue;
 pub mod rx;
 pub mod uplink;

@@ -25,19 +25,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::amqp::client::{Client, Retry};
-use crate::codec::v1::VNET_HDR_LEN;
-use crate::emulate::{Flow, Shaper};
+use crate::emulate::Shaper;
 use crate::identity::claims::Claims;
 use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
-use crate::route::peers::{self, PeerQueues};
-use crate::route::{self, Destination, RoutingKey};
+use crate::route::peers::PeerQueues;
+use crate::route::RoutingKey;
 use crate::port::Port;
 use crate::sys::{self, Interest};
 use crate::util::{now_ns, Stop};
 
 use super::batch::{Batcher, Outlet, MAX_READ};
 use super::uplink::{Uplink, UplinkContext};
+use super::classify::{self, Classify};
 use super::rx::Receiver;
 use super::wire;
 
@@ -59,23 +59,12 @@ pub struct QueueWorker {
     counters: Arc<TxCounters>,
     stop: Stop,
     batcher: Batcher,
-    classifier: Classifier,
+    /// Units → routing keys, for this port's layer.
+    classifier: Box<dyn Classify>,
     scratch: Vec<u8>,
     read_errors_logged: bool,
     /// Link emulation (`--emulate`): packets wait in its delay line before their batch.
     shaper: Option<Shaper>,
-}
-
-/// Turns a packet into its routing key.
-struct Classifier {
-    flood_key: RoutingKey,
-    own_v4: Vec<(Ipv4Addr, u8)>,
-    /// Receivers' queue counts, learned by the receiving halves: batch per receiving queue.
-    peers: Arc<PeerQueues>,
-    /// The last unicast (destination, shard) and its key.
-    last_unicast: Option<(IpAddr, u8, RoutingKey)>,
-    /// Where the last packet classified goes, for the emulation.
-    last_flow: Flow,
 }
 
 /// Everything queue worker k is built from.
@@ -118,9 +107,10 @@ impl QueueWorker {
             })
             .collect();
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
-        let (outbound, inbound) = wire::for_agent(&config, flood_key, peers.clone(), trust.view(), presence);
+        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence);
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
+        let layer = port.layer();
         let client = connected.unwrap_or_else(|| link.client(Retry::Forever));
         let turn = LocalHistogram::new(hist.loop_turn_us.clone());
         QueueWorker {
@@ -129,8 +119,8 @@ impl QueueWorker {
             link: Uplink::new(link, counters.clone(), &hist, outbound, receiver, client),
             counters,
             stop,
-            batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key),
-            classifier: Classifier { flood_key, own_v4, peers, last_unicast: None, last_flow: Flow::FLOOD },
+            batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key).with_layer_flag(layer.frame_flag()),
+            classifier: classify::for_layer(layer, flood_key, own_v4, peers),
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
             shaper,
@@ -247,8 +237,8 @@ impl QueueWorker {
                     break;
                 }
             };
-            let classifier = &mut self.classifier;
-            self.batcher.commit(n, |entry| classifier.key(entry), &mut self.link);
+            let (classifier, sender) = (&mut self.classifier, self.port.unit_sender());
+            self.batcher.commit(n, |entry| classifier.key(entry, sender), &mut self.link);
         }
         self.batcher.end_of_burst(now_ns(), &mut self.link);
     }
@@ -269,7 +259,7 @@ impl QueueWorker {
                 _ => break,
             };
             let Some(entry) = self.scratch.get(..n) else { break };
-            let key = match self.classifier.key(entry) {
+            let key = match self.classifier.key(entry, self.port.unit_sender()) {
                 Ok(key) => key,
                 Err(reason) => {
                     self.counters.record_drop(reason, 1);
@@ -277,7 +267,7 @@ impl QueueWorker {
                 }
             };
             let Some(shaper) = &mut self.shaper else { return };
-            let dropped = shaper.admit(entry, key, self.classifier.last_flow, now_ns());
+            let dropped = shaper.admit(entry, key, self.classifier.last_flow(), now_ns());
             if dropped > 0 {
                 self.counters.record_drop(DropReason::Emulated, dropped);
             }
@@ -304,40 +294,5 @@ impl QueueWorker {
             }
             true
         });
-    }
-}
-
-impl Classifier {
-    /// The routing key of `entry` (virtio header and packet), or why it is not sent. A
-    /// unicast key carries the flow's shard reduced to the receiver's queue count when
-    /// known ([`peers::key_shard`]). Formatting a key costs most of the per-packet routing
-    /// time, so the key of the last (destination, key shard) is kept: a run of one flow, or
-    /// of flows to one receiving queue, formats it once.
-    fn key(&mut self, entry: &[u8]) -> Result<RoutingKey, DropReason> {
-        let packet = entry.get(VNET_HDR_LEN..).ok_or(DropReason::NotIp)?;
-        if route::is_mld(packet) {
-            return Err(DropReason::Mld);
-        }
-        let c = route::classify(packet).map_err(|_| DropReason::NotIp)?;
-        let ip = match c.dst {
-            Destination::Unicast(IpAddr::V4(v4)) if route::is_directed_broadcast(v4, &self.own_v4) => None,
-            Destination::Unicast(ip) => Some(ip),
-            Destination::Flood => None,
-        };
-        self.last_flow = ip.map_or(Flow::FLOOD, |ip| Flow::unicast(ip, c.shard));
-        Ok(match ip {
-            None => self.flood_key,
-            Some(ip) => {
-                let shard = peers::key_shard(c.shard, self.peers.queues(ip));
-                match self.last_unicast {
-                    Some((cached_ip, cached_shard, key)) if cached_ip == ip && cached_shard == shard => key,
-                    _ => {
-                        let key = RoutingKey::unicast(ip, shard);
-                        self.last_unicast = Some((ip, shard, key));
-                        key
-                    }
-                }
-            }
-        })
     }
 }

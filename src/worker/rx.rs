@@ -30,7 +30,7 @@ use crate::identity::{self, Verdict};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
 use crate::route;
 use crate::route::peers::PeerQueues;
-use crate::port::Port;
+use crate::port::{Layer, Port};
 
 use super::wire::{Inbound, PortSide};
 
@@ -142,6 +142,8 @@ pub fn deliver_json(body: &[u8], port: &mut dyn Port, counters: &RxCounters, scr
 /// warnings about refused packets, and what it does with offload from the bus.
 pub struct Sink<'a> {
     pub port: &'a mut dyn Port,
+    /// What the port's units are; a batch of another layer is refused (`wrong_layer`).
+    pub layer: Layer,
     pub counters: &'a RxCounters,
     pub latency: &'a mut LocalHistogram,
     pub peers: &'a PeerQueues,
@@ -165,6 +167,17 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
             return 0;
         }
     };
+    if Layer::of_frame_flags(frame.header().flags) != sink.layer {
+        sink.counters.record_drop(DropReason::WrongLayer, frame.len() as u64);
+        return 0;
+    }
+    // Source addresses are IP's: other layers' batches are checked per message (a broker
+    // user must vouch for them; L2 adds its MAC check in its own classifier).
+    if sink.layer != Layer::Ip && sink.trust.checks() && user.is_none() {
+        sink.counters.record_drop(DropReason::NoIdentity, frame.len() as u64);
+        return 0;
+    }
+    let ip = sink.layer == Layer::Ip;
     let mut written = 0u64;
     let mut bytes = 0u64;
     let mut bad_vnet = 0u64;
@@ -178,7 +191,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     // The last source seen and what was concluded about it: a batch is mostly one flow.
     let mut last: Option<(Option<IpAddr>, Verdict)> = None;
     for p in frame.packets() {
-        if checks || sender_queues != 0 {
+        if ip && (checks || sender_queues != 0) {
             let src = route::source(p.data);
             let verdict = match last {
                 Some((s, v)) if s == src => v,

@@ -24,7 +24,7 @@ use crate::identity;
 use crate::metrics::{LocalHistogram, RxCounters};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
-use crate::port::Port;
+use crate::port::{Layer, Port};
 use crate::util::now_ns;
 
 use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
@@ -60,11 +60,20 @@ pub trait Inbound: Send {
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
-pub fn for_agent(config: &AgentConfig, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
+pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
     match config.data_path().wire {
         Wire::Native => (
             Box::new(NativeOut),
-            Box::new(NativeIn { own_flood_key: flood_key, peers, trust, suspects: SuspectLog::default(), presence, probed: false, offload_from_bus: config.data_path().offload_from_bus }),
+            Box::new(NativeIn {
+                own_flood_key: flood_key,
+                layer,
+                peers,
+                trust,
+                suspects: SuspectLog::default(),
+                presence,
+                probed: false,
+                offload_from_bus: config.data_path().offload_from_bus,
+            }),
         ),
         Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
     }
@@ -109,6 +118,8 @@ impl Carries {
 /// ([`rx::deliver`]), presence probes and claims.
 pub struct NativeIn {
     own_flood_key: RoutingKey,
+    /// What the port's units are: batches of another layer are refused.
+    layer: Layer,
     /// Where the queue counts stated by senders are noted for the sending half.
     peers: Arc<PeerQueues>,
     /// Who may use which source addresses (refreshed once per delivery).
@@ -129,6 +140,7 @@ impl Inbound for NativeIn {
                 self.trust.refresh();
                 let mut sink = Sink {
                     port: out.port,
+                    layer: self.layer,
                     counters: out.counters,
                     latency: out.latency,
                     peers: &self.peers,
