@@ -20,9 +20,6 @@ use tokio::sync::watch;
 
 use crate::metrics::report::Report;
 
-/// Where agents put their sockets unless told otherwise.
-pub const DEFAULT_DIR: &str = "/run/tunbus";
-
 pub use crate::metrics::LinkState;
 
 /// One queue's link as `agent status` shows it.

@@ -9,11 +9,14 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 
-use crate::amqp::client::Endpoint;
+use crate::amqp::client::{Endpoint, DEFAULT_HEARTBEAT};
 use crate::amqp::tls::TlsOptions;
 use crate::amqp::url::{self, BrokerUrl, DEFAULT_URL};
 use crate::exit::{Exit, Failure};
 use crate::route;
+
+/// `--heartbeat`'s default: the client's, in whole seconds (10 s: no truncation).
+const DEFAULT_HEARTBEAT_S: u16 = DEFAULT_HEARTBEAT.as_secs() as u16;
 
 /// Where the broker is and how to reach it: shared by every command that connects.
 #[derive(Debug, Args)]
@@ -46,7 +49,7 @@ pub struct BrokerArgs {
     pub tls_insecure: bool,
     /// Heartbeat interval asked of the broker, in seconds (0: off); a dead path is noticed
     /// within two of them. The URL's heartbeat= overrides it.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_HEARTBEAT_S)]
     pub heartbeat: u16,
 }
 
@@ -125,6 +128,6 @@ pub fn bus_exchange(bus: &BusArgs) -> anyhow::Result<String> {
     Ok(match (&bus.exchange, &bus.session) {
         (Some(e), _) => e.clone(),
         (None, Some(s)) => route::session_exchange(s),
-        (None, None) => "amq.topic".to_owned(),
+        (None, None) => route::DEFAULT_EXCHANGE.to_owned(),
     })
 }

@@ -1,4 +1,5 @@
-//! `agent capture`: its flags (the session's bus into one pcapng file).
+//! `agent capture`: its flags (the session's bus into one pcapng file), and their
+//! conversion into `capture::Options`.
 //!
 //! Main thread, once per run; not on the hot path.
 
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::BusArgs;
+use super::{bus_exchange, BusArgs};
+use crate::capture::{Filter, Options};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  agent capture --session lab -w lab.pcapng\n  agent capture --session lab -w h2.pcapng --agent h2 --duration 30s\n  agent capture --session lab -w - | tshark -r -\n\nThe broker user needs read on the session's exchange, configure/write/read on amq.gen-* queues and topic read on tunbus.v1.# and fromAgent.# (docs/security.md, \"Capture\").")]
@@ -38,4 +40,17 @@ pub struct CaptureArgs {
     /// Print the summary as JSON on standard error.
     #[arg(long)]
     pub json: bool,
+}
+
+impl CaptureArgs {
+    /// The capture's options: the broker's nodes, the exchange, what to keep.
+    pub fn options(&self) -> anyhow::Result<Options> {
+        Ok(Options {
+            endpoints: self.bus.broker.endpoints()?,
+            exchange: bus_exchange(&self.bus)?,
+            filter: Filter { agents: self.agents.clone(), addresses: self.addresses.clone(), no_segment: self.no_segment },
+            duration: self.duration,
+            queue_max_bytes: self.queue_max_bytes,
+        })
+    }
 }

@@ -30,7 +30,7 @@ pub struct ConnectArgs {
     pub name: String,
     /// TUN queues = worker threads = AMQP connections = consumer queues (at most 16, the
     /// number of flow shards).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
     pub queues: u16,
     /// IPv4 address with prefix length, e.g. 198.18.0.1/24 (repeatable).
     #[arg(long, value_name = "ADDR/PREFIX")]
@@ -102,7 +102,7 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub netns: Option<String>,
     /// Interface name.
-    #[arg(long, default_value = "tb0")]
+    #[arg(long, default_value = config::DEFAULT_IFNAME)]
     pub ifname: String,
     /// Pin queue worker k to core LIST[k mod len], e.g. 0,1 or 2-5 [default: no pinning; the
     /// scheduler places them, which measured better when agents share a machine].
@@ -118,17 +118,17 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub no_offload_from_bus: bool,
     /// Seconds between one-line statistics summaries (0: off).
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    #[arg(long, default_value_t = config::DEFAULT_STATS_INTERVAL.as_secs_f64(), value_name = "SECONDS")]
     pub stats_interval: f64,
     /// Largest AMQP message body (one batch of packets), in bytes.
-    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(clap_range(config::MAX_BATCH_BYTES.start(), config::MAX_BATCH_BYTES.end())))]
+    #[arg(long, default_value_t = config::DEFAULT_MAX_BATCH_BYTES, value_parser = clap::value_parser!(u32).range(clap_range(config::MAX_BATCH_BYTES.start(), config::MAX_BATCH_BYTES.end())))]
     pub max_batch_bytes: u32,
     /// Serve Prometheus metrics on GET /metrics at this address (PORT alone means
     /// 127.0.0.1:PORT). Off by default.
     #[arg(long, value_name = "[HOST:]PORT")]
     pub metrics_addr: Option<String>,
     /// Folder of this agent's control socket for `agent status` (made root-only).
-    #[arg(long, value_name = "DIR", default_value = crate::status::DEFAULT_DIR)]
+    #[arg(long, value_name = "DIR", default_value = config::RUN_DIR)]
     pub status_dir: PathBuf,
     /// Write the final report as JSON to this file on exit.
     #[arg(long, value_name = "FILE")]
@@ -136,11 +136,11 @@ pub struct ConnectArgs {
     /// Bound of each of this agent's queues on the broker, in bytes (the oldest messages are
     /// dropped beyond it): caps the delay that builds up when this receiver is slower than
     /// its senders.
-    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(config::QUEUE_MAX_BYTES))]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUE_MAX_BYTES, value_parser = clap::value_parser!(u64).range(config::QUEUE_MAX_BYTES))]
     pub queue_max_bytes: u64,
     /// Unacknowledged messages the broker may push to each consumer (they are not counted
     /// against --queue-max-bytes, so this too bounds the delay under load).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = config::DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
     /// Strict identities: accept a packet only when the broker user that published it may
     /// use its source address, as FILE says (one line per user: USER PREFIX[,PREFIX…]; each

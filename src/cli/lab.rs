@@ -23,7 +23,7 @@ pub struct LabArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4000))]
     pub hosts: Option<u32>,
     /// TUN queues per host.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
     pub queues: u16,
     /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
     #[arg(long)]

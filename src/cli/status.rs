@@ -14,6 +14,6 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
     /// Where the agents' sockets are (their --status-dir).
-    #[arg(long, value_name = "DIR", default_value = crate::status::DEFAULT_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::RUN_DIR)]
     pub dir: PathBuf,
 }

@@ -14,7 +14,7 @@ use super::hosts::{delete_namespaces, session_namespaces};
 use super::plan;
 
 /// Where lab state files live.
-pub const STATE_DIR: &str = "/run/tunbus";
+pub const STATE_DIR: &str = crate::config::RUN_DIR;
 
 /// What a lab leaves on the machine, recorded before it is created.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
