@@ -134,7 +134,7 @@ impl Sniffer {
         let name = file_name(id).ok_or_else(|| format!("capture_id {id:?}: only letters, digits, '-', '_' and '.'"))?;
         let path = self.opts.dir.join(name);
         let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut sink = ClassicWriter::new(std::io::BufWriter::new(file), LINKTYPE_RAW).map_err(|e| e.to_string())?;
+        let mut recorder = ClassicWriter::new(std::io::BufWriter::new(file), LINKTYPE_RAW).map_err(|e| e.to_string())?;
         let capture = CaptureOptions { endpoints: self.opts.endpoints.clone(), exchange: self.opts.exchange.clone(), filter: Filter::default(), duration: None, queue_max_bytes: self.opts.queue_max_bytes };
         let stop = Stop::new();
         let flag = stop.clone();
@@ -142,7 +142,7 @@ impl Sniffer {
         let tap = super::open_tap(&capture.endpoints, &capture.exchange, capture.queue_max_bytes, &flag).map_err(|e| format!("cannot open the capture's queue: {e}"))?;
         let thread = std::thread::Builder::new()
             .name(format!("sniff-{id}"))
-            .spawn(move || super::run_on(tap, &capture, &mut sink, &flag).map_err(|e| e.to_string()))
+            .spawn(move || super::run_on(tap, &capture, &mut recorder, &flag).map_err(|e| e.to_string()))
             .map_err(|e| e.to_string())?;
         tracing::info!(capture_id = id, file = %path.display(), "capture started");
         self.running = Some(Running { id: id.to_owned(), stop, thread });

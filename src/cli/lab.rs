@@ -87,7 +87,7 @@ impl LabArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
                 let hosts = self.hosts.map(|h| h as usize);
-                Some(crate::lab::topology::Topology::parse(&text, hosts).map_err(|e| Failure::new(Exit::Usage, format!("--topology {}: {e}", path.display())))?)
+                Some(crate::lab::topology::LabTopology::parse(&text, hosts).map_err(|e| Failure::new(Exit::Usage, format!("--topology {}: {e}", path.display())))?)
             }
             None => None,
         };

@@ -30,7 +30,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-pub use model::{Dropped, Emulator, RateClock, Verdict};
+pub use model::{Dropped, Emulator, RateClock, Fate};
 pub use spec::{Spec, SpecError};
 
 use crate::codec::segment::Segmenter;
@@ -239,8 +239,8 @@ impl Shaper {
 
     fn one(emulator: &mut Emulator, line: &mut DelayLine, now_ns: u64, key: RoutingKey, entry: &[u8]) -> u64 {
         match emulator.decide(now_ns, entry.len().saturating_sub(VNET_HDR_LEN), line.packets()) {
-            Verdict::Drop(_) => 1,
-            Verdict::Send { at_ns, copies } => {
+            Fate::Drop(_) => 1,
+            Fate::Send { at_ns, copies } => {
                 for _ in 0..copies {
                     line.hold(at_ns, key, entry);
                 }

@@ -53,7 +53,7 @@ impl Lab {
     /// A topology lab: every ordered pair is pinged; linked pairs must answer, the others
     /// must not. Each pair's RTT is reported beside its link's configuration; a link with
     /// `loss` also gets a burst of pings, one with `rate` a TCP flow (one link at a time).
-    pub(super) async fn check_topology(&self, t: &topology::Topology, report: &mut LabReport) {
+    pub(super) async fn check_topology(&self, t: &topology::LabTopology, report: &mut LabReport) {
         let n = self.hosts.len();
         let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
         report.pairs_checked = n * (n - 1);

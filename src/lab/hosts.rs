@@ -92,7 +92,7 @@ impl Lab {
                 let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
                 let addrs: Vec<Vec<std::net::IpAddr>> = self.hosts.iter().map(|h| h.prefixes().iter().map(|p| p.addr).collect()).collect();
                 // `Host::index` counts from 1; the topology's indices from 0.
-                crate::emulate::Emulation { known: topology::Topology::addresses(&names, &addrs), ..t.emulation_of(host.index - 1, &names, self.opts.seed) }
+                crate::emulate::Emulation { known: topology::LabTopology::addresses(&names, &addrs), ..t.emulation_of(host.index - 1, &names, self.opts.seed) }
             }
             None => crate::emulate::Emulation::default(),
         };

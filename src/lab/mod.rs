@@ -64,7 +64,7 @@ pub struct LabOptions {
     /// its own identity, strict mode.
     pub secure: bool,
     /// `--topology`: which hosts are linked, with what emulation (`None`: all, plain).
-    pub topology: Option<topology::Topology>,
+    pub topology: Option<topology::LabTopology>,
 }
 
 /// Everything the lab created, torn down in `teardown` (and, for namespaces and the
