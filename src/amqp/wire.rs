@@ -1,12 +1,14 @@
-//! AMQP 0-9-1 framing for the data connections: the handful of methods a data link needs,
-//! encoded and parsed without I/O (pure, like `codec/`).
+//! AMQP 0-9-1 framing for every connection tunbus opens: the handful of methods it needs,
+//! encoded and parsed without I/O (pure, like `codec/`). Runs on whichever thread owns the
+//! connection; on the hot path (each publish and delivery).
 //!
 //! Why our own: the data path used lapin, where every message crossed two extra threads
 //! (our task → lapin's I/O loop on send; I/O loop → our task on receive), and those
-//! hand-offs dominated the profile (docs/decisions/0010-own-amqp-data-path.md). A data link
-//! only ever opens a connection, declares and binds a queue, publishes, consumes and acks,
-//! so its protocol fits in this file; control (the name check, `agent peers`, the ioppytest
-//! control messages, the router) stays on lapin.
+//! hand-offs dominated the profile (docs/decisions/0010-own-amqp-data-path.md). tunbus only
+//! ever opens a connection, declares and binds queues, publishes, consumes and acks, so its
+//! protocol fits in this file; since decision 0015 the control connections (the name check,
+//! `agent peers`, the ioppytest control messages, the router, captures) use it too, and
+//! lapin is gone.
 //!
 //! A frame is `type:u8 channel:u16 size:u32 payload[size] 0xCE`; a method payload is
 //! `class:u16 method:u16 arguments`. Strings are `u8`-length ("short") or `u32`-length

@@ -17,7 +17,6 @@ pub mod addressing;
 pub mod serial;
 
 use super::v1::MAX_PACKET_LEN;
-use crate::amqp::wire::Properties;
 
 /// `_api_version` written in every body (the one ioppytest-agent 0.2.20 sends).
 pub const API_VERSION: &str = "1.2.15";
@@ -29,18 +28,11 @@ pub const EXCHANGE: &str = "amq.topic";
 pub const CONTENT_TYPE: &str = "application/json";
 /// `content_encoding` property set by the Python agent.
 pub const CONTENT_ENCODING: &str = "utf-8";
-/// `delivery_mode` property set by the Python agent (persistent).
+/// `delivery_mode` property set by the Python agent (persistent). These properties, as
+/// AMQP writes them, are `amqp::IOPPYTEST_PROPERTIES` (the codec knows no AMQP).
 pub const DELIVERY_MODE: u8 = 2;
-/// The AMQP properties of every ioppytest message tunbus publishes (packets and control):
-/// the Python receivers want them as they set them.
-pub const PROPERTIES: Properties<'static> = Properties {
-    content_type: Some(CONTENT_TYPE),
-    content_encoding: Some(CONTENT_ENCODING),
-    empty_headers: true,
-    delivery_mode: Some(DELIVERY_MODE),
-    user_id: None,
-    correlation_id: None,
-};
+/// The Python agent sends an empty `headers` table with every message.
+pub const EMPTY_HEADERS: bool = true;
 /// Routing key of the "component ready" announcement.
 pub const ROUTING_KEY_COMPONENT_READY: &str = "testingtool.component.ready";
 

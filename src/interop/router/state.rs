@@ -26,7 +26,7 @@ pub const ROUTER_SENDER: &str = "tunbus-router";
 /// The AMQP properties of a message the router publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
-    /// ioppytest JSON (`codec::ioppytest::PROPERTIES`).
+    /// ioppytest JSON (`amqp::IOPPYTEST_PROPERTIES`).
     Ioppytest,
     /// A native v1 batch (no properties; the connection adds `user_id`).
     Native,
