@@ -247,7 +247,9 @@ impl Default for DataPath {
 
 impl DataPath {
     fn check(&self) -> Result<(), ConfigError> {
-        ensure(u32::try_from(self.max_batch_bytes).is_ok_and(|b| MAX_BATCH_BYTES.contains(&b)), || format!("max batch bytes {} is outside {MAX_BATCH_BYTES:?}", self.max_batch_bytes))?;
+        ensure(u32::try_from(self.max_batch_bytes).is_ok_and(|b| MAX_BATCH_BYTES.contains(&b)), || {
+            format!("max batch bytes {} is outside {MAX_BATCH_BYTES:?}", self.max_batch_bytes)
+        })?;
         ensure(self.stats_interval <= MAX_STATS_INTERVAL, || "the stats interval must be at most 86400 s".into())
     }
 }

@@ -84,8 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = agent.shutdown().await;
             println!("{report}");
             if let Some(path) = stats_json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing --stats-json {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing --stats-json {}", path.display()))?;
             }
             match failure {
                 Some(f) => Err(Failure::new(Exit::Internal, f).into()),
@@ -215,7 +214,11 @@ async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
     let out = capture::output(&args.write).map_err(|e| Failure::new(Exit::Local, format!("-w {file}: cannot write it: {e}")))?;
     let (interrupt, _stop) = stop_on_signal()?;
     if args.write.as_os_str() != "-" {
-        eprintln!("capture: exchange {} into {file}{} (Ctrl-C to stop)", opts.exchange, opts.duration.map(|d| format!(" for {:.0} s", d.as_secs_f64())).unwrap_or_default());
+        eprintln!(
+            "capture: exchange {} into {file}{} (Ctrl-C to stop)",
+            opts.exchange,
+            opts.duration.map(|d| format!(" for {:.0} s", d.as_secs_f64())).unwrap_or_default()
+        );
     }
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<capture::Summary> {
         let mut writer = pcapng::Writer::new(out, concat!("tunbus ", env!("CARGO_PKG_VERSION"), " agent capture"))?;
@@ -285,9 +288,7 @@ async fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let wait = args.wait()?;
     let (interrupt, _stop) = stop_on_signal()?;
     let ex = exchange.clone();
-    let peers = tokio::task::spawn_blocking(move || tunbus::amqp::presence::discover(&endpoints, &ex, wait, &interrupt))
-        .await?
-        .map_err(Failure::from)?;
+    let peers = tokio::task::spawn_blocking(move || tunbus::amqp::presence::discover(&endpoints, &ex, wait, &interrupt)).await?.map_err(Failure::from)?;
     let now_ms = now_ns() / 1_000_000;
     // Addresses claimed by more than one broker user: first claim refuses all but one.
     let mut claimants: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();

@@ -616,14 +616,7 @@ pub fn body_chunk(frame_max: u32) -> usize {
 /// `(iov.len() - 1) / 2` frames. Returns how many slices were filled and the first frame
 /// not yet in them (the message is complete when that is [`body_frames`]). Frame 0 carries
 /// the method and header frames with it.
-pub fn publish_iov<'a>(
-    seps: &'a [u8],
-    prefix: usize,
-    body: &'a [u8],
-    frame_max: u32,
-    first: usize,
-    iov: &mut [std::io::IoSlice<'a>],
-) -> (usize, usize) {
+pub fn publish_iov<'a>(seps: &'a [u8], prefix: usize, body: &'a [u8], frame_max: u32, first: usize, iov: &mut [std::io::IoSlice<'a>]) -> (usize, usize) {
     let chunk = body_chunk(frame_max);
     if body.is_empty() {
         iov[0] = std::io::IoSlice::new(&seps[..prefix]);
@@ -634,7 +627,8 @@ pub fn publish_iov<'a>(
     let mut i = first;
     while i < frames && n + 3 <= iov.len() {
         // Separator i starts after the prefix's first header, then 8 bytes per frame.
-        let (start, len) = if i == 0 { (0, prefix + FRAME_HEADER_LEN) } else { (prefix + FRAME_HEADER_LEN + (i - 1) * (1 + FRAME_HEADER_LEN), 1 + FRAME_HEADER_LEN) };
+        let (start, len) =
+            if i == 0 { (0, prefix + FRAME_HEADER_LEN) } else { (prefix + FRAME_HEADER_LEN + (i - 1) * (1 + FRAME_HEADER_LEN), 1 + FRAME_HEADER_LEN) };
         iov[n] = std::io::IoSlice::new(&seps[start..start + len]);
         let end = ((i + 1) * chunk).min(body.len());
         iov[n + 1] = std::io::IoSlice::new(&body[i * chunk..end]);
@@ -728,7 +722,14 @@ mod tests {
     #[test]
     fn publish_carries_key_size_and_properties() {
         let mut w = Writer::new();
-        let props = Properties { content_type: Some("application/json"), content_encoding: Some("utf-8"), empty_headers: true, delivery_mode: Some(2), user_id: Some("h1"), correlation_id: None };
+        let props = Properties {
+            content_type: Some("application/json"),
+            content_encoding: Some("utf-8"),
+            empty_headers: true,
+            delivery_mode: Some(2),
+            user_id: Some("h1"),
+            correlation_id: None,
+        };
         w.publish(1, b"amq.topic", b"fromAgent.a.ip.tun.packet.raw", 1234, &props);
         let f = frames(&w.buf);
         assert_eq!(f.len(), 2);

@@ -32,8 +32,8 @@ use std::io;
 use std::net::IpAddr;
 
 use crate::amqp::presence::ROUTER_WIRE;
-use crate::codec::segment::Segmenter;
 use crate::codec::ioppytest::{self, addressing::OldAddressing};
+use crate::codec::segment::Segmenter;
 use crate::codec::v1;
 use crate::route::{self, Key};
 
@@ -277,7 +277,9 @@ impl Merge {
     fn replay(&mut self, h: &Held, recorder: &mut dyn Recorder, may_hold: bool) -> io::Result<bool> {
         match ioppytest::parse_from_agent(&h.routing_key) {
             // One that does not decode was counted when it arrived, and never held.
-            Some(ioppytest::FromAgent::Packet { name }) => self.with_json(&h.body, |m, packet| m.on_json(name, packet, h.at_ns, recorder, may_hold)).unwrap_or(Ok(false)),
+            Some(ioppytest::FromAgent::Packet { name }) => {
+                self.with_json(&h.body, |m, packet| m.on_json(name, packet, h.at_ns, recorder, may_hold)).unwrap_or(Ok(false))
+            }
             _ => self.on_batch(&h.routing_key, h.user_id.as_deref(), &h.body, recorder, may_hold),
         }
     }
@@ -709,7 +711,11 @@ mod tests {
         let file = crate::capture::pcapng::read(&w.into_inner()).unwrap();
         let iface = &file.interfaces[0];
         assert_eq!(iface.name, "agent_1");
-        assert!(iface.addresses.iter().any(|a| a.0 == IpAddr::from(old)) && iface.addresses.iter().any(|a| a.0 == "bbbb::1".parse::<IpAddr>().unwrap()), "{:?}", iface.addresses);
+        assert!(
+            iface.addresses.iter().any(|a| a.0 == IpAddr::from(old)) && iface.addresses.iter().any(|a| a.0 == "bbbb::1".parse::<IpAddr>().unwrap()),
+            "{:?}",
+            iface.addresses
+        );
     }
 
     #[test]

@@ -79,7 +79,10 @@ impl Summary {
             s += &format!("; {} copies the ioppytest router bridged left out (each is in the file once, from its old agent)", c.bridged);
         }
         if c.lost_batches > 0 {
-            s += &format!("; LOST {} batches (the capture fell behind and the broker dropped them from its tap queue: raise --queue-max-bytes or filter)", c.lost_batches);
+            s += &format!(
+                "; LOST {} batches (the capture fell behind and the broker dropped them from its tap queue: raise --queue-max-bytes or filter)",
+                c.lost_batches
+            );
         } else {
             s += "; nothing lost";
         }

@@ -12,7 +12,17 @@ use super::{bus_exchange, BusArgs};
 use crate::capture::{Filter, Options};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  agent capture --session lab -w lab.pcapng\n  agent capture --session lab -w h2.pcapng --agent h2 --duration 30s\n  agent capture --session lab -w - | tshark -r -\n\nThe broker user needs read on the session's exchange, configure/write/read on amq.gen-* queues and topic read on tunbus.v1.# and fromAgent.# (docs/security.md, \"Capture\").")]
+#[command(
+    after_help = concat!(
+        "Examples:\n",
+        "  agent capture --session lab -w lab.pcapng\n",
+        "  agent capture --session lab -w h2.pcapng --agent h2 --duration 30s\n",
+        "  agent capture --session lab -w - | tshark -r -\n",
+        "\n",
+        "The broker user needs read on the session's exchange, configure/write/read on amq.gen-* queues and topic read on ",
+        "tunbus.v1.# and fromAgent.# (docs/security.md, \"Capture\")."
+    )
+)]
 pub struct CaptureArgs {
     #[command(flatten)]
     pub bus: BusArgs,

@@ -49,7 +49,9 @@ pub(super) fn parse_with_file(argv: &[OsString]) -> Result<Cli, ParseError> {
                 _ => String::new(),
             };
             let long = arg.trim_start_matches("--").split([' ', '=']).next().unwrap_or_default().to_owned();
-            let Some(key) = table.keys().find(|k| !long.is_empty() && k.replace('_', "-") == long && extra.iter().any(|x| x.to_str().is_some_and(|x| x.starts_with(&format!("--{long}"))))) else {
+            let Some(key) = table.keys().find(|k| {
+                !long.is_empty() && k.replace('_', "-") == long && extra.iter().any(|x| x.to_str().is_some_and(|x| x.starts_with(&format!("--{long}"))))
+            }) else {
                 return Err(ParseError::Clap(e));
             };
             let text_of_error = e.to_string();
@@ -135,7 +137,9 @@ pub fn key_args(text: &str, command: &Command, given: &ArgMatches, key: &str, va
         (ArgAction::SetTrue, toml::Value::Boolean(true)) => Ok(vec![OsString::from(format!("--{long}"))]),
         (ArgAction::SetTrue, toml::Value::Boolean(false)) => Ok(Vec::new()),
         (ArgAction::SetTrue, _) => Err(err("is a switch: write true or false".into())),
-        (ArgAction::Append, toml::Value::Array(items)) => items.iter().map(|i| scalar(i).map(flag).ok_or_else(|| err("list items must be strings or numbers".into()))).collect(),
+        (ArgAction::Append, toml::Value::Array(items)) => {
+            items.iter().map(|i| scalar(i).map(flag).ok_or_else(|| err("list items must be strings or numbers".into()))).collect()
+        }
         (_, toml::Value::Array(_)) => Err(err("takes one value, not a list".into())),
         (_, v) => scalar(v).map(|s| vec![flag(s)]).ok_or_else(|| err("must be a string, a number or a boolean".into())),
     }

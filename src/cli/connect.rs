@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::{bus_exchange, clap_range, BusArgs};
+use super::{bus_exchange, within, BusArgs};
 use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::config::{self, AgentConfig, Bus, ConfigError, DataPath, Identity, Interface, Ioppytest, Prefix, Wire, DEFAULT_MTU};
 use crate::exit::{Exit, Failure};
@@ -30,7 +30,7 @@ pub struct ConnectArgs {
     pub name: String,
     /// TUN queues = worker threads = AMQP connections = consumer queues (at most 16, the
     /// number of flow shards).
-    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
     pub queues: u16,
     /// IPv4 address with prefix length, e.g. 198.18.0.1/24 (repeatable).
     #[arg(long, value_name = "ADDR/PREFIX")]
@@ -41,7 +41,7 @@ pub struct ConnectArgs {
     /// Interface MTU [default: 9000; 1500 with --wire ioppytest]. TCP super-packets of
     /// 64 KiB travel whole either way (offloads); jumbo frames cut the packet rate of
     /// non-offloaded bulk traffic 6x compared with 1500.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(clap_range(config::MTU.start(), config::MTU.end())))]
+    #[arg(long, value_parser = within(config::MTU))]
     pub mtu: Option<u32>,
     /// Wire format: native tunbus batches, or the Python ioppytest-agent's JSON (one
     /// packet per message on fromAgent.<NAME>…/toAgent.<NAME>…, through `agent route`).
@@ -121,7 +121,7 @@ pub struct ConnectArgs {
     #[arg(long, default_value_t = config::DEFAULT_STATS_INTERVAL.as_secs_f64(), value_name = "SECONDS")]
     pub stats_interval: f64,
     /// Largest AMQP message body (one batch of packets), in bytes.
-    #[arg(long, default_value_t = config::DEFAULT_MAX_BATCH_BYTES, value_parser = clap::value_parser!(u32).range(clap_range(config::MAX_BATCH_BYTES.start(), config::MAX_BATCH_BYTES.end())))]
+    #[arg(long, default_value_t = config::DEFAULT_MAX_BATCH_BYTES, value_parser = within(config::MAX_BATCH_BYTES))]
     pub max_batch_bytes: u32,
     /// Serve Prometheus metrics on GET /metrics at this address (PORT alone means
     /// 127.0.0.1:PORT). Off by default.
@@ -248,24 +248,19 @@ impl ConnectArgs {
             crate::identity::Mode::Off
         } else if let Some(path) = &self.peers {
             let text = std::fs::read_to_string(path).map_err(|e| Failure::new(Exit::Local, format!("cannot read --peers {}: {e}", path.display())))?;
-            let table = crate::identity::peers_file::parse(&text, self.bus.session.as_deref()).map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", path.display())))?;
+            let table = crate::identity::peers_file::parse(&text, self.bus.session.as_deref())
+                .map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", path.display())))?;
             crate::identity::Mode::Strict(table)
         } else {
             crate::identity::Mode::FirstClaim
         };
-        let stats_interval = Duration::try_from_secs_f64(self.stats_interval).map_err(|_| anyhow::anyhow!("--stats-interval must be between 0 and 86400 seconds"))?;
+        let stats_interval =
+            Duration::try_from_secs_f64(self.stats_interval).map_err(|_| anyhow::anyhow!("--stats-interval must be between 0 and 86400 seconds"))?;
         let metrics_addr = match &self.metrics_addr {
             Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(anyhow::Error::msg)?),
             None => None,
         };
-        let bus = Bus {
-            heartbeat,
-            session: self.bus.session,
-            exchange,
-            prefetch: self.prefetch,
-            queue_max_bytes: self.queue_max_bytes,
-            ..Bus::new(endpoints)
-        };
+        let bus = Bus { heartbeat, session: self.bus.session, exchange, prefetch: self.prefetch, queue_max_bytes: self.queue_max_bytes, ..Bus::new(endpoints) };
         let interface = Interface {
             ifname: self.ifname,
             netns: self.netns,
@@ -304,7 +299,12 @@ impl ConnectArgs {
         }
         let ioppytest = Ioppytest { addressing: old, coordinator: self.coordinator, start_within };
         let invalid = |e: ConfigError| Failure::new(Exit::Usage, e.to_string());
-        let config = AgentConfig::new(&self.name, bus, interface).map_err(invalid)?.with_data_path(data_path).map_err(invalid)?.with_ioppytest(ioppytest).map_err(invalid)?;
+        let config = AgentConfig::new(&self.name, bus, interface)
+            .map_err(invalid)?
+            .with_data_path(data_path)
+            .map_err(invalid)?
+            .with_ioppytest(ioppytest)
+            .map_err(invalid)?;
         let user = self.broker_user.unwrap_or_else(|| config.identity().user.clone());
         Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?)
     }
@@ -338,12 +338,17 @@ mod tests {
     #[test]
     fn as_ioppytest_agent_connect_speaks_the_old_wire() {
         let args = |v: &[&str]| effective_args(v.iter().map(Into::into).collect()).into_iter().map(|a| a.into_string().unwrap()).collect::<Vec<_>>();
-        assert_eq!(args(&["/usr/bin/ioppytest-agent", "connect", "--name", "agent_1", "--force-bootstrap"]), ["/usr/bin/ioppytest-agent", "connect", "--wire", "ioppytest", "--name", "agent_1", "--force-bootstrap"]);
+        assert_eq!(
+            args(&["/usr/bin/ioppytest-agent", "connect", "--name", "agent_1", "--force-bootstrap"]),
+            ["/usr/bin/ioppytest-agent", "connect", "--wire", "ioppytest", "--name", "agent_1", "--force-bootstrap"]
+        );
         assert_eq!(args(&["ioppytest-agent", "connect", "--wire", "native"]), ["ioppytest-agent", "connect", "--wire", "native"]);
         assert_eq!(args(&["ioppytest-agent", "connect", "--wire=native"]), ["ioppytest-agent", "connect", "--wire=native"]);
         assert_eq!(args(&["agent", "connect", "--name", "h1"]), ["agent", "connect", "--name", "h1"]);
         assert_eq!(args(&["ioppytest-agent", "--help"]), ["ioppytest-agent", "--help"]);
-        let argv = effective_args(["ioppytest-agent", "connect", "--url", "amqp://127.0.0.1", "--name", "agent_1", "--force-bootstrap", "--dump"].map(Into::into).to_vec());
+        let argv = effective_args(
+            ["ioppytest-agent", "connect", "--url", "amqp://127.0.0.1", "--name", "agent_1", "--force-bootstrap", "--dump"].map(Into::into).to_vec(),
+        );
         let Command::Connect(c) = Cli::try_parse_from(argv).unwrap().command else { panic!("connect") };
         let c = c.into_config().unwrap();
         assert_eq!(c.data_path().wire, Wire::Ioppytest);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::{clap_range, BrokerArgs};
+use super::{within, BrokerArgs};
 use crate::config::{self, DEFAULT_MTU};
 use crate::exit::{Exit, Failure};
 use crate::route;
@@ -23,7 +23,7 @@ pub struct LabArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4000))]
     pub hosts: Option<u32>,
     /// TUN queues per host.
-    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(clap_range(config::QUEUES.start(), config::QUEUES.end())))]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
     pub queues: u16,
     /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
     #[arg(long)]
@@ -52,7 +52,7 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub brokers: u16,
     /// Interface MTU of every host.
-    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(clap_range(config::MTU.start(), config::MTU.end())))]
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = within(config::MTU))]
     pub mtu: u32,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -87,7 +87,10 @@ impl LabArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
                 let hosts = self.hosts.map(|h| h as usize);
-                Some(crate::lab::topology::LabTopology::parse(&text, hosts).map_err(|e| Failure::new(Exit::Usage, format!("--topology {}: {e}", path.display())))?)
+                Some(
+                    crate::lab::topology::LabTopology::parse(&text, hosts)
+                        .map_err(|e| Failure::new(Exit::Usage, format!("--topology {}: {e}", path.display())))?,
+                )
             }
             None => None,
         };

@@ -30,6 +30,7 @@ pub use sniffer::SnifferArgs;
 pub use status::StatusArgs;
 
 use std::ffi::OsString;
+
 use clap::{Parser, Subcommand};
 
 use crate::exit::Failure;
@@ -144,7 +145,11 @@ pub enum Command {
     Manpages(ManpagesArgs),
 }
 
-/// A configuration range as clap's (`i64` bounds).
-fn clap_range<T: Copy + Into<i64>>(start: &T, end: &T) -> std::ops::RangeInclusive<i64> {
-    (*start).into()..=(*end).into()
+/// A parser of integers within a configuration range (clap's ranges are `i64`).
+fn within<T>(range: std::ops::RangeInclusive<T>) -> clap::builder::RangedI64ValueParser<T>
+where
+    T: Copy + Into<i64> + TryFrom<i64> + Clone + Send + Sync + 'static,
+    <T as TryFrom<i64>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    clap::builder::RangedI64ValueParser::new().range((*range.start()).into()..=(*range.end()).into())
 }

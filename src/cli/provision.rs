@@ -52,7 +52,9 @@ impl ProvisionArgs {
         }
         if let Some(f) = &self.agents_file {
             let text = std::fs::read_to_string(f).map_err(|e| Failure::new(Exit::Local, format!("cannot read --agents-file {}: {e}", f.display())))?;
-            agents.extend(crate::provision::plan::parse_agents_file(&text).map_err(|e| Failure::new(Exit::Usage, format!("--agents-file {}: {e}", f.display())))?);
+            agents.extend(
+                crate::provision::plan::parse_agents_file(&text).map_err(|e| Failure::new(Exit::Usage, format!("--agents-file {}: {e}", f.display())))?,
+            );
         }
         if !route::is_valid_word(&self.session) {
             return Err(Failure::new(Exit::Usage, format!("--session {:?} must be one topic word", self.session)).into());
@@ -60,6 +62,15 @@ impl ProvisionArgs {
         if agents.is_empty() && !self.revoke {
             return Err(Failure::new(Exit::Usage, "give at least one --agent NAME=PREFIXES (or --agents-file)").into());
         }
-        Ok(crate::provision::Options { admin, tls: self.broker.tls(), api: self.api.clone(), session: self.session.clone(), agents, observers: self.observers.clone(), out: self.out.clone(), node: None })
+        Ok(crate::provision::Options {
+            admin,
+            tls: self.broker.tls(),
+            api: self.api.clone(),
+            session: self.session.clone(),
+            agents,
+            observers: self.observers.clone(),
+            out: self.out.clone(),
+            node: None,
+        })
     }
 }

@@ -25,6 +25,11 @@ pub struct SnifferArgs {
 impl SnifferArgs {
     /// The sniffer's options: the broker's nodes, the exchange, where captures are kept.
     pub fn options(&self) -> anyhow::Result<Options> {
-        Ok(Options { endpoints: self.bus.broker.endpoints()?, exchange: bus_exchange(&self.bus)?, dir: self.dir.clone(), queue_max_bytes: self.queue_max_bytes })
+        Ok(Options {
+            endpoints: self.bus.broker.endpoints()?,
+            exchange: bus_exchange(&self.bus)?,
+            dir: self.dir.clone(),
+            queue_max_bytes: self.queue_max_bytes,
+        })
     }
 }

@@ -30,7 +30,10 @@ pub enum Dropped {
 pub enum Fate {
     Drop(Dropped),
     /// Sent `copies` times (2 when duplicated), leaving at `at_ns`.
-    Send { at_ns: u64, copies: u8 },
+    Send {
+        at_ns: u64,
+        copies: u8,
+    },
 }
 
 /// When the emulated line is next free at its rate, in ns; one per link, shared by the
@@ -219,10 +222,12 @@ mod tests {
     fn rate_spaces_packets_by_their_size() {
         // 10 Mbit/s: a 1250-byte packet takes 1 ms on the line.
         let mut e = emulator("rate 10mbit", 1);
-        let at: Vec<u64> = (0..5).map(|_| match e.decide(0, 1250, 0) {
-            Fate::Send { at_ns, .. } => at_ns,
-            v => panic!("{v:?}"),
-        }).collect();
+        let at: Vec<u64> = (0..5)
+            .map(|_| match e.decide(0, 1250, 0) {
+                Fate::Send { at_ns, .. } => at_ns,
+                v => panic!("{v:?}"),
+            })
+            .collect();
         assert_eq!(at, [1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000]);
         // An idle line starts again from now.
         assert_eq!(e.decide(100_000_000, 1250, 0), Fate::Send { at_ns: 101_000_000, copies: 1 });

@@ -13,11 +13,11 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::codec::ioppytest::addressing::{OldAddressing, Order, StartPolicy};
-use crate::metrics::{DropReason, RxCounters};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
+use crate::codec::ioppytest::addressing::{OldAddressing, Order, StartPolicy};
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
 use crate::config::{AgentConfig, Prefix};
+use crate::metrics::{DropReason, RxCounters};
 use crate::util::Stop;
 
 fn publish(c: &mut Client, exchange: &str, key: &str, body: &impl serde::Serialize) -> Result<(), client::Error> {
@@ -27,11 +27,7 @@ fn publish(c: &mut Client, exchange: &str, key: &str, body: &impl serde::Seriali
 }
 
 fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), client::Error> {
-    let ready = ComponentReady {
-        _api_version: API_VERSION.to_owned(),
-        component: name.to_owned(),
-        description: format!("{name} READY to start test suite."),
-    };
+    let ready = ComponentReady { _api_version: API_VERSION.to_owned(), component: name.to_owned(), description: format!("{name} READY to start test suite.") };
     publish(c, exchange, ioppytest::ROUTING_KEY_COMPONENT_READY, &ready)
 }
 

@@ -40,7 +40,16 @@ pub(super) struct SecureSession {
 /// Revokes a lab's provisioned session on this machine's broker (rabbitmqctl).
 pub(super) fn revoke_local(session: &str) {
     let Ok(admin) = url::parse(DEFAULT_URL) else { return };
-    let o = crate::provision::Options { admin, tls: Default::default(), api: None, session: session.to_owned(), agents: Vec::new(), observers: Vec::new(), out: None, node: None };
+    let o = crate::provision::Options {
+        admin,
+        tls: Default::default(),
+        api: None,
+        session: session.to_owned(),
+        agents: Vec::new(),
+        observers: Vec::new(),
+        out: None,
+        node: None,
+    };
     if let Err(e) = crate::provision::revoke(&o) {
         tracing::warn!(session, error = %e, "could not revoke the lab's session");
     }
@@ -103,7 +112,8 @@ impl Lab {
     /// that a killed lab's session is revoked by the next run.
     pub(super) fn provision(&mut self, state: &mut State) -> anyhow::Result<()> {
         let Some(base) = self.endpoints.first().map(|e| e.url.clone()) else { bail!("no broker") };
-        let agents: Vec<crate::provision::plan::AgentSpec> = self.hosts.iter().map(|h| crate::provision::plan::AgentSpec { name: h.name.clone(), prefixes: h.prefixes().to_vec() }).collect();
+        let agents: Vec<crate::provision::plan::AgentSpec> =
+            self.hosts.iter().map(|h| crate::provision::plan::AgentSpec { name: h.name.clone(), prefixes: h.prefixes().to_vec() }).collect();
         let o = crate::provision::Options {
             admin: base.clone(),
             tls: Default::default(),

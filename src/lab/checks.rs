@@ -161,10 +161,7 @@ pub(super) async fn iperf(from: &plan::Host, to: &plan::Host, time: Duration) ->
     let Ok(mut server) = server else { return Err("iperf3 server did not start".into()) };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let secs = format!("{:.1}", time.as_secs_f64());
-    let out = tokio::process::Command::new("ip")
-        .args(["netns", "exec", &from.netns, "iperf3", "-c", &to.v4.to_string(), "-t", &secs, "-J"])
-        .output()
-        .await;
+    let out = tokio::process::Command::new("ip").args(["netns", "exec", &from.netns, "iperf3", "-c", &to.v4.to_string(), "-t", &secs, "-J"]).output().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), server.wait()).await;
     let Ok(out) = out else { return Err("iperf3 client did not run".into()) };
     let parsed: Option<f64> = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());

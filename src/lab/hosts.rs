@@ -33,6 +33,9 @@ pub(super) fn delete_namespaces(names: &[String]) {
     let _ = run_batch(&script);
 }
 
+/// Runs `ip -force -batch -` with `script`: every line is tried, also after one fails (a
+/// namespace already gone), unlike `tun::netns::ip_batch`, and an error does not repeat
+/// the script (thousands of lines in a large lab).
 pub(super) fn run_batch(script: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut child = std::process::Command::new("ip")
@@ -71,7 +74,10 @@ impl Lab {
         let mut user = None;
         if let Some((login, endpoint)) = self.identities.as_ref().and_then(|secure| secure.by_host.get(&host.name)) {
             let url = &endpoint.url;
-            endpoints = endpoints.iter().map(|e| Endpoint::plain(e.url.with_credentials(url.username.as_deref().unwrap_or(login), url.password().unwrap_or("")).with_vhost(&url.vhost))).collect();
+            endpoints = endpoints
+                .iter()
+                .map(|e| Endpoint::plain(e.url.with_credentials(url.username.as_deref().unwrap_or(login), url.password().unwrap_or("")).with_vhost(&url.vhost)))
+                .collect();
             user = Some(login.clone());
         }
         // Many agents per process, so smaller per-agent buffers: 128 KiB batches, 32 KiB

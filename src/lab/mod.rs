@@ -91,7 +91,10 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
     let fds = (opts.hosts * opts.queues * 2 + opts.hosts + 256) as u64;
     let got = crate::sys::raise_fd_limit(fds).context("raising the open-files limit")?;
     if got < fds {
-        bail!("a lab of {} hosts needs {fds} open files, and this process may have {got}: raise the hard limit (ulimit -Hn, or LimitNOFILE= in a unit)", opts.hosts);
+        bail!(
+            "a lab of {} hosts needs {fds} open files, and this process may have {got}: raise the hard limit (ulimit -Hn, or LimitNOFILE= in a unit)",
+            opts.hosts
+        );
     }
     cleanup_session(&opts.session)?;
     let mut state = State { pid: std::process::id(), session: opts.session.clone(), hosts: opts.hosts, ..State::default() };
@@ -198,4 +201,3 @@ impl Lab {
         }
     }
 }
-

@@ -51,10 +51,7 @@ pub(super) fn write_state(state: &State) -> anyhow::Result<()> {
 
 /// Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not).
 pub(super) fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z'))).unwrap_or(false)
 }
 
 /// Removes what a dead lab of `session` left. Errors if a lab of that session still runs.

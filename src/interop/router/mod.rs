@@ -104,7 +104,8 @@ struct Shell {
 /// Runs until `stop`; returns the counters.
 pub fn run(mut opts: RouterOptions, stop: &Stop) -> RouterCounters {
     let topology = std::mem::take(&mut opts.topology);
-    let mut r = Shell { opts, router: Router::new(topology), actions: Vec::new(), queue: format!("tunbus.router.{}", std::process::id()), next_hello: Instant::now() };
+    let mut r =
+        Shell { opts, router: Router::new(topology), actions: Vec::new(), queue: format!("tunbus.router.{}", std::process::id()), next_hello: Instant::now() };
     let mut opts = ConnectOptions::new("tunbus router");
     opts.heartbeat = r.opts.heartbeat;
     let plan = client::Plan {
