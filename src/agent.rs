@@ -293,7 +293,10 @@ impl Agent {
             agent.helpers.push(
                 std::thread::Builder::new()
                     .name(format!("ctl-{}", config.name()))
-                    .spawn(move || crate::interop::control::run(&c, &stop, counters))
+                    .spawn(move || {
+                        let iface = c.interface();
+                        crate::interop::control::run(&c, &stop, counters, |p| netns::add_address(iface.netns.as_deref(), &iface.ifname, p))
+                    })
                     .context("spawning the ioppytest control thread")?,
             );
         }

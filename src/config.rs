@@ -5,6 +5,12 @@
 //! only way to a configuration, and each checks the whole, so the CLI, the lab and the tests
 //! build agents through the same checks. Everything below the CLI sees only this. Pure: no
 //! I/O, no clap, no interop types.
+//!
+//! The defaults of `agent connect` are written here once ([`DEFAULT_QUEUES`] and the
+//! constants after it); the CLI shows them through clap. Near a leaf: besides `route`'s
+//! grammar helpers it imports only the types its parts carry (broker endpoints, the
+//! emulation, the identity mode, the old agent's addressing), never an application
+//! module (`status`, `tun`, `lab`, ...).
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::ops::RangeInclusive;
@@ -12,6 +18,9 @@ use std::time::Duration;
 
 use crate::amqp::client::{Endpoint, DEFAULT_HEARTBEAT};
 use crate::codec::ioppytest::addressing::{default_subnets, OldAddressing};
+use crate::emulate::Emulation;
+use crate::identity::{self, Mode};
+use crate::route::{is_valid_word, session_exchange, DEFAULT_EXCHANGE};
 
 pub use crate::route::Prefix;
 
@@ -36,6 +45,21 @@ impl Wire {
 
 /// Default MTU: see docs/decisions/0003-mtu.md.
 pub const DEFAULT_MTU: u32 = 9000;
+/// Default TUN queues (and workers, and data connections).
+pub const DEFAULT_QUEUES: u16 = 1;
+/// Default interface name.
+pub const DEFAULT_IFNAME: &str = "tb0";
+/// Default unacknowledged deliveries per consumer.
+pub const DEFAULT_PREFETCH: u16 = 32;
+/// Default bound of each consumer queue on the broker, in bytes.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 4 * 1024 * 1024;
+/// Default largest AMQP message body (one batch), in bytes.
+pub const DEFAULT_MAX_BATCH_BYTES: u32 = 256 * 1024;
+/// Default interval of the one-line statistics.
+pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// tunbus's folder of run-time files: the agents' status sockets (`--status-dir`) and the
+/// lab's state files.
+pub const RUN_DIR: &str = "/run/tunbus";
 /// TUN queues (and workers) one agent may have.
 pub const QUEUES: RangeInclusive<u16> = 1..=16;
 /// Interface MTU: IPv6's minimum up to the largest IP packet.
@@ -48,6 +72,15 @@ pub const QUEUE_MAX_BYTES: RangeInclusive<u64> = 65_536..=1 << 32;
 pub const MIN_FRAME_MAX: u32 = 4096;
 /// Longest report interval.
 pub const MAX_STATS_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// Checks an interface name the way the kernel will (IFNAMSIZ - 1 bytes, no separators).
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+}
 
 /// Why a configuration is not valid: one sentence naming the setting.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,22 +132,22 @@ impl Bus {
             endpoints,
             heartbeat: DEFAULT_HEARTBEAT,
             session: None,
-            exchange: "amq.topic".to_owned(),
+            exchange: DEFAULT_EXCHANGE.to_owned(),
             frame_max: None,
-            prefetch: 32,
-            queue_max_bytes: 4 * 1024 * 1024,
+            prefetch: DEFAULT_PREFETCH,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             check_name: true,
         }
     }
 
     /// In session `session`, on its own exchange.
     pub fn in_session(self, session: &str) -> Bus {
-        Bus { session: Some(session.to_owned()), exchange: crate::route::session_exchange(session), ..self }
+        Bus { session: Some(session.to_owned()), exchange: session_exchange(session), ..self }
     }
 
     fn check(&self) -> Result<(), ConfigError> {
         if let Some(s) = &self.session {
-            ensure(crate::route::is_valid_word(s), || format!("session {s:?} must be one topic word: letters, digits, '-' or '_'"))?;
+            ensure(is_valid_word(s), || format!("session {s:?} must be one topic word: letters, digits, '-' or '_'"))?;
         }
         ensure(!self.exchange.is_empty(), || "the exchange name is empty".into())?;
         ensure(self.prefetch >= 1, || "prefetch must be at least 1".into())?;
@@ -147,13 +180,22 @@ pub struct Interface {
 
 impl Default for Interface {
     fn default() -> Interface {
-        Interface { ifname: "tb0".to_owned(), netns: None, queues: 1, addrs: Vec::new(), mtu: DEFAULT_MTU, link_local: None, router_solicitations: 3, offload: true }
+        Interface {
+            ifname: DEFAULT_IFNAME.to_owned(),
+            netns: None,
+            queues: usize::from(DEFAULT_QUEUES),
+            addrs: Vec::new(),
+            mtu: DEFAULT_MTU,
+            link_local: None,
+            router_solicitations: 3,
+            offload: true,
+        }
     }
 }
 
 impl Interface {
     fn check(&self) -> Result<(), ConfigError> {
-        ensure(crate::tun::valid_ifname(&self.ifname), || format!("interface name {:?} is not valid (1-15 characters, no '/', ':' or spaces)", self.ifname))?;
+        ensure(valid_ifname(&self.ifname), || format!("interface name {:?} is not valid (1-15 characters, no '/', ':' or spaces)", self.ifname))?;
         ensure(u16::try_from(self.queues).is_ok_and(|q| QUEUES.contains(&q)), || format!("{} queues: an agent has {QUEUES:?}", self.queues))?;
         ensure(MTU.contains(&self.mtu), || format!("MTU {} is outside {MTU:?}", self.mtu))?;
         if let Some(ll) = self.link_local {
@@ -182,7 +224,7 @@ pub struct DataPath {
     /// Folder of the `agent status` socket (`None`: no socket; the lab's in-process agents).
     pub status_dir: Option<std::path::PathBuf>,
     /// Link emulation on egress (`--emulate`, `--emulate-to`, `--emulate-seed`).
-    pub emulation: crate::emulate::Emulation,
+    pub emulation: Emulation,
     /// Where to write what crosses the TUN, both directions (`--pcap`).
     pub pcap: Option<std::path::PathBuf>,
 }
@@ -193,11 +235,11 @@ impl Default for DataPath {
             wire: Wire::Native,
             cpus: Vec::new(),
             offload_from_bus: true,
-            max_batch_bytes: 256 * 1024,
-            stats_interval: Duration::from_secs(5),
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES as usize,
+            stats_interval: DEFAULT_STATS_INTERVAL,
             metrics_addr: None,
-            status_dir: Some(crate::status::DEFAULT_DIR.into()),
-            emulation: crate::emulate::Emulation::default(),
+            status_dir: Some(RUN_DIR.into()),
+            emulation: Emulation::default(),
             pcap: None,
         }
     }
@@ -205,7 +247,9 @@ impl Default for DataPath {
 
 impl DataPath {
     fn check(&self) -> Result<(), ConfigError> {
-        ensure(u32::try_from(self.max_batch_bytes).is_ok_and(|b| MAX_BATCH_BYTES.contains(&b)), || format!("max batch bytes {} is outside {MAX_BATCH_BYTES:?}", self.max_batch_bytes))?;
+        ensure(u32::try_from(self.max_batch_bytes).is_ok_and(|b| MAX_BATCH_BYTES.contains(&b)), || {
+            format!("max batch bytes {} is outside {MAX_BATCH_BYTES:?}", self.max_batch_bytes)
+        })?;
         ensure(self.stats_interval <= MAX_STATS_INTERVAL, || "the stats interval must be at most 86400 s".into())
     }
 }
@@ -217,7 +261,7 @@ pub struct Identity {
     /// `user_id`, which RabbitMQ checks against the login.
     pub user: String,
     /// How received packets are checked against their senders' identities.
-    pub mode: crate::identity::Mode,
+    pub mode: Mode,
 }
 
 /// With the ioppytest wire: what the old agent announces and whose orders it takes.
@@ -259,7 +303,7 @@ impl AgentConfig {
             bus,
             interface,
             data_path: DataPath::default(),
-            identity: Identity { user, mode: crate::identity::Mode::FirstClaim },
+            identity: Identity { user, mode: Mode::FirstClaim },
             ioppytest: Ioppytest::default(),
         };
         config.checked()
@@ -287,7 +331,7 @@ impl AgentConfig {
     }
 
     fn checked(self) -> Result<AgentConfig, ConfigError> {
-        ensure(crate::route::is_valid_word(&self.name), || format!("name {:?} must be one topic word: letters, digits, '-' or '_' (no '.', '*', '#')", self.name))?;
+        ensure(is_valid_word(&self.name), || format!("name {:?} must be one topic word: letters, digits, '-' or '_' (no '.', '*', '#')", self.name))?;
         ensure(!self.bus.endpoints.is_empty(), || "no broker URL".into())?;
         self.bus.check()?;
         self.interface.check()?;
@@ -331,7 +375,7 @@ impl AgentConfig {
         if let Some(a) = self.interface.link_local {
             return a;
         }
-        crate::identity::link_local(self.bus.session.as_deref(), &self.name)
+        identity::link_local(self.bus.session.as_deref(), &self.name)
     }
 
     /// Every address this agent owns (and binds): configured ones and the link-local.

@@ -84,8 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = agent.shutdown().await;
             println!("{report}");
             if let Some(path) = stats_json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing --stats-json {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing --stats-json {}", path.display()))?;
             }
             match failure {
                 Some(f) => Err(Failure::new(Exit::Internal, f).into()),
@@ -146,21 +145,8 @@ async fn provision(args: tunbus::cli::ProvisionArgs) -> anyhow::Result<()> {
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
-    let endpoints = args.broker.endpoints()?;
-    let text = std::fs::read_to_string(&args.topology).with_context(|| format!("reading --topology {}", args.topology.display()))?;
-    let topology = tunbus::interop::topology::Topology::parse(&text).with_context(|| format!("--topology {}", args.topology.display()))?;
-    if !(args.stats_interval >= 0.0 && args.stats_interval <= 86_400.0) {
-        anyhow::bail!("--stats-interval must be between 0 and 86400 seconds");
-    }
+    let opts = args.options()?;
     let (interrupt, _stop) = stop_on_signal()?;
-    let opts = tunbus::interop::router::RouterOptions {
-        endpoints,
-        exchange: args.exchange,
-        topology,
-        prefetch: args.prefetch,
-        stats_interval: Duration::from_secs_f64(args.stats_interval),
-        heartbeat: args.broker.heartbeat()?,
-    };
     let counters = tokio::task::spawn_blocking(move || tunbus::interop::router::run(opts, &interrupt)).await?;
     println!("router: {counters}");
     if let Some(path) = &args.stats_json {
@@ -223,18 +209,16 @@ fn stop_on_signal() -> anyhow::Result<(Stop, watch::Receiver<bool>)> {
 /// `agent capture`: the session's bus into one pcapng file, until Ctrl-C or --duration.
 async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
     use tunbus::capture::{self, pcapng};
-    let opts = capture::Options {
-        endpoints: args.bus.broker.endpoints()?,
-        exchange: bus_exchange(&args.bus)?,
-        filter: capture::Filter { agents: args.agents, addresses: args.addresses, no_segment: args.no_segment },
-        duration: args.duration,
-        queue_max_bytes: args.queue_max_bytes,
-    };
+    let opts = args.options()?;
     let file = args.write.display().to_string();
     let out = capture::output(&args.write).map_err(|e| Failure::new(Exit::Local, format!("-w {file}: cannot write it: {e}")))?;
     let (interrupt, _stop) = stop_on_signal()?;
     if args.write.as_os_str() != "-" {
-        eprintln!("capture: exchange {} into {file}{} (Ctrl-C to stop)", opts.exchange, opts.duration.map(|d| format!(" for {:.0} s", d.as_secs_f64())).unwrap_or_default());
+        eprintln!(
+            "capture: exchange {} into {file}{} (Ctrl-C to stop)",
+            opts.exchange,
+            opts.duration.map(|d| format!(" for {:.0} s", d.as_secs_f64())).unwrap_or_default()
+        );
     }
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<capture::Summary> {
         let mut writer = pcapng::Writer::new(out, concat!("tunbus ", env!("CARGO_PKG_VERSION"), " agent capture"))?;
@@ -260,12 +244,7 @@ async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
 }
 
 async fn sniffer(args: tunbus::cli::SnifferArgs) -> anyhow::Result<()> {
-    let opts = tunbus::capture::sniffer::Options {
-        endpoints: args.bus.broker.endpoints()?,
-        exchange: bus_exchange(&args.bus)?,
-        dir: args.dir,
-        queue_max_bytes: args.queue_max_bytes,
-    };
+    let opts = args.options()?;
     let (interrupt, _stop) = stop_on_signal()?;
     tokio::task::spawn_blocking(move || tunbus::capture::sniffer::serve(opts, &interrupt)).await?
 }
@@ -306,15 +285,10 @@ fn status(args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
 async fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let endpoints = args.bus.broker.endpoints()?;
     let exchange = bus_exchange(&args.bus)?;
-    if !(args.wait > 0.0 && args.wait <= 600.0) {
-        anyhow::bail!("--wait must be between 0 and 600 seconds");
-    }
+    let wait = args.wait()?;
     let (interrupt, _stop) = stop_on_signal()?;
-    let wait = Duration::from_secs_f64(args.wait);
     let ex = exchange.clone();
-    let peers = tokio::task::spawn_blocking(move || tunbus::amqp::presence::discover(&endpoints, &ex, wait, &interrupt))
-        .await?
-        .map_err(Failure::from)?;
+    let peers = tokio::task::spawn_blocking(move || tunbus::amqp::presence::discover(&endpoints, &ex, wait, &interrupt)).await?.map_err(Failure::from)?;
     let now_ms = now_ns() / 1_000_000;
     // Addresses claimed by more than one broker user: first claim refuses all but one.
     let mut claimants: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();

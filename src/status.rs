@@ -20,9 +20,6 @@ use tokio::sync::watch;
 
 use crate::metrics::report::Report;
 
-/// Where agents put their sockets unless told otherwise.
-pub const DEFAULT_DIR: &str = "/run/tunbus";
-
 pub use crate::metrics::LinkState;
 
 /// One queue's link as `agent status` shows it.
@@ -185,13 +182,28 @@ impl std::fmt::Display for Status {
                 _ => writeln!(f, "  queue {}: not connected (retrying)", q.queue)?,
             }
         }
-        writeln!(f, "  transfer: {} packets {} B sent, {} packets {} B received, {} reconnects", n("tx_packets"), n("tx_bytes"), n("rx_packets"), n("rx_bytes"), n("reconnects"))?;
+        writeln!(
+            f,
+            "  transfer: {} packets {} B sent, {} packets {} B received, {} reconnects",
+            n("tx_packets"),
+            n("tx_bytes"),
+            n("rx_packets"),
+            n("rx_bytes"),
+            n("reconnects")
+        )?;
         writeln!(f, "  rates: tx {} {:.0} pkt/s, rx {} {:.0} pkt/s", rate(self.rates.tx_bps), self.rates.tx_pps, rate(self.rates.rx_bps), self.rates.rx_pps)?;
         let drops: Vec<String> = r["drops"].as_array().into_iter().flatten().filter_map(|d| Some(format!("{} {}", d[0].as_str()?, d[1].as_u64()?))).collect();
         writeln!(f, "  drops: {}", if drops.is_empty() { "none".to_owned() } else { drops.join(", ") })?;
         let l = &r["latency"];
         let ms = |k: &str| l[k].as_u64().unwrap_or(0) as f64 / 1000.0;
-        writeln!(f, "  latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} samples)", ms("p50_us"), ms("p99_us"), ms("p999_us"), l["samples"].as_u64().unwrap_or(0))?;
+        writeln!(
+            f,
+            "  latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} samples)",
+            ms("p50_us"),
+            ms("p99_us"),
+            ms("p999_us"),
+            l["samples"].as_u64().unwrap_or(0)
+        )?;
         if self.peers.is_empty() {
             writeln!(f, "  peers ({}): none yet", self.identity)
         } else {

@@ -132,7 +132,7 @@ fn python_shaped_messages_reach_a_native_agent_and_are_answered() {
     let mut c = bus_client();
     // Play agent_1: listen where the router sends to it, announce, send the ping.
     listen(&mut c, &exchange, &["toAgent.agent_1.ip.tun.packet.raw"]);
-    let props = tunbus::codec::ioppytest::PROPERTIES;
+    let props = tunbus::amqp::IOPPYTEST_PROPERTIES;
     publish(&mut c, &exchange, "fromAgent.agent_1.ip.tun.started", &props, &python_vector("tun-started.json"));
     std::thread::sleep(Duration::from_millis(300)); // the router binds agent_1's addresses
     publish(&mut c, &exchange, "fromAgent.agent_1.ip.tun.packet.raw", &props, &request_body);

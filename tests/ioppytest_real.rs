@@ -737,7 +737,7 @@ fn python_serial_listener_speaks_our_serial_codec(test: &str, runtime: fn() -> R
         } else {
             serial::encode_inject(f, now_s, &mut body);
         }
-        publish(&mut bus, ioppytest::EXCHANGE, &serial::routing_key_to_agent(&name), &ioppytest::PROPERTIES, &body);
+        publish(&mut bus, ioppytest::EXCHANGE, &serial::routing_key_to_agent(&name), &tunbus::amqp::IOPPYTEST_PROPERTIES, &body);
         slip::encode(f, &mut line);
     }
     let got = probe.recv_raw(Duration::from_secs(10), |b| b.len() >= line.len());

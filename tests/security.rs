@@ -308,7 +308,7 @@ fn forged_orders_are_refused(w: &World) {
     next_delivery(&mut coord, Duration::from_secs(15)).unwrap_or_else(|| panic!("no ip.tun.started from the ioppytest agent:\n{}", old.logs()));
     let order = |addr: &str, mask: &str| format!(r#"{{"_api_version":"1.2.15","ipv4_address":"{addr}","ipv4_netmask":"{mask}"}}"#);
     let mut mallory = client_of(&url("mallory"));
-    let json = tunbus::codec::ioppytest::PROPERTIES;
+    let json = tunbus::amqp::IOPPYTEST_PROPERTIES;
     publish(&mut mallory, "amq.topic", "toAgent.agent_1.ip.tun.start", &json, order("10.2.0.77", "255.255.255.0").as_bytes());
     publish(&mut coord, "amq.topic", "toAgent.agent_1.ip.tun.start", &json, order("10.2.0.78", "0.0.0.0").as_bytes());
     publish(&mut coord, "amq.topic", "toAgent.agent_1.ip.tun.start", &json, order("10.2.0.79", "255.255.255.0").as_bytes());

@@ -29,11 +29,23 @@ pub mod wire;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::codec::ioppytest;
 use crate::util::splitmix64;
 
 /// Frame size for control connections (name check, `agent peers`, ioppytest control):
 /// they carry small JSON only, so their read buffers stay small.
 pub const CONTROL_FRAME_MAX: u32 = 8192;
+
+/// The AMQP properties of every ioppytest message tunbus publishes (packets and control):
+/// the Python receivers want them as they set them (the values: `codec::ioppytest`).
+pub const IOPPYTEST_PROPERTIES: wire::Properties<'static> = wire::Properties {
+    content_type: Some(ioppytest::CONTENT_TYPE),
+    content_encoding: Some(ioppytest::CONTENT_ENCODING),
+    empty_headers: ioppytest::EMPTY_HEADERS,
+    delivery_mode: Some(ioppytest::DELIVERY_MODE),
+    user_id: None,
+    correlation_id: None,
+};
 
 /// Longest wait between reconnection attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(30);

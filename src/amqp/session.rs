@@ -627,12 +627,6 @@ impl Session {
         });
     }
 
-    pub fn queue_unbind(&mut self, queue: &str, exchange: &str, key: &str) {
-        self.ask(method::QUEUE_UNBIND, |w| {
-            w.short(0).shortstr(queue.as_bytes()).shortstr(exchange.as_bytes()).shortstr(key.as_bytes()).table(&[]);
-        });
-    }
-
     pub fn queue_delete(&mut self, queue: &str) {
         self.ask(method::QUEUE_DELETE, |w| {
             w.short(0).shortstr(queue.as_bytes()).bit(false).bit(false).bit(false);

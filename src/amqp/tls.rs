@@ -1,7 +1,7 @@
 //! TLS settings of broker connections, turned into a rustls client configuration once per
 //! agent (reading certificate files is start-up work, never per connection).
 //!
-//! rustls with the `ring` provider (docs/decisions/0015-tls-with-rustls-and-ring.md): pure
+//! rustls with the `ring` provider (docs/decisions/0015-one-amqp-client-with-tls.md): pure
 //! Rust above a small, audited C/assembly core that builds with nothing but a C compiler,
 //! AES-GCM with AES-NI, and no OpenSSL to match across machines. The server certificate is
 //! verified by default against `--tls-ca` (or the URL's `cacertfile`), else the system's
@@ -196,7 +196,14 @@ fn common_name(der: &[u8]) -> Option<String> {
 struct NoVerification(Arc<CryptoProvider>);
 
 impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
 

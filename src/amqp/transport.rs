@@ -71,10 +71,6 @@ impl Transport {
         self.socket().as_fd()
     }
 
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls(_))
-    }
-
     /// Keep-alive and `TCP_USER_TIMEOUT` for a connection with heartbeat `heartbeat`
     /// (zero: heartbeats off; the kernel's probes then watch the path alone). While the
     /// broker blocks us (`user_timeout` false) the user timeout is lifted: a broker that

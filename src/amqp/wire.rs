@@ -1,12 +1,14 @@
-//! AMQP 0-9-1 framing for the data connections: the handful of methods a data link needs,
-//! encoded and parsed without I/O (pure, like `codec/`).
+//! AMQP 0-9-1 framing for every connection tunbus opens: the handful of methods it needs,
+//! encoded and parsed without I/O (pure, like `codec/`). Runs on whichever thread owns the
+//! connection; on the hot path (each publish and delivery).
 //!
 //! Why our own: the data path used lapin, where every message crossed two extra threads
 //! (our task → lapin's I/O loop on send; I/O loop → our task on receive), and those
-//! hand-offs dominated the profile (docs/decisions/0010-own-amqp-data-path.md). A data link
-//! only ever opens a connection, declares and binds a queue, publishes, consumes and acks,
-//! so its protocol fits in this file; control (the name check, `agent peers`, the ioppytest
-//! control messages, the router) stays on lapin.
+//! hand-offs dominated the profile (docs/decisions/0010-own-amqp-data-path.md). tunbus only
+//! ever opens a connection, declares and binds queues, publishes, consumes and acks, so its
+//! protocol fits in this file; since decision 0015 the control connections (the name check,
+//! `agent peers`, the ioppytest control messages, the router, captures) use it too, and
+//! lapin is gone.
 //!
 //! A frame is `type:u8 channel:u16 size:u32 payload[size] 0xCE`; a method payload is
 //! `class:u16 method:u16 arguments`. Strings are `u8`-length ("short") or `u32`-length
@@ -614,14 +616,7 @@ pub fn body_chunk(frame_max: u32) -> usize {
 /// `(iov.len() - 1) / 2` frames. Returns how many slices were filled and the first frame
 /// not yet in them (the message is complete when that is [`body_frames`]). Frame 0 carries
 /// the method and header frames with it.
-pub fn publish_iov<'a>(
-    seps: &'a [u8],
-    prefix: usize,
-    body: &'a [u8],
-    frame_max: u32,
-    first: usize,
-    iov: &mut [std::io::IoSlice<'a>],
-) -> (usize, usize) {
+pub fn publish_iov<'a>(seps: &'a [u8], prefix: usize, body: &'a [u8], frame_max: u32, first: usize, iov: &mut [std::io::IoSlice<'a>]) -> (usize, usize) {
     let chunk = body_chunk(frame_max);
     if body.is_empty() {
         iov[0] = std::io::IoSlice::new(&seps[..prefix]);
@@ -632,7 +627,8 @@ pub fn publish_iov<'a>(
     let mut i = first;
     while i < frames && n + 3 <= iov.len() {
         // Separator i starts after the prefix's first header, then 8 bytes per frame.
-        let (start, len) = if i == 0 { (0, prefix + FRAME_HEADER_LEN) } else { (prefix + FRAME_HEADER_LEN + (i - 1) * (1 + FRAME_HEADER_LEN), 1 + FRAME_HEADER_LEN) };
+        let (start, len) =
+            if i == 0 { (0, prefix + FRAME_HEADER_LEN) } else { (prefix + FRAME_HEADER_LEN + (i - 1) * (1 + FRAME_HEADER_LEN), 1 + FRAME_HEADER_LEN) };
         iov[n] = std::io::IoSlice::new(&seps[start..start + len]);
         let end = ((i + 1) * chunk).min(body.len());
         iov[n + 1] = std::io::IoSlice::new(&body[i * chunk..end]);
@@ -726,7 +722,14 @@ mod tests {
     #[test]
     fn publish_carries_key_size_and_properties() {
         let mut w = Writer::new();
-        let props = Properties { content_type: Some("application/json"), content_encoding: Some("utf-8"), empty_headers: true, delivery_mode: Some(2), user_id: Some("h1"), correlation_id: None };
+        let props = Properties {
+            content_type: Some("application/json"),
+            content_encoding: Some("utf-8"),
+            empty_headers: true,
+            delivery_mode: Some(2),
+            user_id: Some("h1"),
+            correlation_id: None,
+        };
         w.publish(1, b"amq.topic", b"fromAgent.a.ip.tun.packet.raw", 1234, &props);
         let f = frames(&w.buf);
         assert_eq!(f.len(), 2);

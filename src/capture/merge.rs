@@ -1,6 +1,6 @@
 //! The merged capture of a bus: what each message on the session's exchange carries,
 //! attributed to its sender and written packet by packet. Pure: deliveries in (routing
-//! key, broker-checked user, body, time of arrival), packets out into a [`Sink`].
+//! key, broker-checked user, body, time of arrival), packets out into a [`Recorder`].
 //!
 //! - Hellos (`tunbus.v1.ctl.hello.<name>`) say who owns which addresses: each sending
 //!   agent gets an interface of its own, named after it, with its addresses.
@@ -32,13 +32,13 @@ use std::io;
 use std::net::IpAddr;
 
 use crate::amqp::presence::ROUTER_WIRE;
-use crate::codec::segment::Segmenter;
 use crate::codec::ioppytest::{self, addressing::OldAddressing};
+use crate::codec::segment::Segmenter;
 use crate::codec::v1;
 use crate::route::{self, Key};
 
 /// Where the packets go (a pcapng file, a classic pcap for ioppytest).
-pub trait Sink {
+pub trait Recorder {
     /// A new interface; returns its id.
     fn interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32>;
     /// One packet on interface `iface`, at `timestamp_ns` since the UNIX epoch.
@@ -222,19 +222,14 @@ impl Merge {
         &self.counts
     }
 
-    /// The agents heard of (by hello) so far.
-    pub fn known_agents(&self) -> usize {
-        self.agents.len()
-    }
-
     /// One delivery, arrived at `now_ns`.
-    pub fn on_delivery(&mut self, routing_key: &str, user_id: Option<&str>, body: &[u8], now_ns: u64, sink: &mut dyn Sink) -> io::Result<()> {
-        self.expire(now_ns, sink)?;
+    pub fn on_delivery(&mut self, routing_key: &str, user_id: Option<&str>, body: &[u8], now_ns: u64, recorder: &mut dyn Recorder) -> io::Result<()> {
+        self.expire(now_ns, recorder)?;
         let wait = match ioppytest::parse_from_agent(routing_key) {
             Some(ioppytest::FromAgent::Packet { name }) => {
                 let wait = self.with_json(body, |m, packet| {
                     m.recent_json.note(packet); // now: the router's copy follows at once
-                    m.on_json(name, packet, now_ns, sink, true)
+                    m.on_json(name, packet, now_ns, recorder, true)
                 });
                 match wait {
                     Some(wait) => wait?,
@@ -246,14 +241,14 @@ impl Merge {
             }
             Some(ioppytest::FromAgent::Started { name }) => {
                 self.on_started(name, body);
-                return self.release_ready(sink);
+                return self.release_ready(recorder);
             }
             None => match Key::parse(routing_key) {
                 Some(Key::Hello { .. }) => {
                     self.on_hello(body, user_id);
-                    return self.release_ready(sink);
+                    return self.release_ready(recorder);
                 }
-                Some(Key::Unicast { .. } | Key::All { .. }) => self.on_batch(routing_key, user_id, body, sink, true)?,
+                Some(Key::Unicast { .. } | Key::All { .. }) => self.on_batch(routing_key, user_id, body, recorder, true)?,
                 _ => false,
             },
         };
@@ -265,8 +260,8 @@ impl Merge {
     }
 
     /// Writes what is still held, under `unknown-…` (the capture is ending).
-    pub fn finish(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
-        self.expire(u64::MAX, sink)
+    pub fn finish(&mut self, recorder: &mut dyn Recorder) -> io::Result<()> {
+        self.expire(u64::MAX, recorder)
     }
 
     /// Decodes an old agent's JSON body into the reused buffer and hands the packet to
@@ -279,17 +274,19 @@ impl Merge {
     }
 
     /// Writes a held message now, or (when `may_hold`) returns `true` if it must wait on.
-    fn replay(&mut self, h: &Held, sink: &mut dyn Sink, may_hold: bool) -> io::Result<bool> {
+    fn replay(&mut self, h: &Held, recorder: &mut dyn Recorder, may_hold: bool) -> io::Result<bool> {
         match ioppytest::parse_from_agent(&h.routing_key) {
             // One that does not decode was counted when it arrived, and never held.
-            Some(ioppytest::FromAgent::Packet { name }) => self.with_json(&h.body, |m, packet| m.on_json(name, packet, h.at_ns, sink, may_hold)).unwrap_or(Ok(false)),
-            _ => self.on_batch(&h.routing_key, h.user_id.as_deref(), &h.body, sink, may_hold),
+            Some(ioppytest::FromAgent::Packet { name }) => {
+                self.with_json(&h.body, |m, packet| m.on_json(name, packet, h.at_ns, recorder, may_hold)).unwrap_or(Ok(false))
+            }
+            _ => self.on_batch(&h.routing_key, h.user_id.as_deref(), &h.body, recorder, may_hold),
         }
     }
 
     /// Writes the held messages that waited longer than [`HOLD_UNNAMED`] (or beyond the
     /// byte bound), as they are; then those this made writable (the same sender's).
-    fn expire(&mut self, now_ns: u64, sink: &mut dyn Sink) -> io::Result<()> {
+    fn expire(&mut self, now_ns: u64, recorder: &mut dyn Recorder) -> io::Result<()> {
         let mut wrote = false;
         while let Some(h) = self.held.front() {
             if h.at_ns.saturating_add(HOLD_UNNAMED_NS) > now_ns && self.held_bytes <= HOLD_MAX_BYTES {
@@ -297,24 +294,24 @@ impl Merge {
             }
             let Some(h) = self.held.pop_front() else { break };
             self.held_bytes -= h.body.len();
-            self.replay(&h, sink, false)?;
+            self.replay(&h, recorder, false)?;
             wrote = true;
         }
         if wrote {
-            self.release_ready(sink)?;
+            self.release_ready(recorder)?;
         }
         Ok(())
     }
 
     /// A hello, an `ip.tun.started` or an expiry named a sender: the held messages that
     /// can be written now are, in arrival order.
-    fn release_ready(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
+    fn release_ready(&mut self, recorder: &mut dyn Recorder) -> io::Result<()> {
         if self.held.is_empty() {
             return Ok(());
         }
         let held = std::mem::take(&mut self.held);
         for h in held {
-            if self.replay(&h, sink, true)? {
+            if self.replay(&h, recorder, true)? {
                 self.held.push_back(h);
             } else {
                 self.held_bytes -= h.body.len();
@@ -375,7 +372,7 @@ impl Merge {
     }
 
     /// The interface of agent `name` (created on its first packet), or of a stranger.
-    fn iface(&mut self, name: &str, sink: &mut dyn Sink) -> io::Result<u32> {
+    fn iface(&mut self, name: &str, recorder: &mut dyn Recorder) -> io::Result<u32> {
         if let Some(agent) = self.agents.get_mut(name) {
             if let Some(i) = agent.iface {
                 return Ok(i);
@@ -385,7 +382,7 @@ impl Merge {
                 (Some(u), false) => format!("tunbus agent {name} (broker user {u})"),
                 (None, false) => format!("tunbus agent {name}"),
             };
-            let i = sink.interface(name, &description, &agent.addrs)?;
+            let i = recorder.interface(name, &description, &agent.addrs)?;
             agent.iface = Some(i);
             self.counts.agents += 1;
             return Ok(i);
@@ -393,7 +390,7 @@ impl Merge {
         if let Some(i) = self.strangers.get(name) {
             return Ok(*i);
         }
-        let i = sink.interface(name, "a sender without a hello (yet)", &[])?;
+        let i = recorder.interface(name, "a sender without a hello (yet)", &[])?;
         self.strangers.insert(name.to_owned(), i);
         self.counts.agents += 1;
         Ok(i)
@@ -430,7 +427,7 @@ impl Merge {
 
     /// Writes a batch; or, when `may_hold` and no hello names its sender yet, writes
     /// nothing and returns `true` (the caller holds it).
-    fn on_batch(&mut self, routing_key: &str, user_id: Option<&str>, body: &[u8], sink: &mut dyn Sink, may_hold: bool) -> io::Result<bool> {
+    fn on_batch(&mut self, routing_key: &str, user_id: Option<&str>, body: &[u8], recorder: &mut dyn Recorder, may_hold: bool) -> io::Result<bool> {
         let Ok(frame) = v1::decode(body) else {
             self.counts.malformed += 1;
             return Ok(false);
@@ -444,7 +441,7 @@ impl Merge {
         self.counts.messages += 1;
         let header = frame.header();
         self.account(&sender, header.seq);
-        let iface = self.iface(&sender, sink)?;
+        let iface = self.iface(&sender, recorder)?;
         for p in frame.packets() {
             if p.vnet.is_none() && self.recent_json.take(p.data) {
                 self.counts.bridged += 1;
@@ -457,7 +454,7 @@ impl Merge {
             self.comment.clear();
             use std::fmt::Write;
             let _ = write!(self.comment, "from {sender} key {routing_key} batch {}", header.seq & LINK_SEQ_MASK);
-            self.write(iface, header.timestamp_ns, p.vnet, p.data, sink)?;
+            self.write(iface, header.timestamp_ns, p.vnet, p.data, recorder)?;
         }
         Ok(false)
     }
@@ -466,7 +463,7 @@ impl Merge {
     /// arrived); or, when `may_hold` and nothing says the agent's addresses yet (its
     /// `ip.tun.started` may come a moment after its first packet: another connection),
     /// writes nothing and returns `true` (the caller holds it).
-    fn on_json(&mut self, name: &str, packet: &[u8], at_ns: u64, sink: &mut dyn Sink, may_hold: bool) -> io::Result<bool> {
+    fn on_json(&mut self, name: &str, packet: &[u8], at_ns: u64, recorder: &mut dyn Recorder, may_hold: bool) -> io::Result<bool> {
         let known = match self.agents.get_mut(name) {
             Some(agent) => {
                 agent.old_wire = true;
@@ -485,28 +482,28 @@ impl Merge {
             self.counts.filtered += 1;
             return Ok(false);
         }
-        let iface = self.iface(name, sink)?;
+        let iface = self.iface(name, recorder)?;
         self.comment.clear();
         self.comment.push_str("from ");
         self.comment.push_str(name);
         self.comment.push_str(" key fromAgent (ioppytest JSON)");
-        self.write(iface, at_ns, None, packet, sink)?;
+        self.write(iface, at_ns, None, packet, recorder)?;
         Ok(false)
     }
 
     /// Writes one packet, cut into wire-sized packets when it is a super-packet.
-    fn write(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], sink: &mut dyn Sink) -> io::Result<()> {
+    fn write(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], recorder: &mut dyn Recorder) -> io::Result<()> {
         let comment = self.comment.as_str();
         let gso = vnet.is_some_and(|v| v[1] & 0x7f != 0);
         if self.filter.no_segment || vnet.is_none() {
             self.counts.packets += 1;
-            return sink.packet(iface, ts, data, Some(comment));
+            return recorder.packet(iface, ts, data, Some(comment));
         }
         let mut result = Ok(());
         let mut written = 0u64;
         let cut = self.segmenter.segments(vnet, data, |seg| {
             if result.is_ok() {
-                result = sink.packet(iface, ts, seg, Some(comment));
+                result = recorder.packet(iface, ts, seg, Some(comment));
                 written += 1;
             }
         });
@@ -523,7 +520,7 @@ impl Merge {
             Err(_) => {
                 // Not cut (its headers do not say how): written as it came.
                 self.counts.packets += 1;
-                sink.packet(iface, ts, data, Some(comment))
+                recorder.packet(iface, ts, data, Some(comment))
             }
         }
     }
@@ -557,14 +554,14 @@ mod tests {
     use super::*;
     use crate::codec::v1::{FrameHeader, Packet};
 
-    /// A sink that keeps what it is given.
+    /// A recorder that keeps what it is given.
     #[derive(Default)]
     struct Kept {
         interfaces: Vec<String>,
         packets: Vec<(u32, u64, Vec<u8>, String)>,
     }
 
-    impl Sink for Kept {
+    impl Recorder for Kept {
         fn interface(&mut self, name: &str, _d: &str, _a: &[(IpAddr, u8)]) -> io::Result<u32> {
             self.interfaces.push(name.to_owned());
             Ok(self.interfaces.len() as u32 - 1)
@@ -714,7 +711,11 @@ mod tests {
         let file = crate::capture::pcapng::read(&w.into_inner()).unwrap();
         let iface = &file.interfaces[0];
         assert_eq!(iface.name, "agent_1");
-        assert!(iface.addresses.iter().any(|a| a.0 == IpAddr::from(old)) && iface.addresses.iter().any(|a| a.0 == "bbbb::1".parse::<IpAddr>().unwrap()), "{:?}", iface.addresses);
+        assert!(
+            iface.addresses.iter().any(|a| a.0 == IpAddr::from(old)) && iface.addresses.iter().any(|a| a.0 == "bbbb::1".parse::<IpAddr>().unwrap()),
+            "{:?}",
+            iface.addresses
+        );
     }
 
     #[test]

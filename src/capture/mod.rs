@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use merge::{Counts, Filter, Merge, Sink, LINK_SEQ_MASK, LINK_SHIFT};
+pub use merge::{Counts, Filter, Merge, Recorder, LINK_SEQ_MASK, LINK_SHIFT};
 pub use reorder::Reorder;
 
 use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned};
@@ -79,7 +79,10 @@ impl Summary {
             s += &format!("; {} copies the ioppytest router bridged left out (each is in the file once, from its old agent)", c.bridged);
         }
         if c.lost_batches > 0 {
-            s += &format!("; LOST {} batches (the capture fell behind and the broker dropped them from its tap queue: raise --queue-max-bytes or filter)", c.lost_batches);
+            s += &format!(
+                "; LOST {} batches (the capture fell behind and the broker dropped them from its tap queue: raise --queue-max-bytes or filter)",
+                c.lost_batches
+            );
         } else {
             s += "; nothing lost";
         }
@@ -109,18 +112,18 @@ pub fn open_tap(endpoints: &[Endpoint], exchange: &str, queue_max_bytes: u64, st
     Ok(c)
 }
 
-/// Runs a capture into `sink` until `stop`, the duration, or the broker ends it.
-pub fn run(opts: &Options, sink: &mut dyn Sink, stop: &Stop) -> Result<Summary, client::Error> {
+/// Runs a capture into `recorder` until `stop`, the duration, or the broker ends it.
+pub fn run(opts: &Options, recorder: &mut dyn Recorder, stop: &Stop) -> Result<Summary, client::Error> {
     let tap = open_tap(&opts.endpoints, &opts.exchange, opts.queue_max_bytes, stop)?;
     tracing::info!(exchange = %opts.exchange, "capture: tap open");
-    run_on(tap, opts, sink, stop)
+    run_on(tap, opts, recorder, stop)
 }
 
 /// Runs a capture on a tap opened already ([`open_tap`]).
-pub fn run_on(mut tap: Client, opts: &Options, sink: &mut dyn Sink, stop: &Stop) -> Result<Summary, client::Error> {
+pub fn run_on(mut tap: Client, opts: &Options, recorder: &mut dyn Recorder, stop: &Stop) -> Result<Summary, client::Error> {
     let started = Instant::now();
     let mut merge = Merge::new(opts.filter.clone());
-    let mut sink = Reorder::new(sink);
+    let mut recorder = Reorder::new(recorder);
     let mut ended_by = None;
     let mut last_flush = Instant::now();
     loop {
@@ -130,7 +133,7 @@ pub fn run_on(mut tap: Client, opts: &Options, sink: &mut dyn Sink, stop: &Stop)
         }
         let wait = left.unwrap_or(Duration::MAX).min(Duration::from_millis(50));
         let written = match tap.wait_event(wait, stop.flag()) {
-            Ok(Some(Owned::Delivery { routing_key, user_id, body, .. })) => merge.on_delivery(&routing_key, user_id.as_deref(), &body, now_ns(), &mut sink),
+            Ok(Some(Owned::Delivery { routing_key, user_id, body, .. })) => merge.on_delivery(&routing_key, user_id.as_deref(), &body, now_ns(), &mut recorder),
             Ok(_) => Ok(()),
             Err(client::Error::Stopped) => break,
             Err(e) => {
@@ -138,24 +141,24 @@ pub fn run_on(mut tap: Client, opts: &Options, sink: &mut dyn Sink, stop: &Stop)
                 break;
             }
         };
-        if let Err(e) = written.and_then(|()| sink.advance(now_ns())) {
+        if let Err(e) = written.and_then(|()| recorder.advance(now_ns())) {
             ended_by = Some(format!("cannot write the capture: {e}"));
             break;
         }
         if last_flush.elapsed() > Duration::from_secs(1) {
-            let _ = sink.flush();
+            let _ = recorder.flush();
             last_flush = Instant::now();
         }
     }
-    if let Err(e) = merge.finish(&mut sink).and_then(|()| sink.drain()) {
+    if let Err(e) = merge.finish(&mut recorder).and_then(|()| recorder.drain()) {
         ended_by.get_or_insert(format!("cannot write the capture: {e}"));
     }
     tap.close(Duration::from_millis(300));
-    let counts = Counts { late: sink.late(), ..merge.counts().clone() };
+    let counts = Counts { late: recorder.late(), ..merge.counts().clone() };
     Ok(Summary { counts, seconds: started.elapsed().as_secs_f64(), ended_by })
 }
 
-impl<W: Write> Sink for pcapng::Writer<W> {
+impl<W: Write> Recorder for pcapng::Writer<W> {
     fn interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
         self.add_interface(name, description, addrs)
     }
@@ -169,7 +172,7 @@ impl<W: Write> Sink for pcapng::Writer<W> {
     }
 }
 
-impl<W: Write> Sink for pcapng::ClassicWriter<W> {
+impl<W: Write> Recorder for pcapng::ClassicWriter<W> {
     fn interface(&mut self, _name: &str, _description: &str, _addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
         Ok(0) // one link type, no interfaces
     }

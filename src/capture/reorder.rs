@@ -1,5 +1,5 @@
 //! Puts a capture's packets in timestamp order before they reach the file. Pure: packets
-//! and the time of arrival in, packets out into the [`Sink`] it wraps.
+//! and the time of arrival in, packets out into the [`Recorder`] it wraps.
 //!
 //! Packets are stamped with their sender's frame timestamp, but they reach the tap in the
 //! order the broker delivers them: an agent with several queues publishes on several
@@ -19,7 +19,7 @@ use std::collections::BinaryHeap;
 use std::io;
 use std::net::IpAddr;
 
-use super::Sink;
+use super::Recorder;
 
 /// How long a packet waits for ones stamped earlier that arrive after it.
 pub const WINDOW_NS: u64 = 250_000_000;
@@ -35,9 +35,9 @@ struct Held {
     comment: Option<String>,
 }
 
-/// A sink that writes into `inner` in timestamp order.
+/// A recorder that writes into `inner` in timestamp order.
 pub struct Reorder<'a> {
-    inner: &'a mut dyn Sink,
+    inner: &'a mut dyn Recorder,
     /// (timestamp, arrival order) → slot in `held`.
     order: BinaryHeap<Reverse<(u64, u64, usize)>>,
     held: Vec<Option<Held>>,
@@ -51,7 +51,7 @@ pub struct Reorder<'a> {
 }
 
 impl<'a> Reorder<'a> {
-    pub fn new(inner: &'a mut dyn Sink) -> Reorder<'a> {
+    pub fn new(inner: &'a mut dyn Recorder) -> Reorder<'a> {
         Reorder { inner, order: BinaryHeap::new(), held: Vec::new(), free: Vec::new(), arrivals: 0, bytes: 0, now_ns: 0, written_ns: 0, late: 0 }
     }
 
@@ -91,7 +91,7 @@ impl<'a> Reorder<'a> {
     }
 }
 
-impl Sink for Reorder<'_> {
+impl Recorder for Reorder<'_> {
     fn interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
         self.inner.interface(name, description, addrs)
     }
@@ -130,7 +130,7 @@ mod tests {
     #[derive(Default)]
     struct Kept(Vec<(u32, u64, u8)>);
 
-    impl Sink for Kept {
+    impl Recorder for Kept {
         fn interface(&mut self, _: &str, _: &str, _: &[(IpAddr, u8)]) -> io::Result<u32> {
             Ok(0)
         }

@@ -62,7 +62,8 @@ pub fn serve(opts: Options, stop: &Stop) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(&opts.dir).with_context(|| format!("--dir {}: cannot create it", opts.dir.display()))?;
     let mut c = open(&opts.endpoints, &opts.exchange, stop).map_err(crate::exit::Failure::from)?;
-    let ready = ioppytest::ComponentReady { _api_version: ioppytest::API_VERSION.into(), component: "sniffing".into(), description: "tunbus agent sniffer".into() };
+    let ready =
+        ioppytest::ComponentReady { _api_version: ioppytest::API_VERSION.into(), component: "sniffing".into(), description: "tunbus agent sniffer".into() };
     if let Ok(body) = serde_json::to_vec(&ready) {
         c.publish_copy(&opts.exchange, ioppytest::ROUTING_KEY_COMPONENT_READY, &props(None), &body)?;
     }
@@ -98,7 +99,10 @@ fn open(endpoints: &[Endpoint], exchange: &str, stop: &Stop) -> Result<Client, c
 
 /// A capture id as a file name: letters, digits, `-`, `_` and `.` (not leading).
 pub fn file_name(capture_id: &str) -> Option<String> {
-    let ok = !capture_id.is_empty() && capture_id.len() <= 128 && !capture_id.starts_with('.') && capture_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let ok = !capture_id.is_empty()
+        && capture_id.len() <= 128
+        && !capture_id.starts_with('.')
+        && capture_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     ok.then(|| format!("{capture_id}.pcap"))
 }
 
@@ -134,15 +138,22 @@ impl Sniffer {
         let name = file_name(id).ok_or_else(|| format!("capture_id {id:?}: only letters, digits, '-', '_' and '.'"))?;
         let path = self.opts.dir.join(name);
         let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut sink = ClassicWriter::new(std::io::BufWriter::new(file), LINKTYPE_RAW).map_err(|e| e.to_string())?;
-        let capture = CaptureOptions { endpoints: self.opts.endpoints.clone(), exchange: self.opts.exchange.clone(), filter: Filter::default(), duration: None, queue_max_bytes: self.opts.queue_max_bytes };
+        let mut recorder = ClassicWriter::new(std::io::BufWriter::new(file), LINKTYPE_RAW).map_err(|e| e.to_string())?;
+        let capture = CaptureOptions {
+            endpoints: self.opts.endpoints.clone(),
+            exchange: self.opts.exchange.clone(),
+            filter: Filter::default(),
+            duration: None,
+            queue_max_bytes: self.opts.queue_max_bytes,
+        };
         let stop = Stop::new();
         let flag = stop.clone();
         // The tap is open before the answer: what is sent after `ok` is in the file.
-        let tap = super::open_tap(&capture.endpoints, &capture.exchange, capture.queue_max_bytes, &flag).map_err(|e| format!("cannot open the capture's queue: {e}"))?;
+        let tap = super::open_tap(&capture.endpoints, &capture.exchange, capture.queue_max_bytes, &flag)
+            .map_err(|e| format!("cannot open the capture's queue: {e}"))?;
         let thread = std::thread::Builder::new()
             .name(format!("sniff-{id}"))
-            .spawn(move || super::run_on(tap, &capture, &mut sink, &flag).map_err(|e| e.to_string()))
+            .spawn(move || super::run_on(tap, &capture, &mut recorder, &flag).map_err(|e| e.to_string()))
             .map_err(|e| e.to_string())?;
         tracing::info!(capture_id = id, file = %path.display(), "capture started");
         self.running = Some(Running { id: id.to_owned(), stop, thread });

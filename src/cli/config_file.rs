@@ -14,9 +14,73 @@
 //! wrong kind, is an error naming the file, the line and the key.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
+
+use super::{command, Cli, ParseError};
+use crate::exit::{Exit, Failure};
+
+/// Parses `argv` (as [`super::effective_args`] gave it): flags, then the environment, then
+/// the `--config` file, then the defaults. A value from the file that the parser refuses is
+/// reported with the file's line and key.
+pub(super) fn parse_with_file(argv: &[OsString]) -> Result<Cli, ParseError> {
+    use clap::FromArgMatches;
+    // A first, lenient look for `connect --config` and for what the flags and the
+    // environment already set (the file may hold required flags, like the name).
+    let lenient = command().ignore_errors(true).mut_subcommand("connect", |c| c.ignore_errors(true)).try_get_matches_from(argv);
+    let file = match lenient.as_ref().ok().and_then(|m| m.subcommand()) {
+        Some(("connect", given)) => match given.get_one::<PathBuf>("config") {
+            Some(path) => Some((path.clone(), file_args(path, given)?)),
+            None => None,
+        },
+        _ => None,
+    };
+    let Some((path, (text, table, extra))) = file else {
+        return command().try_get_matches_from(argv).and_then(|m| Cli::from_arg_matches(&m)).map_err(ParseError::Clap);
+    };
+    match command().try_get_matches_from(argv.iter().chain(&extra)).and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            // A value from the file that the parser refuses: name its line and key.
+            let arg = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(a)) => a.clone(),
+                _ => String::new(),
+            };
+            let long = arg.trim_start_matches("--").split([' ', '=']).next().unwrap_or_default().to_owned();
+            let Some(key) = table.keys().find(|k| {
+                !long.is_empty() && k.replace('_', "-") == long && extra.iter().any(|x| x.to_str().is_some_and(|x| x.starts_with(&format!("--{long}"))))
+            }) else {
+                return Err(ParseError::Clap(e));
+            };
+            let text_of_error = e.to_string();
+            let why = text_of_error.lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+            let err = FileError { line: line_of(&text, key), key: Some(key.clone()), why };
+            Err(ParseError::File(Failure::new(Exit::Usage, format!("--config {}", err.describe(&path.display().to_string())))))
+        }
+    }
+}
+
+/// The `--config` file: its text, its table, and its keys as arguments.
+fn file_args(path: &std::path::Path, given: &clap::ArgMatches) -> Result<(String, toml::Table, Vec<OsString>), ParseError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ParseError::File(Failure::new(Exit::Local, format!("cannot read --config {file}: {e}"))))?;
+    let bad = |e: FileError| ParseError::File(Failure::new(Exit::Usage, format!("--config {}", e.describe(&file))));
+    let table = parse(&text).map_err(bad)?;
+    let cmd = command();
+    let connect = cmd.find_subcommand("connect").ok_or_else(|| ParseError::File(Failure::new(Exit::Internal, "no connect command".to_owned())))?;
+    // The URL's variables outrank the file, as every flag's own does.
+    let url_in_env = std::env::var_os("AMQP_URL").is_some() || std::env::var_os("AMQP_URL_FILE").is_some();
+    let mut all = Vec::new();
+    for (key, value) in &table {
+        if url_in_env && matches!(key.replace('_', "-").as_str(), "url" | "url-file") {
+            continue;
+        }
+        all.extend(key_args(&text, connect, given, key, value).map_err(bad)?);
+    }
+    Ok((text, table, all))
+}
 
 /// Where in the file, and what is wrong.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,7 +137,9 @@ pub fn key_args(text: &str, command: &Command, given: &ArgMatches, key: &str, va
         (ArgAction::SetTrue, toml::Value::Boolean(true)) => Ok(vec![OsString::from(format!("--{long}"))]),
         (ArgAction::SetTrue, toml::Value::Boolean(false)) => Ok(Vec::new()),
         (ArgAction::SetTrue, _) => Err(err("is a switch: write true or false".into())),
-        (ArgAction::Append, toml::Value::Array(items)) => items.iter().map(|i| scalar(i).map(flag).ok_or_else(|| err("list items must be strings or numbers".into()))).collect(),
+        (ArgAction::Append, toml::Value::Array(items)) => {
+            items.iter().map(|i| scalar(i).map(flag).ok_or_else(|| err("list items must be strings or numbers".into()))).collect()
+        }
         (_, toml::Value::Array(_)) => Err(err("takes one value, not a list".into())),
         (_, v) => scalar(v).map(|s| vec![flag(s)]).ok_or_else(|| err("must be a string, a number or a boolean".into())),
     }

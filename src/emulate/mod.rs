@@ -30,7 +30,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-pub use model::{Dropped, Emulator, RateClock, Verdict};
+pub use model::{Dropped, Emulator, Fate, RateClock};
 pub use spec::{Spec, SpecError};
 
 use crate::codec::segment::Segmenter;
@@ -239,8 +239,8 @@ impl Shaper {
 
     fn one(emulator: &mut Emulator, line: &mut DelayLine, now_ns: u64, key: RoutingKey, entry: &[u8]) -> u64 {
         match emulator.decide(now_ns, entry.len().saturating_sub(VNET_HDR_LEN), line.packets()) {
-            Verdict::Drop(_) => 1,
-            Verdict::Send { at_ns, copies } => {
+            Fate::Drop(_) => 1,
+            Fate::Send { at_ns, copies } => {
                 for _ in 0..copies {
                     line.hold(at_ns, key, entry);
                 }
@@ -389,7 +389,8 @@ mod tests {
 
     #[test]
     fn peers_get_their_own_link_and_others_the_default() {
-        let emulation = Emulation { all: Some("delay 1ms".parse().unwrap()), to: vec![Emulation::parse_to("h2=delay 5ms").unwrap()], seed: 1, known: Vec::new() };
+        let emulation =
+            Emulation { all: Some("delay 1ms".parse().unwrap()), to: vec![Emulation::parse_to("h2=delay 5ms").unwrap()], seed: 1, known: Vec::new() };
         let links = Arc::new(Links::new(emulation, 0));
         let h2 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
         let h3 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3));

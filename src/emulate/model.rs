@@ -1,7 +1,7 @@
 //! What a link does to each packet: the seeded decisions of one [`Spec`]. Pure: the time
-//! and the packet length come in, a [`Verdict`] goes out, and every random draw comes from
+//! and the packet length come in, a [`Fate`] goes out, and every random draw comes from
 //! the generator seeded by `--emulate-seed` and the stream (which link, which flow shard),
-//! so the same seed and the same packet sequence give the same verdicts.
+//! so the same seed and the same packet sequence give the same fates.
 //!
 //! Per packet, in this order (as netem): is the link flapped down; is the packet lost
 //! (random, or the Gilbert–Elliott chain); is the queue full (`limit`); is it duplicated;
@@ -27,10 +27,13 @@ pub enum Dropped {
 
 /// What happens to one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Fate {
     Drop(Dropped),
     /// Sent `copies` times (2 when duplicated), leaving at `at_ns`.
-    Send { at_ns: u64, copies: u8 },
+    Send {
+        at_ns: u64,
+        copies: u8,
+    },
 }
 
 /// When the emulated line is next free at its rate, in ns; one per link, shared by the
@@ -95,16 +98,16 @@ impl Emulator {
         }
     }
 
-    /// The verdict on a packet of `len` bytes at `now_ns`, with `held` packets held.
-    pub fn decide(&mut self, now_ns: u64, len: usize, held: usize) -> Verdict {
+    /// The fate of a packet of `len` bytes at `now_ns`, with `held` packets held.
+    pub fn decide(&mut self, now_ns: u64, len: usize, held: usize) -> Fate {
         if self.flapped_down(now_ns) {
-            return Verdict::Drop(Dropped::Down);
+            return Fate::Drop(Dropped::Down);
         }
         if self.lost() {
-            return Verdict::Drop(Dropped::Lost);
+            return Fate::Drop(Dropped::Lost);
         }
         if held >= self.spec.limit {
-            return Verdict::Drop(Dropped::Limit);
+            return Fate::Drop(Dropped::Limit);
         }
         let copies = if self.spec.duplicate > 0.0 && self.uniform() < self.spec.duplicate { 2 } else { 1 };
         let mut at_ns = now_ns.saturating_add(self.delay_ns());
@@ -112,7 +115,7 @@ impl Emulator {
             let tx_ns = (len as u128 * 8 * 1_000_000_000 / u128::from(rate.max(1))) as u64;
             at_ns = self.rate.take(at_ns, tx_ns);
         }
-        Verdict::Send { at_ns, copies }
+        Fate::Send { at_ns, copies }
     }
 
     fn flapped_down(&self, now_ns: u64) -> bool {
@@ -170,7 +173,7 @@ mod tests {
 
     fn dropped(text: &str, seed: u64, n: u64) -> Vec<u64> {
         let mut e = emulator(text, seed);
-        (0..n).filter(|i| matches!(e.decide(i * 100_000, 100, 0), Verdict::Drop(_))).collect()
+        (0..n).filter(|i| matches!(e.decide(i * 100_000, 100, 0), Fate::Drop(_))).collect()
     }
 
     #[test]
@@ -207,7 +210,7 @@ mod tests {
         let (mut lo, mut hi) = (u64::MAX, 0);
         for i in 0..10_000u64 {
             let now = i * 1_000_000;
-            let Verdict::Send { at_ns, copies: 1 } = e.decide(now, 100, 0) else { panic!("only delay") };
+            let Fate::Send { at_ns, copies: 1 } = e.decide(now, 100, 0) else { panic!("only delay") };
             lo = lo.min(at_ns - now);
             hi = hi.max(at_ns - now);
         }
@@ -219,27 +222,29 @@ mod tests {
     fn rate_spaces_packets_by_their_size() {
         // 10 Mbit/s: a 1250-byte packet takes 1 ms on the line.
         let mut e = emulator("rate 10mbit", 1);
-        let at: Vec<u64> = (0..5).map(|_| match e.decide(0, 1250, 0) {
-            Verdict::Send { at_ns, .. } => at_ns,
-            v => panic!("{v:?}"),
-        }).collect();
+        let at: Vec<u64> = (0..5)
+            .map(|_| match e.decide(0, 1250, 0) {
+                Fate::Send { at_ns, .. } => at_ns,
+                v => panic!("{v:?}"),
+            })
+            .collect();
         assert_eq!(at, [1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000]);
         // An idle line starts again from now.
-        assert_eq!(e.decide(100_000_000, 1250, 0), Verdict::Send { at_ns: 101_000_000, copies: 1 });
+        assert_eq!(e.decide(100_000_000, 1250, 0), Fate::Send { at_ns: 101_000_000, copies: 1 });
     }
 
     #[test]
     fn flap_limit_duplicate_reorder() {
         let mut e = emulator("flap 1s 500ms", 1);
-        assert!(matches!(e.decide(999_000_000, 1, 0), Verdict::Send { .. }));
-        assert_eq!(e.decide(1_200_000_000, 1, 0), Verdict::Drop(Dropped::Down));
-        assert!(matches!(e.decide(1_500_000_000, 1, 0), Verdict::Send { .. }));
-        assert_eq!(emulator("limit 3", 1).decide(0, 1, 3), Verdict::Drop(Dropped::Limit));
+        assert!(matches!(e.decide(999_000_000, 1, 0), Fate::Send { .. }));
+        assert_eq!(e.decide(1_200_000_000, 1, 0), Fate::Drop(Dropped::Down));
+        assert!(matches!(e.decide(1_500_000_000, 1, 0), Fate::Send { .. }));
+        assert_eq!(emulator("limit 3", 1).decide(0, 1, 3), Fate::Drop(Dropped::Limit));
         let mut d = emulator("duplicate 50%", 1);
-        let twice = (0..10_000).filter(|_| d.decide(0, 1, 0) == Verdict::Send { at_ns: 0, copies: 2 }).count();
+        let twice = (0..10_000).filter(|_| d.decide(0, 1, 0) == Fate::Send { at_ns: 0, copies: 2 }).count();
         assert!((4500..5500).contains(&twice), "{twice}");
         let mut r = emulator("delay 10ms reorder 25%", 1);
-        let early = (0..10_000).filter(|_| r.decide(0, 1, 0) == Verdict::Send { at_ns: 0, copies: 1 }).count();
+        let early = (0..10_000).filter(|_| r.decide(0, 1, 0) == Fate::Send { at_ns: 0, copies: 1 }).count();
         assert!((2200..2800).contains(&early), "{early}");
     }
 }

@@ -110,7 +110,8 @@ impl FromStr for Spec {
                 }
                 "rate" => spec.rate = Some(w.required("rate RATE", RATE, parse_rate).map_err(err)?),
                 "limit" => {
-                    spec.limit = w.required("limit PACKETS", "a number of packets above 0 (1000)", |s| s.parse::<usize>().ok().filter(|n| *n > 0)).map_err(err)?;
+                    spec.limit =
+                        w.required("limit PACKETS", "a number of packets above 0 (1000)", |s| s.parse::<usize>().ok().filter(|n| *n > 0)).map_err(err)?;
                 }
                 "flap" => {
                     let up = w.required("flap UP DOWN", TIME, parse_time).map_err(err)?;
@@ -204,16 +205,7 @@ pub fn parse_percent(s: &str) -> Option<f64> {
 
 /// `100mbit`, `1gbit`, `64kbit`, `8000bit`, or bytes per second: `12mbps` → bits/s.
 pub fn parse_rate(s: &str) -> Option<u64> {
-    const UNITS: [(&str, f64); 8] = [
-        ("gbit", 1e9),
-        ("mbit", 1e6),
-        ("kbit", 1e3),
-        ("gbps", 8e9),
-        ("mbps", 8e6),
-        ("kbps", 8e3),
-        ("bit", 1.0),
-        ("bps", 8.0),
-    ];
+    const UNITS: [(&str, f64); 8] = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("gbps", 8e9), ("mbps", 8e6), ("kbps", 8e3), ("bit", 1.0), ("bps", 8.0)];
     let (number, scale) = UNITS.iter().find_map(|(unit, scale)| Some((s.strip_suffix(unit)?, *scale)))?;
     let v: f64 = number.parse().ok()?;
     let bits = v * scale;

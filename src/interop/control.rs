@@ -5,31 +5,29 @@
 //! `toAgent.<name>.ip.tun.start`: with `--wait-config` the first one supplies the addresses
 //! before the interface exists ([`wait_for_start`]); later ones add addresses to the running
 //! interface and are answered with `ip.tun.started` again ([`run`]). A thread of the
-//! agent's with its own connection, reconnecting quietly (the data link logs broker loss).
+//! agent's with its own connection, reconnecting quietly (the data link logs broker loss);
+//! not on the hot path. It decides which addresses an order adds and leaves adding them to
+//! its caller (the agent owns the interface): nothing here runs `ip`.
 
+use std::fmt::Display;
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Arc;
-
-use crate::codec::ioppytest::addressing::{OldAddressing, Order, StartPolicy};
-use crate::metrics::{DropReason, RxCounters};
 use crate::amqp::client::{self, Client, ConnectOptions, Owned};
+use crate::codec::ioppytest::addressing::{OldAddressing, Order, StartPolicy};
 use crate::codec::ioppytest::{self, ComponentReady, TunStarted, API_VERSION};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Prefix};
+use crate::metrics::{DropReason, RxCounters};
 use crate::util::Stop;
 
 fn publish(c: &mut Client, exchange: &str, key: &str, body: &impl serde::Serialize) -> Result<(), client::Error> {
     // Serialising these plain structs cannot fail.
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    c.publish_copy(exchange, key, &ioppytest::PROPERTIES, &bytes).map(drop)
+    c.publish_copy(exchange, key, &crate::amqp::IOPPYTEST_PROPERTIES, &bytes).map(drop)
 }
 
 fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), client::Error> {
-    let ready = ComponentReady {
-        _api_version: API_VERSION.to_owned(),
-        component: name.to_owned(),
-        description: format!("{name} READY to start test suite."),
-    };
+    let ready = ComponentReady { _api_version: API_VERSION.to_owned(), component: name.to_owned(), description: format!("{name} READY to start test suite.") };
     publish(c, exchange, ioppytest::ROUTING_KEY_COMPONENT_READY, &ready)
 }
 
@@ -101,14 +99,15 @@ pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAdd
 
 /// Announces `ip.tun.started` (and readiness) and serves later `ip.tun.start` messages
 /// (from the coordinator only, counting forged ones into `counters`), reconnecting quietly
-/// (the data link logs broker loss), until `stop`.
-pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>) {
+/// (the data link logs broker loss), until `stop`. An accepted order's addresses that the
+/// interface lacks go to `add_address` (the agent's: `ip addr add` on its interface).
+pub fn run<E: Display>(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>, mut add_address: impl FnMut(&Prefix) -> Result<(), E>) {
     let mut addressing = config.ioppytest().addressing.clone();
     let mut policy = policy(config);
     // The connection retries on its own (the machine's backoff, the next node).
     let Ok(mut c) = open(config, client::Retry::Forever, stop) else { return };
     while !stop.is_raised() {
-        match serve(&mut c, config, &mut addressing, &mut policy, &counters, stop) {
+        match serve(&mut c, config, &mut addressing, &mut policy, &counters, &mut add_address, stop) {
             Ok(()) | Err(client::Error::Stopped) => break,
             Err(error) => tracing::debug!(agent = %config.name(), %error, "ioppytest control connection failed"),
         }
@@ -119,7 +118,15 @@ pub fn run(config: &AgentConfig, stop: &Stop, counters: Arc<RxCounters>) {
     c.close(Duration::from_millis(300));
 }
 
-fn serve(c: &mut Client, config: &AgentConfig, addressing: &mut OldAddressing, policy: &mut StartPolicy, counters: &RxCounters, stop: &Stop) -> Result<(), client::Error> {
+fn serve<E: Display>(
+    c: &mut Client,
+    config: &AgentConfig,
+    addressing: &mut OldAddressing,
+    policy: &mut StartPolicy,
+    counters: &RxCounters,
+    add_address: &mut impl FnMut(&Prefix) -> Result<(), E>,
+    stop: &Stop,
+) -> Result<(), client::Error> {
     let (exchange, name) = (config.bus().exchange.as_str(), config.name());
     let c = &mut *c;
     let started_key = ioppytest::routing_key_tun_started(name);
@@ -135,7 +142,7 @@ fn serve(c: &mut Client, config: &AgentConfig, addressing: &mut OldAddressing, p
         let Some(wanted) = judge(policy, name, user.as_deref(), &body, Some(counters)) else { continue };
         for p in wanted.prefixes() {
             if !config.interface().addrs.iter().any(|c| c.addr == p.addr) && !addressing.prefixes().iter().any(|c| c.addr == p.addr) {
-                match crate::tun::netns::add_address(config.interface().netns.as_deref(), &config.interface().ifname, &p) {
+                match add_address(&p) {
                     Ok(()) => tracing::info!(agent = name, address = %p, "address added by ip.tun.start"),
                     Err(e) => tracing::warn!(agent = name, error = %e, "cannot add address from ip.tun.start"),
                 }

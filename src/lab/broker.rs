@@ -16,9 +16,7 @@ use anyhow::{bail, Context};
 
 /// Whether something accepts TCP connections on `addr`.
 pub fn answers(addr: &str) -> bool {
-    addr.parse::<SocketAddr>()
-        .map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
-        .unwrap_or(false)
+    addr.parse::<SocketAddr>().map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok()).unwrap_or(false)
 }
 
 /// Whether the RabbitMQ server programs are installed.

@@ -78,12 +78,7 @@ pub fn pairs(n: usize, sample: usize, seed: u64) -> Vec<(usize, usize)> {
 
 /// Round-trip times (ms) from `ping` output lines like `64 bytes from …: icmp_seq=1 ttl=64 time=0.523 ms`.
 pub fn ping_rtts_ms(output: &str) -> Vec<f64> {
-    output
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next())
-        .filter_map(|t| t.parse::<f64>().ok())
-        .collect()
+    output.lines().filter_map(|l| l.split("time=").nth(1)).filter_map(|t| t.split_whitespace().next()).filter_map(|t| t.parse::<f64>().ok()).collect()
 }
 
 /// The q-quantile (0..=1) of `values` by nearest rank; `None` when empty.

@@ -50,7 +50,7 @@ pub struct Link {
 
 /// A checked topology.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Topology {
+pub struct LabTopology {
     pub hosts: usize,
     pub links: Vec<Link>,
 }
@@ -61,10 +61,10 @@ fn index_of(name: &str, hosts: usize) -> Option<usize> {
     (1..=hosts).contains(&i).then(|| i - 1)
 }
 
-impl Topology {
+impl LabTopology {
     /// Parses and checks a topology file's text; `hosts` is `--hosts`, when given (the
     /// file's `hosts:` may then be left out, and must agree when it is not).
-    pub fn parse(text: &str, hosts: Option<usize>) -> Result<Topology, String> {
+    pub fn parse(text: &str, hosts: Option<usize>) -> Result<LabTopology, String> {
         let file: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
         let n = match (file.hosts, hosts) {
             (Some(f), Some(h)) if f != h => return Err(format!("the file has hosts: {f}, the command line --hosts {h}: give one, or the same")),
@@ -88,7 +88,7 @@ impl Topology {
             let spec = entry.emulate.as_deref().map(str::parse::<Spec>).transpose().map_err(|e| format!("link {x}–{y}: {e}"))?;
             links.push(Link { a: a.min(b), b: a.max(b), spec });
         }
-        Ok(Topology { hosts: n, links })
+        Ok(LabTopology { hosts: n, links })
     }
 
     /// The link between hosts `a` and `b`, if they are linked.
@@ -125,9 +125,9 @@ mod tests {
 
     #[test]
     fn parses_and_turns_into_emulation() {
-        let t = Topology::parse(THREE, None).unwrap();
-        assert_eq!(Topology::parse(THREE, Some(3)).unwrap(), t);
-        assert_eq!(Topology::parse("links:\n  - between: [h1, h2]\n", Some(5)).unwrap().hosts, 5, "--hosts when the file has none");
+        let t = LabTopology::parse(THREE, None).unwrap();
+        assert_eq!(LabTopology::parse(THREE, Some(3)).unwrap(), t);
+        assert_eq!(LabTopology::parse("links:\n  - between: [h1, h2]\n", Some(5)).unwrap().hosts, 5, "--hosts when the file has none");
         assert_eq!(t.links.len(), 2);
         assert_eq!(t.link(1, 0).and_then(|l| l.spec.clone()), Some("delay 10ms".parse().unwrap()));
         assert!(t.link(1, 2).is_some_and(|l| l.spec.is_none()));
@@ -151,10 +151,10 @@ mod tests {
             ("hosts: 3\nlinkz: []\n", "unknown field"),
             ("links: []\n", "how many hosts"),
         ] {
-            let e = Topology::parse(text, None).unwrap_err();
+            let e = LabTopology::parse(text, None).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
-        let e = Topology::parse("hosts: 3\n", Some(6)).unwrap_err();
+        let e = LabTopology::parse("hosts: 3\n", Some(6)).unwrap_err();
         assert!(e.contains("--hosts 6: give one, or the same"), "{e}");
     }
 }

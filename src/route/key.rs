@@ -187,6 +187,9 @@ pub fn word_to_address(word: &str) -> Option<IpAddr> {
     (address_word(ip).as_str() == word).then_some(ip)
 }
 
+/// The topic exchange without a session: RabbitMQ's own `amq.topic`.
+pub const DEFAULT_EXCHANGE: &str = "amq.topic";
+
 /// The topic exchange of a testbed session: `tunbus.<session>`.
 pub fn session_exchange(session: &str) -> String {
     format!("tunbus.{session}")

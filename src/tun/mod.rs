@@ -63,20 +63,11 @@ pub struct TunDevice {
     pub offloads: Offloads,
 }
 
-/// Checks an interface name the way the kernel will (IFNAMSIZ - 1 bytes, no separators).
-pub fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && !name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-}
-
 impl TunDevice {
     /// Creates interface `name` with `queues` queues. `offload` false keeps the vnet header
     /// (so the wire is the same) but never asks the kernel for super-packets.
     pub fn create(name: &str, queues: usize, offload: bool) -> Result<TunDevice, Error> {
-        if !valid_ifname(name) {
+        if !crate::config::valid_ifname(name) {
             return Err(Error::BadName(name.to_owned()));
         }
         let mut opened = Vec::with_capacity(queues);

@@ -194,7 +194,7 @@ impl Outbound for IoppytestOut {
     fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, _key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
         let vnet_len = if batch.flags() & FLAG_VNET != 0 { VNET_HDR_LEN } else { 0 };
         let seconds = now_ns() / 1_000_000_000;
-        let props = ioppytest::PROPERTIES;
+        let props = crate::amqp::IOPPYTEST_PROPERTIES;
         let id = batch.as_bytes().as_ptr() as usize;
         let skip = match self.partial {
             Some((p, sent)) if p == id => sent,

@@ -17,7 +17,6 @@ pub mod addressing;
 pub mod serial;
 
 use super::v1::MAX_PACKET_LEN;
-use crate::amqp::wire::Properties;
 
 /// `_api_version` written in every body (the one ioppytest-agent 0.2.20 sends).
 pub const API_VERSION: &str = "1.2.15";
@@ -29,18 +28,11 @@ pub const EXCHANGE: &str = "amq.topic";
 pub const CONTENT_TYPE: &str = "application/json";
 /// `content_encoding` property set by the Python agent.
 pub const CONTENT_ENCODING: &str = "utf-8";
-/// `delivery_mode` property set by the Python agent (persistent).
+/// `delivery_mode` property set by the Python agent (persistent). These properties, as
+/// AMQP writes them, are `amqp::IOPPYTEST_PROPERTIES` (the codec knows no AMQP).
 pub const DELIVERY_MODE: u8 = 2;
-/// The AMQP properties of every ioppytest message tunbus publishes (packets and control):
-/// the Python receivers want them as they set them.
-pub const PROPERTIES: Properties<'static> = Properties {
-    content_type: Some(CONTENT_TYPE),
-    content_encoding: Some(CONTENT_ENCODING),
-    empty_headers: true,
-    delivery_mode: Some(DELIVERY_MODE),
-    user_id: None,
-    correlation_id: None,
-};
+/// The Python agent sends an empty `headers` table with every message.
+pub const EMPTY_HEADERS: bool = true;
 /// Routing key of the "component ready" announcement.
 pub const ROUTING_KEY_COMPONENT_READY: &str = "testingtool.component.ready";
 
@@ -93,18 +85,13 @@ pub fn decode_bytes(body: &[u8], key: &str, max_len: usize, out: &mut Vec<u8>) -
     }
     let mut reason = None;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let found = BodySeed {
-        key,
-        max_len,
-        out: &mut *out,
-        reason: &mut reason,
-    }
-    .deserialize(&mut de)
-    .and_then(|found| de.end().map(|()| found))
-    .map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => reason.unwrap_or(JsonError::NotJson),
-        _ => JsonError::NotJson,
-    })?;
+    let found =
+        BodySeed { key, max_len, out: &mut *out, reason: &mut reason }.deserialize(&mut de).and_then(|found| de.end().map(|()| found)).map_err(|e| match e
+            .classify()
+        {
+            serde_json::error::Category::Data => reason.unwrap_or(JsonError::NotJson),
+            _ => JsonError::NotJson,
+        })?;
     if !found {
         return Err(JsonError::MissingData);
     }
@@ -145,11 +132,7 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
             if is_data {
                 found = true;
                 self.out.clear();
-                map.next_value_seed(DataSeed {
-                    max_len: self.max_len,
-                    out: &mut *self.out,
-                    reason: &mut *self.reason,
-                })?;
+                map.next_value_seed(DataSeed { max_len: self.max_len, out: &mut *self.out, reason: &mut *self.reason })?;
                 *self.reason = None;
             } else {
                 map.next_value::<IgnoredAny>()?;
@@ -221,13 +204,7 @@ impl<'de> Visitor<'de> for DataSeed<'_> {
 pub fn encode_packet(packet: &[u8], interface_name: &str, timestamp_s: u64, out: &mut Vec<u8>) {
     out.clear();
     // Each byte takes at most 5 characters ("255, "); the rest is a little over 100.
-    out.reserve(
-        packet
-            .len()
-            .saturating_mul(5)
-            .saturating_add(interface_name.len().saturating_mul(6))
-            .saturating_add(112),
-    );
+    out.reserve(packet.len().saturating_mul(5).saturating_add(interface_name.len().saturating_mul(6)).saturating_add(112));
     out.extend_from_slice(b"{\"_api_version\": \"");
     out.extend_from_slice(API_VERSION.as_bytes());
     out.extend_from_slice(b"\", \"data\": [");
@@ -448,10 +425,7 @@ mod tests {
 
     /// RFC 1071 checksum over an IPv4 header; 0 when the header's checksum is right.
     fn ipv4_header_checksum(h: &[u8]) -> u16 {
-        let mut sum: u32 = h
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
+        let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
@@ -465,11 +439,7 @@ mod tests {
         decode_packet(&body, &mut pkt).unwrap();
         assert_eq!(pkt.len(), 84);
         assert_eq!(pkt[0], 0x45);
-        assert_eq!(
-            u16::from_be_bytes([pkt[2], pkt[3]]),
-            84,
-            "IPv4 total length"
-        );
+        assert_eq!(u16::from_be_bytes([pkt[2], pkt[3]]), 84, "IPv4 total length");
         assert_eq!(ipv4_header_checksum(&pkt[..20]), 0, "IPv4 header checksum");
         assert_eq!(pkt[9], 1, "ICMP");
         assert_eq!(&pkt[12..16], &[10, 2, 0, 1]);
@@ -484,17 +454,13 @@ mod tests {
         let ours: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(orig, ours);
         let keys: Vec<&String> = ours.as_object().unwrap().keys().collect();
-        assert_eq!(
-            keys,
-            ["_api_version", "data", "interface_name", "timestamp"]
-        );
+        assert_eq!(keys, ["_api_version", "data", "interface_name", "timestamp"]);
         assert!(ours["data"].as_array().unwrap().iter().all(|v| v.is_u64()));
     }
 
     #[test]
     fn key_order_and_extra_keys() {
-        let body =
-            br#" {"timestamp": 1, "extra": {"nested": [1, "x", null]}, "interface_name": "tun0",
+        let body = br#" {"timestamp": 1, "extra": {"nested": [1, "x", null]}, "interface_name": "tun0",
                         "data": [96, 0, 255], "_api_version": "9"} "#;
         let mut out = vec![1, 2, 3];
         decode_packet(body, &mut out).unwrap();
@@ -539,12 +505,7 @@ mod tests {
             (br#"{"data":[]}"#, EmptyPacket),
         ];
         for &(body, want) in cases {
-            assert_eq!(
-                decode_packet(body, &mut out),
-                Err(want),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert_eq!(decode_packet(body, &mut out), Err(want), "{}", String::from_utf8_lossy(body));
         }
     }
 
@@ -573,10 +534,7 @@ mod tests {
         encode_packet(&[1], "a\"b\\c\n\u{1}é😀", 0, &mut out);
         let s = std::str::from_utf8(&out).unwrap();
         assert!(s.is_ascii());
-        assert!(
-            s.contains(r#""interface_name": "a\"b\\c\n\u0001\u00e9\ud83d\ude00""#),
-            "{s}"
-        );
+        assert!(s.contains(r#""interface_name": "a\"b\\c\n\u0001\u00e9\ud83d\ude00""#), "{s}");
         let v: serde_json::Value = serde_json::from_str(s).unwrap();
         assert_eq!(v["interface_name"], "a\"b\\c\n\u{1}é😀");
         assert_eq!(v["timestamp"], 0);
@@ -643,46 +601,24 @@ mod tests {
         assert_eq!(t.ipv6_host.as_deref(), Some("2"));
         assert!(!t.ipv6_no_forwarding);
         assert_eq!(t.ipv4_address, None);
-        assert_eq!(
-            serde_json::from_str::<TunStarted>("{}").unwrap(),
-            TunStarted::default()
-        );
+        assert_eq!(serde_json::from_str::<TunStarted>("{}").unwrap(), TunStarted::default());
         assert!(serde_json::from_str::<TunStarted>(r#"{"name": [1]}"#).is_err());
     }
 
     #[test]
     fn component_ready_roundtrip() {
-        let c = ComponentReady {
-            _api_version: API_VERSION.into(),
-            component: "agent_1".into(),
-            description: "up".into(),
-        };
+        let c = ComponentReady { _api_version: API_VERSION.into(), component: "agent_1".into(), description: "up".into() };
         let s = serde_json::to_string(&c).unwrap();
-        assert_eq!(
-            s,
-            r#"{"_api_version":"1.2.15","component":"agent_1","description":"up"}"#
-        );
+        assert_eq!(s, r#"{"_api_version":"1.2.15","component":"agent_1","description":"up"}"#);
         assert_eq!(serde_json::from_str::<ComponentReady>(&s).unwrap(), c);
     }
 
     #[test]
     fn routing_keys() {
-        assert_eq!(
-            routing_key_from_agent("agent_1"),
-            "fromAgent.agent_1.ip.tun.packet.raw"
-        );
-        assert_eq!(
-            routing_key_to_agent("agent_TT"),
-            "toAgent.agent_TT.ip.tun.packet.raw"
-        );
-        assert_eq!(
-            routing_key_tun_started("agent_1"),
-            "fromAgent.agent_1.ip.tun.started"
-        );
-        assert_eq!(
-            routing_key_tun_start("agent_1"),
-            "toAgent.agent_1.ip.tun.start"
-        );
+        assert_eq!(routing_key_from_agent("agent_1"), "fromAgent.agent_1.ip.tun.packet.raw");
+        assert_eq!(routing_key_to_agent("agent_TT"), "toAgent.agent_TT.ip.tun.packet.raw");
+        assert_eq!(routing_key_tun_started("agent_1"), "fromAgent.agent_1.ip.tun.started");
+        assert_eq!(routing_key_tun_start("agent_1"), "toAgent.agent_1.ip.tun.start");
         assert_eq!(parse_from_agent(&routing_key_from_agent("agent_1")), Some(FromAgent::Packet { name: "agent_1" }));
         assert_eq!(parse_from_agent(&routing_key_tun_started("agent_1")), Some(FromAgent::Started { name: "agent_1" }));
         for bad in ["fromAgent..ip.tun.started", "toAgent.a.ip.tun.packet.raw", "fromAgent.a.ip.tun.start", "fromAgent.a", "fromAgent.a.b.ip.tun.started"] {

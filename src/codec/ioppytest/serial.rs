@@ -18,7 +18,8 @@
 //!   `timestamp` is whole seconds: the listener never sets it, and `Message.__init__`
 //!   overwrites the template's float with its `timestamp` property, `int(time.time())`.
 //! - properties: kombu's (`content_type` `application/json`, `content_encoding` `utf-8`,
-//!   persistent): [`super::PROPERTIES`].
+//!   persistent): `amqp::IOPPYTEST_PROPERTIES` (built from [`super::CONTENT_TYPE`] and its
+//!   neighbours).
 //! - on opening the port it publishes `MsgAgentSerialStarted` `{"_api_version", "boudrate",
 //!   "name", "port"}` (sic: `boudrate`, a string such as `"460800"`) on
 //!   `fromAgent.<name>.802154.serial.started`. `MsgAgentSerialStart` (same fields) on

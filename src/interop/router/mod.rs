@@ -34,7 +34,7 @@ use crate::amqp::client::{self, Client, ConnectOptions, Endpoint, Owned, Publish
 use crate::amqp::presence::{HELLO_EVERY, JSON_PROPERTIES};
 use crate::amqp::session::QueueOptions;
 use crate::amqp::wire::Properties;
-use crate::codec::ioppytest;
+use crate::amqp::IOPPYTEST_PROPERTIES;
 use crate::route::{self, RoutingKey};
 use crate::util::{now_ns, Stop};
 pub use state::ROUTER_SENDER;
@@ -104,7 +104,8 @@ struct Shell {
 /// Runs until `stop`; returns the counters.
 pub fn run(mut opts: RouterOptions, stop: &Stop) -> RouterCounters {
     let topology = std::mem::take(&mut opts.topology);
-    let mut r = Shell { opts, router: Router::new(topology), actions: Vec::new(), queue: format!("tunbus.router.{}", std::process::id()), next_hello: Instant::now() };
+    let mut r =
+        Shell { opts, router: Router::new(topology), actions: Vec::new(), queue: format!("tunbus.router.{}", std::process::id()), next_hello: Instant::now() };
     let mut opts = ConnectOptions::new("tunbus router");
     opts.heartbeat = r.opts.heartbeat;
     let plan = client::Plan {
@@ -188,7 +189,7 @@ impl Shell {
         let mut result = Ok(());
         for action in actions.drain(..) {
             result = match action {
-                Action::Publish { key, form: Form::Ioppytest, body } => send(c, &self.opts.exchange, &key, &ioppytest::PROPERTIES, &body),
+                Action::Publish { key, form: Form::Ioppytest, body } => send(c, &self.opts.exchange, &key, &IOPPYTEST_PROPERTIES, &body),
                 Action::Publish { key, form: Form::Native, body } => send(c, &self.opts.exchange, &key, &Properties::default(), &body),
                 Action::Bind(pattern) => {
                     c.plan_binding(&pattern); // bound again by every reconnection

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use super::RouterCounters;
 use crate::amqp::presence::{Hello, ROUTER_WIRE};
+use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter, Packet};
 use crate::codec::vnet;
 use crate::identity::claims::Claims;
-use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::interop::topology::{Topology, TESTING_TOOL};
 use crate::route::{self, Destination, Key, RoutingKey};
 
@@ -26,7 +26,7 @@ pub const ROUTER_SENDER: &str = "tunbus-router";
 /// The AMQP properties of a message the router publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
-    /// ioppytest JSON (`codec::ioppytest::PROPERTIES`).
+    /// ioppytest JSON (`amqp::IOPPYTEST_PROPERTIES`).
     Ioppytest,
     /// A native v1 batch (no properties; the connection adds `user_id`).
     Native,
@@ -35,7 +35,11 @@ pub enum Form {
 /// One thing the shell must do on the router's connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    Publish { key: String, form: Form, body: Vec<u8> },
+    Publish {
+        key: String,
+        form: Form,
+        body: Vec<u8>,
+    },
     /// Bind the router's queue to this pattern.
     Bind(String),
     /// Publish the router's hello now: its claims changed, or an agent asked.
@@ -78,16 +82,10 @@ impl Router {
     /// Every key the router's queue must be bound to: the fixed ones and one per address
     /// of a learned old agent (so a reconnect re-binds what was learned).
     pub fn bindings(&self) -> Vec<String> {
-        let mut keys: Vec<String> = [
-            "fromAgent.*.ip.tun.packet.raw",
-            "fromAgent.*.ip.tun.started",
-            route::ALL_PATTERN,
-            route::HELLO_PATTERN,
-            route::BYE_PATTERN,
-            route::CTL_PROBE,
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        let mut keys: Vec<String> =
+            ["fromAgent.*.ip.tun.packet.raw", "fromAgent.*.ip.tun.started", route::ALL_PATTERN, route::HELLO_PATTERN, route::BYE_PATTERN, route::CTL_PROBE]
+                .map(str::to_owned)
+                .to_vec();
         keys.extend(self.owner.keys().map(|a| route::unicast_pattern(*a)));
         keys
     }

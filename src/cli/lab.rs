@@ -1,0 +1,114 @@
+//! `agent lab`: its flags, and their conversion into `lab::LabOptions`.
+//!
+//! Main thread, once per run; not on the hot path.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::{within, BrokerArgs};
+use crate::config::{self, DEFAULT_MTU};
+use crate::exit::{Exit, Failure};
+use crate::route;
+
+/// Hosts of a lab when neither `--hosts` nor a topology says.
+pub const DEFAULT_LAB_HOSTS: u32 = 4;
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>) [default: 4, or
+    /// the topology's `hosts:`].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4000))]
+    pub hosts: Option<u32>,
+    /// TUN queues per host.
+    #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
+    pub queues: u16,
+    /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
+    #[arg(long)]
+    pub keep: bool,
+    /// Broker URL, repeatable for the nodes of a cluster [default: localhost:5672 if it
+    /// answers, else a private RabbitMQ node]. TLS flags as for `connect`.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Session: isolates this lab from other labs and agents on the same broker.
+    #[arg(long, default_value = crate::lab::plan::DEFAULT_SESSION)]
+    pub session: String,
+    /// Pairs to ping in labs larger than 8 hosts (smaller labs check all pairs).
+    #[arg(long, default_value_t = 100)]
+    pub sample: usize,
+    /// Seed of the pair sample.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Length of the iperf3 TCP sample from h1 to h2 (0: skip).
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub throughput_seconds: f64,
+    /// Start a private RabbitMQ node even if one answers on localhost:5672.
+    #[arg(long)]
+    pub private_broker: bool,
+    /// Start a private RabbitMQ cluster of N nodes and spread the hosts over them round
+    /// robin (each host lists the other nodes after its own, for failover).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub brokers: u16,
+    /// Interface MTU of every host.
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = within(config::MTU))]
+    pub mtu: u32,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+    /// Remove what earlier labs left behind (namespaces, private brokers) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Provision the session as `agent provision` does (its vhost, one broker user per host
+    /// with its own permissions) and run every host with its own identity, strict mode.
+    #[arg(long)]
+    pub secure: bool,
+    /// Internal: be the guard of lab process PID (see `lab::guard`).
+    #[arg(long, hide = true, value_name = "PID")]
+    pub guard: Option<u32>,
+    /// Which hosts are linked and how each link behaves, in YAML (hosts: N; links: a list
+    /// of {between: [h1, h2], emulate: 'delay 10ms loss 1%'}); hosts without a link cannot
+    /// reach each other. Its hosts: may be left to --hosts. See docs/capture-and-emulation.md.
+    #[arg(long, value_name = "FILE")]
+    pub topology: Option<PathBuf>,
+}
+
+impl LabArgs {
+    pub fn options(&self) -> anyhow::Result<crate::lab::LabOptions> {
+        if !route::is_valid_word(&self.session) || self.session.len() > 20 {
+            bail!("--session {:?} must be one topic word of at most 20 characters: letters, digits, '-' or '_'", self.session);
+        }
+        let endpoints = if self.broker.given() { Some(self.broker.endpoints()?) } else { None };
+        if !(self.throughput_seconds >= 0.0 && self.throughput_seconds <= 600.0) {
+            bail!("--throughput-seconds must be between 0 and 600");
+        }
+        let topology = match &self.topology {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
+                let hosts = self.hosts.map(|h| h as usize);
+                Some(
+                    crate::lab::topology::LabTopology::parse(&text, hosts)
+                        .map_err(|e| Failure::new(Exit::Usage, format!("--topology {}: {e}", path.display())))?,
+                )
+            }
+            None => None,
+        };
+        Ok(crate::lab::LabOptions {
+            hosts: topology.as_ref().map_or(self.hosts.unwrap_or(DEFAULT_LAB_HOSTS) as usize, |t| t.hosts),
+            topology,
+            queues: usize::from(self.queues),
+            keep: self.keep,
+            endpoints,
+            heartbeat: self.broker.heartbeat()?,
+            session: self.session.clone(),
+            sample: self.sample.max(1),
+            seed: self.seed,
+            throughput: Duration::from_secs_f64(self.throughput_seconds),
+            private_broker: self.private_broker,
+            brokers: usize::from(self.brokers),
+            secure: self.secure,
+            mtu: self.mtu,
+        })
+    }
+}

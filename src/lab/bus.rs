@@ -1,0 +1,144 @@
+//! The lab's bus: which broker (`--url`, the local one, or a private node or cluster of
+//! its own) and, with `--secure`, the session's users, one per host.
+//!
+//! Main thread; not on the hot path.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::broker::{self, PrivateBroker};
+use super::state::{write_state, State};
+use super::Lab;
+use crate::amqp::client::Endpoint;
+use crate::amqp::url::{self, DEFAULT_URL};
+
+/// Where a lab's broker nodes live: an unpredictable name under the temporary directory.
+pub(super) fn private_dir_name(session: &str) -> anyhow::Result<PathBuf> {
+    let mut raw = [0u8; 8];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw)).context("reading /dev/urandom")?;
+    Ok(std::env::temp_dir().join(format!("tunbus-lab-{session}-{:016x}", u64::from_le_bytes(raw))))
+}
+
+/// Creates the folder named by [`private_dir_name`]: mode 0700 (failing if anything is
+/// there already), owned by the `rabbitmq` user that runs the nodes (root reads it anyway).
+pub(super) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = std::process::Command::new("chown").arg("rabbitmq:rabbitmq").arg(dir).stderr(Stdio::null()).status();
+    Ok(())
+}
+
+/// `--secure`: each host's broker user and URL, and the session's strict table.
+pub(super) struct SecureSession {
+    pub(super) by_host: std::collections::HashMap<String, (String, Endpoint)>,
+    pub(super) table: crate::identity::Table,
+}
+
+/// Revokes a lab's provisioned session on this machine's broker (rabbitmqctl).
+pub(super) fn revoke_local(session: &str) {
+    let Ok(admin) = url::parse(DEFAULT_URL) else { return };
+    let o = crate::provision::Options {
+        admin,
+        tls: Default::default(),
+        api: None,
+        session: session.to_owned(),
+        agents: Vec::new(),
+        observers: Vec::new(),
+        out: None,
+        node: None,
+    };
+    if let Err(e) = crate::provision::revoke(&o) {
+        tracing::warn!(session, error = %e, "could not revoke the lab's session");
+    }
+}
+
+impl Lab {
+    /// `--url`, else (one node asked for) localhost:5672 if it answers and can hold the
+    /// lab, else a private node, or a private cluster of `--brokers N` nodes.
+    pub(super) fn choose_broker(&mut self, state: &mut State) -> anyhow::Result<Vec<Endpoint>> {
+        if let Some(endpoints) = &self.opts.endpoints {
+            return Ok(endpoints.clone());
+        }
+        let connections = self.opts.hosts * self.opts.queues;
+        if self.opts.brokers <= 1 && !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
+            match broker::local_capacity() {
+                Some(cap) if !cap.holds(connections) => tracing::warn!(
+                    connections,
+                    sockets_free = cap.sockets_free,
+                    memory_free_mib = cap.memory_free / (1 << 20),
+                    "the local broker cannot hold this lab (raise its open-files limit: scripts/setup.sh starts it so); starting a private node with a raised limit instead"
+                ),
+                _ => return Ok(vec![Endpoint::plain(url::parse(&DEFAULT_URL.replace("localhost", "127.0.0.1"))?)]),
+            }
+        }
+        if !broker::installed() {
+            bail!("no broker answers on localhost:5672 and RabbitMQ is not installed: apt-get install rabbitmq-server (or pass --url)");
+        }
+        // Recorded before it exists, so that no moment of a kill leaves it behind.
+        let dir = private_dir_name(&self.opts.session)?;
+        self.temp_dir = Some(dir.clone());
+        state.temp_dir = Some(dir.clone());
+        write_state(state)?;
+        create_private_dir(&dir)?;
+        if self.opts.brokers > 1 {
+            tracing::info!(nodes = self.opts.brokers, "starting a private RabbitMQ cluster");
+            let prepared: Vec<PrivateBroker> = (1..=self.opts.brokers)
+                .map(|i| PrivateBroker::prepare(&dir.join(format!("node{i}")), &broker::NodeConfig::default()))
+                .collect::<anyhow::Result<_>>()?;
+            // Recorded before anything runs: a killed lab's nodes are stopped by the next run.
+            state.cluster = prepared.iter().map(|b| (b.node.clone(), b.port)).collect();
+            write_state(state)?;
+            let cluster = broker::PrivateCluster::start_prepared(prepared)?;
+            let urls = cluster.urls();
+            self.private = cluster.nodes;
+            return urls.iter().map(|u| Ok(Endpoint::plain(url::parse(u)?))).collect();
+        }
+        tracing::info!("starting a private RabbitMQ node");
+        let b = PrivateBroker::prepare(&dir.join("rabbitmq"), &broker::NodeConfig::default())?;
+        state.broker_node = Some(b.node.clone());
+        state.broker_port = Some(b.port);
+        write_state(state)?;
+        b.launch()?;
+        b.wait_up(None, Duration::from_secs(60))?;
+        let url = url::parse(&b.url())?;
+        self.private = vec![b];
+        Ok(vec![Endpoint::plain(url)])
+    }
+
+    /// `--secure`: the session's vhost, one user per host, permissions; recorded first so
+    /// that a killed lab's session is revoked by the next run.
+    pub(super) fn provision(&mut self, state: &mut State) -> anyhow::Result<()> {
+        let Some(base) = self.endpoints.first().map(|e| e.url.clone()) else { bail!("no broker") };
+        let agents: Vec<crate::provision::plan::AgentSpec> =
+            self.hosts.iter().map(|h| crate::provision::plan::AgentSpec { name: h.name.clone(), prefixes: h.prefixes().to_vec() }).collect();
+        let o = crate::provision::Options {
+            admin: base.clone(),
+            tls: Default::default(),
+            api: None,
+            session: self.opts.session.clone(),
+            agents,
+            observers: Vec::new(),
+            out: None,
+            node: self.private.first().map(|b| b.node.clone()),
+        };
+        if self.private.is_empty() {
+            state.provisioned_on = Some(base.authority());
+            write_state(state)?;
+        }
+        let t0 = Instant::now();
+        let summary = crate::provision::provision(&o).context("provisioning the lab's session (--secure)")?;
+        let plan = summary.plan.context("provisioning made no plan")?;
+        let table = crate::identity::peers_file::parse(&plan.peers_file(), Some(&plan.session)).map_err(anyhow::Error::msg)?;
+        let mut by_host = std::collections::HashMap::new();
+        for u in &plan.users {
+            let url = base.with_credentials(&u.user, &u.password).with_vhost(&plan.vhost);
+            by_host.insert(u.agent.clone(), (u.user.clone(), Endpoint::plain(url)));
+        }
+        tracing::info!(users = plan.users.len(), seconds = t0.elapsed().as_secs_f64(), via = summary.backend, "lab session provisioned");
+        self.identities = Some(SecureSession { by_host, table });
+        Ok(())
+    }
+}

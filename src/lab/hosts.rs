@@ -1,0 +1,117 @@
+//! The lab's hosts: their namespaces (created and deleted in one `ip -batch` run each),
+//! and the agent configuration each host runs.
+//!
+//! Main thread; not on the hot path.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use super::plan::{self, Host};
+use super::{topology, Lab};
+use crate::amqp::client::Endpoint;
+use crate::config::{AgentConfig, Bus, ConfigError, DataPath, Identity, Interface};
+
+/// Namespaces of `session` that exist now (exact pattern: prefix + digits).
+pub(super) fn session_namespaces(session: &str) -> Vec<String> {
+    let prefix = plan::netns_prefix(session);
+    let list = crate::tun::netns::ip(None, &["netns", "list"]).unwrap_or_default();
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit())))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Deletes namespaces in one `ip -batch` run.
+pub(super) fn delete_namespaces(names: &[String]) {
+    if names.is_empty() {
+        return;
+    }
+    let script: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
+    let _ = run_batch(&script);
+}
+
+/// Runs `ip -force -batch -` with `script`: every line is tried, also after one fails (a
+/// namespace already gone), unlike `tun::netns::ip_batch`, and an error does not repeat
+/// the script (thousands of lines in a large lab).
+pub(super) fn run_batch(script: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running `ip -batch` (install iproute2)")?;
+    child.stdin.take().context("ip stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ip -batch failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Lab {
+    pub(super) fn create_namespaces(&self) -> anyhow::Result<()> {
+        let script: String = self.hosts.iter().map(|h| format!("netns add {}\n", h.netns)).collect();
+        run_batch(&script).context("creating the lab's namespaces")?;
+        for h in &self.hosts {
+            crate::tun::netns::ip(Some(&h.netns), &["link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn agent_config(&self, host: &Host) -> Result<AgentConfig, ConfigError> {
+        // Hosts spread over the nodes round robin; each lists the others after its own.
+        let n = self.endpoints.len().max(1);
+        let mut endpoints = self.endpoints.clone();
+        endpoints.rotate_left((host.index - 1) % n);
+        // Every host logs in as the same user: it may use the lab's prefixes. (First claim
+        // would have every host bind every hello: N² messages.) With --secure: the host's
+        // own user, and only the session's users and addresses.
+        let mut user = None;
+        if let Some((login, endpoint)) = self.identities.as_ref().and_then(|secure| secure.by_host.get(&host.name)) {
+            let url = &endpoint.url;
+            endpoints = endpoints
+                .iter()
+                .map(|e| Endpoint::plain(e.url.with_credentials(url.username.as_deref().unwrap_or(login), url.password().unwrap_or("")).with_vhost(&url.vhost)))
+                .collect();
+            user = Some(login.clone());
+        }
+        // Many agents per process, so smaller per-agent buffers: 128 KiB batches, 32 KiB
+        // frames (each data connection reads into two frames' worth). The same at every lab
+        // size, so that a lab's figures compare across sizes; `agent connect` keeps the
+        // defaults tuned for throughput.
+        let bus = Bus { heartbeat: self.opts.heartbeat, check_name: false, frame_max: Some(32 * 1024), ..Bus::new(endpoints).in_session(&self.opts.session) };
+        let interface = Interface {
+            queues: self.opts.queues,
+            addrs: host.prefixes().to_vec(),
+            netns: Some(host.netns.clone()),
+            mtu: self.opts.mtu,
+            router_solicitations: 0, // a lab has no router: nothing to solicit
+            ..Interface::default()
+        };
+        let emulation = match &self.opts.topology {
+            Some(t) => {
+                let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+                let addrs: Vec<Vec<std::net::IpAddr>> = self.hosts.iter().map(|h| h.prefixes().iter().map(|p| p.addr).collect()).collect();
+                // `Host::index` counts from 1; the topology's indices from 0.
+                crate::emulate::Emulation { known: topology::LabTopology::addresses(&names, &addrs), ..t.emulation_of(host.index - 1, &names, self.opts.seed) }
+            }
+            None => crate::emulate::Emulation::default(),
+        };
+        let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, status_dir: None, emulation, ..DataPath::default() };
+        let c = AgentConfig::new(&host.name, bus, interface)?.with_data_path(data_path)?;
+        let user = user.unwrap_or_else(|| c.identity().user.clone());
+        let mode = match &self.identities {
+            Some(secure) => crate::identity::Mode::Strict(secure.table.clone()),
+            None => {
+                let prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                crate::identity::Mode::Strict(crate::identity::Table::new(vec![(user.clone(), prefixes)]))
+            }
+        };
+        c.with_identity(Identity { user, mode })
+    }
+}
