@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::amqp::client::{Endpoint, DEFAULT_HEARTBEAT};
 use crate::codec::ioppytest::addressing::{default_subnets, OldAddressing};
 
-pub use crate::route::Prefix;
+pub use crate::packet::Prefix;
 
 /// Which wire an agent speaks on the bus.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

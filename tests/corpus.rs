@@ -123,6 +123,30 @@ fn write_seeds() {
     seeds.push(("routing", ping.clone()));
     seeds.push(("batcher", vec![0, 1, 2, 0, 1, 2, 1, 3, 1, 4, 0, 50, 7, 2, 0, 0, 1, 7, 4, 0, 1, 7, 0, 0, 4, 0, 200]));
     seeds.push(("batcher", (0..300u32).flat_map(|i| [(i % 4) as u8, (i % 9) as u8, 1 + (i % 3) as u8]).collect()));
+    // packet views: IP of both versions with their transports, MLD behind hop-by-hop, a
+    // frame with two 802.1Q tags around an IPv4 packet with options.
+    seeds.push(("packet", ping.clone()));
+    seeds.push(("packet", udp6.clone()));
+    seeds.push(("packet", kernel_packet(false, true, 100, 0)[10..].to_vec()));
+    let mut mld = vec![0x60, 0, 0, 0, 0, 36, 0, 1];
+    mld.extend_from_slice(&Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).octets());
+    mld.extend_from_slice(&Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16).octets());
+    mld.extend_from_slice(&[58, 0, 5, 2, 0, 0, 1, 0]); // hop-by-hop: router alert
+    mld.extend_from_slice(&[
+        143, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0,
+        2,
+    ]);
+    seeds.push(("packet", mld));
+    let mut frame = vec![
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xa8, 0, 100, 0x81, 0, 0, 10,
+        0x08, 0,
+    ];
+    let mut with_options = ping.clone();
+    with_options[0] = 0x46;
+    with_options.splice(20..20, [1, 1, 1, 0]);
+    with_options[3] += 4;
+    frame.extend_from_slice(&with_options);
+    seeds.push(("packet", frame));
     for (i, (target, data)) in seeds.iter().enumerate() {
         let dir = corpus_dir(target);
         std::fs::create_dir_all(&dir).expect("corpus dir");

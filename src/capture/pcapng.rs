@@ -9,6 +9,8 @@
 use std::io::{self, Write};
 use std::net::IpAddr;
 
+use crate::packet::prefix::v4_netmask;
+
 /// Raw IPv4/IPv6, no link header.
 pub const LINKTYPE_RAW: u16 = 101;
 /// Raw IP under its Linux DLT number, which libpcap and Wireshark also read as raw IP. The
@@ -102,7 +104,12 @@ impl<W: Write> Writer<W> {
 
     /// Adds an interface (raw IP, nanosecond timestamps) named `name` with `addrs`;
     /// returns its id (0, 1, … in order).
-    pub fn add_interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
+    pub fn add_interface(
+        &mut self,
+        name: &str,
+        description: &str,
+        addrs: &[(IpAddr, u8)],
+    ) -> io::Result<u32> {
         let mut body = Vec::new();
         let linktype = if self.interfaces == 0 { LINKTYPE_RAW } else { LINKTYPE_RAW_DLT };
         body.extend_from_slice(&linktype.to_le_bytes());
@@ -113,9 +120,8 @@ impl<W: Write> Writer<W> {
         for (ip, len) in addrs {
             match ip {
                 IpAddr::V4(a) => {
-                    let mask = u32::MAX.checked_shl(32 - u32::from((*len).min(32))).unwrap_or(0);
                     let mut v = a.octets().to_vec();
-                    v.extend_from_slice(&mask.to_be_bytes());
+                    v.extend_from_slice(&v4_netmask(*len).octets());
                     option(&mut body, IF_IPV4ADDR, &v);
                 }
                 IpAddr::V6(a) => {
