@@ -8,13 +8,21 @@
 //! never reads packet bytes, so its cost is per packet: its byte throughput grows with the
 //! packet size and means "this many IP bytes validated per second", not memory bandwidth.
 //!
+//! `vnet/build` is the receiver's allow-list on one packet as a kernel sends it (checksum
+//! only, or a TSO super-packet of about 64 KiB; one element is one packet);
+//! `checksum/complete` completes a partial transport checksum (`--no-offload-from-bus`, the
+//! ioppytest bridge) and `checksum/segment` cuts a 64 KiB TSO super-packet into 1448-byte
+//! segments with all their checksums (capture, emulation): both count the packet's bytes.
+//!
 //! Run: `cargo bench --bench codec` (add a filter, e.g. `-- v1_decode`, to run a subset).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tunbus::codec::{ioppytest, slip, v1};
+use tunbus::codec::segment::Segmenter;
+use tunbus::codec::{ioppytest, slip, v1, vnet};
+use tunbus::fuzzing::{kernel_header, sample_packet};
 
 const SIZES: [usize; 5] = [64, 576, 1400, 9000, 65535];
 const BATCH_BYTES: usize = 256 * 1024;
@@ -244,9 +252,58 @@ fn serial(c: &mut Criterion) {
     g.finish();
 }
 
+/// The receiver's allow-list, checksum completion and the segmenter.
+fn offload(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vnet");
+    g.throughput(Throughput::Elements(1));
+    for (name, v6, tcp, payload, gso) in [
+        ("tcp4_csum", false, true, 1348, 0),
+        ("udp6_csum", true, false, 1352, 0),
+        ("tcp4_tso", false, true, 65_000, 1448),
+        ("tcp6_tso", true, true, 65_000, 1428),
+    ] {
+        let p = sample_packet(v6, tcp, payload);
+        let h = kernel_header(&p, gso).to_bytes();
+        assert!(vnet::build(&h, &p).is_ok(), "{name} is on the allow-list");
+        g.bench_function(format!("build/{name}"), |b| {
+            b.iter(|| vnet::build(black_box(&h), black_box(&p)))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("checksum");
+    for payload in [12, 1348, 65_000] {
+        let mut p = sample_packet(false, true, payload);
+        let h = kernel_header(&p, 0).to_bytes();
+        g.throughput(Throughput::Bytes(p.len() as u64));
+        g.bench_function(BenchmarkId::new("complete", p.len()), |b| {
+            b.iter(|| vnet::complete_checksum(black_box(&h), black_box(&mut p)))
+        });
+    }
+    for v6 in [false, true] {
+        let p = sample_packet(v6, true, 65_000);
+        let h = kernel_header(&p, 1448).to_bytes();
+        let mut s = Segmenter::new();
+        g.throughput(Throughput::Bytes(p.len() as u64));
+        g.bench_function(
+            format!("segment/{}", if v6 { "tcp6" } else { "tcp4" }),
+            |b| {
+                b.iter(|| {
+                    let mut bytes = 0;
+                    let n = s
+                        .segments(Some(&h), black_box(&p), |seg| bytes += seg.len())
+                        .expect("a valid super-packet");
+                    black_box((n, bytes))
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = v1_encode, v1_decode, ioppytest_json, serial
+    targets = v1_encode, v1_decode, ioppytest_json, serial, offload
 }
 criterion_main!(benches);

@@ -22,7 +22,7 @@ use crate::emulate::Emulation;
 use crate::identity::{self, Mode};
 use crate::route::{is_valid_word, session_exchange, DEFAULT_EXCHANGE};
 
-pub use crate::route::Prefix;
+pub use crate::packet::Prefix;
 
 /// Which wire an agent speaks on the bus.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

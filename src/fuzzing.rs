@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("routing", routing),
     ("batcher", batcher),
     ("slip", slip),
+    ("packet", packet_views),
 ];
 
 /// `v1::decode`; what decodes is encoded again by `v1::encode` and by the hot path's
@@ -406,6 +407,176 @@ pub fn routing(data: &[u8]) {
     }
 }
 
+/// The packet views of `crate::packet` on any bytes: as an IP packet of either version
+/// and its transport header (by protocol, behind the IPv6 extension headers), as ICMP, as
+/// an Ethernet frame; every accessor of a checked view returns. Oracles: the checksum is
+/// the plain RFC 1071 sum however the bytes are split; ECN marking keeps a filled IPv4
+/// header checksum verifying and marks exactly the ECN-capable packets; the IPv6 walk
+/// never points inside the fixed header; filled transport checksums verify.
+pub fn packet_views(data: &[u8]) {
+    use crate::packet::icmp::{Icmpv4Packet, Icmpv6Packet};
+    use crate::packet::ip::protocol;
+    use crate::packet::{checksum, ipv6, EthernetFrame, IpPacket, TcpPacket, UdpPacket};
+
+    let mut plain: u64 = 0;
+    for c in data.chunks(2) {
+        plain += u64::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+    }
+    while plain > 0xffff {
+        plain = (plain & 0xffff) + (plain >> 16);
+    }
+    let cut = data
+        .first()
+        .map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let (a, b) = data.split_at(cut);
+    assert_eq!(
+        checksum::Sum::of(data).fold(),
+        plain as u16,
+        "the checksum is not RFC 1071's"
+    );
+    assert_eq!(
+        checksum::Sum::new().add_bytes(a).add_bytes(b).fold(),
+        plain as u16,
+        "a split at {cut} changes the sum"
+    );
+
+    // The transport header at the start of `l4` with `proto`, every accessor.
+    let transport = |proto: u8, l4: &[u8]| match proto {
+        protocol::TCP => {
+            if let Ok(t) = TcpPacket::new_checked(l4) {
+                let _ = (
+                    t.src_port(),
+                    t.dst_port(),
+                    t.seq_number(),
+                    t.ack_number(),
+                    t.header_len(),
+                    t.flags(),
+                    t.window(),
+                );
+                let _ = (
+                    t.checksum(),
+                    t.urgent(),
+                    t.options(),
+                    t.payload(),
+                    t.check_len(),
+                );
+            }
+        }
+        protocol::UDP => {
+            if let Ok(u) = UdpPacket::new_checked(l4) {
+                let _ = (
+                    u.src_port(),
+                    u.dst_port(),
+                    u.len(),
+                    u.checksum(),
+                    u.payload(),
+                    u.check_len(),
+                );
+            }
+        }
+        protocol::ICMP => {
+            if let Ok(m) = Icmpv4Packet::new_checked(l4) {
+                let _ = (
+                    m.msg_type(),
+                    m.code(),
+                    m.checksum(),
+                    m.rest_of_header(),
+                    m.echo_ident(),
+                    m.echo_seq(),
+                    m.payload(),
+                    m.verify_checksum(),
+                );
+            }
+        }
+        protocol::ICMPV6 => {
+            if let Ok(m) = Icmpv6Packet::new_checked(l4) {
+                let _ = (m.msg_type(), m.is_mld(), m.payload());
+            }
+        }
+        _ => {}
+    };
+    match IpPacket::new_checked(data) {
+        Ok(IpPacket::V4(p)) => {
+            let _ = (
+                p.header_len(),
+                p.dscp(),
+                p.ecn(),
+                p.total_len(),
+                p.ident(),
+                p.dont_frag(),
+                p.more_frags(),
+                p.frag_offset(),
+            );
+            let _ = (
+                p.is_fragment(),
+                p.ttl(),
+                p.checksum(),
+                p.src_addr(),
+                p.dst_addr(),
+                p.options(),
+                p.verify_checksum(),
+                p.check_len(),
+            );
+            if let Some(l4) = p.payload() {
+                transport(p.protocol(), l4);
+            }
+        }
+        Ok(IpPacket::V6(p)) => {
+            let _ = (
+                p.traffic_class(),
+                p.dscp(),
+                p.ecn(),
+                p.flow_label(),
+                p.payload_len(),
+                p.hop_limit(),
+                p.src_addr(),
+                p.dst_addr(),
+                p.check_len(),
+            );
+            let u = p.upper_layer();
+            if let Some(at) = u.offset {
+                assert!(
+                    at >= ipv6::HEADER_LEN,
+                    "the walk points inside the fixed header"
+                );
+                if let Some(l4) = data.get(at..) {
+                    transport(u.protocol, l4);
+                }
+            }
+        }
+        Err(_) => {}
+    }
+    let mut copy = data.to_vec();
+    if let Ok(mut ip) = IpPacket::new_checked(&mut copy[..]) {
+        if let IpPacket::V4(p) = &mut ip {
+            p.fill_checksum();
+        }
+        let capable = ip.ecn().is_capable();
+        assert_eq!(ip.mark_ce(), capable, "mark_ce on {:?}", ip.ecn());
+        assert_eq!(ip.ecn().is_capable(), capable);
+        if let IpPacket::V4(p) = &ip {
+            assert!(
+                p.verify_checksum(),
+                "ECN marking broke the IPv4 header checksum"
+            );
+        }
+        let len = u16::try_from(ip.as_bytes().len()).unwrap_or(u16::MAX);
+        let pseudo = ip.pseudo_header(protocol::TCP, len);
+        if let Ok(mut t) = TcpPacket::new_checked(&mut copy[..]) {
+            t.fill_checksum(pseudo);
+            assert!(
+                t.verify_checksum(pseudo),
+                "a filled TCP checksum does not verify"
+            );
+        }
+    }
+    if let Ok(f) = EthernetFrame::new_checked(data) {
+        let _ = (f.dst(), f.src(), f.tag(0), f.tag(1), f.ethertype());
+        assert_eq!(f.header_len() + f.payload().len(), data.len());
+        let _ = IpPacket::new_checked(f.payload()).map(|ip| (ip.src_addr(), ip.dst_addr()));
+    }
+}
+
 /// A well-formed packet for tests and seeds: IPv4 or IPv6, TCP (a 32-byte header) or UDP
 /// (its length set), `payload` zero bytes; checksums are left zero.
 pub fn sample_packet(v6: bool, tcp: bool, payload: usize) -> Vec<u8> {
@@ -433,9 +604,13 @@ pub fn sample_packet(v6: bool, tcp: bool, payload: usize) -> Vec<u8> {
 /// The virtio header a sending kernel writes for [`sample_packet`] `p` with segments of
 /// `gso_size` (0: checksum only).
 pub fn kernel_header(p: &[u8], gso_size: u16) -> vnet::VnetHdr {
-    let v6 = p[0] >> 4 == 6;
+    use crate::packet::{ip::protocol::TCP, IpPacket};
+    let (v6, tcp) = match IpPacket::new_checked(p) {
+        Ok(IpPacket::V6(ip)) => (true, ip.next_header() == TCP),
+        Ok(IpPacket::V4(ip)) => (false, ip.protocol() == TCP),
+        Err(_) => (false, false),
+    };
     let ip = if v6 { 40 } else { 20 };
-    let tcp = p[if v6 { 6 } else { 9 }] == 6;
     let gso_type = match (gso_size, tcp, v6) {
         (0, _, _) => vnet::GSO_NONE,
         (_, true, false) => vnet::GSO_TCPV4,

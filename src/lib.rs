@@ -13,9 +13,13 @@
 //! - [`tun`]: the multi-queue TUN device with offloads and its configuration.
 //! - [`sys`]: every call into the OS the standard library does not wrap (the only module
 //!   allowed `unsafe`).
+//! - [`packet`]: one checked view per header (IPv4, IPv6 and its extension headers, TCP,
+//!   UDP, ICMP, Ethernet with 802.1Q tags and MAC addresses), the Internet checksum, and
+//!   the prefix type with its arithmetic; every parser below reads headers through it.
+//!   Pure, and a leaf: it imports nothing else of tunbus.
 //! - [`codec`]: wire format v1, the virtio header and the ioppytest JSON form. Pure.
 //! - [`route`]: the key grammar (keys, patterns, exchanges, parsing them back), packet
-//!   classification (destination, flow hash, shard → queue), interface prefixes. Pure.
+//!   classification (destination, flow hash, shard → queue). Pure.
 //! - [`worker`]: one thread per queue (hot path): TUN → batch → broker socket, and broker
 //!   socket → TUN, on one connection; each wire (native, ioppytest) is a type; links with
 //!   reconnection; the batcher itself is pure.
@@ -47,6 +51,7 @@ pub mod identity;
 pub mod interop;
 pub mod lab;
 pub mod metrics;
+pub mod packet;
 pub mod port;
 pub mod provision;
 pub mod route;

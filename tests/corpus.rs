@@ -136,6 +136,30 @@ fn write_seeds() {
     ioppytest::serial::encode_frame(&[0x41, 0xc0, 0xdb, 0x88], 1_796_618_101, &mut json);
     seeds.push(("ioppytest", json));
     seeds.push(("ioppytest", br#"{"_api_version": "1.2.15", "boudrate": "460800", "name": "probe1", "port": "/dev/ttyUSB0"}"#.to_vec()));
+    // packet views: IP of both versions with their transports, MLD behind hop-by-hop, a
+    // frame with two 802.1Q tags around an IPv4 packet with options.
+    seeds.push(("packet", ping.clone()));
+    seeds.push(("packet", udp6.clone()));
+    seeds.push(("packet", kernel_packet(false, true, 100, 0)[10..].to_vec()));
+    let mut mld = vec![0x60, 0, 0, 0, 0, 36, 0, 1];
+    mld.extend_from_slice(&Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).octets());
+    mld.extend_from_slice(&Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16).octets());
+    mld.extend_from_slice(&[58, 0, 5, 2, 0, 0, 1, 0]); // hop-by-hop: router alert
+    mld.extend_from_slice(&[
+        143, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0,
+        2,
+    ]);
+    seeds.push(("packet", mld));
+    let mut frame = vec![
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xa8, 0, 100, 0x81, 0, 0, 10,
+        0x08, 0,
+    ];
+    let mut with_options = ping.clone();
+    with_options[0] = 0x46;
+    with_options.splice(20..20, [1, 1, 1, 0]);
+    with_options[3] += 4;
+    frame.extend_from_slice(&with_options);
+    seeds.push(("packet", frame));
     for (i, (target, data)) in seeds.iter().enumerate() {
         let dir = corpus_dir(target);
         std::fs::create_dir_all(&dir).expect("corpus dir");

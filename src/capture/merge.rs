@@ -35,6 +35,7 @@ use crate::amqp::presence::ROUTER_WIRE;
 use crate::codec::ioppytest::{self, addressing::OldAddressing};
 use crate::codec::segment::Segmenter;
 use crate::codec::v1;
+use crate::codec::vnet::is_gso;
 use crate::route::{self, Key};
 
 /// Where the packets go (a pcapng file, a classic pcap for ioppytest).
@@ -494,7 +495,7 @@ impl Merge {
     /// Writes one packet, cut into wire-sized packets when it is a super-packet.
     fn write(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], recorder: &mut dyn Recorder) -> io::Result<()> {
         let comment = self.comment.as_str();
-        let gso = vnet.is_some_and(|v| v[1] & 0x7f != 0);
+        let gso = vnet.is_some_and(is_gso);
         if self.filter.no_segment || vnet.is_none() {
             self.counts.packets += 1;
             return recorder.packet(iface, ts, data, Some(comment));

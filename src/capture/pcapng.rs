@@ -21,6 +21,8 @@
 use std::io::{self, Write};
 use std::net::IpAddr;
 
+use crate::packet::prefix::v4_netmask;
+
 /// Raw IPv4/IPv6, no link header.
 pub const LINKTYPE_RAW: u16 = 101;
 /// Raw IP under its Linux DLT number, which libpcap and Wireshark also read as raw IP. The
@@ -151,9 +153,8 @@ impl<W: Write> Writer<W> {
         for (ip, len) in addrs {
             match ip {
                 IpAddr::V4(a) => {
-                    let mask = u32::MAX.checked_shl(32 - u32::from((*len).min(32))).unwrap_or(0);
                     let mut v = a.octets().to_vec();
-                    v.extend_from_slice(&mask.to_be_bytes());
+                    v.extend_from_slice(&v4_netmask(*len).octets());
                     option(&mut body, IF_IPV4ADDR, &v);
                 }
                 IpAddr::V6(a) => {

@@ -3,10 +3,11 @@
 //! emulation draws for, one packet at a time. Pure: bytes in, packets out through a
 //! callback, one reused buffer (no allocation once it has grown).
 //!
-//! From the packet's `virtio_net_hdr` (`codec::vnet`):
+//! From the packet's `virtio_net_hdr` ([`VnetHdr`]):
 //! - no header, or no offload asked for: the packet as it is;
-//! - `NEEDS_CSUM` only: the packet with its transport checksum completed (the field holds
-//!   the pseudo-header's sum, the rest is summed from `csum_start`);
+//! - `NEEDS_CSUM` only: the packet with its transport checksum completed
+//!   ([`vnet::complete_checksum`]: the field holds the pseudo-header's sum, the rest is
+//!   summed from `csum_start`);
 //! - `TCPV4`/`TCPV6`: the payload cut into `gso_size` pieces, each behind a copy of the
 //!   headers with its own IP length, IPv4 identification (+1 each) and header checksum,
 //!   TCP sequence number, flags (CWR on the first only, FIN and PSH on the last only) and
@@ -14,24 +15,22 @@
 //! - `UDP_L4`: the payload cut likewise, each with its UDP length and checksum;
 //! - UFO, unknown types, or a packet that is not TCP/UDP over IPv4/IPv6: as it is.
 //!
-//! A header that does not match its packet (lengths, a transport header past the end) is
-//! an error and gives nothing; nothing here panics on any input.
+//! Headers are read and written through the checked views of [`crate::packet`], checksums
+//! computed by its one implementation. A header that does not match its packet (lengths, a
+//! transport header past the end) is an error and gives nothing; nothing here panics on
+//! any input.
+
+use super::vnet::{
+    self, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+};
+use crate::packet::ip::protocol::{TCP, UDP};
+use crate::packet::tcp::flags;
+use crate::packet::{
+    ipv6, udp, Error as PacketError, IpPacket, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
 
 /// Length of the `virtio_net_hdr` before each packet.
-pub const VNET_HDR_LEN: usize = 10;
-
-const F_NEEDS_CSUM: u8 = 1;
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
-const GSO_ECN: u8 = 0x80;
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_CWR: u8 = 0x80;
+pub const VNET_HDR_LEN: usize = vnet::HDR_LEN;
 
 /// Why a packet cannot be cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -56,92 +55,44 @@ struct Ip {
     proto: u8,
 }
 
+/// The IP layer of an exact packet (its length fields agree with its length).
 fn ip_of(packet: &[u8]) -> Result<Ip, SegmentError> {
-    match packet.first().map(|b| b >> 4) {
-        Some(4) => {
-            let l4 = usize::from(packet[0] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([*packet.get(2).ok_or(SegmentError::NotIp)?, *packet.get(3).ok_or(SegmentError::NotIp)?]));
-            if l4 < 20 || packet.len() < l4 || total != packet.len() {
-                return Err(SegmentError::IpLength);
-            }
-            Ok(Ip { v6: false, l4, proto: packet[9] })
+    match IpPacket::new_checked(packet) {
+        Ok(IpPacket::V4(p)) => {
+            p.check_len().map_err(|_| SegmentError::IpLength)?;
+            Ok(Ip {
+                v6: false,
+                l4: p.header_len(),
+                proto: p.protocol(),
+            })
         }
-        Some(6) => {
-            let payload = usize::from(u16::from_be_bytes([*packet.get(4).ok_or(SegmentError::NotIp)?, *packet.get(5).ok_or(SegmentError::NotIp)?]));
-            if packet.len() < 40 || payload + 40 != packet.len() {
-                return Err(SegmentError::IpLength);
-            }
-            Ok(Ip { v6: true, l4: 40, proto: packet[6] })
+        Ok(IpPacket::V6(p)) => {
+            p.check_len().map_err(|_| SegmentError::IpLength)?;
+            Ok(Ip {
+                v6: true,
+                l4: ipv6::HEADER_LEN,
+                proto: p.next_header(),
+            })
         }
-        _ => Err(SegmentError::NotIp),
+        Err(PacketError::Truncated) if !packet.is_empty() => Err(SegmentError::IpLength),
+        Err(_) => Err(SegmentError::NotIp),
     }
 }
 
-/// The ones' complement sum of `data` (16-bit words, big-endian), added to `sum`, unfolded.
-fn sum(mut acc: u64, data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-/// The Internet checksum of `data` (the ones' complement of its ones' complement sum).
-pub fn internet_checksum(data: &[u8]) -> u16 {
-    !fold(sum(0, data))
-}
-
-/// The pseudo-header sum of a transport segment of `len` bytes of `ip`.
-fn pseudo(packet: &[u8], ip: Ip, len: usize) -> u64 {
-    let (src, dst) = if ip.v6 { (&packet[8..24], &packet[24..40]) } else { (&packet[12..16], &packet[16..20]) };
-    sum(sum(u64::from(ip.proto) + len as u64, src), dst)
-}
-
-/// Whether the TCP or UDP checksum of a plain IPv4/IPv6 packet verifies.
-pub fn transport_checksum_ok(packet: &[u8]) -> bool {
-    let Ok(ip) = ip_of(packet) else { return false };
-    let l4 = &packet[ip.l4..];
-    if ip.proto != TCP && ip.proto != UDP {
-        return false;
-    }
-    fold(sum(pseudo(packet, ip, l4.len()), l4)) == 0xffff
-}
-
-/// Writes the full transport checksum of the packet in `buf` at `field` (from `ip.l4`).
-fn set_transport_checksum(buf: &mut [u8], ip: Ip, field: usize) {
-    let at = ip.l4 + field;
-    buf[at..at + 2].fill(0);
-    let len = buf.len() - ip.l4;
-    let mut c = !fold(sum(pseudo(buf, ip, len), &buf[ip.l4..]));
-    if c == 0 && ip.proto == UDP {
-        c = 0xffff; // 0 means "no checksum" in UDP
-    }
-    buf[at..at + 2].copy_from_slice(&c.to_be_bytes());
-}
-
-/// Sets the IP lengths (and the IPv4 header checksum) of the packet in `buf`.
+/// Sets the IP lengths (and the IPv4 identification and header checksum) of the packet in
+/// `buf`, whose headers were copied from a checked packet.
 fn set_ip_lengths(buf: &mut [u8], ip: Ip, id: Option<u16>) {
     let len = buf.len();
     if ip.v6 {
-        buf[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-    } else {
-        buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        if let Some(id) = id {
-            buf[4..6].copy_from_slice(&id.to_be_bytes());
+        if let Ok(mut p) = Ipv6Packet::new_checked(buf) {
+            p.set_payload_len((len - ipv6::HEADER_LEN) as u16);
         }
-        buf[10..12].fill(0);
-        let c = internet_checksum(&buf[..ip.l4]);
-        buf[10..12].copy_from_slice(&c.to_be_bytes());
+    } else if let Ok(mut p) = Ipv4Packet::new_checked(buf) {
+        p.set_total_len(len as u16);
+        if let Some(id) = id {
+            p.set_ident(id);
+        }
+        p.fill_checksum();
     }
 }
 
@@ -158,21 +109,28 @@ impl Segmenter {
 
     /// Gives `out` each wire-sized packet that `packet` (behind `vnet`) stands for; returns
     /// how many.
-    pub fn segments(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, packet: &[u8], mut out: impl FnMut(&[u8])) -> Result<usize, SegmentError> {
+    pub fn segments(
+        &mut self,
+        vnet: Option<&[u8; VNET_HDR_LEN]>,
+        packet: &[u8],
+        mut out: impl FnMut(&[u8]),
+    ) -> Result<usize, SegmentError> {
         let Some(v) = vnet else {
             out(packet);
             return Ok(1);
         };
-        let (flags, gso) = (v[0], v[1] & !GSO_ECN);
-        let gso_size = usize::from(u16::from_le_bytes([v[4], v[5]]));
-        let (csum_start, csum_offset) = (usize::from(u16::from_le_bytes([v[6], v[7]])), usize::from(u16::from_le_bytes([v[8], v[9]])));
+        let h = VnetHdr::parse(v);
+        let gso = h.gso_type & !GSO_ECN;
         match gso {
-            GSO_NONE if flags & F_NEEDS_CSUM == 0 => {
+            GSO_NONE if h.flags & F_NEEDS_CSUM == 0 => {
                 out(packet);
                 Ok(1)
             }
             GSO_NONE => {
-                self.complete(packet, csum_start, csum_offset);
+                self.buf.clear();
+                self.buf.extend_from_slice(packet);
+                // Offsets outside the packet: written as it is.
+                let _ = vnet::complete_checksum(v, &mut self.buf);
                 out(&self.buf);
                 Ok(1)
             }
@@ -182,15 +140,26 @@ impl Segmenter {
                 if ip.proto != want || (gso == GSO_TCPV6) != ip.v6 && gso != GSO_UDP_L4 {
                     return Err(SegmentError::WrongProtocol);
                 }
-                if gso_size == 0 {
+                if h.gso_size == 0 {
                     return Err(SegmentError::ZeroGsoSize);
                 }
-                let l4_len = if want == TCP { usize::from(packet.get(ip.l4 + 12).ok_or(SegmentError::Truncated)? >> 4) * 4 } else { 8 };
-                let headers = ip.l4 + l4_len;
-                if l4_len < if want == TCP { 20 } else { 8 } || headers > packet.len() {
-                    return Err(SegmentError::Truncated);
-                }
-                Ok(self.cut(packet, ip, headers, gso_size, &mut out))
+                // invariant: ip_of proved l4 <= packet.len()
+                let l4 = packet.get(ip.l4..).unwrap_or_default();
+                let l4_len = if want == TCP {
+                    let t = TcpPacket::new_checked(l4).map_err(|_| SegmentError::Truncated)?;
+                    t.check_len().map_err(|_| SegmentError::Truncated)?;
+                    t.header_len()
+                } else {
+                    UdpPacket::new_checked(l4).map_err(|_| SegmentError::Truncated)?;
+                    udp::HEADER_LEN
+                };
+                Ok(self.cut(
+                    packet,
+                    ip,
+                    ip.l4 + l4_len,
+                    usize::from(h.gso_size),
+                    &mut out,
+                ))
             }
             _ => {
                 out(packet);
@@ -199,24 +168,23 @@ impl Segmenter {
         }
     }
 
-    /// Completes a partial checksum into the buffer (as is when the offsets are outside).
-    fn complete(&mut self, packet: &[u8], start: usize, offset: usize) {
-        self.buf.clear();
-        self.buf.extend_from_slice(packet);
-        let at = start + offset;
-        if start >= packet.len() || at + 2 > packet.len() {
-            return;
-        }
-        let c = !fold(sum(0, &packet[start..]));
-        self.buf[at..at + 2].copy_from_slice(&c.to_be_bytes());
-    }
-
-    /// The cut proper: `headers` bytes of IP and transport header, then the payload.
-    fn cut(&mut self, packet: &[u8], ip: Ip, headers: usize, gso_size: usize, out: &mut impl FnMut(&[u8])) -> usize {
-        let payload = &packet[headers..];
+    /// The cut proper: `headers` bytes of IP and transport header (checked by the caller),
+    /// then the payload.
+    fn cut(
+        &mut self,
+        packet: &[u8],
+        ip: Ip,
+        headers: usize,
+        gso_size: usize,
+        out: &mut impl FnMut(&[u8]),
+    ) -> usize {
+        let payload = packet.get(headers..).unwrap_or_default();
         let pieces = payload.len().div_ceil(gso_size).max(1);
-        let id0 = u16::from_be_bytes([packet[4], packet[5]]);
-        let seq0 = u32::from_be_bytes([packet[ip.l4 + 4], packet[ip.l4 + 5], packet[ip.l4 + 6], packet[ip.l4 + 7]]);
+        let id0 = Ipv4Packet::new_checked(packet).map_or(0, |p| p.ident());
+        let seq0 = packet
+            .get(ip.l4..)
+            .and_then(|t| TcpPacket::new_checked(t).ok())
+            .map_or(0, |t| t.seq_number());
         for i in 0..pieces {
             let from = (i * gso_size).min(payload.len());
             let piece = &payload[from..(from + gso_size).min(payload.len())];
@@ -225,22 +193,29 @@ impl Segmenter {
             self.buf.extend_from_slice(piece);
             let id = (!ip.v6).then(|| id0.wrapping_add(i as u16));
             set_ip_lengths(&mut self.buf, ip, id);
+            let l4_len = (self.buf.len() - ip.l4) as u16;
+            let Ok(pseudo) =
+                IpPacket::new_checked(&self.buf[..]).map(|p| p.pseudo_header(ip.proto, l4_len))
+            else {
+                continue;
+            };
+            let l4 = &mut self.buf[ip.l4..];
             if ip.proto == TCP {
-                let t = ip.l4;
-                self.buf[t + 4..t + 8].copy_from_slice(&seq0.wrapping_add(from as u32).to_be_bytes());
-                let mut flags = self.buf[t + 13];
-                if i + 1 < pieces {
-                    flags &= !(TCP_FIN | TCP_PSH);
+                if let Ok(mut t) = TcpPacket::new_checked(l4) {
+                    t.set_seq_number(seq0.wrapping_add(from as u32));
+                    let mut f = t.flags();
+                    if i + 1 < pieces {
+                        f &= !(flags::FIN | flags::PSH);
+                    }
+                    if i > 0 {
+                        f &= !flags::CWR;
+                    }
+                    t.set_flags(f);
+                    t.fill_checksum(pseudo);
                 }
-                if i > 0 {
-                    flags &= !TCP_CWR;
-                }
-                self.buf[t + 13] = flags;
-                set_transport_checksum(&mut self.buf, ip, 16);
-            } else {
-                let udp_len = (self.buf.len() - ip.l4) as u16;
-                self.buf[ip.l4 + 4..ip.l4 + 6].copy_from_slice(&udp_len.to_be_bytes());
-                set_transport_checksum(&mut self.buf, ip, 6);
+            } else if let Ok(mut u) = UdpPacket::new_checked(l4) {
+                u.set_len(l4_len);
+                u.fill_checksum(pseudo);
             }
             out(&self.buf);
         }
@@ -251,10 +226,34 @@ impl Segmenter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::checksum::checksum as internet_checksum;
+    use crate::packet::tcp::flags::{CWR as TCP_CWR, FIN as TCP_FIN, PSH as TCP_PSH};
+
+    /// Whether the TCP or UDP checksum of a plain IPv4/IPv6 packet verifies.
+    fn transport_checksum_ok(packet: &[u8]) -> bool {
+        let Ok(ip) = ip_of(packet) else { return false };
+        let l4 = &packet[ip.l4..];
+        let Ok(pseudo) =
+            IpPacket::new_checked(packet).map(|p| p.pseudo_header(ip.proto, l4.len() as u16))
+        else {
+            return false;
+        };
+        match ip.proto {
+            TCP => TcpPacket::new_checked(l4).is_ok_and(|t| t.verify_checksum(pseudo)),
+            UDP => UdpPacket::new_checked(l4)
+                .is_ok_and(|u| u.checksum() != 0 && u.verify_checksum(pseudo)),
+            _ => false,
+        }
+    }
 
     /// A TCP or UDP super-packet as the kernel hands it: the transport checksum field holds
     /// the pseudo-header sum of the whole thing, lengths are those of the whole thing.
-    fn super_packet(v6: bool, proto: u8, payload: usize, gso_size: u16) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
+    fn super_packet(
+        v6: bool,
+        proto: u8,
+        payload: usize,
+        gso_size: u16,
+    ) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
         let l4_len = if proto == TCP { 32 } else { 8 };
         let mut p = if v6 {
             let mut h = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
@@ -262,7 +261,9 @@ mod tests {
             h.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
             h
         } else {
-            vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]
+            vec![
+                0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
+            ]
         };
         let ip_len = p.len();
         let mut l4 = vec![0u8; l4_len];
@@ -288,7 +289,10 @@ mod tests {
             let l = (total - ip_len) as u16;
             p[ip_len + 4..ip_len + 6].copy_from_slice(&l.to_be_bytes());
         }
-        let partial = fold(pseudo(&p, ip, total - ip_len));
+        let partial = IpPacket::new_checked(&p[..])
+            .unwrap()
+            .pseudo_header(ip.proto, (total - ip_len) as u16)
+            .fold();
         p[ip_len + field..ip_len + field + 2].copy_from_slice(&partial.to_be_bytes());
         let gso = match (proto, v6) {
             (UDP, _) => GSO_UDP_L4,
@@ -307,7 +311,9 @@ mod tests {
 
     fn cut(v: &[u8; VNET_HDR_LEN], p: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        let n = Segmenter::new().segments(Some(v), p, |s| out.push(s.to_vec())).unwrap();
+        let n = Segmenter::new()
+            .segments(Some(v), p, |s| out.push(s.to_vec()))
+            .unwrap();
         assert_eq!(n, out.len());
         out
     }
@@ -350,7 +356,10 @@ mod tests {
             let mut payload = Vec::new();
             for s in &segs {
                 assert!(transport_checksum_ok(s));
-                assert_eq!(usize::from(u16::from_be_bytes([s[l4 + 4], s[l4 + 5]])), s.len() - l4);
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([s[l4 + 4], s[l4 + 5]])),
+                    s.len() - l4
+                );
                 payload.extend_from_slice(&s[l4 + 8..]);
             }
             assert_eq!(payload, p[l4 + 8..]);
@@ -379,7 +388,10 @@ mod tests {
         assert_eq!(segs.len(), 1);
         assert!(transport_checksum_ok(&segs[0]));
         let mut out = Vec::new();
-        assert_eq!(Segmenter::new().segments(None, &p, |s| out.push(s.to_vec())), Ok(1));
+        assert_eq!(
+            Segmenter::new().segments(None, &p, |s| out.push(s.to_vec())),
+            Ok(1)
+        );
         assert_eq!(out, vec![p.clone()]);
         let plain = [0u8; VNET_HDR_LEN];
         assert_eq!(cut(&plain, &p), vec![p.clone()]);
@@ -398,9 +410,15 @@ mod tests {
         }
         let (mut v, p) = super_packet(false, TCP, 3000, 1000);
         v[4..6].fill(0);
-        assert_eq!(Segmenter::new().segments(Some(&v), &p, |_| {}), Err(SegmentError::ZeroGsoSize));
+        assert_eq!(
+            Segmenter::new().segments(Some(&v), &p, |_| {}),
+            Err(SegmentError::ZeroGsoSize)
+        );
         v[1] = GSO_TCPV6;
-        assert_eq!(Segmenter::new().segments(Some(&v), &p, |_| {}), Err(SegmentError::WrongProtocol));
+        assert_eq!(
+            Segmenter::new().segments(Some(&v), &p, |_| {}),
+            Err(SegmentError::WrongProtocol)
+        );
         let mut junk = [0xffu8; VNET_HDR_LEN];
         for b in 0..=255u8 {
             junk[1] = b;

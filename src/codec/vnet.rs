@@ -18,7 +18,9 @@
 //! | IPv4 or IPv6 / UDP    | UDP_L4            | NEEDS_CSUM | transport header / 6     |
 //!
 //! The IP header must match the packet's length and not be a fragment; IPv6 extension
-//! headers are not followed. A GSO packet's `gso_size` is at least [`MIN_GSO_SIZE`] and cuts
+//! headers are not followed. The packet is read through the checked views of
+//! [`crate::packet`] (IP, then TCP or UDP), and checksums are completed with its one
+//! checksum implementation. A GSO packet's `gso_size` is at least [`MIN_GSO_SIZE`] and cuts
 //! it into at most [`MAX_SEGMENTS`] segments; `hdr_len` is recomputed. The sender's
 //! `DATA_VALID` flag is not passed on (the kernel then verifies the checksum itself).
 //!
@@ -27,6 +29,10 @@
 //! written as checksum-only, which is what it is. The receiver's `--no-offload-from-bus`
 //! goes further: checksums are completed in software ([`complete_checksum`]) and the kernel
 //! only ever sees the plain header.
+
+use crate::packet::checksum::Sum;
+use crate::packet::ip::protocol;
+use crate::packet::{ipv6, tcp, udp, Error as PacketError, IpPacket, TcpPacket, UdpPacket};
 
 /// Size of `struct virtio_net_hdr` (without `num_buffers`).
 pub const HDR_LEN: usize = 10;
@@ -104,9 +110,22 @@ impl VnetHdr {
         b
     }
 
+    /// Whether the header asks for segmentation (any GSO type; the ECN bit alone is none).
     pub fn is_gso(&self) -> bool {
-        self.gso_type & !GSO_ECN != GSO_NONE
+        gso_asked(self.gso_type)
     }
+}
+
+/// Whether `hdr` asks for segmentation (any GSO type; the ECN bit alone is none): the one
+/// test of it on raw header bytes.
+#[inline]
+pub fn is_gso(hdr: &[u8; HDR_LEN]) -> bool {
+    gso_asked(hdr[1])
+}
+
+#[inline]
+fn gso_asked(gso_type: u8) -> bool {
+    gso_type & !GSO_ECN != GSO_NONE
 }
 
 /// The kernel's constants: a TCP peer may announce an MSS this small
@@ -114,10 +133,6 @@ impl VnetHdr {
 /// (`UDP_MAX_SEGMENTS`).
 pub const MIN_GSO_SIZE: u16 = 48;
 pub const MAX_SEGMENTS: usize = 128;
-
-/// Offset of the checksum field in a TCP and in a UDP header.
-const TCP_CSUM: usize = 16;
-const UDP_CSUM: usize = 6;
 
 /// What [`build`] needs to know about a packet: where its transport header starts and ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,51 +148,51 @@ struct Transport {
 impl Transport {
     fn csum_offset(&self) -> usize {
         if self.tcp {
-            TCP_CSUM
+            tcp::CHECKSUM_OFFSET
         } else {
-            UDP_CSUM
+            udp::CHECKSUM_OFFSET
         }
     }
 }
 
 /// Parses the IP and transport headers of `p` far enough to place a checksum.
 fn transport(p: &[u8]) -> Result<Transport, VnetError> {
-    let be16 = |i: usize| p.get(i..i + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-    let (v6, start, proto) = match p.first().map(|b| b >> 4) {
-        Some(4) => {
-            let ihl = usize::from(p[0] & 0x0f) * 4;
-            if ihl < 20 || p.len() < ihl || be16(2) != Some(p.len()) {
-                return Err(VnetError::IpLength);
+    let (v6, start, proto) = match IpPacket::new_checked(p) {
+        Ok(IpPacket::V4(ip)) => {
+            ip.check_len().map_err(|_| VnetError::IpLength)?;
+            if ip.is_fragment() {
+                return Err(VnetError::NotTransport); // no whole transport header
             }
-            // invariant: p.len() >= ihl >= 20, so bytes 6..8 and 9 exist
-            if be16(6).unwrap_or(0) & 0x3fff != 0 {
-                return Err(VnetError::NotTransport); // a fragment: no whole transport header
-            }
-            (false, ihl, p[9])
+            (false, ip.header_len(), ip.protocol())
         }
-        Some(6) => {
-            if p.len() < 40 || be16(4).map(|n| n + 40) != Some(p.len()) {
-                return Err(VnetError::IpLength);
-            }
-            (true, 40, p[6])
+        Ok(IpPacket::V6(ip)) => {
+            ip.check_len().map_err(|_| VnetError::IpLength)?;
+            (true, ipv6::HEADER_LEN, ip.next_header())
         }
-        _ => return Err(VnetError::NotTransport),
+        // version 4 or 6, shorter than its fixed header
+        Err(PacketError::Truncated) if !p.is_empty() => return Err(VnetError::IpLength),
+        Err(_) => return Err(VnetError::NotTransport),
     };
+    // invariant: check_len proved start <= p.len()
+    let l4 = p.get(start..).unwrap_or_default();
     let end = match proto {
-        6 => {
-            let doff = usize::from(p.get(start + 12).ok_or(VnetError::OutOfBounds)? >> 4) * 4;
-            if doff < 20 {
-                return Err(VnetError::OutOfBounds);
-            }
-            start + doff
+        protocol::TCP => {
+            let t = TcpPacket::new_checked(l4).map_err(|_| VnetError::OutOfBounds)?;
+            t.check_len().map_err(|_| VnetError::OutOfBounds)?;
+            start + t.header_len()
         }
-        17 => start + 8,
+        protocol::UDP => {
+            UdpPacket::new_checked(l4).map_err(|_| VnetError::OutOfBounds)?;
+            start + udp::HEADER_LEN
+        }
         _ => return Err(VnetError::NotTransport),
     };
-    if end > p.len() {
-        return Err(VnetError::OutOfBounds);
-    }
-    Ok(Transport { v6, tcp: proto == 6, start, end })
+    Ok(Transport {
+        v6,
+        tcp: proto == protocol::TCP,
+        start,
+        end,
+    })
 }
 
 /// The header to write with `packet`, built from the packet itself: one of the rows of the
@@ -196,7 +211,11 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     }
     let needs_csum = c.flags & F_NEEDS_CSUM != 0;
     if gso == GSO_NONE && !needs_csum {
-        return if ecn { Err(VnetError::UnknownGso) } else { Ok(PLAIN) };
+        return if ecn {
+            Err(VnetError::UnknownGso)
+        } else {
+            Ok(PLAIN)
+        };
     }
     if !needs_csum {
         return Err(VnetError::GsoWithoutCsum);
@@ -216,7 +235,14 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     }
     // invariant: t.end <= packet.len() <= MAX_PACKET_LEN < 65536 (checked by transport and the codec)
     let hdr_len = u16::try_from(t.end).map_err(|_| VnetError::OutOfBounds)?;
-    let checksum_only = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len, gso_size: 0, csum_start: c.csum_start, csum_offset: c.csum_offset };
+    let checksum_only = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_NONE,
+        hdr_len,
+        gso_size: 0,
+        csum_start: c.csum_start,
+        csum_offset: c.csum_offset,
+    };
     if gso == GSO_NONE {
         return Ok(checksum_only.to_bytes());
     }
@@ -230,7 +256,12 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     if payload.div_ceil(usize::from(c.gso_size)) > MAX_SEGMENTS {
         return Err(VnetError::TooManySegments);
     }
-    Ok(VnetHdr { gso_type: c.gso_type, gso_size: c.gso_size, ..checksum_only }.to_bytes())
+    Ok(VnetHdr {
+        gso_type: c.gso_type,
+        gso_size: c.gso_size,
+        ..checksum_only
+    }
+    .to_bytes())
 }
 
 /// Finishes a partial checksum in place (`F_NEEDS_CSUM`: the transport checksum field holds
@@ -247,15 +278,8 @@ pub fn complete_checksum(hdr: &[u8; HDR_LEN], packet: &mut [u8]) -> Result<(), V
     if field + 2 > packet.len() {
         return Err(VnetError::OutOfBounds);
     }
-    let mut sum: u32 = 0;
-    for pair in packet[start..].chunks(2) {
-        let word = u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
-        sum = sum.wrapping_add(u32::from(word));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let mut check = !(sum as u16);
+    // The field holds the pseudo-header's sum: the sum from csum_start is the whole.
+    let mut check = Sum::of(&packet[start..]).checksum();
     if check == 0 && h.gso_type & !GSO_ECN != GSO_TCPV4 && h.gso_type & !GSO_ECN != GSO_TCPV6 {
         check = 0xffff; // UDP: 0 means "no checksum"; send its one's-complement twin
     }
@@ -293,7 +317,10 @@ mod tests {
         assert_eq!(build(&PLAIN, &[0x45; 40]), Ok(PLAIN));
         assert_eq!(build(&PLAIN, &[]), Ok(PLAIN));
         // DATA_VALID alone: the kernel verifies instead.
-        let dv = VnetHdr { flags: F_DATA_VALID, ..VnetHdr::parse(&PLAIN) };
+        let dv = VnetHdr {
+            flags: F_DATA_VALID,
+            ..VnetHdr::parse(&PLAIN)
+        };
         assert_eq!(build(&dv.to_bytes(), &[1, 2, 3]), Ok(PLAIN));
     }
 
@@ -306,13 +333,26 @@ mod tests {
                 for gso in [0, 1448] {
                     let h = kernel_header(&p, gso);
                     let out = VnetHdr::parse(&build(&h.to_bytes(), &p).unwrap());
-                    assert_eq!(out, VnetHdr { hdr_len: end as u16, ..h }, "v6 {v6} tcp {tcp} gso {gso}");
+                    assert_eq!(
+                        out,
+                        VnetHdr {
+                            hdr_len: end as u16,
+                            ..h
+                        },
+                        "v6 {v6} tcp {tcp} gso {gso}"
+                    );
                 }
             }
         }
         let p = packet(false, true, 3000);
-        let ecn = VnetHdr { gso_type: GSO_TCPV4 | GSO_ECN, ..kernel_header(&p, 1448) };
-        assert_eq!(VnetHdr::parse(&build(&ecn.to_bytes(), &p).unwrap()).gso_type, GSO_TCPV4 | GSO_ECN);
+        let ecn = VnetHdr {
+            gso_type: GSO_TCPV4 | GSO_ECN,
+            ..kernel_header(&p, 1448)
+        };
+        assert_eq!(
+            VnetHdr::parse(&build(&ecn.to_bytes(), &p).unwrap()).gso_type,
+            GSO_TCPV4 | GSO_ECN
+        );
     }
 
     #[test]
@@ -323,7 +363,11 @@ mod tests {
             let base = kernel_header(&p, 1400);
             for flags in 0..=255u8 {
                 for gso_type in 0..=255u8 {
-                    let h = VnetHdr { flags, gso_type, ..base };
+                    let h = VnetHdr {
+                        flags,
+                        gso_type,
+                        ..base
+                    };
                     let got = build(&h.to_bytes(), &p);
                     let known = flags & !(F_NEEDS_CSUM | F_DATA_VALID) == 0;
                     let csum = flags & F_NEEDS_CSUM != 0;
@@ -336,7 +380,12 @@ mod tests {
                             GSO_UDP_L4 => csum && !tcp && !ecn,
                             _ => false,
                         };
-                    assert_eq!(got.is_ok(), ok, "flags {flags:#x} gso {gso_type:#x} v6 {v6} tcp {tcp} len {}: {got:?}", p.len());
+                    assert_eq!(
+                        got.is_ok(),
+                        ok,
+                        "flags {flags:#x} gso {gso_type:#x} v6 {v6} tcp {tcp} len {}: {got:?}",
+                        p.len()
+                    );
                     if let Ok(out) = got {
                         assert!(allowed(&out, &p), "{:?}", VnetHdr::parse(&out));
                     }
@@ -349,8 +398,18 @@ mod tests {
     fn offsets_must_point_at_the_transport_checksum() {
         for p in all_packets() {
             let h = kernel_header(&p, 0);
-            for (start, off) in [(0, h.csum_offset), (h.csum_start + 1, h.csum_offset), (h.csum_start, h.csum_offset + 2), (65535, 65535), (h.csum_start, 0)] {
-                let bad = VnetHdr { csum_start: start, csum_offset: off, ..h };
+            for (start, off) in [
+                (0, h.csum_offset),
+                (h.csum_start + 1, h.csum_offset),
+                (h.csum_start, h.csum_offset + 2),
+                (65535, 65535),
+                (h.csum_start, 0),
+            ] {
+                let bad = VnetHdr {
+                    csum_start: start,
+                    csum_offset: off,
+                    ..h
+                };
                 assert_eq!(build(&bad.to_bytes(), &p), Err(VnetError::ChecksumPlace));
             }
         }
@@ -365,11 +424,17 @@ mod tests {
         assert_eq!(build(&h(100), &p), Err(VnetError::TooManySegments)); // 200 segments
         assert!(build(&h(20_000 / 128 + 1), &p).is_ok());
         // gso_size 0 with a GSO type: below the minimum.
-        assert_eq!(build(&h(0).map_or_gso(GSO_UDP_L4), &p), Err(VnetError::GsoSize));
+        assert_eq!(
+            build(&h(0).map_or_gso(GSO_UDP_L4), &p),
+            Err(VnetError::GsoSize)
+        );
         // One segment or less: written as checksum-only.
         for size in [20_000, 20_001, 65535] {
             let out = VnetHdr::parse(&build(&h(size), &p).unwrap());
-            assert_eq!((out.gso_type, out.gso_size, out.flags), (GSO_NONE, 0, F_NEEDS_CSUM));
+            assert_eq!(
+                (out.gso_type, out.gso_size, out.flags),
+                (GSO_NONE, 0, F_NEEDS_CSUM)
+            );
         }
     }
 
@@ -397,13 +462,22 @@ mod tests {
         assert_eq!(build(&h(&p), &p), Err(VnetError::NotTransport));
         let mut p = packet(false, true, 100);
         p[9] = 1; // ICMP
-        assert_eq!(build(&kernel_header(&packet(false, true, 100), 0).to_bytes(), &p), Err(VnetError::NotTransport));
+        assert_eq!(
+            build(&kernel_header(&packet(false, true, 100), 0).to_bytes(), &p),
+            Err(VnetError::NotTransport)
+        );
         let mut p = packet(false, true, 0);
         p[20 + 12] = 15 << 4; // TCP header longer than the packet
-        assert_eq!(build(&h(&packet(false, true, 0)), &p), Err(VnetError::OutOfBounds));
+        assert_eq!(
+            build(&h(&packet(false, true, 0)), &p),
+            Err(VnetError::OutOfBounds)
+        );
         let mut p = packet(false, true, 10);
         p[20 + 12] = 4 << 4; // TCP header shorter than 20
-        assert_eq!(build(&h(&packet(false, true, 10)), &p), Err(VnetError::OutOfBounds));
+        assert_eq!(
+            build(&h(&packet(false, true, 10)), &p),
+            Err(VnetError::OutOfBounds)
+        );
         let hdr = kernel_header(&packet(false, true, 10), 0).to_bytes();
         for len in 0..60 {
             let _ = build(&hdr, &packet(false, true, 10)[..len.min(62)]);
@@ -452,8 +526,12 @@ mod tests {
     fn partial_checksum_is_completed() {
         // IPv4 UDP 198.18.0.1:1000 -> 198.18.0.2:2000, 5 payload bytes, checksum field
         // holding the folded pseudo-header sum as the kernel leaves it.
-        let mut p = vec![0x45, 0, 0, 33, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2];
-        p.extend_from_slice(&[0x03, 0xe8, 0x07, 0xd0, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o']);
+        let mut p = vec![
+            0x45, 0, 0, 33, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
+        ];
+        p.extend_from_slice(&[
+            0x03, 0xe8, 0x07, 0xd0, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o',
+        ]);
         let mut pseudo: u32 = 0;
         for w in [0xc612u32, 0x0001, 0xc612, 0x0002, 17, 13] {
             pseudo += w;
@@ -462,7 +540,14 @@ mod tests {
             pseudo = (pseudo & 0xffff) + (pseudo >> 16);
         }
         p[26..28].copy_from_slice(&(pseudo as u16).to_be_bytes());
-        let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len: 0, gso_size: 0, csum_start: 20, csum_offset: 6 };
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_NONE,
+            hdr_len: 0,
+            gso_size: 0,
+            csum_start: 20,
+            csum_offset: 6,
+        };
         assert!(!udp4_checksum_ok(&p));
         let built = build(&h.to_bytes(), &p).unwrap();
         complete_checksum(&built, &mut p).unwrap();
@@ -471,7 +556,13 @@ mod tests {
         let before = p.clone();
         complete_checksum(&PLAIN, &mut p).unwrap();
         assert_eq!(p, before);
-        let bad = VnetHdr { csum_offset: 60_000, ..h };
-        assert_eq!(complete_checksum(&bad.to_bytes(), &mut p), Err(VnetError::OutOfBounds));
+        let bad = VnetHdr {
+            csum_offset: 60_000,
+            ..h
+        };
+        assert_eq!(
+            complete_checksum(&bad.to_bytes(), &mut p),
+            Err(VnetError::OutOfBounds)
+        );
     }
 }

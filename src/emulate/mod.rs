@@ -35,6 +35,7 @@ pub use spec::{Spec, SpecError};
 
 use crate::codec::segment::Segmenter;
 use crate::codec::v1::VNET_HDR_LEN;
+use crate::codec::vnet::is_gso;
 use crate::route::{RoutingKey, SHARDS};
 
 /// The seed when `--emulate-seed` is not given (the run prints it, to replay).
@@ -220,7 +221,7 @@ impl Shaper {
         let mut emulator = stream.lock().unwrap_or_else(PoisonError::into_inner);
         let emulator = &mut *emulator;
         let (Some(vnet), Some(packet)) = (entry.first_chunk::<VNET_HDR_LEN>(), entry.get(VNET_HDR_LEN..)) else { return 1 };
-        if !emulator.spec().per_packet() || vnet[1] == 0 {
+        if !emulator.spec().per_packet() || !is_gso(vnet) {
             return Self::one(emulator, line, now_ns, key, entry);
         }
         // Each wire-sized packet of a super-packet gets its own draw.

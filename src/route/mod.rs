@@ -7,8 +7,10 @@
 //! its order.
 //!
 //! [`key`] is the grammar of keys, patterns and exchange names; [`packet`] classifies
-//! packets (destination, flow hash, shard); [`peers`] keeps receivers' queue counts;
-//! [`prefix`] is the interface prefix (`ADDR/LEN`). All but `peers` are re-exported here.
+//! packets (destination, flow hash, shard) through the checked views of
+//! [`crate::packet`]; [`peers`] keeps receivers' queue counts. `key` and `packet` are
+//! re-exported here, and so is the interface prefix ([`Prefix`], `ADDR/LEN`, which lives in
+//! `crate::packet::prefix`).
 //!
 //! Pure and allocation-free: the per-queue worker threads call [`classify`] for every
 //! packet read from the TUN and build a [`RoutingKey`] (on the stack) per batch. Nothing
@@ -18,8 +20,7 @@
 pub mod key;
 pub mod packet;
 pub mod peers;
-pub mod prefix;
 
+pub use crate::packet::Prefix;
 pub use key::*;
 pub use packet::*;
-pub use prefix::Prefix;

@@ -1,10 +1,15 @@
 //! Packet classification: destination and source of an IP packet, the fixed flow hash and
 //! its shard, subnet-directed broadcasts, MLD. Pure, allocation-free, never panics on any
-//! input; IPv6 extension headers are walked in one place ([`ipv6_upper`]).
+//! input. The headers are read through the checked views of [`crate::packet`]: each packet
+//! is checked once ([`IpPacket::new_checked`]) and its IPv6 extension headers are walked
+//! in one place ([`Ipv6Packet::upper_layer`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::key::SHARDS;
+use crate::packet::icmp::Icmpv6Packet;
+use crate::packet::ip::{self, protocol};
+use crate::packet::{Error, IpPacket, Ipv6Packet, Prefix};
 use crate::util::{fmix32, Fnv1a32};
 
 /// Where a packet goes.
@@ -42,74 +47,51 @@ pub enum ClassifyError {
     Truncated,
 }
 
-const IPV4_HEADER_LEN: usize = 20;
-const IPV6_HEADER_LEN: usize = 40;
-
-fn array_at<const N: usize>(p: &[u8], at: usize) -> Option<[u8; N]> {
-    p.get(at..at.checked_add(N)?)?.try_into().ok()
-}
-
 /// Classifies one IP packet (no vnet header): source, destination and flow shard.
+#[inline]
 pub fn classify(packet: &[u8]) -> Result<Classified, ClassifyError> {
-    let first = *packet.first().ok_or(ClassifyError::Empty)?;
-    let (src, dst) = match first >> 4 {
-        4 => {
-            let src = array_at::<4>(packet, 12).ok_or(ClassifyError::Truncated)?;
-            let dst = array_at::<4>(packet, 16).ok_or(ClassifyError::Truncated)?;
-            let dst = Ipv4Addr::from(dst);
-            let dest = if dst.is_broadcast() || dst.is_multicast() {
+    let ip = IpPacket::new_checked(packet).map_err(|e| match e {
+        Error::Truncated if packet.is_empty() => ClassifyError::Empty,
+        Error::Version => ClassifyError::NotIp,
+        _ => ClassifyError::Truncated,
+    })?;
+    let dst = match &ip {
+        IpPacket::V4(p) => {
+            let dst = p.dst_addr();
+            if dst.is_broadcast() || dst.is_multicast() {
                 Destination::Flood
             } else {
                 Destination::Unicast(IpAddr::V4(dst))
-            };
-            (IpAddr::V4(Ipv4Addr::from(src)), dest)
+            }
         }
-        6 => {
-            let src = array_at::<16>(packet, 8).ok_or(ClassifyError::Truncated)?;
-            let dst = array_at::<16>(packet, 24).ok_or(ClassifyError::Truncated)?;
-            let dst = Ipv6Addr::from(dst);
-            let dest = if dst.is_multicast() {
+        IpPacket::V6(p) => {
+            let dst = p.dst_addr();
+            if dst.is_multicast() {
                 Destination::Flood
             } else {
                 Destination::Unicast(IpAddr::V6(dst))
-            };
-            (IpAddr::V6(Ipv6Addr::from(src)), dest)
+            }
         }
-        _ => return Err(ClassifyError::NotIp),
     };
     Ok(Classified {
-        src,
+        src: ip.src_addr(),
         dst,
-        shard: shard(flow_hash(packet)),
+        shard: shard(hash_of(&ip)),
     })
 }
 
-/// The source address of an IP packet (no vnet header), if it has one.
+/// The source address of an IP packet (no vnet header), if it has a whole fixed header.
+#[inline]
 pub fn source(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => array_at::<4>(packet, 12).map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-        6 => array_at::<16>(packet, 8).map(|a| IpAddr::V6(Ipv6Addr::from(a))),
-        _ => None,
-    }
+    IpPacket::new_checked(packet).ok().map(|ip| ip.src_addr())
 }
 
 /// The destination address of an IP packet (no vnet header), as written (multicast and
-/// broadcast included), if it has one.
+/// broadcast included), if it has a whole fixed header.
+#[inline]
 pub fn destination(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => array_at::<4>(packet, 16).map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-        6 => array_at::<16>(packet, 24).map(|a| IpAddr::V6(Ipv6Addr::from(a))),
-        _ => None,
-    }
+    IpPacket::new_checked(packet).ok().map(|ip| ip.dst_addr())
 }
-
-/// Transport protocols whose first four bytes are source and destination ports.
-fn has_ports(proto: u8) -> bool {
-    matches!(proto, 6 | 17 | 132 | 136)
-}
-
-/// Most IPv6 extension headers followed before giving up (ports = 0).
-const MAX_EXT_HEADERS: usize = 8;
 
 /// Deterministic 32-bit hash of (src, dst, protocol, src port, dst port): FNV-1a over the
 /// tuple bytes, then MurmurHash3's `fmix32`. The same on every host and every run.
@@ -119,90 +101,44 @@ const MAX_EXT_HEADERS: usize = 8;
 /// datagram share a shard), and when the transport header is truncated. IPv6 follows up to
 /// 8 hop-by-hop / routing / destination-options headers; with a fragment header the
 /// protocol is the fragment header's next header. Not an IP packet or truncated IP header: 0.
+#[inline]
 pub fn flow_hash(packet: &[u8]) -> u32 {
-    let Some(&first) = packet.first() else {
-        return 0;
-    };
+    IpPacket::new_checked(packet).map_or(0, |ip| hash_of(&ip))
+}
+
+/// [`flow_hash`] of a checked packet.
+#[inline]
+fn hash_of(ip: &IpPacket<&[u8]>) -> u32 {
     let mut h = Fnv1a32::new();
-    match first >> 4 {
-        4 => {
-            let (Some(src), Some(dst)) = (array_at::<4>(packet, 12), array_at::<4>(packet, 16))
-            else {
-                return 0;
-            };
-            let proto = packet.get(9).copied().unwrap_or(0);
-            let frag = array_at::<2>(packet, 6).map_or(0, u16::from_be_bytes);
-            let fragmented = frag & 0x3fff != 0; // MF bit or fragment offset
-            let ihl = usize::from(first & 0x0f) * 4;
-            let ports = if has_ports(proto) && !fragmented && ihl >= IPV4_HEADER_LEN {
-                array_at::<4>(packet, ihl)
+    let (proto, ports) = match ip {
+        IpPacket::V4(p) => {
+            let proto = p.protocol();
+            let ports = if ip::has_ports(proto) && !p.is_fragment() {
+                p.payload().and_then(ip::ports)
             } else {
                 None
             };
-            h.write(&src);
-            h.write(&dst);
-            h.write(&[proto]);
-            h.write(&ports.unwrap_or([0; 4]));
+            h.write(&p.src_addr().octets());
+            h.write(&p.dst_addr().octets());
+            (proto, ports)
         }
-        6 => {
-            let (Some(src), Some(dst)) = (array_at::<16>(packet, 8), array_at::<16>(packet, 24))
-            else {
-                return 0;
+        IpPacket::V6(p) => {
+            let u = p.upper_layer();
+            let ports = if ip::has_ports(u.protocol) {
+                u.offset
+                    .and_then(|at| p.as_bytes().get(at..))
+                    .and_then(ip::ports)
+            } else {
+                None
             };
-            let (proto, ports) = ipv6_transport(packet);
-            h.write(&src);
-            h.write(&dst);
-            h.write(&[proto]);
-            h.write(&ports.unwrap_or([0; 4]));
+            h.write(&p.src_addr().octets());
+            h.write(&p.dst_addr().octets());
+            (u.protocol, ports)
         }
-        _ => return 0,
-    }
+    };
+    h.write(&[proto]);
+    h.write(&ports.unwrap_or([0; 4]));
     h.finish()
-}
-
-/// Where the upper-layer header of an IPv6 packet is, found by [`ipv6_upper`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Ipv6Upper {
-    /// The upper-layer protocol (after a fragment header: the fragment's next header; when
-    /// the walk gave up: the extension header it stopped at).
-    proto: u8,
-    /// Its offset, `None` behind a fragment header or when the walk gave up.
-    at: Option<usize>,
-}
-
-/// The one walk over an IPv6 extension-header chain: up to [`MAX_EXT_HEADERS`]
-/// hop-by-hop, routing and destination-options headers, stopping at a fragment header
-/// (whose fragments, first or not, stay together). Never reads past the packet.
-fn ipv6_upper(packet: &[u8]) -> Ipv6Upper {
-    let mut next = packet.get(6).copied().unwrap_or(0);
-    let mut at = IPV6_HEADER_LEN;
-    let mut followed = 0;
-    loop {
-        match next {
-            // hop-by-hop, routing, destination options: (hdr ext len + 1) * 8 bytes
-            0 | 43 | 60 => {
-                if followed == MAX_EXT_HEADERS {
-                    return Ipv6Upper { proto: next, at: None };
-                }
-                followed += 1;
-                let Some([nh, len]) = array_at::<2>(packet, at) else {
-                    return Ipv6Upper { proto: next, at: None };
-                };
-                next = nh;
-                at += (usize::from(len) + 1) * 8;
-            }
-            44 => return Ipv6Upper { proto: packet.get(at).copied().unwrap_or(44), at: None },
-            p => return Ipv6Upper { proto: p, at: Some(at) },
-        }
-    }
-}
-
-/// The IPv6 transport protocol and, when it has ports and they are present, its first four
-/// bytes. The packet is at least 40 bytes long.
-fn ipv6_transport(packet: &[u8]) -> (u8, Option<[u8; 4]>) {
-    let u = ipv6_upper(packet);
-    let ports = if has_ports(u.proto) { u.at.and_then(|at| array_at::<4>(packet, at)) } else { None };
-    (u.proto, ports)
 }
 
 /// The shard of a flow hash, `0..SHARDS`. Mixes the bits first so that weak low bits in
@@ -218,27 +154,31 @@ pub fn queue_for_shard(shard: u8, queues: usize) -> usize {
 }
 
 /// Whether `dst` is the subnet-directed broadcast address of one of the IPv4 networks
-/// `nets` (address, prefix length). Prefixes of 31 or more have no broadcast address.
+/// `nets` (address, prefix length; [`Prefix::broadcast`]). Prefixes of 31 or more have no
+/// broadcast address; a length above 32 is no prefix.
+#[inline]
 pub fn is_directed_broadcast(dst: Ipv4Addr, nets: &[(Ipv4Addr, u8)]) -> bool {
-    nets.iter().any(|&(net, prefix)| {
-        if prefix >= 31 {
-            return false;
-        }
-        let host_mask = u32::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
-        u32::from(dst) == u32::from(net) | host_mask
+    nets.iter().any(|&(net, len)| {
+        Prefix::new(IpAddr::V4(net), len).and_then(|p| p.broadcast()) == Some(dst)
     })
 }
 
 /// Whether `packet` is an IPv6 MLD message (ICMPv6 types 130-132 and 143, behind the
-/// hop-by-hop header that carries their router alert, or any other extension headers). tunbus floods every multicast
-/// packet to every agent of a session whatever the membership, so membership reports
-/// inform nobody; agents do not forward them. Never panics.
+/// hop-by-hop header that carries their router alert, or any other extension headers).
+/// tunbus floods every multicast packet to every agent of a session whatever the
+/// membership, so membership reports inform nobody; agents do not forward them. Never
+/// panics.
+#[inline]
 pub fn is_mld(packet: &[u8]) -> bool {
-    if packet.len() < IPV6_HEADER_LEN || packet[0] >> 4 != 6 {
+    let Ok(p) = Ipv6Packet::new_checked(packet) else {
         return false;
-    }
-    let u = ipv6_upper(packet);
-    u.proto == 58 && matches!(u.at.and_then(|at| packet.get(at)), Some(130..=132 | 143))
+    };
+    let u = p.upper_layer();
+    u.protocol == protocol::ICMPV6
+        && u.offset
+            .and_then(|at| packet.get(at..))
+            .and_then(|m| Icmpv6Packet::new_checked(m).ok())
+            .is_some_and(|m| m.is_mld())
 }
 
 #[cfg(test)]
@@ -268,7 +208,9 @@ mod tests {
     }
 
     use super::*;
+    use crate::packet::ipv6::MAX_EXT_HEADERS;
     use proptest::prelude::*;
+    use std::net::Ipv6Addr;
 
     // ---- packet builders ----
 
@@ -740,7 +682,156 @@ mod tests {
         assert!(!is_directed_broadcast(Ipv4Addr::new(10, 0, 0, 1), &bad));
     }
 
+    /// The raw-offset parsers this module had before the packet views (as of 3c4508b),
+    /// kept as an oracle: the views must classify, hash and spot MLD exactly as they did.
+    mod before_views {
+        use crate::util::Fnv1a32;
+
+        fn array_at<const N: usize>(p: &[u8], at: usize) -> Option<[u8; N]> {
+            p.get(at..at.checked_add(N)?)?.try_into().ok()
+        }
+
+        fn has_ports(proto: u8) -> bool {
+            matches!(proto, 6 | 17 | 132 | 136)
+        }
+
+        /// (protocol, offset) as the old walk found them.
+        pub fn ipv6_upper(packet: &[u8]) -> (u8, Option<usize>) {
+            let mut next = packet.get(6).copied().unwrap_or(0);
+            let mut at = 40;
+            let mut followed = 0;
+            loop {
+                match next {
+                    0 | 43 | 60 => {
+                        if followed == 8 {
+                            return (next, None);
+                        }
+                        followed += 1;
+                        let Some([nh, len]) = array_at::<2>(packet, at) else {
+                            return (next, None);
+                        };
+                        next = nh;
+                        at += (usize::from(len) + 1) * 8;
+                    }
+                    44 => return (packet.get(at).copied().unwrap_or(44), None),
+                    p => return (p, Some(at)),
+                }
+            }
+        }
+
+        pub fn flow_hash(packet: &[u8]) -> u32 {
+            let Some(&first) = packet.first() else {
+                return 0;
+            };
+            let mut h = Fnv1a32::new();
+            match first >> 4 {
+                4 => {
+                    let (Some(src), Some(dst)) =
+                        (array_at::<4>(packet, 12), array_at::<4>(packet, 16))
+                    else {
+                        return 0;
+                    };
+                    let proto = packet.get(9).copied().unwrap_or(0);
+                    let frag = array_at::<2>(packet, 6).map_or(0, u16::from_be_bytes);
+                    let ihl = usize::from(first & 0x0f) * 4;
+                    let ports = if has_ports(proto) && frag & 0x3fff == 0 && ihl >= 20 {
+                        array_at::<4>(packet, ihl)
+                    } else {
+                        None
+                    };
+                    h.write(&src);
+                    h.write(&dst);
+                    h.write(&[proto]);
+                    h.write(&ports.unwrap_or([0; 4]));
+                }
+                6 => {
+                    let (Some(src), Some(dst)) =
+                        (array_at::<16>(packet, 8), array_at::<16>(packet, 24))
+                    else {
+                        return 0;
+                    };
+                    let (proto, at) = ipv6_upper(packet);
+                    let ports = if has_ports(proto) {
+                        at.and_then(|at| array_at::<4>(packet, at))
+                    } else {
+                        None
+                    };
+                    h.write(&src);
+                    h.write(&dst);
+                    h.write(&[proto]);
+                    h.write(&ports.unwrap_or([0; 4]));
+                }
+                _ => return 0,
+            }
+            h.finish()
+        }
+
+        pub fn is_mld(packet: &[u8]) -> bool {
+            if packet.len() < 40 || packet[0] >> 4 != 6 {
+                return false;
+            }
+            let (proto, at) = ipv6_upper(packet);
+            proto == 58 && matches!(at.and_then(|at| packet.get(at)), Some(130..=132 | 143))
+        }
+    }
+
+    /// The views against the old parsers: equal, except where the views need a whole
+    /// header the old code did not (an ICMPv6 message under 8 bytes is no MLD message; a
+    /// source address needs the whole fixed IP header, as classification always did).
+    fn same_as_before(p: &[u8]) -> Result<(), TestCaseError> {
+        prop_assert_eq!(flow_hash(p), before_views::flow_hash(p));
+        let (new, old) = (is_mld(p), before_views::is_mld(p));
+        if new != old {
+            let at = before_views::ipv6_upper(p).1.unwrap_or(0);
+            prop_assert!(
+                old && p.len() < at + 8,
+                "is_mld {new} (before: {old}) on {p:?}"
+            );
+        }
+        match classify(p) {
+            Ok(c) => {
+                prop_assert_eq!(Some(c.src), source(p));
+                prop_assert_eq!(c.shard, shard(before_views::flow_hash(p)));
+            }
+            Err(_) => prop_assert_eq!(source(p), None),
+        }
+        Ok(())
+    }
+
     proptest! {
+        #[test]
+        fn prop_views_hash_and_spot_mld_as_before(p in proptest::collection::vec(any::<u8>(), 0..128)) {
+            same_as_before(&p)?;
+        }
+
+        #[test]
+        fn prop_views_as_before_on_ip_like_bytes(
+            v in prop_oneof![Just(0x40u8), Just(0x60u8)],
+            low in 0u8..16,
+            next in prop_oneof![Just(0u8), Just(43), Just(44), Just(58), Just(60), Just(6), Just(17), any::<u8>()],
+            mld in prop_oneof![Just(130u8), Just(143), any::<u8>()],
+            frag in prop_oneof![Just(0u16), Just(0x4000), any::<u16>()],
+            rest in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut p = vec![v | low];
+            p.extend_from_slice(&rest);
+            if p.len() > 9 {
+                p[6] = next;
+                p[7] = (frag & 0xff) as u8;
+                p[9] = next;
+            }
+            // an extension chain ending in ICMPv6 at 40 or 48
+            for at in [40, 48] {
+                if let Some(b) = p.get_mut(at) {
+                    *b = if at == 40 && next == 0 { 58 } else { mld };
+                }
+            }
+            if let Some(b) = p.get_mut(41) {
+                *b = 0;
+            }
+            same_as_before(&p)?;
+        }
+
         #[test]
         fn prop_classify_never_panics(p in proptest::collection::vec(any::<u8>(), 0..128)) {
             let h = flow_hash(&p);

@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::codec::ioppytest::{TunStarted, API_VERSION};
-use crate::route::Prefix;
+use crate::packet::Prefix;
 
 /// The addresses of one old-style agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -31,13 +31,7 @@ pub fn ipv6_from(prefix: &str, host: &str) -> Option<Ipv6Addr> {
 
 /// Netmask → prefix length (`255.255.255.0` → 24); `None` when not contiguous.
 pub fn netmask_len(mask: Ipv4Addr) -> Option<u8> {
-    let m = u32::from(mask);
-    let len = m.leading_ones();
-    (m.checked_shl(len).unwrap_or(0) == 0).then_some(len as u8)
-}
-
-fn len_netmask(len: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(len.min(32))).unwrap_or(0))
+    Prefix::with_netmask(Ipv4Addr::UNSPECIFIED, mask).map(|p| p.len)
 }
 
 /// N for `agent_N` with 1 ≤ N ≤ 6 (the old agent's known names).
@@ -103,9 +97,8 @@ impl OldAddressing {
     pub fn to_started(&self, name: &str) -> TunStarted {
         let (ipv4_address, ipv4_netmask, ipv4_network) = match self.ipv4 {
             Some((a, len)) => {
-                let mask = len_netmask(len);
-                let net = Ipv4Addr::from(u32::from(a) & u32::from(mask));
-                (Some(a.to_string()), Some(mask.to_string()), Some(net.to_string()))
+                let p = Prefix { addr: IpAddr::V4(a), len: len.min(32) };
+                (Some(a.to_string()), Some(p.netmask().to_string()), Some(p.network().to_string()))
             }
             None => (None, None, None),
         };
@@ -171,7 +164,7 @@ impl StartPolicy {
             return Order::Empty;
         }
         for p in wanted.prefixes() {
-            if !self.within.iter().any(|w| w.len <= p.len && crate::identity::contains(w, p.addr)) {
+            if !self.within.iter().any(|w| w.covers(&p)) {
                 return Order::OutsideSubnets(p);
             }
         }
@@ -221,8 +214,9 @@ mod tests {
         assert_eq!(netmask_len("255.254.0.0".parse().unwrap()), Some(15));
         assert_eq!(netmask_len("0.0.0.0".parse().unwrap()), Some(0));
         assert_eq!(netmask_len("255.0.255.0".parse().unwrap()), None);
-        assert_eq!(len_netmask(24).to_string(), "255.255.255.0");
-        assert_eq!(len_netmask(0).to_string(), "0.0.0.0");
+        let netmask = |len| crate::packet::prefix::v4_netmask(len).to_string();
+        assert_eq!(netmask(24), "255.255.255.0");
+        assert_eq!(netmask(0), "0.0.0.0");
     }
 
     #[test]
