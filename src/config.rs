@@ -159,9 +159,23 @@ impl Bus {
     }
 }
 
-/// The TUN interface: its name, namespace, queues, addresses and offloads.
+/// What the agent's host end is (`crate::port`): the kind decides how `agent connect`
+/// opens its ports; the worker only sees a `Port`.
+#[derive(Clone, Debug, Default)]
+pub enum PortKind {
+    /// A kernel multi-queue TUN device (Linux, root or CAP_NET_ADMIN).
+    #[default]
+    Tun,
+    /// A userspace TCP/IP stack inside the agent (no privileges, any OS): its addresses
+    /// answer pings, and these host services reach the bus.
+    Userspace(crate::port::userspace::Services),
+}
+
+/// The host end: its kind, name, namespace, queues, addresses and offloads.
 #[derive(Clone, Debug)]
 pub struct Interface {
+    /// TUN or a userspace stack (more kinds come as `crate::port` grows).
+    pub kind: PortKind,
     pub ifname: String,
     pub netns: Option<String>,
     pub queues: usize,
@@ -181,6 +195,7 @@ pub struct Interface {
 impl Default for Interface {
     fn default() -> Interface {
         Interface {
+            kind: PortKind::Tun,
             ifname: DEFAULT_IFNAME.to_owned(),
             netns: None,
             queues: usize::from(DEFAULT_QUEUES),
@@ -201,7 +216,17 @@ impl Interface {
         if let Some(ll) = self.link_local {
             ensure(ll.segments()[0] & 0xffc0 == 0xfe80, || format!("link-local address {ll} is not in fe80::/10"))?;
         }
+        if let PortKind::Userspace(_) = self.kind {
+            // One endpoint is one stack: every flow to it must reach the one worker that holds it.
+            ensure(self.queues == 1, || format!("a userspace endpoint has one queue, not {}", self.queues))?;
+            ensure(self.netns.is_none(), || "a userspace endpoint has no interface to move into a namespace (drop --netns)".into())?;
+        }
         Ok(())
+    }
+
+    /// Whether the host end is a kernel TUN device.
+    pub fn is_tun(&self) -> bool {
+        matches!(self.kind, PortKind::Tun)
     }
 }
 

@@ -249,7 +249,10 @@ async fn sniffer(args: tunbus::cli::SnifferArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || tunbus::capture::sniffer::serve(opts, &interrupt)).await?
 }
 
-fn status(args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
+fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
+    if args.dir == std::path::Path::new(tunbus::config::RUN_DIR) {
+        args.dir = status::default_dir(); // not root: where unprivileged agents put theirs
+    }
     use tunbus::status;
     let sockets = status::sockets(&args.dir, args.name.as_deref()).map_err(|e| Failure::new(Exit::Local, e))?;
     if sockets.is_empty() {

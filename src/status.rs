@@ -66,6 +66,20 @@ pub struct Status {
     pub report: serde_json::Value,
 }
 
+/// Where agents put their sockets unless told: `/run/tunbus` for root; for anyone else (a
+/// userspace agent run without privileges) `$XDG_RUNTIME_DIR/tunbus`, else
+/// `/tmp/tunbus-<uid>`. `agent status` looks in the same place.
+pub fn default_dir() -> PathBuf {
+    let uid = crate::sys::euid();
+    if uid == 0 {
+        return PathBuf::from(crate::config::RUN_DIR);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Path::new(&d).join("tunbus"),
+        _ => std::env::temp_dir().join(format!("tunbus-{uid}")),
+    }
+}
+
 /// The socket of agent `name` in `dir`.
 pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))

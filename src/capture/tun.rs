@@ -114,3 +114,56 @@ fn write_all<W: Write>(mut writer: Writer<W>, rx: Receiver<Record>, left_out: &A
     done.left_out = left_out.load(Ordering::Relaxed);
     done
 }
+
+/// A port whose units are copied to a [`Tap`] as they are read and written (`--pcap`),
+/// whatever kind of port it wraps.
+pub struct Tapped {
+    inner: Box<dyn crate::port::Port>,
+    tap: std::sync::Arc<Tap>,
+}
+
+impl Tapped {
+    pub fn new(inner: Box<dyn crate::port::Port>, tap: std::sync::Arc<Tap>) -> Tapped {
+        Tapped { inner, tap }
+    }
+}
+
+impl crate::port::Port for Tapped {
+    fn layer(&self) -> crate::port::Layer {
+        self.inner.layer()
+    }
+
+    fn index(&self) -> usize {
+        self.inner.index()
+    }
+
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.fd()
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        let n = self.inner.read(buf)?;
+        if let Some(entry) = n.and_then(|n| buf.get(..n)) {
+            self.tap.sent(entry);
+        }
+        Ok(n)
+    }
+
+    fn write(&mut self, vnet_hdr: &[u8; VNET_HDR_LEN], unit: &[u8]) -> std::io::Result<()> {
+        self.inner.write(vnet_hdr, unit)?;
+        self.tap.received(vnet_hdr, unit);
+        Ok(())
+    }
+
+    fn poll_at(&self) -> Option<std::time::Instant> {
+        self.inner.poll_at()
+    }
+
+    fn poll(&mut self, now: std::time::Instant) -> bool {
+        self.inner.poll(now)
+    }
+
+    fn unit_sender(&self) -> Option<&str> {
+        self.inner.unit_sender()
+    }
+}

@@ -98,6 +98,24 @@ pub struct ConnectArgs {
     /// ioppytest-agent style: IPv4 netmask.
     #[arg(long, value_name = "MASK", default_value = "255.255.255.0")]
     pub ipv4_netmask: std::net::Ipv4Addr,
+    /// No kernel interface: the agent's addresses live in a userspace TCP/IP stack inside
+    /// the agent (no root, no /dev/net/tun, no namespace). They answer pings; applications
+    /// reach the bus through --forward, --expose and --socks5. One queue.
+    #[arg(long, conflicts_with_all = ["netns", "queues", "pcap"])]
+    pub userspace: bool,
+    /// With --userspace: listen on LOCAL and carry each TCP connection or UDP flow to an
+    /// address on the bus, e.g. tcp:127.0.0.1:8080=10.2.0.3:80 or
+    /// udp:127.0.0.1:5683=[bbbb::3]:5683 (repeatable).
+    #[arg(long, value_name = "PROTO:LOCAL=BUSADDR:PORT", requires = "userspace")]
+    pub forward: Vec<crate::port::userspace::spec::Forward>,
+    /// With --userspace: answer PORT on the agent's bus addresses with the local service
+    /// LOCAL, e.g. tcp:80=127.0.0.1:8000 or udp:5683=127.0.0.1:5683 (repeatable).
+    #[arg(long, value_name = "PROTO:PORT=LOCAL", requires = "userspace")]
+    pub expose: Vec<crate::port::userspace::spec::Expose>,
+    /// With --userspace: a SOCKS5 server (RFC 1928: CONNECT and UDP ASSOCIATE, IPv4 and
+    /// IPv6, no authentication) into the bus on this local address, e.g. 127.0.0.1:1080.
+    #[arg(long, value_name = "ADDR:PORT", requires = "userspace")]
+    pub socks5: Option<crate::port::userspace::spec::Socks5>,
     /// Move the interface into this existing network namespace and configure it there.
     #[arg(long)]
     pub netns: Option<String>,
@@ -127,7 +145,8 @@ pub struct ConnectArgs {
     /// 127.0.0.1:PORT). Off by default.
     #[arg(long, value_name = "[HOST:]PORT")]
     pub metrics_addr: Option<String>,
-    /// Folder of this agent's control socket for `agent status` (made root-only).
+    /// Folder of this agent's control socket for `agent status` (made private to its user)
+    /// [for users other than root: $XDG_RUNTIME_DIR/tunbus, else /tmp/tunbus-UID].
     #[arg(long, value_name = "DIR", default_value = config::RUN_DIR)]
     pub status_dir: PathBuf,
     /// Write the final report as JSON to this file on exit.
@@ -261,7 +280,15 @@ impl ConnectArgs {
             None => None,
         };
         let bus = Bus { heartbeat, session: self.bus.session, exchange, prefetch: self.prefetch, queue_max_bytes: self.queue_max_bytes, ..Bus::new(endpoints) };
+        let kind = if self.userspace {
+            let services = crate::port::userspace::Services { forwards: self.forward, exposes: self.expose, socks5: self.socks5 };
+            config::PortKind::Userspace(services)
+        } else {
+            config::PortKind::Tun
+        };
+        let userspace = self.userspace;
         let interface = Interface {
+            kind,
             ifname: self.ifname,
             netns: self.netns,
             queues: usize::from(self.queues),
@@ -274,7 +301,9 @@ impl ConnectArgs {
                 }
                 addrs
             },
-            mtu: self.mtu.unwrap_or(if self.wire == Wire::Ioppytest { 1500 } else { DEFAULT_MTU }),
+            // A userspace stack sends packets of at most its MTU; 1500 is what the far end's
+            // links take without fragments.
+            mtu: self.mtu.unwrap_or(if self.wire == Wire::Ioppytest || userspace { 1500 } else { DEFAULT_MTU }),
             link_local: old.link_local(),
             // The old wire carries plain packets only: no super-packets, no partial checksums.
             offload: !self.no_offload && self.wire == Wire::Native,
@@ -287,7 +316,7 @@ impl ConnectArgs {
             max_batch_bytes: self.max_batch_bytes as usize,
             stats_interval,
             metrics_addr,
-            status_dir: Some(self.status_dir),
+            status_dir: Some(if self.status_dir == std::path::Path::new(config::RUN_DIR) { crate::status::default_dir() } else { self.status_dir }),
             emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed, known: Vec::new() },
             pcap,
         };

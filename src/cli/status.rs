@@ -13,7 +13,8 @@ pub struct StatusArgs {
     /// One JSON object per agent per line (the report inside is `--stats-json`'s).
     #[arg(long)]
     pub json: bool,
-    /// Where the agents' sockets are (their --status-dir).
+    /// Where the agents' sockets are (their --status-dir) [for users other than root:
+    /// $XDG_RUNTIME_DIR/tunbus, else /tmp/tunbus-UID].
     #[arg(long, value_name = "DIR", default_value = crate::config::RUN_DIR)]
     pub dir: PathBuf,
 }

@@ -91,6 +91,12 @@ pub fn wait_fd(fd: BorrowedFd<'_>, interest: Interest, timeout: Duration) -> io:
 // ---------------------------------------------------------------------------------------
 // Sockets.
 
+/// The effective user id of this process (0: root).
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Bytes written to the TCP socket `fd` that its peer has not acknowledged yet
 /// (`SIOCOUTQ`): how far behind the broker is in reading what we sent.
 pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {

@@ -50,9 +50,6 @@ pub struct Offloads {
 pub struct TunQueue {
     fd: OwnedFd,
     index: usize,
-    /// `--pcap`: a copy of every packet read or written goes to the capture's writer.
-    #[allow(clippy::struct_field_names)]
-    tap: Option<std::sync::Arc<crate::capture::tun::Tap>>,
 }
 
 /// The device: its name (as created; it may be renamed when moved to a namespace) and queues.
@@ -84,7 +81,7 @@ impl TunDevice {
                 queue: index,
                 source,
             })?;
-            opened.push(TunQueue { fd, index, tap: None });
+            opened.push(TunQueue { fd, index });
         }
         let offloads = if offload {
             let first = &opened[0]; // invariant: the loop above ran at least once
@@ -124,32 +121,16 @@ impl TunQueue {
         self.index
     }
 
-    /// Copies every packet this queue reads or writes to `tap` (`--pcap`).
-    pub fn with_tap(mut self, tap: std::sync::Arc<crate::capture::tun::Tap>) -> TunQueue {
-        self.tap = Some(tap);
-        self
-    }
-
     /// Reads one packet (with its vnet header) into `buf`. `Ok(None)` when the queue is empty.
     #[inline]
     pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let n = sys::read(self.fd.as_fd(), buf)?;
-        if let (Some(tap), Some(n)) = (&self.tap, n) {
-            if let Some(entry) = buf.get(..n) {
-                tap.sent(entry);
-            }
-        }
-        Ok(n)
+        sys::read(self.fd.as_fd(), buf)
     }
 
     /// Writes one packet: its 10-byte vnet header and its bytes, in one `writev`.
     #[inline]
     pub fn write(&self, vnet_hdr: &[u8; vnet::HDR_LEN], packet: &[u8]) -> io::Result<()> {
-        sys::write2(self.fd.as_fd(), vnet_hdr, packet)?;
-        if let Some(tap) = &self.tap {
-            tap.received(vnet_hdr, packet);
-        }
-        Ok(())
+        sys::write2(self.fd.as_fd(), vnet_hdr, packet).map(drop)
     }
 
     /// The queue's descriptor, for waiting on it together with a socket.

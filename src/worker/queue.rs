@@ -159,7 +159,9 @@ impl QueueWorker {
             woke = Instant::now();
             match waited {
                 Ok([mut t, s]) => {
-                    if self.port.poll_at().is_some_and(|at| at <= woke) {
+                    // A port with timers or sockets of its own (a userspace stack) runs when
+                    // they are due or its descriptor woke us; a TUN has nothing to run.
+                    if t.read || t.error || self.port.poll_at().is_some_and(|at| at <= woke) {
                         t.read |= self.port.poll(woke);
                     }
                     if s.write || ((s.read || s.error) && !self.link.is_up()) {

@@ -159,17 +159,34 @@ impl AgentProc {
         AgentProc::spawn_program(Path::new(env!("CARGO_BIN_EXE_agent")), name, args, env)
     }
 
+    /// `agent connect --name NAME <args>` as an unprivileged user (`nobody`, no
+    /// capabilities, through `setpriv`): the userspace endpoint's promise.
+    pub fn spawn_unprivileged(name: &str, args: &[&str]) -> AgentProc {
+        let agent = env!("CARGO_BIN_EXE_agent");
+        let mut all = vec!["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", agent, "connect", "--name", name];
+        all.extend_from_slice(args);
+        AgentProc::spawn_command("setpriv", name, &all, &[])
+    }
+
     /// Like [`AgentProc::spawn_env`], running `program` (the agent under another name).
     pub fn spawn_program(program: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
+        let mut all = vec!["connect", "--name", name];
+        all.extend_from_slice(args);
+        AgentProc::spawn_command(&program.to_string_lossy(), name, &all, env)
+    }
+
+    /// Runs `program args… --stats-interval 0 --stats-json FILE`, the agent's output in a
+    /// log of its own.
+    fn spawn_command(program: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
         let dir = std::env::temp_dir();
         let log = dir.join(format!("{name}.log"));
         let stats = dir.join(format!("{name}.stats.json"));
         let _ = std::fs::remove_file(&stats);
         let log_file = File::create(&log).expect("create agent log");
         let child = Command::new(program)
-            .args(["connect", "--name", name, "--stats-interval", "0", "--stats-json"])
-            .arg(&stats)
             .args(args)
+            .args(["--stats-interval", "0", "--stats-json"])
+            .arg(&stats)
             .envs(env.iter().copied())
             .env_remove("AMQP_URL")
             .stdout(log_file.try_clone().expect("clone log fd"))

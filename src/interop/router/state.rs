@@ -13,7 +13,7 @@ use super::RouterCounters;
 use crate::amqp::presence::{Hello, ROUTER_WIRE};
 use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::codec::ioppytest::{self, TunStarted};
-use crate::codec::v1::{self, BatchWriter, Packet};
+use crate::codec::v1::{self, BatchWriter};
 use crate::codec::vnet;
 use crate::identity::claims::Claims;
 use crate::interop::topology::{Topology, TESTING_TOOL};
@@ -57,6 +57,8 @@ pub struct Router {
     batch: BatchWriter,
     packet: Vec<u8>,
     json: Vec<u8>,
+    /// Cuts native super-packets into the MTU-sized packets an old agent takes.
+    segmenter: crate::codec::segment::Segmenter,
     seq: u64,
 }
 
@@ -71,6 +73,7 @@ impl Router {
             batch: BatchWriter::with_capacity(v1::HEADER_LEN + 4 + v1::MAX_PACKET_LEN),
             packet: Vec::new(),
             json: Vec::new(),
+            segmenter: crate::codec::segment::Segmenter::new(),
             seq: 0,
         }
     }
@@ -227,12 +230,17 @@ impl Router {
         };
         for p in frame.packets() {
             self.counters.native_in += 1;
-            if !self.plain_packet(p) {
-                self.counters.malformed_native += 1;
-                continue;
-            }
+            // The header the allow-list builds from the packet, never the sender's offsets.
+            let hdr = match p.vnet.map(|h| vnet::build(h, p.data)) {
+                None => None,
+                Some(Ok(h)) => Some(h),
+                Some(Err(_)) => {
+                    self.counters.malformed_native += 1;
+                    continue;
+                }
+            };
             // A unicast batch key names one address, but check each packet's own destination.
-            let per_packet_owner = match route::classify(&self.packet).map(|c| c.dst) {
+            let per_packet_owner = match route::classify(p.data).map(|c| c.dst) {
                 Ok(Destination::Unicast(dst)) => self.owner.get(&dst).cloned(),
                 _ => None,
             };
@@ -244,22 +252,19 @@ impl Router {
                 self.counters.no_old_owner += 1;
                 continue;
             }
-            ioppytest::encode_packet(&self.packet, "tun0", now_ns / 1_000_000_000, &mut self.json);
-            for name in &to {
-                out.push(Action::Publish { key: ioppytest::routing_key_to_agent(name), form: Form::Ioppytest, body: self.json.clone() });
-                self.counters.bridged_to_old += 1;
+            // The old wire carries plain packets of the old agent's MTU: a super-packet
+            // goes as the segments it stands for, checksums completed (as GSO would).
+            let (json, counters, seconds) = (&mut self.json, &mut self.counters, now_ns / 1_000_000_000);
+            let cut = self.segmenter.segments(hdr.as_ref(), p.data, |seg| {
+                ioppytest::encode_packet(seg, "tun0", seconds, json);
+                for name in &to {
+                    out.push(Action::Publish { key: ioppytest::routing_key_to_agent(name), form: Form::Ioppytest, body: json.clone() });
+                    counters.bridged_to_old += 1;
+                }
+            });
+            if cut.is_err() {
+                self.counters.malformed_native += 1;
             }
-        }
-    }
-
-    /// Copies a native packet into `self.packet`, completing an offloaded checksum.
-    fn plain_packet(&mut self, p: Packet<'_>) -> bool {
-        self.packet.clear();
-        self.packet.extend_from_slice(p.data);
-        match p.vnet {
-            // The header the allow-list builds from the packet, never the sender's offsets.
-            Some(h) => vnet::build(h, p.data).and_then(|h| vnet::complete_checksum(&h, &mut self.packet)).is_ok(),
-            None => true,
         }
     }
 }

@@ -914,6 +914,14 @@ impl Port for UserspacePort {
         Ok(())
     }
 
+    fn unit_sender(&self) -> Option<&str> {
+        // One endpoint: it is the agent, whose own flood key the worker has.
+        if self.endpoints.len() < 2 {
+            return None;
+        }
+        self.last_read.and_then(|id| self.endpoint(id)).map(|(name, _)| name)
+    }
+
     fn poll_at(&self) -> Option<Instant> {
         if !self.inbox.is_empty() {
             return Some(self.now);

@@ -14,12 +14,12 @@
 //! Several agents can live in one process (the lab does that); they share nothing but the
 //! runtime.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -34,10 +34,12 @@ use crate::metrics::report::{self, Report};
 use crate::metrics::kernel::KernelDrops;
 use crate::metrics::{AgentCounters, Histograms, RxCounters, TxCounters};
 use crate::port::Port;
-use crate::tun::{netns, TunDevice};
+use crate::tun::netns;
 use crate::util::{now_ns, Stop};
 use crate::identity::{claims::Claims, Trust};
 use crate::worker::queue::{QueueWorker, WorkerSetup};
+
+mod ports;
 
 /// How long the start waits for the broker to drop a dead connection that still holds this
 /// agent's queue (its heartbeats time it out: 2 × at most 30 s).
@@ -72,37 +74,6 @@ pub struct Agent {
     started: Instant,
     /// `--pcap`: the writer thread, which ends once the last TUN queue is gone.
     pcap: Option<JoinHandle<crate::capture::tun::Written>>,
-}
-
-/// A name that cannot collide: the device is created under it, then renamed in its namespace.
-fn temporary_ifname() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("tbt{:05x}{:03x}", std::process::id() & 0xf_ffff, n & 0xfff)
-}
-
-/// Creates the interface and configures it where it belongs.
-fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
-    let create_as = match &c.interface().netns {
-        Some(ns) => {
-            if !netns::namespace_exists(ns) {
-                bail!(netns::Error::NoNamespace(ns.clone()));
-            }
-            temporary_ifname()
-        }
-        None => {
-            if netns::interface_exists(None, &c.interface().ifname) {
-                bail!(netns::Error::Exists { name: c.interface().ifname.clone(), netns: None });
-            }
-            c.interface().ifname.clone()
-        }
-    };
-    let dev = TunDevice::create(&create_as, c.interface().queues, c.interface().offload).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
-    if let Some(ns) = &c.interface().netns {
-        netns::move_into(&create_as, ns, &c.interface().ifname)?; // on error `dev` drops: interface gone
-    }
-    netns::configure(c.interface().netns.as_deref(), &c.interface().ifname, c.interface().mtu, &c.interface().addrs, c.link_local(), c.interface().router_solicitations)?;
-    Ok(dev)
 }
 
 /// Opens link 0 before anything is created on this host: what the broker refuses ends the
@@ -231,7 +202,7 @@ impl Agent {
         if interrupt.is_raised() {
             return Ok(None);
         }
-        let dev = bring_up_interface(&config).with_context(|| format!("setting up interface {} for agent {}", config.interface().ifname, config.name()))?;
+        let opened = ports::open(&config).with_context(|| format!("setting up the host end ({}) of agent {}", config.interface().ifname, config.name()))?;
         let mut agent = Agent {
             config: config.clone(),
             stop_tx,
@@ -265,14 +236,13 @@ impl Agent {
             }
             None => None,
         };
-        for q in dev.queues {
-            let k = q.index();
-            let q = match &tap {
-                Some(t) => q.with_tap(t.clone()),
-                None => q,
+        for (k, port) in opened.ports.into_iter().enumerate() {
+            let port: Box<dyn Port> = match &tap {
+                Some(t) => Box::new(crate::capture::tun::Tapped::new(port, t.clone())),
+                None => port,
             };
             let setup = WorkerSetup {
-                port: Box::new(q),
+                port,
                 link: link_context(k),
                 // Separate blocks for the sending and receiving halves: no shared cache lines.
                 tx_counters: Arc::new(TxCounters::default()),
@@ -295,12 +265,20 @@ impl Agent {
                     .name(format!("ctl-{}", config.name()))
                     .spawn(move || {
                         let iface = c.interface();
-                        crate::interop::control::run(&c, &stop, counters, |p| netns::add_address(iface.netns.as_deref(), &iface.ifname, p))
+                        crate::interop::control::run(&c, &stop, counters, |p| {
+                            if iface.is_tun() {
+                                netns::add_address(iface.netns.as_deref(), &iface.ifname, p).map_err(|e| e.to_string())
+                            } else {
+                                Err("a userspace endpoint takes its addresses at start (--ipv4/--ipv6 or --wait-config), not while it runs".to_owned())
+                            }
+                        })
                     })
                     .context("spawning the ioppytest control thread")?,
             );
         }
-        agent.watch_kernel_drops(&stop_rx);
+        if config.interface().is_tun() {
+            agent.watch_kernel_drops(&stop_rx);
+        }
         agent.serve_status(claims, &stop_rx);
         agent.spawn_reports(metrics_listener, stop_rx);
         tracing::info!(
@@ -308,8 +286,7 @@ impl Agent {
             interface = %config.interface().ifname,
             netns = config.interface().netns.as_deref().unwrap_or("-"),
             queues = config.interface().queues,
-            tso = dev.offloads.tso,
-            uso = dev.offloads.uso,
+            port = %opened.summary,
             "agent up"
         );
         Ok(Some(agent))

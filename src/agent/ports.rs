@@ -1,0 +1,77 @@
+//! Opening an agent's host end: one [`Port`] per queue, of the kind its configuration
+//! names (`config::PortKind`). A TUN is created (under a temporary name when it moves to a
+//! namespace), moved and configured with `ip`; a userspace stack is built in the process
+//! with the agent's addresses and host services. The worker never learns which it got.
+//!
+//! Main thread (inside `Agent::start`), once per agent; not on the hot path.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::bail;
+
+use crate::config::{AgentConfig, PortKind};
+use crate::exit::{Exit, Failure};
+use crate::port::userspace::{EndpointConfig, Limits, PortConfig, UserspacePort};
+use crate::port::Port;
+use crate::tun::{netns, TunDevice};
+use crate::util::now_ns;
+
+/// The ports of one agent, and what to say about them.
+pub struct Opened {
+    pub ports: Vec<Box<dyn Port>>,
+    /// For the start line: `tun tso uso`, or `userspace`.
+    pub summary: String,
+}
+
+/// Opens the host end of agent `c`: its ports, configured and ready.
+pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
+    match &c.interface().kind {
+        PortKind::Tun => {
+            let dev = bring_up_interface(c)?;
+            let summary = format!("tun (tso {}, uso {})", dev.offloads.tso, dev.offloads.uso);
+            let ports = dev.queues.into_iter().map(|q| Box::new(q) as Box<dyn Port>).collect();
+            Ok(Opened { ports, summary })
+        }
+        PortKind::Userspace(services) => {
+            let now = std::time::Instant::now();
+            let limits = Limits { mtu: c.interface().mtu.min(65_535) as usize, ..Limits::default() };
+            let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
+            let mut port = UserspacePort::new(PortConfig { index: 0, seed, limits }, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+            let endpoint = EndpointConfig { name: c.name().to_owned(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
+            port.add_endpoint(endpoint, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+            Ok(Opened { ports: vec![Box::new(port)], summary: "userspace stack".into() })
+        }
+    }
+}
+
+/// A name that cannot collide: the device is created under it, then renamed in its namespace.
+fn temporary_ifname() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("tbt{:05x}{:03x}", std::process::id() & 0xf_ffff, n & 0xfff)
+}
+
+/// Creates the interface and configures it where it belongs.
+pub fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
+    let create_as = match &c.interface().netns {
+        Some(ns) => {
+            if !netns::namespace_exists(ns) {
+                bail!(netns::Error::NoNamespace(ns.clone()));
+            }
+            temporary_ifname()
+        }
+        None => {
+            if netns::interface_exists(None, &c.interface().ifname) {
+                bail!(netns::Error::Exists { name: c.interface().ifname.clone(), netns: None });
+            }
+            c.interface().ifname.clone()
+        }
+    };
+    let dev = TunDevice::create(&create_as, c.interface().queues, c.interface().offload).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+    if let Some(ns) = &c.interface().netns {
+        netns::move_into(&create_as, ns, &c.interface().ifname)?; // on error `dev` drops: interface gone
+    }
+    netns::configure(c.interface().netns.as_deref(), &c.interface().ifname, c.interface().mtu, &c.interface().addrs, c.link_local(), c.interface().router_solicitations)?;
+    Ok(dev)
+}
+
