@@ -310,7 +310,7 @@ impl Default for Ioppytest {
 /// [`AgentConfig::new`] and the `with_*` methods, each of which checks the whole.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    name: String,
+    name: crate::route::AgentName,
     bus: Bus,
     interface: Interface,
     data_path: DataPath,
@@ -323,8 +323,9 @@ impl AgentConfig {
     /// first node's user with first-claim checks.
     pub fn new(name: &str, bus: Bus, interface: Interface) -> Result<AgentConfig, ConfigError> {
         let user = bus.endpoints.first().map(Endpoint::user).unwrap_or_else(|| "guest".to_owned());
+        let name = crate::route::AgentName::new(name).map_err(|e| ConfigError(e.to_string()))?;
         let config = AgentConfig {
-            name: name.to_owned(),
+            name,
             bus,
             interface,
             data_path: DataPath::default(),
@@ -356,7 +357,6 @@ impl AgentConfig {
     }
 
     fn checked(self) -> Result<AgentConfig, ConfigError> {
-        ensure(is_valid_word(&self.name), || format!("name {:?} must be one topic word: letters, digits, '-' or '_' (no '.', '*', '#')", self.name))?;
         ensure(!self.bus.endpoints.is_empty(), || "no broker URL".into())?;
         self.bus.check()?;
         self.interface.check()?;
@@ -370,7 +370,8 @@ impl AgentConfig {
         Ok(self)
     }
 
-    pub fn name(&self) -> &str {
+    /// The agent's name: a checked topic word, so its keys exist.
+    pub fn name(&self) -> &crate::route::AgentName {
         &self.name
     }
 

@@ -297,12 +297,12 @@ async fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let mut claimants: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
     for p in &peers {
         for a in &p.hello.addresses {
-            let addr = a.split('/').next().unwrap_or(a).to_owned();
+            let addr = a.addr.to_string();
             claimants.entry(addr).or_default().insert(p.user.clone().unwrap_or_else(|| "(no user_id)".into()));
         }
     }
     let conflicts_of = |p: &tunbus::amqp::presence::Peer| -> Vec<String> {
-        p.hello.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).filter(|a| claimants.get(a).is_some_and(|u| u.len() > 1)).collect()
+        p.hello.addresses.iter().map(|a| a.addr.to_string()).filter(|a| claimants.get(a).is_some_and(|u| u.len() > 1)).collect()
     };
     if args.json {
         for p in &peers {
@@ -329,9 +329,9 @@ async fn peers(args: PeersArgs) -> anyhow::Result<()> {
             h.queues,
             p.heard.elapsed().as_millis(),
             up_s,
-            h.wire,
+            h.wire.to_string(),
             h.node.as_deref().unwrap_or("-"),
-            h.addresses.join(" "),
+            h.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             if conflicts.is_empty() { String::new() } else { format!("  CONFLICT: {} claimed by several users", conflicts.join(" ")) }
         );
     }

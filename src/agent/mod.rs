@@ -133,11 +133,11 @@ fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Fai
 /// What this agent announces on the bus.
 fn hello_of(config: &AgentConfig) -> Hello {
     Hello {
-        name: config.name().to_owned(),
+        name: config.name().clone(),
         session: config.bus().session.clone(),
-        addresses: config.interface().addrs.iter().map(ToString::to_string).chain([format!("{}/64", config.link_local())]).collect(),
+        addresses: config.interface().addrs.iter().copied().chain(crate::route::Prefix::new(config.link_local().into(), 64)).collect(),
         queues: config.interface().queues,
-        wire: config.data_path().wire.name().to_owned(),
+        wire: presence::HelloWire::of(config.data_path().wire),
         started_unix_ms: now_ns() / 1_000_000,
         interface: config.interface().ifname.clone(),
         netns: config.interface().netns.clone(),
@@ -174,7 +174,7 @@ impl Agent {
         let hello = hello_of(&config);
         // Native agents announce themselves on their queue-0 connection (no presence connection).
         let announcements = match config.data_path().wire {
-            crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello)?)),
+            crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello))),
             crate::config::Wire::Ioppytest => None,
         };
         let links: Vec<Arc<LinkState>> = (0..config.interface().queues).map(|_| Arc::new(LinkState::default())).collect();
@@ -303,8 +303,8 @@ impl Agent {
             while !stop.is_raised() {
                 match presence::discover(&config.bus().endpoints, &config.bus().exchange, Duration::from_secs(1), &stop) {
                     Ok(found) => {
-                        for peer in found.iter().filter(|p| links.peers().any(|n| n == p.hello.name)) {
-                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()).collect();
+                        for peer in found.iter().filter(|p| links.peers().any(|n| p.hello.name == n)) {
+                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().map(|p| p.addr).collect();
                             links.learn(&peer.hello.name, &addrs);
                         }
                     }
@@ -412,7 +412,7 @@ impl Agent {
                 .collect();
             peers.sort_by(|a, b| a.user.cmp(&b.user));
             crate::status::Status {
-                agent: config.name().to_owned(),
+                agent: config.name().to_string(),
                 pid: std::process::id(),
                 session: config.bus().session.clone(),
                 wire: config.data_path().wire.name().to_owned(),
@@ -435,7 +435,7 @@ impl Agent {
 
     /// Prometheus on `listener`, and the periodic stats line.
     fn spawn_reports(&mut self, listener: Option<tokio::net::TcpListener>, stop: watch::Receiver<bool>) {
-        let name = self.config.name().to_owned();
+        let name = self.config.name().to_string();
         if let Some(listener) = listener {
             let sources = crate::metrics::prometheus::Sources { agent: name.clone(), counters: self.counters.clone(), hist: self.hist.clone(), links: self.links.clone() };
             self.tasks.spawn(crate::metrics::prometheus::serve(listener, sources, stop.clone()));

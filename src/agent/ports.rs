@@ -37,7 +37,7 @@ pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
             let limits = Limits { mtu: c.interface().mtu.min(65_535) as usize, ..Limits::default() };
             let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
             let mut port = UserspacePort::new(PortConfig { index: 0, seed, limits }, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
-            let endpoint = EndpointConfig { name: c.name().to_owned(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
+            let endpoint = EndpointConfig { name: c.name().to_string(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
             port.add_endpoint(endpoint, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
             Ok(Opened { ports: vec![Box::new(port)], summary: "userspace stack".into() })
         }

@@ -25,20 +25,59 @@ pub const LISTEN_QUEUE_MAX: i32 = 100_000;
 /// The properties of presence messages.
 pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None, correlation_id: None };
 
-/// The `wire` of `agent route`'s hello: it claims the old agents' addresses on their
-/// behalf and republishes their packets (a capture leaves those copies out).
-pub const ROUTER_WIRE: &str = "router";
+/// What an announcer speaks, as its hello says (`"v1"`, `"ioppytest"`, `"router"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloWire {
+    /// The native v1 wire.
+    #[serde(rename = "v1")]
+    Native,
+    /// The Python agent's JSON wire.
+    #[serde(rename = "ioppytest")]
+    Ioppytest,
+    /// `agent route`: it claims the old agents' addresses on their behalf and republishes
+    /// their packets (a capture leaves those copies out).
+    #[serde(rename = "router")]
+    Router,
+    /// A later version's wire: heard, not spoken.
+    #[serde(other)]
+    Unknown,
+}
 
-/// What an agent says about itself.
+impl std::fmt::Display for HelloWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HelloWire::Native => "v1",
+            HelloWire::Ioppytest => "ioppytest",
+            HelloWire::Router => "router",
+            HelloWire::Unknown => "unknown",
+        })
+    }
+}
+
+impl HelloWire {
+    /// The wire an agent of `wire` announces.
+    pub fn of(wire: crate::config::Wire) -> HelloWire {
+        match wire {
+            crate::config::Wire::Native => HelloWire::Native,
+            crate::config::Wire::Ioppytest => HelloWire::Ioppytest,
+        }
+    }
+}
+
+/// What an agent says about itself. Parsed once, where it comes off the bus: a name that
+/// is not a topic word makes the whole hello invalid; an address entry that is not a
+/// prefix is left out (the rest of the hello counts).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    pub name: String,
+    pub name: crate::route::AgentName,
     #[serde(default)]
     pub session: Option<String>,
-    pub addresses: Vec<String>,
+    /// The prefixes it owns (`198.18.0.1/24`, `fe80::…/64`).
+    #[serde(with = "prefixes")]
+    pub addresses: Vec<crate::route::Prefix>,
     pub queues: usize,
-    /// Wire format spoken: "v1" (native), "ioppytest", or [`ROUTER_WIRE`].
-    pub wire: String,
+    /// Wire format spoken.
+    pub wire: HelloWire,
     pub started_unix_ms: u64,
     #[serde(default)]
     pub interface: String,
@@ -66,17 +105,16 @@ pub struct Announcements {
 }
 
 impl Announcements {
-    pub fn new(hello: &Hello) -> anyhow::Result<Announcements> {
-        let word = |k: Option<RoutingKey>| k.map(|k| k.as_str().to_owned()).ok_or_else(|| anyhow::anyhow!("agent name {:?} is not a topic word", hello.name));
+    pub fn new(hello: &Hello) -> Announcements {
         let mut a = Announcements {
-            hello_key: word(RoutingKey::hello(&hello.name))?,
+            hello_key: hello.name.hello_key().as_str().to_owned(),
             hello: Vec::new(),
-            bye_key: word(RoutingKey::bye(&hello.name))?,
+            bye_key: hello.name.bye_key().as_str().to_owned(),
             bye: Vec::new(),
             template: hello.clone(),
         };
         a.on_node(hello.node.as_deref());
-        Ok(a)
+        a
     }
 
     /// The announcing connection is (now) on `node`.
@@ -111,7 +149,7 @@ fn listener(endpoints: &[Endpoint], exchange: &str, role: &str, patterns: &[&str
 pub fn discover(endpoints: &[Endpoint], exchange: &str, wait: Duration, stop: &Stop) -> Result<Vec<Peer>, client::Error> {
     let (mut c, _q) = listener(endpoints, exchange, "tunbus peers", &[HELLO_PATTERN, BYE_PATTERN], stop)?;
     c.publish_copy(exchange, CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"agent peers"}"#)?;
-    let mut seen: BTreeMap<String, Peer> = BTreeMap::new();
+    let mut seen: BTreeMap<crate::route::AgentName, Peer> = BTreeMap::new();
     let deadline = Instant::now() + wait;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         let Some(event) = c.wait_event(left, stop.flag())? else { break };
@@ -150,4 +188,45 @@ pub fn name_answers(endpoints: &[Endpoint], exchange: &str, name: &str, wait: Du
     }
     c.close(Duration::from_millis(300));
     Ok(answered)
+}
+
+/// Hello addresses on the wire: a list of `ADDR/LEN` strings.
+mod prefixes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::route::Prefix;
+
+    pub fn serialize<S: Serializer>(prefixes: &[Prefix], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(prefixes.iter().map(ToString::to_string))
+    }
+
+    /// Entries that are not prefixes are left out: one bad entry does not silence an agent.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Prefix>, D::Error> {
+        let texts = Vec::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(texts.iter().filter_map(|t| t.parse().ok()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellos_are_typed_where_they_come_in() {
+        let body = br#"{"name":"h1","addresses":["198.18.0.1/24","nonsense","fe80::1/64"],"queues":2,"wire":"v1","started_unix_ms":1}"#;
+        let h: Hello = serde_json::from_slice(body).expect("a valid hello");
+        assert_eq!(h.name, "h1");
+        assert_eq!(h.addresses, ["198.18.0.1/24".parse().unwrap(), "fe80::1/64".parse().unwrap()]);
+        assert_eq!(h.wire, HelloWire::Native);
+        let again: Hello = serde_json::from_slice(&serde_json::to_vec(&h).expect("serialises")).expect("parses back");
+        assert_eq!(again, h);
+        // A later version's wire is heard; a name that makes no key is refused.
+        let later = br#"{"name":"h2","addresses":[],"queues":1,"wire":"v2","started_unix_ms":1}"#;
+        assert_eq!(serde_json::from_slice::<Hello>(later).expect("parses").wire, HelloWire::Unknown);
+        let bad = br#"{"name":"h.2","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1}"#;
+        assert!(serde_json::from_slice::<Hello>(bad).is_err());
+        let a = Announcements::new(&h);
+        assert_eq!(a.hello_key, "tunbus.v1.ctl.hello.h1");
+        assert!(String::from_utf8_lossy(&a.hello).contains(r#""addresses":["198.18.0.1/24","fe80::1/64"]"#));
+    }
 }

@@ -31,7 +31,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::IpAddr;
 
-use crate::amqp::presence::ROUTER_WIRE;
+use crate::amqp::presence::{Hello, HelloWire};
 use crate::codec::ioppytest::{self, addressing::OldAddressing};
 use crate::codec::segment::Segmenter;
 use crate::codec::v1;
@@ -188,18 +188,6 @@ pub struct Merge {
     recent_json: Recent,
 }
 
-/// What `tunbus.v1.ctl.hello.*` bodies carry that the capture needs.
-#[derive(serde::Deserialize)]
-struct Hello {
-    name: String,
-    addresses: Vec<String>,
-    #[serde(default)]
-    leaving: bool,
-    /// [`ROUTER_WIRE`] for `agent route`, which claims the old agents' addresses on their behalf.
-    #[serde(default)]
-    wire: String,
-}
-
 impl Merge {
     pub fn new(filter: Filter) -> Merge {
         Merge {
@@ -326,30 +314,22 @@ impl Merge {
         if hello.leaving {
             return; // its packets in flight are still its own
         }
-        let addrs: Vec<(IpAddr, u8)> = hello
-            .addresses
-            .iter()
-            .filter_map(|a| {
-                let (ip, len) = a.split_once('/').unwrap_or((a, ""));
-                let ip: IpAddr = ip.parse().ok()?;
-                Some((ip, len.parse().unwrap_or(if ip.is_ipv4() { 32 } else { 128 })))
-            })
-            .collect();
+        let addrs: Vec<(IpAddr, u8)> = hello.addresses.iter().map(|p| (p.addr, p.len)).collect();
         for (ip, _) in &addrs {
-            if hello.wire == ROUTER_WIRE {
-                self.owners.entry(*ip).or_insert_with(|| hello.name.clone()); // an old agent's own say wins
+            if hello.wire == HelloWire::Router {
+                self.owners.entry(*ip).or_insert_with(|| hello.name.to_string()); // an old agent's own say wins
             } else {
-                self.owners.insert(*ip, hello.name.clone());
+                self.owners.insert(*ip, hello.name.to_string());
             }
         }
         if let Some(u) = user_id {
-            let name = Some(hello.name.clone());
+            let name = Some(hello.name.to_string());
             let entry = self.users.entry(u.to_owned()).or_insert_with(|| name.clone());
             if *entry != name {
                 *entry = None;
             }
         }
-        let entry = self.agents.entry(hello.name).or_default();
+        let entry = self.agents.entry(hello.name.into()).or_default();
         entry.addrs = addrs;
         entry.user = user_id.map(str::to_owned);
     }

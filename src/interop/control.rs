@@ -74,7 +74,7 @@ fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], 
 /// Announces readiness and waits for the first `ip.tun.start` that carries addresses.
 /// `Ok(None)` when stopped first.
 pub fn wait_for_start(config: &AgentConfig, stop: &Stop) -> Result<Option<OldAddressing>, client::Error> {
-    let (exchange, name) = (config.bus().exchange.as_str(), config.name());
+    let (exchange, name) = (config.bus().exchange.as_str(), config.name().as_str());
     let mut c = match open(config, client::Retry::OncePerNode, stop) {
         Ok(c) => c,
         Err(client::Error::Stopped) => return Ok(None),
@@ -127,7 +127,7 @@ fn serve<E: Display>(
     add_address: &mut impl FnMut(&Prefix) -> Result<(), E>,
     stop: &Stop,
 ) -> Result<(), client::Error> {
-    let (exchange, name) = (config.bus().exchange.as_str(), config.name());
+    let (exchange, name) = (config.bus().exchange.as_str(), config.name().as_str());
     let c = &mut *c;
     let started_key = ioppytest::routing_key_tun_started(name);
     announce_ready(c, exchange, name)?;

@@ -152,7 +152,7 @@ impl Lab {
                 break;
             }
             if Instant::now() > deadline {
-                let down: Vec<_> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name().to_owned()).collect();
+                let down: Vec<String> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name().to_string()).collect();
                 bail!("{} host(s) could not reach the broker within 60 s: {}", down.len(), down.join(" "));
             }
             if *stop.borrow() {

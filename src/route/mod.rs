@@ -18,9 +18,11 @@
 //! every run agree on it.
 
 pub mod key;
+pub mod name;
 pub mod packet;
 pub mod peers;
 
 pub use crate::packet::Prefix;
 pub use key::*;
+pub use name::{AgentName, NameError};
 pub use packet::*;

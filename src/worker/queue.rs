@@ -20,7 +20,7 @@
 //! and the worker keeps draining the TUN while it reconnects with backoff. No allocation,
 //! lock or syscall per packet besides the `read` itself.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,6 @@ use crate::identity::claims::Claims;
 use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
 use crate::route::peers::PeerQueues;
-use crate::route::RoutingKey;
 use crate::port::Port;
 use crate::sys::{self, Interest};
 use crate::util::{now_ns, Stop};
@@ -96,8 +95,7 @@ impl QueueWorker {
         let WorkerSetup { port, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected, shaper } = setup;
         let config = link.config.clone();
         let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
-        // invariant: the agent refuses a name that is not a topic word before it builds workers
-        let flood_key = RoutingKey::all(config.name()).unwrap_or_else(|| RoutingKey::unicast(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        let flood_key = config.name().flood_key();
         let own_v4 = config
             .interface().addrs
             .iter()

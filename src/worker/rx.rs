@@ -24,7 +24,7 @@ use crate::amqp::session::Delivery;
 use crate::amqp::AckBatcher;
 use crate::codec::vnet::{self, VnetHdr};
 use crate::codec::{ioppytest, v1};
-use crate::config::{AgentConfig, Prefix};
+use crate::config::AgentConfig;
 use crate::identity::claims::{Claims, MAX_PER_HELLO};
 use crate::identity::{self, Verdict};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
@@ -304,7 +304,7 @@ impl ClaimKeeper {
         };
         let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
         let Ok(mut claims) = self.claims.lock() else { return };
-        let addrs: Vec<IpAddr> = hello.addresses.iter().take(MAX_PER_HELLO).filter_map(|a| a.parse::<Prefix>().ok()).map(|p| p.addr).collect();
+        let addrs: Vec<IpAddr> = hello.addresses.iter().take(MAX_PER_HELLO).map(|p| p.addr).collect();
         let changed = if hello.leaving {
             claims.on_bye(&user, &addrs)
         } else {

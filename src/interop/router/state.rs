@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::RouterCounters;
-use crate::amqp::presence::{Hello, ROUTER_WIRE};
+use crate::amqp::presence::{Hello, HelloWire};
 use crate::codec::ioppytest::addressing::OldAddressing;
 use crate::codec::ioppytest::{self, TunStarted};
 use crate::codec::v1::{self, BatchWriter};
@@ -96,14 +96,15 @@ impl Router {
     /// The router's hello (or bye): it claims the old agents' addresses, for which it
     /// publishes bridged batches, so native receivers accept them from its broker user.
     pub fn hello(&self, node: &str, leaving: bool) -> Hello {
-        let mut addresses: Vec<String> = self.owner.keys().map(|a| format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 })).collect();
-        addresses.sort();
+        let mut addresses: Vec<route::Prefix> = self.owner.keys().filter_map(|a| route::Prefix::new(*a, if a.is_ipv4() { 32 } else { 128 })).collect();
+        addresses.sort_by_key(ToString::to_string);
         Hello {
-            name: ROUTER_SENDER.to_owned(),
+            // invariant: the router's name is a constant topic word
+            name: route::AgentName::new(ROUTER_SENDER).unwrap_or_else(|_| unreachable!("{ROUTER_SENDER} is a topic word")),
             session: None,
             addresses,
             queues: 1,
-            wire: ROUTER_WIRE.to_owned(),
+            wire: HelloWire::Router,
             started_unix_ms: 0,
             interface: String::new(),
             netns: None,
@@ -140,7 +141,7 @@ impl Router {
     /// A native agent's hello or bye (published by broker user `user`): what it claims.
     fn note_native(&mut self, user: Option<&str>, leaving: bool, body: &[u8], now: Instant) {
         let (Some(user), Ok(hello)) = (user, serde_json::from_slice::<Hello>(body)) else { return };
-        let addrs: Vec<IpAddr> = hello.addresses.iter().filter_map(|a| a.parse::<route::Prefix>().ok()).map(|p| p.addr).collect();
+        let addrs: Vec<IpAddr> = hello.addresses.iter().map(|p| p.addr).collect();
         if leaving || hello.leaving {
             self.native.on_bye(user, &addrs);
         } else {
@@ -349,7 +350,7 @@ mod tests {
         let a = deliver(&mut r, "fromAgent.agent_2.ip.tun.started", None, &started("10.2.0.2"));
         assert_eq!(a, [Action::Bind(route::unicast_pattern("10.2.0.2".parse().unwrap())), Action::Announce]);
         assert!(r.bindings().contains(&route::unicast_pattern("10.2.0.2".parse().unwrap())));
-        assert_eq!(r.hello("n", false).addresses, ["10.2.0.2/32"]);
+        assert_eq!(r.hello("n", false).addresses, ["10.2.0.2/32".parse::<route::Prefix>().unwrap()]);
         // Learning the same again binds nothing new.
         assert!(deliver(&mut r, "fromAgent.agent_2.ip.tun.started", None, &started("10.2.0.2")).is_empty());
         assert_eq!(r.counters.agents_learned, 1);
