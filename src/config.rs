@@ -167,8 +167,10 @@ pub enum PortKind {
     #[default]
     Tun,
     /// A userspace TCP/IP stack inside the agent (no privileges, any OS): its addresses
-    /// answer pings, and these host services reach the bus.
-    Userspace(crate::port::userspace::Services),
+    /// answer pings, and these host services reach the bus. `endpoints`: more endpoints
+    /// the same port hosts (`agent lab --userspace`: one worker, many hosts), each with its
+    /// own name and addresses, all bound on this agent's queue.
+    Userspace { services: crate::port::userspace::Services, endpoints: Vec<crate::port::userspace::EndpointConfig> },
 }
 
 /// The host end: its kind, name, namespace, queues, addresses and offloads.
@@ -216,7 +218,7 @@ impl Interface {
         if let Some(ll) = self.link_local {
             ensure(ll.segments()[0] & 0xffc0 == 0xfe80, || format!("link-local address {ll} is not in fe80::/10"))?;
         }
-        if let PortKind::Userspace(_) = self.kind {
+        if let PortKind::Userspace { .. } = self.kind {
             // One endpoint is one stack: every flow to it must reach the one worker that holds it.
             ensure(self.queues == 1, || format!("a userspace endpoint has one queue, not {}", self.queues))?;
             ensure(self.netns.is_none(), || "a userspace endpoint has no interface to move into a namespace (drop --netns)".into())?;
@@ -406,9 +408,34 @@ impl AgentConfig {
 
     /// Every address this agent owns (and binds): configured ones and the link-local.
     pub fn owned_addresses(&self) -> Vec<IpAddr> {
-        let mut all: Vec<IpAddr> = self.interface.addrs.iter().map(|p| p.addr).collect();
-        all.push(IpAddr::V6(self.link_local()));
+        self.owned_prefixes().into_iter().map(|p| p.addr).collect()
+    }
+
+    /// [`AgentConfig::owned_addresses`] with their prefix lengths (link-locals as /64), as
+    /// hellos announce them: also those of the endpoints a userspace port hosts for others.
+    pub fn owned_prefixes(&self) -> Vec<Prefix> {
+        let link = |a: Ipv6Addr| Prefix::new(IpAddr::V6(a), 64);
+        let mut all: Vec<Prefix> = Vec::new();
+        if self.hosts_own_endpoint() {
+            all.extend(self.interface.addrs.iter().copied());
+            all.extend(link(self.link_local()));
+        }
+        if let PortKind::Userspace { endpoints, .. } = &self.interface.kind {
+            for e in endpoints {
+                all.extend(e.addrs.iter().copied());
+                all.extend(link(e.link_local));
+            }
+        }
         all
+    }
+
+    /// Whether the agent is an endpoint itself (always, except a userspace worker of a lab
+    /// that only hosts other endpoints).
+    pub fn hosts_own_endpoint(&self) -> bool {
+        match &self.interface.kind {
+            PortKind::Userspace { endpoints, .. } => endpoints.is_empty() || !self.interface.addrs.is_empty(),
+            _ => true,
+        }
     }
 
     /// `tunbus[.<session>].<name>.<k>`: the queue that feeds TUN queue k.

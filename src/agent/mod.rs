@@ -74,6 +74,8 @@ pub struct Agent {
     started: Instant,
     /// `--pcap`: the writer thread, which ends once the last TUN queue is gone.
     pcap: Option<JoinHandle<crate::capture::tun::Written>>,
+    /// A userspace port's handle for pings from other threads (the lab's checks).
+    pinger: Option<crate::port::userspace::Pinger>,
 }
 
 /// Opens link 0 before anything is created on this host: what the broker refuses ends the
@@ -135,7 +137,7 @@ fn hello_of(config: &AgentConfig) -> Hello {
     Hello {
         name: config.name().clone(),
         session: config.bus().session.clone(),
-        addresses: config.interface().addrs.iter().copied().chain(crate::route::Prefix::new(config.link_local().into(), 64)).collect(),
+        addresses: config.owned_prefixes(),
         queues: config.interface().queues,
         wire: presence::HelloWire::of(config.data_path().wire),
         started_unix_ms: now_ns() / 1_000_000,
@@ -216,6 +218,7 @@ impl Agent {
             links: links.clone(),
             started: Instant::now(),
             pcap: None,
+            pinger: opened.pinger.clone(),
         };
         // Fault injection for the test that a dead worker is never silent (read once).
         let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
@@ -457,6 +460,11 @@ impl Agent {
             return None;
         }
         self.workers.iter().position(JoinHandle::is_finished).map(|k| format!("queue worker {k} of agent {} died; see the log above", self.config.name()))
+    }
+
+    /// The handle with which the lab has a userspace agent's endpoints ping.
+    pub fn pinger(&self) -> Option<&crate::port::userspace::Pinger> {
+        self.pinger.as_ref()
     }
 
     /// Whether every link is connected to the broker (queues declared and bound).

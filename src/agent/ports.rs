@@ -21,6 +21,8 @@ pub struct Opened {
     pub ports: Vec<Box<dyn Port>>,
     /// For the start line: `tun tso uso`, or `userspace`.
     pub summary: String,
+    /// A userspace port's handle for pings from other threads (the lab's checks).
+    pub pinger: Option<crate::port::userspace::Pinger>,
 }
 
 /// Opens the host end of agent `c`: its ports, configured and ready.
@@ -30,16 +32,23 @@ pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
             let dev = bring_up_interface(c)?;
             let summary = format!("tun (tso {}, uso {})", dev.offloads.tso, dev.offloads.uso);
             let ports = dev.queues.into_iter().map(|q| Box::new(q) as Box<dyn Port>).collect();
-            Ok(Opened { ports, summary })
+            Ok(Opened { ports, summary, pinger: None })
         }
-        PortKind::Userspace(services) => {
+        PortKind::Userspace { services, endpoints } => {
             let now = std::time::Instant::now();
             let limits = Limits { mtu: c.interface().mtu.min(65_535) as usize, ..Limits::default() };
             let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
             let mut port = UserspacePort::new(PortConfig { index: 0, seed, limits }, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
-            let endpoint = EndpointConfig { name: c.name().to_string(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
-            port.add_endpoint(endpoint, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
-            Ok(Opened { ports: vec![Box::new(port)], summary: "userspace stack".into() })
+            if c.hosts_own_endpoint() {
+                let own = EndpointConfig { name: c.name().to_string(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
+                port.add_endpoint(own, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+            }
+            for e in endpoints {
+                port.add_endpoint(e.clone(), now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+            }
+            let pinger = port.pinger().map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+            let summary = format!("userspace stack, {} endpoint(s)", port.endpoint_count());
+            Ok(Opened { ports: vec![Box::new(port)], summary, pinger: Some(pinger) })
         }
     }
 }

@@ -34,6 +34,8 @@ pub const FIRST_ATTEMPT: Duration = Duration::from_secs(5);
 /// Deadline of an attempt after the connection was up: a path that black-holes the
 /// handshake costs at most this once it heals.
 pub const LATER_ATTEMPT: Duration = Duration::from_secs(3);
+/// Bindings sent without waiting before one synchronous method confirms them.
+pub const BINDS_PER_ROUND_TRIP: usize = 64;
 /// How long a closing connection waits for the broker's `close-ok`.
 pub const CLOSE_WAIT: Duration = Duration::from_millis(300);
 
@@ -149,6 +151,10 @@ enum Step {
     ExchangeCheck,
     ExchangeDeclare,
     QueueDeclare,
+    /// Bindings from this index on: up to [`BINDS_PER_ROUND_TRIP`] sent without waiting
+    /// (`nowait`), then a passive declare of the queue whose answer confirms them (a refusal
+    /// closes the channel instead). Thousands of bindings cost a few round trips, and each
+    /// answer renews the attempt's deadline, so a busy broker is not taken for a dead one.
     Bind(usize),
     Qos,
     Consume,
@@ -359,7 +365,11 @@ impl Connection {
                 }
                 Ok(Handled { consumed, event: None })
             }
-            State::SettingUp { deadline, step } => {
+            State::SettingUp { step, .. } => {
+                // Each answer renews the attempt's deadline: a broker that answers slowly but
+                // steadily (thousands of bindings) is not a dead one; a silent one still
+                // fails at the first deadline.
+                let deadline = now + self.attempt_timeout();
                 let broker = self.nodes.get(self.node).map_or("", |n| n.broker.as_str());
                 let Some(session) = &mut self.session else { return Ok(Handled { consumed: 0, event: None }) };
                 let handshaking = step == Step::Handshake;
@@ -408,7 +418,7 @@ impl Connection {
             Step::Handshake if exchange => Some(if self.declare_exchange { Step::ExchangeDeclare } else { Step::ExchangeCheck }),
             Step::Handshake | Step::ExchangeCheck | Step::ExchangeDeclare => q.map(|_| Step::QueueDeclare),
             Step::QueueDeclare => Some(Step::Bind(0)),
-            Step::Bind(i) if q.is_some_and(|q| i + 1 < q.bindings.len()) => Some(Step::Bind(i + 1)),
+            Step::Bind(i) if q.is_some_and(|q| i + BINDS_PER_ROUND_TRIP < q.bindings.len()) => Some(Step::Bind(i + BINDS_PER_ROUND_TRIP)),
             Step::Bind(_) => Some(Step::Qos),
             Step::Qos => Some(Step::Consume),
             Step::Consume => None,
@@ -435,8 +445,11 @@ impl Connection {
                 session.queue_declare(&q.name, q.options, &args);
             }
             Step::Bind(i) => {
-                let Some(key) = q.and_then(|q| q.bindings.get(i)) else { return false };
-                session.queue_bind(&self.queue, &plan.exchange, key);
+                let Some(keys) = q.and_then(|q| q.bindings.get(i..)).filter(|k| !k.is_empty()) else { return false };
+                for key in keys.iter().take(BINDS_PER_ROUND_TRIP) {
+                    session.queue_bind_nowait(&self.queue, &plan.exchange, key);
+                }
+                session.queue_check(&self.queue);
             }
             Step::Qos => {
                 let Some(p) = q.and_then(|q| q.prefetch) else { return false };
@@ -679,11 +692,12 @@ mod tests {
         got_header: bool,
         asked: Vec<(u16, u16)>,
         exchange_declared: bool,
+        refused: bool,
     }
 
     impl Broker {
         fn new(behaviour: Behaviour) -> Broker {
-            Broker { behaviour, inbox: Vec::new(), to_client: Vec::new(), got_header: false, asked: Vec::new(), exchange_declared: false }
+            Broker { behaviour, inbox: Vec::new(), to_client: Vec::new(), got_header: false, asked: Vec::new(), exchange_declared: false, refused: false }
         }
 
         fn method(&mut self, channel: u16, id: (u16, u16), args: impl FnOnce(&mut Writer)) {
@@ -724,6 +738,9 @@ mod tests {
                 }
                 let (m, args) = wire::method_of(&payload).expect("valid method");
                 self.asked.push(m);
+                if self.refused && m.0 != 10 {
+                    continue; // channel 1 is closed: RabbitMQ ignores what follows until close-ok
+                }
                 match m {
                     method::CONNECTION_START_OK => self.method(0, method::CONNECTION_TUNE, |w| {
                         w.short(2047).long(131_072).short(HEARTBEAT);
@@ -757,9 +774,16 @@ mod tests {
                         });
                     }
                     method::QUEUE_BIND => {
+                        let mut a = args;
+                        let _ = (a.short(), a.shortstr(), a.shortstr(), a.shortstr());
+                        let nowait = a.bit().unwrap_or(false);
                         if self.behaviour == Behaviour::RefusesBind {
-                            self.channel_close(403, "ACCESS_REFUSED - no write access", m);
-                        } else {
+                            // Further methods on the closed channel are ignored, as RabbitMQ does.
+                            if !self.refused {
+                                self.channel_close(403, "ACCESS_REFUSED - no write access", m);
+                                self.refused = true;
+                            }
+                        } else if !nowait {
                             self.method(1, method::QUEUE_BIND_OK, |_| {});
                         }
                     }
@@ -906,6 +930,7 @@ mod tests {
                 method::QUEUE_DECLARE,
                 method::QUEUE_BIND,
                 method::QUEUE_BIND,
+                method::QUEUE_DECLARE, // passive: confirms the bindings sent without waiting
                 method::BASIC_QOS,
                 method::BASIC_CONSUME
             ]
@@ -928,6 +953,23 @@ mod tests {
         p.drive();
         assert!(p.conn.is_up());
         assert_eq!(p.conn.queue(), "amq.gen-xyz");
+    }
+
+    #[test]
+    fn bindings_go_without_waiting_and_a_passive_declare_confirms_each_round() {
+        let mut p = Pair::new(&[Behaviour::Normal], Retry::OncePerNode);
+        if let Some(q) = &mut p.conn.plan.queue {
+            q.prefetch = None;
+            q.consume = None;
+            q.bindings = (0..500).map(|i| format!("tunbus.v1.198-18-1-{i}.*")).collect();
+        }
+        p.drive();
+        assert!(p.conn.is_up());
+        let asked = &p.brokers[0].asked;
+        assert_eq!(asked.iter().filter(|m| **m == method::QUEUE_BIND).count(), 500);
+        // declare, then 8 rounds of up to 64 binds and a passive declare: 9 round trips, not 501.
+        assert_eq!(asked.iter().filter(|m| **m == method::QUEUE_DECLARE).count(), 9);
+        assert_eq!(asked.last(), Some(&method::QUEUE_DECLARE));
     }
 
     #[test]

@@ -627,6 +627,20 @@ impl Session {
         });
     }
 
+    /// `queue.bind` with `nowait`: no answer comes (a refusal closes the channel, which the
+    /// next synchronous method's answer then reports). Many bindings cost one round trip.
+    pub fn queue_bind_nowait(&mut self, queue: &str, exchange: &str, key: &str) {
+        self.queue_method(CHANNEL, method::QUEUE_BIND, |w| {
+            w.short(0).shortstr(queue.as_bytes()).shortstr(exchange.as_bytes()).shortstr(key.as_bytes()).bit(true).table(&[]);
+        });
+    }
+
+    /// `queue.declare` with `passive`: whether the queue exists (a barrier after methods sent
+    /// without waiting: its answer comes after theirs).
+    pub fn queue_check(&mut self, name: &str) {
+        self.queue_declare(name, QueueOptions { passive: true, ..QueueOptions::default() }, &[]);
+    }
+
     pub fn queue_delete(&mut self, queue: &str) {
         self.ask(method::QUEUE_DELETE, |w| {
             w.short(0).shortstr(queue.as_bytes()).bit(false).bit(false).bit(false);

@@ -282,7 +282,7 @@ impl ConnectArgs {
         let bus = Bus { heartbeat, session: self.bus.session, exchange, prefetch: self.prefetch, queue_max_bytes: self.queue_max_bytes, ..Bus::new(endpoints) };
         let kind = if self.userspace {
             let services = crate::port::userspace::Services { forwards: self.forward, exposes: self.expose, socks5: self.socks5 };
-            config::PortKind::Userspace(services)
+            config::PortKind::Userspace { services, endpoints: Vec::new() }
         } else {
             config::PortKind::Tun
         };

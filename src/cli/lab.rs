@@ -18,10 +18,16 @@ pub const DEFAULT_LAB_HOSTS: u32 = 4;
 
 #[derive(Debug, Args)]
 pub struct LabArgs {
-    /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>) [default: 4, or
-    /// the topology's `hosts:`].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4000))]
+    /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>; with --userspace,
+    /// endpoints h1 … hN) [default: 4, or the topology's `hosts:`; at most 4000, 20000 with
+    /// --userspace].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=20_000))]
     pub hosts: Option<u32>,
+    /// Hosts are endpoints of userspace TCP/IP stacks inside this process: no namespaces,
+    /// no kernel interfaces, at most 64 broker connections however many hosts (about 160
+    /// endpoints per connection). Checked with the stacks' own pings.
+    #[arg(long, conflicts_with_all = ["topology", "secure", "queues"])]
+    pub userspace: bool,
     /// TUN queues per host.
     #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
     pub queues: u16,
@@ -109,6 +115,7 @@ impl LabArgs {
             brokers: usize::from(self.brokers),
             secure: self.secure,
             mtu: self.mtu,
+            userspace: self.userspace,
         })
     }
 }

@@ -62,7 +62,7 @@ impl Lab {
         if let Some(endpoints) = &self.opts.endpoints {
             return Ok(endpoints.clone());
         }
-        let connections = self.opts.hosts * self.opts.queues;
+        let connections = if self.opts.userspace { super::userspace::workers_for(self.opts.hosts) } else { self.opts.hosts * self.opts.queues };
         if self.opts.brokers <= 1 && !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
             match broker::local_capacity() {
                 Some(cap) if !cap.holds(connections) => tracing::warn!(

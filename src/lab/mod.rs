@@ -23,6 +23,7 @@ pub mod progress;
 mod report;
 mod state;
 pub mod topology;
+pub mod userspace;
 
 pub use report::{LabReport, LinkReport};
 pub use state::{cleanup_all, cleanup_session, STATE_DIR};
@@ -65,6 +66,9 @@ pub struct LabOptions {
     pub secure: bool,
     /// `--topology`: which hosts are linked, with what emulation (`None`: all, plain).
     pub topology: Option<topology::LabTopology>,
+    /// `--userspace`: hosts are endpoints of userspace stacks, many per worker (no
+    /// namespaces, at most 64 broker connections).
+    pub userspace: bool,
 }
 
 /// Everything the lab created, torn down in `teardown` (and, for namespaces and the
@@ -84,11 +88,13 @@ struct Lab {
 
 /// Runs a lab until it is checked (or, with `keep`, until `stop`), then tears it down.
 pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: Stop) -> anyhow::Result<LabReport> {
-    if opts.hosts < 2 || opts.hosts > plan::MAX_HOSTS {
-        bail!("--hosts must be between 2 and {}", plan::MAX_HOSTS);
+    let most = if opts.userspace { userspace::MAX_HOSTS } else { plan::MAX_HOSTS };
+    if opts.hosts < 2 || opts.hosts > most {
+        bail!("--hosts must be between 2 and {most}{}", if opts.userspace { "" } else { " (--userspace goes to 20000)" });
     }
-    // Per queue of each host: a TUN queue and a socket; then namespaces, pipes, slack.
-    let fds = (opts.hosts * opts.queues * 2 + opts.hosts + 256) as u64;
+    // Per queue of each host: a TUN queue and a socket; then namespaces, pipes, slack. A
+    // userspace lab: a socket and a poller per worker.
+    let fds = if opts.userspace { (userspace::workers_for(opts.hosts) * 4 + 256) as u64 } else { (opts.hosts * opts.queues * 2 + opts.hosts + 256) as u64 };
     let got = crate::sys::raise_fd_limit(fds).context("raising the open-files limit")?;
     if got < fds {
         bail!(
@@ -129,6 +135,9 @@ impl Lab {
             self.provision(state)?;
         }
         let t0 = Instant::now();
+        if self.opts.userspace {
+            return self.up_and_check_userspace(report, t0, stop).await;
+        }
         self.create_namespaces()?;
         let mut progress = progress::Progress::new("hosts started", self.hosts.len(), t0);
         for host in self.hosts.clone() {
@@ -143,24 +152,7 @@ impl Lab {
             progress.update(self.agents.len());
         }
         progress.finish();
-        let mut progress = progress::Progress::new("hosts connected", self.agents.len(), t0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let connected = self.agents.iter().filter(|a| a.connected()).count();
-            progress.update(connected);
-            if connected == self.agents.len() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let down: Vec<String> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name().to_string()).collect();
-                bail!("{} host(s) could not reach the broker within 60 s: {}", down.len(), down.join(" "));
-            }
-            if *stop.borrow() {
-                bail!("interrupted during bring-up");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        progress.finish();
+        self.wait_connected(t0, stop).await?;
         report.bring_up_s = t0.elapsed().as_secs_f64();
         let n = self.endpoints.len().max(1);
         report.nodes = self.endpoints.iter().enumerate().map(|(i, e)| (e.url.authority(), (0..self.hosts.len()).filter(|h| h % n == i).count())).collect();
@@ -183,11 +175,70 @@ impl Lab {
         Ok(report)
     }
 
+    /// `--userspace`: workers hosting endpoints instead of namespaces with agents.
+    async fn up_and_check_userspace(&mut self, mut report: LabReport, t0: Instant, stop: &mut watch::Receiver<bool>) -> anyhow::Result<LabReport> {
+        let workers = userspace::workers_for(self.hosts.len());
+        let mut progress = progress::Progress::new("workers started", workers, t0);
+        for w in 0..workers {
+            if *stop.borrow() {
+                bail!("interrupted during bring-up");
+            }
+            let config = self.userspace_config(w, workers).with_context(|| format!("configuring userspace worker {}", w + 1))?;
+            let Some(agent) = Agent::start(config, &self.interrupt).await.with_context(|| format!("starting userspace worker {}", w + 1))? else {
+                bail!("interrupted during bring-up");
+            };
+            self.agents.push(agent);
+            progress.update(self.agents.len());
+        }
+        progress.finish();
+        self.wait_connected(t0, stop).await?;
+        report.bring_up_s = t0.elapsed().as_secs_f64();
+        report.hosts_up = self.hosts.len();
+        report.queues = 1;
+        report.nodes = self.endpoints.iter().map(|e| (e.url.authority(), self.hosts.len() / self.endpoints.len().max(1))).collect();
+        tracing::info!(hosts = report.hosts_up, workers, seconds = report.bring_up_s, "userspace lab up");
+        self.check_userspace_pairs(workers, &mut report).await;
+        report.throughput_note = format!("no iperf3 sample in a userspace lab ({workers} broker connections for {} endpoints)", self.hosts.len());
+        report.rss_mib = rss_mib();
+        report.rss_per_agent_mib = report.rss_mib / self.hosts.len().max(1) as f64;
+        report.ok = report.failures.is_empty();
+        if self.opts.keep {
+            println!("{report}");
+            self.live_status(stop).await;
+        }
+        Ok(report)
+    }
+
+    /// Waits up to 60 s for every agent's links to be up.
+    async fn wait_connected(&self, t0: Instant, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut progress = progress::Progress::new("hosts connected", self.agents.len(), t0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let connected = self.agents.iter().filter(|a| a.connected()).count();
+            progress.update(connected);
+            if connected == self.agents.len() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let down: Vec<String> = self.agents.iter().filter(|a| !a.connected()).map(|a| a.config().name().to_string()).collect();
+                bail!("{} host(s) could not reach the broker within 60 s: {}", down.len(), down.join(" "));
+            }
+            if *stop.borrow() {
+                bail!("interrupted during bring-up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        progress.finish();
+        Ok(())
+    }
+
     async fn teardown(&mut self) {
         let agents = std::mem::take(&mut self.agents);
         let _ = futures_util::future::join_all(agents.into_iter().map(Agent::shutdown)).await;
-        let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
-        delete_namespaces(&names);
+        if !self.opts.userspace {
+            let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
+            delete_namespaces(&names);
+        }
         if !self.private.is_empty() {
             for b in std::mem::take(&mut self.private) {
                 b.stop();

@@ -38,6 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketSet};
@@ -160,6 +161,11 @@ pub struct EndpointId(u32);
 impl EndpointId {
     pub fn index(self) -> usize {
         self.0 as usize
+    }
+
+    /// The endpoint added `index`-th to its port (they are numbered in order from 0).
+    pub fn from_index(index: usize) -> Option<EndpointId> {
+        u32::try_from(index).ok().filter(|&i| i < GROUP).map(EndpointId)
     }
 }
 
@@ -355,7 +361,42 @@ pub struct UserspacePort {
     pings: VecDeque<PingReply>,
     last_read: Option<EndpointId>,
     counters: Counters,
+    /// Pings asked for from other threads ([`Pinger`]), when someone holds a handle.
+    pinger: Option<Arc<Mutex<PingBook>>>,
 }
+
+/// Pings asked for from another thread and the replies they got.
+#[derive(Default)]
+struct PingBook {
+    asks: Vec<(EndpointId, IpAddr, u16)>,
+    replies: Vec<PingReply>,
+}
+
+/// A handle with which another thread (the lab's checks) has the port's endpoints ping;
+/// the port sends them on its next `poll` (the handle wakes its worker).
+#[derive(Clone)]
+pub struct Pinger {
+    book: Arc<Mutex<PingBook>>,
+    waker: Arc<mio::Waker>,
+}
+
+impl Pinger {
+    /// Endpoint `from` pings `dst` with sequence number `seq`.
+    pub fn ask(&self, from: EndpointId, dst: IpAddr, seq: u16) {
+        if let Ok(mut b) = self.book.lock() {
+            b.asks.push((from, dst, seq));
+        }
+        let _ = self.waker.wake();
+    }
+
+    /// The replies received since the last call.
+    pub fn replies(&self) -> Vec<PingReply> {
+        self.book.lock().map(|mut b| std::mem::take(&mut b.replies)).unwrap_or_default()
+    }
+}
+
+/// The token of the [`Pinger`]'s waker (no endpoint has it).
+const WAKER: mio::Token = mio::Token(usize::MAX);
 
 /// smoltcp's time: microseconds since the port's epoch.
 fn stamp(epoch: Instant, t: Instant) -> smoltcp::time::Instant {
@@ -393,7 +434,25 @@ impl UserspacePort {
             pings: VecDeque::new(),
             last_read: None,
             counters: Counters::default(),
+            pinger: None,
         })
+    }
+
+    /// A handle for other threads to have endpoints ping (see [`Pinger`]).
+    pub fn pinger(&mut self) -> Result<Pinger, Error> {
+        let book = self.pinger.get_or_insert_with(Default::default).clone();
+        let waker = mio::Waker::new(self.poll.registry(), WAKER).map_err(Error::Poller)?;
+        Ok(Pinger { book, waker: Arc::new(waker) })
+    }
+
+    /// Sends the pings other threads asked for; hands them the replies.
+    fn serve_pinger(&mut self, now: Instant) {
+        let Some(book) = self.pinger.clone() else { return };
+        let Ok(mut b) = book.lock() else { return };
+        for (from, dst, seq) in std::mem::take(&mut b.asks) {
+            let _ = self.ping(from, dst, seq, now);
+        }
+        b.replies.extend(self.pings.drain(..));
     }
 
     /// Adds an endpoint: its stack with its addresses (and default routes through them),
@@ -626,7 +685,7 @@ impl UserspacePort {
 
     /// Readiness of host sockets: flags set on their owners, owners marked for service.
     fn host_events(&mut self) {
-        if self.active.is_empty() {
+        if self.active.is_empty() && self.pinger.is_none() {
             return;
         }
         for _ in 0..4 {
@@ -933,6 +992,7 @@ impl Port for UserspacePort {
         self.now = now;
         self.host_events();
         self.deliver(now);
+        self.serve_pinger(now);
         for k in 0..self.active.len() {
             let i = self.active[k];
             let e = &mut self.endpoints[i as usize];
