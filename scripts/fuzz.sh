@@ -12,9 +12,10 @@
 #
 # How the corpus stays lean: fuzz/corpus/<target>/ is committed, so it holds only inputs
 # that add coverage. After every run, and whenever a parser changes (coverage moves with
-# the code), `cargo fuzz cmin` (libFuzzer's -merge=1) replaces each corpus by the smallest
-# subset with the same coverage; commit what it leaves (`--cmin` does only that step). A
-# corpus is never left empty: if cmin fails or keeps nothing, the corpus is restored.
+# the code), `cargo fuzz cmin` (libFuzzer's -merge=1, counting edges only) replaces each
+# corpus by a subset that covers the same edges; commit what it leaves (`--cmin` does only
+# that step). A corpus is never left empty: if cmin fails or keeps nothing, the corpus is
+# restored.
 # tests/corpus.rs replays every file on stable and fails on an empty corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +48,9 @@ minimise() {
     local t=$1 keep
     keep=$(mktemp -d)
     cp -a "corpus/$t/." "$keep/"
-    if ! cargo +nightly fuzz cmin -O "$t" "corpus/$t" -- -rss_limit_mb=2048 -timeout=10 >/dev/null 2>&1 \
+    # -use_counters=0: an input is kept for a new edge, not for a new hit count of one
+    # (with counters, thousands of JSON and YAML inputs each count as new coverage).
+    if ! cargo +nightly fuzz cmin -O "$t" "corpus/$t" -- -use_counters=0 -rss_limit_mb=2048 -timeout=10 >/dev/null 2>&1 \
         || [ -z "$(find "corpus/$t" -type f -print -quit)" ]; then
         echo "   cmin failed for $t: corpus left as it was" >&2
         rm -rf "corpus/$t"

@@ -117,11 +117,14 @@ fn set_u32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
+/// `N` bytes at `at` (zeros if they are not there, which a checked view rules out): read
+/// through `get`, so there is no panic path even for a wrong offset.
 #[inline]
 fn get_array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&b[at..at + N]);
-    a
+    b.get(at..)
+        .and_then(<[u8]>::first_chunk::<N>)
+        .copied()
+        .unwrap_or([0; N])
 }
 
 #[cfg(test)]
