@@ -305,7 +305,11 @@ fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
         args.dir = status::default_dir(); // not root: where unprivileged agents put theirs
     }
     use tunbus::status;
-    let sockets = status::sockets(&args.dir, args.name.as_deref()).map_err(|e| Failure::new(Exit::Local, e))?;
+    if let Some(wait) = args.wait {
+        let limit = std::time::Duration::try_from_secs_f64(wait).map_err(|_| Failure::new(Exit::Usage, "--wait takes seconds, 0 or more"))?;
+        status::wait_connected(&args.dir, &args.names, limit).map_err(|e| Failure::new(Exit::Failure, e))?;
+    }
+    let sockets = status::sockets(&args.dir, &args.names).map_err(|e| Failure::new(Exit::Local, e))?;
     if sockets.is_empty() {
         if !args.json {
             println!("no agents running on this host (no sockets in {})", args.dir.display());
@@ -320,8 +324,8 @@ fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
             // A socket left by an agent that was killed: remove it, keep going.
             Err(_) if status::is_stale(path) && std::fs::remove_file(path).is_ok() => {
                 eprintln!("removed {}: its agent is gone (killed before it could remove it)", path.display());
-                if let Some(name) = &args.name {
-                    failed = Some(format!("agent {name} is not running"));
+                if !args.names.is_empty() {
+                    failed = Some(format!("agent {} is not running", path.file_stem().unwrap_or_default().to_string_lossy()));
                 }
             }
             Err(e) => {
@@ -330,8 +334,8 @@ fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
             }
         }
     }
-    match (failed, args.name) {
-        (Some(e), Some(_)) => Err(Failure::new(Exit::Local, e).into()),
+    match failed {
+        Some(e) if !args.names.is_empty() => Err(Failure::new(Exit::Local, e).into()),
         _ => Ok(()),
     }
 }

@@ -67,7 +67,7 @@ fn the_ioppytest_agent_name_and_its_flags_are_understood() {
     // needs addresses given (or the agent_1 … agent_6 defaults).
     let out = Command::new(&program).args(["connect", "--url", "amqp://127.0.0.1:1", "--name", "iut", "--force-bootstrap", "--dump"]).output().expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "a flag error found after clap is bad usage: {err}");
     assert!(err.contains("has no default addresses"), "{err}");
     assert!(!err.contains("unexpected argument"), "--dump and --force-bootstrap are accepted: {err}");
     let _ = std::fs::remove_dir_all(&dir);
