@@ -101,6 +101,8 @@ pub struct Inputs {
     pub urls: Result<Vec<BrokerUrl>, anyhow::Error>,
     pub tls: TlsOptions,
     pub netns: Option<String>,
+    /// `--userspace`: no TUN device, no privileges.
+    pub userspace: bool,
     pub api: Option<String>,
 }
 
@@ -134,8 +136,13 @@ pub fn exit_code(checks: &[Check]) -> Exit {
 /// Runs every check in order.
 pub fn run(inputs: Inputs) -> Vec<Check> {
     let mut r = Report::default();
-    tun_device(&mut r);
-    capabilities(&mut r, inputs.netns.as_deref());
+    if inputs.userspace {
+        r.skip(name::TUN, "--userspace: the agent's stack is in the process, no TUN device");
+        r.skip(name::CAPABILITIES, "--userspace needs no privileges");
+    } else {
+        tun_device(&mut r);
+        capabilities(&mut r, inputs.netns.as_deref());
+    }
     // The configuration, unless what failed is TLS (its own check, in its place).
     let (config, tls_error) = match inputs.config {
         Ok(c) => {
@@ -154,6 +161,10 @@ pub fn run(inputs: Inputs) -> Vec<Check> {
         }
     };
     match &config {
+        Some(_) if inputs.userspace => {
+            r.skip(name::NAMESPACE, "--userspace: no interface");
+            r.skip(name::INTERFACE, "--userspace: no interface");
+        }
         Some(c) => local_setup(&mut r, c),
         None => {
             r.skip(name::NAMESPACE, "needs the configuration");
@@ -404,11 +415,11 @@ fn login(r: &mut Report, c: &AgentConfig, node: usize, tls: &TlsOptions) -> bool
 fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
     let hello = (c.data_path().wire == Wire::Native).then(|| {
         let h = Hello {
-            name: c.name().to_owned(),
+            name: c.name().clone(),
             session: c.bus().session.clone(),
             addresses: Vec::new(),
             queues: c.interface().queues,
-            wire: c.data_path().wire.name().to_owned(),
+            wire: crate::amqp::presence::HelloWire::of(c.data_path().wire),
             started_unix_ms: 0,
             interface: c.interface().ifname.clone(),
             netns: None,
@@ -416,7 +427,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             node: None,
             leaving: false,
         };
-        Announcements::new(&h).ok().map(Arc::new)
+        Arc::new(Announcements::new(&h))
     });
     let mut keys = Vec::new();
     for k in 0..c.interface().queues {
@@ -425,7 +436,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             index: k,
             broker: Arc::default(),
             connected: Arc::new(AtomicUsize::new(0)),
-            hello: if k == 0 { hello.clone().flatten() } else { None },
+            hello: if k == 0 { hello.clone() } else { None },
             stop: Stop::new(),
             state: Arc::default(),
         };

@@ -339,3 +339,54 @@ fn provision_writes_configurations_connect_takes_unchanged() {
     let _ = std::fs::remove_file(std::env::temp_dir().join(&log_a));
     let _ = std::fs::remove_file(std::env::temp_dir().join(&log_b));
 }
+
+// ---------------------------------------------------------------------------- the URL's source
+
+/// "flag > environment > file > default" holds for the URL as one setting: a `url-file`
+/// on the command line (or in `AMQP_URL_FILE`) beats a `url` key of the `--config` file.
+#[test]
+fn a_url_file_given_on_the_command_line_beats_the_files_url() {
+    let dead = || TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let (in_file, in_url_file) = (dead(), dead());
+    let dir = std::env::temp_dir().join(unique("tunbus-urlsrc-"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("h1.toml");
+    std::fs::write(&config, format!("name = \"h1\"\nurl = \"amqp://guest:guest@127.0.0.1:{in_file}/\"\n")).expect("config");
+    let url_file = dir.join("h1.url");
+    std::fs::write(&url_file, format!("amqp://guest:guest@127.0.0.1:{in_url_file}/\n")).expect("url file");
+    let (config, url_file) = (config.to_str().expect("utf-8"), url_file.to_str().expect("utf-8"));
+    let out = agent(&["connect", "--config", config, "--url-file", url_file]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains(&format!("127.0.0.1:{in_url_file}")) && !said.contains(&format!(":{in_file}")), "--url-file must win over the file's url:\n{said}");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["connect", "--config", config])
+        .env("AMQP_URL_FILE", url_file)
+        .env_remove("AMQP_URL")
+        .output()
+        .expect("run");
+    let said = text(&out);
+    assert!(said.contains(&format!("127.0.0.1:{in_url_file}")), "AMQP_URL_FILE must win over the file's url:\n{said}");
+    let out = agent(&["connect", "--config", config]);
+    assert!(text(&out).contains(&format!("127.0.0.1:{in_file}")), "without either, the file's url:\n{}", text(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `agent lab` takes a broker only from its own command line: an exported `AMQP_URL` (a
+/// platform's) is ignored, and the lab says which broker it uses.
+#[test]
+fn a_lab_ignores_amqp_url_and_says_which_broker_it_uses() {
+    if !system_ready("a_lab_ignores_amqp_url_and_says_which_broker_it_uses") {
+        return;
+    }
+    let session = format!("u{}", std::process::id());
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--hosts", "2", "--throughput-seconds", "0", "--session", &session])
+        .env("AMQP_URL", "amqps://platform:Secret-QZXJ@broker.invalid:5671/lab")
+        .output()
+        .expect("agent lab");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("is ignored") && said.contains("the lab's broker: this machine's RabbitMQ"), "{said}");
+    assert!(!said.contains("QZXJ") && !said.contains("broker.invalid"), "{said}");
+}

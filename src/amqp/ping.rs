@@ -260,8 +260,8 @@ fn token() -> String {
 /// Whether `hello` is the target's.
 fn is_target(hello: &Hello, target: &Target) -> bool {
     match target {
-        Target::Name(n) => hello.name == *n,
-        Target::Address(a) => hello.addresses.iter().any(|x| x.split('/').next().and_then(|x| x.parse::<IpAddr>().ok()) == Some(*a)),
+        Target::Name(n) => hello.name.as_str() == n,
+        Target::Address(a) => hello.addresses.iter().any(|p| p.addr == *a),
     }
 }
 
@@ -356,7 +356,7 @@ fn note_hello(s: &mut Summary, target: &Target, event: Owned) {
     let Owned::Delivery { body, user_id, .. } = event else { return };
     let Ok(hello) = serde_json::from_slice::<Hello>(&body) else { return };
     if !hello.leaving && is_target(&hello, target) {
-        s.name = hello.name.clone();
+        s.name = hello.name.to_string();
         s.hello = Some(hello);
         s.hello_user = user_id;
     }
@@ -400,11 +400,11 @@ mod tests {
         assert_eq!("fd00:7b::2/64".parse::<Target>(), Ok(Target::Address("fd00:7b::2".parse().unwrap())));
         assert!("a.b".parse::<Target>().is_err());
         let hello = Hello {
-            name: "h2".into(),
+            name: crate::route::AgentName::new("h2").unwrap(),
             session: None,
-            addresses: vec!["198.18.0.2/24".into(), "fd00:7b::2/64".into()],
+            addresses: vec!["198.18.0.2/24".parse().unwrap(), "fd00:7b::2/64".parse().unwrap()],
             queues: 1,
-            wire: "v1".into(),
+            wire: super::super::presence::HelloWire::Native,
             started_unix_ms: 0,
             interface: String::new(),
             netns: None,
@@ -430,11 +430,11 @@ mod tests {
         assert_eq!(s.verdict(), Verdict::NotOnBus);
         assert!(s.report("amq.topic").contains("no agent h2 said hello"), "{}", s.report("amq.topic"));
         s.hello = Some(Hello {
-            name: "h2".into(),
+            name: crate::route::AgentName::new("h2").unwrap(),
             session: None,
             addresses: Vec::new(),
             queues: 1,
-            wire: "v1".into(),
+            wire: super::super::presence::HelloWire::Native,
             started_unix_ms: 0,
             interface: String::new(),
             netns: None,

@@ -30,7 +30,7 @@ impl DoctorArgs {
         let broker = &self.connect.bus.broker;
         let urls = broker.urls().map_err(anyhow::Error::from);
         let tls = broker.tls();
-        let netns = self.connect.netns.clone();
-        crate::doctor::Inputs { config: self.connect.into_config(), urls, tls, netns, api: self.api }
+        let (netns, userspace) = (self.connect.netns.clone(), self.connect.userspace);
+        crate::doctor::Inputs { config: self.connect.into_config(), urls, tls, netns, userspace, api: self.api }
     }
 }

@@ -94,10 +94,11 @@ pub fn command() -> clap::Command {
 }
 
 /// `connect --help` in sections, in this order (every flag of connect has one: a test says so).
-pub const CONNECT_HEADINGS: [(&str, &[&str]); 8] = [
+pub const CONNECT_HEADINGS: [(&str, &[&str]); 9] = [
     ("Who and where", &["name", "config", "session", "exchange", "wire"]),
     ("Broker", &["url", "url_file", "tls_ca", "tls_cert", "tls_key", "tls_insecure", "heartbeat", "broker_user"]),
     ("Interface", &["ipv4", "ipv6", "netns", "ifname", "mtu", "queues", "cpus", "no_offload", "no_offload_from_bus"]),
+    ("Userspace stack (no root, no TUN)", &["userspace", "forward", "expose", "socks5"]),
     ("Identities", &["peers", "no_identity_check"]),
     ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),
     ("Capture and emulation", &["pcap", "emulate", "emulate_to", "emulate_seed"]),
@@ -207,4 +208,31 @@ where
     <T as TryFrom<i64>>::Error: std::error::Error + Send + Sync + 'static,
 {
     clap::builder::RangedI64ValueParser::new().range((*range.start()).into()..=(*range.end()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of `connect` (and so of `doctor`) is in one section of `--help`: a new
+    /// flag must choose one.
+    #[test]
+    fn every_connect_flag_has_a_section_and_help_ends_with_examples() {
+        let cmd = command();
+        for sub in ["connect", "doctor"] {
+            let c = cmd.find_subcommand(sub).expect("subcommand");
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version" | "quiet" | "log_format" | "api") {
+                    continue;
+                }
+                assert!(a.get_help_heading().is_some(), "{sub} --{id} is in no section of CONNECT_HEADINGS");
+            }
+        }
+        let help = cmd.find_subcommand("connect").expect("connect").clone().render_help().to_string();
+        for heading in CONNECT_HEADINGS.iter().map(|(h, _)| *h) {
+            assert!(help.contains(&format!("{heading}:")), "{heading}");
+        }
+        assert!(help.contains("Examples:") && help.contains("sudo -E agent connect") && help.contains(crate::exit::TABLE), "{help}");
+    }
 }
