@@ -181,7 +181,8 @@ fn every_connect_flag_has_an_environment_variable() {
         let starts_entry = line.starts_with("  ") && !line.starts_with("          ") && t.starts_with('-');
         match entries.last_mut() {
             Some(e) if !starts_entry => e.push_str(line),
-            _ if starts_entry => entries.push(t.split(", ").last().unwrap_or(t).to_owned()),
+            // From the long flag on (`-q, --quiet Log …`: the help text may hold ", " too).
+            _ if starts_entry => entries.push(t.split_whitespace().skip_while(|w| !w.starts_with("--")).collect::<Vec<_>>().join(" ")),
             _ => {}
         }
     }
