@@ -104,6 +104,10 @@ fn exit_3_broker_unreachable() {
     let got =
         connect(&unique("x3"), &["--url", &format!("amqp://guest:guest@127.0.0.1:{}/", dead_port()), "--netns", &ns.name, "--ipv4", "198.18.60.1/24"], &[]);
     assert_code("nothing listening", got, 3, "Is RabbitMQ running there?");
+    // A native agent without addresses is told so before anything else happens.
+    let (code, logs) = connect(&unique("x3"), &["--url", &format!("amqp://guest:guest@127.0.0.1:{}/", dead_port())], &[]);
+    assert_eq!(code, Some(3), "{logs}");
+    assert!(logs.contains("no --ipv4/--ipv6: this agent owns only its link-local address"), "{logs}");
 }
 
 /// `openssl s_server` with a certificate the agent's CA did not sign; ended on drop.

@@ -390,3 +390,30 @@ fn a_lab_ignores_amqp_url_and_says_which_broker_it_uses() {
     assert!(said.contains("is ignored") && said.contains("the lab's broker: this machine's RabbitMQ"), "{said}");
     assert!(!said.contains("QZXJ") && !said.contains("broker.invalid"), "{said}");
 }
+
+/// Without the management API, `agent provision` says it needs it, and that its fallback,
+/// `rabbitmqctl`, needs root on the broker's own machine (instead of rabbitmqctl's own
+/// error about an Erlang cookie).
+#[test]
+fn provision_says_what_it_needs() {
+    if !system_ready("provision_says_what_it_needs") {
+        return;
+    }
+    let args = ["provision", "--url", "amqp://guest:guest@127.0.0.1:5672/", "--api", "http://127.0.0.1:1", "--session", "nc", "--agent", "a=198.18.0.1/24"];
+    // --api given: its failure is the error, whatever else there is.
+    let out = agent(&args);
+    assert!(!out.status.success() && text(&out).contains("cannot reach the management API at 127.0.0.1:1"), "{}", text(&out));
+    let local = ["provision", "--url", "amqp://guest:guest@127.0.0.1:5672/", "--session", "nc", "--agent", "a=198.18.0.1/24"];
+    if std::net::TcpStream::connect("127.0.0.1:15672").is_err() {
+        let out = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", env!("CARGO_BIN_EXE_agent")])
+            .args(local)
+            .output()
+            .expect("setpriv");
+        let said = text(&out);
+        assert!(!out.status.success() && said.contains("needs RabbitMQ's management API") && said.contains("rabbitmqctl, needs root"), "{said}");
+    }
+    let remote = ["provision", "--url", "amqp://admin:pw@broker.invalid:5672/", "--session", "nc", "--agent", "a=198.18.0.1/24"];
+    let said = text(&agent(&remote));
+    assert!(said.contains("needs RabbitMQ's management API") && said.contains("works only on the broker's own machine") && !said.contains("pw@"), "{said}");
+}
