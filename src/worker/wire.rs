@@ -116,14 +116,14 @@ impl Carries {
     fn of(routing_key: &[u8], own_flood_key: &RoutingKey) -> Carries {
         if routing_key == own_flood_key.as_str().as_bytes() {
             Carries::OwnFlood
+        } else if !routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
+            Carries::Packets // one prefix test per packet batch, whatever control keys exist
         } else if routing_key == route::CTL_PROBE.as_bytes() {
             Carries::Probe
         } else if routing_key.starts_with(route::CTL_PING_PREFIX.as_bytes()) {
             Carries::Ping
-        } else if routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
-            Carries::Presence
         } else {
-            Carries::Packets
+            Carries::Presence
         }
     }
 }
