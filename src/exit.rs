@@ -94,6 +94,51 @@ pub fn code_of(e: &anyhow::Error) -> Exit {
         if let Some(c) = cause.downcast_ref::<client::Error>() {
             return Exit::from(c.class());
         }
+        // Setting up the interface: a missing namespace, a name taken, a failing `ip`.
+        if cause.downcast_ref::<crate::tun::netns::Error>().is_some() || cause.downcast_ref::<crate::tun::Error>().is_some() {
+            return Exit::Local;
+        }
     }
     Exit::Failure
+}
+
+/// The advice after a failure to join the bus (`session`: `--session`, `vhost`: the URL's).
+pub fn join_advice(e: &client::Error, session: Option<&str>, vhost: Option<&str>) -> String {
+    match e.class() {
+        FailureClass::Unreachable => " Is RabbitMQ running there? Check --url (host and port).".into(),
+        FailureClass::Permission if e.to_string().contains("ctl.ping") => {
+            " The user's permissions predate `agent ping` (its key tunbus.v1.ctl.ping.NAME): run `agent provision` for the session again (docs/security.md).".into()
+        }
+        FailureClass::Permission if session.is_none() => format!(
+            " The broker user lacks a permission tunbus needs (see docs/security.md). A user that `agent provision` made may use only its session's exchange: give --session SESSION{}.",
+            vhost.filter(|v| *v != "/").map(|v| format!(" (a provisioned session's vhost is its name: --session {v})")).unwrap_or_default()
+        ),
+        FailureClass::Permission => " The broker user lacks a permission tunbus needs (see docs/security.md).".into(),
+        _ => String::new(),
+    }
+}
+
+/// An error found in what the command line (or its `--config` file) asked for, after clap
+/// parsed it: bad usage (2), unless the chain already knows its code (a file that cannot
+/// be read is 9, a TLS setting 4).
+pub fn usage(e: anyhow::Error) -> anyhow::Error {
+    match code_of(&e) {
+        Exit::Failure => Failure::new(Exit::Usage, format!("{e:#}")).into(),
+        _ => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_after_clap_are_usage_unless_they_know_their_code() {
+        assert_eq!(code_of(&usage(anyhow::anyhow!("--session \"a.b\" must be one topic word"))), Exit::Usage);
+        assert_eq!(code_of(&usage(Failure::new(Exit::Local, "cannot read --peers x").into())), Exit::Local);
+        let missing = anyhow::Error::from(crate::tun::netns::Error::NoNamespace("ns1".into())).context("setting up interface tb0");
+        assert_eq!(code_of(&missing), Exit::Local);
+        let ip = crate::tun::netns::Error::Command { command: "ip link set x netns y".into(), stderr: "RTNETLINK answers: File exists".into() };
+        assert_eq!(code_of(&anyhow::Error::from(ip)), Exit::Local);
+    }
 }

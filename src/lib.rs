@@ -7,6 +7,7 @@
 //! - [`config`]: one agent's configuration, built from checked parts (bus, interface, data
 //!   path, identity, ioppytest); nothing can change it after the checks.
 //! - [`agent`]: one agent's life cycle: join the bus, TUN, workers, presence, reports.
+//! - [`doctor`]: `agent doctor`, what a start needs, checked in order, with the fixes.
 //! - [`emulate`]: link emulation on egress (tc-netem's words, seeded decisions, the delay
 //!   line).
 //! - [`exit`]: exit codes, one per class of failure.
@@ -24,7 +25,7 @@
 //!   socket → TUN, on one connection; each wire (native, ioppytest) is a type; links with
 //!   reconnection; the batcher itself is pure.
 //! - [`amqp`]: our AMQP client: URLs, framing and the session state machine (pure), TLS
-//!   and TCP transport, presence.
+//!   and TCP transport, presence, `agent ping`.
 //! - [`metrics`]: counters, latency histograms, reports.
 //! - [`port`]: the host end of a queue worker (TUN, userspace stack, TAP, serial probe)
 //!   behind one small interface.
@@ -43,6 +44,7 @@ pub mod capture;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod doctor;
 pub mod emulate;
 pub mod exit;
 #[doc(hidden)]

@@ -59,7 +59,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) => {
             let stats_json = args.stats_json.clone();
             let wait_config = args.wait_config;
-            let mut config = args.into_config()?;
+            let mut config = args.into_config().map_err(exit::usage)?;
+            if config.data_path().wire == tunbus::config::Wire::Native && config.interface().addrs.is_empty() {
+                tracing::warn!(
+                    agent = %config.name(),
+                    link_local = %config.link_local(),
+                    "no --ipv4/--ipv6: this agent owns only its link-local address, so its peers can reach it only there (give the addresses the session's operator assigned you)"
+                );
+            }
             let (interrupt, mut stop) = stop_on_signal()?;
             if wait_config {
                 let (c, s) = (config.clone(), interrupt.clone());
@@ -92,6 +99,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Peers(args) => peers(args).await,
+        Command::Ping(args) => ping(args).await,
+        Command::Doctor(args) => doctor(args).await,
         Command::Lab(args) => lab(args).await,
         Command::Route(args) => route(args).await,
         Command::Provision(args) => provision(args).await,
@@ -111,8 +120,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `agent ping PEER`: one line per probe, a summary, and an exit code that tells a dead
+/// peer (1) from a dead path to the broker (3) from a refused key (7).
+async fn ping(args: tunbus::cli::PingArgs) -> anyhow::Result<()> {
+    use tunbus::amqp::ping::{self, Verdict};
+    let opts = args.options().map_err(exit::usage)?;
+    let (interrupt, _stop) = stop_on_signal()?;
+    let shown = opts.endpoints.first().map(|e| e.url.to_string()).unwrap_or_default();
+    println!("PING {} on exchange {} via {shown} ({})", opts.target, opts.exchange, args.bus.broker.source());
+    let exchange = opts.exchange.clone();
+    let summary = tokio::task::spawn_blocking(move || ping::run(&opts, &interrupt, |p, s| println!("{}", ping::probe_line(&s.name, p)))).await?;
+    let summary = summary.map_err(|e| {
+        let hint = match e.class() {
+            tunbus::amqp::client::FailureClass::Permission => " (a permission problem: this broker user may not publish tunbus.v1.ctl.ping.PEER or bind its reply key tunbus.v1.ctl.pong.TOKEN; users provisioned before `agent ping` existed need `agent provision` again)",
+            tunbus::amqp::client::FailureClass::Unreachable => " (the path to the broker is dead: check --url, and `agent doctor`)",
+            _ => "",
+        };
+        Failure::new(Exit::from(e.class()), format!("agent ping: {e}{hint}"))
+    })?;
+    println!("{}", summary.report(&exchange));
+    match summary.verdict() {
+        Verdict::Answered => Ok(()),
+        Verdict::BrokerPathDead => Err(Failure::new(Exit::Unreachable, format!("no answer from {}: the path to the broker is dead", summary.name)).into()),
+        Verdict::NotOnBus | Verdict::Silent => Err(Failure::new(Exit::Failure, format!("no answer from {}", summary.name)).into()),
+    }
+}
+
+/// `agent doctor`: one line per check, in order; the first failure's exit code.
+async fn doctor(args: tunbus::cli::DoctorArgs) -> anyhow::Result<()> {
+    let inputs = args.inputs();
+    let checks = tokio::task::spawn_blocking(move || tunbus::doctor::run(inputs)).await?;
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed: Vec<&str> = checks.iter().filter(|c| c.status == tunbus::doctor::Status::Fail).map(|c| c.name).collect();
+    match tunbus::doctor::exit_code(&checks) {
+        Exit::Ok => {
+            println!("agent doctor: a start has what it needs");
+            Ok(())
+        }
+        code => Err(Failure::new(code, format!("agent doctor: {} check(s) failed: {}", failed.len(), failed.join(", "))).into()),
+    }
+}
+
 async fn provision(args: tunbus::cli::ProvisionArgs) -> anyhow::Result<()> {
-    let opts = args.options()?;
+    let opts = args.options().map_err(exit::usage)?;
     let revoke = args.revoke;
     let summary = tokio::task::spawn_blocking(move || if revoke { tunbus::provision::revoke(&opts) } else { tunbus::provision::provision(&opts) }).await??;
     match &summary.plan {
@@ -129,13 +181,12 @@ async fn provision(args: tunbus::cli::ProvisionArgs) -> anyhow::Result<()> {
                 for f in &summary.files {
                     println!("  wrote {}", f.display());
                 }
-                if let (Some(dir), Some(u)) = (&args.out, plan.users.first()) {
+                if let (Some(dir), Some(u)) = (&args.out, plan.users.iter().find(|u| !u.observer)) {
+                    let config = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()).join(format!("{}.toml", u.agent));
+                    println!("start an agent: sudo agent connect --config {}", config.display());
                     println!(
-                        "start an agent: agent connect --url-file {} --session {} --name {} --peers {} …",
-                        dir.join(format!("{}.url", u.agent)).display(),
-                        plan.session,
-                        u.agent,
-                        dir.join("peers").display()
+                        "  or as a service: copy it with its URL file to /etc/tunbus/ on the agent's machine (keeping the paths it names), then systemctl enable --now tunbus-agent@{}",
+                        u.agent
                     );
                 }
             }
@@ -145,7 +196,7 @@ async fn provision(args: tunbus::cli::ProvisionArgs) -> anyhow::Result<()> {
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
-    let opts = args.options()?;
+    let opts = args.options().map_err(exit::usage)?;
     let (interrupt, _stop) = stop_on_signal()?;
     let counters = tokio::task::spawn_blocking(move || tunbus::interop::router::run(opts, &interrupt)).await?;
     println!("router: {counters}");
@@ -162,7 +213,7 @@ async fn lab(args: LabArgs) -> anyhow::Result<()> {
     if let Some(pid) = args.guard {
         return tokio::task::spawn_blocking(move || tunbus::lab::guard::run(pid, &args.session)).await?;
     }
-    let opts = args.options()?;
+    let opts = args.options().map_err(exit::usage)?;
     let keep = opts.keep;
     let (interrupt, stop) = stop_on_signal()?;
     let report = tunbus::lab::run(opts, stop, interrupt).await?;
@@ -209,7 +260,7 @@ fn stop_on_signal() -> anyhow::Result<(Stop, watch::Receiver<bool>)> {
 /// `agent capture`: the session's bus into one pcapng file, until Ctrl-C or --duration.
 async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
     use tunbus::capture::{self, pcapng};
-    let opts = args.options()?;
+    let opts = args.options().map_err(exit::usage)?;
     let file = args.write.display().to_string();
     let out = capture::output(&args.write).map_err(|e| Failure::new(Exit::Local, format!("-w {file}: cannot write it: {e}")))?;
     let (interrupt, _stop) = stop_on_signal()?;
@@ -244,7 +295,7 @@ async fn capture(args: tunbus::cli::CaptureArgs) -> anyhow::Result<()> {
 }
 
 async fn sniffer(args: tunbus::cli::SnifferArgs) -> anyhow::Result<()> {
-    let opts = args.options()?;
+    let opts = args.options().map_err(exit::usage)?;
     let (interrupt, _stop) = stop_on_signal()?;
     tokio::task::spawn_blocking(move || tunbus::capture::sniffer::serve(opts, &interrupt)).await?
 }
@@ -254,7 +305,11 @@ fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
         args.dir = status::default_dir(); // not root: where unprivileged agents put theirs
     }
     use tunbus::status;
-    let sockets = status::sockets(&args.dir, args.name.as_deref()).map_err(|e| Failure::new(Exit::Local, e))?;
+    if let Some(wait) = args.wait {
+        let limit = std::time::Duration::try_from_secs_f64(wait).map_err(|_| Failure::new(Exit::Usage, "--wait takes seconds, 0 or more"))?;
+        status::wait_connected(&args.dir, &args.names, limit).map_err(|e| Failure::new(Exit::Failure, e))?;
+    }
+    let sockets = status::sockets(&args.dir, &args.names).map_err(|e| Failure::new(Exit::Local, e))?;
     if sockets.is_empty() {
         if !args.json {
             println!("no agents running on this host (no sockets in {})", args.dir.display());
@@ -269,8 +324,8 @@ fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
             // A socket left by an agent that was killed: remove it, keep going.
             Err(_) if status::is_stale(path) && std::fs::remove_file(path).is_ok() => {
                 eprintln!("removed {}: its agent is gone (killed before it could remove it)", path.display());
-                if let Some(name) = &args.name {
-                    failed = Some(format!("agent {name} is not running"));
+                if !args.names.is_empty() {
+                    failed = Some(format!("agent {} is not running", path.file_stem().unwrap_or_default().to_string_lossy()));
                 }
             }
             Err(e) => {
@@ -279,16 +334,16 @@ fn status(mut args: tunbus::cli::StatusArgs) -> anyhow::Result<()> {
             }
         }
     }
-    match (failed, args.name) {
-        (Some(e), Some(_)) => Err(Failure::new(Exit::Local, e).into()),
+    match failed {
+        Some(e) if !args.names.is_empty() => Err(Failure::new(Exit::Local, e).into()),
         _ => Ok(()),
     }
 }
 
 async fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let endpoints = args.bus.broker.endpoints()?;
-    let exchange = bus_exchange(&args.bus)?;
-    let wait = args.wait()?;
+    let exchange = bus_exchange(&args.bus).map_err(exit::usage)?;
+    let wait = args.wait().map_err(exit::usage)?;
     let (interrupt, _stop) = stop_on_signal()?;
     let ex = exchange.clone();
     let peers = tokio::task::spawn_blocking(move || tunbus::amqp::presence::discover(&endpoints, &ex, wait, &interrupt)).await?.map_err(Failure::from)?;

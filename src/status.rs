@@ -161,10 +161,10 @@ pub fn is_stale(path: &Path) -> bool {
     matches!(std::os::unix::net::UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
-/// The sockets in `dir`: every agent's, or only `name`'s.
-pub fn sockets(dir: &Path, name: Option<&str>) -> Result<Vec<PathBuf>, String> {
-    if let Some(n) = name {
-        return Ok(vec![socket_path(dir, n)]);
+/// The sockets in `dir`: every agent's, or only those of `names`.
+pub fn sockets(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, String> {
+    if !names.is_empty() {
+        return Ok(names.iter().map(|n| socket_path(dir, n)).collect());
     }
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -174,6 +174,30 @@ pub fn sockets(dir: &Path, name: Option<&str>) -> Result<Vec<PathBuf>, String> {
     let mut all: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "sock")).collect();
     all.sort();
     Ok(all)
+}
+
+/// Waits up to `limit` until the agents of `names` (or, with none, at least one agent) in
+/// `dir` answer with every link connected; what is still missing when it gives up.
+pub fn wait_connected(dir: &Path, names: &[String], limit: Duration) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let missing: Vec<String> = match sockets(dir, names) {
+            Ok(all) if all.is_empty() => vec!["an agent".to_owned()],
+            Ok(all) => all
+                .iter()
+                .filter(|p| !query(p).is_ok_and(|s| !s.queues.is_empty() && s.queues.iter().all(|q| q.connected)))
+                .map(|p| p.file_stem().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned()))
+                .collect(),
+            Err(e) => return Err(e),
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if t0.elapsed() >= limit {
+            return Err(format!("not up with every link connected after {:.0} s: {}", limit.as_secs_f64(), missing.join(", ")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A rate in bits/s, written as the reports write theirs.
@@ -241,10 +265,10 @@ mod tests {
         for f in ["b.sock", "a.sock", "notes.txt"] {
             std::fs::write(dir.join(f), b"").unwrap();
         }
-        let names: Vec<String> = sockets(&dir, None).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = sockets(&dir, &[]).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(names, ["a.sock", "b.sock"]);
-        assert_eq!(sockets(&dir, Some("h9")).unwrap(), [dir.join("h9.sock")]);
-        assert!(sockets(&dir.join("missing"), None).unwrap().is_empty());
+        assert_eq!(sockets(&dir, &["h9".to_owned()]).unwrap(), [dir.join("h9.sock")]);
+        assert!(sockets(&dir.join("missing"), &[]).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

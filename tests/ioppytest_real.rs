@@ -552,6 +552,69 @@ fn a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// `--wait-config` with a real coordinator's orders: ioppytest-utils' `MsgAgentTunStart`,
+/// published as ioppytest's testing tool publishes it (tests/ioppytest_real/tun_start.py:
+/// no `user_id`), gives the waiting agent its interface and address; later orders add
+/// addresses inside the subnets, one outside them and one past the count are refused and
+/// counted (`forged_control`).
+#[test]
+fn wait_config_takes_a_real_coordinators_tun_start() {
+    let test = "wait_config_takes_a_real_coordinators_tun_start";
+    if !system_ready(test) {
+        return;
+    }
+    let python = match coordinator_python() {
+        Ok(p) => p,
+        Err(why) => {
+            cannot_run(test, &why);
+            return;
+        }
+    };
+    let exchange = unique("tunbus.ioc");
+    let name = unique("coap_client");
+    let ns = Netns::new();
+    let mut agent = AgentProc::start(&name, &["--wire", "ioppytest", "--wait-config", "--exchange", &exchange, "--netns", &ns.name]);
+    let t0 = Instant::now();
+    while !agent.logs().contains("waiting for the configuration") {
+        assert!(t0.elapsed() < Duration::from_secs(15) && agent.alive(), "the agent never waited for its configuration:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut listener = bus_client();
+    listen(&mut listener, &exchange, &[&format!("fromAgent.{name}.ip.tun.started")]);
+    let order = |orders: &[String]| {
+        let out = Command::new(&python).arg(here().join("tests/ioppytest_real/tun_start.py")).args([URL, &exchange, &name]).args(orders).output().expect("tun_start.py");
+        assert!(out.status.success(), "tun_start.py: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    };
+    let addresses = |ns: &Netns| String::from_utf8_lossy(&ns.exec(&["ip", "-6", "-o", "addr", "show", "dev", "tb0"]).stdout).into_owned();
+    order(&["bbbb:7".to_owned()]);
+    let t0 = Instant::now();
+    while !addresses(&ns).contains("bbbb::7/64") {
+        assert!(t0.elapsed() < Duration::from_secs(15) && agent.alive(), "the order gave no interface:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, _, started) = next_delivery(&mut listener, Duration::from_secs(5)).unwrap_or_else(|| panic!("no ip.tun.started:\n{}", agent.logs()));
+    let started: serde_json::Value = serde_json::from_slice(&started).expect("JSON");
+    assert_eq!((started["ipv6_prefix"].as_str(), started["ipv6_host"].as_str()), (Some("bbbb"), Some("7")), "{started}");
+    // The running agent: one order outside the subnets, then nine inside: eight honoured,
+    // the ninth one too many.
+    let mut more = vec!["cccc:1".to_owned()];
+    more.extend((8..=16).map(|h| format!("bbbb:{h:x}")));
+    order(&more);
+    let t0 = Instant::now();
+    while !addresses(&ns).contains("bbbb::f/64") {
+        assert!(t0.elapsed() < Duration::from_secs(15), "orders inside the subnets were not honoured:\n{}\n{}", addresses(&ns), agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let now = addresses(&ns);
+    assert!(!now.contains("cccc::1") && !now.contains("bbbb::10/64"), "an order past a limit was honoured:\n{now}");
+    let report = agent.interrupt();
+    let logs = agent.logs();
+    assert!(logs.contains("outside the session's subnets") && logs.contains("one too many"), "{logs}");
+    assert!(logs.contains("no user_id"), "the log says whom it trusted:\n{logs}");
+    assert_eq!(drops(&report, "forged_control"), 2, "{report}");
+}
+
 // ---------------------------------------------------------------- the serial side
 
 /// tests/ioppytest_real/serial_listener.py: the published agent's `SerialListener` on a

@@ -94,11 +94,7 @@ fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Fai
             Err(e) => e,
         };
         if e.class() != FailureClass::Locked {
-            let advice = match e.class() {
-                FailureClass::Unreachable => " Is RabbitMQ running there? Check --url (host and port).",
-                FailureClass::Permission => " The broker user lacks a permission tunbus needs (see docs/security.md).",
-                _ => "",
-            };
+            let advice = crate::exit::join_advice(&e, c.bus().session.as_deref(), c.bus().endpoints.first().map(|e| e.url.vhost.as_str()));
             return Err(Failure::new(Exit::from(e.class()), format!("cannot join the bus: {e}.{advice}")));
         }
         let taken = presence::name_answers(&c.bus().endpoints, &c.bus().exchange, c.name(), NAME_PROBE_WAIT, interrupt).map_err(Failure::from)?;
@@ -204,6 +200,7 @@ impl Agent {
         if interrupt.is_raised() {
             return Ok(None);
         }
+        let node = first_link.as_ref().map(|l| l.broker().to_owned());
         let opened = ports::open(&config).with_context(|| format!("setting up the host end ({}) of agent {}", config.interface().ifname, config.name()))?;
         let mut agent = Agent {
             config: config.clone(),
@@ -284,8 +281,14 @@ impl Agent {
         }
         agent.serve_status(claims, &stop_rx);
         agent.spawn_reports(metrics_listener, stop_rx);
+        let first = config.bus().endpoints.first();
         tracing::info!(
             agent = %config.name(),
+            node = node.as_deref().or(first.map(|e| e.url.authority()).as_deref()).unwrap_or("-"),
+            vhost = first.map_or("-", |e| e.url.vhost.as_str()),
+            user = %config.identity().user,
+            exchange = %config.bus().exchange,
+            addresses = %hello_of(&config).addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             interface = %config.interface().ifname,
             netns = config.interface().netns.as_deref().unwrap_or("-"),
             queues = config.interface().queues,

@@ -1069,6 +1069,9 @@ fn transport_error(broker: &str, e: TransportError, handshaking: bool) -> Error 
         TransportError::Tls(source) => {
             let hint = match &source {
                 rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => " (is this a TLS port? plain AMQP uses amqp://, usually port 5672)",
+                rustls::Error::InvalidCertificate(c) if format!("{c:?}").contains("UnsupportedCertVersion") => {
+                    " (the broker's certificate is X.509 version 1, which rustls refuses: sign it again with extensions, `openssl x509 -req … -extfile server.ext`, the file holding subjectAltName=DNS:HOST and basicConstraints=CA:FALSE)"
+                }
                 rustls::Error::InvalidCertificate(_) => " (give --tls-ca with the CA that signed the broker's certificate, and check that the URL's host is the name in it)",
                 rustls::Error::AlertReceived(_) => " (the broker refused our TLS handshake: does it want a client certificate, --tls-cert/--tls-key?)",
                 _ => "",

@@ -9,6 +9,7 @@
 //! - [`client`]: a session on a transport, owned by one thread: non-blocking for the data
 //!   path, with blocking helpers (deadlines, a stop flag) for set-up and control.
 //! - [`presence`]: hellos, byes, probes and `agent peers`.
+//! - [`ping`]: `agent ping`'s probes and an agent's answer to them.
 //!
 //! One client for every connection tunbus opens (decision 0015): data links, presence,
 //! `agent peers`, the ioppytest control wire and `agent route` share TLS, login, liveness
@@ -19,6 +20,7 @@
 pub mod client;
 pub mod connection;
 pub mod error;
+pub mod ping;
 pub mod presence;
 pub mod session;
 pub mod tls;

@@ -45,6 +45,14 @@ pub enum TlsError {
     Bad { path: PathBuf, reason: String },
     #[error("a client certificate needs its key: give --tls-key (or keyfile=) with --tls-cert (or certfile=)")]
     CertWithoutKey,
+    #[error(
+        "{path} is an X.509 version 1 certificate (one without extensions, what a bare `openssl x509 -req` makes): \
+rustls, tunbus's TLS library, takes version 3 only (RabbitMQ would take it). Sign the request again with \
+extensions: printf 'basicConstraints=CA:FALSE\\nkeyUsage=digitalSignature\\nextendedKeyUsage=clientAuth\\n' > client.ext; \
+openssl x509 -req -in CLIENT.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 365 -out CLIENT.pem -extfile client.ext \
+(or -extensions SECTION with -extfile openssl.cnf)"
+    )]
+    Version1 { path: PathBuf },
     #[error("no trusted roots: give --tls-ca FILE (the CA that signed the broker's certificate)")]
     NoRoots,
     #[error("{0:?} is not a valid TLS server name")]
@@ -92,6 +100,9 @@ pub fn client_for(url: &BrokerUrl, options: &TlsOptions) -> Result<TlsClient, Tl
     let mut config = match (&cert, &key) {
         (Some(c), Some(k)) => {
             let chain = certificates(c)?;
+            if chain.first().and_then(|der| x509_version(der)) == Some(1) {
+                return Err(TlsError::Version1 { path: c.clone() });
+            }
             common = chain.first().and_then(|der| common_name(der));
             builder.with_client_auth_cert(chain, private_key(k)?).map_err(|e| TlsError::Bad { path: c.clone(), reason: e.to_string() })?
         }
@@ -146,25 +157,47 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// One DER TLV: (tag, contents, rest); `None` when a length runs past the end.
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, b) = b.split_first()?;
+    let (len, b) = if first < 0x80 {
+        (usize::from(first), b)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        (b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x)), &b[n..])
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// The X.509 version of a DER certificate (1, 2 or 3); `None` when the bytes are not a
+/// certificate. Version 1 has no `[0]` version field: its `tbsCertificate` starts with the
+/// serial number.
+pub fn x509_version(der: &[u8]) -> Option<u8> {
+    let (0x30, cert, _) = tlv(der)? else { return None };
+    let (0x30, tbs, _) = tlv(cert)? else { return None };
+    match tlv(tbs)? {
+        (0xa0, explicit, _) => match tlv(explicit)? {
+            (0x02, [v], _) if *v < 3 => Some(v + 1),
+            _ => None,
+        },
+        (0x02, _, _) => Some(1),
+        _ => None,
+    }
+}
+
+/// The X.509 version of the first certificate of a PEM file (`None`: not readable).
+pub fn pem_file_version(path: &Path) -> Option<u8> {
+    certificates(path).ok()?.first().and_then(|der| x509_version(der))
+}
+
 /// The subject common name of a DER certificate (`None` when it has none or the bytes are
 /// not a certificate). A walk over the few DER structures on the way; every length is
 /// checked.
 fn common_name(der: &[u8]) -> Option<String> {
-    /// One TLV: (tag, contents, rest).
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, b) = b.split_first()?;
-        let (&first, b) = b.split_first()?;
-        let (len, b) = if first < 0x80 {
-            (usize::from(first), b)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || b.len() < n {
-                return None;
-            }
-            (b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x)), &b[n..])
-        };
-        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
-    }
     let (0x30, cert, _) = tlv(der)? else { return None };
     let (0x30, mut tbs, _) = tlv(cert)? else { return None };
     let mut fields = Vec::with_capacity(6);
@@ -258,10 +291,41 @@ zzUBTvtOU4fbwYIdzD108YMgVReCRKeybQA2fA==
 ";
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(common_name(&der).as_deref(), Some("lab.h1"));
+        assert_eq!(x509_version(&der), Some(3));
         for cut in 0..der.len() {
             let _ = common_name(&der[..cut]); // never panics on a truncated certificate
         }
         assert_eq!(common_name(b"not a certificate"), None);
+    }
+
+    /// What `openssl x509 -req` makes without `-extfile`: version 1, which rustls refuses
+    /// with `UnsupportedCertVersion`; the error says how to make a version 3 one.
+    #[test]
+    fn a_version_1_client_certificate_is_named_with_the_fix() {
+        let v1 = "-----BEGIN CERTIFICATE-----
+MIIBFDCBuwIUEuDwSgogW3ITeeKv6rlyAj3wN38wCgYIKoZIzj0EAwIwDTELMAkG
+A1UEAwwCY2EwHhcNMjYxMjA3MDUyNDMzWhcNMjYxMjA5MDUyNDMzWjANMQswCQYD
+VQQDDAJoMTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABB8Tde7htcaaX695s9j1
+0o65yBRdifGrQRzktgR5s0aTdeNIozeXUkshQBYP/icqFw7m7nxxoNU74hBDXKV6
+M3gwCgYIKoZIzj0EAwIDSAAwRQIgOI3N4BlFSY1Kx8cDGQKKlEiAeOBuW/SXaPzx
+JL0UxbECIQDpi9m0GXf10ZCUkn7WU/I00GjWEKY/rvtSpdX7qKs/6g==
+-----END CERTIFICATE-----
+";
+        let der = CertificateDer::from_pem_slice(v1.as_bytes()).unwrap();
+        assert_eq!(x509_version(&der), Some(1));
+        assert_eq!(common_name(&der).as_deref(), Some("h1"));
+        for cut in 0..der.len() {
+            let _ = x509_version(&der[..cut]);
+        }
+        let dir = std::env::temp_dir().join(format!("tunbus-tls-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("h1.pem"), dir.join("h1.key"));
+        std::fs::write(&cert, v1).unwrap();
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n").unwrap();
+        let url: BrokerUrl = "amqps://b/".parse().unwrap();
+        let e = client_for(&url, &TlsOptions { cert: Some(cert), key: Some(key), insecure: true, ..TlsOptions::default() }).unwrap_err().to_string();
+        assert!(e.contains("version 1") && e.contains("-extfile client.ext") && e.contains("h1.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -161,37 +161,79 @@ impl std::str::FromStr for BrokerUrl {
     }
 }
 
-/// Masks the password of anything that looks like `scheme://user:pass@…` in `text`, for
-/// messages about input that did not parse.
+/// Masks what may be a password in `text`, for messages about input that did not parse:
+/// in each URL of `text` (from its `scheme://` to the next one, or the whole of `text` when it
+/// has no scheme), everything from the first `:` after the scheme to the **last** `@`. So a
+/// password is masked whatever it holds unencoded (`/ ? # @ : [ ] % ,` and spaces included);
+/// a host and port followed by a stray `@` are masked too, which errs on the safe side.
 pub fn redact(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail.find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == ',').unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match (authority.rfind('@'), authority.find(':')) {
-            (Some(at), Some(colon)) if colon < at => {
-                out.push_str(&authority[..colon]);
-                out.push_str(":***");
-                out.push_str(&authority[at..]);
-            }
-            _ => out.push_str(authority),
-        }
-        rest = &tail[end..];
+    let starts = url_starts(text);
+    if starts.is_empty() {
+        return mask_one(text, 0);
     }
-    out.push_str(rest);
+    out.push_str(&text[..starts[0]]);
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(text.len());
+        let one = &text[start..end];
+        out.push_str(&mask_one(one, one.find("://").map_or(0, |s| s + 3)));
+    }
     out
 }
 
+/// Where each `scheme://` of `text` begins (the scheme's first letter).
+fn url_starts(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("://") {
+        let sep = from + i;
+        let scheme = text[..sep].rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))).map_or(0, |j| j + 1);
+        if starts.last().is_none_or(|&last| scheme > last) {
+            starts.push(scheme);
+        }
+        from = sep + 3;
+    }
+    starts
+}
+
+/// The bytes of one URL (`authority` starts after its `scheme://`) that may hold a password.
+fn secret_span(one: &str, authority: usize) -> Option<std::ops::Range<usize>> {
+    let at = one.rfind('@').filter(|&a| a >= authority)?;
+    let colon = one[authority..at].find(':')? + authority;
+    Some(colon + 1..at)
+}
+
+fn mask_one(one: &str, authority: usize) -> String {
+    match secret_span(one, authority) {
+        Some(span) => format!("{}***{}", &one[..span.start], &one[span.end..]),
+        None => one.to_owned(),
+    }
+}
+
 /// Parses a comma-separated list of URLs (`AMQP_URL`, URL files): the nodes of one cluster.
+/// A comma splits the list only where a new `amqp://` or `amqps://` follows it, so a comma in
+/// a password stays in the password.
 pub fn parse_list(text: &str) -> Result<Vec<BrokerUrl>, UrlError> {
-    let urls: Vec<BrokerUrl> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(parse).collect::<Result<_, _>>()?;
+    let urls: Vec<BrokerUrl> = split_list(text).into_iter().map(str::trim).filter(|s| !s.is_empty()).map(parse).collect::<Result<_, _>>()?;
     if urls.is_empty() {
         return Err(UrlError { url: format!("{:?}", redact(text)), reason: "is empty".into() });
     }
     Ok(urls)
+}
+
+/// The items of a comma-separated list of URLs: split at the commas that a scheme follows.
+fn split_list(text: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let mut start = 0;
+    for (i, _) in text.match_indices(',') {
+        let next = text[i + 1..].trim_start();
+        if next.is_empty() || next.starts_with("amqp://") || next.starts_with("amqps://") || next.starts_with(',') {
+            items.push(&text[start..i]);
+            start = i + 1;
+        }
+    }
+    items.push(&text[start..]);
+    items
 }
 
 /// Parses one URL.
@@ -204,6 +246,17 @@ pub fn parse(text: &str) -> Result<BrokerUrl, UrlError> {
     } else {
         return Err(fail("does not start with amqp:// or amqps://".into()));
     };
+    // The userinfo ends at the last '@'. A '/' or '?' before it means a reserved character
+    // written raw in the user name or password (or a raw '@' in the vhost or query): the
+    // URL would split in the wrong place, and part of the password would show as a host,
+    // port or vhost. Refused, with the fix.
+    if let Some(at) = rest.rfind('@') {
+        if rest[..at].contains(['/', '?']) {
+            return Err(fail(
+                "has a '/' or '?' before its last '@': percent-encode them in the user name and password (/ is %2F, ? is %3F, # is %23, @ is %40, % is %25), and '@' in the vhost or query as %40".into(),
+            ));
+        }
+    }
     let (before_query, query_text) = match rest.split_once('?') {
         Some((a, q)) => (a, q),
         None => (rest, ""),
@@ -422,6 +475,21 @@ mod tests {
     }
 
     #[test]
+    fn reserved_characters_in_passwords_are_refused_with_the_fix_and_never_shown() {
+        for url in ["amqp://user:QZX/JQZ@127.0.0.1:1/", "amqp://user:QZX?JQZ@127.0.0.1/", "amqps://u:QZX/J?JQZ@h:5671/lab?heartbeat=5"] {
+            let e = parse(url).unwrap_err().to_string();
+            assert!(e.contains("%2F") && !e.contains("QZX") && !e.contains("JQZ"), "{url}: {e}");
+        }
+        // Raw '#', '@', ':', '[', ']' and ',' need no encoding: the userinfo ends at the last '@'.
+        let u = parse("amqp://u:p#@:[],x@h/lab").unwrap();
+        assert_eq!((u.password(), u.host.as_str(), u.vhost.as_str()), (Some("p#@:[],x"), "h", "lab"));
+        let l = parse_list("amqp://u:pa,ss@h1/lab,amqp://v:w@h2/lab").unwrap();
+        assert_eq!(l.iter().map(|u| u.password().unwrap_or_default()).collect::<Vec<_>>(), ["pa,ss", "w"]);
+        assert_eq!(redact("u:p/w@h"), "u:***@h");
+        assert_eq!(redact("amqp://u:p w/x?y@h/v"), "amqp://u:***@h/v");
+    }
+
+    #[test]
     fn lists_and_redaction() {
         let l = parse_list("amqp://a:p@n1/lab, amqp://a:p@n2/lab,").unwrap();
         assert_eq!(l.iter().map(|u| u.host.as_str()).collect::<Vec<_>>(), ["n1", "n2"]);
@@ -448,6 +516,56 @@ mod tests {
             prop_assert_eq!(&back, &u);
             let key_emoji = percent_encode("\u{1F511}");
             prop_assert!(!u.to_string().contains(&key_emoji), "the password shows in {}", u);
+        }
+
+        /// Passwords as generators make them, with every reserved character, written raw
+        /// or percent-encoded, alone or in a list: whether the parser takes the URL or not,
+        /// no piece of the password shows in what it prints (`Display`, errors, `redact`).
+        #[test]
+        fn no_password_is_ever_printed(
+            secret in proptest::collection::vec("[QXZJ]{3}", 1..4),
+            glue in proptest::collection::vec("[/?#@:\\[\\]%, !$&'()*+;=~.-]{0,3}", 4),
+            user in "[a-z]{1,6}",
+            host in "[a-z][a-z0-9.-]{0,10}",
+            port in proptest::option::of(1u16..),
+            vhost in "[a-z%/]{0,6}",
+            query in prop_oneof![Just(""), Just("?heartbeat=5"), Just("?hearbeat=5"), Just("?heartbeat=x")],
+            tls in any::<bool>(),
+            raw in any::<bool>(),
+            second in any::<bool>(),
+        ) {
+            let mut password = glue[0].clone();
+            for (i, piece) in secret.iter().enumerate() {
+                password.push_str(piece);
+                password.push_str(&glue[(i + 1) % glue.len()]);
+            }
+            let written = if raw { password.clone() } else { percent_encode(&password) };
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let url = format!("amqp{}://{user}:{written}@{host}{port}/{vhost}{query}", if tls { "s" } else { "" });
+            let shown = |text: &str| secret.iter().find(|piece| text.contains(piece.as_str())).cloned();
+            match parse(&url) {
+                Ok(u) => {
+                    prop_assert_eq!(shown(&u.to_string()), None, "{} shows in {}", password, u);
+                    prop_assert_eq!(shown(&format!("{u:?}")), None);
+                    if !raw {
+                        prop_assert_eq!(u.password(), Some(password.as_str()));
+                    }
+                }
+                Err(e) => prop_assert_eq!(shown(&e.to_string()), None, "{} shows in {}", password, e),
+            }
+            prop_assert_eq!(shown(&redact(&url)), None, "redact({})", url);
+            let list = if second { format!("amqp://a:b@n1/lab, {url}") } else { format!("{url},amqp://a:b@n2/lab") };
+            match parse_list(&list) {
+                Ok(all) => {
+                    for u in all {
+                        prop_assert_eq!(shown(&u.to_string()), None, "{}", u);
+                    }
+                }
+                Err(e) => prop_assert_eq!(shown(&e.to_string()), None, "{} shows in {}", password, e),
+            }
+            for text in [format!("$AMQP_URL={url}"), format!("{user}:{written}@{host}")] {
+                prop_assert_eq!(shown(&redact(&text)), None, "redact({})", text);
+            }
         }
 
         #[test]

@@ -56,7 +56,28 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     /// Whether any URL was given (flag, file or environment).
     pub fn given(&self) -> bool {
-        !self.url.is_empty() || self.url_file.is_some() || std::env::var_os("AMQP_URL_FILE").is_some() || std::env::var_os("AMQP_URL").is_some()
+        self.given_on_command_line() || std::env::var_os("AMQP_URL_FILE").is_some() || std::env::var_os("AMQP_URL").is_some()
+    }
+
+    /// Whether the command line itself gave a URL (`--url` or `--url-file`).
+    pub fn given_on_command_line(&self) -> bool {
+        !self.url.is_empty() || self.url_file.is_some()
+    }
+
+    /// Where the URLs come from, for messages: `--url`, `--url-file FILE`, `AMQP_URL_FILE`,
+    /// `AMQP_URL`, or the default.
+    pub fn source(&self) -> String {
+        if !self.url.is_empty() {
+            "--url".into()
+        } else if let Some(f) = &self.url_file {
+            format!("--url-file {}", f.display())
+        } else if let Some(f) = std::env::var_os("AMQP_URL_FILE") {
+            format!("AMQP_URL_FILE={}", std::path::Path::new(&f).display())
+        } else if std::env::var_os("AMQP_URL").is_some() {
+            "AMQP_URL".into()
+        } else {
+            "the default URL".into()
+        }
     }
 
     /// The broker URLs, from the first place that has them.

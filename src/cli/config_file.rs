@@ -29,10 +29,14 @@ pub(super) fn parse_with_file(argv: &[OsString]) -> Result<Cli, ParseError> {
     use clap::FromArgMatches;
     // A first, lenient look for `connect --config` and for what the flags and the
     // environment already set (the file may hold required flags, like the name).
-    let lenient = command().ignore_errors(true).mut_subcommand("connect", |c| c.ignore_errors(true)).try_get_matches_from(argv);
+    let lenient = command()
+        .ignore_errors(true)
+        .mut_subcommand("connect", |c| c.ignore_errors(true))
+        .mut_subcommand("doctor", |c| c.ignore_errors(true))
+        .try_get_matches_from(argv);
     let file = match lenient.as_ref().ok().and_then(|m| m.subcommand()) {
-        Some(("connect", given)) => match given.get_one::<PathBuf>("config") {
-            Some(path) => Some((path.clone(), file_args(path, given)?)),
+        Some((sub @ ("connect" | "doctor"), given)) => match given.get_one::<PathBuf>("config") {
+            Some(path) => Some((path.clone(), file_args(sub, path, given)?)),
             None => None,
         },
         _ => None,
@@ -62,19 +66,22 @@ pub(super) fn parse_with_file(argv: &[OsString]) -> Result<Cli, ParseError> {
     }
 }
 
-/// The `--config` file: its text, its table, and its keys as arguments.
-fn file_args(path: &std::path::Path, given: &clap::ArgMatches) -> Result<(String, toml::Table, Vec<OsString>), ParseError> {
+/// The `--config` file of subcommand `sub` (connect, or doctor, which checks connect's
+/// start): its text, its table, and its keys as arguments.
+fn file_args(sub: &str, path: &std::path::Path, given: &clap::ArgMatches) -> Result<(String, toml::Table, Vec<OsString>), ParseError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ParseError::File(Failure::new(Exit::Local, format!("cannot read --config {file}: {e}"))))?;
     let bad = |e: FileError| ParseError::File(Failure::new(Exit::Usage, format!("--config {}", e.describe(&file))));
     let table = parse(&text).map_err(bad)?;
     let cmd = command();
-    let connect = cmd.find_subcommand("connect").ok_or_else(|| ParseError::File(Failure::new(Exit::Internal, "no connect command".to_owned())))?;
-    // The URL's variables outrank the file, as every flag's own does.
+    let connect = cmd.find_subcommand(sub).ok_or_else(|| ParseError::File(Failure::new(Exit::Internal, format!("no {sub} command"))))?;
+    // The URL is one setting, whether given as `url` or `url-file`: the command line's
+    // --url or --url-file, then the URL's variables, outrank both keys of the file.
     let url_in_env = std::env::var_os("AMQP_URL").is_some() || std::env::var_os("AMQP_URL_FILE").is_some();
+    let url_on_command_line = ["url", "url_file"].iter().any(|id| matches!(given.value_source(id), Some(ValueSource::CommandLine)));
     let mut all = Vec::new();
     for (key, value) in &table {
-        if url_in_env && matches!(key.replace('_', "-").as_str(), "url" | "url-file") {
+        if (url_in_env || url_on_command_line) && matches!(key.replace('_', "-").as_str(), "url" | "url-file") {
             continue;
         }
         all.extend(key_args(&text, connect, given, key, value).map_err(bad)?);

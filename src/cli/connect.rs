@@ -48,7 +48,10 @@ pub struct ConnectArgs {
     #[arg(long, default_value = "native", value_parser = wire_parser())]
     pub wire: Wire,
     /// With --wire ioppytest: create the interface only when toAgent.<NAME>.ip.tun.start
-    /// brings the addresses (as an ioppytest coordinator expects).
+    /// brings the addresses (as an ioppytest coordinator expects). ioppytest's coordinators
+    /// stamp no user_id: without --coordinator such orders are taken from anyone the broker
+    /// lets publish that key (isolate the session in a vhost of its own), always inside
+    /// --start-within and at most 8 orders.
     #[arg(long)]
     pub wait_config: bool,
     /// Accepted so that ioppytest-agent 0.2.20 scripts run unchanged. It changes nothing:
@@ -77,8 +80,10 @@ pub struct ConnectArgs {
     /// give the same drops, delays and reorders (to replay a failing run).
     #[arg(long, value_name = "N", default_value_t = crate::emulate::DEFAULT_SEED)]
     pub emulate_seed: u64,
-    /// With --wire ioppytest: the broker user whose toAgent.<NAME>.ip.tun.start orders
-    /// count [default: this agent's own broker user]; others are refused and counted.
+    /// With --wire ioppytest: only orders (toAgent.<NAME>.ip.tun.start) stamped by this
+    /// broker user count; orders without user_id are then refused and counted [default:
+    /// orders stamped by this agent's own user, and orders without user_id, as ioppytest's
+    /// coordinators send them].
     #[arg(long, value_name = "USER")]
     pub coordinator: Option<String>,
     /// With --wire ioppytest: ordered addresses must lie in these prefixes, at least as

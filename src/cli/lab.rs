@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 
 use super::{within, BrokerArgs};
@@ -16,7 +16,15 @@ use crate::route;
 /// Hosts of a lab when neither `--hosts` nor a topology says.
 pub const DEFAULT_LAB_HOSTS: u32 = 4;
 
+/// `--url`'s help in `agent lab` (the shared text is connect's).
+const LAB_URL_HELP: &str = "Broker URL of the lab, repeatable for the nodes of a cluster. Only this flag or \
+--url-file choose the lab's broker: AMQP_URL and AMQP_URL_FILE are ignored, so that a platform's URL \
+exported for `agent connect` never turns a local lab into one on the platform's broker \
+[default: localhost:5672 if it answers, else a private RabbitMQ node]";
+
 #[derive(Debug, Args)]
+#[command(mut_arg("url", |a| a.help(LAB_URL_HELP)))]
+#[command(mut_arg("url_file", |a| a.help("Read the lab's broker URL (or a comma- or line-separated list) from FILE (AMQP_URL_FILE is ignored)")))]
 pub struct LabArgs {
     /// Number of hosts (namespaces tb-h1 … tb-hN, or tb-<SESSION>-h<i>; with --userspace,
     /// endpoints h1 … hN) [default: 4, or the topology's `hosts:`; at most 4000, 20000 with
@@ -34,8 +42,6 @@ pub struct LabArgs {
     /// Stay up for interactive use until Ctrl-C (prints how to enter the hosts).
     #[arg(long)]
     pub keep: bool,
-    /// Broker URL, repeatable for the nodes of a cluster [default: localhost:5672 if it
-    /// answers, else a private RabbitMQ node]. TLS flags as for `connect`.
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Session: isolates this lab from other labs and agents on the same broker.
@@ -85,13 +91,15 @@ impl LabArgs {
         if !route::is_valid_word(&self.session) || self.session.len() > 20 {
             bail!("--session {:?} must be one topic word of at most 20 characters: letters, digits, '-' or '_'", self.session);
         }
-        let endpoints = if self.broker.given() { Some(self.broker.endpoints()?) } else { None };
+        // The lab's own command line only: a platform's AMQP_URL must not make a "local" lab
+        // run on the platform's broker.
+        let endpoints = if self.broker.given_on_command_line() { Some(self.broker.endpoints()?) } else { None };
         if !(self.throughput_seconds >= 0.0 && self.throughput_seconds <= 600.0) {
             bail!("--throughput-seconds must be between 0 and 600");
         }
         let topology = match &self.topology {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| Failure::new(Exit::Local, format!("cannot read --topology {}: {e}", path.display())))?;
                 let hosts = self.hosts.map(|h| h as usize);
                 Some(
                     crate::lab::topology::LabTopology::parse(&text, hosts)

@@ -9,9 +9,11 @@ mod capture;
 mod completions;
 pub mod config_file;
 mod connect;
+mod doctor;
 mod lab;
 mod manpages;
 mod peers;
+mod ping;
 mod provision;
 mod route;
 mod sniffer;
@@ -21,9 +23,11 @@ pub use bus::{bus_exchange, BrokerArgs, BusArgs};
 pub use capture::CaptureArgs;
 pub use completions::CompletionsArgs;
 pub use connect::{parse_cpus, ConnectArgs};
+pub use doctor::DoctorArgs;
 pub use lab::{LabArgs, DEFAULT_LAB_HOSTS};
 pub use manpages::ManpagesArgs;
 pub use peers::PeersArgs;
+pub use ping::PingArgs;
 pub use provision::ProvisionArgs;
 pub use route::RouteArgs;
 pub use sniffer::SnifferArgs;
@@ -65,15 +69,60 @@ pub struct Cli {
 /// `TUNBUS_` and the flag's long name in capitals (the URL keeps `AMQP_URL` and
 /// `AMQP_URL_FILE`, which `BrokerArgs` reads itself).
 pub fn command() -> clap::Command {
-    <Cli as clap::CommandFactory>::command().mut_subcommand("connect", |connect| {
-        let longs: Vec<(String, String)> = connect
+    let with_env = |sub: clap::Command| {
+        let longs: Vec<(String, String)> = sub
             .get_arguments()
             .filter(|a| a.get_env().is_none())
             .filter_map(|a| Some((a.get_id().to_string(), a.get_long()?.to_owned())))
             .filter(|(_, long)| !matches!(long.as_str(), "url" | "url-file" | "help" | "version"))
             .collect();
-        longs.into_iter().fold(connect, |c, (id, long)| c.mut_arg(id, |a| a.env(format!("TUNBUS_{}", long.to_uppercase().replace('-', "_")))))
-    })
+        longs.into_iter().fold(sub, |c, (id, long)| c.mut_arg(id, |a| a.env(format!("TUNBUS_{}", long.to_uppercase().replace('-', "_")))))
+    };
+    let with_headings = |sub: clap::Command| {
+        let mut order = 0;
+        CONNECT_HEADINGS.iter().fold(sub, |c, (heading, ids)| {
+            ids.iter().fold(c, |c, id| {
+                order += 1;
+                let n = order;
+                c.mut_arg(*id, |a| a.help_heading(*heading).display_order(n))
+            })
+        })
+    };
+    // `agent doctor` checks what `agent connect` would start: the same flags, file and
+    // variables.
+    <Cli as clap::CommandFactory>::command().mut_subcommand("connect", |c| with_headings(with_env(c))).mut_subcommand("doctor", |c| with_headings(with_env(c)))
+}
+
+/// `connect --help` in sections, in this order (every flag of connect has one: a test says so).
+pub const CONNECT_HEADINGS: [(&str, &[&str]); 9] = [
+    ("Who and where", &["name", "config", "session", "exchange", "wire"]),
+    ("Broker", &["url", "url_file", "tls_ca", "tls_cert", "tls_key", "tls_insecure", "heartbeat", "broker_user"]),
+    ("Interface", &["ipv4", "ipv6", "netns", "ifname", "mtu", "queues", "cpus", "no_offload", "no_offload_from_bus"]),
+    ("Userspace stack (no root, no TUN)", &["userspace", "forward", "expose", "socks5"]),
+    ("Identities", &["peers", "no_identity_check"]),
+    ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),
+    ("Capture and emulation", &["pcap", "emulate", "emulate_to", "emulate_seed"]),
+    ("Statistics", &["stats_interval", "stats_json", "metrics_addr", "status_dir"]),
+    ("Tuning", &["max_batch_bytes", "queue_max_bytes", "prefetch"]),
+];
+
+/// The examples `connect --help` ends with (then the exit codes).
+pub const CONNECT_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  Join a platform's session (the operator gives you the URL, or a URL file, the session, your\n",
+    "  agent's name and its addresses; sudo -E keeps AMQP_URL):\n",
+    "    sudo -E agent connect --url-file h1.url --session lab --name h1 --ipv4 198.18.0.1/24 --ipv6 fd00:7b::1/64\n",
+    "  The same on ioppytest's wire, the addresses from the coordinator's ip.tun.start:\n",
+    "    sudo -E agent connect --wire ioppytest --name coap_client --wait-config\n",
+    "  All from a file (what the systemd unit tunbus-agent@h1 runs; agent provision writes one):\n",
+    "    sudo agent connect --config /etc/tunbus/h1.toml\n",
+    "  Check a start before making it, and the path to a peer once up:\n",
+    "    sudo agent doctor --config /etc/tunbus/h1.toml;  agent ping h2;  sudo agent status",
+);
+
+/// `connect --help`'s epilogue: examples, then the exit codes.
+fn connect_after_help() -> String {
+    format!("{CONNECT_EXAMPLES}\n\n{}", crate::exit::TABLE)
 }
 
 /// Why the command line could not be read.
@@ -116,8 +165,15 @@ pub fn effective_args(mut argv: Vec<OsString>) -> Vec<OsString> {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the TUN interface and connect it to the bus until Ctrl-C / SIGTERM.
-    #[command(after_help = crate::exit::TABLE)]
+    #[command(after_help = connect_after_help())]
     Connect(ConnectArgs),
+    /// Check, in order, what `agent connect` with the same flags needs, and say how to fix
+    /// what is missing (the TUN device, capabilities, broker, TLS, login, vhost,
+    /// permissions, MTU, clock).
+    Doctor(DoctorArgs),
+    /// Probe an agent through the bus (like tailscale ping): the time to the broker and
+    /// back and to the peer's agent and back, which node and queue answered.
+    Ping(PingArgs),
     /// List the agents present on the bus (asks them to announce themselves).
     Peers(PeersArgs),
     /// Bring up N hosts (namespaces + agents) on this machine, check them, report, tear down.
@@ -152,4 +208,31 @@ where
     <T as TryFrom<i64>>::Error: std::error::Error + Send + Sync + 'static,
 {
     clap::builder::RangedI64ValueParser::new().range((*range.start()).into()..=(*range.end()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of `connect` (and so of `doctor`) is in one section of `--help`: a new
+    /// flag must choose one.
+    #[test]
+    fn every_connect_flag_has_a_section_and_help_ends_with_examples() {
+        let cmd = command();
+        for sub in ["connect", "doctor"] {
+            let c = cmd.find_subcommand(sub).expect("subcommand");
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version" | "quiet" | "log_format" | "api") {
+                    continue;
+                }
+                assert!(a.get_help_heading().is_some(), "{sub} --{id} is in no section of CONNECT_HEADINGS");
+            }
+        }
+        let help = cmd.find_subcommand("connect").expect("connect").clone().render_help().to_string();
+        for heading in CONNECT_HEADINGS.iter().map(|(h, _)| *h) {
+            assert!(help.contains(&format!("{heading}:")), "{heading}");
+        }
+        assert!(help.contains("Examples:") && help.contains("sudo -E agent connect") && help.contains(crate::exit::TABLE), "{help}");
+    }
 }

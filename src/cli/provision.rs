@@ -10,9 +10,15 @@ use super::BrokerArgs;
 use crate::exit::{Exit, Failure};
 use crate::route;
 
+/// `--url`'s help in `agent provision` (the shared text is connect's).
+const PROVISION_URL_HELP: &str = "An ADMINISTRATOR's broker URL, amqp[s]://ADMIN:PASS@HOST[:PORT]/: provisioning \
+creates a vhost, users and permissions, which takes RabbitMQ's administrator tag. The agents' URL files get its \
+host, port and query, with their own users and the session's vhost. Without it: --url-file, else \
+$AMQP_URL_FILE, else $AMQP_URL, else amqp://guest:guest@localhost:5672/%2f. Passwords are never printed";
+
 #[derive(Debug, Args)]
+#[command(mut_arg("url", |a| a.help(PROVISION_URL_HELP)))]
 pub struct ProvisionArgs {
-    /// An administrator's broker URL (the agents' URL files use its host, port and query).
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// The session: its vhost, exchange `tunbus.SESSION` and users `SESSION.AGENT`.

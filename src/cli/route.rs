@@ -39,7 +39,8 @@ impl RouteArgs {
     /// The router's options: the broker's nodes, the topology file read and parsed.
     pub fn options(&self) -> anyhow::Result<RouterOptions> {
         let endpoints = self.broker.endpoints()?;
-        let text = std::fs::read_to_string(&self.topology).with_context(|| format!("reading --topology {}", self.topology.display()))?;
+        let text = std::fs::read_to_string(&self.topology)
+            .map_err(|e| crate::exit::Failure::new(crate::exit::Exit::Local, format!("cannot read --topology {}: {e}", self.topology.display())))?;
         let topology = Topology::parse(&text).with_context(|| format!("--topology {}", self.topology.display()))?;
         if !(self.stats_interval >= 0.0 && self.stats_interval <= MAX_STATS_INTERVAL.as_secs_f64()) {
             anyhow::bail!("--stats-interval must be between 0 and {} seconds", MAX_STATS_INTERVAL.as_secs());

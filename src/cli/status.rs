@@ -8,8 +8,13 @@ use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Only this agent [default: every agent on this host].
-    pub name: Option<String>,
+    /// Only these agents [default: every agent on this host].
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Wait up to SECONDS for the agents to be up, every link connected (named agents: each
+    /// of them; else at least one), then show them; exit 1 if they are not.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait: Option<f64>,
     /// One JSON object per agent per line (the report inside is `--stats-json`'s).
     #[arg(long)]
     pub json: bool,

@@ -43,9 +43,15 @@ fn open(config: &AgentConfig, retry: client::Retry, stop: &Stop) -> Result<Clien
     Client::connect(config.bus().endpoints.clone(), &opts, plan, retry, stop.flag())
 }
 
-/// The order policy of `config`: its coordinator (else its own user) and subnets.
+/// The order policy of `config`: with `--coordinator USER`, that user's orders only (stamped
+/// with its `user_id`); without it, orders stamped by this agent's own user and orders
+/// without `user_id` (what ioppytest's coordinators send): the broker's permissions then
+/// decide who may give orders. Either way inside `--start-within`, and at most
+/// `MAX_ORDERS`.
 pub fn policy(config: &AgentConfig) -> StartPolicy {
-    StartPolicy::new(config.ioppytest().coordinator.clone().unwrap_or_else(|| config.identity().user.clone()), config.ioppytest().start_within.clone())
+    let named = config.ioppytest().coordinator.clone();
+    let unsigned = named.is_none();
+    StartPolicy::new(named.unwrap_or_else(|| config.identity().user.clone()), config.ioppytest().start_within.clone()).unsigned(unsigned)
 }
 
 /// Judges an order; logs (and counts into `counters`) a refused one.
@@ -55,12 +61,17 @@ fn judge(policy: &mut StartPolicy, name: &str, user: Option<&str>, body: &[u8], 
         return None;
     };
     let why = match policy.judge(user, OldAddressing::from_started(&t)) {
-        Order::Accept(a) => return Some(a),
+        Order::Accept(a) => {
+            let from = user.map_or_else(|| "no user_id (anyone the broker lets publish it)".to_owned(), |u| format!("broker user {u:?}"));
+            tracing::info!(agent = name, from = %from, addresses = ?a.prefixes().iter().map(ToString::to_string).collect::<Vec<_>>(), "ip.tun.start accepted");
+            return Some(a);
+        }
         Order::Empty => {
             tracing::warn!(agent = name, "ip.tun.start without addresses; ignored");
             return None;
         }
-        Order::NotCoordinator(u) => format!("from broker user {:?}, not the coordinator {:?}", u.unwrap_or_default(), policy.coordinator),
+        Order::NotCoordinator(Some(u)) => format!("from broker user {u:?}, not the coordinator {:?}", policy.coordinator),
+        Order::NotCoordinator(None) => format!("without user_id: --coordinator {:?} asks for orders stamped by that user", policy.coordinator),
         Order::OutsideSubnets(p) => format!("for {p}, outside the session's subnets (--start-within)"),
         Order::TooMany => format!("one too many (at most {})", policy.max_orders),
     };

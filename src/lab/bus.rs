@@ -60,7 +60,12 @@ impl Lab {
     /// lab, else a private node, or a private cluster of `--brokers N` nodes.
     pub(super) fn choose_broker(&mut self, state: &mut State) -> anyhow::Result<Vec<Endpoint>> {
         if let Some(endpoints) = &self.opts.endpoints {
+            let shown: Vec<String> = endpoints.iter().map(|e| e.url.to_string()).collect();
+            tracing::info!(broker = %shown.join(" "), "the lab's broker: the one its --url names");
             return Ok(endpoints.clone());
+        }
+        if std::env::var_os("AMQP_URL").is_some() || std::env::var_os("AMQP_URL_FILE").is_some() {
+            tracing::warn!("AMQP_URL or AMQP_URL_FILE is set, but a lab takes its broker only from its own --url or --url-file: it is ignored");
         }
         let connections = if self.opts.userspace { super::userspace::workers_for(self.opts.hosts) } else { self.opts.hosts * self.opts.queues };
         if self.opts.brokers <= 1 && !self.opts.private_broker && broker::answers("127.0.0.1:5672") {
@@ -71,7 +76,10 @@ impl Lab {
                     memory_free_mib = cap.memory_free / (1 << 20),
                     "the local broker cannot hold this lab (raise its open-files limit: scripts/setup.sh starts it so); starting a private node with a raised limit instead"
                 ),
-                _ => return Ok(vec![Endpoint::plain(url::parse(&DEFAULT_URL.replace("localhost", "127.0.0.1"))?)]),
+                _ => {
+                    tracing::info!(broker = "127.0.0.1:5672", "the lab's broker: this machine's RabbitMQ (--private-broker for one of the lab's own)");
+                    return Ok(vec![Endpoint::plain(url::parse(&DEFAULT_URL.replace("localhost", "127.0.0.1"))?)]);
+                }
             }
         }
         if !broker::installed() {
@@ -84,7 +92,7 @@ impl Lab {
         write_state(state)?;
         create_private_dir(&dir)?;
         if self.opts.brokers > 1 {
-            tracing::info!(nodes = self.opts.brokers, "starting a private RabbitMQ cluster");
+            tracing::info!(nodes = self.opts.brokers, "the lab's broker: a private RabbitMQ cluster of its own, starting");
             let prepared: Vec<PrivateBroker> = (1..=self.opts.brokers)
                 .map(|i| PrivateBroker::prepare(&dir.join(format!("node{i}")), &broker::NodeConfig::default()))
                 .collect::<anyhow::Result<_>>()?;
@@ -96,7 +104,7 @@ impl Lab {
             self.private = cluster.nodes;
             return urls.iter().map(|u| Ok(Endpoint::plain(url::parse(u)?))).collect();
         }
-        tracing::info!("starting a private RabbitMQ node");
+        tracing::info!("the lab's broker: a private RabbitMQ node of its own, starting");
         let b = PrivateBroker::prepare(&dir.join("rabbitmq"), &broker::NodeConfig::default())?;
         state.broker_node = Some(b.node.clone());
         state.broker_port = Some(b.port);

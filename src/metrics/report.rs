@@ -146,6 +146,27 @@ impl fmt::Display for Report {
     }
 }
 
+/// The drops between two snapshots by reason, as the stats line shows them:
+/// `none`, or `broker_down=12 malformed=1` (the reasons of `DropReason::name`).
+pub fn drops_since(now: &Snapshot, before: &Snapshot) -> String {
+    let mut out = String::new();
+    for r in DropReason::ALL {
+        let n = now.dropped(r).saturating_sub(before.dropped(r));
+        if n > 0 {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(r.name());
+            out.push('=');
+            out.push_str(&n.to_string());
+        }
+    }
+    if out.is_empty() {
+        out.push_str("none");
+    }
+    out
+}
+
 /// Logs one summary line every `every` until stopped.
 pub async fn periodic(
     agent: String,
@@ -175,7 +196,7 @@ pub async fn periodic(
             tx_pps = pps(now.tx_packets, last.tx_packets) as u64,
             rx = %bits_per_s(now.rx_bytes.saturating_sub(last.rx_bytes), dt),
             rx_pps = pps(now.rx_packets, last.rx_packets) as u64,
-            drops = now.total_drops().saturating_sub(last.total_drops()),
+            drops = %drops_since(&now, &last),
             one_way_p50_us = l.p50_us,
             one_way_p99_us = l.p99_us,
             publish_p99_us = w.p99_us,
@@ -184,5 +205,21 @@ pub async fn periodic(
         );
         last = now;
         last_at = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stats_line_names_each_reason() {
+        let before = Snapshot::default();
+        assert_eq!(drops_since(&before, &before), "none");
+        let mut now = Snapshot::default();
+        now.drops[DropReason::BrokerDown as usize] = 12;
+        now.drops[DropReason::WrongLayer as usize] = 3;
+        assert_eq!(drops_since(&now, &before), "broker_down=12 wrong_layer=3");
+        assert_eq!(drops_since(&now, &now), "none");
     }
 }

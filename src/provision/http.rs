@@ -66,8 +66,27 @@ impl Api {
     /// Sends one request; returns the status and body. A status of 400 or more is an error
     /// unless `ok_statuses` lists it.
     pub fn request(&self, method: &str, path: &str, body: Option<&str>, ok_statuses: &[u16]) -> Result<(u16, String), HttpError> {
+        let (status, _head, body) = self.fetch(method, path, body)?;
+        if status >= 400 && !ok_statuses.contains(&status) {
+            return Err(HttpError::Status(self.addr(), status, format!("{method} {path}"), body.chars().take(300).collect()));
+        }
+        Ok((status, body))
+    }
+
+    /// The server's clock as its `Date` header says (RFC 9110's IMF-fixdate), from one
+    /// `GET path`, whatever its status (a 401 carries the date too).
+    pub fn date(&self, path: &str) -> Result<Option<String>, HttpError> {
+        let (_, head, _) = self.fetch("GET", path, None)?;
+        Ok(head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim().eq_ignore_ascii_case("date").then(|| value.trim().to_owned())
+        }))
+    }
+
+    /// Sends one request; returns the status, the head and the body, whatever the status.
+    fn fetch(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String, String), HttpError> {
         let addr = self.addr();
-        let sock = TcpStream::connect(&addr).map_err(|e| HttpError::Connect(addr.clone(), e))?;
+        let sock = connect(&addr).map_err(|e| HttpError::Connect(addr.clone(), e))?;
         let _ = sock.set_read_timeout(Some(Duration::from_secs(15)));
         let _ = sock.set_write_timeout(Some(Duration::from_secs(15)));
         let body = body.unwrap_or("");
@@ -99,11 +118,21 @@ impl Api {
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| HttpError::Garbled(addr.clone()))?;
         let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
-        if status >= 400 && !ok_statuses.contains(&status) {
-            return Err(HttpError::Status(addr, status, format!("{method} {path}"), body.chars().take(300).collect()));
-        }
-        Ok((status, body))
+        Ok((status, head.to_owned(), body))
     }
+}
+
+/// A TCP connection to `addr` (`host:port`), each address given at most 5 s.
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// The body of a chunked response.

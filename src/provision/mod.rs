@@ -72,14 +72,26 @@ impl Backend {
         match api.request("GET", "/api/overview", None, &[]) {
             Ok(_) => return Ok(Backend::Api(api)),
             Err(http::HttpError::Connect(..)) if o.api.is_none() => {}
+            Err(e @ http::HttpError::Status(_, 401 | 403, ..)) => {
+                bail!("{e}: the URL's user must be an administrator of the broker (RabbitMQ's administrator tag): provisioning creates vhosts, users and permissions")
+            }
             Err(e) => return Err(e.into()),
         }
         let local = matches!(o.admin.host.as_str(), "localhost" | "127.0.0.1" | "::1");
-        let ctl = Command::new("rabbitmqctl").arg("-q").arg("status").output().is_ok_and(|r| r.status.success());
-        if local && ctl {
-            return Ok(Backend::Ctl(None));
+        let no_api = format!("agent provision needs RabbitMQ's management API, and none answers at {base} (on the broker: rabbitmq-plugins enable rabbitmq_management, and open port 15672 to this machine; or give --api URL)");
+        if !local {
+            bail!("{no_api}; the fallback, rabbitmqctl, works only on the broker's own machine");
         }
-        bail!("no management API at {base} (enable rabbitmq_management, or give --api), and the broker is not this machine's (rabbitmqctl works only here)")
+        let status = Command::new("rabbitmqctl").arg("-q").arg("status").output();
+        match status {
+            Ok(r) if r.status.success() => Ok(Backend::Ctl(None)),
+            // Debian's rabbitmqctl reads the Erlang cookie of root or the rabbitmq user.
+            _ if !crate::sys::is_root() => {
+                bail!("{no_api}; the fallback on this machine, rabbitmqctl, needs root: run agent provision as root (sudo), or enable the API")
+            }
+            Ok(r) => bail!("{no_api}; the fallback on this machine, rabbitmqctl, failed: {}", String::from_utf8_lossy(&r.stderr).trim()),
+            Err(e) => bail!("{no_api}; the fallback on this machine, rabbitmqctl, cannot run: {e}"),
+        }
     }
 
     fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -275,17 +287,51 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 fn write_files(dir: &Path, o: &Options, plan: &SessionPlan) -> anyhow::Result<Vec<PathBuf>> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The configurations name the other files by absolute paths: the unit runs agents from /.
+    let dir = &std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let mut files = Vec::new();
+    let peers = dir.join("peers");
     for u in &plan.users {
         let url = o.admin.with_credentials(&u.user, &u.password).with_vhost(&plan.vhost);
         let path = dir.join(format!("{}.url", u.agent));
         write_private(&path, &format!("{}\n", url.to_secret_string()))?;
-        files.push(path);
+        files.push(path.clone());
+        if !u.observer {
+            let config = dir.join(format!("{}.toml", u.agent));
+            let spec = o.agents.iter().find(|a| a.name == u.agent).map(|a| a.prefixes.as_slice()).unwrap_or_default();
+            write_private(&config, &agent_config(plan, &u.agent, spec, &path, &peers, o.tls.ca.as_deref()))?;
+            files.push(config);
+        }
     }
-    let peers = dir.join("peers");
     write_private(&peers, &plan.peers_file())?;
     files.push(peers);
     Ok(files)
+}
+
+/// `NAME.toml` of one agent: what `agent connect --config` and the unit `tunbus-agent@NAME`
+/// (which reads `/etc/tunbus/NAME.toml`) need to join the session, and nothing else.
+pub fn agent_config(plan: &SessionPlan, agent: &str, prefixes: &[crate::route::Prefix], url_file: &Path, peers: &Path, tls_ca: Option<&Path>) -> String {
+    let mut t = toml::Table::new();
+    let text = |s: &str| toml::Value::String(s.to_owned());
+    t.insert("name".into(), text(agent));
+    t.insert("session".into(), text(&plan.session));
+    t.insert("url-file".into(), text(&url_file.display().to_string()));
+    t.insert("peers".into(), text(&peers.display().to_string()));
+    for (key, v4) in [("ipv4", true), ("ipv6", false)] {
+        let list: Vec<toml::Value> = prefixes.iter().filter(|p| p.addr.is_ipv4() == v4).map(|p| text(&p.to_string())).collect();
+        if !list.is_empty() {
+            t.insert(key.into(), toml::Value::Array(list));
+        }
+    }
+    if let Some(ca) = tls_ca {
+        let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.to_owned());
+        t.insert("tls-ca".into(), text(&ca.display().to_string()));
+    }
+    format!(
+        "# Agent {agent} of session {}, written by `agent provision`. Run it with\n#   agent connect --config THIS_FILE\n# or as /etc/tunbus/{agent}.toml with `systemctl enable --now tunbus-agent@{agent}`.\n# The URL file holds the password: keep both files mode 0600.\n{}",
+        plan.session,
+        toml::to_string(&t).unwrap_or_default()
+    )
 }
 
 #[cfg(test)]
@@ -300,6 +346,21 @@ mod tests {
         let h = password_hash("guest", [0x90, 0x8d, 0xc6, 0x0a]);
         assert_eq!(h, "kI3GCrswBLNZQzHJJ95QLoyfAVooYhnvf7jbqiW9BjOYUloe");
         assert_eq!(crate::util::base64(&[0x90, 0x8d, 0xc6, 0x0a]).get(..5), h.get(..5));
+    }
+
+    #[test]
+    fn each_agent_gets_a_configuration_connect_reads() {
+        let agents: Vec<AgentSpec> = vec!["h1=198.18.0.1/24,fd00:7b::1/64".parse().unwrap()];
+        let plan = plan::plan("lab", &agents, || "pw".into()).unwrap();
+        let text = agent_config(&plan, "h1", &agents[0].prefixes, Path::new("/etc/tunbus/lab/h1.url"), Path::new("/etc/tunbus/lab/peers"), None);
+        let t: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(t["name"].as_str(), Some("h1"));
+        assert_eq!(t["session"].as_str(), Some("lab"));
+        assert_eq!(t["url-file"].as_str(), Some("/etc/tunbus/lab/h1.url"));
+        assert_eq!(t["peers"].as_str(), Some("/etc/tunbus/lab/peers"));
+        assert_eq!(t["ipv4"].as_array().unwrap()[0].as_str(), Some("198.18.0.1/24"));
+        assert_eq!(t["ipv6"].as_array().unwrap()[0].as_str(), Some("fd00:7b::1/64"));
+        assert!(!text.contains("pw"), "no password in the configuration:\n{text}");
     }
 
     #[test]

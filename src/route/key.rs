@@ -20,6 +20,11 @@ pub const CTL_PROBE: &str = "tunbus.v1.ctl.probe";
 pub const HELLO_PATTERN: &str = "tunbus.v1.ctl.hello.*";
 /// Binding pattern for every agent's bye.
 pub const BYE_PATTERN: &str = "tunbus.v1.ctl.bye.*";
+/// Prefix of the key of an agent's ping (`tunbus.v1.ctl.ping.<name>`): queue 0 of a native
+/// agent binds its own and answers on the reply key the ping names (`agent ping`).
+pub const CTL_PING_PREFIX: &str = "tunbus.v1.ctl.ping.";
+/// Prefix of a ping's reply key (`tunbus.v1.ctl.pong.<token>`), bound by the one who pings.
+pub const CTL_PONG_PREFIX: &str = "tunbus.v1.ctl.pong.";
 /// Longest agent name (a topic word) accepted in routing keys, in bytes.
 pub const MAX_WORD_LEN: usize = 64;
 
@@ -247,6 +252,17 @@ impl RoutingKey {
         is_valid_word(name).then(|| Self::build(&[KEY_PREFIX, "ctl.bye.", name]))?
     }
 
+    /// `tunbus.v1.ctl.ping.<name>`: a ping for agent `name`. `None` if `name` is not valid.
+    pub fn ping(name: &str) -> Option<RoutingKey> {
+        is_valid_word(name).then(|| Self::build(&[CTL_PING_PREFIX, name]))?
+    }
+
+    /// `tunbus.v1.ctl.pong.<token>`: where the answers to one pinger go. `None` if `token`
+    /// is not a valid word.
+    pub fn pong(token: &str) -> Option<RoutingKey> {
+        is_valid_word(token).then(|| Self::build(&[CTL_PONG_PREFIX, token]))?
+    }
+
     /// The key as a string.
     pub fn as_str(&self) -> &str {
         // Built only from whole `&str`s (see `build` and `unicast`).
@@ -279,6 +295,10 @@ pub enum Key<'a> {
     Hello { name: &'a str },
     /// `tunbus.v1.ctl.bye.<name>`.
     Bye { name: &'a str },
+    /// `tunbus.v1.ctl.ping.<name>`.
+    Ping { name: &'a str },
+    /// `tunbus.v1.ctl.pong.<token>`.
+    Pong { token: &'a str },
 }
 
 impl Key<'_> {
@@ -294,6 +314,8 @@ impl Key<'_> {
             return match ctl.split_once('.')? {
                 ("hello", name) => word(name).map(|()| Key::Hello { name }),
                 ("bye", name) => word(name).map(|()| Key::Bye { name }),
+                ("ping", name) => word(name).map(|()| Key::Ping { name }),
+                ("pong", token) => word(token).map(|()| Key::Pong { token }),
                 _ => None,
             };
         }
@@ -338,6 +360,10 @@ mod tests {
         assert_eq!(Key::parse(RoutingKey::all("h1").unwrap().as_str()), Some(Key::All { sender: "h1" }));
         assert_eq!(Key::parse(RoutingKey::hello("h-2").unwrap().as_str()), Some(Key::Hello { name: "h-2" }));
         assert_eq!(Key::parse(RoutingKey::bye("h_3").unwrap().as_str()), Some(Key::Bye { name: "h_3" }));
+        assert_eq!(Key::parse(RoutingKey::ping("h2").unwrap().as_str()), Some(Key::Ping { name: "h2" }));
+        assert_eq!(Key::parse(RoutingKey::pong("p1a2b").unwrap().as_str()), Some(Key::Pong { token: "p1a2b" }));
+        assert_eq!(RoutingKey::ping("h2").unwrap().as_str(), "tunbus.v1.ctl.ping.h2");
+        assert!(RoutingKey::ping("a.b").is_none() && RoutingKey::pong("*").is_none());
         assert_eq!(Key::parse(CTL_PROBE), Some(Key::Probe));
         for bad in [
             "", "tunbus.v1.", "tunbus.v2.198-18-0-2.1", "tunbus.v1.198-18-0-2.16", "tunbus.v1.198-18-0-2.07",
@@ -357,6 +383,8 @@ mod tests {
                 Some(Key::All { sender }) => prop_assert_eq!(RoutingKey::all(sender).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Hello { name }) => prop_assert_eq!(RoutingKey::hello(name).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Bye { name }) => prop_assert_eq!(RoutingKey::bye(name).map(|k| k.to_string()), Some(key.clone())),
+                Some(Key::Ping { name }) => prop_assert_eq!(RoutingKey::ping(name).map(|k| k.to_string()), Some(key.clone())),
+                Some(Key::Pong { token }) => prop_assert_eq!(RoutingKey::pong(token).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Probe) => prop_assert_eq!(key.as_str(), CTL_PROBE),
                 None => {}
             }

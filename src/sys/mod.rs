@@ -213,6 +213,12 @@ pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> io::Result<T> 
     })
 }
 
+/// Whether this process runs as root (effective user id 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Raises this process's soft limit of open files towards its hard limit (at most `want`)
 /// and returns the soft limit now in force. A lab of hundreds of agents holds a TUN queue
 /// and a socket per queue of each.

@@ -87,6 +87,11 @@ impl Receiver {
         self.inbound.take_probe()
     }
 
+    /// The pings that arrived since the last call (`agent ping`).
+    pub fn take_pings(&mut self) -> Vec<Vec<u8>> {
+        self.inbound.take_pings()
+    }
+
     /// Nothing to do: fold what was recorded, so readers of the statistics see it now;
     /// let silent claims lapse.
     pub fn idle(&mut self) {

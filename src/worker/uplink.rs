@@ -44,6 +44,9 @@ use super::wire::Outbound;
 pub const HOLD_UNSENT: usize = 256 * 1024;
 /// Shortest time between two hellos sent in answer to probes.
 pub const PROBE_ANSWER_GAP: Duration = Duration::from_millis(250);
+/// Shortest time between two answers to pings (`agent ping` sends one a second): a ping
+/// flood costs at most a hundred small answers a second.
+pub const PING_ANSWER_GAP: Duration = Duration::from_millis(10);
 
 /// Bound of each consumer queue in messages (the byte bound is `--queue-max-bytes`):
 /// beyond them the broker drops the oldest messages rather than let a slow receiver build
@@ -135,6 +138,9 @@ impl UplinkContext {
         }
         if self.hello.is_some() {
             keys.push(route::CTL_PROBE.to_owned());
+            if let Some(ping) = RoutingKey::ping(c.name()) {
+                keys.push(ping.as_str().to_owned());
+            }
             if c.identity().mode == crate::identity::Mode::FirstClaim {
                 // First claim: every hello and bye, to know who holds which address.
                 keys.push(route::HELLO_PATTERN.to_owned());
@@ -156,6 +162,8 @@ pub struct Uplink {
     announce: Option<Announcements>,
     next_hello: Instant,
     last_hello: Instant,
+    /// When the last ping was answered.
+    last_pong: Instant,
     /// First claim: ask everyone for their hellos once connected (to learn their claims).
     probe_due: bool,
     /// Down as far as [`BrokerState`] knows (so up and down are reported once each).
@@ -180,6 +188,7 @@ impl Uplink {
             announce: ctx.hello.as_deref().cloned(),
             next_hello: Instant::now(),
             last_hello: Instant::now() - PROBE_ANSWER_GAP,
+            last_pong: Instant::now() - PING_ANSWER_GAP,
             probe_due: false,
             down: false,
             ctx,
@@ -314,6 +323,27 @@ impl Uplink {
         }
         if let Err(e) = receive(&mut self.client, &mut self.receiver, port) {
             self.client.fail(Instant::now(), e);
+            return;
+        }
+        self.answer_pings();
+    }
+
+    /// Answers the pings that arrived (`agent ping`), at most one per [`PING_ANSWER_GAP`],
+    /// on the reply keys they name (pong keys only: `amqp::ping::answer`), saying which node
+    /// and queue answered. Control plane: nothing here runs unless a ping came.
+    fn answer_pings(&mut self) {
+        let pings = self.receiver.take_pings();
+        for body in pings {
+            let now = Instant::now();
+            if now < self.last_pong + PING_ANSWER_GAP {
+                continue;
+            }
+            let queue = self.ctx.config.queue_name(self.ctx.index);
+            let Some((key, pong)) = crate::amqp::ping::answer(&body, self.ctx.config.name(), self.client.broker(), &queue, now_ns()) else { continue };
+            match self.client.publish_copy(&self.exchange, &key, &JSON_PROPERTIES, &pong) {
+                Ok(_) => self.last_pong = now,
+                Err(e) => return self.client.fail(now, e),
+            }
         }
     }
 

@@ -56,7 +56,16 @@ pub trait Inbound: Send {
 
     /// Housekeeping when due (claims lapse, the claims table is published).
     fn tick(&mut self, _now: Instant) {}
+
+    /// The bodies of the pings (`agent ping`) that arrived since the last call, oldest
+    /// first; empty (no allocation) when none did.
+    fn take_pings(&mut self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
 }
+
+/// Pings kept between two turns of the worker at most: a flood of them costs a few answers.
+const MAX_PENDING_PINGS: usize = 8;
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
@@ -72,6 +81,7 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
                 suspects: SuspectLog::default(),
                 presence,
                 probed: false,
+                pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
             }),
         ),
@@ -96,6 +106,8 @@ enum Carries {
     OwnFlood,
     /// A presence probe (queue 0 of a native agent binds it): answered with a hello.
     Probe,
+    /// A ping for this agent (`agent ping`; queue 0 binds it): answered on its reply key.
+    Ping,
     /// A hello or bye (queue 0 in first-claim mode): claims of addresses.
     Presence,
 }
@@ -104,12 +116,14 @@ impl Carries {
     fn of(routing_key: &[u8], own_flood_key: &RoutingKey) -> Carries {
         if routing_key == own_flood_key.as_str().as_bytes() {
             Carries::OwnFlood
+        } else if !routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
+            Carries::Packets // one prefix test per packet batch, whatever control keys exist
         } else if routing_key == route::CTL_PROBE.as_bytes() {
             Carries::Probe
-        } else if routing_key.starts_with(route::CTL_PREFIX.as_bytes()) {
-            Carries::Presence
+        } else if routing_key.starts_with(route::CTL_PING_PREFIX.as_bytes()) {
+            Carries::Ping
         } else {
-            Carries::Packets
+            Carries::Presence
         }
     }
 }
@@ -129,6 +143,8 @@ pub struct NativeIn {
     presence: Option<ClaimKeeper>,
     /// A probe arrived since [`Inbound::take_probe`] was last asked.
     probed: bool,
+    /// Pings that arrived since [`Inbound::take_pings`] was last asked (bodies, bounded).
+    pings: Vec<Vec<u8>>,
     /// Offload from the bus goes to the kernel (after the allow-list).
     offload_from_bus: bool,
 }
@@ -152,6 +168,11 @@ impl Inbound for NativeIn {
                 rx::deliver(d.body, d.user_id, now_ns, &mut sink);
             }
             Carries::Probe => self.probed = true,
+            Carries::Ping => {
+                if self.pings.len() < MAX_PENDING_PINGS && d.body.len() <= crate::amqp::ping::MAX_PING_BODY {
+                    self.pings.push(d.body.to_vec());
+                }
+            }
             Carries::Presence => {
                 if let Some(p) = &mut self.presence {
                     p.on_presence(d.user_id, d.body, Instant::now());
@@ -163,6 +184,10 @@ impl Inbound for NativeIn {
 
     fn take_probe(&mut self) -> bool {
         std::mem::take(&mut self.probed)
+    }
+
+    fn take_pings(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.pings)
     }
 
     fn tick(&mut self, now: Instant) {

@@ -553,3 +553,35 @@ pub fn next_delivery(c: &mut Client, timeout: Duration) -> Option<(String, Optio
     }
     None
 }
+
+/// A broker user of the machine's broker with the permissions a test gives it, deleted
+/// again on drop (also when the test fails): tests never leave the shared broker changed.
+pub struct TempUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl TempUser {
+    /// A user on vhost `/` with `configure`, `write` and `read` permissions, and on
+    /// `amq.topic` the topic permissions `topic` (write, read) when given.
+    pub fn new(prefix: &str, configure: &str, write: &str, read: &str, topic: Option<(&str, &str)>) -> TempUser {
+        let user = TempUser { name: unique(prefix), password: format!("pw-{}", unique("")) };
+        run("rabbitmqctl", &["-q", "add_user", &user.name, &user.password]);
+        run("rabbitmqctl", &["-q", "set_permissions", "-p", "/", &user.name, configure, write, read]);
+        if let Some((w, r)) = topic {
+            run("rabbitmqctl", &["-q", "set_topic_permissions", "-p", "/", &user.name, "amq.topic", w, r]);
+        }
+        user
+    }
+
+    /// Its URL on the machine's broker, vhost `/`.
+    pub fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["-q", "delete_user", &self.name]).output();
+    }
+}

@@ -123,6 +123,10 @@ impl OldAddressing {
 pub struct StartPolicy {
     /// The broker user whose orders count (the coordinator).
     pub coordinator: String,
+    /// Orders without `user_id` count too (what ioppytest's coordinators send: their
+    /// messages carry no `user_id`): then the broker's permissions decide who may give
+    /// them, anyone who may publish `toAgent.<name>.ip.tun.start` on the exchange.
+    pub accept_unsigned: bool,
     /// Where ordered addresses must lie, at least as narrow as these prefixes.
     pub within: Vec<Prefix>,
     /// Most orders honoured in the agent's life.
@@ -150,14 +154,26 @@ pub fn default_subnets() -> Vec<Prefix> {
 }
 
 impl StartPolicy {
+    /// Orders from `coordinator` only (stamped with its `user_id`); [`StartPolicy::unsigned`]
+    /// also takes orders without one.
     pub fn new(coordinator: String, within: Vec<Prefix>) -> StartPolicy {
-        StartPolicy { coordinator, within, max_orders: MAX_ORDERS, honoured: 0 }
+        StartPolicy { coordinator, accept_unsigned: false, within, max_orders: MAX_ORDERS, honoured: 0 }
     }
 
-    /// Judges one order published by broker user `user`; an accepted one counts against
-    /// the bound.
+    /// Also takes orders without `user_id`, as a real ioppytest coordinator sends them.
+    pub fn unsigned(self, accept: bool) -> StartPolicy {
+        StartPolicy { accept_unsigned: accept, ..self }
+    }
+
+    /// Judges one order published by broker user `user` (`None`: the message had no
+    /// `user_id`); an accepted one counts against the bound. Unsigned or not, an order
+    /// stays inside the subnets and the count.
     pub fn judge(&mut self, user: Option<&str>, wanted: OldAddressing) -> Order {
-        if user != Some(self.coordinator.as_str()) {
+        let trusted = match user {
+            None => self.accept_unsigned,
+            Some(u) => u == self.coordinator,
+        };
+        if !trusted {
             return Order::NotCoordinator(user.map(str::to_owned));
         }
         if wanted.is_empty() {
@@ -194,6 +210,22 @@ mod tests {
             assert_eq!(p.judge(Some("coord"), ok.clone()), Order::Accept(ok.clone()));
         }
         assert_eq!(p.judge(Some("coord"), ok), Order::TooMany);
+    }
+
+    /// ioppytest's coordinators send no `user_id`: with `unsigned`, such orders count, inside
+    /// the subnets and the count; a stamped order must still be the coordinator's.
+    #[test]
+    fn unsigned_orders_when_asked_still_inside_the_subnets_and_the_count() {
+        let mut p = StartPolicy::new("coord".into(), default_subnets()).unsigned(true);
+        let ok = OldAddressing { ipv6_prefix: Some("bbbb".into()), ipv6_host: Some("3".into()), ..OldAddressing::default() };
+        assert_eq!(p.judge(None, ok.clone()), Order::Accept(ok.clone()));
+        assert_eq!(p.judge(Some("rogue"), ok.clone()), Order::NotCoordinator(Some("rogue".into())));
+        let elsewhere = OldAddressing { ipv6_prefix: Some("cccc".into()), ipv6_host: Some("3".into()), ..OldAddressing::default() };
+        assert!(matches!(p.judge(None, elsewhere), Order::OutsideSubnets(_)));
+        for _ in 1..MAX_ORDERS {
+            assert_eq!(p.judge(None, ok.clone()), Order::Accept(ok.clone()));
+        }
+        assert_eq!(p.judge(None, ok), Order::TooMany);
     }
 
     use super::*;

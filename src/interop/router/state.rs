@@ -125,6 +125,7 @@ impl Router {
         }
         match Key::parse(key) {
             Some(Key::Probe) => out.push(Action::Announce),
+            Some(Key::Ping { .. } | Key::Pong { .. }) => {} // never bound: agents answer their pings
             Some(Key::Hello { name } | Key::Bye { name }) if name == ROUTER_SENDER => {}
             Some(Key::Hello { .. }) => self.note_native(user, false, body, now),
             Some(Key::Bye { .. }) => self.note_native(user, true, body, now),
