@@ -373,3 +373,36 @@ fn bad_specs_a_port_in_use_and_socks5_garbage_give_clear_answers() {
     assert_eq!(reply, [5, 0], "a good client is served after the garbage");
     let _ = a.interrupt();
 }
+
+#[test]
+fn a_userspace_lab_of_2000_hosts_comes_up_answers_and_leaves_nothing() {
+    if !system_ready("a_userspace_lab_of_2000_hosts_comes_up_answers_and_leaves_nothing") {
+        return;
+    }
+    let session = format!("u{}", std::process::id() % 100_000);
+    let json = std::env::temp_dir().join(format!("{session}-lab.json"));
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--url", URL, "--userspace", "--hosts", "2000", "--sample", "100", "--session", &session, "--json"])
+        .arg(&json)
+        .output()
+        .expect("run the lab");
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the userspace lab failed:\n{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("the lab's JSON")).expect("JSON");
+    let _ = std::fs::remove_file(&json);
+    eprintln!(
+        "userspace lab: 2000 hosts up in {} s, {} pairs, {} MiB ({} MiB per endpoint), ping p50 {} ms; {took:?} in all",
+        report["bring_up_s"], report["pairs_checked"], report["rss_mib"], report["rss_per_agent_mib"], report["rtt_p50_ms"]
+    );
+    assert_eq!(report["hosts_up"], 2000, "{report}");
+    assert_eq!(report["pairs_checked"], 100, "{report}");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    assert!(report["rss_per_agent_mib"].as_f64().unwrap_or(1.0) < 0.2, "{report}");
+    // Nothing left: no queue of the session on the broker, no state file, no namespace.
+    let queues = run("rabbitmqctl", &["list_queues", "-q", "name"]);
+    assert!(!queues.lines().any(|q| q.contains(&format!("tunbus.{session}."))), "queues left:\n{queues}");
+    assert!(!std::path::Path::new(&format!("/run/tunbus/lab-{session}.json")).exists(), "state file left");
+    assert!(namespaces_with(&format!("tb-{session}")).is_empty(), "namespaces left");
+}
