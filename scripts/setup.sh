@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes a Debian machine ready for tunbus, as root: installs what is missing
-# (iproute2, ping, iperf3, tcpdump, openssl, RabbitMQ) and starts the broker when it is not running.
+# (iproute2, ping, iperf3, tcpdump, openssl, RabbitMQ; nftables, dnsmasq, socat and busybox
+# for gateway, Ethernet and serial test hosts) and starts the broker when it is not running.
 # Idempotent and quiet when everything is already there. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
@@ -20,6 +21,12 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/sbin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+# Test hosts for gateways, Ethernet sessions and serial probes.
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v busybox >/dev/null 2>&1 || missing+=(busybox)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -254,6 +254,23 @@ pub struct DataPath {
     pub emulation: Emulation,
     /// Where to write what crosses the TUN, both directions (`--pcap`).
     pub pcap: Option<std::path::PathBuf>,
+    /// Queue management of what this agent receives (`--aqm`; `None`: `--no-aqm`).
+    pub aqm: Option<AqmSettings>,
+}
+
+/// CoDel's two parameters (`worker::aqm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AqmSettings {
+    /// The standing queue the bus may keep.
+    pub target: Duration,
+    /// About the worst round trip of the flows it manages.
+    pub interval: Duration,
+}
+
+impl Default for AqmSettings {
+    fn default() -> AqmSettings {
+        AqmSettings { target: Duration::from_millis(2), interval: Duration::from_millis(20) }
+    }
 }
 
 impl Default for DataPath {
@@ -268,6 +285,7 @@ impl Default for DataPath {
             status_dir: Some(RUN_DIR.into()),
             emulation: Emulation::default(),
             pcap: None,
+            aqm: Some(AqmSettings::default()),
         }
     }
 }

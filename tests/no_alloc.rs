@@ -489,7 +489,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
             let mut suspects = rx::SuspectLog::default();
             let mut scratch = Vec::new();
             let mut round = |latency: &mut LocalHistogram, suspects: &mut rx::SuspectLog| -> u64 {
-                let mut sink = rx::Sink { port: &mut queue, layer: tunbus::port::Layer::Ip, counters: &counters, latency, peers: &peers, trust: &trust, suspects, offload_from_bus: true, scratch: &mut scratch };
+                let mut sink = rx::Sink { port: &mut queue, layer: tunbus::port::Layer::Ip, counters: &counters, latency, peers: &peers, trust: &trust, suspects, offload_from_bus: true, scratch: &mut scratch, congestion: None };
                 frames.iter().map(|f| rx::deliver(f, Some(b"peer"), now_ns(), &mut sink)).sum()
             };
             for _ in 0..20 {

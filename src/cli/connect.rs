@@ -154,6 +154,18 @@ pub struct ConnectArgs {
     /// [for users other than root: $XDG_RUNTIME_DIR/tunbus, else /tmp/tunbus-UID].
     #[arg(long, value_name = "DIR", default_value = config::RUN_DIR)]
     pub status_dir: PathBuf,
+    /// Queue management of what this agent receives: when the bus keeps a standing queue
+    /// longer than this (measured from each batch's timestamp, above the smallest delay
+    /// seen), packets of the bulk flow are marked CE (ECN) or, not ECN-capable, dropped, at
+    /// CoDel's pace, so that a ping beside a transfer stays fast (docs/decisions/0028).
+    #[arg(long, value_name = "TIME", default_value = "2ms", value_parser = parse_time)]
+    pub aqm_target: Duration,
+    /// CoDel's interval: about the worst round trip of the flows through the bus.
+    #[arg(long, value_name = "TIME", default_value = "20ms", value_parser = parse_time)]
+    pub aqm_interval: Duration,
+    /// No queue management: batches are written however long they waited.
+    #[arg(long)]
+    pub no_aqm: bool,
     /// Write the final report as JSON to this file on exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
@@ -324,6 +336,7 @@ impl ConnectArgs {
             status_dir: Some(if self.status_dir == std::path::Path::new(config::RUN_DIR) { crate::status::default_dir() } else { self.status_dir }),
             emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed, known: Vec::new() },
             pcap,
+            aqm: (!self.no_aqm).then_some(config::AqmSettings { target: self.aqm_target, interval: self.aqm_interval }),
         };
         let mut start_within = self.start_within;
         if start_within.is_empty() {
@@ -436,4 +449,9 @@ mod tests {
         assert!(parse_cpus("x").is_err());
         assert!(parse_cpus("").is_err());
     }
+}
+
+/// A time as tc-netem writes it: `2ms`, `500us`, `1.5ms`, `1s`.
+fn parse_time(s: &str) -> Result<Duration, String> {
+    crate::emulate::spec::parse_time(s).ok_or_else(|| format!("expected a time such as 2ms, 500us or 1s, found {s:?}"))
 }

@@ -55,10 +55,13 @@ pub enum DropReason {
     /// A batch of another layer than this agent's port (Ethernet frames at an IP agent,
     /// IP packets at a serial probe): sessions of different layers do not mix.
     WrongLayer,
+    /// Dropped by the queue management (`worker::aqm`): a packet of a flow that is not
+    /// ECN-capable, while the bus held a standing queue (ECN-capable ones are marked).
+    Aqm,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -75,6 +78,7 @@ impl DropReason {
         DropReason::ForgedControl,
         DropReason::Emulated,
         DropReason::WrongLayer,
+        DropReason::Aqm,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -96,6 +100,7 @@ impl DropReason {
             DropReason::ForgedControl => "forged_control",
             DropReason::Emulated => "emulated",
             DropReason::WrongLayer => "wrong_layer",
+            DropReason::Aqm => "aqm",
         }
     }
 }
@@ -187,9 +192,17 @@ impl TxCounters {
 pub struct RxCounters {
     pub received: Passed,
     drops: Drops,
+    /// Packets the queue management marked with CE (congestion experienced).
+    marked: AtomicU64,
 }
 
 impl RxCounters {
+    /// `n` packets were marked CE by the queue management.
+    #[inline]
+    pub fn record_marks(&self, n: u64) {
+        add(&self.marked, n);
+    }
+
     #[inline]
     pub fn record_drop(&self, reason: DropReason, n: u64) {
         add(&self.drops.0[reason as usize], n);
@@ -220,6 +233,8 @@ pub struct Snapshot {
     pub rx_bytes: u64,
     pub rx_batches: u64,
     pub reconnects: u64,
+    /// Packets marked CE by the receivers' queue management.
+    pub ce_marked: u64,
     pub drops: [u64; DropReason::ALL.len()],
 }
 
@@ -245,6 +260,7 @@ impl Snapshot {
     fn add_rx(&mut self, c: &RxCounters) {
         let (b, p, n) = c.received.load();
         (self.rx_batches, self.rx_packets, self.rx_bytes) = (self.rx_batches + b, self.rx_packets + p, self.rx_bytes + n);
+        self.ce_marked += c.marked.load(Ordering::Relaxed);
         self.add_drops(&c.drops);
     }
 

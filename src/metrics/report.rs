@@ -38,6 +38,8 @@ pub struct Report {
     pub rx_bytes: u64,
     pub rx_batches: u64,
     pub reconnects: u64,
+    /// Packets the queue management marked CE (ECN) instead of dropping them.
+    pub ce_marked: u64,
     pub drops: Vec<(String, u64)>,
     /// One-way latency, sender's batch timestamp → our TUN write.
     pub latency: Percentiles,
@@ -90,6 +92,7 @@ pub fn build(agent: &str, uptime: Duration, counters: &AgentCounters, hist: &[Ar
         rx_bytes: s.rx_bytes,
         rx_batches: s.rx_batches,
         reconnects: s.reconnects,
+        ce_marked: s.ce_marked,
         drops: DropReason::ALL.iter().map(|r| (r.name().to_owned(), s.dropped(*r))).filter(|(_, n)| *n > 0).collect(),
         latency: merged(hist.iter().map(|h| &h.one_way_us)),
         read_to_publish: merged(hist.iter().map(|h| &h.read_to_publish_us)),

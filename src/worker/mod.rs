@@ -6,6 +6,7 @@
 //! packets into TUN queue k. [`wire`]: how each wire (native v1, ioppytest JSON) publishes
 //! a batch and reads a delivery.
 
+pub mod aqm;
 pub mod batch;
 pub mod classify;
 pub mod queue;

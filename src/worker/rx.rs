@@ -28,6 +28,7 @@ use crate::config::AgentConfig;
 use crate::identity::claims::{Claims, MAX_PER_HELLO};
 use crate::identity::{self, Verdict};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
+use super::aqm::Aqm;
 use crate::route;
 use crate::route::peers::PeerQueues;
 use crate::port::{Layer, Port};
@@ -156,8 +157,63 @@ pub struct Sink<'a> {
     pub suspects: &'a mut SuspectLog,
     /// Offload headers go to the kernel after the allow-list; `false`: never.
     pub offload_from_bus: bool,
-    /// Where a packet is copied to complete its checksum (grows once, then reused).
+    /// Where a packet is copied to complete its checksum or to be marked (grows once,
+    /// then reused).
     pub scratch: &'a mut Vec<u8>,
+    /// The queue management, with who sent this batch and its flow shard; `None`: off.
+    pub congestion: Option<Congestion<'a>>,
+}
+
+/// What the queue management needs to judge one batch.
+pub struct Congestion<'a> {
+    pub aqm: &'a mut Aqm,
+    /// A hash of the sender's broker user.
+    pub sender: u64,
+    /// The flow shard of the batch's routing key.
+    pub shard: u8,
+}
+
+/// Most packets of one batch the queue management marks or drops.
+const MOST_MARKS: usize = 8;
+
+/// The transport protocol of an IP packet, when it is TCP or UDP (the flows a mark or a
+/// drop slows down; an ICMP echo is never chosen).
+fn congestible(data: &[u8]) -> bool {
+    use crate::packet::ip::protocol::{TCP, UDP};
+    use crate::packet::ipv4::Ipv4Packet;
+    use crate::packet::ipv6::Ipv6Packet;
+    let proto = match data.first().map(|b| b >> 4) {
+        Some(4) => Ipv4Packet::new_checked(data).ok().map(|p| p.protocol()),
+        Some(6) => Ipv6Packet::new_checked(data).ok().map(|p| p.upper_layer().protocol),
+        _ => None,
+    };
+    matches!(proto, Some(TCP | UDP))
+}
+
+/// The indices of the `n` largest TCP or UDP packets of `frame` (a standing queue is
+/// mostly a bulk flow's: its packets are the large ones).
+fn victims(frame: &v1::Frame<'_>, n: usize) -> ([usize; MOST_MARKS], usize) {
+    let mut chosen = [(0usize, 0usize); MOST_MARKS]; // (len, index), largest first
+    let mut count = 0;
+    for (i, p) in frame.packets().enumerate() {
+        if !congestible(p.data) {
+            continue;
+        }
+        let len = p.data.len();
+        if count < n {
+            chosen[count] = (len, i);
+            count += 1;
+        } else if let Some(min) = (0..count).min_by_key(|&k| chosen[k].0) {
+            if chosen[min].0 < len {
+                chosen[min] = (len, i);
+            }
+        }
+    }
+    let mut out = [usize::MAX; MOST_MARKS];
+    for (k, c) in chosen.iter().take(count).enumerate() {
+        out[k] = c.1;
+    }
+    (out, count)
 }
 
 /// Writes every packet of `body`, a batch published by broker user `user` (`None`: the
@@ -183,6 +239,14 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
         return 0;
     }
     let ip = sink.layer == Layer::Ip;
+    // Queue management: how many packets of this batch the standing queue costs.
+    let marks = match (&mut sink.congestion, ip) {
+        (Some(c), true) => c.aqm.on_batch(c.sender, c.shard, frame.header().timestamp_ns, now_ns) as usize,
+        _ => 0,
+    };
+    let (victim, victims_n) = if marks > 0 { victims(&frame, marks.min(MOST_MARKS)) } else { ([usize::MAX; MOST_MARKS], 0) };
+    let mut marked = 0u64;
+    let mut aqm_dropped = 0u64;
     let mut written = 0u64;
     let mut bytes = 0u64;
     let mut bad_vnet = 0u64;
@@ -195,7 +259,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     let sender = sink.trust.sender(user);
     // The last source seen and what was concluded about it: a batch is mostly one flow.
     let mut last: Option<(Option<IpAddr>, Verdict)> = None;
-    for p in frame.packets() {
+    for (i, p) in frame.packets().enumerate() {
         if ip && (checks || sender_queues != 0) {
             let src = route::source(p.data);
             let verdict = match last {
@@ -238,7 +302,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
                 continue;
             }
         };
-        let mut data = p.data;
+        let mut in_scratch = false;
         if hdr != vnet::PLAIN && !sink.offload_from_bus {
             if VnetHdr::parse(&hdr).is_gso() {
                 refused_offload += 1;
@@ -251,8 +315,27 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
                 bad_vnet += 1;
                 continue;
             }
-            data = sink.scratch.as_slice();
+            in_scratch = true;
         }
+        if victims_n > 0 && victim[..victims_n].contains(&i) {
+            // CE on an ECN-capable packet (a copy: the batch is the read buffer); the IPv4
+            // header checksum follows (RFC 1624), the transport checksum does not cover the
+            // ECN bits, and a super-packet's segments all inherit its header. Not
+            // ECN-capable: dropped, as a router's AQM would.
+            if !in_scratch {
+                sink.scratch.clear();
+                sink.scratch.extend_from_slice(p.data);
+                in_scratch = true;
+            }
+            let ce = crate::packet::ip::IpPacket::new_checked(&mut sink.scratch[..]).is_ok_and(|mut view| view.mark_ce());
+            if ce {
+                marked += 1;
+            } else {
+                aqm_dropped += 1;
+                continue;
+            }
+        }
+        let data = if in_scratch { sink.scratch.as_slice() } else { p.data };
         let hdr = if sink.offload_from_bus { hdr } else { vnet::PLAIN };
         match sink.port.write(&hdr, data) {
             Ok(()) => {
@@ -268,6 +351,8 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     c.record_drop(DropReason::TunWrite, refused);
     c.record_drop(DropReason::Spoofed, spoofed);
     c.record_drop(DropReason::NoIdentity, unsigned);
+    c.record_drop(DropReason::Aqm, aqm_dropped);
+    c.record_marks(marked);
     c.received.message(written, bytes);
     let sent = frame.header().timestamp_ns;
     if written > 0 && sent > 0 {

@@ -83,6 +83,7 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
                 probed: false,
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
+                aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval)),
             }),
         ),
         Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
@@ -147,6 +148,18 @@ pub struct NativeIn {
     pings: Vec<Vec<u8>>,
     /// Offload from the bus goes to the kernel (after the allow-list).
     offload_from_bus: bool,
+    /// The queue management of what this receiver writes (`None`: off).
+    aqm: Option<super::aqm::Aqm>,
+}
+
+/// The flow shard named by a unicast routing key's last word (`tunbus.v1.<dst>.<shard>`);
+/// 0 for anything else (floods).
+fn key_shard(routing_key: &[u8]) -> u8 {
+    let last = routing_key.rsplit(|&b| b == b'.').next().unwrap_or_default();
+    if last.is_empty() || last.len() > 2 || !last.iter().all(u8::is_ascii_digit) {
+        return 0;
+    }
+    last.iter().fold(0u8, |n, d| n.wrapping_mul(10).wrapping_add(d - b'0'))
 }
 
 impl Inbound for NativeIn {
@@ -164,6 +177,7 @@ impl Inbound for NativeIn {
                     suspects: &mut self.suspects,
                     offload_from_bus: self.offload_from_bus,
                     scratch: out.scratch,
+                    congestion: self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) }),
                 };
                 rx::deliver(d.body, d.user_id, now_ns, &mut sink);
             }

@@ -176,7 +176,14 @@ fn serve(mut s: TcpStream, scenario: Scenario, stop: &AtomicBool, consuming: &Mu
                         w.shortstr(&name).long(0).long(0);
                     }))
                 }
-                method::QUEUE_BIND => Some(method_frame(1, method::QUEUE_BIND_OK, |_| {})),
+                method::QUEUE_BIND => {
+                    // reserved, queue, exchange, routing key, then the no-wait bit: as
+                    // RabbitMQ does, a bind sent without waiting gets no answer.
+                    let _ = a.short();
+                    let _ = (a.shortstr(), a.shortstr(), a.shortstr());
+                    let no_wait = a.octet().is_ok_and(|bits| bits & 1 == 1);
+                    (!no_wait).then(|| method_frame(1, method::QUEUE_BIND_OK, |_| {}))
+                }
                 method::BASIC_QOS => Some(method_frame(1, method::BASIC_QOS_OK, |_| {})),
                 method::BASIC_CONSUME => {
                     let mut out = method_frame(1, method::BASIC_CONSUME_OK, |w| {
