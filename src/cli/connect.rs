@@ -156,13 +156,17 @@ pub struct ConnectArgs {
     pub status_dir: PathBuf,
     /// Queue management of what this agent receives: when the bus keeps a standing queue
     /// longer than this (measured from each batch's timestamp, above the smallest delay
-    /// seen), packets of the bulk flow are marked CE (ECN) or, not ECN-capable, dropped, at
-    /// CoDel's pace, so that a ping beside a transfer stays fast (docs/decisions/0028).
+    /// seen), ECN-capable packets of the bulk flow are marked CE at CoDel's pace, so that a
+    /// ping beside a transfer stays fast (docs/decisions/0028).
     #[arg(long, value_name = "TIME", default_value = "2ms", value_parser = parse_time)]
     pub aqm_target: Duration,
     /// CoDel's interval: about the worst round trip of the flows through the bus.
     #[arg(long, value_name = "TIME", default_value = "20ms", value_parser = parse_time)]
     pub aqm_interval: Duration,
+    /// Drop packets that are not ECN-capable where the queue management would mark (as a
+    /// router's CoDel does; costly here: a dropped unit is often a super-packet).
+    #[arg(long, conflicts_with = "no_aqm")]
+    pub aqm_drop: bool,
     /// No queue management: batches are written however long they waited.
     #[arg(long)]
     pub no_aqm: bool,
@@ -336,7 +340,7 @@ impl ConnectArgs {
             status_dir: Some(if self.status_dir == std::path::Path::new(config::RUN_DIR) { crate::status::default_dir() } else { self.status_dir }),
             emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed, known: Vec::new() },
             pcap,
-            aqm: (!self.no_aqm).then_some(config::AqmSettings { target: self.aqm_target, interval: self.aqm_interval }),
+            aqm: (!self.no_aqm).then_some(config::AqmSettings { target: self.aqm_target, interval: self.aqm_interval, drop: self.aqm_drop }),
         };
         let mut start_within = self.start_within;
         if start_within.is_empty() {
