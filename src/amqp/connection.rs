@@ -729,8 +729,7 @@ mod tests {
                     w.octet(0).octet(9).table(&[("product", Value::Str("RabbitMQ"))]).longstr(b"PLAIN AMQPLAIN").longstr(b"en_US");
                 });
             }
-            loop {
-                let Some((f, n)) = wire::parse_frame(&self.inbox, 1 << 20).expect("the client sends valid frames") else { break };
+            while let Some((f, n)) = wire::parse_frame(&self.inbox, 1 << 20).expect("the client sends valid frames") {
                 let (kind, payload) = (f.kind, f.payload.to_vec());
                 self.inbox.drain(..n);
                 if kind != wire::FRAME_METHOD {

@@ -361,6 +361,11 @@ impl ConnectArgs {
     }
 }
 
+/// A time as tc-netem writes it: `2ms`, `500us`, `1.5ms`, `1s`.
+fn parse_time(s: &str) -> Result<Duration, String> {
+    crate::emulate::spec::parse_time(s).ok_or_else(|| format!("expected a time such as 2ms, 500us or 1s, found {s:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,9 +458,4 @@ mod tests {
         assert!(parse_cpus("x").is_err());
         assert!(parse_cpus("").is_err());
     }
-}
-
-/// A time as tc-netem writes it: `2ms`, `500us`, `1.5ms`, `1s`.
-fn parse_time(s: &str) -> Result<Duration, String> {
-    crate::emulate::spec::parse_time(s).ok_or_else(|| format!("expected a time such as 2ms, 500us or 1s, found {s:?}"))
 }
