@@ -206,3 +206,62 @@ fn a_probe_on_the_ioppytest_wire() {
     assert_eq!(serial_stats(&report, "frames_out") as usize, frames.len(), "{report}");
     assert_eq!(drops(&report, "malformed"), 1, "{report}");
 }
+
+/// `agent capture` of a serial session: one IEEE 802.15.4 interface per probe, link type
+/// NOFCS (230), which `tcpdump -r` names and decodes; the frames as the probes sent them.
+#[test]
+fn a_capture_of_a_serial_session_reads_as_802154() {
+    if !system_ready("a_capture_of_a_serial_session_reads_as_802154") {
+        return;
+    }
+    let session = unique("radiocap");
+    let probe_a = FakeProbe::new();
+    let mut probe_b = FakeProbe::new();
+    let (name_a, name_b) = (unique("capA"), unique("capB"));
+    let (dev_a, dev_b) = (probe_a.path().display().to_string(), probe_b.path().display().to_string());
+    let a = AgentProc::spawn_serial(&name_a, &["--device", &dev_a, "--session", &session, "--wire", "native"]);
+    let b = AgentProc::spawn_serial(&name_b, &["--device", &dev_b, "--session", &session, "--wire", "native"]);
+    for agent in [&a, &b] {
+        assert!(agent.wait_log("agent up", Duration::from_secs(15)), "{}", agent.logs());
+    }
+    let file = std::env::temp_dir().join(format!("{session}.pcapng"));
+    let log = std::env::temp_dir().join(format!("{session}.capture.log"));
+    let mut capture = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["capture", "--url", URL, "--session", &session, "-w"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("capture log"))
+        .spawn()
+        .expect("agent capture");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t0 = Instant::now();
+    while !logs().contains("tap open") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // IEEE 802.15.4 data frames (short addresses, PAN 0xabcd), sequence numbers 1..=5.
+    let frames: Vec<Vec<u8>> = (1..=5u8).map(|seq| vec![0x41, 0x88, seq, 0xcd, 0xab, 0xff, 0xff, 0x01, 0x00, 0xc0, 0xdb, seq]).collect();
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    probe_a.send(&refs);
+    assert_eq!(probe_b.recv_frames(frames.len(), Duration::from_secs(10)), frames);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(capture.id() as i32, libc::SIGINT);
+    }
+    let status = capture.wait().expect("capture exits");
+    assert!(status.success(), "{}", logs());
+    let out = std::process::Command::new("tcpdump").args(["-nn", "-x", "-r"]).arg(&file).output().expect("tcpdump");
+    let (text, err) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&log);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("IEEE802_15_4_NOFCS"), "{err}");
+    let decoded: Vec<&str> = text.lines().filter(|l| l.contains("IEEE 802.15.4 Data packet") && l.contains("abcd:ffff < -:0001")).collect();
+    assert_eq!(decoded.len(), frames.len(), "{text}");
+    for seq in 1..=5 {
+        // (tcpdump -x leaves out the first byte of the frame control field.)
+        assert!(text.contains(&format!("0x0000:  88{seq:02x} cdab ffff 0100 c0db {seq:02x}")), "frame {seq} byte-exact: {text}");
+    }
+}
