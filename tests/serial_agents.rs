@@ -113,6 +113,11 @@ fn two_probes_on_the_native_wire() {
     eprintln!("frames again {back_b:.2?} after probe B's replug, {back_a:.2?} after probe A's");
     assert!(back_b < Duration::from_secs(2) && back_a < Duration::from_secs(2), "{back_b:?} {back_a:?}");
 
+    // agent status shows the probe.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(["status", &name_b]).output().expect("agent status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("serial probe: connected") && text.contains("outages 1"), "{text}{}", String::from_utf8_lossy(&status.stderr));
+
     // Ctrl-C: both exit 0 at once; the reports count what happened.
     let t0 = Instant::now();
     let report_a = a.interrupt();

@@ -403,6 +403,7 @@ impl Agent {
             }
         };
         let (config, links, counters, hist, started) = (self.config.clone(), self.links.clone(), self.counters.clone(), self.hist.clone(), self.started);
+        let serial = self.serial.clone();
         let sampled = counters.clone();
         let sample = Arc::new(move || {
             let s = crate::metrics::Snapshot::of(&sampled);
@@ -444,7 +445,11 @@ impl Agent {
                 }
                 .to_owned(),
                 peers,
-                report: crate::status::report_value(&report::build(config.name(), started.elapsed(), &counters, &hist)),
+                report: {
+                    let mut r = report::build(config.name(), started.elapsed(), &counters, &hist);
+                    r.serial = serial.as_ref().map(|c| c.snapshot());
+                    crate::status::report_value(&r)
+                },
             }
         });
         self.tasks.spawn(crate::status::serve(listener, path, status, sample, stop.clone()));
