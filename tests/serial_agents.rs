@@ -118,6 +118,11 @@ fn two_probes_on_the_native_wire() {
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success() && text.contains("serial probe: connected") && text.contains("outages 1"), "{text}{}", String::from_utf8_lossy(&status.stderr));
 
+    // Both probes say hello in their session.
+    let peers = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(["peers", "--url", URL, "--session", &session]).output().expect("agent peers");
+    let text = String::from_utf8_lossy(&peers.stdout);
+    assert!(text.contains(&name_a) && text.contains(&name_b), "{text}{}", String::from_utf8_lossy(&peers.stderr));
+
     // Ctrl-C: both exit 0 at once; the reports count what happened.
     let t0 = Instant::now();
     let report_a = a.interrupt();
