@@ -240,12 +240,12 @@ impl Router {
             self.counters.malformed_json += 1;
             return;
         }
-        if !self.radios.contains(name) {
-            self.radios.insert(name.to_owned());
-        }
         let targets = self.topology.flood_targets(name);
         if targets.is_empty() {
             self.counters.unknown_sender += 1;
+        } else if !self.radios.contains(name) {
+            // Only nodes of the topology are remembered: the set stays bounded whoever publishes.
+            self.radios.insert(name.to_owned());
         }
         serial::encode_inject(&self.packet, now_ns / 1_000_000_000, &mut self.json);
         for peer in &targets {
@@ -495,6 +495,10 @@ mod tests {
         assert_eq!(published(&a), [("toAgent.agent_1.802154.serial.packet.raw", Form::Ioppytest)]);
         assert_eq!((r.counters.frames_in, r.counters.frames_forwarded, r.counters.frames_bridged_to_native, r.counters.frames_bridged_to_old), (1, 2, 1, 1));
         assert!(deliver(&mut r, "fromAgent.agent_1.802154.serial.packet.raw", None, br#"{"data": []}"#).is_empty());
+        // A stranger's frame is counted, and it never becomes a radio the router serves.
+        let a = deliver(&mut r, "fromAgent.stranger.802154.serial.packet.raw", None, &body);
+        assert_eq!(published(&a), [("tunbus.v1.all.tunbus-router", Form::Native)]);
+        assert_eq!((r.counters.unknown_sender, r.radios.len()), (1, 1));
     }
 
     #[test]
