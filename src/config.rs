@@ -171,6 +171,9 @@ pub enum PortKind {
     /// the same port hosts (`agent lab --userspace`: one worker, many hosts), each with its
     /// own name and addresses, all bound on this agent's queue.
     Userspace { services: crate::port::userspace::Services, endpoints: Vec<crate::port::userspace::EndpointConfig> },
+    /// An IEEE 802.15.4 probe on a serial line (`agent serial`): SLIP frames, no IP
+    /// addresses, one queue; its frames are flooded to the session (a radio channel).
+    Serial(crate::port::serial::SerialConfig),
 }
 
 /// The host end: its kind, name, namespace, queues, addresses and offloads.
@@ -223,12 +226,28 @@ impl Interface {
             ensure(self.queues == 1, || format!("a userspace endpoint has one queue, not {}", self.queues))?;
             ensure(self.netns.is_none(), || "a userspace endpoint has no interface to move into a namespace (drop --netns)".into())?;
         }
+        if let PortKind::Serial(serial) = &self.kind {
+            // One probe is one line: one worker reads it, and radio frames carry no addresses.
+            ensure(self.queues == 1, || format!("a serial probe has one queue, not {}", self.queues))?;
+            ensure(self.netns.is_none(), || "a serial probe has no interface to move into a namespace".into())?;
+            ensure(self.addrs.is_empty(), || "a serial probe carries 802.15.4 frames, not IP: it has no addresses".into())?;
+            ensure(!self.offload, || "a serial probe has no offloads".into())?;
+            serial.check().map_err(|e| ConfigError(e.to_string()))?;
+        }
         Ok(())
     }
 
     /// Whether the host end is a kernel TUN device.
     pub fn is_tun(&self) -> bool {
         matches!(self.kind, PortKind::Tun)
+    }
+
+    /// The serial probe's settings, when the host end is one.
+    pub fn serial(&self) -> Option<&crate::port::serial::SerialConfig> {
+        match &self.kind {
+            PortKind::Serial(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -449,12 +468,13 @@ impl AgentConfig {
         all
     }
 
-    /// Whether the agent is an endpoint itself (always, except a userspace worker of a lab
-    /// that only hosts other endpoints).
+    /// Whether the agent is an IP endpoint itself (always, except a userspace worker of a
+    /// lab that only hosts other endpoints, and a serial probe, which carries radio frames).
     pub fn hosts_own_endpoint(&self) -> bool {
         match &self.interface.kind {
             PortKind::Userspace { endpoints, .. } => endpoints.is_empty() || !self.interface.addrs.is_empty(),
-            _ => true,
+            PortKind::Serial(_) => false,
+            PortKind::Tun => true,
         }
     }
 
@@ -536,5 +556,26 @@ mod tests {
         let plain = Interface { offload: false, ..Interface::default() };
         assert!(err(AgentConfig::new("h1", bus(), Interface { queues: 2, ..plain.clone() }).unwrap().with_data_path(old.clone())).contains("one queue"));
         assert!(AgentConfig::new("h1", bus(), plain).unwrap().with_data_path(old).is_ok());
+    }
+
+    /// A serial probe: one queue, no addresses, no offload, a baud rate the system can set;
+    /// it owns no address (its frames are flooded, it binds no unicast key).
+    #[test]
+    fn a_serial_probe_has_one_queue_and_no_addresses() {
+        let err = |r: Result<AgentConfig, ConfigError>| r.unwrap_err().0;
+        let serial = Interface {
+            kind: PortKind::Serial(crate::port::serial::SerialConfig::new("/dev/ttyUSB0", 460_800)),
+            ifname: "serial".into(),
+            offload: false,
+            ..Interface::default()
+        };
+        let c = AgentConfig::new("probe1", bus(), serial.clone()).unwrap();
+        assert!(c.owned_prefixes().is_empty() && !c.hosts_own_endpoint());
+        assert_eq!(c.interface().serial().map(|s| s.baud), Some(460_800));
+        assert!(err(AgentConfig::new("p", bus(), Interface { queues: 2, ..serial.clone() })).contains("one queue"));
+        assert!(err(AgentConfig::new("p", bus(), Interface { offload: true, ..serial.clone() })).contains("offloads"));
+        assert!(err(AgentConfig::new("p", bus(), Interface { addrs: vec!["198.18.0.1/24".parse().unwrap()], ..serial.clone() })).contains("no addresses"));
+        let odd = Interface { kind: PortKind::Serial(crate::port::serial::SerialConfig::new("/dev/ttyUSB0", 12_345)), ..serial };
+        assert!(err(AgentConfig::new("p", bus(), odd)).contains("baud rate 12345"));
     }
 }

@@ -74,29 +74,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let Some(addressing) = found else { return Ok(()) };
                 config = config.with_ordered_addressing(addressing).map_err(|e| Failure::new(Exit::Usage, format!("the ip.tun.start order: {e}")))?;
             }
-            let Some(agent) = Agent::start(config, &interrupt).await? else {
-                return Ok(()); // interrupted while joining the bus
-            };
-            let failure = loop {
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => break None,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if let Some(f) = agent.failure() {
-                            break Some(f);
-                        }
-                    }
-                }
-            };
-            tracing::info!(agent = %agent.config().name(), "stopping");
-            let report = agent.shutdown().await;
-            println!("{report}");
-            if let Some(path) = stats_json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing --stats-json {}", path.display()))?;
-            }
-            match failure {
-                Some(f) => Err(Failure::new(Exit::Internal, f).into()),
-                None => Ok(()),
-            }
+            serve_agent(config, &interrupt, &mut stop, stats_json).await
+        }
+        Command::Serial(args) => {
+            let stats_json = args.stats_json.clone();
+            let config = args.into_config().map_err(exit::usage)?;
+            let (interrupt, mut stop) = stop_on_signal()?;
+            serve_agent(config, &interrupt, &mut stop, stats_json).await
         }
         Command::Peers(args) => peers(args).await,
         Command::Ping(args) => ping(args).await,
@@ -117,6 +101,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             args.write(&mut std::io::stdout().lock());
             Ok(())
         }
+    }
+}
+
+/// Runs agent `config` until Ctrl-C or SIGTERM (or a worker dies): prints the final report,
+/// writes it to `stats_json` when given.
+async fn serve_agent(config: tunbus::config::AgentConfig, interrupt: &Stop, stop: &mut watch::Receiver<bool>, stats_json: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let Some(agent) = Agent::start(config, interrupt).await? else {
+        return Ok(()); // interrupted while joining the bus
+    };
+    let failure = loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break None,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(f) = agent.failure() {
+                    break Some(f);
+                }
+            }
+        }
+    };
+    tracing::info!(agent = %agent.config().name(), "stopping");
+    let report = agent.shutdown().await;
+    println!("{report}");
+    if let Some(path) = stats_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing --stats-json {}", path.display()))?;
+    }
+    match failure {
+        Some(f) => Err(Failure::new(Exit::Internal, f).into()),
+        None => Ok(()),
     }
 }
 

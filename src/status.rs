@@ -232,6 +232,24 @@ impl std::fmt::Display for Status {
         writeln!(f, "  rates: tx {} {:.0} pkt/s, rx {} {:.0} pkt/s", rate(self.rates.tx_bps), self.rates.tx_pps, rate(self.rates.rx_bps), self.rates.rx_pps)?;
         let drops: Vec<String> = r["drops"].as_array().into_iter().flatten().filter_map(|d| Some(format!("{} {}", d[0].as_str()?, d[1].as_u64()?))).collect();
         writeln!(f, "  drops: {}", if drops.is_empty() { "none".to_owned() } else { drops.join(", ") })?;
+        let p = &r["serial"];
+        if p.is_object() {
+            let c = |k: &str| p[k].as_u64().unwrap_or(0);
+            writeln!(
+                f,
+                "  serial probe: {}, {} frames in, {} out; malformed {} (bad_escape {}, too_long {}, noise {}); lost unplugged {}, busy {}; outages {}",
+                if p["connected"].as_bool().unwrap_or(false) { "connected" } else { "AWAY (reopening every 250 ms)" },
+                c("frames_in"),
+                c("frames_out"),
+                c("bad_escape") + c("too_long") + c("noise"),
+                c("bad_escape"),
+                c("too_long"),
+                c("noise"),
+                c("lost_unplugged"),
+                c("lost_busy"),
+                c("outages")
+            )?;
+        }
         let l = &r["latency"];
         let ms = |k: &str| l[k].as_u64().unwrap_or(0) as f64 / 1000.0;
         writeln!(

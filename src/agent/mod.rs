@@ -76,6 +76,8 @@ pub struct Agent {
     pcap: Option<JoinHandle<crate::capture::tun::Written>>,
     /// A userspace port's handle for pings from other threads (the lab's checks).
     pinger: Option<crate::port::userspace::Pinger>,
+    /// A serial probe's counters, for the reports.
+    serial: Option<Arc<crate::port::serial::SerialCounters>>,
 }
 
 /// Opens link 0 before anything is created on this host: what the broker refuses ends the
@@ -216,6 +218,7 @@ impl Agent {
             started: Instant::now(),
             pcap: None,
             pinger: opened.pinger.clone(),
+            serial: opened.serial.clone(),
         };
         // Fault injection for the test that a dead worker is never silent (read once).
         let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
@@ -256,7 +259,15 @@ impl Agent {
             };
             agent.spawn_worker(setup, k == 0 && fault_worker_panic)?;
         }
-        if config.data_path().wire == crate::config::Wire::Ioppytest {
+        if let (crate::config::Wire::Ioppytest, Some(serial)) = (config.data_path().wire, config.interface().serial()) {
+            let (c, stop, device, baud) = (config.clone(), stop_flag.clone(), serial.device.display().to_string(), serial.baud);
+            agent.helpers.push(
+                std::thread::Builder::new()
+                    .name(format!("ctl-{}", config.name()))
+                    .spawn(move || crate::interop::control::run_serial(&c, &device, baud, &stop))
+                    .context("spawning the ioppytest control thread")?,
+            );
+        } else if config.data_path().wire == crate::config::Wire::Ioppytest {
             let (c, stop) = (config.clone(), stop_flag.clone());
             let counters = Arc::new(RxCounters::default());
             agent.counters.rx.push(counters.clone());
@@ -392,6 +403,7 @@ impl Agent {
             }
         };
         let (config, links, counters, hist, started) = (self.config.clone(), self.links.clone(), self.counters.clone(), self.hist.clone(), self.started);
+        let serial = self.serial.clone();
         let sampled = counters.clone();
         let sample = Arc::new(move || {
             let s = crate::metrics::Snapshot::of(&sampled);
@@ -433,7 +445,11 @@ impl Agent {
                 }
                 .to_owned(),
                 peers,
-                report: crate::status::report_value(&report::build(config.name(), started.elapsed(), &counters, &hist)),
+                report: {
+                    let mut r = report::build(config.name(), started.elapsed(), &counters, &hist);
+                    r.serial = serial.as_ref().map(|c| c.snapshot());
+                    crate::status::report_value(&r)
+                },
             }
         });
         self.tasks.spawn(crate::status::serve(listener, path, status, sample, stop.clone()));
@@ -482,7 +498,9 @@ impl Agent {
 
     /// The statistics so far.
     pub fn report(&self) -> Report {
-        report::build(self.config.name(), self.started.elapsed(), &self.counters, &self.hist)
+        let mut r = report::build(self.config.name(), self.started.elapsed(), &self.counters, &self.hist);
+        r.serial = self.serial.as_ref().map(|c| c.snapshot());
+        r
     }
 
     /// Stops everything and returns the final statistics. Dropping an `Agent` without

@@ -1,7 +1,7 @@
 //! Opening an agent's host end: one [`Port`] per queue, of the kind its configuration
 //! names (`config::PortKind`). A TUN is created (under a temporary name when it moves to a
 //! namespace), moved and configured with `ip`; a userspace stack is built in the process
-//! with the agent's addresses and host services. The worker never learns which it got.
+//! with the agent's addresses and host services; a serial probe is opened, or waited for. The worker never learns which it got.
 //!
 //! Main thread (inside `Agent::start`), once per agent; not on the hot path.
 
@@ -12,6 +12,7 @@ use anyhow::bail;
 use crate::config::{AgentConfig, PortKind};
 use crate::exit::{Exit, Failure};
 use crate::port::userspace::{EndpointConfig, Limits, PortConfig, UserspacePort};
+use crate::port::serial::SerialPort;
 use crate::port::Port;
 use crate::tun::{netns, TunDevice};
 use crate::util::now_ns;
@@ -23,6 +24,8 @@ pub struct Opened {
     pub summary: String,
     /// A userspace port's handle for pings from other threads (the lab's checks).
     pub pinger: Option<crate::port::userspace::Pinger>,
+    /// A serial probe's counters (its final report and `agent status` show them).
+    pub serial: Option<std::sync::Arc<crate::port::serial::SerialCounters>>,
 }
 
 /// Opens the host end of agent `c`: its ports, configured and ready.
@@ -32,7 +35,7 @@ pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
             let dev = bring_up_interface(c)?;
             let summary = format!("tun (tso {}, uso {})", dev.offloads.tso, dev.offloads.uso);
             let ports = dev.queues.into_iter().map(|q| Box::new(q) as Box<dyn Port>).collect();
-            Ok(Opened { ports, summary, pinger: None })
+            Ok(Opened { ports, summary, pinger: None, serial: None })
         }
         PortKind::Userspace { services, endpoints } => {
             let now = std::time::Instant::now();
@@ -48,7 +51,14 @@ pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
             }
             let pinger = port.pinger().map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
             let summary = format!("userspace stack, {} endpoint(s)", port.endpoint_count());
-            Ok(Opened { ports: vec![Box::new(port)], summary, pinger: Some(pinger) })
+            Ok(Opened { ports: vec![Box::new(port)], summary, pinger: Some(pinger), serial: None })
+        }
+        PortKind::Serial(cfg) => {
+            // A probe that is not plugged in yet is waited for, as one that goes away is.
+            let port = SerialPort::waiting(0, cfg.clone()).map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+            let summary = format!("serial probe {} at {} baud ({})", cfg.device.display(), cfg.baud, if port.is_open() { "open" } else { "waiting for it" });
+            let serial = Some(port.counters().clone());
+            Ok(Opened { ports: vec![Box::new(port)], summary, pinger: None, serial })
         }
     }
 }

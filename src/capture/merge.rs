@@ -46,6 +46,11 @@ pub trait Recorder {
     fn packet(&mut self, iface: u32, timestamp_ns: u64, data: &[u8], comment: Option<&str>) -> io::Result<()>;
     /// Pushes what is buffered to the file.
     fn flush(&mut self) -> io::Result<()>;
+    /// A new interface of IEEE 802.15.4 frames (`linktype`: 230 without FCS, 195 with);
+    /// `None` when this recorder has one link type only (its frames are left out).
+    fn radio_interface(&mut self, _name: &str, _description: &str, _linktype: u16) -> io::Result<Option<u32>> {
+        Ok(None)
+    }
 }
 
 /// How long a batch from a sender without a hello waits for one (by arrival time).
@@ -75,6 +80,9 @@ pub struct Filter {
     pub addresses: Vec<IpAddr>,
     /// Keep super-packets whole.
     pub no_segment: bool,
+    /// 802.15.4 frames end with their FCS (`--fcs`): written as
+    /// `LINKTYPE_IEEE802_15_4_WITHFCS`, else `_NOFCS` (docs/decisions/0024).
+    pub radio_fcs: bool,
 }
 
 /// What the capture counted.
@@ -100,6 +108,8 @@ pub struct Counts {
     pub late: u64,
     /// Agents that have an interface in the file.
     pub agents: u64,
+    /// IEEE 802.15.4 frames written (also counted in `packets`).
+    pub radio_frames: u64,
 }
 
 /// What a hello (or an old agent's `ip.tun.started`) said.
@@ -186,6 +196,8 @@ pub struct Merge {
     held_bytes: usize,
     /// The last old agents' packets, to leave out the router's copies of them.
     recent_json: Recent,
+    /// Each radio's interface (`None`: the recorder takes no radio frames).
+    radios: HashMap<String, Option<u32>>,
 }
 
 impl Merge {
@@ -204,6 +216,7 @@ impl Merge {
             held: VecDeque::new(),
             held_bytes: 0,
             recent_json: Recent::default(),
+            radios: HashMap::new(),
         }
     }
 
@@ -214,6 +227,9 @@ impl Merge {
     /// One delivery, arrived at `now_ns`.
     pub fn on_delivery(&mut self, routing_key: &str, user_id: Option<&str>, body: &[u8], now_ns: u64, recorder: &mut dyn Recorder) -> io::Result<()> {
         self.expire(now_ns, recorder)?;
+        if let Some(ioppytest::serial::SerialKey::FromAgent { name }) = ioppytest::serial::parse_key(routing_key) {
+            return self.on_json_frame(name, body, now_ns, recorder);
+        }
         let wait = match ioppytest::parse_from_agent(routing_key) {
             Some(ioppytest::FromAgent::Packet { name }) => {
                 let wait = self.with_json(body, |m, packet| {
@@ -413,6 +429,17 @@ impl Merge {
             self.counts.malformed += 1;
             return Ok(false);
         };
+        match crate::port::Layer::of_frame_flags(frame.header().flags) {
+            crate::port::Layer::Ip => {}
+            crate::port::Layer::Ieee802154 => {
+                self.on_radio_batch(routing_key, &frame, recorder)?;
+                return Ok(false);
+            }
+            crate::port::Layer::Ethernet => {
+                self.counts.filtered += frame.len() as u64;
+                return Ok(false);
+            }
+        }
         let first = frame.packets().next().map(|p| p.data);
         let sender = match self.named_sender(user_id, first) {
             Some(name) => name,
@@ -470,6 +497,101 @@ impl Merge {
         self.comment.push_str(" key fromAgent (ioppytest JSON)");
         self.write(iface, at_ns, None, packet, recorder)?;
         Ok(false)
+    }
+
+    /// The interface of radio `name`, made on its first frame.
+    fn radio_iface(&mut self, name: &str, description: &str, recorder: &mut dyn Recorder) -> io::Result<Option<u32>> {
+        if let Some(i) = self.radios.get(name) {
+            return Ok(*i);
+        }
+        let linktype = crate::capture::pcapng::ieee802154_linktype(self.filter.radio_fcs);
+        let i = recorder.radio_interface(name, description, linktype)?;
+        if i.is_some() {
+            self.counts.agents += 1;
+        }
+        self.radios.insert(name.to_owned(), i);
+        Ok(i)
+    }
+
+    /// Whether the filter keeps a frame of radio `sender` (frames have no IP addresses).
+    fn keeps_radio(&self, sender: &str) -> bool {
+        let f = &self.filter;
+        (f.agents.is_empty() || f.agents.iter().any(|a| a == sender)) && f.addresses.is_empty()
+    }
+
+    /// A native radio flood: its sender is the flood key's last word (`tunbus.v1.all.<sender>`);
+    /// one 802.15.4 interface per radio. The router's re-emissions of old probes' frames
+    /// are left out (each is in the file once, from its probe).
+    fn on_radio_batch(&mut self, routing_key: &str, frame: &v1::Frame<'_>, recorder: &mut dyn Recorder) -> io::Result<()> {
+        let sender = match Key::parse(routing_key) {
+            Some(Key::All { sender }) => sender.to_owned(),
+            _ => "unknown-radio".to_owned(),
+        };
+        self.counts.messages += 1;
+        let header = frame.header();
+        self.account(&sender, header.seq);
+        let from_router = sender == crate::interop::router::ROUTER_SENDER;
+        for p in frame.packets() {
+            if from_router && self.recent_json.take(p.data) {
+                self.counts.bridged += 1;
+                continue;
+            }
+            if !self.keeps_radio(&sender) {
+                self.counts.filtered += 1;
+                continue;
+            }
+            let Some(iface) = self.radio_iface(&sender, "tunbus 802.15.4 radio", recorder)? else {
+                self.counts.filtered += 1;
+                continue;
+            };
+            self.comment.clear();
+            use std::fmt::Write;
+            let _ = write!(self.comment, "from {sender} key {routing_key} batch {}", header.seq & LINK_SEQ_MASK);
+            self.counts.packets += 1;
+            self.counts.radio_frames += 1;
+            recorder.packet(iface, header.timestamp_ns, p.data, Some(&self.comment))?;
+        }
+        Ok(())
+    }
+
+    /// An old-wire probe's frame (`fromAgent.<name>.802154.serial.packet.raw`), stamped when
+    /// it arrived.
+    fn on_json_frame(&mut self, name: &str, body: &[u8], now_ns: u64, recorder: &mut dyn Recorder) -> io::Result<()> {
+        let mut frame = std::mem::take(&mut self.json);
+        let decoded = ioppytest::serial::decode_frame(body, usize::from(u16::MAX), &mut frame);
+        let result = match decoded {
+            Err(_) => {
+                self.counts.malformed += 1;
+                Ok(())
+            }
+            Ok(()) => {
+                self.counts.messages += 1;
+                self.recent_json.note(&frame); // the router's flood of it follows
+                if !self.keeps_radio(name) {
+                    self.counts.filtered += 1;
+                    Ok(())
+                } else {
+                    match self.radio_iface(name, "ioppytest serial probe (JSON wire)", recorder) {
+                        Ok(Some(iface)) => {
+                            self.comment.clear();
+                            self.comment.push_str("from ");
+                            self.comment.push_str(name);
+                            self.comment.push_str(" key fromAgent (ioppytest serial JSON)");
+                            self.counts.packets += 1;
+                            self.counts.radio_frames += 1;
+                            recorder.packet(iface, now_ns, &frame, Some(&self.comment))
+                        }
+                        Ok(None) => {
+                            self.counts.filtered += 1;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        };
+        self.json = frame;
+        result
     }
 
     /// Writes one packet, cut into wire-sized packets when it is a super-packet.
@@ -580,6 +702,56 @@ mod tests {
     const H1: [u8; 4] = [198, 18, 0, 1];
     const H2: [u8; 4] = [198, 18, 0, 2];
     const KEY: &str = "tunbus.v1.198-18-0-2.0";
+
+    /// Radio floods: one interface per radio, named by the flood key's sender word, frames
+    /// as they were; an old probe's JSON frame once (the router's flood of it left out).
+    #[test]
+    fn radio_frames_get_an_interface_per_radio() {
+        struct Radios(Vec<(String, u16)>, Vec<(u32, Vec<u8>)>);
+        impl Recorder for Radios {
+            fn interface(&mut self, _: &str, _: &str, _: &[(IpAddr, u8)]) -> io::Result<u32> {
+                panic!("no IP interface for radio frames")
+            }
+            fn packet(&mut self, iface: u32, _: u64, data: &[u8], _: Option<&str>) -> io::Result<()> {
+                self.1.push((iface, data.to_vec()));
+                Ok(())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+            fn radio_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
+                self.0.push((name.to_owned(), linktype));
+                Ok(Some(self.0.len() as u32 - 1))
+            }
+        }
+        let radio_batch = |seq: u64, frames: &[&[u8]]| {
+            let plain = [0u8; v1::VNET_HDR_LEN];
+            let entries: Vec<Packet<'_>> = frames.iter().map(|f| Packet { vnet: Some(&plain), data: f }).collect();
+            let mut out = Vec::new();
+            v1::encode(FrameHeader { flags: v1::FLAG_VNET | v1::FLAG_IEEE802154, count: entries.len() as u16, sender_queues: 1, seq, timestamp_ns: 5 }, &entries, &mut out).unwrap();
+            out
+        };
+        let mut m = Merge::new(Filter { radio_fcs: true, ..Filter::default() });
+        let mut rec = Radios(Vec::new(), Vec::new());
+        m.on_delivery("tunbus.v1.all.moteA", Some("u"), &radio_batch(1, &[&[0x41, 0x88, 1], &[0xc0]]), 10, &mut rec).unwrap();
+        m.on_delivery("tunbus.v1.all.moteB", Some("u"), &radio_batch(1, &[&[2]]), 11, &mut rec).unwrap();
+        let mut body = Vec::new();
+        crate::codec::ioppytest::serial::encode_frame(&[7, 7], 1, &mut body);
+        m.on_delivery("fromAgent.probe1.802154.serial.packet.raw", None, &body, 12, &mut rec).unwrap();
+        m.on_delivery("tunbus.v1.all.tunbus-router", Some("r"), &radio_batch(1, &[&[7, 7]]), 13, &mut rec).unwrap();
+        m.on_delivery("fromAgent.probe1.802154.serial.packet.raw", None, b"{\"data\": []}", 14, &mut rec).unwrap();
+        assert_eq!(rec.0, [("moteA".to_owned(), 195), ("moteB".to_owned(), 195), ("probe1".to_owned(), 195)]);
+        assert_eq!(rec.1, [(0, vec![0x41, 0x88, 1]), (0, vec![0xc0]), (1, vec![2]), (2, vec![7, 7])]);
+        let c = m.counts();
+        assert_eq!((c.radio_frames, c.packets, c.bridged, c.malformed, c.agents), (4, 4, 1, 1, 3));
+        // An address filter keeps no radio frame; the default link type has no FCS.
+        let mut m = Merge::new(Filter { addresses: vec!["198.18.0.1".parse().unwrap()], ..Filter::default() });
+        m.on_delivery("tunbus.v1.all.moteA", Some("u"), &radio_batch(1, &[&[1]]), 10, &mut rec).unwrap();
+        assert_eq!(m.counts().filtered, 1);
+        let mut m = Merge::new(Filter::default());
+        m.on_delivery("tunbus.v1.all.moteC", Some("u"), &radio_batch(1, &[&[1]]), 10, &mut rec).unwrap();
+        assert_eq!(rec.0.last(), Some(&("moteC".to_owned(), 230)));
+    }
 
     #[test]
     fn senders_are_named_by_their_hellos_even_when_the_hello_comes_later() {

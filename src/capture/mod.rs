@@ -72,6 +72,9 @@ impl Summary {
         if c.super_packets > 0 {
             s += &format!("; {} super-packets cut into {} packets", c.super_packets, c.segments);
         }
+        if c.radio_frames > 0 {
+            s += &format!("; {} of them IEEE 802.15.4 frames", c.radio_frames);
+        }
         if c.filtered > 0 {
             s += &format!("; {} left out by the filter", c.filtered);
         }
@@ -161,6 +164,10 @@ pub fn run_on(mut tap: Client, opts: &Options, recorder: &mut dyn Recorder, stop
 impl<W: Write> Recorder for pcapng::Writer<W> {
     fn interface(&mut self, name: &str, description: &str, addrs: &[(IpAddr, u8)]) -> io::Result<u32> {
         self.add_interface(name, description, addrs)
+    }
+
+    fn radio_interface(&mut self, name: &str, description: &str, linktype: u16) -> io::Result<Option<u32>> {
+        self.add_interface_of(linktype, name, description, &[]).map(Some)
     }
 
     fn packet(&mut self, iface: u32, timestamp_ns: u64, data: &[u8], comment: Option<&str>) -> io::Result<()> {

@@ -26,7 +26,8 @@ use crate::capture::{Filter, Options};
 pub struct CaptureArgs {
     #[command(flatten)]
     pub bus: BusArgs,
-    /// Write to FILE (pcapng, raw IP; `-`: standard output).
+    /// Write to FILE (pcapng: raw IP, and IEEE 802.15.4 for serial probes' frames, one
+    /// interface per sender; `-`: standard output).
     #[arg(short = 'w', long = "write", value_name = "FILE")]
     pub write: PathBuf,
     /// Only packets sent by, or addressed to, this agent (repeatable).
@@ -50,6 +51,11 @@ pub struct CaptureArgs {
     /// Print the summary as JSON on standard error.
     #[arg(long)]
     pub json: bool,
+    /// 802.15.4 frames from the session's serial probes end with their 2-byte FCS (sniffer
+    /// firmware that keeps it): written as LINKTYPE_IEEE802_15_4_WITHFCS (195) instead of
+    /// _NOFCS (230), which is what probes on ioppytest's wire send and its sniffer writes.
+    #[arg(long)]
+    pub fcs: bool,
 }
 
 impl CaptureArgs {
@@ -58,7 +64,7 @@ impl CaptureArgs {
         Ok(Options {
             endpoints: self.bus.broker.endpoints()?,
             exchange: bus_exchange(&self.bus)?,
-            filter: Filter { agents: self.agents.clone(), addresses: self.addresses.clone(), no_segment: self.no_segment },
+            filter: Filter { agents: self.agents.clone(), addresses: self.addresses.clone(), no_segment: self.no_segment, radio_fcs: self.fcs },
             duration: self.duration,
             queue_max_bytes: self.queue_max_bytes,
         })

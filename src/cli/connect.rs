@@ -199,7 +199,7 @@ pub struct ConnectArgs {
 }
 
 /// `--wire native|ioppytest` (the configuration's `Wire` knows nothing of clap).
-fn wire_parser() -> impl clap::builder::TypedValueParser<Value = Wire> {
+pub(super) fn wire_parser() -> impl clap::builder::TypedValueParser<Value = Wire> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(["native", "ioppytest"]).map(|s| if s == "ioppytest" { Wire::Ioppytest } else { Wire::Native })
 }

@@ -16,6 +16,7 @@ mod peers;
 mod ping;
 mod provision;
 mod route;
+mod serial;
 mod sniffer;
 mod status;
 
@@ -30,6 +31,7 @@ pub use peers::PeersArgs;
 pub use ping::PingArgs;
 pub use provision::ProvisionArgs;
 pub use route::RouteArgs;
+pub use serial::SerialArgs;
 pub use sniffer::SnifferArgs;
 pub use status::StatusArgs;
 
@@ -181,6 +183,9 @@ pub enum Command {
     /// Serve an ioppytest session: route old agents' packets per the test configuration's
     /// topology, and bridge them with native tunbus agents.
     Route(RouteArgs),
+    /// Put an IEEE 802.15.4 probe (a SLIP serial line) on the bus: frames it reads go to the
+    /// session, frames for it are written to it; ioppytest's serial keys or native batches.
+    Serial(SerialArgs),
     /// Create (or with --revoke remove) a session on a shared broker: its vhost and
     /// exchange, one user per agent with its own permissions, URL files and a peers file.
     Provision(ProvisionArgs),

@@ -4,7 +4,8 @@
 //! `fromAgent.<name>.ip.tun.started` with its addressing. It consumes
 //! `toAgent.<name>.ip.tun.start`: with `--wait-config` the first one supplies the addresses
 //! before the interface exists ([`wait_for_start`]); later ones add addresses to the running
-//! interface and are answered with `ip.tun.started` again ([`run`]). A thread of the
+//! interface and are answered with `ip.tun.started` again ([`run`]). A serial probe's agent
+//! announces `802154.serial.started` and answers `802154.serial.start` ([`run_serial`]). A thread of the
 //! agent's with its own connection, reconnecting quietly (the data link logs broker loss);
 //! not on the hot path. It decides which addresses an order adds and leaves adding them to
 //! its caller (the agent owns the interface): nothing here runs `ip`.
@@ -33,10 +34,15 @@ fn announce_ready(c: &mut Client, exchange: &str, name: &str) -> Result<(), clie
 
 /// A connection consuming `toAgent.<name>.ip.tun.start`, on the first node that answers.
 fn open(config: &AgentConfig, retry: client::Retry, stop: &Stop) -> Result<Client, client::Error> {
+    open_for(config, ioppytest::routing_key_tun_start(config.name()), retry, stop)
+}
+
+/// A connection consuming the order key `start_key`, on the first node that answers.
+fn open_for(config: &AgentConfig, start_key: String, retry: client::Retry, stop: &Stop) -> Result<Client, client::Error> {
     let mut opts = ConnectOptions::new(format!("tunbus {} ioppytest control", config.name()));
     opts.frame_max = Some(crate::amqp::CONTROL_FRAME_MAX);
     opts.heartbeat = config.bus().heartbeat;
-    let mut plan = client::Plan::listener(&config.bus().exchange, vec![ioppytest::routing_key_tun_start(config.name())], Some(100));
+    let mut plan = client::Plan::listener(&config.bus().exchange, vec![start_key], Some(100));
     if let Some(q) = &mut plan.queue {
         q.name = format!("{}.ctl", config.queue_prefix());
     }
@@ -163,6 +169,56 @@ fn serve<E: Display>(
             *addressing = wanted;
         }
         publish(c, exchange, &started_key, &addressing.to_started(name))?;
+    }
+    Ok(())
+}
+
+/// A serial probe on the ioppytest wire: announces `fromAgent.<name>.802154.serial.started`
+/// (`port`, `boudrate`) and readiness, and answers every
+/// `toAgent.<name>.802154.serial.start` with `serial.started` again, until `stop`. The
+/// probe is the one `--device` names: an order for another port or speed is logged and
+/// answered with what is open (0.2.20 handled no order at all; its listener took the port
+/// from its environment). Reconnects quietly, as [`run`] does.
+pub fn run_serial(config: &AgentConfig, device: &str, baud: u32, stop: &Stop) {
+    let name = config.name().as_str();
+    let Ok(mut c) = open_for(config, ioppytest::serial::routing_key_start(name), client::Retry::Forever, stop) else { return };
+    while !stop.is_raised() {
+        match serve_serial(&mut c, config, device, baud, stop) {
+            Ok(()) | Err(client::Error::Stopped) => break,
+            Err(error) => tracing::debug!(agent = %config.name(), %error, "ioppytest control connection failed"),
+        }
+        if c.reconnect(stop.flag()).is_err() {
+            return;
+        }
+    }
+    c.close(Duration::from_millis(300));
+}
+
+fn serve_serial(c: &mut Client, config: &AgentConfig, device: &str, baud: u32, stop: &Stop) -> Result<(), client::Error> {
+    let (exchange, name) = (config.bus().exchange.as_str(), config.name().as_str());
+    let started_key = ioppytest::serial::routing_key_started(name);
+    let mut started = Vec::new();
+    ioppytest::serial::encode_started(name, device, baud, &mut started);
+    announce_ready(c, exchange, name)?;
+    c.publish_copy(exchange, &started_key, &crate::amqp::IOPPYTEST_PROPERTIES, &started).map(drop)?;
+    while !stop.is_raised() {
+        let Some(event) = c.wait_event(Duration::from_millis(250), stop.flag())? else { continue };
+        let body = match event {
+            Owned::Delivery { body, .. } => body,
+            Owned::Cancelled => return Err(client::Error::Eof { broker: c.broker().to_owned(), hint: " (the control consumer was cancelled)" }),
+            _ => continue,
+        };
+        match serde_json::from_slice::<ioppytest::serial::SerialStart>(&body) {
+            Ok(order) => {
+                let other_port = order.port.as_deref().is_some_and(|p| !p.is_empty() && p != device);
+                let other_baud = order.baud().is_some_and(|b| b != baud);
+                if other_port || other_baud {
+                    tracing::warn!(agent = name, port = order.port.as_deref().unwrap_or("-"), boudrate = order.boudrate.as_deref().unwrap_or("-"), device, baud, "serial.start asks for another probe or speed; this agent serves --device at --baud only");
+                }
+            }
+            Err(_) => tracing::warn!(agent = name, "ignoring a serial.start that is not valid JSON"),
+        }
+        c.publish_copy(exchange, &started_key, &crate::amqp::IOPPYTEST_PROPERTIES, &started).map(drop)?;
     }
     Ok(())
 }

@@ -51,6 +51,10 @@ pub struct Report {
     pub batch_bytes: Percentiles,
     /// One turn of a queue worker's loop, waking to waiting again (the loop's lag).
     pub loop_turn: Percentiles,
+    /// A serial probe's own counters (frames on its line, malformed SLIP by reason,
+    /// outages); absent for other ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<crate::port::serial::SerialStats>,
 }
 
 /// One histogram of every queue, merged.
@@ -99,6 +103,7 @@ pub fn build(agent: &str, uptime: Duration, counters: &AgentCounters, hist: &[Ar
         batch_packets: merged(hist.iter().map(|h| &h.batch_packets)),
         batch_bytes: merged(hist.iter().map(|h| &h.batch_bytes)),
         loop_turn: merged(hist.iter().map(|h| &h.loop_turn_us)),
+        serial: None,
     }
 }
 
@@ -144,6 +149,13 @@ impl fmt::Display for Report {
         }
         for (reason, n) in &self.drops {
             write!(f, " {reason}={n}")?;
+        }
+        if let Some(s) = &self.serial {
+            write!(
+                f,
+                "\n  serial probe    {} frames in, {} out; malformed: bad_escape={} too_long={} noise={}; lost: unplugged={} busy={} refused={}; outages {}, reopens {}",
+                s.frames_in, s.frames_out, s.bad_escape, s.too_long, s.noise, s.lost_unplugged, s.lost_busy, s.refused_out, s.outages, s.reopens
+            )?;
         }
         Ok(())
     }

@@ -93,6 +93,13 @@ pub trait Port: Send {
         false
     }
 
+    /// Whether the port holds output its device refused: the worker then also waits for the
+    /// descriptor to be writable and calls [`Port::poll`] when it is (a serial line's
+    /// backlog drains as fast as the device takes it, not at a timer's pace).
+    fn wants_write(&self) -> bool {
+        false
+    }
+
     /// For a port that hosts several endpoints: the name of the one whose unit
     /// [`Port::read`] returned last (its floods go out under its name). `None`: the
     /// agent's own name.

@@ -12,7 +12,8 @@
 //!   and the frame's bytes. Malformed SLIP is counted by reason and dropped.
 //! - [`Port::write`] SLIP-encodes a frame (with a leading END) and writes it; what the
 //!   device cannot take at once waits in a bounded queue ([`OUT_FRAMES`] frames), retried
-//!   from [`Port::poll`]; a frame that finds the queue full is dropped as `lost_busy`.
+//!   from [`Port::poll`] when the device is writable ([`Port::wants_write`]) or after
+//!   2 ms; a frame that finds the queue full is dropped as `lost_busy`.
 //! - **A probe that comes and goes.** A read or write error (`EIO` from a pseudo-terminal
 //!   whose other side closed, `ENXIO`, `ENODEV` from an unplugged USB adapter), an end of
 //!   file or a hang-up closes the device, counts an outage and logs one line. From then on
@@ -528,10 +529,15 @@ impl Port for SerialPort {
             }
             return true;
         }
-        if self.retry_write_at.is_some_and(|t| t <= now) {
+        // Due, or woken by the device being writable (`wants_write`): take what it will.
+        if !self.out.is_empty() {
             self.flush();
         }
         false
+    }
+
+    fn wants_write(&self) -> bool {
+        self.fd.is_some() && !self.out.is_empty()
     }
 }
 

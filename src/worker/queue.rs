@@ -149,7 +149,8 @@ impl QueueWorker {
             }
             // While a message is half-written, units wait in the port: backpressure instead
             // of an unbounded queue of our own.
-            let port_fd = if self.link.backlogged() { None } else { self.port.fd().map(|fd| (fd, Interest::Read)) };
+            let port_interest = if self.port.wants_write() { Interest::ReadWrite } else { Interest::Read };
+            let port_fd = if self.link.backlogged() { None } else { self.port.fd().map(|fd| (fd, port_interest)) };
             let socket = self.link.fd();
             self.turn.record_n(woke.elapsed().as_micros() as u64, 1);
             self.turn.maybe_fold(now, false);
@@ -159,7 +160,7 @@ impl QueueWorker {
                 Ok([mut t, s]) => {
                     // A port with timers or sockets of its own (a userspace stack) runs when
                     // they are due or its descriptor woke us; a TUN has nothing to run.
-                    if t.read || t.error || self.port.poll_at().is_some_and(|at| at <= woke) {
+                    if t.read || t.write || t.error || self.port.poll_at().is_some_and(|at| at <= woke) {
                         t.read |= self.port.poll(woke);
                     }
                     if s.write || ((s.read || s.error) && !self.link.is_up()) {

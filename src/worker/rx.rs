@@ -123,10 +123,11 @@ impl Receiver {
     }
 }
 
-/// Writes the one packet of an ioppytest JSON body into `port`, decoding into `scratch`
+/// Writes the one packet (or serial frame, at most `max_len` bytes) of an ioppytest JSON
+/// body into `port`, decoding into `scratch`
 /// (reused: no allocation once it has grown to the largest packet).
-pub fn deliver_json(body: &[u8], port: &mut dyn Port, counters: &RxCounters, scratch: &mut Vec<u8>) -> u64 {
-    if ioppytest::decode_packet(body, scratch).is_err() {
+pub fn deliver_json(body: &[u8], max_len: usize, port: &mut dyn Port, counters: &RxCounters, scratch: &mut Vec<u8>) -> u64 {
+    if ioppytest::decode_bytes(body, "data", max_len, scratch).is_err() {
         counters.record_drop(DropReason::Malformed, 1);
         return 0;
     }

@@ -134,6 +134,7 @@ impl UplinkContext {
                 }
             }
             // The router addresses old-wire agents by name, one packet per message.
+            Wire::Ioppytest if c.interface().serial().is_some() => keys.push(ioppytest::serial::routing_key_to_agent(c.name())),
             Wire::Ioppytest => keys.push(ioppytest::routing_key_to_agent(c.name())),
         }
         if self.hello.is_some() {

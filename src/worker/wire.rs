@@ -86,7 +86,10 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
                 aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval, a.drop)),
             }),
         ),
-        Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
+        Wire::Ioppytest => match config.interface().serial() {
+            Some(serial) => (Box::new(IoppytestOut::serial(config.name())), Box::new(IoppytestIn::serial(serial.max_frame))),
+            None => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn::ip())),
+        },
     }
 }
 
@@ -211,11 +214,18 @@ impl Inbound for NativeIn {
     }
 }
 
+/// How one unit becomes a JSON body: (unit, interface name, UNIX seconds, body).
+type EncodeJson = fn(&[u8], &str, u64, &mut Vec<u8>);
+
 /// The ioppytest wire's sending half: each packet one JSON message on
-/// `fromAgent.<name>.ip.tun.packet.raw`, with the Python agent's properties.
+/// `fromAgent.<name>.ip.tun.packet.raw` (a serial probe's frames: on
+/// `fromAgent.<name>.802154.serial.packet.raw`, with `data_slip`), with the Python agent's
+/// properties.
 pub struct IoppytestOut {
     key: String,
     ifname: String,
+    /// The body of one unit, chosen once: an IP packet's or a serial frame's.
+    encode: EncodeJson,
     /// The JSON body, reused.
     body: Vec<u8>,
     /// A batch the connection took part of: its buffer's address and the entries sent.
@@ -225,7 +235,18 @@ pub struct IoppytestOut {
 
 impl IoppytestOut {
     pub fn new(name: &str, ifname: &str) -> IoppytestOut {
-        IoppytestOut { key: ioppytest::routing_key_from_agent(name), ifname: ifname.to_owned(), body: Vec::with_capacity(8 * 1024), partial: None }
+        IoppytestOut { key: ioppytest::routing_key_from_agent(name), ifname: ifname.to_owned(), encode: ioppytest::encode_packet, body: Vec::with_capacity(8 * 1024), partial: None }
+    }
+
+    /// A serial probe's frames, as ioppytest-agent 0.2.20's serial listener publishes them.
+    pub fn serial(name: &str) -> IoppytestOut {
+        IoppytestOut {
+            key: ioppytest::serial::routing_key_from_agent(name),
+            ifname: ioppytest::serial::INTERFACE_NAME.to_owned(),
+            encode: |frame, _, seconds, out| ioppytest::serial::encode_frame(frame, seconds, out),
+            body: Vec::with_capacity(4 * 1024),
+            partial: None,
+        }
     }
 }
 
@@ -241,7 +262,7 @@ impl Outbound for IoppytestOut {
         };
         for (i, entry) in batch.entries().enumerate().skip(skip) {
             let Some(packet) = entry.get(vnet_len..) else { continue };
-            ioppytest::encode_packet(packet, &self.ifname, seconds, &mut self.body);
+            (self.encode)(packet, &self.ifname, seconds, &mut self.body);
             match client.publish(now, exchange, &self.key, &props, &self.body)? {
                 Published::Sent => {}
                 // The socket is full: the rest of this batch goes when it drains (the worker
@@ -261,11 +282,27 @@ impl Outbound for IoppytestOut {
     }
 }
 
-/// The ioppytest wire's receiving half: every delivery is one JSON packet.
-pub struct IoppytestIn;
+/// The ioppytest wire's receiving half: every delivery is one JSON packet (or one serial
+/// frame), its `data` read into the scratch buffer and written to the port.
+pub struct IoppytestIn {
+    /// The longest unit accepted.
+    max_len: usize,
+}
+
+impl IoppytestIn {
+    /// IP packets, up to v1's largest.
+    pub fn ip() -> IoppytestIn {
+        IoppytestIn { max_len: crate::codec::v1::MAX_PACKET_LEN }
+    }
+
+    /// Frames for a serial probe, up to its maximum frame.
+    pub fn serial(max_frame: usize) -> IoppytestIn {
+        IoppytestIn { max_len: max_frame }
+    }
+}
 
 impl Inbound for IoppytestIn {
     fn on_delivery(&mut self, d: &Delivery<'_>, _now_ns: u64, out: PortSide<'_>) {
-        rx::deliver_json(d.body, out.port, out.counters, out.scratch);
+        rx::deliver_json(d.body, self.max_len, out.port, out.counters, out.scratch);
     }
 }

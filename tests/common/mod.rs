@@ -175,6 +175,27 @@ impl AgentProc {
         AgentProc::spawn_command(&program.to_string_lossy(), name, &all, env)
     }
 
+    /// `agent serial --name NAME --url URL <args>`: an 802.15.4 probe's agent on the
+    /// machine's broker.
+    pub fn spawn_serial(name: &str, args: &[&str]) -> AgentProc {
+        let agent = env!("CARGO_BIN_EXE_agent");
+        let mut all = vec!["serial", "--name", name, "--url", URL];
+        all.extend_from_slice(args);
+        AgentProc::spawn_command(agent, name, &all, &[])
+    }
+
+    /// Waits up to `limit` until the agent's log says `what`.
+    pub fn wait_log(&self, what: &str, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if self.logs().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Runs `program args… --stats-interval 0 --stats-json FILE`, the agent's output in a
     /// log of its own.
     fn spawn_command(program: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> AgentProc {

@@ -7,6 +7,11 @@
 //!   of the sender's links and to `agent_TT`, as the old router does; and, when its
 //!   destination is not an old agent, re-emitted as a v1 batch on `tunbus.v1.<dst>.<shard>`
 //!   (or the flood key) for native agents.
+//! - `fromAgent.*.802154.serial.packet.raw`: 802.15.4 frames from old-wire serial probes
+//!   (the Python listener, `agent serial --wire ioppytest`), re-published to the other
+//!   probes of the sender's links and `agent_TT` in the router's `MsgPacketInjectRaw`
+//!   shape, and flooded to native radios as a v1 batch marked `FLAG_IEEE802154`; native
+//!   radio floods go back to every old probe heard (never to old IP agents).
 //! - `fromAgent.*.ip.tun.started`: old agents' addressing. The router learns it and binds
 //!   `tunbus.v1.<addr>.*` for each of their addresses,
 //! - so native batches for old agents arrive here; their packets are re-emitted as JSON on
@@ -56,6 +61,12 @@ pub struct RouterCounters {
     pub unknown_sender: u64,
     pub no_old_owner: u64,
     pub agents_learned: u64,
+    /// 802.15.4 frames from old-wire serial probes, copies forwarded to their link peers,
+    /// floods bridged to native radios; native radio frames bridged to old probes.
+    pub frames_in: u64,
+    pub frames_forwarded: u64,
+    pub frames_bridged_to_native: u64,
+    pub frames_bridged_to_old: u64,
     /// `ip.tun.started` refused: the name is not a topology node, or an address belongs
     /// to a native agent.
     pub refused_claims: u64,
@@ -66,12 +77,16 @@ impl std::fmt::Display for RouterCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "json in {} (forwarded {} copies, bridged {} to native), native in {} (bridged {} to old), dropped: malformed json {}, malformed native {}, sender not in topology {}, no old owner {}; agents learned {}, claims refused {}, reconnects {}",
+            "json in {} (forwarded {} copies, bridged {} to native), native in {} (bridged {} to old), radio frames in {} (forwarded {} copies, bridged {} to native, {} from native), dropped: malformed json {}, malformed native {}, sender not in topology {}, no old owner {}; agents learned {}, claims refused {}, reconnects {}",
             self.json_in,
             self.json_forwarded,
             self.bridged_to_native,
             self.native_in,
             self.bridged_to_old,
+            self.frames_in,
+            self.frames_forwarded,
+            self.frames_bridged_to_native,
+            self.frames_bridged_to_old,
             self.malformed_json,
             self.malformed_native,
             self.unknown_sender,

@@ -5,14 +5,14 @@
 //! [`Action`]s it returns (publish, bind, announce) on its connection, in order. So every
 //! forwarding, bridging and refusal rule is tested here without a broker.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::Instant;
 
 use super::RouterCounters;
 use crate::amqp::presence::{Hello, HelloWire};
 use crate::codec::ioppytest::addressing::OldAddressing;
-use crate::codec::ioppytest::{self, TunStarted};
+use crate::codec::ioppytest::{self, serial, TunStarted};
 use crate::codec::v1::{self, BatchWriter};
 use crate::codec::vnet;
 use crate::identity::claims::Claims;
@@ -22,6 +22,9 @@ use crate::route::{self, Destination, Key, RoutingKey};
 /// The sender word of floods the router emits on behalf of old agents (an agent name can
 /// never contain '.', but it could be anything else; this one is reserved for the router).
 pub const ROUTER_SENDER: &str = "tunbus-router";
+
+/// What old-wire serial probes publish: 802.15.4 frames, one JSON body each.
+pub const SERIAL_PATTERN: &str = "fromAgent.*.802154.serial.packet.raw";
 
 /// The AMQP properties of a message the router publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +53,9 @@ pub enum Action {
 pub struct Router {
     topology: Topology,
     old: BTreeMap<String, OldAddressing>,
+    /// Old-wire serial probes heard (`fromAgent.<name>.802154.serial.packet.raw`): native
+    /// radio floods are re-emitted to each.
+    radios: BTreeSet<String>,
     owner: HashMap<IpAddr, String>,
     /// Addresses native agents claim in their hellos: never learned for an old agent.
     native: Claims,
@@ -67,6 +73,7 @@ impl Router {
         Router {
             topology,
             old: BTreeMap::new(),
+            radios: BTreeSet::new(),
             owner: HashMap::new(),
             native: Claims::new(),
             counters: RouterCounters::default(),
@@ -86,7 +93,7 @@ impl Router {
     /// of a learned old agent (so a reconnect re-binds what was learned).
     pub fn bindings(&self) -> Vec<String> {
         let mut keys: Vec<String> =
-            ["fromAgent.*.ip.tun.packet.raw", "fromAgent.*.ip.tun.started", route::ALL_PATTERN, route::HELLO_PATTERN, route::BYE_PATTERN, route::CTL_PROBE]
+            ["fromAgent.*.ip.tun.packet.raw", "fromAgent.*.ip.tun.started", SERIAL_PATTERN, route::ALL_PATTERN, route::HELLO_PATTERN, route::BYE_PATTERN, route::CTL_PROBE]
                 .map(str::to_owned)
                 .to_vec();
         keys.extend(self.owner.keys().map(|a| route::unicast_pattern(*a)));
@@ -117,6 +124,9 @@ impl Router {
     /// One delivery on `key`, published by broker user `user`, at `now` (`now_ns` on the
     /// bus clock stamps what is re-emitted). Appends what to do to `out`.
     pub fn on_delivery(&mut self, key: &str, user: Option<&str>, body: &[u8], now: Instant, now_ns: u64, out: &mut Vec<Action>) {
+        if let Some(serial::SerialKey::FromAgent { name }) = serial::parse_key(key) {
+            return self.on_old_frame(name, body, now_ns, out);
+        }
         if let Some(old) = ioppytest::parse_from_agent(key) {
             return match old {
                 ioppytest::FromAgent::Packet { name } => self.on_old_packet(name, body, now_ns, out),
@@ -220,12 +230,67 @@ impl Router {
         self.counters.bridged_to_native += 1;
     }
 
+    /// An 802.15.4 frame from old-wire probe `name`: re-published to the probes of its
+    /// links (and `agent_TT`) as ioppytest's router does (`MsgPacketInjectRaw` on
+    /// `toAgent.<peer>.802154.serial.packet.raw`), and flooded to native radios as a v1
+    /// batch marked `FLAG_IEEE802154` under the router's flood key.
+    fn on_old_frame(&mut self, name: &str, body: &[u8], now_ns: u64, out: &mut Vec<Action>) {
+        self.counters.frames_in += 1;
+        if serial::decode_frame(body, usize::from(u16::MAX), &mut self.packet).is_err() {
+            self.counters.malformed_json += 1;
+            return;
+        }
+        let targets = self.topology.flood_targets(name);
+        if targets.is_empty() {
+            self.counters.unknown_sender += 1;
+        } else if !self.radios.contains(name) {
+            // Only nodes of the topology are remembered: the set stays bounded whoever publishes.
+            self.radios.insert(name.to_owned());
+        }
+        serial::encode_inject(&self.packet, now_ns / 1_000_000_000, &mut self.json);
+        for peer in &targets {
+            out.push(Action::Publish { key: serial::routing_key_to_agent(peer), form: Form::Ioppytest, body: self.json.clone() });
+            self.counters.frames_forwarded += 1;
+        }
+        self.batch.reset(v1::FLAG_IEEE802154);
+        if self.batch.push(None, &self.packet).is_err() {
+            return;
+        }
+        self.seq += 1;
+        let frame = self.batch.finish(self.seq, now_ns);
+        if let Some(key) = RoutingKey::all(ROUTER_SENDER) {
+            out.push(Action::Publish { key: key.as_str().to_owned(), form: Form::Native, body: frame.to_vec() });
+            self.counters.frames_bridged_to_native += 1;
+        }
+    }
+
+    /// A native radio flood: each frame re-emitted to every old-wire probe heard.
+    fn on_native_frames(&mut self, frame: &v1::Frame<'_>, now_ns: u64, out: &mut Vec<Action>) {
+        for p in frame.packets() {
+            self.counters.native_in += 1;
+            if self.radios.is_empty() {
+                self.counters.no_old_owner += 1;
+                continue;
+            }
+            serial::encode_inject(p.data, now_ns / 1_000_000_000, &mut self.json);
+            for name in &self.radios {
+                out.push(Action::Publish { key: serial::routing_key_to_agent(name), form: Form::Ioppytest, body: self.json.clone() });
+                self.counters.frames_bridged_to_old += 1;
+            }
+        }
+    }
+
     /// A native batch for an old agent (`owner`), or a native flood (`None`: to every old agent).
     fn on_native_batch(&mut self, body: &[u8], owner: Option<String>, now_ns: u64, out: &mut Vec<Action>) {
         let Ok(frame) = v1::decode(body) else {
             self.counters.malformed_native += 1;
             return;
         };
+        match crate::port::Layer::of_frame_flags(frame.header().flags) {
+            crate::port::Layer::Ip => {}
+            crate::port::Layer::Ieee802154 => return self.on_native_frames(&frame, now_ns, out),
+            crate::port::Layer::Ethernet => return, // no old-wire agent carries Ethernet
+        }
         let targets: Vec<String> = match owner {
             Some(o) => vec![o],
             None => self.old.keys().cloned().collect(),
@@ -395,6 +460,45 @@ mod tests {
         assert_eq!(published(&a), [("toAgent.agent_1.ip.tun.packet.raw", Form::Ioppytest), ("toAgent.agent_2.ip.tun.packet.raw", Form::Ioppytest)]);
         assert!(deliver(&mut r, RoutingKey::all(ROUTER_SENDER).unwrap().as_str(), Some("router"), &batch).is_empty());
         assert_eq!(deliver(&mut r, route::CTL_PROBE, Some("h9"), b"{}"), [Action::Announce]);
+    }
+
+    /// Serial probes on the old wire: a frame goes to the sender's link peers and the
+    /// testing tool in the router's injection shape, and to native radios as a marked flood;
+    /// a native radio flood goes to every old probe heard, never to old IP agents.
+    #[test]
+    fn radio_frames_go_to_link_peers_and_between_wires() {
+        let mut r = router();
+        let frame = [0x41u8, 0x88, 0xc0, 0xdb, 0x01];
+        let mut body = Vec::new();
+        serial::encode_frame(&frame, 1, &mut body);
+        let a = deliver(&mut r, "fromAgent.agent_1.802154.serial.packet.raw", None, &body);
+        assert_eq!(
+            published(&a),
+            [
+                ("toAgent.agent_2.802154.serial.packet.raw", Form::Ioppytest),
+                ("toAgent.agent_TT.802154.serial.packet.raw", Form::Ioppytest),
+                ("tunbus.v1.all.tunbus-router", Form::Native)
+            ]
+        );
+        let Action::Publish { body: inject, .. } = &a[0] else { panic!("a publish") };
+        let mut got = Vec::new();
+        serial::decode_frame(inject, 127, &mut got).unwrap();
+        assert_eq!(got, frame);
+        assert!(!String::from_utf8_lossy(inject).contains("data_slip"), "the router's shape");
+        let Action::Publish { body: batch, .. } = &a[2] else { panic!("a publish") };
+        let f = v1::decode(batch).unwrap();
+        assert_eq!(crate::port::Layer::of_frame_flags(f.header().flags), crate::port::Layer::Ieee802154);
+        assert_eq!(f.packets().next().map(|p| p.data), Some(&frame[..]));
+        // An old IP agent and a native radio flood: only the probe gets it.
+        deliver(&mut r, "fromAgent.agent_2.ip.tun.started", None, &started("10.2.0.2"));
+        let a = deliver(&mut r, RoutingKey::all("mote9").unwrap().as_str(), Some("mote9"), batch);
+        assert_eq!(published(&a), [("toAgent.agent_1.802154.serial.packet.raw", Form::Ioppytest)]);
+        assert_eq!((r.counters.frames_in, r.counters.frames_forwarded, r.counters.frames_bridged_to_native, r.counters.frames_bridged_to_old), (1, 2, 1, 1));
+        assert!(deliver(&mut r, "fromAgent.agent_1.802154.serial.packet.raw", None, br#"{"data": []}"#).is_empty());
+        // A stranger's frame is counted, and it never becomes a radio the router serves.
+        let a = deliver(&mut r, "fromAgent.stranger.802154.serial.packet.raw", None, &body);
+        assert_eq!(published(&a), [("tunbus.v1.all.tunbus-router", Form::Native)]);
+        assert_eq!((r.counters.unknown_sender, r.radios.len()), (1, 1));
     }
 
     #[test]
