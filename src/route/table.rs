@@ -137,6 +137,11 @@ impl Routes {
         }
     }
 
+    /// Whether agent `name` has routes here.
+    pub fn knows(&self, name: &str) -> bool {
+        self.by_agent.contains_key(name)
+    }
+
     /// Agent `name`, logged in as `user`, said goodbye: its routes go (a bye from another
     /// user is ignored). Returns whether any went.
     pub fn on_bye(&mut self, name: &str, user: Option<&str>) -> bool {
