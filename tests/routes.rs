@@ -156,7 +156,7 @@ fn a_gateway_makes_the_network_behind_it_reachable() {
 
     // The gateway leaves: its bye withdraws the route at once, and it put forwarding back.
     let rg = gw.interrupt();
-    assert!(rg["rx_packets"].as_u64().unwrap_or(0) > 1000, "{rg}");
+    assert!(rg["rx_bytes"].as_u64().unwrap_or(0) >= size, "{rg}");
     let t1 = Instant::now();
     while routes(&ns_h, "-4").contains(&p4) && t1.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(50));
