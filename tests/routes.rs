@@ -132,6 +132,8 @@ fn a_gateway_makes_the_network_behind_it_reachable() {
     assert!(routes(&ns_h, "-4").contains(&format!("{p4} dev tb0")), "{}", routes(&ns_h, "-4"));
     assert!(routes(&ns_h, "-6").contains(&format!("{p6} dev tb0")), "{}", routes(&ns_h, "-6"));
     assert_eq!(sysctl(&ns_gw, "net/ipv4/ip_forward"), "1");
+    // IPv6 (neighbour discovery on the far network may take a moment).
+    assert!(reachable(&ns_h, &far.v6, Duration::from_secs(10)), "IPv6 through the gateway:\n{}", gw.logs());
     let (ok, out) = ping(&ns_h, &far.v6, 3);
     assert!(ok, "IPv6 through the gateway:\n{out}\n{}", gw.logs());
 
