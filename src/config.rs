@@ -1,6 +1,6 @@
 //! Validated configuration of one agent, from its parts (decision 0019).
 //!
-//! [`Bus`], [`Interface`], [`DataPath`], [`Identity`] and [`Ioppytest`] are plain data with
+//! [`Bus`], [`Interface`], [`DataPath`], [`Identity`], [`Ioppytest`] and [`Routing`] are plain data with
 //! the defaults of `agent connect`. [`AgentConfig::new`] and its `with_*` methods are the
 //! only way to a configuration, and each checks the whole, so the CLI, the lab and the tests
 //! build agents through the same checks. Everything below the CLI sees only this. Pure: no
