@@ -47,6 +47,9 @@ fn flood_key_of(sender: Option<&str>, own: RoutingKey) -> RoutingKey {
     sender.and_then(RoutingKey::all).unwrap_or(own)
 }
 
+/// A gateway's address (whose key packets go to) and its queue count.
+type NextHop = (IpAddr, u8);
+
 /// IP packets: destination and flow shard.
 pub struct IpClassifier {
     flood_key: RoutingKey,
@@ -57,7 +60,7 @@ pub struct IpClassifier {
     routes: RouteView,
     /// The last destination looked up in `routes`, the table's version then, and where it
     /// goes (the gateway's address and queue count; `None`: to the destination itself).
-    last_route: Option<(IpAddr, u64, Option<(IpAddr, u8)>)>,
+    last_route: Option<(IpAddr, u64, Option<NextHop>)>,
     /// The last unicast (key address, shard) and its key.
     last_unicast: Option<(IpAddr, u8, RoutingKey)>,
     /// Where the last packet classified goes, for the emulation.
@@ -110,7 +113,7 @@ impl IpClassifier {
     /// The gateway (its address and queue count) that `dst` goes through, when a prefix
     /// some gateway advertises contains it. No lookup while none does.
     #[inline]
-    fn next_hop(&mut self, dst: IpAddr) -> Option<(IpAddr, u8)> {
+    fn next_hop(&mut self, dst: IpAddr) -> Option<NextHop> {
         let version = self.routes.refresh();
         if self.routes.table().is_empty() {
             return None;
