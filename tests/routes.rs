@@ -269,6 +269,10 @@ fn two_gateways_of_one_prefix_fail_over() {
     eprintln!("failover after SIGKILL: {moved:?}");
     assert!(moved <= Duration::from_secs(18), "took {moved:?}, more than the 16 s hello timeout and a second");
     assert!(routes(&ns_h, "-4").contains(&p4), "the route stays while b advertises it");
+    // `agent status` names the gateway in use.
+    let status = Command::new(env!("CARGO_BIN_EXE_agent")).args(["status", "--json", &h1.name]).output().expect("agent status runs");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!(r#""prefix":"{p4}","gateway":"{name_b}""#)), "{text}");
     gw_b.interrupt();
     h1.interrupt();
 }

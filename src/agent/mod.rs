@@ -289,7 +289,7 @@ impl Agent {
         if *config.routing() != crate::config::Routing::default() {
             agent.routing = Some(routing::HostRouting::start(&config, routes.clone(), stop_flag.clone())?);
         }
-        agent.serve_status(claims, &stop_rx);
+        agent.serve_status(claims, routes.clone(), &stop_rx);
         agent.spawn_reports(metrics_listener, stop_rx);
         let first = config.bus().endpoints.first();
         tracing::info!(
@@ -393,7 +393,7 @@ impl Agent {
 
     /// The `agent status` socket, when the configuration has a folder for it. A socket
     /// that cannot be made is a warning: the agent carries traffic without it.
-    fn serve_status(&mut self, claims: Option<Arc<std::sync::Mutex<Claims>>>, stop: &watch::Receiver<bool>) {
+    fn serve_status(&mut self, claims: Option<Arc<std::sync::Mutex<Claims>>>, routes: Arc<crate::route::table::RouteShare>, stop: &watch::Receiver<bool>) {
         let Some(dir) = self.config.data_path().status_dir.clone() else { return };
         let (listener, path) = match crate::status::bind(&dir, self.config.name()) {
             Ok(bound) => bound,
@@ -444,6 +444,12 @@ impl Agent {
                 }
                 .to_owned(),
                 peers,
+                routes: routes
+                    .table()
+                    .routes()
+                    .iter()
+                    .map(|r| crate::status::RouteStatus { prefix: r.prefix.to_string(), gateway: r.gateway.clone(), standby: r.standby.clone() })
+                    .collect(),
                 report: crate::status::report_value(&report::build(config.name(), started.elapsed(), &counters, &hist)),
             }
         });
