@@ -134,6 +134,6 @@ capture running left TCP 1 flow at 0.52× and 0.60× in two quick runs.
 """
 
 with open(os.path.join(ROOT, "docs", "performance.md"), "w") as f:
-    parts = ["latest.md", "lab-scale.md", "lab-thousand.md", "cluster-sim.md", "queue-types.md", "soak.md"]
+    parts = ["latest.md", "lab-scale.md", "lab-thousand.md", "cluster-sim.md", "queue-types.md", "soak.md", "aqm.md"]
     f.write(HEAD + before_after() + "".join("\n" + section(p) for p in parts))
 print("wrote docs/performance.md")

@@ -66,6 +66,7 @@ SYSTEMS = {
     "cluster-cross": "tunbus q1, 3-node cluster, two nodes",
     "tunbus-emu0": "tunbus q1, --emulate 'delay 0ms'",
     "tunbus-capture": "tunbus q1, agent capture running",
+    "tunbus-noaqm": "tunbus q1, --no-aqm",
 }
 COLORS = {
     "veth": "#8c8c8c",
@@ -81,6 +82,7 @@ COLORS = {
     "cluster-cross": "#e377c2",
     "tunbus-emu0": "#bcbd22",
     "tunbus-capture": "#7f7f7f",
+    "tunbus-noaqm": "#aec7e8",
 }
 PCTS = [10, 25, 50, 75, 90, 95, 99, 99.5, 99.9]
 
@@ -249,6 +251,10 @@ class Host2:
     def create(self) -> None:
         CLEANUP.add_namespace(self.ns_a)
         CLEANUP.add_namespace(self.ns_b)
+        # ECN-capable TCP in every system (it changes nothing where nobody marks): what
+        # tunbus's queue management marks instead of dropping (decision 0028).
+        for ns in (self.ns_a, self.ns_b):
+            run(in_ns(ns, ["sysctl", "-qw", "net.ipv4.tcp_ecn=1"]))
 
     def destroy(self) -> None:
         if self.server is not None:
@@ -655,7 +661,7 @@ def make_rows(res: dict) -> list[dict]:
     def row(label, getter, limit_key, unit, limit_name, better="higher", extra_limit=None):
         vals = {k: getter(s.get(k, {})) for k in SYSTEMS}
         r = {"workload": label, "unit": unit, "values": vals, "limit": limit_key, "better": better}
-        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid", "cluster-cross", "tunbus-emu0", "tunbus-capture"):
+        for q in ("tunbus-q1", "tunbus-q2", "tunbus-tls", "tunbus-noid", "cluster-cross", "tunbus-emu0", "tunbus-capture", "tunbus-noaqm"):
             parts = []
             if q in ("tunbus-emu0", "tunbus-capture"):
                 if vals.get("tunbus-q1") is not None:
@@ -663,6 +669,9 @@ def make_rows(res: dict) -> list[dict]:
             elif q == "cluster-cross":
                 if vals.get("cluster-same") is not None:
                     parts.append(f"{ratio(vals[q], vals['cluster-same'])} same node")
+            elif q == "tunbus-noaqm":
+                if vals.get(q) is not None:
+                    parts.append(f"{ratio(vals['tunbus-q1'], vals[q])} on/off")
             elif q == "tunbus-noid":
                 if vals.get("tunbus-q1") is not None:
                     parts.append(f"{ratio(vals['tunbus-q1'], vals[q])} checked/unchecked")
@@ -707,13 +716,13 @@ def markdown(res: dict, rows: list[dict], svg_name: str) -> str:
         "Ratios: tunbus / limit measured in this run (TCP vs the TUN relay with offloads, UDP packet rates vs "
         "the relay without offloads, ping vs the relay and vs twice the broker's one-hop latency).",
         "",
-        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off | two nodes vs one | delay 0ms vs off | capture vs off |",
-        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|---|---|---|",
+        "| workload | " + " | ".join(SYSTEMS.values()) + " | q1 vs limit | q2 vs limit | TLS vs plain | identity check on/off | two nodes vs one | delay 0ms vs off | capture vs off | AQM on/off |",
+        "|---|" + "---:|" * len(SYSTEMS) + "---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         digits = 3 if r["unit"] == "ms" else 2
         vals = [fmt(r["values"][k], digits=digits) for k in SYSTEMS]
-        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} | {r['ratio_cluster-cross']} | {r['ratio_tunbus-emu0']} | {r['ratio_tunbus-capture']} |")
+        out.append(f"| {r['workload']} ({r['unit']}) | " + " | ".join(vals) + f" | {r['ratio_tunbus-q1']} | {r['ratio_tunbus-q2']} | {r['ratio_tunbus-tls']} | {r['ratio_tunbus-noid']} | {r['ratio_cluster-cross']} | {r['ratio_tunbus-emu0']} | {r['ratio_tunbus-capture']} | {r['ratio_tunbus-noaqm']} |")
     br = res["systems"].get("broker", {})
     out += ["", "## RabbitMQ alone (one queue, one publisher, one consumer, tunbus's own AMQP client)", ""]
     if "error" in br:
@@ -875,7 +884,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "perf" / "results"), help="results directory [perf/results]")
     ap.add_argument("--mtu", type=int, default=9000, help="MTU of every interface under test [9000, the agent's default]")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
-    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,tunbus-emu0,tunbus-capture,cluster,tunbus-node,tunbus-tls")
+    ap.add_argument("--only", default="", help="comma-separated subset of systems: veth,relay-plain,relay-gso,broker,tunbus-q1,tunbus-q2,tunbus-noid,tunbus-emu0,tunbus-noaqm,tunbus-capture,cluster,tunbus-node,tunbus-tls")
     ap.add_argument("--agent-args", default="", help="extra flags for both tunbus agents, e.g. \"--prefetch 64\" (to compare settings)")
     ap.add_argument("--render", metavar="JSON", help="only re-render latest.md and the SVG from a results JSON")
     args = ap.parse_args()
@@ -941,6 +950,9 @@ def main() -> int:
         # Emulation off is tunbus-q1 above; these two run right after it, in the same run.
         ("tunbus-emu0", lambda: system_tunbus(plan, 1, logdir, key="tunbus-emu0", url_args=["--emulate", "delay 0ms"], subnet=23,
                                               subset={"tcp_1", "udp_64", "ping_idle"})),
+        # Queue management off (tunbus-q1 has it on, the default), right after it.
+        ("tunbus-noaqm", lambda: system_tunbus(plan, 1, logdir, key="tunbus-noaqm", url_args=["--no-aqm"], subnet=25,
+                                               subset={"tcp_1", "ping_idle", "ping_loaded"})),
         ("tunbus-capture", lambda: system_tunbus(plan, 1, logdir, key="tunbus-capture", subnet=24, capture=True,
                                                  subset={"tcp_1", "udp_64", "ping_idle"})),
         ("cluster", lambda: system_cluster(plan, logdir)),

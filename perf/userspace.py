@@ -102,8 +102,10 @@ def ping(ns, dst: str, count: int) -> dict:
     return {"p50_ms": t[len(t) // 2], "p99_ms": t[min(len(t) - 1, int(len(t) * 0.99))], "received": len(t), "sent": count}
 
 
-def iperf(client_ns, server_ns, dst: str, port: int, seconds: float, extra: list[str], bind: str) -> dict:
-    srv = spawn(in_ns(server_ns, ["iperf3", "-s", "-1", "-B", bind, "-p", str(port)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def iperf(client_ns, server_ns, dst: str, port: int, seconds: float, extra: list[str], bind: str, server_port: int | None = None) -> dict:
+    """The client connects to dst:port; the server listens on bind:server_port (port when not
+    given: an --expose maps the bus port to another local one)."""
+    srv = spawn(in_ns(server_ns, ["iperf3", "-s", "-1", "-B", bind, "-p", str(server_port or port)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.4)
     try:
         r = subprocess.run(in_ns(client_ns, ["iperf3", "-c", dst, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000", *extra]),
@@ -144,8 +146,8 @@ def pair(key: str, plan: dict) -> dict:
         wait_ping(ns_a, "198.18.90.2")
         res["ping_idle"] = ping(ns_a, "198.18.90.2", plan["pings"])
         if key == "us-expose":
-            res["tcp_1"] = iperf(ns_a, None, "198.18.90.2", 5201, plan["tcp_s"], [], "127.0.0.1")
-            res["udp_64"] = iperf(ns_a, None, "198.18.90.2", 5201, plan["udp_s"], ["-u", "-b", "0", "-l", "64"], "127.0.0.1")
+            res["tcp_1"] = iperf(ns_a, None, "198.18.90.2", 5201, plan["tcp_s"], [], "127.0.0.1", server_port=local)
+            res["udp_64"] = iperf(ns_a, None, "198.18.90.2", 5201, plan["udp_s"], ["-u", "-b", "0", "-l", "64"], "127.0.0.1", server_port=local)
         else:
             res["tcp_1"] = forward_iperf(ns_a, fwd, plan, [])
             res["udp_64"] = forward_iperf(ns_a, fwd, plan, ["-u", "-b", "0", "-l", "64"])

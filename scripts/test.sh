@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The whole test suite: unit and property tests, then the system tests against a real
-# RabbitMQ, real TUN devices and network namespaces (which must run, not skip:
-# TUNBUS_REQUIRE_SYSTEM_TESTS=1). Extra arguments go to `cargo test`.
+# The whole test suite: lints (clippy) when the toolchain has them, unit and
+# property tests, then the system tests against a real RabbitMQ, real TUN devices and
+# network namespaces (which must run, not skip: TUNBUS_REQUIRE_SYSTEM_TESTS=1). Extra
+# arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --locked --all-targets -- -D warnings
+else
+  echo "test: clippy is not installed (rustup component add clippy): lints not checked" >&2
+fi
 export TUNBUS_REQUIRE_SYSTEM_TESTS=1
 exec cargo test --locked "$@"

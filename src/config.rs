@@ -265,11 +265,13 @@ pub struct AqmSettings {
     pub target: Duration,
     /// About the worst round trip of the flows it manages.
     pub interval: Duration,
+    /// Drop packets that are not ECN-capable in place of a mark (`--aqm-drop`).
+    pub drop: bool,
 }
 
 impl Default for AqmSettings {
     fn default() -> AqmSettings {
-        AqmSettings { target: Duration::from_millis(2), interval: Duration::from_millis(20) }
+        AqmSettings { target: Duration::from_millis(2), interval: Duration::from_millis(20), drop: false }
     }
 }
 

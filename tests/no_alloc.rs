@@ -506,7 +506,6 @@ fn rx_deliver_steady_state_does_not_allocate() {
             }
             RX.disarm();
             stop_counting_on_this_thread();
-            drop(round);
             // The queue goes back to the test: closing it would remove tb0 before it is read.
             (written, rounds * per_round, queue)
         })

@@ -264,8 +264,18 @@ fn unplugged_for_3_s_and_plugged_in_again_frames_flow_within_2_s() {
         stats(&port)
     );
     // Someone else takes the freed pseudo-terminal, so the probe comes back under another
-    // number, as a USB adapter may come back as ttyUSB1.
-    let _other = sys::tty::openpty(true).expect("a pseudo-terminal");
+    // number, as a USB adapter may come back as ttyUSB1. Other processes open and close
+    // pseudo-terminals meanwhile (the kernel hands out the lowest free number), so take
+    // numbers until the freed one is among them.
+    let mut _others = Vec::new();
+    for _ in 0..256 {
+        let other = sys::tty::openpty(true).expect("a pseudo-terminal");
+        let got_it = other.path.as_path() == first_tty.as_path();
+        _others.push(other);
+        if got_it {
+            break;
+        }
+    }
     let s = stats(&port);
     assert_eq!((s.outages, s.connected), (1, false), "{s:?}");
     // Frames for the probe meanwhile are counted, never an error; the port looks for the

@@ -156,13 +156,17 @@ pub struct ConnectArgs {
     pub status_dir: PathBuf,
     /// Queue management of what this agent receives: when the bus keeps a standing queue
     /// longer than this (measured from each batch's timestamp, above the smallest delay
-    /// seen), packets of the bulk flow are marked CE (ECN) or, not ECN-capable, dropped, at
-    /// CoDel's pace, so that a ping beside a transfer stays fast (docs/decisions/0028).
+    /// seen), ECN-capable packets of the bulk flow are marked CE at CoDel's pace, so that a
+    /// ping beside a transfer stays fast (docs/decisions/0028).
     #[arg(long, value_name = "TIME", default_value = "2ms", value_parser = parse_time)]
     pub aqm_target: Duration,
     /// CoDel's interval: about the worst round trip of the flows through the bus.
     #[arg(long, value_name = "TIME", default_value = "20ms", value_parser = parse_time)]
     pub aqm_interval: Duration,
+    /// Drop packets that are not ECN-capable where the queue management would mark (as a
+    /// router's CoDel does; costly here: a dropped unit is often a super-packet).
+    #[arg(long, conflicts_with = "no_aqm")]
+    pub aqm_drop: bool,
     /// No queue management: batches are written however long they waited.
     #[arg(long)]
     pub no_aqm: bool,
@@ -351,7 +355,7 @@ impl ConnectArgs {
             status_dir: Some(if self.status_dir == std::path::Path::new(config::RUN_DIR) { crate::status::default_dir() } else { self.status_dir }),
             emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed, known: Vec::new() },
             pcap,
-            aqm: (!self.no_aqm).then_some(config::AqmSettings { target: self.aqm_target, interval: self.aqm_interval }),
+            aqm: (!self.no_aqm).then_some(config::AqmSettings { target: self.aqm_target, interval: self.aqm_interval, drop: self.aqm_drop }),
         };
         let mut start_within = self.start_within;
         if start_within.is_empty() {
@@ -371,6 +375,11 @@ impl ConnectArgs {
         let routing = config::Routing { advertise: self.advertise, accept_routes: self.accept_routes, masquerade: self.masquerade };
         Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?.with_routing(routing).map_err(invalid)?)
     }
+}
+
+/// A time as tc-netem writes it: `2ms`, `500us`, `1.5ms`, `1s`.
+fn parse_time(s: &str) -> Result<Duration, String> {
+    crate::emulate::spec::parse_time(s).ok_or_else(|| format!("expected a time such as 2ms, 500us or 1s, found {s:?}"))
 }
 
 #[cfg(test)]
@@ -479,9 +488,4 @@ mod tests {
         assert!(parse_cpus("x").is_err());
         assert!(parse_cpus("").is_err());
     }
-}
-
-/// A time as tc-netem writes it: `2ms`, `500us`, `1.5ms`, `1s`.
-fn parse_time(s: &str) -> Result<Duration, String> {
-    crate::emulate::spec::parse_time(s).ok_or_else(|| format!("expected a time such as 2ms, 500us or 1s, found {s:?}"))
 }

@@ -176,27 +176,35 @@ pub struct Congestion<'a> {
 /// Most packets of one batch the queue management marks or drops.
 const MOST_MARKS: usize = 8;
 
-/// The transport protocol of an IP packet, when it is TCP or UDP (the flows a mark or a
-/// drop slows down; an ICMP echo is never chosen).
-fn congestible(data: &[u8]) -> bool {
+/// Whether the queue management may choose this IP packet: a TCP or UDP one (the flows a
+/// mark or a drop slows down; an ICMP echo never is) that is ECN-capable, or any such one
+/// when `drops` (then one that is not ECN-capable is dropped).
+fn congestible(data: &[u8], drops: bool) -> bool {
     use crate::packet::ip::protocol::{TCP, UDP};
     use crate::packet::ipv4::Ipv4Packet;
     use crate::packet::ipv6::Ipv6Packet;
-    let proto = match data.first().map(|b| b >> 4) {
-        Some(4) => Ipv4Packet::new_checked(data).ok().map(|p| p.protocol()),
-        Some(6) => Ipv6Packet::new_checked(data).ok().map(|p| p.upper_layer().protocol),
-        _ => None,
+    use crate::packet::Ecn;
+    let (proto, ecn) = match data.first().map(|b| b >> 4) {
+        Some(4) => match Ipv4Packet::new_checked(data) {
+            Ok(p) => (p.protocol(), p.ecn()),
+            Err(_) => return false,
+        },
+        Some(6) => match Ipv6Packet::new_checked(data) {
+            Ok(p) => (p.upper_layer().protocol, p.ecn()),
+            Err(_) => return false,
+        },
+        _ => return false,
     };
-    matches!(proto, Some(TCP | UDP))
+    matches!(proto, TCP | UDP) && (drops || matches!(ecn, Ecn::Ect0 | Ecn::Ect1))
 }
 
-/// The indices of the `n` largest TCP or UDP packets of `frame` (a standing queue is
-/// mostly a bulk flow's: its packets are the large ones).
-fn victims(frame: &v1::Frame<'_>, n: usize) -> ([usize; MOST_MARKS], usize) {
+/// The indices of the `n` largest packets of `frame` the queue management may choose (a
+/// standing queue is mostly a bulk flow's: its packets are the large ones).
+fn victims(frame: &v1::Frame<'_>, n: usize, drops: bool) -> ([usize; MOST_MARKS], usize) {
     let mut chosen = [(0usize, 0usize); MOST_MARKS]; // (len, index), largest first
     let mut count = 0;
     for (i, p) in frame.packets().enumerate() {
-        if !congestible(p.data) {
+        if !congestible(p.data, drops) {
             continue;
         }
         let len = p.data.len();
@@ -240,11 +248,11 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     }
     let ip = sink.layer == Layer::Ip;
     // Queue management: how many packets of this batch the standing queue costs.
-    let marks = match (&mut sink.congestion, ip) {
-        (Some(c), true) => c.aqm.on_batch(c.sender, c.shard, frame.header().timestamp_ns, now_ns) as usize,
-        _ => 0,
+    let (marks, drops) = match (&mut sink.congestion, ip) {
+        (Some(c), true) => (c.aqm.on_batch(c.sender, c.shard, frame.header().timestamp_ns, now_ns) as usize, c.aqm.drops()),
+        _ => (0, false),
     };
-    let (victim, victims_n) = if marks > 0 { victims(&frame, marks.min(MOST_MARKS)) } else { ([usize::MAX; MOST_MARKS], 0) };
+    let (victim, victims_n) = if marks > 0 { victims(&frame, marks.min(MOST_MARKS), drops) } else { ([usize::MAX; MOST_MARKS], 0) };
     let mut marked = 0u64;
     let mut aqm_dropped = 0u64;
     let mut written = 0u64;
@@ -321,7 +329,7 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
             // CE on an ECN-capable packet (a copy: the batch is the read buffer); the IPv4
             // header checksum follows (RFC 1624), the transport checksum does not cover the
             // ECN bits, and a super-packet's segments all inherit its header. Not
-            // ECN-capable: dropped, as a router's AQM would.
+            // ECN-capable (chosen only with `--aqm-drop`): dropped, as a router's AQM would.
             if !in_scratch {
                 sink.scratch.clear();
                 sink.scratch.extend_from_slice(p.data);

@@ -94,7 +94,7 @@ pub fn for_agent(
                 probed: false,
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
-                aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval)),
+                aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval, a.drop)),
             }),
         ),
         Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
