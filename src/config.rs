@@ -1,6 +1,6 @@
 //! Validated configuration of one agent, from its parts (decision 0019).
 //!
-//! [`Bus`], [`Interface`], [`DataPath`], [`Identity`] and [`Ioppytest`] are plain data with
+//! [`Bus`], [`Interface`], [`DataPath`], [`Identity`], [`Ioppytest`] and [`Routing`] are plain data with
 //! the defaults of `agent connect`. [`AgentConfig::new`] and its `with_*` methods are the
 //! only way to a configuration, and each checks the whole, so the CLI, the lab and the tests
 //! build agents through the same checks. Everything below the CLI sees only this. Pure: no
@@ -357,6 +357,38 @@ pub struct AgentConfig {
     data_path: DataPath,
     identity: Identity,
     ioppytest: Ioppytest,
+    routing: Routing,
+}
+
+/// Subnet routing (issue #25, docs/decisions/0027-advertised-prefixes.md): the prefixes
+/// this agent routes for, and what it does with those others advertise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// Prefixes of the networks behind this agent (`--advertise`): packets to them come
+    /// here and the kernel forwards them (forwarding is turned on in the agent's namespace).
+    pub advertise: Vec<Prefix>,
+    /// Install a kernel route on the interface for every prefix other agents advertise
+    /// (`--accept-routes`), and remove it when the advertisement goes.
+    pub accept_routes: bool,
+    /// Hide the bus behind this gateway's own address on its other networks (`--masquerade`,
+    /// an nftables table of the agent's own).
+    pub masquerade: bool,
+}
+
+impl Routing {
+    fn check(&self, interface: &Interface, wire: Wire) -> Result<(), ConfigError> {
+        for p in &self.advertise {
+            crate::route::table::advertisable(p).map_err(|e| ConfigError(format!("--advertise {e}")))?;
+        }
+        let routes = !self.advertise.is_empty() || self.accept_routes || self.masquerade;
+        if routes {
+            ensure(interface.is_tun(), || "--advertise, --accept-routes and --masquerade need a kernel interface (not --userspace)".into())?;
+            ensure(wire == Wire::Native, || "--advertise, --accept-routes and --masquerade need the native wire".into())?;
+        }
+        ensure(!self.masquerade || !self.advertise.is_empty(), || "--masquerade goes with --advertise (a gateway hides the bus behind its address)".into())?;
+        ensure(self.advertise.len() <= crate::route::table::MAX_PER_AGENT, || format!("at most {} --advertise prefixes", crate::route::table::MAX_PER_AGENT))?;
+        Ok(())
+    }
 }
 
 impl AgentConfig {
@@ -372,8 +404,13 @@ impl AgentConfig {
             data_path: DataPath::default(),
             identity: Identity { user, mode: Mode::FirstClaim },
             ioppytest: Ioppytest::default(),
+            routing: Routing::default(),
         };
         config.checked()
+    }
+
+    pub fn with_routing(self, routing: Routing) -> Result<AgentConfig, ConfigError> {
+        AgentConfig { routing, ..self }.checked()
     }
 
     pub fn with_data_path(self, data_path: DataPath) -> Result<AgentConfig, ConfigError> {
@@ -403,6 +440,7 @@ impl AgentConfig {
         self.interface.check()?;
         self.data_path.check()?;
         ensure(!self.identity.user.is_empty(), || "the broker user is empty".into())?;
+        self.routing.check(&self.interface, self.data_path.wire)?;
         if self.data_path.wire == Wire::Ioppytest {
             ensure(self.interface.queues == 1, || "the ioppytest wire carries one packet per message on one queue: use 1 queue".into())?;
             // The old wire carries plain packets only: no super-packets, no partial checksums.
@@ -434,6 +472,10 @@ impl AgentConfig {
 
     pub fn ioppytest(&self) -> &Ioppytest {
         &self.ioppytest
+    }
+
+    pub fn routing(&self) -> &Routing {
+        &self.routing
     }
 
     /// The link-local address: the configured one, else `fe80::` + 64 bits of a fixed

@@ -426,6 +426,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             version: String::new(),
             node: None,
             leaving: false,
+            advertise: Vec::new(),
         };
         Arc::new(Announcements::new(&h))
     });

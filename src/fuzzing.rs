@@ -389,6 +389,7 @@ pub fn routing(data: &[u8]) {
         Some(route::Key::All { sender }) => RoutingKey::all(sender),
         Some(route::Key::Hello { name }) => RoutingKey::hello(name),
         Some(route::Key::Bye { name }) => RoutingKey::bye(name),
+        Some(route::Key::Route { name }) => RoutingKey::route(name),
         Some(route::Key::Ping { name }) => RoutingKey::ping(name),
         Some(route::Key::Pong { token }) => RoutingKey::pong(token),
         Some(route::Key::Probe) => {

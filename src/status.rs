@@ -48,6 +48,16 @@ pub struct PeerStatus {
     pub addresses: Vec<String>,
 }
 
+/// A prefix some gateway advertises, and which gateway this agent sends it to
+/// (decision 0027).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RouteStatus {
+    pub prefix: String,
+    pub gateway: String,
+    /// Other advertisers of the same prefix, in the order they would take over.
+    pub standby: Vec<String>,
+}
+
 /// What `agent status` reads from one agent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -62,6 +72,9 @@ pub struct Status {
     /// `strict` (the peers file), `first-claim` (hellos) or `off`.
     pub identity: String,
     pub peers: Vec<PeerStatus>,
+    /// The advertised prefixes this agent routes by (absent from older agents' answers).
+    #[serde(default)]
+    pub routes: Vec<RouteStatus>,
     /// The same report `--stats-json` writes at exit.
     pub report: serde_json::Value,
 }
@@ -260,6 +273,13 @@ impl std::fmt::Display for Status {
             ms("p999_us"),
             l["samples"].as_u64().unwrap_or(0)
         )?;
+        if !self.routes.is_empty() {
+            writeln!(f, "  routes (advertised):")?;
+            for r in &self.routes {
+                let standby = if r.standby.is_empty() { String::new() } else { format!(" (standby: {})", r.standby.join(", ")) };
+                writeln!(f, "    {} via {}{standby}", r.prefix, r.gateway)?;
+            }
+        }
         if self.peers.is_empty() {
             writeln!(f, "  peers ({}): none yet", self.identity)
         } else {

@@ -363,6 +363,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         peers: Arc::new(PeerQueues::new()),
         trust: tunbus::identity::Trust::new(&link.config.identity().mode),
         claims: None,
+        routes: tunbus::route::table::RouteShare::new(),
         connected: None,
         shaper: None,
     };

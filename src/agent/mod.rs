@@ -40,6 +40,7 @@ use crate::identity::{claims::Claims, Trust};
 use crate::worker::queue::{QueueWorker, WorkerSetup};
 
 mod ports;
+pub mod routing;
 
 /// How long the start waits for the broker to drop a dead connection that still holds this
 /// agent's queue (its heartbeats time it out: 2 × at most 30 s).
@@ -78,6 +79,8 @@ pub struct Agent {
     pinger: Option<crate::port::userspace::Pinger>,
     /// A serial probe's counters, for the reports.
     serial: Option<Arc<crate::port::serial::SerialCounters>>,
+    /// What subnet routing changed on the host (forwarding, masquerade, accepted routes).
+    routing: Option<routing::HostRouting>,
 }
 
 /// Opens link 0 before anything is created on this host: what the broker refuses ends the
@@ -144,6 +147,7 @@ fn hello_of(config: &AgentConfig) -> Hello {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         node: None,
         leaving: false,
+        advertise: config.routing().advertise.iter().map(crate::route::table::network_of).collect(),
     }
 }
 
@@ -168,6 +172,7 @@ impl Agent {
         let broker = Arc::new(BrokerState::default());
         let connected = Arc::new(AtomicUsize::new(0));
         let peers = Arc::new(crate::route::peers::PeerQueues::new());
+        let routes = crate::route::table::RouteShare::new();
         let trust = Trust::new(&config.identity().mode);
         // First claim: queue 0 of a native agent keeps the claims its hellos bring.
         let claims = (config.identity().mode == crate::identity::Mode::FirstClaim && config.data_path().wire == crate::config::Wire::Native).then(|| Arc::new(std::sync::Mutex::new(Claims::new())));
@@ -219,6 +224,7 @@ impl Agent {
             pcap: None,
             pinger: opened.pinger.clone(),
             serial: opened.serial.clone(),
+            routing: None,
         };
         // Fault injection for the test that a dead worker is never silent (read once).
         let fault_worker_panic = std::env::var("TUNBUS_FAULT").as_deref() == Ok("worker-panic");
@@ -254,6 +260,7 @@ impl Agent {
                 peers: peers.clone(),
                 trust: trust.clone(),
                 claims: if k == 0 { claims.clone() } else { None },
+                routes: routes.clone(),
                 connected: if k == 0 { first_link.take() } else { None },
                 shaper: emulation.shaper(),
             };
@@ -290,7 +297,10 @@ impl Agent {
         if config.interface().is_tun() {
             agent.watch_kernel_drops(&stop_rx);
         }
-        agent.serve_status(claims, &stop_rx);
+        if *config.routing() != crate::config::Routing::default() {
+            agent.routing = Some(routing::HostRouting::start(&config, routes.clone(), stop_flag.clone())?);
+        }
+        agent.serve_status(claims, routes.clone(), &stop_rx);
         agent.spawn_reports(metrics_listener, stop_rx);
         let first = config.bus().endpoints.first();
         tracing::info!(
@@ -300,6 +310,7 @@ impl Agent {
             user = %config.identity().user,
             exchange = %config.bus().exchange,
             addresses = %hello_of(&config).addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+            advertise = %config.routing().advertise.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             interface = %config.interface().ifname,
             netns = config.interface().netns.as_deref().unwrap_or("-"),
             queues = config.interface().queues,
@@ -393,7 +404,7 @@ impl Agent {
 
     /// The `agent status` socket, when the configuration has a folder for it. A socket
     /// that cannot be made is a warning: the agent carries traffic without it.
-    fn serve_status(&mut self, claims: Option<Arc<std::sync::Mutex<Claims>>>, stop: &watch::Receiver<bool>) {
+    fn serve_status(&mut self, claims: Option<Arc<std::sync::Mutex<Claims>>>, routes: Arc<crate::route::table::RouteShare>, stop: &watch::Receiver<bool>) {
         let Some(dir) = self.config.data_path().status_dir.clone() else { return };
         let (listener, path) = match crate::status::bind(&dir, self.config.name()) {
             Ok(bound) => bound,
@@ -445,6 +456,12 @@ impl Agent {
                 }
                 .to_owned(),
                 peers,
+                routes: routes
+                    .table()
+                    .routes()
+                    .iter()
+                    .map(|r| crate::status::RouteStatus { prefix: r.prefix.to_string(), gateway: r.gateway.clone(), standby: r.standby.clone() })
+                    .collect(),
                 report: {
                     let mut r = report::build(config.name(), started.elapsed(), &counters, &hist);
                     r.serial = serial.as_ref().map(|c| c.snapshot());
@@ -508,6 +525,9 @@ impl Agent {
     pub async fn shutdown(mut self) -> Report {
         let _ = self.stop_tx.send(true);
         self.stop_flag.raise();
+        if let Some(mut r) = self.routing.take() {
+            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+        }
         let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
         while !self.tasks.is_empty() {
             match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {

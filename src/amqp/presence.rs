@@ -91,6 +91,11 @@ pub struct Hello {
     /// Set on the goodbye message.
     #[serde(default)]
     pub leaving: bool,
+    /// The prefixes it routes for (`--advertise`; docs/decisions/0027). Left out when
+    /// empty, so hellos of agents that route for nothing are what older agents read; older
+    /// agents ignore the field.
+    #[serde(default, with = "prefixes", skip_serializing_if = "Vec::is_empty")]
+    pub advertise: Vec<crate::route::Prefix>,
 }
 
 /// The hello and bye of one agent, serialised when its announcing link connects (not per
@@ -101,6 +106,9 @@ pub struct Announcements {
     pub hello: Vec<u8>,
     pub bye_key: String,
     pub bye: Vec<u8>,
+    /// A gateway's (`--advertise`): its hello and bye go here too
+    /// (`tunbus.v1.ctl.route.<name>`), which every agent binds.
+    pub route_key: Option<String>,
     template: Hello,
 }
 
@@ -111,6 +119,7 @@ impl Announcements {
             hello: Vec::new(),
             bye_key: hello.name.bye_key().as_str().to_owned(),
             bye: Vec::new(),
+            route_key: if hello.advertise.is_empty() { None } else { RoutingKey::route(&hello.name).map(|k| k.as_str().to_owned()) },
             template: hello.clone(),
         };
         a.on_node(hello.node.as_deref());
@@ -228,5 +237,14 @@ mod tests {
         let a = Announcements::new(&h);
         assert_eq!(a.hello_key, "tunbus.v1.ctl.hello.h1");
         assert!(String::from_utf8_lossy(&a.hello).contains(r#""addresses":["198.18.0.1/24","fe80::1/64"]"#));
+        assert!(!String::from_utf8_lossy(&a.hello).contains("advertise"), "nothing new for agents that route nothing");
+        assert_eq!(a.route_key, None);
+        // A gateway's hello lists its prefixes, and goes to its route key too.
+        let gw = Hello { advertise: vec!["198.19.50.0/24".parse().unwrap()], ..h.clone() };
+        let a = Announcements::new(&gw);
+        assert_eq!(a.route_key.as_deref(), Some("tunbus.v1.ctl.route.h1"));
+        assert!(String::from_utf8_lossy(&a.hello).contains(r#""advertise":["198.19.50.0/24"]"#));
+        let back: Hello = serde_json::from_slice(&a.hello).expect("parses");
+        assert_eq!(back.advertise, gw.advertise);
     }
 }

@@ -196,6 +196,21 @@ pub struct ConnectArgs {
     /// common_name): every message carries it as user_id, which the broker checks.
     #[arg(long, value_name = "USER")]
     pub broker_user: Option<String>,
+    /// Route for this network: packets other agents send to PREFIX come to this agent, whose
+    /// kernel forwards them (forwarding is turned on in its namespace), e.g. 192.168.50.0/24
+    /// (repeatable). Longest prefix wins; between equal prefixes, the lowest agent name.
+    #[arg(long, value_name = "PREFIX")]
+    pub advertise: Vec<Prefix>,
+    /// Install a kernel route on this agent's interface for every prefix other agents
+    /// advertise, and remove it when the advertisement goes [default: the host's routes are
+    /// left alone].
+    #[arg(long)]
+    pub accept_routes: bool,
+    /// With --advertise: the far networks see the bus behind this agent's own address
+    /// (nftables table `tunbus_NAME` in its namespace, removed on exit; after a SIGKILL,
+    /// `nft delete table inet tunbus_NAME`, or the next start replaces it).
+    #[arg(long, requires = "advertise")]
+    pub masquerade: bool,
 }
 
 /// `--wire native|ioppytest` (the configuration's `Wire` knows nothing of clap).
@@ -357,7 +372,8 @@ impl ConnectArgs {
             .with_ioppytest(ioppytest)
             .map_err(invalid)?;
         let user = self.broker_user.unwrap_or_else(|| config.identity().user.clone());
-        Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?)
+        let routing = config::Routing { advertise: self.advertise, accept_routes: self.accept_routes, masquerade: self.masquerade };
+        Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?.with_routing(routing).map_err(invalid)?)
     }
 }
 
@@ -450,6 +466,20 @@ mod tests {
         assert!(connect(&["--name", "x", "--wait-config"]).is_err());
         assert!(connect(&["--name", "x", "--ipv6-prefix", "bbbb"]).is_err());
         assert!(connect(&["--name", "agent_1", "--wire", "ioppytest", "--queues", "2"]).is_err());
+    }
+
+    #[test]
+    fn routing_flags() {
+        let c = connect(&["--name", "gw", "--ipv4", "198.18.0.9/24", "--advertise", "198.19.50.0/24", "--advertise", "fd00:50::/64", "--masquerade"]).unwrap();
+        assert_eq!(c.routing().advertise.len(), 2);
+        assert!(c.routing().masquerade && !c.routing().accept_routes);
+        assert!(connect(&["--name", "h1", "--accept-routes"]).unwrap().routing().accept_routes);
+        assert!(connect(&["--name", "gw", "--masquerade"]).is_err(), "--masquerade needs --advertise");
+        assert!(connect(&["--name", "gw", "--advertise", "0.0.0.0/0"]).is_err());
+        assert!(connect(&["--name", "gw", "--advertise", "224.0.0.0/4"]).is_err());
+        assert!(connect(&["--name", "gw", "--advertise", "198.19.0.0/33"]).is_err());
+        assert!(connect(&["--name", "gw", "--advertise", "198.19.0.0/24", "--userspace"]).is_err());
+        assert!(connect(&["--name", "agent_1", "--wire", "ioppytest", "--accept-routes"]).is_err());
     }
 
     #[test]

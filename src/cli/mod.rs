@@ -96,12 +96,13 @@ pub fn command() -> clap::Command {
 }
 
 /// `connect --help` in sections, in this order (every flag of connect has one: a test says so).
-pub const CONNECT_HEADINGS: [(&str, &[&str]); 9] = [
+pub const CONNECT_HEADINGS: [(&str, &[&str]); 10] = [
     ("Who and where", &["name", "config", "session", "exchange", "wire"]),
     ("Broker", &["url", "url_file", "tls_ca", "tls_cert", "tls_key", "tls_insecure", "heartbeat", "broker_user"]),
     ("Interface", &["ipv4", "ipv6", "netns", "ifname", "mtu", "queues", "cpus", "no_offload", "no_offload_from_bus"]),
     ("Userspace stack (no root, no TUN)", &["userspace", "forward", "expose", "socks5"]),
     ("Identities", &["peers", "no_identity_check"]),
+    ("Subnet routing", &["advertise", "accept_routes", "masquerade"]),
     ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),
     ("Capture and emulation", &["pcap", "emulate", "emulate_to", "emulate_seed"]),
     ("Statistics", &["stats_interval", "stats_json", "metrics_addr", "status_dir"]),

@@ -8,6 +8,12 @@
 //! other addresses are still granted. The table is bounded ([`MAX_CLAIMS`], and at most
 //! [`MAX_PER_HELLO`] addresses of one hello count), so a flood of hellos claiming made-up
 //! addresses costs memory once, not without end. Pure: the caller passes the time.
+//!
+//! Prefixes a gateway advertises (`--advertise`, decision 0027) are claimed the same way
+//! ([`Claims::on_advertise`]): the first live user to advertise a prefix holds it, and a
+//! prefix that overlaps one another live user holds, or contains an address another live
+//! user holds, is refused. A held prefix lets its user send from any address inside it
+//! (the hosts behind its gateway).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -39,10 +45,23 @@ pub struct Refused {
     pub holder: String,
 }
 
+/// An advertised prefix that was refused: it overlaps `holder`'s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedPrefix {
+    pub prefix: Prefix,
+    pub claimant: String,
+    pub holder: String,
+}
+
+/// Most advertised prefixes held at once.
+pub const MAX_PREFIX_CLAIMS: usize = 4096;
+
 /// Every address claimed so far, and by whom.
 #[derive(Debug, Default)]
 pub struct Claims {
     by_addr: HashMap<IpAddr, Claim>,
+    /// Advertised prefixes (networks), and who holds them.
+    by_prefix: HashMap<Prefix, Claim>,
 }
 
 impl Claims {
@@ -82,11 +101,49 @@ impl Claims {
         self.by_addr.len() != before
     }
 
+    /// `user` advertised `prefixes` (networks) at `now`. Returns those refused (another live
+    /// user holds an overlapping prefix or an address inside), and whether the table changed.
+    pub fn on_advertise(&mut self, user: &str, prefixes: &[Prefix], now: Instant) -> (Vec<RefusedPrefix>, bool) {
+        let live = |c: &Claim| now.saturating_duration_since(c.refreshed) < CLAIM_LIFETIME;
+        let mut refused = Vec::new();
+        let mut changed = false;
+        for p in prefixes.iter().take(MAX_PER_HELLO) {
+            if let Some(c) = self.by_prefix.get_mut(p).filter(|c| c.user == user) {
+                c.refreshed = now;
+                continue;
+            }
+            let overlapping = self.by_prefix.iter().find(|(q, c)| c.user != user && live(c) && (q.covers(p) || p.covers(q))).map(|(_, c)| c.user.clone());
+            let inside = || self.by_addr.iter().find(|(a, c)| c.user != user && live(c) && p.contains(**a)).map(|(_, c)| c.user.clone());
+            let holder = overlapping.or_else(inside).or_else(|| (self.by_prefix.len() >= MAX_PREFIX_CLAIMS).then(|| TABLE_FULL.to_owned()));
+            match holder {
+                Some(holder) => refused.push(RefusedPrefix { prefix: *p, claimant: user.to_owned(), holder }),
+                None => {
+                    self.by_prefix.insert(*p, Claim { user: user.to_owned(), refreshed: now });
+                    changed = true;
+                }
+            }
+        }
+        (refused, changed)
+    }
+
+    /// An agent of `user` withdrew `prefixes` (its bye): those claims lapse.
+    pub fn on_withdraw(&mut self, user: &str, prefixes: &[Prefix]) -> bool {
+        let before = self.by_prefix.len();
+        self.by_prefix.retain(|p, c| c.user != user || !prefixes.contains(p));
+        self.by_prefix.len() != before
+    }
+
+    /// Who holds advertised prefix `p`, if anyone.
+    pub fn prefix_holder(&self, p: &Prefix) -> Option<&str> {
+        self.by_prefix.get(p).map(|c| c.user.as_str())
+    }
+
     /// Drops the claims whose user has been silent too long. Returns whether any went.
     pub fn expire(&mut self, now: Instant) -> bool {
-        let before = self.by_addr.len();
+        let before = self.by_addr.len() + self.by_prefix.len();
         self.by_addr.retain(|_, c| now.saturating_duration_since(c.refreshed) < CLAIM_LIFETIME);
-        self.by_addr.len() != before
+        self.by_prefix.retain(|_, c| now.saturating_duration_since(c.refreshed) < CLAIM_LIFETIME);
+        self.by_addr.len() + self.by_prefix.len() != before
     }
 
     /// How many addresses are held.
@@ -105,6 +162,9 @@ impl Claims {
         for (addr, c) in &self.by_addr {
             let len = if addr.is_ipv4() { 32 } else { 128 };
             users.entry(c.user.as_str()).or_default().push(Prefix { addr: *addr, len });
+        }
+        for (p, c) in &self.by_prefix {
+            users.entry(c.user.as_str()).or_default().push(*p);
         }
         Table::new(users.into_iter().map(|(u, p)| (u.to_owned(), p)).collect())
     }
@@ -156,6 +216,34 @@ mod tests {
         let (refused, _) = c.on_hello("c", &[ip("198.18.0.1")], t0 + Duration::from_secs(1) + CLAIM_LIFETIME);
         assert!(refused.is_empty());
         assert_eq!(c.holder(ip("198.18.0.1")), Some("c"));
+    }
+
+    #[test]
+    fn advertised_prefixes_are_claimed_first_come() {
+        let p = |s: &str| -> Prefix { s.parse().unwrap() };
+        let t0 = Instant::now();
+        let mut c = Claims::new();
+        c.on_hello("h1", &[ip("198.18.0.1")], t0);
+        let (refused, changed) = c.on_advertise("gw", &[p("198.19.50.0/24"), p("fd00:50::/64")], t0);
+        assert!(refused.is_empty() && changed);
+        assert_eq!(c.table().check(Some(b"gw"), ip("198.19.50.7")), Verdict::Allowed, "hosts behind the gateway");
+        assert_eq!(c.table().check(Some(b"h1"), ip("198.19.50.7")), Verdict::Spoofed);
+        // Again: refreshed, nothing new.
+        assert_eq!(c.on_advertise("gw", &[p("198.19.50.0/24")], t0 + Duration::from_secs(5)), (vec![], false));
+        // A rogue: the same prefix, a wider one, a narrower one, one holding h1's address.
+        for bad in ["198.19.50.0/24", "198.19.0.0/16", "198.19.50.128/25"] {
+            let (refused, changed) = c.on_advertise("rogue", &[p(bad)], t0 + Duration::from_secs(6));
+            assert_eq!(refused, vec![RefusedPrefix { prefix: p(bad), claimant: "rogue".into(), holder: "gw".into() }], "{bad}");
+            assert!(!changed);
+        }
+        let (refused, _) = c.on_advertise("rogue", &[p("198.18.0.0/24")], t0 + Duration::from_secs(6));
+        assert_eq!(refused[0].holder, "h1");
+        assert_eq!(c.prefix_holder(&p("198.19.50.0/24")), Some("gw"));
+        // A bye frees it at once; silence after CLAIM_LIFETIME.
+        assert!(c.on_withdraw("gw", &[p("198.19.50.0/24")]));
+        assert!(c.on_advertise("rogue", &[p("198.19.50.0/24")], t0 + Duration::from_secs(7)).0.is_empty());
+        assert!(c.expire(t0 + Duration::from_secs(7) + CLAIM_LIFETIME));
+        assert_eq!(c.prefix_holder(&p("198.19.50.0/24")), None);
     }
 
     #[test]

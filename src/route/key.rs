@@ -20,6 +20,9 @@ pub const CTL_PROBE: &str = "tunbus.v1.ctl.probe";
 pub const HELLO_PATTERN: &str = "tunbus.v1.ctl.hello.*";
 /// Binding pattern for every agent's bye.
 pub const BYE_PATTERN: &str = "tunbus.v1.ctl.bye.*";
+/// Binding pattern for every gateway's route announcement (`tunbus.v1.ctl.route.<name>`:
+/// its hello, and its bye, published again there by agents that `--advertise`).
+pub const ROUTE_PATTERN: &str = "tunbus.v1.ctl.route.*";
 /// Prefix of the key of an agent's ping (`tunbus.v1.ctl.ping.<name>`): queue 0 of a native
 /// agent binds its own and answers on the reply key the ping names (`agent ping`).
 pub const CTL_PING_PREFIX: &str = "tunbus.v1.ctl.ping.";
@@ -252,6 +255,12 @@ impl RoutingKey {
         is_valid_word(name).then(|| Self::build(&[KEY_PREFIX, "ctl.bye.", name]))?
     }
 
+    /// `tunbus.v1.ctl.route.<name>`: a gateway's advertised prefixes (its hello or bye,
+    /// again). `None` if `name` is not valid.
+    pub fn route(name: &str) -> Option<RoutingKey> {
+        is_valid_word(name).then(|| Self::build(&[KEY_PREFIX, "ctl.route.", name]))?
+    }
+
     /// `tunbus.v1.ctl.ping.<name>`: a ping for agent `name`. `None` if `name` is not valid.
     pub fn ping(name: &str) -> Option<RoutingKey> {
         is_valid_word(name).then(|| Self::build(&[CTL_PING_PREFIX, name]))?
@@ -295,6 +304,8 @@ pub enum Key<'a> {
     Hello { name: &'a str },
     /// `tunbus.v1.ctl.bye.<name>`.
     Bye { name: &'a str },
+    /// `tunbus.v1.ctl.route.<name>`.
+    Route { name: &'a str },
     /// `tunbus.v1.ctl.ping.<name>`.
     Ping { name: &'a str },
     /// `tunbus.v1.ctl.pong.<token>`.
@@ -314,6 +325,7 @@ impl Key<'_> {
             return match ctl.split_once('.')? {
                 ("hello", name) => word(name).map(|()| Key::Hello { name }),
                 ("bye", name) => word(name).map(|()| Key::Bye { name }),
+                ("route", name) => word(name).map(|()| Key::Route { name }),
                 ("ping", name) => word(name).map(|()| Key::Ping { name }),
                 ("pong", token) => word(token).map(|()| Key::Pong { token }),
                 _ => None,
@@ -360,6 +372,7 @@ mod tests {
         assert_eq!(Key::parse(RoutingKey::all("h1").unwrap().as_str()), Some(Key::All { sender: "h1" }));
         assert_eq!(Key::parse(RoutingKey::hello("h-2").unwrap().as_str()), Some(Key::Hello { name: "h-2" }));
         assert_eq!(Key::parse(RoutingKey::bye("h_3").unwrap().as_str()), Some(Key::Bye { name: "h_3" }));
+        assert_eq!(Key::parse(RoutingKey::route("gw").unwrap().as_str()), Some(Key::Route { name: "gw" }));
         assert_eq!(Key::parse(RoutingKey::ping("h2").unwrap().as_str()), Some(Key::Ping { name: "h2" }));
         assert_eq!(Key::parse(RoutingKey::pong("p1a2b").unwrap().as_str()), Some(Key::Pong { token: "p1a2b" }));
         assert_eq!(RoutingKey::ping("h2").unwrap().as_str(), "tunbus.v1.ctl.ping.h2");
@@ -383,6 +396,7 @@ mod tests {
                 Some(Key::All { sender }) => prop_assert_eq!(RoutingKey::all(sender).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Hello { name }) => prop_assert_eq!(RoutingKey::hello(name).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Bye { name }) => prop_assert_eq!(RoutingKey::bye(name).map(|k| k.to_string()), Some(key.clone())),
+                Some(Key::Route { name }) => prop_assert_eq!(RoutingKey::route(name).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Ping { name }) => prop_assert_eq!(RoutingKey::ping(name).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Pong { token }) => prop_assert_eq!(RoutingKey::pong(token).map(|k| k.to_string()), Some(key.clone())),
                 Some(Key::Probe) => prop_assert_eq!(key.as_str(), CTL_PROBE),

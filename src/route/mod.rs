@@ -8,7 +8,7 @@
 //!
 //! [`key`] is the grammar of keys, patterns and exchange names; [`packet`] classifies
 //! packets (destination, flow hash, shard) through the checked views of
-//! [`crate::packet`]; [`peers`] keeps receivers' queue counts. `key` and `packet` are
+//! [`crate::packet`]; [`peers`] keeps receivers' queue counts; [`table`] the prefixes gateways advertise. `key` and `packet` are
 //! re-exported here, and so is the interface prefix ([`Prefix`], `ADDR/LEN`, which lives in
 //! `crate::packet::prefix`).
 //!
@@ -21,6 +21,7 @@ pub mod key;
 pub mod name;
 pub mod packet;
 pub mod peers;
+pub mod table;
 
 pub use crate::packet::Prefix;
 pub use key::*;

@@ -10,6 +10,7 @@ pub mod aqm;
 pub mod batch;
 pub mod classify;
 pub mod queue;
+pub mod routes;
 pub mod rx;
 pub mod uplink;
 pub mod wire;

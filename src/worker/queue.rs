@@ -30,6 +30,7 @@ use crate::identity::claims::Claims;
 use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
 use crate::route::peers::PeerQueues;
+use crate::route::table::RouteShare;
 use crate::port::Port;
 use crate::sys::{self, Interest};
 use crate::util::{now_ns, Stop};
@@ -37,6 +38,7 @@ use crate::util::{now_ns, Stop};
 use super::batch::{Batcher, Outlet, MAX_READ};
 use super::uplink::{Uplink, UplinkContext};
 use super::classify::{self, Classify};
+use super::routes::{Judge, RouteKeeper};
 use super::rx::Receiver;
 use super::wire;
 
@@ -82,6 +84,8 @@ pub struct WorkerSetup {
     pub trust: Arc<Trust>,
     /// First-claim mode, queue 0: the claims its hellos keep.
     pub claims: Option<Arc<Mutex<Claims>>>,
+    /// The prefixes gateways advertise, compiled (queue 0 of a native agent keeps them).
+    pub routes: Arc<RouteShare>,
     /// The connection when it was opened before the worker (link 0 at start).
     pub connected: Option<Client>,
     /// This worker's link emulation, when there is one.
@@ -92,7 +96,7 @@ impl QueueWorker {
     /// A worker for TUN queue `setup.queue` and its link, with batches of up to
     /// `max_batch_bytes` (from the link's configuration).
     pub fn new(setup: WorkerSetup) -> QueueWorker {
-        let WorkerSetup { port, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, connected, shaper } = setup;
+        let WorkerSetup { port, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, routes, connected, shaper } = setup;
         let config = link.config.clone();
         let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
         let flood_key = config.name().flood_key();
@@ -104,8 +108,10 @@ impl QueueWorker {
                 IpAddr::V6(_) => None,
             })
             .collect();
+        // The link that announces this agent (queue 0 of a native agent) also hears gateways.
+        let route_keeper = link.hello.is_some().then(|| RouteKeeper::new(config.name(), routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone())));
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
-        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence);
+        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper);
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         let layer = port.layer();
@@ -118,7 +124,7 @@ impl QueueWorker {
             counters,
             stop,
             batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key).with_layer_flag(layer.frame_flag()),
-            classifier: classify::for_layer(layer, flood_key, own_v4, peers),
+            classifier: classify::for_layer(layer, flood_key, own_v4, peers, routes.view()),
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
             shaper,

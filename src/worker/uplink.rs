@@ -147,6 +147,8 @@ impl UplinkContext {
                 keys.push(route::HELLO_PATTERN.to_owned());
                 keys.push(route::BYE_PATTERN.to_owned());
             }
+            // The prefixes gateways advertise (decision 0027): senders route by them.
+            keys.push(route::ROUTE_PATTERN.to_owned());
         }
         keys
     }
@@ -250,7 +252,9 @@ impl Uplink {
         }
         self.receiver.reset();
         self.next_hello = Instant::now(); // say hello on every new connection
-        self.probe_due = self.announce.is_some() && self.ctx.config.identity().mode == crate::identity::Mode::FirstClaim;
+        // First claim, and agents that install routes: ask for everyone's hellos now rather
+        // than wait for the next round.
+        self.probe_due = self.announce.is_some() && (self.ctx.config.identity().mode == crate::identity::Mode::FirstClaim || self.ctx.config.routing().accept_routes);
         self.ctx.state.up(node);
         self.ctx.connected.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(agent = %self.ctx.config.name(), queue = self.ctx.index, node, "link connected");
@@ -276,6 +280,12 @@ impl Uplink {
             Ok(_) => {
                 self.next_hello = now + HELLO_EVERY;
                 self.last_hello = now;
+                // A gateway's hello also goes where every agent listens for routes.
+                if let Some(key) = &a.route_key {
+                    if let Err(e) = self.client.publish_copy(&self.exchange, key, &JSON_PROPERTIES, &a.hello) {
+                        return self.client.fail(now, e);
+                    }
+                }
             }
             Err(e) => return self.client.fail(now, e),
         }
@@ -372,6 +382,9 @@ impl Uplink {
         if let Some(a) = &self.announce {
             if self.client.is_up() {
                 let _ = self.client.publish(Instant::now(), &self.exchange, &a.bye_key, &JSON_PROPERTIES, &a.bye);
+                if let Some(key) = &a.route_key {
+                    let _ = self.client.publish_copy(&self.exchange, key, &JSON_PROPERTIES, &a.bye);
+                }
                 let _ = self.client.flush(Instant::now());
             }
         }

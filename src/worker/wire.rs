@@ -27,6 +27,7 @@ use crate::route::{self, RoutingKey};
 use crate::port::{Layer, Port};
 use crate::util::now_ns;
 
+use super::routes::RouteKeeper;
 use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
 
 /// How a finished batch is published.
@@ -69,7 +70,16 @@ const MAX_PENDING_PINGS: usize = 8;
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
-pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
+/// `routes` is queue 0's keeper of advertised prefixes.
+pub fn for_agent(
+    config: &AgentConfig,
+    layer: Layer,
+    flood_key: RoutingKey,
+    peers: Arc<PeerQueues>,
+    trust: identity::View,
+    presence: Option<ClaimKeeper>,
+    routes: Option<RouteKeeper>,
+) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
     match config.data_path().wire {
         Wire::Native => (
             Box::new(NativeOut),
@@ -80,6 +90,7 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
                 trust,
                 suspects: SuspectLog::default(),
                 presence,
+                routes,
                 probed: false,
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
@@ -112,7 +123,8 @@ enum Carries {
     Probe,
     /// A ping for this agent (`agent ping`; queue 0 binds it): answered on its reply key.
     Ping,
-    /// A hello or bye (queue 0 in first-claim mode): claims of addresses.
+    /// A hello or bye (queue 0 in first-claim mode): claims of addresses; a gateway's
+    /// route announcement (queue 0): advertised prefixes.
     Presence,
 }
 
@@ -145,6 +157,8 @@ pub struct NativeIn {
     suspects: SuspectLog,
     /// First-claim mode, queue 0: keeps the claims from hellos.
     presence: Option<ClaimKeeper>,
+    /// Queue 0 of a native agent: keeps the prefixes gateways advertise.
+    routes: Option<RouteKeeper>,
     /// A probe arrived since [`Inbound::take_probe`] was last asked.
     probed: bool,
     /// Pings that arrived since [`Inbound::take_pings`] was last asked (bodies, bounded).
@@ -194,6 +208,9 @@ impl Inbound for NativeIn {
                 if let Some(p) = &mut self.presence {
                     p.on_presence(d.user_id, d.body, Instant::now());
                 }
+                if let Some(r) = &mut self.routes {
+                    r.on_presence(d.user_id, d.body, Instant::now());
+                }
             }
             Carries::OwnFlood => {} // echoed by the broker
         }
@@ -210,6 +227,9 @@ impl Inbound for NativeIn {
     fn tick(&mut self, now: Instant) {
         if let Some(p) = &mut self.presence {
             p.expire(now);
+        }
+        if let Some(r) = &mut self.routes {
+            r.tick(now);
         }
     }
 }

@@ -118,6 +118,7 @@ impl Router {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             node: Some(node.to_owned()),
             leaving,
+            advertise: Vec::new(),
         }
     }
 
@@ -136,6 +137,7 @@ impl Router {
         match Key::parse(key) {
             Some(Key::Probe) => out.push(Action::Announce),
             Some(Key::Ping { .. } | Key::Pong { .. }) => {} // never bound: agents answer their pings
+            Some(Key::Route { .. }) => {} // never bound: the router routes old agents by name
             Some(Key::Hello { name } | Key::Bye { name }) if name == ROUTER_SENDER => {}
             Some(Key::Hello { .. }) => self.note_native(user, false, body, now),
             Some(Key::Bye { .. }) => self.note_native(user, true, body, now),
