@@ -171,6 +171,10 @@ pub enum PortKind {
     /// the same port hosts (`agent lab --userspace`: one worker, many hosts), each with its
     /// own name and addresses, all bound on this agent's queue.
     Userspace { services: crate::port::userspace::Services, endpoints: Vec<crate::port::userspace::EndpointConfig> },
+    /// A kernel multi-queue TAP device (`--l2`): Ethernet frames, switched on the bus by
+    /// destination MAC (an L2 session). `bridge`: the TAP is enslaved to this existing
+    /// Linux bridge, so what is behind it joins the segment.
+    Tap { bridge: Option<String> },
 }
 
 /// The host end: its kind, name, namespace, queues, addresses and offloads.
@@ -223,12 +227,20 @@ impl Interface {
             ensure(self.queues == 1, || format!("a userspace endpoint has one queue, not {}", self.queues))?;
             ensure(self.netns.is_none(), || "a userspace endpoint has no interface to move into a namespace (drop --netns)".into())?;
         }
+        if let PortKind::Tap { bridge: Some(b) } = &self.kind {
+            ensure(valid_ifname(b), || format!("bridge name {b:?} is not valid (1-15 characters, no '/', ':' or spaces)"))?;
+        }
         Ok(())
     }
 
-    /// Whether the host end is a kernel TUN device.
+    /// Whether the host end is a kernel TUN (or TAP) device.
     pub fn is_tun(&self) -> bool {
-        matches!(self.kind, PortKind::Tun)
+        matches!(self.kind, PortKind::Tun | PortKind::Tap { .. })
+    }
+
+    /// Whether the host end carries Ethernet frames (a TAP: an L2 session).
+    pub fn is_l2(&self) -> bool {
+        matches!(self.kind, PortKind::Tap { .. })
     }
 }
 
@@ -424,6 +436,13 @@ impl AgentConfig {
         identity::link_local(self.bus.session.as_deref(), &self.name)
     }
 
+    /// The MAC address of an L2 agent's TAP: locally administered unicast, `02` and 40 bits
+    /// of a fixed FNV-1a hash of `session/name` (stable across restarts, distinct between
+    /// agents; its routing key is the word the agent binds).
+    pub fn mac(&self) -> crate::packet::ethernet::Mac {
+        identity::mac(self.bus.session.as_deref(), &self.name)
+    }
+
     /// Every address this agent owns (and binds): configured ones and the link-local.
     pub fn owned_addresses(&self) -> Vec<IpAddr> {
         self.owned_prefixes().into_iter().map(|p| p.addr).collect()
@@ -436,7 +455,10 @@ impl AgentConfig {
         let mut all: Vec<Prefix> = Vec::new();
         if self.hosts_own_endpoint() {
             all.extend(self.interface.addrs.iter().copied());
-            all.extend(link(self.link_local()));
+            // A TAP's link-local is the kernel's own (from its MAC); nothing binds it.
+            if !self.interface.is_l2() {
+                all.extend(link(self.link_local()));
+            }
         }
         if let PortKind::Userspace { endpoints, .. } = &self.interface.kind {
             for e in endpoints {

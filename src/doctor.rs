@@ -426,6 +426,8 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             version: String::new(),
             node: None,
             leaving: false,
+            layer: Default::default(),
+            macs: Vec::new(),
         };
         Arc::new(Announcements::new(&h))
     });
@@ -439,6 +441,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             hello: if k == 0 { hello.clone() } else { None },
             stop: Stop::new(),
             state: Arc::default(),
+            local_macs: None,
         };
         for key in ctx.binding_keys() {
             if !keys.contains(&key) {

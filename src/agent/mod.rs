@@ -89,6 +89,10 @@ fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Fai
     loop {
         let mut client = ctx.client(Retry::OncePerNode);
         let e = match client.wait_up(interrupt.flag()) {
+            Ok(()) if c.interface().is_l2() => {
+                check_layer(c, interrupt)?;
+                return Ok(Some(client));
+            }
             Ok(()) => return Ok(Some(client)),
             Err(client::Error::Stopped) => return Ok(None),
             Err(e) => e,
@@ -128,6 +132,25 @@ fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Fai
     }
 }
 
+/// How long an L2 agent's start listens for agents of another layer in its session.
+const LAYER_PROBE_WAIT: Duration = Duration::from_millis(400);
+
+/// An L2 agent's start: a live IP agent in the session refuses it (an L2 and an L3 session
+/// are distinct sessions; frames and packets cannot reach each other).
+fn check_layer(c: &AgentConfig, interrupt: &Stop) -> Result<(), Failure> {
+    let found = presence::other_layer(&c.bus().endpoints, &c.bus().exchange, presence::HelloLayer::Ethernet, c.name(), LAYER_PROBE_WAIT, interrupt).map_err(Failure::from)?;
+    match found {
+        None => Ok(()),
+        Some((name, layer)) => Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "{} is an {layer} session: agent {name:?} is in it without --l2; an Ethernet (L2) session and an IP (L3) session do not mix. Use another --session for the L2 agents (or start every agent of this one with --l2)",
+                c.bus().session.as_deref().map_or_else(|| format!("exchange {}", c.bus().exchange), |s| format!("session {s:?}"))
+            ),
+        )),
+    }
+}
+
 /// What this agent announces on the bus.
 fn hello_of(config: &AgentConfig) -> Hello {
     Hello {
@@ -142,6 +165,8 @@ fn hello_of(config: &AgentConfig) -> Hello {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         node: None,
         leaving: false,
+        layer: if config.interface().is_l2() { presence::HelloLayer::Ethernet } else { presence::HelloLayer::Ip },
+        macs: if config.interface().is_l2() { vec![config.mac()] } else { Vec::new() },
     }
 }
 
@@ -175,6 +200,9 @@ impl Agent {
             crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello))),
             crate::config::Wire::Ioppytest => None,
         };
+        // An L2 agent's switch: its TAP's MAC, the learned table, the MACs behind its bridge.
+        let l2 = config.interface().is_l2().then(|| crate::worker::switch::L2Shared::new(config.mac()));
+        let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
         let links: Vec<Arc<LinkState>> = (0..config.interface().queues).map(|_| Arc::new(LinkState::default())).collect();
         let link_context = |k: usize| UplinkContext {
             config: config.clone(),
@@ -184,6 +212,7 @@ impl Agent {
             hello: if k == 0 { announcements.clone() } else { None },
             stop: stop_flag.clone(),
             state: links.get(k).cloned().unwrap_or_default(),
+            local_macs: if k == 0 && bridged { l2.as_ref().map(|l2| l2.local.clone()) } else { None },
         };
         let mut first_link = if config.bus().check_name {
             // Connection attempts of the start give up on Ctrl-C.
@@ -253,6 +282,7 @@ impl Agent {
                 claims: if k == 0 { claims.clone() } else { None },
                 connected: if k == 0 { first_link.take() } else { None },
                 shaper: emulation.shaper(),
+                l2: l2.clone(),
             };
             agent.spawn_worker(setup, k == 0 && fault_worker_panic)?;
         }

@@ -411,6 +411,8 @@ mod tests {
             version: String::new(),
             node: None,
             leaving: false,
+            layer: Default::default(),
+            macs: Vec::new(),
         };
         assert!(is_target(&hello, &"h2".parse().unwrap()) && is_target(&hello, &"fd00:7b::2".parse().unwrap()));
         assert!(!is_target(&hello, &"h3".parse().unwrap()) && !is_target(&hello, &"198.18.0.3".parse().unwrap()));
@@ -441,6 +443,8 @@ mod tests {
             version: String::new(),
             node: None,
             leaving: false,
+            layer: Default::default(),
+            macs: Vec::new(),
         });
         assert_eq!(s.verdict(), Verdict::Silent);
         assert!(s.report("amq.topic").contains("answered no ping"));

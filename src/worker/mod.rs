@@ -11,5 +11,6 @@ pub mod batch;
 pub mod classify;
 pub mod queue;
 pub mod rx;
+pub mod switch;
 pub mod uplink;
 pub mod wire;

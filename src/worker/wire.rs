@@ -69,7 +69,8 @@ const MAX_PENDING_PINGS: usize = 8;
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
-pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
+/// `l2`: an L2 agent's flood bound and (queue 0) learner.
+pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>, l2: Option<rx::L2Rx>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
     match config.data_path().wire {
         Wire::Native => (
             Box::new(NativeOut),
@@ -84,6 +85,7 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
                 aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval)),
+                l2,
             }),
         ),
         Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
@@ -150,6 +152,8 @@ pub struct NativeIn {
     offload_from_bus: bool,
     /// The queue management of what this receiver writes (`None`: off).
     aqm: Option<super::aqm::Aqm>,
+    /// An L2 agent's flood bound and learner (`None`: IP).
+    l2: Option<rx::L2Rx>,
 }
 
 /// The flow shard named by a unicast routing key's last word (`tunbus.v1.<dst>.<shard>`);
@@ -177,9 +181,16 @@ impl Inbound for NativeIn {
                     suspects: &mut self.suspects,
                     offload_from_bus: self.offload_from_bus,
                     scratch: out.scratch,
-                    congestion: self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) }),
+                    congestion: None,
                 };
-                rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                if let Some(l2) = &mut self.l2 {
+                    // Floods come under `tunbus.v1.all.<sender>`.
+                    let flooded_by = d.routing_key.strip_prefix(route::ALL_PREFIX.as_bytes()).and_then(|n| std::str::from_utf8(n).ok());
+                    rx::deliver_frames(d.body, d.user_id, flooded_by, now_ns, &mut sink, l2);
+                } else {
+                    sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) });
+                    rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                }
             }
             Carries::Probe => self.probed = true,
             Carries::Ping => {
@@ -190,6 +201,9 @@ impl Inbound for NativeIn {
             Carries::Presence => {
                 if let Some(p) = &mut self.presence {
                     p.on_presence(d.user_id, d.body, Instant::now());
+                }
+                if let Some(learner) = self.l2.as_mut().and_then(|l2| l2.learner.as_mut()) {
+                    learner.on_presence(d.body, Instant::now());
                 }
             }
             Carries::OwnFlood => {} // echoed by the broker
@@ -207,6 +221,9 @@ impl Inbound for NativeIn {
     fn tick(&mut self, now: Instant) {
         if let Some(p) = &mut self.presence {
             p.expire(now);
+        }
+        if let Some(learner) = self.l2.as_mut().and_then(|l2| l2.learner.as_mut()) {
+            learner.tick(now);
         }
     }
 }

@@ -111,6 +111,8 @@ impl Router {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             node: Some(node.to_owned()),
             leaving,
+            layer: Default::default(),
+            macs: Vec::new(),
         }
     }
 
