@@ -143,6 +143,7 @@ mod tests {
         let entries = vec![("s.a".to_owned(), vec!["198.18.0.1/24".parse().unwrap()]), ("s.b".to_owned(), vec!["fd00::2/64".parse().unwrap(), "198.18.0.2/24".parse().unwrap()])];
         let t = parse(&render(&entries), Some("s")).unwrap();
         assert_eq!(t.users().count(), 2);
-        assert_eq!(t.prefixes(b"s.b").map(<[Prefix]>::len), Some(3));
+        // Its two prefixes, its agent's link-local address and its agent's MAC.
+        assert_eq!(t.prefixes(b"s.b").map(<[Prefix]>::len), Some(4));
     }
 }
