@@ -246,7 +246,8 @@ fn a_bridged_host_and_100_mb_of_tcp_cross_an_l2_session() {
     run("ip", &["-n", &vm.name, "addr", "add", "198.18.62.5/24", "dev", &vb]);
     run("ip", &["-n", &vm.name, "link", "set", &vb, "up"]);
     let mut a = l2_agent(&gw, &session, &["--bridge", "br0"]);
-    let mut b = l2_agent(&h3, &session, &["--ipv4", "198.18.62.3/24", "--queues", "2"]);
+    let pcap = TempFile::new("l2pcap", "");
+    let mut b = l2_agent(&h3, &session, &["--ipv4", "198.18.62.3/24", "--queues", "2", "--pcap", pcap.path()]);
     assert!(wait_link(&gw, "tb0", Duration::from_secs(15)), "{}", a.logs());
     assert!(wait_link(&h3, "tb0", Duration::from_secs(15)), "{}", b.logs());
     assert!(wait_reachable(&vm, "198.18.62.3", Duration::from_secs(20)).is_some(), "the veth behind the bridge never reached h3:\n{}\n{}", a.logs(), b.logs());
@@ -273,6 +274,12 @@ fn a_bridged_host_and_100_mb_of_tcp_cross_an_l2_session() {
         // overtake it: at most a few are refused before the claim arrives.
         assert!(drops(r, "spoofed_mac") <= 3, "{r}");
     }
+    // h3's --pcap: Ethernet link type, super-frames cut into wire-sized frames.
+    let cap = tunbus::capture::pcapng::read(&std::fs::read(&pcap.0).expect("the --pcap file")).expect("pcapng");
+    assert_eq!(cap.interfaces.first().map(|i| i.linktype), Some(tunbus::capture::pcapng::LINKTYPE_ETHERNET));
+    let tcp_frames = cap.packets.iter().filter(|r| r.data.get(12..14) == Some(&[0x08, 0x00][..]) && r.data.get(23) == Some(&6)).count();
+    assert!(tcp_frames as u64 > size / 1500, "{tcp_frames} TCP frames in the capture");
+    assert!(cap.packets.iter().all(|r| r.data.len() <= 1518), "a frame longer than the MTU in the capture");
     run("ip", &["-n", &gw.name, "link", "del", &va]);
 }
 

@@ -259,7 +259,7 @@ impl Agent {
         let tap = match &config.data_path().pcap {
             Some(path) => {
                 let addrs: Vec<(std::net::IpAddr, u8)> = config.interface().addrs.iter().map(|p| (p.addr, p.len)).collect();
-                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs).map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
+                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs, if config.interface().is_l2() { crate::port::Layer::Ethernet } else { crate::port::Layer::Ip }).map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
                 agent.pcap = Some(writer);
                 Some(tap)
             }
