@@ -351,3 +351,22 @@ fn an_l2_agent_refuses_a_session_with_an_ip_agent() {
     assert!(logs.contains("do not mix") && logs.contains("--l2"), "{logs}");
     assert!(!ns2.exec(&["ip", "link", "show", "tb0"]).status.success(), "nothing is left behind");
 }
+
+#[test]
+fn a_three_host_l2_lab_comes_up_and_answers() {
+    if !system_ready("a_three_host_l2_lab_comes_up_and_answers") {
+        return;
+    }
+    let session = unique("l2lab");
+    let json = TempFile::new("l2lab.json", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--url", URL, "--l2", "--hosts", "3", "--session", &session, "--throughput-seconds", "1", "--json", json.path()])
+        .output()
+        .expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agent lab --l2 failed:\n{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json.0).expect("report")).expect("json");
+    assert_eq!(report["hosts_up"], 3, "{report}");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "the lab left namespaces behind");
+}
