@@ -114,7 +114,8 @@ const RECV_TAGGED: &str = "import socket,sys,struct\ns=socket.socket(socket.AF_P
 /// Runs Python `script` with `args` in `ns` in the background once it printed `ready`;
 /// returns its next line.
 fn listen_then<F: FnOnce()>(ns: &Netns, script: &str, args: &[&str], then: F) -> String {
-    let mut listener = Command::new("ip").args(["netns", "exec", &ns.name, python(), "-c", script]).args(args).stdout(Stdio::piped()).spawn().expect("listener");
+    let mut listener =
+        Command::new("ip").args(["netns", "exec", &ns.name, python(), "-c", script]).args(args).stdout(Stdio::piped()).spawn().expect("listener");
     let mut out = std::io::BufReader::new(listener.stdout.take().expect("stdout"));
     let mut line = String::new();
     std::io::BufRead::read_line(&mut out, &mut line).expect("ready line");
@@ -315,7 +316,8 @@ fn a_broadcast_storm_is_bounded_and_a_spoofed_mac_is_dropped() {
     let storm_out = storm.wait_with_output().expect("storm ends");
     let storm_frames: u64 = String::from_utf8_lossy(&storm_out.stdout).trim().parse().unwrap_or(0);
     // "10 packets transmitted, 9 received, 10% packet loss"
-    let lost: u32 = out.split(" received").next().and_then(|s| s.rsplit(", ").next()).and_then(|s| s.trim().parse().ok()).map_or(10, |got: u32| 10u32.saturating_sub(got));
+    let lost: u32 =
+        out.split(" received").next().and_then(|s| s.rsplit(", ").next()).and_then(|s| s.trim().parse().ok()).map_or(10, |got: u32| 10u32.saturating_sub(got));
     eprintln!("during the storm: {lost}/10 pings lost");
     // The others keep working: the bound protects every receiver; what remains shared is
     // the broker and the receiver's queue, so on a busy machine a ping may be late.

@@ -138,7 +138,8 @@ const LAYER_PROBE_WAIT: Duration = Duration::from_millis(400);
 /// An L2 agent's start: a live IP agent in the session refuses it (an L2 and an L3 session
 /// are distinct sessions; frames and packets cannot reach each other).
 fn check_layer(c: &AgentConfig, interrupt: &Stop) -> Result<(), Failure> {
-    let found = presence::other_layer(&c.bus().endpoints, &c.bus().exchange, presence::HelloLayer::Ethernet, c.name(), LAYER_PROBE_WAIT, interrupt).map_err(Failure::from)?;
+    let found = presence::other_layer(&c.bus().endpoints, &c.bus().exchange, presence::HelloLayer::Ethernet, c.name(), LAYER_PROBE_WAIT, interrupt)
+        .map_err(Failure::from)?;
     match found {
         None => Ok(()),
         Some((name, layer)) => Err(Failure::new(
@@ -259,7 +260,9 @@ impl Agent {
         let tap = match &config.data_path().pcap {
             Some(path) => {
                 let addrs: Vec<(std::net::IpAddr, u8)> = config.interface().addrs.iter().map(|p| (p.addr, p.len)).collect();
-                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs, if config.interface().is_l2() { crate::port::Layer::Ethernet } else { crate::port::Layer::Ip }).map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
+                let layer = if config.interface().is_l2() { crate::port::Layer::Ethernet } else { crate::port::Layer::Ip };
+                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs, layer)
+                    .map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
                 agent.pcap = Some(writer);
                 Some(tap)
             }

@@ -82,7 +82,10 @@ pub fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
         if !netns::interface_exists(i.netns.as_deref(), br) {
             bail!(Failure::new(
                 Exit::Local,
-                format!("--bridge {br}: no such interface{} (create it first: ip link add {br} type bridge; ip link set {br} up)", i.netns.as_deref().map(|n| format!(" in namespace {n}")).unwrap_or_default())
+                format!(
+                    "--bridge {br}: no such interface{} (create it first: ip link add {br} type bridge; ip link set {br} up)",
+                    i.netns.as_deref().map(|n| format!(" in namespace {n}")).unwrap_or_default()
+                )
             ));
         }
     }

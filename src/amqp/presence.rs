@@ -224,7 +224,14 @@ pub fn discover(endpoints: &[Endpoint], exchange: &str, wait: Duration, stop: &S
 
 /// The first live agent of another layer than `layer` that answers a probe within `wait`
 /// (the start-up check of an L2 agent: an L2 and an L3 session do not mix), with its layer.
-pub fn other_layer(endpoints: &[Endpoint], exchange: &str, layer: HelloLayer, own_name: &str, wait: Duration, stop: &Stop) -> Result<Option<(String, HelloLayer)>, client::Error> {
+pub fn other_layer(
+    endpoints: &[Endpoint],
+    exchange: &str,
+    layer: HelloLayer,
+    own_name: &str,
+    wait: Duration,
+    stop: &Stop,
+) -> Result<Option<(String, HelloLayer)>, client::Error> {
     let (mut c, _q) = listener(endpoints, exchange, "tunbus layer check", &[HELLO_PATTERN], stop)?;
     c.publish_copy(exchange, CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"layer check"}"#)?;
     let deadline = Instant::now() + wait;

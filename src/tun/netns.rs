@@ -109,7 +109,15 @@ pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix], 
 /// its own IPv6 link-local address (from the MAC) and answers neighbour discovery itself,
 /// which crosses the bus as Ethernet frames. With `bridge`, the TAP is enslaved to that
 /// existing bridge (in the same namespace) instead of being an end host.
-pub fn configure_tap(netns: Option<&str>, ifname: &str, mtu: u32, mac: crate::packet::ethernet::Mac, addrs: &[Prefix], bridge: Option<&str>, router_solicitations: u8) -> Result<(), Error> {
+pub fn configure_tap(
+    netns: Option<&str>,
+    ifname: &str,
+    mtu: u32,
+    mac: crate::packet::ethernet::Mac,
+    addrs: &[Prefix],
+    bridge: Option<&str>,
+    router_solicitations: u8,
+) -> Result<(), Error> {
     set_sysctl(netns, &format!("net/ipv6/conf/{ifname}/router_solicitations"), &router_solicitations.to_string())?;
     let mut script = format!("link set dev {ifname} address {mac} mtu {mtu}\n");
     if let Some(br) = bridge {

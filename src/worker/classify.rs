@@ -17,9 +17,9 @@ use std::sync::Arc;
 use crate::codec::v1::VNET_HDR_LEN;
 use crate::emulate::Flow;
 use crate::metrics::DropReason;
+use crate::packet::ethernet::Mac;
 use crate::port::Layer;
 use crate::route::peers::{self, PeerQueues};
-use crate::packet::ethernet::Mac;
 use crate::route::{self, mac, Destination, RoutingKey};
 
 use super::switch::{L2Shared, LocalMacs, MacView};
@@ -235,7 +235,8 @@ mod tests {
         assert_eq!(c.last_flow(), Flow::FLOOD);
         // Learned: b owns b, and x is behind b's bridge.
         let mut learner = super::super::switch::Learner::new(a, l2.directory.clone());
-        let hello = br#"{"name":"h2","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":["02:00:00:00:00:0b","02:00:00:00:00:99"]}"#;
+        let hello =
+            br#"{"name":"h2","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":["02:00:00:00:00:0b","02:00:00:00:00:99"]}"#;
         learner.on_presence(hello, std::time::Instant::now());
         let k = c.key(&eth(b, a), None).expect("a key");
         let (owner, _) = RoutingKey::parse_mac(k.as_str()).expect("a MAC key");

@@ -388,7 +388,8 @@ pub fn deliver_frames(body: &[u8], user: Option<&[u8]>, flooded_by: Option<&str>
     let sender = sink.trust.sender(user);
     let now = Instant::now();
     let sender_hash = crate::util::fnv1a64(&[user.unwrap_or_default(), b"/", flooded_by.unwrap_or_default().as_bytes()]);
-    let (mut written, mut bytes, mut bad_vnet, mut refused, mut spoofed, mut unsigned, mut limited, mut bad_frame) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut written, mut bytes, mut bad_vnet, mut refused, mut spoofed, mut unsigned, mut limited, mut bad_frame) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut refused_offload = 0u64;
     let mut last: Option<(crate::packet::ethernet::Mac, Verdict)> = None;
     for p in frame.packets() {
@@ -502,7 +503,17 @@ pub const REPUBLISH_GAP: Duration = Duration::from_millis(100);
 impl ClaimKeeper {
     pub fn new(claims: Arc<Mutex<Claims>>, trust: Arc<identity::Trust>) -> ClaimKeeper {
         let now = Instant::now();
-        ClaimKeeper { claims, trust, last_expire: now, last_publish: now - REPUBLISH_GAP, dirty: false, last_warning: None, refused_since: 0, layer: Default::default(), warned_layer: None }
+        ClaimKeeper {
+            claims,
+            trust,
+            last_expire: now,
+            last_publish: now - REPUBLISH_GAP,
+            dirty: false,
+            last_warning: None,
+            refused_since: 0,
+            layer: Default::default(),
+            warned_layer: None,
+        }
     }
 
     /// The keeper of an agent whose port is of `layer`.
@@ -524,7 +535,8 @@ impl ClaimKeeper {
         }
         let Ok(mut claims) = self.claims.lock() else { return };
         // MACs (L2) are held in the same table as addresses (`identity::mac_address`).
-        let addrs: Vec<IpAddr> = hello.addresses.iter().map(|p| p.addr).chain(hello.macs.iter().map(|m| identity::mac_address(*m))).take(MAX_PER_HELLO).collect();
+        let macs = hello.macs.iter().map(|m| identity::mac_address(*m));
+        let addrs: Vec<IpAddr> = hello.addresses.iter().map(|p| p.addr).chain(macs).take(MAX_PER_HELLO).collect();
         let changed = if hello.leaving {
             claims.on_bye(&user, &addrs)
         } else {

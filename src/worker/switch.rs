@@ -98,7 +98,16 @@ const MAX_OWNERS: usize = 16_384;
 impl Learner {
     /// The learner of the agent whose TAP is `own`.
     pub fn new(own: Mac, directory: Arc<MacDirectory>) -> Learner {
-        Learner { table: MacTable::new(), directory, owners: HashMap::new(), own, dirty: false, last_publish: None, last_expire: Instant::now(), warned_layer: None }
+        Learner {
+            table: MacTable::new(),
+            directory,
+            owners: HashMap::new(),
+            own,
+            dirty: false,
+            last_publish: None,
+            last_expire: Instant::now(),
+            warned_layer: None,
+        }
     }
 
     /// A hello or bye body (any agent's, ours included).
@@ -217,7 +226,8 @@ mod tests {
 
     fn hello(name: &str, macs: &[Mac], leaving: bool) -> Vec<u8> {
         let macs: Vec<String> = macs.iter().map(ToString::to_string).collect();
-        format!(r#"{{"name":"{name}","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":{macs:?},"leaving":{leaving}}}"#).into_bytes()
+        format!(r#"{{"name":"{name}","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":{macs:?},"leaving":{leaving}}}"#)
+            .into_bytes()
     }
 
     #[test]
