@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Frames a receiver may refuse as `spoofed_mac` while the claims of a starting session
+/// settle (a TAP's first frames can overtake its agent's first hello).
+const STARTUP_SPOOFED: u64 = 10;
+
 /// A process started in a namespace for the test, killed by its PID on drop.
 struct Helper {
     child: Child,
@@ -223,9 +227,10 @@ fn dhcp_slaac_ping_non_ip_frames_and_vlans_cross_an_l2_session() {
         for reason in ["malformed", "bad_vnet", "wrong_layer", "bad_frame"] {
             assert_eq!(drops(r, reason), 0, "{reason}: {r}");
         }
-        // A TAP's first frames (router solicitations) can overtake its agent's first hello,
-        // which claims its MAC: at most a few are refused at start.
-        assert!(drops(r, "spoofed_mac") <= 3, "{r}");
+        // A TAP's first frames (router solicitations, DAD, MLD) can overtake its agent's
+        // first claim at a receiver (claims are republished at most every 100 ms): a few
+        // may be refused at start, never more.
+        assert!(drops(r, "spoofed_mac") <= STARTUP_SPOOFED, "{r}");
     }
 }
 
@@ -272,8 +277,8 @@ fn a_bridged_host_and_100_mb_of_tcp_cross_an_l2_session() {
             assert_eq!(drops(r, reason), 0, "{reason}: {r}");
         }
         // The VM's first frame leaves with the gateway's hello that claims its MAC, and may
-        // overtake it: at most a few are refused before the claim arrives.
-        assert!(drops(r, "spoofed_mac") <= 3, "{r}");
+        // overtake it: a few may be refused before the claim arrives.
+        assert!(drops(r, "spoofed_mac") <= STARTUP_SPOOFED, "{r}");
     }
     // h3's --pcap: Ethernet link type, super-frames cut into wire-sized frames.
     let cap = tunbus::capture::pcapng::read(&std::fs::read(&pcap.0).expect("the --pcap file")).expect("pcapng");
