@@ -377,3 +377,41 @@ fn a_three_host_l2_lab_comes_up_and_answers() {
     assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
     assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "the lab left namespaces behind");
 }
+
+#[test]
+fn emulation_and_status_work_in_an_l2_session() {
+    if !system_ready("emulation_and_status_work_in_an_l2_session") {
+        return;
+    }
+    let session = unique("l2e");
+    let dir = std::env::temp_dir().join(unique("l2status"));
+    let dir_text = dir.display().to_string();
+    let (ns1, ns2, ns3) = (Netns::new(), Netns::new(), Netns::new());
+    // h1 delays what it sends to h2 only (by name: its MAC comes from its hello).
+    let mut h1 = l2_agent(&ns1, &session, &["--ipv4", "198.18.65.1/24", "--emulate-to", &format!("{}=delay 40ms", ns2.name), "--status-dir", &dir_text]);
+    let mut h2 = l2_agent(&ns2, &session, &["--ipv4", "198.18.65.2/24", "--status-dir", &dir_text]);
+    let mut h3 = l2_agent(&ns3, &session, &["--ipv4", "198.18.65.3/24", "--status-dir", &dir_text]);
+    assert!(wait_reachable(&ns1, "198.18.65.2", Duration::from_secs(20)).is_some(), "{}", h1.logs());
+    assert!(wait_reachable(&ns1, "198.18.65.3", Duration::from_secs(20)).is_some(), "{}", h1.logs());
+    std::thread::sleep(Duration::from_secs(3)); // the emulated peer's hello is asked for every 2 s
+    let rtt = |dst: &str| -> f64 {
+        let out = ns1.exec(&["ping", "-n", "-c", "5", "-i", "0.2", dst]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut t: Vec<f64> = text.split("time=").skip(1).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
+        t.sort_by(f64::total_cmp);
+        *t.get(t.len() / 2).unwrap_or_else(|| panic!("no replies from {dst}:\n{text}"))
+    };
+    let (to2, to3) = (rtt("198.18.65.2"), rtt("198.18.65.3"));
+    assert!(to2 >= 40.0, "frames to h2 were not delayed: {to2} ms");
+    assert!(to3 < 40.0, "frames to h3 were delayed: {to3} ms");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent")).args(["status", "--json", "--dir", &dir_text]).output().expect("agent status");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    for (a, name) in [(&mut h1, &ns1.name), (&mut h2, &ns2.name), (&mut h3, &ns3.name)] {
+        assert!(text.contains(&format!("\"agent\":\"{name}\"")), "{text}");
+        let r = a.interrupt();
+        assert!(r["rx_packets"].as_u64().unwrap_or(0) >= 5, "{r}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

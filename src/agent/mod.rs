@@ -343,7 +343,9 @@ impl Agent {
                 match presence::discover(&config.bus().endpoints, &config.bus().exchange, Duration::from_secs(1), &stop) {
                     Ok(found) => {
                         for peer in found.iter().filter(|p| links.peers().any(|n| p.hello.name == n)) {
-                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().map(|p| p.addr).collect();
+                            // An L2 peer's frames go to its MAC (held as an address, `identity::mac_address`).
+                            let macs = peer.hello.macs.iter().map(|m| crate::identity::mac_address(*m));
+                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().map(|p| p.addr).chain(macs).collect();
                             links.learn(&peer.hello.name, &addrs);
                         }
                     }
