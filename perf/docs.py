@@ -90,6 +90,7 @@ python3 perf/lab_thousand.py   # 1000 hosts on one node and on three; restart an
 python3 perf/cluster_sim.py    # 10 000 simulated agents on a private 3-node cluster (~10 min)
 python3 perf/queue_types.py    # classic against quorum queues on that cluster (~3 min)
 python3 perf/soak.py --duration 1h   # mixed traffic, broker restarts every 10 min, growth
+python3 perf/l2.py             # Ethernet (--l2) beside IP sessions, same run (~2 min)
 python3 perf/docs.py           # rewrite this page from perf/results/
 ```
 
@@ -117,6 +118,15 @@ about 1 CPU-s per GB for the two agents' rustls. With two cores shared by the br
 both agents, that caps TLS near half the plaintext rate; even free encryption in the
 agents would leave it under 0.6×. Preferring AES-128-GCM or TLS 1.2 changed nothing
 beyond the run-to-run noise (four quick runs: 1.73–2.04 Gbit/s).
+
+Ethernet sessions (issue 26): `perf/l2.py` runs two TUN agents (L3) and two TAP agents
+(`--l2`) in one run, same binary and MTU (1500), alternating L3 and L2 twice. Run of
+2026-12-07 (`b0dadf7`, the optimized dev build, `--quick`, on a machine shared with other
+builds at a load near 12): TCP 1 flow L3 3.73 / L2 3.32 Gbit/s (0.89×) and 3.18 / 3.64
+(1.15×); UDP 64 B 64.0k / 74.9k pkt/s (1.17×) and 57.1k / 65.5k (1.15×); idle ping p50
+0.80 / 0.87 ms and 1.03 / 0.86 ms. The target (L2 at least 0.9× L3) holds within the
+run-to-run spread: a frame takes the same path as a packet, plus 14 bytes and a table
+lookup (perf/results/l2-2026-12-07-144329-b0dadf7.md).
 
 Link emulation and captures (issue 15): the columns "--emulate 'delay 0ms'" (the shaper and
 its delay line on, no effect) and "agent capture running" (the session captured to

@@ -174,6 +174,10 @@ pub enum PortKind {
     /// An IEEE 802.15.4 probe on a serial line (`agent serial`): SLIP frames, no IP
     /// addresses, one queue; its frames are flooded to the session (a radio channel).
     Serial(crate::port::serial::SerialConfig),
+    /// A kernel multi-queue TAP device (`--l2`): Ethernet frames, switched on the bus by
+    /// destination MAC (an L2 session). `bridge`: the TAP is enslaved to this existing
+    /// Linux bridge, so what is behind it joins the segment.
+    Tap { bridge: Option<String> },
 }
 
 /// The host end: its kind, name, namespace, queues, addresses and offloads.
@@ -234,12 +238,20 @@ impl Interface {
             ensure(!self.offload, || "a serial probe has no offloads".into())?;
             serial.check().map_err(|e| ConfigError(e.to_string()))?;
         }
+        if let PortKind::Tap { bridge: Some(b) } = &self.kind {
+            ensure(valid_ifname(b), || format!("bridge name {b:?} is not valid (1-15 characters, no '/', ':' or spaces)"))?;
+        }
         Ok(())
     }
 
-    /// Whether the host end is a kernel TUN device.
+    /// Whether the host end is a kernel TUN (or TAP) device.
     pub fn is_tun(&self) -> bool {
-        matches!(self.kind, PortKind::Tun)
+        matches!(self.kind, PortKind::Tun | PortKind::Tap { .. })
+    }
+
+    /// Whether the host end carries Ethernet frames (a TAP: an L2 session).
+    pub fn is_l2(&self) -> bool {
+        matches!(self.kind, PortKind::Tap { .. })
     }
 
     /// The serial probe's settings, when the host end is one.
@@ -487,6 +499,13 @@ impl AgentConfig {
         identity::link_local(self.bus.session.as_deref(), &self.name)
     }
 
+    /// The MAC address of an L2 agent's TAP: locally administered unicast, `02` and 40 bits
+    /// of a fixed FNV-1a hash of `session/name` (stable across restarts, distinct between
+    /// agents; its routing key is the word the agent binds).
+    pub fn mac(&self) -> crate::packet::ethernet::Mac {
+        identity::mac(self.bus.session.as_deref(), &self.name)
+    }
+
     /// Every address this agent owns (and binds): configured ones and the link-local.
     pub fn owned_addresses(&self) -> Vec<IpAddr> {
         self.owned_prefixes().into_iter().map(|p| p.addr).collect()
@@ -499,7 +518,10 @@ impl AgentConfig {
         let mut all: Vec<Prefix> = Vec::new();
         if self.hosts_own_endpoint() {
             all.extend(self.interface.addrs.iter().copied());
-            all.extend(link(self.link_local()));
+            // A TAP's link-local is the kernel's own (from its MAC); nothing binds it.
+            if !self.interface.is_l2() {
+                all.extend(link(self.link_local()));
+            }
         }
         if let PortKind::Userspace { endpoints, .. } = &self.interface.kind {
             for e in endpoints {
@@ -516,7 +538,7 @@ impl AgentConfig {
         match &self.interface.kind {
             PortKind::Userspace { endpoints, .. } => endpoints.is_empty() || !self.interface.addrs.is_empty(),
             PortKind::Serial(_) => false,
-            PortKind::Tun => true,
+            PortKind::Tun | PortKind::Tap { .. } => true,
         }
     }
 

@@ -427,6 +427,8 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             node: None,
             leaving: false,
             advertise: Vec::new(),
+            layer: Default::default(),
+            macs: Vec::new(),
         };
         Arc::new(Announcements::new(&h))
     });
@@ -440,6 +442,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             hello: if k == 0 { hello.clone() } else { None },
             stop: Stop::new(),
             state: Arc::default(),
+            local_macs: None,
         };
         for key in ctx.binding_keys() {
             if !keys.contains(&key) {

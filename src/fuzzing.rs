@@ -577,6 +577,18 @@ pub fn packet_views(data: &[u8]) {
         let _ = (f.dst(), f.src(), f.tag(0), f.tag(1), f.ethertype());
         assert_eq!(f.header_len() + f.payload().len(), data.len());
         let _ = IpPacket::new_checked(f.payload()).map(|ip| (ip.src_addr(), ip.dst_addr()));
+        // L2 switching reads the same frame: destination, shard, source; never panics.
+        match crate::route::mac::classify_frame(data) {
+            Ok(crate::route::mac::FrameDestination::Unicast { dst, shard }) => {
+                assert!(dst.is_unicast() && shard < crate::route::SHARDS);
+            }
+            Ok(crate::route::mac::FrameDestination::Flood) => assert!(f.dst().is_multicast()),
+            Err(_) => panic!("a checked frame always classifies"),
+        }
+        // Whatever the first ten bytes claim as an offload header for this frame.
+        if let Some(h) = data.first_chunk::<{ crate::codec::vnet::HDR_LEN }>() {
+            let _ = crate::codec::vnet::build_ethernet(h, data);
+        }
     }
 }
 

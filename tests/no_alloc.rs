@@ -348,6 +348,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
             hello: None,
             stop: stop.clone(),
             state: Default::default(),
+            local_macs: None,
         }
     };
     let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));
@@ -366,6 +367,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
         routes: tunbus::route::table::RouteShare::new(),
         connected: None,
         shaper: None,
+        l2: None,
     };
     let worker_b = queue::QueueWorker::new(setup(queue_b, &link_b, &b_tx, &rx_counters));
     let rx_thread = thread::spawn(move || {

@@ -94,6 +94,10 @@ fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Fai
     loop {
         let mut client = ctx.client(Retry::OncePerNode);
         let e = match client.wait_up(interrupt.flag()) {
+            Ok(()) if c.interface().is_l2() => {
+                check_layer(c, interrupt)?;
+                return Ok(Some(client));
+            }
             Ok(()) => return Ok(Some(client)),
             Err(client::Error::Stopped) => return Ok(None),
             Err(e) => e,
@@ -133,6 +137,26 @@ fn join_bus(ctx: &UplinkContext, interrupt: &Stop) -> Result<Option<Client>, Fai
     }
 }
 
+/// How long an L2 agent's start listens for agents of another layer in its session.
+const LAYER_PROBE_WAIT: Duration = Duration::from_millis(400);
+
+/// An L2 agent's start: a live IP agent in the session refuses it (an L2 and an L3 session
+/// are distinct sessions; frames and packets cannot reach each other).
+fn check_layer(c: &AgentConfig, interrupt: &Stop) -> Result<(), Failure> {
+    let found = presence::other_layer(&c.bus().endpoints, &c.bus().exchange, presence::HelloLayer::Ethernet, c.name(), LAYER_PROBE_WAIT, interrupt)
+        .map_err(Failure::from)?;
+    match found {
+        None => Ok(()),
+        Some((name, layer)) => Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "{} is an {layer} session: agent {name:?} is in it without --l2; an Ethernet (L2) session and an IP (L3) session do not mix. Use another --session for the L2 agents (or start every agent of this one with --l2)",
+                c.bus().session.as_deref().map_or_else(|| format!("exchange {}", c.bus().exchange), |s| format!("session {s:?}"))
+            ),
+        )),
+    }
+}
+
 /// What this agent announces on the bus.
 fn hello_of(config: &AgentConfig) -> Hello {
     Hello {
@@ -148,6 +172,8 @@ fn hello_of(config: &AgentConfig) -> Hello {
         node: None,
         leaving: false,
         advertise: config.routing().advertise.iter().map(crate::route::table::network_of).collect(),
+        layer: if config.interface().is_l2() { presence::HelloLayer::Ethernet } else { presence::HelloLayer::Ip },
+        macs: if config.interface().is_l2() { vec![config.mac()] } else { Vec::new() },
     }
 }
 
@@ -182,6 +208,9 @@ impl Agent {
             crate::config::Wire::Native => Some(Arc::new(Announcements::new(&hello))),
             crate::config::Wire::Ioppytest => None,
         };
+        // An L2 agent's switch: its TAP's MAC, the learned table, the MACs behind its bridge.
+        let l2 = config.interface().is_l2().then(|| crate::worker::switch::L2Shared::new(config.mac()));
+        let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
         let links: Vec<Arc<LinkState>> = (0..config.interface().queues).map(|_| Arc::new(LinkState::default())).collect();
         let link_context = |k: usize| UplinkContext {
             config: config.clone(),
@@ -191,6 +220,7 @@ impl Agent {
             hello: if k == 0 { announcements.clone() } else { None },
             stop: stop_flag.clone(),
             state: links.get(k).cloned().unwrap_or_default(),
+            local_macs: if k == 0 && bridged { l2.as_ref().map(|l2| l2.local.clone()) } else { None },
         };
         let mut first_link = if config.bus().check_name {
             // Connection attempts of the start give up on Ctrl-C.
@@ -239,7 +269,9 @@ impl Agent {
         let tap = match &config.data_path().pcap {
             Some(path) => {
                 let addrs: Vec<(std::net::IpAddr, u8)> = config.interface().addrs.iter().map(|p| (p.addr, p.len)).collect();
-                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs).map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
+                let layer = if config.interface().is_l2() { crate::port::Layer::Ethernet } else { crate::port::Layer::Ip };
+                let (tap, writer) = crate::capture::tun::Tap::start(path, &config.interface().ifname, &addrs, layer)
+                    .map_err(|e| Failure::new(Exit::Local, format!("--pcap {}: cannot write it: {e}", path.display())))?;
                 agent.pcap = Some(writer);
                 Some(tap)
             }
@@ -263,6 +295,7 @@ impl Agent {
                 routes: routes.clone(),
                 connected: if k == 0 { first_link.take() } else { None },
                 shaper: emulation.shaper(),
+                l2: l2.clone(),
             };
             agent.spawn_worker(setup, k == 0 && fault_worker_panic)?;
         }
@@ -332,7 +365,9 @@ impl Agent {
                 match presence::discover(&config.bus().endpoints, &config.bus().exchange, Duration::from_secs(1), &stop) {
                     Ok(found) => {
                         for peer in found.iter().filter(|p| links.peers().any(|n| p.hello.name == n)) {
-                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().map(|p| p.addr).collect();
+                            // An L2 peer's frames go to its MAC (held as an address, `identity::mac_address`).
+                            let macs = peer.hello.macs.iter().map(|m| crate::identity::mac_address(*m));
+                            let addrs: Vec<std::net::IpAddr> = peer.hello.addresses.iter().map(|p| p.addr).chain(macs).collect();
                             links.learn(&peer.hello.name, &addrs);
                         }
                     }

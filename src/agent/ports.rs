@@ -31,9 +31,10 @@ pub struct Opened {
 /// Opens the host end of agent `c`: its ports, configured and ready.
 pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
     match &c.interface().kind {
-        PortKind::Tun => {
+        PortKind::Tun | PortKind::Tap { .. } => {
             let dev = bring_up_interface(c)?;
-            let summary = format!("tun (tso {}, uso {})", dev.offloads.tso, dev.offloads.uso);
+            let kind = if c.interface().is_l2() { format!("tap {}", c.mac()) } else { "tun".to_owned() };
+            let summary = format!("{kind} (tso {}, uso {})", dev.offloads.tso, dev.offloads.uso);
             let ports = dev.queues.into_iter().map(|q| Box::new(q) as Box<dyn Port>).collect();
             Ok(Opened { ports, summary, pinger: None, serial: None })
         }
@@ -86,11 +87,30 @@ pub fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
             c.interface().ifname.clone()
         }
     };
-    let dev = TunDevice::create(&create_as, c.interface().queues, c.interface().offload).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
-    if let Some(ns) = &c.interface().netns {
-        netns::move_into(&create_as, ns, &c.interface().ifname)?; // on error `dev` drops: interface gone
+    let i = c.interface();
+    if let PortKind::Tap { bridge: Some(br) } = &i.kind {
+        if !netns::interface_exists(i.netns.as_deref(), br) {
+            bail!(Failure::new(
+                Exit::Local,
+                format!(
+                    "--bridge {br}: no such interface{} (create it first: ip link add {br} type bridge; ip link set {br} up)",
+                    i.netns.as_deref().map(|n| format!(" in namespace {n}")).unwrap_or_default()
+                )
+            ));
+        }
     }
-    netns::configure(c.interface().netns.as_deref(), &c.interface().ifname, c.interface().mtu, &c.interface().addrs, c.link_local(), c.interface().router_solicitations)?;
+    let dev = match i.kind {
+        PortKind::Tap { .. } => TunDevice::create_tap(&create_as, i.queues, i.offload),
+        _ => TunDevice::create(&create_as, i.queues, i.offload),
+    }
+    .map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
+    if let Some(ns) = &i.netns {
+        netns::move_into(&create_as, ns, &i.ifname)?; // on error `dev` drops: interface gone
+    }
+    match &i.kind {
+        PortKind::Tap { bridge } => netns::configure_tap(i.netns.as_deref(), &i.ifname, i.mtu, c.mac(), &i.addrs, bridge.as_deref(), i.router_solicitations)?,
+        _ => netns::configure(i.netns.as_deref(), &i.ifname, i.mtu, &i.addrs, c.link_local(), i.router_solicitations)?,
+    }
     Ok(dev)
 }
 

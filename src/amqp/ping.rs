@@ -412,6 +412,8 @@ mod tests {
             node: None,
             leaving: false,
             advertise: Vec::new(),
+            layer: Default::default(),
+            macs: Vec::new(),
         };
         assert!(is_target(&hello, &"h2".parse().unwrap()) && is_target(&hello, &"fd00:7b::2".parse().unwrap()));
         assert!(!is_target(&hello, &"h3".parse().unwrap()) && !is_target(&hello, &"198.18.0.3".parse().unwrap()));
@@ -443,6 +445,8 @@ mod tests {
             node: None,
             leaving: false,
             advertise: Vec::new(),
+            layer: Default::default(),
+            macs: Vec::new(),
         });
         assert_eq!(s.verdict(), Verdict::Silent);
         assert!(s.report("amq.topic").contains("answered no ping"));

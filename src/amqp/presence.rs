@@ -64,6 +64,43 @@ impl HelloWire {
     }
 }
 
+/// What an announcer's port carries: its session's layer. Agents of different layers do
+/// not mix (an L2 session is not an L3 session): a start that hears the other layer is
+/// refused, and a running agent warns about it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloLayer {
+    /// IP packets (TUN, userspace stack); what a hello without the field means.
+    #[default]
+    #[serde(rename = "ip")]
+    Ip,
+    /// Ethernet frames (TAP, `--l2`).
+    #[serde(rename = "ethernet")]
+    Ethernet,
+    /// A later version's layer: heard, not spoken.
+    #[serde(other)]
+    Unknown,
+}
+
+impl HelloLayer {
+    /// The layer of a port.
+    pub fn of(layer: crate::port::Layer) -> HelloLayer {
+        match layer {
+            crate::port::Layer::Ethernet => HelloLayer::Ethernet,
+            crate::port::Layer::Ip | crate::port::Layer::Ieee802154 => HelloLayer::Ip,
+        }
+    }
+}
+
+impl std::fmt::Display for HelloLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HelloLayer::Ip => "IP (L3)",
+            HelloLayer::Ethernet => "Ethernet (L2)",
+            HelloLayer::Unknown => "unknown",
+        })
+    }
+}
+
 /// What an agent says about itself. Parsed once, where it comes off the bus: a name that
 /// is not a topic word makes the whole hello invalid; an address entry that is not a
 /// prefix is left out (the rest of the hello counts).
@@ -96,6 +133,13 @@ pub struct Hello {
     /// agents ignore the field.
     #[serde(default, with = "prefixes", skip_serializing_if = "Vec::is_empty")]
     pub advertise: Vec<crate::route::Prefix>,
+    /// What its port carries (absent: IP).
+    #[serde(default)]
+    pub layer: HelloLayer,
+    /// An L2 agent's MACs: its TAP's own first (the word it binds), then those seen behind
+    /// its bridge. Entries that are not MACs are left out.
+    #[serde(default, with = "macs", skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<crate::packet::ethernet::Mac>,
 }
 
 /// The hello and bye of one agent, serialised when its announcing link connects (not per
@@ -124,6 +168,19 @@ impl Announcements {
         };
         a.on_node(hello.node.as_deref());
         a
+    }
+
+    /// The MACs announced (an L2 agent's own, then those seen behind its bridge): the
+    /// hello is serialised again.
+    pub fn set_macs(&mut self, macs: Vec<crate::packet::ethernet::Mac>) {
+        self.template.macs = macs;
+        let node = self.template.node.clone();
+        self.on_node(node.as_deref());
+    }
+
+    /// The MACs announced.
+    pub fn macs(&self) -> &[crate::packet::ethernet::Mac] {
+        &self.template.macs
     }
 
     /// The announcing connection is (now) on `node`.
@@ -174,6 +231,38 @@ pub fn discover(endpoints: &[Endpoint], exchange: &str, wait: Duration, stop: &S
     Ok(seen.into_values().collect())
 }
 
+/// The first live agent of another layer than `layer` that answers a probe within `wait`
+/// (the start-up check of an L2 agent: an L2 and an L3 session do not mix), with its layer.
+pub fn other_layer(
+    endpoints: &[Endpoint],
+    exchange: &str,
+    layer: HelloLayer,
+    own_name: &str,
+    wait: Duration,
+    stop: &Stop,
+) -> Result<Option<(String, HelloLayer)>, client::Error> {
+    let (mut c, _q) = listener(endpoints, exchange, "tunbus layer check", &[HELLO_PATTERN], stop)?;
+    c.publish_copy(exchange, CTL_PROBE, &JSON_PROPERTIES, br#"{"from":"layer check"}"#)?;
+    let deadline = Instant::now() + wait;
+    let mut found = None;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match c.wait_event(left, stop.flag())? {
+            Some(Owned::Delivery { body, .. }) => {
+                if let Ok(h) = serde_json::from_slice::<Hello>(&body) {
+                    if h.layer != layer && !h.leaving && h.name != own_name && h.wire == HelloWire::Native {
+                        found = Some((h.name.as_str().to_owned(), h.layer));
+                        break;
+                    }
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    c.close(Duration::from_millis(300));
+    Ok(found)
+}
+
 /// Whether a live agent called `name` answers a probe within `wait` (the start-up check
 /// when its queue name is taken: a live owner answers, a dead connection the broker has
 /// not dropped yet does not).
@@ -197,6 +286,23 @@ pub fn name_answers(endpoints: &[Endpoint], exchange: &str, name: &str, wait: Du
     }
     c.close(Duration::from_millis(300));
     Ok(answered)
+}
+
+/// Hello MACs on the wire: a list of `02:00:00:00:00:01` strings.
+mod macs {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::packet::ethernet::Mac;
+
+    pub fn serialize<S: Serializer>(macs: &[Mac], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(macs.iter().map(ToString::to_string))
+    }
+
+    /// Entries that are not MACs are left out; at most 64 count.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Mac>, D::Error> {
+        let texts = Vec::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(texts.iter().filter_map(|t| t.parse().ok()).take(64).collect())
+    }
 }
 
 /// Hello addresses on the wire: a list of `ADDR/LEN` strings.

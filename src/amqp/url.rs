@@ -187,7 +187,9 @@ fn url_starts(text: &str) -> Vec<usize> {
     let mut from = 0;
     while let Some(i) = text[from..].find("://") {
         let sep = from + i;
-        let scheme = text[..sep].rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))).map_or(0, |j| j + 1);
+        // The scheme starts after the last character that cannot be in one (which may take
+        // several bytes: step over all of them).
+        let scheme = text[..sep].char_indices().rev().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))).map_or(0, |(j, c)| j + c.len_utf8());
         if starts.last().is_none_or(|&last| scheme > last) {
             starts.push(scheme);
         }
@@ -574,5 +576,12 @@ mod tests {
             let _ = parse(&format!("amqp://{s}"));
             let _ = redact(&s);
         }
+    }
+
+    #[test]
+    fn a_scheme_after_a_multibyte_character_is_found_on_a_character_boundary() {
+        // Found by `arbitrary_text_never_panics`: the byte after 'Ⱥ' is inside it.
+        assert_eq!(redact("%Ⱥ://u:secret@h"), "%Ⱥ://u:***@h");
+        assert_eq!(redact("é amqp://u:secret@h"), "é amqp://u:***@h");
     }
 }

@@ -110,6 +110,9 @@ pub struct Counts {
     pub agents: u64,
     /// IEEE 802.15.4 frames written (also counted in `packets`).
     pub radio_frames: u64,
+    /// Batches of Ethernet frames (an L2 session): left out, the file's interfaces are raw
+    /// IP or 802.15.4 (an L2 agent's `--pcap` writes Ethernet).
+    pub other_layer: u64,
 }
 
 /// What a hello (or an old agent's `ip.tun.started`) said.
@@ -436,7 +439,7 @@ impl Merge {
                 return Ok(false);
             }
             crate::port::Layer::Ethernet => {
-                self.counts.filtered += frame.len() as u64;
+                self.counts.other_layer += 1;
                 return Ok(false);
             }
         }
@@ -769,6 +772,18 @@ mod tests {
         assert_eq!(seen, [(0, 100, 1), (0, 200, 2), (0, 200, 3), (1, 150, 4)]);
         assert_eq!(k.packets[1].3, format!("from h1 key {KEY} batch 2"));
         assert_eq!(m.counts().lost_batches, 0);
+    }
+
+    #[test]
+    fn batches_of_ethernet_frames_are_left_out_and_counted() {
+        let mut m = Merge::new(Filter::default());
+        let mut k = Kept::default();
+        m.on_delivery("tunbus.v1.ctl.hello.h1", Some("guest"), &hello("h1", "198.18.0.1"), 0, &mut k).unwrap();
+        let mut frames = batch(1, 100, &[ipv4(H1, H2, 1)]);
+        frames[3] |= v1::FLAG_ETHERNET; // the header's flags byte
+        m.on_delivery("tunbus.v1.all.h1", Some("guest"), &frames, 1, &mut k).unwrap();
+        assert!(k.packets.is_empty(), "an Ethernet frame is not a raw IP packet");
+        assert_eq!(m.counts().other_layer, 1);
     }
 
     #[test]

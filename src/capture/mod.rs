@@ -92,6 +92,9 @@ impl Summary {
         if c.malformed > 0 {
             s += &format!("; {} messages did not decode", c.malformed);
         }
+        if c.other_layer > 0 {
+            s += &format!("; {} batches of Ethernet frames left out (not captured yet: use --pcap on an L2 agent)", c.other_layer);
+        }
         if c.late > 0 {
             s += &format!("; {} packets came more than {} ms behind later ones and are out of order", c.late, reorder::WINDOW_NS / 1_000_000);
         }

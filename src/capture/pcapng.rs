@@ -25,6 +25,8 @@ use crate::packet::prefix::v4_netmask;
 
 /// Raw IPv4/IPv6, no link header.
 pub const LINKTYPE_RAW: u16 = 101;
+/// Ethernet frames (an L2 agent's TAP).
+pub const LINKTYPE_ETHERNET: u16 = 1;
 /// Raw IP under its Linux DLT number, which libpcap and Wireshark also read as raw IP. The
 /// interfaces after the first carry it: libpcap (1.10.3, Debian 12's tcpdump) compares
 /// each later interface's type with the *converted* type of the first (101 → 12) and

@@ -5,6 +5,8 @@
 //! worker never waits for the disk. When the writer falls behind, the packet is left out
 //! of the file and counted. Super-packets are cut into wire-sized packets by the writer,
 //! as `agent capture` does. Off (no `--pcap`), a queue has no tap: one branch per packet.
+//! An L2 agent's TAP is written with the Ethernet link type; its super-frames are cut
+//! into frames that each repeat the Ethernet header (and its tags).
 
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -50,14 +52,20 @@ pub struct Written {
 impl Tap {
     /// Creates `path` and starts its writer: one interface, `ifname` with `addrs`. The
     /// writer ends (and returns what it wrote) once the last [`Tap`] clone is dropped.
-    pub fn start(path: &Path, ifname: &str, addrs: &[(IpAddr, u8)]) -> io::Result<(Arc<Tap>, JoinHandle<Written>)> {
+    /// `layer`: what the port carries (Ethernet frames get the Ethernet link type).
+    pub fn start(path: &Path, ifname: &str, addrs: &[(IpAddr, u8)], layer: crate::port::Layer) -> io::Result<(Arc<Tap>, JoinHandle<Written>)> {
         let file = std::fs::File::create(path)?;
         let mut writer = Writer::new(io::BufWriter::with_capacity(1 << 20, file), concat!("tunbus ", env!("CARGO_PKG_VERSION"), " agent connect --pcap"))?;
-        writer.add_interface(ifname, "tunbus agent TUN", addrs)?;
+        let ethernet = layer == crate::port::Layer::Ethernet;
+        if ethernet {
+            writer.add_interface_of(super::pcapng::LINKTYPE_ETHERNET, ifname, "tunbus agent TAP", addrs)?;
+        } else {
+            writer.add_interface(ifname, "tunbus agent TUN", addrs)?;
+        }
         let (tx, rx) = mpsc::sync_channel(BACKLOG);
         let left_out = Arc::new(AtomicU64::new(0));
         let counted = left_out.clone();
-        let handle = std::thread::Builder::new().name("pcap".into()).spawn(move || write_all(writer, rx, &counted))?;
+        let handle = std::thread::Builder::new().name("pcap".into()).spawn(move || write_all(writer, rx, &counted, ethernet))?;
         Ok((Arc::new(Tap { tx, left_out }), handle))
     }
 
@@ -87,15 +95,34 @@ impl Tap {
     }
 }
 
-fn write_all<W: Write>(mut writer: Writer<W>, rx: Receiver<Record>, left_out: &AtomicU64) -> Written {
+fn write_all<W: Write>(mut writer: Writer<W>, rx: Receiver<Record>, left_out: &AtomicU64, ethernet: bool) -> Written {
     let mut segmenter = Segmenter::new();
     let mut done = Written::default();
+    let mut frame = Vec::new();
     for r in rx {
         let (Some(vnet), Some(packet)) = (r.entry.first_chunk::<VNET_HDR_LEN>(), r.entry.get(VNET_HDR_LEN..)) else { continue };
         let mut result = Ok(());
-        let cut = segmenter.segments(Some(vnet), packet, |p| {
+        // A frame: its IP packet is cut (offsets moved past the Ethernet header), and each
+        // piece goes out behind a copy of that header.
+        let l2 = if ethernet { crate::packet::EthernetFrame::new_checked(packet).map(|f| f.header_len()).unwrap_or(packet.len()) } else { 0 };
+        let mut shifted = *vnet;
+        if l2 > 0 {
+            let mut h = crate::codec::vnet::VnetHdr::parse(vnet);
+            h.csum_start = h.csum_start.saturating_sub(l2 as u16);
+            shifted = h.to_bytes();
+        }
+        let (head, body) = packet.split_at(l2.min(packet.len()));
+        let cut = segmenter.segments(Some(&shifted), body, |p| {
             if result.is_ok() {
-                result = writer.packet(0, r.ns, p, None, Some(r.direction));
+                let bytes = if l2 > 0 {
+                    frame.clear();
+                    frame.extend_from_slice(head);
+                    frame.extend_from_slice(p);
+                    frame.as_slice()
+                } else {
+                    p
+                };
+                result = writer.packet(0, r.ns, bytes, None, Some(r.direction));
                 done.packets += 1;
             }
         });

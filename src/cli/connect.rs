@@ -121,6 +121,20 @@ pub struct ConnectArgs {
     /// IPv6, no authentication) into the bus on this local address, e.g. 127.0.0.1:1080.
     #[arg(long, value_name = "ADDR:PORT", requires = "userspace")]
     pub socks5: Option<crate::port::userspace::spec::Socks5>,
+    /// An Ethernet (L2) session: a multi-queue TAP with its own MAC (02:… from session and
+    /// name) instead of a TUN; frames are switched on the bus by destination MAC, and
+    /// broadcast, multicast and unknown unicast are flooded to the session (bounded per
+    /// sender). ARP, DHCP, IPv6 RAs/SLAAC, VLAN tags and any ethertype cross. Every agent
+    /// of the session must use --l2 (a start that hears an IP agent there is refused).
+    /// MTU 1500 unless --mtu.
+    #[arg(long, conflicts_with_all = ["userspace", "wait_config"])]
+    pub l2: bool,
+    /// With --l2: enslave the TAP to this existing Linux bridge (in --netns when given), so
+    /// the VMs, containers, veths or NICs on it join the segment. Run no STP loop through
+    /// two such gateways: the bus does not carry BPDUs' loop protection for you (the flood
+    /// bound limits the damage).
+    #[arg(long, value_name = "BR", requires = "l2")]
+    pub bridge: Option<String>,
     /// Move the interface into this existing network namespace and configure it there.
     #[arg(long)]
     pub netns: Option<String>,
@@ -319,9 +333,12 @@ impl ConnectArgs {
         let kind = if self.userspace {
             let services = crate::port::userspace::Services { forwards: self.forward, exposes: self.expose, socks5: self.socks5 };
             config::PortKind::Userspace { services, endpoints: Vec::new() }
+        } else if self.l2 {
+            config::PortKind::Tap { bridge: self.bridge }
         } else {
             config::PortKind::Tun
         };
+        let l2 = self.l2;
         let userspace = self.userspace;
         let interface = Interface {
             kind,
@@ -339,7 +356,7 @@ impl ConnectArgs {
             },
             // A userspace stack sends packets of at most its MTU; 1500 is what the far end's
             // links take without fragments.
-            mtu: self.mtu.unwrap_or(if self.wire == Wire::Ioppytest || userspace { 1500 } else { DEFAULT_MTU }),
+            mtu: self.mtu.unwrap_or(if self.wire == Wire::Ioppytest || userspace || l2 { 1500 } else { DEFAULT_MTU }),
             link_local: old.link_local(),
             // The old wire carries plain packets only: no super-packets, no partial checksums.
             offload: !self.no_offload && self.wire == Wire::Native,
@@ -480,6 +497,21 @@ mod tests {
         assert!(connect(&["--name", "gw", "--advertise", "198.19.0.0/33"]).is_err());
         assert!(connect(&["--name", "gw", "--advertise", "198.19.0.0/24", "--userspace"]).is_err());
         assert!(connect(&["--name", "agent_1", "--wire", "ioppytest", "--accept-routes"]).is_err());
+    }
+
+    #[test]
+    fn l2_makes_a_tap_with_its_own_mac() {
+        let c = connect(&["--name", "h1", "--session", "plant", "--l2", "--ipv4", "198.18.0.1/24"]).unwrap();
+        assert!(c.interface().is_l2());
+        assert_eq!(c.interface().mtu, 1500);
+        assert_eq!(c.mac(), crate::identity::mac(Some("plant"), "h1"));
+        assert!(c.mac().is_local() && c.mac().is_unicast());
+        assert_ne!(c.mac(), connect(&["--name", "h2", "--session", "plant", "--l2"]).unwrap().mac());
+        let c = connect(&["--name", "gw", "--l2", "--bridge", "br-lab"]).unwrap();
+        assert!(matches!(&c.interface().kind, config::PortKind::Tap { bridge: Some(b) } if b == "br-lab"));
+        assert!(connect(&["--name", "gw", "--bridge", "br-lab"]).is_err(), "--bridge needs --l2");
+        assert!(connect(&["--name", "gw", "--l2", "--bridge", "much-too-long-bridge"]).is_err());
+        assert!(connect(&["--name", "gw", "--l2", "--userspace"]).is_err());
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct LabArgs {
     /// endpoints per connection). Checked with the stacks' own pings.
     #[arg(long, conflicts_with_all = ["topology", "secure", "queues"])]
     pub userspace: bool,
+    /// An Ethernet (L2) lab: every host gets a TAP instead of a TUN (`connect --l2`), and
+    /// the bus switches frames between them; pings resolve through ARP and neighbour
+    /// discovery across the bus.
+    #[arg(long, conflicts_with_all = ["userspace", "topology", "secure"])]
+    pub l2: bool,
     /// TUN queues per host.
     #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
     pub queues: u16,
@@ -124,6 +129,7 @@ impl LabArgs {
             secure: self.secure,
             mtu: self.mtu,
             userspace: self.userspace,
+            l2: self.l2,
         })
     }
 }

@@ -96,11 +96,12 @@ pub fn command() -> clap::Command {
 }
 
 /// `connect --help` in sections, in this order (every flag of connect has one: a test says so).
-pub const CONNECT_HEADINGS: [(&str, &[&str]); 10] = [
+pub const CONNECT_HEADINGS: [(&str, &[&str]); 11] = [
     ("Who and where", &["name", "config", "session", "exchange", "wire"]),
     ("Broker", &["url", "url_file", "tls_ca", "tls_cert", "tls_key", "tls_insecure", "heartbeat", "broker_user"]),
     ("Interface", &["ipv4", "ipv6", "netns", "ifname", "mtu", "queues", "cpus", "no_offload", "no_offload_from_bus"]),
     ("Userspace stack (no root, no TUN)", &["userspace", "forward", "expose", "socks5"]),
+    ("Ethernet (L2) session", &["l2", "bridge"]),
     ("Identities", &["peers", "no_identity_check"]),
     ("Subnet routing", &["advertise", "accept_routes", "masquerade"]),
     ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),

@@ -264,6 +264,41 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     .to_bytes())
 }
 
+/// [`build`] for an Ethernet frame (a TAP's unit, L2 sessions): the kernel's offsets count
+/// from the frame's first byte, so the IP packet after the Ethernet header (and its up to
+/// two 802.1Q tags) is checked as [`build`] checks a packet, and the offsets are moved by
+/// the header's length. Offload is accepted only for IPv4 and IPv6 ethertypes whose payload
+/// is of that version; anything else may go with the plain header only.
+pub fn build_ethernet(claimed: &[u8; HDR_LEN], frame: &[u8]) -> Result<[u8; HDR_LEN], VnetError> {
+    use crate::packet::ethernet::{ethertype, EthernetFrame};
+    let c = VnetHdr::parse(claimed);
+    if c.flags & F_NEEDS_CSUM == 0 {
+        // Nothing to place: `build` decides without reading the packet.
+        return build(claimed, &[]);
+    }
+    let f = EthernetFrame::new_checked(frame).map_err(|_| VnetError::NotTransport)?;
+    let l2 = f.header_len();
+    let version = f.payload().first().map(|b| b >> 4);
+    match (f.ethertype(), version) {
+        (ethertype::IPV4, Some(4)) | (ethertype::IPV6, Some(6)) => {}
+        _ => return Err(VnetError::NotTransport),
+    }
+    let start = usize::from(c.csum_start).checked_sub(l2).ok_or(VnetError::ChecksumPlace)?;
+    // invariant: start < csum_start <= u16::MAX
+    let shifted = VnetHdr { csum_start: start as u16, ..c };
+    let built = build(&shifted.to_bytes(), f.payload())?;
+    if built == PLAIN {
+        return Ok(PLAIN);
+    }
+    let mut h = VnetHdr::parse(&built);
+    // invariant: both fit: the frame is at most MAX_PACKET_LEN bytes (the codec checked)
+    // and these offsets lie inside it; a frame too long for u16 offsets is refused.
+    let l2 = u16::try_from(l2).map_err(|_| VnetError::OutOfBounds)?;
+    h.csum_start = h.csum_start.checked_add(l2).ok_or(VnetError::OutOfBounds)?;
+    h.hdr_len = h.hdr_len.checked_add(l2).ok_or(VnetError::OutOfBounds)?;
+    Ok(h.to_bytes())
+}
+
 /// Finishes a partial checksum in place (`F_NEEDS_CSUM`: the transport checksum field holds
 /// only the pseudo-header sum), so that the packet can go where no offload exists, such as
 /// the ioppytest wire. A GSO super-packet stays whole: its headers describe the whole
@@ -310,6 +345,43 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn ethernet_frames_are_checked_as_their_ip_packet_with_offsets_moved() {
+        for v6 in [false, true] {
+            for tcp in [false, true] {
+                let p = packet(v6, tcp, 8000);
+                let claimed = kernel_header(&p, 1400).to_bytes();
+                let expected = build(&claimed, &p).expect("what a kernel sends");
+                for tags in 0..=2usize {
+                    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+                    for _ in 0..tags {
+                        f.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+                    }
+                    f.extend_from_slice(&(if v6 { 0x86ddu16 } else { 0x0800 }).to_be_bytes());
+                    let l2 = f.len() as u16;
+                    f.extend_from_slice(&p);
+                    let mut c = VnetHdr::parse(&claimed);
+                    c.csum_start += l2;
+                    let got = VnetHdr::parse(&build_ethernet(&c.to_bytes(), &f).expect("accepted"));
+                    let want = VnetHdr::parse(&expected);
+                    assert_eq!(got, VnetHdr { csum_start: want.csum_start + l2, hdr_len: want.hdr_len + l2, ..want });
+                    // The same header at the IP packet's offsets lies for a frame.
+                    assert!(build_ethernet(&claimed, &f).is_err());
+                }
+                // An ethertype that is not the payload's version is refused.
+                let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+                f.extend_from_slice(&(if v6 { 0x0800u16 } else { 0x86dd }).to_be_bytes());
+                f.extend_from_slice(&p);
+                let mut c = VnetHdr::parse(&claimed);
+                c.csum_start += 14;
+                assert_eq!(build_ethernet(&c.to_bytes(), &f), Err(VnetError::NotTransport));
+            }
+        }
+        assert_eq!(build_ethernet(&PLAIN, &[1, 2, 3]), Ok(PLAIN));
+        let csum = VnetHdr { flags: F_NEEDS_CSUM, ..VnetHdr::parse(&PLAIN) };
+        assert!(build_ethernet(&csum.to_bytes(), &[1, 2, 3]).is_err());
     }
 
     #[test]
@@ -485,6 +557,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn build_ethernet_never_panics(h in any::<[u8; HDR_LEN]>(), f in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = build_ethernet(&h, &f);
+        }
+
         #[test]
         fn whatever_the_sender_claims_the_result_is_on_the_list(
             v6: bool, tcp: bool, payload in 0usize..9000, claimed: [u8; HDR_LEN], damage: Option<(usize, u8)>,

@@ -43,6 +43,28 @@ pub fn link_local(session: Option<&str>, name: &str) -> Ipv6Addr {
     Ipv6Addr::from((0xfe80u128 << 112) | u128::from(h.max(1)))
 }
 
+/// The deterministic MAC address of L2 agent `name` in `session` (also `AgentConfig::mac`):
+/// `02` (locally administered, unicast) and 40 bits of FNV-1a of `session/name`.
+pub fn mac(session: Option<&str>, name: &str) -> crate::packet::ethernet::Mac {
+    let h = crate::util::fnv1a64(&[session.unwrap_or("").as_bytes(), b"/", name.as_bytes()]).to_be_bytes();
+    crate::packet::ethernet::Mac([0x02, h[0], h[1], h[2], h[3], h[4]])
+}
+
+/// The identity tables hold MACs as IPv6 addresses in RFC 6666's discard-only prefix
+/// `100::/64` (`100::` + the 48 bits of the MAC), which no packet may carry as a source:
+/// strict peers files, first claims and their expiry serve L2 sessions unchanged.
+pub fn mac_address(mac: crate::packet::ethernet::Mac) -> IpAddr {
+    let o = mac.octets();
+    let low = u64::from_be_bytes([0, 0, o[0], o[1], o[2], o[3], o[4], o[5]]);
+    IpAddr::V6(Ipv6Addr::from((0x0100u128 << 112) | u128::from(low)))
+}
+
+/// The prefix of the MACs that share their first `bits` bits with `mac` (`02:aa:00:00:00:00/16`
+/// in a peers file: every MAC behind a bridge whose vendor part is `02:aa`).
+pub fn mac_prefix(mac: crate::packet::ethernet::Mac, bits: u8) -> Prefix {
+    Prefix { addr: mac_address(mac), len: 80 + bits.min(48) }
+}
+
 /// The agent name behind broker user `user` in `session`: provisioned users are
 /// `<session>.<agent>`; any other user name is taken as the agent's name itself.
 pub fn agent_of_user<'a>(session: Option<&str>, user: &'a str) -> &'a str {

@@ -9,10 +9,15 @@
 //! One line per user (a user on several lines gets them all), `#` starts a comment, blank
 //! lines are ignored. A prefix's host bits may be set (`198.18.0.1/24` allows the /24, as
 //! an interface address would). Each user also gets its agent's deterministic link-local
-//! address ([`super::link_local`] of the agent behind the user, [`super::agent_of_user`]).
+//! address ([`super::link_local`] of the agent behind the user, [`super::agent_of_user`])
+//! and, for L2 sessions, its agent's deterministic MAC ([`super::mac`]).
+//!
+//! L2 sessions: an entry may be a MAC (`02:aa:bb:cc:dd:ee`) or a MAC prefix
+//! (`02:aa:bb:00:00:00/24`: every MAC whose first 24 bits are those, the hosts behind a
+//! gateway's bridge), held as [`super::mac_prefix`].
 //! Pure: parsing only; errors name the line.
 
-use super::{agent_of_user, link_local, Table};
+use super::{agent_of_user, link_local, mac, mac_prefix, Table};
 use crate::route::Prefix;
 
 /// A line that is not `USER PREFIX[,PREFIX…]`.
@@ -38,7 +43,11 @@ pub fn parse(text: &str, session: Option<&str>) -> Result<Table, ParseError> {
         }
         let mut prefixes = Vec::new();
         for item in rest.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
-            let p: Prefix = item.parse().map_err(|e: String| fail(e))?;
+            let p: Prefix = match parse_mac_item(item) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => return Err(fail(e)),
+                None => item.parse().map_err(|e: String| fail(e))?,
+            };
             prefixes.push(p);
         }
         if prefixes.is_empty() {
@@ -46,9 +55,32 @@ pub fn parse(text: &str, session: Option<&str>) -> Result<Table, ParseError> {
         }
         let ll = link_local(session, agent_of_user(session, user));
         prefixes.push(Prefix { addr: ll.into(), len: 128 });
+        prefixes.push(mac_prefix(mac(session, agent_of_user(session, user)), 48));
         users.push((user.to_owned(), prefixes));
     }
     Ok(Table::new(users))
+}
+
+/// A MAC or MAC prefix entry (`02:aa:bb:cc:dd:ee[/BITS]`); `None` when the item is not
+/// written as a MAC (six `:`-separated pairs of hex digits).
+fn parse_mac_item(item: &str) -> Option<Result<Prefix, String>> {
+    let (mac_text, bits) = match item.split_once('/') {
+        Some((m, b)) => (m, Some(b)),
+        None => (item, None),
+    };
+    if mac_text.len() != 17 || mac_text.contains("::") || mac_text.bytes().filter(|&b| b == b':').count() != 5 {
+        return None;
+    }
+    let m: crate::packet::ethernet::Mac = match mac_text.parse() {
+        Ok(m) => m,
+        Err(e) => return Some(Err(e)),
+    };
+    let bits = match bits.map(str::parse::<u8>) {
+        None => 48,
+        Some(Ok(b)) if b <= 48 => b,
+        Some(_) => return Some(Err(format!("{item:?}: a MAC prefix has 0 to 48 bits"))),
+    };
+    Some(Ok(mac_prefix(m, bits)))
 }
 
 /// The file for `entries` (user, prefixes), as `agent provision` and `agent lab` write it.
@@ -66,6 +98,22 @@ mod tests {
     use super::*;
     use crate::identity::Verdict;
     use std::net::IpAddr;
+
+    #[test]
+    fn macs_and_mac_prefixes_for_l2_sessions() {
+        use crate::identity::{mac_address, Verdict};
+        use crate::packet::ethernet::Mac;
+        let t = parse("plant.gw 02:aa:bb:00:00:00/24, 198.18.0.9/32\nplant.h2 02:00:00:00:00:02\nplant.h3 fd00:12:2::3:4567/128\n", Some("plant")).unwrap();
+        let behind = mac_address(Mac([2, 0xaa, 0xbb, 1, 2, 3]));
+        assert_eq!(t.check(Some(b"plant.gw"), behind), Verdict::Allowed);
+        assert_eq!(t.check(Some(b"plant.h2"), behind), Verdict::Spoofed);
+        assert_eq!(t.check(Some(b"plant.h2"), mac_address(Mac([2, 0, 0, 0, 0, 2]))), Verdict::Allowed);
+        // Each user's agent's own MAC comes with it.
+        assert_eq!(t.check(Some(b"plant.h3"), mac_address(crate::identity::mac(Some("plant"), "h3"))), Verdict::Allowed);
+        assert_eq!(t.check(Some(b"plant.h2"), mac_address(crate::identity::mac(Some("plant"), "h3"))), Verdict::Spoofed);
+        assert!(parse("u 02:aa:bb:00:00:00/49\n", None).is_err());
+        assert!(parse("u 02:aa:bb:00:00:zz\n", None).is_err());
+    }
 
     #[test]
     fn files_parse_with_comments_and_merged_lines() {
@@ -95,6 +143,7 @@ mod tests {
         let entries = vec![("s.a".to_owned(), vec!["198.18.0.1/24".parse().unwrap()]), ("s.b".to_owned(), vec!["fd00::2/64".parse().unwrap(), "198.18.0.2/24".parse().unwrap()])];
         let t = parse(&render(&entries), Some("s")).unwrap();
         assert_eq!(t.users().count(), 2);
-        assert_eq!(t.prefixes(b"s.b").map(<[Prefix]>::len), Some(3));
+        // Its two prefixes, its agent's link-local address and its agent's MAC.
+        assert_eq!(t.prefixes(b"s.b").map(<[Prefix]>::len), Some(4));
     }
 }

@@ -91,6 +91,7 @@ impl Lab {
             netns: Some(host.netns.clone()),
             mtu: self.opts.mtu,
             router_solicitations: 0, // a lab has no router: nothing to solicit
+            kind: if self.opts.l2 { crate::config::PortKind::Tap { bridge: None } } else { crate::config::PortKind::Tun },
             ..Interface::default()
         };
         let emulation = match &self.opts.topology {
@@ -108,7 +109,9 @@ impl Lab {
         let mode = match &self.identities {
             Some(secure) => crate::identity::Mode::Strict(secure.table.clone()),
             None => {
-                let prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                let mut prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                // L2: the hosts' MACs (all derived: 02:…).
+                prefixes.push(crate::identity::mac_prefix(crate::packet::ethernet::Mac([2, 0, 0, 0, 0, 0]), 8));
                 crate::identity::Mode::Strict(crate::identity::Table::new(vec![(user.clone(), prefixes)]))
             }
         };

@@ -69,6 +69,8 @@ pub struct LabOptions {
     /// `--userspace`: hosts are endpoints of userspace stacks, many per worker (no
     /// namespaces, at most 64 broker connections).
     pub userspace: bool,
+    /// `--l2`: hosts have TAPs in an Ethernet session.
+    pub l2: bool,
 }
 
 /// Everything the lab created, torn down in `teardown` (and, for namespaces and the

@@ -58,10 +58,17 @@ pub enum DropReason {
     /// Dropped by the queue management (`worker::aqm`): a packet of a flow that is not
     /// ECN-capable, while the bus held a standing queue (ECN-capable ones are marked).
     Aqm,
+    /// An Ethernet frame whose source MAC its sender's broker user may not use (L2).
+    SpoofedMac,
+    /// A flooded frame (broadcast, multicast, unknown unicast) over its sender's flood
+    /// bound at this receiver (`route::mac::FloodLimit`).
+    FloodLimit,
+    /// A unit too short to be an Ethernet frame (read from a TAP or from the bus).
+    BadFrame,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -79,6 +86,9 @@ impl DropReason {
         DropReason::Emulated,
         DropReason::WrongLayer,
         DropReason::Aqm,
+        DropReason::SpoofedMac,
+        DropReason::FloodLimit,
+        DropReason::BadFrame,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -101,6 +111,9 @@ impl DropReason {
             DropReason::Emulated => "emulated",
             DropReason::WrongLayer => "wrong_layer",
             DropReason::Aqm => "aqm",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::FloodLimit => "flood_limit",
+            DropReason::BadFrame => "bad_frame",
         }
     }
 }

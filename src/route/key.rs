@@ -10,6 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const SHARDS: u8 = 16;
 /// Prefix of every tunbus v1 routing key.
 pub const KEY_PREFIX: &str = "tunbus.v1.";
+/// Prefix of a flood key (`tunbus.v1.all.<sender>`).
+pub const ALL_PREFIX: &str = "tunbus.v1.all.";
 /// Binding pattern for broadcast and multicast from all agents (each ignores its own).
 pub const ALL_PATTERN: &str = "tunbus.v1.all.*";
 /// Prefix of every control (presence) key.
@@ -217,7 +219,7 @@ pub struct RoutingKey {
 }
 
 impl RoutingKey {
-    fn build(parts: &[&str]) -> Option<RoutingKey> {
+    pub(super) fn build(parts: &[&str]) -> Option<RoutingKey> {
         let mut s = StackStr::<KEY_CAP>::new();
         for p in parts {
             s.push_str(p).ok()?;

@@ -18,6 +18,7 @@
 //! every run agree on it.
 
 pub mod key;
+pub mod mac;
 pub mod name;
 pub mod packet;
 pub mod peers;

@@ -8,6 +8,10 @@
 //! written by queue worker k only. The system calls themselves are in [`crate::sys`]; this
 //! module is safe code. The device disappears when the last queue fd is closed (it is
 //! never made persistent), so nothing outlives the agent.
+//!
+//! [`TunDevice::create_tap`] makes the same device with `IFF_TAP` instead (an L2 session,
+//! `agent connect --l2`): its queues carry Ethernet frames, with the same offloads (the
+//! virtio header's checksum offsets then count from the frame's first byte).
 
 pub mod netns;
 
@@ -50,6 +54,8 @@ pub struct Offloads {
 pub struct TunQueue {
     fd: OwnedFd,
     index: usize,
+    /// IP packets (TUN) or Ethernet frames (TAP).
+    layer: crate::port::Layer,
 }
 
 /// The device: its name (as created; it may be renamed when moved to a namespace) and queues.
@@ -64,6 +70,16 @@ impl TunDevice {
     /// Creates interface `name` with `queues` queues. `offload` false keeps the vnet header
     /// (so the wire is the same) but never asks the kernel for super-packets.
     pub fn create(name: &str, queues: usize, offload: bool) -> Result<TunDevice, Error> {
+        Self::open(name, queues, offload, crate::port::Layer::Ip)
+    }
+
+    /// Creates TAP interface `name` with `queues` queues: Ethernet frames, the same
+    /// offloads as [`TunDevice::create`].
+    pub fn create_tap(name: &str, queues: usize, offload: bool) -> Result<TunDevice, Error> {
+        Self::open(name, queues, offload, crate::port::Layer::Ethernet)
+    }
+
+    fn open(name: &str, queues: usize, offload: bool, layer: crate::port::Layer) -> Result<TunDevice, Error> {
         if !crate::config::valid_ifname(name) {
             return Err(Error::BadName(name.to_owned()));
         }
@@ -76,12 +92,12 @@ impl TunDevice {
                 .open("/dev/net/tun")
                 .map_err(|source| Error::Open { queue: index, source })?;
             let fd = OwnedFd::from(file);
-            set_iff(&fd, name).map_err(|source| Error::SetIff {
+            set_iff(&fd, name, layer).map_err(|source| Error::SetIff {
                 name: name.to_owned(),
                 queue: index,
                 source,
             })?;
-            opened.push(TunQueue { fd, index });
+            opened.push(TunQueue { fd, index, layer });
         }
         let offloads = if offload {
             let first = &opened[0]; // invariant: the loop above ran at least once
@@ -100,8 +116,9 @@ impl TunDevice {
     }
 }
 
-fn set_iff(fd: &OwnedFd, name: &str) -> io::Result<()> {
-    let flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_VNET_HDR;
+fn set_iff(fd: &OwnedFd, name: &str, layer: crate::port::Layer) -> io::Result<()> {
+    let kind = if layer == crate::port::Layer::Ethernet { libc::IFF_TAP } else { libc::IFF_TUN };
+    let flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_VNET_HDR;
     sys::tun_set_iff(fd.as_fd(), name, flags)
 }
 
@@ -150,7 +167,7 @@ impl TunQueue {
 
 impl crate::port::Port for TunQueue {
     fn layer(&self) -> crate::port::Layer {
-        crate::port::Layer::Ip
+        self.layer
     }
 
     fn index(&self) -> usize {

@@ -105,6 +105,32 @@ pub fn configure(netns: Option<&str>, ifname: &str, mtu: u32, addrs: &[Prefix], 
     ip_batch(netns, &script)
 }
 
+/// [`configure`] for a TAP (an L2 session): its MAC, MTU and addresses; the kernel keeps
+/// its own IPv6 link-local address (from the MAC) and answers neighbour discovery itself,
+/// which crosses the bus as Ethernet frames. With `bridge`, the TAP is enslaved to that
+/// existing bridge (in the same namespace) instead of being an end host.
+pub fn configure_tap(
+    netns: Option<&str>,
+    ifname: &str,
+    mtu: u32,
+    mac: crate::packet::ethernet::Mac,
+    addrs: &[Prefix],
+    bridge: Option<&str>,
+    router_solicitations: u8,
+) -> Result<(), Error> {
+    set_sysctl(netns, &format!("net/ipv6/conf/{ifname}/router_solicitations"), &router_solicitations.to_string())?;
+    let mut script = format!("link set dev {ifname} address {mac} mtu {mtu}\n");
+    if let Some(br) = bridge {
+        script.push_str(&format!("link set dev {ifname} master {br}\n"));
+    }
+    for a in addrs {
+        script.push_str(&address_command(ifname, a));
+        script.push('\n');
+    }
+    script.push_str(&format!("link set dev {ifname} up\n"));
+    ip_batch(netns, &script)
+}
+
 /// The `ip` arguments that add address `a` (IPv6 without duplicate address detection).
 fn address_command(ifname: &str, a: &Prefix) -> String {
     match a.addr {

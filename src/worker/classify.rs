@@ -7,6 +7,9 @@
 //!   destination inside a prefix a gateway advertises goes to that gateway's own address
 //!   key instead (longest prefix wins, `route::table`, decision 0027): one atomic load per
 //!   packet while no gateway advertises anything, and a cache of the last destination.
+//! - [`EthernetClassifier`] (TAP, L2 sessions): destination MAC → the key of the agent
+//!   that owns it (`route::mac`, learned table `worker::switch`) with the frame's flow
+//!   shard; broadcast, multicast and unknown unicast → the sender's flood key.
 //! - [`RadioClassifier`] (802.15.4 probes): a radio channel is a broadcast medium, so every
 //!   frame is flooded to the session under the sender's flood key; each receiving radio
 //!   filters by address as real radios do, and a lab's emulated links decide who hears it.
@@ -17,10 +20,13 @@ use std::sync::Arc;
 use crate::codec::v1::VNET_HDR_LEN;
 use crate::emulate::Flow;
 use crate::metrics::DropReason;
+use crate::packet::ethernet::Mac;
 use crate::port::Layer;
 use crate::route::peers::{self, PeerQueues};
 use crate::route::table::RouteView;
-use crate::route::{self, Destination, RoutingKey};
+use crate::route::{self, mac, Destination, RoutingKey};
+
+use super::switch::{L2Shared, LocalMacs, MacView};
 
 /// Turns units into routing keys.
 pub trait Classify: Send {
@@ -34,11 +40,13 @@ pub trait Classify: Send {
 
 /// The classifier for a port of `layer`: `flood_key` is the agent's own, `own_v4` its IPv4
 /// networks (their directed broadcasts are floods), `peers` the receivers' queue counts,
-/// `routes` the prefixes gateways advertise.
-pub fn for_layer(layer: Layer, flood_key: RoutingKey, own_v4: Vec<(Ipv4Addr, u8)>, peers: Arc<PeerQueues>, routes: RouteView) -> Box<dyn Classify> {
-    match layer {
-        Layer::Ip => Box::new(IpClassifier { flood_key, own_v4, peers, routes, last_route: None, last_unicast: None, last_flow: Flow::FLOOD }),
-        Layer::Ieee802154 | Layer::Ethernet => Box::new(RadioClassifier { flood_key }),
+/// `routes` the prefixes gateways advertise. `l2`: an L2 agent's shared switch state
+/// (Ethernet ports without it flood every frame).
+pub fn for_layer(layer: Layer, flood_key: RoutingKey, own_v4: Vec<(Ipv4Addr, u8)>, peers: Arc<PeerQueues>, routes: RouteView, l2: Option<(&L2Shared, bool)>) -> Box<dyn Classify> {
+    match (layer, l2) {
+        (Layer::Ip, _) => Box::new(IpClassifier { flood_key, own_v4, peers, routes, last_route: None, last_unicast: None, last_flow: Flow::FLOOD }),
+        (Layer::Ethernet, Some((l2, bridged))) => Box::new(EthernetClassifier::new(flood_key, l2, bridged)),
+        (Layer::Ieee802154 | Layer::Ethernet, _) => Box::new(RadioClassifier { flood_key }),
     }
 }
 
@@ -129,6 +137,72 @@ impl IpClassifier {
     }
 }
 
+/// Ethernet frames: switched by destination MAC.
+pub struct EthernetClassifier {
+    flood_key: RoutingKey,
+    own: Mac,
+    view: MacView,
+    /// With `--bridge`: where sources other than the TAP's own MAC are noted (for hellos).
+    local: Option<Arc<LocalMacs>>,
+    /// The last few foreign sources noted (so a note costs a lock once per new source).
+    noted: [Mac; 4],
+    /// The last unicast (owner, shard) and its key.
+    last_unicast: Option<(Mac, u8, RoutingKey)>,
+    last_flow: Flow,
+}
+
+impl EthernetClassifier {
+    pub fn new(flood_key: RoutingKey, l2: &L2Shared, bridged: bool) -> EthernetClassifier {
+        EthernetClassifier {
+            flood_key,
+            own: l2.own,
+            view: l2.directory.view(),
+            local: bridged.then(|| l2.local.clone()),
+            noted: [l2.own; 4],
+            last_unicast: None,
+            last_flow: Flow::FLOOD,
+        }
+    }
+}
+
+impl Classify for EthernetClassifier {
+    fn key(&mut self, entry: &[u8], sender: Option<&str>) -> Result<RoutingKey, DropReason> {
+        let frame = entry.get(VNET_HDR_LEN..).ok_or(DropReason::BadFrame)?;
+        let dst = mac::classify_frame(frame).map_err(|_| DropReason::BadFrame)?;
+        if let Some(local) = &self.local {
+            if let Some(src) = mac::frame_source(frame) {
+                if src != self.own && !self.noted.contains(&src) {
+                    local.note(src);
+                    self.noted.rotate_right(1);
+                    self.noted[0] = src;
+                }
+            }
+        }
+        self.view.refresh();
+        let owner = match dst {
+            mac::FrameDestination::Unicast { dst, shard } => self.view.owner(dst).map(|o| (o, shard)),
+            mac::FrameDestination::Flood => None,
+        };
+        self.last_flow = owner.map_or(Flow::FLOOD, |(o, shard)| Flow::unicast(crate::identity::mac_address(o), shard));
+        Ok(match owner {
+            // Unknown unicast is flooded, as a switch does.
+            None => flood_key_of(sender, self.flood_key),
+            Some((o, shard)) => match self.last_unicast {
+                Some((co, cs, key)) if co == o && cs == shard => key,
+                _ => {
+                    let key = RoutingKey::mac(o, shard);
+                    self.last_unicast = Some((o, shard, key));
+                    key
+                }
+            },
+        })
+    }
+
+    fn last_flow(&self) -> Flow {
+        self.last_flow
+    }
+}
+
 /// Frames on a shared medium: every one to the whole session.
 pub struct RadioClassifier {
     flood_key: RoutingKey,
@@ -158,7 +232,7 @@ mod tests {
 
     #[test]
     fn radio_frames_are_flooded_under_their_sender() {
-        let mut c = for_layer(Layer::Ieee802154, own(), Vec::new(), Arc::new(PeerQueues::new()), RouteShare::new().view());
+        let mut c = for_layer(Layer::Ieee802154, own(), Vec::new(), Arc::new(PeerQueues::new()), RouteShare::new().view(), None);
         let frame = [0u8; VNET_HDR_LEN + 5];
         assert_eq!(c.key(&frame, None), Ok(own()));
         assert_eq!(c.key(&frame, Some("mote7")), Ok(RoutingKey::all("mote7").expect("word")));
@@ -168,7 +242,7 @@ mod tests {
 
     #[test]
     fn ip_floods_go_out_under_the_endpoint_that_sent_them() {
-        let mut c = for_layer(Layer::Ip, own(), Vec::new(), Arc::new(PeerQueues::new()), RouteShare::new().view());
+        let mut c = for_layer(Layer::Ip, own(), Vec::new(), Arc::new(PeerQueues::new()), RouteShare::new().view(), None);
         // An IPv4 packet to 255.255.255.255.
         let mut p = vec![0u8; VNET_HDR_LEN];
         p.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 255, 255, 255, 255]);
@@ -193,7 +267,7 @@ mod tests {
         use crate::route::table::{Announcement, Routes};
         use std::time::Instant;
         let share = RouteShare::new();
-        let mut c = for_layer(Layer::Ip, own(), Vec::new(), Arc::new(PeerQueues::new()), share.view());
+        let mut c = for_layer(Layer::Ip, own(), Vec::new(), Arc::new(PeerQueues::new()), share.view(), None);
         let far = udp_to([198, 19, 50, 2]);
         let shard_of = |k: RoutingKey| RoutingKey::parse_unicast(k.as_str()).expect("unicast").1;
         let direct = c.key(&far, None).expect("a key");
@@ -213,5 +287,40 @@ mod tests {
         assert_eq!(c.key(&far, None), Ok(via));
         share.publish(Routes::new("me").compile());
         assert_eq!(c.key(&far, None), Ok(direct), "the advertisement went");
+    }
+
+    fn eth(dst: Mac, src: Mac) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(&[7; 46]);
+        f
+    }
+
+    #[test]
+    fn ethernet_frames_go_to_their_owner_or_are_flooded() {
+        let (a, b, x) = (Mac([2, 0, 0, 0, 0, 0xa]), Mac([2, 0, 0, 0, 0, 0xb]), Mac([2, 0, 0, 0, 0, 0x99]));
+        let l2 = L2Shared::new(a);
+        let mut c = for_layer(Layer::Ethernet, own(), Vec::new(), Arc::new(PeerQueues::new()), RouteShare::new().view(), Some((&l2, true)));
+        // Unknown unicast and broadcast: flooded.
+        assert_eq!(c.key(&eth(b, a), None), Ok(own()));
+        assert_eq!(c.key(&eth(Mac::BROADCAST, a), None), Ok(own()));
+        assert_eq!(c.last_flow(), Flow::FLOOD);
+        // Learned: b owns b, and x is behind b's bridge.
+        let mut learner = super::super::switch::Learner::new(a, l2.directory.clone());
+        let hello =
+            br#"{"name":"h2","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":["02:00:00:00:00:0b","02:00:00:00:00:99"]}"#;
+        learner.on_presence(hello, std::time::Instant::now());
+        let k = c.key(&eth(b, a), None).expect("a key");
+        let (owner, _) = RoutingKey::parse_mac(k.as_str()).expect("a MAC key");
+        assert_eq!(owner, b);
+        let k = c.key(&eth(x, a), None).expect("a key");
+        assert_eq!(RoutingKey::parse_mac(k.as_str()).map(|(o, _)| o), Some(b), "x goes to the agent it is behind");
+        // A runt is refused.
+        assert_eq!(c.key(&[0u8; VNET_HDR_LEN + 10], None), Err(DropReason::BadFrame));
+        // A bridged agent notes foreign sources for its hellos.
+        c.key(&eth(Mac::BROADCAST, x), None).expect("flood");
+        assert_eq!(l2.local.list(), vec![x]);
     }
 }

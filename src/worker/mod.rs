@@ -12,5 +12,6 @@ pub mod classify;
 pub mod queue;
 pub mod routes;
 pub mod rx;
+pub mod switch;
 pub mod uplink;
 pub mod wire;

@@ -90,13 +90,15 @@ pub struct WorkerSetup {
     pub connected: Option<Client>,
     /// This worker's link emulation, when there is one.
     pub shaper: Option<Shaper>,
+    /// An L2 agent's switch state, shared by its workers (`None`: not a TAP).
+    pub l2: Option<super::switch::L2Shared>,
 }
 
 impl QueueWorker {
     /// A worker for TUN queue `setup.queue` and its link, with batches of up to
     /// `max_batch_bytes` (from the link's configuration).
     pub fn new(setup: WorkerSetup) -> QueueWorker {
-        let WorkerSetup { port, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, routes, connected, shaper } = setup;
+        let WorkerSetup { port, link, tx_counters: counters, rx_counters, hist, peers, trust, claims, routes, connected, shaper, l2 } = setup;
         let config = link.config.clone();
         let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
         let flood_key = config.name().flood_key();
@@ -110,8 +112,14 @@ impl QueueWorker {
             .collect();
         // The link that announces this agent (queue 0 of a native agent) also hears gateways.
         let route_keeper = link.hello.is_some().then(|| RouteKeeper::new(config.name(), routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone())));
-        let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
-        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper);
+        let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()));
+        // Queue 0 receives the floods and the hellos: it learns where MACs are.
+        let l2_rx = l2.as_ref().map(|l2| super::rx::L2Rx {
+            flood: crate::route::mac::FloodBucket::new(crate::route::mac::FloodLimit::default()),
+            learner: (link.index == 0).then(|| super::switch::Learner::new(l2.own, l2.directory.clone())),
+        });
+        let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
+        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper, l2_rx);
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         let layer = port.layer();
@@ -124,7 +132,7 @@ impl QueueWorker {
             counters,
             stop,
             batcher: Batcher::new(config.data_path().max_batch_bytes, own_queues, flood_key).with_layer_flag(layer.frame_flag()),
-            classifier: classify::for_layer(layer, flood_key, own_v4, peers, routes.view()),
+            classifier: classify::for_layer(layer, flood_key, own_v4, peers, routes.view(), l2.as_ref().map(|l2| (l2, bridged))),
             scratch: vec![0; MAX_READ],
             read_errors_logged: false,
             shaper,

@@ -370,6 +370,121 @@ pub fn deliver(body: &[u8], user: Option<&[u8]>, now_ns: u64, sink: &mut Sink<'_
     written
 }
 
+/// What an L2 receiver does besides writing frames: the flood bound and, on queue 0 (which
+/// receives the floods and the hellos), the learning of MACs.
+pub struct L2Rx {
+    pub flood: crate::route::mac::FloodBucket,
+    pub learner: Option<super::switch::Learner>,
+}
+
+/// Writes every Ethernet frame of `body`, a batch published by broker user `user`, into
+/// the TAP, unless its source MAC is one that user may not use (`spoofed_mac`, the identity
+/// tables hold MACs as `identity::mac_address`). `flooded_by`: the sender's name when the
+/// batch came under a flood key: each of its frames then passes the sender's flood bound
+/// (`flood_limit`) and teaches the learner its source MAC. Returns the frames written.
+pub fn deliver_frames(body: &[u8], user: Option<&[u8]>, flooded_by: Option<&str>, now_ns: u64, sink: &mut Sink<'_>, l2: &mut L2Rx) -> u64 {
+    let frame = match v1::decode(body) {
+        Ok(f) => f,
+        Err(_) => {
+            sink.counters.record_drop(DropReason::Malformed, 1);
+            return 0;
+        }
+    };
+    if Layer::of_frame_flags(frame.header().flags) != Layer::Ethernet {
+        sink.counters.record_drop(DropReason::WrongLayer, frame.len() as u64);
+        return 0;
+    }
+    let sender = sink.trust.sender(user);
+    let now = Instant::now();
+    let sender_hash = crate::util::fnv1a64(&[user.unwrap_or_default(), b"/", flooded_by.unwrap_or_default().as_bytes()]);
+    let (mut written, mut bytes, mut bad_vnet, mut refused, mut spoofed, mut unsigned, mut limited, mut bad_frame) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut refused_offload = 0u64;
+    let mut last: Option<(crate::packet::ethernet::Mac, Verdict)> = None;
+    for p in frame.packets() {
+        let Some(src) = crate::route::mac::frame_source(p.data) else {
+            bad_frame += 1;
+            continue;
+        };
+        let verdict = match last {
+            Some((s, v)) if s == src => v,
+            _ => {
+                let v = if src.is_multicast() && sink.trust.checks() { Verdict::Spoofed } else { sender.check(identity::mac_address(src)) };
+                if v != Verdict::Allowed {
+                    sink.suspects.note(user, Some(identity::mac_address(src)), v);
+                }
+                last = Some((src, v));
+                v
+            }
+        };
+        match verdict {
+            Verdict::Allowed => {}
+            Verdict::Spoofed => {
+                spoofed += 1;
+                continue;
+            }
+            Verdict::NoIdentity => {
+                unsigned += 1;
+                continue;
+            }
+        }
+        if let Some(name) = flooded_by {
+            if !l2.flood.admit(sender_hash, p.data.len(), now) {
+                limited += 1;
+                continue;
+            }
+            if let Some(learner) = &mut l2.learner {
+                learner.on_flooded_frame(name, src, now);
+            }
+        }
+        let hdr = match p.vnet.map(|h| vnet::build_ethernet(h, p.data)) {
+            None => vnet::PLAIN,
+            Some(Ok(h)) => h,
+            Some(Err(_)) => {
+                bad_vnet += 1;
+                continue;
+            }
+        };
+        let mut data = p.data;
+        let mut hdr_out = hdr;
+        if hdr != vnet::PLAIN && !sink.offload_from_bus {
+            if VnetHdr::parse(&hdr).is_gso() {
+                refused_offload += 1;
+                continue;
+            }
+            sink.scratch.clear();
+            sink.scratch.extend_from_slice(p.data);
+            if vnet::complete_checksum(&hdr, sink.scratch).is_err() {
+                bad_vnet += 1;
+                continue;
+            }
+            data = sink.scratch.as_slice();
+            hdr_out = vnet::PLAIN;
+        }
+        match sink.port.write(&hdr_out, data) {
+            Ok(()) => {
+                written += 1;
+                bytes += data.len() as u64;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    let c = sink.counters;
+    c.record_drop(DropReason::BadVnet, bad_vnet);
+    c.record_drop(DropReason::TunWrite, refused);
+    c.record_drop(DropReason::OffloadRefused, refused_offload);
+    c.record_drop(DropReason::SpoofedMac, spoofed);
+    c.record_drop(DropReason::NoIdentity, unsigned);
+    c.record_drop(DropReason::FloodLimit, limited);
+    c.record_drop(DropReason::BadFrame, bad_frame);
+    c.received.message(written, bytes);
+    let sent = frame.header().timestamp_ns;
+    if written > 0 && sent > 0 {
+        sink.latency.record_n(now_ns.saturating_sub(sent) / 1000, written);
+    }
+    written
+}
+
 /// First-claim mode: the claims queue 0 keeps from the hellos and byes it receives, shared
 /// with the agent's other workers through [`identity::Trust`]. Control plane: hellos come
 /// every few seconds per agent, parsed here (with allocation, unlike packets).
@@ -385,6 +500,10 @@ pub struct ClaimKeeper {
     dirty: bool,
     last_warning: Option<Instant>,
     refused_since: u64,
+    /// This agent's layer: hellos of the other layer are warned about (sessions of
+    /// different layers do not mix).
+    layer: crate::amqp::presence::HelloLayer,
+    warned_layer: Option<Instant>,
 }
 
 /// Shortest time between two publications of the claims table to the workers.
@@ -393,7 +512,22 @@ pub const REPUBLISH_GAP: Duration = Duration::from_millis(100);
 impl ClaimKeeper {
     pub fn new(claims: Arc<Mutex<Claims>>, trust: Arc<identity::Trust>) -> ClaimKeeper {
         let now = Instant::now();
-        ClaimKeeper { claims, trust, last_expire: now, last_publish: now - REPUBLISH_GAP, dirty: false, last_warning: None, refused_since: 0 }
+        ClaimKeeper {
+            claims,
+            trust,
+            last_expire: now,
+            last_publish: now - REPUBLISH_GAP,
+            dirty: false,
+            last_warning: None,
+            refused_since: 0,
+            layer: Default::default(),
+            warned_layer: None,
+        }
+    }
+
+    /// The keeper of an agent whose port is of `layer`.
+    pub fn with_layer(self, layer: Layer) -> ClaimKeeper {
+        ClaimKeeper { layer: crate::amqp::presence::HelloLayer::of(layer), ..self }
     }
 
     /// A hello or bye published by broker user `user`.
@@ -402,8 +536,16 @@ impl ClaimKeeper {
             return; // a claim nobody vouches for claims nothing
         };
         let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
+        if hello.layer != self.layer && self.layer == crate::amqp::presence::HelloLayer::Ip && !hello.leaving {
+            if self.warned_layer.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30)) {
+                tracing::warn!(agent = %hello.name, layer = %hello.layer, "an agent of another layer is in this session: it cannot reach us nor we it (an L2 and an L3 session do not mix; give it a session of its own)");
+                self.warned_layer = Some(now);
+            }
+        }
         let Ok(mut claims) = self.claims.lock() else { return };
-        let addrs: Vec<IpAddr> = hello.addresses.iter().take(MAX_PER_HELLO).map(|p| p.addr).collect();
+        // MACs (L2) are held in the same table as addresses (`identity::mac_address`).
+        let macs = hello.macs.iter().map(|m| identity::mac_address(*m));
+        let addrs: Vec<IpAddr> = hello.addresses.iter().map(|p| p.addr).chain(macs).take(MAX_PER_HELLO).collect();
         let changed = if hello.leaving {
             claims.on_bye(&user, &addrs)
         } else {

@@ -71,6 +71,9 @@ pub struct UplinkContext {
     pub stop: Stop,
     /// Whether this link is up and on which node, for `agent status`.
     pub state: Arc<crate::status::LinkState>,
+    /// An L2 agent with `--bridge`: the MACs seen behind its bridge, which its hellos
+    /// announce (queue 0).
+    pub local_macs: Option<Arc<super::switch::LocalMacs>>,
 }
 
 impl UplinkContext {
@@ -114,7 +117,24 @@ impl UplinkContext {
         let c = &self.config;
         let k = self.index;
         let mut keys = Vec::new();
+        let l2 = c.interface().is_l2();
         match c.data_path().wire {
+            // An L2 agent binds its TAP's MAC (all shards, or its queue's), and the floods.
+            Wire::Native if l2 => {
+                let mac = c.mac();
+                if c.interface().queues == 1 {
+                    keys.push(route::mac::mac_pattern(mac));
+                } else {
+                    for shard in 0..route::SHARDS {
+                        if route::queue_for_shard(shard, c.interface().queues) == k {
+                            keys.push(RoutingKey::mac(mac, shard).as_str().to_owned());
+                        }
+                    }
+                }
+                if k == 0 {
+                    keys.push(route::ALL_PATTERN.to_owned());
+                }
+            }
             // One queue takes every shard: one wildcard binding per address says so, and
             // keeps the exchange small (300 agents: ~900 bindings instead of ~10 000).
             Wire::Native if c.interface().queues == 1 => {
@@ -142,8 +162,9 @@ impl UplinkContext {
             if let Some(ping) = RoutingKey::ping(c.name()) {
                 keys.push(ping.as_str().to_owned());
             }
-            if c.identity().mode == crate::identity::Mode::FirstClaim {
-                // First claim: every hello and bye, to know who holds which address.
+            if c.identity().mode == crate::identity::Mode::FirstClaim || (l2 && c.data_path().wire == Wire::Native) {
+                // First claim: every hello and bye, to know who holds which address; L2:
+                // to learn which agent owns which MAC.
                 keys.push(route::HELLO_PATTERN.to_owned());
                 keys.push(route::BYE_PATTERN.to_owned());
             }
@@ -169,6 +190,8 @@ pub struct Uplink {
     last_pong: Instant,
     /// First claim: ask everyone for their hellos once connected (to learn their claims).
     probe_due: bool,
+    /// The version of the bridge's MACs the hello announces.
+    local_version: u64,
     /// Down as far as [`BrokerState`] knows (so up and down are reported once each).
     down: bool,
     counters: Arc<TxCounters>,
@@ -193,6 +216,7 @@ impl Uplink {
             last_hello: Instant::now() - PROBE_ANSWER_GAP,
             last_pong: Instant::now() - PING_ANSWER_GAP,
             probe_due: false,
+            local_version: 0,
             down: false,
             ctx,
             client,
@@ -270,6 +294,7 @@ impl Uplink {
     /// Publishes this agent's hello when it is due (every [`HELLO_EVERY`], at once after a
     /// connection or a probe). Pre-serialised bytes: no allocation.
     pub fn announce_if_due(&mut self) {
+        self.note_local_macs();
         let Some(a) = &self.announce else { return };
         let now = Instant::now();
         if now < self.next_hello || !self.client.is_up() {
@@ -294,6 +319,26 @@ impl Uplink {
                 self.client.fail(now, e);
             }
         }
+    }
+
+    /// New MACs behind the bridge: the hello names them, and goes out soon (at most one
+    /// extra hello per [`PROBE_ANSWER_GAP`]).
+    fn note_local_macs(&mut self) {
+        let (Some(local), Some(a)) = (&self.ctx.local_macs, &mut self.announce) else { return };
+        let v = local.version();
+        if v == self.local_version {
+            return;
+        }
+        self.local_version = v;
+        let mut macs: Vec<_> = a.macs().first().copied().into_iter().collect();
+        for m in local.list() {
+            if !macs.contains(&m) {
+                macs.push(m);
+            }
+        }
+        a.set_macs(macs);
+        let now = Instant::now();
+        self.next_hello = self.next_hello.min(now.max(self.last_hello + PROBE_ANSWER_GAP));
     }
 
     /// Whether the broker is still behind on what we sent: then a small batch would only

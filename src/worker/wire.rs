@@ -70,7 +70,9 @@ const MAX_PENDING_PINGS: usize = 8;
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
-/// `routes` is queue 0's keeper of advertised prefixes.
+/// `routes` is queue 0's keeper of advertised prefixes; `l2`: an L2 agent's flood bound
+/// and (queue 0) learner.
+#[allow(clippy::too_many_arguments)]
 pub fn for_agent(
     config: &AgentConfig,
     layer: Layer,
@@ -79,6 +81,7 @@ pub fn for_agent(
     trust: identity::View,
     presence: Option<ClaimKeeper>,
     routes: Option<RouteKeeper>,
+    l2: Option<rx::L2Rx>,
 ) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
     match config.data_path().wire {
         Wire::Native => (
@@ -95,6 +98,7 @@ pub fn for_agent(
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
                 aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval, a.drop)),
+                l2,
             }),
         ),
         Wire::Ioppytest => match config.interface().serial() {
@@ -167,6 +171,8 @@ pub struct NativeIn {
     offload_from_bus: bool,
     /// The queue management of what this receiver writes (`None`: off).
     aqm: Option<super::aqm::Aqm>,
+    /// An L2 agent's flood bound and learner (`None`: IP).
+    l2: Option<rx::L2Rx>,
 }
 
 /// The flow shard named by a unicast routing key's last word (`tunbus.v1.<dst>.<shard>`);
@@ -194,9 +200,16 @@ impl Inbound for NativeIn {
                     suspects: &mut self.suspects,
                     offload_from_bus: self.offload_from_bus,
                     scratch: out.scratch,
-                    congestion: self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) }),
+                    congestion: None,
                 };
-                rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                if let Some(l2) = &mut self.l2 {
+                    // Floods come under `tunbus.v1.all.<sender>`.
+                    let flooded_by = d.routing_key.strip_prefix(route::ALL_PREFIX.as_bytes()).and_then(|n| std::str::from_utf8(n).ok());
+                    rx::deliver_frames(d.body, d.user_id, flooded_by, now_ns, &mut sink, l2);
+                } else {
+                    sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) });
+                    rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                }
             }
             Carries::Probe => self.probed = true,
             Carries::Ping => {
@@ -210,6 +223,9 @@ impl Inbound for NativeIn {
                 }
                 if let Some(r) = &mut self.routes {
                     r.on_presence(d.user_id, d.body, Instant::now());
+                }
+                if let Some(learner) = self.l2.as_mut().and_then(|l2| l2.learner.as_mut()) {
+                    learner.on_presence(d.body, Instant::now());
                 }
             }
             Carries::OwnFlood => {} // echoed by the broker
@@ -230,6 +246,9 @@ impl Inbound for NativeIn {
         }
         if let Some(r) = &mut self.routes {
             r.tick(now);
+        }
+        if let Some(learner) = self.l2.as_mut().and_then(|l2| l2.learner.as_mut()) {
+            learner.tick(now);
         }
     }
 }

@@ -119,6 +119,8 @@ impl Router {
             node: Some(node.to_owned()),
             leaving,
             advertise: Vec::new(),
+            layer: Default::default(),
+            macs: Vec::new(),
         }
     }
 
