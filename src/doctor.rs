@@ -439,6 +439,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             hello: if k == 0 { hello.clone() } else { None },
             stop: Stop::new(),
             state: Arc::default(),
+            e2e: None,
         };
         for key in ctx.binding_keys() {
             if !keys.contains(&key) {

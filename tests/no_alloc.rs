@@ -348,6 +348,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
             hello: None,
             stop: stop.clone(),
             state: Default::default(),
+            e2e: None,
         }
     };
     let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));

@@ -58,10 +58,24 @@ pub enum DropReason {
     /// Dropped by the queue management (`worker::aqm`): a packet of a flow that is not
     /// ECN-capable, while the bus held a standing queue (ECN-capable ones are marked).
     Aqm,
+    /// End-to-end (`--e2e`): a sealed message that does not open under the session or group
+    /// key of the broker user it claims (forged, altered, moved to another key, or sealed
+    /// under a session this agent no longer has). Counted in messages.
+    DecryptFailed,
+    /// End-to-end: a sealed message whose counter was already accepted (a replay), or a
+    /// handshake message that repeats one. Counted in messages.
+    Replayed,
+    /// End-to-end: a peer without a public key in the peers file (or a destination no peer
+    /// owns): its traffic is refused both ways.
+    NoKey,
+    /// End-to-end: a batch for a peer whose handshake is under way (TCP and ping resend).
+    NoSession,
+    /// End-to-end: a batch in clear at an `--e2e` agent, which never accepts one.
+    Plaintext,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -79,6 +93,11 @@ impl DropReason {
         DropReason::Emulated,
         DropReason::WrongLayer,
         DropReason::Aqm,
+        DropReason::DecryptFailed,
+        DropReason::Replayed,
+        DropReason::NoKey,
+        DropReason::NoSession,
+        DropReason::Plaintext,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -101,6 +120,11 @@ impl DropReason {
             DropReason::Emulated => "emulated",
             DropReason::WrongLayer => "wrong_layer",
             DropReason::Aqm => "aqm",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::Replayed => "replayed",
+            DropReason::NoKey => "no_key",
+            DropReason::NoSession => "no_session",
+            DropReason::Plaintext => "plaintext",
         }
     }
 }

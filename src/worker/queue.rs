@@ -105,7 +105,7 @@ impl QueueWorker {
             })
             .collect();
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()));
-        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence);
+        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, link.e2e.clone());
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         let layer = port.layer();

@@ -21,7 +21,8 @@ use crate::codec::ioppytest;
 use crate::codec::v1::{BatchWriter, FLAG_VNET, VNET_HDR_LEN};
 use crate::config::{AgentConfig, Wire};
 use crate::identity;
-use crate::metrics::{LocalHistogram, RxCounters};
+use crate::e2e::{E2e, OpenRefusal, SealRefusal};
+use crate::metrics::{DropReason, LocalHistogram, RxCounters};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
 use crate::port::{Layer, Port};
@@ -29,10 +30,19 @@ use crate::util::now_ns;
 
 use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
 
+/// What became of a batch handed to an [`Outbound`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handed to the connection, with its answer.
+    Broker(Published),
+    /// Refused by the wire itself (`--e2e`: no key, no session yet): counted as this drop.
+    Refused(DropReason),
+}
+
 /// How a finished batch is published.
 pub trait Outbound: Send {
     /// Publishes `batch` (finished: its header is written) for routing key `key`.
-    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error>;
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error>;
 }
 
 /// What the receiving half owns and an [`Inbound`] writes into: the worker's port, its
@@ -69,10 +79,23 @@ const MAX_PENDING_PINGS: usize = 8;
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
-pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peers: Arc<PeerQueues>, trust: identity::View, presence: Option<ClaimKeeper>) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
+/// With `e2e` (`--e2e`), batches are sealed after batching and opened before they are
+/// delivered ([`SealedOut`], and [`NativeIn`] with its keys).
+pub fn for_agent(
+    config: &AgentConfig,
+    layer: Layer,
+    flood_key: RoutingKey,
+    peers: Arc<PeerQueues>,
+    trust: identity::View,
+    presence: Option<ClaimKeeper>,
+    e2e: Option<Arc<E2e>>,
+) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
     match config.data_path().wire {
         Wire::Native => (
-            Box::new(NativeOut),
+            match &e2e {
+                Some(e) => Box::new(SealedOut { e2e: e.clone(), sealed: Vec::new() }),
+                None => Box::new(NativeOut),
+            },
             Box::new(NativeIn {
                 own_flood_key: flood_key,
                 layer,
@@ -84,6 +107,8 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
                 aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval)),
+                e2e,
+                opened: Vec::new(),
             }),
         ),
         Wire::Ioppytest => (Box::new(IoppytestOut::new(config.name(), &config.interface().ifname)), Box::new(IoppytestIn)),
@@ -94,8 +119,27 @@ pub fn for_agent(config: &AgentConfig, layer: Layer, flood_key: RoutingKey, peer
 pub struct NativeOut;
 
 impl Outbound for NativeOut {
-    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
-        client.publish(now, exchange, key.as_str(), &Properties::default(), batch.as_bytes())
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error> {
+        client.publish(now, exchange, key.as_str(), &Properties::default(), batch.as_bytes()).map(Outcome::Broker)
+    }
+}
+
+/// The native wire with end-to-end encryption: the batch, sealed for its receiver (the
+/// peer owning the key's destination) or, on the flood key, with this agent's group key
+/// (`crate::e2e`). The sealed copy lives in a buffer of its own, reused.
+pub struct SealedOut {
+    e2e: Arc<E2e>,
+    sealed: Vec<u8>,
+}
+
+impl Outbound for SealedOut {
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error> {
+        let dst = RoutingKey::parse_unicast(key.as_str()).map(|(dst, _)| dst);
+        match self.e2e.seal(dst, key.as_str(), batch.as_bytes(), &mut self.sealed, now, now_ns()) {
+            Ok(()) => client.publish(now, exchange, key.as_str(), &Properties::default(), &self.sealed).map(Outcome::Broker),
+            Err(SealRefusal::NoKey) => Ok(Outcome::Refused(DropReason::NoKey)),
+            Err(SealRefusal::NoSession) => Ok(Outcome::Refused(DropReason::NoSession)),
+        }
     }
 }
 
@@ -111,6 +155,8 @@ enum Carries {
     Ping,
     /// A hello or bye (queue 0 in first-claim mode): claims of addresses.
     Presence,
+    /// An end-to-end handshake message for this agent (queue 0 of an `--e2e` agent).
+    Handshake,
 }
 
 impl Carries {
@@ -123,6 +169,8 @@ impl Carries {
             Carries::Probe
         } else if routing_key.starts_with(route::CTL_PING_PREFIX.as_bytes()) {
             Carries::Ping
+        } else if routing_key.starts_with(crate::e2e::CTL_E2E_PREFIX.as_bytes()) {
+            Carries::Handshake
         } else {
             Carries::Presence
         }
@@ -150,6 +198,10 @@ pub struct NativeIn {
     offload_from_bus: bool,
     /// The queue management of what this receiver writes (`None`: off).
     aqm: Option<super::aqm::Aqm>,
+    /// End-to-end encryption: every batch is opened (into `opened`) before it is delivered,
+    /// and nothing in clear is taken.
+    e2e: Option<Arc<E2e>>,
+    opened: Vec<u8>,
 }
 
 /// The flow shard named by a unicast routing key's last word (`tunbus.v1.<dst>.<shard>`);
@@ -179,7 +231,26 @@ impl Inbound for NativeIn {
                     scratch: out.scratch,
                     congestion: self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) }),
                 };
-                rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                match &self.e2e {
+                    None => {
+                        rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                    }
+                    // Opened first; the sources are then checked against the peer whose key
+                    // opened it (the same user as the broker's user_id, or it would not open).
+                    Some(e2e) => match e2e.open(d.user_id, d.routing_key, d.body, &mut self.opened, Instant::now(), now_ns) {
+                        Ok(user) => {
+                            rx::deliver(&self.opened, Some(user.as_bytes()), now_ns, &mut sink);
+                        }
+                        Err(refusal) => out.counters.record_drop(refusal_reason(refusal), 1),
+                    },
+                }
+            }
+            Carries::Handshake => {
+                if let Some(e2e) = &self.e2e {
+                    if let Err(refusal) = e2e.on_handshake(d.user_id, d.body, Instant::now(), now_ns) {
+                        out.counters.record_drop(refusal_reason(refusal), 1);
+                    }
+                }
             }
             Carries::Probe => self.probed = true,
             Carries::Ping => {
@@ -211,6 +282,17 @@ impl Inbound for NativeIn {
     }
 }
 
+/// The drop a refused sealed message counts as.
+fn refusal_reason(r: OpenRefusal) -> DropReason {
+    match r {
+        OpenRefusal::Plaintext => DropReason::Plaintext,
+        OpenRefusal::Malformed => DropReason::Malformed,
+        OpenRefusal::NoKey => DropReason::NoKey,
+        OpenRefusal::DecryptFailed => DropReason::DecryptFailed,
+        OpenRefusal::Replayed => DropReason::Replayed,
+    }
+}
+
 /// The ioppytest wire's sending half: each packet one JSON message on
 /// `fromAgent.<name>.ip.tun.packet.raw`, with the Python agent's properties.
 pub struct IoppytestOut {
@@ -230,7 +312,7 @@ impl IoppytestOut {
 }
 
 impl Outbound for IoppytestOut {
-    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, _key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, _key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error> {
         let vnet_len = if batch.flags() & FLAG_VNET != 0 { VNET_HDR_LEN } else { 0 };
         let seconds = now_ns() / 1_000_000_000;
         let props = crate::amqp::IOPPYTEST_PROPERTIES;
@@ -248,16 +330,16 @@ impl Outbound for IoppytestOut {
                 // never waits for it).
                 Published::Busy => {
                     self.partial = Some((id, i));
-                    return Ok(Published::Busy);
+                    return Ok(Outcome::Broker(Published::Busy));
                 }
                 other => {
                     self.partial = None;
-                    return Ok(other);
+                    return Ok(Outcome::Broker(other));
                 }
             }
         }
         self.partial = None;
-        Ok(Published::Sent)
+        Ok(Outcome::Broker(Published::Sent))
     }
 }
 
