@@ -47,6 +47,9 @@ fn keygen(path: &Path) -> String {
 /// [`Setup::start`]. Net `net`: 198.18.<net>.1/.2, fd00:<net>::1/::2.
 struct Setup {
     dir: PathBuf,
+    /// A session of its own (its exchange `tunbus.<session>`): other tests' agents on the
+    /// shared broker stay out of it.
+    session: String,
     users: [TempUser; 2],
     ns: [Netns; 2],
     v4: [String; 2],
@@ -55,6 +58,11 @@ struct Setup {
 
 impl Setup {
     fn new(net: u8) -> Setup {
+        Setup::with_keys(net, [true, true])
+    }
+
+    /// Like [`Setup::new`]; `keyed[i]`: whether the peers file gives agent i's key.
+    fn with_keys(net: u8, keyed: [bool; 2]) -> Setup {
         let dir = std::env::temp_dir().join(unique("tbe2e"));
         std::fs::create_dir_all(&dir).expect("dir");
         let users = [user("tbea"), user("tbeb")];
@@ -63,14 +71,20 @@ impl Setup {
         let mut peers = String::from("# test peers\n");
         for i in 0..2 {
             let public = keygen(&dir.join(format!("{i}.key")));
-            peers.push_str(&format!("{} {}/32,{}/128 key={public}\n", users[i].name, v4[i], v6[i]));
+            let key = if keyed[i] { format!(" key={public}") } else { String::new() };
+            peers.push_str(&format!("{} {}/32,{}/128{key}\n", users[i].name, v4[i], v6[i]));
         }
         std::fs::write(dir.join("peers"), peers).expect("peers file");
-        Setup { dir, users, ns: [Netns::new(), Netns::new()], v4, v6 }
+        Setup { dir, session: unique("e2es"), users, ns: [Netns::new(), Netns::new()], v4, v6 }
     }
 
     /// Agent `i` (its name is its broker user's, as a peers file without session says).
     fn start(&self, i: usize, extra: &[&str]) -> AgentProc {
+        self.start_as(i, true, extra)
+    }
+
+    /// Agent `i`, with `--e2e` or without (then it checks identities with the same peers file).
+    fn start_as(&self, i: usize, e2e: bool, extra: &[&str]) -> AgentProc {
         let url = self.users[i].url();
         let key = self.dir.join(format!("{i}.key"));
         let peers = self.dir.join("peers");
@@ -78,6 +92,8 @@ impl Setup {
         let mut args = vec![
             "--url",
             url.as_str(),
+            "--session",
+            self.session.as_str(),
             "--netns",
             self.ns[i].name.as_str(),
             "--ipv4",
@@ -90,8 +106,30 @@ impl Setup {
             "--peers",
             peers.to_str().expect("utf-8"),
         ];
+        if !e2e {
+            args.retain(|a| *a != "--e2e");
+            let at = args.iter().position(|a| *a == "--private-key").expect("flag");
+            args.drain(at..at + 2);
+        }
         args.extend_from_slice(extra);
         AgentProc::spawn(&self.users[i].name, &args)
+    }
+}
+
+impl Setup {
+    fn exchange(&self) -> String {
+        format!("tunbus.{}", self.session)
+    }
+
+    /// Agent `i`, once it says it is up (its session's exchange exists then).
+    fn start_up(&self, i: usize, extra: &[&str]) -> AgentProc {
+        let a = self.start(i, extra);
+        let t0 = Instant::now();
+        while !a.logs().contains("agent up") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "agent {i} did not come up:\n{}", a.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
     }
 }
 
@@ -110,14 +148,15 @@ struct Observer {
 }
 
 impl Observer {
-    fn start() -> Observer {
+    fn start(exchange: &str) -> Observer {
+        let exchange = exchange.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (s, k) = (stop.clone(), seen.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let mut c = bus_client();
-            listen(&mut c, "amq.topic", &["tunbus.v1.#"]);
+            listen(&mut c, &exchange, &["tunbus.v1.#"]);
             ready_tx.send(()).expect("ready");
             let never = AtomicBool::new(false);
             while !s.load(Ordering::Relaxed) {
@@ -183,14 +222,22 @@ fn ping_and_100_mb_cross_sealed_and_the_broker_sees_no_plaintext() {
         return;
     }
     let s = Setup::new(41);
-    let mut observer = Observer::start();
-    let mut a = s.start(0, &["--queues", "2"]);
+    let mut a = s.start_up(0, &["--queues", "2"]);
+    let mut observer = Observer::start(&s.exchange());
     let mut b = s.start(1, &["--queues", "2"]);
     assert!(wait_reachable(&s.ns[0], &s.v4[1], Duration::from_secs(15)).is_some(), "never reachable:\n--- a\n{}\n--- b\n{}", a.logs(), b.logs());
     let (ok4, out4) = ping(&s.ns[0], &s.v4[1], 5);
     assert!(ok4, "IPv4 ping:\n{out4}\n{}", b.logs());
     let (ok6, out6) = ping(&s.ns[1], &s.v6[0], 5);
     assert!(ok6, "IPv6 ping:\n{out6}\n{}", a.logs());
+
+    // A flood (IPv6 all-nodes), sealed with a's group key: b answers from its link-local
+    // address, sealed with its session with a.
+    let own = run("ip", &["-n", &s.ns[0].name, "-6", "-o", "addr", "show", "dev", "tb0", "scope", "link"]);
+    let own_ll = own.split_whitespace().nth(3).and_then(|a| a.split('/').next()).expect("own link-local").to_owned();
+    let out = run("ip", &["netns", "exec", &s.ns[0].name, "ping", "-n", "-c", "3", "-i", "0.3", "-w", "4", "ff02::1%tb0"]);
+    let others = out.lines().filter_map(|l| l.split("bytes from ").nth(1)).filter(|r| !r.starts_with(&format!("{own_ll}%")) && !r.starts_with(&format!("{own_ll}:"))).count();
+    assert!(others >= 2, "b did not answer a's multicast ping:\n{out}\n{}", b.logs());
 
     let size = 100 * 1024 * 1024;
     let sink = tcp_sink(&s.ns[1].name, format!("{}:5001", s.v4[1]), 1);
@@ -205,6 +252,7 @@ fn ping_and_100_mb_cross_sealed_and_the_broker_sees_no_plaintext() {
     assert!(data_bytes as u64 >= size, "the observer saw only {data_bytes} bytes of data: it did not see the transfer");
     assert!(data.iter().all(|(_, b)| b.starts_with(b"TE\x01")), "a data message not sealed");
     assert!(seen.iter().any(|(k, _)| k.starts_with("tunbus.v1.ctl.e2e.")), "no handshake seen on the bus");
+    assert!(seen.iter().any(|(k, b)| k.starts_with("tunbus.v1.all.") && b.starts_with(b"TE\x01\x02")), "no sealed flood seen on the bus");
     for (key, body) in &seen {
         assert!(!contains(body, MARKER), "the marker is readable in a message on {key}");
         assert!(!contains(body, &MARKER[..12]), "part of the marker is readable in a message on {key}");
@@ -241,8 +289,8 @@ fn forged_and_replayed_batches_are_dropped_and_counted() {
         return;
     }
     let s = Setup::new(42);
-    let mut observer = Observer::start();
-    let mut a = s.start(0, &[]);
+    let mut a = s.start_up(0, &[]);
+    let mut observer = Observer::start(&s.exchange());
     let mut b = s.start(1, &[]);
     assert!(wait_reachable(&s.ns[0], &s.v4[1], Duration::from_secs(15)).is_some(), "never reachable:\n{}\n{}", a.logs(), b.logs());
     let (ok, out) = ping(&s.ns[0], &s.v4[1], 3);
@@ -260,11 +308,11 @@ fn forged_and_replayed_batches_are_dropped_and_counted() {
     )
     .expect("rogue connects");
     let as_rogue = Properties { user_id: Some(&rogue.name), ..Properties::default() };
-    publish(&mut c, "amq.topic", &captured.0, &as_rogue, &captured.1);
+    publish(&mut c, &s.exchange(), &captured.0, &as_rogue, &captured.1);
     let mut forged = captured.1.clone();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    publish(&mut c, "amq.topic", &captured.0, &as_rogue, &forged);
+    publish(&mut c, &s.exchange(), &captured.0, &as_rogue, &forged);
     // A broker user allowed to impersonate (what the broker's operator can do): the batch
     // again, under a's user_id (a replay), altered (a forgery), and in clear from a's address.
     let operator = user("tbeop");
@@ -277,16 +325,16 @@ fn forged_and_replayed_batches_are_dropped_and_counted() {
     .expect("operator connects");
     let as_a = Properties { user_id: Some(&s.users[0].name), ..Properties::default() };
     for _ in 0..3 {
-        publish(&mut o, "amq.topic", &captured.0, &as_a, &captured.1);
+        publish(&mut o, &s.exchange(), &captured.0, &as_a, &captured.1);
     }
     for i in 0..4 {
         let mut f = captured.1.clone();
         let at = 16 + i * 7 % (f.len() - 32);
         f[at] ^= 0x40;
-        publish(&mut o, "amq.topic", &captured.0, &as_a, &f);
+        publish(&mut o, &s.exchange(), &captured.0, &as_a, &f);
     }
     let ip = |s: &str| -> [u8; 4] { s.parse::<std::net::Ipv4Addr>().expect("v4").octets() };
-    publish(&mut o, "amq.topic", &captured.0, &as_a, &plain_frame(ip(&s.v4[0]), ip(&s.v4[1])));
+    publish(&mut o, &s.exchange(), &captured.0, &as_a, &plain_frame(ip(&s.v4[0]), ip(&s.v4[1])));
 
     // The victim is unaffected.
     std::thread::sleep(Duration::from_millis(300));
@@ -321,4 +369,34 @@ fn a_restarted_agent_is_reached_again_within_5_s() {
     assert!(took < Duration::from_secs(5), "traffic resumed only after {took:?} (restart began {:?} ago)", t0.elapsed());
     let (ok, out) = ping(&s.ns[1], &s.v4[0], 3);
     assert!(ok, "the other way after the restart:\n{out}");
+}
+
+#[test]
+fn a_peer_without_a_key_or_in_clear_is_refused_with_a_warning_and_counted() {
+    if !system_ready("a_peer_without_a_key_or_in_clear_is_refused_with_a_warning_and_counted") {
+        return;
+    }
+    // a runs --e2e; b does not, and the peers file gives no key for it.
+    let s = Setup::with_keys(44, [true, false]);
+    let mut a = s.start(0, &[]);
+    let mut b = s.start_as(1, false, &[]);
+    let t0 = Instant::now();
+    while !a.logs().contains("agent up") || !b.logs().contains("agent up") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "agents did not start:\n{}\n{}", a.logs(), b.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok_ab, _) = ping(&s.ns[0], &s.v4[1], 4);
+    let (ok_ba, _) = ping(&s.ns[1], &s.v4[0], 4);
+    assert!(!ok_ab && !ok_ba, "traffic crossed between an --e2e agent and a keyless one");
+    let logs = a.logs();
+    assert!(logs.contains("these peers have no key in the peers file"), "no warning at start:\n{logs}");
+    let warnings = logs.matches("no public key for this peer").count();
+    assert!((1..=6).contains(&warnings), "{warnings} warnings in about 3 s: not rate-limited, or none:\n{logs}");
+    let ra = a.interrupt();
+    assert!(drops(&ra, "no_key") >= 4, "a's sends to b not counted: {ra}");
+    assert!(drops(&ra, "plaintext") >= 4, "b's batches in clear not counted: {ra}");
+    assert_eq!(ra["rx_packets"].as_u64(), Some(0), "a took something from b: {ra}");
+    let rb = b.interrupt();
+    assert_eq!(rb["rx_packets"].as_u64(), Some(0), "b took something from a: {rb}");
 }
