@@ -400,3 +400,52 @@ fn a_peer_without_a_key_or_in_clear_is_refused_with_a_warning_and_counted() {
     let rb = b.interrupt();
     assert_eq!(rb["rx_packets"].as_u64(), Some(0), "b took something from a: {rb}");
 }
+
+/// `agent provision --revoke` of a session on the machine's broker, on drop.
+struct Provisioned(String);
+
+impl Drop for Provisioned {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_agent")).args(["provision", "--revoke", "--session", &self.0, "--url", URL]).output();
+    }
+}
+
+#[test]
+fn provision_keys_gives_agents_that_reach_each_other_sealed() {
+    if !system_ready("provision_keys_gives_agents_that_reach_each_other_sealed") {
+        return;
+    }
+    let session = unique("e2ep");
+    let dir = std::env::temp_dir().join(unique("tbe2ep"));
+    // The machine's broker has no management API: provision falls back to rabbitmqctl.
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["provision", "--url", URL, "--session", &session, "--agent", "h1=198.18.45.1/24", "--agent", "h2=198.18.45.2/24", "--keys", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("agent provision runs");
+    let _revoke = Provisioned(session.clone());
+    assert!(out.status.success(), "provision: {}", String::from_utf8_lossy(&out.stderr));
+    let peers = std::fs::read_to_string(dir.join("peers")).expect("peers file");
+    assert_eq!(peers.matches(" key=").count(), 2, "{peers}");
+    for h in ["h1", "h2"] {
+        let mode = std::fs::metadata(dir.join(format!("{h}.key"))).expect("key file").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{h}.key may be read by others");
+        assert!(std::fs::read_to_string(dir.join(format!("{h}.toml"))).expect("toml").contains("e2e = true"));
+    }
+    let ns = [Netns::new(), Netns::new()];
+    let agents: Vec<AgentProc> = ["h1", "h2"]
+        .iter()
+        .zip(&ns)
+        .map(|(h, n)| {
+            let conf = dir.join(format!("{h}.toml"));
+            AgentProc::spawn(h, &["--config", conf.to_str().expect("utf-8"), "--netns", &n.name])
+        })
+        .collect();
+    let reached = wait_reachable(&ns[0], "198.18.45.2", Duration::from_secs(15));
+    assert!(reached.is_some(), "provisioned --e2e agents never reached each other:\n--- h1\n{}\n--- h2\n{}", agents[0].logs(), agents[1].logs());
+    let (ok, out) = ping(&ns[1], "198.18.45.1", 3);
+    assert!(ok, "{out}");
+    assert!(agents[0].logs().contains("end-to-end encryption on"), "{}", agents[0].logs());
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+}
