@@ -47,10 +47,14 @@ fn keygen(path: &Path) -> String {
 /// [`Setup::start`]. Net `net`: 198.18.<net>.1/.2, fd00:<net>::1/::2.
 struct Setup {
     dir: PathBuf,
+    /// Each agent's broker user (its name is its agent's) and URL.
+    names: [String; 2],
+    urls: [String; 2],
     /// A session of its own (its exchange `tunbus.<session>`): other tests' agents on the
     /// shared broker stay out of it.
     session: String,
-    users: [TempUser; 2],
+    /// The users on the machine's broker, deleted on drop (none on a private node).
+    _users: Vec<TempUser>,
     ns: [Netns; 2],
     v4: [String; 2],
     v6: [String; 2],
@@ -63,19 +67,26 @@ impl Setup {
 
     /// Like [`Setup::new`]; `keyed[i]`: whether the peers file gives agent i's key.
     fn with_keys(net: u8, keyed: [bool; 2]) -> Setup {
+        let users = vec![user("tbea"), user("tbeb")];
+        let names = [users[0].name.clone(), users[1].name.clone()];
+        let urls = [users[0].url(), users[1].url()];
+        Setup::with_users(net, keyed, names, urls, users)
+    }
+
+    /// Agents logging in as `names` at `urls`.
+    fn with_users(net: u8, keyed: [bool; 2], names: [String; 2], urls: [String; 2], users: Vec<TempUser>) -> Setup {
         let dir = std::env::temp_dir().join(unique("tbe2e"));
         std::fs::create_dir_all(&dir).expect("dir");
-        let users = [user("tbea"), user("tbeb")];
         let v4 = [format!("198.18.{net}.1"), format!("198.18.{net}.2")];
         let v6 = [format!("fd00:{net:x}::1"), format!("fd00:{net:x}::2")];
         let mut peers = String::from("# test peers\n");
         for i in 0..2 {
             let public = keygen(&dir.join(format!("{i}.key")));
             let key = if keyed[i] { format!(" key={public}") } else { String::new() };
-            peers.push_str(&format!("{} {}/32,{}/128{key}\n", users[i].name, v4[i], v6[i]));
+            peers.push_str(&format!("{} {}/32,{}/128{key}\n", names[i], v4[i], v6[i]));
         }
         std::fs::write(dir.join("peers"), peers).expect("peers file");
-        Setup { dir, session: unique("e2es"), users, ns: [Netns::new(), Netns::new()], v4, v6 }
+        Setup { dir, names, urls, session: unique("e2es"), _users: users, ns: [Netns::new(), Netns::new()], v4, v6 }
     }
 
     /// Agent `i` (its name is its broker user's, as a peers file without session says).
@@ -85,7 +96,7 @@ impl Setup {
 
     /// Agent `i`, with `--e2e` or without (then it checks identities with the same peers file).
     fn start_as(&self, i: usize, e2e: bool, extra: &[&str]) -> AgentProc {
-        let url = self.users[i].url();
+        let url = self.urls[i].clone();
         let key = self.dir.join(format!("{i}.key"));
         let peers = self.dir.join("peers");
         let (v4, v6) = (format!("{}/24", self.v4[i]), format!("{}/64", self.v6[i]));
@@ -112,7 +123,7 @@ impl Setup {
             args.drain(at..at + 2);
         }
         args.extend_from_slice(extra);
-        AgentProc::spawn(&self.users[i].name, &args)
+        AgentProc::spawn(&self.names[i], &args)
     }
 }
 
@@ -323,7 +334,7 @@ fn forged_and_replayed_batches_are_dropped_and_counted() {
         &AtomicBool::new(false),
     )
     .expect("operator connects");
-    let as_a = Properties { user_id: Some(&s.users[0].name), ..Properties::default() };
+    let as_a = Properties { user_id: Some(&s.names[0]), ..Properties::default() };
     for _ in 0..3 {
         publish(&mut o, &s.exchange(), &captured.0, &as_a, &captured.1);
     }
@@ -448,4 +459,52 @@ fn provision_keys_gives_agents_that_reach_each_other_sealed() {
     assert!(agents[0].logs().contains("end-to-end encryption on"), "{}", agents[0].logs());
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A private RabbitMQ node, stopped (and its folder removed) on drop.
+struct Node(tunbus::lab::broker::PrivateBroker);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+#[test]
+fn after_a_broker_restart_traffic_resumes_within_5_s() {
+    if !system_ready("after_a_broker_restart_traffic_resumes_within_5_s") {
+        return;
+    }
+    // A node of its own: restarting the machine's broker would cut every other test.
+    let node = Node(tunbus::lab::broker::PrivateBroker::start(&std::env::temp_dir().join(unique("tbe2en"))).expect("a private RabbitMQ node starts"));
+    let mut names = [String::new(), String::new()];
+    let mut urls = [String::new(), String::new()];
+    for (i, n) in ["a", "b"].iter().enumerate() {
+        names[i] = unique(&format!("tbe{n}"));
+        node.0.ctl(&["add_user", &names[i], "pw"]).expect("add_user");
+        node.0.ctl(&["set_permissions", "-p", "/", &names[i], ".*", ".*", ".*"]).expect("set_permissions");
+        urls[i] = format!("amqp://{}:pw@127.0.0.1:{}/%2f", names[i], node.0.port);
+    }
+    let s = Setup::with_users(46, [true, true], names, urls, Vec::new());
+    let a = s.start(0, &[]);
+    let b = s.start(1, &[]);
+    assert!(wait_reachable(&s.ns[0], &s.v4[1], Duration::from_secs(20)).is_some(), "never reachable:\n{}\n{}", a.logs(), b.logs());
+    node.0.kill().expect("kill the node");
+    std::thread::sleep(Duration::from_millis(500));
+    node.0.launch().expect("the node starts again");
+    node.0.wait_up(None, Duration::from_secs(60)).expect("the node is back");
+    // The links come back after their backoff (capped, jittered: the node took a while to
+    // start); from then on, the sessions (kept, and renewed by the handshakes every new
+    // connection of queue 0 starts) carry traffic at once.
+    let t0 = Instant::now();
+    while !(a.logs().contains("broker is back") && b.logs().contains("broker is back")) {
+        assert!(t0.elapsed() < Duration::from_secs(40), "the links did not come back:\n--- a\n{}\n--- b\n{}", a.logs(), b.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back = SystemTime::now();
+    let took = first_reply_after(&s.ns[0], &s.v4[1], back, Duration::from_secs(15));
+    let took = took.unwrap_or_else(|| panic!("no reply within 15 s of the links' return:\n--- a\n{}\n--- b\n{}", a.logs(), b.logs()));
+    assert!(took < Duration::from_secs(5), "traffic resumed {took:?} after the links were back");
+    let (ok, out) = ping(&s.ns[1], &s.v4[0], 3);
+    assert!(ok, "the other way after the broker's restart:\n{out}");
 }
