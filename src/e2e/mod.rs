@@ -204,7 +204,7 @@ impl E2e {
             routes.extend(spec.prefixes.iter().map(|p| (*p, i)));
             list.push(Peer { spec, current: RwLock::new(None), group: RwLock::new(None), state: Mutex::new(PeerState::default()) });
         }
-        routes.sort_by(|a, b| b.0.len.cmp(&a.0.len));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len));
         Ok(E2e {
             local,
             prologue,
