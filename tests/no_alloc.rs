@@ -654,10 +654,10 @@ fn e2e_seal_and_open_steady_state_do_not_allocate() {
     let now = Instant::now();
     a.initiate_all(now, now_ns());
     for m in a.take_outgoing() {
-        b.on_handshake(Some(b"a"), &m.body, now, now_ns()).expect("initiation");
+        b.on_handshake(Some(b"a"), m.routing_key.as_bytes(), &m.body, now, now_ns()).expect("initiation");
     }
     for m in b.take_outgoing() {
-        a.on_handshake(Some(b"b"), &m.body, now, now_ns()).expect("response");
+        a.on_handshake(Some(b"b"), m.routing_key.as_bytes(), &m.body, now, now_ns()).expect("response");
     }
     // Frames of every size a batch takes, up to 256 KiB.
     let frames: Vec<Vec<u8>> = [64usize, 1500, 9000, 65_000, 256 * 1024].iter().map(|&n| vec![0x5a; n]).collect();

@@ -113,6 +113,9 @@ struct Session {
     counter: AtomicU64,
     replay: Mutex<ReplayWindow>,
     born: Instant,
+    /// The peer has shown it holds the session (we initiated it, or a batch of the peer's
+    /// opened under it): until then a responder keeps sealing with its previous session.
+    confirmed: AtomicBool,
 }
 
 /// A peer's group key, as its handshake gave it.
@@ -136,6 +139,8 @@ struct PeerState {
 struct Peer {
     spec: PeerSpec,
     current: RwLock<Option<Arc<Session>>>,
+    /// The session before `current`: it seals while `current` is not confirmed.
+    previous: RwLock<Option<Arc<Session>>>,
     group: RwLock<Option<Arc<GroupRx>>>,
     state: Mutex<PeerState>,
 }
@@ -202,7 +207,7 @@ impl E2e {
             let i = list.len();
             by_user.insert(spec.user.as_bytes().to_vec(), i);
             routes.extend(spec.prefixes.iter().map(|p| (*p, i)));
-            list.push(Peer { spec, current: RwLock::new(None), group: RwLock::new(None), state: Mutex::new(PeerState::default()) });
+            list.push(Peer { spec, current: RwLock::new(None), previous: RwLock::new(None), group: RwLock::new(None), state: Mutex::new(PeerState::default()) });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len));
         Ok(E2e {
@@ -332,9 +337,19 @@ impl E2e {
             return Err(SealRefusal::NoKey);
         };
         let peer = &self.peers[i];
+        let alive = |s: &Arc<Session>| now.saturating_duration_since(s.born) < self.limits.reject_after;
         let current = peer.current.read().ok().and_then(|c| c.clone());
-        match current {
-            Some(s) if now.saturating_duration_since(s.born) < self.limits.reject_after => {
+        // A responder's new session seals once the initiator has shown it holds it: its
+        // batches could otherwise reach the initiator before the response does.
+        let sealing = match current {
+            Some(c) if !c.confirmed.load(Ordering::Relaxed) => match peer.previous.read().ok().and_then(|p| p.clone()) {
+                Some(p) if alive(&p) => Some(p),
+                _ => Some(c),
+            },
+            other => other,
+        };
+        match sealing {
+            Some(s) if alive(&s) => {
                 let counter = s.counter.fetch_add(1, Ordering::Relaxed);
                 if now.saturating_duration_since(s.born) >= self.limits.rekey_after || counter >= self.limits.rekey_after_messages {
                     self.want_handshake(i, now, wall_ns, false);
@@ -393,11 +408,21 @@ impl E2e {
             out.clear();
             return Err(OpenRefusal::Replayed);
         }
+        if let Keyed::Session(s) = &keyed {
+            if !s.confirmed.load(Ordering::Relaxed) {
+                s.confirmed.store(true, Ordering::Relaxed);
+            }
+        }
         Ok(peer.spec.user.as_str())
     }
 
-    /// A handshake message from broker user `user`: answered (into the outbox) or completed.
-    pub fn on_handshake(&self, user: Option<&[u8]>, body: &[u8], now: Instant, wall_ns: u64) -> Result<(), OpenRefusal> {
+    /// A handshake message from broker user `user` on `routing_key`: answered (into the
+    /// outbox), completed, or (a sealed empty batch) the initiator's confirmation.
+    pub fn on_handshake(&self, user: Option<&[u8]>, routing_key: &[u8], body: &[u8], now: Instant, wall_ns: u64) -> Result<(), OpenRefusal> {
+        if seal::is_sealed(body) {
+            let mut scratch = Vec::new();
+            return self.open(user, routing_key, body, &mut scratch, now, wall_ns).map(|_| ());
+        }
         let env = handshake::envelope(body).map_err(|_| OpenRefusal::Malformed)?;
         let Some(&i) = user.and_then(|u| self.by_user.get(u)) else {
             self.warn_no_key(user, None, now);
@@ -427,7 +452,7 @@ impl E2e {
                     return refused(OpenRefusal::Replayed);
                 }
                 st.newest_initiation_ns = r.payload.timestamp_ns;
-                self.install(i, &mut st, index, r.their_index, &r.keys, now);
+                self.install(i, &mut st, index, r.their_index, &r.keys, now, false);
                 drop(st);
                 self.set_group(i, &r.payload);
                 self.stats.responses.fetch_add(1, Ordering::Relaxed);
@@ -445,17 +470,25 @@ impl E2e {
                     drop(st);
                     return refused(OpenRefusal::DecryptFailed);
                 };
-                self.install(i, &mut st, our, their, &keys, now);
+                let s = self.install(i, &mut st, our, their, &keys, now, true);
                 drop(st);
                 self.set_group(i, &payload);
+                // Confirms the session to the responder at once: an empty batch sealed
+                // under it, on its handshake key.
+                let key = handshake_key(&peer.spec.name);
+                let h = Header { kind: Kind::Pair, index: s.their_index, counter: s.counter.fetch_add(1, Ordering::Relaxed) };
+                let mut body = Vec::new();
+                if seal::seal(&s.send, h, key.as_bytes(), b"", &mut body).is_ok() {
+                    self.push(Outgoing { routing_key: key, body });
+                }
                 Ok(())
             }
         }
     }
 
-    /// A new session with peer `i` (ours `our`, theirs `their`): it seals from now on; the
-    /// oldest beyond [`Limits::keep`] are forgotten.
-    fn install(&self, i: usize, st: &mut PeerState, our: u32, their: u32, keys: &handshake::SessionKeys, now: Instant) {
+    /// A new session with peer `i` (ours `our`, theirs `their`): it seals from now on (a
+    /// responder's once confirmed); the oldest beyond [`Limits::keep`] are forgotten.
+    fn install(&self, i: usize, st: &mut PeerState, our: u32, their: u32, keys: &handshake::SessionKeys, now: Instant, initiator: bool) -> Arc<Session> {
         let s = Arc::new(Session {
             peer: i,
             their_index: their,
@@ -464,6 +497,7 @@ impl E2e {
             counter: AtomicU64::new(0),
             replay: Mutex::new(ReplayWindow::default()),
             born: now,
+            confirmed: AtomicBool::new(initiator),
         });
         if let Ok(mut m) = self.sessions.write() {
             m.insert(our, s.clone());
@@ -475,10 +509,14 @@ impl E2e {
             }
         }
         if let Ok(mut c) = self.peers[i].current.write() {
-            *c = Some(s);
+            let old = c.replace(s.clone());
+            if let Ok(mut p) = self.peers[i].previous.write() {
+                *p = old;
+            }
         }
         let first = self.stats.sessions.fetch_add(1, Ordering::Relaxed) == 0;
-        tracing::debug!(peer = %self.peers[i].spec.name, first, "end-to-end session established");
+        tracing::debug!(peer = %self.peers[i].spec.name, first, initiator, "end-to-end session established");
+        s
     }
 
     fn set_group(&self, i: usize, p: &Payload) {

@@ -38,7 +38,7 @@ fn carry(from: &Node, to: &Node, now: Instant, wall: u64) -> usize {
     let mut keep = Vec::new();
     for m in from.e2e.take_outgoing() {
         if m.routing_key == key {
-            to.e2e.on_handshake(Some(from.user.as_bytes()), &m.body, now, wall).unwrap();
+            to.e2e.on_handshake(Some(from.user.as_bytes()), m.routing_key.as_bytes(), &m.body, now, wall).unwrap();
             n += 1;
         } else {
             keep.push(m);
@@ -50,11 +50,12 @@ fn carry(from: &Node, to: &Node, now: Instant, wall: u64) -> usize {
     n
 }
 
-/// a and b handshake (a initiates).
+/// a and b handshake (a initiates, then confirms).
 fn handshake(a: &Node, b: &Node, now: Instant, wall: u64) {
     let _ = a.e2e.seal(Some(ip("198.18.0.2")), "k", b"", &mut Vec::new(), now, wall);
     assert_eq!(carry(a, b, now, wall), 1);
     assert_eq!(carry(b, a, now, wall), 1);
+    assert_eq!(carry(a, b, now, wall), 1, "the confirmation");
 }
 
 const KEY_B: &str = "tunbus.v1.198-18-0-2.3";
@@ -170,7 +171,7 @@ fn a_peer_without_a_key_is_refused_both_ways() {
     let c2 = E2e::new(c.key.clone(), "lab.c", S, c_specs, Limits::default()).unwrap();
     c2.initiate_all(t, 5);
     for o in c2.take_outgoing() {
-        m.push(a.e2e.on_handshake(Some(b"lab.c"), &o.body, t, 5));
+        m.push(a.e2e.on_handshake(Some(b"lab.c"), o.routing_key.as_bytes(), &o.body, t, 5));
     }
     assert_eq!(m, [Err(OpenRefusal::NoKey)]);
 }
@@ -182,16 +183,23 @@ fn a_replayed_initiation_or_an_unasked_response_is_refused() {
     a.e2e.initiate_all(t, 100);
     let out = a.e2e.take_outgoing();
     let init = out.iter().find(|o| o.routing_key == handshake_key("b")).unwrap();
-    b.e2e.on_handshake(Some(b"lab.a"), &init.body, t, 100).unwrap();
-    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), &init.body, t, 101), Err(OpenRefusal::Replayed));
+    let kb = handshake_key("b").into_bytes();
+    let ka = handshake_key("a").into_bytes();
+    b.e2e.on_handshake(Some(b"lab.a"), &kb, &init.body, t, 100).unwrap();
+    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), &kb, &init.body, t, 101), Err(OpenRefusal::Replayed));
     let resp = b.e2e.take_outgoing().pop().unwrap();
-    a.e2e.on_handshake(Some(b"lab.b"), &resp.body, t, 100).unwrap();
-    assert_eq!(a.e2e.on_handshake(Some(b"lab.b"), &resp.body, t, 100), Err(OpenRefusal::Replayed), "the response was used");
+    a.e2e.on_handshake(Some(b"lab.b"), &ka, &resp.body, t, 100).unwrap();
+    assert_eq!(a.e2e.on_handshake(Some(b"lab.b"), &ka, &resp.body, t, 100), Err(OpenRefusal::Replayed), "the response was used");
+    // The confirmation opens once; again, it is a replay.
+    let confirm = a.e2e.take_outgoing().pop().unwrap();
+    assert_eq!(confirm.routing_key, handshake_key("b"));
+    b.e2e.on_handshake(Some(b"lab.a"), &kb, &confirm.body, t, 100).unwrap();
+    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), &kb, &confirm.body, t, 100), Err(OpenRefusal::Replayed));
     // An initiation for a's key, made by someone else and published as lab.a by a lying broker.
     let mallory = PrivateKey::generate().unwrap();
     let (_, forged) = handshake::initiate(&mallory, &b.key.public(), b"tunbus e2e v1 session=lab", 5, Payload { timestamp_ns: 999, group_id: 1, group_key: [0; 32] }).unwrap();
-    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), &forged, t, 1), Err(OpenRefusal::DecryptFailed));
-    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), b"TH", t, 1), Err(OpenRefusal::Malformed));
+    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), &kb, &forged, t, 1), Err(OpenRefusal::DecryptFailed));
+    assert_eq!(b.e2e.on_handshake(Some(b"lab.a"), &kb, b"TH", t, 1), Err(OpenRefusal::Malformed));
 }
 
 #[test]
@@ -208,6 +216,10 @@ fn a_restarted_peer_gets_a_new_session_and_old_batches_do_not_open() {
     b2.e2e.initiate_all(t2, 2);
     assert_eq!(carry(&b2, &a, t2, 2), 1);
     assert_eq!(carry(&a, &b2, t2, 2), 1);
+    // Until b2 confirms, a (the responder) seals with its previous session, which b2 lost.
+    let early = seal_to(&a, "198.18.0.2", KEY_B, b"TB early", t2).unwrap();
+    assert_eq!(open_at(&b2, "lab.a", KEY_B, &early, t2), Err(OpenRefusal::DecryptFailed));
+    assert_eq!(carry(&b2, &a, t2, 2), 1, "b2's confirmation");
     let new = seal_to(&a, "198.18.0.2", KEY_B, b"TB new", t2).unwrap();
     assert_eq!(open_at(&b2, "lab.a", KEY_B, &new, t2).unwrap(), b"TB new");
     let back = seal_to(&b2, "198.18.0.1", KEY_A, b"TB back", t2).unwrap();
@@ -257,7 +269,7 @@ fn simultaneous_initiations_leave_both_sides_working() {
     // Both initiations cross, then both responses.
     assert_eq!(carry(&a, &b, t, 12), 1);
     assert_eq!(carry(&b, &a, t, 12), 2, "b's initiation and its response");
-    assert_eq!(carry(&a, &b, t, 13), 1, "a's response");
+    assert_eq!(carry(&a, &b, t, 13), 2, "a's response, and its confirmation of the session b answered");
     let x = seal_to(&a, "198.18.0.2", KEY_B, b"TB ab", t).unwrap();
     let y = seal_to(&b, "198.18.0.1", KEY_A, b"TB ba", t).unwrap();
     assert_eq!(open_at(&b, "lab.a", KEY_B, &x, t).unwrap(), b"TB ab");

@@ -247,7 +247,7 @@ impl Inbound for NativeIn {
             }
             Carries::Handshake => {
                 if let Some(e2e) = &self.e2e {
-                    if let Err(refusal) = e2e.on_handshake(d.user_id, d.body, Instant::now(), now_ns) {
+                    if let Err(refusal) = e2e.on_handshake(d.user_id, d.routing_key, d.body, Instant::now(), now_ns) {
                         out.counters.record_drop(refusal_reason(refusal), 1);
                     }
                 }
