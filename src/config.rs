@@ -359,6 +359,21 @@ impl Default for Ioppytest {
     }
 }
 
+/// End-to-end encryption (`--e2e`, docs/decisions/0029): this agent's static private key
+/// and its peers' public keys by broker user (from the peers file). Raw bytes: the keys'
+/// own types are `e2e::keys`'.
+#[derive(Clone)]
+pub struct E2eKeys {
+    pub private_key: [u8; 32],
+    pub peer_keys: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for E2eKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "E2eKeys {{ private_key: …, peers with keys: {} }}", self.peer_keys.len())
+    }
+}
+
 /// Everything one agent needs to run, valid by construction: built only by
 /// [`AgentConfig::new`] and the `with_*` methods, each of which checks the whole.
 #[derive(Clone, Debug)]
@@ -370,6 +385,7 @@ pub struct AgentConfig {
     identity: Identity,
     ioppytest: Ioppytest,
     routing: Routing,
+    e2e: Option<E2eKeys>,
 }
 
 /// Subnet routing (issue #25, docs/decisions/0027-advertised-prefixes.md): the prefixes
@@ -417,6 +433,7 @@ impl AgentConfig {
             identity: Identity { user, mode: Mode::FirstClaim },
             ioppytest: Ioppytest::default(),
             routing: Routing::default(),
+            e2e: None,
         };
         config.checked()
     }
@@ -431,6 +448,11 @@ impl AgentConfig {
 
     pub fn with_identity(self, identity: Identity) -> Result<AgentConfig, ConfigError> {
         AgentConfig { identity, ..self }.checked()
+    }
+
+    /// End-to-end encryption on (`Some`): needs the native wire and a peers file.
+    pub fn with_e2e(self, e2e: Option<E2eKeys>) -> Result<AgentConfig, ConfigError> {
+        AgentConfig { e2e, ..self }.checked()
     }
 
     pub fn with_ioppytest(self, ioppytest: Ioppytest) -> Result<AgentConfig, ConfigError> {
@@ -457,6 +479,10 @@ impl AgentConfig {
             ensure(self.interface.queues == 1, || "the ioppytest wire carries one packet per message on one queue: use 1 queue".into())?;
             // The old wire carries plain packets only: no super-packets, no partial checksums.
             ensure(!self.interface.offload, || "the ioppytest wire carries plain packets: offload must be off".into())?;
+        }
+        if self.e2e.is_some() {
+            ensure(self.data_path.wire == Wire::Native, || "end-to-end encryption (--e2e) needs the native wire: the ioppytest wire cannot carry it".into())?;
+            ensure(matches!(self.identity.mode, Mode::Strict(_)), || "end-to-end encryption (--e2e) needs a peers file (--peers) with each peer's key".into())?;
         }
         Ok(self)
     }
@@ -488,6 +514,11 @@ impl AgentConfig {
 
     pub fn routing(&self) -> &Routing {
         &self.routing
+    }
+
+    /// End-to-end encryption's keys, when it is on.
+    pub fn e2e(&self) -> Option<&E2eKeys> {
+        self.e2e.as_ref()
     }
 
     /// The link-local address: the configured one, else `fe80::` + 64 bits of a fixed

@@ -443,6 +443,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             stop: Stop::new(),
             state: Arc::default(),
             local_macs: None,
+            e2e: None,
         };
         for key in ctx.binding_keys() {
             if !keys.contains(&key) {

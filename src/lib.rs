@@ -31,6 +31,8 @@
 //!   behind one small interface.
 //! - [`interop`]: the ioppytest wire, its control messages, and `agent route`.
 //! - [`lab`]: `agent lab`, many hosts (namespaces + in-process agents) on one machine.
+//! - [`e2e`]: end-to-end encryption (`--e2e`): static keys, the Noise IK handshake over
+//!   the bus, sealed batches, replay windows; the broker carries only ciphertext.
 //! - [`identity`]: who may send from which address (strict peers file, first claim). Pure.
 //! - [`status`]: `agent status`, the local control socket of a running agent.
 //! - [`provision`]: `agent provision`, a session's vhost, users and permissions.
@@ -45,6 +47,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod doctor;
+pub mod e2e;
 pub mod emulate;
 pub mod exit;
 #[doc(hidden)]

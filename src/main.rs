@@ -97,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Keygen(args) => args.run(),
         Command::Completions(args) => {
             args.write(&mut std::io::stdout().lock());
             Ok(())

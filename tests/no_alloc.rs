@@ -18,6 +18,7 @@
 //! - The serial port: `SerialPort::read` decodes SLIP frames (escapes, malformed frames)
 //!   from a fake probe on a pseudo-terminal, and `write` sends frames back, partly while
 //!   the line is full.
+//! - End-to-end encryption: sealing and opening batches (`e2e::E2e`) into reused buffers.
 
 mod common;
 
@@ -349,6 +350,7 @@ fn tx_and_rx_workers_steady_state_do_not_allocate() {
             stop: stop.clone(),
             state: Default::default(),
             local_macs: None,
+            e2e: None,
         }
     };
     let (link_a, link_b) = (link("tbnaa", "198.18.99.1/24"), link("tbnab", "198.18.99.2/24"));
@@ -631,4 +633,55 @@ fn serial_port_steady_state_does_not_allocate() {
     // Frames the probe's side did not take in time are dropped as lost_busy: both paths ran.
     assert!(stats.frames_out >= 1000 && stats.frames_out + stats.lost_busy >= written, "the write path hardly ran: {stats:?}");
     report.assert_none("serial port", read + written);
+}
+
+static E2E: Tally = Tally::new();
+
+/// End-to-end encryption's share of the hot path (`--e2e`): sealing each batch for its
+/// peer and opening it again (session lookup, counter, replay window, ChaCha20-Poly1305)
+/// into reused buffers allocates nothing once they have grown. Pure: two agents' `E2e`,
+/// their handshake carried by hand; the rest of the path is the worker test's above.
+#[test]
+fn e2e_seal_and_open_steady_state_do_not_allocate() {
+    use tunbus::e2e::{keys::PrivateKey, E2e, Limits, PeerSpec};
+    let (ka, kb) = (PrivateKey::generate().expect("key"), PrivateKey::generate().expect("key"));
+    let spec = |user: &str, key: &PrivateKey, addr: &str| PeerSpec {
+        user: user.into(),
+        name: user.into(),
+        key: Some(key.public()),
+        prefixes: vec![addr.parse().expect("prefix")],
+    };
+    let a = E2e::new(ka.clone(), "a", None, vec![spec("b", &kb, "198.18.99.2/32")], Limits::default()).expect("a");
+    let b = E2e::new(kb.clone(), "b", None, vec![spec("a", &ka, "198.18.99.1/32")], Limits::default()).expect("b");
+    let now = Instant::now();
+    a.initiate_all(now, now_ns());
+    for m in a.take_outgoing() {
+        b.on_handshake(Some(b"a"), m.routing_key.as_bytes(), &m.body, now, now_ns()).expect("initiation");
+    }
+    for m in b.take_outgoing() {
+        a.on_handshake(Some(b"b"), m.routing_key.as_bytes(), &m.body, now, now_ns()).expect("response");
+    }
+    // Frames of every size a batch takes, up to 256 KiB.
+    let frames: Vec<Vec<u8>> = [64usize, 1500, 9000, 65_000, 256 * 1024].iter().map(|&n| vec![0x5a; n]).collect();
+    let (mut sealed, mut opened) = (Vec::new(), Vec::new());
+    let dst = Some("198.18.99.2".parse().expect("address"));
+    let key = "tunbus.v1.198-18-99-2.3";
+    let mut round = |i: usize| {
+        let f = &frames[i % frames.len()];
+        a.seal(dst, key, f, &mut sealed, now, 1).expect("sealed");
+        b.open(Some(b"a"), key.as_bytes(), &sealed, &mut opened, now, 1).expect("opened");
+        assert_eq!(opened.len(), f.len());
+    };
+    for i in 0..100 {
+        round(i); // buffers grow to the largest frame
+    }
+    const BATCHES: usize = 10_000;
+    count_on_this_thread(&E2E);
+    E2E.arm();
+    for i in 0..BATCHES {
+        round(i);
+    }
+    E2E.disarm();
+    stop_counting_on_this_thread();
+    E2E.report().assert_none("e2e seal and open", BATCHES as u64);
 }

@@ -57,6 +57,40 @@ const CLOSE_GRACE: Duration = Duration::from_millis(1200);
 /// How often the kernel's drops on the TUN are read.
 const KERNEL_POLL: Duration = Duration::from_secs(1);
 
+/// End-to-end encryption's state when `--e2e` is on: the agent's key, and each peer of the
+/// peers file with its key (said once at start: which peers have none and are refused).
+fn end_to_end(config: &AgentConfig) -> anyhow::Result<Option<Arc<crate::e2e::E2e>>> {
+    use crate::e2e::{keys::PrivateKey, keys::PublicKey, E2e, Limits, PeerSpec};
+    let Some(keys) = config.e2e() else { return Ok(None) };
+    let crate::identity::Mode::Strict(table) = &config.identity().mode else {
+        return Err(Failure::new(Exit::Usage, "--e2e needs a peers file (--peers)").into());
+    };
+    let session = config.bus().session.as_deref();
+    let peers: Vec<PeerSpec> = table
+        .users()
+        .map(|(user, prefixes)| PeerSpec {
+            user: user.to_owned(),
+            name: crate::identity::agent_of_user(session, user).to_owned(),
+            key: keys.peer_keys.iter().find(|(u, _)| u == user).map(|(_, k)| PublicKey(*k)),
+            prefixes: prefixes.to_vec(),
+        })
+        .collect();
+    let own = &config.identity().user;
+    let private = PrivateKey::from_bytes(keys.private_key);
+    if let Some((_, k)) = keys.peer_keys.iter().find(|(u, _)| u == own) {
+        if *k != private.public().0 {
+            return Err(Failure::new(Exit::Usage, format!("--e2e: the peers file gives user {own} another public key than --private-key's ({}): the wrong key file, or a stale peers file", private.public())).into());
+        }
+    }
+    let e2e = E2e::new(private, own, session, peers, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
+    let without: Vec<&str> = e2e.peers_without_keys().collect();
+    tracing::info!(agent = %config.name(), public_key = %e2e.public_key(), peers = e2e.peers_with_keys().count(), "end-to-end encryption on: batches are sealed for their receivers, nothing in clear is accepted");
+    if !without.is_empty() {
+        tracing::warn!(users = %without.join(","), "end-to-end encryption: these peers have no key in the peers file, their traffic is refused both ways");
+    }
+    Ok(Some(Arc::new(e2e)))
+}
+
 /// A running agent.
 pub struct Agent {
     config: Arc<AgentConfig>,
@@ -212,6 +246,7 @@ impl Agent {
         let l2 = config.interface().is_l2().then(|| crate::worker::switch::L2Shared::new(config.mac()));
         let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
         let links: Vec<Arc<LinkState>> = (0..config.interface().queues).map(|_| Arc::new(LinkState::default())).collect();
+        let e2e = end_to_end(&config)?;
         let link_context = |k: usize| UplinkContext {
             config: config.clone(),
             index: k,
@@ -221,6 +256,7 @@ impl Agent {
             stop: stop_flag.clone(),
             state: links.get(k).cloned().unwrap_or_default(),
             local_macs: if k == 0 && bridged { l2.as_ref().map(|l2| l2.local.clone()) } else { None },
+            e2e: e2e.clone(),
         };
         let mut first_link = if config.bus().check_name {
             // Connection attempts of the start give up on Ctrl-C.

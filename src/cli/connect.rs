@@ -205,6 +205,16 @@ pub struct ConnectArgs {
     /// Accept every packet, whoever sent it (no check of senders' identities; warns).
     #[arg(long)]
     pub no_identity_check: bool,
+    /// End-to-end encryption: every batch is sealed for its receiving agent (Noise IK
+    /// handshake over the bus, ChaCha20-Poly1305), so the broker carries only ciphertext.
+    /// Needs --private-key and a --peers file whose lines give each peer's public key
+    /// (key=…); traffic in clear, or from a peer without a key, is refused.
+    #[arg(long, requires_all = ["private_key", "peers"])]
+    pub e2e: bool,
+    /// This agent's private key for --e2e (a file only its owner may read, written by
+    /// `agent keygen > FILE`; the public key goes into the peers file).
+    #[arg(long, value_name = "FILE", requires = "e2e")]
+    pub private_key: Option<PathBuf>,
     /// The broker user this agent logs in as, when neither the URL nor the client
     /// certificate's common name says (RabbitMQ's ssl_cert_login_from other than
     /// common_name): every message carries it as user_id, which the broker checks.
@@ -312,6 +322,15 @@ impl ConnectArgs {
             Some(text) => parse_cpus(text)?,
             None => Vec::new(),
         };
+        let e2e = match (&self.private_key, &self.peers) {
+            (Some(key), Some(peers)) if self.e2e => {
+                let private = crate::e2e::keys::read_private_key(key).map_err(|e| Failure::new(Exit::Local, format!("--private-key: {e}")))?;
+                let text = std::fs::read_to_string(peers).map_err(|e| Failure::new(Exit::Local, format!("cannot read --peers {}: {e}", peers.display())))?;
+                let peer_keys = crate::identity::peers_file::keys(&text).map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", peers.display())))?;
+                Some(crate::config::E2eKeys { private_key: *private.as_bytes(), peer_keys })
+            }
+            _ => None,
+        };
         let identity = if self.no_identity_check {
             tracing::warn!("--no-identity-check: packets are accepted whoever sent them; any bus member can pose as any address");
             crate::identity::Mode::Off
@@ -390,7 +409,7 @@ impl ConnectArgs {
             .map_err(invalid)?;
         let user = self.broker_user.unwrap_or_else(|| config.identity().user.clone());
         let routing = config::Routing { advertise: self.advertise, accept_routes: self.accept_routes, masquerade: self.masquerade };
-        Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?.with_routing(routing).map_err(invalid)?)
+        Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?.with_routing(routing).map_err(invalid)?.with_e2e(e2e).map_err(invalid)?)
     }
 }
 

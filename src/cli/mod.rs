@@ -10,6 +10,7 @@ mod completions;
 pub mod config_file;
 mod connect;
 mod doctor;
+mod keygen;
 mod lab;
 mod manpages;
 mod peers;
@@ -25,6 +26,7 @@ pub use capture::CaptureArgs;
 pub use completions::CompletionsArgs;
 pub use connect::{parse_cpus, ConnectArgs};
 pub use doctor::DoctorArgs;
+pub use keygen::KeygenArgs;
 pub use lab::{LabArgs, DEFAULT_LAB_HOSTS};
 pub use manpages::ManpagesArgs;
 pub use peers::PeersArgs;
@@ -102,7 +104,7 @@ pub const CONNECT_HEADINGS: [(&str, &[&str]); 11] = [
     ("Interface", &["ipv4", "ipv6", "netns", "ifname", "mtu", "queues", "cpus", "no_offload", "no_offload_from_bus"]),
     ("Userspace stack (no root, no TUN)", &["userspace", "forward", "expose", "socks5"]),
     ("Ethernet (L2) session", &["l2", "bridge"]),
-    ("Identities", &["peers", "no_identity_check"]),
+    ("Identities and encryption", &["peers", "no_identity_check", "e2e", "private_key"]),
     ("Subnet routing", &["advertise", "accept_routes", "masquerade"]),
     ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),
     ("Capture and emulation", &["pcap", "emulate", "emulate_to", "emulate_seed"]),
@@ -203,6 +205,11 @@ pub enum Command {
     /// Print a shell completion script: `source <(agent completions bash)`, or save it where
     /// the shell looks (bash: /usr/share/bash-completion/completions/agent).
     Completions(CompletionsArgs),
+    /// Make a private key for end-to-end encryption (--e2e): the key on standard output
+    /// (`agent keygen > h1.key`, mode 600), its public key on standard error (for the peers
+    /// file: `USER PREFIX… key=PUBLIC`). With --public, read a private key on standard
+    /// input and print its public key.
+    Keygen(KeygenArgs),
     /// Write the man pages (agent.1 and one per subcommand) into DIR, for packaging.
     #[command(hide = true)]
     Manpages(ManpagesArgs),

@@ -46,6 +46,11 @@ pub struct ProvisionArgs {
     /// Remove the session instead: its vhost and every user of it.
     #[arg(long)]
     pub revoke: bool,
+    /// End-to-end encryption (connect --e2e): also a private key per agent (NAME.key, mode
+    /// 0600, in --out), each public key on its agent's line of the peers file, and
+    /// e2e/private-key in each NAME.toml.
+    #[arg(long, requires = "out")]
+    pub keys: bool,
 }
 
 impl ProvisionArgs {
@@ -77,6 +82,7 @@ impl ProvisionArgs {
             observers: self.observers.clone(),
             out: self.out.clone(),
             node: None,
+            keys: self.keys,
         })
     }
 }

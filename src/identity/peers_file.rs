@@ -7,7 +7,8 @@
 //! ```
 //!
 //! One line per user (a user on several lines gets them all), `#` starts a comment, blank
-//! lines are ignored. A prefix's host bits may be set (`198.18.0.1/24` allows the /24, as
+//! lines are ignored. With end-to-end encryption (`--e2e`) a line also gives the user's
+//! agent's public key: `lab.h1 198.18.0.1/32 key=<64 hex digits>` ([`keys`]). A prefix's host bits may be set (`198.18.0.1/24` allows the /24, as
 //! an interface address would). Each user also gets its agent's deterministic link-local
 //! address ([`super::link_local`] of the agent behind the user, [`super::agent_of_user`])
 //! and, for L2 sessions, its agent's deterministic MAC ([`super::mac`]).
@@ -43,6 +44,9 @@ pub fn parse(text: &str, session: Option<&str>) -> Result<Table, ParseError> {
         }
         let mut prefixes = Vec::new();
         for item in rest.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
+            if item.starts_with(KEY_ITEM) {
+                continue; // the user's public key: `keys`
+            }
             let p: Prefix = match parse_mac_item(item) {
                 Some(Ok(p)) => p,
                 Some(Err(e)) => return Err(fail(e)),
@@ -83,6 +87,30 @@ fn parse_mac_item(item: &str) -> Option<Result<Prefix, String>> {
     Some(Ok(mac_prefix(m, bits)))
 }
 
+/// How a line gives its user's public key.
+pub const KEY_ITEM: &str = "key=";
+
+/// The public keys of a peers file's users (`key=<64 hex digits>` items), in file order. A
+/// user with two different keys is an error; users without one are absent.
+pub fn keys(text: &str) -> Result<Vec<(String, [u8; 32])>, ParseError> {
+    let mut out: Vec<(String, [u8; 32])> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        let Some((user, rest)) = line.split_once(char::is_whitespace) else { continue };
+        for item in rest.split(|c: char| c == ',' || c.is_whitespace()) {
+            let Some(hex) = item.strip_prefix(KEY_ITEM) else { continue };
+            let fail = |reason: String| ParseError { line: i + 1, reason };
+            let key = crate::e2e::keys::parse_hex(hex).map_err(|e| fail(format!("user {user:?}: {e}")))?;
+            match out.iter().find(|(u, _)| u == user) {
+                Some((_, k)) if *k != key => return Err(fail(format!("user {user:?} has two different keys"))),
+                Some(_) => {}
+                None => out.push((user.to_owned(), key)),
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The file for `entries` (user, prefixes), as `agent provision` and `agent lab` write it.
 pub fn render(entries: &[(String, Vec<Prefix>)]) -> String {
     let mut out = String::from("# tunbus peers: USER PREFIX[,PREFIX…] (each user also gets its agent's link-local address)\n");
@@ -113,6 +141,22 @@ mod tests {
         assert_eq!(t.check(Some(b"plant.h2"), mac_address(crate::identity::mac(Some("plant"), "h3"))), Verdict::Spoofed);
         assert!(parse("u 02:aa:bb:00:00:00/49\n", None).is_err());
         assert!(parse("u 02:aa:bb:00:00:zz\n", None).is_err());
+    }
+
+    #[test]
+    fn keys_ride_on_the_lines_and_are_checked() {
+        let k1 = "11".repeat(32);
+        let k2 = "ab".repeat(32);
+        let text = format!("lab.h1 198.18.0.1/32 key={k1}\nlab.h2 198.18.0.2/32,key={k2}  # h2\nlab.h3 198.18.0.3/32\nlab.h1 10.0.0.1/32 key={k1}\n");
+        let t = parse(&text, Some("lab")).unwrap();
+        assert_eq!(t.check(Some(b"lab.h2"), "198.18.0.2".parse().unwrap()), Verdict::Allowed, "a key item is no prefix");
+        let keys = keys(&text).unwrap();
+        assert_eq!(keys, vec![("lab.h1".to_owned(), [0x11; 32]), ("lab.h2".to_owned(), [0xab; 32])]);
+        let two = format!("lab.h1 198.18.0.1/32 key={k1}\nlab.h1 198.18.0.1/32 key={k2}\n");
+        assert!(super::keys(&two).unwrap_err().reason.contains("two different keys"));
+        let bad = super::keys("lab.h1 198.18.0.1/32 key=abc\n").unwrap_err();
+        assert_eq!(bad.line, 1);
+        assert!(bad.reason.contains("64 hex digits"), "{bad}");
     }
 
     #[test]

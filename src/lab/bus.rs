@@ -49,6 +49,7 @@ pub(super) fn revoke_local(session: &str) {
         observers: Vec::new(),
         out: None,
         node: None,
+        keys: false,
     };
     if let Err(e) = crate::provision::revoke(&o) {
         tracing::warn!(session, error = %e, "could not revoke the lab's session");
@@ -131,6 +132,7 @@ impl Lab {
             observers: Vec::new(),
             out: None,
             node: self.private.first().map(|b| b.node.clone()),
+            keys: false,
         };
         if self.private.is_empty() {
             state.provisioned_on = Some(base.authority());

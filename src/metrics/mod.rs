@@ -65,10 +65,24 @@ pub enum DropReason {
     FloodLimit,
     /// A unit too short to be an Ethernet frame (read from a TAP or from the bus).
     BadFrame,
+    /// End-to-end (`--e2e`): a sealed message that does not open under the session or group
+    /// key of the broker user it claims (forged, altered, moved to another key, or sealed
+    /// under a session this agent no longer has). Counted in messages.
+    DecryptFailed,
+    /// End-to-end: a sealed message whose counter was already accepted (a replay), or a
+    /// handshake message that repeats one. Counted in messages.
+    Replayed,
+    /// End-to-end: a peer without a public key in the peers file (or a destination no peer
+    /// owns): its traffic is refused both ways.
+    NoKey,
+    /// End-to-end: a batch for a peer whose handshake is under way (TCP and ping resend).
+    NoSession,
+    /// End-to-end: a batch in clear at an `--e2e` agent, which never accepts one.
+    Plaintext,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -89,6 +103,11 @@ impl DropReason {
         DropReason::SpoofedMac,
         DropReason::FloodLimit,
         DropReason::BadFrame,
+        DropReason::DecryptFailed,
+        DropReason::Replayed,
+        DropReason::NoKey,
+        DropReason::NoSession,
+        DropReason::Plaintext,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -114,6 +133,11 @@ impl DropReason {
             DropReason::SpoofedMac => "spoofed_mac",
             DropReason::FloodLimit => "flood_limit",
             DropReason::BadFrame => "bad_frame",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::Replayed => "replayed",
+            DropReason::NoKey => "no_key",
+            DropReason::NoSession => "no_session",
+            DropReason::Plaintext => "plaintext",
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct Options {
     /// Use `rabbitmqctl -n NODE` (a private node of this machine) instead of looking for
     /// the API.
     pub node: Option<String>,
+    /// `--keys`: a private key per agent (`NAME.key`, mode 0600), the public keys in the
+    /// peers file, and `e2e`/`private-key` in each `NAME.toml` (end-to-end encryption).
+    pub keys: bool,
 }
 
 /// How the broker's users and permissions are changed.
@@ -291,6 +294,7 @@ fn write_files(dir: &Path, o: &Options, plan: &SessionPlan) -> anyhow::Result<Ve
     let dir = &std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let mut files = Vec::new();
     let peers = dir.join("peers");
+    let mut publics: Vec<(String, String)> = Vec::new();
     for u in &plan.users {
         let url = o.admin.with_credentials(&u.user, &u.password).with_vhost(&plan.vhost);
         let path = dir.join(format!("{}.url", u.agent));
@@ -299,13 +303,44 @@ fn write_files(dir: &Path, o: &Options, plan: &SessionPlan) -> anyhow::Result<Ve
         if !u.observer {
             let config = dir.join(format!("{}.toml", u.agent));
             let spec = o.agents.iter().find(|a| a.name == u.agent).map(|a| a.prefixes.as_slice()).unwrap_or_default();
-            write_private(&config, &agent_config(plan, &u.agent, spec, &path, &peers, o.tls.ca.as_deref()))?;
+            let mut text = agent_config(plan, &u.agent, spec, &path, &peers, o.tls.ca.as_deref());
+            if o.keys {
+                let key = crate::e2e::keys::PrivateKey::generate().map_err(anyhow::Error::msg)?;
+                let key_path = dir.join(format!("{}.key", u.agent));
+                write_private(&key_path, &key.to_file_text())?;
+                files.push(key_path.clone());
+                publics.push((u.user.clone(), key.public().to_string()));
+                text.push_str(&e2e_config(&key_path));
+            }
+            write_private(&config, &text)?;
             files.push(config);
         }
     }
-    write_private(&peers, &plan.peers_file())?;
+    write_private(&peers, &with_keys(&plan.peers_file(), &publics))?;
     files.push(peers);
     Ok(files)
+}
+
+/// The lines `NAME.toml` gets with `--keys`: end-to-end encryption on, with the agent's key.
+fn e2e_config(key: &Path) -> String {
+    let mut t = toml::Table::new();
+    t.insert("e2e".into(), toml::Value::Boolean(true));
+    t.insert("private-key".into(), toml::Value::String(key.display().to_string()));
+    toml::to_string(&t).unwrap_or_default()
+}
+
+/// A peers file with `key=PUBLIC` on the line of each user in `keys` (user, public key).
+fn with_keys(peers: &str, keys: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(peers.len() + keys.len() * 70);
+    for line in peers.lines() {
+        out.push_str(line);
+        let user = line.split_whitespace().next().unwrap_or("");
+        if let Some((_, k)) = keys.iter().find(|(u, _)| u == user) {
+            out.push_str(&format!(" {}{k}", crate::identity::peers_file::KEY_ITEM));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// `NAME.toml` of one agent: what `agent connect --config` and the unit `tunbus-agent@NAME`
@@ -361,6 +396,22 @@ mod tests {
         assert_eq!(t["ipv4"].as_array().unwrap()[0].as_str(), Some("198.18.0.1/24"));
         assert_eq!(t["ipv6"].as_array().unwrap()[0].as_str(), Some("fd00:7b::1/64"));
         assert!(!text.contains("pw"), "no password in the configuration:\n{text}");
+    }
+
+    #[test]
+    fn keys_go_into_the_peers_file_and_each_configuration() {
+        let agents: Vec<AgentSpec> = vec!["h1=198.18.0.1/24".parse().unwrap(), "h2=198.18.0.2/24".parse().unwrap()];
+        let plan = plan::plan("lab", &agents, || "pw".into()).unwrap();
+        let k = "ab".repeat(32);
+        let text = with_keys(&plan.peers_file(), &[("lab.h2".to_owned(), k.clone())]);
+        let keys = crate::identity::peers_file::keys(&text).unwrap();
+        assert_eq!(keys, vec![("lab.h2".to_owned(), [0xab; 32])]);
+        assert!(crate::identity::peers_file::parse(&text, Some("lab")).is_ok(), "{text}");
+        let mut conf = agent_config(&plan, "h1", &agents[0].prefixes, Path::new("/u"), Path::new("/p"), None);
+        conf.push_str(&e2e_config(Path::new("/etc/tunbus/lab/h1.key")));
+        let t: toml::Table = toml::from_str(&conf).unwrap();
+        assert_eq!(t["e2e"].as_bool(), Some(true));
+        assert_eq!(t["private-key"].as_str(), Some("/etc/tunbus/lab/h1.key"));
     }
 
     #[test]

@@ -128,14 +128,14 @@ pub fn permissions(session: &str, agent: &str, addresses: &[IpAddr]) -> Permissi
     let _ = write!(topic_read, "({})\\.([0-9]+|\\*)", words.join("|"));
     let _ = write!(
         topic_read,
-        "|all\\.\\*|ctl\\.probe|ctl\\.hello\\.[^.]+|ctl\\.bye\\.[^.]+|ctl\\.hello\\.\\*|ctl\\.bye\\.\\*|ctl\\.route\\.\\*|ctl\\.route\\.[^.]+|ctl\\.ping\\.{a}|ctl\\.pong\\.[A-Za-z0-9_-]+)$"
+        "|all\\.\\*|ctl\\.probe|ctl\\.hello\\.[^.]+|ctl\\.bye\\.[^.]+|ctl\\.hello\\.\\*|ctl\\.bye\\.\\*|ctl\\.route\\.\\*|ctl\\.route\\.[^.]+|ctl\\.ping\\.{a}|ctl\\.e2e\\.{a}|ctl\\.pong\\.[A-Za-z0-9_-]+)$"
     );
     Permissions {
         configure: format!("^({own_queues}|{gen})$"),
         write: format!("^({exchange}|{own_queues}|{gen})$"),
         read: format!("^({exchange}|{own_queues}|{gen})$"),
         topic_write: format!(
-            "^tunbus\\.v1\\.([0-9a-f-]+\\.[0-9]{{1,2}}|all\\.{a}|ctl\\.hello\\.{a}|ctl\\.bye\\.{a}|ctl\\.route\\.{a}|ctl\\.probe|ctl\\.ping\\.[^.]+|ctl\\.pong\\.[^.]+)$"
+            "^tunbus\\.v1\\.([0-9a-f-]+\\.[0-9]{{1,2}}|all\\.{a}|ctl\\.hello\\.{a}|ctl\\.bye\\.{a}|ctl\\.route\\.{a}|ctl\\.probe|ctl\\.ping\\.[^.]+|ctl\\.e2e\\.[^.]+|ctl\\.pong\\.[^.]+)$"
         ),
         topic_read,
     }
@@ -350,18 +350,18 @@ mod tests {
         let ok = |re: &str, s: &str| re::full_match(re, s);
         let ll = route::address_word(IpAddr::V6(crate::identity::link_local(Some("lab"), "h1")));
         // Publishing: unicast to anyone, own flood and presence, probes.
-        for k in ["tunbus.v1.198-18-0-2.7", "tunbus.v1.fd00-7b--2.15", "tunbus.v1.all.h1", "tunbus.v1.ctl.hello.h1", "tunbus.v1.ctl.bye.h1", "tunbus.v1.ctl.route.h1", "tunbus.v1.ctl.probe", "tunbus.v1.ctl.ping.h2", "tunbus.v1.ctl.pong.p1a2b"] {
+        for k in ["tunbus.v1.198-18-0-2.7", "tunbus.v1.fd00-7b--2.15", "tunbus.v1.all.h1", "tunbus.v1.ctl.hello.h1", "tunbus.v1.ctl.bye.h1", "tunbus.v1.ctl.route.h1", "tunbus.v1.ctl.probe", "tunbus.v1.ctl.ping.h2", "tunbus.v1.ctl.pong.p1a2b", "tunbus.v1.ctl.e2e.h2"] {
             assert!(ok(&p.topic_write, k), "publish {k}");
         }
         for k in ["tunbus.v1.ctl.hello.h2", "tunbus.v1.all.h2", "tunbus.v1.ctl.bye.h2", "tunbus.v1.ctl.route.h2", "tunbus.v1.all.h1x", "other.key"] {
             assert!(!ok(&p.topic_write, k), "publish must refuse {k}");
         }
         // Binding: own addresses, every shard or one; shared keys.
-        for k in ["tunbus.v1.198-18-0-1.*", "tunbus.v1.198-18-0-1.3", "tunbus.v1.fd00-7b--1.*", &format!("tunbus.v1.{ll}.*"), "tunbus.v1.all.*", "tunbus.v1.ctl.probe", "tunbus.v1.ctl.hello.*", "tunbus.v1.ctl.route.*", "tunbus.v1.ctl.hello.h2", "tunbus.v1.ctl.ping.h1", "tunbus.v1.ctl.pong.p1a2b"] {
+        for k in ["tunbus.v1.198-18-0-1.*", "tunbus.v1.198-18-0-1.3", "tunbus.v1.fd00-7b--1.*", &format!("tunbus.v1.{ll}.*"), "tunbus.v1.all.*", "tunbus.v1.ctl.probe", "tunbus.v1.ctl.hello.*", "tunbus.v1.ctl.route.*", "tunbus.v1.ctl.hello.h2", "tunbus.v1.ctl.ping.h1", "tunbus.v1.ctl.pong.p1a2b", "tunbus.v1.ctl.e2e.h1"] {
             assert!(ok(&p.topic_read, k), "bind {k}");
         }
         // Nobody else's pings (it could answer them as h2), nor every pinger's answers.
-        for k in ["tunbus.v1.#", "tunbus.v1.198-18-0-2.*", "tunbus.v1.198-18-0-2.3", "tunbus.v1.*.*", "#", "tunbus.v1.198-18-0-1.#", "tunbus.v1.all.h2", "tunbus.v1.ctl.ping.h2", "tunbus.v1.ctl.ping.*", "tunbus.v1.ctl.pong.*", "tunbus.v1.ctl.pong.#"] {
+        for k in ["tunbus.v1.#", "tunbus.v1.198-18-0-2.*", "tunbus.v1.198-18-0-2.3", "tunbus.v1.*.*", "#", "tunbus.v1.198-18-0-1.#", "tunbus.v1.all.h2", "tunbus.v1.ctl.ping.h2", "tunbus.v1.ctl.ping.*", "tunbus.v1.ctl.pong.*", "tunbus.v1.ctl.pong.#", "tunbus.v1.ctl.e2e.h2", "tunbus.v1.ctl.e2e.*"] {
             assert!(!ok(&p.topic_read, k), "bind must refuse {k}");
         }
     }

@@ -119,7 +119,7 @@ impl QueueWorker {
             learner: (link.index == 0).then(|| super::switch::Learner::new(l2.own, l2.directory.clone())),
         });
         let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
-        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper, l2_rx);
+        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper, l2_rx, link.e2e.clone());
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         let layer = port.layer();

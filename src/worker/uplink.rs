@@ -34,7 +34,7 @@ use crate::util::{now_ns, Stop};
 
 use super::batch::{Outlet, MAX_ENTRY};
 use super::rx::{Receiver, READS_PER_WAKE};
-use super::wire::Outbound;
+use super::wire::{Outbound, Outcome};
 
 /// Unacknowledged bytes in the publishing socket above which the broker counts as busy
 /// ([`Outlet::busy`]):
@@ -74,6 +74,8 @@ pub struct UplinkContext {
     /// An L2 agent with `--bridge`: the MACs seen behind its bridge, which its hellos
     /// announce (queue 0).
     pub local_macs: Option<Arc<super::switch::LocalMacs>>,
+    /// End-to-end encryption (`--e2e`): the agent's keys and sessions, shared by its links.
+    pub e2e: Option<Arc<crate::e2e::E2e>>,
 }
 
 impl UplinkContext {
@@ -161,6 +163,10 @@ impl UplinkContext {
             keys.push(route::CTL_PROBE.to_owned());
             if let Some(ping) = RoutingKey::ping(c.name()) {
                 keys.push(ping.as_str().to_owned());
+            }
+            if self.e2e.is_some() {
+                // Handshake messages for this agent.
+                keys.push(crate::e2e::handshake_key(c.name()));
             }
             if c.identity().mode == crate::identity::Mode::FirstClaim || (l2 && c.data_path().wire == Wire::Native) {
                 // First claim: every hello and bye, to know who holds which address; L2:
@@ -275,6 +281,11 @@ impl Uplink {
             a.on_node(Some(self.client.broker()));
         }
         self.receiver.reset();
+        if let (Some(e2e), true) = (&self.ctx.e2e, self.announce.is_some()) {
+            // A new handshake with every peer on every new connection of queue 0: after a
+            // restart of this agent or of the broker, sessions start afresh.
+            e2e.initiate_all(Instant::now(), now_ns());
+        }
         self.next_hello = Instant::now(); // say hello on every new connection
         // First claim, and agents that install routes: ask for everyone's hellos now rather
         // than wait for the next round.
@@ -295,6 +306,7 @@ impl Uplink {
     /// connection or a probe). Pre-serialised bytes: no allocation.
     pub fn announce_if_due(&mut self) {
         self.note_local_macs();
+        self.send_handshakes();
         let Some(a) = &self.announce else { return };
         let now = Instant::now();
         if now < self.next_hello || !self.client.is_up() {
@@ -341,6 +353,21 @@ impl Uplink {
         self.next_hello = self.next_hello.min(now.max(self.last_hello + PROBE_ANSWER_GAP));
     }
 
+    /// Publishes the end-to-end handshake messages waiting in the agent's outbox (any link
+    /// that is up takes them; control plane: a few per peer every two minutes).
+    pub fn send_handshakes(&mut self) {
+        let Some(e2e) = &self.ctx.e2e else { return };
+        if !e2e.has_outgoing() || !self.client.is_up() {
+            return;
+        }
+        let now = Instant::now();
+        for m in e2e.take_outgoing() {
+            if let Err(e) = self.client.publish_copy(&self.exchange, &m.routing_key, &crate::amqp::wire::Properties::default(), &m.body) {
+                return self.client.fail(now, e);
+            }
+        }
+    }
+
     /// Whether the broker is still behind on what we sent: then a small batch would only
     /// queue behind it, so the worker keeps filling.
     pub fn busy(&self) -> bool {
@@ -382,6 +409,7 @@ impl Uplink {
             return;
         }
         self.answer_pings();
+        self.send_handshakes();
     }
 
     /// Answers the pings that arrived (`agent ping`), at most one per [`PING_ANSWER_GAP`],
@@ -463,7 +491,12 @@ impl Outlet for Uplink {
         writer.finish(seq | (self.ctx.index as u64) << crate::capture::LINK_SHIFT, now_ns());
         let now = Instant::now();
         match self.outbound.publish(client, now, &self.exchange, key, writer) {
-            Ok(Published::Sent) => {
+            Ok(Outcome::Refused(reason)) => {
+                self.counters.record_drop(reason, packets);
+                self.send_handshakes(); // a handshake it started, at once
+                true
+            }
+            Ok(Outcome::Broker(Published::Sent)) => {
                 self.seq = seq;
                 self.counters.sent.message(packets, bytes);
                 self.wait.record_n(now_ns().saturating_sub(read_ns) / 1000, 1);
@@ -474,12 +507,12 @@ impl Outlet for Uplink {
                 }
                 true
             }
-            Ok(Published::Blocked) => {
+            Ok(Outcome::Broker(Published::Blocked)) => {
                 self.counters.record_drop(DropReason::BrokerBlocked, packets);
                 true
             }
-            Ok(Published::Busy) => false,
-            Ok(Published::Down) => {
+            Ok(Outcome::Broker(Published::Busy)) => false,
+            Ok(Outcome::Broker(Published::Down)) => {
                 self.counters.record_drop(DropReason::BrokerDown, packets);
                 true
             }

@@ -21,7 +21,8 @@ use crate::codec::ioppytest;
 use crate::codec::v1::{BatchWriter, FLAG_VNET, VNET_HDR_LEN};
 use crate::config::{AgentConfig, Wire};
 use crate::identity;
-use crate::metrics::{LocalHistogram, RxCounters};
+use crate::e2e::{E2e, OpenRefusal, SealRefusal};
+use crate::metrics::{DropReason, LocalHistogram, RxCounters};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
 use crate::port::{Layer, Port};
@@ -30,10 +31,19 @@ use crate::util::now_ns;
 use super::routes::RouteKeeper;
 use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
 
+/// What became of a batch handed to an [`Outbound`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handed to the connection, with its answer.
+    Broker(Published),
+    /// Refused by the wire itself (`--e2e`: no key, no session yet): counted as this drop.
+    Refused(DropReason),
+}
+
 /// How a finished batch is published.
 pub trait Outbound: Send {
     /// Publishes `batch` (finished: its header is written) for routing key `key`.
-    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error>;
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error>;
 }
 
 /// What the receiving half owns and an [`Inbound`] writes into: the worker's port, its
@@ -71,7 +81,8 @@ const MAX_PENDING_PINGS: usize = 8;
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
 /// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
 /// `routes` is queue 0's keeper of advertised prefixes; `l2`: an L2 agent's flood bound
-/// and (queue 0) learner.
+/// and (queue 0) learner. With `e2e` (`--e2e`), batches are sealed after batching and
+/// opened before they are delivered ([`SealedOut`], and [`NativeIn`] with its keys).
 #[allow(clippy::too_many_arguments)]
 pub fn for_agent(
     config: &AgentConfig,
@@ -82,10 +93,14 @@ pub fn for_agent(
     presence: Option<ClaimKeeper>,
     routes: Option<RouteKeeper>,
     l2: Option<rx::L2Rx>,
+    e2e: Option<Arc<E2e>>,
 ) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
     match config.data_path().wire {
         Wire::Native => (
-            Box::new(NativeOut),
+            match &e2e {
+                Some(e) => Box::new(SealedOut { e2e: e.clone(), sealed: Vec::new() }),
+                None => Box::new(NativeOut),
+            },
             Box::new(NativeIn {
                 own_flood_key: flood_key,
                 layer,
@@ -99,6 +114,8 @@ pub fn for_agent(
                 offload_from_bus: config.data_path().offload_from_bus,
                 aqm: config.data_path().aqm.map(|a| super::aqm::Aqm::new(a.target, a.interval, a.drop)),
                 l2,
+                e2e,
+                opened: Vec::new(),
             }),
         ),
         Wire::Ioppytest => match config.interface().serial() {
@@ -112,8 +129,27 @@ pub fn for_agent(
 pub struct NativeOut;
 
 impl Outbound for NativeOut {
-    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
-        client.publish(now, exchange, key.as_str(), &Properties::default(), batch.as_bytes())
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error> {
+        client.publish(now, exchange, key.as_str(), &Properties::default(), batch.as_bytes()).map(Outcome::Broker)
+    }
+}
+
+/// The native wire with end-to-end encryption: the batch, sealed for its receiver (the
+/// peer owning the key's destination) or, on the flood key, with this agent's group key
+/// (`crate::e2e`). The sealed copy lives in a buffer of its own, reused.
+pub struct SealedOut {
+    e2e: Arc<E2e>,
+    sealed: Vec<u8>,
+}
+
+impl Outbound for SealedOut {
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error> {
+        let dst = RoutingKey::parse_unicast(key.as_str()).map(|(dst, _)| dst);
+        match self.e2e.seal(dst, key.as_str(), batch.as_bytes(), &mut self.sealed, now, now_ns()) {
+            Ok(()) => client.publish(now, exchange, key.as_str(), &Properties::default(), &self.sealed).map(Outcome::Broker),
+            Err(SealRefusal::NoKey) => Ok(Outcome::Refused(DropReason::NoKey)),
+            Err(SealRefusal::NoSession) => Ok(Outcome::Refused(DropReason::NoSession)),
+        }
     }
 }
 
@@ -130,6 +166,8 @@ enum Carries {
     /// A hello or bye (queue 0 in first-claim mode): claims of addresses; a gateway's
     /// route announcement (queue 0): advertised prefixes.
     Presence,
+    /// An end-to-end handshake message for this agent (queue 0 of an `--e2e` agent).
+    Handshake,
 }
 
 impl Carries {
@@ -142,6 +180,8 @@ impl Carries {
             Carries::Probe
         } else if routing_key.starts_with(route::CTL_PING_PREFIX.as_bytes()) {
             Carries::Ping
+        } else if routing_key.starts_with(crate::e2e::CTL_E2E_PREFIX.as_bytes()) {
+            Carries::Handshake
         } else {
             Carries::Presence
         }
@@ -173,6 +213,10 @@ pub struct NativeIn {
     aqm: Option<super::aqm::Aqm>,
     /// An L2 agent's flood bound and learner (`None`: IP).
     l2: Option<rx::L2Rx>,
+    /// End-to-end encryption: every batch is opened (into `opened`) before it is delivered,
+    /// and nothing in clear is taken.
+    e2e: Option<Arc<E2e>>,
+    opened: Vec<u8>,
 }
 
 /// The flow shard named by a unicast routing key's last word (`tunbus.v1.<dst>.<shard>`);
@@ -202,13 +246,33 @@ impl Inbound for NativeIn {
                     scratch: out.scratch,
                     congestion: None,
                 };
+                // End to end: opened first; the sources are then checked against the peer
+                // whose key opened it (the same user as the broker's user_id, or it would not
+                // open).
+                let (body, user): (&[u8], Option<&[u8]>) = match &self.e2e {
+                    None => (d.body, d.user_id),
+                    Some(e2e) => match e2e.open(d.user_id, d.routing_key, d.body, &mut self.opened, Instant::now(), now_ns) {
+                        Ok(user) => (&self.opened, Some(user.as_bytes())),
+                        Err(refusal) => {
+                            out.counters.record_drop(refusal_reason(refusal), 1);
+                            return;
+                        }
+                    },
+                };
                 if let Some(l2) = &mut self.l2 {
                     // Floods come under `tunbus.v1.all.<sender>`.
                     let flooded_by = d.routing_key.strip_prefix(route::ALL_PREFIX.as_bytes()).and_then(|n| std::str::from_utf8(n).ok());
-                    rx::deliver_frames(d.body, d.user_id, flooded_by, now_ns, &mut sink, l2);
+                    rx::deliver_frames(body, user, flooded_by, now_ns, &mut sink, l2);
                 } else {
-                    sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[d.user_id.unwrap_or_default()]), shard: key_shard(d.routing_key) });
-                    rx::deliver(d.body, d.user_id, now_ns, &mut sink);
+                    sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[user.unwrap_or_default()]), shard: key_shard(d.routing_key) });
+                    rx::deliver(body, user, now_ns, &mut sink);
+                }
+            }
+            Carries::Handshake => {
+                if let Some(e2e) = &self.e2e {
+                    if let Err(refusal) = e2e.on_handshake(d.user_id, d.routing_key, d.body, Instant::now(), now_ns) {
+                        out.counters.record_drop(refusal_reason(refusal), 1);
+                    }
                 }
             }
             Carries::Probe => self.probed = true,
@@ -253,6 +317,17 @@ impl Inbound for NativeIn {
     }
 }
 
+/// The drop a refused sealed message counts as.
+fn refusal_reason(r: OpenRefusal) -> DropReason {
+    match r {
+        OpenRefusal::Plaintext => DropReason::Plaintext,
+        OpenRefusal::Malformed => DropReason::Malformed,
+        OpenRefusal::NoKey => DropReason::NoKey,
+        OpenRefusal::DecryptFailed => DropReason::DecryptFailed,
+        OpenRefusal::Replayed => DropReason::Replayed,
+    }
+}
+
 /// How one unit becomes a JSON body: (unit, interface name, UNIX seconds, body).
 type EncodeJson = fn(&[u8], &str, u64, &mut Vec<u8>);
 
@@ -290,7 +365,7 @@ impl IoppytestOut {
 }
 
 impl Outbound for IoppytestOut {
-    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, _key: RoutingKey, batch: &BatchWriter) -> Result<Published, client::Error> {
+    fn publish(&mut self, client: &mut Client, now: Instant, exchange: &str, _key: RoutingKey, batch: &BatchWriter) -> Result<Outcome, client::Error> {
         let vnet_len = if batch.flags() & FLAG_VNET != 0 { VNET_HDR_LEN } else { 0 };
         let seconds = now_ns() / 1_000_000_000;
         let props = crate::amqp::IOPPYTEST_PROPERTIES;
@@ -308,16 +383,16 @@ impl Outbound for IoppytestOut {
                 // never waits for it).
                 Published::Busy => {
                     self.partial = Some((id, i));
-                    return Ok(Published::Busy);
+                    return Ok(Outcome::Broker(Published::Busy));
                 }
                 other => {
                     self.partial = None;
-                    return Ok(other);
+                    return Ok(Outcome::Broker(other));
                 }
             }
         }
         self.partial = None;
-        Ok(Published::Sent)
+        Ok(Outcome::Broker(Published::Sent))
     }
 }
 
