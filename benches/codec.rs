@@ -71,10 +71,7 @@ fn slot_commit(w: &mut v1::BatchWriter, pkt: &[u8]) {
 }
 
 fn config() -> Criterion {
-    Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20)
+    Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(20)
 }
 
 fn v1_encode(c: &mut Criterion) {
@@ -157,9 +154,7 @@ fn v1_decode(c: &mut Criterion) {
         for (name, count) in [("single", 1), ("batch", per_batch(size))] {
             let body = frame(&pkt, count);
             g.throughput(Throughput::Bytes((count * size) as u64));
-            g.bench_with_input(BenchmarkId::new(name, size), &body, |b, body| {
-                b.iter(|| decode_and_iterate(black_box(body)))
-            });
+            g.bench_with_input(BenchmarkId::new(name, size), &body, |b, body| b.iter(|| decode_and_iterate(black_box(body))));
         }
     }
     g.finish();
@@ -199,29 +194,21 @@ fn ioppytest_json(c: &mut Criterion) {
 fn serial(c: &mut Criterion) {
     let mut g = c.benchmark_group("serial");
     for size in [20, slip::MAX_PSDU] {
-        let frame: Vec<u8> = ipv4_udp(size.max(28))[..size]
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| if i % 16 == 5 { slip::END } else { b })
-            .collect();
+        let frame: Vec<u8> = ipv4_udp(size.max(28))[..size].iter().enumerate().map(|(i, &b)| if i % 16 == 5 { slip::END } else { b }).collect();
         let frames = 64;
         let mut line = Vec::new();
         for _ in 0..frames {
             slip::encode(&frame, &mut line);
         }
         g.throughput(Throughput::Bytes((size * frames) as u64));
-        g.bench_with_input(
-            BenchmarkId::new("slip_decode_64", size),
-            &line,
-            |b, line| {
-                let mut d = slip::Decoder::new(slip::Framing::Delimited, slip::DEFAULT_MAX_FRAME);
-                b.iter(|| {
-                    let mut n = 0;
-                    d.decode_all(black_box(line), |f| n += f.len());
-                    assert_eq!(n, size * frames);
-                })
-            },
-        );
+        g.bench_with_input(BenchmarkId::new("slip_decode_64", size), &line, |b, line| {
+            let mut d = slip::Decoder::new(slip::Framing::Delimited, slip::DEFAULT_MAX_FRAME);
+            b.iter(|| {
+                let mut n = 0;
+                d.decode_all(black_box(line), |f| n += f.len());
+                assert_eq!(n, size * frames);
+            })
+        });
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::new("slip_encode", size), &frame, |b, frame| {
             let mut out = Vec::with_capacity(slip::max_encoded_len(size));
@@ -243,8 +230,7 @@ fn serial(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("json_decode", size), &body, |b, body| {
             let mut out = Vec::new();
             b.iter(|| {
-                ioppytest::serial::decode_frame(black_box(body), slip::DEFAULT_MAX_FRAME, &mut out)
-                    .expect("valid body");
+                ioppytest::serial::decode_frame(black_box(body), slip::DEFAULT_MAX_FRAME, &mut out).expect("valid body");
                 black_box(out.len())
             })
         });
@@ -265,9 +251,7 @@ fn offload(c: &mut Criterion) {
         let p = sample_packet(v6, tcp, payload);
         let h = kernel_header(&p, gso).to_bytes();
         assert!(vnet::build(&h, &p).is_ok(), "{name} is on the allow-list");
-        g.bench_function(format!("build/{name}"), |b| {
-            b.iter(|| vnet::build(black_box(&h), black_box(&p)))
-        });
+        g.bench_function(format!("build/{name}"), |b| b.iter(|| vnet::build(black_box(&h), black_box(&p))));
     }
     g.finish();
 
@@ -276,27 +260,20 @@ fn offload(c: &mut Criterion) {
         let mut p = sample_packet(false, true, payload);
         let h = kernel_header(&p, 0).to_bytes();
         g.throughput(Throughput::Bytes(p.len() as u64));
-        g.bench_function(BenchmarkId::new("complete", p.len()), |b| {
-            b.iter(|| vnet::complete_checksum(black_box(&h), black_box(&mut p)))
-        });
+        g.bench_function(BenchmarkId::new("complete", p.len()), |b| b.iter(|| vnet::complete_checksum(black_box(&h), black_box(&mut p))));
     }
     for v6 in [false, true] {
         let p = sample_packet(v6, true, 65_000);
         let h = kernel_header(&p, 1448).to_bytes();
         let mut s = Segmenter::new();
         g.throughput(Throughput::Bytes(p.len() as u64));
-        g.bench_function(
-            format!("segment/{}", if v6 { "tcp6" } else { "tcp4" }),
-            |b| {
-                b.iter(|| {
-                    let mut bytes = 0;
-                    let n = s
-                        .segments(Some(&h), black_box(&p), |seg| bytes += seg.len())
-                        .expect("a valid super-packet");
-                    black_box((n, bytes))
-                })
-            },
-        );
+        g.bench_function(format!("segment/{}", if v6 { "tcp6" } else { "tcp4" }), |b| {
+            b.iter(|| {
+                let mut bytes = 0;
+                let n = s.segments(Some(&h), black_box(&p), |seg| bytes += seg.len()).expect("a valid super-packet");
+                black_box((n, bytes))
+            })
+        });
     }
     g.finish();
 }

@@ -19,10 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tunbus::route::{self, Destination, RoutingKey};
 
 fn config() -> Criterion {
-    Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20)
+    Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(20)
 }
 
 /// 198.18.0.1:40000 → 198.18.0.2:5001, TCP, 64 bytes.
@@ -77,11 +74,7 @@ fn decide(packet: &[u8], own_v4: &[(std::net::Ipv4Addr, u8)]) -> Option<(Destina
     }
     let c = route::classify(packet).ok()?;
     let dst = match c.dst {
-        Destination::Unicast(std::net::IpAddr::V4(v4))
-            if route::is_directed_broadcast(v4, own_v4) =>
-        {
-            Destination::Flood
-        }
+        Destination::Unicast(std::net::IpAddr::V4(v4)) if route::is_directed_broadcast(v4, own_v4) => Destination::Flood,
         d => d,
     };
     Some((dst, c.shard))
@@ -95,37 +88,22 @@ fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("route");
     g.throughput(Throughput::Elements(1));
     for (name, p) in &packets {
-        g.bench_function(format!("classify_key/{name}"), |b| {
-            b.iter(|| key_for(black_box(p)))
-        });
+        g.bench_function(format!("classify_key/{name}"), |b| b.iter(|| key_for(black_box(p))));
     }
     for (name, p) in &packets {
-        g.bench_function(format!("classify/{name}"), |b| {
-            b.iter(|| route::classify(black_box(p)))
-        });
+        g.bench_function(format!("classify/{name}"), |b| b.iter(|| route::classify(black_box(p))));
     }
-    let own_v4 = [
-        (std::net::Ipv4Addr::new(198, 18, 0, 1), 15),
-        (std::net::Ipv4Addr::new(10, 2, 0, 1), 24),
-    ];
+    let own_v4 = [(std::net::Ipv4Addr::new(198, 18, 0, 1), 15), (std::net::Ipv4Addr::new(10, 2, 0, 1), 24)];
     for (name, p) in &packets {
-        g.bench_function(format!("decide/{name}"), |b| {
-            b.iter(|| decide(black_box(p), black_box(&own_v4)))
-        });
+        g.bench_function(format!("decide/{name}"), |b| b.iter(|| decide(black_box(p), black_box(&own_v4))));
     }
     for (name, p) in &packets {
         let c = route::classify(p).expect("valid packet");
-        let Destination::Unicast(dst) = c.dst else {
-            unreachable!("test packets are unicast")
-        };
-        g.bench_function(format!("unicast_key/{name}"), |b| {
-            b.iter(|| RoutingKey::unicast(black_box(dst), black_box(c.shard)))
-        });
+        let Destination::Unicast(dst) = c.dst else { unreachable!("test packets are unicast") };
+        g.bench_function(format!("unicast_key/{name}"), |b| b.iter(|| RoutingKey::unicast(black_box(dst), black_box(c.shard))));
     }
     for (name, p) in &packets {
-        g.bench_function(format!("flow_hash/{name}"), |b| {
-            b.iter(|| route::flow_hash(black_box(p)))
-        });
+        g.bench_function(format!("flow_hash/{name}"), |b| b.iter(|| route::flow_hash(black_box(p))));
     }
     g.finish();
 }
@@ -137,40 +115,23 @@ fn identity(c: &mut Criterion) {
     use tunbus::identity::{Mode, Table, Trust, Verdict};
     let users: Vec<(String, Vec<tunbus::route::Prefix>)> = (1..=300u32)
         .map(|i| {
-            let v4 =
-                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
-            (
-                format!("lab.h{i}"),
-                vec![
-                    format!("{v4}/32").parse().expect("prefix"),
-                    format!("fd00:7b::{i:x}/128").parse().expect("prefix"),
-                ],
-            )
+            let v4 = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
+            (format!("lab.h{i}"), vec![format!("{v4}/32").parse().expect("prefix"), format!("fd00:7b::{i:x}/128").parse().expect("prefix")])
         })
         .collect();
     let view = Trust::new(&Mode::Strict(Table::new(users))).view();
-    let packets = [
-        ("ipv4_tcp", ipv4_tcp(), &b"lab.h1"[..]),
-        ("ipv6_udp", ipv6_udp(), &b"lab.h1"[..]),
-    ];
+    let packets = [("ipv4_tcp", ipv4_tcp(), &b"lab.h1"[..]), ("ipv6_udp", ipv6_udp(), &b"lab.h1"[..])];
     for (_, p, u) in &packets {
-        assert_eq!(
-            view.check(Some(u), route::source(p).expect("has a source")),
-            Verdict::Allowed
-        );
+        assert_eq!(view.check(Some(u), route::source(p).expect("has a source")), Verdict::Allowed);
     }
     let mut g = c.benchmark_group("identity");
     g.throughput(Throughput::Elements(1));
     for (name, p, u) in &packets {
         // Once per message: the sender's prefixes.
-        g.bench_function(format!("sender/{name}"), |b| {
-            b.iter(|| view.sender(Some(black_box(u))))
-        });
+        g.bench_function(format!("sender/{name}"), |b| b.iter(|| view.sender(Some(black_box(u)))));
         // Once per new source in a message: its verdict.
         let sender = view.sender(Some(u));
-        g.bench_function(format!("source_check/{name}"), |b| {
-            b.iter(|| route::source(black_box(p)).map(|s| sender.check(s)))
-        });
+        g.bench_function(format!("source_check/{name}"), |b| b.iter(|| route::source(black_box(p)).map(|s| sender.check(s))));
     }
     g.finish();
 }

@@ -57,9 +57,8 @@ fn parse_args() -> anyhow::Result<Args> {
         queue_type: "classic".to_owned(),
         publish_url: None,
     };
-    let list = |v: String, flag: &str| -> anyhow::Result<Vec<u64>> {
-        v.split(',').map(|s| s.trim().parse().with_context(|| format!("{flag}: {s:?}"))).collect()
-    };
+    let list =
+        |v: String, flag: &str| -> anyhow::Result<Vec<u64>> { v.split(',').map(|s| s.trim().parse().with_context(|| format!("{flag}: {s:?}"))).collect() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -229,7 +228,8 @@ fn main() -> anyhow::Result<()> {
     let queue = format!("tunbus-perf-broker-{}-{}", std::process::id(), tunbus::util::now_ns() % 1_000_000);
     let endpoint = Endpoint::new(args.url.parse()?, &Default::default())?;
     let never = AtomicBool::new(false);
-    let mut consumer = Client::open(&endpoint, &ConnectOptions::new("broker_bench consumer"), &never).with_context(|| format!("connecting to {}", endpoint.url))?;
+    let mut consumer =
+        Client::open(&endpoint, &ConnectOptions::new("broker_bench consumer"), &never).with_context(|| format!("connecting to {}", endpoint.url))?;
     // Exclusive: the queue goes with the consumer's connection, whatever happens.
     let quorum = args.queue_type != "classic";
     let options = QueueOptions { exclusive: !quorum, ..QueueOptions::default() };

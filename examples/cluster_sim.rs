@@ -42,7 +42,12 @@ fn agent(endpoints: &[Endpoint], i: usize) -> anyhow::Result<Client> {
     let plan = tunbus::amqp::client::Plan { exchange: EXCHANGE.into(), queue: None };
     let mut c = Client::connect(vec![endpoints[i % endpoints.len()].clone()], &opts, plan, tunbus::amqp::client::Retry::OncePerNode, &never)?;
     let q = format!("tunbus.sim.h{i}.0");
-    c.queue_declare(&q, QueueOptions { exclusive: true, ..QueueOptions::default() }, &[("x-max-length", Value::I32(4096)), ("x-max-length-bytes", Value::I64(4 << 20))], &never)?;
+    c.queue_declare(
+        &q,
+        QueueOptions { exclusive: true, ..QueueOptions::default() },
+        &[("x-max-length", Value::I32(4096)), ("x-max-length-bytes", Value::I64(4 << 20))],
+        &never,
+    )?;
     for a in addresses(i) {
         c.queue_bind(&q, EXCHANGE, &route::unicast_pattern(a), &never)?;
     }

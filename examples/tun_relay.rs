@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tunbus::route::Prefix;
 use tunbus::codec::vnet;
+use tunbus::route::Prefix;
 use tunbus::tun::{netns, TunDevice, TunQueue};
 
 struct Args {
@@ -61,9 +61,7 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     match (ns_a, ns_b, addr_a, addr_b) {
-        (Some(ns_a), Some(ns_b), Some(addr_a), Some(addr_b)) => {
-            Ok(Args { ns_a, ns_b, addr_a, addr_b, offload, mtu, seconds })
-        }
+        (Some(ns_a), Some(ns_b), Some(addr_a), Some(addr_b)) => Ok(Args { ns_a, ns_b, addr_a, addr_b, offload, mtu, seconds }),
         _ => bail!("--ns-a, --ns-b, --addr-a and --addr-b are required\n{USAGE}"),
     }
 }
@@ -121,13 +119,11 @@ fn relay(from: &TunQueue, to: &TunQueue, stop: &AtomicBool, c: &Counters) {
 fn create(ns: &str, addr: Prefix, mtu: u32, offload: bool, tag: &str) -> anyhow::Result<TunDevice> {
     let temp = format!("trly{}{tag}", std::process::id());
     let dev = TunDevice::create(&temp, 1, offload).with_context(|| format!("creating TUN {temp}"))?;
-    if let Err(e) = netns::move_into(&temp, ns, "relay0")
-        .and_then(|()| {
-            // A distinct link-local per side (the relay joins two one-host "links").
-            let ll = if tag == "a" { "fe80::a" } else { "fe80::b" };
-            netns::configure(Some(ns), "relay0", mtu, &[addr], ll.parse().expect("constant address"), 0)
-        })
-    {
+    if let Err(e) = netns::move_into(&temp, ns, "relay0").and_then(|()| {
+        // A distinct link-local per side (the relay joins two one-host "links").
+        let ll = if tag == "a" { "fe80::a" } else { "fe80::b" };
+        netns::configure(Some(ns), "relay0", mtu, &[addr], ll.parse().expect("constant address"), 0)
+    }) {
         netns::delete(Some(ns), "relay0");
         return Err(e).with_context(|| format!("moving {temp} into namespace {ns}"));
     }

@@ -50,36 +50,21 @@ fn endpoint(i: u32) -> EndpointConfig {
     EndpointConfig {
         name: format!("h{i}"),
         addrs: vec![
-            format!("198.18.{}.{}/15", (i >> 8) & 0xff, i & 0xff)
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}")),
-            format!("fd00:7b::{i:x}/64")
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}")),
+            format!("198.18.{}.{}/15", (i >> 8) & 0xff, i & 0xff).parse().unwrap_or_else(|e| panic!("{e}")),
+            format!("fd00:7b::{i:x}/64").parse().unwrap_or_else(|e| panic!("{e}")),
         ],
-        link_local: format!("fe80::7b:{i:x}")
-            .parse()
-            .unwrap_or_else(|e| panic!("{e}")),
+        link_local: format!("fe80::7b:{i:x}").parse().unwrap_or_else(|e| panic!("{e}")),
         services: Services::default(),
     }
 }
 
 fn main() {
-    let n: u32 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+    let n: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
     assert!((1..65535).contains(&n), "N in 1..65535");
     let t0 = Instant::now();
-    let config = |seed| PortConfig {
-        index: 0,
-        seed,
-        limits: Limits::default(),
-    };
+    let config = |seed| PortConfig { index: 0, seed, limits: Limits::default() };
     let mut probe = UserspacePort::new(config(1), t0).expect("port");
-    let a = probe
-        .add_endpoint(endpoint(65535), t0)
-        .expect("probe endpoint");
+    let a = probe.add_endpoint(endpoint(65535), t0).expect("probe endpoint");
     let (heap0, rss0) = (HELD.load(Ordering::Relaxed), rss());
     let mut port = UserspacePort::new(config(2), t0).expect("port");
     let fixed = port.fixed_footprint();
@@ -91,21 +76,10 @@ fn main() {
     let took = started.elapsed();
     let (heap2, rss2) = (HELD.load(Ordering::Relaxed), rss());
     let per = (heap2 - heap1) as f64 / f64::from(n);
-    println!(
-        "port: {} KiB fixed (rings, scratch), {} KiB heap",
-        fixed / 1024,
-        (heap1 - heap0) / 1024
-    );
-    println!(
-        "{n} idle endpoints in {took:.2?}: {per:.0} bytes of heap per endpoint ({:.4} MiB)",
-        per / 1048576.0
-    );
+    println!("port: {} KiB fixed (rings, scratch), {} KiB heap", fixed / 1024, (heap1 - heap0) / 1024);
+    println!("{n} idle endpoints in {took:.2?}: {per:.0} bytes of heap per endpoint ({:.4} MiB)", per / 1048576.0);
     if let (Some(r0), Some(r1), Some(r2)) = (rss0, rss1, rss2) {
-        println!(
-            "resident set: +{} KiB for the port, +{:.0} bytes per endpoint",
-            r1.saturating_sub(r0) / 1024,
-            r2.saturating_sub(r1) as f64 / f64::from(n)
-        );
+        println!("resident set: +{} KiB for the port, +{:.0} bytes per endpoint", r1.saturating_sub(r0) / 1024, r2.saturating_sub(r1) as f64 / f64::from(n));
     }
     // A sample answers: 200 pings from the probe, moved by hand.
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
@@ -113,9 +87,7 @@ fn main() {
     let sample: Vec<u32> = (1..=n).step_by((n as usize / 200).max(1)).collect();
     for (seq, &i) in sample.iter().enumerate() {
         now += Duration::from_millis(1);
-        let dst: IpAddr = format!("198.18.{}.{}", (i >> 8) & 0xff, i & 0xff)
-            .parse()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let dst: IpAddr = format!("198.18.{}.{}", (i >> 8) & 0xff, i & 0xff).parse().unwrap_or_else(|e| panic!("{e}"));
         probe.ping(a, dst, seq as u16, now).expect("ping");
         for _ in 0..2 {
             probe.poll(now);
@@ -132,11 +104,7 @@ fn main() {
         }
     }
     probe.poll(now);
-    println!(
-        "pings: {} of {} sampled endpoints answered",
-        probe.ping_replies().count(),
-        sample.len()
-    );
+    println!("pings: {} of {} sampled endpoints answered", probe.ping_replies().count(), sample.len());
     println!(
         "sizes: Interface {} B, tcp::Socket {} B (+ 2 buffers of {} KiB), udp::Socket {} B (+ 2 buffers of {} KiB)",
         std::mem::size_of::<smoltcp::iface::Interface>(),

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: lints (clippy) when the toolchain has them, unit and
+# The whole test suite: formatting and lints (rustfmt, clippy) when the toolchain has them, unit and
 # property tests, then the system tests against a real RabbitMQ, real TUN devices and
 # network namespaces (which must run, not skip: TUNBUS_REQUIRE_SYSTEM_TESTS=1). Extra
 # arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --check >/dev/null || { echo "test: the code is not formatted as rustfmt.toml says: run cargo fmt" >&2; exit 1; }
+else
+  echo "test: rustfmt is not installed (rustup component add rustfmt): formatting not checked" >&2
+fi
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --locked --all-targets -- -D warnings
 else

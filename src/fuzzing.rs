@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use crate::amqp::session::{Config, Event, Session};
 use crate::amqp::url::Mechanism;
 use crate::amqp::wire::{self, method, Args, Close, ContentHeader, Deliver, Tune, Value, Writer};
-use crate::codec::v1::{self, BatchWriter, FrameHeader, Packet, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
 use crate::codec::slip::{self, DecodeStats, Decoder, Framing, Malformed};
+use crate::codec::v1::{self, BatchWriter, FrameHeader, Packet, FLAG_VNET, MAX_PACKET_LEN, VNET_HDR_LEN};
 use crate::codec::{ioppytest, vnet};
 use crate::metrics::DropReason;
 use crate::route::{self, RoutingKey};
@@ -98,7 +98,9 @@ pub fn vnet_allowed(h: &[u8; vnet::HDR_LEN], p: &[u8]) -> bool {
     if l4 < 20 || l4_hdr < 8 || csum_start != l4 || csum_offset != field || hdr_len != l4 + l4_hdr || hdr_len > p.len() {
         return false;
     }
-    let segments_ok = |max_segments: usize| gso_size >= usize::from(vnet::MIN_GSO_SIZE) && p.len() - hdr_len > gso_size && (p.len() - hdr_len).div_ceil(gso_size) <= max_segments;
+    let segments_ok = |max_segments: usize| {
+        gso_size >= usize::from(vnet::MIN_GSO_SIZE) && p.len() - hdr_len > gso_size && (p.len() - hdr_len).div_ceil(gso_size) <= max_segments
+    };
     match gso_type {
         vnet::GSO_NONE => gso_size == 0,
         t if t & !vnet::GSO_ECN == vnet::GSO_TCPV4 => proto == 6 && version == 4 && segments_ok(vnet::MAX_SEGMENTS),
@@ -428,67 +430,27 @@ pub fn packet_views(data: &[u8]) {
     while plain > 0xffff {
         plain = (plain & 0xffff) + (plain >> 16);
     }
-    let cut = data
-        .first()
-        .map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let cut = data.first().map_or(0, |&b| usize::from(b) % (data.len() + 1));
     let (a, b) = data.split_at(cut);
-    assert_eq!(
-        checksum::Sum::of(data).fold(),
-        plain as u16,
-        "the checksum is not RFC 1071's"
-    );
-    assert_eq!(
-        checksum::Sum::new().add_bytes(a).add_bytes(b).fold(),
-        plain as u16,
-        "a split at {cut} changes the sum"
-    );
+    assert_eq!(checksum::Sum::of(data).fold(), plain as u16, "the checksum is not RFC 1071's");
+    assert_eq!(checksum::Sum::new().add_bytes(a).add_bytes(b).fold(), plain as u16, "a split at {cut} changes the sum");
 
     // The transport header at the start of `l4` with `proto`, every accessor.
     let transport = |proto: u8, l4: &[u8]| match proto {
         protocol::TCP => {
             if let Ok(t) = TcpPacket::new_checked(l4) {
-                let _ = (
-                    t.src_port(),
-                    t.dst_port(),
-                    t.seq_number(),
-                    t.ack_number(),
-                    t.header_len(),
-                    t.flags(),
-                    t.window(),
-                );
-                let _ = (
-                    t.checksum(),
-                    t.urgent(),
-                    t.options(),
-                    t.payload(),
-                    t.check_len(),
-                );
+                let _ = (t.src_port(), t.dst_port(), t.seq_number(), t.ack_number(), t.header_len(), t.flags(), t.window());
+                let _ = (t.checksum(), t.urgent(), t.options(), t.payload(), t.check_len());
             }
         }
         protocol::UDP => {
             if let Ok(u) = UdpPacket::new_checked(l4) {
-                let _ = (
-                    u.src_port(),
-                    u.dst_port(),
-                    u.len(),
-                    u.checksum(),
-                    u.payload(),
-                    u.check_len(),
-                );
+                let _ = (u.src_port(), u.dst_port(), u.len(), u.checksum(), u.payload(), u.check_len());
             }
         }
         protocol::ICMP => {
             if let Ok(m) = Icmpv4Packet::new_checked(l4) {
-                let _ = (
-                    m.msg_type(),
-                    m.code(),
-                    m.checksum(),
-                    m.rest_of_header(),
-                    m.echo_ident(),
-                    m.echo_seq(),
-                    m.payload(),
-                    m.verify_checksum(),
-                );
+                let _ = (m.msg_type(), m.code(), m.checksum(), m.rest_of_header(), m.echo_ident(), m.echo_seq(), m.payload(), m.verify_checksum());
             }
         }
         protocol::ICMPV6 => {
@@ -500,48 +462,17 @@ pub fn packet_views(data: &[u8]) {
     };
     match IpPacket::new_checked(data) {
         Ok(IpPacket::V4(p)) => {
-            let _ = (
-                p.header_len(),
-                p.dscp(),
-                p.ecn(),
-                p.total_len(),
-                p.ident(),
-                p.dont_frag(),
-                p.more_frags(),
-                p.frag_offset(),
-            );
-            let _ = (
-                p.is_fragment(),
-                p.ttl(),
-                p.checksum(),
-                p.src_addr(),
-                p.dst_addr(),
-                p.options(),
-                p.verify_checksum(),
-                p.check_len(),
-            );
+            let _ = (p.header_len(), p.dscp(), p.ecn(), p.total_len(), p.ident(), p.dont_frag(), p.more_frags(), p.frag_offset());
+            let _ = (p.is_fragment(), p.ttl(), p.checksum(), p.src_addr(), p.dst_addr(), p.options(), p.verify_checksum(), p.check_len());
             if let Some(l4) = p.payload() {
                 transport(p.protocol(), l4);
             }
         }
         Ok(IpPacket::V6(p)) => {
-            let _ = (
-                p.traffic_class(),
-                p.dscp(),
-                p.ecn(),
-                p.flow_label(),
-                p.payload_len(),
-                p.hop_limit(),
-                p.src_addr(),
-                p.dst_addr(),
-                p.check_len(),
-            );
+            let _ = (p.traffic_class(), p.dscp(), p.ecn(), p.flow_label(), p.payload_len(), p.hop_limit(), p.src_addr(), p.dst_addr(), p.check_len());
             let u = p.upper_layer();
             if let Some(at) = u.offset {
-                assert!(
-                    at >= ipv6::HEADER_LEN,
-                    "the walk points inside the fixed header"
-                );
+                assert!(at >= ipv6::HEADER_LEN, "the walk points inside the fixed header");
                 if let Some(l4) = data.get(at..) {
                     transport(u.protocol, l4);
                 }
@@ -558,19 +489,13 @@ pub fn packet_views(data: &[u8]) {
         assert_eq!(ip.mark_ce(), capable, "mark_ce on {:?}", ip.ecn());
         assert_eq!(ip.ecn().is_capable(), capable);
         if let IpPacket::V4(p) = &ip {
-            assert!(
-                p.verify_checksum(),
-                "ECN marking broke the IPv4 header checksum"
-            );
+            assert!(p.verify_checksum(), "ECN marking broke the IPv4 header checksum");
         }
         let len = u16::try_from(ip.as_bytes().len()).unwrap_or(u16::MAX);
         let pseudo = ip.pseudo_header(protocol::TCP, len);
         if let Ok(mut t) = TcpPacket::new_checked(&mut copy[..]) {
             t.fill_checksum(pseudo);
-            assert!(
-                t.verify_checksum(pseudo),
-                "a filled TCP checksum does not verify"
-            );
+            assert!(t.verify_checksum(pseudo), "a filled TCP checksum does not verify");
         }
     }
     if let Ok(f) = EthernetFrame::new_checked(data) {
@@ -675,7 +600,8 @@ pub fn batcher(data: &[u8]) {
 pub fn batcher_model(ops: &[BatchOp], max_batch_bytes: usize) {
     let key_of = |k: u8| RoutingKey::unicast(IpAddr::V4(Ipv4Addr::new(198, 18, 0, k)), 0);
     let mut b = Batcher::new(max_batch_bytes, 2, key_of(200));
-    let mut out = ModelOutlet { max_len: max_batch_bytes.max(v1::HEADER_LEN + batch::MAX_ENTRY), keys: (0..10).map(key_of).collect(), ..ModelOutlet::default() };
+    let mut out =
+        ModelOutlet { max_len: max_batch_bytes.max(v1::HEADER_LEN + batch::MAX_ENTRY), keys: (0..10).map(key_of).collect(), ..ModelOutlet::default() };
     let mut now = 1_000_000u64;
     let mut next_id = 0u32;
     // Committed, not yet published or dropped: id -> start of its burst.
@@ -746,7 +672,8 @@ pub fn batcher_model(ops: &[BatchOp], max_batch_bytes: usize) {
         assert_eq!(seen.get(&id), Some(&1), "packet {id} published or dropped {:?} times", seen.get(&id));
     }
     for (id, reason) in dropped {
-        let (key, size) = ops.iter().filter_map(|o| if let BatchOp::Packet { key, size } = o { Some((*key, *size)) } else { None }).nth(id as usize).unwrap_or((0, 0));
+        let (key, size) =
+            ops.iter().filter_map(|o| if let BatchOp::Packet { key, size } = o { Some((*key, *size)) } else { None }).nth(id as usize).unwrap_or((0, 0));
         let expected = match reason {
             DropReason::NotIp => size == 0 || key == 9,
             DropReason::NoBuffer => ever_refused,

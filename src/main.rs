@@ -107,7 +107,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Runs agent `config` until Ctrl-C or SIGTERM (or a worker dies): prints the final report,
 /// writes it to `stats_json` when given.
-async fn serve_agent(config: tunbus::config::AgentConfig, interrupt: &Stop, stop: &mut watch::Receiver<bool>, stats_json: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+async fn serve_agent(
+    config: tunbus::config::AgentConfig,
+    interrupt: &Stop,
+    stop: &mut watch::Receiver<bool>,
+    stats_json: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let Some(agent) = Agent::start(config, interrupt).await? else {
         return Ok(()); // interrupted while joining the bus
     };

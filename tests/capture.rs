@@ -221,10 +221,12 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     let file = TempFile::new(&format!("{session}.pcapng"));
     let only_h3 = TempFile::new(&format!("{session}-h3.pcapng"));
     let mut capture = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", file.arg()], &session);
-    let mut filtered = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", only_h3.arg(), "--agent", &hs[2].agent.name], &format!("{session}-h3"));
+    let mut filtered =
+        Tool::start(&["capture", "--url", URL, "--session", &session, "-w", only_h3.arg(), "--agent", &hs[2].agent.name], &format!("{session}-h3"));
     let whole = TempFile::new(&format!("{session}-whole.pcapng"));
     let h3_addr = hs[2].addr.clone();
-    let mut unsegmented = Tool::start(&["capture", "--url", URL, "--session", &session, "-w", whole.arg(), "--address", &h3_addr, "--no-segment"], &format!("{session}-whole"));
+    let mut unsegmented =
+        Tool::start(&["capture", "--url", URL, "--session", &session, "-w", whole.arg(), "--address", &h3_addr, "--no-segment"], &format!("{session}-whole"));
     capture.wait_for("tap open", Duration::from_secs(10));
     filtered.wait_for("tap open", Duration::from_secs(10));
     unsegmented.wait_for("tap open", Duration::from_secs(10));
@@ -234,7 +236,9 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
         .into_iter()
         .map(|(a, b)| {
             let (ns, dst) = (hs[a].ns.name.clone(), hs[b].addr.clone());
-            std::thread::spawn(move || Command::new("ip").args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", "100", "-i", "0.01", "-W", "1", &dst]).output().expect("ping"))
+            std::thread::spawn(move || {
+                Command::new("ip").args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", "100", "-i", "0.01", "-W", "1", &dst]).output().expect("ping")
+            })
         })
         .collect();
     for r in runs {
@@ -243,10 +247,16 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     }
     // A TCP transfer h1 -> h3 (super-packets on the bus, segments in the file), beside
     // four iperf3 flows h2 -> h3 over both of h2's queues.
-    let mut server = Command::new("ip").args(["netns", "exec", &hs[2].ns.name, "iperf3", "-s", "-1", "-B", &hs[2].addr, "-p", "5302"]).stdout(std::process::Stdio::null()).spawn().expect("iperf3 -s");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &hs[2].ns.name, "iperf3", "-s", "-1", "-B", &hs[2].addr, "-p", "5302"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));
     let (ns2, dst) = (hs[1].ns.name.clone(), hs[2].addr.clone());
-    let flows = std::thread::spawn(move || Command::new("ip").args(["netns", "exec", &ns2, "iperf3", "-c", &dst, "-p", "5302", "-P", "4", "-t", "2", "-b", "50M"]).output().expect("iperf3 -c"));
+    let flows = std::thread::spawn(move || {
+        Command::new("ip").args(["netns", "exec", &ns2, "iperf3", "-c", &dst, "-p", "5302", "-P", "4", "-t", "2", "-b", "50M"]).output().expect("iperf3 -c")
+    });
     let sink = tcp_sink(&hs[2].ns.name, format!("{}:5301", hs[2].addr), 1);
     let sent = tcp_send(&hs[0].ns.name, format!("{}:5301", hs[2].addr), 4 << 20, 99).join().expect("sender");
     assert_eq!(sink.join().expect("sink"), vec![Digest256 { bytes: sent.bytes, sha256: sent.sha256 }]);
@@ -302,7 +312,11 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     for r in &cap3.packets {
         // Sent by h3 (its interface: the kernel's IPv6 router solicitations too), or to h3.
         let by_h3 = cap3.interfaces[r.iface as usize].name == hs[2].agent.name;
-        assert!(by_h3 || tunbus::route::destination(&r.data) == Some(h3), "--agent h3 kept a packet neither from nor to h3: {:?}", tunbus::route::source(&r.data));
+        assert!(
+            by_h3 || tunbus::route::destination(&r.data) == Some(h3),
+            "--agent h3 kept a packet neither from nor to h3: {:?}",
+            tunbus::route::source(&r.data)
+        );
     }
 
     // --no-segment: the super-packets as the agents carried them, the same stream.
@@ -310,7 +324,11 @@ fn merged_capture_of_three_agents_holds_every_echo_and_the_tcp_stream() {
     let biggest = kept.packets.iter().map(|r| r.data.len()).max().unwrap_or(0);
     assert!(biggest > 9000, "--no-segment keeps super-packets whole: the largest is {biggest} bytes\n{said_whole}");
     let packets: Vec<&[u8]> = kept.packets.iter().map(|r| r.data.as_slice()).collect();
-    assert_eq!(<[u8; 32]>::from(Sha256::digest(reassemble(&packets, hs[0].addr.parse().expect("ip"), 5301))), sent.sha256, "the whole super-packets hold the same stream");
+    assert_eq!(
+        <[u8; 32]>::from(Sha256::digest(reassemble(&packets, hs[0].addr.parse().expect("ip"), 5301))),
+        sent.sha256,
+        "the whole super-packets hold the same stream"
+    );
 }
 
 /// A capture that cannot keep up (stopped with SIGSTOP while 64 MiB of TCP cross the bus,
@@ -469,7 +487,11 @@ fn ioppytest_sniffer_answers_start_stop_and_getcapture() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ask("stop", "{}", "c3")["ok"], true);
     let got = ask("getcapture", r#"{"capture_id": "TD_COAP_CORE_01"}"#, "c4");
-    assert_eq!((got["ok"].clone(), got["file_enc"].clone(), got["filename"].clone()), (true.into(), "pcap_base64".into(), "TD_COAP_CORE_01.pcap".into()), "{got}");
+    assert_eq!(
+        (got["ok"].clone(), got["file_enc"].clone(), got["filename"].clone()),
+        (true.into(), "pcap_base64".into(), "TD_COAP_CORE_01.pcap".into()),
+        "{got}"
+    );
     let (linktype, packets) = classic_packets(&unbase64(got["value"].as_str().expect("value")));
     assert_eq!(linktype, 101, "raw IP, as ioppytest's sniffer writes");
     let (a, b): (IpAddr, IpAddr) = (pair.v4[0].parse().expect("ip"), pair.v4[1].parse().expect("ip"));

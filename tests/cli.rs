@@ -197,7 +197,17 @@ fn every_connect_flag_has_an_environment_variable() {
         assert!(entry.contains(&format!("[env: {var}=")), "{flag} has no {var}:\n{entry}");
     }
     assert!(flags > 30, "{flags} flags:\n{help}");
-    assert_eq!(Command::new(env!("CARGO_BIN_EXE_agent")).args(["connect", "--url", "amqp://127.0.0.1:1"]).env("TUNBUS_NAME", "h1").env("TUNBUS_QUEUES", "0").output().expect("run").status.code(), Some(2));
+    assert_eq!(
+        Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["connect", "--url", "amqp://127.0.0.1:1"])
+            .env("TUNBUS_NAME", "h1")
+            .env("TUNBUS_QUEUES", "0")
+            .output()
+            .expect("run")
+            .status
+            .code(),
+        Some(2)
+    );
 }
 
 #[test]

@@ -66,7 +66,8 @@ fn node_dies_under_a_stream(w: &World) {
     let b_args: Vec<&str> = args_b.iter().map(String::as_str).collect();
     let mut a = AgentProc::spawn("clu-a", &a_args);
     let mut b = AgentProc::spawn("clu-b", &b_args);
-    wait_reachable(&ns_a, "198.18.70.2", Duration::from_secs(15)).unwrap_or_else(|| panic!("agents on two nodes do not reach each other:\n{}\n{}", a.logs(), b.logs()));
+    wait_reachable(&ns_a, "198.18.70.2", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("agents on two nodes do not reach each other:\n{}\n{}", a.logs(), b.logs()));
     let node1 = format!("127.0.0.1:{}", w.cluster.nodes[0].port);
     let node2 = format!("127.0.0.1:{}", w.cluster.nodes[1].port);
     assert_eq!(node_of(w, 1, session, "clu-a").as_deref(), Some(node1.as_str()), "a should start on node 1");

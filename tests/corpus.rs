@@ -21,7 +21,10 @@ fn every_corpus_file_replays_cleanly() {
     let mut total = 0;
     for (name, target) in TARGETS {
         let dir = corpus_dir(name);
-        let files: Vec<_> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e} (a target without a corpus)", dir.display())).map(|e| e.expect("entry").path()).collect();
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (a target without a corpus)", dir.display()))
+            .map(|e| e.expect("entry").path())
+            .collect();
         assert!(!files.is_empty(), "{}: empty corpus", dir.display());
         for f in &files {
             let data = std::fs::read(f).expect("corpus file");
@@ -75,12 +78,10 @@ fn write_seeds() {
         p
     };
     let udp6 = kernel_packet(true, false, 100, 0)[10..].to_vec();
-    let mut seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("v1_decode", frame(false, &[&ping])),
-        ("v1_decode", frame(true, &[&ping, &udp6, &ping])),
-        ("v1_decode", frame(true, &[])),
-    ];
-    for (v6, tcp, payload, gso) in [(false, true, 3000, 1448), (true, true, 3000, 1428), (false, false, 3000, 1400), (true, false, 100, 0), (false, true, 0, 0)] {
+    let mut seeds: Vec<(&str, Vec<u8>)> =
+        vec![("v1_decode", frame(false, &[&ping])), ("v1_decode", frame(true, &[&ping, &udp6, &ping])), ("v1_decode", frame(true, &[]))];
+    for (v6, tcp, payload, gso) in [(false, true, 3000, 1448), (true, true, 3000, 1428), (false, false, 3000, 1400), (true, false, 100, 0), (false, true, 0, 0)]
+    {
         seeds.push(("vnet", kernel_packet(v6, tcp, payload, gso)));
     }
     let mut bad = kernel_packet(false, true, 3000, 1448);
@@ -115,7 +116,10 @@ fn write_seeds() {
     seeds.push(("ioppytest", json));
     seeds.push(("ioppytest", br#"{"_api_version": "1.2.15", "ipv4_address": "10.2.0.1", "ipv4_netmask": "255.255.255.0", "ipv4_network": "10.2.0.0", "ipv6_host": 1, "ipv6_no_forwarding": false, "ipv6_prefix": "bbbb", "name": "agent_1", "re_route_packets_host": null}"#.to_vec()));
     seeds.push(("ioppytest", br#"{"name": "h1", "addresses": ["198.18.0.1"], "queues": 4, "leaving": false}"#.to_vec()));
-    seeds.push(("topology", b"--- !configuration\nconfiguration_id: demo\ntopology:\n  - link_id: a\n    nodes: [n1, n2]\n  - link_id: b\n    nodes: [n2, n3, agent_TT]\n".to_vec()));
+    seeds.push((
+        "topology",
+        b"--- !configuration\nconfiguration_id: demo\ntopology:\n  - link_id: a\n    nodes: [n1, n2]\n  - link_id: b\n    nodes: [n2, n3, agent_TT]\n".to_vec(),
+    ));
     seeds.push(("topology", b"a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: &c [*b, *b, *b]\ntopology: [*c]\n".to_vec()));
     seeds.push(("routing", key.as_str().as_bytes().to_vec()));
     seeds.push(("routing", RoutingKey::unicast(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2)), 0).as_str().as_bytes().to_vec()));
@@ -145,15 +149,9 @@ fn write_seeds() {
     mld.extend_from_slice(&Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).octets());
     mld.extend_from_slice(&Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16).octets());
     mld.extend_from_slice(&[58, 0, 5, 2, 0, 0, 1, 0]); // hop-by-hop: router alert
-    mld.extend_from_slice(&[
-        143, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0,
-        2,
-    ]);
+    mld.extend_from_slice(&[143, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2]);
     seeds.push(("packet", mld));
-    let mut frame = vec![
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xa8, 0, 100, 0x81, 0, 0, 10,
-        0x08, 0,
-    ];
+    let mut frame = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xa8, 0, 100, 0x81, 0, 0, 10, 0x08, 0];
     let mut with_options = ping.clone();
     with_options[0] = 0x46;
     with_options.splice(20..20, [1, 1, 1, 0]);

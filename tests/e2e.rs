@@ -36,7 +36,8 @@ fn keygen(path: &Path) -> String {
     let err = String::from_utf8_lossy(&out.stderr);
     let public = err.trim().strip_prefix("public key: ").unwrap_or_else(|| panic!("keygen's stderr: {err}")).to_owned();
     // --public gives the same from the file.
-    let mut p = Command::new(env!("CARGO_BIN_EXE_agent")).args(["keygen", "--public"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("keygen --public");
+    let mut p =
+        Command::new(env!("CARGO_BIN_EXE_agent")).args(["keygen", "--public"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("keygen --public");
     p.stdin.take().expect("stdin").write_all(&out.stdout).expect("write key");
     let again = p.wait_with_output().expect("keygen --public output");
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), public);
@@ -150,11 +151,14 @@ impl Drop for Setup {
     }
 }
 
+/// What an observer received: (routing key, body) pairs.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A bus member bound to every data and control key of the exchange (what the broker, or
 /// anyone it lets bind `tunbus.v1.#`, sees): every body it receives, kept.
 struct Observer {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -247,7 +251,11 @@ fn ping_and_100_mb_cross_sealed_and_the_broker_sees_no_plaintext() {
     let own = run("ip", &["-n", &s.ns[0].name, "-6", "-o", "addr", "show", "dev", "tb0", "scope", "link"]);
     let own_ll = own.split_whitespace().nth(3).and_then(|a| a.split('/').next()).expect("own link-local").to_owned();
     let out = run("ip", &["netns", "exec", &s.ns[0].name, "ping", "-n", "-c", "3", "-i", "0.3", "-w", "4", "ff02::1%tb0"]);
-    let others = out.lines().filter_map(|l| l.split("bytes from ").nth(1)).filter(|r| !r.starts_with(&format!("{own_ll}%")) && !r.starts_with(&format!("{own_ll}:"))).count();
+    let others = out
+        .lines()
+        .filter_map(|l| l.split("bytes from ").nth(1))
+        .filter(|r| !r.starts_with(&format!("{own_ll}%")) && !r.starts_with(&format!("{own_ll}:")))
+        .count();
     assert!(others >= 2, "b did not answer a's multicast ping:\n{out}\n{}", b.logs());
 
     let size = 100 * 1024 * 1024;

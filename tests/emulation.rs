@@ -192,7 +192,8 @@ fn lost_pings(net: u8, spec: &str, seed: u64, queues: u32, count: u16) -> Vec<u1
     let b = agent(&ns_b, 1, &[]);
     assert!(wait_reachable(&ns_a, &v6[1], Duration::from_secs(15)).is_some(), "agents never reachable:\n{}\n{}", a.logs(), b.logs());
     let out = ns_a.exec(&["ping", "-n", "-c", &count.to_string(), "-i", "0.01", "-W", "1", &v4[1]]);
-    let answered: Vec<u16> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok()).collect();
+    let answered: Vec<u16> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok()).collect();
     (1..=count).filter(|s| !answered.contains(s)).collect()
 }
 

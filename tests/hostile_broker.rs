@@ -21,16 +21,32 @@ fn hostile_brokers_are_survived_and_ctrl_c_is_prompt() {
     let fake = FakeBroker::start(script.clone());
     let ns = Netns::new();
     let url = fake.url();
-    let mut agent = AgentProc::spawn_env(&unique("hostile"), &["--url", &url, "--netns", &ns.name, "--ipv4", "198.18.48.1/24"], &[("RUST_LOG", "info,tunbus::amqp=debug,tunbus::worker=debug")]);
+    let mut agent = AgentProc::spawn_env(
+        &unique("hostile"),
+        &["--url", &url, "--netns", &ns.name, "--ipv4", "198.18.48.1/24"],
+        &[("RUST_LOG", "info,tunbus::amqp=debug,tunbus::worker=debug")],
+    );
     let t0 = Instant::now();
     while !fake.consuming.lock().expect("lock").contains(&Good) {
         assert!(agent.alive(), "the agent exited:\n{}", agent.logs());
-        assert!(t0.elapsed() < Duration::from_secs(60), "the agent never got through the script; played {:?}:\n{}", fake.played.lock().expect("lock"), agent.logs());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the agent never got through the script; played {:?}:\n{}",
+            fake.played.lock().expect("lock"),
+            agent.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("hostile: through {} scenarios in {:.1} s", script.len(), t0.elapsed().as_secs_f64());
     let logs = agent.logs();
-    for says in ["exceeds the negotiated", "no content header had come", "body bytes for a message of 3", "without its end octet", "below AMQP's minimum", "did not answer in time"] {
+    for says in [
+        "exceeds the negotiated",
+        "no content header had come",
+        "body bytes for a message of 3",
+        "without its end octet",
+        "below AMQP's minimum",
+        "did not answer in time",
+    ] {
         assert!(logs.contains(says), "no protocol error saying {says:?}:\n{logs}");
     }
     assert!(!logs.contains("panicked"), "{logs}");

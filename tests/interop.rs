@@ -30,7 +30,20 @@ fn old_wire_and_native_agents_talk_through_the_router() {
     let mut router = RouterProc::start(&exchange, &format!("--- !configuration\ntopology:\n  - link_id: link_01\n    nodes: [{old}, {new}]\n"));
     let mut a_old = AgentProc::start(
         &old,
-        &["--exchange", &exchange, "--wire", "ioppytest", "--netns", &ns_old.name, "--ipv4-address", "198.18.30.1", "--ipv6-prefix", "fd00:30", "--ipv6-host", "1"],
+        &[
+            "--exchange",
+            &exchange,
+            "--wire",
+            "ioppytest",
+            "--netns",
+            &ns_old.name,
+            "--ipv4-address",
+            "198.18.30.1",
+            "--ipv6-prefix",
+            "fd00:30",
+            "--ipv6-host",
+            "1",
+        ],
     );
     let mut a_new = AgentProc::start(&new, &["--exchange", &exchange, "--netns", &ns_new.name, "--ipv4", "198.18.30.2/24", "--ipv6", "fd00:30::2/64"]);
     let checks = [(&ns_old, "198.18.30.2"), (&ns_old, "fd00:30::2"), (&ns_new, "198.18.30.1"), (&ns_new, "fd00:30::1")];
@@ -95,10 +108,17 @@ fn the_ioppytest_agent_command_line_runs_unchanged() {
     let native = unique("nat");
     let dropin = DropIn::new();
     let mut router = RouterProc::start(&exchange, &format!("topology:\n  - link_id: l\n    nodes: [agent_1, {native}]\n"));
-    let mut old = AgentProc::spawn_program(&dropin.program(), "agent_1", &["--url", URL, "--exchange", &exchange, "--force-bootstrap", "--netns", &ns_old.name], &[]);
+    let mut old =
+        AgentProc::spawn_program(&dropin.program(), "agent_1", &["--url", URL, "--exchange", &exchange, "--force-bootstrap", "--netns", &ns_old.name], &[]);
     let mut new = AgentProc::start(&native, &["--exchange", &exchange, "--netns", &ns_new.name, "--ipv4", "10.2.0.2/24", "--ipv6", "bbbb::2/64"]);
     let checks = [(&ns_old, "10.2.0.2"), (&ns_old, "bbbb::2"), (&ns_new, "10.2.0.1"), (&ns_new, "bbbb::1")];
-    assert!(all_ok(&checks, Duration::from_secs(20)), "no connectivity:\n--- router\n{}\n--- ioppytest-agent\n{}\n--- native\n{}", router.logs(), old.logs(), new.logs());
+    assert!(
+        all_ok(&checks, Duration::from_secs(20)),
+        "no connectivity:\n--- router\n{}\n--- ioppytest-agent\n{}\n--- native\n{}",
+        router.logs(),
+        old.logs(),
+        new.logs()
+    );
     let r_old = old.interrupt();
     let _ = new.interrupt();
     assert!(r_old["tx_packets"].as_u64().unwrap_or(0) > 0, "{r_old}");

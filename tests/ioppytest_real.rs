@@ -87,7 +87,13 @@ struct PyRuntime {
 fn try_run(cmd: &mut Command) -> Result<(), String> {
     match cmd.output() {
         Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!("{:?} exited {}:\n{}{}", cmd, out.status, tail(&String::from_utf8_lossy(&out.stdout), 30), tail(&String::from_utf8_lossy(&out.stderr), 30))),
+        Ok(out) => Err(format!(
+            "{:?} exited {}:\n{}{}",
+            cmd,
+            out.status,
+            tail(&String::from_utf8_lossy(&out.stdout), 30),
+            tail(&String::from_utf8_lossy(&out.stderr), 30)
+        )),
         Err(e) => Err(format!("{cmd:?}: {e}")),
     }
 }
@@ -133,7 +139,8 @@ fn find_python27() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     for root in roots {
         if let Ok(entries) = std::fs::read_dir(root.join("versions")) {
-            let mut found: Vec<PathBuf> = entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("2.7")).map(|e| e.path().join("bin/python2.7")).collect();
+            let mut found: Vec<PathBuf> =
+                entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("2.7")).map(|e| e.path().join("bin/python2.7")).collect();
             found.sort();
             candidates.extend(found.into_iter().rev());
         }
@@ -146,12 +153,20 @@ fn find_python27() -> Option<PathBuf> {
 fn python27_runtime() -> Result<PyRuntime, String> {
     // Debian no longer packages Python 2.7: where none exists, this test is skipped with a
     // notice even under TUNBUS_REQUIRE_SYSTEM_TESTS=1 (the Python 3.11 variant still runs).
-    let python = find_python27().ok_or(format!("{OPTIONAL}no Python 2.7 found (ioppytest-agent 0.2.20 runs unmodified only on Python 2.7; set TUNBUS_PYTHON27 or install pyenv's 2.7)"))?;
+    let python = find_python27().ok_or(format!(
+        "{OPTIONAL}no Python 2.7 found (ioppytest-agent 0.2.20 runs unmodified only on Python 2.7; set TUNBUS_PYTHON27 or install pyenv's 2.7)"
+    ))?;
     let site = here().join("target/ioppytest-venv/py27");
     let reqs = here().join("tests/ioppytest_real/requirements.txt");
     pip_install(&site, &reqs, || {
-        try_run(Command::new(&python).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20", "--target"]).arg(&site).arg("-r").arg(&reqs))
-            .map_err(|e| format!("pip could not install ioppytest-agent for Python 2.7 (is PyPI reachable?): {e}"))
+        try_run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20", "--target"])
+                .arg(&site)
+                .arg("-r")
+                .arg(&reqs),
+        )
+        .map_err(|e| format!("pip could not install ioppytest-agent for Python 2.7 (is PyPI reachable?): {e}"))
     })?;
     Ok(PyRuntime { python, lead: vec!["-m".into(), "agent".into()], env: vec![("PYTHONPATH".into(), site.display().to_string())] })
 }
@@ -164,8 +179,14 @@ fn python3_venv(name: &str, requirements: &str, pip_flags: &[&str], what: &str) 
     let base = std::env::var("TUNBUS_PYTHON3").unwrap_or_else(|_| "python3.11".into());
     pip_install(&venv, &reqs, || {
         try_run(Command::new(&base).args(["-m", "venv"]).arg(&venv)).map_err(|e| format!("cannot create a Python 3.11 venv: {e}"))?;
-        try_run(Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20"]).args(pip_flags).arg("-r").arg(&reqs))
-            .map_err(|e| format!("pip could not install {what} for Python 3.11 (is PyPI reachable?): {e}"))
+        try_run(
+            Command::new(venv.join("bin/python"))
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "20"])
+                .args(pip_flags)
+                .arg("-r")
+                .arg(&reqs),
+        )
+        .map_err(|e| format!("pip could not install {what} for Python 3.11 (is PyPI reachable?): {e}"))
     })?;
     Ok(venv.join("bin/python"))
 }
@@ -219,7 +240,16 @@ impl PyAgent {
         let text = self.logs();
         let keep: Vec<&str> = text
             .lines()
-            .filter(|l| !l.starts_with(' ') && !l.is_empty() && !l.starts_with('{') && !l.contains("Got an IPv") && !l.contains("packet captured") && !l.contains("Pushing message") && !l.contains("Messaged captured") && !l.contains("OPEN TUN"))
+            .filter(|l| {
+                !l.starts_with(' ')
+                    && !l.is_empty()
+                    && !l.starts_with('{')
+                    && !l.contains("Got an IPv")
+                    && !l.contains("packet captured")
+                    && !l.contains("Pushing message")
+                    && !l.contains("Messaged captured")
+                    && !l.contains("OPEN TUN")
+            })
             .collect();
         tail(&keep.join("\n"), 60)
     }
@@ -394,11 +424,14 @@ fn python_agent_and_tunbus_agent_through_the_router(test: &str, runtime: fn() ->
     // kernel in that window (IPv6 router solicitation) can hang it for good, consumers never
     // started. Nothing else speaks on a fresh TUN (NOARP: no DAD, no solicited-node MLD), so
     // the namespace does not solicit routers.
-    let sysctl = ns_py.exec(&["sh", "-c", "echo 0 > /proc/sys/net/ipv6/conf/default/router_solicitations && echo 0 > /proc/sys/net/ipv6/conf/default/accept_ra"]);
+    let sysctl =
+        ns_py.exec(&["sh", "-c", "echo 0 > /proc/sys/net/ipv6/conf/default/router_solicitations && echo 0 > /proc/sys/net/ipv6/conf/default/accept_ra"]);
     assert!(sysctl.status.success(), "sysctl in {}: {}", ns_py.name, String::from_utf8_lossy(&sysctl.stderr));
     let mut py = PyAgent::start(&rt, &ns_py, &py_url, &py_name, "10.2.0.1", "bbbb", "1");
 
-    let diag = |router: &RouterProc, tb: &AgentProc, py: &PyAgent| format!("--- router\n{}\n--- tunbus agent\n{}\n--- Python agent (log {})\n{}", router.logs(), tb.logs(), py.log.display(), py.summary());
+    let diag = |router: &RouterProc, tb: &AgentProc, py: &PyAgent| {
+        format!("--- router\n{}\n--- tunbus agent\n{}\n--- Python agent (log {})\n{}", router.logs(), tb.logs(), py.log.display(), py.summary())
+    };
 
     // The Python agent is up once the router has learned it from its ip.tun.started.
     let learned = |log: String| log.lines().any(|l| l.contains("learned an old-wire agent") && l.contains(&format!("\"{py_name}\"")));
@@ -533,7 +566,11 @@ fn a_coordinator_on_ioppytest_utils_gets_its_capture_from_agent_sniffer() {
     let status = coordinator.wait().expect("the coordinator ends");
     let _ = sniffer.kill();
     let _ = sniffer.wait();
-    assert!(status.success(), "the coordinator failed (its assertions are on the typed replies): {summary}\nsniffer:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        status.success(),
+        "the coordinator failed (its assertions are on the typed replies): {summary}\nsniffer:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let summary: serde_json::Value = serde_json::from_str(summary.lines().last().unwrap_or("")).expect("the coordinator's summary");
     assert_eq!((summary["filename"].as_str(), summary["linktype"].as_u64()), (Some("TD_COAP_CORE_07.pcap"), Some(101)), "{summary}");
     let packets: Vec<Vec<u8>> = std::fs::read_to_string(&out_file)
@@ -582,7 +619,12 @@ fn wait_config_takes_a_real_coordinators_tun_start() {
     let mut listener = bus_client();
     listen(&mut listener, &exchange, &[&format!("fromAgent.{name}.ip.tun.started")]);
     let order = |orders: &[String]| {
-        let out = Command::new(&python).arg(here().join("tests/ioppytest_real/tun_start.py")).args([URL, &exchange, &name]).args(orders).output().expect("tun_start.py");
+        let out = Command::new(&python)
+            .arg(here().join("tests/ioppytest_real/tun_start.py"))
+            .args([URL, &exchange, &name])
+            .args(orders)
+            .output()
+            .expect("tun_start.py");
         assert!(out.status.success(), "tun_start.py: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     };
     let addresses = |ns: &Netns| String::from_utf8_lossy(&ns.exec(&["ip", "-6", "-o", "addr", "show", "dev", "tb0"]).stdout).into_owned();
@@ -752,7 +794,12 @@ fn python_serial_listener_speaks_our_serial_codec(test: &str, runtime: fn() -> R
     assert_eq!(key, serial::routing_key_started(&name));
     assert_eq!(content_type.as_deref(), Some(ioppytest::CONTENT_TYPE));
     let started: serial::SerialStart = serde_json::from_slice(&body).expect("serial.started parses");
-    assert_eq!((started.name.as_str(), started.port.as_deref(), started.baud()), (name.as_str(), probe.path().to_str(), Some(460_800)), "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        (started.name.as_str(), started.port.as_deref(), started.baud()),
+        (name.as_str(), probe.path().to_str(), Some(460_800)),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let mut ours = Vec::new();
     serial::encode_started(&name, &probe.path().display().to_string(), 460_800, &mut ours);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&ours).unwrap(), serde_json::from_slice::<serde_json::Value>(&body).unwrap());
@@ -765,7 +812,8 @@ fn python_serial_listener_speaks_our_serial_codec(test: &str, runtime: fn() -> R
     let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
     probe.send(&refs);
     for want in &frames {
-        let (key, content_type, body) = next_delivery(&mut bus, Duration::from_secs(10)).unwrap_or_else(|| panic!("frame {want:02x?} never published:\n{}", py.logs()));
+        let (key, content_type, body) =
+            next_delivery(&mut bus, Duration::from_secs(10)).unwrap_or_else(|| panic!("frame {want:02x?} never published:\n{}", py.logs()));
         assert_eq!(key, serial::routing_key_from_agent(&name));
         assert_eq!(serial::parse_key(&key), Some(serial::SerialKey::FromAgent { name: &name }));
         assert_eq!(content_type.as_deref(), Some(ioppytest::CONTENT_TYPE));
@@ -859,7 +907,11 @@ fn real_python_serial_listener_and_agent_serial_through_the_router() {
     assert_eq!(got, frames, "agent serial → router → Python:\n{}\n{}", py.logs(), agent.logs());
 
     let report = agent.interrupt();
-    assert_eq!((report["serial"]["frames_in"].as_u64(), report["serial"]["frames_out"].as_u64()), (Some(frames.len() as u64), Some(frames.len() as u64)), "{report}");
+    assert_eq!(
+        (report["serial"]["frames_in"].as_u64(), report["serial"]["frames_out"].as_u64()),
+        (Some(frames.len() as u64), Some(frames.len() as u64)),
+        "{report}"
+    );
     let counters = router.stop();
     // (The other serial tests' probes share amq.topic: their frames count as unknown senders.)
     let ours = counters["frames_in"].as_u64().unwrap_or(0) - counters["unknown_sender"].as_u64().unwrap_or(0);

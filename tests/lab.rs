@@ -139,10 +139,8 @@ fn two_labs_in_different_sessions_do_not_see_each_other() {
     assert!(!lab_ping(&a1, "fd00:7b::3"), "lab A reached a host of lab B over IPv6");
     // Presence is per session too.
     for (session, expect) in [(&sa, 2), (&sb, 3)] {
-        let out = Command::new(env!("CARGO_BIN_EXE_agent"))
-            .args(["peers", "--url", URL, "--json", "--wait", "1", "--session", session])
-            .output()
-            .expect("peers");
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_agent")).args(["peers", "--url", URL, "--json", "--wait", "1", "--session", session]).output().expect("peers");
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.lines().count(), expect, "session {session} peers:\n{text}");
     }
@@ -308,14 +306,20 @@ fn a_topology_lab_links_some_hosts_and_reports_each_link() {
     let session = unique("t");
     let dir = std::env::temp_dir();
     let (file, json) = (dir.join(format!("{session}.yaml")), dir.join(format!("{session}.json")));
-    std::fs::write(&file, "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h2, h3]\n    emulate: rate 20mbit\n").expect("topology file");
-    let out = lab(&["--topology", file.to_str().expect("utf-8"), "--session", &session, "--throughput-seconds", "1", "--json"]).arg(&json).output().expect("lab runs");
+    std::fs::write(&file, "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h2, h3]\n    emulate: rate 20mbit\n")
+        .expect("topology file");
+    let out = lab(&["--topology", file.to_str().expect("utf-8"), "--session", &session, "--throughput-seconds", "1", "--json"])
+        .arg(&json)
+        .output()
+        .expect("lab runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "lab failed:\n{text}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json report")).expect("parses");
     assert_eq!(report["hosts_up"], 3, "{report}");
     assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
-    let link = |a: &str, b: &str| report["links"].as_array().and_then(|l| l.iter().find(|x| x["a"] == a && x["b"] == b).cloned()).unwrap_or_else(|| panic!("no link {a}-{b} in {report}"));
+    let link = |a: &str, b: &str| {
+        report["links"].as_array().and_then(|l| l.iter().find(|x| x["a"] == a && x["b"] == b).cloned()).unwrap_or_else(|| panic!("no link {a}-{b} in {report}"))
+    };
     let h1h2 = link("h1", "h2");
     let rtt = h1h2["rtt_p50_ms"].as_f64().expect("h1-h2 answers");
     assert!((19.0..=24.0).contains(&rtt), "h1-h2 has 'delay 10ms' each way: RTT p50 {rtt} ms\n{text}");

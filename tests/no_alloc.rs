@@ -32,15 +32,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{in_netns, system_ready, unique, Netns};
-use tunbus::codec::v1::{self, BatchWriter};
-use tunbus::metrics::{new_histogram, DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
-use tunbus::worker::uplink::UplinkContext;
 use tunbus::amqp::BrokerState;
-use tunbus::config::{AgentConfig, Bus, Identity, Interface};
-use tunbus::route::peers::PeerQueues;
+use tunbus::codec::v1::{self, BatchWriter};
 use tunbus::codec::vnet;
+use tunbus::config::{AgentConfig, Bus, Identity, Interface};
+use tunbus::metrics::{new_histogram, DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
+use tunbus::route::peers::PeerQueues;
 use tunbus::tun::{netns, TunDevice, TunQueue};
 use tunbus::util::{now_ns, Stop};
+use tunbus::worker::uplink::UplinkContext;
 use tunbus::worker::{queue, rx};
 
 // ---------------------------------------------------------------------------------------
@@ -218,8 +218,7 @@ fn tun_in(ns: &Netns, addr: &str) -> TunQueue {
     let mut dev = TunDevice::create(&name, 1, true).expect("create TUN device");
     netns::move_into(&name, &ns.name, "tb0").expect("move TUN into the namespace");
     let prefix = addr.parse().expect("valid prefix");
-    netns::configure(Some(&ns.name), "tb0", 9000, &[prefix], "fe80::99".parse().expect("constant"), 0)
-        .expect("configure tb0");
+    netns::configure(Some(&ns.name), "tb0", 9000, &[prefix], "fe80::99".parse().expect("constant"), 0).expect("configure tb0");
     dev.queues.pop().expect("the device has one queue")
 }
 
@@ -263,13 +262,7 @@ fn settle(value: &impl Fn() -> u64, quiet: Duration, limit: Duration) {
 /// `sizes` in turn, until `enough()` (checked between runs) or `limit` passes; returns how
 /// many the kernel accepted. The TUN drops what its reader does not keep up with, so the
 /// caller stops on what was read, not on what was sent.
-fn send_udp_until(
-    ns: &str,
-    dst: SocketAddr,
-    sizes: &'static [usize],
-    enough: impl Fn() -> bool + Send + 'static,
-    limit: Duration,
-) -> u64 {
+fn send_udp_until(ns: &str, dst: SocketAddr, sizes: &'static [usize], enough: impl Fn() -> bool + Send + 'static, limit: Duration) -> u64 {
     in_netns(ns, move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind UDP socket");
         sock.connect(dst).expect("connect UDP socket");
@@ -494,7 +487,18 @@ fn rx_deliver_steady_state_does_not_allocate() {
             let mut suspects = rx::SuspectLog::default();
             let mut scratch = Vec::new();
             let mut round = |latency: &mut LocalHistogram, suspects: &mut rx::SuspectLog| -> u64 {
-                let mut sink = rx::Sink { port: &mut queue, layer: tunbus::port::Layer::Ip, counters: &counters, latency, peers: &peers, trust: &trust, suspects, offload_from_bus: true, scratch: &mut scratch, congestion: None };
+                let mut sink = rx::Sink {
+                    port: &mut queue,
+                    layer: tunbus::port::Layer::Ip,
+                    counters: &counters,
+                    latency,
+                    peers: &peers,
+                    trust: &trust,
+                    suspects,
+                    offload_from_bus: true,
+                    scratch: &mut scratch,
+                    congestion: None,
+                };
                 frames.iter().map(|f| rx::deliver(f, Some(b"peer"), now_ns(), &mut sink)).sum()
             };
             for _ in 0..20 {
@@ -533,11 +537,7 @@ fn rx_deliver_steady_state_does_not_allocate() {
         snap.dropped(DropReason::Malformed),
     );
     assert!(written >= PACKETS, "only {written} of {offered} packets were written into the TUN: {snap:?}");
-    assert!(
-        rx_after - rx_before >= written,
-        "tb0 counted {} received packets, deliver wrote {written}",
-        rx_after - rx_before
-    );
+    assert!(rx_after - rx_before >= written, "tb0 counted {} received packets, deliver wrote {written}", rx_after - rx_before);
     report.assert_none("RX deliver", written);
 }
 

@@ -52,12 +52,19 @@ fn the_package_installs_binary_pages_completions_and_unit_where_debian_expects_t
         let roff = String::from_utf8_lossy(&text.stdout);
         assert!(text.status.success() && roff.contains(".TH") && roff.contains(page), "{page}: {}", &roff[..roff.len().min(300)]);
     }
-    let connect = String::from_utf8_lossy(&Command::new("gzip").arg("-dc").arg(at("/usr/share/man/man1/agent-connect.1.gz")).output().expect("gunzip").stdout).into_owned();
+    let connect = String::from_utf8_lossy(&Command::new("gzip").arg("-dc").arg(at("/usr/share/man/man1/agent-connect.1.gz")).output().expect("gunzip").stdout)
+        .into_owned();
     assert!(connect.contains("max\\-batch\\-bytes") && connect.contains("TUNBUS_QUEUES"), "the connect page lacks its flags");
     let bash = at("/usr/share/bash-completion/completions/agent");
-    let sourced = Command::new("bash").args(["--norc", "--noprofile", "-c"]).arg(format!("source {} && complete -p agent", bash.display())).output().expect("bash");
+    let sourced =
+        Command::new("bash").args(["--norc", "--noprofile", "-c"]).arg(format!("source {} && complete -p agent", bash.display())).output().expect("bash");
     assert!(sourced.status.success(), "{}", String::from_utf8_lossy(&sourced.stderr));
-    for f in ["/usr/share/zsh/vendor-completions/_agent", "/usr/share/fish/vendor_completions.d/agent.fish", "/usr/share/doc/tunbus/examples/agent.example.toml", "/usr/share/doc/tunbus/copyright"] {
+    for f in [
+        "/usr/share/zsh/vendor-completions/_agent",
+        "/usr/share/fish/vendor_completions.d/agent.fish",
+        "/usr/share/doc/tunbus/examples/agent.example.toml",
+        "/usr/share/doc/tunbus/copyright",
+    ] {
         assert!(at(f).metadata().is_ok_and(|m| m.len() > 0), "{f} is missing or empty");
     }
     let unit = std::fs::read_to_string(at("/lib/systemd/system/tunbus-agent@.service")).expect("the unit");

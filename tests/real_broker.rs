@@ -51,13 +51,17 @@ fn carries_traffic(p: &mut Pair) {
 fn tls_with_passwords(node: &TestNode) {
     node.add_user("tls1", Some(PASSWORD), "lab");
     let ca = node.certs.ca.display().to_string();
-    let args = |u: &str| vec!["--url".to_owned(), format!("{}?heartbeat=5", tls_url(node, u, "lab")), "--tls-ca".into(), ca.clone(), "--queues".into(), "2".into()];
+    let args =
+        |u: &str| vec!["--url".to_owned(), format!("{}?heartbeat=5", tls_url(node, u, "lab")), "--tls-ca".into(), ca.clone(), "--queues".into(), "2".into()];
     let mut p = Pair::spawn(41, &args("tls1"), &args("tls1"));
     carries_traffic(&mut p);
     let logs = p.a.logs() + &p.b.logs();
     assert!(!logs.contains(PASSWORD), "a password was printed:\n{logs}");
     let conns = node.ctl(&["list_connections", "-q", "user", "ssl", "auth_mechanism"]);
-    assert!(conns.lines().filter(|l| l.contains("tls1") && l.contains("true") && l.contains("PLAIN")).count() >= 4, "expected 4 TLS connections of tls1:\n{conns}");
+    assert!(
+        conns.lines().filter(|l| l.contains("tls1") && l.contains("true") && l.contains("PLAIN")).count() >= 4,
+        "expected 4 TLS connections of tls1:\n{conns}"
+    );
     let (ra, rb) = (p.a.interrupt(), p.b.interrupt());
     assert_eq!(drops(&ra, "malformed") + drops(&rb, "malformed"), 0);
 }
@@ -114,7 +118,12 @@ fn clear_failures_at_start(node: &TestNode) {
         ("wrong CA", vec!["--url".into(), tls_url(node, "fail1", "lab"), "--tls-ca".into(), wrong_ca], 4, "certificate"),
         ("no CA given (system roots)", vec!["--url".into(), tls_url(node, "fail1", "lab")], 4, "tls-ca"),
         ("plain AMQP to the TLS port", vec!["--url".into(), format!("amqp://fail1:{PASSWORD}@127.0.0.1:{}/lab", node.tls_port)], 1, "amqps"),
-        ("wrong password", vec!["--url".into(), format!("amqps://fail1:wrong-{PASSWORD}@localhost:{}/lab", node.tls_port), "--tls-ca".into(), ca.clone()], 5, "login"),
+        (
+            "wrong password",
+            vec!["--url".into(), format!("amqps://fail1:wrong-{PASSWORD}@localhost:{}/lab", node.tls_port), "--tls-ca".into(), ca.clone()],
+            5,
+            "login",
+        ),
         ("unknown vhost", vec!["--url".into(), tls_url(node, "fail1", "nosuchvhost"), "--tls-ca".into(), ca.clone()], 6, "vhost"),
         ("nothing listening", vec!["--url".into(), format!("amqp://fail1:{PASSWORD}@127.0.0.1:{dead_port}/lab")], 3, "cannot reach"),
         ("bad URL", vec!["--url".into(), format!("amqp://fail1:{PASSWORD}@127.0.0.1:99999/lab")], 2, "port"),
@@ -138,7 +147,11 @@ fn url_from_a_file(node: &TestNode) {
     let ca = node.certs.ca.display().to_string();
     let ns = Netns::new();
     let name = unique("file");
-    let mut agent = AgentProc::spawn_env(&name, &["--tls-ca", &ca, "--netns", &ns.name, "--ipv4", "198.18.44.1/24"], &[("AMQP_URL_FILE", file.to_str().expect("utf-8 path"))]);
+    let mut agent = AgentProc::spawn_env(
+        &name,
+        &["--tls-ca", &ca, "--netns", &ns.name, "--ipv4", "198.18.44.1/24"],
+        &[("AMQP_URL_FILE", file.to_str().expect("utf-8 path"))],
+    );
     let t0 = Instant::now();
     while !node.queues("lab").iter().any(|q| q.contains(&name)) {
         assert!(t0.elapsed() < Duration::from_secs(10) && agent.alive(), "agent with AMQP_URL_FILE did not join:\n{}", agent.logs());
@@ -207,7 +220,8 @@ fn sigkill_then_same_name(node: &TestNode) {
     let mut args: Vec<&str> = url.iter().map(String::as_str).collect();
     args.extend_from_slice(&["--netns", &p.ns_b.name, "--ipv4", &v4, "--ipv6", &v6]);
     let mut again = AgentProc::spawn(&name, &args);
-    let back = wait_reachable(&p.ns_a, &p.v4[1], Duration::from_secs(10)).unwrap_or_else(|| panic!("the restarted agent never carried ping:\n{}", again.logs()));
+    let back =
+        wait_reachable(&p.ns_a, &p.v4[1], Duration::from_secs(10)).unwrap_or_else(|| panic!("the restarted agent never carried ping:\n{}", again.logs()));
     assert!(restarted.elapsed() < Duration::from_secs(5), "up and carrying ping {back:?} after restart ({:?} in all):\n{}", restarted.elapsed(), again.logs());
     eprintln!("sigkill: the same name carried ping {:?} after the restart", restarted.elapsed());
     again.interrupt();
@@ -246,7 +260,8 @@ fn memory_alarm_during_traffic(node: &TestNode) {
     std::thread::sleep(Duration::from_secs(10));
     drop(guard);
     let cleared = Instant::now();
-    let back = wait_reachable(&p.ns_a, &p.v4[1], Duration::from_secs(10)).unwrap_or_else(|| panic!("no traffic after the alarm:\n{}\n{}", p.a.logs(), p.b.logs()));
+    let back =
+        wait_reachable(&p.ns_a, &p.v4[1], Duration::from_secs(10)).unwrap_or_else(|| panic!("no traffic after the alarm:\n{}\n{}", p.a.logs(), p.b.logs()));
     assert!(back < Duration::from_secs(2), "traffic back {back:?} after the alarm cleared ({:?})", cleared.elapsed());
     eprintln!("alarm: traffic back {back:?} after the alarm cleared");
     let _ = pinger.kill();

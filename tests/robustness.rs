@@ -177,7 +177,7 @@ fn hostile_virtio_headers_are_counted_and_valid_offload_still_works() {
         (VnetHdr { gso_size: 1, ..udp_gso }, udp.clone()),
         (VnetHdr { gso_type: vnet::GSO_TCPV6, ..tcp_gso }, tcp.clone()), // IPv6 GSO on IPv4
         (VnetHdr { gso_type: vnet::GSO_TCPV4, csum_start: 40, ..tcp_gso }, v6_packet.clone()), // IPv4 GSO on IPv6
-        (VnetHdr { gso_type: vnet::GSO_UDP, ..udp_gso }, udp.clone()), // UFO
+        (VnetHdr { gso_type: vnet::GSO_UDP, ..udp_gso }, udp.clone()),   // UFO
         (VnetHdr { gso_type: vnet::GSO_UDP_L4, ..tcp_gso }, tcp.clone()), // UDP GSO on TCP
         (VnetHdr { gso_type: vnet::GSO_TCPV4, ..udp_gso }, udp.clone()), // TCP GSO on UDP
         (VnetHdr { gso_type: 7, ..tcp_gso }, tcp.clone()),
@@ -188,10 +188,14 @@ fn hostile_virtio_headers_are_counted_and_valid_offload_still_works() {
         (VnetHdr { csum_offset: 0, ..offload(&udp, 0) }, udp.clone()),
         (VnetHdr { flags: vnet::F_NEEDS_CSUM | 0x04, ..tcp_gso }, tcp.clone()), // extra flag bit
         (VnetHdr { flags: 0x80, ..offload(&udp, 0) }, udp.clone()),
-        (VnetHdr { flags: 0, ..tcp_gso }, tcp.clone()), // GSO without NEEDS_CSUM
+        (VnetHdr { flags: 0, ..tcp_gso }, tcp.clone()),     // GSO without NEEDS_CSUM
         (VnetHdr { gso_size: 48, ..tcp_gso }, tcp.clone()), // 63 segments: fine ...
         (VnetHdr { gso_size: 20, ..udp_gso }, udp.clone()), // ... 150: too many
-        (offload(&tcp, 1448), { let mut t = tcp.clone(); t[2] ^= 0x10; t }), // IP length lies
+        (offload(&tcp, 1448), {
+            let mut t = tcp.clone();
+            t[2] ^= 0x10;
+            t
+        }), // IP length lies
     ];
     // gso_size 48 on 3000 bytes is legal (63 segments); so is gso_size 65535 (one
     // segment: written as checksum-only).
@@ -273,7 +277,9 @@ impl Leftovers {
                 state_file: std::path::Path::new(&format!("/run/tunbus/lab-{session}.json")).exists(),
                 broker_processes: processes_with_env_prefix(&format!("RABBITMQ_NODENAME=tunbus-{pid}-")),
                 folders: std::fs::read_dir(std::env::temp_dir())
-                    .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&format!("tunbus-lab-{session}-"))).collect())
+                    .map(|d| {
+                        d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&format!("tunbus-lab-{session}-"))).collect()
+                    })
                     .unwrap_or_default(),
                 guard: processes_with_args(&["--guard", &pid.to_string()]).first().copied(),
             };
@@ -291,7 +297,11 @@ impl Leftovers {
 
 impl std::fmt::Debug for Leftovers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "namespaces {:?}, state file {}, broker processes {:?}, folders {:?}, guard {:?}", self.namespaces, self.state_file, self.broker_processes, self.folders, self.guard)
+        write!(
+            f,
+            "namespaces {:?}, state file {}, broker processes {:?}, folders {:?}, guard {:?}",
+            self.namespaces, self.state_file, self.broker_processes, self.folders, self.guard
+        )
     }
 }
 
@@ -316,7 +326,12 @@ fn tun_devices(ns: Option<&str>) -> Vec<String> {
 
 /// Queues on the machine's broker whose name starts with one of `prefixes`.
 fn queues_with(prefixes: &[String]) -> Vec<String> {
-    run("rabbitmqctl", &["list_queues", "-q", "--no-table-headers", "name"]).lines().map(str::trim).filter(|q| prefixes.iter().any(|p| q.starts_with(p.as_str()))).map(str::to_owned).collect()
+    run("rabbitmqctl", &["list_queues", "-q", "--no-table-headers", "name"])
+        .lines()
+        .map(str::trim)
+        .filter(|q| prefixes.iter().any(|p| q.starts_with(p.as_str())))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -376,7 +391,12 @@ fn killed_at_random_moments_nothing_is_left() {
                 3 => {}
                 _ => args.push("--private-broker"),
             }
-            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("lab starts");
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("lab starts");
             std::thread::sleep(at);
             let pid = child.id();
             let _ = child.kill();

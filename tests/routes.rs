@@ -64,7 +64,12 @@ impl Teller {
         let script = format!(
             "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n  c,a=s.accept()\n  c.sendall(('{tag} '+a[0]+'\\n').encode())\n  c.close()\n"
         );
-        let child = Command::new("ip").args(["netns", "exec", &ns.name, "python3", "-c", &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("python3 runs");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "python3", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
         Teller { child }
     }
 }
@@ -232,12 +237,26 @@ fn two_gateways_of_one_prefix_fail_over() {
     let p4 = FarNet::v4_prefix(net);
     // Names decide: the lowest wins. Agents are named after their namespaces, so give the
     // winner a name that sorts first by starting it under an explicit --name.
-    let mut all_a = vec!["--session", session.as_str(), "--netns", ns_a.name.as_str(), "--ipv4", "198.18.63.2/24", "--ipv6", "fd00:3f::2/64", "--advertise", p4.as_str()];
+    let mut all_a =
+        vec!["--session", session.as_str(), "--netns", ns_a.name.as_str(), "--ipv4", "198.18.63.2/24", "--ipv6", "fd00:3f::2/64", "--advertise", p4.as_str()];
     all_a.extend_from_slice(&["--url", URL]);
     let name_a = format!("a{}", ns_a.name);
     let name_b = format!("b{}", ns_b.name);
     let mut gw_a = AgentProc::spawn(&name_a, &all_a);
-    let all_b = ["--url", URL, "--session", session.as_str(), "--netns", ns_b.name.as_str(), "--ipv4", "198.18.63.3/24", "--ipv6", "fd00:3f::3/64", "--advertise", p4.as_str()];
+    let all_b = [
+        "--url",
+        URL,
+        "--session",
+        session.as_str(),
+        "--netns",
+        ns_b.name.as_str(),
+        "--ipv4",
+        "198.18.63.3/24",
+        "--ipv6",
+        "fd00:3f::3/64",
+        "--advertise",
+        p4.as_str(),
+    ];
     let mut gw_b = AgentProc::spawn(&name_b, &all_b);
     let mut h1 = agent(&ns_h, &session, "198.18.63.1/24", "fd00:3f::1/64", &["--accept-routes"]);
     let dst: SocketAddr = format!("{}:5004", far_a.v4).parse().unwrap();
@@ -248,7 +267,13 @@ fn two_gateways_of_one_prefix_fail_over() {
     while !last.as_deref().is_some_and(|s: &str| s.starts_with('a')) && t0.elapsed() < Duration::from_secs(20) {
         last = ask(&ns_h, dst);
     }
-    assert!(last.as_deref().is_some_and(|s| s.starts_with('a')), "the lowest name wins ({last:?}):\n--- h1\n{}\n--- a\n{}\n--- b\n{}", h1.logs(), gw_a.logs(), gw_b.logs());
+    assert!(
+        last.as_deref().is_some_and(|s| s.starts_with('a')),
+        "the lowest name wins ({last:?}):\n--- h1\n{}\n--- a\n{}\n--- b\n{}",
+        h1.logs(),
+        gw_a.logs(),
+        gw_b.logs()
+    );
     std::thread::sleep(Duration::from_secs(6)); // b's hellos have come by now too
     for _ in 0..5 {
         assert_eq!(ask(&ns_h, dst).as_deref().map(|s| &s[..1]), Some("a"));
@@ -294,7 +319,8 @@ fn a_rogue_advertisement_is_refused_in_strict_mode() {
     let peers_arg = peers.to_string_lossy().into_owned();
     let start = |ns: &Netns, user: &TempUser, v4: &str, v6: &str, extra: &[&str]| {
         let url = user.url();
-        let mut all = vec!["--url", url.as_str(), "--session", session.as_str(), "--peers", peers_arg.as_str(), "--netns", ns.name.as_str(), "--ipv4", v4, "--ipv6", v6];
+        let mut all =
+            vec!["--url", url.as_str(), "--session", session.as_str(), "--peers", peers_arg.as_str(), "--netns", ns.name.as_str(), "--ipv4", v4, "--ipv6", v6];
         all.extend_from_slice(extra);
         AgentProc::spawn(&ns.name, &all)
     };

@@ -156,7 +156,11 @@ fn spoofing_is_dropped_and_refused(w: &World) {
     let got = sink.join().expect("sink");
     assert!(got.is_empty(), "spoofed packets reached b's namespace: {got:?}");
     let rb = b.interrupt();
-    eprintln!("spoofing: b dropped spoofed {}, no_identity {}; the broker refused the forged user_id: {refused}", drops(&rb, "spoofed"), drops(&rb, "no_identity"));
+    eprintln!(
+        "spoofing: b dropped spoofed {}, no_identity {}; the broker refused the forged user_id: {refused}",
+        drops(&rb, "spoofed"),
+        drops(&rb, "no_identity")
+    );
     assert!(drops(&rb, "spoofed") >= 5, "{rb}");
     assert!(drops(&rb, "no_identity") >= 5, "{rb}");
     a.interrupt();
@@ -320,7 +324,12 @@ fn forged_orders_are_refused(w: &World) {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(addrs.contains("10.2.0.79"), "the coordinator's order was not carried out:\n{addrs}\n{}\n{}", old.logs(), String::from_utf8_lossy(&ns.exec(&["ip", "-o", "link"]).stdout));
+    assert!(
+        addrs.contains("10.2.0.79"),
+        "the coordinator's order was not carried out:\n{addrs}\n{}\n{}",
+        old.logs(),
+        String::from_utf8_lossy(&ns.exec(&["ip", "-o", "link"]).stdout)
+    );
     assert!(!addrs.contains("10.2.0.77"), "a non-coordinator added an address:\n{addrs}");
     assert!(!addrs.contains("10.2.0.78"), "a netmask of 0 was accepted:\n{addrs}");
     let r = old.interrupt();
@@ -352,7 +361,10 @@ fn forged_orders_are_refused(w: &World) {
     }
     let out = router.wait_with_output().expect("router exits");
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!bindings.lines().any(|l| l.contains("tunbus.router") && (l.contains("10-2-0-50") || l.contains("10-2-0-60"))), "the router bound a forged address:\n{bindings}");
+    assert!(
+        !bindings.lines().any(|l| l.contains("tunbus.router") && (l.contains("10-2-0-50") || l.contains("10-2-0-60"))),
+        "the router bound a forged address:\n{bindings}"
+    );
     assert!(log.contains("REFUSED") && log.contains("not a node of the topology"), "{log}");
     native.interrupt();
     let _ = std::fs::remove_file(topo);
@@ -365,7 +377,13 @@ fn identities_the_broker_enforces() {
     }
     let node = TestNode::start_with_api(true);
     let dir = std::env::temp_dir().join(unique("tunbus-prov-"));
-    let text = provision(&node, SESSION, &["a=198.18.50.1/24,fd00:50::1/64", "b=198.18.50.2/24,fd00:50::2/64", "c=198.18.50.3/24,fd00:50::3/64", "r=198.18.50.9/24"], &dir, true);
+    let text = provision(
+        &node,
+        SESSION,
+        &["a=198.18.50.1/24,fd00:50::1/64", "b=198.18.50.2/24,fd00:50::2/64", "c=198.18.50.3/24,fd00:50::3/64", "r=198.18.50.9/24"],
+        &dir,
+        true,
+    );
     assert!(text.contains("management HTTP API"), "{text}");
     let text2 = provision(&node, "sec2", &["x=198.18.53.1/24"], &dir.join("sec2"), false);
     eprintln!("provisioned: {}\n{}", text.lines().next().unwrap_or(""), text2.lines().next().unwrap_or(""));
@@ -395,7 +413,16 @@ fn identities_the_broker_enforces() {
     }
     // Revoke leaves nothing of the sessions.
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
-        .args(["provision", "--revoke", "--session", SESSION, "--url", &format!("amqp://guest:guest@127.0.0.1:{}/", world.node.plain_port()), "--api", &format!("http://127.0.0.1:{}", world.node.api_port.expect("api"))])
+        .args([
+            "provision",
+            "--revoke",
+            "--session",
+            SESSION,
+            "--url",
+            &format!("amqp://guest:guest@127.0.0.1:{}/", world.node.plain_port()),
+            "--api",
+            &format!("http://127.0.0.1:{}", world.node.api_port.expect("api")),
+        ])
         .output()
         .expect("revoke");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

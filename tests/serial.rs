@@ -24,11 +24,7 @@ const BAUD: u32 = 460_800;
 
 /// Runs the port as a worker would for at most `limit`, until `done(frames so far)`;
 /// returns the frames read (virtio header checked and stripped).
-fn pump(
-    port: &mut SerialPort,
-    limit: Duration,
-    mut done: impl FnMut(&[Vec<u8>]) -> bool,
-) -> Vec<Vec<u8>> {
+fn pump(port: &mut SerialPort, limit: Duration, mut done: impl FnMut(&[Vec<u8>]) -> bool) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + limit;
     let mut frames = Vec::new();
     let mut buf = vec![0u8; 65_536];
@@ -49,16 +45,9 @@ fn pump(
             None => std::thread::sleep(timeout),
         }
         port.poll(Instant::now());
-        while let Some(n) = port
-            .read(&mut buf)
-            .expect("a serial port never fails a read")
-        {
+        while let Some(n) = port.read(&mut buf).expect("a serial port never fails a read") {
             assert!(n >= 10, "a unit shorter than its header");
-            assert_eq!(
-                buf[..10],
-                vnet::PLAIN,
-                "a serial frame carries the plain virtio header"
-            );
+            assert_eq!(buf[..10], vnet::PLAIN, "a serial frame carries the plain virtio header");
             frames.push(buf[10..n].to_vec());
         }
     }
@@ -68,32 +57,16 @@ fn pump(
 /// Frames that exercise SLIP: every escape, a maximal PSDU, one byte, all byte values.
 fn test_frames() -> Vec<Vec<u8>> {
     let mut frames: Vec<Vec<u8>> = vec![
-        vec![
-            0x41, 0x88, 0x01, 0xcd, 0xab, 0xff, 0xff, 0x01, 0x00, 0x3f, 0x00,
-        ],
+        vec![0x41, 0x88, 0x01, 0xcd, 0xab, 0xff, 0xff, 0x01, 0x00, 0x3f, 0x00],
         vec![slip::END],
         vec![slip::ESC],
-        vec![
-            slip::END,
-            slip::ESC,
-            slip::ESC_END,
-            slip::ESC_ESC,
-            slip::END,
-            slip::END,
-        ],
+        vec![slip::END, slip::ESC, slip::ESC_END, slip::ESC_ESC, slip::END, slip::END],
         vec![0x02, 0x00, 0x2a],
-        (0..MAX_PSDU)
-            .map(|i| [slip::END, slip::ESC, i as u8][i % 3])
-            .collect(),
+        (0..MAX_PSDU).map(|i| [slip::END, slip::ESC, i as u8][i % 3]).collect(),
         (0..MAX_PSDU as u8).collect(),
         vec![0x00],
     ];
-    frames.extend(
-        (0..=255u8)
-            .collect::<Vec<u8>>()
-            .chunks(MAX_PSDU)
-            .map(<[u8]>::to_vec),
-    );
+    frames.extend((0..=255u8).collect::<Vec<u8>>().chunks(MAX_PSDU).map(<[u8]>::to_vec));
     frames
 }
 
@@ -104,66 +77,43 @@ fn stats(port: &SerialPort) -> SerialStats {
 #[test]
 fn frames_from_the_probe_come_out_of_read_byte_exact() {
     let probe = FakeProbe::new();
-    let mut port =
-        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
     let want = test_frames();
     let refs: Vec<&[u8]> = want.iter().map(Vec::as_slice).collect();
     probe.send(&refs);
     let got = pump(&mut port, Duration::from_secs(5), |f| f.len() >= want.len());
     assert_eq!(got, want);
     let s = stats(&port);
-    assert_eq!(
-        (s.frames_in, s.bytes_in),
-        (want.len() as u64, want.iter().map(|f| f.len() as u64).sum())
-    );
-    assert_eq!(
-        (s.malformed(), s.outages, s.connected),
-        (0, 0, true),
-        "{s:?}"
-    );
+    assert_eq!((s.frames_in, s.bytes_in), (want.len() as u64, want.iter().map(|f| f.len() as u64).sum()));
+    assert_eq!((s.malformed(), s.outages, s.connected), (0, 0, true), "{s:?}");
 }
 
 #[test]
 fn written_frames_arrive_slip_framed_on_the_probe() {
     let mut probe = FakeProbe::new();
-    let mut port =
-        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
     let frames = test_frames();
     let mut line = Vec::new();
     for f in &frames {
-        port.write(&vnet::PLAIN, f)
-            .expect("a serial port never fails a write");
+        port.write(&vnet::PLAIN, f).expect("a serial port never fails a write");
         slip::encode(f, &mut line);
     }
     let got = probe.recv_raw(Duration::from_secs(5), |b| b.len() >= line.len());
-    assert_eq!(
-        got, line,
-        "the bytes on the line: END, escaped frame, END, for each frame in order"
-    );
+    assert_eq!(got, line, "the bytes on the line: END, escaped frame, END, for each frame in order");
     assert_eq!(got.first(), Some(&slip::END), "a leading END");
     let s = stats(&port);
-    assert_eq!(
-        (s.frames_out, s.bytes_out),
-        (
-            frames.len() as u64,
-            frames.iter().map(|f| f.len() as u64).sum()
-        )
-    );
+    assert_eq!((s.frames_out, s.bytes_out), (frames.len() as u64, frames.iter().map(|f| f.len() as u64).sum()));
     // Frames no probe can send are refused, counted, and nothing reaches the line.
     port.write(&vnet::PLAIN, &[]).expect("never fails");
-    port.write(&vnet::PLAIN, &[7u8; slip::DEFAULT_MAX_FRAME + 1])
-        .expect("never fails");
+    port.write(&vnet::PLAIN, &[7u8; slip::DEFAULT_MAX_FRAME + 1]).expect("never fails");
     assert_eq!(stats(&port).refused_out, 2);
-    assert!(probe
-        .recv_raw(Duration::from_millis(200), |_| false)
-        .is_empty());
+    assert!(probe.recv_raw(Duration::from_millis(200), |_| false).is_empty());
 }
 
 #[test]
 fn malformed_slip_is_counted_by_reason_and_the_next_frame_passes() {
     let probe = FakeProbe::new();
-    let mut port =
-        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
     let good: Vec<Vec<u8>> = (1..=6u8).map(|i| vec![0x41, i, slip::END, i]).collect();
     let mut line = Vec::new();
     line.extend_from_slice(&[0x13, 0x37]); // the middle of a frame: noise before the first END
@@ -190,8 +140,7 @@ fn malformed_slip_is_counted_by_reason_and_the_next_frame_passes() {
 #[test]
 fn a_full_line_costs_whole_frames_only() {
     let mut probe = FakeProbe::new();
-    let mut port =
-        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
     // Nobody reads the probe's side: the pseudo-terminal's buffer fills, then the port's queue.
     let n = 3000u32;
     let frames: Vec<Vec<u8>> = (0..n)
@@ -221,36 +170,22 @@ fn a_full_line_costs_whole_frames_only() {
     let s = stats(&port);
     assert_eq!(s.frames_out + s.lost_busy, u64::from(n), "{s:?}");
     assert_eq!(got.len() as u64, s.frames_out, "{s:?}");
-    assert_eq!(
-        probe.decode_stats().malformed(),
-        0,
-        "a frame was cut on the line"
-    );
+    assert_eq!(probe.decode_stats().malformed(), 0, "a frame was cut on the line");
     // In order, each whole, a gap wherever the queue was full.
-    let ids: Vec<u32> = got
-        .iter()
-        .map(|f| u32::from_be_bytes(f[..4].try_into().unwrap()))
-        .collect();
+    let ids: Vec<u32> = got.iter().map(|f| u32::from_be_bytes(f[..4].try_into().unwrap())).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
     for f in &got {
-        assert_eq!(
-            f,
-            &frames[u32::from_be_bytes(f[..4].try_into().unwrap()) as usize]
-        );
+        assert_eq!(f, &frames[u32::from_be_bytes(f[..4].try_into().unwrap()) as usize]);
     }
 }
 
 #[test]
 fn unplugged_for_3_s_and_plugged_in_again_frames_flow_within_2_s() {
     let mut probe = FakeProbe::new();
-    let mut port =
-        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
     let first_tty = probe.tty().unwrap().to_path_buf();
     probe.send(&[b"before"]);
-    assert_eq!(
-        pump(&mut port, Duration::from_secs(2), |f| !f.is_empty()),
-        [b"before".to_vec()]
-    );
+    assert_eq!(pump(&mut port, Duration::from_secs(2), |f| !f.is_empty()), [b"before".to_vec()]);
 
     // Pulled: the port notices on its next read (EIO), closes the device and keeps going.
     probe.unplug();
@@ -258,11 +193,7 @@ fn unplugged_for_3_s_and_plugged_in_again_frames_flow_within_2_s() {
     while port.fd().is_some() && t_unplug.elapsed() < Duration::from_secs(1) {
         pump(&mut port, Duration::from_millis(20), |_| false);
     }
-    assert!(
-        port.fd().is_none(),
-        "the port did not notice the unplug: {:?}",
-        stats(&port)
-    );
+    assert!(port.fd().is_none(), "the port did not notice the unplug: {:?}", stats(&port));
     // Someone else takes the freed pseudo-terminal, so the probe comes back under another
     // number, as a USB adapter may come back as ttyUSB1. Other processes open and close
     // pseudo-terminals meanwhile (the kernel hands out the lowest free number), so take
@@ -282,25 +213,17 @@ fn unplugged_for_3_s_and_plugged_in_again_frames_flow_within_2_s() {
     // device every 250 ms.
     let mut lost = 0;
     while t_unplug.elapsed() < Duration::from_secs(3) {
-        port.write(&vnet::PLAIN, b"while away")
-            .expect("never fails");
+        port.write(&vnet::PLAIN, b"while away").expect("never fails");
         lost += 1;
         let wake = port.poll_at().expect("away: the port wants to be polled");
-        assert!(
-            wake <= Instant::now() + REOPEN_EVERY,
-            "next attempt too far away"
-        );
+        assert!(wake <= Instant::now() + REOPEN_EVERY, "next attempt too far away");
         pump(&mut port, Duration::from_millis(100), |_| false);
     }
     assert_eq!(stats(&port).lost_unplugged, lost);
 
     // Back, under another /dev/pts/N.
     probe.replug();
-    assert_ne!(
-        probe.tty().unwrap(),
-        first_tty,
-        "the kernel gave the same pseudo-terminal back"
-    );
+    assert_ne!(probe.tty().unwrap(), first_tty, "the kernel gave the same pseudo-terminal back");
     let t_replug = Instant::now();
     let mut got = Vec::new();
     let mut sent = 0u32;
@@ -310,21 +233,11 @@ fn unplugged_for_3_s_and_plugged_in_again_frames_flow_within_2_s() {
         got = pump(&mut port, Duration::from_millis(50), |f| !f.is_empty());
     }
     let flowing = t_replug.elapsed();
-    assert!(
-        !got.is_empty(),
-        "no frame after the replug: {:?}",
-        stats(&port)
-    );
-    assert!(
-        flowing < Duration::from_secs(2),
-        "frames flowed again only after {flowing:?}"
-    );
+    assert!(!got.is_empty(), "no frame after the replug: {:?}", stats(&port));
+    assert!(flowing < Duration::from_secs(2), "frames flowed again only after {flowing:?}");
     // And the other way.
     port.write(&vnet::PLAIN, b"after").expect("never fails");
-    assert_eq!(
-        probe.recv_frames(1, Duration::from_secs(2)),
-        [b"after".to_vec()]
-    );
+    assert_eq!(probe.recv_frames(1, Duration::from_secs(2)), [b"after".to_vec()]);
     let s = stats(&port);
     assert_eq!((s.outages, s.reopens, s.connected), (1, 1, true), "{s:?}");
     eprintln!("unplugged 3 s: {lost} frames counted lost; frames flowed {flowing:?} after the replug; {s:?}");
@@ -334,13 +247,9 @@ fn unplugged_for_3_s_and_plugged_in_again_frames_flow_within_2_s() {
 fn a_probe_absent_at_start_is_waited_for() {
     let mut probe = FakeProbe::new();
     probe.unplug();
-    let mut port = SerialPort::waiting(0, SerialConfig::new(probe.path(), BAUD))
-        .expect("a valid configuration");
+    let mut port = SerialPort::waiting(0, SerialConfig::new(probe.path(), BAUD)).expect("a valid configuration");
     assert!(port.fd().is_none());
-    assert!(matches!(
-        SerialPort::open(1, SerialConfig::new(probe.path(), BAUD)),
-        Err(tunbus::port::serial::Error::Open { .. })
-    ));
+    assert!(matches!(SerialPort::open(1, SerialConfig::new(probe.path(), BAUD)), Err(tunbus::port::serial::Error::Open { .. })));
     pump(&mut port, Duration::from_millis(600), |_| false);
     probe.replug();
     let t = Instant::now();
@@ -358,8 +267,7 @@ fn a_probe_absent_at_start_is_waited_for() {
 #[test]
 fn throughput_is_far_above_the_line_rate() {
     let probe = FakeProbe::new();
-    let mut port =
-        SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
+    let mut port = SerialPort::open(0, SerialConfig::new(probe.path(), BAUD)).expect("open the probe");
     let n = 20_000usize;
     let frame: Vec<u8> = (0..MAX_PSDU).map(|i| i as u8).collect();
     let mut line = Vec::new();

@@ -104,19 +104,25 @@ fn two_probes_on_the_native_wire() {
         std::thread::sleep(Duration::from_millis(200));
     }
     probe_b.replug();
-    let back_b = first_frame_after(&probe_a, &mut probe_b, Instant::now(), Duration::from_secs(5)).unwrap_or_else(|| panic!("no frame at probe B after its replug:\n{}", b.logs()));
+    let back_b = first_frame_after(&probe_a, &mut probe_b, Instant::now(), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no frame at probe B after its replug:\n{}", b.logs()));
     // Probe A (read from) unplugged for 3 s.
     probe_a.unplug();
     std::thread::sleep(Duration::from_secs(3));
     probe_a.replug();
-    let back_a = first_frame_after(&probe_a, &mut probe_b, Instant::now(), Duration::from_secs(5)).unwrap_or_else(|| panic!("no frame from probe A after its replug:\n{}", a.logs()));
+    let back_a = first_frame_after(&probe_a, &mut probe_b, Instant::now(), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no frame from probe A after its replug:\n{}", a.logs()));
     eprintln!("frames again {back_b:.2?} after probe B's replug, {back_a:.2?} after probe A's");
     assert!(back_b < Duration::from_secs(2) && back_a < Duration::from_secs(2), "{back_b:?} {back_a:?}");
 
     // agent status shows the probe.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(["status", &name_b]).output().expect("agent status");
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success() && text.contains("serial probe: connected") && text.contains("outages 1"), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success() && text.contains("serial probe: connected") && text.contains("outages 1"),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 
     // Both probes say hello in their session.
     let peers = std::process::Command::new(env!("CARGO_BIN_EXE_agent")).args(["peers", "--url", URL, "--session", &session]).output().expect("agent peers");
@@ -177,7 +183,8 @@ fn a_probe_on_the_ioppytest_wire() {
     let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
     probe.send(&refs);
     for want in &frames {
-        let (key, content_type, body) = next_delivery(&mut bus, Duration::from_secs(10)).unwrap_or_else(|| panic!("frame {want:02x?} never published:\n{}", agent.logs()));
+        let (key, content_type, body) =
+            next_delivery(&mut bus, Duration::from_secs(10)).unwrap_or_else(|| panic!("frame {want:02x?} never published:\n{}", agent.logs()));
         assert_eq!(key, serial::routing_key_from_agent(&name));
         assert_eq!(content_type.as_deref(), Some(ioppytest::CONTENT_TYPE));
         let value: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
@@ -207,8 +214,16 @@ fn a_probe_on_the_ioppytest_wire() {
     assert_eq!(got, line, "what the agent wrote to the probe:\n{}", agent.logs());
 
     // serial.start is answered with serial.started.
-    publish(&mut bus, ioppytest::EXCHANGE, &serial::routing_key_start(&name), &tunbus::amqp::IOPPYTEST_PROPERTIES, br#"{"_api_version": "1.2.15", "name": null, "port": null, "boudrate": null}"#);
-    let answered = (0..50).any(|_| next_delivery(&mut bus, Duration::from_millis(200)).is_some_and(|(key, _, body)| key == serial::routing_key_started(&name) && body == started));
+    publish(
+        &mut bus,
+        ioppytest::EXCHANGE,
+        &serial::routing_key_start(&name),
+        &tunbus::amqp::IOPPYTEST_PROPERTIES,
+        br#"{"_api_version": "1.2.15", "name": null, "port": null, "boudrate": null}"#,
+    );
+    let answered = (0..50).any(|_| {
+        next_delivery(&mut bus, Duration::from_millis(200)).is_some_and(|(key, _, body)| key == serial::routing_key_started(&name) && body == started)
+    });
     assert!(answered, "serial.start was not answered:\n{}", agent.logs());
 
     let report = agent.interrupt();

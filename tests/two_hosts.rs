@@ -19,10 +19,7 @@ fn ping_ipv4_and_ipv6_and_peers() {
     let (ok6, out6) = ping(&p.ns_b, &p.v6[0], 5);
     assert!(ok6, "IPv6 ping failed:\n{out6}\n{}", p.b.logs());
 
-    let peers = Command::new(env!("CARGO_BIN_EXE_agent"))
-        .args(["peers", "--url", URL, "--json", "--wait", "1"])
-        .output()
-        .expect("agent peers runs");
+    let peers = Command::new(env!("CARGO_BIN_EXE_agent")).args(["peers", "--url", URL, "--json", "--wait", "1"]).output().expect("agent peers runs");
     let text = String::from_utf8_lossy(&peers.stdout);
     for agent in [&p.a.name, &p.b.name] {
         let line = text.lines().find(|l| l.contains(&format!("\"name\":\"{agent}\""))).unwrap_or_else(|| panic!("{agent} missing from peers:\n{text}"));
@@ -99,12 +96,30 @@ fn malformed_messages_are_counted_and_forwarding_goes_on() {
     let mut bodies = Vec::new();
     bodies.push(Vec::new()); // empty
     bodies.push(b"TB".to_vec()); // truncated header
-    bodies.push({ let mut b = header(1, 0, 1); b[0] = b'X'; b }); // wrong magic
+    bodies.push({
+        let mut b = header(1, 0, 1);
+        b[0] = b'X';
+        b
+    }); // wrong magic
     bodies.push(header(9, 0, 0)); // unknown version
     bodies.push(header(1, 0x80, 0)); // unknown flag
-    bodies.push({ let mut b = header(1, 0, 1); b.extend_from_slice(&1000u32.to_be_bytes()); b.extend_from_slice(&[0x45; 10]); b }); // length lies
-    bodies.push({ let mut b = header(1, 0, 3); b.extend_from_slice(&4u32.to_be_bytes()); b.extend_from_slice(&[0x45; 4]); b }); // count lies
-    bodies.push({ let mut b = header(1, 0, 1); b.extend_from_slice(&u32::MAX.to_be_bytes()); b }); // absurd length
+    bodies.push({
+        let mut b = header(1, 0, 1);
+        b.extend_from_slice(&1000u32.to_be_bytes());
+        b.extend_from_slice(&[0x45; 10]);
+        b
+    }); // length lies
+    bodies.push({
+        let mut b = header(1, 0, 3);
+        b.extend_from_slice(&4u32.to_be_bytes());
+        b.extend_from_slice(&[0x45; 4]);
+        b
+    }); // count lies
+    bodies.push({
+        let mut b = header(1, 0, 1);
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        b
+    }); // absurd length
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     for len in [1usize, 23, 24, 25, 100, 1500, 70_000] {
         let mut b = Vec::with_capacity(len);
@@ -239,7 +254,11 @@ fn a_dead_worker_ends_the_agent_with_its_exit_code() {
         return;
     }
     let ns = Netns::new();
-    let mut agent = AgentProc::spawn_env(&unique("dies"), &["--url", URL, "--netns", &ns.name, "--ipv4", "198.18.9.1/24", "--queues", "2"], &[("TUNBUS_FAULT", "worker-panic")]);
+    let mut agent = AgentProc::spawn_env(
+        &unique("dies"),
+        &["--url", URL, "--netns", &ns.name, "--ipv4", "198.18.9.1/24", "--queues", "2"],
+        &[("TUNBUS_FAULT", "worker-panic")],
+    );
     let (status, took) = agent.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| panic!("the agent lived on with a dead worker:\n{}", agent.logs()));
     assert_eq!(status.code(), Some(10), "exit code of an agent whose worker died:\n{}", agent.logs());
     assert!(took < Duration::from_secs(5), "{took:?}");
@@ -270,13 +289,27 @@ fn status_shows_links_peers_and_the_counters_of_the_exit_report() {
     for s in [&sa, &sb] {
         let queues = s["queues"].as_array().expect("queues");
         assert_eq!(queues.len(), 2, "{s}");
-        assert!(queues.iter().all(|q| q["connected"] == true && q["node"].as_str().is_some_and(|n| n.contains("127.0.0.1:5672") && !n.contains(":guest@"))), "{s}");
+        assert!(
+            queues.iter().all(|q| q["connected"] == true && q["node"].as_str().is_some_and(|n| n.contains("127.0.0.1:5672") && !n.contains(":guest@"))),
+            "{s}"
+        );
         assert_eq!(s["identity"], "first-claim", "{s}");
     }
-    let heard: Vec<String> = sa["peers"].as_array().expect("peers").iter().flat_map(|p| p["addresses"].as_array().cloned().unwrap_or_default()).filter_map(|a| a.as_str().map(str::to_owned)).collect();
+    let heard: Vec<String> = sa["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .flat_map(|p| p["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
     assert!(heard.contains(&format!("{}/32", p.v4[1])), "a has not heard b: {heard:?}");
     let text = String::from_utf8_lossy(&status(&[&p.a.name]).stdout).into_owned();
-    assert!(text.contains(&format!("agent: {}", p.a.name)) && text.contains("queue 1: connected to amqp://guest:***@127.0.0.1:5672") && text.contains("latency: p50"), "{text}");
+    assert!(
+        text.contains(&format!("agent: {}", p.a.name))
+            && text.contains("queue 1: connected to amqp://guest:***@127.0.0.1:5672")
+            && text.contains("latency: p50"),
+        "{text}"
+    );
 
     let (ra, rb) = (p.a.interrupt(), p.b.interrupt());
     // The same traffic: the exit report has what status had, plus at most what the kernel

@@ -26,9 +26,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tunbus::codec::v1::VNET_HDR_LEN;
-use tunbus::port::userspace::{
-    EndpointConfig, Error, Expose, Forward, Limits, PortConfig, Services, Socks5, UserspacePort,
-};
+use tunbus::port::userspace::{EndpointConfig, Error, Expose, Forward, Limits, PortConfig, Services, Socks5, UserspacePort};
 use tunbus::port::Port;
 use tunbus::route::Prefix;
 
@@ -105,25 +103,14 @@ fn prefix(s: &str) -> Prefix {
 fn endpoint(name: &str, i: u16, services: Services) -> EndpointConfig {
     EndpointConfig {
         name: name.into(),
-        addrs: vec![
-            prefix(&format!("198.18.{}.{}/15", i >> 8, i & 0xff)),
-            prefix(&format!("fd00:7b::{i:x}/64")),
-        ],
+        addrs: vec![prefix(&format!("198.18.{}.{}/15", i >> 8, i & 0xff)), prefix(&format!("fd00:7b::{i:x}/64"))],
         link_local: format!("fe80::7b:{i:x}").parse().unwrap(),
         services,
     }
 }
 
 fn port(seed: u64) -> UserspacePort {
-    UserspacePort::new(
-        PortConfig {
-            index: 0,
-            seed,
-            limits: Limits::default(),
-        },
-        Instant::now(),
-    )
-    .unwrap()
+    UserspacePort::new(PortConfig { index: 0, seed, limits: Limits::default() }, Instant::now()).unwrap()
 }
 
 struct Pair {
@@ -134,11 +121,7 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        Pair {
-            a: port(1),
-            b: port(2),
-            buf: vec![0; 65536 + VNET_HDR_LEN],
-        }
+        Pair { a: port(1), b: port(2), buf: vec![0; 65536 + VNET_HDR_LEN] }
     }
 
     /// Polls both ports at `now` and moves packets between them until neither has any;
@@ -162,12 +145,7 @@ impl Pair {
     fn pump_until(&mut self, limit: Duration, mut done: impl FnMut(&mut Pair) -> bool) {
         let end = Instant::now() + limit;
         while !done(self) {
-            assert!(
-                Instant::now() < end,
-                "timed out after {limit:?}; counters a: {:?} b: {:?}",
-                self.a.counters(),
-                self.b.counters()
-            );
+            assert!(Instant::now() < end, "timed out after {limit:?}; counters a: {:?} b: {:?}", self.a.counters(), self.b.counters());
             if self.step(Instant::now()) == 0 {
                 thread::sleep(Duration::from_micros(200));
             }
@@ -193,19 +171,11 @@ fn ip(s: &str) -> IpAddr {
 
 /// A localhost port that was free a moment ago.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -219,15 +189,9 @@ fn local(port: u16) -> SocketAddr {
 fn ping_both_ways_over_ipv4_ipv6_link_local_and_all_nodes() {
     let mut p = Pair::new();
     let t0 = Instant::now();
-    let a1 =
-        p.a.add_endpoint(endpoint("a1", 1, Services::default()), t0)
-            .unwrap();
-    let b2 =
-        p.b.add_endpoint(endpoint("b2", 2, Services::default()), t0)
-            .unwrap();
-    let b3 =
-        p.b.add_endpoint(endpoint("b3", 3, Services::default()), t0)
-            .unwrap();
+    let a1 = p.a.add_endpoint(endpoint("a1", 1, Services::default()), t0).unwrap();
+    let b2 = p.b.add_endpoint(endpoint("b2", 2, Services::default()), t0).unwrap();
+    let b3 = p.b.add_endpoint(endpoint("b3", 3, Services::default()), t0).unwrap();
     let step = Duration::from_millis(1);
     let mut now = t0;
     let mut seq = 0;
@@ -241,26 +205,13 @@ fn ping_both_ways_over_ipv4_ipv6_link_local_and_all_nodes() {
     ] {
         seq += 1;
         now += step;
-        let (sender, _) = if port_is_a {
-            (&mut p.a, &mut p.b)
-        } else {
-            (&mut p.b, &mut p.a)
-        };
+        let (sender, _) = if port_is_a { (&mut p.a, &mut p.b) } else { (&mut p.b, &mut p.a) };
         sender.ping(from, ip(dst), seq, now).unwrap();
         p.step(now + step);
         let sender = if port_is_a { &mut p.a } else { &mut p.b };
         let replies: Vec<_> = sender.ping_replies().collect();
         assert_eq!(replies.len(), 1, "{dst}: {replies:?}");
-        assert_eq!(
-            (
-                replies[0].endpoint,
-                replies[0].from,
-                replies[0].seq,
-                replies[0].rtt
-            ),
-            (from, ip(answer), seq, step),
-            "{dst}"
-        );
+        assert_eq!((replies[0].endpoint, replies[0].from, replies[0].seq, replies[0].rtt), (from, ip(answer), seq, step), "{dst}");
         now += step;
     }
     // ff02::1 from a1: both endpoints of port b answer from their link-local addresses.
@@ -285,19 +236,12 @@ fn ping_both_ways_over_ipv4_ipv6_link_local_and_all_nodes() {
 fn no_allocation_per_ping() {
     let mut p = Pair::new();
     let t0 = Instant::now();
-    let a =
-        p.a.add_endpoint(endpoint("a", 1, Services::default()), t0)
-            .unwrap();
-    p.b.add_endpoint(endpoint("b", 2, Services::default()), t0)
-        .unwrap();
+    let a = p.a.add_endpoint(endpoint("a", 1, Services::default()), t0).unwrap();
+    p.b.add_endpoint(endpoint("b", 2, Services::default()), t0).unwrap();
     let mut now = t0;
     let mut round = |p: &mut Pair, i: u16| {
         now += Duration::from_millis(1);
-        let dst = if i.is_multiple_of(2) {
-            ip("198.18.0.2")
-        } else {
-            ip("fd00:7b::2")
-        };
+        let dst = if i.is_multiple_of(2) { ip("198.18.0.2") } else { ip("fd00:7b::2") };
         p.a.ping(a, dst, i, now).unwrap();
         p.step(now);
         p.a.ping_replies().count()
@@ -351,11 +295,7 @@ fn digest_client(mut s: TcpStream, send: usize) -> Vec<u8> {
     let mut back = Vec::new();
     s.read_to_end(&mut back).unwrap();
     assert!(back.len() >= 32, "answer of {} bytes", back.len());
-    assert_eq!(
-        &back[..32],
-        &Sha256::digest(&data)[..],
-        "the server read what the client sent"
-    );
+    assert_eq!(&back[..32], &Sha256::digest(&data)[..], "the server read what the client sent");
     back.split_off(32)
 }
 
@@ -367,60 +307,19 @@ fn tcp_through_forward_and_expose_both_ways_with_half_close() {
     let fwd_port = free_port();
     let forward: Forward = format!("tcp:{fwd_port}=198.18.0.2:80").parse().unwrap();
     let expose: Expose = format!("tcp:80={server}").parse().unwrap();
-    let ea =
-        p.a.add_endpoint(
-            endpoint(
-                "a",
-                1,
-                Services {
-                    forwards: vec![forward],
-                    ..Services::default()
-                },
-            ),
-            t0,
-        )
-        .unwrap();
-    let eb =
-        p.b.add_endpoint(
-            endpoint(
-                "b",
-                2,
-                Services {
-                    exposes: vec![expose],
-                    ..Services::default()
-                },
-            ),
-            t0,
-        )
-        .unwrap();
-    let client =
-        thread::spawn(move || digest_client(TcpStream::connect(local(fwd_port)).unwrap(), 2 << 20));
-    let ((), allocs) =
-        allocations(|| p.pump_until(Duration::from_secs(60), |_| client.is_finished()));
+    let ea = p.a.add_endpoint(endpoint("a", 1, Services { forwards: vec![forward], ..Services::default() }), t0).unwrap();
+    let eb = p.b.add_endpoint(endpoint("b", 2, Services { exposes: vec![expose], ..Services::default() }), t0).unwrap();
+    let client = thread::spawn(move || digest_client(TcpStream::connect(local(fwd_port)).unwrap(), 2 << 20));
+    let ((), allocs) = allocations(|| p.pump_until(Duration::from_secs(60), |_| client.is_finished()));
     let back = client.join().unwrap();
     assert_eq!(served.join().unwrap(), 2 << 20);
-    assert_eq!(
-        Sha256::digest(&back),
-        Sha256::digest(pattern(3 << 20)),
-        "the answer arrived whole"
-    );
-    assert_eq!(
-        (p.a.counters().tcp_forwarded, p.b.counters().tcp_exposed),
-        (1, 1)
-    );
+    assert_eq!(Sha256::digest(&back), Sha256::digest(pattern(3 << 20)), "the answer arrived whole");
+    assert_eq!((p.a.counters().tcp_forwarded, p.b.counters().tcp_exposed), (1, 1));
     // 5 MiB is about 3,600 packets each way: allocations per connection only.
-    assert!(
-        allocs < 200,
-        "{allocs} allocations on the pump thread for one connection"
-    );
+    assert!(allocs < 200, "{allocs} allocations on the pump thread for one connection");
     // The relays end when both sides have closed.
-    p.pump_until(Duration::from_secs(5), |p| {
-        p.a.connections(ea) == 0 && p.b.connections(eb) == 0
-    });
-    println!(
-        "tcp: 2 MiB + 3 MiB, {allocs} allocations on the pump thread; a: {:?}",
-        p.a.counters()
-    );
+    p.pump_until(Duration::from_secs(5), |p| p.a.connections(ea) == 0 && p.b.connections(eb) == 0);
+    println!("tcp: 2 MiB + 3 MiB, {allocs} allocations on the pump thread; a: {:?}", p.a.counters());
 }
 
 #[test]
@@ -439,35 +338,10 @@ fn udp_request_and_answer_through_forward_and_expose() {
         }
     });
     let (v4, v6) = (free_udp_port(), free_udp_port());
-    let forwards = vec![
-        format!("udp:{v4}=198.18.0.2:5683").parse().unwrap(),
-        format!("udp:{v6}=[fd00:7b::2]:5683").parse().unwrap(),
-    ];
-    p.a.add_endpoint(
-        endpoint(
-            "a",
-            1,
-            Services {
-                forwards,
-                ..Services::default()
-            },
-        ),
-        t0,
-    )
-    .unwrap();
+    let forwards = vec![format!("udp:{v4}=198.18.0.2:5683").parse().unwrap(), format!("udp:{v6}=[fd00:7b::2]:5683").parse().unwrap()];
+    p.a.add_endpoint(endpoint("a", 1, Services { forwards, ..Services::default() }), t0).unwrap();
     let expose: Expose = format!("udp:5683={echo_addr}").parse().unwrap();
-    p.b.add_endpoint(
-        endpoint(
-            "b",
-            2,
-            Services {
-                exposes: vec![expose],
-                ..Services::default()
-            },
-        ),
-        t0,
-    )
-    .unwrap();
+    p.b.add_endpoint(endpoint("b", 2, Services { exposes: vec![expose], ..Services::default() }), t0).unwrap();
     let client = thread::spawn(move || {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -482,10 +356,7 @@ fn udp_request_and_answer_through_forward_and_expose() {
         got
     });
     p.pump_until(Duration::from_secs(20), |_| client.is_finished());
-    assert_eq!(
-        client.join().unwrap(),
-        vec!["echo:coap over v4", "echo:coap over v6"]
-    );
+    assert_eq!(client.join().unwrap(), vec!["echo:coap over v4", "echo:coap over v6"]);
     server.join().unwrap();
     assert_eq!(p.a.counters().udp_dropped + p.b.counters().udp_dropped, 0);
 }
@@ -527,32 +398,9 @@ fn socks5_connect_names_and_garbage() {
     let (server, served) = digest_server(1 << 20);
     let proxy = local(free_port());
     let socks: Socks5 = proxy.to_string().parse().unwrap();
-    let a =
-        p.a.add_endpoint(
-            endpoint(
-                "a",
-                1,
-                Services {
-                    socks5: Some(socks),
-                    ..Services::default()
-                },
-            ),
-            t0,
-        )
-        .unwrap();
+    let a = p.a.add_endpoint(endpoint("a", 1, Services { socks5: Some(socks), ..Services::default() }), t0).unwrap();
     let expose: Expose = format!("tcp:80={server}").parse().unwrap();
-    p.b.add_endpoint(
-        endpoint(
-            "b",
-            2,
-            Services {
-                exposes: vec![expose],
-                ..Services::default()
-            },
-        ),
-        t0,
-    )
-    .unwrap();
+    p.b.add_endpoint(endpoint("b", 2, Services { exposes: vec![expose], ..Services::default() }), t0).unwrap();
     assert_eq!(p.a.listening(a), vec![proxy]);
 
     // Garbage first: that client's connection is closed, the server goes on.
@@ -565,10 +413,7 @@ fn socks5_connect_names_and_garbage() {
         matches!(s.read(&mut buf), Ok(0) | Err(_))
     });
     p.pump_until(Duration::from_secs(10), |_| garbage.is_finished());
-    assert!(
-        garbage.join().unwrap(),
-        "the garbage client's connection was closed"
-    );
+    assert!(garbage.join().unwrap(), "the garbage client's connection was closed");
     assert_eq!(p.a.counters().socks5_garbage, 1);
 
     // A name the bus cannot resolve: reply 4, closed.
@@ -602,31 +447,9 @@ fn socks5_udp_associate_carries_a_datagram_and_its_answer() {
         echo.send_to(&buf[..n], from).unwrap();
     });
     let proxy = local(free_port());
-    p.a.add_endpoint(
-        endpoint(
-            "a",
-            1,
-            Services {
-                socks5: Some(Socks5 { listen: proxy }),
-                ..Services::default()
-            },
-        ),
-        t0,
-    )
-    .unwrap();
+    p.a.add_endpoint(endpoint("a", 1, Services { socks5: Some(Socks5 { listen: proxy }), ..Services::default() }), t0).unwrap();
     let expose: Expose = format!("udp:7={echo_addr}").parse().unwrap();
-    p.b.add_endpoint(
-        endpoint(
-            "b",
-            2,
-            Services {
-                exposes: vec![expose],
-                ..Services::default()
-            },
-        ),
-        t0,
-    )
-    .unwrap();
+    p.b.add_endpoint(endpoint("b", 2, Services { exposes: vec![expose], ..Services::default() }), t0).unwrap();
     let client = thread::spawn(move || {
         let mut req = vec![5, 3, 0, 1, 0, 0, 0, 0, 0, 0];
         req[4..8].copy_from_slice(&[127, 0, 0, 1]);
@@ -639,10 +462,7 @@ fn socks5_udp_associate_carries_a_datagram_and_its_answer() {
         let mut rep = [0u8; 10];
         ctl.read_exact(&mut rep).unwrap();
         assert_eq!(&rep[..4], &[5, 0, 0, 1]);
-        let relay = SocketAddr::new(
-            IpAddr::from([rep[4], rep[5], rep[6], rep[7]]),
-            u16::from_be_bytes([rep[8], rep[9]]),
-        );
+        let relay = SocketAddr::new(IpAddr::from([rep[4], rep[5], rep[6], rep[7]]), u16::from_be_bytes([rep[8], rep[9]]));
         let u = UdpSocket::bind("127.0.0.1:0").unwrap();
         u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut d = vec![0, 0, 0, 1, 198, 18, 0, 2, 0, 7];
@@ -655,11 +475,7 @@ fn socks5_udp_associate_carries_a_datagram_and_its_answer() {
     p.pump_until(Duration::from_secs(20), |_| client.is_finished());
     let got = client.join().unwrap();
     server.join().unwrap();
-    assert_eq!(
-        &got[..10],
-        &[0, 0, 0, 1, 198, 18, 0, 2, 0, 7],
-        "the header names the bus sender"
-    );
+    assert_eq!(&got[..10], &[0, 0, 0, 1, 198, 18, 0, 2, 0, 7], "the header names the bus sender");
     assert_eq!(&got[10..], b"hello bus");
 }
 
@@ -669,69 +485,26 @@ fn socks5_udp_associate_carries_a_datagram_and_its_answer() {
 #[test]
 fn bad_specs_and_ports_in_use_are_clear_errors() {
     let e = "tcp:8080".parse::<Forward>().unwrap_err().to_string();
-    assert!(
-        e.contains("--forward \"tcp:8080\": expected LOCAL=BUSADDR:PORT"),
-        "{e}"
-    );
-    let e = "tcp:8080=example.org:80"
-        .parse::<Forward>()
-        .unwrap_err()
-        .to_string();
+    assert!(e.contains("--forward \"tcp:8080\": expected LOCAL=BUSADDR:PORT"), "{e}");
+    let e = "tcp:8080=example.org:80".parse::<Forward>().unwrap_err().to_string();
     assert!(e.contains("the bus has no DNS"), "{e}");
     let e = "tcp:http=8000".parse::<Expose>().unwrap_err().to_string();
-    assert!(
-        e.contains("PORT: expected a port 1..=65535, found \"http\""),
-        "{e}"
-    );
+    assert!(e.contains("PORT: expected a port 1..=65535, found \"http\""), "{e}");
 
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap();
     let t0 = Instant::now();
     let mut a = port(3);
     let forward: Forward = format!("tcp:{busy}=198.18.0.2:80").parse().unwrap();
-    let err = a
-        .add_endpoint(
-            endpoint(
-                "a",
-                1,
-                Services {
-                    forwards: vec![forward],
-                    ..Services::default()
-                },
-            ),
-            t0,
-        )
-        .unwrap_err();
+    let err = a.add_endpoint(endpoint("a", 1, Services { forwards: vec![forward], ..Services::default() }), t0).unwrap_err();
     assert!(matches!(err, Error::Listen { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains(&format!(
-            "--forward tcp:{busy}=198.18.0.2:80: cannot listen on {busy}"
-        )),
-        "{msg}"
-    );
-    let err = a
-        .add_endpoint(
-            endpoint(
-                "a",
-                1,
-                Services {
-                    socks5: Some(Socks5 { listen: busy }),
-                    ..Services::default()
-                },
-            ),
-            t0,
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains(&format!("--socks5 {busy}: cannot listen on {busy}")),
-        "{err}"
-    );
+    assert!(msg.contains(&format!("--forward tcp:{busy}=198.18.0.2:80: cannot listen on {busy}")), "{msg}");
+    let err = a.add_endpoint(endpoint("a", 1, Services { socks5: Some(Socks5 { listen: busy }), ..Services::default() }), t0).unwrap_err().to_string();
+    assert!(err.contains(&format!("--socks5 {busy}: cannot listen on {busy}")), "{err}");
     assert_eq!(a.endpoint_count(), 0);
     // The addresses of a refused endpoint are free again.
-    a.add_endpoint(endpoint("a", 1, Services::default()), t0)
-        .unwrap();
+    a.add_endpoint(endpoint("a", 1, Services::default()), t0).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -742,38 +515,24 @@ fn ten_thousand_idle_endpoints_fit_the_budget_and_answer() {
     const N: u16 = 10_000;
     let mut p = Pair::new();
     let t0 = Instant::now();
-    let a =
-        p.a.add_endpoint(endpoint("probe", 0xffff, Services::default()), t0)
-            .unwrap();
+    let a = p.a.add_endpoint(endpoint("probe", 0xffff, Services::default()), t0).unwrap();
     let ((), allocs_bytes) = heap_bytes(|| {
         for i in 1..=N {
-            p.b.add_endpoint(endpoint(&format!("h{i}"), i, Services::default()), t0)
-                .unwrap();
+            p.b.add_endpoint(endpoint(&format!("h{i}"), i, Services::default()), t0).unwrap();
         }
     });
     let per_endpoint = allocs_bytes as f64 / f64::from(N);
     assert!(allocs_bytes > 0);
     println!("{N} idle endpoints: {per_endpoint:.0} bytes of heap allocated per endpoint");
-    assert!(
-        per_endpoint < 0.2 * 1024.0 * 1024.0,
-        "{per_endpoint} bytes per endpoint"
-    );
+    assert!(per_endpoint < 0.2 * 1024.0 * 1024.0, "{per_endpoint} bytes per endpoint");
     let mut now = t0;
     for (seq, i) in (1..=N).step_by(97).enumerate() {
         now += Duration::from_millis(1);
-        let dst = if seq.is_multiple_of(2) {
-            format!("198.18.{}.{}", i >> 8, i & 0xff)
-        } else {
-            format!("fd00:7b::{i:x}")
-        };
+        let dst = if seq.is_multiple_of(2) { format!("198.18.{}.{}", i >> 8, i & 0xff) } else { format!("fd00:7b::{i:x}") };
         p.a.ping(a, ip(&dst), seq as u16, now).unwrap();
     }
     p.step(now);
-    assert_eq!(
-        p.a.ping_replies().count(),
-        (1..=N).step_by(97).count(),
-        "every sampled endpoint answered"
-    );
+    assert_eq!(p.a.ping_replies().count(), (1..=N).step_by(97).count(), "every sampled endpoint answered");
 }
 
 /// Bytes this thread allocated and did not free while `f` ran.
@@ -793,49 +552,16 @@ fn heap_bytes<R>(f: impl FnOnce() -> R) -> (R, i64) {
 #[test]
 fn a_udp_super_packet_from_the_bus_is_cut_into_its_datagrams() {
     let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
-    echo.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let echo_addr = echo.local_addr().unwrap();
     let t0 = Instant::now();
     let mut b = port(5);
     let expose: Expose = format!("udp:5683={echo_addr}").parse().unwrap();
-    b.add_endpoint(
-        endpoint(
-            "b",
-            2,
-            Services {
-                exposes: vec![expose],
-                ..Services::default()
-            },
-        ),
-        t0,
-    )
-    .unwrap();
+    b.add_endpoint(endpoint("b", 2, Services { exposes: vec![expose], ..Services::default() }), t0).unwrap();
     // IPv4 198.18.0.1:40000 -> 198.18.0.2:5683, 3 x 100 bytes, gso_size 100.
     let payload: Vec<u8> = (0..300u32).map(|i| (i / 100) as u8 + b'a').collect();
     let total = 20 + 8 + payload.len();
-    let mut pkt = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0,
-        0,
-        64,
-        17,
-        0,
-        0,
-        198,
-        18,
-        0,
-        1,
-        198,
-        18,
-        0,
-        2,
-    ];
+    let mut pkt = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2];
     pkt.extend_from_slice(&40000u16.to_be_bytes());
     pkt.extend_from_slice(&5683u16.to_be_bytes());
     pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
@@ -855,11 +581,6 @@ fn a_udp_super_packet_from_the_bus_is_cut_into_its_datagrams() {
             Err(_) => thread::sleep(Duration::from_millis(1)),
         }
     }
-    assert_eq!(
-        got,
-        vec![vec![b'a'; 100], vec![b'b'; 100], vec![b'c'; 100]],
-        "counters: {:?}",
-        b.counters()
-    );
+    assert_eq!(got, vec![vec![b'a'; 100], vec![b'b'; 100], vec![b'c'; 100]], "counters: {:?}", b.counters());
     assert_eq!(b.counters().bad_offload, 0);
 }

@@ -130,7 +130,8 @@ fn wait_listening(addr: &str, limit: Duration) -> bool {
 /// The user and effective capabilities of process `pid`, from `/proc`.
 fn uid_and_caps(pid: i32) -> (String, String) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().next().unwrap_or("").to_owned()).unwrap_or_default();
+    let field =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().next().unwrap_or("").to_owned()).unwrap_or_default();
     (field("Uid:"), field("CapEff:"))
 }
 
@@ -151,8 +152,25 @@ fn an_unprivileged_userspace_agent_answers_pings_forwards_exposes_and_serves_soc
     let mut user = AgentProc::spawn_unprivileged(
         &unique("usu"),
         &[
-            "--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.81.2/24", "--ipv6", "fd00:81::2/64", "--forward", &forward_tcp, "--forward", &forward_udp, "--expose",
-            &expose_udp, "--expose", &expose_tcp, "--socks5", &socks5,
+            "--url",
+            URL,
+            "--userspace",
+            "--session",
+            &session,
+            "--ipv4",
+            "198.18.81.2/24",
+            "--ipv6",
+            "fd00:81::2/64",
+            "--forward",
+            &forward_tcp,
+            "--forward",
+            &forward_udp,
+            "--expose",
+            &expose_udp,
+            "--expose",
+            &expose_tcp,
+            "--socks5",
+            &socks5,
         ],
     );
     assert!(wait_listening(&socks5, Duration::from_secs(10)), "the userspace agent never listened:\n{}", user.logs());
@@ -234,8 +252,14 @@ fn two_userspace_agents_talk_tcp_through_forward_and_expose() {
     let (local, via) = (free_port(), free_port());
     let expose = format!("tcp:8000=127.0.0.1:{local}");
     let forward = format!("tcp:127.0.0.1:{via}=[fd00:82::1]:8000");
-    let mut a = AgentProc::spawn_unprivileged(&unique("usa"), &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.82.1/24", "--ipv6", "fd00:82::1/64", "--expose", &expose]);
-    let mut b = AgentProc::spawn_unprivileged(&unique("usb"), &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.82.2/24", "--ipv6", "fd00:82::2/64", "--forward", &forward]);
+    let mut a = AgentProc::spawn_unprivileged(
+        &unique("usa"),
+        &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.82.1/24", "--ipv6", "fd00:82::1/64", "--expose", &expose],
+    );
+    let mut b = AgentProc::spawn_unprivileged(
+        &unique("usb"),
+        &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.82.2/24", "--ipv6", "fd00:82::2/64", "--forward", &forward],
+    );
     let (page, sum) = content(8 << 20, 21);
     let listener = TcpListener::bind(format!("127.0.0.1:{local}")).expect("bind the local service");
     let server = std::thread::spawn(move || serve_http(listener, page, 2));
@@ -266,10 +290,27 @@ fn a_userspace_agent_on_the_ioppytest_wire_reaches_a_tun_agent_through_agent_rou
     let forward = format!("tcp:127.0.0.1:{fwd}=198.18.83.2:8080");
     let mut a_old = AgentProc::spawn_unprivileged(
         &old,
-        &["--url", URL, "--userspace", "--exchange", &exchange, "--wire", "ioppytest", "--ipv4-address", "198.18.83.1", "--ipv6-prefix", "fd00:83", "--ipv6-host", "1", "--forward", &forward],
+        &[
+            "--url",
+            URL,
+            "--userspace",
+            "--exchange",
+            &exchange,
+            "--wire",
+            "ioppytest",
+            "--ipv4-address",
+            "198.18.83.1",
+            "--ipv6-prefix",
+            "fd00:83",
+            "--ipv6-host",
+            "1",
+            "--forward",
+            &forward,
+        ],
     );
     let mut a_new = AgentProc::start(&new, &["--exchange", &exchange, "--netns", &ns.name, "--ipv4", "198.18.83.2/24", "--ipv6", "fd00:83::2/64"]);
-    wait_reachable(&ns, "198.18.83.1", Duration::from_secs(20)).unwrap_or_else(|| panic!("no ping through the router:\n{}\n{}\n{}", router.logs(), a_old.logs(), a_new.logs()));
+    wait_reachable(&ns, "198.18.83.1", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no ping through the router:\n{}\n{}\n{}", router.logs(), a_old.logs(), a_new.logs()));
     let (ok, out) = ping(&ns, "fd00:83::1", 3);
     assert!(ok, "{out}");
     let (page, sum) = content(4 << 20, 31);
@@ -295,7 +336,8 @@ fn a_userspace_endpoint_cannot_send_from_an_address_its_user_may_not_use() {
     std::fs::write(&peers, "guest 198.18.84.1/32,198.18.84.2/32\n").expect("peers file");
     let session = unique("usid");
     let ns = Netns::new();
-    let mut tun = AgentProc::start(&unique("usidt"), &["--session", &session, "--netns", &ns.name, "--ipv4", "198.18.84.1/24", "--peers", peers.to_str().expect("path")]);
+    let mut tun =
+        AgentProc::start(&unique("usidt"), &["--session", &session, "--netns", &ns.name, "--ipv4", "198.18.84.1/24", "--peers", peers.to_str().expect("path")]);
     let mut honest = AgentProc::spawn_unprivileged(&unique("usidh"), &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.84.2/24"]);
     let mut rogue = AgentProc::spawn_unprivileged(&unique("usidr"), &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.84.9/24"]);
     wait_reachable(&ns, "198.18.84.2", Duration::from_secs(15)).unwrap_or_else(|| panic!("the honest endpoint:\n{}", honest.logs()));
@@ -321,7 +363,10 @@ fn bad_specs_a_port_in_use_and_socks5_garbage_give_clear_answers() {
         ("--expose", "tcp:80=nowhere", "expected"),
         ("--socks5", "localhost", "expected"),
     ] {
-        let out = Command::new(agent).args(["connect", "--userspace", "--name", "x", "--url", URL, "--ipv4", "198.18.85.1/24", flag, spec]).output().expect("run agent");
+        let out = Command::new(agent)
+            .args(["connect", "--userspace", "--name", "x", "--url", URL, "--ipv4", "198.18.85.1/24", flag, spec])
+            .output()
+            .expect("run agent");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flag} {spec}: {err}");
         assert!(err.to_lowercase().contains(expected), "{flag} {spec} should say what was expected: {err}");
@@ -345,7 +390,8 @@ fn bad_specs_a_port_in_use_and_socks5_garbage_give_clear_answers() {
     // SOCKS5 garbage closes that client only; a good client after it is served.
     let socks = free_port();
     let socks5 = format!("127.0.0.1:{socks}");
-    let mut a = AgentProc::spawn_unprivileged(&unique("ussg"), &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.85.1/24", "--socks5", &socks5]);
+    let mut a =
+        AgentProc::spawn_unprivileged(&unique("ussg"), &["--url", URL, "--userspace", "--session", &session, "--ipv4", "198.18.85.1/24", "--socks5", &socks5]);
     assert!(wait_listening(&socks5, Duration::from_secs(10)), "{}", a.logs());
     for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[5, 1, 0, 5, 9, 9, 9][..], &[4, 1, 0, 80, 1, 2, 3, 4, 0][..], &[5, 255][..]] {
         let mut s = TcpStream::connect(&socks5).expect("connect");

@@ -24,20 +24,20 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::amqp::client::{self, Client, FailureClass, Retry};
-use crate::status::LinkState;
-use crate::worker::uplink::UplinkContext;
 use crate::amqp::presence::{self, Announcements, Hello};
 use crate::amqp::BrokerState;
 use crate::config::AgentConfig;
 use crate::exit::{Exit, Failure};
-use crate::metrics::report::{self, Report};
+use crate::identity::{claims::Claims, Trust};
 use crate::metrics::kernel::KernelDrops;
+use crate::metrics::report::{self, Report};
 use crate::metrics::{AgentCounters, Histograms, RxCounters, TxCounters};
 use crate::port::Port;
+use crate::status::LinkState;
 use crate::tun::netns;
 use crate::util::{now_ns, Stop};
-use crate::identity::{claims::Claims, Trust};
 use crate::worker::queue::{QueueWorker, WorkerSetup};
+use crate::worker::uplink::UplinkContext;
 
 mod ports;
 pub mod routing;
@@ -79,7 +79,14 @@ fn end_to_end(config: &AgentConfig) -> anyhow::Result<Option<Arc<crate::e2e::E2e
     let private = PrivateKey::from_bytes(keys.private_key);
     if let Some((_, k)) = keys.peer_keys.iter().find(|(u, _)| u == own) {
         if *k != private.public().0 {
-            return Err(Failure::new(Exit::Usage, format!("--e2e: the peers file gives user {own} another public key than --private-key's ({}): the wrong key file, or a stale peers file", private.public())).into());
+            return Err(Failure::new(
+                Exit::Usage,
+                format!(
+                    "--e2e: the peers file gives user {own} another public key than --private-key's ({}): the wrong key file, or a stale peers file",
+                    private.public()
+                ),
+            )
+            .into());
         }
     }
     let e2e = E2e::new(private, own, session, peers, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
@@ -220,11 +227,9 @@ impl Agent {
         let config = Arc::new(config);
         // Bind the metrics port first: a bad address must not bring the agent onto the bus.
         let metrics_listener = match config.data_path().metrics_addr {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Failure::new(Exit::Local, format!("--metrics-addr {addr}: cannot listen: {e}")))?,
-            ),
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| Failure::new(Exit::Local, format!("--metrics-addr {addr}: cannot listen: {e}")))?)
+            }
             None => None,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -235,7 +240,8 @@ impl Agent {
         let routes = crate::route::table::RouteShare::new();
         let trust = Trust::new(&config.identity().mode);
         // First claim: queue 0 of a native agent keeps the claims its hellos bring.
-        let claims = (config.identity().mode == crate::identity::Mode::FirstClaim && config.data_path().wire == crate::config::Wire::Native).then(|| Arc::new(std::sync::Mutex::new(Claims::new())));
+        let claims = (config.identity().mode == crate::identity::Mode::FirstClaim && config.data_path().wire == crate::config::Wire::Native)
+            .then(|| Arc::new(std::sync::Mutex::new(Claims::new())));
         let hello = hello_of(&config);
         // Native agents announce themselves on their queue-0 connection (no presence connection).
         let announcements = match config.data_path().wire {
@@ -469,7 +475,9 @@ impl Agent {
                     }
                 });
             }
-            Err(e) => tracing::warn!(agent = %config.name(), error = %e, "cannot read the kernel's statistics of the interface; its tun_queue_full drops will not be reported"),
+            Err(e) => {
+                tracing::warn!(agent = %config.name(), error = %e, "cannot read the kernel's statistics of the interface; its tun_queue_full drops will not be reported")
+            }
         }
     }
 
@@ -508,7 +516,12 @@ impl Agent {
             };
             let mut peers: Vec<crate::status::PeerStatus> = table
                 .iter()
-                .flat_map(|t| t.users().map(|(user, prefixes)| crate::status::PeerStatus { user: user.to_owned(), addresses: prefixes.iter().map(ToString::to_string).collect() }))
+                .flat_map(|t| {
+                    t.users().map(|(user, prefixes)| crate::status::PeerStatus {
+                        user: user.to_owned(),
+                        addresses: prefixes.iter().map(ToString::to_string).collect(),
+                    })
+                })
                 .collect();
             peers.sort_by(|a, b| a.user.cmp(&b.user));
             crate::status::Status {
@@ -547,7 +560,12 @@ impl Agent {
     fn spawn_reports(&mut self, listener: Option<tokio::net::TcpListener>, stop: watch::Receiver<bool>) {
         let name = self.config.name().to_string();
         if let Some(listener) = listener {
-            let sources = crate::metrics::prometheus::Sources { agent: name.clone(), counters: self.counters.clone(), hist: self.hist.clone(), links: self.links.clone() };
+            let sources = crate::metrics::prometheus::Sources {
+                agent: name.clone(),
+                counters: self.counters.clone(),
+                hist: self.hist.clone(),
+                links: self.links.clone(),
+            };
             self.tasks.spawn(crate::metrics::prometheus::serve(listener, sources, stop.clone()));
         }
         let every = self.config.data_path().stats_interval;
@@ -627,7 +645,9 @@ impl Agent {
             if let Ok(Ok(w)) = tokio::task::spawn_blocking(move || writer.join()).await {
                 let file = self.config.data_path().pcap.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
                 match &w.error {
-                    Some(e) => tracing::warn!(agent = %self.config.name(), packets = w.packets, left_out = w.left_out, error = %e, "--pcap {file}: writing stopped early"),
+                    Some(e) => {
+                        tracing::warn!(agent = %self.config.name(), packets = w.packets, left_out = w.left_out, error = %e, "--pcap {file}: writing stopped early")
+                    }
                     None => tracing::info!(agent = %self.config.name(), packets = w.packets, left_out = w.left_out, "--pcap {file}: written"),
                 }
             }

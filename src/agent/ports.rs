@@ -11,8 +11,8 @@ use anyhow::bail;
 
 use crate::config::{AgentConfig, PortKind};
 use crate::exit::{Exit, Failure};
-use crate::port::userspace::{EndpointConfig, Limits, PortConfig, UserspacePort};
 use crate::port::serial::SerialPort;
+use crate::port::userspace::{EndpointConfig, Limits, PortConfig, UserspacePort};
 use crate::port::Port;
 use crate::tun::{netns, TunDevice};
 use crate::util::now_ns;
@@ -44,7 +44,8 @@ pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
             let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
             let mut port = UserspacePort::new(PortConfig { index: 0, seed, limits }, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
             if c.hosts_own_endpoint() {
-                let own = EndpointConfig { name: c.name().to_string(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
+                let own =
+                    EndpointConfig { name: c.name().to_string(), addrs: c.interface().addrs.clone(), link_local: c.link_local(), services: services.clone() };
                 port.add_endpoint(own, now).map_err(|e| Failure::new(Exit::Local, e.to_string()))?;
             }
             for e in endpoints {
@@ -113,4 +114,3 @@ pub fn bring_up_interface(c: &AgentConfig) -> anyhow::Result<TunDevice> {
     }
     Ok(dev)
 }
-

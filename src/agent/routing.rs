@@ -107,7 +107,8 @@ impl HostRouting {
         }
         if r.masquerade {
             let table = nft_table(config.name());
-            nft(ns, &masquerade_script(&table, &iface.ifname)).map_err(|e| Failure::new(Exit::Local, format!("--masquerade: cannot make nftables table inet {table}: {e}")))?;
+            nft(ns, &masquerade_script(&table, &iface.ifname))
+                .map_err(|e| Failure::new(Exit::Local, format!("--masquerade: cannot make nftables table inet {table}: {e}")))?;
             tracing::info!(agent = %config.name(), table = %format!("inet {table}"), "masquerade on: the bus appears behind this gateway's addresses on its other networks");
             host.nft = Some(table);
         }

@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-pub use super::connection::{Consume, Note, Phase, Plan, QueuePlan, Retry};
 use super::connection::{Connection, Node};
+pub use super::connection::{Consume, Note, Phase, Plan, QueuePlan, Retry};
 pub use super::error::{Error, FailureClass};
 use super::session::{self, Event, QueueOptions, Session};
 use super::tls::{self, TlsClient, TlsOptions};
@@ -164,7 +164,10 @@ enum Pipe {
     /// A host name being resolved on a thread of its own.
     Resolving(mpsc::Receiver<io::Result<Vec<SocketAddr>>>),
     /// A TCP connect under way; the addresses left to try after this one.
-    Connecting { sock: Socket, rest: Vec<SocketAddr> },
+    Connecting {
+        sock: Socket,
+        rest: Vec<SocketAddr>,
+    },
     Open(Transport),
 }
 
@@ -452,31 +455,29 @@ impl Client {
                     self.fail(now, Error::Connect { broker, source: io::Error::other("the resolver thread ended") });
                 }
             },
-            Pipe::Connecting { sock, rest } => {
-                match sys::wait_fd(sock.as_fd(), Interest::Write, Duration::ZERO) {
-                    Ok(false) => {}
-                    Ok(true) => match sock.take_error() {
-                        Ok(None) => {
-                            let Pipe::Connecting { sock, .. } = std::mem::replace(&mut self.pipe, Pipe::None) else { return };
-                            self.tcp_up(sock, now);
-                        }
-                        Ok(Some(e)) | Err(e) => {
-                            let rest = std::mem::take(rest);
-                            self.pipe = Pipe::None;
-                            if rest.is_empty() {
-                                let broker = self.conn.broker().to_owned();
-                                self.fail(now, Error::Connect { broker, source: e });
-                            } else {
-                                self.connect_to(rest, now);
-                            }
-                        }
-                    },
-                    Err(source) => {
-                        let broker = self.conn.broker().to_owned();
-                        self.fail(now, Error::Io { broker, source });
+            Pipe::Connecting { sock, rest } => match sys::wait_fd(sock.as_fd(), Interest::Write, Duration::ZERO) {
+                Ok(false) => {}
+                Ok(true) => match sock.take_error() {
+                    Ok(None) => {
+                        let Pipe::Connecting { sock, .. } = std::mem::replace(&mut self.pipe, Pipe::None) else { return };
+                        self.tcp_up(sock, now);
                     }
+                    Ok(Some(e)) | Err(e) => {
+                        let rest = std::mem::take(rest);
+                        self.pipe = Pipe::None;
+                        if rest.is_empty() {
+                            let broker = self.conn.broker().to_owned();
+                            self.fail(now, Error::Connect { broker, source: e });
+                        } else {
+                            self.connect_to(rest, now);
+                        }
+                    }
+                },
+                Err(source) => {
+                    let broker = self.conn.broker().to_owned();
+                    self.fail(now, Error::Io { broker, source });
                 }
-            }
+            },
             Pipe::None | Pipe::Open(_) => {}
         }
     }
@@ -1079,6 +1080,8 @@ fn transport_error(broker: &str, e: TransportError, handshaking: bool) -> Error 
             Error::Tls { broker, source, hint }
         }
         TransportError::Io(source) => Error::Io { broker, source },
-        TransportError::Eof => Error::Eof { broker, hint: if handshaking { " during the handshake (a TLS port? use amqps://; or too many connections)" } else { "" } },
+        TransportError::Eof => {
+            Error::Eof { broker, hint: if handshaking { " during the handshake (a TLS port? use amqps://; or too many connections)" } else { "" } }
+        }
     }
 }

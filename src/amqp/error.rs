@@ -100,4 +100,3 @@ pub fn hint_for(e: &session::Error, handshaking: bool) -> &'static str {
         _ => "",
     }
 }
-

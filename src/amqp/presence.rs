@@ -23,7 +23,14 @@ pub const HELLO_EVERY: Duration = Duration::from_secs(5);
 pub const LISTEN_QUEUE_MAX: i32 = 100_000;
 
 /// The properties of presence messages.
-pub const JSON_PROPERTIES: Properties<'static> = Properties { content_type: Some("application/json"), content_encoding: None, empty_headers: false, delivery_mode: None, user_id: None, correlation_id: None };
+pub const JSON_PROPERTIES: Properties<'static> = Properties {
+    content_type: Some("application/json"),
+    content_encoding: None,
+    empty_headers: false,
+    delivery_mode: None,
+    user_id: None,
+    correlation_id: None,
+};
 
 /// What an announcer speaks, as its hello says (`"v1"`, `"ioppytest"`, `"router"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

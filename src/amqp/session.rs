@@ -207,9 +207,18 @@ enum State {
 enum Incoming {
     Idle,
     /// `basic.deliver` (or, with `discard`, a `basic.return`) seen; the header is due.
-    Method { tag: u64, discard: bool },
+    Method {
+        tag: u64,
+        discard: bool,
+    },
     /// The header seen; `received` of `size` body bytes so far (gathered unless `discard`).
-    Body { tag: u64, size: u64, received: u64, discard: bool, oversized: bool },
+    Body {
+        tag: u64,
+        size: u64,
+        received: u64,
+        discard: bool,
+        oversized: bool,
+    },
 }
 
 /// One AMQP connection's protocol state.
@@ -832,7 +841,6 @@ impl State {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -942,9 +950,27 @@ mod tests {
         assert_eq!(sent_methods(&mut s, now), [method::CONNECTION_START_OK]);
         assert!(feed(&mut s, now, &tune(frame_max, heartbeat)).unwrap().is_empty());
         assert_eq!(sent_methods(&mut s, now), [method::CONNECTION_TUNE_OK, method::CONNECTION_OPEN]);
-        assert!(feed(&mut s, now, &server(0, method::CONNECTION_OPEN_OK, |w| { w.shortstr(b""); })).unwrap().is_empty());
+        assert!(feed(
+            &mut s,
+            now,
+            &server(0, method::CONNECTION_OPEN_OK, |w| {
+                w.shortstr(b"");
+            })
+        )
+        .unwrap()
+        .is_empty());
         assert_eq!(sent_methods(&mut s, now), [method::CHANNEL_OPEN]);
-        assert_eq!(feed(&mut s, now, &server(1, method::CHANNEL_OPEN_OK, |w| { w.longstr(b""); })).unwrap(), [Seen::Opened]);
+        assert_eq!(
+            feed(
+                &mut s,
+                now,
+                &server(1, method::CHANNEL_OPEN_OK, |w| {
+                    w.longstr(b"");
+                })
+            )
+            .unwrap(),
+            [Seen::Opened]
+        );
         assert!(s.is_open());
         s
     }

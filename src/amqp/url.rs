@@ -189,7 +189,8 @@ fn url_starts(text: &str) -> Vec<usize> {
         let sep = from + i;
         // The scheme starts after the last character that cannot be in one (which may take
         // several bytes: step over all of them).
-        let scheme = text[..sep].char_indices().rev().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))).map_or(0, |(j, c)| j + c.len_utf8());
+        let scheme =
+            text[..sep].char_indices().rev().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))).map_or(0, |(j, c)| j + c.len_utf8());
         if starts.last().is_none_or(|&last| scheme > last) {
             starts.push(scheme);
         }

@@ -336,7 +336,8 @@ impl Merge {
         let addrs: Vec<(IpAddr, u8)> = hello.addresses.iter().map(|p| (p.addr, p.len)).collect();
         for (ip, _) in &addrs {
             if hello.wire == HelloWire::Router {
-                self.owners.entry(*ip).or_insert_with(|| hello.name.to_string()); // an old agent's own say wins
+                self.owners.entry(*ip).or_insert_with(|| hello.name.to_string());
+            // an old agent's own say wins
             } else {
                 self.owners.insert(*ip, hello.name.to_string());
             }
@@ -731,7 +732,12 @@ mod tests {
             let plain = [0u8; v1::VNET_HDR_LEN];
             let entries: Vec<Packet<'_>> = frames.iter().map(|f| Packet { vnet: Some(&plain), data: f }).collect();
             let mut out = Vec::new();
-            v1::encode(FrameHeader { flags: v1::FLAG_VNET | v1::FLAG_IEEE802154, count: entries.len() as u16, sender_queues: 1, seq, timestamp_ns: 5 }, &entries, &mut out).unwrap();
+            v1::encode(
+                FrameHeader { flags: v1::FLAG_VNET | v1::FLAG_IEEE802154, count: entries.len() as u16, sender_queues: 1, seq, timestamp_ns: 5 },
+                &entries,
+                &mut out,
+            )
+            .unwrap();
             out
         };
         let mut m = Merge::new(Filter { radio_fcs: true, ..Filter::default() });

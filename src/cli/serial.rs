@@ -82,7 +82,8 @@ impl SerialArgs {
         let heartbeat = self.bus.broker.heartbeat()?;
         let exchange = bus_exchange(&self.bus)?;
         let usage = |why: String| Failure::new(Exit::Usage, why);
-        let stats_interval = Duration::try_from_secs_f64(self.stats_interval).map_err(|_| usage("--stats-interval must be between 0 and 86400 seconds".into()))?;
+        let stats_interval =
+            Duration::try_from_secs_f64(self.stats_interval).map_err(|_| usage("--stats-interval must be between 0 and 86400 seconds".into()))?;
         let metrics_addr = match &self.metrics_addr {
             Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(usage)?),
             None => None,

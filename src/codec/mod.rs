@@ -12,5 +12,5 @@
 pub mod ioppytest;
 pub mod segment;
 pub mod slip;
-pub mod vnet;
 pub mod v1;
+pub mod vnet;

@@ -20,14 +20,10 @@
 //! transport header past the end) is an error and gives nothing; nothing here panics on
 //! any input.
 
-use super::vnet::{
-    self, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
-};
+use super::vnet::{self, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
 use crate::packet::ip::protocol::{TCP, UDP};
 use crate::packet::tcp::flags;
-use crate::packet::{
-    ipv6, udp, Error as PacketError, IpPacket, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
-};
+use crate::packet::{ipv6, udp, Error as PacketError, IpPacket, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
 
 /// Length of the `virtio_net_hdr` before each packet.
 pub const VNET_HDR_LEN: usize = vnet::HDR_LEN;
@@ -60,19 +56,11 @@ fn ip_of(packet: &[u8]) -> Result<Ip, SegmentError> {
     match IpPacket::new_checked(packet) {
         Ok(IpPacket::V4(p)) => {
             p.check_len().map_err(|_| SegmentError::IpLength)?;
-            Ok(Ip {
-                v6: false,
-                l4: p.header_len(),
-                proto: p.protocol(),
-            })
+            Ok(Ip { v6: false, l4: p.header_len(), proto: p.protocol() })
         }
         Ok(IpPacket::V6(p)) => {
             p.check_len().map_err(|_| SegmentError::IpLength)?;
-            Ok(Ip {
-                v6: true,
-                l4: ipv6::HEADER_LEN,
-                proto: p.next_header(),
-            })
+            Ok(Ip { v6: true, l4: ipv6::HEADER_LEN, proto: p.next_header() })
         }
         Err(PacketError::Truncated) if !packet.is_empty() => Err(SegmentError::IpLength),
         Err(_) => Err(SegmentError::NotIp),
@@ -109,12 +97,7 @@ impl Segmenter {
 
     /// Gives `out` each wire-sized packet that `packet` (behind `vnet`) stands for; returns
     /// how many.
-    pub fn segments(
-        &mut self,
-        vnet: Option<&[u8; VNET_HDR_LEN]>,
-        packet: &[u8],
-        mut out: impl FnMut(&[u8]),
-    ) -> Result<usize, SegmentError> {
+    pub fn segments(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, packet: &[u8], mut out: impl FnMut(&[u8])) -> Result<usize, SegmentError> {
         let Some(v) = vnet else {
             out(packet);
             return Ok(1);
@@ -153,13 +136,7 @@ impl Segmenter {
                     UdpPacket::new_checked(l4).map_err(|_| SegmentError::Truncated)?;
                     udp::HEADER_LEN
                 };
-                Ok(self.cut(
-                    packet,
-                    ip,
-                    ip.l4 + l4_len,
-                    usize::from(h.gso_size),
-                    &mut out,
-                ))
+                Ok(self.cut(packet, ip, ip.l4 + l4_len, usize::from(h.gso_size), &mut out))
             }
             _ => {
                 out(packet);
@@ -170,21 +147,11 @@ impl Segmenter {
 
     /// The cut proper: `headers` bytes of IP and transport header (checked by the caller),
     /// then the payload.
-    fn cut(
-        &mut self,
-        packet: &[u8],
-        ip: Ip,
-        headers: usize,
-        gso_size: usize,
-        out: &mut impl FnMut(&[u8]),
-    ) -> usize {
+    fn cut(&mut self, packet: &[u8], ip: Ip, headers: usize, gso_size: usize, out: &mut impl FnMut(&[u8])) -> usize {
         let payload = packet.get(headers..).unwrap_or_default();
         let pieces = payload.len().div_ceil(gso_size).max(1);
         let id0 = Ipv4Packet::new_checked(packet).map_or(0, |p| p.ident());
-        let seq0 = packet
-            .get(ip.l4..)
-            .and_then(|t| TcpPacket::new_checked(t).ok())
-            .map_or(0, |t| t.seq_number());
+        let seq0 = packet.get(ip.l4..).and_then(|t| TcpPacket::new_checked(t).ok()).map_or(0, |t| t.seq_number());
         for i in 0..pieces {
             let from = (i * gso_size).min(payload.len());
             let piece = &payload[from..(from + gso_size).min(payload.len())];
@@ -194,9 +161,7 @@ impl Segmenter {
             let id = (!ip.v6).then(|| id0.wrapping_add(i as u16));
             set_ip_lengths(&mut self.buf, ip, id);
             let l4_len = (self.buf.len() - ip.l4) as u16;
-            let Ok(pseudo) =
-                IpPacket::new_checked(&self.buf[..]).map(|p| p.pseudo_header(ip.proto, l4_len))
-            else {
+            let Ok(pseudo) = IpPacket::new_checked(&self.buf[..]).map(|p| p.pseudo_header(ip.proto, l4_len)) else {
                 continue;
             };
             let l4 = &mut self.buf[ip.l4..];
@@ -233,27 +198,19 @@ mod tests {
     fn transport_checksum_ok(packet: &[u8]) -> bool {
         let Ok(ip) = ip_of(packet) else { return false };
         let l4 = &packet[ip.l4..];
-        let Ok(pseudo) =
-            IpPacket::new_checked(packet).map(|p| p.pseudo_header(ip.proto, l4.len() as u16))
-        else {
+        let Ok(pseudo) = IpPacket::new_checked(packet).map(|p| p.pseudo_header(ip.proto, l4.len() as u16)) else {
             return false;
         };
         match ip.proto {
             TCP => TcpPacket::new_checked(l4).is_ok_and(|t| t.verify_checksum(pseudo)),
-            UDP => UdpPacket::new_checked(l4)
-                .is_ok_and(|u| u.checksum() != 0 && u.verify_checksum(pseudo)),
+            UDP => UdpPacket::new_checked(l4).is_ok_and(|u| u.checksum() != 0 && u.verify_checksum(pseudo)),
             _ => false,
         }
     }
 
     /// A TCP or UDP super-packet as the kernel hands it: the transport checksum field holds
     /// the pseudo-header sum of the whole thing, lengths are those of the whole thing.
-    fn super_packet(
-        v6: bool,
-        proto: u8,
-        payload: usize,
-        gso_size: u16,
-    ) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
+    fn super_packet(v6: bool, proto: u8, payload: usize, gso_size: u16) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
         let l4_len = if proto == TCP { 32 } else { 8 };
         let mut p = if v6 {
             let mut h = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
@@ -261,9 +218,7 @@ mod tests {
             h.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
             h
         } else {
-            vec![
-                0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
-            ]
+            vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]
         };
         let ip_len = p.len();
         let mut l4 = vec![0u8; l4_len];
@@ -289,10 +244,7 @@ mod tests {
             let l = (total - ip_len) as u16;
             p[ip_len + 4..ip_len + 6].copy_from_slice(&l.to_be_bytes());
         }
-        let partial = IpPacket::new_checked(&p[..])
-            .unwrap()
-            .pseudo_header(ip.proto, (total - ip_len) as u16)
-            .fold();
+        let partial = IpPacket::new_checked(&p[..]).unwrap().pseudo_header(ip.proto, (total - ip_len) as u16).fold();
         p[ip_len + field..ip_len + field + 2].copy_from_slice(&partial.to_be_bytes());
         let gso = match (proto, v6) {
             (UDP, _) => GSO_UDP_L4,
@@ -311,9 +263,7 @@ mod tests {
 
     fn cut(v: &[u8; VNET_HDR_LEN], p: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        let n = Segmenter::new()
-            .segments(Some(v), p, |s| out.push(s.to_vec()))
-            .unwrap();
+        let n = Segmenter::new().segments(Some(v), p, |s| out.push(s.to_vec())).unwrap();
         assert_eq!(n, out.len());
         out
     }
@@ -356,10 +306,7 @@ mod tests {
             let mut payload = Vec::new();
             for s in &segs {
                 assert!(transport_checksum_ok(s));
-                assert_eq!(
-                    usize::from(u16::from_be_bytes([s[l4 + 4], s[l4 + 5]])),
-                    s.len() - l4
-                );
+                assert_eq!(usize::from(u16::from_be_bytes([s[l4 + 4], s[l4 + 5]])), s.len() - l4);
                 payload.extend_from_slice(&s[l4 + 8..]);
             }
             assert_eq!(payload, p[l4 + 8..]);
@@ -388,10 +335,7 @@ mod tests {
         assert_eq!(segs.len(), 1);
         assert!(transport_checksum_ok(&segs[0]));
         let mut out = Vec::new();
-        assert_eq!(
-            Segmenter::new().segments(None, &p, |s| out.push(s.to_vec())),
-            Ok(1)
-        );
+        assert_eq!(Segmenter::new().segments(None, &p, |s| out.push(s.to_vec())), Ok(1));
         assert_eq!(out, vec![p.clone()]);
         let plain = [0u8; VNET_HDR_LEN];
         assert_eq!(cut(&plain, &p), vec![p.clone()]);
@@ -410,15 +354,9 @@ mod tests {
         }
         let (mut v, p) = super_packet(false, TCP, 3000, 1000);
         v[4..6].fill(0);
-        assert_eq!(
-            Segmenter::new().segments(Some(&v), &p, |_| {}),
-            Err(SegmentError::ZeroGsoSize)
-        );
+        assert_eq!(Segmenter::new().segments(Some(&v), &p, |_| {}), Err(SegmentError::ZeroGsoSize));
         v[1] = GSO_TCPV6;
-        assert_eq!(
-            Segmenter::new().segments(Some(&v), &p, |_| {}),
-            Err(SegmentError::WrongProtocol)
-        );
+        assert_eq!(Segmenter::new().segments(Some(&v), &p, |_| {}), Err(SegmentError::WrongProtocol));
         let mut junk = [0xffu8; VNET_HDR_LEN];
         for b in 0..=255u8 {
             junk[1] = b;

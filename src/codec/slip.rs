@@ -61,11 +61,7 @@ pub fn encode(frame: &[u8], out: &mut Vec<u8>) {
     let mut rest = frame;
     while let Some(at) = rest.iter().position(|&b| b == END || b == ESC) {
         out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(if rest[at] == END {
-            &[ESC, ESC_END]
-        } else {
-            &[ESC, ESC_ESC]
-        });
+        out.extend_from_slice(if rest[at] == END { &[ESC, ESC_END] } else { &[ESC, ESC_ESC] });
         rest = &rest[at + 1..];
     }
     out.extend_from_slice(rest);
@@ -158,14 +154,7 @@ impl Decoder {
     /// synchronised. Allocates its frame buffer here, once.
     pub fn new(framing: Framing, max_frame: usize) -> Decoder {
         let max_frame = max_frame.max(1);
-        Decoder {
-            framing,
-            max_frame,
-            buf: Vec::with_capacity(max_frame),
-            handed_out: false,
-            state: State::Hunt,
-            stats: DecodeStats::default(),
-        }
+        Decoder { framing, max_frame, buf: Vec::with_capacity(max_frame), handed_out: false, state: State::Hunt, stats: DecodeStats::default() }
     }
 
     /// The largest frame this decoder hands out.
@@ -238,10 +227,7 @@ impl Decoder {
                 State::Skip(_) if b == END => self.state = self.after_close(),
                 State::Skip(_) => {
                     // Skip the whole stretch up to the next END at once.
-                    i = input[i..]
-                        .iter()
-                        .position(|&c| c == END)
-                        .map_or(input.len(), |at| i + at);
+                    i = input[i..].iter().position(|&c| c == END).map_or(input.len(), |at| i + at);
                 }
                 State::Frame if b == END => {
                     if self.buf.is_empty() {
@@ -256,10 +242,7 @@ impl Decoder {
                 State::Frame if b == ESC => self.state = State::Escape,
                 State::Frame => {
                     // Copy the run of plain bytes that follows in one go.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&c| c == END || c == ESC)
-                        .unwrap_or(input.len() - i);
+                    let run = input[i..].iter().position(|&c| c == END || c == ESC).unwrap_or(input.len() - i);
                     let room = self.max_frame - self.buf.len();
                     if run < room {
                         self.buf.push(b);
@@ -335,15 +318,8 @@ mod tests {
         assert_eq!(encoded(&[1, 2, 3]), [END, 1, 2, 3, END]);
         assert_eq!(encoded(&[END]), [END, ESC, ESC_END, END]);
         assert_eq!(encoded(&[ESC]), [END, ESC, ESC_ESC, END]);
-        assert_eq!(
-            encoded(&[ESC_END, ESC_ESC]),
-            [END, ESC_END, ESC_ESC, END],
-            "the escape codes alone are data"
-        );
-        assert_eq!(
-            encoded(&[END, ESC, 7, END]),
-            [END, ESC, ESC_END, ESC, ESC_ESC, 7, ESC, ESC_END, END]
-        );
+        assert_eq!(encoded(&[ESC_END, ESC_ESC]), [END, ESC_END, ESC_ESC, END], "the escape codes alone are data");
+        assert_eq!(encoded(&[END, ESC, 7, END]), [END, ESC, ESC_END, ESC, ESC_ESC, 7, ESC, ESC_END, END]);
         let mut out = vec![9];
         encode(&[END], &mut out);
         assert_eq!(out, [9, END, ESC, ESC_END, END], "appends");
@@ -366,16 +342,9 @@ mod tests {
             let mut got = Vec::new();
             d.decode_all(&input, |f| got.push(f.to_vec()));
             assert_eq!(got, want);
-            assert_eq!(
-                (d.stats().frames, d.stats().malformed()),
-                (want.len() as u64, 0)
-            );
+            assert_eq!((d.stats().frames, d.stats().malformed()), (want.len() as u64, 0));
             // The encoder's leading END reads as an empty frame when frames need none.
-            let empty = if framing == Framing::Terminated {
-                want.len() as u64 - 1
-            } else {
-                0
-            };
+            let empty = if framing == Framing::Terminated { want.len() as u64 - 1 } else { 0 };
             assert_eq!(d.stats().empty, empty, "{framing:?}");
         }
     }
@@ -389,11 +358,7 @@ mod tests {
                 ESC_END => assert_eq!(frames, [vec![1, END, 2], vec![3]]),
                 ESC_ESC => assert_eq!(frames, [vec![1, ESC, 2], vec![3]]),
                 _ => {
-                    assert_eq!(
-                        frames,
-                        [vec![3]],
-                        "ESC {b:#04x}: the frame is dropped, the next passes"
-                    );
+                    assert_eq!(frames, [vec![3]], "ESC {b:#04x}: the frame is dropped, the next passes");
                     assert_eq!(stats.bad_escape, 1);
                 }
             }
@@ -405,35 +370,16 @@ mod tests {
 
     #[test]
     fn escape_then_end_closes_the_broken_frame() {
-        let (frames, stats) =
-            decode_whole(Framing::Delimited, 16, &[END, 1, ESC, END, END, 2, END]);
+        let (frames, stats) = decode_whole(Framing::Delimited, 16, &[END, 1, ESC, END, END, 2, END]);
         assert_eq!(frames, [vec![2]]);
-        assert_eq!(
-            stats,
-            DecodeStats {
-                frames: 1,
-                bad_escape: 1,
-                ..DecodeStats::default()
-            }
-        );
+        assert_eq!(stats, DecodeStats { frames: 1, bad_escape: 1, ..DecodeStats::default() });
     }
 
     #[test]
     fn empty_frames_are_counted_not_errors() {
-        let (frames, stats) = decode_whole(
-            Framing::Delimited,
-            16,
-            &[END, END, END, 1, END, END, END, 2, END],
-        );
+        let (frames, stats) = decode_whole(Framing::Delimited, 16, &[END, END, END, 1, END, END, END, 2, END]);
         assert_eq!(frames, [vec![1], vec![2]]);
-        assert_eq!(
-            stats,
-            DecodeStats {
-                frames: 2,
-                empty: 3,
-                ..DecodeStats::default()
-            }
-        );
+        assert_eq!(stats, DecodeStats { frames: 2, empty: 3, ..DecodeStats::default() });
     }
 
     #[test]
@@ -442,25 +388,11 @@ mod tests {
         let input = [7, 8, ESC, END, 1, END, 0x55, 0xaa, END, 2, END];
         let (frames, stats) = decode_whole(Framing::Delimited, 16, &input);
         assert_eq!(frames, [vec![1], vec![2]]);
-        assert_eq!(
-            stats,
-            DecodeStats {
-                frames: 2,
-                noise: 2,
-                ..DecodeStats::default()
-            }
-        );
+        assert_eq!(stats, DecodeStats { frames: 2, noise: 2, ..DecodeStats::default() });
         // RFC 1055's minimal framing has no "between": the same bytes are a frame.
         let (frames, stats) = decode_whole(Framing::Terminated, 16, &input);
         assert_eq!(frames, [vec![1], vec![0x55, 0xaa], vec![2]]);
-        assert_eq!(
-            stats,
-            DecodeStats {
-                frames: 3,
-                noise: 1,
-                ..DecodeStats::default()
-            }
-        );
+        assert_eq!(stats, DecodeStats { frames: 3, noise: 1, ..DecodeStats::default() });
     }
 
     #[test]
@@ -487,15 +419,7 @@ mod tests {
             encode(&full, &mut input);
             let (frames, stats) = decode_whole(Framing::Delimited, max, &input);
             assert_eq!(frames, [full], "max {max}");
-            assert_eq!(
-                stats,
-                DecodeStats {
-                    frames: 1,
-                    too_long: 2,
-                    ..DecodeStats::default()
-                },
-                "max {max}"
-            );
+            assert_eq!(stats, DecodeStats { frames: 1, too_long: 2, ..DecodeStats::default() }, "max {max}");
         }
     }
 
@@ -506,14 +430,7 @@ mod tests {
         input.extend_from_slice(&[END, END, 5, END]);
         let (frames, stats) = decode_whole(Framing::Delimited, DEFAULT_MAX_FRAME, &input);
         assert_eq!(frames, [vec![5]]);
-        assert_eq!(
-            stats,
-            DecodeStats {
-                frames: 1,
-                too_long: 1,
-                ..DecodeStats::default()
-            }
-        );
+        assert_eq!(stats, DecodeStats { frames: 1, too_long: 1, ..DecodeStats::default() });
     }
 
     #[test]
@@ -523,11 +440,7 @@ mod tests {
         d.reset();
         let mut frames = Vec::new();
         d.decode_all(&[3, END, 4, END, END, 5, END], |f| frames.push(f.to_vec()));
-        assert_eq!(
-            frames,
-            [vec![4], vec![5]],
-            "after a reset the first END opens, as at start"
-        );
+        assert_eq!(frames, [vec![4], vec![5]], "after a reset the first END opens, as at start");
         assert_eq!(d.stats().noise, 1);
     }
 
@@ -561,11 +474,7 @@ mod tests {
                 for framing in [Framing::Delimited, Framing::Terminated] {
                     for max in [1, 2, 3] {
                         let SlipReference { frames, stats } = slip_reference(framing, max, &input);
-                        assert_eq!(
-                            decode_whole(framing, max, &input),
-                            (frames, stats),
-                            "{framing:?} max {max} {input:02x?}"
-                        );
+                        assert_eq!(decode_whole(framing, max, &input), (frames, stats), "{framing:?} max {max} {input:02x?}");
                         same_in_two_pieces(framing, max, &input);
                         n += 1;
                     }
@@ -577,13 +486,7 @@ mod tests {
 
     fn frame_strategy(max: usize) -> impl Strategy<Value = Vec<u8>> {
         // Bias towards the bytes that matter.
-        let byte = prop_oneof![
-            Just(END),
-            Just(ESC),
-            Just(ESC_END),
-            Just(ESC_ESC),
-            any::<u8>()
-        ];
+        let byte = prop_oneof![Just(END), Just(ESC), Just(ESC_END), Just(ESC_ESC), any::<u8>()];
         proptest::collection::vec(byte, 1..=max)
     }
 

@@ -153,15 +153,11 @@ pub struct Frame<'a> {
 }
 
 fn be_u16(b: &[u8], at: core::ops::Range<usize>) -> u16 {
-    b.get(at)
-        .and_then(|s| <[u8; 2]>::try_from(s).ok())
-        .map_or(0, u16::from_be_bytes)
+    b.get(at).and_then(|s| <[u8; 2]>::try_from(s).ok()).map_or(0, u16::from_be_bytes)
 }
 
 fn be_u64(b: &[u8], at: core::ops::Range<usize>) -> u64 {
-    b.get(at)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map_or(0, u64::from_be_bytes)
+    b.get(at).and_then(|s| <[u8; 8]>::try_from(s).ok()).map_or(0, u64::from_be_bytes)
 }
 
 /// Validates a message body as a v1 frame: checks the header, then walks every entry once
@@ -234,11 +230,7 @@ impl<'a> Frame<'a> {
 
     /// The packets, in order.
     pub fn packets(&self) -> Packets<'a> {
-        Packets {
-            rest: self.entries,
-            remaining: self.len(),
-            vnet: self.header.has_vnet(),
-        }
+        Packets { rest: self.entries, remaining: self.len(), vnet: self.header.has_vnet() }
     }
 }
 
@@ -327,15 +319,8 @@ impl BatchWriter {
     /// clamped to `HEADER_LEN..=MAX_FRAME_LEN`. The new batch is empty with flags 0.
     pub fn with_capacity(capacity: usize) -> Self {
         let capacity = capacity.clamp(HEADER_LEN, MAX_FRAME_LEN);
-        let mut writer = BatchWriter {
-            buf: vec![0; capacity],
-            len: HEADER_LEN,
-            flags: 0,
-            count: 0,
-            sender_queues: 0,
-            last_start: HEADER_LEN,
-            prev_start: None,
-        };
+        let mut writer =
+            BatchWriter { buf: vec![0; capacity], len: HEADER_LEN, flags: 0, count: 0, sender_queues: 0, last_start: HEADER_LEN, prev_start: None };
         writer.reset(0);
         writer
     }
@@ -444,11 +429,7 @@ impl BatchWriter {
 
     /// Copies one packet into the batch. `vnet` must be `Some` exactly when the batch is a
     /// vnet batch. On error the batch is unchanged.
-    pub fn push(
-        &mut self,
-        vnet: Option<&[u8; VNET_HDR_LEN]>,
-        data: &[u8],
-    ) -> Result<(), PushError> {
+    pub fn push(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, data: &[u8]) -> Result<(), PushError> {
         if vnet.is_some() != (self.flags & FLAG_VNET != 0) {
             return Err(PushError::VnetMismatch);
         }
@@ -519,11 +500,7 @@ impl BatchWriter {
         let mut last = HEADER_LEN;
         for _ in 0..self.count {
             last = at;
-            let len = self
-                .buf
-                .get(at..at + ENTRY_LEN_FIELD)
-                .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .map_or(0, |b| u32::from_be_bytes(b) as usize);
+            let len = self.buf.get(at..at + ENTRY_LEN_FIELD).and_then(|s| <[u8; 4]>::try_from(s).ok()).map_or(0, |b| u32::from_be_bytes(b) as usize);
             at += ENTRY_LEN_FIELD + vnet_len + len;
         }
         last
@@ -577,11 +554,7 @@ impl<'a> Iterator for Entries<'a> {
 /// Encodes a whole frame into `out` (cleared first). `header.count` is ignored (taken from
 /// `packets`), flag bits other than `FLAG_VNET` are cleared. For tests and tools; the hot
 /// path uses [`BatchWriter`].
-pub fn encode(
-    header: FrameHeader,
-    packets: &[Packet<'_>],
-    out: &mut Vec<u8>,
-) -> Result<(), PushError> {
+pub fn encode(header: FrameHeader, packets: &[Packet<'_>], out: &mut Vec<u8>) -> Result<(), PushError> {
     out.clear();
     let flags = header.flags & KNOWN_FLAGS;
     let vnet = flags & FLAG_VNET != 0;
@@ -630,13 +603,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hdr(flags: u8, seq: u64, ts: u64) -> FrameHeader {
-        FrameHeader {
-            flags,
-            count: 0,
-            sender_queues: 0,
-            seq,
-            timestamp_ns: ts,
-        }
+        FrameHeader { flags, count: 0, sender_queues: 0, seq, timestamp_ns: ts }
     }
 
     fn collect<'a>(f: &Frame<'a>) -> Vec<Packet<'a>> {
@@ -659,16 +626,8 @@ mod tests {
     #[test]
     fn header_layout_is_byte_exact() {
         let mut out = Vec::new();
-        let p = [Packet {
-            vnet: None,
-            data: &[0x45, 1, 2],
-        }];
-        encode(
-            hdr(0, 0x0102_0304_0506_0708, 0x1112_1314_1516_1718),
-            &p,
-            &mut out,
-        )
-        .unwrap();
+        let p = [Packet { vnet: None, data: &[0x45, 1, 2] }];
+        encode(hdr(0, 0x0102_0304_0506_0708, 0x1112_1314_1516_1718), &p, &mut out).unwrap();
         assert_eq!(
             out,
             [
@@ -684,27 +643,13 @@ mod tests {
     fn vnet_entry_layout() {
         let v = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
         let mut out = Vec::new();
-        encode(
-            hdr(FLAG_VNET, 0, 0),
-            &[Packet {
-                vnet: Some(&v),
-                data: &[0x60],
-            }],
-            &mut out,
-        )
-        .unwrap();
+        encode(hdr(FLAG_VNET, 0, 0), &[Packet { vnet: Some(&v), data: &[0x60] }], &mut out).unwrap();
         assert_eq!(out[3], FLAG_VNET);
         assert_eq!(&out[24..28], &[0, 0, 0, 1]);
         assert_eq!(&out[28..38], &v);
         assert_eq!(&out[38..], &[0x60]);
         let f = decode(&out).unwrap();
-        assert_eq!(
-            collect(&f),
-            vec![Packet {
-                vnet: Some(&v),
-                data: &[0x60]
-            }]
-        );
+        assert_eq!(collect(&f), vec![Packet { vnet: Some(&v), data: &[0x60] }]);
     }
 
     #[test]
@@ -712,16 +657,7 @@ mod tests {
         let mut body = raw_header(0, 2);
         body.extend_from_slice(&[0, 0, 0, 2, 0x45, 0x00, 0, 0, 0, 1, 0x60]);
         let f = decode(&body).unwrap();
-        assert_eq!(
-            f.header(),
-            FrameHeader {
-                flags: 0,
-                count: 2,
-                sender_queues: 3,
-                seq: 7,
-                timestamp_ns: 9
-            }
-        );
+        assert_eq!(f.header(), FrameHeader { flags: 0, count: 2, sender_queues: 3, seq: 7, timestamp_ns: 9 });
         assert_eq!(f.len(), 2);
         assert_eq!(f.packets().len(), 2);
         let ps = collect(&f);
@@ -749,18 +685,12 @@ mod tests {
         let mut b = raw_header(0, 0);
         b[2] = 2;
         assert_eq!(decode(&b).unwrap_err(), UnknownVersion(2));
-        assert_eq!(
-            decode(&raw_header(0x08, 0)).unwrap_err(),
-            UnknownFlags(0x08)
-        );
+        assert_eq!(decode(&raw_header(0x08, 0)).unwrap_err(), UnknownFlags(0x08));
         // Both layer bits: an entry cannot be an Ethernet and an 802.15.4 frame at once.
         assert_eq!(decode(&raw_header(0x06, 0)).unwrap_err(), UnknownFlags(0x06));
         assert_eq!(decode(&raw_header(FLAG_ETHERNET, 0)).unwrap().header().flags, FLAG_ETHERNET);
         assert_eq!(decode(&raw_header(FLAG_IEEE802154, 0)).unwrap().header().flags, FLAG_IEEE802154);
-        assert_eq!(
-            decode(&raw_header(0x81, 0)).unwrap_err(),
-            UnknownFlags(0x81)
-        );
+        assert_eq!(decode(&raw_header(0x81, 0)).unwrap_err(), UnknownFlags(0x81));
         // count says 1, body ends right after the header
         assert_eq!(decode(&raw_header(0, 1)).unwrap_err(), CountMismatch);
         // ends inside the length field
@@ -802,95 +732,27 @@ mod tests {
     fn max_packet_len_is_accepted() {
         let data = vec![0x60; MAX_PACKET_LEN];
         let mut out = Vec::new();
-        encode(
-            hdr(0, 1, 2),
-            &[Packet {
-                vnet: None,
-                data: &data,
-            }],
-            &mut out,
-        )
-        .unwrap();
+        encode(hdr(0, 1, 2), &[Packet { vnet: None, data: &data }], &mut out).unwrap();
         let f = decode(&out).unwrap();
         assert_eq!(collect(&f)[0].data.len(), MAX_PACKET_LEN);
         let too_big = vec![0x60; MAX_PACKET_LEN + 1];
-        assert_eq!(
-            encode(
-                hdr(0, 1, 2),
-                &[Packet {
-                    vnet: None,
-                    data: &too_big
-                }],
-                &mut out
-            ),
-            Err(PushError::TooBig)
-        );
+        assert_eq!(encode(hdr(0, 1, 2), &[Packet { vnet: None, data: &too_big }], &mut out), Err(PushError::TooBig));
     }
 
     #[test]
     fn encode_rejects() {
         let v = [0u8; VNET_HDR_LEN];
         let mut out = Vec::new();
-        assert_eq!(
-            encode(
-                hdr(0, 0, 0),
-                &[Packet {
-                    vnet: Some(&v),
-                    data: &[1]
-                }],
-                &mut out
-            ),
-            Err(PushError::VnetMismatch)
-        );
-        assert_eq!(
-            encode(
-                hdr(FLAG_VNET, 0, 0),
-                &[Packet {
-                    vnet: None,
-                    data: &[1]
-                }],
-                &mut out
-            ),
-            Err(PushError::VnetMismatch)
-        );
-        assert_eq!(
-            encode(
-                hdr(0, 0, 0),
-                &[Packet {
-                    vnet: None,
-                    data: &[]
-                }],
-                &mut out
-            ),
-            Err(PushError::TooShort)
-        );
-        let many = vec![
-            Packet {
-                vnet: None,
-                data: &[1]
-            };
-            MAX_PACKETS + 1
-        ];
+        assert_eq!(encode(hdr(0, 0, 0), &[Packet { vnet: Some(&v), data: &[1] }], &mut out), Err(PushError::VnetMismatch));
+        assert_eq!(encode(hdr(FLAG_VNET, 0, 0), &[Packet { vnet: None, data: &[1] }], &mut out), Err(PushError::VnetMismatch));
+        assert_eq!(encode(hdr(0, 0, 0), &[Packet { vnet: None, data: &[] }], &mut out), Err(PushError::TooShort));
+        let many = vec![Packet { vnet: None, data: &[1] }; MAX_PACKETS + 1];
         assert_eq!(encode(hdr(0, 0, 0), &many, &mut out), Err(PushError::Full));
-        let max = vec![
-            Packet {
-                vnet: None,
-                data: &[1]
-            };
-            MAX_PACKETS
-        ];
+        let max = vec![Packet { vnet: None, data: &[1] }; MAX_PACKETS];
         encode(hdr(0, 0, 0), &max, &mut out).unwrap();
         assert_eq!(decode(&out).unwrap().len(), MAX_PACKETS);
         // unknown flag bits are cleared, so the frame decodes
-        encode(
-            hdr(0xF0, 0, 0),
-            &[Packet {
-                vnet: None,
-                data: &[1],
-            }],
-            &mut out,
-        )
-        .unwrap();
+        encode(hdr(0xF0, 0, 0), &[Packet { vnet: None, data: &[1] }], &mut out).unwrap();
         assert_eq!(decode(&out).unwrap().header().flags, 0);
     }
 
@@ -914,16 +776,7 @@ mod tests {
         let frame = w.finish(5, 6).to_vec();
         assert_eq!(frame.len(), HEADER_LEN + 7 + 6);
         let f = decode(&frame).unwrap();
-        assert_eq!(
-            f.header(),
-            FrameHeader {
-                flags: 0,
-                count: 2,
-                sender_queues: 0,
-                seq: 5,
-                timestamp_ns: 6
-            }
-        );
+        assert_eq!(f.header(), FrameHeader { flags: 0, count: 2, sender_queues: 0, seq: 5, timestamp_ns: 6 });
         let ps = collect(&f);
         assert_eq!(ps[0].data, &[0x45, 1, 2]);
         assert_eq!(ps[1].data, &[0x60, 9]);
@@ -948,20 +801,8 @@ mod tests {
         let frame = w.finish(1, 2);
         let f = decode(frame).unwrap();
         let ps = collect(&f);
-        assert_eq!(
-            ps[0],
-            Packet {
-                vnet: Some(&[1; VNET_HDR_LEN]),
-                data: &[0x45, 0]
-            }
-        );
-        assert_eq!(
-            ps[1],
-            Packet {
-                vnet: Some(&[2; VNET_HDR_LEN]),
-                data: &[0x60]
-            }
-        );
+        assert_eq!(ps[0], Packet { vnet: Some(&[1; VNET_HDR_LEN]), data: &[0x45, 0] });
+        assert_eq!(ps[1], Packet { vnet: Some(&[2; VNET_HDR_LEN]), data: &[0x60] });
     }
 
     #[test]
@@ -977,10 +818,7 @@ mod tests {
 
         let mut w = BatchWriter::with_capacity(MAX_FRAME_LEN);
         assert_eq!(w.commit(MAX_PACKET_LEN + 1), Err(PushError::TooBig));
-        assert_eq!(
-            w.push(None, &vec![0; MAX_PACKET_LEN + 1]),
-            Err(PushError::TooBig)
-        );
+        assert_eq!(w.push(None, &vec![0; MAX_PACKET_LEN + 1]), Err(PushError::TooBig));
         assert_eq!(w.commit(MAX_FRAME_LEN), Err(PushError::TooBig));
         w.reset(FLAG_VNET);
         w.commit(MAX_PACKET_LEN + VNET_HDR_LEN).unwrap();
@@ -992,10 +830,7 @@ mod tests {
     fn writer_capacity_is_clamped() {
         assert_eq!(BatchWriter::with_capacity(0).capacity(), HEADER_LEN);
         assert_eq!(BatchWriter::with_capacity(0).slot(10).len(), 0);
-        assert_eq!(
-            BatchWriter::with_capacity(usize::MAX).capacity(),
-            MAX_FRAME_LEN
-        );
+        assert_eq!(BatchWriter::with_capacity(usize::MAX).capacity(), MAX_FRAME_LEN);
     }
 
     #[test]
@@ -1054,18 +889,7 @@ mod tests {
     type ArbFrame = (u8, u64, u64, Vec<([u8; VNET_HDR_LEN], Vec<u8>)>);
 
     fn arb_frame() -> impl Strategy<Value = ArbFrame> {
-        (
-            0u8..2,
-            any::<u64>(),
-            any::<u64>(),
-            proptest::collection::vec(
-                (
-                    any::<[u8; VNET_HDR_LEN]>(),
-                    proptest::collection::vec(any::<u8>(), 1..300),
-                ),
-                0..20,
-            ),
-        )
+        (0u8..2, any::<u64>(), any::<u64>(), proptest::collection::vec((any::<[u8; VNET_HDR_LEN]>(), proptest::collection::vec(any::<u8>(), 1..300)), 0..20))
     }
 
     proptest! {

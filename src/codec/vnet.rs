@@ -89,14 +89,7 @@ pub struct VnetHdr {
 impl VnetHdr {
     pub fn parse(b: &[u8; HDR_LEN]) -> VnetHdr {
         let le = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        VnetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: le(2),
-            gso_size: le(4),
-            csum_start: le(6),
-            csum_offset: le(8),
-        }
+        VnetHdr { flags: b[0], gso_type: b[1], hdr_len: le(2), gso_size: le(4), csum_start: le(6), csum_offset: le(8) }
     }
 
     pub fn to_bytes(self) -> [u8; HDR_LEN] {
@@ -187,12 +180,7 @@ fn transport(p: &[u8]) -> Result<Transport, VnetError> {
         }
         _ => return Err(VnetError::NotTransport),
     };
-    Ok(Transport {
-        v6,
-        tcp: proto == protocol::TCP,
-        start,
-        end,
-    })
+    Ok(Transport { v6, tcp: proto == protocol::TCP, start, end })
 }
 
 /// The header to write with `packet`, built from the packet itself: one of the rows of the
@@ -211,11 +199,7 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     }
     let needs_csum = c.flags & F_NEEDS_CSUM != 0;
     if gso == GSO_NONE && !needs_csum {
-        return if ecn {
-            Err(VnetError::UnknownGso)
-        } else {
-            Ok(PLAIN)
-        };
+        return if ecn { Err(VnetError::UnknownGso) } else { Ok(PLAIN) };
     }
     if !needs_csum {
         return Err(VnetError::GsoWithoutCsum);
@@ -235,14 +219,7 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     }
     // invariant: t.end <= packet.len() <= MAX_PACKET_LEN < 65536 (checked by transport and the codec)
     let hdr_len = u16::try_from(t.end).map_err(|_| VnetError::OutOfBounds)?;
-    let checksum_only = VnetHdr {
-        flags: F_NEEDS_CSUM,
-        gso_type: GSO_NONE,
-        hdr_len,
-        gso_size: 0,
-        csum_start: c.csum_start,
-        csum_offset: c.csum_offset,
-    };
+    let checksum_only = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len, gso_size: 0, csum_start: c.csum_start, csum_offset: c.csum_offset };
     if gso == GSO_NONE {
         return Ok(checksum_only.to_bytes());
     }
@@ -256,12 +233,7 @@ pub fn build(claimed: &[u8; HDR_LEN], packet: &[u8]) -> Result<[u8; HDR_LEN], Vn
     if payload.div_ceil(usize::from(c.gso_size)) > MAX_SEGMENTS {
         return Err(VnetError::TooManySegments);
     }
-    Ok(VnetHdr {
-        gso_type: c.gso_type,
-        gso_size: c.gso_size,
-        ..checksum_only
-    }
-    .to_bytes())
+    Ok(VnetHdr { gso_type: c.gso_type, gso_size: c.gso_size, ..checksum_only }.to_bytes())
 }
 
 /// [`build`] for an Ethernet frame (a TAP's unit, L2 sessions): the kernel's offsets count
@@ -389,10 +361,7 @@ mod tests {
         assert_eq!(build(&PLAIN, &[0x45; 40]), Ok(PLAIN));
         assert_eq!(build(&PLAIN, &[]), Ok(PLAIN));
         // DATA_VALID alone: the kernel verifies instead.
-        let dv = VnetHdr {
-            flags: F_DATA_VALID,
-            ..VnetHdr::parse(&PLAIN)
-        };
+        let dv = VnetHdr { flags: F_DATA_VALID, ..VnetHdr::parse(&PLAIN) };
         assert_eq!(build(&dv.to_bytes(), &[1, 2, 3]), Ok(PLAIN));
     }
 
@@ -405,26 +374,13 @@ mod tests {
                 for gso in [0, 1448] {
                     let h = kernel_header(&p, gso);
                     let out = VnetHdr::parse(&build(&h.to_bytes(), &p).unwrap());
-                    assert_eq!(
-                        out,
-                        VnetHdr {
-                            hdr_len: end as u16,
-                            ..h
-                        },
-                        "v6 {v6} tcp {tcp} gso {gso}"
-                    );
+                    assert_eq!(out, VnetHdr { hdr_len: end as u16, ..h }, "v6 {v6} tcp {tcp} gso {gso}");
                 }
             }
         }
         let p = packet(false, true, 3000);
-        let ecn = VnetHdr {
-            gso_type: GSO_TCPV4 | GSO_ECN,
-            ..kernel_header(&p, 1448)
-        };
-        assert_eq!(
-            VnetHdr::parse(&build(&ecn.to_bytes(), &p).unwrap()).gso_type,
-            GSO_TCPV4 | GSO_ECN
-        );
+        let ecn = VnetHdr { gso_type: GSO_TCPV4 | GSO_ECN, ..kernel_header(&p, 1448) };
+        assert_eq!(VnetHdr::parse(&build(&ecn.to_bytes(), &p).unwrap()).gso_type, GSO_TCPV4 | GSO_ECN);
     }
 
     #[test]
@@ -435,11 +391,7 @@ mod tests {
             let base = kernel_header(&p, 1400);
             for flags in 0..=255u8 {
                 for gso_type in 0..=255u8 {
-                    let h = VnetHdr {
-                        flags,
-                        gso_type,
-                        ..base
-                    };
+                    let h = VnetHdr { flags, gso_type, ..base };
                     let got = build(&h.to_bytes(), &p);
                     let known = flags & !(F_NEEDS_CSUM | F_DATA_VALID) == 0;
                     let csum = flags & F_NEEDS_CSUM != 0;
@@ -452,12 +404,7 @@ mod tests {
                             GSO_UDP_L4 => csum && !tcp && !ecn,
                             _ => false,
                         };
-                    assert_eq!(
-                        got.is_ok(),
-                        ok,
-                        "flags {flags:#x} gso {gso_type:#x} v6 {v6} tcp {tcp} len {}: {got:?}",
-                        p.len()
-                    );
+                    assert_eq!(got.is_ok(), ok, "flags {flags:#x} gso {gso_type:#x} v6 {v6} tcp {tcp} len {}: {got:?}", p.len());
                     if let Ok(out) = got {
                         assert!(allowed(&out, &p), "{:?}", VnetHdr::parse(&out));
                     }
@@ -470,18 +417,8 @@ mod tests {
     fn offsets_must_point_at_the_transport_checksum() {
         for p in all_packets() {
             let h = kernel_header(&p, 0);
-            for (start, off) in [
-                (0, h.csum_offset),
-                (h.csum_start + 1, h.csum_offset),
-                (h.csum_start, h.csum_offset + 2),
-                (65535, 65535),
-                (h.csum_start, 0),
-            ] {
-                let bad = VnetHdr {
-                    csum_start: start,
-                    csum_offset: off,
-                    ..h
-                };
+            for (start, off) in [(0, h.csum_offset), (h.csum_start + 1, h.csum_offset), (h.csum_start, h.csum_offset + 2), (65535, 65535), (h.csum_start, 0)] {
+                let bad = VnetHdr { csum_start: start, csum_offset: off, ..h };
                 assert_eq!(build(&bad.to_bytes(), &p), Err(VnetError::ChecksumPlace));
             }
         }
@@ -496,17 +433,11 @@ mod tests {
         assert_eq!(build(&h(100), &p), Err(VnetError::TooManySegments)); // 200 segments
         assert!(build(&h(20_000 / 128 + 1), &p).is_ok());
         // gso_size 0 with a GSO type: below the minimum.
-        assert_eq!(
-            build(&h(0).map_or_gso(GSO_UDP_L4), &p),
-            Err(VnetError::GsoSize)
-        );
+        assert_eq!(build(&h(0).map_or_gso(GSO_UDP_L4), &p), Err(VnetError::GsoSize));
         // One segment or less: written as checksum-only.
         for size in [20_000, 20_001, 65535] {
             let out = VnetHdr::parse(&build(&h(size), &p).unwrap());
-            assert_eq!(
-                (out.gso_type, out.gso_size, out.flags),
-                (GSO_NONE, 0, F_NEEDS_CSUM)
-            );
+            assert_eq!((out.gso_type, out.gso_size, out.flags), (GSO_NONE, 0, F_NEEDS_CSUM));
         }
     }
 
@@ -534,22 +465,13 @@ mod tests {
         assert_eq!(build(&h(&p), &p), Err(VnetError::NotTransport));
         let mut p = packet(false, true, 100);
         p[9] = 1; // ICMP
-        assert_eq!(
-            build(&kernel_header(&packet(false, true, 100), 0).to_bytes(), &p),
-            Err(VnetError::NotTransport)
-        );
+        assert_eq!(build(&kernel_header(&packet(false, true, 100), 0).to_bytes(), &p), Err(VnetError::NotTransport));
         let mut p = packet(false, true, 0);
         p[20 + 12] = 15 << 4; // TCP header longer than the packet
-        assert_eq!(
-            build(&h(&packet(false, true, 0)), &p),
-            Err(VnetError::OutOfBounds)
-        );
+        assert_eq!(build(&h(&packet(false, true, 0)), &p), Err(VnetError::OutOfBounds));
         let mut p = packet(false, true, 10);
         p[20 + 12] = 4 << 4; // TCP header shorter than 20
-        assert_eq!(
-            build(&h(&packet(false, true, 10)), &p),
-            Err(VnetError::OutOfBounds)
-        );
+        assert_eq!(build(&h(&packet(false, true, 10)), &p), Err(VnetError::OutOfBounds));
         let hdr = kernel_header(&packet(false, true, 10), 0).to_bytes();
         for len in 0..60 {
             let _ = build(&hdr, &packet(false, true, 10)[..len.min(62)]);
@@ -603,12 +525,8 @@ mod tests {
     fn partial_checksum_is_completed() {
         // IPv4 UDP 198.18.0.1:1000 -> 198.18.0.2:2000, 5 payload bytes, checksum field
         // holding the folded pseudo-header sum as the kernel leaves it.
-        let mut p = vec![
-            0x45, 0, 0, 33, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
-        ];
-        p.extend_from_slice(&[
-            0x03, 0xe8, 0x07, 0xd0, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o',
-        ]);
+        let mut p = vec![0x45, 0, 0, 33, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2];
+        p.extend_from_slice(&[0x03, 0xe8, 0x07, 0xd0, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o']);
         let mut pseudo: u32 = 0;
         for w in [0xc612u32, 0x0001, 0xc612, 0x0002, 17, 13] {
             pseudo += w;
@@ -617,14 +535,7 @@ mod tests {
             pseudo = (pseudo & 0xffff) + (pseudo >> 16);
         }
         p[26..28].copy_from_slice(&(pseudo as u16).to_be_bytes());
-        let h = VnetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_NONE,
-            hdr_len: 0,
-            gso_size: 0,
-            csum_start: 20,
-            csum_offset: 6,
-        };
+        let h = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_NONE, hdr_len: 0, gso_size: 0, csum_start: 20, csum_offset: 6 };
         assert!(!udp4_checksum_ok(&p));
         let built = build(&h.to_bytes(), &p).unwrap();
         complete_checksum(&built, &mut p).unwrap();
@@ -633,13 +544,7 @@ mod tests {
         let before = p.clone();
         complete_checksum(&PLAIN, &mut p).unwrap();
         assert_eq!(p, before);
-        let bad = VnetHdr {
-            csum_offset: 60_000,
-            ..h
-        };
-        assert_eq!(
-            complete_checksum(&bad.to_bytes(), &mut p),
-            Err(VnetError::OutOfBounds)
-        );
+        let bad = VnetHdr { csum_offset: 60_000, ..h };
+        assert_eq!(complete_checksum(&bad.to_bytes(), &mut p), Err(VnetError::OutOfBounds));
     }
 }

@@ -65,7 +65,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { rekey_after: Duration::from_secs(120), rekey_after_messages: 1 << 48, reject_after: Duration::from_secs(180), retry: Duration::from_secs(1), keep: 4 }
+        Limits {
+            rekey_after: Duration::from_secs(120),
+            rekey_after_messages: 1 << 48,
+            reject_after: Duration::from_secs(180),
+            retry: Duration::from_secs(1),
+            keep: 4,
+        }
     }
 }
 
@@ -207,7 +213,13 @@ impl E2e {
             let i = list.len();
             by_user.insert(spec.user.as_bytes().to_vec(), i);
             routes.extend(spec.prefixes.iter().map(|p| (*p, i)));
-            list.push(Peer { spec, current: RwLock::new(None), previous: RwLock::new(None), group: RwLock::new(None), state: Mutex::new(PeerState::default()) });
+            list.push(Peer {
+                spec,
+                current: RwLock::new(None),
+                previous: RwLock::new(None),
+                group: RwLock::new(None),
+                state: Mutex::new(PeerState::default()),
+            });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len));
         Ok(E2e {
@@ -488,6 +500,7 @@ impl E2e {
 
     /// A new session with peer `i` (ours `our`, theirs `their`): it seals from now on (a
     /// responder's once confirmed); the oldest beyond [`Limits::keep`] are forgotten.
+    #[allow(clippy::too_many_arguments)]
     fn install(&self, i: usize, st: &mut PeerState, our: u32, their: u32, keys: &handshake::SessionKeys, now: Instant, initiator: bool) -> Arc<Session> {
         let s = Arc::new(Session {
             peer: i,

@@ -128,9 +128,7 @@ pub fn seal(cipher: &ChaCha20Poly1305, header: Header, routing_key: &[u8], plain
     out.clear();
     out.extend_from_slice(&head);
     out.extend_from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce(header.counter)), &ad[..ad_len], &mut out[HEADER_LEN..])
-        .map_err(|_| Error::Forged)?; // only for a plaintext beyond 256 GiB
+    let tag = cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce(header.counter)), &ad[..ad_len], &mut out[HEADER_LEN..]).map_err(|_| Error::Forged)?; // only for a plaintext beyond 256 GiB
     out.extend_from_slice(&tag);
     Ok(())
 }

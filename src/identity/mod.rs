@@ -264,7 +264,11 @@ mod tests {
 
     #[test]
     fn tables_decide_per_user_and_source() {
-        let t = Table::new(vec![("a".into(), vec![p("198.18.0.1/32")]), ("b".into(), vec![p("198.18.0.2/32"), p("fd00::2/128")]), ("a".into(), vec![p("fd00::1/128")])]);
+        let t = Table::new(vec![
+            ("a".into(), vec![p("198.18.0.1/32")]),
+            ("b".into(), vec![p("198.18.0.2/32"), p("fd00::2/128")]),
+            ("a".into(), vec![p("fd00::1/128")]),
+        ]);
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         assert_eq!(t.check(Some(b"a"), a), Verdict::Allowed);
         assert_eq!(t.check(Some(b"a"), "fd00::1".parse().unwrap()), Verdict::Allowed, "lines of one user merge");

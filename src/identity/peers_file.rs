@@ -175,7 +175,12 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        for (text, line, says) in [("h1\n", 1, "no prefixes"), ("# c\nh1 198.18.0.1\n", 2, "prefix length"), ("h1 x/8\n", 1, "not an IP"), ("ok 1.2.3.4/32\nh2 ,\n", 2, "no prefixes")] {
+        for (text, line, says) in [
+            ("h1\n", 1, "no prefixes"),
+            ("# c\nh1 198.18.0.1\n", 2, "prefix length"),
+            ("h1 x/8\n", 1, "not an IP"),
+            ("ok 1.2.3.4/32\nh2 ,\n", 2, "no prefixes"),
+        ] {
             let e = parse(text, None).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.to_string().contains(says), "{text:?}: {e}");
@@ -184,7 +189,10 @@ mod tests {
 
     #[test]
     fn rendered_files_parse_back() {
-        let entries = vec![("s.a".to_owned(), vec!["198.18.0.1/24".parse().unwrap()]), ("s.b".to_owned(), vec!["fd00::2/64".parse().unwrap(), "198.18.0.2/24".parse().unwrap()])];
+        let entries = vec![
+            ("s.a".to_owned(), vec!["198.18.0.1/24".parse().unwrap()]),
+            ("s.b".to_owned(), vec!["fd00::2/64".parse().unwrap(), "198.18.0.2/24".parse().unwrap()]),
+        ];
         let t = parse(&render(&entries), Some("s")).unwrap();
         assert_eq!(t.users().count(), 2);
         // Its two prefixes, its agent's link-local address and its agent's MAC.

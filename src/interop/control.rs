@@ -213,7 +213,14 @@ fn serve_serial(c: &mut Client, config: &AgentConfig, device: &str, baud: u32, s
                 let other_port = order.port.as_deref().is_some_and(|p| !p.is_empty() && p != device);
                 let other_baud = order.baud().is_some_and(|b| b != baud);
                 if other_port || other_baud {
-                    tracing::warn!(agent = name, port = order.port.as_deref().unwrap_or("-"), boudrate = order.boudrate.as_deref().unwrap_or("-"), device, baud, "serial.start asks for another probe or speed; this agent serves --device at --baud only");
+                    tracing::warn!(
+                        agent = name,
+                        port = order.port.as_deref().unwrap_or("-"),
+                        boudrate = order.boudrate.as_deref().unwrap_or("-"),
+                        device,
+                        baud,
+                        "serial.start asks for another probe or speed; this agent serves --device at --baud only"
+                    );
                 }
             }
             Err(_) => tracing::warn!(agent = name, "ignoring a serial.start that is not valid JSON"),

@@ -57,8 +57,19 @@ impl Lab {
                 services: Services::default(),
             })
             .collect();
-        let bus = Bus { heartbeat: self.opts.heartbeat, check_name: false, frame_max: Some(32 * 1024), ..Bus::new(self.endpoints.clone()).in_session(&self.opts.session) };
-        let interface = Interface { kind: PortKind::Userspace { services: Services::default(), endpoints }, queues: 1, mtu: 1500, router_solicitations: 0, ..Interface::default() };
+        let bus = Bus {
+            heartbeat: self.opts.heartbeat,
+            check_name: false,
+            frame_max: Some(32 * 1024),
+            ..Bus::new(self.endpoints.clone()).in_session(&self.opts.session)
+        };
+        let interface = Interface {
+            kind: PortKind::Userspace { services: Services::default(), endpoints },
+            queues: 1,
+            mtu: 1500,
+            router_solicitations: 0,
+            ..Interface::default()
+        };
         let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, status_dir: None, ..DataPath::default() };
         let c = AgentConfig::new(&format!("u{}", w + 1), bus, interface)?.with_data_path(data_path)?;
         let user = c.identity().user.clone();
@@ -79,7 +90,13 @@ impl Lab {
             let pinger = self.agents.get(w)?.pinger()?;
             Some((pinger, EndpointId::from_index(host - block(n, workers, w).start)?))
         };
-        let dst = |h: &Host, v6: bool| -> IpAddr { if v6 { IpAddr::V6(h.v6) } else { IpAddr::V4(h.v4) } };
+        let dst = |h: &Host, v6: bool| -> IpAddr {
+            if v6 {
+                IpAddr::V6(h.v6)
+            } else {
+                IpAddr::V4(h.v4)
+            }
+        };
         let mut rtts = Vec::new();
         let mut seq: u16 = 0;
         let mut todo: Vec<(usize, usize, bool)> = pairs.iter().flat_map(|&(a, b)| [(a, b, false), (a, b, true)]).collect();
@@ -103,7 +120,10 @@ impl Lab {
                     for agent in &self.agents {
                         let Some(pinger) = agent.pinger() else { continue };
                         for r in pinger.replies() {
-                            let key = waiting.iter().find(|(&(a, b, v6), &s)| s == r.seq && dst(&self.hosts[b], v6) == r.from && at(a).is_some_and(|(_, e)| e == r.endpoint)).map(|(k, _)| *k);
+                            let key = waiting
+                                .iter()
+                                .find(|(&(a, b, v6), &s)| s == r.seq && dst(&self.hosts[b], v6) == r.from && at(a).is_some_and(|(_, e)| e == r.endpoint))
+                                .map(|(k, _)| *k);
                             if let Some(k) = key {
                                 waiting.remove(&k);
                                 rtts.push(r.rtt.as_secs_f64() * 1000.0);
@@ -118,10 +138,8 @@ impl Lab {
                 break;
             }
         }
-        let mut failures: Vec<String> = todo
-            .iter()
-            .map(|&(a, b, v6)| format!("{} -> {} ({}): no reply", self.hosts[a].name, self.hosts[b].name, dst(&self.hosts[b], v6)))
-            .collect();
+        let mut failures: Vec<String> =
+            todo.iter().map(|&(a, b, v6)| format!("{} -> {} ({}): no reply", self.hosts[a].name, self.hosts[b].name, dst(&self.hosts[b], v6))).collect();
         failures.sort();
         report.failures.extend(failures);
         report.rtt_p50_ms = plan::quantile(&rtts, 0.5);
@@ -139,10 +157,14 @@ mod tests {
             let w = workers_for(hosts);
             assert!((1..=MAX_WORKERS).contains(&w));
             let mut next = 0;
-            let sizes: Vec<usize> = (0..w).map(|k| block(hosts, w, k)).inspect(|b| {
-                assert_eq!(b.start, next, "{hosts} hosts, block {b:?}");
-                next = b.end;
-            }).map(|b| b.len()).collect();
+            let sizes: Vec<usize> = (0..w)
+                .map(|k| block(hosts, w, k))
+                .inspect(|b| {
+                    assert_eq!(b.start, next, "{hosts} hosts, block {b:?}");
+                    next = b.end;
+                })
+                .map(|b| b.len())
+                .collect();
             assert_eq!(next, hosts);
             assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
         }

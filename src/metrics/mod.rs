@@ -462,5 +462,4 @@ mod tests {
         s.down();
         assert_eq!(s.node(), None);
     }
-
 }

@@ -60,7 +60,11 @@ pub fn render(src: &Sources) -> String {
     for r in DropReason::ALL {
         let _ = writeln!(out, "tunbus_dropped_packets_total{{{label},reason=\"{}\"}} {}", r.name(), s.dropped(r));
     }
-    let _ = writeln!(out, "# HELP tunbus_build_info The running version.\n# TYPE tunbus_build_info gauge\ntunbus_build_info{{{label},version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "# HELP tunbus_build_info The running version.\n# TYPE tunbus_build_info gauge\ntunbus_build_info{{{label},version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     let _ = writeln!(out, "# HELP tunbus_link_connected Whether queue k's broker connection is up (1) or not (0).\n# TYPE tunbus_link_connected gauge");
     for (k, l) in src.links.iter().enumerate() {
         let _ = writeln!(out, "tunbus_link_connected{{{label},queue=\"{k}\"}} {}", u8::from(l.node().is_some()));
@@ -88,9 +92,24 @@ pub fn render(src: &Sources) -> String {
         let _ = writeln!(out, "tunbus_{name}_sum{{{label}}} {}", p.mean * p.samples as f64 * scale);
         let _ = writeln!(out, "tunbus_{name}_count{{{label}}} {}", p.samples);
     };
-    summary("one_way_latency_quantiles_seconds", "Sender batch timestamp to TUN write, since start (quantiles).", report::merged(hist.iter().map(|h| &h.one_way_us)), 1e-6);
-    summary("read_to_publish_quantiles_seconds", "TUN read burst to batch published, since start (quantiles).", report::merged(hist.iter().map(|h| &h.read_to_publish_us)), 1e-6);
-    summary("loop_turn_quantiles_seconds", "One turn of a queue worker's loop, since start (quantiles; max is the loop's worst stall).", report::merged(hist.iter().map(|h| &h.loop_turn_us)), 1e-6);
+    summary(
+        "one_way_latency_quantiles_seconds",
+        "Sender batch timestamp to TUN write, since start (quantiles).",
+        report::merged(hist.iter().map(|h| &h.one_way_us)),
+        1e-6,
+    );
+    summary(
+        "read_to_publish_quantiles_seconds",
+        "TUN read burst to batch published, since start (quantiles).",
+        report::merged(hist.iter().map(|h| &h.read_to_publish_us)),
+        1e-6,
+    );
+    summary(
+        "loop_turn_quantiles_seconds",
+        "One turn of a queue worker's loop, since start (quantiles; max is the loop's worst stall).",
+        report::merged(hist.iter().map(|h| &h.loop_turn_us)),
+        1e-6,
+    );
     summary("batch_packets", "Packets per published batch, since start.", report::merged(hist.iter().map(|h| &h.batch_packets)), 1.0);
     summary("batch_bytes", "Bytes per published batch, since start.", report::merged(hist.iter().map(|h| &h.batch_bytes)), 1.0);
     out
@@ -118,10 +137,8 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut stop: watch::Rec
             } else {
                 ("404 Not Found", "try GET /metrics\n".to_owned())
             };
-            let response = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let response =
+                format!("HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             let _ = tokio::time::timeout(Duration::from_secs(2), sock.write_all(response.as_bytes())).await;
         });
     }

@@ -183,13 +183,7 @@ pub fn drops_since(now: &Snapshot, before: &Snapshot) -> String {
 }
 
 /// Logs one summary line every `every` until stopped.
-pub async fn periodic(
-    agent: String,
-    every: Duration,
-    counters: AgentCounters,
-    hist: Vec<Arc<Histograms>>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn periodic(agent: String, every: Duration, counters: AgentCounters, hist: Vec<Arc<Histograms>>, mut stop: watch::Receiver<bool>) {
     let mut last = Snapshot::of(&counters);
     let mut last_at = Instant::now();
     let mut tick = tokio::time::interval(every);

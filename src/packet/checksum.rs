@@ -41,11 +41,7 @@ impl Sum {
     #[inline]
     pub fn add_bytes(mut self, data: &[u8]) -> Sum {
         let s = u64::from(sum_be(data));
-        self.acc += if self.odd {
-            u64::from((s as u16).swap_bytes())
-        } else {
-            s
-        };
+        self.acc += if self.odd { u64::from((s as u16).swap_bytes()) } else { s };
         self.odd ^= data.len() % 2 == 1;
         self
     }
@@ -91,21 +87,13 @@ pub fn verifies(data: &[u8]) -> bool {
 /// The IPv4 pseudo-header of a transport segment of `len` bytes (RFC 793, RFC 768).
 #[inline]
 pub fn pseudo_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: u16) -> Sum {
-    Sum::new()
-        .add_bytes(&src.octets())
-        .add_bytes(&dst.octets())
-        .add_u16(u16::from(protocol))
-        .add_u16(len)
+    Sum::new().add_bytes(&src.octets()).add_bytes(&dst.octets()).add_u16(u16::from(protocol)).add_u16(len)
 }
 
 /// The IPv6 pseudo-header of an upper-layer packet of `len` bytes (RFC 8200, 8.1).
 #[inline]
 pub fn pseudo_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: u32) -> Sum {
-    Sum::new()
-        .add_bytes(&src.octets())
-        .add_bytes(&dst.octets())
-        .add_u32(len)
-        .add_u32(u32::from(next_header))
+    Sum::new().add_bytes(&src.octets()).add_bytes(&dst.octets()).add_u32(len).add_u32(u32::from(next_header))
 }
 
 /// The checksum after one 16-bit word of the covered data changed from `old` to `new`,
@@ -194,10 +182,7 @@ mod tests {
     #[test]
     fn an_ipv4_header_verifies() {
         // A real header (Wikipedia's example): checksum b861.
-        let mut h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
+        let mut h = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
         assert_eq!(checksum(&h), 0xb861);
         h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
         assert!(verifies(&h));
@@ -206,16 +191,10 @@ mod tests {
 
     #[test]
     fn every_length_and_alignment_matches_the_plain_sum() {
-        let data: Vec<u8> = (0..300u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
+        let data: Vec<u8> = (0..300u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         for start in 0..9 {
             for end in start..data.len() {
-                assert_eq!(
-                    Sum::of(&data[start..end]).fold(),
-                    naive(&data[start..end]),
-                    "{start}..{end}"
-                );
+                assert_eq!(Sum::of(&data[start..end]).fold(), naive(&data[start..end]), "{start}..{end}");
             }
         }
         assert_eq!(Sum::of(&[]).fold(), 0);
@@ -225,18 +204,9 @@ mod tests {
     #[test]
     fn pseudo_headers() {
         // 198.18.0.1 -> 198.18.0.2, UDP, 13 bytes: the words summed by hand.
-        let s = pseudo_v4(
-            Ipv4Addr::new(198, 18, 0, 1),
-            Ipv4Addr::new(198, 18, 0, 2),
-            17,
-            13,
-        );
-        assert_eq!(
-            s.fold(),
-            naive(&[198, 18, 0, 1, 198, 18, 0, 2, 0, 17, 0, 13])
-        );
-        let (a, b): (Ipv6Addr, Ipv6Addr) =
-            ("fd00::1".parse().unwrap(), "fd00:7b::2".parse().unwrap());
+        let s = pseudo_v4(Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2), 17, 13);
+        assert_eq!(s.fold(), naive(&[198, 18, 0, 1, 198, 18, 0, 2, 0, 17, 0, 13]));
+        let (a, b): (Ipv6Addr, Ipv6Addr) = ("fd00::1".parse().unwrap(), "fd00:7b::2".parse().unwrap());
         let mut bytes = a.octets().to_vec();
         bytes.extend_from_slice(&b.octets());
         bytes.extend_from_slice(&70_000u32.to_be_bytes());

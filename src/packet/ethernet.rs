@@ -148,13 +148,8 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     /// How many tags (at most [`MAX_TAGS`]) `b` announces, reading only what is there.
     #[inline]
     fn tags_in(b: &[u8]) -> usize {
-        let announces = |at: usize| {
-            b.get(at..at + 2)
-                .is_some_and(|t| is_tag(u16::from_be_bytes([t[0], t[1]])))
-        };
-        (0..MAX_TAGS)
-            .take_while(|&i| announces(field::ETHERTYPE + i * field::TAG_LEN))
-            .count()
+        let announces = |at: usize| b.get(at..at + 2).is_some_and(|t| is_tag(u16::from_be_bytes([t[0], t[1]])));
+        (0..MAX_TAGS).take_while(|&i| announces(field::ETHERTYPE + i * field::TAG_LEN)).count()
     }
 
     #[inline]
@@ -193,12 +188,7 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
         let at = field::ETHERTYPE + i * field::TAG_LEN;
         let b = self.as_bytes();
         let tci = get_u16(b, at + field::TAG_TCI);
-        Some(VlanTag {
-            tpid: get_u16(b, at),
-            pcp: (tci >> 13) as u8,
-            dei: tci & 0x1000 != 0,
-            vid: tci & 0x0fff,
-        })
+        Some(VlanTag { tpid: get_u16(b, at), pcp: (tci >> 13) as u8, dei: tci & 0x1000 != 0, vid: tci & 0x0fff })
     }
 
     /// The length of the header, tags included.
@@ -268,120 +258,52 @@ mod tests {
         assert_eq!(m, Mac([2, 0, 0, 0, 0, 1]));
         assert_eq!(m.to_string(), "02:00:00:00:00:01");
         assert!(m.is_local() && m.is_unicast() && !m.is_multicast() && !m.is_broadcast());
-        assert_eq!(
-            "0A-1b-2C-3d-4E-5f".parse::<Mac>(),
-            Ok(Mac([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]))
-        );
-        assert_eq!(
-            Mac([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]).to_string(),
-            "aa:bb:cc:dd:ee:ff"
-        );
+        assert_eq!("0A-1b-2C-3d-4E-5f".parse::<Mac>(), Ok(Mac([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f])));
+        assert_eq!(Mac([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]).to_string(), "aa:bb:cc:dd:ee:ff");
         assert!(Mac::BROADCAST.is_broadcast() && Mac::BROADCAST.is_multicast());
         let mcast: Mac = "33:33:00:00:00:01".parse().unwrap();
         assert!(mcast.is_multicast() && !mcast.is_broadcast() && !mcast.is_unicast());
         assert!("01:00:5e:00:00:fb".parse::<Mac>().unwrap().is_multicast());
-        for bad in [
-            "",
-            "02:00:00:00:00",
-            "02:00:00:00:00:01:02",
-            "2:0:0:0:0:1",
-            "02:00:00:00:00:0g",
-            "02-00:00:00:00:01",
-            "020000000001",
-            "+2:00:00:00:00:01",
-        ] {
+        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:01:02", "2:0:0:0:0:1", "02:00:00:00:00:0g", "02-00:00:00:00:01", "020000000001", "+2:00:00:00:00:01"]
+        {
             assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
         }
-        assert!("zz"
-            .parse::<Mac>()
-            .unwrap_err()
-            .contains("02:00:00:00:00:01"));
+        assert!("zz".parse::<Mac>().unwrap_err().contains("02:00:00:00:00:01"));
     }
 
     #[test]
     fn untagged_and_tagged() {
         let f = frame(&[], ethertype::IPV6, &[0x60; 40]);
         let v = EthernetFrame::new_checked(&f[..]).unwrap();
-        assert_eq!(
-            (v.dst(), v.src()),
-            (Mac::BROADCAST, Mac([2, 0, 0, 0, 0, 1]))
-        );
-        assert_eq!(
-            (v.tag_count(), v.header_len(), v.ethertype(), v.tag(0)),
-            (0, 14, ethertype::IPV6, None)
-        );
+        assert_eq!((v.dst(), v.src()), (Mac::BROADCAST, Mac([2, 0, 0, 0, 0, 1])));
+        assert_eq!((v.tag_count(), v.header_len(), v.ethertype(), v.tag(0)), (0, 14, ethertype::IPV6, None));
         assert_eq!(v.payload(), &[0x60; 40]);
 
         let f = frame(&[(ethertype::VLAN, 0xa07b)], ethertype::IPV4, &[0x45; 20]);
         let v = EthernetFrame::new_checked(&f[..]).unwrap();
-        assert_eq!(
-            (v.tag_count(), v.header_len(), v.ethertype()),
-            (1, 18, ethertype::IPV4)
-        );
-        assert_eq!(
-            v.tag(0),
-            Some(VlanTag {
-                tpid: ethertype::VLAN,
-                pcp: 5,
-                dei: false,
-                vid: 0x07b
-            })
-        );
+        assert_eq!((v.tag_count(), v.header_len(), v.ethertype()), (1, 18, ethertype::IPV4));
+        assert_eq!(v.tag(0), Some(VlanTag { tpid: ethertype::VLAN, pcp: 5, dei: false, vid: 0x07b }));
         assert_eq!(v.payload(), &[0x45; 20]);
 
-        let f = frame(
-            &[(ethertype::QINQ, 0x1064), (ethertype::VLAN, 0x000a)],
-            ethertype::ARP,
-            &[1; 28],
-        );
+        let f = frame(&[(ethertype::QINQ, 0x1064), (ethertype::VLAN, 0x000a)], ethertype::ARP, &[1; 28]);
         let v = EthernetFrame::new_checked(&f[..]).unwrap();
-        assert_eq!(
-            (v.tag_count(), v.header_len(), v.ethertype()),
-            (2, 22, ethertype::ARP)
-        );
-        assert_eq!(
-            v.tag(0),
-            Some(VlanTag {
-                tpid: ethertype::QINQ,
-                pcp: 0,
-                dei: true,
-                vid: 100
-            })
-        );
+        assert_eq!((v.tag_count(), v.header_len(), v.ethertype()), (2, 22, ethertype::ARP));
+        assert_eq!(v.tag(0), Some(VlanTag { tpid: ethertype::QINQ, pcp: 0, dei: true, vid: 100 }));
         assert_eq!(v.tag(1).map(|t| t.vid), Some(10));
         assert_eq!(v.tag(2), None);
 
         // a third tag stays in the payload
-        let f = frame(
-            &[
-                (ethertype::VLAN, 1),
-                (ethertype::VLAN, 2),
-                (ethertype::VLAN, 3),
-            ],
-            ethertype::IPV4,
-            &[],
-        );
+        let f = frame(&[(ethertype::VLAN, 1), (ethertype::VLAN, 2), (ethertype::VLAN, 3)], ethertype::IPV4, &[]);
         let v = EthernetFrame::new_checked(&f[..]).unwrap();
-        assert_eq!(
-            (v.tag_count(), v.ethertype(), v.payload().len()),
-            (2, ethertype::VLAN, 4)
-        );
+        assert_eq!((v.tag_count(), v.ethertype(), v.payload().len()), (2, ethertype::VLAN, 4));
     }
 
     #[test]
     fn truncated() {
-        let f = frame(
-            &[(ethertype::QINQ, 1), (ethertype::VLAN, 2)],
-            ethertype::IPV4,
-            &[],
-        );
+        let f = frame(&[(ethertype::QINQ, 1), (ethertype::VLAN, 2)], ethertype::IPV4, &[]);
         assert_eq!(f.len(), 22);
         for n in 0..f.len() {
-            assert_eq!(
-                EthernetFrame::new_checked(&f[..n]),
-                Err(Error::Truncated),
-                "{n} bytes"
-            );
+            assert_eq!(EthernetFrame::new_checked(&f[..n]), Err(Error::Truncated), "{n} bytes");
         }
         assert!(EthernetFrame::new_checked(&f[..]).is_ok());
     }
@@ -394,15 +316,7 @@ mod tests {
         v.set_src(Mac([2, 0, 0, 0, 0, 8]));
         v.set_ethertype(ethertype::IPV6);
         v.payload_mut()[0] = 0x60;
-        assert_eq!(
-            (v.dst(), v.src(), v.ethertype(), v.tag_count()),
-            (
-                Mac([2, 0, 0, 0, 0, 9]),
-                Mac([2, 0, 0, 0, 0, 8]),
-                ethertype::IPV6,
-                1
-            )
-        );
+        assert_eq!((v.dst(), v.src(), v.ethertype(), v.tag_count()), (Mac([2, 0, 0, 0, 0, 9]), Mac([2, 0, 0, 0, 0, 8]), ethertype::IPV6, 1));
         assert_eq!(v.payload(), &[0x60, 0, 0, 0]);
     }
 

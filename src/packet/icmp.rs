@@ -177,10 +177,7 @@ impl<T: AsRef<[u8]>> Icmpv6Packet<T> {
     /// Whether this is an MLD message (query, report, done, MLDv2 report).
     #[inline]
     pub fn is_mld(&self) -> bool {
-        matches!(
-            self.msg_type(),
-            v6_type::MLD_QUERY | v6_type::MLD_REPORT | v6_type::MLD_DONE | v6_type::MLDV2_REPORT
-        )
+        matches!(self.msg_type(), v6_type::MLD_QUERY | v6_type::MLD_REPORT | v6_type::MLD_DONE | v6_type::MLDV2_REPORT)
     }
 
     /// Whether the checksum verifies over the whole buffer behind `pseudo` (the IPv6
@@ -214,10 +211,7 @@ mod tests {
         let mut v = Icmpv4Packet::new_checked(&mut m[..]).unwrap();
         v.fill_checksum();
         assert!(v.verify_checksum());
-        assert_eq!(
-            (v.msg_type(), v.code(), v.echo_ident(), v.echo_seq()),
-            (v4_type::ECHO_REQUEST, 0, 0x1c46, 1)
-        );
+        assert_eq!((v.msg_type(), v.code(), v.echo_ident(), v.echo_seq()), (v4_type::ECHO_REQUEST, 0, 0x1c46, 1));
         assert_eq!(v.rest_of_header(), 0x1c46_0001);
         assert_eq!(v.payload(), &[1, 2, 3, 4, 5, 6, 7, 8]);
         v.set_msg_type(v4_type::ECHO_REPLY);

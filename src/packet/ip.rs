@@ -33,10 +33,7 @@ pub mod protocol {
 /// UDP, SCTP, UDP-Lite).
 #[inline]
 pub fn has_ports(protocol: u8) -> bool {
-    matches!(
-        protocol,
-        protocol::TCP | protocol::UDP | protocol::SCTP | protocol::UDPLITE
-    )
+    matches!(protocol, protocol::TCP | protocol::UDP | protocol::SCTP | protocol::UDPLITE)
 }
 
 /// The first four bytes of a transport header that [`has_ports`]: source and destination
@@ -138,23 +135,11 @@ mod tests {
     #[test]
     fn by_version() {
         assert_eq!(IpPacket::new_checked(&[][..]), Err(Error::Truncated));
-        assert_eq!(
-            IpPacket::new_checked(&[0x45; 10][..]),
-            Err(Error::Truncated)
-        );
-        assert_eq!(
-            IpPacket::new_checked(&[0x60; 39][..]),
-            Err(Error::Truncated)
-        );
+        assert_eq!(IpPacket::new_checked(&[0x45; 10][..]), Err(Error::Truncated));
+        assert_eq!(IpPacket::new_checked(&[0x60; 39][..]), Err(Error::Truncated));
         assert_eq!(IpPacket::new_checked(&[0x00; 64][..]), Err(Error::Version));
-        assert!(matches!(
-            IpPacket::new_checked(&[0x45; 20][..]),
-            Ok(IpPacket::V4(_))
-        ));
-        assert!(matches!(
-            IpPacket::new_checked(&[0x60; 40][..]),
-            Ok(IpPacket::V6(_))
-        ));
+        assert!(matches!(IpPacket::new_checked(&[0x45; 20][..]), Ok(IpPacket::V4(_))));
+        assert!(matches!(IpPacket::new_checked(&[0x60; 40][..]), Ok(IpPacket::V6(_))));
         assert!(has_ports(6) && has_ports(17) && has_ports(132) && has_ports(136));
         assert!(!has_ports(1) && !has_ports(58) && !has_ports(47));
         assert_eq!(ports(&[1, 2, 3]), None);

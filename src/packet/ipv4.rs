@@ -299,9 +299,7 @@ mod tests {
     /// filled.
     fn sample(payload: usize) -> Vec<u8> {
         let len = 20 + payload;
-        let mut p = vec![
-            0x45, 0x02, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
-        ];
+        let mut p = vec![0x45, 0x02, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2];
         p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
         p.resize(len, 0);
         let mut v = Ipv4Packet::new_checked(&mut p[..]).unwrap();
@@ -315,10 +313,7 @@ mod tests {
         let v = Ipv4Packet::new_checked(&p[..]).unwrap();
         assert_eq!(v.header_len(), 20);
         assert_eq!((v.dscp(), v.ecn()), (0, Ecn::Ect0));
-        assert_eq!(
-            (v.total_len(), v.ident(), v.ttl(), v.protocol()),
-            (28, 0x1234, 64, 17)
-        );
+        assert_eq!((v.total_len(), v.ident(), v.ttl(), v.protocol()), (28, 0x1234, 64, 17));
         assert!(v.dont_frag() && !v.more_frags() && !v.is_fragment());
         assert_eq!(v.src_addr(), Ipv4Addr::new(198, 18, 0, 1));
         assert_eq!(v.dst_addr(), Ipv4Addr::new(198, 18, 0, 2));
@@ -331,37 +326,19 @@ mod tests {
     #[test]
     fn checks() {
         assert_eq!(Ipv4Packet::new_checked(&[][..]), Err(Error::Truncated));
-        assert_eq!(
-            Ipv4Packet::new_checked(&[0x45; 19][..]),
-            Err(Error::Truncated)
-        );
-        assert_eq!(
-            Ipv4Packet::new_checked(&[0x65; 19][..]),
-            Err(Error::Version)
-        );
-        assert_eq!(
-            Ipv4Packet::new_checked(&[0x60; 40][..]),
-            Err(Error::Version)
-        );
+        assert_eq!(Ipv4Packet::new_checked(&[0x45; 19][..]), Err(Error::Truncated));
+        assert_eq!(Ipv4Packet::new_checked(&[0x65; 19][..]), Err(Error::Version));
+        assert_eq!(Ipv4Packet::new_checked(&[0x60; 40][..]), Err(Error::Version));
         let mut p = sample(8);
         p[2] = 1; // total length above the buffer
-        assert_eq!(
-            Ipv4Packet::new_checked(&p[..]).unwrap().check_len(),
-            Err(Error::Length)
-        );
+        assert_eq!(Ipv4Packet::new_checked(&p[..]).unwrap().check_len(), Err(Error::Length));
         let mut p = sample(8);
         p[0] = 0x44; // IHL 16
         let v = Ipv4Packet::new_checked(&p[..]).unwrap();
-        assert_eq!(
-            (v.check_len(), v.payload(), v.options()),
-            (Err(Error::Length), None, None)
-        );
+        assert_eq!((v.check_len(), v.payload(), v.options()), (Err(Error::Length), None, None));
         p[0] = 0x48; // IHL 32 > 28
         let v = Ipv4Packet::new_checked(&p[..]).unwrap();
-        assert_eq!(
-            (v.check_len(), v.payload(), v.options()),
-            (Err(Error::Length), None, None)
-        );
+        assert_eq!((v.check_len(), v.payload(), v.options()), (Err(Error::Length), None, None));
         p[0] = 0x46; // IHL 24: 4 bytes of options
         let v = Ipv4Packet::new_checked(&p[..]).unwrap();
         assert_eq!(v.options().map(<[u8]>::len), Some(4));
@@ -371,19 +348,10 @@ mod tests {
     #[test]
     fn fragments() {
         let mut p = sample(8);
-        for (flags, frag, mf, off) in [
-            (0x2000u16, true, true, 0),
-            (0x0001, true, false, 1),
-            (0x4000, false, false, 0),
-            (0x3fff, true, true, 0x1fff),
-        ] {
+        for (flags, frag, mf, off) in [(0x2000u16, true, true, 0), (0x0001, true, false, 1), (0x4000, false, false, 0), (0x3fff, true, true, 0x1fff)] {
             p[6..8].copy_from_slice(&flags.to_be_bytes());
             let v = Ipv4Packet::new_checked(&p[..]).unwrap();
-            assert_eq!(
-                (v.is_fragment(), v.more_frags(), v.frag_offset()),
-                (frag, mf, off),
-                "{flags:#x}"
-            );
+            assert_eq!((v.is_fragment(), v.more_frags(), v.frag_offset()), (frag, mf, off), "{flags:#x}");
         }
     }
 
@@ -396,11 +364,7 @@ mod tests {
         assert!(v.verify_checksum());
         let marked = v.checksum();
         v.fill_checksum();
-        assert_eq!(
-            v.checksum(),
-            marked,
-            "the incremental update is the recomputation"
-        );
+        assert_eq!(v.checksum(), marked, "the incremental update is the recomputation");
         v.set_ecn(Ecn::NotEct);
         assert!(!v.mark_ce(), "not ECN-capable: left alone, to be dropped");
         assert_eq!(v.ecn(), Ecn::NotEct);

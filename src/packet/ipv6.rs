@@ -147,40 +147,21 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
             match next {
                 protocol::HOPOPT | protocol::IPV6_ROUTE | protocol::IPV6_OPTS => {
                     if followed == MAX_EXT_HEADERS {
-                        return UpperLayer {
-                            protocol: next,
-                            offset: None,
-                        };
+                        return UpperLayer { protocol: next, offset: None };
                     }
                     followed += 1;
-                    let (Some(&nh), Some(&len)) =
-                        (b.get(at + field::EXT_NEXT), b.get(at + field::EXT_LEN))
-                    else {
-                        return UpperLayer {
-                            protocol: next,
-                            offset: None,
-                        };
+                    let (Some(&nh), Some(&len)) = (b.get(at + field::EXT_NEXT), b.get(at + field::EXT_LEN)) else {
+                        return UpperLayer { protocol: next, offset: None };
                     };
                     next = nh;
                     // (hdr ext len + 1) * 8 bytes; at most 8 * 2048 past 40: no overflow
                     at += (usize::from(len) + 1) * 8;
                 }
                 protocol::IPV6_FRAG => {
-                    let protocol = b
-                        .get(at + field::EXT_NEXT)
-                        .copied()
-                        .unwrap_or(protocol::IPV6_FRAG);
-                    return UpperLayer {
-                        protocol,
-                        offset: None,
-                    };
+                    let protocol = b.get(at + field::EXT_NEXT).copied().unwrap_or(protocol::IPV6_FRAG);
+                    return UpperLayer { protocol, offset: None };
                 }
-                p => {
-                    return UpperLayer {
-                        protocol: p,
-                        offset: Some(at),
-                    }
-                }
+                p => return UpperLayer { protocol: p, offset: Some(at) },
             }
         }
     }
@@ -279,81 +260,32 @@ mod tests {
         assert_eq!(v.traffic_class(), 0xb8);
         assert_eq!((v.dscp(), v.ecn()), (46, Ecn::NotEct));
         assert_eq!(v.flow_label(), 0x12345);
-        assert_eq!(
-            (v.payload_len(), v.next_header(), v.hop_limit()),
-            (8, 17, 64)
-        );
+        assert_eq!((v.payload_len(), v.next_header(), v.hop_limit()), (8, 17, 64));
         assert_eq!(v.src_addr(), "fd00::1".parse::<Ipv6Addr>().unwrap());
         assert_eq!(v.dst_addr(), "fd00:7b::2".parse::<Ipv6Addr>().unwrap());
         assert_eq!(v.payload(), &[0; 8]);
         assert_eq!(v.check_len(), Ok(()));
-        assert_eq!(
-            v.upper_layer(),
-            UpperLayer {
-                protocol: 17,
-                offset: Some(40)
-            }
-        );
+        assert_eq!(v.upper_layer(), UpperLayer { protocol: 17, offset: Some(40) });
         assert_eq!(Ipv6Packet::new_checked(&p[..39]), Err(Error::Truncated));
-        assert_eq!(
-            Ipv6Packet::new_checked(&[0x45; 40][..]),
-            Err(Error::Version)
-        );
+        assert_eq!(Ipv6Packet::new_checked(&[0x45; 40][..]), Err(Error::Version));
         assert_eq!(Ipv6Packet::new_checked(&[][..]), Err(Error::Truncated));
-        assert_eq!(
-            Ipv6Packet::new_checked(&p[..44]).unwrap().check_len(),
-            Err(Error::Length)
-        );
+        assert_eq!(Ipv6Packet::new_checked(&p[..44]).unwrap().check_len(), Err(Error::Length));
     }
 
     #[test]
     fn the_walk() {
-        let walk = |next: u8, payload: &[u8]| {
-            Ipv6Packet::new_checked(sample(next, payload))
-                .unwrap()
-                .upper_layer()
-        };
+        let walk = |next: u8, payload: &[u8]| Ipv6Packet::new_checked(sample(next, payload)).unwrap().upper_layer();
         let mut chain = ext(43, 0);
         chain.extend(ext(60, 2));
         chain.extend(ext(6, 1));
-        assert_eq!(
-            walk(0, &chain),
-            UpperLayer {
-                protocol: 6,
-                offset: Some(40 + 8 + 24 + 16)
-            }
-        );
+        assert_eq!(walk(0, &chain), UpperLayer { protocol: 6, offset: Some(40 + 8 + 24 + 16) });
         // fragment header, first or later fragment
-        assert_eq!(
-            walk(44, &[17, 0, 0, 1]),
-            UpperLayer {
-                protocol: 17,
-                offset: None
-            }
-        );
-        assert_eq!(
-            walk(44, &[]),
-            UpperLayer {
-                protocol: 44,
-                offset: None
-            }
-        );
+        assert_eq!(walk(44, &[17, 0, 0, 1]), UpperLayer { protocol: 17, offset: None });
+        assert_eq!(walk(44, &[]), UpperLayer { protocol: 44, offset: None });
         // cut inside an extension header: the header it stopped at
-        assert_eq!(
-            walk(0, &[17]),
-            UpperLayer {
-                protocol: 0,
-                offset: None
-            }
-        );
+        assert_eq!(walk(0, &[17]), UpperLayer { protocol: 0, offset: None });
         // a length running past the end: the offset is past the end too
-        assert_eq!(
-            walk(0, &[17, 200]),
-            UpperLayer {
-                protocol: 17,
-                offset: Some(40 + 201 * 8)
-            }
-        );
+        assert_eq!(walk(0, &[17, 200]), UpperLayer { protocol: 17, offset: Some(40 + 201 * 8) });
         // the bound
         let chain = |n: usize| {
             let mut c = Vec::new();
@@ -364,13 +296,7 @@ mod tests {
             c
         };
         assert_eq!(walk(60, &chain(MAX_EXT_HEADERS)).protocol, 17);
-        assert_eq!(
-            walk(60, &chain(MAX_EXT_HEADERS + 1)),
-            UpperLayer {
-                protocol: 60,
-                offset: None
-            }
-        );
+        assert_eq!(walk(60, &chain(MAX_EXT_HEADERS + 1)), UpperLayer { protocol: 60, offset: None });
     }
 
     #[test]

@@ -121,10 +121,7 @@ fn set_u32(b: &mut [u8], at: usize, v: u32) {
 /// through `get`, so there is no panic path even for a wrong offset.
 #[inline]
 fn get_array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    b.get(at..)
-        .and_then(<[u8]>::first_chunk::<N>)
-        .copied()
-        .unwrap_or([0; N])
+    b.get(at..).and_then(<[u8]>::first_chunk::<N>).copied().unwrap_or([0; N])
 }
 
 #[cfg(test)]

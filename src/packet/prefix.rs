@@ -21,17 +21,13 @@ pub struct Prefix {
 /// The mask of the first `len` bits of 32 (all of them from 32 up).
 #[inline]
 fn mask_v4(len: u8) -> u32 {
-    u32::MAX
-        .checked_shl(32 - u32::from(len.min(32)))
-        .unwrap_or(0)
+    u32::MAX.checked_shl(32 - u32::from(len.min(32))).unwrap_or(0)
 }
 
 /// The mask of the first `len` bits of 128 (all of them from 128 up).
 #[inline]
 fn mask_v6(len: u8) -> u128 {
-    u128::MAX
-        .checked_shl(128 - u32::from(len.min(128)))
-        .unwrap_or(0)
+    u128::MAX.checked_shl(128 - u32::from(len.min(128))).unwrap_or(0)
 }
 
 /// The IPv4 netmask of prefix length `len` (24: `255.255.255.0`; all ones from 32 up).
@@ -51,22 +47,15 @@ impl Prefix {
     pub fn with_netmask(addr: Ipv4Addr, netmask: Ipv4Addr) -> Option<Prefix> {
         let m = u32::from(netmask);
         let len = m.leading_ones();
-        (m.checked_shl(len).unwrap_or(0) == 0).then_some(Prefix {
-            addr: IpAddr::V4(addr),
-            len: len as u8,
-        })
+        (m.checked_shl(len).unwrap_or(0) == 0).then_some(Prefix { addr: IpAddr::V4(addr), len: len as u8 })
     }
 
     /// Whether `addr` lies in the prefix (the same family, the first `len` bits equal).
     #[inline]
     pub fn contains(&self, addr: IpAddr) -> bool {
         match (self.addr, addr) {
-            (IpAddr::V4(net), IpAddr::V4(a)) => {
-                (u32::from(net) ^ u32::from(a)) & mask_v4(self.len) == 0
-            }
-            (IpAddr::V6(net), IpAddr::V6(a)) => {
-                (u128::from(net) ^ u128::from(a)) & mask_v6(self.len) == 0
-            }
+            (IpAddr::V4(net), IpAddr::V4(a)) => (u32::from(net) ^ u32::from(a)) & mask_v4(self.len) == 0,
+            (IpAddr::V6(net), IpAddr::V6(a)) => (u128::from(net) ^ u128::from(a)) & mask_v6(self.len) == 0,
             _ => false,
         }
     }
@@ -99,9 +88,7 @@ impl Prefix {
     #[inline]
     pub fn broadcast(&self) -> Option<Ipv4Addr> {
         match self.addr {
-            IpAddr::V4(a) if self.len < 31 => {
-                Some(Ipv4Addr::from(u32::from(a) | !mask_v4(self.len)))
-            }
+            IpAddr::V4(a) if self.len < 31 => Some(Ipv4Addr::from(u32::from(a) | !mask_v4(self.len))),
             _ => None,
         }
     }
@@ -122,15 +109,9 @@ impl fmt::Display for Prefix {
 impl FromStr for Prefix {
     type Err = String;
     fn from_str(s: &str) -> Result<Prefix, String> {
-        let (addr, len) = s.split_once('/').ok_or_else(|| {
-            format!("{s:?} has no prefix length (write it as ADDR/LEN, e.g. 198.18.0.1/24)")
-        })?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let len: u8 = len
-            .parse()
-            .map_err(|_| format!("{len:?} is not a prefix length"))?;
+        let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} has no prefix length (write it as ADDR/LEN, e.g. 198.18.0.1/24)"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let len: u8 = len.parse().map_err(|_| format!("{len:?} is not a prefix length"))?;
         Prefix::new(addr, len).ok_or_else(|| format!("prefix length {len} is too long for {addr}"))
     }
 }
@@ -153,26 +134,11 @@ mod tests {
         let q = p("198.18.0.1/24");
         assert_eq!(q.to_string(), "198.18.0.1/24");
         assert_eq!(p("fd00:7b::1/64").len, 64);
-        assert_eq!(
-            "198.18.0.1".parse::<Prefix>(),
-            Err(
-                "\"198.18.0.1\" has no prefix length (write it as ADDR/LEN, e.g. 198.18.0.1/24)"
-                    .to_owned()
-            )
-        );
-        assert_eq!(
-            "198.18.0.1/33".parse::<Prefix>(),
-            Err("prefix length 33 is too long for 198.18.0.1".to_owned())
-        );
+        assert_eq!("198.18.0.1".parse::<Prefix>(), Err("\"198.18.0.1\" has no prefix length (write it as ADDR/LEN, e.g. 198.18.0.1/24)".to_owned()));
+        assert_eq!("198.18.0.1/33".parse::<Prefix>(), Err("prefix length 33 is too long for 198.18.0.1".to_owned()));
         assert!("fd00::1/129".parse::<Prefix>().is_err());
-        assert_eq!(
-            "nonsense/8".parse::<Prefix>(),
-            Err("\"nonsense\" is not an IP address".to_owned())
-        );
-        assert_eq!(
-            "fd00::1/x".parse::<Prefix>(),
-            Err("\"x\" is not a prefix length".to_owned())
-        );
+        assert_eq!("nonsense/8".parse::<Prefix>(), Err("\"nonsense\" is not an IP address".to_owned()));
+        assert_eq!("fd00::1/x".parse::<Prefix>(), Err("\"x\" is not a prefix length".to_owned()));
     }
 
     #[test]
@@ -187,14 +153,9 @@ mod tests {
         assert!(!p("fd00::/8").contains(ip("198.18.0.1")));
         assert!(!p("0.0.0.0/0").contains(ip("::1")));
         assert!(p("::/0").contains(ip("fe80::1")));
-        assert!(
-            p("fd00::1/128").contains(ip("fd00::1")) && !p("fd00::1/128").contains(ip("fd00::2"))
-        );
+        assert!(p("fd00::1/128").contains(ip("fd00::1")) && !p("fd00::1/128").contains(ip("fd00::2")));
         // a length past the family's (only by hand: FromStr refuses it) compares everything
-        let wide = Prefix {
-            addr: ip("10.0.0.1"),
-            len: 200,
-        };
+        let wide = Prefix { addr: ip("10.0.0.1"), len: 200 };
         assert!(wide.contains(ip("10.0.0.1")) && !wide.contains(ip("10.0.0.2")));
         assert!(p("198.18.0.0/15").covers(&p("198.19.3.0/24")));
         assert!(!p("198.18.0.0/24").covers(&p("198.18.0.0/15")));
@@ -208,18 +169,9 @@ mod tests {
         assert_eq!(v4_netmask(24), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(v4_netmask(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(v4_netmask(40), Ipv4Addr::BROADCAST);
-        assert_eq!(
-            p("198.18.3.7/15").broadcast(),
-            Some(Ipv4Addr::new(198, 19, 255, 255))
-        );
-        assert_eq!(
-            p("10.2.0.1/24").broadcast(),
-            Some(Ipv4Addr::new(10, 2, 0, 255))
-        );
-        assert_eq!(
-            p("10.0.0.1/30").broadcast(),
-            Some(Ipv4Addr::new(10, 0, 0, 3))
-        );
+        assert_eq!(p("198.18.3.7/15").broadcast(), Some(Ipv4Addr::new(198, 19, 255, 255)));
+        assert_eq!(p("10.2.0.1/24").broadcast(), Some(Ipv4Addr::new(10, 2, 0, 255)));
+        assert_eq!(p("10.0.0.1/30").broadcast(), Some(Ipv4Addr::new(10, 0, 0, 3)));
         assert_eq!(p("10.0.0.1/0").broadcast(), Some(Ipv4Addr::BROADCAST));
         assert_eq!(p("10.0.0.1/0").network(), ip("0.0.0.0"));
         assert_eq!(p("10.0.0.0/31").broadcast(), None);
@@ -229,22 +181,10 @@ mod tests {
         assert_eq!(p("fd00:7b::1:2/64").netmask(), ip("ffff:ffff:ffff:ffff::"));
         assert!(p("10.0.0.1/32").is_host() && p("fd00::1/128").is_host());
         assert!(!p("10.0.0.1/31").is_host() && !p("fd00::1/127").is_host());
-        assert_eq!(
-            Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(255, 255, 255, 0)),
-            Some(p("10.2.0.1/24"))
-        );
-        assert_eq!(
-            Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(0, 0, 0, 0)),
-            Some(p("10.2.0.1/0"))
-        );
-        assert_eq!(
-            Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::BROADCAST),
-            Some(p("10.2.0.1/32"))
-        );
-        assert_eq!(
-            Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(255, 0, 255, 0)),
-            None
-        );
+        assert_eq!(Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(255, 255, 255, 0)), Some(p("10.2.0.1/24")));
+        assert_eq!(Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(0, 0, 0, 0)), Some(p("10.2.0.1/0")));
+        assert_eq!(Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::BROADCAST), Some(p("10.2.0.1/32")));
+        assert_eq!(Prefix::with_netmask(Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(255, 0, 255, 0)), None);
     }
 
     proptest! {

@@ -209,27 +209,15 @@ mod tests {
         t[13] = flags::SYN | flags::ECE | flags::CWR;
         t[14..16].copy_from_slice(&64240u16.to_be_bytes());
         let v = TcpPacket::new_checked(&t[..]).unwrap();
-        assert_eq!(
-            (v.src_port(), v.dst_port(), v.seq_number(), v.ack_number()),
-            (40000, 80, 7, 9)
-        );
-        assert_eq!(
-            (v.header_len(), v.flags(), v.window(), v.urgent()),
-            (24, 0xc2, 64240, 0)
-        );
+        assert_eq!((v.src_port(), v.dst_port(), v.seq_number(), v.ack_number()), (40000, 80, 7, 9));
+        assert_eq!((v.header_len(), v.flags(), v.window(), v.urgent()), (24, 0xc2, 64240, 0));
         assert_eq!(v.options().map(<[u8]>::len), Some(4));
         assert_eq!(v.payload().map(<[u8]>::len), Some(8));
         assert_eq!(TcpPacket::new_checked(&t[..19]), Err(Error::Truncated));
-        assert_eq!(
-            TcpPacket::new_checked(&t[..23]).unwrap().check_len(),
-            Err(Error::Length)
-        );
+        assert_eq!(TcpPacket::new_checked(&t[..23]).unwrap().check_len(), Err(Error::Length));
         t[12] = 4 << 4;
         let v = TcpPacket::new_checked(&t[..]).unwrap();
-        assert_eq!(
-            (v.check_len(), v.payload(), v.options()),
-            (Err(Error::Length), None, None)
-        );
+        assert_eq!((v.check_len(), v.payload(), v.options()), (Err(Error::Length), None, None));
     }
 
     proptest! {

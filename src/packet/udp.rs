@@ -135,20 +135,12 @@ mod tests {
 
     #[test]
     fn fields_and_checks() {
-        let u = [
-            0x03, 0xe8, 0x07, 0xd0, 0, 13, 0xab, 0xcd, b'h', b'e', b'l', b'l', b'o',
-        ];
+        let u = [0x03, 0xe8, 0x07, 0xd0, 0, 13, 0xab, 0xcd, b'h', b'e', b'l', b'l', b'o'];
         let v = UdpPacket::new_checked(&u[..]).unwrap();
-        assert_eq!(
-            (v.src_port(), v.dst_port(), v.len(), v.checksum()),
-            (1000, 2000, 13, 0xabcd)
-        );
+        assert_eq!((v.src_port(), v.dst_port(), v.len(), v.checksum()), (1000, 2000, 13, 0xabcd));
         assert_eq!(v.payload(), b"hello");
         assert_eq!(v.check_len(), Ok(()));
-        assert_eq!(
-            UdpPacket::new_checked(&u[..12]).unwrap().check_len(),
-            Err(Error::Length)
-        );
+        assert_eq!(UdpPacket::new_checked(&u[..12]).unwrap().check_len(), Err(Error::Length));
         assert_eq!(UdpPacket::new_checked(&u[..7]), Err(Error::Truncated));
     }
 

@@ -20,7 +20,6 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
-
 use crate::codec::v1::VNET_HDR_LEN;
 
 pub mod userspace;

@@ -66,12 +66,7 @@ pub struct SerialConfig {
 impl SerialConfig {
     /// `device` at `baud`, delimited framing, frames up to [`slip::DEFAULT_MAX_FRAME`].
     pub fn new(device: impl Into<PathBuf>, baud: u32) -> SerialConfig {
-        SerialConfig {
-            device: device.into(),
-            baud,
-            framing: Framing::Delimited,
-            max_frame: slip::DEFAULT_MAX_FRAME,
-        }
+        SerialConfig { device: device.into(), baud, framing: Framing::Delimited, max_frame: slip::DEFAULT_MAX_FRAME }
     }
 
     /// Checks what can be checked without the device.
@@ -80,9 +75,7 @@ impl SerialConfig {
             return Err(Error::Baud { baud: self.baud });
         }
         if !(slip::MAX_PSDU..=u16::MAX as usize).contains(&self.max_frame) {
-            return Err(Error::MaxFrame {
-                max_frame: self.max_frame,
-            });
+            return Err(Error::MaxFrame { max_frame: self.max_frame });
         }
         Ok(())
     }
@@ -193,12 +186,7 @@ struct Pending {
 
 impl Pending {
     fn new() -> Pending {
-        Pending {
-            ends: [0; OUT_FRAMES],
-            lens: [0; OUT_FRAMES],
-            head: 0,
-            len: 0,
-        }
+        Pending { ends: [0; OUT_FRAMES], lens: [0; OUT_FRAMES], head: 0, len: 0 }
     }
 
     fn is_full(&self) -> bool {
@@ -268,10 +256,7 @@ impl SerialPort {
         let mut port = SerialPort::new(index, cfg)?;
         match port.open_device() {
             Ok(()) => Ok(port),
-            Err(source) => Err(Error::Open {
-                device: port.cfg.device,
-                source,
-            }),
+            Err(source) => Err(Error::Open { device: port.cfg.device, source }),
         }
     }
 
@@ -281,10 +266,7 @@ impl SerialPort {
         let mut port = SerialPort::new(index, cfg)?;
         if let Err(e) = port.open_device() {
             tracing::warn!(device = %port.cfg.device.display(), error = %e, "serial probe not there yet; looking for it every 250 ms");
-            port.outage = Some(Outage {
-                since: Instant::now(),
-                lost_before: 0,
-            });
+            port.outage = Some(Outage { since: Instant::now(), lost_before: 0 });
             port.next_open = Instant::now() + REOPEN_EVERY;
         }
         Ok(port)
@@ -364,10 +346,7 @@ impl SerialPort {
         c.outages.fetch_add(1, Relaxed);
         let lost_before = c.lost_unplugged.fetch_add(waiting, Relaxed);
         let now = Instant::now();
-        self.outage = Some(Outage {
-            since: now,
-            lost_before,
-        });
+        self.outage = Some(Outage { since: now, lost_before });
         self.next_open = now + REOPEN_EVERY;
         match error {
             Some(e) => {
@@ -407,13 +386,7 @@ impl SerialPort {
 
     /// Copies the decoder's totals into the counters.
     fn sync_decoder(&self) {
-        let DecodeStats {
-            bad_escape,
-            too_long,
-            noise,
-            empty,
-            ..
-        } = self.decoder.stats();
+        let DecodeStats { bad_escape, too_long, noise, empty, .. } = self.decoder.stats();
         let c = &self.counters;
         c.bad_escape.store(bad_escape, Relaxed);
         c.too_long.store(too_long + self.no_room, Relaxed);
@@ -449,9 +422,7 @@ impl Port for SerialPort {
                 dst[..VNET_HDR_LEN].copy_from_slice(&vnet::PLAIN);
                 dst[VNET_HDR_LEN..].copy_from_slice(frame);
                 self.counters.frames_in.fetch_add(1, Relaxed);
-                self.counters
-                    .bytes_in
-                    .fetch_add(frame.len() as u64, Relaxed);
+                self.counters.bytes_in.fetch_add(frame.len() as u64, Relaxed);
                 self.sync_decoder();
                 return Ok(Some(len));
             }
@@ -470,9 +441,7 @@ impl Port for SerialPort {
                 }
                 Ok(None) => {
                     // Nothing to read. A hang-up that read(2) does not report shows in poll.
-                    let hung_up =
-                        sys::wait([Some((fd.as_fd(), sys::Interest::Read))], Duration::ZERO)
-                            .map(|[r]| r.error && !r.read);
+                    let hung_up = sys::wait([Some((fd.as_fd(), sys::Interest::Read))], Duration::ZERO).map(|[r]| r.error && !r.read);
                     match hung_up {
                         Ok(true) => self.lose("hang-up", None),
                         Ok(false) => {}
@@ -504,8 +473,7 @@ impl Port for SerialPort {
         }
         slip::encode(unit, &mut self.out);
         // max_frame ≤ u16::MAX (SerialConfig::check).
-        self.pending
-            .push(self.written + self.out.len() as u64, unit.len() as u16);
+        self.pending.push(self.written + self.out.len() as u64, unit.len() as u16);
         self.flush();
         Ok(())
     }
@@ -543,11 +511,7 @@ impl Port for SerialPort {
 
 impl std::fmt::Debug for SerialPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialPort")
-            .field("index", &self.index)
-            .field("device", &self.cfg.device)
-            .field("open", &self.fd.is_some())
-            .finish_non_exhaustive()
+        f.debug_struct("SerialPort").field("index", &self.index).field("device", &self.cfg.device).field("open", &self.fd.is_some()).finish_non_exhaustive()
     }
 }
 
@@ -574,19 +538,12 @@ mod tests {
 
     #[test]
     fn configuration_is_checked_before_any_device() {
-        assert!(matches!(
-            SerialConfig::new("/dev/null", 12_345).check(),
-            Err(Error::Baud { baud: 12_345 })
-        ));
+        assert!(matches!(SerialConfig::new("/dev/null", 12_345).check(), Err(Error::Baud { baud: 12_345 })));
         let mut cfg = SerialConfig::new("/dev/null", 460_800);
         cfg.max_frame = 100;
         assert!(matches!(cfg.check(), Err(Error::MaxFrame { .. })));
-        assert!(matches!(
-            SerialPort::open(0, SerialConfig::new("/nonexistent/probe", 460_800)),
-            Err(Error::Open { .. })
-        ));
-        let port =
-            SerialPort::waiting(0, SerialConfig::new("/nonexistent/probe", 460_800)).unwrap();
+        assert!(matches!(SerialPort::open(0, SerialConfig::new("/nonexistent/probe", 460_800)), Err(Error::Open { .. })));
+        let port = SerialPort::waiting(0, SerialConfig::new("/nonexistent/probe", 460_800)).unwrap();
         assert!(!port.is_open() && port.poll_at().is_some());
         assert_eq!(port.layer(), Layer::Ieee802154);
     }

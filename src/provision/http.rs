@@ -42,7 +42,9 @@ impl Api {
         };
         let authority = rest.split('/').next().unwrap_or(rest);
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h.trim_matches(|c| c == '[' || c == ']').to_owned(), p.parse().unwrap_or(15672)),
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                (h.trim_matches(|c| c == '[' || c == ']').to_owned(), p.parse().unwrap_or(15672))
+            }
             _ => (authority.to_owned(), if secure { 15671 } else { 15672 }),
         };
         let tls = if secure {
@@ -152,11 +154,9 @@ fn dechunk(mut s: &str) -> String {
 /// Percent-encodes one path segment (vhost and user names): RFC 3986's, as in AMQP URLs.
 pub use crate::amqp::url::percent_encode as segment;
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn segments_and_chunks() {

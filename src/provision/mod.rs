@@ -70,7 +70,10 @@ impl Backend {
         if o.node.is_some() {
             return Ok(Backend::Ctl(o.node.clone()));
         }
-        let base = o.api.clone().unwrap_or_else(|| format!("http://{}:15672", if o.admin.host.contains(':') { format!("[{}]", o.admin.host) } else { o.admin.host.clone() }));
+        let base = o
+            .api
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:15672", if o.admin.host.contains(':') { format!("[{}]", o.admin.host) } else { o.admin.host.clone() }));
         let api = Api::new(&base, o.admin.username.as_deref().unwrap_or("guest"), o.admin.password().unwrap_or("guest"), &o.tls)?;
         match api.request("GET", "/api/overview", None, &[]) {
             Ok(_) => return Ok(Backend::Api(api)),
@@ -198,11 +201,17 @@ pub fn definitions(plan: &SessionPlan, salt: &mut impl FnMut() -> [u8; 4]) -> se
         .iter()
         .map(|u| json!({ "name": u.user, "password_hash": password_hash(&u.password, salt()), "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": plan.tag, "limits": {} }))
         .collect();
-    let perms: Vec<_> = plan.users.iter().map(|u| json!({ "user": u.user, "vhost": plan.vhost, "configure": u.permissions.configure, "write": u.permissions.write, "read": u.permissions.read })).collect();
+    let perms: Vec<_> = plan
+        .users
+        .iter()
+        .map(|u| json!({ "user": u.user, "vhost": plan.vhost, "configure": u.permissions.configure, "write": u.permissions.write, "read": u.permissions.read }))
+        .collect();
     let topic: Vec<_> = plan
         .users
         .iter()
-        .map(|u| json!({ "user": u.user, "vhost": plan.vhost, "exchange": plan.exchange, "write": u.permissions.topic_write, "read": u.permissions.topic_read }))
+        .map(
+            |u| json!({ "user": u.user, "vhost": plan.vhost, "exchange": plan.exchange, "write": u.permissions.topic_write, "read": u.permissions.topic_read }),
+        )
         .collect();
     json!({
         "vhosts": [{ "name": plan.vhost }],
@@ -282,7 +291,8 @@ pub fn revoke(o: &Options) -> anyhow::Result<Summary> {
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("writing {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }

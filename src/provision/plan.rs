@@ -19,8 +19,8 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::route::Prefix;
 use crate::route;
+use crate::route::Prefix;
 
 /// One agent of a session: its name and interface prefixes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,18 +350,56 @@ mod tests {
         let ok = |re: &str, s: &str| re::full_match(re, s);
         let ll = route::address_word(IpAddr::V6(crate::identity::link_local(Some("lab"), "h1")));
         // Publishing: unicast to anyone, own flood and presence, probes.
-        for k in ["tunbus.v1.198-18-0-2.7", "tunbus.v1.fd00-7b--2.15", "tunbus.v1.all.h1", "tunbus.v1.ctl.hello.h1", "tunbus.v1.ctl.bye.h1", "tunbus.v1.ctl.route.h1", "tunbus.v1.ctl.probe", "tunbus.v1.ctl.ping.h2", "tunbus.v1.ctl.pong.p1a2b", "tunbus.v1.ctl.e2e.h2"] {
+        for k in [
+            "tunbus.v1.198-18-0-2.7",
+            "tunbus.v1.fd00-7b--2.15",
+            "tunbus.v1.all.h1",
+            "tunbus.v1.ctl.hello.h1",
+            "tunbus.v1.ctl.bye.h1",
+            "tunbus.v1.ctl.route.h1",
+            "tunbus.v1.ctl.probe",
+            "tunbus.v1.ctl.ping.h2",
+            "tunbus.v1.ctl.pong.p1a2b",
+            "tunbus.v1.ctl.e2e.h2",
+        ] {
             assert!(ok(&p.topic_write, k), "publish {k}");
         }
         for k in ["tunbus.v1.ctl.hello.h2", "tunbus.v1.all.h2", "tunbus.v1.ctl.bye.h2", "tunbus.v1.ctl.route.h2", "tunbus.v1.all.h1x", "other.key"] {
             assert!(!ok(&p.topic_write, k), "publish must refuse {k}");
         }
         // Binding: own addresses, every shard or one; shared keys.
-        for k in ["tunbus.v1.198-18-0-1.*", "tunbus.v1.198-18-0-1.3", "tunbus.v1.fd00-7b--1.*", &format!("tunbus.v1.{ll}.*"), "tunbus.v1.all.*", "tunbus.v1.ctl.probe", "tunbus.v1.ctl.hello.*", "tunbus.v1.ctl.route.*", "tunbus.v1.ctl.hello.h2", "tunbus.v1.ctl.ping.h1", "tunbus.v1.ctl.pong.p1a2b", "tunbus.v1.ctl.e2e.h1"] {
+        for k in [
+            "tunbus.v1.198-18-0-1.*",
+            "tunbus.v1.198-18-0-1.3",
+            "tunbus.v1.fd00-7b--1.*",
+            &format!("tunbus.v1.{ll}.*"),
+            "tunbus.v1.all.*",
+            "tunbus.v1.ctl.probe",
+            "tunbus.v1.ctl.hello.*",
+            "tunbus.v1.ctl.route.*",
+            "tunbus.v1.ctl.hello.h2",
+            "tunbus.v1.ctl.ping.h1",
+            "tunbus.v1.ctl.pong.p1a2b",
+            "tunbus.v1.ctl.e2e.h1",
+        ] {
             assert!(ok(&p.topic_read, k), "bind {k}");
         }
         // Nobody else's pings (it could answer them as h2), nor every pinger's answers.
-        for k in ["tunbus.v1.#", "tunbus.v1.198-18-0-2.*", "tunbus.v1.198-18-0-2.3", "tunbus.v1.*.*", "#", "tunbus.v1.198-18-0-1.#", "tunbus.v1.all.h2", "tunbus.v1.ctl.ping.h2", "tunbus.v1.ctl.ping.*", "tunbus.v1.ctl.pong.*", "tunbus.v1.ctl.pong.#", "tunbus.v1.ctl.e2e.h2", "tunbus.v1.ctl.e2e.*"] {
+        for k in [
+            "tunbus.v1.#",
+            "tunbus.v1.198-18-0-2.*",
+            "tunbus.v1.198-18-0-2.3",
+            "tunbus.v1.*.*",
+            "#",
+            "tunbus.v1.198-18-0-1.#",
+            "tunbus.v1.all.h2",
+            "tunbus.v1.ctl.ping.h2",
+            "tunbus.v1.ctl.ping.*",
+            "tunbus.v1.ctl.pong.*",
+            "tunbus.v1.ctl.pong.#",
+            "tunbus.v1.ctl.e2e.h2",
+            "tunbus.v1.ctl.e2e.*",
+        ] {
             assert!(!ok(&p.topic_read, k), "bind must refuse {k}");
         }
     }

@@ -40,10 +40,7 @@ const WORD_CAP: usize = 39;
 /// Whether `s` can be one word of a topic routing key, as agent names must: 1 to
 /// [`MAX_WORD_LEN`] printable ASCII characters, none of them `.`, `*` or `#`.
 pub fn is_valid_word(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_WORD_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'#'))
+    !s.is_empty() && s.len() <= MAX_WORD_LEN && s.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'#'))
 }
 
 /// A fixed-capacity ASCII buffer written through `fmt::Write`; overflow is an error.
@@ -55,22 +52,13 @@ struct StackStr<const N: usize> {
 
 impl<const N: usize> StackStr<N> {
     const fn new() -> Self {
-        StackStr {
-            buf: [0; N],
-            len: 0,
-        }
+        StackStr { buf: [0; N], len: 0 }
     }
 
     fn push_str(&mut self, s: &str) -> fmt::Result {
         let start = usize::from(self.len);
-        let end = start
-            .checked_add(s.len())
-            .filter(|&e| e <= N && e <= usize::from(u8::MAX))
-            .ok_or(fmt::Error)?;
-        self.buf
-            .get_mut(start..end)
-            .ok_or(fmt::Error)?
-            .copy_from_slice(s.as_bytes());
+        let end = start.checked_add(s.len()).filter(|&e| e <= N && e <= usize::from(u8::MAX)).ok_or(fmt::Error)?;
+        self.buf.get_mut(start..end).ok_or(fmt::Error)?.copy_from_slice(s.as_bytes());
         // end <= u8::MAX, checked above.
         self.len = end as u8;
         Ok(())
@@ -78,8 +66,7 @@ impl<const N: usize> StackStr<N> {
 
     fn as_str(&self) -> &str {
         // Only whole `&str`s are ever appended, so the bytes are valid UTF-8.
-        core::str::from_utf8(self.buf.get(..usize::from(self.len)).unwrap_or_default())
-            .unwrap_or_default()
+        core::str::from_utf8(self.buf.get(..usize::from(self.len)).unwrap_or_default()).unwrap_or_default()
     }
 }
 
@@ -178,22 +165,14 @@ pub fn word_to_address(word: &str) -> Option<IpAddr> {
     let dst = buf.get_mut(..word.len())?;
     dst.copy_from_slice(word.as_bytes());
     let dashes = word.bytes().filter(|&b| b == b'-').count();
-    let sep = if dashes == 3 && !word.contains("--") {
-        b'.'
-    } else {
-        b':'
-    };
+    let sep = if dashes == 3 && !word.contains("--") { b'.' } else { b':' };
     for b in dst.iter_mut() {
         if *b == b'-' {
             *b = sep;
         }
     }
     let text = core::str::from_utf8(dst).ok()?;
-    let ip: IpAddr = if sep == b'.' {
-        IpAddr::V4(text.parse().ok()?)
-    } else {
-        IpAddr::V6(text.parse().ok()?)
-    };
+    let ip: IpAddr = if sep == b'.' { IpAddr::V4(text.parse().ok()?) } else { IpAddr::V6(text.parse().ok()?) };
     (address_word(ip).as_str() == word).then_some(ip)
 }
 
@@ -224,10 +203,7 @@ impl RoutingKey {
         for p in parts {
             s.push_str(p).ok()?;
         }
-        Some(RoutingKey {
-            buf: s.buf,
-            len: s.len,
-        })
+        Some(RoutingKey { buf: s.buf, len: s.len })
     }
 
     /// `tunbus.v1.<dst>.<shard>`, e.g. `tunbus.v1.198-18-0-2.7`, `tunbus.v1.fd00-7b--2.15`.
@@ -235,10 +211,7 @@ impl RoutingKey {
         let mut s = StackStr::<KEY_CAP>::new();
         // Cannot fail: at most 10 + 39 + 1 + 3 = 53 bytes.
         let _ = write!(s, "{KEY_PREFIX}{}.{shard}", address_word(dst));
-        RoutingKey {
-            buf: s.buf,
-            len: s.len,
-        }
+        RoutingKey { buf: s.buf, len: s.len }
     }
 
     /// `tunbus.v1.all.<sender>`: broadcast and multicast. `None` if `sender` is not a valid
@@ -277,8 +250,7 @@ impl RoutingKey {
     /// The key as a string.
     pub fn as_str(&self) -> &str {
         // Built only from whole `&str`s (see `build` and `unicast`).
-        core::str::from_utf8(self.buf.get(..usize::from(self.len)).unwrap_or_default())
-            .unwrap_or_default()
+        core::str::from_utf8(self.buf.get(..usize::from(self.len)).unwrap_or_default()).unwrap_or_default()
     }
 
     /// Parses a unicast key back into (destination, shard); `None` for anything else.
@@ -381,10 +353,22 @@ mod tests {
         assert!(RoutingKey::ping("a.b").is_none() && RoutingKey::pong("*").is_none());
         assert_eq!(Key::parse(CTL_PROBE), Some(Key::Probe));
         for bad in [
-            "", "tunbus.v1.", "tunbus.v2.198-18-0-2.1", "tunbus.v1.198-18-0-2.16", "tunbus.v1.198-18-0-2.07",
-            "tunbus.v1.198-18-0-2", "tunbus.v1.all.", "tunbus.v1.all.a.b", "tunbus.v1.all.*", "tunbus.v1.ctl.hello.",
-            "tunbus.v1.ctl.hello.a.b", "tunbus.v1.ctl.probe.x", "tunbus.v1.ctl.other.x", "tunbus.v1.ctl",
-            "fromAgent.a.ip.tun.packet.raw", "tunbus.v1.ctl.bye.#",
+            "",
+            "tunbus.v1.",
+            "tunbus.v2.198-18-0-2.1",
+            "tunbus.v1.198-18-0-2.16",
+            "tunbus.v1.198-18-0-2.07",
+            "tunbus.v1.198-18-0-2",
+            "tunbus.v1.all.",
+            "tunbus.v1.all.a.b",
+            "tunbus.v1.all.*",
+            "tunbus.v1.ctl.hello.",
+            "tunbus.v1.ctl.hello.a.b",
+            "tunbus.v1.ctl.probe.x",
+            "tunbus.v1.ctl.other.x",
+            "tunbus.v1.ctl",
+            "fromAgent.a.ip.tun.packet.raw",
+            "tunbus.v1.ctl.bye.#",
         ] {
             assert_eq!(Key::parse(bad), None, "{bad:?}");
         }
@@ -422,58 +406,25 @@ mod tests {
             ("1:0:0:2:0:0:0:3", 4, "tunbus.v1.1-0-0-2--3.4"),
             ("1:0:2:3:4:5:6:7", 5, "tunbus.v1.1-0-2-3-4-5-6-7.5"),
             ("1:0:0:2:3:0:0:4", 6, "tunbus.v1.1--2-3-0-0-4.6"),
-            (
-                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
-                255,
-                "tunbus.v1.ffff-ffff-ffff-ffff-ffff-ffff-ffff-ffff.255",
-            ),
+            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 255, "tunbus.v1.ffff-ffff-ffff-ffff-ffff-ffff-ffff-ffff.255"),
             ("::ffff:198.18.0.2", 0, "tunbus.v1.--ffff-c612-2.0"),
             ("0.0.0.0", 0, "tunbus.v1.0-0-0-0.0"),
             ("255.255.255.255", 9, "tunbus.v1.255-255-255-255.9"),
         ];
         for (ip, shard, want) in cases {
-            assert_eq!(
-                RoutingKey::unicast(ip.parse().unwrap(), shard).as_str(),
-                want,
-                "{ip}"
-            );
+            assert_eq!(RoutingKey::unicast(ip.parse().unwrap(), shard).as_str(), want, "{ip}");
         }
     }
 
     #[test]
     fn all_and_ctl_keys() {
-        assert_eq!(
-            RoutingKey::all("agent_1").unwrap().as_str(),
-            "tunbus.v1.all.agent_1"
-        );
-        assert_eq!(
-            RoutingKey::hello("a-b").unwrap().as_str(),
-            "tunbus.v1.ctl.hello.a-b"
-        );
-        assert_eq!(
-            RoutingKey::bye("agent_TT").unwrap().as_str(),
-            "tunbus.v1.ctl.bye.agent_TT"
-        );
+        assert_eq!(RoutingKey::all("agent_1").unwrap().as_str(), "tunbus.v1.all.agent_1");
+        assert_eq!(RoutingKey::hello("a-b").unwrap().as_str(), "tunbus.v1.ctl.hello.a-b");
+        assert_eq!(RoutingKey::bye("agent_TT").unwrap().as_str(), "tunbus.v1.ctl.bye.agent_TT");
         let longest = "x".repeat(MAX_WORD_LEN);
-        assert_eq!(
-            RoutingKey::all(&longest).unwrap().as_str().len(),
-            14 + MAX_WORD_LEN
-        );
-        assert_eq!(
-            RoutingKey::hello(&longest).unwrap().as_str().len(),
-            20 + MAX_WORD_LEN
-        );
-        for bad in [
-            "",
-            "a.b",
-            "a*",
-            "#",
-            "a b",
-            "a\tb",
-            "é",
-            "\n",
-            &"x".repeat(MAX_WORD_LEN + 1),
-        ] {
+        assert_eq!(RoutingKey::all(&longest).unwrap().as_str().len(), 14 + MAX_WORD_LEN);
+        assert_eq!(RoutingKey::hello(&longest).unwrap().as_str().len(), 20 + MAX_WORD_LEN);
+        for bad in ["", "a.b", "a*", "#", "a b", "a\tb", "é", "\n", &"x".repeat(MAX_WORD_LEN + 1)] {
             assert!(!is_valid_word(bad), "{bad:?}");
             assert_eq!(RoutingKey::all(bad), None);
             assert_eq!(RoutingKey::hello(bad), None);
@@ -485,14 +436,8 @@ mod tests {
     #[test]
     fn parse_unicast_keys() {
         let ip: IpAddr = "fd00:7b::2".parse().unwrap();
-        assert_eq!(
-            RoutingKey::parse_unicast("tunbus.v1.fd00-7b--2.15"),
-            Some((ip, 15))
-        );
-        assert_eq!(
-            RoutingKey::parse_unicast("tunbus.v1.198-18-0-2.0"),
-            Some(("198.18.0.2".parse().unwrap(), 0))
-        );
+        assert_eq!(RoutingKey::parse_unicast("tunbus.v1.fd00-7b--2.15"), Some((ip, 15)));
+        assert_eq!(RoutingKey::parse_unicast("tunbus.v1.198-18-0-2.0"), Some(("198.18.0.2".parse().unwrap(), 0)));
         for bad in [
             "tunbus.v1.198-18-0-2.16",
             "tunbus.v1.198-18-0-2.07",

@@ -73,11 +73,7 @@ pub fn classify(packet: &[u8]) -> Result<Classified, ClassifyError> {
             }
         }
     };
-    Ok(Classified {
-        src: ip.src_addr(),
-        dst,
-        shard: shard(hash_of(&ip)),
-    })
+    Ok(Classified { src: ip.src_addr(), dst, shard: shard(hash_of(&ip)) })
 }
 
 /// The source address of an IP packet (no vnet header), if it has a whole fixed header.
@@ -113,24 +109,14 @@ fn hash_of(ip: &IpPacket<&[u8]>) -> u32 {
     let (proto, ports) = match ip {
         IpPacket::V4(p) => {
             let proto = p.protocol();
-            let ports = if ip::has_ports(proto) && !p.is_fragment() {
-                p.payload().and_then(ip::ports)
-            } else {
-                None
-            };
+            let ports = if ip::has_ports(proto) && !p.is_fragment() { p.payload().and_then(ip::ports) } else { None };
             h.write(&p.src_addr().octets());
             h.write(&p.dst_addr().octets());
             (proto, ports)
         }
         IpPacket::V6(p) => {
             let u = p.upper_layer();
-            let ports = if ip::has_ports(u.protocol) {
-                u.offset
-                    .and_then(|at| p.as_bytes().get(at..))
-                    .and_then(ip::ports)
-            } else {
-                None
-            };
+            let ports = if ip::has_ports(u.protocol) { u.offset.and_then(|at| p.as_bytes().get(at..)).and_then(ip::ports) } else { None };
             h.write(&p.src_addr().octets());
             h.write(&p.dst_addr().octets());
             (u.protocol, ports)
@@ -158,9 +144,7 @@ pub fn queue_for_shard(shard: u8, queues: usize) -> usize {
 /// broadcast address; a length above 32 is no prefix.
 #[inline]
 pub fn is_directed_broadcast(dst: Ipv4Addr, nets: &[(Ipv4Addr, u8)]) -> bool {
-    nets.iter().any(|&(net, len)| {
-        Prefix::new(IpAddr::V4(net), len).and_then(|p| p.broadcast()) == Some(dst)
-    })
+    nets.iter().any(|&(net, len)| Prefix::new(IpAddr::V4(net), len).and_then(|p| p.broadcast()) == Some(dst))
 }
 
 /// Whether `packet` is an IPv6 MLD message (ICMPv6 types 130-132 and 143, behind the
@@ -174,11 +158,7 @@ pub fn is_mld(packet: &[u8]) -> bool {
         return false;
     };
     let u = p.upper_layer();
-    u.protocol == protocol::ICMPV6
-        && u.offset
-            .and_then(|at| packet.get(at..))
-            .and_then(|m| Icmpv6Packet::new_checked(m).ok())
-            .is_some_and(|m| m.is_mld())
+    u.protocol == protocol::ICMPV6 && u.offset.and_then(|at| packet.get(at..)).and_then(|m| Icmpv6Packet::new_checked(m).ok()).is_some_and(|m| m.is_mld())
 }
 
 #[cfg(test)]
@@ -284,31 +264,16 @@ mod tests {
     fn classify_errors() {
         assert_eq!(classify(&[]), Err(ClassifyError::Empty));
         for first in [0x00, 0x10, 0x50, 0x70, 0xf0, 0x3f] {
-            assert_eq!(
-                classify(&[first; 60]),
-                Err(ClassifyError::NotIp),
-                "{first:#x}"
-            );
+            assert_eq!(classify(&[first; 60]), Err(ClassifyError::NotIp), "{first:#x}");
         }
-        assert_eq!(
-            classify(b"ZZZ not a packet, but long enough for any IP header........"),
-            Err(ClassifyError::NotIp)
-        );
+        assert_eq!(classify(b"ZZZ not a packet, but long enough for any IP header........"), Err(ClassifyError::NotIp));
         let p4 = ipv4(17, A4, B4, 0, &ports(1, 2));
         for n in 1..20 {
-            assert_eq!(
-                classify(&p4[..n]),
-                Err(ClassifyError::Truncated),
-                "v4 len {n}"
-            );
+            assert_eq!(classify(&p4[..n]), Err(ClassifyError::Truncated), "v4 len {n}");
         }
         let p6 = ipv6(17, a6(), b6(), &ports(1, 2));
         for n in 1..40 {
-            assert_eq!(
-                classify(&p6[..n]),
-                Err(ClassifyError::Truncated),
-                "v6 len {n}"
-            );
+            assert_eq!(classify(&p6[..n]), Err(ClassifyError::Truncated), "v6 len {n}");
         }
         assert!(classify(&p4[..20]).is_ok());
         assert!(classify(&p6[..40]).is_ok());
@@ -321,25 +286,10 @@ mod tests {
         assert_eq!(c.dst, Destination::Unicast(IpAddr::from(B4)));
         assert!(c.shard < SHARDS);
 
-        for dst in [
-            [255, 255, 255, 255],
-            [224, 0, 0, 1],
-            [239, 255, 255, 250],
-            [224, 0, 0, 251],
-        ] {
-            assert_eq!(
-                classify(&ipv4(17, A4, dst, 0, &ports(5353, 5353)))
-                    .unwrap()
-                    .dst,
-                Destination::Flood
-            );
+        for dst in [[255, 255, 255, 255], [224, 0, 0, 1], [239, 255, 255, 250], [224, 0, 0, 251]] {
+            assert_eq!(classify(&ipv4(17, A4, dst, 0, &ports(5353, 5353))).unwrap().dst, Destination::Flood);
         }
-        for dst in [
-            [223, 255, 255, 255],
-            [240, 0, 0, 1],
-            [198, 18, 255, 255],
-            [10, 2, 0, 255],
-        ] {
+        for dst in [[223, 255, 255, 255], [240, 0, 0, 1], [198, 18, 255, 255], [10, 2, 0, 255]] {
             assert_eq!(
                 classify(&ipv4(17, A4, dst, 0, &[])).unwrap().dst,
                 Destination::Unicast(IpAddr::from(dst)),
@@ -351,20 +301,10 @@ mod tests {
         assert_eq!(c.src, IpAddr::V6(a6()));
         assert_eq!(c.dst, Destination::Unicast(IpAddr::V6(b6())));
         for dst in ["ff02::1", "ff02::1:ff00:2", "ff05::fb", "ff00::"] {
-            assert_eq!(
-                classify(&ipv6(58, a6(), dst.parse().unwrap(), &[]))
-                    .unwrap()
-                    .dst,
-                Destination::Flood
-            );
+            assert_eq!(classify(&ipv6(58, a6(), dst.parse().unwrap(), &[])).unwrap().dst, Destination::Flood);
         }
         for dst in ["fe80::1", "fec0::1", "fd00::ff"] {
-            assert!(matches!(
-                classify(&ipv6(58, a6(), dst.parse().unwrap(), &[]))
-                    .unwrap()
-                    .dst,
-                Destination::Unicast(_)
-            ));
+            assert!(matches!(classify(&ipv6(58, a6(), dst.parse().unwrap(), &[])).unwrap().dst, Destination::Unicast(_)));
         }
     }
 
@@ -382,41 +322,19 @@ mod tests {
     fn flow_hash_ipv4_ports() {
         for proto in [6, 17, 132, 136] {
             let p = ipv4(proto, A4, B4, 0, &ports(1234, 80));
-            assert_eq!(
-                flow_hash(&p),
-                tuple_hash(&A4, &B4, proto, 1234, 80),
-                "proto {proto}"
-            );
-            assert_ne!(
-                flow_hash(&p),
-                flow_hash(&ipv4(proto, A4, B4, 0, &ports(1235, 80)))
-            );
-            assert_ne!(
-                flow_hash(&p),
-                flow_hash(&ipv4(proto, A4, B4, 0, &ports(1234, 81)))
-            );
+            assert_eq!(flow_hash(&p), tuple_hash(&A4, &B4, proto, 1234, 80), "proto {proto}");
+            assert_ne!(flow_hash(&p), flow_hash(&ipv4(proto, A4, B4, 0, &ports(1235, 80))));
+            assert_ne!(flow_hash(&p), flow_hash(&ipv4(proto, A4, B4, 0, &ports(1234, 81))));
             // the reverse direction is a different flow
-            assert_ne!(
-                flow_hash(&p),
-                flow_hash(&ipv4(proto, B4, A4, 0, &ports(80, 1234)))
-            );
+            assert_ne!(flow_hash(&p), flow_hash(&ipv4(proto, B4, A4, 0, &ports(80, 1234))));
             // DF bit does not matter
-            assert_eq!(
-                flow_hash(&p),
-                flow_hash(&ipv4(proto, A4, B4, 0x4000, &ports(1234, 80)))
-            );
+            assert_eq!(flow_hash(&p), flow_hash(&ipv4(proto, A4, B4, 0x4000, &ports(1234, 80))));
         }
         // ICMP and others: no ports, payload ignored
         let icmp = ipv4(1, A4, B4, 0, &[8, 0, 1, 2, 3, 4]);
         assert_eq!(flow_hash(&icmp), tuple_hash(&A4, &B4, 1, 0, 0));
-        assert_eq!(
-            flow_hash(&icmp),
-            flow_hash(&ipv4(1, A4, B4, 0, &[0, 0, 9, 9, 9, 9]))
-        );
-        assert_eq!(
-            flow_hash(&ipv4(47, A4, B4, 0, &ports(1, 2))),
-            tuple_hash(&A4, &B4, 47, 0, 0)
-        );
+        assert_eq!(flow_hash(&icmp), flow_hash(&ipv4(1, A4, B4, 0, &[0, 0, 9, 9, 9, 9])));
+        assert_eq!(flow_hash(&ipv4(47, A4, B4, 0, &ports(1, 2))), tuple_hash(&A4, &B4, 47, 0, 0));
     }
 
     #[test]
@@ -453,24 +371,14 @@ mod tests {
     fn flow_hash_truncated_transport() {
         let full = ipv4(6, A4, B4, 0, &ports(1234, 80));
         for n in 20..24 {
-            assert_eq!(
-                flow_hash(&full[..n]),
-                tuple_hash(&A4, &B4, 6, 0, 0),
-                "len {n}"
-            );
+            assert_eq!(flow_hash(&full[..n]), tuple_hash(&A4, &B4, 6, 0, 0), "len {n}");
         }
         assert_eq!(flow_hash(&full[..24]), tuple_hash(&A4, &B4, 6, 1234, 80));
         let full6 = ipv6(17, a6(), b6(), &ports(1234, 80));
         for n in 40..44 {
-            assert_eq!(
-                flow_hash(&full6[..n]),
-                tuple_hash(&a6().octets(), &b6().octets(), 17, 0, 0)
-            );
+            assert_eq!(flow_hash(&full6[..n]), tuple_hash(&a6().octets(), &b6().octets(), 17, 0, 0));
         }
-        assert_eq!(
-            flow_hash(&full6[..44]),
-            tuple_hash(&a6().octets(), &b6().octets(), 17, 1234, 80)
-        );
+        assert_eq!(flow_hash(&full6[..44]), tuple_hash(&a6().octets(), &b6().octets(), 17, 1234, 80));
     }
 
     #[test]
@@ -479,10 +387,7 @@ mod tests {
         assert_eq!(flow_hash(&[0x45; 19]), 0);
         assert_eq!(flow_hash(&[0x60; 39]), 0);
         assert_eq!(flow_hash(&[0x00; 64]), 0);
-        assert_eq!(
-            flow_hash(b"ZZZ not a packet, but long enough for any IP header........"),
-            0
-        );
+        assert_eq!(flow_hash(b"ZZZ not a packet, but long enough for any IP header........"), 0);
     }
 
     #[test]
@@ -499,34 +404,19 @@ mod tests {
         // TCP after a destination options header
         let mut payload = ext(6, 0);
         payload.extend(ports(443, 5555));
-        assert_eq!(
-            flow_hash(&ipv6(60, a6(), b6(), &payload)),
-            tuple_hash(&s, &d, 6, 443, 5555)
-        );
+        assert_eq!(flow_hash(&ipv6(60, a6(), b6(), &payload)), tuple_hash(&s, &d, 6, 443, 5555));
         // ICMPv6: no ports
-        assert_eq!(
-            flow_hash(&ipv6(58, a6(), b6(), &[128, 0, 1, 2, 3, 4])),
-            tuple_hash(&s, &d, 58, 0, 0)
-        );
+        assert_eq!(flow_hash(&ipv6(58, a6(), b6(), &[128, 0, 1, 2, 3, 4])), tuple_hash(&s, &d, 58, 0, 0));
         // no next header
-        assert_eq!(
-            flow_hash(&ipv6(59, a6(), b6(), &[])),
-            tuple_hash(&s, &d, 59, 0, 0)
-        );
+        assert_eq!(flow_hash(&ipv6(59, a6(), b6(), &[])), tuple_hash(&s, &d, 59, 0, 0));
         // extension header truncated: protocol is the header we could not read past
         let mut payload = ext(17, 1);
         payload.truncate(1);
-        assert_eq!(
-            flow_hash(&ipv6(0, a6(), b6(), &payload)),
-            tuple_hash(&s, &d, 0, 0, 0)
-        );
+        assert_eq!(flow_hash(&ipv6(0, a6(), b6(), &payload)), tuple_hash(&s, &d, 0, 0, 0));
         // extension header length runs past the end
         let mut payload = ext(17, 0);
         payload[1] = 200;
-        assert_eq!(
-            flow_hash(&ipv6(0, a6(), b6(), &payload)),
-            tuple_hash(&s, &d, 17, 0, 0)
-        );
+        assert_eq!(flow_hash(&ipv6(0, a6(), b6(), &payload)), tuple_hash(&s, &d, 17, 0, 0));
     }
 
     #[test]
@@ -541,14 +431,8 @@ mod tests {
             payload.extend(ports(1, 2));
             ipv6(60, a6(), b6(), &payload)
         };
-        assert_eq!(
-            flow_hash(&chain(MAX_EXT_HEADERS)),
-            tuple_hash(&s, &d, 17, 1, 2)
-        );
-        assert_eq!(
-            flow_hash(&chain(MAX_EXT_HEADERS + 1)),
-            tuple_hash(&s, &d, 60, 0, 0)
-        );
+        assert_eq!(flow_hash(&chain(MAX_EXT_HEADERS)), tuple_hash(&s, &d, 17, 1, 2));
+        assert_eq!(flow_hash(&chain(MAX_EXT_HEADERS + 1)), tuple_hash(&s, &d, 60, 0, 0));
         assert_eq!(flow_hash(&chain(50)), tuple_hash(&s, &d, 60, 0, 0));
     }
 
@@ -568,10 +452,7 @@ mod tests {
         hbh.extend(ports(1234, 53));
         assert_eq!(flow_hash(&ipv6(0, a6(), b6(), &hbh)), want);
         // fragment header truncated to nothing
-        assert_eq!(
-            flow_hash(&ipv6(44, a6(), b6(), &[])),
-            tuple_hash(&s, &d, 44, 0, 0)
-        );
+        assert_eq!(flow_hash(&ipv6(44, a6(), b6(), &[])), tuple_hash(&s, &d, 44, 0, 0));
     }
 
     #[test]
@@ -605,10 +486,7 @@ mod tests {
             let p = ipv4(17, src, B4, 0, &ports(r as u16, 4789));
             counts[usize::from(classify(&p).unwrap().shard)] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (400..=850).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (400..=850).contains(&c)), "{counts:?}");
 
         // Sequential source ports from one host (the common case: one client, many sockets).
         let mut counts = [0u32; SHARDS as usize];
@@ -616,10 +494,7 @@ mod tests {
             let p = ipv6(6, a6(), b6(), &ports(30_000 + port, 443));
             counts[usize::from(classify(&p).unwrap().shard)] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (400..=850).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (400..=850).contains(&c)), "{counts:?}");
     }
 
     #[test]
@@ -654,19 +529,10 @@ mod tests {
 
     #[test]
     fn directed_broadcast() {
-        let nets = [
-            (Ipv4Addr::new(10, 2, 0, 1), 24),
-            (Ipv4Addr::new(198, 18, 0, 0), 15),
-        ];
+        let nets = [(Ipv4Addr::new(10, 2, 0, 1), 24), (Ipv4Addr::new(198, 18, 0, 0), 15)];
         assert!(is_directed_broadcast(Ipv4Addr::new(10, 2, 0, 255), &nets));
-        assert!(is_directed_broadcast(
-            Ipv4Addr::new(198, 19, 255, 255),
-            &nets
-        ));
-        assert!(!is_directed_broadcast(
-            Ipv4Addr::new(198, 18, 255, 255),
-            &nets
-        ));
+        assert!(is_directed_broadcast(Ipv4Addr::new(198, 19, 255, 255), &nets));
+        assert!(!is_directed_broadcast(Ipv4Addr::new(198, 18, 255, 255), &nets));
         assert!(!is_directed_broadcast(Ipv4Addr::new(10, 2, 0, 254), &nets));
         assert!(!is_directed_broadcast(Ipv4Addr::new(10, 2, 1, 255), &nets));
         assert!(!is_directed_broadcast(Ipv4Addr::new(10, 2, 0, 255), &[]));
@@ -726,36 +592,24 @@ mod tests {
             let mut h = Fnv1a32::new();
             match first >> 4 {
                 4 => {
-                    let (Some(src), Some(dst)) =
-                        (array_at::<4>(packet, 12), array_at::<4>(packet, 16))
-                    else {
+                    let (Some(src), Some(dst)) = (array_at::<4>(packet, 12), array_at::<4>(packet, 16)) else {
                         return 0;
                     };
                     let proto = packet.get(9).copied().unwrap_or(0);
                     let frag = array_at::<2>(packet, 6).map_or(0, u16::from_be_bytes);
                     let ihl = usize::from(first & 0x0f) * 4;
-                    let ports = if has_ports(proto) && frag & 0x3fff == 0 && ihl >= 20 {
-                        array_at::<4>(packet, ihl)
-                    } else {
-                        None
-                    };
+                    let ports = if has_ports(proto) && frag & 0x3fff == 0 && ihl >= 20 { array_at::<4>(packet, ihl) } else { None };
                     h.write(&src);
                     h.write(&dst);
                     h.write(&[proto]);
                     h.write(&ports.unwrap_or([0; 4]));
                 }
                 6 => {
-                    let (Some(src), Some(dst)) =
-                        (array_at::<16>(packet, 8), array_at::<16>(packet, 24))
-                    else {
+                    let (Some(src), Some(dst)) = (array_at::<16>(packet, 8), array_at::<16>(packet, 24)) else {
                         return 0;
                     };
                     let (proto, at) = ipv6_upper(packet);
-                    let ports = if has_ports(proto) {
-                        at.and_then(|at| array_at::<4>(packet, at))
-                    } else {
-                        None
-                    };
+                    let ports = if has_ports(proto) { at.and_then(|at| array_at::<4>(packet, at)) } else { None };
                     h.write(&src);
                     h.write(&dst);
                     h.write(&[proto]);
@@ -783,10 +637,7 @@ mod tests {
         let (new, old) = (is_mld(p), before_views::is_mld(p));
         if new != old {
             let at = before_views::ipv6_upper(p).1.unwrap_or(0);
-            prop_assert!(
-                old && p.len() < at + 8,
-                "is_mld {new} (before: {old}) on {p:?}"
-            );
+            prop_assert!(old && p.len() < at + 8, "is_mld {new} (before: {old}) on {p:?}");
         }
         match classify(p) {
             Ok(c) => {

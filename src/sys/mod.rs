@@ -59,10 +59,7 @@ pub fn wait<const N: usize>(fds: [Option<(BorrowedFd<'_>, Interest)>; N], timeou
             };
         }
     }
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
+    let ts = libc::timespec { tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t, tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32) };
     // SAFETY: pfds is a live, writable array of pollfd and we pass its length; ts is a live
     // timespec; a null signal mask means "leave the mask as it is".
     let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &ts, std::ptr::null()) };

@@ -53,8 +53,7 @@ pub fn speed(baud: u32) -> Option<libc::speed_t> {
 }
 
 fn cpath(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 /// Puts the terminal `fd` in raw mode (`cfmakeraw`: no echo, no line editing, no
@@ -165,12 +164,7 @@ pub fn openpty(nonblocking: bool) -> io::Result<Pty> {
     let path = peer_name(master.as_fd())?;
     let c = cpath(&path)?;
     // SAFETY: `c` is a NUL-terminated path that lives for the call.
-    let raw = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
+    let raw = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -217,11 +211,7 @@ mod tests {
     #[test]
     fn a_pty_carries_bytes_raw_both_ways() {
         let pty = openpty(true).unwrap();
-        assert!(
-            pty.path.starts_with("/dev/pts") || pty.path.starts_with("/dev/tty"),
-            "{}",
-            pty.path.display()
-        );
+        assert!(pty.path.starts_with("/dev/pts") || pty.path.starts_with("/dev/tty"), "{}", pty.path.display());
         let dev = open_serial(&pty.path, 460_800).unwrap();
         // Every byte value, CR and NL and ^C included, arrives untouched, no echo.
         let all: Vec<u8> = (0..=255).collect();
@@ -241,32 +231,15 @@ mod tests {
         assert_eq!(write(dev.as_fd(), &[0x0d, 0x0a, 0xc0]).unwrap(), Some(3));
         std::thread::sleep(std::time::Duration::from_millis(20));
         let n = super::super::read(pty.master.as_fd(), &mut buf).unwrap();
-        assert_eq!(
-            n.map(|n| &buf[..n]),
-            Some(&[0x0d, 0x0a, 0xc0][..]),
-            "no echo, no translation"
-        );
+        assert_eq!(n.map(|n| &buf[..n]), Some(&[0x0d, 0x0a, 0xc0][..]), "no echo, no translation");
     }
 
     #[test]
     fn opening_what_is_not_a_terminal_or_a_rate_that_does_not_exist_fails() {
-        assert_eq!(
-            open_serial(Path::new("/dev/null"), 460_800)
-                .unwrap_err()
-                .raw_os_error(),
-            Some(libc::ENOTTY)
-        );
-        assert_eq!(
-            open_serial(Path::new("/nonexistent/tty"), 460_800)
-                .unwrap_err()
-                .kind(),
-            io::ErrorKind::NotFound
-        );
+        assert_eq!(open_serial(Path::new("/dev/null"), 460_800).unwrap_err().raw_os_error(), Some(libc::ENOTTY));
+        assert_eq!(open_serial(Path::new("/nonexistent/tty"), 460_800).unwrap_err().kind(), io::ErrorKind::NotFound);
         let pty = openpty(true).unwrap();
-        assert_eq!(
-            open_serial(&pty.path, 12_345).unwrap_err().raw_os_error(),
-            Some(libc::EINVAL)
-        );
+        assert_eq!(open_serial(&pty.path, 12_345).unwrap_err().raw_os_error(), Some(libc::EINVAL));
         assert!(speed(9600).is_some() && speed(460_800).is_some() && speed(0).is_none());
     }
 }

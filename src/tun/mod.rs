@@ -92,11 +92,7 @@ impl TunDevice {
                 .open("/dev/net/tun")
                 .map_err(|source| Error::Open { queue: index, source })?;
             let fd = OwnedFd::from(file);
-            set_iff(&fd, name, layer).map_err(|source| Error::SetIff {
-                name: name.to_owned(),
-                queue: index,
-                source,
-            })?;
+            set_iff(&fd, name, layer).map_err(|source| Error::SetIff { name: name.to_owned(), queue: index, source })?;
             opened.push(TunQueue { fd, index, layer });
         }
         let offloads = if offload {
@@ -104,8 +100,7 @@ impl TunDevice {
             match set_offload(&first.fd, OFFLOADS_BASE | OFFLOADS_USO) {
                 Ok(()) => Offloads { tso: true, uso: true },
                 Err(_) => {
-                    set_offload(&first.fd, OFFLOADS_BASE)
-                        .map_err(|source| Error::Offload { name: name.to_owned(), source })?;
+                    set_offload(&first.fd, OFFLOADS_BASE).map_err(|source| Error::Offload { name: name.to_owned(), source })?;
                     Offloads { tso: true, uso: false }
                 }
             }

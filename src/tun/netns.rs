@@ -48,10 +48,7 @@ pub fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, Error> {
             command.push(' ');
             command.push_str(a);
         }
-        return Err(Error::Command {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+        return Err(Error::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -153,7 +150,10 @@ pub fn ip_batch(netns: Option<&str>, script: &str) -> Result<(), Error> {
     }
     let out = child.wait_with_output().map_err(Error::Spawn)?;
     if !out.status.success() {
-        return Err(Error::Command { command: format!("ip{} -batch ({})", netns.map(|n| format!(" -n {n}")).unwrap_or_default(), script.trim().replace('\n', "; ")), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(Error::Command {
+            command: format!("ip{} -batch ({})", netns.map(|n| format!(" -n {n}")).unwrap_or_default(), script.trim().replace('\n', "; ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
@@ -174,7 +174,8 @@ pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> std::io::Resul
             return Err(Error::NoNamespace(ns.to_owned()));
         }
     }
-    crate::sys::in_netns(netns, f).map_err(|e| Error::Command { command: format!("in namespace {}", netns.unwrap_or("of this process")), stderr: e.to_string() })
+    crate::sys::in_netns(netns, f)
+        .map_err(|e| Error::Command { command: format!("in namespace {}", netns.unwrap_or("of this process")), stderr: e.to_string() })
 }
 
 /// Adds one address (IPv6 without duplicate address detection).

@@ -42,7 +42,14 @@ pub trait Classify: Send {
 /// networks (their directed broadcasts are floods), `peers` the receivers' queue counts,
 /// `routes` the prefixes gateways advertise. `l2`: an L2 agent's shared switch state
 /// (Ethernet ports without it flood every frame).
-pub fn for_layer(layer: Layer, flood_key: RoutingKey, own_v4: Vec<(Ipv4Addr, u8)>, peers: Arc<PeerQueues>, routes: RouteView, l2: Option<(&L2Shared, bool)>) -> Box<dyn Classify> {
+pub fn for_layer(
+    layer: Layer,
+    flood_key: RoutingKey,
+    own_v4: Vec<(Ipv4Addr, u8)>,
+    peers: Arc<PeerQueues>,
+    routes: RouteView,
+    l2: Option<(&L2Shared, bool)>,
+) -> Box<dyn Classify> {
     match (layer, l2) {
         (Layer::Ip, _) => Box::new(IpClassifier { flood_key, own_v4, peers, routes, last_route: None, last_unicast: None, last_flow: Flow::FLOOD }),
         (Layer::Ethernet, Some((l2, bridged))) => Box::new(EthernetClassifier::new(flood_key, l2, bridged)),

@@ -29,17 +29,17 @@ use crate::emulate::Shaper;
 use crate::identity::claims::Claims;
 use crate::identity::Trust;
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters, TxCounters};
+use crate::port::Port;
 use crate::route::peers::PeerQueues;
 use crate::route::table::RouteShare;
-use crate::port::Port;
 use crate::sys::{self, Interest};
 use crate::util::{now_ns, Stop};
 
 use super::batch::{Batcher, Outlet, MAX_READ};
-use super::uplink::{Uplink, UplinkContext};
 use super::classify::{self, Classify};
 use super::routes::{Judge, RouteKeeper};
 use super::rx::Receiver;
+use super::uplink::{Uplink, UplinkContext};
 use super::wire;
 
 /// Most packets read per wake-up before the open batches are flushed.
@@ -103,7 +103,8 @@ impl QueueWorker {
         let own_queues = u8::try_from(config.interface().queues).unwrap_or(0);
         let flood_key = config.name().flood_key();
         let own_v4 = config
-            .interface().addrs
+            .interface()
+            .addrs
             .iter()
             .filter_map(|p| match p.addr {
                 IpAddr::V4(a) => Some((a, p.len)),
@@ -111,7 +112,8 @@ impl QueueWorker {
             })
             .collect();
         // The link that announces this agent (queue 0 of a native agent) also hears gateways.
-        let route_keeper = link.hello.is_some().then(|| RouteKeeper::new(config.name(), routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone())));
+        let route_keeper =
+            link.hello.is_some().then(|| RouteKeeper::new(config.name(), routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone())));
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()));
         // Queue 0 receives the floods and the hellos: it learns where MACs are.
         let l2_rx = l2.as_ref().map(|l2| super::rx::L2Rx {
@@ -119,7 +121,8 @@ impl QueueWorker {
             learner: (link.index == 0).then(|| super::switch::Learner::new(l2.own, l2.directory.clone())),
         });
         let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
-        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper, l2_rx, link.e2e.clone());
+        let (outbound, inbound) =
+            wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper, l2_rx, link.e2e.clone());
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         let layer = port.layer();

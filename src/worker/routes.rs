@@ -159,7 +159,8 @@ mod tests {
 
     fn hello(name: &str, addr: &str, advertise: &[&str], leaving: bool) -> Vec<u8> {
         let adv: Vec<String> = advertise.iter().map(|s| format!("{s:?}")).collect();
-        format!(r#"{{"name":"{name}","addresses":["{addr}"],"queues":1,"wire":"v1","started_unix_ms":1,"leaving":{leaving},"advertise":[{}]}}"#, adv.join(",")).into_bytes()
+        format!(r#"{{"name":"{name}","addresses":["{addr}"],"queues":1,"wire":"v1","started_unix_ms":1,"leaving":{leaving},"advertise":[{}]}}"#, adv.join(","))
+            .into_bytes()
     }
 
     fn gateway_of(share: &Arc<RouteShare>, dst: &str) -> Option<String> {
@@ -168,7 +169,8 @@ mod tests {
 
     #[test]
     fn strict_mode_takes_only_granted_prefixes() {
-        let table = identity::Table::new(vec![("gw".into(), vec!["198.19.0.0/16".parse().unwrap()]), ("rogue".into(), vec!["198.18.0.66/32".parse().unwrap()])]);
+        let table =
+            identity::Table::new(vec![("gw".into(), vec!["198.19.0.0/16".parse().unwrap()]), ("rogue".into(), vec!["198.18.0.66/32".parse().unwrap()])]);
         let share = RouteShare::new();
         let mut k = RouteKeeper::new("me", share.clone(), Judge::Strict(table));
         let now = Instant::now();
@@ -215,7 +217,11 @@ mod tests {
         let v0 = share.version();
         k.on_presence(Some(b"h1"), &hello("h1", "198.18.0.1/24", &[], false), Instant::now());
         k.on_presence(Some(b"h1"), b"not json", Instant::now());
-        k.on_presence(Some(b"h1"), br#"{"name":"a.b","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"advertise":["198.19.0.0/24"]}"#, Instant::now());
+        k.on_presence(
+            Some(b"h1"),
+            br#"{"name":"a.b","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"advertise":["198.19.0.0/24"]}"#,
+            Instant::now(),
+        );
         assert_eq!(share.version(), v0);
     }
 }

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 
 use std::sync::Mutex;
 
+use super::aqm::Aqm;
 use crate::amqp::presence::Hello;
 use crate::amqp::session::Delivery;
 use crate::amqp::AckBatcher;
@@ -28,10 +29,9 @@ use crate::config::AgentConfig;
 use crate::identity::claims::{Claims, MAX_PER_HELLO};
 use crate::identity::{self, Verdict};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
-use super::aqm::Aqm;
+use crate::port::{Layer, Port};
 use crate::route;
 use crate::route::peers::PeerQueues;
-use crate::port::{Layer, Port};
 
 use super::wire::{Inbound, PortSide};
 
@@ -57,7 +57,14 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn new(config: &AgentConfig, counters: Arc<RxCounters>, hist: &Histograms, inbound: Box<dyn Inbound>) -> Receiver {
-        Receiver { inbound, counters, latency: LocalHistogram::new(hist.one_way_us.clone()), acks: AckBatcher::for_prefetch(config.bus().prefetch), drained: false, scratch: Vec::new() }
+        Receiver {
+            inbound,
+            counters,
+            latency: LocalHistogram::new(hist.one_way_us.clone()),
+            acks: AckBatcher::for_prefetch(config.bus().prefetch),
+            drained: false,
+            scratch: Vec::new(),
+        }
     }
 
     /// Forgets pending acks: the connection is new.
@@ -536,11 +543,13 @@ impl ClaimKeeper {
             return; // a claim nobody vouches for claims nothing
         };
         let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
-        if hello.layer != self.layer && self.layer == crate::amqp::presence::HelloLayer::Ip && !hello.leaving {
-            if self.warned_layer.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30)) {
-                tracing::warn!(agent = %hello.name, layer = %hello.layer, "an agent of another layer is in this session: it cannot reach us nor we it (an L2 and an L3 session do not mix; give it a session of its own)");
-                self.warned_layer = Some(now);
-            }
+        if hello.layer != self.layer
+            && self.layer == crate::amqp::presence::HelloLayer::Ip
+            && !hello.leaving
+            && self.warned_layer.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30))
+        {
+            tracing::warn!(agent = %hello.name, layer = %hello.layer, "an agent of another layer is in this session: it cannot reach us nor we it (an L2 and an L3 session do not mix; give it a session of its own)");
+            self.warned_layer = Some(now);
         }
         let Ok(mut claims) = self.claims.lock() else { return };
         // MACs (L2) are held in the same table as addresses (`identity::mac_address`).
@@ -615,8 +624,12 @@ impl SuspectLog {
         if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
             let who = user.map(String::from_utf8_lossy);
             match verdict {
-                Verdict::NoIdentity => tracing::warn!(source = ?src, dropped = *since, "dropping packets from a message without user_id: nobody vouches for them"),
-                _ => tracing::warn!(user = who.as_deref().unwrap_or("-"), source = ?src, dropped = *since, "dropping packets whose source address this broker user may not use (spoofed)"),
+                Verdict::NoIdentity => {
+                    tracing::warn!(source = ?src, dropped = *since, "dropping packets from a message without user_id: nobody vouches for them")
+                }
+                _ => {
+                    tracing::warn!(user = who.as_deref().unwrap_or("-"), source = ?src, dropped = *since, "dropping packets whose source address this broker user may not use (spoofed)")
+                }
             }
             *last = Some(now);
             *since = 0;

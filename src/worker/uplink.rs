@@ -210,7 +210,14 @@ pub struct Uplink {
 
 impl Uplink {
     /// An uplink on `client` (a fresh one, or the one the agent's start connected).
-    pub fn new(ctx: UplinkContext, counters: Arc<TxCounters>, hist: &Histograms, outbound: Box<dyn Outbound>, receiver: Receiver, mut client: Client) -> Uplink {
+    pub fn new(
+        ctx: UplinkContext,
+        counters: Arc<TxCounters>,
+        hist: &Histograms,
+        outbound: Box<dyn Outbound>,
+        receiver: Receiver,
+        mut client: Client,
+    ) -> Uplink {
         // The backlog holds at most one message: the largest batch and its frames.
         client.reserve_backlog(ctx.config.data_path().max_batch_bytes.max(v1::HEADER_LEN + MAX_ENTRY) + 16 * 1024);
         // A running agent's link comes back, whatever happened at the start.
@@ -287,9 +294,10 @@ impl Uplink {
             e2e.initiate_all(Instant::now(), now_ns());
         }
         self.next_hello = Instant::now(); // say hello on every new connection
-        // First claim, and agents that install routes: ask for everyone's hellos now rather
-        // than wait for the next round.
-        self.probe_due = self.announce.is_some() && (self.ctx.config.identity().mode == crate::identity::Mode::FirstClaim || self.ctx.config.routing().accept_routes);
+                                          // First claim, and agents that install routes: ask for everyone's hellos now rather
+                                          // than wait for the next round.
+        self.probe_due =
+            self.announce.is_some() && (self.ctx.config.identity().mode == crate::identity::Mode::FirstClaim || self.ctx.config.routing().accept_routes);
         self.ctx.state.up(node);
         self.ctx.connected.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(agent = %self.ctx.config.name(), queue = self.ctx.index, node, "link connected");

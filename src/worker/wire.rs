@@ -20,12 +20,12 @@ use crate::amqp::wire::Properties;
 use crate::codec::ioppytest;
 use crate::codec::v1::{BatchWriter, FLAG_VNET, VNET_HDR_LEN};
 use crate::config::{AgentConfig, Wire};
-use crate::identity;
 use crate::e2e::{E2e, OpenRefusal, SealRefusal};
+use crate::identity;
 use crate::metrics::{DropReason, LocalHistogram, RxCounters};
+use crate::port::{Layer, Port};
 use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
-use crate::port::{Layer, Port};
 use crate::util::now_ns;
 
 use super::routes::RouteKeeper;
@@ -264,7 +264,11 @@ impl Inbound for NativeIn {
                     let flooded_by = d.routing_key.strip_prefix(route::ALL_PREFIX.as_bytes()).and_then(|n| std::str::from_utf8(n).ok());
                     rx::deliver_frames(body, user, flooded_by, now_ns, &mut sink, l2);
                 } else {
-                    sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion { aqm, sender: crate::util::fnv1a64(&[user.unwrap_or_default()]), shard: key_shard(d.routing_key) });
+                    sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion {
+                        aqm,
+                        sender: crate::util::fnv1a64(&[user.unwrap_or_default()]),
+                        shard: key_shard(d.routing_key),
+                    });
                     rx::deliver(body, user, now_ns, &mut sink);
                 }
             }
@@ -349,7 +353,13 @@ pub struct IoppytestOut {
 
 impl IoppytestOut {
     pub fn new(name: &str, ifname: &str) -> IoppytestOut {
-        IoppytestOut { key: ioppytest::routing_key_from_agent(name), ifname: ifname.to_owned(), encode: ioppytest::encode_packet, body: Vec::with_capacity(8 * 1024), partial: None }
+        IoppytestOut {
+            key: ioppytest::routing_key_from_agent(name),
+            ifname: ifname.to_owned(),
+            encode: ioppytest::encode_packet,
+            body: Vec::with_capacity(8 * 1024),
+            partial: None,
+        }
     }
 
     /// A serial probe's frames, as ioppytest-agent 0.2.20's serial listener publishes them.

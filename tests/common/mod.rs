@@ -283,11 +283,7 @@ impl Drop for AgentProc {
 
 /// The count of drops for `reason` in a final report.
 pub fn drops(report: &serde_json::Value, reason: &str) -> u64 {
-    report["drops"]
-        .as_array()
-        .and_then(|a| a.iter().find(|d| d[0] == reason))
-        .and_then(|d| d[1].as_u64())
-        .unwrap_or(0)
+    report["drops"].as_array().and_then(|a| a.iter().find(|d| d[0] == reason)).and_then(|d| d[1].as_u64()).unwrap_or(0)
 }
 
 /// One `ping` run inside `ns`; returns whether all replies came back, and the output.
@@ -532,7 +528,6 @@ impl Drop for RouterProc {
         let _ = self.child.wait();
     }
 }
-
 
 /// The machine's broker as an endpoint.
 pub fn endpoint() -> Endpoint {

@@ -40,12 +40,35 @@ impl Certs {
             let key = format!("{name}.key");
             let pem = format!("{name}.pem");
             let subj = format!("/CN={cn}");
-            args.extend_from_slice(&["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj, "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+            args.extend_from_slice(&[
+                "-keyout",
+                &key,
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-subj",
+                &subj,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
             openssl(dir, &args);
         }
-        std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n").expect("ext");
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
         Certs::sign(dir, "server", "localhost", "server.ext");
-        Certs { dir: dir.to_owned(), ca: dir.join("ca.pem"), server_cert: dir.join("server.pem"), server_key: dir.join("server.key"), wrong_ca: dir.join("wrong-ca.pem") }
+        Certs {
+            dir: dir.to_owned(),
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            wrong_ca: dir.join("wrong-ca.pem"),
+        }
     }
 
     fn sign(dir: &Path, name: &str, cn: &str, ext: &str) {
@@ -175,7 +198,9 @@ impl Proxy {
                         Ok((client, _)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
                             let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
-                            for (from, to, is_client) in [(client.try_clone().expect("clone"), server.try_clone().expect("clone"), true), (server, client, false)] {
+                            for (from, to, is_client) in
+                                [(client.try_clone().expect("clone"), server.try_clone().expect("clone"), true), (server, client, false)]
+                            {
                                 let (frozen, stop, closes) = (frozen.clone(), stop.clone(), closes.clone());
                                 pumps.push(std::thread::spawn(move || pump(from, to, is_client, &frozen, &stop, &closes)));
                             }

@@ -26,12 +26,7 @@ impl FakeProbe {
         let dir = std::env::temp_dir().join(super::unique("tbprobe"));
         std::fs::create_dir_all(dir.join("by-id")).expect("probe folder");
         let link = dir.join("by-id/usb-tunbus_fake_802154_probe-if00");
-        let mut probe = FakeProbe {
-            pty: None,
-            dir,
-            link,
-            decoder: Decoder::new(Framing::Delimited, 4096),
-        };
+        let mut probe = FakeProbe { pty: None, dir, link, decoder: Decoder::new(Framing::Delimited, 4096) };
         probe.replug();
         probe
     }
@@ -70,17 +65,11 @@ impl FakeProbe {
     pub fn send_raw(&self, mut bytes: &[u8]) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !bytes.is_empty() {
-            match sys::tty::write(self.pty().master.as_fd(), bytes)
-                .expect("write to the probe's line")
-            {
+            match sys::tty::write(self.pty().master.as_fd(), bytes).expect("write to the probe's line") {
                 Some(n) => bytes = &bytes[n..],
                 None => {
                     assert!(Instant::now() < deadline, "the line took nothing for 5 s");
-                    let _ = sys::wait_fd(
-                        self.pty().master.as_fd(),
-                        Interest::Write,
-                        Duration::from_millis(10),
-                    );
+                    let _ = sys::wait_fd(self.pty().master.as_fd(), Interest::Write, Duration::from_millis(10));
                 }
             }
         }
@@ -105,9 +94,7 @@ impl FakeProbe {
                 break;
             };
             let master = self.pty().master.as_fd();
-            if !sys::wait_fd(master, Interest::Read, left.min(Duration::from_millis(50)))
-                .expect("poll the probe")
-            {
+            if !sys::wait_fd(master, Interest::Read, left.min(Duration::from_millis(50))).expect("poll the probe") {
                 continue;
             }
             match sys::read(master, &mut buf) {

@@ -43,11 +43,7 @@ impl OldAddressing {
     /// The old agent's defaults for `agent_1` … `agent_6`.
     pub fn default_for(name: &str) -> Option<OldAddressing> {
         let n = default_index(name)?;
-        Some(OldAddressing {
-            ipv4: Some((Ipv4Addr::new(10, 2, 0, n), 24)),
-            ipv6_prefix: Some("bbbb".into()),
-            ipv6_host: Some(n.to_string()),
-        })
+        Some(OldAddressing { ipv4: Some((Ipv4Addr::new(10, 2, 0, n), 24)), ipv6_prefix: Some("bbbb".into()), ipv6_host: Some(n.to_string()) })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -266,10 +262,9 @@ mod tests {
         let a = OldAddressing::default_for("agent_1").unwrap();
         let t = a.to_started("agent_1");
         assert_eq!(OldAddressing::from_started(&t), a);
-        let vector: TunStarted = serde_json::from_slice(
-            &std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/ioppytest/tun-started.json")).expect("vector"),
-        )
-        .expect("parses");
+        let vector: TunStarted =
+            serde_json::from_slice(&std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/ioppytest/tun-started.json")).expect("vector"))
+                .expect("parses");
         assert_eq!(OldAddressing::from_started(&vector), a);
         assert_eq!(t.ipv4_network.as_deref(), Some("10.2.0.0"));
         assert_eq!(t.ipv4_netmask.as_deref(), Some("255.255.255.0"));

@@ -82,11 +82,7 @@ pub enum SerialKey<'a> {
 /// Parses one of the four serial keys (the inverse of the `routing_key_*` functions);
 /// `None` for any other key, or an empty or dotted name.
 pub fn parse_key(key: &str) -> Option<SerialKey<'_>> {
-    let (from, rest) = if let Some(rest) = key.strip_prefix("fromAgent.") {
-        (true, rest)
-    } else {
-        (false, key.strip_prefix("toAgent.")?)
-    };
+    let (from, rest) = if let Some(rest) = key.strip_prefix("fromAgent.") { (true, rest) } else { (false, key.strip_prefix("toAgent.")?) };
     let (name, topic) = rest.split_once('.')?;
     if name.is_empty() {
         return None;
@@ -187,12 +183,7 @@ pub struct SerialStart {
 impl SerialStart {
     /// The baud rate, when `boudrate` holds a positive whole number.
     pub fn baud(&self) -> Option<u32> {
-        self.boudrate
-            .as_deref()?
-            .trim()
-            .parse()
-            .ok()
-            .filter(|&b| b > 0)
+        self.boudrate.as_deref()?.trim().parse().ok().filter(|&b| b > 0)
     }
 }
 
@@ -226,10 +217,7 @@ mod tests {
     fn encodes_byte_for_byte_what_the_python_listener_publishes() {
         let mut out = Vec::new();
         encode_frame(&[0x41, 0x88, 0xc0, 0xdb, 0x01], 1_796_618_101, &mut out);
-        assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
-            std::str::from_utf8(PYTHON_BODY).unwrap()
-        );
+        assert_eq!(std::str::from_utf8(&out).unwrap(), std::str::from_utf8(PYTHON_BODY).unwrap());
         let mut frame = Vec::new();
         decode_frame(PYTHON_BODY, slip::MAX_PSDU, &mut frame).unwrap();
         assert_eq!(frame, [0x41, 0x88, 0xc0, 0xdb, 0x01]);
@@ -244,22 +232,15 @@ mod tests {
     fn decoding_tolerates_key_order_extra_keys_and_python2_dicts() {
         let mut out = Vec::new();
         // Python 2.7's dict order, and a router's extra key.
-        let body = br#"{"interface_name": "serial", "timestamp": 1796618101.5, "data_slip": [192, 1, 192], "_api_version": "1.2.15", "data": [1], "x": {"y": null}}"#;
+        let body =
+            br#"{"interface_name": "serial", "timestamp": 1796618101.5, "data_slip": [192, 1, 192], "_api_version": "1.2.15", "data": [1], "x": {"y": null}}"#;
         decode_frame(body, 127, &mut out).unwrap();
         assert_eq!(out, [1]);
         // What ioppytest's router forwards (MsgPacketInjectRaw: no data_slip).
         encode_inject(&[255, 0], 1_796_618_101, &mut out);
-        assert_eq!(
-            out,
-            br#"{"_api_version": "1.2.15", "data": [255, 0], "interface_name": "serial", "timestamp": 1796618101}"#
-        );
+        assert_eq!(out, br#"{"_api_version": "1.2.15", "data": [255, 0], "interface_name": "serial", "timestamp": 1796618101}"#);
         // An injection body in another key order.
-        decode_frame(
-            br#"{"timestamp": 1, "interface_name": "serial", "data": [255, 0]}"#,
-            127,
-            &mut out,
-        )
-        .unwrap();
+        decode_frame(br#"{"timestamp": 1, "interface_name": "serial", "data": [255, 0]}"#, 127, &mut out).unwrap();
         assert_eq!(out, [255, 0]);
     }
 
@@ -272,63 +253,24 @@ mod tests {
         decode_frame(&body, slip::MAX_PSDU, &mut out).unwrap();
         assert_eq!(out, max);
         encode_frame(&[7; 128], 1, &mut body);
-        assert_eq!(
-            decode_frame(&body, slip::MAX_PSDU, &mut out),
-            Err(JsonError::PacketTooBig)
-        );
-        assert_eq!(
-            decode_frame(br#"{"data": []}"#, 127, &mut out),
-            Err(JsonError::EmptyPacket)
-        );
-        assert_eq!(
-            decode_frame(br#"{"data_slip": [192, 192]}"#, 127, &mut out),
-            Err(JsonError::MissingData)
-        );
-        assert_eq!(
-            decode_frame(br#"{"data": [256]}"#, 127, &mut out),
-            Err(JsonError::ByteOutOfRange)
-        );
-        assert_eq!(
-            decode_frame(b"[1]", 127, &mut out),
-            Err(JsonError::NotObject)
-        );
+        assert_eq!(decode_frame(&body, slip::MAX_PSDU, &mut out), Err(JsonError::PacketTooBig));
+        assert_eq!(decode_frame(br#"{"data": []}"#, 127, &mut out), Err(JsonError::EmptyPacket));
+        assert_eq!(decode_frame(br#"{"data_slip": [192, 192]}"#, 127, &mut out), Err(JsonError::MissingData));
+        assert_eq!(decode_frame(br#"{"data": [256]}"#, 127, &mut out), Err(JsonError::ByteOutOfRange));
+        assert_eq!(decode_frame(b"[1]", 127, &mut out), Err(JsonError::NotObject));
     }
 
     #[test]
     fn routing_keys_both_ways() {
-        assert_eq!(
-            routing_key_from_agent("probe1"),
-            "fromAgent.probe1.802154.serial.packet.raw"
-        );
-        assert_eq!(
-            routing_key_to_agent("probe1"),
-            "toAgent.probe1.802154.serial.packet.raw"
-        );
-        assert_eq!(
-            routing_key_start("probe1"),
-            "toAgent.probe1.802154.serial.start"
-        );
-        assert_eq!(
-            routing_key_started("probe1"),
-            "fromAgent.probe1.802154.serial.started"
-        );
+        assert_eq!(routing_key_from_agent("probe1"), "fromAgent.probe1.802154.serial.packet.raw");
+        assert_eq!(routing_key_to_agent("probe1"), "toAgent.probe1.802154.serial.packet.raw");
+        assert_eq!(routing_key_start("probe1"), "toAgent.probe1.802154.serial.start");
+        assert_eq!(routing_key_started("probe1"), "fromAgent.probe1.802154.serial.started");
         let name = "agent_TT";
-        assert_eq!(
-            parse_key(&routing_key_from_agent(name)),
-            Some(SerialKey::FromAgent { name })
-        );
-        assert_eq!(
-            parse_key(&routing_key_to_agent(name)),
-            Some(SerialKey::ToAgent { name })
-        );
-        assert_eq!(
-            parse_key(&routing_key_start(name)),
-            Some(SerialKey::Start { name })
-        );
-        assert_eq!(
-            parse_key(&routing_key_started(name)),
-            Some(SerialKey::Started { name })
-        );
+        assert_eq!(parse_key(&routing_key_from_agent(name)), Some(SerialKey::FromAgent { name }));
+        assert_eq!(parse_key(&routing_key_to_agent(name)), Some(SerialKey::ToAgent { name }));
+        assert_eq!(parse_key(&routing_key_start(name)), Some(SerialKey::Start { name }));
+        assert_eq!(parse_key(&routing_key_started(name)), Some(SerialKey::Started { name }));
         for bad in [
             "fromAgent..802154.serial.packet.raw",
             "fromAgent.a.802154.serial.start",
@@ -350,21 +292,12 @@ mod tests {
         let s: SerialStart = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             s,
-            SerialStart {
-                _api_version: API_VERSION.into(),
-                boudrate: Some("460800".into()),
-                name: "probe1".into(),
-                port: Some("/dev/ttyUSB0".into())
-            }
+            SerialStart { _api_version: API_VERSION.into(), boudrate: Some("460800".into()), name: "probe1".into(), port: Some("/dev/ttyUSB0".into()) }
         );
         assert_eq!(s.baud(), Some(460_800));
         // The message template's nulls, a number, junk.
-        let s: SerialStart =
-            serde_json::from_str(r#"{"name": null, "port": null, "boudrate": null}"#).unwrap();
-        assert_eq!(
-            (s.name.as_str(), s.port.as_deref(), s.baud()),
-            ("", None, None)
-        );
+        let s: SerialStart = serde_json::from_str(r#"{"name": null, "port": null, "boudrate": null}"#).unwrap();
+        assert_eq!((s.name.as_str(), s.port.as_deref(), s.baud()), ("", None, None));
         let s: SerialStart = serde_json::from_str(r#"{"boudrate": 115200, "extra": 1}"#).unwrap();
         assert_eq!(s.baud(), Some(115_200));
         let s: SerialStart = serde_json::from_str(r#"{"boudrate": "fast"}"#).unwrap();

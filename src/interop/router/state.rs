@@ -92,10 +92,17 @@ impl Router {
     /// Every key the router's queue must be bound to: the fixed ones and one per address
     /// of a learned old agent (so a reconnect re-binds what was learned).
     pub fn bindings(&self) -> Vec<String> {
-        let mut keys: Vec<String> =
-            ["fromAgent.*.ip.tun.packet.raw", "fromAgent.*.ip.tun.started", SERIAL_PATTERN, route::ALL_PATTERN, route::HELLO_PATTERN, route::BYE_PATTERN, route::CTL_PROBE]
-                .map(str::to_owned)
-                .to_vec();
+        let mut keys: Vec<String> = [
+            "fromAgent.*.ip.tun.packet.raw",
+            "fromAgent.*.ip.tun.started",
+            SERIAL_PATTERN,
+            route::ALL_PATTERN,
+            route::HELLO_PATTERN,
+            route::BYE_PATTERN,
+            route::CTL_PROBE,
+        ]
+        .map(str::to_owned)
+        .to_vec();
         keys.extend(self.owner.keys().map(|a| route::unicast_pattern(*a)));
         keys
     }
@@ -139,7 +146,7 @@ impl Router {
         match Key::parse(key) {
             Some(Key::Probe) => out.push(Action::Announce),
             Some(Key::Ping { .. } | Key::Pong { .. }) => {} // never bound: agents answer their pings
-            Some(Key::Route { .. }) => {} // never bound: the router routes old agents by name
+            Some(Key::Route { .. }) => {}                   // never bound: the router routes old agents by name
             Some(Key::Hello { name } | Key::Bye { name }) if name == ROUTER_SENDER => {}
             Some(Key::Hello { .. }) => self.note_native(user, false, body, now),
             Some(Key::Bye { .. }) => self.note_native(user, true, body, now),

@@ -54,9 +54,7 @@ pub fn inbound(packet: &[u8]) -> Inbound {
                 if packet[9] == ICMP && packet.get(ihl) == Some(&ICMP_ECHO_REQUEST) {
                     return Inbound::Refused(Refusal::EchoToGroup);
                 }
-                return Inbound::Group {
-                    src: IpAddr::V4(src),
-                };
+                return Inbound::Group { src: IpAddr::V4(src) };
             }
             Inbound::Unicast(IpAddr::V4(dst))
         }
@@ -71,9 +69,7 @@ pub fn inbound(packet: &[u8]) -> Inbound {
             };
             let dst = addr(24);
             if dst.is_multicast() {
-                return Inbound::Group {
-                    src: IpAddr::V6(addr(8)),
-                };
+                return Inbound::Group { src: IpAddr::V6(addr(8)) };
             }
             Inbound::Unicast(IpAddr::V6(dst))
         }
@@ -105,53 +101,16 @@ mod tests {
     #[test]
     fn unicast_group_and_refusals() {
         let (a, b) = ([198, 18, 0, 1], [198, 18, 0, 2]);
-        assert_eq!(
-            inbound(&v4(a, b, 6, [0x40, 0], &[0; 20])),
-            Inbound::Unicast("198.18.0.2".parse().unwrap())
-        );
-        assert_eq!(
-            inbound(&v4(a, b, 1, [0x20, 0], &[8])),
-            Inbound::Refused(Refusal::Fragment)
-        );
-        assert_eq!(
-            inbound(&v4(a, b, 1, [0, 1], &[8])),
-            Inbound::Refused(Refusal::Fragment)
-        );
-        assert_eq!(
-            inbound(&v4(a, [255; 4], 1, [0, 0], &[8, 0])),
-            Inbound::Refused(Refusal::EchoToGroup)
-        );
-        assert_eq!(
-            inbound(&v4(a, [224, 0, 0, 1], 1, [0, 0], &[8, 0])),
-            Inbound::Refused(Refusal::EchoToGroup)
-        );
-        assert_eq!(
-            inbound(&v4(a, [224, 0, 0, 251], 17, [0, 0], &[0; 8])),
-            Inbound::Group {
-                src: IpAddr::V4(a.into())
-            }
-        );
-        assert_eq!(
-            inbound(&v4(a, [255; 4], 1, [0, 0], &[0, 0])),
-            Inbound::Group {
-                src: IpAddr::V4(a.into())
-            },
-            "an echo reply is not a request"
-        );
-        assert_eq!(
-            inbound(&v6("fe80::1", "fe80::2", 58)),
-            Inbound::Unicast("fe80::2".parse().unwrap())
-        );
-        assert_eq!(
-            inbound(&v6("fe80::1", "ff02::1", 58)),
-            Inbound::Group {
-                src: "fe80::1".parse().unwrap()
-            }
-        );
-        assert_eq!(
-            inbound(&v6("fd00::1", "fd00::2", 44)),
-            Inbound::Refused(Refusal::Fragment)
-        );
+        assert_eq!(inbound(&v4(a, b, 6, [0x40, 0], &[0; 20])), Inbound::Unicast("198.18.0.2".parse().unwrap()));
+        assert_eq!(inbound(&v4(a, b, 1, [0x20, 0], &[8])), Inbound::Refused(Refusal::Fragment));
+        assert_eq!(inbound(&v4(a, b, 1, [0, 1], &[8])), Inbound::Refused(Refusal::Fragment));
+        assert_eq!(inbound(&v4(a, [255; 4], 1, [0, 0], &[8, 0])), Inbound::Refused(Refusal::EchoToGroup));
+        assert_eq!(inbound(&v4(a, [224, 0, 0, 1], 1, [0, 0], &[8, 0])), Inbound::Refused(Refusal::EchoToGroup));
+        assert_eq!(inbound(&v4(a, [224, 0, 0, 251], 17, [0, 0], &[0; 8])), Inbound::Group { src: IpAddr::V4(a.into()) });
+        assert_eq!(inbound(&v4(a, [255; 4], 1, [0, 0], &[0, 0])), Inbound::Group { src: IpAddr::V4(a.into()) }, "an echo reply is not a request");
+        assert_eq!(inbound(&v6("fe80::1", "fe80::2", 58)), Inbound::Unicast("fe80::2".parse().unwrap()));
+        assert_eq!(inbound(&v6("fe80::1", "ff02::1", 58)), Inbound::Group { src: "fe80::1".parse().unwrap() });
+        assert_eq!(inbound(&v6("fd00::1", "fd00::2", 44)), Inbound::Refused(Refusal::Fragment));
         assert_eq!(inbound(&[]), Inbound::Refused(Refusal::NotIp));
         assert_eq!(inbound(&[0x45; 19]), Inbound::Refused(Refusal::NotIp));
         assert_eq!(inbound(&[0x60; 39]), Inbound::Refused(Refusal::NotIp));

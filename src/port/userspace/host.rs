@@ -138,14 +138,8 @@ struct Assoc {
 
 enum Kind {
     Forward,
-    Expose {
-        connecting: bool,
-    },
-    Socks {
-        state: Socks,
-        buf: Box<[u8; 512]>,
-        len: usize,
-    },
+    Expose { connecting: bool },
+    Socks { state: Socks, buf: Box<[u8; 512]>, len: usize },
 }
 
 /// One host TCP connection and the stack connection it is paired with.
@@ -183,23 +177,15 @@ pub struct Host {
 }
 
 fn tcp_socket(limits: &Limits) -> tcp::Socket<'static> {
-    let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; limits.tcp_buffer]),
-        tcp::SocketBuffer::new(vec![0; limits.tcp_buffer]),
-    );
-    s.set_timeout(Some(smoltcp::time::Duration::from_micros(
-        limits.tcp_timeout.as_micros() as u64,
-    )));
+    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; limits.tcp_buffer]), tcp::SocketBuffer::new(vec![0; limits.tcp_buffer]));
+    s.set_timeout(Some(smoltcp::time::Duration::from_micros(limits.tcp_timeout.as_micros() as u64)));
     s.set_nagle_enabled(false);
     s
 }
 
 fn udp_socket(limits: &Limits) -> udp::Socket<'static> {
     let meta = || vec![udp::PacketMetadata::EMPTY; limits.udp_packets];
-    udp::Socket::new(
-        udp::PacketBuffer::new(meta(), vec![0; limits.udp_buffer]),
-        udp::PacketBuffer::new(meta(), vec![0; limits.udp_buffer]),
-    )
+    udp::Socket::new(udp::PacketBuffer::new(meta(), vec![0; limits.udp_buffer]), udp::PacketBuffer::new(meta(), vec![0; limits.udp_buffer]))
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -227,53 +213,21 @@ impl Host {
         limits: &Limits,
         seed: u64,
     ) -> Result<Host, ListenError> {
-        let mut h = Host {
-            next_port: 49152 + (seed % 16384) as u16,
-            ..Host::default()
-        };
-        let listen_err = |service: String, addr: SocketAddr| {
-            move |source: io::Error| ListenError {
-                service,
-                addr,
-                source,
-            }
-        };
+        let mut h = Host { next_port: 49152 + (seed % 16384) as u16, ..Host::default() };
+        let listen_err = |service: String, addr: SocketAddr| move |source: io::Error| ListenError { service, addr, source };
         for f in forwards {
             match f.proto {
                 Proto::Tcp => {
                     let i = h.tcp_forwards.len();
-                    let mut l = TcpListener::bind(f.local)
-                        .map_err(listen_err(format!("--forward {f}"), f.local))?;
-                    registry
-                        .register(
-                            &mut l,
-                            token(ep, local(K_FWD_TCP, i, 0)),
-                            Interest::READABLE,
-                        )
-                        .map_err(listen_err(format!("--forward {f}"), f.local))?;
-                    h.tcp_forwards.push(TcpForward {
-                        listener: l,
-                        bus: f.bus,
-                        pending: true,
-                    });
+                    let mut l = TcpListener::bind(f.local).map_err(listen_err(format!("--forward {f}"), f.local))?;
+                    registry.register(&mut l, token(ep, local(K_FWD_TCP, i, 0)), Interest::READABLE).map_err(listen_err(format!("--forward {f}"), f.local))?;
+                    h.tcp_forwards.push(TcpForward { listener: l, bus: f.bus, pending: true });
                 }
                 Proto::Udp => {
                     let i = h.udp_forwards.len();
-                    let mut s = UdpSocket::bind(f.local)
-                        .map_err(listen_err(format!("--forward {f}"), f.local))?;
-                    registry
-                        .register(
-                            &mut s,
-                            token(ep, local(K_FWD_UDP, i, 0)),
-                            Interest::READABLE,
-                        )
-                        .map_err(listen_err(format!("--forward {f}"), f.local))?;
-                    h.udp_forwards.push(UdpForward {
-                        socket: s,
-                        bus: f.bus,
-                        readable: true,
-                        flows: Vec::new(),
-                    });
+                    let mut s = UdpSocket::bind(f.local).map_err(listen_err(format!("--forward {f}"), f.local))?;
+                    registry.register(&mut s, token(ep, local(K_FWD_UDP, i, 0)), Interest::READABLE).map_err(listen_err(format!("--forward {f}"), f.local))?;
+                    h.udp_forwards.push(UdpForward { socket: s, bus: f.bus, readable: true, flows: Vec::new() });
                 }
             }
         }
@@ -281,10 +235,7 @@ impl Host {
             let bad_port = |what: &str| ListenError {
                 service: format!("--expose {e}"),
                 addr: e.local,
-                source: io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("port {} of the endpoint {what}", e.port),
-                ),
+                source: io::Error::new(io::ErrorKind::AddrInUse, format!("port {} of the endpoint {what}", e.port)),
             };
             match e.proto {
                 Proto::Tcp => {
@@ -294,38 +245,22 @@ impl Host {
                     let mut s = tcp_socket(limits);
                     s.listen(e.port).map_err(|_| bad_port("cannot listen"))?;
                     let listener = sockets.add(s);
-                    h.tcp_exposes.push(TcpExpose {
-                        port: e.port,
-                        local: e.local,
-                        listener,
-                    });
+                    h.tcp_exposes.push(TcpExpose { port: e.port, local: e.local, listener });
                 }
                 Proto::Udp => {
-                    if exposes
-                        .iter()
-                        .filter(|x| x.proto == Proto::Udp && x.port == e.port)
-                        .count()
-                        > 1
-                    {
+                    if exposes.iter().filter(|x| x.proto == Proto::Udp && x.port == e.port).count() > 1 {
                         return Err(bad_port("is exposed twice"));
                     }
                     let mut s = udp_socket(limits);
                     s.bind(e.port).map_err(|_| bad_port("cannot be bound"))?;
                     let handle = sockets.add(s);
-                    h.udp_exposes.push(UdpExpose {
-                        local: e.local,
-                        handle,
-                        flows: Vec::new(),
-                    });
+                    h.udp_exposes.push(UdpExpose { local: e.local, handle, flows: Vec::new() });
                 }
             }
         }
         if let Some(s) = socks {
-            let mut l = TcpListener::bind(s.listen)
-                .map_err(listen_err(format!("--socks5 {s}"), s.listen))?;
-            registry
-                .register(&mut l, token(ep, local(K_SOCKS, 0, 0)), Interest::READABLE)
-                .map_err(listen_err(format!("--socks5 {s}"), s.listen))?;
+            let mut l = TcpListener::bind(s.listen).map_err(listen_err(format!("--socks5 {s}"), s.listen))?;
+            registry.register(&mut l, token(ep, local(K_SOCKS, 0, 0)), Interest::READABLE).map_err(listen_err(format!("--socks5 {s}"), s.listen))?;
             h.socks = Some((l, true));
         }
         Ok(h)
@@ -333,16 +268,8 @@ impl Host {
 
     /// The local addresses the host listeners are bound to (forwards, then SOCKS5).
     pub fn listening(&self) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self
-            .tcp_forwards
-            .iter()
-            .filter_map(|f| f.listener.local_addr().ok())
-            .collect();
-        v.extend(
-            self.udp_forwards
-                .iter()
-                .filter_map(|f| f.socket.local_addr().ok()),
-        );
+        let mut v: Vec<SocketAddr> = self.tcp_forwards.iter().filter_map(|f| f.listener.local_addr().ok()).collect();
+        v.extend(self.udp_forwards.iter().filter_map(|f| f.socket.local_addr().ok()));
         v.extend(self.socks.iter().filter_map(|(l, _)| l.local_addr().ok()));
         v
     }
@@ -354,11 +281,7 @@ impl Host {
 
     /// Notes readiness of the host socket `local` (from a token).
     pub fn event(&mut self, local: u32, readable: bool, writable: bool) {
-        let (kind, a, b) = (
-            local >> 28,
-            ((local >> 16) & 0xfff) as usize,
-            (local & 0xffff) as usize,
-        );
+        let (kind, a, b) = (local >> 28, ((local >> 16) & 0xfff) as usize, (local & 0xffff) as usize);
         match kind {
             K_FWD_TCP => {
                 if let Some(f) = self.tcp_forwards.get_mut(a) {
@@ -389,8 +312,7 @@ impl Host {
                 }
             }
             K_EXPOSE_FLOW => {
-                if let Some(Some(f)) = self.udp_exposes.get_mut(a).and_then(|e| e.flows.get_mut(b))
-                {
+                if let Some(Some(f)) = self.udp_exposes.get_mut(a).and_then(|e| e.flows.get_mut(b)) {
                     f.readable |= readable;
                 }
             }
@@ -401,14 +323,8 @@ impl Host {
     /// When the host side next needs servicing without an event (UDP flows going idle).
     pub fn deadline(&self, idle: Duration, tcp_timeout: Duration) -> Option<Instant> {
         let closing = self.closing_deadline(tcp_timeout);
-        let fwd = self
-            .udp_forwards
-            .iter()
-            .flat_map(|f| f.flows.iter().map(|x| x.last));
-        let exp = self
-            .udp_exposes
-            .iter()
-            .flat_map(|e| e.flows.iter().flatten().map(|x| x.last));
+        let fwd = self.udp_forwards.iter().flat_map(|f| f.flows.iter().map(|x| x.last));
+        let exp = self.udp_exposes.iter().flat_map(|e| e.flows.iter().flatten().map(|x| x.last));
         let udp = fwd.chain(exp).min().map(|t| t + idle);
         match (udp, closing) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -436,13 +352,7 @@ impl Host {
 
     /// Everything due: new host connections and datagrams, bytes both ways, listeners
     /// re-armed, connections and flows that ended removed.
-    pub fn service(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        ep: u32,
-        iface: &mut Interface,
-        sockets: &mut SocketSet<'static>,
-    ) {
+    pub fn service(&mut self, cx: &mut Ctx<'_>, ep: u32, iface: &mut Interface, sockets: &mut SocketSet<'static>) {
         self.accept_forwards(cx, ep, iface, sockets);
         self.accept_socks(cx, ep);
         self.rearm_exposes(cx, ep, sockets);
@@ -453,13 +363,7 @@ impl Host {
         self.reap(sockets, cx.now, cx.limits.tcp_timeout);
     }
 
-    fn accept_forwards(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        ep: u32,
-        iface: &mut Interface,
-        sockets: &mut SocketSet<'static>,
-    ) {
+    fn accept_forwards(&mut self, cx: &mut Ctx<'_>, ep: u32, iface: &mut Interface, sockets: &mut SocketSet<'static>) {
         for i in 0..self.tcp_forwards.len() {
             while self.tcp_forwards[i].pending {
                 let (stream, _) = match self.tcp_forwards[i].listener.accept() {
@@ -477,13 +381,7 @@ impl Host {
                 }
                 let port = self.ephemeral(sockets);
                 let mut s = tcp_socket(cx.limits);
-                if s.connect(
-                    iface.context(),
-                    IpEndpoint::from(bus),
-                    IpListenEndpoint { addr: None, port },
-                )
-                .is_err()
-                {
+                if s.connect(iface.context(), IpEndpoint::from(bus), IpListenEndpoint { addr: None, port }).is_err() {
                     cx.counters.tcp_refused += 1;
                     continue;
                 }
@@ -494,37 +392,13 @@ impl Host {
         }
     }
 
-    fn start_relay(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        ep: u32,
-        mut stream: TcpStream,
-        handle: Option<SocketHandle>,
-        kind: Kind,
-    ) -> Option<usize> {
+    fn start_relay(&mut self, cx: &mut Ctx<'_>, ep: u32, mut stream: TcpStream, handle: Option<SocketHandle>, kind: Kind) -> Option<usize> {
         let _ = stream.set_nodelay(true);
         let slot = self.free.last().copied().unwrap_or(self.relays.len());
-        if cx
-            .registry
-            .register(
-                &mut stream,
-                token(ep, relay_token(slot)),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
+        if cx.registry.register(&mut stream, token(ep, relay_token(slot)), Interest::READABLE | Interest::WRITABLE).is_err() {
             return None;
         }
-        let r = Relay {
-            stream,
-            handle,
-            kind,
-            readable: true,
-            writable: true,
-            host_eof: false,
-            host_shut: false,
-            assoc: None,
-        };
+        let r = Relay { stream, handle, kind, readable: true, writable: true, host_eof: false, host_shut: false, assoc: None };
         Some(self.add_relay(r))
     }
 
@@ -549,11 +423,7 @@ impl Host {
                 continue;
             }
             cx.counters.socks5_clients += 1;
-            let kind = Kind::Socks {
-                state: Socks::Greeting,
-                buf: Box::new([0; 512]),
-                len: 0,
-            };
+            let kind = Kind::Socks { state: Socks::Greeting, buf: Box::new([0; 512]), len: 0 };
             self.start_relay(cx, ep, stream, None, kind);
         }
     }
@@ -583,10 +453,7 @@ impl Host {
             match TcpStream::connect(local) {
                 Ok(stream) => {
                     cx.counters.tcp_exposed += 1;
-                    if self
-                        .start_relay(cx, ep, stream, Some(h), Kind::Expose { connecting: true })
-                        .is_none()
-                    {
+                    if self.start_relay(cx, ep, stream, Some(h), Kind::Expose { connecting: true }).is_none() {
                         refuse(sockets, cx.counters);
                         self.closing.push((h, false, cx.now));
                     }
@@ -601,14 +468,7 @@ impl Host {
 
     /// Ends relay `r` (taken out of `slot`): its host stream is closed (reset when `reset`),
     /// its stack socket aborted (when `reset`) or left to close gracefully.
-    fn finish(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        slot: usize,
-        mut r: Relay,
-        sockets: &mut SocketSet<'static>,
-        reset: bool,
-    ) {
+    fn finish(&mut self, cx: &mut Ctx<'_>, slot: usize, mut r: Relay, sockets: &mut SocketSet<'static>, reset: bool) {
         let _ = cx.registry.deregister(&mut r.stream);
         if reset {
             // RST rather than FIN: the other side's connection failed.
@@ -652,30 +512,15 @@ impl Host {
 
     /// Whether closed sockets wait for the next service to be removed.
     pub fn reap_pending(&self, sockets: &SocketSet<'static>) -> bool {
-        self.closing.iter().any(|(h, _, _)| {
-            matches!(
-                sockets.get::<tcp::Socket>(*h).state(),
-                tcp::State::Closed | tcp::State::TimeWait
-            )
-        })
+        self.closing.iter().any(|(h, _, _)| matches!(sockets.get::<tcp::Socket>(*h).state(), tcp::State::Closed | tcp::State::TimeWait))
     }
 
     /// When the oldest closing socket is aborted.
     fn closing_deadline(&self, timeout: Duration) -> Option<Instant> {
-        self.closing
-            .iter()
-            .map(|(_, _, since)| *since + timeout)
-            .min()
+        self.closing.iter().map(|(_, _, since)| *since + timeout).min()
     }
 
-    fn service_relay(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        ep: u32,
-        slot: usize,
-        iface: &mut Interface,
-        sockets: &mut SocketSet<'static>,
-    ) {
+    fn service_relay(&mut self, cx: &mut Ctx<'_>, ep: u32, slot: usize, iface: &mut Interface, sockets: &mut SocketSet<'static>) {
         let Some(mut r) = self.relays.get_mut(slot).and_then(Option::take) else {
             return;
         };
@@ -701,15 +546,7 @@ impl Host {
     }
 
     /// One step of a SOCKS5 client: handshake, connection, then relaying.
-    fn socks_step(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        ep: u32,
-        slot: usize,
-        r: &mut Relay,
-        iface: &mut Interface,
-        sockets: &mut SocketSet<'static>,
-    ) -> Outcome {
+    fn socks_step(&mut self, cx: &mut Ctx<'_>, ep: u32, slot: usize, r: &mut Relay, iface: &mut Interface, sockets: &mut SocketSet<'static>) -> Outcome {
         let Kind::Socks { state, buf, len } = &mut r.kind else {
             return Outcome::Reset;
         };
@@ -745,9 +582,7 @@ impl Host {
                     buf.copy_within(used..*len, 0);
                     *len -= used;
                     let Some(req) = request else {
-                        if r.stream.write(&socks5::method_reply(no_auth)).ok() != Some(2)
-                            || !no_auth
-                        {
+                        if r.stream.write(&socks5::method_reply(no_auth)).ok() != Some(2) || !no_auth {
                             cx.counters.socks5_refused += u64::from(!no_auth);
                             return Outcome::Done;
                         }
@@ -757,18 +592,12 @@ impl Host {
                     let refuse = |stream: &mut TcpStream, code: Reply, counters: &mut Counters| {
                         counters.socks5_refused += 1;
                         let mut out = [0u8; 22];
-                        let n = socks5::reply(
-                            &mut out,
-                            code,
-                            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-                        );
+                        let n = socks5::reply(&mut out, code, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
                         let _ = stream.write(&out[..n]);
                         Outcome::Done
                     };
                     let target = match (req.cmd, req.target) {
-                        (_, Target::Name) => {
-                            return refuse(&mut r.stream, Reply::HostUnreachable, cx.counters)
-                        }
+                        (_, Target::Name) => return refuse(&mut r.stream, Reply::HostUnreachable, cx.counters),
                         (socks5::CMD_CONNECT | socks5::CMD_UDP_ASSOCIATE, Target::Addr(a)) => a,
                         _ => return refuse(&mut r.stream, Reply::CommandNotSupported, cx.counters),
                     };
@@ -787,19 +616,11 @@ impl Host {
                                 *state = Socks::Associated;
                                 return Outcome::Continue;
                             }
-                            None => {
-                                return refuse(&mut r.stream, Reply::GeneralFailure, cx.counters)
-                            }
+                            None => return refuse(&mut r.stream, Reply::GeneralFailure, cx.counters),
                         }
                     }
                     let mut s = tcp_socket(cx.limits);
-                    if s.connect(
-                        iface.context(),
-                        IpEndpoint::from(target),
-                        IpListenEndpoint { addr: None, port },
-                    )
-                    .is_err()
-                    {
+                    if s.connect(iface.context(), IpEndpoint::from(target), IpListenEndpoint { addr: None, port }).is_err() {
                         return refuse(&mut r.stream, Reply::NetworkUnreachable, cx.counters);
                     }
                     r.handle = Some(sockets.add(s));
@@ -815,27 +636,16 @@ impl Host {
                         tcp::State::SynSent | tcp::State::SynReceived => return Outcome::Continue,
                         tcp::State::Closed => {
                             // A reset comes at once; silence lasts until the connect timeout.
-                            let code = if cx.now.duration_since(*from) < cx.limits.tcp_timeout {
-                                Reply::ConnectionRefused
-                            } else {
-                                Reply::HostUnreachable
-                            };
+                            let code = if cx.now.duration_since(*from) < cx.limits.tcp_timeout { Reply::ConnectionRefused } else { Reply::HostUnreachable };
                             cx.counters.socks5_refused += 1;
                             let mut out = [0u8; 22];
-                            let n = socks5::reply(
-                                &mut out,
-                                code,
-                                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-                            );
+                            let n = socks5::reply(&mut out, code, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
                             let _ = r.stream.write(&out[..n]);
                             return Outcome::Done;
                         }
                         _ => {}
                     }
-                    let bound = s
-                        .local_endpoint()
-                        .map(SocketAddr::from)
-                        .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+                    let bound = s.local_endpoint().map(SocketAddr::from).unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
                     let mut out = [0u8; 22];
                     let n = socks5::reply(&mut out, Reply::Succeeded, bound);
                     if r.stream.write(&out[..n]).ok() != Some(n) {
@@ -869,39 +679,19 @@ impl Host {
 
     /// Opens a UDP ASSOCIATE for relay `r`: a host socket beside the SOCKS5 listener and a
     /// stack socket on `port`; returns the host socket's address.
-    fn associate(
-        &mut self,
-        cx: &mut Ctx<'_>,
-        ep: u32,
-        slot: usize,
-        r: &mut Relay,
-        port: u16,
-        sockets: &mut SocketSet<'static>,
-    ) -> Option<SocketAddr> {
+    fn associate(&mut self, cx: &mut Ctx<'_>, ep: u32, slot: usize, r: &mut Relay, port: u16, sockets: &mut SocketSet<'static>) -> Option<SocketAddr> {
         let listen_ip = self.socks.as_ref()?.0.local_addr().ok()?.ip();
         let client_ip = r.stream.peer_addr().ok()?.ip();
         let mut socket = UdpSocket::bind(SocketAddr::new(listen_ip, 0)).ok()?;
         let bound = socket.local_addr().ok()?;
-        cx.registry
-            .register(
-                &mut socket,
-                token(ep, (K_ASSOC << 28) | slot as u32),
-                Interest::READABLE,
-            )
-            .ok()?;
+        cx.registry.register(&mut socket, token(ep, (K_ASSOC << 28) | slot as u32), Interest::READABLE).ok()?;
         let mut s = udp_socket(cx.limits);
         if s.bind(port).is_err() {
             let _ = cx.registry.deregister(&mut socket);
             return None;
         }
         let handle = sockets.add(s);
-        r.assoc = Some(Assoc {
-            socket,
-            handle,
-            client_ip,
-            client: None,
-            readable: true,
-        });
+        r.assoc = Some(Assoc { socket, handle, client_ip, client: None, readable: true });
         Some(bound)
     }
 
@@ -932,21 +722,13 @@ impl Host {
                             cx.counters.udp_dropped += 1;
                             continue;
                         }
-                        f.flows.push(ForwardFlow {
-                            peer,
-                            handle: sockets.add(s),
-                            last: now,
-                        });
+                        f.flows.push(ForwardFlow { peer, handle: sockets.add(s), last: now });
                         f.flows.len() - 1
                     }
                 };
                 let flow = &mut f.flows[i];
                 flow.last = now;
-                if sockets
-                    .get_mut::<udp::Socket>(flow.handle)
-                    .send_slice(&cx.scratch[..n], IpEndpoint::from(f.bus))
-                    .is_err()
-                {
+                if sockets.get_mut::<udp::Socket>(flow.handle).send_slice(&cx.scratch[..n], IpEndpoint::from(f.bus)).is_err() {
                     cx.counters.udp_dropped += 1;
                 }
             }
@@ -971,49 +753,24 @@ impl Host {
             loop {
                 let s = sockets.get_mut::<udp::Socket>(e.handle);
                 let Ok((data, meta)) = s.recv() else { break };
-                let j = match e
-                    .flows
-                    .iter()
-                    .position(|x| x.as_ref().is_some_and(|x| x.bus_peer == meta.endpoint))
-                {
+                let j = match e.flows.iter().position(|x| x.as_ref().is_some_and(|x| x.bus_peer == meta.endpoint)) {
                     Some(j) => j,
                     None if e.flows.iter().flatten().count() >= max_flows => {
                         cx.counters.udp_dropped += 1;
                         continue;
                     }
                     None => {
-                        let Some(socket) = UdpSocket::bind(unspecified_for(e.local))
-                            .ok()
-                            .filter(|s| s.connect(e.local).is_ok())
-                        else {
+                        let Some(socket) = UdpSocket::bind(unspecified_for(e.local)).ok().filter(|s| s.connect(e.local).is_ok()) else {
                             cx.counters.udp_dropped += 1;
                             continue;
                         };
-                        let j = e
-                            .flows
-                            .iter()
-                            .position(Option::is_none)
-                            .unwrap_or(e.flows.len());
+                        let j = e.flows.iter().position(Option::is_none).unwrap_or(e.flows.len());
                         let mut socket = socket;
-                        if cx
-                            .registry
-                            .register(
-                                &mut socket,
-                                token(ep, local(K_EXPOSE_FLOW, i, j)),
-                                Interest::READABLE,
-                            )
-                            .is_err()
-                        {
+                        if cx.registry.register(&mut socket, token(ep, local(K_EXPOSE_FLOW, i, j)), Interest::READABLE).is_err() {
                             cx.counters.udp_dropped += 1;
                             continue;
                         }
-                        let flow = ExposeFlow {
-                            bus_peer: meta.endpoint,
-                            bus_local: meta.local_address,
-                            socket,
-                            readable: true,
-                            last: now,
-                        };
+                        let flow = ExposeFlow { bus_peer: meta.endpoint, bus_local: meta.local_address, socket, readable: true, last: now };
                         if j == e.flows.len() {
                             e.flows.push(Some(flow));
                         } else {
@@ -1037,11 +794,7 @@ impl Host {
                             flow.last = now;
                             let mut meta = udp::UdpMetadata::from(flow.bus_peer);
                             meta.local_address = flow.bus_local;
-                            if sockets
-                                .get_mut::<udp::Socket>(e.handle)
-                                .send_slice(&cx.scratch[..n], meta)
-                                .is_err()
-                            {
+                            if sockets.get_mut::<udp::Socket>(e.handle).send_slice(&cx.scratch[..n], meta).is_err() {
                                 cx.counters.udp_dropped += 1;
                             }
                         }
@@ -1074,11 +827,7 @@ impl Host {
                 a.client = Some(from);
                 match socks5::udp_header(&cx.scratch[..n]) {
                     Ok((Target::Addr(dst), at)) => {
-                        if sockets
-                            .get_mut::<udp::Socket>(a.handle)
-                            .send_slice(&cx.scratch[at..n], IpEndpoint::from(dst))
-                            .is_err()
-                        {
+                        if sockets.get_mut::<udp::Socket>(a.handle).send_slice(&cx.scratch[at..n], IpEndpoint::from(dst)).is_err() {
                             cx.counters.udp_dropped += 1;
                         }
                     }
@@ -1112,9 +861,7 @@ fn ephemeral(next: &mut u16, sockets: &SocketSet<'static>) -> u16 {
         *next = next.checked_add(1).filter(|&p| p >= 49152).unwrap_or(49152);
         let p = *next;
         let used = sockets.iter().any(|(_, s)| match s {
-            smoltcp::socket::Socket::Tcp(t) => {
-                t.local_endpoint().map(|e| e.port) == Some(p) || t.listen_endpoint().port == p
-            }
+            smoltcp::socket::Socket::Tcp(t) => t.local_endpoint().map(|e| e.port) == Some(p) || t.listen_endpoint().port == p,
             smoltcp::socket::Socket::Udp(u) => u.endpoint().port == p,
         });
         if !used {

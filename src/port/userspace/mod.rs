@@ -175,12 +175,7 @@ pub enum Error {
     #[error("endpoint {name:?}: {what}")]
     Endpoint { name: String, what: String },
     #[error("endpoint {name:?}: {service}: cannot listen on {addr}: {source}")]
-    Listen {
-        name: String,
-        service: String,
-        addr: SocketAddr,
-        source: io::Error,
-    },
+    Listen { name: String, service: String, addr: SocketAddr, source: io::Error },
     #[error("the userspace port's poller: {0}")]
     Poller(io::Error),
 }
@@ -305,27 +300,14 @@ impl phy::Device for Wire<'_> {
 
     fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxOne<'_>, TxOne<'_>)> {
         let p = self.input.take()?;
-        Some((
-            RxOne(p),
-            TxOne {
-                outbox: self.outbox,
-                spill: self.spill,
-                dropped: self.dropped,
-                tag: self.tag,
-            },
-        ))
+        Some((RxOne(p), TxOne { outbox: self.outbox, spill: self.spill, dropped: self.dropped, tag: self.tag }))
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxOne<'_>> {
         if self.outbox.is_full() {
             return None;
         }
-        Some(TxOne {
-            outbox: self.outbox,
-            spill: self.spill,
-            dropped: self.dropped,
-            tag: self.tag,
-        })
+        Some(TxOne { outbox: self.outbox, spill: self.spill, dropped: self.dropped, tag: self.tag })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -457,72 +439,41 @@ impl UserspacePort {
 
     /// Adds an endpoint: its stack with its addresses (and default routes through them),
     /// and its host services (listeners bound now: a port in use is an error here).
-    pub fn add_endpoint(
-        &mut self,
-        config: EndpointConfig,
-        now: Instant,
-    ) -> Result<EndpointId, Error> {
-        let bad = |what: String| Error::Endpoint {
-            name: config.name.clone(),
-            what,
-        };
-        let id = u32::try_from(self.endpoints.len())
-            .ok()
-            .filter(|&i| i < GROUP)
-            .ok_or_else(|| bad("too many endpoints in one port".into()))?;
+    pub fn add_endpoint(&mut self, config: EndpointConfig, now: Instant) -> Result<EndpointId, Error> {
+        let bad = |what: String| Error::Endpoint { name: config.name.clone(), what };
+        let id = u32::try_from(self.endpoints.len()).ok().filter(|&i| i < GROUP).ok_or_else(|| bad("too many endpoints in one port".into()))?;
         if config.name.is_empty() {
             return Err(bad("the name is empty".into()));
         }
         if config.link_local.segments()[0] & 0xffc0 != 0xfe80 {
-            return Err(bad(format!(
-                "link-local address {} is not in fe80::/10",
-                config.link_local
-            )));
+            return Err(bad(format!("link-local address {} is not in fe80::/10", config.link_local)));
         }
         let mut addrs = config.addrs.clone();
-        addrs.push(Prefix {
-            addr: IpAddr::V6(config.link_local),
-            len: 64,
-        });
+        addrs.push(Prefix { addr: IpAddr::V6(config.link_local), len: 64 });
         if addrs.len() > MAX_ADDRS {
-            return Err(bad(format!(
-                "{} addresses with the link-local; an endpoint has at most {MAX_ADDRS}",
-                addrs.len()
-            )));
+            return Err(bad(format!("{} addresses with the link-local; an endpoint has at most {MAX_ADDRS}", addrs.len())));
         }
         for (i, p) in addrs.iter().enumerate() {
             let a = p.addr;
             let unicast = match a {
-                IpAddr::V4(v) => {
-                    !(v.is_unspecified() || v.is_multicast() || v.is_broadcast() || v.is_loopback())
-                }
+                IpAddr::V4(v) => !(v.is_unspecified() || v.is_multicast() || v.is_broadcast() || v.is_loopback()),
                 IpAddr::V6(v) => !(v.is_unspecified() || v.is_multicast() || v.is_loopback()),
             };
             if !unicast {
                 return Err(bad(format!("{a} is not a unicast address")));
             }
             if let Some(&other) = self.owners.get(&a) {
-                return Err(bad(format!(
-                    "{a} already belongs to endpoint {:?}",
-                    self.endpoints[other as usize].name
-                )));
+                return Err(bad(format!("{a} already belongs to endpoint {:?}", self.endpoints[other as usize].name)));
             }
             if addrs[..i].iter().any(|q| q.addr == a) {
                 return Err(bad(format!("{a} is given twice")));
             }
         }
         let t = stamp(self.epoch, now);
-        let mut wire = Wire {
-            input: None,
-            outbox: &mut self.outbox,
-            spill: &mut self.spill,
-            dropped: &mut self.counters.outbox_full,
-            tag: id,
-            mtu: self.limits.mtu,
-        };
+        let mut wire =
+            Wire { input: None, outbox: &mut self.outbox, spill: &mut self.spill, dropped: &mut self.counters.outbox_full, tag: id, mtu: self.limits.mtu };
         let mut cfg = Config::new(HardwareAddress::Ip);
-        cfg.random_seed =
-            crate::util::splitmix64(self.seed ^ u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        cfg.random_seed = crate::util::splitmix64(self.seed ^ u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut iface = Interface::new(cfg, &mut wire, t);
         iface.update_ip_addrs(|a| {
             for p in &addrs {
@@ -540,27 +491,10 @@ impl UserspacePort {
         } else {
             let s = &config.services;
             if s.forwards.len() > host::MAX_SERVICES || s.exposes.len() > host::MAX_SERVICES {
-                return Err(bad(format!(
-                    "more than {} forwards or exposes",
-                    host::MAX_SERVICES
-                )));
+                return Err(bad(format!("more than {} forwards or exposes", host::MAX_SERVICES)));
             }
-            let h = host::Host::open(
-                id,
-                &s.forwards,
-                &s.exposes,
-                s.socks5.as_ref(),
-                self.poll.registry(),
-                &mut sockets,
-                &self.limits,
-                cfg_seed(self.seed, id),
-            )
-            .map_err(|e| Error::Listen {
-                name: config.name.clone(),
-                service: e.service,
-                addr: e.addr,
-                source: e.source,
-            })?;
+            let h = host::Host::open(id, &s.forwards, &s.exposes, s.socks5.as_ref(), self.poll.registry(), &mut sockets, &self.limits, cfg_seed(self.seed, id))
+                .map_err(|e| Error::Listen { name: config.name.clone(), service: e.service, addr: e.addr, source: e.source })?;
             Some(Box::new(h))
         };
         for p in &addrs {
@@ -592,9 +526,7 @@ impl UserspacePort {
 
     /// An endpoint's name and addresses (the link-local last).
     pub fn endpoint(&self, id: EndpointId) -> Option<(&str, &[Prefix])> {
-        self.endpoints
-            .get(id.index())
-            .map(|e| (&*e.name, &*e.addrs))
+        self.endpoints.get(id.index()).map(|e| (&*e.name, &*e.addrs))
     }
 
     /// The endpoint that owns `addr`.
@@ -604,9 +536,7 @@ impl UserspacePort {
 
     /// Every address the port's endpoints own: what its worker binds on the bus.
     pub fn owned_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.endpoints
-            .iter()
-            .flat_map(|e| e.addrs.iter().map(|p| p.addr))
+        self.endpoints.iter().flat_map(|e| e.addrs.iter().map(|p| p.addr))
     }
 
     /// The endpoint whose packet the last [`Port::read`] returned (for its flood key and
@@ -617,19 +547,12 @@ impl UserspacePort {
 
     /// The host addresses an endpoint's forwards and SOCKS5 server listen on.
     pub fn listening(&self, id: EndpointId) -> Vec<SocketAddr> {
-        self.endpoints
-            .get(id.index())
-            .and_then(|e| e.host.as_ref())
-            .map(|h| h.listening())
-            .unwrap_or_default()
+        self.endpoints.get(id.index()).and_then(|e| e.host.as_ref()).map(|h| h.listening()).unwrap_or_default()
     }
 
     /// Open TCP connections of an endpoint's host services.
     pub fn connections(&self, id: EndpointId) -> usize {
-        self.endpoints
-            .get(id.index())
-            .and_then(|e| e.host.as_ref())
-            .map_or(0, |h| h.connections())
+        self.endpoints.get(id.index()).and_then(|e| e.host.as_ref()).map_or(0, |h| h.connections())
     }
 
     pub fn counters(&self) -> &Counters {
@@ -638,35 +561,15 @@ impl UserspacePort {
 
     /// Sends an echo request from endpoint `id` to `dst` (from its link-local address for
     /// link-local and multicast destinations). Replies come out of [`Self::ping_replies`].
-    pub fn ping(
-        &mut self,
-        id: EndpointId,
-        dst: IpAddr,
-        seq: u16,
-        now: Instant,
-    ) -> Result<(), PingError> {
-        let e = self
-            .endpoints
-            .get(id.index())
-            .ok_or(PingError::NoEndpoint)?;
+    pub fn ping(&mut self, id: EndpointId, dst: IpAddr, seq: u16, now: Instant) -> Result<(), PingError> {
+        let e = self.endpoints.get(id.index()).ok_or(PingError::NoEndpoint)?;
         let src = source_for(&e.addrs, dst).ok_or(PingError::NoSource)?;
         let mut data = [0u8; 56];
-        data[..8].copy_from_slice(
-            &(now.saturating_duration_since(self.epoch).as_nanos() as u64).to_be_bytes(),
-        );
+        data[..8].copy_from_slice(&(now.saturating_duration_since(self.epoch).as_nanos() as u64).to_be_bytes());
         data[8..16].copy_from_slice(PING_MAGIC);
-        let echo = ping::Echo {
-            src,
-            dst,
-            ident: e.ident,
-            seq,
-            data: &data,
-        };
+        let echo = ping::Echo { src, dst, ident: e.ident, seq, data: &data };
         let len = ping::request_len(&echo);
-        match self
-            .outbox
-            .push_with(id.0, len, |b| ping::write_request(b, &echo))
-        {
+        match self.outbox.push_with(id.0, len, |b| ping::write_request(b, &echo)) {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(PingError::NoSource),
             Err(_) => Err(PingError::Full),
@@ -689,11 +592,7 @@ impl UserspacePort {
             return;
         }
         for _ in 0..4 {
-            if self
-                .poll
-                .poll(&mut self.events, Some(Duration::ZERO))
-                .is_err()
-            {
+            if self.poll.poll(&mut self.events, Some(Duration::ZERO)).is_err() {
                 return;
             }
             let mut n = 0;
@@ -757,44 +656,24 @@ impl UserspacePort {
                 }
                 self.group_next = 0;
             } else if let Some(e) = self.endpoints.get_mut(tag as usize) {
-                let ours = ping::parse_reply(pkt)
-                    .filter(|r| r.ident == e.ident && r.data.get(8..16) == Some(&PING_MAGIC[..]));
+                let ours = ping::parse_reply(pkt).filter(|r| r.ident == e.ident && r.data.get(8..16) == Some(&PING_MAGIC[..]));
                 if let Some(r) = ours {
-                    let sent = r.data.get(..8).map_or(0, |b| {
-                        u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-                    });
-                    let rtt =
-                        now.saturating_duration_since(self.epoch + Duration::from_nanos(sent));
+                    let sent = r.data.get(..8).map_or(0, |b| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+                    let rtt = now.saturating_duration_since(self.epoch + Duration::from_nanos(sent));
                     if self.pings.len() < self.limits.ping_replies {
-                        self.pings.push_back(PingReply {
-                            endpoint: EndpointId(e.id),
-                            from: r.src,
-                            seq: r.seq,
-                            rtt,
-                        });
+                        self.pings.push_back(PingReply { endpoint: EndpointId(e.id), from: r.src, seq: r.seq, rtt });
                     } else {
                         self.counters.ping_replies_dropped += 1;
                     }
                 } else {
-                    let mut wire = Wire {
-                        input: Some(pkt),
-                        outbox: &mut self.outbox,
-                        spill: &mut self.spill,
-                        dropped: &mut self.counters.outbox_full,
-                        tag: e.id,
-                        mtu,
-                    };
+                    let mut wire =
+                        Wire { input: Some(pkt), outbox: &mut self.outbox, spill: &mut self.spill, dropped: &mut self.counters.outbox_full, tag: e.id, mtu };
                     e.iface.poll_ingress_single(t, &mut wire, &mut e.sockets);
                     if let Some(h) = e.host.as_mut() {
                         // A listener that took a connection is replaced before the next
                         // packet, so a burst of SYNs finds one each.
-                        let mut cx = host::Ctx {
-                            registry: self.poll.registry(),
-                            counters: &mut self.counters,
-                            limits: &self.limits,
-                            scratch: &mut self.scratch,
-                            now,
-                        };
+                        let mut cx =
+                            host::Ctx { registry: self.poll.registry(), counters: &mut self.counters, limits: &self.limits, scratch: &mut self.scratch, now };
                         h.rearm_exposes(&mut cx, e.id, &mut e.sockets);
                         if !e.dirty {
                             e.dirty = true;
@@ -819,13 +698,7 @@ impl UserspacePort {
         // learns of it now rather than at the next event.
         for round in 0..2 {
             if let Some(h) = e.host.as_mut() {
-                let mut cx = host::Ctx {
-                    registry: self.poll.registry(),
-                    counters: &mut self.counters,
-                    limits: &self.limits,
-                    scratch: &mut self.scratch,
-                    now,
-                };
+                let mut cx = host::Ctx { registry: self.poll.registry(), counters: &mut self.counters, limits: &self.limits, scratch: &mut self.scratch, now };
                 h.service(&mut cx, e.id, &mut e.iface, &mut e.sockets);
             }
             let mut wire = Wire {
@@ -841,14 +714,8 @@ impl UserspacePort {
                 break;
             }
         }
-        let stack = e
-            .iface
-            .poll_at(t, &e.sockets)
-            .map(|x| unstamp(self.epoch, x));
-        let host = e
-            .host
-            .as_ref()
-            .and_then(|h| h.deadline(self.limits.udp_idle, self.limits.tcp_timeout));
+        let stack = e.iface.poll_at(t, &e.sockets).map(|x| unstamp(self.epoch, x));
+        let host = e.host.as_ref().and_then(|h| h.deadline(self.limits.udp_idle, self.limits.tcp_timeout));
         e.next_at = match (stack, host) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -870,27 +737,17 @@ fn source_for(addrs: &[Prefix], dst: IpAddr) -> Option<IpAddr> {
         IpAddr::V6(d) => d.is_multicast() || d.segments()[0] & 0xffc0 == 0xfe80,
         IpAddr::V4(_) => false,
     };
-    let mut family = addrs
-        .iter()
-        .map(|p| p.addr)
-        .filter(|a| a.is_ipv4() == dst.is_ipv4());
+    let mut family = addrs.iter().map(|p| p.addr).filter(|a| a.is_ipv4() == dst.is_ipv4());
     if v6_local {
         return family.find(|a| matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80));
     }
-    let mut v = family
-        .clone()
-        .filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80));
+    let mut v = family.clone().filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80));
     v.next().or_else(|| family.next())
 }
 
 /// Queues one wire-sized packet from the bus for its endpoint(s); false when dropped for
 /// lack of room.
-fn accept(
-    inbox: &mut Ring,
-    owners: &HashMap<IpAddr, u32>,
-    counters: &mut Counters,
-    packet: &[u8],
-) -> bool {
+fn accept(inbox: &mut Ring, owners: &HashMap<IpAddr, u32>, counters: &mut Counters, packet: &[u8]) -> bool {
     let tag = match dest::inbound(packet) {
         Inbound::Unicast(dst) => match owners.get(&dst) {
             Some(&id) => id,
@@ -941,10 +798,7 @@ impl Port for UserspacePort {
         let Some(out) = buf.get_mut(..n) else {
             self.outbox.pop();
             self.counters.read_too_small += 1;
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "read buffer smaller than the packet",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read buffer smaller than the packet"));
         };
         out[..VNET_HDR_LEN].copy_from_slice(&vnet::PLAIN);
         out[VNET_HDR_LEN..].copy_from_slice(pkt);
@@ -958,17 +812,12 @@ impl Port for UserspacePort {
         self.counters.from_bus += 1;
         let (inbox, owners, counters) = (&mut self.inbox, &self.owners, &mut self.counters);
         let mut full = false;
-        let cut = self.segmenter.segments(Some(vnet_hdr), unit, |p| {
-            full |= !accept(inbox, owners, counters, p)
-        });
+        let cut = self.segmenter.segments(Some(vnet_hdr), unit, |p| full |= !accept(inbox, owners, counters, p));
         if cut.is_err() {
             self.counters.bad_offload += 1;
         }
         if full {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "the userspace port's inbox is full",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "the userspace port's inbox is full"));
         }
         Ok(())
     }
@@ -1004,11 +853,7 @@ impl Port for UserspacePort {
         while let Some(i) = self.dirty.pop() {
             self.service(i, now);
         }
-        self.earliest = self
-            .active
-            .iter()
-            .filter_map(|&i| self.endpoints[i as usize].next_at)
-            .min();
+        self.earliest = self.active.iter().filter_map(|&i| self.endpoints[i as usize].next_at).min();
         !self.outbox.is_empty()
     }
 }
@@ -1023,77 +868,38 @@ mod tests {
 
     #[test]
     fn source_addresses_follow_the_destination() {
-        let addrs = [
-            prefix("198.18.0.1/24"),
-            prefix("fd00::1/64"),
-            prefix("fe80::1/64"),
-        ];
+        let addrs = [prefix("198.18.0.1/24"), prefix("fd00::1/64"), prefix("fe80::1/64")];
         let src = |d: &str| source_for(&addrs, d.parse().unwrap()).map(|a| a.to_string());
         assert_eq!(src("198.18.0.2").as_deref(), Some("198.18.0.1"));
         assert_eq!(src("fd00::2").as_deref(), Some("fd00::1"));
         assert_eq!(src("fe80::2").as_deref(), Some("fe80::1"));
         assert_eq!(src("ff02::1").as_deref(), Some("fe80::1"));
         let only_ll = [prefix("fe80::1/64")];
-        assert_eq!(
-            source_for(&only_ll, "fd00::2".parse().unwrap()),
-            Some("fe80::1".parse().unwrap())
-        );
+        assert_eq!(source_for(&only_ll, "fd00::2".parse().unwrap()), Some("fe80::1".parse().unwrap()));
         assert_eq!(source_for(&only_ll, "198.18.0.2".parse().unwrap()), None);
     }
 
     fn endpoint(name: &str, v4: &str, v6: &str, ll: &str) -> EndpointConfig {
-        EndpointConfig {
-            name: name.into(),
-            addrs: vec![prefix(v4), prefix(v6)],
-            link_local: ll.parse().unwrap(),
-            services: Services::default(),
-        }
+        EndpointConfig { name: name.into(), addrs: vec![prefix(v4), prefix(v6)], link_local: ll.parse().unwrap(), services: Services::default() }
     }
 
     #[test]
     fn endpoints_are_checked_when_added() {
         let now = Instant::now();
-        let mut p = UserspacePort::new(
-            PortConfig {
-                index: 0,
-                seed: 1,
-                limits: Limits::default(),
-            },
-            now,
-        )
-        .unwrap();
-        let a = p
-            .add_endpoint(endpoint("a", "198.18.0.1/24", "fd00::1/64", "fe80::1"), now)
-            .unwrap();
+        let mut p = UserspacePort::new(PortConfig { index: 0, seed: 1, limits: Limits::default() }, now).unwrap();
+        let a = p.add_endpoint(endpoint("a", "198.18.0.1/24", "fd00::1/64", "fe80::1"), now).unwrap();
         assert_eq!(p.owner("fe80::1".parse().unwrap()), Some(a));
-        let e = p
-            .add_endpoint(endpoint("b", "198.18.0.1/24", "fd00::2/64", "fe80::2"), now)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("198.18.0.1 already belongs to endpoint \"a\""),
-            "{e}"
-        );
-        let e = p
-            .add_endpoint(endpoint("b", "198.18.0.2/24", "fd00::2/64", "fd00::3"), now)
-            .unwrap_err()
-            .to_string();
+        let e = p.add_endpoint(endpoint("b", "198.18.0.1/24", "fd00::2/64", "fe80::2"), now).unwrap_err().to_string();
+        assert!(e.contains("198.18.0.1 already belongs to endpoint \"a\""), "{e}");
+        let e = p.add_endpoint(endpoint("b", "198.18.0.2/24", "fd00::2/64", "fd00::3"), now).unwrap_err().to_string();
         assert!(e.contains("not in fe80::/10"), "{e}");
-        let e = p
-            .add_endpoint(endpoint("b", "224.0.0.1/24", "fd00::2/64", "fe80::2"), now)
-            .unwrap_err()
-            .to_string();
+        let e = p.add_endpoint(endpoint("b", "224.0.0.1/24", "fd00::2/64", "fe80::2"), now).unwrap_err().to_string();
         assert!(e.contains("not a unicast address"), "{e}");
         let mut many = endpoint("b", "198.18.0.2/24", "fd00::2/64", "fe80::2");
-        many.addrs
-            .extend((10..20).map(|i| prefix(&format!("198.18.1.{i}/24"))));
+        many.addrs.extend((10..20).map(|i| prefix(&format!("198.18.1.{i}/24"))));
         let e = p.add_endpoint(many, now).unwrap_err().to_string();
         assert!(e.contains("at most 8"), "{e}");
-        assert_eq!(
-            p.endpoint_count(),
-            1,
-            "refused endpoints leave nothing behind"
-        );
+        assert_eq!(p.endpoint_count(), 1, "refused endpoints leave nothing behind");
         assert_eq!(p.owned_addresses().count(), 3);
     }
 }

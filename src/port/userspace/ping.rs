@@ -107,9 +107,7 @@ pub fn parse_reply(packet: &[u8]) -> Option<Echo<'_>> {
             if total != packet.len() {
                 return None;
             }
-            let a = |at: usize| {
-                IpAddr::from([packet[at], packet[at + 1], packet[at + 2], packet[at + 3]])
-            };
+            let a = |at: usize| IpAddr::from([packet[at], packet[at + 1], packet[at + 2], packet[at + 3]]);
             (a(12), a(16), ihl, V4_ECHO_REPLY)
         }
         6 => {
@@ -132,13 +130,7 @@ pub fn parse_reply(packet: &[u8]) -> Option<Echo<'_>> {
     if icmp[0] != reply_type || icmp[1] != 0 || icmp_sum(&packet[..l4], icmp) != 0xffff {
         return None;
     }
-    Some(Echo {
-        src,
-        dst,
-        ident: u16::from_be_bytes([icmp[4], icmp[5]]),
-        seq: u16::from_be_bytes([icmp[6], icmp[7]]),
-        data: &icmp[8..],
-    })
+    Some(Echo { src, dst, ident: u16::from_be_bytes([icmp[4], icmp[5]]), seq: u16::from_be_bytes([icmp[6], icmp[7]]), data: &icmp[8..] })
 }
 
 #[cfg(test)]
@@ -169,61 +161,30 @@ mod tests {
 
     #[test]
     fn requests_are_valid_packets_and_replies_parse() {
-        for (src, dst) in [
-            ("198.18.0.1", "198.18.0.2"),
-            ("fd00::1", "fd00::2"),
-            ("fe80::1", "ff02::1"),
-        ] {
-            let e = Echo {
-                src: src.parse().unwrap(),
-                dst: dst.parse().unwrap(),
-                ident: 0x1234,
-                seq: 7,
-                data: b"0123456789abcdef",
-            };
+        for (src, dst) in [("198.18.0.1", "198.18.0.2"), ("fd00::1", "fd00::2"), ("fe80::1", "ff02::1")] {
+            let e = Echo { src: src.parse().unwrap(), dst: dst.parse().unwrap(), ident: 0x1234, seq: 7, data: b"0123456789abcdef" };
             let mut buf = [0u8; 100];
             let n = write_request(&mut buf, &e).unwrap();
             assert_eq!(n, request_len(&e));
             assert!(parse_reply(&buf[..n]).is_none(), "a request is not a reply");
             let r = answer(&buf[..n]);
             let got = parse_reply(&r).unwrap();
-            assert_eq!(
-                (got.src, got.dst, got.ident, got.seq, got.data),
-                (e.dst, e.src, 0x1234, 7, &b"0123456789abcdef"[..])
-            );
+            assert_eq!((got.src, got.dst, got.ident, got.seq, got.data), (e.dst, e.src, 0x1234, 7, &b"0123456789abcdef"[..]));
             let mut bad = r.clone();
             *bad.last_mut().unwrap() ^= 1;
             assert!(parse_reply(&bad).is_none(), "checksum checked");
             assert!(parse_reply(&r[..r.len() - 1]).is_none(), "length checked");
         }
-        let mixed = Echo {
-            src: "198.18.0.1".parse().unwrap(),
-            dst: "fd00::2".parse().unwrap(),
-            ident: 0,
-            seq: 0,
-            data: &[],
-        };
+        let mixed = Echo { src: "198.18.0.1".parse().unwrap(), dst: "fd00::2".parse().unwrap(), ident: 0, seq: 0, data: &[] };
         assert_eq!(write_request(&mut [0u8; 100], &mixed), None);
-        let e = Echo {
-            src: "198.18.0.1".parse().unwrap(),
-            dst: "198.18.0.2".parse().unwrap(),
-            ident: 0,
-            seq: 0,
-            data: &[0; 64],
-        };
+        let e = Echo { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), ident: 0, seq: 0, data: &[0; 64] };
         assert_eq!(write_request(&mut [0u8; 80], &e), None, "too short");
     }
 
     /// The IPv4 header checksum a request carries verifies.
     #[test]
     fn ipv4_header_checksum() {
-        let e = Echo {
-            src: "198.18.0.1".parse().unwrap(),
-            dst: "198.18.0.2".parse().unwrap(),
-            ident: 1,
-            seq: 1,
-            data: b"x",
-        };
+        let e = Echo { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), ident: 1, seq: 1, data: b"x" };
         let mut buf = [0u8; 64];
         let n = write_request(&mut buf, &e).unwrap();
         assert_eq!(sum(&[&buf[..20]]), 0xffff);

@@ -18,14 +18,7 @@ impl Ring {
     /// A ring of `slots` packets of at most `slot` bytes each (at least one of each).
     pub fn new(slots: usize, slot: usize) -> Ring {
         let (slots, slot) = (slots.max(1), slot.max(1));
-        Ring {
-            buf: vec![0; slots * slot],
-            lens: vec![0; slots],
-            tags: vec![0; slots],
-            slot,
-            head: 0,
-            len: 0,
-        }
+        Ring { buf: vec![0; slots * slot], lens: vec![0; slots], tags: vec![0; slots], slot, head: 0, len: 0 }
     }
 
     #[cfg(test)]
@@ -53,12 +46,7 @@ impl Ring {
 
     /// Appends a packet that `fill` writes into a slot of `len` bytes; when the ring is
     /// full or `len` exceeds a slot, `fill` is handed back uncalled.
-    pub fn push_with<R, F: FnOnce(&mut [u8]) -> R>(
-        &mut self,
-        tag: u32,
-        len: usize,
-        fill: F,
-    ) -> Result<R, F> {
+    pub fn push_with<R, F: FnOnce(&mut [u8]) -> R>(&mut self, tag: u32, len: usize, fill: F) -> Result<R, F> {
         if self.is_full() || len > self.slot {
             return Err(fill);
         }
@@ -72,8 +60,7 @@ impl Ring {
 
     /// Appends a copy of `packet`; false when full or too big.
     pub fn push(&mut self, tag: u32, packet: &[u8]) -> bool {
-        self.push_with(tag, packet.len(), |b| b.copy_from_slice(packet))
-            .is_ok()
+        self.push_with(tag, packet.len(), |b| b.copy_from_slice(packet)).is_ok()
     }
 
     /// The oldest packet and its tag.
@@ -82,10 +69,7 @@ impl Ring {
             return None;
         }
         let i = self.head;
-        Some((
-            self.tags[i],
-            &self.buf[i * self.slot..i * self.slot + self.lens[i] as usize],
-        ))
+        Some((self.tags[i], &self.buf[i * self.slot..i * self.slot + self.lens[i] as usize]))
     }
 
     /// Drops the oldest packet.

@@ -93,10 +93,7 @@ pub fn greeting(buf: &[u8]) -> Result<Option<Greeting>, Garbage> {
     let Some(methods) = buf.get(2..len) else {
         return Ok(None);
     };
-    Ok(Some(Greeting {
-        no_auth: methods.contains(&METHOD_NO_AUTH),
-        len,
-    }))
+    Ok(Some(Greeting { no_auth: methods.contains(&METHOD_NO_AUTH), len }))
 }
 
 /// Reads a request from the start of `buf`: `Ok(None)` while incomplete.
@@ -113,11 +110,7 @@ pub fn request(buf: &[u8]) -> Result<Option<Request>, Garbage> {
     if rsv != 0 {
         return Err(Garbage::Reserved);
     }
-    Ok(address(&buf[3..])?.map(|(target, n)| Request {
-        cmd,
-        target,
-        len: 3 + n,
-    }))
+    Ok(address(&buf[3..])?.map(|(target, n)| Request { cmd, target, len: 3 + n }))
 }
 
 /// An address (ATYP, ADDR, PORT) at the start of `buf` and its length; `Ok(None)` while
@@ -126,20 +119,14 @@ fn address(buf: &[u8]) -> Result<Option<(Target, usize)>, Garbage> {
     let Some(&atyp) = buf.first() else {
         return Ok(None);
     };
-    let port_at = |at: usize| {
-        buf.get(at..at + 2)
-            .map(|p| u16::from_be_bytes([p[0], p[1]]))
-    };
+    let port_at = |at: usize| buf.get(at..at + 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
     match atyp {
         ATYP_V4 => {
             let (Some(a), Some(port)) = (buf.get(1..5), port_at(5)) else {
                 return Ok(None);
             };
             let ip = Ipv4Addr::new(a[0], a[1], a[2], a[3]);
-            Ok(Some((
-                Target::Addr(SocketAddr::new(IpAddr::V4(ip), port)),
-                7,
-            )))
+            Ok(Some((Target::Addr(SocketAddr::new(IpAddr::V4(ip), port)), 7)))
         }
         ATYP_V6 => {
             let (Some(a), Some(port)) = (buf.get(1..17), port_at(17)) else {
@@ -147,10 +134,7 @@ fn address(buf: &[u8]) -> Result<Option<(Target, usize)>, Garbage> {
             };
             let mut o = [0u8; 16];
             o.copy_from_slice(a);
-            Ok(Some((
-                Target::Addr(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port)),
-                19,
-            )))
+            Ok(Some((Target::Addr(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port)), 19)))
         }
         ATYP_DOMAIN => {
             let Some(&n) = buf.get(1) else {
@@ -176,23 +160,13 @@ fn address(buf: &[u8]) -> Result<Option<(Target, usize)>, Garbage> {
 /// A domain name that is an IP literal: `10.2.0.3`, `bbbb::3`, `[bbbb::3]`.
 pub fn ip_literal(name: &[u8]) -> Option<IpAddr> {
     let s = std::str::from_utf8(name).ok()?;
-    let s = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .unwrap_or(s);
+    let s = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
     s.parse().ok()
 }
 
 /// The server's method choice.
 pub fn method_reply(no_auth: bool) -> [u8; 2] {
-    [
-        VERSION,
-        if no_auth {
-            METHOD_NO_AUTH
-        } else {
-            METHOD_NONE_ACCEPTABLE
-        },
-    ]
+    [VERSION, if no_auth { METHOD_NO_AUTH } else { METHOD_NONE_ACCEPTABLE }]
 }
 
 /// Writes a reply with its bound address into `out`; returns its length (at most 22).
@@ -251,20 +225,8 @@ mod tests {
         assert_eq!(greeting(&[]), Ok(None));
         assert_eq!(greeting(&[5]), Ok(None));
         assert_eq!(greeting(&[5, 2, 0]), Ok(None));
-        assert_eq!(
-            greeting(&[5, 2, 2, 0]),
-            Ok(Some(Greeting {
-                no_auth: true,
-                len: 4
-            }))
-        );
-        assert_eq!(
-            greeting(&[5, 1, 2, 9]),
-            Ok(Some(Greeting {
-                no_auth: false,
-                len: 3
-            }))
-        );
+        assert_eq!(greeting(&[5, 2, 2, 0]), Ok(Some(Greeting { no_auth: true, len: 4 })));
+        assert_eq!(greeting(&[5, 1, 2, 9]), Ok(Some(Greeting { no_auth: false, len: 3 })));
         assert_eq!(greeting(&[4, 1, 0]), Err(Garbage::Version));
         assert_eq!(greeting(b"GET / HTTP/1.1\r\n"), Err(Garbage::Version));
         assert_eq!(greeting(&[5, 0]), Err(Garbage::NoMethods));
@@ -275,34 +237,15 @@ mod tests {
     #[test]
     fn requests_of_every_address_type() {
         let v4 = [5, 1, 0, 1, 10, 2, 0, 3, 0, 80];
-        assert_eq!(
-            request(&v4),
-            Ok(Some(Request {
-                cmd: 1,
-                target: Target::Addr("10.2.0.3:80".parse().unwrap()),
-                len: 10
-            }))
-        );
+        assert_eq!(request(&v4), Ok(Some(Request { cmd: 1, target: Target::Addr("10.2.0.3:80".parse().unwrap()), len: 10 })));
         for cut in 0..v4.len() {
             assert_eq!(request(&v4[..cut]), Ok(None), "cut at {cut}");
         }
         let mut v6 = vec![5, 3, 0, 4];
         v6.extend_from_slice(&"bbbb::3".parse::<Ipv6Addr>().unwrap().octets());
         v6.extend_from_slice(&5683u16.to_be_bytes());
-        assert_eq!(
-            request(&v6),
-            Ok(Some(Request {
-                cmd: 3,
-                target: Target::Addr("[bbbb::3]:5683".parse().unwrap()),
-                len: 22
-            }))
-        );
-        for (name, want) in [
-            ("10.2.0.3", Some("10.2.0.3:80")),
-            ("[bbbb::3]", Some("[bbbb::3]:80")),
-            ("bbbb::3", Some("[bbbb::3]:80")),
-            ("example.org", None),
-        ] {
+        assert_eq!(request(&v6), Ok(Some(Request { cmd: 3, target: Target::Addr("[bbbb::3]:5683".parse().unwrap()), len: 22 })));
+        for (name, want) in [("10.2.0.3", Some("10.2.0.3:80")), ("[bbbb::3]", Some("[bbbb::3]:80")), ("bbbb::3", Some("[bbbb::3]:80")), ("example.org", None)] {
             let mut r = vec![5, 1, 0, 3, name.len() as u8];
             r.extend_from_slice(name.as_bytes());
             r.extend_from_slice(&80u16.to_be_bytes());
@@ -321,17 +264,9 @@ mod tests {
     #[test]
     fn replies_and_udp_headers_round_trip() {
         let mut out = [0u8; 22];
-        let n = reply(
-            &mut out,
-            Reply::Succeeded,
-            "198.18.0.7:40000".parse().unwrap(),
-        );
+        let n = reply(&mut out, Reply::Succeeded, "198.18.0.7:40000".parse().unwrap());
         assert_eq!(&out[..n], &[5, 0, 0, 1, 198, 18, 0, 7, 0x9c, 0x40]);
-        let n = reply(
-            &mut out,
-            Reply::HostUnreachable,
-            "[fd00::7]:1".parse().unwrap(),
-        );
+        let n = reply(&mut out, Reply::HostUnreachable, "[fd00::7]:1".parse().unwrap());
         assert_eq!(n, 22);
         assert_eq!(out[1], 4);
         for from in ["198.18.0.7:5683", "[fd00::7]:5683"] {
@@ -341,10 +276,7 @@ mod tests {
             d.extend_from_slice(b"payload");
             assert_eq!(udp_header(&d), Ok((Target::Addr(from), n)));
         }
-        assert_eq!(
-            udp_header(&[0, 0, 1, 1, 1, 2, 3, 4, 0, 1]),
-            Err(Garbage::Reserved)
-        );
+        assert_eq!(udp_header(&[0, 0, 1, 1, 1, 2, 3, 4, 0, 1]), Err(Garbage::Reserved));
         assert_eq!(udp_header(&[0, 0, 0, 1, 1, 2]), Err(Garbage::Truncated));
         assert_eq!(udp_header(&[0]), Err(Garbage::Truncated));
     }

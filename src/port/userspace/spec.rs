@@ -63,8 +63,7 @@ pub struct SpecError {
     pub form: &'static str,
 }
 
-const FORWARD_FORM: &str =
-    "PROTO:LOCAL=BUSADDR:PORT, e.g. tcp:127.0.0.1:8080=10.2.0.3:80 or udp:5683=[bbbb::3]:5683";
+const FORWARD_FORM: &str = "PROTO:LOCAL=BUSADDR:PORT, e.g. tcp:127.0.0.1:8080=10.2.0.3:80 or udp:5683=[bbbb::3]:5683";
 const EXPOSE_FORM: &str = "PROTO:PORT=LOCAL, e.g. tcp:80=127.0.0.1:8000 or udp:5683=5683";
 const SOCKS5_FORM: &str = "ADDR, e.g. 127.0.0.1:1080, [::1]:1080 or 1080";
 
@@ -91,10 +90,7 @@ fn parse_port(slot: &str, s: &str) -> Result<u16, String> {
 /// `IP:PORT`, `[IPv6]:PORT` or a bare `PORT` (127.0.0.1).
 fn parse_host_addr(slot: &str, s: &str) -> Result<SocketAddr, String> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            parse_port(slot, s)?,
-        ));
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), parse_port(slot, s)?));
     }
     match s.parse::<SocketAddr>() {
         Ok(a) if a.port() == 0 => Err(format!("{slot}: expected {PORT}, found port 0 in {s:?}")),
@@ -104,51 +100,35 @@ fn parse_host_addr(slot: &str, s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_bus_addr(proto: Proto, s: &str) -> Result<SocketAddr, String> {
-    let a: SocketAddr = s
-        .parse()
-        .map_err(|_| format!("BUSADDR:PORT: expected {BUS_ADDR}, found {s:?}"))?;
+    let a: SocketAddr = s.parse().map_err(|_| format!("BUSADDR:PORT: expected {BUS_ADDR}, found {s:?}"))?;
     if a.port() == 0 {
-        return Err(format!(
-            "BUSADDR:PORT: expected {PORT}, found port 0 in {s:?}"
-        ));
+        return Err(format!("BUSADDR:PORT: expected {PORT}, found port 0 in {s:?}"));
     }
     let ip = a.ip();
     if ip.is_unspecified() {
-        return Err(format!(
-            "BUSADDR:PORT: {ip} is unspecified; expected the address of a host on the bus"
-        ));
+        return Err(format!("BUSADDR:PORT: {ip} is unspecified; expected the address of a host on the bus"));
     }
     let group = ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST);
     if group && proto == Proto::Tcp {
-        return Err(format!(
-            "BUSADDR:PORT: {ip} is a group address; TCP needs one host"
-        ));
+        return Err(format!("BUSADDR:PORT: {ip} is a group address; TCP needs one host"));
     }
     Ok(a)
 }
 
 /// `PROTO:REST`, the proto and the rest.
 fn split_proto(s: &str) -> Result<(Proto, &str), String> {
-    let (p, rest) = s
-        .split_once(':')
-        .ok_or_else(|| "expected PROTO: (tcp: or udp:) first, found no ':'".to_owned())?;
+    let (p, rest) = s.split_once(':').ok_or_else(|| "expected PROTO: (tcp: or udp:) first, found no ':'".to_owned())?;
     Ok((parse_proto(p)?, rest))
 }
 
 /// `LEFT=RIGHT`, each non-empty.
 fn split_eq<'a>(rest: &'a str, left: &str, right: &str) -> Result<(&'a str, &'a str), String> {
-    let (l, r) = rest
-        .split_once('=')
-        .ok_or_else(|| format!("expected {left}={right}, found no '=' in {rest:?}"))?;
+    let (l, r) = rest.split_once('=').ok_or_else(|| format!("expected {left}={right}, found no '=' in {rest:?}"))?;
     if l.is_empty() {
-        return Err(format!(
-            "{left}: expected a value before '=', found nothing"
-        ));
+        return Err(format!("{left}: expected a value before '=', found nothing"));
     }
     if r.is_empty() {
-        return Err(format!(
-            "{right}: expected a value after '=', found nothing"
-        ));
+        return Err(format!("{right}: expected a value after '=', found nothing"));
     }
     Ok((l, r))
 }
@@ -157,12 +137,7 @@ impl FromStr for Forward {
     type Err = SpecError;
 
     fn from_str(text: &str) -> Result<Forward, SpecError> {
-        let err = |what: String| SpecError {
-            flag: "--forward",
-            spec: text.to_owned(),
-            what,
-            form: FORWARD_FORM,
-        };
+        let err = |what: String| SpecError { flag: "--forward", spec: text.to_owned(), what, form: FORWARD_FORM };
         let (proto, rest) = split_proto(text).map_err(err)?;
         let (local, bus) = split_eq(rest, "LOCAL", "BUSADDR:PORT").map_err(err)?;
         let local = parse_host_addr("LOCAL", local).map_err(err)?;
@@ -175,21 +150,13 @@ impl FromStr for Expose {
     type Err = SpecError;
 
     fn from_str(text: &str) -> Result<Expose, SpecError> {
-        let err = |what: String| SpecError {
-            flag: "--expose",
-            spec: text.to_owned(),
-            what,
-            form: EXPOSE_FORM,
-        };
+        let err = |what: String| SpecError { flag: "--expose", spec: text.to_owned(), what, form: EXPOSE_FORM };
         let (proto, rest) = split_proto(text).map_err(err)?;
         let (port, local) = split_eq(rest, "PORT", "LOCAL").map_err(err)?;
         let port = parse_port("PORT", port).map_err(err)?;
         let local = parse_host_addr("LOCAL", local).map_err(err)?;
         if local.ip().is_unspecified() || local.ip().is_multicast() {
-            return Err(err(format!(
-                "LOCAL: {} is not one host; expected the host service's address",
-                local.ip()
-            )));
+            return Err(err(format!("LOCAL: {} is not one host; expected the host service's address", local.ip())));
         }
         Ok(Expose { proto, port, local })
     }
@@ -199,18 +166,10 @@ impl FromStr for Socks5 {
     type Err = SpecError;
 
     fn from_str(text: &str) -> Result<Socks5, SpecError> {
-        let err = |what: String| SpecError {
-            flag: "--socks5",
-            spec: text.to_owned(),
-            what,
-            form: SOCKS5_FORM,
-        };
+        let err = |what: String| SpecError { flag: "--socks5", spec: text.to_owned(), what, form: SOCKS5_FORM };
         let listen = parse_host_addr("ADDR", text).map_err(err)?;
         if listen.ip().is_multicast() {
-            return Err(err(format!(
-                "ADDR: {} is a group address; expected a local address to listen on",
-                listen.ip()
-            )));
+            return Err(err(format!("ADDR: {} is a group address; expected a local address to listen on", listen.ip())));
         }
         Ok(Socks5 { listen })
     }
@@ -246,41 +205,13 @@ mod tests {
     #[test]
     fn the_issue_s_examples_parse() {
         let f: Forward = "tcp:127.0.0.1:8080=10.2.0.3:80".parse().unwrap();
-        assert_eq!(
-            f,
-            Forward {
-                proto: Proto::Tcp,
-                local: sa("127.0.0.1:8080"),
-                bus: sa("10.2.0.3:80")
-            }
-        );
+        assert_eq!(f, Forward { proto: Proto::Tcp, local: sa("127.0.0.1:8080"), bus: sa("10.2.0.3:80") });
         let f: Forward = "udp:127.0.0.1:5683=[bbbb::3]:5683".parse().unwrap();
-        assert_eq!(
-            f,
-            Forward {
-                proto: Proto::Udp,
-                local: sa("127.0.0.1:5683"),
-                bus: sa("[bbbb::3]:5683")
-            }
-        );
+        assert_eq!(f, Forward { proto: Proto::Udp, local: sa("127.0.0.1:5683"), bus: sa("[bbbb::3]:5683") });
         let e: Expose = "udp:5683=127.0.0.1:5683".parse().unwrap();
-        assert_eq!(
-            e,
-            Expose {
-                proto: Proto::Udp,
-                port: 5683,
-                local: sa("127.0.0.1:5683")
-            }
-        );
+        assert_eq!(e, Expose { proto: Proto::Udp, port: 5683, local: sa("127.0.0.1:5683") });
         let e: Expose = "tcp:80=127.0.0.1:8000".parse().unwrap();
-        assert_eq!(
-            e,
-            Expose {
-                proto: Proto::Tcp,
-                port: 80,
-                local: sa("127.0.0.1:8000")
-            }
-        );
+        assert_eq!(e, Expose { proto: Proto::Tcp, port: 80, local: sa("127.0.0.1:8000") });
         let s: Socks5 = "127.0.0.1:1080".parse().unwrap();
         assert_eq!(s.listen, sa("127.0.0.1:1080"));
     }
@@ -311,10 +242,7 @@ mod tests {
             ("tcp:8080=", "BUSADDR:PORT: expected a value"),
             ("tcp:0=10.0.0.1:80", "LOCAL: expected a port"),
             ("tcp:70000=10.0.0.1:80", "LOCAL: expected a port"),
-            (
-                "tcp:localhost:80=10.0.0.1:80",
-                "LOCAL: expected a host address",
-            ),
+            ("tcp:localhost:80=10.0.0.1:80", "LOCAL: expected a host address"),
             ("tcp:8080=example.org:80", "the bus has no DNS"),
             ("tcp:8080=10.0.0.1", "BUSADDR:PORT: expected a bus address"),
             ("tcp:8080=10.0.0.1:0", "found port 0"),
@@ -340,11 +268,7 @@ mod tests {
             assert!(e.contains(want), "{spec:?}: {e}");
             assert!(e.starts_with("--expose"), "{e}");
         }
-        for (spec, want) in [
-            ("", "ADDR: expected a host address"),
-            ("0", "expected a port"),
-            ("[ff02::1]:1080", "group address"),
-        ] {
+        for (spec, want) in [("", "ADDR: expected a host address"), ("0", "expected a port"), ("[ff02::1]:1080", "group address")] {
             let e = spec.parse::<Socks5>().unwrap_err().to_string();
             assert!(e.contains(want), "{spec:?}: {e}");
         }
