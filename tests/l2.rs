@@ -2,7 +2,8 @@
 //! DHCP leases from dnsmasq and SLAAC addresses from its router advertisements over the
 //! bus, a non-IP ethertype and a VLAN across, a bridge behind a gateway agent, 100 MB of
 //! TCP byte-exact, a broadcast storm within its bound, a spoofed source MAC dropped, and an
-//! L3 agent refusing to mix with an L2 session.
+//! L3 agent refusing to mix with an L2 session, and `agent capture` writing an L2 session as
+//! Ethernet, one interface per agent.
 
 mod common;
 
@@ -414,4 +415,80 @@ fn emulation_and_status_work_in_an_l2_session() {
         assert!(r["rx_packets"].as_u64().unwrap_or(0) >= 5, "{r}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `agent capture` of an L2 session: one Ethernet interface per agent; the pings between
+/// two agents frame for frame with their MACs under their senders, and ARP's broadcast
+/// under the agent that asked.
+#[test]
+fn an_l2_session_is_captured_as_ethernet_per_agent() {
+    if !system_ready("an_l2_session_is_captured_as_ethernet_per_agent") {
+        return;
+    }
+    let session = unique("l2c");
+    let (ns1, ns2) = (Netns::new(), Netns::new());
+    let h1 = l2_agent(&ns1, &session, &["--ipv4", "198.18.67.1/24"]);
+    let h2 = l2_agent(&ns2, &session, &["--ipv4", "198.18.67.2/24", "--queues", "2"]);
+    assert!(wait_reachable(&ns1, "198.18.67.2", Duration::from_secs(20)).is_some(), "{}\n{}", h1.logs(), h2.logs());
+    let file = TempFile::new("l2cap.pcapng", "");
+    let log = TempFile::new("l2cap.log", "");
+    let log_file = std::fs::File::create(&log.0).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["capture", "--session", &session, "-w", file.path(), "--duration", "8s"])
+        .env_remove("AMQP_URL")
+        .stdout(log_file.try_clone().expect("fd"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn agent capture");
+    let mut capture = Helper { child };
+    let logs = || std::fs::read_to_string(&log.0).unwrap_or_default();
+    let t0 = Instant::now();
+    while !logs().contains("tap open") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the capture never opened its tap:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A fresh ARP exchange (a broadcast from h1), then pings both ways.
+    ns1.exec(&["ip", "neigh", "flush", "dev", "tb0"]);
+    for (ns, dst) in [(&ns1, "198.18.67.2"), (&ns2, "198.18.67.1")] {
+        let (ok, text) = ping(ns, dst, 5);
+        assert!(ok, "{text}");
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = capture.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the capture did not end after --duration:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}:\n{}", logs());
+    assert!(logs().contains("Ethernet frames"), "{}", logs());
+
+    let cap = tunbus::capture::pcapng::read(&std::fs::read(&file.0).expect("the capture")).expect("pcapng");
+    assert!(cap.interfaces.iter().all(|i| i.linktype == tunbus::capture::pcapng::LINKTYPE_ETHERNET), "{:?}", cap.interfaces);
+    let iface = |name: &str| cap.interfaces.iter().position(|i| i.name == name).unwrap_or_else(|| panic!("no interface {name}: {:?}", cap.interfaces)) as u32;
+    let (i1, i2) = (iface(&ns1.name), iface(&ns2.name));
+    let mac = |ns: &Netns| -> Vec<u8> { mac_of(ns, "tb0").split(':').map(|b| u8::from_str_radix(b, 16).expect("hex")).collect() };
+    let (m1, m2) = (mac(&ns1), mac(&ns2));
+    // ICMP echo of type `kind` from `src` to `dst` on interface `i`.
+    let echoes = |i: u32, src: &[u8], dst: &[u8], kind: u8| {
+        cap.packets
+            .iter()
+            .filter(|p| {
+                p.iface == i
+                    && p.data.len() > 34
+                    && p.data[..6] == *dst
+                    && p.data[6..12] == *src
+                    && p.data[12..14] == [8, 0]
+                    && p.data[23] == 1
+                    && p.data[34] == kind
+            })
+            .count()
+    };
+    assert!(echoes(i1, &m1, &m2, 8) >= 5, "h1's echo requests");
+    assert!(echoes(i2, &m2, &m1, 0) >= 5, "h2's echo replies");
+    assert!(echoes(i2, &m2, &m1, 8) >= 5, "h2's echo requests");
+    assert!(echoes(i1, &m1, &m2, 0) >= 5, "h1's echo replies");
+    let arp = cap.packets.iter().filter(|p| p.iface == i1 && p.data.len() >= 14 && p.data[..6] == [0xff; 6] && p.data[12..14] == [8, 6]).count();
+    assert!(arp >= 1, "h1's ARP request (a flood) is under h1");
 }

@@ -23,6 +23,10 @@
 //!   hears the hellos a moment later) is held, up to [`HOLD_UNNAMED`], until one does, then
 //!   written under its agent's interface; after that, under `unknown-<source address>`.
 //!   An old agent's first JSON packets wait the same way for its `ip.tun.started`.
+//! - An L2 session's batches of Ethernet frames go on one Ethernet interface per agent
+//!   (link type 1): the sender is the flood key's last word, or for a frame sent to one MAC
+//!   the agent whose hello announced its source MAC (`macs`); held like a batch above
+//!   until a hello names it. Super-frames are cut behind copies of their Ethernet header.
 //! - Loss: each publishing link numbers its batches (the top 16 bits of the sequence name
 //!   the link, `docs/wire-format.md`); a gap is batches the tap queue dropped.
 
@@ -36,7 +40,8 @@ use crate::codec::ioppytest::{self, addressing::OldAddressing};
 use crate::codec::segment::Segmenter;
 use crate::codec::v1;
 use crate::codec::vnet::is_gso;
-use crate::route::{self, Key};
+use crate::packet::ethernet::{ethertype, EthernetFrame, Mac};
+use crate::route::{self, Key, RoutingKey};
 
 /// Where the packets go (a pcapng file, a classic pcap for ioppytest).
 pub trait Recorder {
@@ -46,9 +51,10 @@ pub trait Recorder {
     fn packet(&mut self, iface: u32, timestamp_ns: u64, data: &[u8], comment: Option<&str>) -> io::Result<()>;
     /// Pushes what is buffered to the file.
     fn flush(&mut self) -> io::Result<()>;
-    /// A new interface of IEEE 802.15.4 frames (`linktype`: 230 without FCS, 195 with);
-    /// `None` when this recorder has one link type only (its frames are left out).
-    fn radio_interface(&mut self, _name: &str, _description: &str, _linktype: u16) -> io::Result<Option<u32>> {
+    /// A new interface of another link type (IEEE 802.15.4 frames: 230 without FCS, 195
+    /// with; Ethernet: 1); `None` when this recorder has one link type only (its frames
+    /// are left out).
+    fn link_interface(&mut self, _name: &str, _description: &str, _linktype: u16) -> io::Result<Option<u32>> {
         Ok(None)
     }
 }
@@ -110,9 +116,8 @@ pub struct Counts {
     pub agents: u64,
     /// IEEE 802.15.4 frames written (also counted in `packets`).
     pub radio_frames: u64,
-    /// Batches of Ethernet frames (an L2 session): left out, the file's interfaces are raw
-    /// IP or 802.15.4 (an L2 agent's `--pcap` writes Ethernet).
-    pub other_layer: u64,
+    /// Ethernet frames written, an L2 session's (also counted in `packets`).
+    pub ethernet_frames: u64,
 }
 
 /// What a hello (or an old agent's `ip.tun.started`) said.
@@ -201,6 +206,10 @@ pub struct Merge {
     recent_json: Recent,
     /// Each radio's interface (`None`: the recorder takes no radio frames).
     radios: HashMap<String, Option<u32>>,
+    /// Each L2 agent's Ethernet interface (`None`: the recorder takes raw IP only).
+    ethernets: HashMap<String, Option<u32>>,
+    /// MAC → L2 agent, from hellos (`macs`: its TAP's, then those behind its bridge).
+    mac_owners: HashMap<Mac, String>,
 }
 
 impl Merge {
@@ -220,6 +229,8 @@ impl Merge {
             held_bytes: 0,
             recent_json: Recent::default(),
             radios: HashMap::new(),
+            ethernets: HashMap::new(),
+            mac_owners: HashMap::new(),
         }
     }
 
@@ -257,6 +268,7 @@ impl Merge {
                     return self.release_ready(recorder);
                 }
                 Some(Key::Unicast { .. } | Key::All { .. }) => self.on_batch(routing_key, user_id, body, recorder, true)?,
+                None if RoutingKey::parse_mac(routing_key).is_some() => self.on_batch(routing_key, user_id, body, recorder, true)?,
                 _ => false,
             },
         };
@@ -349,6 +361,9 @@ impl Merge {
                 *entry = None;
             }
         }
+        for mac in &hello.macs {
+            self.mac_owners.insert(*mac, hello.name.to_string());
+        }
         let entry = self.agents.entry(hello.name.into()).or_default();
         entry.addrs = addrs;
         entry.user = user_id.map(str::to_owned);
@@ -439,10 +454,7 @@ impl Merge {
                 self.on_radio_batch(routing_key, &frame, recorder)?;
                 return Ok(false);
             }
-            crate::port::Layer::Ethernet => {
-                self.counts.other_layer += 1;
-                return Ok(false);
-            }
+            crate::port::Layer::Ethernet => return self.on_ethernet_batch(routing_key, user_id, &frame, recorder, may_hold),
         }
         let first = frame.packets().next().map(|p| p.data);
         let sender = match self.named_sender(user_id, first) {
@@ -509,7 +521,7 @@ impl Merge {
             return Ok(*i);
         }
         let linktype = crate::capture::pcapng::ieee802154_linktype(self.filter.radio_fcs);
-        let i = recorder.radio_interface(name, description, linktype)?;
+        let i = recorder.link_interface(name, description, linktype)?;
         if i.is_some() {
             self.counts.agents += 1;
         }
@@ -555,6 +567,108 @@ impl Merge {
             self.counts.radio_frames += 1;
             recorder.packet(iface, header.timestamp_ns, p.data, Some(&self.comment))?;
         }
+        Ok(())
+    }
+
+    /// A batch of Ethernet frames (an L2 session). Its sender is the flood key's last word;
+    /// for a frame sent to one MAC (`tunbus.v1.mac-<hex>.<shard>`, a key naming the
+    /// receiver) the agent whose hello announced the first frame's source MAC, else the one
+    /// agent that logs in as the broker user that published it; else, when `may_hold`,
+    /// the batch waits for a hello (returns `true`), or goes under `unknown-<source MAC>`.
+    /// One Ethernet interface per agent; super-frames are cut as super-packets are.
+    fn on_ethernet_batch(
+        &mut self,
+        routing_key: &str,
+        user_id: Option<&str>,
+        frame: &v1::Frame<'_>,
+        recorder: &mut dyn Recorder,
+        may_hold: bool,
+    ) -> io::Result<bool> {
+        let first_src = frame.packets().next().and_then(|p| EthernetFrame::new_checked(p.data).ok()).map(|f| f.src());
+        let named = match Key::parse(routing_key) {
+            Some(Key::All { sender }) => Some(sender.to_owned()),
+            _ => first_src.and_then(|m| self.mac_owners.get(&m).cloned()).or_else(|| user_id.and_then(|u| self.users.get(u)).cloned().flatten()),
+        };
+        let sender = match named {
+            Some(name) => name,
+            None if may_hold => return Ok(true),
+            None => first_src.map_or_else(|| "unknown-frame".to_owned(), |m| format!("unknown-{m}")),
+        };
+        self.counts.messages += 1;
+        let header = frame.header();
+        self.account(&sender, header.seq);
+        for p in frame.packets() {
+            if !self.keeps_frame(&sender, p.data) {
+                self.counts.filtered += 1;
+                continue;
+            }
+            let Some(iface) = self.ethernet_iface(&sender, recorder)? else {
+                self.counts.filtered += 1;
+                continue;
+            };
+            self.comment.clear();
+            use std::fmt::Write;
+            let _ = write!(self.comment, "from {sender} key {routing_key} batch {}", header.seq & LINK_SEQ_MASK);
+            let before = self.counts.packets;
+            self.write_frame(iface, header.timestamp_ns, p.vnet, p.data, recorder)?;
+            self.counts.ethernet_frames += self.counts.packets - before;
+        }
+        Ok(false)
+    }
+
+    /// The Ethernet interface of L2 agent `name`, made on its first frame.
+    fn ethernet_iface(&mut self, name: &str, recorder: &mut dyn Recorder) -> io::Result<Option<u32>> {
+        if let Some(i) = self.ethernets.get(name) {
+            return Ok(*i);
+        }
+        let description = match self.agents.get(name).and_then(|a| a.user.as_deref()) {
+            Some(u) => format!("tunbus L2 agent {name} (broker user {u})"),
+            None => format!("tunbus L2 agent {name}"),
+        };
+        let i = recorder.link_interface(name, &description, crate::capture::pcapng::LINKTYPE_ETHERNET)?;
+        if i.is_some() {
+            self.counts.agents += 1;
+        }
+        self.ethernets.insert(name.to_owned(), i);
+        Ok(i)
+    }
+
+    /// Whether the filter keeps a frame of L2 agent `sender`: by agent, the sender or the
+    /// owner of the destination MAC; by address, the IP packet the frame carries (a frame
+    /// without one is left out when addresses are asked for).
+    fn keeps_frame(&self, sender: &str, data: &[u8]) -> bool {
+        let f = &self.filter;
+        let frame = EthernetFrame::new_checked(data).ok();
+        let to = frame.as_ref().and_then(|e| self.mac_owners.get(&e.dst()));
+        let agent_ok = f.agents.is_empty() || f.agents.iter().any(|a| a == sender || to.is_some_and(|o| o == a));
+        let ip = frame.as_ref().filter(|e| matches!(e.ethertype(), ethertype::IPV4 | ethertype::IPV6)).map(|e| e.payload());
+        let (src, dst) = (ip.and_then(route::source), ip.and_then(route::destination));
+        let addr_ok = f.addresses.is_empty() || f.addresses.iter().any(|a| Some(*a) == src || Some(*a) == dst);
+        agent_ok && addr_ok
+    }
+
+    /// [`write`](Self::write) for an Ethernet frame: a super-frame is cut behind copies of
+    /// its Ethernet header.
+    fn write_frame(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], recorder: &mut dyn Recorder) -> io::Result<()> {
+        let comment = self.comment.as_str();
+        if self.filter.no_segment || vnet.is_none() {
+            self.counts.packets += 1;
+            return recorder.packet(iface, ts, data, Some(comment));
+        }
+        let gso = vnet.is_some_and(is_gso);
+        let mut result = Ok(());
+        let mut written = 0u64;
+        let cut = self.segmenter.frame_segments(vnet, data, |seg| {
+            if result.is_ok() {
+                result = recorder.packet(iface, ts, seg, Some(comment));
+                written += 1;
+            }
+        });
+        result?;
+        if cut.is_err() {
+            recorder.packet(iface, ts, data, Some(comment))?;
+        }
+        self.count_cut(cut.is_ok(), gso, written);
         Ok(())
     }
 
@@ -615,20 +729,24 @@ impl Merge {
             }
         });
         result?;
-        match cut {
-            Ok(_) => {
-                self.counts.packets += written;
-                if gso {
-                    self.counts.super_packets += 1;
-                    self.counts.segments += written;
-                }
-                Ok(())
-            }
-            Err(_) => {
-                // Not cut (its headers do not say how): written as it came.
-                self.counts.packets += 1;
-                recorder.packet(iface, ts, data, Some(comment))
-            }
+        if cut.is_err() {
+            recorder.packet(iface, ts, data, Some(comment))?;
+        }
+        self.count_cut(cut.is_ok(), gso, written);
+        Ok(())
+    }
+
+    /// Counts what a cut wrote; one that failed (its headers do not say how) is written
+    /// as it came, one packet.
+    fn count_cut(&mut self, cut: bool, gso: bool, written: u64) {
+        if !cut {
+            self.counts.packets += 1;
+            return;
+        }
+        self.counts.packets += written;
+        if gso {
+            self.counts.super_packets += 1;
+            self.counts.segments += written;
         }
     }
 
@@ -723,7 +841,7 @@ mod tests {
             fn flush(&mut self) -> io::Result<()> {
                 Ok(())
             }
-            fn radio_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
+            fn link_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
                 self.0.push((name.to_owned(), linktype));
                 Ok(Some(self.0.len() as u32 - 1))
             }
@@ -780,16 +898,122 @@ mod tests {
         assert_eq!(m.counts().lost_batches, 0);
     }
 
+    /// A recorder of any link type: interfaces as (name, link type), packets as given.
+    #[derive(Default)]
+    struct Links(Vec<(String, u16)>, Vec<(u32, Vec<u8>, String)>);
+
+    impl Recorder for Links {
+        fn interface(&mut self, name: &str, _: &str, _: &[(IpAddr, u8)]) -> io::Result<u32> {
+            self.0.push((name.to_owned(), crate::capture::pcapng::LINKTYPE_RAW));
+            Ok(self.0.len() as u32 - 1)
+        }
+        fn packet(&mut self, iface: u32, _: u64, data: &[u8], comment: Option<&str>) -> io::Result<()> {
+            self.1.push((iface, data.to_vec(), comment.unwrap_or("").to_owned()));
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn link_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
+            self.0.push((name.to_owned(), linktype));
+            Ok(Some(self.0.len() as u32 - 1))
+        }
+    }
+
+    const MAC1: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const MAC2: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    fn l2_hello(name: &str, mac: &str) -> Vec<u8> {
+        format!(r#"{{"name":"{name}","addresses":[],"queues":1,"wire":"v1","layer":"ethernet","macs":["{mac}"],"started_unix_ms":0}}"#).into_bytes()
+    }
+
+    /// An Ethernet frame from `src` to `dst` around `payload` (of `ethertype`).
+    fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn l2_batch(seq: u64, frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = batch(seq, 7, frames);
+        b[3] |= v1::FLAG_ETHERNET; // the header's flags byte
+        b
+    }
+
+    /// An L2 session: one Ethernet interface per agent, named by the flood key or by the
+    /// hello that announced the source MAC of a unicast batch (held until it comes);
+    /// frames byte for byte; filters by agent and by the carried IP address.
     #[test]
-    fn batches_of_ethernet_frames_are_left_out_and_counted() {
+    fn ethernet_frames_get_an_interface_per_l2_agent() {
+        let mut m = Merge::new(Filter::default());
+        let mut rec = Links::default();
+        let arp = eth([0xff; 6], MAC1, ethertype::ARP, &[0, 1, 8, 0, 6, 4, 0, 1]);
+        let ping = eth(MAC1, MAC2, ethertype::IPV4, &ipv4(H2, H1, 9));
+        let odd = eth(MAC1, MAC2, 0x88b5, b"local experimental");
+        m.on_delivery("tunbus.v1.all.h1", Some("guest"), &l2_batch(1, std::slice::from_ref(&arp)), 0, &mut rec).unwrap();
+        // To h1's MAC, from h2: nobody has said whose MAC2 is yet (guest is everyone's user).
+        let to_h1 = RoutingKey::mac(Mac(MAC1), 3);
+        m.on_delivery(to_h1.as_str(), Some("guest"), &l2_batch(1, &[ping.clone(), odd.clone()]), 1, &mut rec).unwrap();
+        assert_eq!(rec.1.len(), 1, "the unicast batch waits for a hello");
+        m.on_delivery("tunbus.v1.ctl.hello.h2", Some("guest"), &l2_hello("h2", "02:00:00:00:00:02"), 2, &mut rec).unwrap();
+        assert_eq!(rec.0, [("h1".to_owned(), 1), ("h2".to_owned(), 1)]);
+        let got: Vec<(u32, &[u8])> = rec.1.iter().map(|(i, d, _)| (*i, d.as_slice())).collect();
+        assert_eq!(got, [(0, arp.as_slice()), (1, ping.as_slice()), (1, odd.as_slice())]);
+        assert!(rec.1[1].2.starts_with(&format!("from h2 key {} batch 1", to_h1.as_str())), "{}", rec.1[1].2);
+        assert_eq!((m.counts().ethernet_frames, m.counts().packets, m.counts().agents), (3, 3, 2));
+
+        // Filters: by agent (the sender or the owner of the destination MAC), by address
+        // (the IP packet inside; a frame without one is left out).
+        let mut m = Merge::new(Filter { addresses: vec![IpAddr::from(H1)], ..Filter::default() });
+        let mut rec = Links::default();
+        m.on_delivery("tunbus.v1.all.h2", None, &l2_batch(1, &[ping.clone(), odd.clone(), arp.clone()]), 0, &mut rec).unwrap();
+        assert_eq!(rec.1.len(), 1);
+        assert_eq!(m.counts().filtered, 2);
+        let mut m = Merge::new(Filter { agents: vec!["h1".into()], ..Filter::default() });
+        let mut rec = Links::default();
+        m.on_delivery("tunbus.v1.ctl.hello.h1", None, &l2_hello("h1", "02:00:00:00:00:01"), 0, &mut rec).unwrap();
+        m.on_delivery("tunbus.v1.all.h2", None, &l2_batch(1, &[ping.clone(), eth(MAC2, MAC2, 0x88b5, b"x")]), 0, &mut rec).unwrap();
+        assert_eq!(rec.1.len(), 1, "to h1 kept, h2 to itself left out");
+
+        // A sender nobody ever names: after the hold, under its source MAC.
+        let mut m = Merge::new(Filter::default());
+        let mut rec = Links::default();
+        m.on_delivery(to_h1.as_str(), Some("guest"), &l2_batch(1, std::slice::from_ref(&ping)), 0, &mut rec).unwrap();
+        m.finish(&mut rec).unwrap();
+        assert_eq!(rec.0, [("unknown-02:00:00:00:00:02".to_owned(), 1)]);
+        // The raw-IP-only recorder takes none of them (counted as filtered).
         let mut m = Merge::new(Filter::default());
         let mut k = Kept::default();
-        m.on_delivery("tunbus.v1.ctl.hello.h1", Some("guest"), &hello("h1", "198.18.0.1"), 0, &mut k).unwrap();
-        let mut frames = batch(1, 100, &[ipv4(H1, H2, 1)]);
-        frames[3] |= v1::FLAG_ETHERNET; // the header's flags byte
-        m.on_delivery("tunbus.v1.all.h1", Some("guest"), &frames, 1, &mut k).unwrap();
-        assert!(k.packets.is_empty(), "an Ethernet frame is not a raw IP packet");
-        assert_eq!(m.counts().other_layer, 1);
+        m.on_delivery("tunbus.v1.all.h1", None, &l2_batch(1, &[arp]), 0, &mut k).unwrap();
+        assert!(k.packets.is_empty() && k.interfaces.is_empty());
+        assert_eq!(m.counts().filtered, 1);
+    }
+
+    /// A super-frame (a TAP with offloads) is cut behind copies of its Ethernet header.
+    #[test]
+    fn ethernet_super_frames_are_cut() {
+        // A UDP datagram of 3000 bytes in one super-frame, UDP_L4 at 1000.
+        let mut p = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 2, 198, 18, 0, 1];
+        p.extend_from_slice(&[0x1f, 0x90, 0x13, 0x89, 0, 0, 0, 0]);
+        p.extend((0..3000).map(|i| (i % 251) as u8));
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[24..26].copy_from_slice(&(total - 20).to_be_bytes());
+        let frame = eth(MAC1, MAC2, ethertype::IPV4, &p);
+        let v =
+            crate::codec::vnet::VnetHdr { flags: 0, gso_type: crate::codec::vnet::GSO_UDP_L4, hdr_len: 14 + 28, gso_size: 1000, csum_start: 0, csum_offset: 0 }
+                .to_bytes();
+        let entries = [Packet { vnet: Some(&v), data: &frame }];
+        let mut body = Vec::new();
+        v1::encode(FrameHeader { flags: v1::FLAG_VNET | v1::FLAG_ETHERNET, count: 1, sender_queues: 1, seq: 1, timestamp_ns: 1 }, &entries, &mut body).unwrap();
+        let mut m = Merge::new(Filter::default());
+        let mut rec = Links::default();
+        m.on_delivery("tunbus.v1.all.h2", None, &body, 0, &mut rec).unwrap();
+        assert_eq!(rec.1.len(), 3);
+        assert!(rec.1.iter().all(|(_, f, _)| f[..14] == frame[..14] && f.len() == 14 + 28 + 1000));
+        assert_eq!((m.counts().super_packets, m.counts().segments, m.counts().ethernet_frames), (1, 3, 3));
     }
 
     #[test]

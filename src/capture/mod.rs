@@ -75,6 +75,9 @@ impl Summary {
         if c.radio_frames > 0 {
             s += &format!("; {} of them IEEE 802.15.4 frames", c.radio_frames);
         }
+        if c.ethernet_frames > 0 {
+            s += &format!("; {} of them Ethernet frames", c.ethernet_frames);
+        }
         if c.filtered > 0 {
             s += &format!("; {} left out by the filter", c.filtered);
         }
@@ -91,9 +94,6 @@ impl Summary {
         }
         if c.malformed > 0 {
             s += &format!("; {} messages did not decode", c.malformed);
-        }
-        if c.other_layer > 0 {
-            s += &format!("; {} batches of Ethernet frames left out (not captured yet: use --pcap on an L2 agent)", c.other_layer);
         }
         if c.late > 0 {
             s += &format!("; {} packets came more than {} ms behind later ones and are out of order", c.late, reorder::WINDOW_NS / 1_000_000);
@@ -169,7 +169,7 @@ impl<W: Write> Recorder for pcapng::Writer<W> {
         self.add_interface(name, description, addrs)
     }
 
-    fn radio_interface(&mut self, name: &str, description: &str, linktype: u16) -> io::Result<Option<u32>> {
+    fn link_interface(&mut self, name: &str, description: &str, linktype: u16) -> io::Result<Option<u32>> {
         self.add_interface_of(linktype, name, description, &[]).map(Some)
     }
 

@@ -96,8 +96,8 @@ impl Recorder for Reorder<'_> {
         self.inner.interface(name, description, addrs)
     }
 
-    fn radio_interface(&mut self, name: &str, description: &str, linktype: u16) -> io::Result<Option<u32>> {
-        self.inner.radio_interface(name, description, linktype)
+    fn link_interface(&mut self, name: &str, description: &str, linktype: u16) -> io::Result<Option<u32>> {
+        self.inner.link_interface(name, description, linktype)
     }
 
     fn packet(&mut self, iface: u32, timestamp_ns: u64, data: &[u8], comment: Option<&str>) -> io::Result<()> {

@@ -98,34 +98,17 @@ impl Tap {
 fn write_all<W: Write>(mut writer: Writer<W>, rx: Receiver<Record>, left_out: &AtomicU64, ethernet: bool) -> Written {
     let mut segmenter = Segmenter::new();
     let mut done = Written::default();
-    let mut frame = Vec::new();
     for r in rx {
         let (Some(vnet), Some(packet)) = (r.entry.first_chunk::<VNET_HDR_LEN>(), r.entry.get(VNET_HDR_LEN..)) else { continue };
         let mut result = Ok(());
-        // A frame: its IP packet is cut (offsets moved past the Ethernet header), and each
-        // piece goes out behind a copy of that header.
-        let l2 = if ethernet { crate::packet::EthernetFrame::new_checked(packet).map(|f| f.header_len()).unwrap_or(packet.len()) } else { 0 };
-        let mut shifted = *vnet;
-        if l2 > 0 {
-            let mut h = crate::codec::vnet::VnetHdr::parse(vnet);
-            h.csum_start = h.csum_start.saturating_sub(l2 as u16);
-            shifted = h.to_bytes();
-        }
-        let (head, body) = packet.split_at(l2.min(packet.len()));
-        let cut = segmenter.segments(Some(&shifted), body, |p| {
+        let mut write = |p: &[u8]| {
             if result.is_ok() {
-                let bytes = if l2 > 0 {
-                    frame.clear();
-                    frame.extend_from_slice(head);
-                    frame.extend_from_slice(p);
-                    frame.as_slice()
-                } else {
-                    p
-                };
-                result = writer.packet(0, r.ns, bytes, None, Some(r.direction));
+                result = writer.packet(0, r.ns, p, None, Some(r.direction));
                 done.packets += 1;
             }
-        });
+        };
+        // A frame's IP packet is cut behind copies of its Ethernet header.
+        let cut = if ethernet { segmenter.frame_segments(Some(vnet), packet, &mut write) } else { segmenter.segments(Some(vnet), packet, &mut write) };
         if cut.is_err() && result.is_ok() {
             result = writer.packet(0, r.ns, packet, None, Some(r.direction));
             done.packets += 1;
@@ -192,5 +175,9 @@ impl crate::port::Port for Tapped {
 
     fn unit_sender(&self) -> Option<&str> {
         self.inner.unit_sender()
+    }
+
+    fn hearing_from(&mut self, sender: Option<&str>) {
+        self.inner.hearing_from(sender);
     }
 }

@@ -15,12 +15,17 @@
 //! - `UDP_L4`: the payload cut likewise, each with its UDP length and checksum;
 //! - UFO, unknown types, or a packet that is not TCP/UDP over IPv4/IPv6: as it is.
 //!
+//! An Ethernet frame (a TAP with offloads: [`Segmenter::frame_segments`]) is cut the same
+//! way: its IP packet after the Ethernet header and tags, the offsets moved past that
+//! header, each piece behind a copy of it.
+//!
 //! Headers are read and written through the checked views of [`crate::packet`], checksums
 //! computed by its one implementation. A header that does not match its packet (lengths, a
 //! transport header past the end) is an error and gives nothing; nothing here panics on
 //! any input.
 
 use super::vnet::{self, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+use crate::packet::ethernet::EthernetFrame;
 use crate::packet::ip::protocol::{TCP, UDP};
 use crate::packet::tcp::flags;
 use crate::packet::{ipv6, udp, Error as PacketError, IpPacket, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
@@ -41,6 +46,8 @@ pub enum SegmentError {
     ZeroGsoSize,
     #[error("the GSO type does not match the packet's protocol")]
     WrongProtocol,
+    #[error("the frame is shorter than its Ethernet header")]
+    NotEthernet,
 }
 
 /// The IP layer of a packet: where the transport starts, and its protocol.
@@ -84,15 +91,41 @@ fn set_ip_lengths(buf: &mut [u8], ip: Ip, id: Option<u16>) {
     }
 }
 
-/// Cuts super-packets; keeps one buffer.
+/// Cuts super-packets; keeps two buffers (a piece, and a frame around it).
 #[derive(Debug, Default)]
 pub struct Segmenter {
     buf: Vec<u8>,
+    frame: Vec<u8>,
 }
 
 impl Segmenter {
     pub fn new() -> Segmenter {
         Segmenter::default()
+    }
+
+    /// Gives `out` each wire-sized Ethernet frame that `frame` (behind `vnet`, whose offsets
+    /// count from the frame's first byte) stands for; returns how many. The IP packet after
+    /// the Ethernet header and its tags is cut as [`segments`](Self::segments) cuts a
+    /// packet, and each piece goes out behind a copy of that header.
+    pub fn frame_segments(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, frame: &[u8], mut out: impl FnMut(&[u8])) -> Result<usize, SegmentError> {
+        let l2 = EthernetFrame::new_checked(frame).map_err(|_| SegmentError::NotEthernet)?.header_len();
+        let shifted = vnet.map(|v| {
+            let mut h = VnetHdr::parse(v);
+            // invariant: l2 <= 22 (two tags)
+            h.csum_start = h.csum_start.saturating_sub(l2 as u16);
+            h.hdr_len = h.hdr_len.saturating_sub(l2 as u16);
+            h.to_bytes()
+        });
+        let (head, body) = frame.split_at(l2);
+        let mut piece = std::mem::take(&mut self.frame);
+        let cut = self.segments(shifted.as_ref(), body, |p| {
+            piece.clear();
+            piece.extend_from_slice(head);
+            piece.extend_from_slice(p);
+            out(&piece);
+        });
+        self.frame = piece;
+        cut
     }
 
     /// Gives `out` each wire-sized packet that `packet` (behind `vnet`) stands for; returns
@@ -362,6 +395,55 @@ mod tests {
             junk[1] = b;
             let _ = Segmenter::new().segments(Some(&junk), &[0x45, 0, 0, 3], |_| {});
             let _ = Segmenter::new().segments(Some(&junk), &[], |_| {});
+        }
+    }
+
+    /// A super-packet behind an Ethernet header with `tags` 802.1Q tags, offsets counted
+    /// from the frame's first byte (as a TAP with offloads reads it).
+    fn super_frame(v6: bool, tags: usize, payload: usize, gso_size: u16) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
+        let (v, p) = super_packet(v6, TCP, payload, gso_size);
+        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+        for t in 0..tags {
+            f.extend_from_slice(&[0x81, 0x00, 0, 10 + t as u8]);
+        }
+        f.extend_from_slice(&if v6 { [0x86, 0xdd] } else { [0x08, 0x00] });
+        let l2 = f.len() as u16;
+        f.extend_from_slice(&p);
+        let mut h = VnetHdr::parse(&v);
+        h.csum_start += l2;
+        h.hdr_len += l2;
+        (h.to_bytes(), f)
+    }
+
+    #[test]
+    fn super_frames_are_cut_behind_copies_of_their_ethernet_header() {
+        for (v6, tags) in [(false, 0), (true, 0), (false, 1), (true, 2)] {
+            let (v, f) = super_frame(v6, tags, 5000, 1448);
+            let l2 = 14 + 4 * tags;
+            let (_, p) = super_packet(v6, TCP, 5000, 1448);
+            let (pv, _) = super_packet(v6, TCP, 5000, 1448);
+            let mut frames = Vec::new();
+            let n = Segmenter::new().frame_segments(Some(&v), &f, |s| frames.push(s.to_vec())).unwrap();
+            assert_eq!(n, 4);
+            // The same pieces as the bare packet gives, each behind the frame's header.
+            let packets = cut(&pv, &p);
+            assert_eq!(frames.len(), packets.len());
+            for (frame, packet) in frames.iter().zip(&packets) {
+                assert_eq!(&frame[..l2], &f[..l2], "v6 {v6} tags {tags}: the header is repeated");
+                assert_eq!(&frame[l2..], &packet[..]);
+            }
+        }
+        // Plain and header-less frames go through whole.
+        let (_, f) = super_frame(false, 1, 100, 1448);
+        let mut out = Vec::new();
+        assert_eq!(Segmenter::new().frame_segments(None, &f, |s| out.push(s.to_vec())), Ok(1));
+        assert_eq!(out, vec![f.clone()]);
+        // Shorter than a header: refused, nothing given; cut anywhere else: refused or whole.
+        let (v, f) = super_frame(true, 2, 3000, 1000);
+        for n in 0..f.len() {
+            let mut got = 0;
+            let r = Segmenter::new().frame_segments(Some(&v), &f[..n], |_| got += 1);
+            assert!(r.is_err() && got == 0, "a frame cut at {n} must be refused");
         }
     }
 }
