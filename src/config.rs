@@ -283,6 +283,9 @@ pub struct DataPath {
     pub status_dir: Option<std::path::PathBuf>,
     /// Link emulation on egress (`--emulate`, `--emulate-to`, `--emulate-seed`).
     pub emulation: Emulation,
+    /// A radio's links as it hears them (`--hear`, a radio lab's topology; `None`: every
+    /// sender, plainly). See `port::medium`.
+    pub hearing: Option<crate::port::medium::Hearing>,
     /// Where to write what crosses the TUN, both directions (`--pcap`).
     pub pcap: Option<std::path::PathBuf>,
     /// Queue management of what this agent receives (`--aqm`; `None`: `--no-aqm`).
@@ -317,6 +320,7 @@ impl Default for DataPath {
             metrics_addr: None,
             status_dir: Some(RUN_DIR.into()),
             emulation: Emulation::default(),
+            hearing: None,
             pcap: None,
             aqm: Some(AqmSettings::default()),
         }

@@ -516,3 +516,34 @@ fn after_a_broker_restart_traffic_resumes_within_5_s() {
     let (ok, out) = ping(&s.ns[1], &s.v4[0], 3);
     assert!(ok, "the other way after the broker's restart:\n{out}");
 }
+
+/// `agent lab --e2e`: every host gets a key the lab makes and its own broker user; every
+/// pair answers through sealed batches (an `--e2e` receiver accepts nothing in clear), TCP
+/// crosses too, and the session's users and vhost are gone afterwards.
+#[test]
+fn a_lab_with_e2e_checks_every_pair_through_sealed_batches() {
+    if !system_ready("a_lab_with_e2e_checks_every_pair_through_sealed_batches") {
+        return;
+    }
+    let session = unique("e2elab");
+    let json = std::env::temp_dir().join(format!("{session}.json"));
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--url", URL, "--hosts", "3", "--e2e", "--session", &session, "--throughput-seconds", "1", "--json"])
+        .arg(&json)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agent lab --e2e failed:\n{text}");
+    assert_eq!(text.matches("end-to-end encryption on").count(), 3, "each host seals:\n{text}");
+    assert!(text.contains("end-to-end encrypted"), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json report")).expect("parses");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report["e2e"], true, "{report}");
+    assert_eq!(report["hosts_up"], 3, "{report}");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    assert_eq!(report["pairs_checked"], 6, "{report}");
+    assert!(report["throughput_bits_per_s"].as_f64().is_some_and(|b| b > 0.0), "TCP through sealed batches: {report}");
+    let users = run("rabbitmqctl", &["list_users", "-q"]);
+    assert!(!users.contains(&format!("{session}.h")), "users left behind:\n{users}");
+}

@@ -1,7 +1,8 @@
 //! Opening an agent's host end: one [`Port`] per queue, of the kind its configuration
 //! names (`config::PortKind`). A TUN is created (under a temporary name when it moves to a
 //! namespace), moved and configured with `ip`; a userspace stack is built in the process
-//! with the agent's addresses and host services; a serial probe is opened, or waited for. The worker never learns which it got.
+//! with the agent's addresses and host services; a serial probe is opened, or waited for (a simulated radio's
+//! pseudo-terminal made, and its port put behind its medium when it has links). The worker never learns which it got.
 //!
 //! Main thread (inside `Agent::start`), once per agent; not on the hot path.
 
@@ -11,6 +12,7 @@ use anyhow::bail;
 
 use crate::config::{AgentConfig, PortKind};
 use crate::exit::{Exit, Failure};
+use crate::port::medium::Medium;
 use crate::port::serial::SerialPort;
 use crate::port::userspace::{EndpointConfig, Limits, PortConfig, UserspacePort};
 use crate::port::Port;
@@ -57,10 +59,19 @@ pub fn open(c: &AgentConfig) -> anyhow::Result<Opened> {
         }
         PortKind::Serial(cfg) => {
             // A probe that is not plugged in yet is waited for, as one that goes away is.
-            let port = SerialPort::waiting(0, cfg.clone()).map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
-            let summary = format!("serial probe {} at {} baud ({})", cfg.device.display(), cfg.baud, if port.is_open() { "open" } else { "waiting for it" });
-            let serial = Some(port.counters().clone());
-            Ok(Opened { ports: vec![Box::new(port)], summary, pinger: None, serial })
+            // A simulated radio's pseudo-terminal is made now, or the start fails.
+            let port = if cfg.pty { SerialPort::open(0, cfg.clone()) } else { SerialPort::waiting(0, cfg.clone()) };
+            let port = port.map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+            let summary = match cfg.pty {
+                true => format!("simulated radio: a pseudo-terminal at {}", cfg.device.display()),
+                false => format!("serial probe {} at {} baud ({})", cfg.device.display(), cfg.baud, if port.is_open() { "open" } else { "waiting for it" }),
+            };
+            let counters = port.counters().clone();
+            let port: Box<dyn Port> = match &c.data_path().hearing {
+                Some(h) => Box::new(Medium::new(Box::new(port), h, counters.clone())),
+                None => Box::new(port),
+            };
+            Ok(Opened { ports: vec![port], summary, pinger: None, serial: Some(counters) })
         }
     }
 }

@@ -390,6 +390,7 @@ impl ConnectArgs {
             metrics_addr,
             status_dir: Some(if self.status_dir == std::path::Path::new(config::RUN_DIR) { crate::status::default_dir() } else { self.status_dir }),
             emulation: crate::emulate::Emulation { all: self.emulate, to: self.emulate_to, seed: self.emulate_seed, known: Vec::new() },
+            hearing: None,
             pcap,
             aqm: (!self.no_aqm).then_some(config::AqmSettings { target: self.aqm_target, interval: self.aqm_interval, drop: self.aqm_drop }),
         };

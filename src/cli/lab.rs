@@ -41,6 +41,13 @@ pub struct LabArgs {
     /// discovery across the bus.
     #[arg(long, conflicts_with_all = ["userspace", "topology", "secure"])]
     pub l2: bool,
+    /// Every host is a simulated IEEE 802.15.4 radio whose medium is the bus: a
+    /// pseudo-terminal (under $TMPDIR/tunbus-radios-<SESSION>/) that a program written for
+    /// a serial probe opens and speaks SLIP on. With --topology the links are radio links:
+    /// a pair without one hears nothing of each other, a link's loss, delay and flap apply
+    /// to each frame it carries. Checked by sending frames from every radio.
+    #[arg(long, conflicts_with_all = ["userspace", "l2", "secure", "queues"])]
+    pub radio: bool,
     /// TUN queues per host.
     #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
     pub queues: u16,
@@ -81,6 +88,10 @@ pub struct LabArgs {
     /// with its own permissions) and run every host with its own identity, strict mode.
     #[arg(long)]
     pub secure: bool,
+    /// Every host encrypts end to end (`connect --e2e`) with a key the lab makes for it; the
+    /// broker carries only ciphertext. Implies --secure (keys are bound to broker users).
+    #[arg(long, conflicts_with_all = ["userspace", "l2", "radio"])]
+    pub e2e: bool,
     /// Internal: be the guard of lab process PID (see `lab::guard`).
     #[arg(long, hide = true, value_name = "PID")]
     pub guard: Option<u32>,
@@ -126,10 +137,12 @@ impl LabArgs {
             throughput: Duration::from_secs_f64(self.throughput_seconds),
             private_broker: self.private_broker,
             brokers: usize::from(self.brokers),
-            secure: self.secure,
+            secure: self.secure || self.e2e,
+            e2e: self.e2e,
             mtu: self.mtu,
             userspace: self.userspace,
             l2: self.l2,
+            radio: self.radio,
         })
     }
 }

@@ -22,7 +22,11 @@ pub const SERIAL_EXAMPLES: &str = concat!(
     "  A probe in an ioppytest session (the keys and JSON of ioppytest-agent 0.2.20's serial listener):\n",
     "    agent serial --name probe1 --device /dev/ttyUSB0 --baud 460800 --url \"$AMQP_URL\"\n",
     "  A probe in a tunbus session (frames batched like packets, flooded to the session's probes):\n",
-    "    agent serial --name mote2 --device /dev/serial/by-id/usb-…-if00 --session thread --wire native",
+    "    agent serial --name mote2 --device /dev/serial/by-id/usb-…-if00 --session thread --wire native\n",
+    "  A simulated radio: a pseudo-terminal at /tmp/mote3 for a program that speaks SLIP to a probe,\n",
+    "  hearing mote2 through a lossy link and nothing from mote4:\n",
+    "    agent serial --name mote3 --session thread --wire native --pty --device /tmp/mote3 \\\n",
+    "        --hear mote2='loss 10% delay 5ms' --hear mote4=none",
 );
 
 #[derive(Debug, Args)]
@@ -38,6 +42,19 @@ pub struct SerialArgs {
     /// there (yet, or any more) is looked for every 250 ms; the agent never exits for it.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_PORT)]
     pub device: PathBuf,
+    /// A simulated radio: make a pseudo-terminal and link it at --device (which must be a
+    /// free path, or a stale link), for a program that speaks SLIP to a probe to open; the
+    /// link is removed on exit.
+    #[arg(long)]
+    pub pty: bool,
+    /// How this radio hears agent PEER (native wire): through a link emulated in tc-netem's
+    /// words ('loss 10% delay 5ms', decided where the frame is heard, from --emulate-seed),
+    /// or not at all (PEER=none). Peers not named are heard plainly. Repeat for more peers.
+    #[arg(long, value_name = "PEER=SPEC|none", value_parser = parse_hear)]
+    pub hear: Vec<(String, crate::emulate::Spec)>,
+    /// Seed of the --hear links' random decisions (the same seed replays the same losses).
+    #[arg(long, value_name = "N", default_value_t = crate::emulate::DEFAULT_SEED)]
+    pub emulate_seed: u64,
     /// Line speed in baud.
     #[arg(long, default_value_t = DEFAULT_BAUD)]
     pub baud: u32,
@@ -93,11 +110,17 @@ impl SerialArgs {
             baud: self.baud,
             framing: if self.framing == "terminated" { Framing::Terminated } else { Framing::Delimited },
             max_frame: self.max_frame,
+            pty: self.pty,
         };
+        if !self.hear.is_empty() && self.wire != Wire::Native {
+            return Err(usage("--hear needs --wire native (ioppytest's router decides who hears a frame on its wire)".into()).into());
+        }
+        let hearing = (!self.hear.is_empty()).then_some(crate::port::medium::Hearing { links: self.hear, seed: self.emulate_seed });
         let bus = Bus { heartbeat, session: self.bus.session, exchange, ..Bus::new(endpoints) };
         let interface = Interface { kind: PortKind::Serial(serial), ifname: "serial".into(), offload: false, mtu: 1500, ..Interface::default() };
         let data_path = DataPath {
             wire: self.wire,
+            hearing,
             stats_interval,
             metrics_addr,
             status_dir: Some(if self.status_dir == std::path::Path::new(config::RUN_DIR) { crate::status::default_dir() } else { self.status_dir }),
@@ -108,6 +131,14 @@ impl SerialArgs {
         let mode = if self.no_identity_check { crate::identity::Mode::Off } else { config.identity().mode.clone() };
         let user = config.identity().user.clone();
         Ok(config.with_identity(Identity { user, mode }).map_err(invalid)?)
+    }
+}
+
+/// `PEER=SPEC` or `PEER=none` (no link).
+fn parse_hear(text: &str) -> Result<(String, crate::emulate::Spec), String> {
+    match text.split_once('=') {
+        Some((peer, spec)) if spec.trim() == "none" && !peer.trim().is_empty() => Ok((peer.trim().to_owned(), crate::emulate::Spec::unlinked())),
+        _ => crate::emulate::Emulation::parse_to(text).map_err(|e| e.replace("--emulate-to", "--hear")),
     }
 }
 
@@ -149,5 +180,19 @@ mod tests {
         assert!(serial(&["--name", "a.b"]).is_err());
         assert!(serial(&["--name", "p", "--framing", "cobs"]).is_err());
         assert!(serial(&[]).is_err());
+        let e = serial(&["--name", "p", "--hear", "m2=loss 5%"]).unwrap_err().to_string();
+        assert!(e.contains("--wire native"), "{e}");
+        let e = serial(&["--name", "p", "--wire", "native", "--hear", "m2"]).unwrap_err().to_string();
+        assert!(e.contains("--hear"), "{e}");
+    }
+
+    #[test]
+    fn a_simulated_radio_hears_its_links() {
+        let c = serial(&["--name", "m3", "--wire", "native", "--pty", "--device", "/tmp/m3", "--hear", "m2=loss 10% delay 5ms", "--hear", "m4=none"]).unwrap();
+        assert!(c.interface().serial().is_some_and(|s| s.pty));
+        let h = c.data_path().hearing.clone().expect("hearing");
+        assert_eq!(h.links, vec![("m2".to_owned(), "loss 10% delay 5ms".parse().unwrap()), ("m4".to_owned(), crate::emulate::Spec::unlinked())]);
+        assert_eq!(h.seed, crate::emulate::DEFAULT_SEED);
+        assert!(serial(&["--name", "m3"]).unwrap().data_path().hearing.is_none());
     }
 }

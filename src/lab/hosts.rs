@@ -115,6 +115,22 @@ impl Lab {
                 crate::identity::Mode::Strict(crate::identity::Table::new(vec![(user.clone(), prefixes)]))
             }
         };
-        c.with_identity(Identity { user, mode })
+        let c = c.with_identity(Identity { user, mode })?;
+        self.with_e2e_keys(c, host)
+    }
+
+    /// `--e2e`: host `host`'s key, and every other host's public key under its broker user.
+    fn with_e2e_keys(&self, c: AgentConfig, host: &Host) -> Result<AgentConfig, ConfigError> {
+        let (Some(me), Some(secure)) = (self.e2e_keys.get(host.index - 1), &self.identities) else {
+            return Ok(c);
+        };
+        let peer_keys = self
+            .hosts
+            .iter()
+            .zip(&self.e2e_keys)
+            .filter(|(h, _)| h.index != host.index)
+            .filter_map(|(h, key)| secure.by_host.get(&h.name).map(|(user, _)| (user.clone(), key.public().0)))
+            .collect();
+        c.with_e2e(Some(crate::config::E2eKeys { private_key: *me.as_bytes(), peer_keys }))
     }
 }

@@ -1,5 +1,8 @@
 //! `agent lab`: a whole multi-host network on one machine, checked and reported.
 //!
+//! (`--userspace`: hosts are endpoints of userspace stacks, [`userspace`]; `--radio`:
+//! simulated 802.15.4 radios on pseudo-terminals, [`radio`].)
+//!
 //! For each host i: a namespace (`tb-h<i>`), an agent whose TUN lives in it, and
 //! predictable addresses (198.18.0.0 + i /15, fd00:7b::i /64; see [`plan`]). All agents
 //! live in this one process and share its tokio runtime: each has its own worker thread(s)
@@ -20,6 +23,7 @@ pub mod guard;
 mod hosts;
 pub mod plan;
 pub mod progress;
+pub mod radio;
 mod report;
 mod state;
 pub mod topology;
@@ -71,6 +75,11 @@ pub struct LabOptions {
     pub userspace: bool,
     /// `--l2`: hosts have TAPs in an Ethernet session.
     pub l2: bool,
+    /// `--radio`: hosts are simulated 802.15.4 radios on pseudo-terminals (no namespaces).
+    pub radio: bool,
+    /// `--e2e`: every host seals its batches end to end (needs `secure`: keys are bound to
+    /// the hosts' broker users).
+    pub e2e: bool,
 }
 
 /// Everything the lab created, torn down in `teardown` (and, for namespaces and the
@@ -86,13 +95,19 @@ struct Lab {
     interrupt: Stop,
     /// `--secure`: the session's users (user, URL) per host, and the strict table.
     identities: Option<SecureSession>,
+    /// `--e2e`: each host's static key, in host order (made in this process, never written).
+    e2e_keys: Vec<crate::e2e::keys::PrivateKey>,
 }
 
 /// Runs a lab until it is checked (or, with `keep`, until `stop`), then tears it down.
 pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: Stop) -> anyhow::Result<LabReport> {
-    let most = if opts.userspace { userspace::MAX_HOSTS } else { plan::MAX_HOSTS };
+    let most = match (opts.userspace, opts.radio) {
+        (true, _) => userspace::MAX_HOSTS,
+        (_, true) => radio::MAX_HOSTS,
+        _ => plan::MAX_HOSTS,
+    };
     if opts.hosts < 2 || opts.hosts > most {
-        bail!("--hosts must be between 2 and {most}{}", if opts.userspace { "" } else { " (--userspace goes to 20000)" });
+        bail!("--hosts must be between 2 and {most}{}", if opts.userspace || opts.radio { "" } else { " (--userspace goes to 20000)" });
     }
     // Per queue of each host: a TUN queue and a socket; then namespaces, pipes, slack. A
     // userspace lab: a socket and a poller per worker.
@@ -117,6 +132,7 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
         endpoints: Vec::new(),
         interrupt,
         identities: None,
+        e2e_keys: Vec::new(),
     };
     let result = lab.up_and_check(&mut state, &mut stop).await;
     lab.teardown().await;
@@ -136,17 +152,29 @@ impl Lab {
         if self.opts.secure {
             self.provision(state)?;
         }
+        if self.opts.e2e {
+            if self.identities.is_none() {
+                bail!("--e2e needs --secure: each host's key is bound to its own broker user");
+            }
+            self.e2e_keys = (0..self.hosts.len()).map(|_| crate::e2e::keys::PrivateKey::generate()).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
+            report.e2e = true;
+        }
         let t0 = Instant::now();
         if self.opts.userspace {
             return self.up_and_check_userspace(report, t0, stop).await;
         }
-        self.create_namespaces()?;
+        if self.opts.radio {
+            std::fs::create_dir_all(radio::radio_dir(&self.opts.session)).context("making the folder of the radios' pseudo-terminals")?;
+        } else {
+            self.create_namespaces()?;
+        }
         let mut progress = progress::Progress::new("hosts started", self.hosts.len(), t0);
         for host in self.hosts.clone() {
             if *stop.borrow() {
                 bail!("interrupted during bring-up");
             }
-            let config = self.agent_config(&host).with_context(|| format!("configuring host {}", host.name))?;
+            let config = if self.opts.radio { self.radio_config(&host) } else { self.agent_config(&host) };
+            let config = config.with_context(|| format!("configuring host {}", host.name))?;
             let Some(agent) = Agent::start(config, &self.interrupt).await.with_context(|| format!("starting host {}", host.name))? else {
                 bail!("interrupted during bring-up");
             };
@@ -161,6 +189,20 @@ impl Lab {
         report.hosts_up = self.agents.len();
         tracing::info!(hosts = report.hosts_up, seconds = report.bring_up_s, "lab up");
 
+        if self.opts.radio {
+            report.radio = true;
+            self.check_radios(&mut report).await;
+            report.throughput_note = "no TCP sample in a radio lab".into();
+            report.rss_mib = rss_mib();
+            report.rss_per_agent_mib = report.rss_mib / self.agents.len().max(1) as f64;
+            report.ok = report.failures.is_empty() && report.hosts_up == report.hosts;
+            if self.opts.keep {
+                self.print_radios();
+                println!("{report}");
+                self.live_status(stop).await;
+            }
+            return Ok(report);
+        }
         self.check_pairs(&mut report).await;
         let (bps, note) = self.throughput_sample().await;
         report.throughput_bits_per_s = bps;
@@ -237,7 +279,9 @@ impl Lab {
     async fn teardown(&mut self) {
         let agents = std::mem::take(&mut self.agents);
         let _ = futures_util::future::join_all(agents.into_iter().map(Agent::shutdown)).await;
-        if !self.opts.userspace {
+        if self.opts.radio {
+            radio::remove_radio_dir(&self.opts.session);
+        } else if !self.opts.userspace {
             let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
             delete_namespaces(&names);
         }

@@ -54,29 +54,51 @@ pub struct LabReport {
     pub nodes: Vec<(String, usize)>,
     /// `--topology`: each link (and each pair without one), configured beside measured.
     pub links: Vec<LinkReport>,
+    /// `--e2e`: every host sealed its batches end to end.
+    pub e2e: bool,
+    /// `--radio`: pairs were checked with frames (`pings_sent` counts frames sent, RTTs
+    /// are one-way latencies from probe to probe, a link's replies are frames heard).
+    pub radio: bool,
     pub ok: bool,
 }
 
 impl std::fmt::Display for LabReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.3} ms")).unwrap_or_else(|| "-".into());
-        writeln!(f, "tunbus lab, session {} ({} queue(s) per host, broker {})", self.session, self.queues, self.broker)?;
+        let sealed = if self.e2e { ", end-to-end encrypted" } else { "" };
+        writeln!(f, "tunbus lab, session {} ({} queue(s) per host, broker {}{sealed})", self.session, self.queues, self.broker)?;
         writeln!(f, "  hosts up        {}/{} in {:.2} s", self.hosts_up, self.hosts, self.bring_up_s)?;
-        writeln!(f, "  pairs checked   {} ({} pings, IPv4 and IPv6), failures: {}", self.pairs_checked, self.pings_sent, self.failures.len())?;
+        match self.radio {
+            true => writeln!(
+                f,
+                "  pairs checked   {} ({} frames sent, each heard by the radios linked to its sender), failures: {}",
+                self.pairs_checked,
+                self.pings_sent,
+                self.failures.len()
+            )?,
+            false => writeln!(f, "  pairs checked   {} ({} pings, IPv4 and IPv6), failures: {}", self.pairs_checked, self.pings_sent, self.failures.len())?,
+        }
         for fail in self.failures.iter().take(20) {
             writeln!(f, "    FAILED {fail}")?;
         }
         if self.failures.len() > 20 {
             writeln!(f, "    … and {} more", self.failures.len() - 20)?;
         }
-        writeln!(f, "  ping RTT        p50 {}, p99 {}", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?;
+        match self.radio {
+            true => writeln!(f, "  frame latency   p50 {}, p99 {} (one way, probe to probe)", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?,
+            false => writeln!(f, "  ping RTT        p50 {}, p99 {}", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?,
+        }
         for l in &self.links {
             let configured = match (&l.emulate, l.linked) {
                 (_, false) => "no link".to_owned(),
                 (None, true) => "plain link".to_owned(),
+                (Some(e), true) if self.radio => format!("emulate {e} (+{:.1} ms one way)", l.configured_rtt_ms.unwrap_or(0.0)),
                 (Some(e), true) => format!("emulate {e} (+{:.1} ms RTT)", l.configured_rtt_ms.unwrap_or(0.0)),
             };
-            let mut measured = format!("RTT p50 {}, {}/{} replies", ms(l.rtt_p50_ms), l.replies, l.requests);
+            let mut measured = match self.radio {
+                true => format!("one way p50 {}, {}/{} frames heard", ms(l.rtt_p50_ms), l.replies, l.requests),
+                false => format!("RTT p50 {}, {}/{} replies", ms(l.rtt_p50_ms), l.replies, l.requests),
+            };
             if let Some((lost, sent)) = l.loss_probe {
                 measured += &format!(", {lost}/{sent} round trips lost");
             }

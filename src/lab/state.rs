@@ -77,6 +77,7 @@ pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
     }
     let names = session_namespaces(session);
     delete_namespaces(&names);
+    super::radio::remove_radio_dir(session);
     let _ = std::fs::remove_file(&path);
     // A lab killed between writing and renaming its state leaves the temporary file.
     let temp_prefix = format!("lab-{session}.json.");

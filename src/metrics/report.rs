@@ -156,6 +156,9 @@ impl fmt::Display for Report {
                 "\n  serial probe    {} frames in, {} out; malformed: bad_escape={} too_long={} noise={}; lost: unplugged={} busy={} refused={}; outages {}, reopens {}",
                 s.frames_in, s.frames_out, s.bad_escape, s.too_long, s.noise, s.lost_unplugged, s.lost_busy, s.refused_out, s.outages, s.reopens
             )?;
+            if s.unheard + s.lost_on_link + s.delayed > 0 {
+                write!(f, "\n  radio medium    unheard (no link)={} lost_on_link={} delayed={}", s.unheard, s.lost_on_link, s.delayed)?;
+            }
         }
         Ok(())
     }

@@ -8,12 +8,14 @@
 //! - the kernel's multi-queue TUN ([`crate::tun::TunQueue`]): IP packets, Linux only;
 //! - a userspace TCP/IP stack inside the agent: IP packets, no privileges, any OS;
 //! - a TAP device: Ethernet frames;
-//! - an 802.15.4 serial probe: SLIP-framed radio frames ([`serial::SerialPort`]).
+//! - an 802.15.4 serial probe: SLIP-framed radio frames ([`serial::SerialPort`]), or a
+//!   simulated radio on a pseudo-terminal, heard through its medium ([`medium::Medium`]).
 //!
 //! A unit crosses the seam as it crosses the wire: a 10-byte `virtio_net_hdr`
 //! ([`crate::codec::vnet`]) followed by the unit's bytes. Ports without offloads write
 //! and expect the plain header (all zeros). Runs on the worker's thread; hot path.
 
+pub mod medium;
 pub mod serial;
 
 use std::io;
@@ -98,6 +100,11 @@ pub trait Port: Send {
     fn wants_write(&self) -> bool {
         false
     }
+
+    /// The units the worker writes next (until the next call) were sent by agent `sender`
+    /// (`None`: not known). A radio's medium decides by it who hears them
+    /// ([`medium::Medium`]); other ports ignore it.
+    fn hearing_from(&mut self, _sender: Option<&str>) {}
 
     /// For a port that hosts several endpoints: the name of the one whose unit
     /// [`Port::read`] returned last (its floods go out under its name). `None`: the

@@ -23,6 +23,12 @@
 //!   meanwhile are counted as `lost_unplugged`, never an error: nothing here ends the
 //!   worker. The first frame after a reopen may be cut (the decoder waits for an END).
 //!
+//! - **A simulated radio** (`pty`, `agent serial --pty PATH`, `agent lab --radio`): the port
+//!   makes a pseudo-terminal and links its terminal side at the configured path, for any
+//!   program written for a serial probe (a stack's host build, a test harness, `socat`)
+//!   to open as its probe and speak SLIP on; the port plays the device on the master side. It keeps the terminal side open itself, so the program
+//!   may come and go without the port seeing a hang-up; the link is removed on drop.
+//!
 //! The worker must ask for [`Port::fd`] before each wait (it changes across a reopen, and
 //! is `None` while the probe is away) and call [`Port::read`] when the descriptor reports
 //! an error or hang-up, too: that is where the port notices it.
@@ -61,12 +67,15 @@ pub struct SerialConfig {
     pub framing: Framing,
     /// The longest frame accepted from the probe or written to it.
     pub max_frame: usize,
+    /// Make a pseudo-terminal and link it at `device` instead of opening a device there (a
+    /// simulated radio; see the module header).
+    pub pty: bool,
 }
 
 impl SerialConfig {
     /// `device` at `baud`, delimited framing, frames up to [`slip::DEFAULT_MAX_FRAME`].
     pub fn new(device: impl Into<PathBuf>, baud: u32) -> SerialConfig {
-        SerialConfig { device: device.into(), baud, framing: Framing::Delimited, max_frame: slip::DEFAULT_MAX_FRAME }
+        SerialConfig { device: device.into(), baud, framing: Framing::Delimited, max_frame: slip::DEFAULT_MAX_FRAME, pty: false }
     }
 
     /// Checks what can be checked without the device.
@@ -122,6 +131,11 @@ pub struct SerialCounters {
     /// Times the probe went away, and times it was opened again.
     pub outages: AtomicU64,
     pub reopens: AtomicU64,
+    /// A simulated radio's medium ([`super::medium::Medium`]): frames from senders it has
+    /// no link with, frames its links' emulation lost, frames held for a link's delay.
+    pub unheard: AtomicU64,
+    pub lost_on_link: AtomicU64,
+    pub delayed: AtomicU64,
     /// Whether the device is open now.
     pub connected: AtomicBool,
 }
@@ -142,6 +156,9 @@ pub struct SerialStats {
     pub refused_out: u64,
     pub outages: u64,
     pub reopens: u64,
+    pub unheard: u64,
+    pub lost_on_link: u64,
+    pub delayed: u64,
     pub connected: bool,
 }
 
@@ -169,6 +186,9 @@ impl SerialCounters {
             refused_out: self.refused_out.load(Relaxed),
             outages: self.outages.load(Relaxed),
             reopens: self.reopens.load(Relaxed),
+            unheard: self.unheard.load(Relaxed),
+            lost_on_link: self.lost_on_link.load(Relaxed),
+            delayed: self.delayed.load(Relaxed),
             connected: self.connected.load(Relaxed),
         }
     }
@@ -248,6 +268,26 @@ pub struct SerialPort {
     /// Frames that did not fit the caller's buffer (counted under `too_long`).
     no_room: u64,
     counters: Arc<SerialCounters>,
+    /// A simulated radio's pseudo-terminal: its terminal side (held open) and where it is
+    /// linked.
+    pty: Option<PtyLink>,
+}
+
+/// The terminal side of a port's own pseudo-terminal, and the symlink that names it.
+#[derive(Debug)]
+struct PtyLink {
+    _peer: OwnedFd,
+    target: PathBuf,
+    link: PathBuf,
+}
+
+impl Drop for PtyLink {
+    fn drop(&mut self) {
+        // Only our own link: another port may have taken the path since.
+        if std::fs::read_link(&self.link).is_ok_and(|t| t == self.target) {
+            let _ = std::fs::remove_file(&self.link);
+        }
+    }
 }
 
 impl SerialPort {
@@ -292,6 +332,7 @@ impl SerialPort {
             outage: None,
             no_room: 0,
             counters: Arc::default(),
+            pty: None,
         })
     }
 
@@ -315,10 +356,10 @@ impl SerialPort {
         self.fd.is_some()
     }
 
-    /// Opens the path (resolving a symlink anew) and makes it the device.
+    /// Opens the path (resolving a symlink anew) and makes it the device; or, for a
+    /// simulated radio, makes a pseudo-terminal and links it at the path.
     fn open_device(&mut self) -> io::Result<()> {
-        let target = std::fs::canonicalize(&self.cfg.device)?;
-        let fd = sys::tty::open_serial(&target, self.cfg.baud)?;
+        let (fd, target) = if self.cfg.pty { self.make_pty()? } else { self.open_path()? };
         self.fd = Some(fd);
         self.decoder.reset();
         self.raw_at = 0;
@@ -330,6 +371,27 @@ impl SerialPort {
             tracing::info!(device = %self.cfg.device.display(), target = %target.display(), away_ms = outage.since.elapsed().as_millis() as u64, lost, "serial probe back");
         }
         Ok(())
+    }
+
+    fn open_path(&self) -> io::Result<(OwnedFd, PathBuf)> {
+        let target = std::fs::canonicalize(&self.cfg.device)?;
+        Ok((sys::tty::open_serial(&target, self.cfg.baud)?, target))
+    }
+
+    /// A new pseudo-terminal linked at the configured path (a stale link there is replaced;
+    /// anything else is not).
+    fn make_pty(&mut self) -> io::Result<(OwnedFd, PathBuf)> {
+        let link = &self.cfg.device;
+        match std::fs::symlink_metadata(link) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(link)?,
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::AlreadyExists, "something other than a link is there; give a free path")),
+            Err(_) => {}
+        }
+        self.pty = None;
+        let pty = sys::tty::openpty(true)?;
+        std::os::unix::fs::symlink(&pty.path, link)?;
+        self.pty = Some(PtyLink { _peer: pty.peer, target: pty.path.clone(), link: link.clone() });
+        Ok((pty.master, pty.path))
     }
 
     /// The device failed or hung up: close it, count the outage, drop what waited for it,

@@ -234,6 +234,9 @@ impl Inbound for NativeIn {
         match Carries::of(d.routing_key, &self.own_flood_key) {
             Carries::Packets => {
                 self.trust.refresh();
+                // Floods come under `tunbus.v1.all.<sender>`: a radio's medium hears by it.
+                let flooded_by = d.routing_key.strip_prefix(route::ALL_PREFIX.as_bytes()).and_then(|n| std::str::from_utf8(n).ok());
+                out.port.hearing_from(flooded_by);
                 let mut sink = Sink {
                     port: out.port,
                     layer: self.layer,
@@ -260,8 +263,6 @@ impl Inbound for NativeIn {
                     },
                 };
                 if let Some(l2) = &mut self.l2 {
-                    // Floods come under `tunbus.v1.all.<sender>`.
-                    let flooded_by = d.routing_key.strip_prefix(route::ALL_PREFIX.as_bytes()).and_then(|n| std::str::from_utf8(n).ok());
                     rx::deliver_frames(body, user, flooded_by, now_ns, &mut sink, l2);
                 } else {
                     sink.congestion = self.aqm.as_mut().map(|aqm| rx::Congestion {
