@@ -2,8 +2,9 @@
 //! DHCP leases from dnsmasq and SLAAC addresses from its router advertisements over the
 //! bus, a non-IP ethertype and a VLAN across, a bridge behind a gateway agent, 100 MB of
 //! TCP byte-exact, a broadcast storm within its bound, a spoofed source MAC dropped, and an
-//! L3 agent refusing to mix with an L2 session, and `agent capture` writing an L2 session as
-//! Ethernet, one interface per agent.
+//! L3 agent refusing to mix with an L2 session, `agent capture` writing an L2 session as
+//! Ethernet, one interface per agent, and `agent lab --l2 --dhcp` leasing its hosts'
+//! addresses from h1.
 
 mod common;
 
@@ -491,4 +492,55 @@ fn an_l2_session_is_captured_as_ethernet_per_agent() {
     assert!(echoes(i1, &m1, &m2, 0) >= 5, "h1's echo replies");
     let arp = cap.packets.iter().filter(|p| p.iface == i1 && p.data.len() >= 14 && p.data[..6] == [0xff; 6] && p.data[12..14] == [8, 6]).count();
     assert!(arp >= 1, "h1's ARP request (a flood) is under h1");
+}
+
+/// `agent lab --l2 --dhcp`: h1 serves DHCP, h2 and h3 lease their addresses over the bus,
+/// every pair answers on them, and no DHCP server is left running.
+#[test]
+fn an_l2_lab_leases_its_addresses_from_h1() {
+    if !system_ready("an_l2_lab_leases_its_addresses_from_h1") {
+        return;
+    }
+    let session = unique("l2dhcp");
+    let json = TempFile::new("l2dhcp.json", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--url", URL, "--l2", "--dhcp", "--hosts", "3", "--session", &session, "--throughput-seconds", "0", "--json", json.path()])
+        .output()
+        .expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agent lab --l2 --dhcp failed:\n{text}");
+    assert!(text.contains("DHCP leases     2/2"), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json.0).expect("report")).expect("json");
+    assert_eq!(report["dhcp_leases"], serde_json::json!([2, 2]), "{report}");
+    assert_eq!(report["failures"].as_array().map(Vec::len), Some(0), "{report}");
+    assert!(report["pairs_checked"].as_u64().is_some_and(|n| n >= 3), "{report}");
+    let dir = std::env::temp_dir().join(format!("tunbus-dhcp-{session}"));
+    assert!(!dir.exists(), "the lab left its DHCP files behind");
+    assert!(processes_with_args(&["dnsmasq", dir.to_str().unwrap_or_default()]).is_empty(), "a DHCP server is left running");
+    assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "the lab left namespaces behind");
+}
+
+/// `agent lab --l2 --topology`: the links' emulation applies to frames (h1–h2 delayed,
+/// h2–h3 plain, h1 and h3 unlinked: their ARP broadcasts pass, their unicast does not).
+#[test]
+fn an_l2_lab_follows_its_topology() {
+    if !system_ready("an_l2_lab_follows_its_topology") {
+        return;
+    }
+    let session = unique("l2topo");
+    let topology = TempFile::new("l2topo.yaml", "hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: delay 10ms\n  - between: [h2, h3]\n");
+    let json = TempFile::new("l2topo.json", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--url", URL, "--l2", "--topology", topology.path(), "--session", &session, "--throughput-seconds", "0", "--json", json.path()])
+        .output()
+        .expect("lab runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agent lab --l2 --topology failed:\n{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json.0).expect("report")).expect("json");
+    let links = report["links"].as_array().expect("links");
+    let link = |a: &str, b: &str| links.iter().find(|l| l["a"] == a && l["b"] == b).unwrap_or_else(|| panic!("no link {a}-{b}: {report}")).clone();
+    assert!(link("h1", "h2")["rtt_p50_ms"].as_f64().is_some_and(|ms| ms >= 20.0), "the 10 ms link (both ways) was faster: {report}");
+    assert!(link("h2", "h3")["rtt_p50_ms"].as_f64().is_some_and(|ms| ms < 20.0), "{report}");
+    assert_eq!(link("h1", "h3")["replies"], 0, "unlinked hosts answered: {report}");
+    assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "the lab left namespaces behind");
 }

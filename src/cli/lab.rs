@@ -39,7 +39,7 @@ pub struct LabArgs {
     /// An Ethernet (L2) lab: every host gets a TAP instead of a TUN (`connect --l2`), and
     /// the bus switches frames between them; pings resolve through ARP and neighbour
     /// discovery across the bus.
-    #[arg(long, conflicts_with_all = ["userspace", "topology", "secure"])]
+    #[arg(long, conflicts_with_all = ["userspace", "secure"])]
     pub l2: bool,
     /// Every host is a simulated IEEE 802.15.4 radio whose medium is the bus: a
     /// pseudo-terminal (under $TMPDIR/tunbus-radios-<SESSION>/) that a program written for
@@ -48,6 +48,10 @@ pub struct LabArgs {
     /// to each frame it carries. Checked by sending frames from every radio.
     #[arg(long, conflicts_with_all = ["userspace", "l2", "secure", "queues"])]
     pub radio: bool,
+    /// With --l2: h1 serves DHCP on its TAP (dnsmasq) and every other host leases its IPv4
+    /// address over the bus (busybox udhcpc) before the checks; needs dnsmasq and busybox.
+    #[arg(long, requires = "l2")]
+    pub dhcp: bool,
     /// TUN queues per host.
     #[arg(long, default_value_t = config::DEFAULT_QUEUES, value_parser = within(config::QUEUES))]
     pub queues: u16,
@@ -143,6 +147,7 @@ impl LabArgs {
             userspace: self.userspace,
             l2: self.l2,
             radio: self.radio,
+            dhcp: self.dhcp,
         })
     }
 }

@@ -87,7 +87,8 @@ impl Lab {
         let bus = Bus { heartbeat: self.opts.heartbeat, check_name: false, frame_max: Some(32 * 1024), ..Bus::new(endpoints).in_session(&self.opts.session) };
         let interface = Interface {
             queues: self.opts.queues,
-            addrs: host.prefixes().to_vec(),
+            // --dhcp: the hosts after h1 lease their IPv4 address (`lab::dhcp`).
+            addrs: if self.opts.dhcp && host.index > 1 { host.prefixes()[1..].to_vec() } else { host.prefixes().to_vec() },
             netns: Some(host.netns.clone()),
             mtu: self.opts.mtu,
             router_solicitations: 0, // a lab has no router: nothing to solicit
@@ -97,7 +98,11 @@ impl Lab {
         let emulation = match &self.opts.topology {
             Some(t) => {
                 let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
-                let addrs: Vec<Vec<std::net::IpAddr>> = self.hosts.iter().map(|h| h.prefixes().iter().map(|p| p.addr).collect()).collect();
+                // An L2 host's frames go to its MAC, held as an address (`identity::mac_address`).
+                let session = Some(self.opts.session.as_str());
+                let mac_of = |h: &Host| crate::identity::mac_address(crate::identity::mac(session, &h.name));
+                let addrs: Vec<Vec<std::net::IpAddr>> =
+                    self.hosts.iter().map(|h| h.prefixes().iter().map(|p| p.addr).chain(self.opts.l2.then(|| mac_of(h))).collect()).collect();
                 // `Host::index` counts from 1; the topology's indices from 0.
                 crate::emulate::Emulation { known: topology::LabTopology::addresses(&names, &addrs), ..t.emulation_of(host.index - 1, &names, self.opts.seed) }
             }

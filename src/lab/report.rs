@@ -54,6 +54,8 @@ pub struct LabReport {
     pub nodes: Vec<(String, usize)>,
     /// `--topology`: each link (and each pair without one), configured beside measured.
     pub links: Vec<LinkReport>,
+    /// `--dhcp`: hosts that leased their IPv4 address from h1, out of those that asked.
+    pub dhcp_leases: Option<(usize, usize)>,
     /// `--e2e`: every host sealed its batches end to end.
     pub e2e: bool,
     /// `--radio`: pairs were checked with frames (`pings_sent` counts frames sent, RTTs
@@ -68,6 +70,9 @@ impl std::fmt::Display for LabReport {
         let sealed = if self.e2e { ", end-to-end encrypted" } else { "" };
         writeln!(f, "tunbus lab, session {} ({} queue(s) per host, broker {}{sealed})", self.session, self.queues, self.broker)?;
         writeln!(f, "  hosts up        {}/{} in {:.2} s", self.hosts_up, self.hosts, self.bring_up_s)?;
+        if let Some((leased, asked)) = self.dhcp_leases {
+            writeln!(f, "  DHCP leases     {leased}/{asked} (dnsmasq in h1, busybox udhcpc in the others, over the bus)")?;
+        }
         match self.radio {
             true => writeln!(
                 f,

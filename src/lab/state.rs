@@ -78,6 +78,7 @@ pub fn cleanup_session(session: &str) -> anyhow::Result<usize> {
     let names = session_namespaces(session);
     delete_namespaces(&names);
     super::radio::remove_radio_dir(session);
+    super::dhcp::cleanup(session);
     let _ = std::fs::remove_file(&path);
     // A lab killed between writing and renaming its state leaves the temporary file.
     let temp_prefix = format!("lab-{session}.json.");
