@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,27 +33,6 @@ impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A file under the temporary folder, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, text: &str) -> TempFile {
-        let p = std::env::temp_dir().join(unique(name));
-        std::fs::write(&p, text).expect("write temp file");
-        TempFile(p)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("utf-8 temp path")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -435,7 +413,7 @@ fn an_l2_session_is_captured_as_ethernet_per_agent() {
     let log = TempFile::new("l2cap.log", "");
     let log_file = std::fs::File::create(&log.0).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_agent"))
-        .args(["capture", "--session", &session, "-w", file.path(), "--duration", "8s"])
+        .args(["capture", "--session", &session, "-w", file.path(), "--duration", "12s"])
         .env_remove("AMQP_URL")
         .stdout(log_file.try_clone().expect("fd"))
         .stderr(log_file)
@@ -459,7 +437,7 @@ fn an_l2_session_is_captured_as_ethernet_per_agent() {
         if let Some(s) = capture.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "the capture did not end after --duration:\n{}", logs());
+        assert!(t0.elapsed() < Duration::from_secs(30), "the capture did not end after --duration:\n{}", logs());
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}:\n{}", logs());

@@ -9,7 +9,8 @@
 //!
 //! `agent_serial_pty_radios_hear_only_their_links`: three `agent serial --pty` processes,
 //! one of which hears nothing of another (`--hear A=none`): frames go where the links say,
-//! the deaf one counts what it did not hear, and each link is removed on exit.
+//! the deaf one counts what it did not hear (in its report and on its Prometheus
+//! endpoint), and each link is removed on exit.
 
 mod common;
 
@@ -96,27 +97,6 @@ fn radio_frames() -> Vec<Vec<u8>> {
 }
 
 const TOPOLOGY: &str = "hosts: 3\nlinks:\n  - between: [h1, h2]\n  - between: [h2, h3]\n    emulate: delay 30ms\n";
-
-/// A file under the temporary folder, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, text: &str) -> TempFile {
-        let p = std::env::temp_dir().join(unique(name));
-        std::fs::write(&p, text).expect("write temp file");
-        TempFile(p)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("utf-8 temp path")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// A child killed on drop (a test that fails leaves nothing running).
 struct Running(Child);
@@ -238,7 +218,8 @@ fn agent_serial_pty_radios_hear_only_their_links() {
     let mut agent_a = AgentProc::spawn_serial(&a, &[&common[..], &["--device", &path(&a)]].concat());
     let mut agent_b = AgentProc::spawn_serial(&b, &[&common[..], &["--device", &path(&b)]].concat());
     let deaf = format!("{a}=none");
-    let mut agent_c = AgentProc::spawn_serial(&c, &[&common[..], &["--device", &path(&c), "--hear", &deaf]].concat());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port").to_string();
+    let mut agent_c = AgentProc::spawn_serial(&c, &[&common[..], &["--device", &path(&c), "--hear", &deaf, "--metrics-addr", &port]].concat());
     for agent in [&agent_a, &agent_b, &agent_c] {
         assert!(agent.wait_log("agent up", Duration::from_secs(15)), "agent {} did not come up:\n{}", agent.name, agent.logs());
     }
@@ -256,6 +237,18 @@ fn agent_serial_pty_radios_hear_only_their_links() {
     assert_eq!(at_c, vec![vec![0x41, 0x88, 0x42]], "c hears b:\n{}", agent_c.logs());
     assert_eq!(ra.recv(1, Duration::from_secs(2)).first().map(|(f, _)| f.clone()), Some(vec![0x41, 0x88, 0x42]), "a hears b");
     drop((ra, rb, rc));
+    // The radio's counters on its Prometheus endpoint.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().expect("port"))).expect("metrics endpoint listens");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        text
+    };
+    let unheard = format!("tunbus_serial_dropped_frames_total{{agent=\"{c}\",reason=\"unheard\"}} {}", want.len());
+    assert!(metrics.contains(&unheard), "no {unheard:?} in:\n{metrics}");
+    assert!(metrics.contains(&format!("tunbus_serial_frames_total{{agent=\"{c}\",direction=\"out\"}} 1")), "{metrics}");
     let report_c = agent_c.interrupt();
     assert_eq!(report_c["serial"]["unheard"], want.len() as u64, "{report_c}");
     agent_a.interrupt();

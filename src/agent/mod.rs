@@ -565,6 +565,7 @@ impl Agent {
                 counters: self.counters.clone(),
                 hist: self.hist.clone(),
                 links: self.links.clone(),
+                serial: self.serial.clone(),
             };
             self.tasks.spawn(crate::metrics::prometheus::serve(listener, sources, stop.clone()));
         }

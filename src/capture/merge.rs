@@ -478,7 +478,7 @@ impl Merge {
             self.comment.clear();
             use std::fmt::Write;
             let _ = write!(self.comment, "from {sender} key {routing_key} batch {}", header.seq & LINK_SEQ_MASK);
-            self.write(iface, header.timestamp_ns, p.vnet, p.data, recorder)?;
+            self.write(iface, header.timestamp_ns, p.vnet, p.data, false, recorder)?;
         }
         Ok(false)
     }
@@ -511,7 +511,7 @@ impl Merge {
         self.comment.push_str("from ");
         self.comment.push_str(name);
         self.comment.push_str(" key fromAgent (ioppytest JSON)");
-        self.write(iface, at_ns, None, packet, recorder)?;
+        self.write(iface, at_ns, None, packet, false, recorder)?;
         Ok(false)
     }
 
@@ -610,7 +610,7 @@ impl Merge {
             use std::fmt::Write;
             let _ = write!(self.comment, "from {sender} key {routing_key} batch {}", header.seq & LINK_SEQ_MASK);
             let before = self.counts.packets;
-            self.write_frame(iface, header.timestamp_ns, p.vnet, p.data, recorder)?;
+            self.write(iface, header.timestamp_ns, p.vnet, p.data, true, recorder)?;
             self.counts.ethernet_frames += self.counts.packets - before;
         }
         Ok(false)
@@ -645,31 +645,6 @@ impl Merge {
         let (src, dst) = (ip.and_then(route::source), ip.and_then(route::destination));
         let addr_ok = f.addresses.is_empty() || f.addresses.iter().any(|a| Some(*a) == src || Some(*a) == dst);
         agent_ok && addr_ok
-    }
-
-    /// [`write`](Self::write) for an Ethernet frame: a super-frame is cut behind copies of
-    /// its Ethernet header.
-    fn write_frame(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], recorder: &mut dyn Recorder) -> io::Result<()> {
-        let comment = self.comment.as_str();
-        if self.filter.no_segment || vnet.is_none() {
-            self.counts.packets += 1;
-            return recorder.packet(iface, ts, data, Some(comment));
-        }
-        let gso = vnet.is_some_and(is_gso);
-        let mut result = Ok(());
-        let mut written = 0u64;
-        let cut = self.segmenter.frame_segments(vnet, data, |seg| {
-            if result.is_ok() {
-                result = recorder.packet(iface, ts, seg, Some(comment));
-                written += 1;
-            }
-        });
-        result?;
-        if cut.is_err() {
-            recorder.packet(iface, ts, data, Some(comment))?;
-        }
-        self.count_cut(cut.is_ok(), gso, written);
-        Ok(())
     }
 
     /// An old-wire probe's frame (`fromAgent.<name>.802154.serial.packet.raw`), stamped when
@@ -712,8 +687,9 @@ impl Merge {
         result
     }
 
-    /// Writes one packet, cut into wire-sized packets when it is a super-packet.
-    fn write(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], recorder: &mut dyn Recorder) -> io::Result<()> {
+    /// Writes one packet (or, when `frame`, one Ethernet frame), cut into wire-sized ones
+    /// when it is a super-packet (a super-frame: behind copies of its Ethernet header).
+    fn write(&mut self, iface: u32, ts: u64, vnet: Option<&[u8; v1::VNET_HDR_LEN]>, data: &[u8], frame: bool, recorder: &mut dyn Recorder) -> io::Result<()> {
         let comment = self.comment.as_str();
         let gso = vnet.is_some_and(is_gso);
         if self.filter.no_segment || vnet.is_none() {
@@ -722,12 +698,13 @@ impl Merge {
         }
         let mut result = Ok(());
         let mut written = 0u64;
-        let cut = self.segmenter.segments(vnet, data, |seg| {
+        let mut out = |seg: &[u8]| {
             if result.is_ok() {
                 result = recorder.packet(iface, ts, seg, Some(comment));
                 written += 1;
             }
-        });
+        };
+        let cut = if frame { self.segmenter.frame_segments(vnet, data, &mut out) } else { self.segmenter.segments(vnet, data, &mut out) };
         result?;
         if cut.is_err() {
             recorder.packet(iface, ts, data, Some(comment))?;

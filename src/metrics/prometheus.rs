@@ -6,7 +6,7 @@
 //! agents) and as quantile summaries, batch-size summaries, a connected gauge per link and
 //! build information. Names follow Prometheus conventions: base units (seconds, bytes),
 //! `_total` for counters, labels bounded by the agent name, the queue index and the drop
-//! reasons. A minimal HTTP/1.0 responder is enough for scrapers and `curl`; it reads one
+//! reasons; a serial probe's (or simulated radio's) counters when the port is one. A minimal HTTP/1.0 responder is enough for scrapers and `curl`; it reads one
 //! request head and closes. `docs/grafana-dashboard.json` charts these names.
 
 use std::fmt::Write as _;
@@ -30,6 +30,8 @@ pub struct Sources {
     pub counters: AgentCounters,
     pub hist: Vec<Arc<Histograms>>,
     pub links: Vec<Arc<LinkState>>,
+    /// A serial probe's (or simulated radio's) counters, when the agent's port is one.
+    pub serial: Option<Arc<crate::port::serial::SerialCounters>>,
 }
 
 /// Parses `--metrics-addr`: `HOST:PORT`, or just `PORT` (then 127.0.0.1).
@@ -112,7 +114,55 @@ pub fn render(src: &Sources) -> String {
     );
     summary("batch_packets", "Packets per published batch, since start.", report::merged(hist.iter().map(|h| &h.batch_packets)), 1.0);
     summary("batch_bytes", "Bytes per published batch, since start.", report::merged(hist.iter().map(|h| &h.batch_bytes)), 1.0);
+    if let Some(serial) = &src.serial {
+        render_serial(&mut out, &label, &serial.snapshot());
+    }
     out
+}
+
+/// A serial probe's counters: frames and bytes each way, frames dropped by reason,
+/// outages and reopens, and whether the device is open.
+fn render_serial(out: &mut String, label: &str, s: &crate::port::serial::SerialStats) {
+    let _ =
+        writeln!(out, "# HELP tunbus_serial_frames_total Frames read from the probe (in) and taken by it (out).\n# TYPE tunbus_serial_frames_total counter");
+    let _ = writeln!(
+        out,
+        "tunbus_serial_frames_total{{{label},direction=\"in\"}} {}\ntunbus_serial_frames_total{{{label},direction=\"out\"}} {}",
+        s.frames_in, s.frames_out
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tunbus_serial_bytes_total Frame bytes read from the probe (in) and taken by it (out), unescaped.\n# TYPE tunbus_serial_bytes_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "tunbus_serial_bytes_total{{{label},direction=\"in\"}} {}\ntunbus_serial_bytes_total{{{label},direction=\"out\"}} {}",
+        s.bytes_in, s.bytes_out
+    );
+    let _ =
+        writeln!(out, "# HELP tunbus_serial_dropped_frames_total Frames dropped at the probe, by reason.\n# TYPE tunbus_serial_dropped_frames_total counter");
+    for (reason, n) in [
+        ("bad_escape", s.bad_escape),
+        ("too_long", s.too_long),
+        ("noise", s.noise),
+        ("lost_unplugged", s.lost_unplugged),
+        ("lost_busy", s.lost_busy),
+        ("refused_out", s.refused_out),
+        ("unheard", s.unheard),
+        ("lost_on_link", s.lost_on_link),
+    ] {
+        let _ = writeln!(out, "tunbus_serial_dropped_frames_total{{{label},reason=\"{reason}\"}} {n}");
+    }
+    for (name, help, v) in
+        [("serial_outages_total", "Times the probe went away.", s.outages), ("serial_reopens_total", "Times the probe was opened again.", s.reopens)]
+    {
+        let _ = writeln!(out, "# HELP tunbus_{name} {help}\n# TYPE tunbus_{name} counter\ntunbus_{name}{{{label}}} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunbus_serial_connected Whether the probe's device is open (1) or not (0).\n# TYPE tunbus_serial_connected gauge\ntunbus_serial_connected{{{label}}} {}",
+        u8::from(s.connected)
+    );
 }
 
 /// Serves `/metrics` on `listener` until `stop`.
@@ -165,7 +215,13 @@ mod tests {
         h.one_way_us.lock().unwrap().record(250).unwrap();
         let link = Arc::new(LinkState::default());
         link.up(0);
-        let text = render(&Sources { agent: "h\"1".into(), counters: c, hist: vec![h], links: vec![link, Arc::default()] });
+        let serial = Arc::new(crate::port::serial::SerialCounters::default());
+        serial.frames_in.store(5, std::sync::atomic::Ordering::Relaxed);
+        serial.unheard.store(3, std::sync::atomic::Ordering::Relaxed);
+        let text = render(&Sources { agent: "h\"1".into(), counters: c, hist: vec![h], links: vec![link, Arc::default()], serial: Some(serial) });
+        assert!(text.contains("tunbus_serial_frames_total{agent=\"h_1\",direction=\"in\"} 5"), "{text}");
+        assert!(text.contains("tunbus_serial_dropped_frames_total{agent=\"h_1\",reason=\"unheard\"} 3"), "{text}");
+        assert!(text.contains("tunbus_serial_connected{agent=\"h_1\"} 0"), "{text}");
         assert!(text.contains("tunbus_tx_packets_total{agent=\"h_1\"} 7"), "{text}");
         assert!(text.contains("tunbus_dropped_packets_total{agent=\"h_1\",reason=\"malformed\"} 2"), "{text}");
         assert!(text.contains("tunbus_one_way_latency_seconds_count{agent=\"h_1\"} 1"), "{text}");
@@ -194,7 +250,7 @@ mod tests {
         assert!(panels.len() >= 6);
         let mut ids = std::collections::BTreeSet::new();
         let c = AgentCounters { tx: vec![Arc::default()], rx: vec![Arc::default()] };
-        let served = render(&Sources { agent: "h1".into(), counters: c, hist: vec![Histograms::new()], links: vec![Arc::default()] });
+        let served = render(&Sources { agent: "h1".into(), counters: c, hist: vec![Histograms::new()], links: vec![Arc::default()], serial: None });
         let names: std::collections::BTreeSet<&str> = served.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split('{').next()).collect();
         let mut used = 0;
         for p in panels {

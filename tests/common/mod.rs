@@ -601,3 +601,25 @@ impl Drop for TempUser {
         let _ = Command::new("rabbitmqctl").args(["-q", "delete_user", &self.name]).output();
     }
 }
+
+/// A file under the temporary folder (a unique name from `name`) holding `text`, removed on
+/// drop, also when a test fails.
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    pub fn new(name: &str, text: &str) -> TempFile {
+        let p = std::env::temp_dir().join(unique(name));
+        std::fs::write(&p, text).expect("write temp file");
+        TempFile(p)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
