@@ -56,6 +56,11 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Connect(args) if args.cleanup => {
+            let said = tunbus::agent::routing::cleanup_after_kill(&args.name, args.netns.as_deref()).map_err(|e| exit::Failure::new(exit::Exit::Local, e))?;
+            println!("{said}");
+            Ok(())
+        }
         Command::Connect(args) => {
             let stats_json = args.stats_json.clone();
             let wait_config = args.wait_config;

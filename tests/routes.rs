@@ -220,6 +220,27 @@ fn masquerade_shows_the_gateway_address_and_leaves_nothing() {
     assert!(reachable(&ns_h, &far.v4, Duration::from_secs(25)), "after a restart:\n{}", gw.logs());
     gw.interrupt();
     assert!(!has_table(), "the table outlived the restarted agent");
+    // Killed again, and not restarted: `agent connect --cleanup` removes what it left.
+    let mut gw = agent(&ns_gw, &session, "198.18.62.2/24", "fd00:3e::2/64", &args);
+    let t0 = Instant::now();
+    while !has_table() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gw.stop_with(libc::SIGKILL, Duration::from_secs(5));
+    assert!(has_table(), "expected the killed agent's table to remain");
+    let cleanup = || {
+        Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["connect", "--name", &ns_gw.name, "--netns", &ns_gw.name, "--cleanup"])
+            .output()
+            .expect("agent connect --cleanup")
+    };
+    let out = cleanup();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains(&format!("removed nftables table inet {table}")), "{said}");
+    assert!(!has_table(), "--cleanup left the table");
+    let out = cleanup();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && said.contains("nothing to remove"), "{said}");
     h1.interrupt();
 }
 

@@ -6,9 +6,9 @@
 //!   advertised); the old value is put back on exit when the agent changed it.
 //! - `--masquerade`: an nftables table of the agent's own, `inet tunbus_<name>`, with one
 //!   rule: what comes in from the bus and leaves by another interface takes the gateway's
-//!   address. Deleted on exit; a start replaces a table a killed run left behind; by hand:
-//!   `nft delete table inet tunbus_<name>` (in the agent's namespace), or delete the
-//!   namespace.
+//!   address. Deleted on exit; a start replaces a table a killed run left behind, and
+//!   `agent connect --name NAME [--netns NS] --cleanup` removes it without a start
+//!   ([`cleanup_after_kill`]); by hand: `nft delete table inet tunbus_<name>`.
 //! - `--accept-routes`: a thread follows the compiled route table ([`RouteShare`], kept by
 //!   queue 0) and keeps one kernel route per advertised prefix on the interface (`ip route
 //!   replace PREFIX dev IFNAME`), deleting those whose advertisement went; on exit it
@@ -81,6 +81,26 @@ fn nft(netns: Option<&str>, script: &str) -> Result<(), String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
+}
+
+/// `agent connect --name NAME --cleanup`: deletes the masquerade table a killed agent of
+/// `name` left in `netns` (the forwarding sysctl it turned on stays: its old value died with
+/// the agent). Says what it did.
+pub fn cleanup_after_kill(name: &str, netns: Option<&str>) -> Result<String, String> {
+    let table = nft_table(name);
+    let place = netns.map(|n| format!(" in namespace {n}")).unwrap_or_default();
+    if netns.is_some_and(|n| !netns::namespace_exists(n)) {
+        return Ok(format!("nothing to remove: no namespace{place}"));
+    }
+    // Listing first tells a table that is there from one that is not.
+    let existed = netns::in_netns(netns, || Command::new("nft").args(["list", "table", "inet", &table]).stdout(Stdio::null()).stderr(Stdio::null()).status())
+        .map_err(|e| format!("cannot run nft (install nftables): {e}"))?
+        .success();
+    if !existed {
+        return Ok(format!("nothing to remove: no nftables table inet {table}{place}"));
+    }
+    nft(netns, &format!("delete table inet {table}\n")).map_err(|e| format!("cannot delete nftables table inet {table}{place}: {e}"))?;
+    Ok(format!("removed nftables table inet {table}{place} (the masquerade of a killed agent {name})"))
 }
 
 impl HostRouting {

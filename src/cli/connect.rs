@@ -61,6 +61,11 @@ pub struct ConnectArgs {
     /// What ioppytest-agent 0.2.20 promised (it did nothing there): --pcap NAME.pcapng.
     #[arg(long)]
     pub dump: bool,
+    /// Remove what a killed agent of this --name left on its host (its --masquerade
+    /// nftables table, in --netns when given) and exit; nothing is started. A clean exit,
+    /// and the next start, remove it too.
+    #[arg(long)]
+    pub cleanup: bool,
     /// Write what crosses this agent's TUN, both directions, to FILE (pcapng, raw IP,
     /// stamped when read or written). A writer thread of its own: when it falls behind,
     /// packets are left out of the file and counted, never delayed.
