@@ -12,7 +12,7 @@ source scripts/setup.sh
 agent=${TUNBUS_AGENT:-}
 if [ -z "$agent" ]; then
   cargo build --release --locked --bin agent 2>&1 | tail -n 1
-  agent=target/release/agent
+  agent=${CARGO_TARGET_DIR:-target}/release/agent
 fi
 hosts=(--hosts 4)
 for a in "$@"; do
