@@ -208,26 +208,24 @@ fn masquerade_shows_the_gateway_address_and_leaves_nothing() {
     // A clean exit removes the table.
     gw.interrupt();
     assert!(!has_table(), "the table outlived a clean exit");
+    // A gateway started until its table exists, then killed: the table stays.
+    let start_and_kill = || {
+        let mut gw = agent(&ns_gw, &session, "198.18.62.2/24", "fd00:3e::2/64", &args);
+        let t0 = Instant::now();
+        while !has_table() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw.stop_with(libc::SIGKILL, Duration::from_secs(5));
+        assert!(has_table(), "expected the killed agent's table to remain");
+    };
     // After SIGKILL the table stays; the next start replaces it, and its exit removes it.
-    let mut gw = agent(&ns_gw, &session, "198.18.62.2/24", "fd00:3e::2/64", &args);
-    let t0 = Instant::now();
-    while !has_table() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    gw.stop_with(libc::SIGKILL, Duration::from_secs(5));
-    assert!(has_table(), "expected the killed agent's table to remain");
+    start_and_kill();
     let mut gw = agent(&ns_gw, &session, "198.18.62.2/24", "fd00:3e::2/64", &args);
     assert!(reachable(&ns_h, &far.v4, Duration::from_secs(25)), "after a restart:\n{}", gw.logs());
     gw.interrupt();
     assert!(!has_table(), "the table outlived the restarted agent");
     // Killed again, and not restarted: `agent connect --cleanup` removes what it left.
-    let mut gw = agent(&ns_gw, &session, "198.18.62.2/24", "fd00:3e::2/64", &args);
-    let t0 = Instant::now();
-    while !has_table() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    gw.stop_with(libc::SIGKILL, Duration::from_secs(5));
-    assert!(has_table(), "expected the killed agent's table to remain");
+    start_and_kill();
     let cleanup = || {
         Command::new(env!("CARGO_BIN_EXE_agent"))
             .args(["connect", "--name", &ns_gw.name, "--netns", &ns_gw.name, "--cleanup"])

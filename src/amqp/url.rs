@@ -162,8 +162,9 @@ impl std::str::FromStr for BrokerUrl {
 }
 
 /// Masks what may be a password in `text`, for messages about input that did not parse:
-/// in each URL of `text` (from its `scheme://` to the next one, or the whole of `text` when it
-/// has no scheme), everything from the first `:` after the scheme to the **last** `@`. So a
+/// in each URL of `text` (from its `amqp://` or `amqps://` to the next one, or the whole of
+/// `text` when it has none; another `scheme://`, as a raw password may hold, starts no URL),
+/// everything from the first `:` after the scheme to the **last** `@`. So a
 /// password is masked whatever it holds unencoded (`/ ? # @ : [ ] % ,` and spaces included);
 /// a host and port followed by a stray `@` are masked too, which errs on the safe side.
 pub fn redact(text: &str) -> String {
@@ -181,7 +182,9 @@ pub fn redact(text: &str) -> String {
     out
 }
 
-/// Where each `scheme://` of `text` begins (the scheme's first letter).
+/// Where each `amqp://` or `amqps://` of `text` begins (the scheme's first letter). No other
+/// `scheme://` starts a URL: in a text that is not one (`user:pass@host`) it may be part of a
+/// password written raw (`u://secret@h` is user `u`, password `//secret`).
 fn url_starts(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
     let mut from = 0;
@@ -191,7 +194,8 @@ fn url_starts(text: &str) -> Vec<usize> {
         // several bytes: step over all of them).
         let scheme =
             text[..sep].char_indices().rev().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))).map_or(0, |(j, c)| j + c.len_utf8());
-        if starts.last().is_none_or(|&last| scheme > last) {
+        let amqp = matches!(text[scheme..sep].to_ascii_lowercase().as_str(), "amqp" | "amqps");
+        if amqp && starts.last().is_none_or(|&last| scheme > last) {
             starts.push(scheme);
         }
         from = sep + 3;
@@ -224,13 +228,14 @@ pub fn parse_list(text: &str) -> Result<Vec<BrokerUrl>, UrlError> {
     Ok(urls)
 }
 
-/// The items of a comma-separated list of URLs: split at the commas that a scheme follows.
+/// The items of a comma-separated list of URLs: split at the commas that a scheme follows
+/// (past spaces and further commas: empty items are left out later), or the end.
 fn split_list(text: &str) -> Vec<&str> {
     let mut items = Vec::new();
     let mut start = 0;
     for (i, _) in text.match_indices(',') {
-        let next = text[i + 1..].trim_start();
-        if next.is_empty() || next.starts_with("amqp://") || next.starts_with("amqps://") || next.starts_with(',') {
+        let next = text[i + 1..].trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+        if next.is_empty() || next.starts_with("amqp://") || next.starts_with("amqps://") {
             items.push(&text[start..i]);
             start = i + 1;
         }
@@ -582,7 +587,8 @@ mod tests {
     #[test]
     fn a_scheme_after_a_multibyte_character_is_found_on_a_character_boundary() {
         // Found by `arbitrary_text_never_panics`: the byte after 'Ⱥ' is inside it.
-        assert_eq!(redact("%Ⱥ://u:secret@h"), "%Ⱥ://u:***@h");
+        // (Not an AMQP URL: masked from its first ':' on, as any text without one.)
+        assert_eq!(redact("%Ⱥ://u:secret@h"), "%Ⱥ:***@h");
         assert_eq!(redact("é amqp://u:secret@h"), "é amqp://u:***@h");
     }
 }

@@ -798,45 +798,46 @@ mod tests {
         format!(r#"{{"name":"{name}","addresses":["{addr}/24"],"queues":1,"wire":"{wire}","started_unix_ms":0}}"#).into_bytes()
     }
 
+    /// A batch of another layer's units (`flag`: `FLAG_ETHERNET`, `FLAG_IEEE802154`).
+    fn layer_batch(flag: u8, seq: u64, units: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = batch(seq, 5, units);
+        b[3] |= flag; // the header's flags byte
+        b
+    }
+
     const H1: [u8; 4] = [198, 18, 0, 1];
     const H2: [u8; 4] = [198, 18, 0, 2];
     const KEY: &str = "tunbus.v1.198-18-0-2.0";
+
+    /// A recorder of any link type: interfaces as (name, link type), packets as given.
+    #[derive(Default)]
+    struct Links(Vec<(String, u16)>, Vec<(u32, Vec<u8>, String)>);
+
+    impl Recorder for Links {
+        fn interface(&mut self, name: &str, _: &str, _: &[(IpAddr, u8)]) -> io::Result<u32> {
+            self.0.push((name.to_owned(), crate::capture::pcapng::LINKTYPE_RAW));
+            Ok(self.0.len() as u32 - 1)
+        }
+        fn packet(&mut self, iface: u32, _: u64, data: &[u8], comment: Option<&str>) -> io::Result<()> {
+            self.1.push((iface, data.to_vec(), comment.unwrap_or("").to_owned()));
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn link_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
+            self.0.push((name.to_owned(), linktype));
+            Ok(Some(self.0.len() as u32 - 1))
+        }
+    }
 
     /// Radio floods: one interface per radio, named by the flood key's sender word, frames
     /// as they were; an old probe's JSON frame once (the router's flood of it left out).
     #[test]
     fn radio_frames_get_an_interface_per_radio() {
-        struct Radios(Vec<(String, u16)>, Vec<(u32, Vec<u8>)>);
-        impl Recorder for Radios {
-            fn interface(&mut self, _: &str, _: &str, _: &[(IpAddr, u8)]) -> io::Result<u32> {
-                panic!("no IP interface for radio frames")
-            }
-            fn packet(&mut self, iface: u32, _: u64, data: &[u8], _: Option<&str>) -> io::Result<()> {
-                self.1.push((iface, data.to_vec()));
-                Ok(())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-            fn link_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
-                self.0.push((name.to_owned(), linktype));
-                Ok(Some(self.0.len() as u32 - 1))
-            }
-        }
-        let radio_batch = |seq: u64, frames: &[&[u8]]| {
-            let plain = [0u8; v1::VNET_HDR_LEN];
-            let entries: Vec<Packet<'_>> = frames.iter().map(|f| Packet { vnet: Some(&plain), data: f }).collect();
-            let mut out = Vec::new();
-            v1::encode(
-                FrameHeader { flags: v1::FLAG_VNET | v1::FLAG_IEEE802154, count: entries.len() as u16, sender_queues: 1, seq, timestamp_ns: 5 },
-                &entries,
-                &mut out,
-            )
-            .unwrap();
-            out
-        };
+        let radio_batch = |seq: u64, frames: &[&[u8]]| layer_batch(v1::FLAG_IEEE802154, seq, &frames.iter().map(|f| f.to_vec()).collect::<Vec<_>>());
         let mut m = Merge::new(Filter { radio_fcs: true, ..Filter::default() });
-        let mut rec = Radios(Vec::new(), Vec::new());
+        let mut rec = Links::default();
         m.on_delivery("tunbus.v1.all.moteA", Some("u"), &radio_batch(1, &[&[0x41, 0x88, 1], &[0xc0]]), 10, &mut rec).unwrap();
         m.on_delivery("tunbus.v1.all.moteB", Some("u"), &radio_batch(1, &[&[2]]), 11, &mut rec).unwrap();
         let mut body = Vec::new();
@@ -845,7 +846,8 @@ mod tests {
         m.on_delivery("tunbus.v1.all.tunbus-router", Some("r"), &radio_batch(1, &[&[7, 7]]), 13, &mut rec).unwrap();
         m.on_delivery("fromAgent.probe1.802154.serial.packet.raw", None, b"{\"data\": []}", 14, &mut rec).unwrap();
         assert_eq!(rec.0, [("moteA".to_owned(), 195), ("moteB".to_owned(), 195), ("probe1".to_owned(), 195)]);
-        assert_eq!(rec.1, [(0, vec![0x41, 0x88, 1]), (0, vec![0xc0]), (1, vec![2]), (2, vec![7, 7])]);
+        let frames: Vec<(u32, Vec<u8>)> = rec.1.iter().map(|(i, f, _)| (*i, f.clone())).collect();
+        assert_eq!(frames, [(0, vec![0x41, 0x88, 1]), (0, vec![0xc0]), (1, vec![2]), (2, vec![7, 7])]);
         let c = m.counts();
         assert_eq!((c.radio_frames, c.packets, c.bridged, c.malformed, c.agents), (4, 4, 1, 1, 3));
         // An address filter keeps no radio frame; the default link type has no FCS.
@@ -875,28 +877,6 @@ mod tests {
         assert_eq!(m.counts().lost_batches, 0);
     }
 
-    /// A recorder of any link type: interfaces as (name, link type), packets as given.
-    #[derive(Default)]
-    struct Links(Vec<(String, u16)>, Vec<(u32, Vec<u8>, String)>);
-
-    impl Recorder for Links {
-        fn interface(&mut self, name: &str, _: &str, _: &[(IpAddr, u8)]) -> io::Result<u32> {
-            self.0.push((name.to_owned(), crate::capture::pcapng::LINKTYPE_RAW));
-            Ok(self.0.len() as u32 - 1)
-        }
-        fn packet(&mut self, iface: u32, _: u64, data: &[u8], comment: Option<&str>) -> io::Result<()> {
-            self.1.push((iface, data.to_vec(), comment.unwrap_or("").to_owned()));
-            Ok(())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn link_interface(&mut self, name: &str, _: &str, linktype: u16) -> io::Result<Option<u32>> {
-            self.0.push((name.to_owned(), linktype));
-            Ok(Some(self.0.len() as u32 - 1))
-        }
-    }
-
     const MAC1: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const MAC2: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
@@ -914,9 +894,7 @@ mod tests {
     }
 
     fn l2_batch(seq: u64, frames: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = batch(seq, 7, frames);
-        b[3] |= v1::FLAG_ETHERNET; // the header's flags byte
-        b
+        layer_batch(v1::FLAG_ETHERNET, seq, frames)
     }
 
     /// An L2 session: one Ethernet interface per agent, named by the flood key or by the

@@ -202,16 +202,27 @@ impl Lab {
             report.radio = true;
             self.check_radios(&mut report).await;
             report.throughput_note = "no TCP sample in a radio lab".into();
-            report.rss_mib = rss_mib();
-            report.rss_per_agent_mib = report.rss_mib / self.agents.len().max(1) as f64;
-            report.ok = report.failures.is_empty() && report.hosts_up == report.hosts;
-            if self.opts.keep {
-                self.print_radios();
-                println!("{report}");
-                self.live_status(stop).await;
-            }
-            return Ok(report);
+        } else {
+            self.check_hosts(&mut report).await?;
         }
+        report.rss_mib = rss_mib();
+        report.rss_per_agent_mib = report.rss_mib / self.agents.len().max(1) as f64;
+        report.ok = report.failures.is_empty() && report.hosts_up == report.hosts;
+
+        if self.opts.keep {
+            if self.opts.radio {
+                self.print_radios();
+            } else {
+                self.print_hosts();
+            }
+            println!("{report}");
+            self.live_status(stop).await;
+        }
+        Ok(report)
+    }
+
+    /// The checks of a lab of namespaces: (with `--dhcp`) the leases, the pairs, a TCP sample.
+    async fn check_hosts(&mut self, report: &mut LabReport) -> anyhow::Result<()> {
         if self.opts.l2 && self.opts.topology.is_some() {
             // Until the hosts have heard each other's hellos (asked for every 2 s), a frame
             // to a MAC not yet learned is flooded, and floods are not emulated: the links'
@@ -224,20 +235,11 @@ impl Lab {
             report.dhcp_leases = Some((leased, self.hosts.len() - 1));
             report.failures.extend(failures);
         }
-        self.check_pairs(&mut report).await;
+        self.check_pairs(report).await;
         let (bps, note) = self.throughput_sample().await;
         report.throughput_bits_per_s = bps;
         report.throughput_note = note;
-        report.rss_mib = rss_mib();
-        report.rss_per_agent_mib = report.rss_mib / self.agents.len().max(1) as f64;
-        report.ok = report.failures.is_empty() && report.hosts_up == report.hosts;
-
-        if self.opts.keep {
-            self.print_hosts();
-            println!("{report}");
-            self.live_status(stop).await;
-        }
-        Ok(report)
+        Ok(())
     }
 
     /// `--userspace`: workers hosting endpoints instead of namespaces with agents.

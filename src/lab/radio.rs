@@ -16,7 +16,7 @@
 //! Main thread and one blocking thread for the check; not on the hot path.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::plan::{self, Host};
@@ -228,16 +228,7 @@ impl Lab {
 
 /// Removes a session's radio links (a lab killed before its teardown leaves them).
 pub(super) fn remove_radio_dir(session: &str) {
-    let dir = radio_dir(session);
-    if Path::new(&dir).exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-/// A radio lab's topology: its hosts' hearing, for a test of the mapping.
-#[cfg(test)]
-fn hearing_of(t: &super::topology::LabTopology, i: usize, names: &[String]) -> Hearing {
-    Hearing { links: t.emulation_of(i, names, 3).to, seed: 3 }
+    let _ = std::fs::remove_dir_all(radio_dir(session));
 }
 
 #[cfg(test)]
@@ -258,8 +249,9 @@ mod tests {
         let t = super::super::topology::LabTopology::parse("hosts: 3\nlinks:\n  - between: [h1, h2]\n    emulate: loss 10%\n  - between: [h2, h3]\n", None)
             .unwrap();
         let names: Vec<String> = ["h1", "h2", "h3"].map(String::from).to_vec();
-        let h1 = hearing_of(&t, 0, &names);
+        let hearing_of = |i: usize| Hearing { links: t.emulation_of(i, &names, 3).to, seed: 3 };
+        let h1 = hearing_of(0);
         assert_eq!(h1.links, vec![("h2".to_owned(), "loss 10%".parse().unwrap()), ("h3".to_owned(), crate::emulate::Spec::unlinked())]);
-        assert_eq!(hearing_of(&t, 1, &names).links, vec![("h1".to_owned(), "loss 10%".parse().unwrap())], "h2 hears h3 plainly");
+        assert_eq!(hearing_of(1).links, vec![("h1".to_owned(), "loss 10%".parse().unwrap())], "h2 hears h3 plainly");
     }
 }
