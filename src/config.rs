@@ -405,6 +405,9 @@ pub struct Routing {
     /// Hide the bus behind this gateway's own address on its other networks (`--masquerade`,
     /// an nftables table of the agent's own).
     pub masquerade: bool,
+    /// Next hops this agent was given (`--route PREFIX=NEXTHOP`): packets to PREFIX go to
+    /// the agent owning NEXTHOP, and the kernel routes PREFIX into the interface.
+    pub routes: Vec<crate::route::table::StaticRoute>,
 }
 
 impl Routing {
@@ -412,11 +415,12 @@ impl Routing {
         for p in &self.advertise {
             crate::route::table::advertisable(p).map_err(|e| ConfigError(format!("--advertise {e}")))?;
         }
-        let routes = !self.advertise.is_empty() || self.accept_routes || self.masquerade;
+        let routes = !self.advertise.is_empty() || self.accept_routes || self.masquerade || !self.routes.is_empty();
         if routes {
-            ensure(interface.is_tun(), || "--advertise, --accept-routes and --masquerade need a kernel interface (not --userspace)".into())?;
-            ensure(wire == Wire::Native, || "--advertise, --accept-routes and --masquerade need the native wire".into())?;
+            ensure(interface.is_tun(), || "--advertise, --accept-routes, --masquerade and --route need a kernel interface (not --userspace)".into())?;
+            ensure(wire == Wire::Native, || "--advertise, --accept-routes, --masquerade and --route need the native wire".into())?;
         }
+        ensure(self.routes.len() <= crate::route::table::MAX_PER_AGENT, || format!("at most {} --route next hops", crate::route::table::MAX_PER_AGENT))?;
         ensure(!self.masquerade || !self.advertise.is_empty(), || "--masquerade goes with --advertise (a gateway hides the bus behind its address)".into())?;
         ensure(self.advertise.len() <= crate::route::table::MAX_PER_AGENT, || format!("at most {} --advertise prefixes", crate::route::table::MAX_PER_AGENT))?;
         Ok(())

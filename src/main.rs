@@ -239,8 +239,9 @@ async fn lab(args: LabArgs) -> anyhow::Result<()> {
     let opts = args.options().map_err(exit::usage)?;
     let keep = opts.keep;
     let (interrupt, stop) = stop_on_signal()?;
-    let report = tunbus::lab::run(opts, stop, interrupt).await?;
-    if keep {
+    let running = opts.check && tunbus::lab::routed::lab_running(&opts.session);
+    let report = if running { tunbus::lab::routed::grade_running(&opts).await? } else { tunbus::lab::run(opts, stop, interrupt).await? };
+    if keep && !running {
         println!("lab torn down");
     } else {
         println!("{report}");

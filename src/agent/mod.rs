@@ -238,6 +238,10 @@ impl Agent {
         let connected = Arc::new(AtomicUsize::new(0));
         let peers = Arc::new(crate::route::peers::PeerQueues::new());
         let routes = crate::route::table::RouteShare::new();
+        if !config.routing().routes.is_empty() {
+            // Static next hops hold from the first packet; queue 0's keeper keeps them.
+            routes.publish(crate::route::table::Routes::new(config.name()).with_static(&config.routing().routes).compile());
+        }
         let trust = Trust::new(&config.identity().mode);
         // First claim: queue 0 of a native agent keeps the claims its hellos bring.
         let claims = (config.identity().mode == crate::identity::Mode::FirstClaim && config.data_path().wire == crate::config::Wire::Native)
@@ -386,6 +390,7 @@ impl Agent {
             exchange = %config.bus().exchange,
             addresses = %hello_of(&config).addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             advertise = %config.routing().advertise.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+            routes = %config.routing().routes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             interface = %config.interface().ifname,
             netns = config.interface().netns.as_deref().unwrap_or("-"),
             queues = config.interface().queues,

@@ -13,6 +13,9 @@
 //!   queue 0) and keeps one kernel route per advertised prefix on the interface (`ip route
 //!   replace PREFIX dev IFNAME`), deleting those whose advertisement went; on exit it
 //!   deletes what it installed (the kernel also drops them with the interface).
+//! - `--route PREFIX=NEXTHOP`: one kernel route per prefix on the interface, made at start
+//!   (a failure stops the start) and deleted on exit; the next hop itself is the senders'
+//!   business (`route::table::StaticRoute`).
 //!
 //! Control plane only; runs `ip` and `nft` as the interface set-up does.
 
@@ -58,6 +61,8 @@ pub struct HostRouting {
     /// The masquerade table, when made.
     nft: Option<String>,
     installer: Option<JoinHandle<()>>,
+    /// Kernel routes of `--route` (prefix, interface), deleted on exit.
+    statics: Vec<(String, String)>,
     stop: Stop,
 }
 
@@ -109,8 +114,14 @@ impl HostRouting {
         let r = config.routing();
         let iface = config.interface();
         let ns = iface.netns.clone();
-        let mut host = HostRouting { netns: ns.clone(), restore: Vec::new(), nft: None, installer: None, stop: stop.clone() };
+        let mut host = HostRouting { netns: ns.clone(), restore: Vec::new(), nft: None, installer: None, statics: Vec::new(), stop: stop.clone() };
         let ns = ns.as_deref();
+        for route in &r.routes {
+            let p = route.prefix.to_string();
+            netns::ip(ns, &["route", "replace", &p, "dev", &iface.ifname])
+                .map_err(|e| Failure::new(Exit::Local, format!("--route {route}: cannot route {p} into {}: {e}", iface.ifname)))?;
+            host.statics.push((p, iface.ifname.clone()));
+        }
         let families = [(true, "net/ipv4/ip_forward"), (false, "net/ipv6/conf/all/forwarding")];
         for (v4, key) in families {
             if !r.advertise.iter().any(|p| p.addr.is_ipv4() == v4) {
@@ -150,6 +161,10 @@ impl HostRouting {
             let _ = h.join();
         }
         let ns = self.netns.as_deref();
+        for (p, ifname) in self.statics.drain(..) {
+            // Gone already when the interface went first.
+            let _ = netns::ip(ns, &["route", "del", &p, "dev", &ifname]);
+        }
         if let Some(table) = self.nft.take() {
             if let Err(e) = nft(ns, &format!("delete table inet {table}\n")) {
                 tracing::warn!(table = %table, error = %e, "cannot delete the masquerade table; delete it with `nft delete table inet {table}`");

@@ -240,6 +240,11 @@ pub struct ConnectArgs {
     /// `nft delete table inet tunbus_NAME`, or the next start replaces it).
     #[arg(long, requires = "advertise")]
     pub masquerade: bool,
+    /// Send packets for PREFIX to the agent that owns NEXTHOP (a router on the bus), as
+    /// `ip route add PREFIX via NEXTHOP` would, and route PREFIX into this agent's interface,
+    /// e.g. 198.18.2.0/24=198.18.1.254 (repeatable). Beats an advertisement of the same prefix.
+    #[arg(long, value_name = "PREFIX=NEXTHOP")]
+    pub route: Vec<crate::route::table::StaticRoute>,
 }
 
 /// `--wire native|ioppytest` (the configuration's `Wire` knows nothing of clap).
@@ -414,7 +419,7 @@ impl ConnectArgs {
             .with_ioppytest(ioppytest)
             .map_err(invalid)?;
         let user = self.broker_user.unwrap_or_else(|| config.identity().user.clone());
-        let routing = config::Routing { advertise: self.advertise, accept_routes: self.accept_routes, masquerade: self.masquerade };
+        let routing = config::Routing { advertise: self.advertise, accept_routes: self.accept_routes, masquerade: self.masquerade, routes: self.route };
         Ok(config.with_identity(Identity { user, mode: identity }).map_err(invalid)?.with_routing(routing).map_err(invalid)?.with_e2e(e2e).map_err(invalid)?)
     }
 }
@@ -522,6 +527,10 @@ mod tests {
         assert!(connect(&["--name", "gw", "--advertise", "198.19.0.0/33"]).is_err());
         assert!(connect(&["--name", "gw", "--advertise", "198.19.0.0/24", "--userspace"]).is_err());
         assert!(connect(&["--name", "agent_1", "--wire", "ioppytest", "--accept-routes"]).is_err());
+        let c = connect(&["--name", "h1", "--route", "198.19.2.0/24=198.18.0.254", "--route", "fd00:2::/64=fd00:1::fe"]).unwrap();
+        assert_eq!(c.routing().routes.iter().map(ToString::to_string).collect::<Vec<_>>(), ["198.19.2.0/24=198.18.0.254", "fd00:2::/64=fd00:1::fe"]);
+        assert!(connect(&["--name", "h1", "--route", "198.19.2.0/24"]).is_err());
+        assert!(connect(&["--name", "h1", "--route", "198.19.2.0/24=198.18.0.254", "--userspace"]).is_err());
     }
 
     #[test]

@@ -102,8 +102,21 @@ pub struct LabArgs {
     /// Which hosts are linked and how each link behaves, in YAML (hosts: N; links: a list
     /// of {between: [h1, h2], emulate: 'delay 10ms loss 1%'}); hosts without a link cannot
     /// reach each other. Its hosts: may be left to --hosts. See docs/capture-and-emulation.md.
+    /// Or a routed lab: `subnets: {a: [h1, h4], b: [h2, h4]}` instead of links, the k-th
+    /// subnet 198.18.k.0/24 and fd00:7b:k::/64 (docs/routed-labs.md).
     #[arg(long, value_name = "FILE")]
     pub topology: Option<PathBuf>,
+    /// In a routed topology (`subnets:`; a host in several subnets is a router): whether
+    /// the routers' kernels forward. Off, nothing crosses subnets until a program of yours,
+    /// run in a router's namespace, routes (examples/forwarder.py does in 25 lines).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub routers: String,
+    /// Grade a routed lab as an exercise's grader would: every ordered pair must reach
+    /// (IPv4 and IPv6); prints who reached whom. With a lab of this --session running
+    /// (started with --keep), grades that one and starts nothing; else starts the lab,
+    /// grades it and tears it down.
+    #[arg(long, requires = "topology")]
+    pub check: bool,
 }
 
 impl LabArgs {
@@ -128,7 +141,16 @@ impl LabArgs {
             }
             None => None,
         };
+        let routed = topology.as_ref().is_some_and(|t| t.is_routed());
+        if !routed && (self.check || self.routers != "on") {
+            bail!("--routers and --check go with a routed --topology (one with subnets:)");
+        }
+        if routed && (self.l2 || self.radio) {
+            bail!("a routed topology (subnets:) is a lab of IP hosts: not with --l2 or --radio");
+        }
         Ok(crate::lab::LabOptions {
+            routers: self.routers == "on",
+            check: self.check,
             hosts: topology.as_ref().map_or(self.hosts.unwrap_or(DEFAULT_LAB_HOSTS) as usize, |t| t.hosts),
             topology,
             queues: usize::from(self.queues),

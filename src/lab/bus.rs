@@ -122,7 +122,7 @@ impl Lab {
     pub(super) fn provision(&mut self, state: &mut State) -> anyhow::Result<()> {
         let Some(base) = self.endpoints.first().map(|e| e.url.clone()) else { bail!("no broker") };
         let agents: Vec<crate::provision::plan::AgentSpec> =
-            self.hosts.iter().map(|h| crate::provision::plan::AgentSpec { name: h.name.clone(), prefixes: h.prefixes().to_vec() }).collect();
+            self.hosts.iter().map(|h| crate::provision::plan::AgentSpec { name: h.name.clone(), prefixes: self.grants_of(h) }).collect();
         let o = crate::provision::Options {
             admin: base.clone(),
             tls: Default::default(),

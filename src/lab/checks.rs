@@ -17,8 +17,10 @@ type PairPing = ((usize, usize), Result<Vec<f64>, String>);
 
 impl Lab {
     pub(super) async fn check_pairs(&self, report: &mut LabReport) {
-        if let Some(t) = &self.opts.topology {
-            return self.check_topology(t, report).await;
+        match &self.opts.topology {
+            Some(t) if t.is_routed() => return self.check_routed(t, report).await,
+            Some(t) => return self.check_topology(t, report).await,
+            None => {}
         }
         let pairs = plan::pairs(self.hosts.len(), self.opts.sample, self.opts.seed);
         report.pairs_checked = pairs.len();

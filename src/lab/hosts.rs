@@ -88,7 +88,7 @@ impl Lab {
         let interface = Interface {
             queues: self.opts.queues,
             // --dhcp: the hosts after h1 lease their IPv4 address (`lab::dhcp`).
-            addrs: if self.opts.dhcp && host.index > 1 { host.prefixes()[1..].to_vec() } else { host.prefixes().to_vec() },
+            addrs: if self.opts.dhcp && host.index > 1 { host.prefixes()[1..].to_vec() } else { self.addresses_of(host) },
             netns: Some(host.netns.clone()),
             mtu: self.opts.mtu,
             router_solicitations: 0, // a lab has no router: nothing to solicit
@@ -96,7 +96,7 @@ impl Lab {
             ..Interface::default()
         };
         let emulation = match &self.opts.topology {
-            Some(t) => {
+            Some(t) if !t.is_routed() => {
                 let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
                 // An L2 host's frames go to its MAC, held as an address (`identity::mac_address`).
                 let session = Some(self.opts.session.as_str());
@@ -106,15 +106,18 @@ impl Lab {
                 // `Host::index` counts from 1; the topology's indices from 0.
                 crate::emulate::Emulation { known: topology::LabTopology::addresses(&names, &addrs), ..t.emulation_of(host.index - 1, &names, self.opts.seed) }
             }
-            None => crate::emulate::Emulation::default(),
+            _ => crate::emulate::Emulation::default(),
         };
         let data_path = DataPath { stats_interval: Duration::ZERO, max_batch_bytes: 128 * 1024, status_dir: None, emulation, ..DataPath::default() };
-        let c = AgentConfig::new(&host.name, bus, interface)?.with_data_path(data_path)?;
+        let mut c = AgentConfig::new(&host.name, bus, interface)?.with_data_path(data_path)?;
+        if let Some(t) = self.opts.topology.as_ref().filter(|t| t.is_routed()) {
+            c = c.with_routing(crate::config::Routing { routes: t.routes_of(host.index - 1), ..Default::default() })?;
+        }
         let user = user.unwrap_or_else(|| c.identity().user.clone());
         let mode = match &self.identities {
             Some(secure) => crate::identity::Mode::Strict(secure.table.clone()),
             None => {
-                let mut prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/64", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
+                let mut prefixes: Vec<crate::route::Prefix> = ["198.18.0.0/15", "fd00:7b::/32", "fe80::/10"].iter().filter_map(|p| p.parse().ok()).collect();
                 // L2: the hosts' MACs (all derived: 02:…).
                 prefixes.push(crate::identity::mac_prefix(crate::packet::ethernet::Mac([2, 0, 0, 0, 0, 0]), 8));
                 crate::identity::Mode::Strict(crate::identity::Table::new(vec![(user.clone(), prefixes)]))
@@ -122,6 +125,26 @@ impl Lab {
         };
         let c = c.with_identity(Identity { user, mode })?;
         self.with_e2e_keys(c, host)
+    }
+
+    /// Host `host`'s interface addresses: a routed topology's (one per subnet and family),
+    /// else the plan's.
+    pub(super) fn addresses_of(&self, host: &Host) -> Vec<crate::route::Prefix> {
+        match self.opts.topology.as_ref().filter(|t| t.is_routed()) {
+            Some(t) => t.addresses_of(host.index - 1),
+            None => host.prefixes().to_vec(),
+        }
+    }
+
+    /// What host `host`'s broker user may send from (`--secure`): in a routed topology a
+    /// router forwards everyone's packets, so it is granted every subnet, a host its own;
+    /// else the plan's prefixes.
+    pub(super) fn grants_of(&self, host: &Host) -> Vec<crate::route::Prefix> {
+        match self.opts.topology.as_ref().filter(|t| t.is_routed()) {
+            Some(t) if t.is_router(host.index - 1) => (0..t.subnets.len()).flat_map(|k| t.networks_of(k)).collect(),
+            Some(t) => t.subnets_of(host.index - 1).into_iter().flat_map(|k| t.networks_of(k)).collect(),
+            None => host.prefixes().to_vec(),
+        }
     }
 
     /// `--e2e`: host `host`'s key, and every other host's public key under its broker user.

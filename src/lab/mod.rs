@@ -26,6 +26,7 @@ pub mod plan;
 pub mod progress;
 pub mod radio;
 mod report;
+pub mod routed;
 mod state;
 pub mod topology;
 pub mod userspace;
@@ -86,6 +87,12 @@ pub struct LabOptions {
     pub e2e: bool,
     /// `--dhcp` (with `l2`): h1 serves DHCP, the other hosts lease their IPv4 addresses.
     pub dhcp: bool,
+    /// A routed topology's routers forward (`--routers on`, the default); off, a user's
+    /// program in their namespaces must.
+    pub routers: bool,
+    /// `--check`: grade (every pair must reach) instead of checking the topology's
+    /// expectation; with a lab of the session running, grade that one and start nothing.
+    pub check: bool,
 }
 
 /// Everything the lab created, torn down in `teardown` (and, for namespaces and the
@@ -133,7 +140,10 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
     guard::spawn(&opts.session)?;
     let mut lab = Lab {
         opts: opts.clone(),
-        hosts: plan::hosts(&opts.session, opts.hosts),
+        hosts: match opts.topology.as_ref().filter(|t| t.is_routed()) {
+            Some(t) => routed::routed_hosts(&opts.session, t),
+            None => plan::hosts(&opts.session, opts.hosts),
+        },
         agents: Vec::new(),
         private: Vec::new(),
         temp_dir: None,
@@ -176,6 +186,9 @@ impl Lab {
             std::fs::create_dir_all(radio::radio_dir(&self.opts.session)).context("making the folder of the radios' pseudo-terminals")?;
         } else {
             self.create_namespaces()?;
+            if let Some(t) = self.opts.topology.clone().filter(|t| t.is_routed()) {
+                self.set_up_routers(&t)?;
+            }
         }
         let mut progress = progress::Progress::new("hosts started", self.hosts.len(), t0);
         for host in self.hosts.clone() {

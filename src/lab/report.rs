@@ -61,6 +61,10 @@ pub struct LabReport {
     /// `--radio`: pairs were checked with frames (`pings_sent` counts frames sent, RTTs
     /// are one-way latencies from probe to probe, a link's replies are frames heard).
     pub radio: bool,
+    /// A routed topology: who reached whom.
+    pub reach: Option<super::routed::Reach>,
+    /// `--check` of a running lab: only its pairs were pinged.
+    pub graded: bool,
     pub ok: bool,
 }
 
@@ -68,6 +72,18 @@ impl std::fmt::Display for LabReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.3} ms")).unwrap_or_else(|| "-".into());
         let sealed = if self.e2e { ", end-to-end encrypted" } else { "" };
+        if self.graded {
+            writeln!(f, "tunbus lab, session {}: the running lab graded (every pair must reach)", self.session)?;
+            writeln!(f, "  pairs checked   {} ({} pings, IPv4 and IPv6), failures: {}", self.pairs_checked, self.pings_sent, self.failures.len())?;
+            for fail in &self.failures {
+                writeln!(f, "    FAILED {fail}")?;
+            }
+            if let Some(reach) = &self.reach {
+                write!(f, "{reach}")?;
+            }
+            writeln!(f, "  ping RTT        p50 {}, p99 {}", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?;
+            return write!(f, "  result          {}", if self.ok { "OK" } else { "FAILED" });
+        }
         writeln!(f, "tunbus lab, session {} ({} queue(s) per host, broker {}{sealed})", self.session, self.queues, self.broker)?;
         writeln!(f, "  hosts up        {}/{} in {:.2} s", self.hosts_up, self.hosts, self.bring_up_s)?;
         if let Some((leased, asked)) = self.dhcp_leases {
@@ -92,6 +108,9 @@ impl std::fmt::Display for LabReport {
         match self.radio {
             true => writeln!(f, "  frame latency   p50 {}, p99 {} (one way, probe to probe)", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?,
             false => writeln!(f, "  ping RTT        p50 {}, p99 {}", ms(self.rtt_p50_ms), ms(self.rtt_p99_ms))?,
+        }
+        if let Some(reach) = &self.reach {
+            write!(f, "{reach}")?;
         }
         for l in &self.links {
             let configured = match (&l.emulate, l.linked) {
@@ -136,6 +155,26 @@ pub(super) fn rss_mib() -> f64 {
 
 impl Lab {
     pub(super) fn print_hosts(&self) {
+        if let Some(t) = self.opts.topology.as_ref().filter(|t| t.is_routed()) {
+            println!("{:<6} {:<14} {:<8} addresses", "host", "namespace", "role");
+            for h in &self.hosts {
+                let addrs: Vec<String> = t.addresses_of(h.index - 1).iter().map(ToString::to_string).collect();
+                let role = match (t.is_router(h.index - 1), self.opts.routers) {
+                    (true, true) => "router",
+                    (true, false) => "router*",
+                    _ => "host",
+                };
+                println!("{:<6} {:<14} {role:<8} {}", h.name, h.netns, addrs.join(" "));
+            }
+            if !self.opts.routers {
+                println!("\n* forwarding off (--routers off): a program of yours in the router's namespace routes, e.g.");
+                println!("  ip netns exec {} python3 examples/forwarder.py tb0", self.hosts.iter().find(|h| t.is_router(h.index - 1)).map_or("tb-h1", |h| h.netns.as_str()));
+                println!("then grade it:  agent lab --check --topology FILE{}", if self.opts.session == super::plan::DEFAULT_SESSION { String::new() } else { format!(" --session {}", self.opts.session) });
+            }
+            println!("\nenter a host:  ip netns exec {} bash", self.hosts[0].netns);
+            println!("Ctrl-C tears the lab down.\n");
+            return;
+        }
         println!("{:<6} {:<14} {:<16} {:<24}", "host", "namespace", "IPv4 (/15)", "IPv6 (/64)");
         for h in self.hosts.iter().take(50) {
             println!("{:<6} {:<14} {:<16} {:<24}", h.name, h.netns, h.v4, h.v6);

@@ -18,6 +18,11 @@
 //! at once. Pure: the caller passes the time; [`RouteShare`] hands compiled tables to the
 //! queue workers the way `identity::Trust` does (a version they compare, an `Arc` they take
 //! again when it changed).
+//!
+//! Beside what is heard, an agent may be given [`StaticRoute`]s (`agent connect --route
+//! PREFIX=NEXTHOP`, the hosts of a routed lab): a next hop, as `ip route add PREFIX via
+//! NEXTHOP` gives one. Packets to PREFIX go to the key of the agent owning NEXTHOP; a static
+//! route never expires and beats an advertisement of the same prefix.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -57,6 +62,39 @@ pub fn network_of(p: &Prefix) -> Prefix {
     Prefix { addr: p.network(), len: p.len }
 }
 
+/// A route this agent was given: packets to `prefix` go to the agent that owns `via`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticRoute {
+    /// A network (host bits cleared).
+    pub prefix: Prefix,
+    pub via: IpAddr,
+}
+
+impl std::str::FromStr for StaticRoute {
+    type Err = String;
+
+    /// `PREFIX=NEXTHOP`: `198.18.2.0/24=198.18.1.254`, `fd00:7b:2::/64=fd00:7b:1::fe`.
+    fn from_str(s: &str) -> Result<StaticRoute, String> {
+        let (prefix, via) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected PREFIX=NEXTHOP, e.g. 198.18.2.0/24=198.18.1.254"))?;
+        let prefix: Prefix = prefix.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let via: IpAddr = via.trim().parse().map_err(|e| format!("{s:?}: the next hop {via:?} is not an address ({e})"))?;
+        advertisable(&prefix).map_err(|e| format!("{s:?}: {e}"))?;
+        if prefix.addr.is_ipv4() != via.is_ipv4() {
+            return Err(format!("{s:?}: the prefix and the next hop are of different families"));
+        }
+        Ok(StaticRoute { prefix: network_of(&prefix), via })
+    }
+}
+
+impl std::fmt::Display for StaticRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.prefix, self.via)
+    }
+}
+
+/// The name a static route's gateway has in a compiled table.
+pub const STATIC: &str = "(--route)";
+
 /// One agent's advertisement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Advertiser {
@@ -75,6 +113,7 @@ struct Advertiser {
 #[derive(Debug, Default)]
 pub struct Routes {
     own: String,
+    statics: Vec<StaticRoute>,
     by_agent: BTreeMap<String, Advertiser>,
 }
 
@@ -104,7 +143,12 @@ impl Routes {
     /// The routes heard by agent `own` (its own advertisements are left out: it does not
     /// route to itself).
     pub fn new(own: &str) -> Routes {
-        Routes { own: own.to_owned(), by_agent: BTreeMap::new() }
+        Routes { own: own.to_owned(), statics: Vec::new(), by_agent: BTreeMap::new() }
+    }
+
+    /// With the routes this agent was given, which never expire.
+    pub fn with_static(self, statics: &[StaticRoute]) -> Routes {
+        Routes { statics: statics.to_vec(), ..self }
     }
 
     /// An announcement heard at `now`. An empty advertisement withdraws the agent's
@@ -161,12 +205,17 @@ impl Routes {
     /// The table senders look destinations up in.
     pub fn compile(&self) -> Table {
         let mut routes: Vec<Route> = Vec::new();
+        for s in &self.statics {
+            if !routes.iter().any(|r| r.prefix == s.prefix) {
+                routes.push(Route { prefix: s.prefix, gateway: STATIC.to_owned(), via: s.via, queues: None, standby: Vec::new() });
+            }
+        }
         // By name: the first advertiser of a prefix is the lowest name, and wins.
         for (name, a) in &self.by_agent {
             for p in &a.prefixes {
                 match routes.iter_mut().find(|r| r.prefix == *p) {
                     Some(r) => r.standby.push(name.clone()),
-                    None => routes.push(Route { prefix: *p, gateway: name.clone(), via: a.via, queues: a.queues, standby: Vec::new() }),
+                    None => routes.push(Route { prefix: *p, gateway: name.clone(), via: a.via, queues: Some(a.queues), standby: Vec::new() }),
                 }
             }
         }
@@ -189,7 +238,9 @@ pub struct Route {
     pub gateway: String,
     /// Its address whose key packets go to.
     pub via: IpAddr,
-    pub queues: u8,
+    /// Its queue count, from its hello (`None` for a static route: the senders' peer table
+    /// knows it, or the key keeps the whole shard).
+    pub queues: Option<u8>,
     /// The other advertisers of the same prefix, in the order they would take over.
     pub standby: Vec<String>,
 }
@@ -306,7 +357,7 @@ mod tests {
         assert!(announce(&mut r, "narrow", "198.18.0.10/24", &["198.19.50.7/24", "fd00:50::/64"], t0));
         let t = r.compile();
         let hit = t.lookup(ip("198.19.50.2")).expect("a route");
-        assert_eq!((hit.gateway.as_str(), hit.prefix, hit.via, hit.queues), ("narrow", p("198.19.50.0/24"), ip("198.18.0.10"), 2));
+        assert_eq!((hit.gateway.as_str(), hit.prefix, hit.via, hit.queues), ("narrow", p("198.19.50.0/24"), ip("198.18.0.10"), Some(2)));
         assert_eq!(t.lookup(ip("198.19.51.2")).expect("a route").gateway, "wide");
         assert_eq!(t.lookup(ip("fd00:50::7")).expect("a route").gateway, "narrow");
         assert!(t.lookup(ip("198.18.0.3")).is_none());
@@ -388,6 +439,37 @@ mod tests {
         let v1 = v.refresh();
         assert_eq!(v.table().lookup(ip("198.19.0.1")).expect("a route").gateway, "gw");
         assert_eq!(v.refresh(), v1);
+    }
+
+    #[test]
+    fn static_routes_never_expire_and_beat_advertisements() {
+        let t0 = Instant::now();
+        let statics: Vec<StaticRoute> = ["198.19.2.7/24=198.19.1.254", "fd00:7b:2::/64=fd00:7b:1::fe"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(statics[0].prefix, p("198.19.2.0/24"), "kept as a network");
+        assert_eq!(statics[0].to_string(), "198.19.2.0/24=198.19.1.254");
+        let mut r = Routes::new("me").with_static(&statics);
+        let t = r.compile();
+        let hop = t.lookup(ip("198.19.2.9")).expect("a route");
+        assert_eq!((hop.gateway.as_str(), hop.via, hop.queues), (STATIC, ip("198.19.1.254"), None));
+        assert_eq!(t.lookup(ip("fd00:7b:2::9")).expect("a route").via, ip("fd00:7b:1::fe"));
+        assert!(t.lookup(ip("198.19.1.9")).is_none(), "its own subnet is not routed");
+        // An advertisement of the same prefix stands behind it; a longer one wins.
+        announce(&mut r, "gw", "198.18.0.2/24", &["198.19.2.0/24", "198.19.2.128/25"], t0);
+        let t = r.compile();
+        assert_eq!(t.lookup(ip("198.19.2.9")).expect("a route").gateway, STATIC);
+        assert_eq!(t.lookup(ip("198.19.2.200")).expect("a route").gateway, "gw");
+        assert!(r.expire(t0 + ROUTE_LIFETIME));
+        assert_eq!(r.compile().routes().len(), 2, "the static routes stay");
+        for (bad, says) in [
+            ("198.19.2.0/24", "PREFIX=NEXTHOP"),
+            ("198.19.2.0/24=fd00::1", "different families"),
+            ("0.0.0.0/0=198.19.1.1", "default route"),
+            ("198.19.2.0/24=router", "not an address"),
+            ("198.19.2.0/33=198.19.1.1", "198.19.2.0/33"),
+        ] {
+            let e = bad.parse::<StaticRoute>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     /// A reference: the longest prefix containing `dst`, lowest name among equals.

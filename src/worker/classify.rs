@@ -62,8 +62,8 @@ fn flood_key_of(sender: Option<&str>, own: RoutingKey) -> RoutingKey {
     sender.and_then(RoutingKey::all).unwrap_or(own)
 }
 
-/// A gateway's address (whose key packets go to) and its queue count.
-type NextHop = (IpAddr, u8);
+/// A gateway's address (whose key packets go to) and its queue count, when its hello said.
+type NextHop = (IpAddr, Option<u8>);
 
 /// IP packets: destination and flow shard.
 pub struct IpClassifier {
@@ -103,7 +103,7 @@ impl Classify for IpClassifier {
             None => flood_key_of(sender, self.flood_key),
             Some(dst) => {
                 let (ip, queues) = match self.next_hop(dst) {
-                    Some((via, queues)) => (via, Some(queues)),
+                    Some((via, queues)) => (via, queues.or_else(|| self.peers.queues(via))),
                     None => (dst, self.peers.queues(dst)),
                 };
                 let shard = peers::key_shard(c.shard, queues);

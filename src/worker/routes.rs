@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::amqp::presence::Hello;
 use crate::identity::claims::Claims;
 use crate::identity::{self, Mode};
-use crate::route::table::{self, Announcement, RouteShare, Routes};
+use crate::route::table::{self, Announcement, RouteShare, Routes, StaticRoute};
 use crate::route::Prefix;
 
 /// How an advertisement is judged.
@@ -95,8 +95,9 @@ pub struct RouteKeeper {
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
 impl RouteKeeper {
-    pub fn new(own: &str, share: Arc<RouteShare>, judge: Judge) -> RouteKeeper {
-        RouteKeeper { routes: Routes::new(own), share, judge, last_expire: Instant::now(), last_warning: None, refused_since: 0 }
+    /// The keeper of agent `own`, given `statics` (which it keeps in every table).
+    pub fn new(own: &str, statics: &[StaticRoute], share: Arc<RouteShare>, judge: Judge) -> RouteKeeper {
+        RouteKeeper { routes: Routes::new(own).with_static(statics), share, judge, last_expire: Instant::now(), last_warning: None, refused_since: 0 }
     }
 
     /// A hello or bye published by broker user `user` (on any control key: agents in
@@ -172,7 +173,7 @@ mod tests {
         let table =
             identity::Table::new(vec![("gw".into(), vec!["198.19.0.0/16".parse().unwrap()]), ("rogue".into(), vec!["198.18.0.66/32".parse().unwrap()])]);
         let share = RouteShare::new();
-        let mut k = RouteKeeper::new("me", share.clone(), Judge::Strict(table));
+        let mut k = RouteKeeper::new("me", &[], share.clone(), Judge::Strict(table));
         let now = Instant::now();
         k.on_presence(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], false), now);
         assert_eq!(gateway_of(&share, "198.19.50.9").as_deref(), Some("gw"));
@@ -194,7 +195,7 @@ mod tests {
         let trust = identity::Trust::new(&Mode::FirstClaim);
         let claims = Arc::new(Mutex::new(Claims::new()));
         let share = RouteShare::new();
-        let mut k = RouteKeeper::new("me", share.clone(), Judge::Claims(claims.clone(), trust.clone()));
+        let mut k = RouteKeeper::new("me", &[], share.clone(), Judge::Claims(claims.clone(), trust.clone()));
         let now = Instant::now();
         k.on_presence(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], false), now);
         k.on_presence(Some(b"rogue"), &hello("rogue", "198.18.0.66/24", &["198.19.50.0/24"], false), now);
@@ -213,7 +214,7 @@ mod tests {
     #[test]
     fn ordinary_hellos_and_garbage_change_nothing() {
         let share = RouteShare::new();
-        let mut k = RouteKeeper::new("me", share.clone(), Judge::Off);
+        let mut k = RouteKeeper::new("me", &[], share.clone(), Judge::Off);
         let v0 = share.version();
         k.on_presence(Some(b"h1"), &hello("h1", "198.18.0.1/24", &[], false), Instant::now());
         k.on_presence(Some(b"h1"), b"not json", Instant::now());
