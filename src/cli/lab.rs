@@ -103,7 +103,7 @@ pub struct LabArgs {
     /// of {between: [h1, h2], emulate: 'delay 10ms loss 1%'}); hosts without a link cannot
     /// reach each other. Its hosts: may be left to --hosts. See docs/capture-and-emulation.md.
     /// Or a routed lab: `subnets: {a: [h1, h4], b: [h2, h4]}` instead of links, the k-th
-    /// subnet 198.18.k.0/24 and fd00:7b:k::/64 (docs/routed-labs.md).
+    /// subnet 198.18.k.0/24 and fd00:7b:k::/64 (docs/decisions/0030-routed-labs.md).
     #[arg(long, value_name = "FILE")]
     pub topology: Option<PathBuf>,
     /// In a routed topology (`subnets:`; a host in several subnets is a router): whether
