@@ -1,5 +1,5 @@
 //! Routed labs (issue #25, decision 0030), with real agents, namespaces, kernel forwarding
-//! and RabbitMQ: a chain of two routers carries ping (the TTL says two hops) and TCP
+//! and RabbitMQ: one router joins three subnets (every pair reaches); a chain of two routers carries ping (the TTL says two hops) and TCP
 //! (SHA-256 equal) and is graded by `agent lab --check`; with `--routers off` only pairs
 //! of one subnet reach, until the 25-line Python forwarder of examples/ runs in the
 //! router's namespace; a killed routed lab leaves nothing behind. Each lab runs in a
@@ -59,7 +59,9 @@ impl RoutedLab {
     /// `agent lab --check` of this running lab: whether it passed, and its JSON report.
     fn grade(&self, topology: &str) -> (bool, serde_json::Value) {
         let json = std::env::temp_dir().join(format!("tunbus-grade-{}.json", self.session));
-        let out = lab(&["--check", "--topology", topology, "--session", &self.session, "--json", &json.display().to_string()]).output().expect("agent lab --check runs");
+        let out = lab(&["--check", "--topology", topology, "--session", &self.session, "--json", &json.display().to_string()])
+            .output()
+            .expect("agent lab --check runs");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(text.contains("the running lab graded"), "--check started a lab of its own instead of grading: {text}");
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("--json written")).expect("a JSON report");
@@ -109,10 +111,22 @@ fn reached(report: &serde_json::Value) -> Vec<Vec<(bool, bool)>> {
 }
 
 #[test]
-fn a_chain_of_two_routers_carries_ping_and_tcp_and_is_graded() {
+fn one_router_joins_three_subnets_and_a_chain_of_two_carries_ping_and_tcp() {
     if !system_ready("a_chain_of_two_routers_carries_ping_and_tcp_and_is_graded") {
         return;
     }
+    // Three subnets, one router: every ordered pair reaches, both families.
+    let session = unique("r");
+    let json = std::env::temp_dir().join(format!("tunbus-routed-{session}.json"));
+    let out = lab(&["--topology", &example("routed-star.yaml"), "--session", &session, "--throughput-seconds", "0", "--json", &json.display().to_string()])
+        .output()
+        .expect("agent lab runs");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("--json written")).expect("a JSON report");
+    let _ = std::fs::remove_file(&json);
+    assert!(out.status.success(), "the star lab failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(reached(&report).iter().flatten().all(|&(v4, v6)| v4 && v6), "{report}");
+    assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "the star lab left namespaces");
+
     let topology = example("routed-chain.yaml");
     let mut kept = RoutedLab::start(&topology, &[]);
     assert!(kept.output().contains("result          OK"), "the lab's own check failed: {}", kept.output());

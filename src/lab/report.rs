@@ -168,8 +168,14 @@ impl Lab {
             }
             if !self.opts.routers {
                 println!("\n* forwarding off (--routers off): a program of yours in the router's namespace routes, e.g.");
-                println!("  ip netns exec {} python3 examples/forwarder.py tb0", self.hosts.iter().find(|h| t.is_router(h.index - 1)).map_or("tb-h1", |h| h.netns.as_str()));
-                println!("then grade it:  agent lab --check --topology FILE{}", if self.opts.session == super::plan::DEFAULT_SESSION { String::new() } else { format!(" --session {}", self.opts.session) });
+                println!(
+                    "  ip netns exec {} python3 examples/forwarder.py tb0",
+                    self.hosts.iter().find(|h| t.is_router(h.index - 1)).map_or("tb-h1", |h| h.netns.as_str())
+                );
+                println!(
+                    "then grade it:  agent lab --check --topology FILE{}",
+                    if self.opts.session == super::plan::DEFAULT_SESSION { String::new() } else { format!(" --session {}", self.opts.session) }
+                );
             }
             println!("\nenter a host:  ip netns exec {} bash", self.hosts[0].netns);
             println!("Ctrl-C tears the lab down.\n");

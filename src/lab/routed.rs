@@ -64,7 +64,12 @@ impl Reach {
 impl std::fmt::Display for Reach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.hosts.len();
-        writeln!(f, "  reachability    {} of {} ordered pairs answered (rows ping columns: 46 both families, 4- or -6 one, -- none; ! not as expected)", self.reaching(), n * (n - 1))?;
+        writeln!(
+            f,
+            "  reachability    {} of {} ordered pairs answered (rows ping columns: 46 both families, 4- or -6 one, -- none; ! not as expected)",
+            self.reaching(),
+            n * (n - 1)
+        )?;
         write!(f, "  {:<16}", "")?;
         for h in &self.hosts {
             write!(f, "{h:>5}")?;
@@ -104,12 +109,15 @@ pub(super) fn routed_hosts(session: &str, t: &LabTopology) -> Vec<Host> {
         .collect()
 }
 
+/// A ping from host a to host b (IPv6 when the flag says): its RTTs, or why none came back.
+type FamilyPing = ((usize, usize, bool), Result<Vec<f64>, String>);
+
 /// Pings every ordered pair of `hosts` (IPv4 and IPv6, 8 at a time): the matrix, and the
 /// round-trip times of the replies.
 async fn reach_matrix(hosts: &[Host], t: &LabTopology, expect: impl Fn(usize, usize) -> bool) -> (Reach, Vec<f64>) {
     let n = hosts.len();
     let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
-    let results: Vec<((usize, usize, bool), Result<Vec<f64>, String>)> = stream::iter(jobs)
+    let results: Vec<FamilyPing> = stream::iter(jobs)
         .map(|(a, b, v6)| {
             let (from, to) = (&hosts[a], &hosts[b]);
             let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };

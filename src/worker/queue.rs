@@ -112,8 +112,9 @@ impl QueueWorker {
             })
             .collect();
         // The link that announces this agent (queue 0 of a native agent) also hears gateways.
-        let route_keeper =
-            link.hello.is_some().then(|| RouteKeeper::new(config.name(), &config.routing().routes, routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone())));
+        let route_keeper = link.hello.is_some().then(|| {
+            RouteKeeper::new(config.name(), &config.routing().routes, routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone()))
+        });
         let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()));
         // Queue 0 receives the floods and the hellos: it learns where MACs are.
         let l2_rx = l2.as_ref().map(|l2| super::rx::L2Rx {
