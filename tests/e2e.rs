@@ -269,9 +269,9 @@ fn ping_and_100_mb_cross_sealed_and_the_broker_sees_no_plaintext() {
     let data: Vec<&(String, Vec<u8>)> = seen.iter().filter(|(k, _)| !k.starts_with("tunbus.v1.ctl.")).collect();
     let data_bytes: usize = data.iter().map(|(_, b)| b.len()).sum();
     assert!(data_bytes as u64 >= size, "the observer saw only {data_bytes} bytes of data: it did not see the transfer");
-    assert!(data.iter().all(|(_, b)| b.starts_with(b"TE\x01")), "a data message not sealed");
+    assert!(data.iter().all(|(_, b)| b.starts_with(b"TE\x02")), "a data message not sealed");
     assert!(seen.iter().any(|(k, _)| k.starts_with("tunbus.v1.ctl.e2e.")), "no handshake seen on the bus");
-    assert!(seen.iter().any(|(k, b)| k.starts_with("tunbus.v1.all.") && b.starts_with(b"TE\x01\x02")), "no sealed flood seen on the bus");
+    assert!(seen.iter().any(|(k, b)| k.starts_with("tunbus.v1.all.") && b.starts_with(b"TE\x02\x02")), "no sealed flood seen on the bus");
     for (key, body) in &seen {
         assert!(!contains(body, MARKER), "the marker is readable in a message on {key}");
         assert!(!contains(body, &MARKER[..12]), "part of the marker is readable in a message on {key}");

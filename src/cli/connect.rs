@@ -211,7 +211,7 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub no_identity_check: bool,
     /// End-to-end encryption: every batch is sealed for its receiving agent (Noise IK
-    /// handshake over the bus, ChaCha20-Poly1305), so the broker carries only ciphertext.
+    /// handshake over the bus, AES-256-GCM), so the broker carries only ciphertext.
     /// Needs --private-key and a --peers file whose lines give each peer's public key
     /// (key=…); traffic in clear, or from a peer without a key, is refused.
     #[arg(long, requires_all = ["private_key", "peers"])]

@@ -4,7 +4,7 @@
 //!
 //! - [`keys`]: static X25519 keys (`agent keygen`, the peers file's `key=`).
 //! - [`handshake`]: Noise IK over the bus (`tunbus.v1.ctl.e2e.<name>`), through `snow`.
-//! - [`seal`]: the sealed batch, ChaCha20-Poly1305 under a session or group key.
+//! - [`seal`]: the sealed batch, AES-256-GCM under a session or group key.
 //! - [`replay`]: the replay window of each receiving key.
 //! - [`E2e`] (here): the agent's keys and sessions, shared by its queue workers. Unicast
 //!   batches are sealed with the session of the destination's peer (one session per peer
@@ -31,8 +31,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-
-use chacha20poly1305::ChaCha20Poly1305;
 
 use crate::route::Prefix;
 use handshake::{Initiation, Payload};
@@ -114,8 +112,8 @@ pub enum OpenRefusal {
 struct Session {
     peer: usize,
     their_index: u32,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
+    send: seal::Cipher,
+    recv: seal::Cipher,
     counter: AtomicU64,
     replay: Mutex<ReplayWindow>,
     born: Instant,
@@ -127,7 +125,7 @@ struct Session {
 /// A peer's group key, as its handshake gave it.
 struct GroupRx {
     id: u32,
-    cipher: ChaCha20Poly1305,
+    cipher: seal::Cipher,
     replay: Mutex<ReplayWindow>,
 }
 
@@ -179,7 +177,7 @@ pub struct E2e {
     sessions: RwLock<HashMap<u32, Arc<Session>>>,
     group_id: u32,
     group_key: [u8; KEY_LEN],
-    group: ChaCha20Poly1305,
+    group: seal::Cipher,
     group_counter: AtomicU64,
     outbox: Mutex<Vec<Outgoing>>,
     has_outgoing: AtomicBool,
