@@ -370,6 +370,8 @@ impl Default for Ioppytest {
 pub struct E2eKeys {
     pub private_key: [u8; 32],
     pub peer_keys: Vec<(String, [u8; 32])>,
+    /// `--e2e-key-log FILE`: note session keys there (`e2e::keylog`), for captures.
+    pub key_log: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for E2eKeys {

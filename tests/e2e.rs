@@ -547,3 +547,124 @@ fn a_lab_with_e2e_checks_every_pair_through_sealed_batches() {
     let users = run("rabbitmqctl", &["list_users", "-q"]);
     assert!(!users.contains(&format!("{session}.h")), "users left behind:\n{users}");
 }
+
+/// `agent capture --keys DIR`: two `--e2e` agents note their session keys
+/// (`--e2e-key-log`); a capture given their logs writes the packets of sealed batches
+/// (the marker of a TCP transfer and of pings is in its file, both directions, and floods),
+/// one without them writes none and counts the batches it left out.
+#[test]
+fn a_capture_with_the_agents_key_logs_sees_inside_sealed_batches() {
+    if !system_ready("a_capture_with_the_agents_key_logs_sees_inside_sealed_batches") {
+        return;
+    }
+    let s = Setup::new(47);
+    let keys = s.dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    let logs: Vec<String> = (0..2).map(|i| keys.join(format!("{i}.keys")).display().to_string()).collect();
+    let capture = |file: &Path, with_keys: bool| {
+        let mut args = vec!["capture".to_owned(), "--url".into(), URL.into(), "--session".into(), s.session.clone(), "-w".into(), file.display().to_string()];
+        args.extend(["--duration".into(), "12s".into()]);
+        if with_keys {
+            args.extend(["--keys".into(), keys.display().to_string()]);
+        }
+        Command::new(env!("CARGO_BIN_EXE_agent")).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("agent capture")
+    };
+    let mut a = s.start_up(0, &["--e2e-key-log", &logs[0]]);
+    let mut b = s.start_up(1, &["--e2e-key-log", &logs[1]]);
+    let mode = std::fs::metadata(&logs[0]).expect("a key log").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "a key log is its owner's only");
+    let (with, without) = (s.dir.join("with.pcapng"), s.dir.join("without.pcapng"));
+    let (cap_with, cap_without) = (capture(&with, true), capture(&without, false));
+    std::thread::sleep(Duration::from_secs(2));
+    // A pattern in the pings' payload, a marker in the TCP stream, a ping to all hosts.
+    let pattern = "7475626275732d6b6579";
+    let out = s.ns[0].exec(&["ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", "-p", pattern, &s.v4[1]]);
+    assert!(out.status.success(), "ping through sealed batches: {}", String::from_utf8_lossy(&out.stdout));
+    let sink = tcp_sink(&s.ns[1].name, format!("{}:5047", s.v4[1]), 1);
+    let sent = send_marked(&s.ns[0].name, format!("{}:5047", s.v4[1]), 256 * 1024).join().expect("sender");
+    assert_eq!(sink.join().expect("sink"), vec![sent]);
+    let _ = s.ns[0].exec(&["ping", "-n", "-c", "2", "-W", "1", "-I", "tb0", "ff02::1"]);
+    let outputs: Vec<String> = [cap_with, cap_without]
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("capture ends");
+            assert!(out.status.success(), "capture failed: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        })
+        .collect();
+    a.interrupt();
+    b.interrupt();
+    let with_bytes = std::fs::read(&with).expect("the capture with keys");
+    let without_bytes = std::fs::read(&without).expect("the capture without keys");
+    let ping_payload: Vec<u8> = (0..pattern.len() / 2).map(|i| u8::from_str_radix(&pattern[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    assert!(contains(&with_bytes, MARKER), "the TCP marker is not in the capture with keys: {}", outputs[0]);
+    assert!(contains(&with_bytes, &ping_payload), "the pings are not in the capture with keys");
+    assert!(outputs[0].contains("sealed batches opened with --keys"), "{}", outputs[0]);
+    assert!(!contains(&without_bytes, MARKER) && !contains(&without_bytes, &ping_payload), "a capture without keys saw inside");
+    assert!(outputs[1].contains("sealed batches left out"), "{}", outputs[1]);
+    // Both directions: the replies (h2 -> h1) carry the pattern too, from the other log.
+    let lines = std::fs::read_to_string(&logs[1]).expect("h2's key log");
+    assert!(lines.lines().any(|l| l.starts_with("TUNBUS_E2E_PAIR ")) && lines.lines().any(|l| l.starts_with("TUNBUS_E2E_GROUP ")), "{lines}");
+}
+
+/// `agent lab --e2e --keys DIR`: the hosts note their session keys in DIR, the lab makes a
+/// capture user (DIR/capture.url), and `agent capture --keys DIR` with it writes the pings
+/// that crossed sealed; the session's users, the capture user among them, go at the end.
+#[test]
+fn a_lab_with_keys_can_be_captured_from_inside() {
+    if !system_ready("a_lab_with_keys_can_be_captured_from_inside") {
+        return;
+    }
+    let session = unique("e2ek");
+    let dir = std::env::temp_dir().join(unique("tbe2ekeys"));
+    let out_file = std::env::temp_dir().join(format!("{session}.out"));
+    let mut lab = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["lab", "--url", URL, "--hosts", "2", "--e2e", "--keep", "--throughput-seconds", "0", "--session", &session, "--keys"])
+        .arg(&dir)
+        .stdout(std::fs::File::create(&out_file).expect("lab output"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent lab");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&out_file).unwrap_or_default().contains("Ctrl-C tears the lab down") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the lab did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let printed = std::fs::read_to_string(&out_file).unwrap_or_default();
+    assert!(printed.contains("agent capture --url-file"), "the lab says how to capture inside: {printed}");
+    let pcap = dir.join("lab.pcapng");
+    let capture = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["capture", "--session", &session, "--duration", "5s", "--url-file"])
+        .arg(dir.join("capture.url"))
+        .arg("--keys")
+        .arg(&dir)
+        .arg("-w")
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent capture");
+    std::thread::sleep(Duration::from_millis(1500));
+    let pattern = "6c61622d6b657973";
+    let ns = format!("tb-{session}-h1");
+    let ping =
+        Command::new("ip").args(["netns", "exec", &ns, "ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-p", pattern, "198.18.0.2"]).output().expect("ping");
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    let cap = capture.wait_with_output().expect("capture ends");
+    let said = String::from_utf8_lossy(&cap.stderr).into_owned();
+    // SAFETY: signalling our own child process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(lab.id() as i32, libc::SIGINT);
+    }
+    let ended = lab.wait().expect("the lab ends");
+    let bytes = std::fs::read(&pcap).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&out_file);
+    assert!(cap.status.success() && said.contains("sealed batches opened with --keys"), "{said}");
+    let payload: Vec<u8> = (0..pattern.len() / 2).map(|i| u8::from_str_radix(&pattern[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    assert!(contains(&bytes, &payload), "the pings are not in the lab's capture: {said}");
+    assert!(ended.success(), "the lab did not end cleanly on Ctrl-C");
+    let users = run("rabbitmqctl", &["list_users", "-q"]);
+    assert!(!users.contains(&format!("{session}.")), "users left behind:\n{users}");
+}

@@ -89,7 +89,13 @@ fn end_to_end(config: &AgentConfig) -> anyhow::Result<Option<Arc<crate::e2e::E2e
             .into());
         }
     }
-    let e2e = E2e::new(private, own, session, peers, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
+    let mut e2e = E2e::new(private, own, session, peers, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
+    if let Some(path) = &keys.key_log {
+        let log = crate::e2e::keylog::KeyLog::create(path, config.name())
+            .map_err(|e| Failure::new(Exit::Local, format!("--e2e-key-log {}: cannot write it: {e}", path.display())))?;
+        tracing::warn!(agent = %config.name(), file = %path.display(), "end-to-end session keys are noted in a key log: whoever reads it reads this agent's traffic");
+        e2e = e2e.with_key_log(log);
+    }
     let without: Vec<&str> = e2e.peers_without_keys().collect();
     tracing::info!(agent = %config.name(), public_key = %e2e.public_key(), peers = e2e.peers_with_keys().count(), "end-to-end encryption on: batches are sealed for their receivers, nothing in clear is accepted");
     if !without.is_empty() {

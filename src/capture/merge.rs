@@ -118,6 +118,10 @@ pub struct Counts {
     pub radio_frames: u64,
     /// Ethernet frames written, an L2 session's (also counted in `packets`).
     pub ethernet_frames: u64,
+    /// End-to-end sealed batches opened with `--keys`, and those no key opened (or no
+    /// `--keys` given): their packets are not in the file.
+    pub opened: u64,
+    pub sealed: u64,
 }
 
 /// What a hello (or an old agent's `ip.tun.started`) said.
@@ -210,6 +214,8 @@ pub struct Merge {
     ethernets: HashMap<String, Option<u32>>,
     /// MAC → L2 agent, from hellos (`macs`: its TAP's, then those behind its bridge).
     mac_owners: HashMap<Mac, String>,
+    /// `--keys DIR`: the session keys that open sealed batches.
+    keys: Option<crate::e2e::keylog::KeyRing>,
 }
 
 impl Merge {
@@ -231,6 +237,25 @@ impl Merge {
             radios: HashMap::new(),
             ethernets: HashMap::new(),
             mac_owners: HashMap::new(),
+            keys: None,
+        }
+    }
+
+    /// Opens end-to-end sealed batches with the keys of `ring` (`agent capture --keys`).
+    pub fn with_keys(self, ring: crate::e2e::keylog::KeyRing) -> Merge {
+        Merge { keys: Some(ring), ..self }
+    }
+
+    /// A sealed batch's v1 frame, when a key of `--keys` opens it (else counted).
+    fn open_sealed(&mut self, routing_key: &str, body: &[u8]) -> Option<Vec<u8>> {
+        let mut frame = Vec::new();
+        let opened = self.keys.as_mut().is_some_and(|ring| ring.open(routing_key.as_bytes(), body, &mut frame));
+        if opened {
+            self.counts.opened += 1;
+            Some(frame)
+        } else {
+            self.counts.sealed += 1;
+            None
         }
     }
 
@@ -244,6 +269,19 @@ impl Merge {
         if let Some(ioppytest::serial::SerialKey::FromAgent { name }) = ioppytest::serial::parse_key(routing_key) {
             return self.on_json_frame(name, body, now_ns, recorder);
         }
+        // An end-to-end sealed batch (`--e2e`) is opened first, when the keys allow.
+        let opened;
+        let body = if crate::e2e::seal::is_sealed(body) {
+            match self.open_sealed(routing_key, body) {
+                Some(frame) => {
+                    opened = frame;
+                    &opened[..]
+                }
+                None => return Ok(()),
+            }
+        } else {
+            body
+        };
         let wait = match ioppytest::parse_from_agent(routing_key) {
             Some(ioppytest::FromAgent::Packet { name }) => {
                 let wait = self.with_json(body, |m, packet| {

@@ -53,6 +53,8 @@ pub struct Options {
     /// Stop after this long (`None`: until stopped).
     pub duration: Option<Duration>,
     pub queue_max_bytes: u64,
+    /// `--keys DIR`: key logs of `--e2e` agents (`e2e::keylog`), to open sealed batches.
+    pub keys: Option<PathBuf>,
 }
 
 /// How a capture went.
@@ -95,6 +97,12 @@ impl Summary {
         if c.malformed > 0 {
             s += &format!("; {} messages did not decode", c.malformed);
         }
+        if c.opened > 0 {
+            s += &format!("; {} end-to-end sealed batches opened with --keys", c.opened);
+        }
+        if c.sealed > 0 {
+            s += &format!("; {} end-to-end sealed batches left out (no key opens them: give the agents' key logs with --keys DIR)", c.sealed);
+        }
         if c.late > 0 {
             s += &format!("; {} packets came more than {} ms behind later ones and are out of order", c.late, reorder::WINDOW_NS / 1_000_000);
         }
@@ -129,6 +137,15 @@ pub fn run(opts: &Options, recorder: &mut dyn Recorder, stop: &Stop) -> Result<S
 pub fn run_on(mut tap: Client, opts: &Options, recorder: &mut dyn Recorder, stop: &Stop) -> Result<Summary, client::Error> {
     let started = Instant::now();
     let mut merge = Merge::new(opts.filter.clone());
+    if let Some(dir) = &opts.keys {
+        match crate::e2e::keylog::KeyRing::new(dir) {
+            Ok(ring) => {
+                tracing::info!(dir = %dir.display(), keys = ring.len(), "capture: sealed batches are opened with these key logs");
+                merge = merge.with_keys(ring);
+            }
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "capture: cannot read --keys; sealed batches are left out"),
+        }
+    }
     let mut recorder = Reorder::new(recorder);
     let mut ended_by = None;
     let mut last_flush = Instant::now();

@@ -145,6 +145,7 @@ impl Sniffer {
             filter: Filter::default(),
             duration: None,
             queue_max_bytes: self.opts.queue_max_bytes,
+            keys: None,
         };
         let stop = Stop::new();
         let flag = stop.clone();

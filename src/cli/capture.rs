@@ -56,6 +56,12 @@ pub struct CaptureArgs {
     /// _NOFCS (230), which is what probes on ioppytest's wire send and its sniffer writes.
     #[arg(long)]
     pub fcs: bool,
+    /// Open end-to-end sealed batches (`--e2e` agents) with the session keys noted in the
+    /// files of DIR (`agent connect --e2e-key-log DIR/NAME.keys`, `agent lab --e2e --keys
+    /// DIR`); the directory is read again as new sessions appear. Without it, sealed
+    /// batches are counted and left out.
+    #[arg(long, value_name = "DIR")]
+    pub keys: Option<PathBuf>,
 }
 
 impl CaptureArgs {
@@ -67,6 +73,7 @@ impl CaptureArgs {
             filter: Filter { agents: self.agents.clone(), addresses: self.addresses.clone(), no_segment: self.no_segment, radio_fcs: self.fcs },
             duration: self.duration,
             queue_max_bytes: self.queue_max_bytes,
+            keys: self.keys.clone(),
         })
     }
 }

@@ -220,6 +220,11 @@ pub struct ConnectArgs {
     /// `agent keygen > FILE`; the public key goes into the peers file).
     #[arg(long, value_name = "FILE", requires = "e2e")]
     pub private_key: Option<PathBuf>,
+    /// With --e2e: append the session keys that open this agent's traffic to FILE (made
+    /// 0600), as TLS's SSLKEYLOGFILE, so that `agent capture --keys DIR` with FILE in DIR
+    /// can see inside. Whoever reads FILE reads the traffic: for labs and debugging.
+    #[arg(long, value_name = "FILE", requires = "e2e")]
+    pub e2e_key_log: Option<PathBuf>,
     /// The broker user this agent logs in as, when neither the URL nor the client
     /// certificate's common name says (RabbitMQ's ssl_cert_login_from other than
     /// common_name): every message carries it as user_id, which the broker checks.
@@ -337,7 +342,7 @@ impl ConnectArgs {
                 let private = crate::e2e::keys::read_private_key(key).map_err(|e| Failure::new(Exit::Local, format!("--private-key: {e}")))?;
                 let text = std::fs::read_to_string(peers).map_err(|e| Failure::new(Exit::Local, format!("cannot read --peers {}: {e}", peers.display())))?;
                 let peer_keys = crate::identity::peers_file::keys(&text).map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", peers.display())))?;
-                Some(crate::config::E2eKeys { private_key: *private.as_bytes(), peer_keys })
+                Some(crate::config::E2eKeys { private_key: *private.as_bytes(), peer_keys, key_log: self.e2e_key_log.clone() })
             }
             _ => None,
         };

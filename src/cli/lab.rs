@@ -96,6 +96,10 @@ pub struct LabArgs {
     /// broker carries only ciphertext. Implies --secure (keys are bound to broker users).
     #[arg(long, conflicts_with_all = ["userspace", "l2", "radio"])]
     pub e2e: bool,
+    /// With --e2e: every host notes its session keys in DIR/<host>.keys (made if missing),
+    /// so that `agent capture --keys DIR` sees inside the lab's sealed batches.
+    #[arg(long, value_name = "DIR", requires = "e2e")]
+    pub keys: Option<PathBuf>,
     /// Internal: be the guard of lab process PID (see `lab::guard`).
     #[arg(long, hide = true, value_name = "PID")]
     pub guard: Option<u32>,
@@ -165,6 +169,7 @@ impl LabArgs {
             brokers: usize::from(self.brokers),
             secure: self.secure || self.e2e,
             e2e: self.e2e,
+            keys: self.keys.clone(),
             mtu: self.mtu,
             userspace: self.userspace,
             l2: self.l2,

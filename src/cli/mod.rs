@@ -104,7 +104,7 @@ pub const CONNECT_HEADINGS: [(&str, &[&str]); 11] = [
     ("Interface", &["ipv4", "ipv6", "netns", "ifname", "mtu", "queues", "cpus", "no_offload", "no_offload_from_bus"]),
     ("Userspace stack (no root, no TUN)", &["userspace", "forward", "expose", "socks5"]),
     ("Ethernet (L2) session", &["l2", "bridge"]),
-    ("Identities and encryption", &["peers", "no_identity_check", "e2e", "private_key"]),
+    ("Identities and encryption", &["peers", "no_identity_check", "e2e", "private_key", "e2e_key_log"]),
     ("Subnet routing", &["advertise", "accept_routes", "masquerade", "route", "cleanup"]),
     ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),
     ("Capture and emulation", &["pcap", "emulate", "emulate_to", "emulate_seed"]),

@@ -22,6 +22,7 @@
 //! here: `now` and the wall clock come in as arguments, so the tests drive time.
 
 pub mod handshake;
+pub mod keylog;
 pub mod keys;
 pub mod replay;
 pub mod seal;
@@ -183,6 +184,8 @@ pub struct E2e {
     has_outgoing: AtomicBool,
     last_warning: Mutex<Option<Instant>>,
     warned_since: AtomicU64,
+    /// `--e2e-key-log`: where session keys are noted for captures (`keylog`).
+    key_log: Option<keylog::KeyLog>,
     pub stats: Stats,
 }
 
@@ -236,8 +239,17 @@ impl E2e {
             has_outgoing: AtomicBool::new(false),
             last_warning: Mutex::new(None),
             warned_since: AtomicU64::new(0),
+            key_log: None,
             stats: Stats::default(),
         })
+    }
+
+    /// Notes every key that opens batches to this agent, and its group key, in `log`
+    /// (for `agent capture --keys`).
+    pub fn with_key_log(mut self, log: keylog::KeyLog) -> E2e {
+        log.note(Kind::Group, self.group_id, &self.group_key);
+        self.key_log = Some(log);
+        self
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -510,6 +522,9 @@ impl E2e {
             born: now,
             confirmed: AtomicBool::new(initiator),
         });
+        if let Some(log) = &self.key_log {
+            log.note(Kind::Pair, our, &keys.recv);
+        }
         if let Ok(mut m) = self.sessions.write() {
             m.insert(our, s.clone());
             st.indices.push_back(our);

@@ -30,7 +30,7 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_KEY_LEN: usize = 255;
 
 /// Which kind of key seals a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// A session key between two agents (unicast).
     Pair = 1,

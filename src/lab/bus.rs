@@ -129,7 +129,8 @@ impl Lab {
             api: None,
             session: self.opts.session.clone(),
             agents,
-            observers: Vec::new(),
+            // `--e2e --keys DIR`: a capture user, its URL in DIR/capture.url.
+            observers: if self.opts.keys.is_some() { vec![CAPTURE_USER.to_owned()] } else { Vec::new() },
             out: None,
             node: self.private.first().map(|b| b.node.clone()),
             keys: false,
@@ -140,15 +141,31 @@ impl Lab {
         }
         let t0 = Instant::now();
         let summary = crate::provision::provision(&o).context("provisioning the lab's session (--secure)")?;
+        self.provisioned = true;
         let plan = summary.plan.context("provisioning made no plan")?;
         let table = crate::identity::peers_file::parse(&plan.peers_file(), Some(&plan.session)).map_err(anyhow::Error::msg)?;
         let mut by_host = std::collections::HashMap::new();
         for u in &plan.users {
             let url = base.with_credentials(&u.user, &u.password).with_vhost(&plan.vhost);
+            if let (true, Some(dir)) = (u.observer, &self.opts.keys) {
+                write_private(&dir.join("capture.url"), &url.to_secret_string()).context("writing the capture user's URL file")?;
+                continue;
+            }
             by_host.insert(u.agent.clone(), (u.user.clone(), Endpoint::plain(url)));
         }
         tracing::info!(users = plan.users.len(), seconds = t0.elapsed().as_secs_f64(), via = summary.backend, "lab session provisioned");
         self.identities = Some(SecureSession { by_host, table });
         Ok(())
     }
+}
+
+/// The broker user of a lab's captures (`--e2e --keys DIR`: its URL is DIR/capture.url).
+pub(super) const CAPTURE_USER: &str = "capture";
+
+/// Writes `text` into a new file only its owner may read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    writeln!(f, "{text}")
 }

@@ -159,6 +159,7 @@ impl Lab {
             .filter(|(h, _)| h.index != host.index)
             .filter_map(|(h, key)| secure.by_host.get(&h.name).map(|(user, _)| (user.clone(), key.public().0)))
             .collect();
-        c.with_e2e(Some(crate::config::E2eKeys { private_key: *me.as_bytes(), peer_keys }))
+        let key_log = self.opts.keys.as_ref().map(|dir| dir.join(format!("{}.keys", host.name)));
+        c.with_e2e(Some(crate::config::E2eKeys { private_key: *me.as_bytes(), peer_keys, key_log }))
     }
 }

@@ -87,6 +87,8 @@ pub struct LabOptions {
     pub e2e: bool,
     /// `--dhcp` (with `l2`): h1 serves DHCP, the other hosts lease their IPv4 addresses.
     pub dhcp: bool,
+    /// `--keys DIR` (with `e2e`): each host's session-key log, DIR/<host>.keys.
+    pub keys: Option<PathBuf>,
     /// A routed topology's routers forward (`--routers on`, the default); off, a user's
     /// program in their namespaces must.
     pub routers: bool,
@@ -108,6 +110,9 @@ struct Lab {
     interrupt: Stop,
     /// `--secure`: the session's users (user, URL) per host, and the strict table.
     identities: Option<SecureSession>,
+    /// The session was provisioned on a shared broker (revoked at teardown, also when the
+    /// bring-up failed after it).
+    provisioned: bool,
     /// `--e2e`: each host's static key, in host order (made in this process, never written).
     e2e_keys: Vec<crate::e2e::keys::PrivateKey>,
     /// `--dhcp`: the server in h1, killed at teardown.
@@ -150,6 +155,7 @@ pub async fn run(opts: LabOptions, mut stop: watch::Receiver<bool>, interrupt: S
         endpoints: Vec::new(),
         interrupt,
         identities: None,
+        provisioned: false,
         e2e_keys: Vec::new(),
         dhcp: None,
     };
@@ -168,6 +174,9 @@ impl Lab {
             [b] => format!("private node {} on port {}", b.node, b.port),
             nodes => format!("private {}-node cluster on ports {}", nodes.len(), nodes.iter().map(|b| b.port.to_string()).collect::<Vec<_>>().join(", ")),
         };
+        if let (true, Some(dir)) = (self.opts.e2e, &self.opts.keys) {
+            std::fs::create_dir_all(dir).with_context(|| format!("making --keys {}", dir.display()))?;
+        }
         if self.opts.secure {
             self.provision(state)?;
         }
@@ -326,7 +335,7 @@ impl Lab {
             for b in std::mem::take(&mut self.private) {
                 b.stop();
             }
-        } else if self.identities.take().is_some() {
+        } else if self.identities.take().is_some() || self.provisioned {
             let session = self.opts.session.clone();
             let _ = tokio::task::spawn_blocking(move || revoke_local(&session)).await;
         }

@@ -189,6 +189,10 @@ impl Lab {
             println!("… {} more: host i is 198.18.0.0 + i and fd00:7b::i", self.hosts.len() - 50);
         }
         let h = &self.hosts[0];
+        if let Some(dir) = &self.opts.keys {
+            let session = if self.opts.session == super::plan::DEFAULT_SESSION { String::new() } else { format!(" --session {}", self.opts.session) };
+            println!("\nsee inside the sealed batches:  agent capture --url-file {0}/capture.url{session} --keys {0} -w lab.pcapng", dir.display());
+        }
         println!("\nenter a host:  ip netns exec {} bash", h.netns);
         println!("then e.g.:     ping {}   ping {}", self.hosts[1].v4, self.hosts[1].v6);
         println!("Ctrl-C tears the lab down.\n");
