@@ -8,7 +8,7 @@
 //! Portable: only std and mio (epoll on Linux, kqueue on macOS); no Linux-only call.
 //!
 //! Memory per TCP connection (forward, expose or SOCKS5 CONNECT): the stack socket's two
-//! buffers (`Limits::tcp_buffer` each, 64 KiB by default), its state (448 B), and a
+//! buffers (`Limits::tcp_buffer` each, 512 KiB by default), its state (448 B), and a
 //! `Relay` (a host stream and flags; SOCKS5 clients add a 512-byte handshake buffer). A UDP flow holds one
 //! stack socket with `Limits::udp_buffer` bytes each way (or a host socket for exposes).
 

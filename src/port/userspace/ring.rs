@@ -21,9 +21,13 @@ impl Ring {
         Ring { buf: vec![0; slots * slot], lens: vec![0; slots], tags: vec![0; slots], slot, head: 0, len: 0 }
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Slots in all.
+    pub fn capacity(&self) -> usize {
+        self.lens.len()
     }
 
     pub fn is_empty(&self) -> bool {
