@@ -1,5 +1,6 @@
 //! Routed labs (issue #25, decision 0030), with real agents, namespaces, kernel forwarding
-//! and RabbitMQ: one router joins three subnets (every pair reaches); a chain of two routers carries ping (the TTL says two hops) and TCP
+//! and RabbitMQ: one router joins three subnets (every pair reaches, each host its own
+//! broker user); a chain of two routers carries ping (the TTL says two hops) and TCP
 //! (SHA-256 equal) and is graded by `agent lab --check`; with `--routers off` only pairs
 //! of one subnet reach, until the 25-line Python forwarder of examples/ runs in the
 //! router's namespace; a killed routed lab leaves nothing behind. Each lab runs in a
@@ -115,10 +116,11 @@ fn one_router_joins_three_subnets_and_a_chain_of_two_carries_ping_and_tcp() {
     if !system_ready("a_chain_of_two_routers_carries_ping_and_tcp_and_is_graded") {
         return;
     }
-    // Three subnets, one router: every ordered pair reaches, both families.
+    // Three subnets, one router, each host its own broker user (--secure: the router's is
+    // granted every subnet, the others their addresses): every ordered pair reaches.
     let session = unique("r");
     let json = std::env::temp_dir().join(format!("tunbus-routed-{session}.json"));
-    let out = lab(&["--topology", &example("routed-star.yaml"), "--session", &session, "--throughput-seconds", "0", "--json", &json.display().to_string()])
+    let out = lab(&["--topology", &example("routed-star.yaml"), "--secure", "--session", &session, "--throughput-seconds", "0", "--json", &json.display().to_string()])
         .output()
         .expect("agent lab runs");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("--json written")).expect("a JSON report");
@@ -126,6 +128,8 @@ fn one_router_joins_three_subnets_and_a_chain_of_two_carries_ping_and_tcp() {
     assert!(out.status.success(), "the star lab failed: {}", String::from_utf8_lossy(&out.stdout));
     assert!(reached(&report).iter().flatten().all(|&(v4, v6)| v4 && v6), "{report}");
     assert!(namespaces_with(&format!("tb-{session}-")).is_empty(), "the star lab left namespaces");
+    let users = run("rabbitmqctl", &["list_users", "-q"]);
+    assert!(!users.contains(&format!("{session}.")), "the secure lab left users:\n{users}");
 
     let topology = example("routed-chain.yaml");
     let mut kept = RoutedLab::start(&topology, &[]);

@@ -143,7 +143,23 @@ impl Lab {
         let summary = crate::provision::provision(&o).context("provisioning the lab's session (--secure)")?;
         self.provisioned = true;
         let plan = summary.plan.context("provisioning made no plan")?;
-        let table = crate::identity::peers_file::parse(&plan.peers_file(), Some(&plan.session)).map_err(anyhow::Error::msg)?;
+        let mut table = crate::identity::peers_file::parse(&plan.peers_file(), Some(&plan.session)).map_err(anyhow::Error::msg)?;
+        if let Some(t) = self.opts.topology.as_ref().filter(|t| t.is_routed()) {
+            // A peers file grants each user its addresses; a routed lab's routers send
+            // everyone's packets on, so a router's user is granted every subnet whole
+            // (decision 0030). Other hosts keep their addresses only.
+            let grants = plan
+                .users
+                .iter()
+                .filter(|u| !u.observer)
+                .filter_map(|u| {
+                    let h = self.hosts.iter().find(|h| h.name == u.agent)?;
+                    let prefixes = if t.is_router(h.index - 1) { self.grants_of(h) } else { u.addresses.clone() };
+                    Some((u.user.clone(), prefixes))
+                })
+                .collect();
+            table = crate::identity::Table::new(grants);
+        }
         let mut by_host = std::collections::HashMap::new();
         for u in &plan.users {
             let url = base.with_credentials(&u.user, &u.password).with_vhost(&plan.vhost);

@@ -136,13 +136,19 @@ impl Lab {
         }
     }
 
-    /// What host `host`'s broker user may send from (`--secure`): in a routed topology a
-    /// router forwards everyone's packets, so it is granted every subnet, a host its own;
-    /// else the plan's prefixes.
+    /// What host `host`'s broker user may send from (`--secure`), each prefix written with
+    /// the host's own address in it (provisioning lets the user bind that address's keys):
+    /// in a routed topology its interface addresses (one per subnet, so each grants its
+    /// subnet), and for a router, which forwards everyone's packets, also the networks of
+    /// the subnets it is not in; else the plan's prefixes.
     pub(super) fn grants_of(&self, host: &Host) -> Vec<crate::route::Prefix> {
+        let i = host.index - 1;
         match self.opts.topology.as_ref().filter(|t| t.is_routed()) {
-            Some(t) if t.is_router(host.index - 1) => (0..t.subnets.len()).flat_map(|k| t.networks_of(k)).collect(),
-            Some(t) => t.subnets_of(host.index - 1).into_iter().flat_map(|k| t.networks_of(k)).collect(),
+            Some(t) => {
+                let mine = t.subnets_of(i);
+                let beyond = (0..t.subnets.len()).filter(|k| t.is_router(i) && !mine.contains(k)).flat_map(|k| t.networks_of(k));
+                t.addresses_of(i).into_iter().chain(beyond).collect()
+            }
             None => host.prefixes().to_vec(),
         }
     }

@@ -78,6 +78,9 @@ impl std::str::FromStr for StaticRoute {
         let (prefix, via) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected PREFIX=NEXTHOP, e.g. 198.18.2.0/24=198.18.1.254"))?;
         let prefix: Prefix = prefix.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
         let via: IpAddr = via.trim().parse().map_err(|e| format!("{s:?}: the next hop {via:?} is not an address ({e})"))?;
+        if prefix.len == 0 {
+            return Err(format!("{s:?}: a default route into the bus would take all of the host's traffic; give the networks behind the next hop"));
+        }
         advertisable(&prefix).map_err(|e| format!("{s:?}: {e}"))?;
         if prefix.addr.is_ipv4() != via.is_ipv4() {
             return Err(format!("{s:?}: the prefix and the next hop are of different families"));
@@ -463,7 +466,7 @@ mod tests {
         for (bad, says) in [
             ("198.19.2.0/24", "PREFIX=NEXTHOP"),
             ("198.19.2.0/24=fd00::1", "different families"),
-            ("0.0.0.0/0=198.19.1.1", "default route"),
+            ("0.0.0.0/0=198.19.1.1", "give the networks behind the next hop"),
             ("198.19.2.0/24=router", "not an address"),
             ("198.19.2.0/33=198.19.1.1", "198.19.2.0/33"),
         ] {
