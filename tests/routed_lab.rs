@@ -120,9 +120,19 @@ fn one_router_joins_three_subnets_and_a_chain_of_two_carries_ping_and_tcp() {
     // granted every subnet, the others their addresses): every ordered pair reaches.
     let session = unique("r");
     let json = std::env::temp_dir().join(format!("tunbus-routed-{session}.json"));
-    let out = lab(&["--topology", &example("routed-star.yaml"), "--secure", "--session", &session, "--throughput-seconds", "0", "--json", &json.display().to_string()])
-        .output()
-        .expect("agent lab runs");
+    let out = lab(&[
+        "--topology",
+        &example("routed-star.yaml"),
+        "--secure",
+        "--session",
+        &session,
+        "--throughput-seconds",
+        "0",
+        "--json",
+        &json.display().to_string(),
+    ])
+    .output()
+    .expect("agent lab runs");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("--json written")).expect("a JSON report");
     let _ = std::fs::remove_file(&json);
     assert!(out.status.success(), "the star lab failed: {}", String::from_utf8_lossy(&out.stdout));
