@@ -80,8 +80,17 @@ impl Transport {
         let idle = if heartbeat.is_zero() { Duration::from_secs(30) } else { heartbeat };
         let probe = (idle / 3).max(Duration::from_secs(1));
         sock.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle).with_interval(probe).with_retries(3))?;
-        let timeout = if user_timeout { Some((idle * 2).max(Duration::from_secs(5))) } else { None };
-        sock.set_tcp_user_timeout(timeout)
+        // TCP_USER_TIMEOUT is Linux's (and Android's): elsewhere keepalive alone watches.
+        #[cfg(target_os = "linux")]
+        {
+            let timeout = if user_timeout { Some((idle * 2).max(Duration::from_secs(5))) } else { None };
+            sock.set_tcp_user_timeout(timeout)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = user_timeout;
+            Ok(())
+        }
     }
 
     /// Bytes the kernel holds that the broker has not acknowledged.

@@ -13,6 +13,7 @@
 
 pub mod tty;
 
+#[cfg(target_os = "linux")]
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -110,8 +111,33 @@ pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
 // ---------------------------------------------------------------------------------------
 // TUN devices.
 
+/// What a Linux-only call answers elsewhere (the userspace path needs none of them).
+#[cfg(not(target_os = "linux"))]
+fn linux_only(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, format!("{what} needs Linux; on this system use agent connect --userspace"))
+}
+
+/// `TUNSETIFF` elsewhere: no kernel TUN of Linux's kind.
+#[cfg(not(target_os = "linux"))]
+pub fn tun_set_iff(_fd: BorrowedFd<'_>, _name: &str, _flags: libc::c_int) -> io::Result<()> {
+    Err(linux_only("a kernel TUN interface"))
+}
+
+/// `TUNSETOFFLOAD` elsewhere.
+#[cfg(not(target_os = "linux"))]
+pub fn tun_set_offload(_fd: BorrowedFd<'_>, _flags: libc::c_uint) -> io::Result<()> {
+    Err(linux_only("a kernel TUN interface"))
+}
+
+/// `setns` elsewhere: no network namespaces.
+#[cfg(not(target_os = "linux"))]
+pub fn enter_netns(_ns: BorrowedFd<'_>) -> io::Result<()> {
+    Err(linux_only("a network namespace"))
+}
+
 /// `TUNSETIFF` on an open `/dev/net/tun` descriptor: attaches it as one queue of the
 /// interface `name` with `flags` (`IFF_TUN | …`). `name` must be a valid interface name.
+#[cfg(target_os = "linux")]
 pub fn tun_set_iff(fd: BorrowedFd<'_>, name: &str, flags: libc::c_int) -> io::Result<()> {
     let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     if cname.as_bytes().len() >= libc::IFNAMSIZ {
@@ -135,6 +161,7 @@ pub fn tun_set_iff(fd: BorrowedFd<'_>, name: &str, flags: libc::c_int) -> io::Re
 }
 
 /// `TUNSETOFFLOAD`: which offloads (`TUN_F_*`) the kernel may hand us.
+#[cfg(target_os = "linux")]
 pub fn tun_set_offload(fd: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags), no pointer.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
@@ -183,6 +210,7 @@ pub fn write2(fd: BorrowedFd<'_>, head: &[u8], body: &[u8]) -> io::Result<usize>
 /// Moves the calling thread into the network namespace of the open namespace file `ns`
 /// (`/run/netns/NAME`). Only this thread changes namespace (`setns(2)`): callers run it on
 /// a short-lived thread of their own.
+#[cfg(target_os = "linux")]
 pub fn enter_netns(ns: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: setns(2) on an open descriptor; it changes the network namespace of the
     // calling thread only and touches no memory of ours.
@@ -225,11 +253,15 @@ pub fn raise_fd_limit(want: u64) -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let target = want.min(lim.rlim_max);
-    if lim.rlim_cur >= target {
-        return Ok(lim.rlim_cur);
+    // rlim_t is u64 on Linux, i64 on the BSDs (where the cast is not a no-op).
+    #[allow(clippy::unnecessary_cast)]
+    let (cur, max) = (lim.rlim_cur as u64, lim.rlim_max as u64);
+    let target = want.min(max);
+    if cur >= target {
+        return Ok(cur);
     }
-    let new = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+    #[allow(clippy::unnecessary_cast)]
+    let new = libc::rlimit { rlim_cur: target as libc::rlim_t, rlim_max: lim.rlim_max };
     // SAFETY: setrlimit only reads the rlimit behind the pointer, which is live.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
         return Err(io::Error::last_os_error());

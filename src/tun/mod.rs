@@ -39,8 +39,15 @@ pub enum Error {
 }
 
 /// Offload flags we ask for; USO is tried first and dropped on kernels without it.
+#[cfg(target_os = "linux")]
 const OFFLOADS_BASE: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+#[cfg(target_os = "linux")]
 const OFFLOADS_USO: libc::c_uint = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+// Elsewhere no kernel TUN opens (`set_iff` says so): nothing to ask for.
+#[cfg(not(target_os = "linux"))]
+const OFFLOADS_BASE: libc::c_uint = 0;
+#[cfg(not(target_os = "linux"))]
+const OFFLOADS_USO: libc::c_uint = 0;
 
 /// What the kernel granted on this device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +118,12 @@ impl TunDevice {
     }
 }
 
+#[cfg(not(target_os = "linux"))]
+fn set_iff(fd: &OwnedFd, name: &str, _layer: crate::port::Layer) -> io::Result<()> {
+    sys::tun_set_iff(fd.as_fd(), name, 0)
+}
+
+#[cfg(target_os = "linux")]
 fn set_iff(fd: &OwnedFd, name: &str, layer: crate::port::Layer) -> io::Result<()> {
     let kind = if layer == crate::port::Layer::Ethernet { libc::IFF_TAP } else { libc::IFF_TUN };
     let flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_VNET_HDR;
