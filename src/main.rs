@@ -59,6 +59,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) if args.cleanup => {
             let said = tunbus::agent::routing::cleanup_after_kill(&args.name, args.netns.as_deref()).map_err(|e| exit::Failure::new(exit::Exit::Local, e))?;
             println!("{said}");
+            // The status socket a killed agent could not remove (a live agent's answers: kept).
+            let dir = if args.status_dir == std::path::Path::new(tunbus::config::RUN_DIR) { tunbus::status::default_dir() } else { args.status_dir.clone() };
+            let sock = tunbus::status::socket_path(&dir, &args.name);
+            if tunbus::status::is_stale(&sock) && std::fs::remove_file(&sock).is_ok() {
+                println!("removed {}: the status socket of a killed agent {}", sock.display(), args.name);
+            }
             Ok(())
         }
         Command::Connect(args) => {

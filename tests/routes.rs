@@ -310,6 +310,11 @@ fn two_gateways_of_one_prefix_fail_over() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let moved = moved.unwrap_or_else(|| panic!("traffic never moved to b:\n--- h1\n{}\n--- b\n{}", h1.logs(), gw_b.logs()));
+    // What the killed gateway left on this host (its status socket) goes with --cleanup.
+    let sock = std::path::Path::new("/run/tunbus").join(format!("{name_a}.sock"));
+    let out = Command::new(env!("CARGO_BIN_EXE_agent")).args(["connect", "--name", &name_a, "--netns", &ns_a.name, "--cleanup"]).output().expect("--cleanup");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && !sock.exists(), "--cleanup left {}: {said}", sock.display());
     eprintln!("failover after SIGKILL: {moved:?}");
     assert!(moved <= Duration::from_secs(18), "took {moved:?}, more than the 16 s hello timeout and a second");
     assert!(routes(&ns_h, "-4").contains(&p4), "the route stays while b advertises it");

@@ -62,8 +62,8 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub dump: bool,
     /// Remove what a killed agent of this --name left on its host (its --masquerade
-    /// nftables table, in --netns when given) and exit; nothing is started. A clean exit,
-    /// and the next start, remove it too.
+    /// nftables table, in --netns when given, and its status socket) and exit; nothing is
+    /// started. A clean exit, and the next start, remove them too.
     #[arg(long)]
     pub cleanup: bool,
     /// Write what crosses this agent's TUN, both directions, to FILE (pcapng, raw IP,
