@@ -61,8 +61,9 @@ pub struct HostRouting {
     /// The masquerade table, when made.
     nft: Option<String>,
     installer: Option<JoinHandle<()>>,
-    /// Kernel routes of `--route` (prefix, interface), deleted on exit.
-    statics: Vec<(String, String)>,
+    /// Kernel routes of `--route` into the interface, deleted on exit.
+    statics: Vec<Prefix>,
+    ifname: String,
     stop: Stop,
 }
 
@@ -114,13 +115,20 @@ impl HostRouting {
         let r = config.routing();
         let iface = config.interface();
         let ns = iface.netns.clone();
-        let mut host = HostRouting { netns: ns.clone(), restore: Vec::new(), nft: None, installer: None, statics: Vec::new(), stop: stop.clone() };
+        let mut host = HostRouting {
+            netns: ns.clone(),
+            restore: Vec::new(),
+            nft: None,
+            installer: None,
+            statics: Vec::new(),
+            ifname: iface.ifname.clone(),
+            stop: stop.clone(),
+        };
         let ns = ns.as_deref();
         for route in &r.routes {
-            let p = route.prefix.to_string();
-            netns::ip(ns, &["route", "replace", &p, "dev", &iface.ifname])
-                .map_err(|e| Failure::new(Exit::Local, format!("--route {route}: cannot route {p} into {}: {e}", iface.ifname)))?;
-            host.statics.push((p, iface.ifname.clone()));
+            route_into(ns, &route.prefix, &iface.ifname)
+                .map_err(|e| Failure::new(Exit::Local, format!("--route {route}: cannot route {} into {}: {e}", route.prefix, iface.ifname)))?;
+            host.statics.push(route.prefix);
         }
         let families = [(true, "net/ipv4/ip_forward"), (false, "net/ipv6/conf/all/forwarding")];
         for (v4, key) in families {
@@ -161,9 +169,9 @@ impl HostRouting {
             let _ = h.join();
         }
         let ns = self.netns.as_deref();
-        for (p, ifname) in self.statics.drain(..) {
+        for p in self.statics.drain(..) {
             // Gone already when the interface went first.
-            let _ = netns::ip(ns, &["route", "del", &p, "dev", &ifname]);
+            unroute(ns, &p, &self.ifname);
         }
         if let Some(table) = self.nft.take() {
             if let Err(e) = nft(ns, &format!("delete table inet {table}\n")) {
@@ -193,8 +201,8 @@ fn follow(share: &RouteShare, ns: Option<&str>, ifname: &str, agent: &str, stop:
             seen = v;
             let want: BTreeSet<(IpAddr, u8)> = share.table().routes().iter().map(|r| (r.prefix.addr, r.prefix.len)).collect();
             for &(addr, len) in want.difference(&installed.clone()) {
-                let p = Prefix { addr, len }.to_string();
-                match netns::ip(ns, &["route", "replace", &p, "dev", ifname]) {
+                let p = Prefix { addr, len };
+                match route_into(ns, &p, ifname) {
                     Ok(_) => {
                         tracing::info!(agent, prefix = %p, dev = ifname, "route installed (--accept-routes)");
                         installed.insert((addr, len));
@@ -203,8 +211,8 @@ fn follow(share: &RouteShare, ns: Option<&str>, ifname: &str, agent: &str, stop:
                 }
             }
             for &(addr, len) in installed.clone().difference(&want) {
-                let p = Prefix { addr, len }.to_string();
-                let _ = netns::ip(ns, &["route", "del", &p, "dev", ifname]);
+                let p = Prefix { addr, len };
+                unroute(ns, &p, ifname);
                 tracing::info!(agent, prefix = %p, dev = ifname, "route removed: its advertisement went");
                 installed.remove(&(addr, len));
             }
@@ -212,8 +220,18 @@ fn follow(share: &RouteShare, ns: Option<&str>, ifname: &str, agent: &str, stop:
         std::thread::sleep(FOLLOW_EVERY);
     }
     for (addr, len) in installed {
-        let _ = netns::ip(ns, &["route", "del", &Prefix { addr, len }.to_string(), "dev", ifname]);
+        unroute(ns, &Prefix { addr, len }, ifname);
     }
+}
+
+/// `ip route replace PREFIX dev IFNAME` in `ns`: what `--accept-routes` and `--route` install.
+fn route_into(ns: Option<&str>, prefix: &Prefix, ifname: &str) -> Result<String, netns::Error> {
+    netns::ip(ns, &["route", "replace", &prefix.to_string(), "dev", ifname])
+}
+
+/// Deletes a route [`route_into`] made (one already gone is no error).
+fn unroute(ns: Option<&str>, prefix: &Prefix, ifname: &str) {
+    let _ = netns::ip(ns, &["route", "del", &prefix.to_string(), "dev", ifname]);
 }
 
 #[cfg(test)]

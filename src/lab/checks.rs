@@ -12,8 +12,23 @@ use futures_util::stream::{self, StreamExt};
 use super::report::{LabReport, LinkReport};
 use super::{plan, topology, Lab};
 
-/// A ping from host a to host b: its RTTs, or why none came back.
-type PairPing = ((usize, usize), Result<Vec<f64>, String>);
+/// A ping from host a to host b (over IPv6 when the flag says): its RTTs, or why none came back.
+pub(super) type FamilyPing = ((usize, usize, bool), Result<Vec<f64>, String>);
+
+/// Pings each of `pairs` (indexes into `hosts`) over IPv4 and over IPv6, 8 at a time: more
+/// would have the check itself starve the agents of CPU.
+pub(super) async fn ping_pairs(hosts: &[plan::Host], pairs: &[(usize, usize)]) -> Vec<FamilyPing> {
+    let jobs: Vec<(usize, usize, bool)> = pairs.iter().flat_map(|&(a, b)| [(a, b, false), (a, b, true)]).collect();
+    stream::iter(jobs)
+        .map(|(a, b, v6)| {
+            let (from, to) = (&hosts[a], &hosts[b]);
+            let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
+            async move { ((a, b, v6), ping(&from.netns, &dst).await) }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await
+}
 
 impl Lab {
     pub(super) async fn check_pairs(&self, report: &mut LabReport) {
@@ -24,27 +39,16 @@ impl Lab {
         }
         let pairs = plan::pairs(self.hosts.len(), self.opts.sample, self.opts.seed);
         report.pairs_checked = pairs.len();
-        let jobs: Vec<(usize, usize, bool)> = pairs.iter().flat_map(|&(a, b)| [(a, b, false), (a, b, true)]).collect();
-        report.pings_sent = jobs.len() * 3;
-        let results: Vec<(String, Result<Vec<f64>, String>)> = stream::iter(jobs)
-            .map(|(a, b, v6)| {
-                let from = self.hosts[a].clone();
-                let to = self.hosts[b].clone();
-                async move {
-                    let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
-                    let label = format!("{} -> {} ({dst})", from.name, to.name);
-                    (label, ping(&from.netns, &dst).await)
-                }
-            })
-            // 8 pings at a time: more would have the check itself starve the agents of CPU.
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        report.pings_sent = pairs.len() * 2 * 3;
         let mut rtts = Vec::new();
-        for (label, r) in results {
+        for ((a, b, v6), r) in ping_pairs(&self.hosts, &pairs).await {
             match r {
                 Ok(mut t) => rtts.append(&mut t),
-                Err(why) => report.failures.push(format!("{label}: {why}")),
+                Err(why) => {
+                    let (from, to) = (&self.hosts[a], &self.hosts[b]);
+                    let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
+                    report.failures.push(format!("{} -> {} ({dst}): {why}", from.name, to.name));
+                }
             }
         }
         report.failures.sort();
@@ -57,27 +61,17 @@ impl Lab {
     /// `loss` also gets a burst of pings, one with `rate` a TCP flow (one link at a time).
     pub(super) async fn check_topology(&self, t: &topology::LabTopology, report: &mut LabReport) {
         let n = self.hosts.len();
-        let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
-        report.pairs_checked = n * (n - 1);
-        report.pings_sent = jobs.len() * 3;
-        let results: Vec<PairPing> = stream::iter(jobs)
-            .map(|(a, b, v6)| {
-                let (from, to) = (self.hosts[a].clone(), self.hosts[b].clone());
-                async move {
-                    let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
-                    ((a, b), ping(&from.netns, &dst).await)
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        let pairs = plan::all_pairs(n);
+        report.pairs_checked = pairs.len();
+        report.pings_sent = pairs.len() * 2 * 3;
+        let results = ping_pairs(&self.hosts, &pairs).await;
         let mut all = Vec::new();
         for a in 0..n {
             for b in a + 1..n {
                 let link = t.link(a, b);
                 let mut rtts = Vec::new();
                 let mut replies = 0;
-                for ((x, y), r) in &results {
+                for ((x, y, _), r) in &results {
                     if (x.min(y), x.max(y)) != (&a, &b) {
                         continue;
                     }

@@ -55,6 +55,11 @@ pub fn hosts(session: &str, n: usize) -> Vec<Host> {
     (1..=n).map(|i| host(session, i)).collect()
 }
 
+/// Every ordered pair (from, to) of `n` hosts' indexes, from ≠ to.
+pub fn all_pairs(n: usize) -> Vec<(usize, usize)> {
+    (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).map(move |b| (a, b))).collect()
+}
+
 /// Ordered pairs (from, to) of host indexes (0-based into the host list) to check: all of
 /// them up to [`ALL_PAIRS_UP_TO`] hosts, else `sample` distinct pairs drawn with `seed`.
 pub fn pairs(n: usize, sample: usize, seed: u64) -> Vec<(usize, usize)> {
@@ -62,7 +67,7 @@ pub fn pairs(n: usize, sample: usize, seed: u64) -> Vec<(usize, usize)> {
         return Vec::new();
     }
     if n <= ALL_PAIRS_UP_TO || sample >= n * (n - 1) {
-        return (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).map(move |b| (a, b))).collect();
+        return all_pairs(n);
     }
     let mut rng = SplitMix64(seed);
     let mut chosen = std::collections::BTreeSet::new();

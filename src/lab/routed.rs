@@ -14,10 +14,9 @@
 //!
 //! Main thread and runtime tasks; not on the hot path.
 
-use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 
-use super::checks::ping;
+use super::checks::ping_pairs;
 use super::plan::{self, Host};
 use super::report::LabReport;
 use super::state::{process_alive, state_path, State};
@@ -109,23 +108,11 @@ pub(super) fn routed_hosts(session: &str, t: &LabTopology) -> Vec<Host> {
         .collect()
 }
 
-/// A ping from host a to host b (IPv6 when the flag says): its RTTs, or why none came back.
-type FamilyPing = ((usize, usize, bool), Result<Vec<f64>, String>);
-
-/// Pings every ordered pair of `hosts` (IPv4 and IPv6, 8 at a time): the matrix, and the
+/// Pings every ordered pair of `hosts` (IPv4 and IPv6): the matrix, and the
 /// round-trip times of the replies.
 async fn reach_matrix(hosts: &[Host], t: &LabTopology, expect: impl Fn(usize, usize) -> bool) -> (Reach, Vec<f64>) {
     let n = hosts.len();
-    let jobs: Vec<(usize, usize, bool)> = (0..n).flat_map(|a| (0..n).filter(move |b| *b != a).flat_map(move |b| [(a, b, false), (a, b, true)])).collect();
-    let results: Vec<FamilyPing> = stream::iter(jobs)
-        .map(|(a, b, v6)| {
-            let (from, to) = (&hosts[a], &hosts[b]);
-            let dst = if v6 { to.v6.to_string() } else { to.v4.to_string() };
-            async move { ((a, b, v6), ping(&from.netns, &dst).await) }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
+    let results = ping_pairs(hosts, &plan::all_pairs(n)).await;
     let mut reach = Reach {
         hosts: hosts.iter().map(|h| h.name.clone()).collect(),
         subnets: (0..n).map(|i| t.subnets_of(i).iter().map(|&k| t.subnets[k].name.clone()).collect()).collect(),
