@@ -492,7 +492,9 @@ impl AgentConfig {
         }
         if self.e2e.is_some() {
             ensure(self.data_path.wire == Wire::Native, || "end-to-end encryption (--e2e) needs the native wire: the ioppytest wire cannot carry it".into())?;
-            ensure(matches!(self.identity.mode, Mode::Strict(_)), || "end-to-end encryption (--e2e) needs a peers file (--peers) with each peer's key".into())?;
+            ensure(!matches!(self.identity.mode, Mode::Off), || {
+                "end-to-end encryption (--e2e) needs to know who its peers are: give --peers, or leave out --no-identity-check (keys are then pinned on first use)".into()
+            })?;
         }
         Ok(self)
     }

@@ -429,6 +429,7 @@ fn binding_keys(c: &Arc<AgentConfig>) -> Vec<String> {
             advertise: Vec::new(),
             layer: Default::default(),
             macs: Vec::new(),
+            key: None,
         };
         Arc::new(Announcements::new(&h))
     });

@@ -126,6 +126,18 @@ impl Setup {
         args.extend_from_slice(extra);
         AgentProc::spawn(&self.names[i], &args)
     }
+
+    /// Agent `i` with `--e2e` and no peers file: first-claim identities, keys pinned on
+    /// first use from hellos.
+    fn start_first_use(&self, i: usize, extra: &[&str]) -> AgentProc {
+        let url = self.urls[i].clone();
+        let key = self.dir.join(format!("{i}.key"));
+        let (v4, v6) = (format!("{}/24", self.v4[i]), format!("{}/64", self.v6[i]));
+        let mut args = vec!["--url", url.as_str(), "--session", self.session.as_str(), "--netns", self.ns[i].name.as_str()];
+        args.extend(["--ipv4", v4.as_str(), "--ipv6", v6.as_str(), "--e2e", "--private-key", key.to_str().expect("utf-8")]);
+        args.extend_from_slice(extra);
+        AgentProc::spawn(&self.names[i], &args)
+    }
 }
 
 impl Setup {
@@ -300,6 +312,71 @@ fn plain_frame(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     f.extend_from_slice(&(pkt.len() as u32).to_be_bytes());
     f.extend_from_slice(&pkt);
     f
+}
+
+#[test]
+fn without_a_peers_file_keys_are_pinned_on_first_use_and_an_impostor_is_refused() {
+    if !system_ready("without_a_peers_file_keys_are_pinned_on_first_use_and_an_impostor_is_refused") {
+        return;
+    }
+    let s = Setup::new(48);
+    let mut a = s.start_first_use(0, &["--queues", "2"]);
+    let t0 = Instant::now();
+    while !a.logs().contains("agent up") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "a did not come up:\n{}", a.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut observer = Observer::start(&s.exchange());
+    let mut b = s.start_first_use(1, &["--queues", "2"]);
+    assert!(wait_reachable(&s.ns[0], &s.v4[1], Duration::from_secs(15)).is_some(), "never reachable:\n--- a\n{}\n--- b\n{}", a.logs(), b.logs());
+    let (ok6, out6) = ping(&s.ns[1], &s.v6[0], 3);
+    assert!(ok6, "IPv6 ping:\n{out6}\n{}", a.logs());
+    let size = 20 * 1024 * 1024;
+    let sink = tcp_sink(&s.ns[1].name, format!("{}:5001", s.v4[1]), 1);
+    let sent = send_marked(&s.ns[0].name, format!("{}:5001", s.v4[1]), size).join().expect("sender");
+    assert_eq!(sink.join().expect("sink"), vec![sent], "the transfer arrived damaged:\n{}", b.logs());
+    for (who, p) in [("a", &a), ("b", &b)] {
+        assert!(p.logs().contains("key pinned on first use"), "{who} pinned no key:\n{}", p.logs());
+    }
+
+    // An impostor with a login of its own announces b's name with a key of its own.
+    let mallory = keygen(&s.dir.join("mallory.key"));
+    let rogue = user("tberh");
+    let mut c = tunbus::amqp::client::Client::open(
+        &tunbus::amqp::client::Endpoint::plain(rogue.url().parse().expect("url")),
+        &tunbus::amqp::client::ConnectOptions::new("impostor"),
+        &AtomicBool::new(false),
+    )
+    .expect("impostor connects");
+    let hello = serde_json::json!({
+        "name": s.names[1], "addresses": [format!("{}/24", s.v4[1]), "198.18.99.1/24"], "queues": 1, "wire": "v1",
+        "started_unix_ms": 1, "key": mallory,
+    });
+    let as_rogue = Properties { user_id: Some(&rogue.name), ..Properties::default() };
+    for _ in 0..3 {
+        publish(&mut c, &s.exchange(), &format!("tunbus.v1.ctl.hello.{}", s.names[1]), &as_rogue, hello.to_string().as_bytes());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out) = ping(&s.ns[0], &s.v4[1], 3);
+    assert!(ok, "b no longer reached after the impostor's hello:\n{out}\n{}", a.logs());
+
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = observer.stop();
+    let data: Vec<&(String, Vec<u8>)> = seen.iter().filter(|(k, _)| !k.starts_with("tunbus.v1.ctl.")).collect();
+    assert!(data.iter().map(|(_, b)| b.len()).sum::<usize>() as u64 >= size, "the observer did not see the transfer");
+    assert!(data.iter().all(|(_, b)| b.starts_with(b"TE\x02")), "a data message not sealed");
+    for (key, body) in &seen {
+        assert!(!contains(body, MARKER), "the marker is readable in a message on {key}");
+    }
+    let ra = a.interrupt();
+    assert_eq!(drops(&ra, "key_conflict"), 3, "the impostor's hellos: {ra}");
+    assert!(a.logs().contains("REFUSED a hello"), "no warning about the impostor:\n{}", a.logs());
+    let rb = b.interrupt();
+    for (r, who) in [(&ra, "a"), (&rb, "b")] {
+        for reason in ["replayed", "plaintext", "malformed", "spoofed"] {
+            assert_eq!(drops(r, reason), 0, "{who} dropped {reason}: {r}");
+        }
+    }
 }
 
 #[test]

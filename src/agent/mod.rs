@@ -62,10 +62,17 @@ const KERNEL_POLL: Duration = Duration::from_secs(1);
 fn end_to_end(config: &AgentConfig) -> anyhow::Result<Option<Arc<crate::e2e::E2e>>> {
     use crate::e2e::{keys::PrivateKey, keys::PublicKey, E2e, Limits, PeerSpec};
     let Some(keys) = config.e2e() else { return Ok(None) };
-    let crate::identity::Mode::Strict(table) = &config.identity().mode else {
-        return Err(Failure::new(Exit::Usage, "--e2e needs a peers file (--peers)").into());
-    };
     let session = config.bus().session.as_deref();
+    let private = PrivateKey::from_bytes(keys.private_key);
+    let table = match &config.identity().mode {
+        crate::identity::Mode::Strict(table) => table,
+        crate::identity::Mode::FirstClaim => {
+            let e2e = E2e::first_use(private, config.name().as_str(), session, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
+            tracing::info!(agent = %config.name(), public_key = %e2e.public_key(), "end-to-end encryption on, peers' keys pinned on first use from their hellos (no peers file): batches are sealed for their receivers, nothing in clear is accepted");
+            return Ok(Some(Arc::new(with_key_log(e2e, config)?)));
+        }
+        crate::identity::Mode::Off => return Ok(None), // refused by the configuration's check
+    };
     let peers: Vec<PeerSpec> = table
         .users()
         .map(|(user, prefixes)| PeerSpec {
@@ -76,7 +83,6 @@ fn end_to_end(config: &AgentConfig) -> anyhow::Result<Option<Arc<crate::e2e::E2e
         })
         .collect();
     let own = &config.identity().user;
-    let private = PrivateKey::from_bytes(keys.private_key);
     if let Some((_, k)) = keys.peer_keys.iter().find(|(u, _)| u == own) {
         if *k != private.public().0 {
             return Err(Failure::new(
@@ -89,19 +95,23 @@ fn end_to_end(config: &AgentConfig) -> anyhow::Result<Option<Arc<crate::e2e::E2e
             .into());
         }
     }
-    let mut e2e = E2e::new(private, own, session, peers, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
-    if let Some(path) = &keys.key_log {
-        let log = crate::e2e::keylog::KeyLog::create(path, config.name())
-            .map_err(|e| Failure::new(Exit::Local, format!("--e2e-key-log {}: cannot write it: {e}", path.display())))?;
-        tracing::warn!(agent = %config.name(), file = %path.display(), "end-to-end session keys are noted in a key log: whoever reads it reads this agent's traffic");
-        e2e = e2e.with_key_log(log);
-    }
-    let without: Vec<&str> = e2e.peers_without_keys().collect();
-    tracing::info!(agent = %config.name(), public_key = %e2e.public_key(), peers = e2e.peers_with_keys().count(), "end-to-end encryption on: batches are sealed for their receivers, nothing in clear is accepted");
+    let e2e = E2e::new(private, own, session, peers, Limits::default()).map_err(|e| Failure::new(Exit::Local, e))?;
+    let e2e = with_key_log(e2e, config)?;
+    let without = e2e.peers_without_keys();
+    tracing::info!(agent = %config.name(), public_key = %e2e.public_key(), peers = e2e.peers_with_keys(), "end-to-end encryption on: batches are sealed for their receivers, nothing in clear is accepted");
     if !without.is_empty() {
         tracing::warn!(users = %without.join(","), "end-to-end encryption: these peers have no key in the peers file, their traffic is refused both ways");
     }
     Ok(Some(Arc::new(e2e)))
+}
+
+/// `--e2e-key-log`: the session keys noted where captures can read them (warned).
+fn with_key_log(e2e: crate::e2e::E2e, config: &AgentConfig) -> anyhow::Result<crate::e2e::E2e> {
+    let Some(path) = config.e2e().and_then(|k| k.key_log.as_ref()) else { return Ok(e2e) };
+    let log = crate::e2e::keylog::KeyLog::create(path, config.name())
+        .map_err(|e| Failure::new(Exit::Local, format!("--e2e-key-log {}: cannot write it: {e}", path.display())))?;
+    tracing::warn!(agent = %config.name(), file = %path.display(), "end-to-end session keys are noted in a key log: whoever reads it reads this agent's traffic");
+    Ok(e2e.with_key_log(log))
 }
 
 /// A running agent.
@@ -221,6 +231,7 @@ fn hello_of(config: &AgentConfig) -> Hello {
         advertise: config.routing().advertise.iter().map(crate::route::table::network_of).collect(),
         layer: if config.interface().is_l2() { presence::HelloLayer::Ethernet } else { presence::HelloLayer::Ip },
         macs: if config.interface().is_l2() { vec![config.mac()] } else { Vec::new() },
+        key: config.e2e().map(|k| crate::e2e::keys::PrivateKey::from_bytes(k.private_key).public()),
     }
 }
 

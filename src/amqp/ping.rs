@@ -414,6 +414,7 @@ mod tests {
             advertise: Vec::new(),
             layer: Default::default(),
             macs: Vec::new(),
+            key: None,
         };
         assert!(is_target(&hello, &"h2".parse().unwrap()) && is_target(&hello, &"fd00:7b::2".parse().unwrap()));
         assert!(!is_target(&hello, &"h3".parse().unwrap()) && !is_target(&hello, &"198.18.0.3".parse().unwrap()));
@@ -447,6 +448,7 @@ mod tests {
             advertise: Vec::new(),
             layer: Default::default(),
             macs: Vec::new(),
+            key: None,
         });
         assert_eq!(s.verdict(), Verdict::Silent);
         assert!(s.report("amq.topic").contains("answered no ping"));

@@ -147,6 +147,10 @@ pub struct Hello {
     /// its bridge. Entries that are not MACs are left out.
     #[serde(default, with = "macs", skip_serializing_if = "Vec::is_empty")]
     pub macs: Vec<crate::packet::ethernet::Mac>,
+    /// An `--e2e` agent's public key (64 hex digits): without a peers file, peers pin it
+    /// on first use (docs/decisions/0029). A key that does not parse counts as none.
+    #[serde(default, with = "public_key", skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::e2e::keys::PublicKey>,
 }
 
 /// The hello and bye of one agent, serialised when its announcing link connects (not per
@@ -309,6 +313,25 @@ mod macs {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Mac>, D::Error> {
         let texts = Vec::<std::borrow::Cow<'de, str>>::deserialize(d)?;
         Ok(texts.iter().filter_map(|t| t.parse().ok()).take(64).collect())
+    }
+}
+
+/// A hello's public key on the wire: 64 hex digits.
+mod public_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::e2e::keys::PublicKey;
+
+    pub fn serialize<S: Serializer>(key: &Option<PublicKey>, s: S) -> Result<S::Ok, S::Error> {
+        match key {
+            Some(k) => s.serialize_str(&k.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PublicKey>, D::Error> {
+        let text = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(text.and_then(|t| t.parse().ok()))
     }
 }
 

@@ -212,9 +212,11 @@ pub struct ConnectArgs {
     pub no_identity_check: bool,
     /// End-to-end encryption: every batch is sealed for its receiving agent (Noise IK
     /// handshake over the bus, AES-256-GCM), so the broker carries only ciphertext.
-    /// Needs --private-key and a --peers file whose lines give each peer's public key
-    /// (key=…); traffic in clear, or from a peer without a key, is refused.
-    #[arg(long, requires_all = ["private_key", "peers"])]
+    /// Needs --private-key. Peers' public keys come from the --peers file (key=…), or
+    /// without one are pinned on first use from the peers' hellos (weaker: whoever
+    /// announces a name first holds it; docs/security.md). Traffic in clear, or from a
+    /// peer without a key, is refused.
+    #[arg(long, requires = "private_key")]
     pub e2e: bool,
     /// This agent's private key for --e2e (a file only its owner may read, written by
     /// `agent keygen > FILE`; the public key goes into the peers file).
@@ -337,11 +339,17 @@ impl ConnectArgs {
             Some(text) => parse_cpus(text)?,
             None => Vec::new(),
         };
-        let e2e = match (&self.private_key, &self.peers) {
-            (Some(key), Some(peers)) if self.e2e => {
+        let e2e = match &self.private_key {
+            Some(key) if self.e2e => {
                 let private = crate::e2e::keys::read_private_key(key).map_err(|e| Failure::new(Exit::Local, format!("--private-key: {e}")))?;
-                let text = std::fs::read_to_string(peers).map_err(|e| Failure::new(Exit::Local, format!("cannot read --peers {}: {e}", peers.display())))?;
-                let peer_keys = crate::identity::peers_file::keys(&text).map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", peers.display())))?;
+                let peer_keys = match &self.peers {
+                    Some(peers) => {
+                        let text =
+                            std::fs::read_to_string(peers).map_err(|e| Failure::new(Exit::Local, format!("cannot read --peers {}: {e}", peers.display())))?;
+                        crate::identity::peers_file::keys(&text).map_err(|e| Failure::new(Exit::Usage, format!("--peers {}: {e}", peers.display())))?
+                    }
+                    None => Vec::new(), // pinned on first use
+                };
                 Some(crate::config::E2eKeys { private_key: *private.as_bytes(), peer_keys, key_log: self.e2e_key_log.clone() })
             }
             _ => None,

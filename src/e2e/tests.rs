@@ -74,10 +74,7 @@ fn seal_to(from: &Node, dst: &str, key: &str, frame: &[u8], now: Instant) -> Res
 
 fn open_at(to: &Node, user: &str, key: &str, body: &[u8], now: Instant) -> Result<Vec<u8>, OpenRefusal> {
     let mut out = Vec::new();
-    to.e2e.open(Some(user.as_bytes()), key.as_bytes(), body, &mut out, now, 1).map(|u| {
-        assert_eq!(u, user, "the identity is the session's peer");
-        out
-    })
+    to.e2e.open(Some(user.as_bytes()), key.as_bytes(), body, &mut out, now, 1).map(|()| out)
 }
 
 #[test]
@@ -163,7 +160,7 @@ fn a_peer_without_a_key_is_refused_both_ways() {
     assert_eq!(seal_to(&a, "198.18.0.3", "tunbus.v1.198-18-0-3.0", b"x", t), Err(SealRefusal::NoKey));
     assert_eq!(seal_to(&a, "198.51.100.1", "tunbus.v1.198-51-100-1.0", b"x", t), Err(SealRefusal::NoKey), "nobody owns it");
     assert!(a.e2e.take_outgoing().is_empty(), "no handshake with a peer without a key");
-    assert_eq!(a.e2e.peers_without_keys().collect::<Vec<_>>(), ["lab.c"]);
+    assert_eq!(a.e2e.peers_without_keys(), ["lab.c"]);
     // c has a's key and tries anyway: refused.
     let mut m = Vec::new();
     let mut c_specs = vec![spec("lab.a", Some(a.key.public()), "198.18.0.1")];
@@ -276,4 +273,143 @@ fn simultaneous_initiations_leave_both_sides_working() {
     let y = seal_to(&b, "198.18.0.1", KEY_A, b"TB ba", t).unwrap();
     assert_eq!(open_at(&b, "lab.a", KEY_B, &x, t).unwrap(), b"TB ab");
     assert_eq!(open_at(&a, "lab.b", KEY_A, &y, t).unwrap(), b"TB ba");
+}
+
+#[test]
+fn the_group_key_is_renewed_handed_over_and_the_old_one_still_opens() {
+    let limits = Limits { rekey_after: Duration::from_secs(10), group_switch: Duration::from_secs(2), ..Limits::default() };
+    let (a, b, _) = nodes(limits, true);
+    let t = Instant::now();
+    a.e2e.tick(t, wall());
+    handshake(&a, &b, t, 1);
+    let flood = |at: Instant| {
+        let mut out = Vec::new();
+        a.e2e.seal(None, "tunbus.v1.all.a", b"TB flood", &mut out, at, 1).unwrap();
+        out
+    };
+    let old = flood(t);
+    let old_id = seal::parse(&old).unwrap().index;
+    a.e2e.tick(t + Duration::from_secs(9), wall());
+    assert!(!a.e2e.has_outgoing(), "not due yet");
+    // Due: a new key, handed to b in a new handshake; floods keep the old one meanwhile.
+    let t1 = t + Duration::from_secs(10);
+    a.e2e.tick(t1, wall());
+    assert_eq!(a.e2e.stats.group_rotations.load(Ordering::Relaxed), 1);
+    assert_eq!(carry(&a, &b, t1, wall()), 1, "the initiation carries the next key");
+    assert_eq!(carry(&b, &a, t1, wall()), 1);
+    let during = flood(t1 + Duration::from_secs(1));
+    assert_eq!(seal::parse(&during).unwrap().index, old_id, "the old key seals until the switch");
+    a.e2e.tick(t1 + Duration::from_secs(1), wall());
+    assert_eq!(seal::parse(&flood(t1)).unwrap().index, old_id);
+    let t2 = t1 + limits.group_switch;
+    a.e2e.tick(t2, wall());
+    let new = flood(t2);
+    assert_ne!(seal::parse(&new).unwrap().index, old_id, "sealed with the new key after the switch");
+    assert_eq!(open_at(&b, "lab.a", "tunbus.v1.all.a", &new, t2).unwrap(), b"TB flood");
+    // Floods still in flight under the old key open (b keeps the key before), once each.
+    assert_eq!(open_at(&b, "lab.a", "tunbus.v1.all.a", &during, t2).unwrap(), b"TB flood");
+    assert_eq!(open_at(&b, "lab.a", "tunbus.v1.all.a", &during, t2), Err(OpenRefusal::Replayed));
+    // Two renewals later the first key is forgotten.
+    for k in 1..=2u64 {
+        let at = t2 + Duration::from_secs(10 * k);
+        a.e2e.tick(at, wall());
+        carry(&a, &b, at, wall());
+        carry(&b, &a, at, wall());
+        a.e2e.tick(at + limits.group_switch, wall());
+    }
+    assert_eq!(open_at(&b, "lab.a", "tunbus.v1.all.a", &old, t2 + Duration::from_secs(40)), Err(OpenRefusal::DecryptFailed));
+    assert_eq!(a.e2e.stats.group_rotations.load(Ordering::Relaxed), 3);
+}
+
+/// Agents without a peers file: each learns the other from its hello.
+fn first_use_pair() -> (Node, Node) {
+    let ka = PrivateKey::generate().unwrap();
+    let kb = PrivateKey::generate().unwrap();
+    let a = Node { user: "lab.a", key: ka.clone(), e2e: E2e::first_use(ka, "a", S, Limits::default()).unwrap() };
+    let b = Node { user: "lab.b", key: kb.clone(), e2e: E2e::first_use(kb, "b", S, Limits::default()).unwrap() };
+    (a, b)
+}
+
+fn host(addr: &str) -> Vec<Prefix> {
+    vec![format!("{addr}/32").parse().unwrap()]
+}
+
+#[test]
+fn first_use_pins_keys_from_hellos_and_refuses_another_key_later() {
+    let (a, b) = first_use_pair();
+    let t = Instant::now();
+    assert_eq!(seal_to(&a, "198.18.0.2", KEY_B, b"x", t), Err(SealRefusal::NoKey), "nobody known yet");
+    // Own hello is ignored; b's pins b's key and starts a handshake.
+    assert_eq!(a.e2e.learn("lab.a", "a", a.key.public(), &host("198.18.0.1"), t, wall()), Learned::Ignored);
+    assert_eq!(a.e2e.learn("lab.b", "b", b.key.public(), &host("198.18.0.2"), t, wall()), Learned::Pinned);
+    assert_eq!(b.e2e.learn("lab.a", "a", a.key.public(), &host("198.18.0.1"), t, wall()), Learned::Pinned);
+    assert_eq!(a.e2e.learn("lab.b", "b", b.key.public(), &host("198.18.0.2"), t, wall()), Learned::Known, "again: nothing new");
+    assert_eq!(carry(&a, &b, t, wall()), 1);
+    assert_eq!(carry(&b, &a, t, wall()), 2, "b's own initiation and its response");
+    assert_eq!(carry(&a, &b, t, wall()), 2);
+    let body = seal_to(&a, "198.18.0.2", KEY_B, b"TB to b", t).unwrap();
+    assert_eq!(open_at(&b, "lab.a", KEY_B, &body, t).unwrap(), b"TB to b");
+    // An impostor announces b with its own key (same user or another): refused, b's pin stays.
+    let mallory = PrivateKey::generate().unwrap();
+    assert!(
+        matches!(a.e2e.learn("lab.b", "b", mallory.public(), &host("198.18.0.2"), t, wall()), Learned::Conflict { pinned_key, .. } if pinned_key == b.key.public())
+    );
+    assert!(matches!(a.e2e.learn("rogue", "b", b.key.public(), &host("198.18.0.2"), t, wall()), Learned::Conflict { .. }));
+    assert!(matches!(a.e2e.learn("rogue", "m", b.key.public(), &host("198.18.0.9"), t, wall()), Learned::Conflict { .. }), "b's key under another name");
+    assert_eq!(a.e2e.stats.key_conflicts.load(Ordering::Relaxed), 3);
+    assert_eq!(a.e2e.peer_keys(), [("b".to_owned(), "lab.b".to_owned(), Some(b.key.public()))]);
+    // Its batches for b are still sealed for b's pinned key (b opens them, nobody else can).
+    let again = seal_to(&a, "198.18.0.2", KEY_B, b"TB still b", t).unwrap();
+    assert_eq!(open_at(&b, "lab.a", KEY_B, &again, t).unwrap(), b"TB still b");
+    // An impostor's initiation under b's user, with its own key, does not complete.
+    a.e2e.learn("lab.m", "m", mallory.public(), &host("198.18.0.9"), t, wall());
+    let (_, forged) =
+        handshake::initiate(&mallory, &a.key.public(), b"tunbus e2e v1 session=lab", 5, Payload { timestamp_ns: u64::MAX, group_id: 1, group_key: [0; 32] })
+            .unwrap();
+    assert_eq!(a.e2e.on_handshake(Some(b"lab.b"), handshake_key("a").as_bytes(), &forged, t, 1), Err(OpenRefusal::DecryptFailed));
+}
+
+#[test]
+fn first_use_follows_moved_addresses_and_lets_agents_share_a_login() {
+    let kc = PrivateKey::generate().unwrap();
+    let (a, b) = first_use_pair();
+    let t = Instant::now();
+    // b and c log in as the same user (a lab on one shared login).
+    let c = Node { user: "lab.b", key: kc.clone(), e2e: E2e::first_use(kc.clone(), "c", S, Limits::default()).unwrap() };
+    assert_eq!(a.e2e.learn("lab.b", "b", b.key.public(), &host("198.18.0.2"), t, wall()), Learned::Pinned);
+    assert_eq!(a.e2e.learn("lab.b", "c", kc.public(), &host("198.18.0.3"), t, wall()), Learned::Pinned);
+    b.e2e.learn("lab.a", "a", a.key.public(), &host("198.18.0.1"), t, wall());
+    c.e2e.learn("lab.a", "a", a.key.public(), &host("198.18.0.1"), t, wall());
+    for _ in 0..3 {
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            carry(x, y, t, wall());
+        }
+        let key_c = handshake_key("c");
+        for m in a.e2e.take_outgoing() {
+            if m.routing_key == key_c {
+                let _ = c.e2e.on_handshake(Some(b"lab.a"), m.routing_key.as_bytes(), &m.body, t, wall());
+            } else {
+                a.e2e.push(m);
+            }
+        }
+        for m in c.e2e.take_outgoing() {
+            let _ = a.e2e.on_handshake(Some(b"lab.b"), m.routing_key.as_bytes(), &m.body, t, wall());
+        }
+    }
+    assert!(a.e2e.has_session("b") && a.e2e.has_session("c"));
+    let to_c = seal_to(&a, "198.18.0.3", "tunbus.v1.198-18-0-3.0", b"TB to c", t).unwrap();
+    assert_eq!(open_at(&c, "lab.a", "tunbus.v1.198-18-0-3.0", &to_c, t).unwrap(), b"TB to c");
+    assert_eq!(open_at(&b, "lab.a", "tunbus.v1.198-18-0-3.0", &to_c, t), Err(OpenRefusal::DecryptFailed), "sealed for c only");
+    let from_c = seal_to(&c, "198.18.0.1", KEY_A, b"TB from c", t).unwrap();
+    assert_eq!(open_at(&a, "lab.b", KEY_A, &from_c, t).unwrap(), b"TB from c");
+    // c moves to .4 and b takes .3 over (the claims table granted it): a follows.
+    assert_eq!(a.e2e.learn("lab.b", "c", kc.public(), &host("198.18.0.4"), t, wall()), Learned::Known);
+    assert_eq!(a.e2e.learn("lab.b", "b", b.key.public(), &[host("198.18.0.2")[0], host("198.18.0.3")[0]], t, wall()), Learned::Known);
+    let to_3 = seal_to(&a, "198.18.0.3", "tunbus.v1.198-18-0-3.0", b"TB to 3", t).unwrap();
+    assert_eq!(open_at(&b, "lab.a", "tunbus.v1.198-18-0-3.0", &to_3, t).unwrap(), b"TB to 3");
+    let to_4 = seal_to(&a, "198.18.0.4", "tunbus.v1.198-18-0-4.0", b"TB to 4", t).unwrap();
+    assert_eq!(open_at(&c, "lab.a", "tunbus.v1.198-18-0-4.0", &to_4, t).unwrap(), b"TB to 4");
+    // A peers-file agent learns nothing from hellos.
+    let (strict, _, _) = nodes(Limits::default(), true);
+    assert_eq!(strict.e2e.learn("lab.z", "z", kc.public(), &host("198.18.0.9"), t, wall()), Learned::Ignored);
 }

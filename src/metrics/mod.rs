@@ -79,10 +79,14 @@ pub enum DropReason {
     NoSession,
     /// End-to-end: a batch in clear at an `--e2e` agent, which never accepts one.
     Plaintext,
+    /// End-to-end without a peers file: a hello naming an agent whose key was pinned on
+    /// first use with another key or broker user (an impostor, or a regenerated key).
+    /// Counted in messages.
+    KeyConflict,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 25] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::NoBuffer,
         DropReason::BrokerDown,
         DropReason::BrokerBlocked,
@@ -108,6 +112,7 @@ impl DropReason {
         DropReason::NoKey,
         DropReason::NoSession,
         DropReason::Plaintext,
+        DropReason::KeyConflict,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -138,6 +143,7 @@ impl DropReason {
             DropReason::NoKey => "no_key",
             DropReason::NoSession => "no_session",
             DropReason::Plaintext => "plaintext",
+            DropReason::KeyConflict => "key_conflict",
         }
     }
 }

@@ -43,6 +43,11 @@ impl Prefix {
         (len <= max).then_some(Prefix { addr, len })
     }
 
+    /// The prefix of one host: `addr/32` or `addr/128`.
+    pub fn host(addr: IpAddr) -> Prefix {
+        Prefix { addr, len: if addr.is_ipv4() { 32 } else { 128 } }
+    }
+
     /// An IPv4 address with a netmask (`255.255.255.0`), when the mask is contiguous.
     pub fn with_netmask(addr: Ipv4Addr, netmask: Ipv4Addr) -> Option<Prefix> {
         let m = u32::from(netmask);

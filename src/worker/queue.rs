@@ -115,7 +115,7 @@ impl QueueWorker {
         let route_keeper = link.hello.is_some().then(|| {
             RouteKeeper::new(config.name(), &config.routing().routes, routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone()))
         });
-        let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()));
+        let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()).with_e2e(link.e2e.clone()));
         // Queue 0 receives the floods and the hellos: it learns where MACs are.
         let l2_rx = l2.as_ref().map(|l2| super::rx::L2Rx {
             flood: crate::route::mac::FloodBucket::new(crate::route::mac::FloodLimit::default()),

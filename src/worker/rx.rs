@@ -511,6 +511,9 @@ pub struct ClaimKeeper {
     /// different layers do not mix).
     layer: crate::amqp::presence::HelloLayer,
     warned_layer: Option<Instant>,
+    /// `--e2e` without a peers file: keys in hellos are pinned on first use, each peer
+    /// reached at the addresses the table granted it.
+    e2e: Option<Arc<crate::e2e::E2e>>,
 }
 
 /// Shortest time between two publications of the claims table to the workers.
@@ -529,7 +532,13 @@ impl ClaimKeeper {
             refused_since: 0,
             layer: Default::default(),
             warned_layer: None,
+            e2e: None,
         }
+    }
+
+    /// The keeper of an `--e2e` agent: it also pins keys from hellos.
+    pub fn with_e2e(self, e2e: Option<Arc<crate::e2e::E2e>>) -> ClaimKeeper {
+        ClaimKeeper { e2e, ..self }
     }
 
     /// The keeper of an agent whose port is of `layer`.
@@ -537,12 +546,14 @@ impl ClaimKeeper {
         ClaimKeeper { layer: crate::amqp::presence::HelloLayer::of(layer), ..self }
     }
 
-    /// A hello or bye published by broker user `user`.
-    pub fn on_presence(&mut self, user: Option<&[u8]>, body: &[u8], now: Instant) {
+    /// A hello or bye published by broker user `user`. Whether it was refused for naming
+    /// an agent pinned with another key (`--e2e` without a peers file).
+    pub fn on_presence(&mut self, user: Option<&[u8]>, body: &[u8], now: Instant) -> bool {
+        let mut key_conflict = false;
         let Some(user) = user.map(String::from_utf8_lossy) else {
-            return; // a claim nobody vouches for claims nothing
+            return key_conflict; // a claim nobody vouches for claims nothing
         };
-        let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
+        let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return key_conflict };
         if hello.layer != self.layer
             && self.layer == crate::amqp::presence::HelloLayer::Ip
             && !hello.leaving
@@ -551,7 +562,7 @@ impl ClaimKeeper {
             tracing::warn!(agent = %hello.name, layer = %hello.layer, "an agent of another layer is in this session: it cannot reach us nor we it (an L2 and an L3 session do not mix; give it a session of its own)");
             self.warned_layer = Some(now);
         }
-        let Ok(mut claims) = self.claims.lock() else { return };
+        let Ok(mut claims) = self.claims.lock() else { return key_conflict };
         // MACs (L2) are held in the same table as addresses (`identity::mac_address`).
         let macs = hello.macs.iter().map(|m| identity::mac_address(*m));
         let addrs: Vec<IpAddr> = hello.addresses.iter().map(|p| p.addr).chain(macs).take(MAX_PER_HELLO).collect();
@@ -559,6 +570,12 @@ impl ClaimKeeper {
             claims.on_bye(&user, &addrs)
         } else {
             let (refused, changed) = claims.on_hello(&user, &addrs, now);
+            if let (Some(e2e), Some(key)) = (&self.e2e, hello.key) {
+                // Its unicast batches are sealed for the key of whoever holds the address.
+                let granted: Vec<crate::route::Prefix> =
+                    hello.addresses.iter().map(|p| p.addr).filter(|a| !refused.iter().any(|r| r.addr == *a)).map(crate::route::Prefix::host).collect();
+                key_conflict = matches!(e2e.learn(&user, hello.name.as_str(), key, &granted, now, crate::util::now_ns()), crate::e2e::Learned::Conflict { .. });
+            }
             self.refused_since += refused.len() as u64;
             if let Some(r) = refused.first() {
                 if self.last_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
@@ -572,6 +589,7 @@ impl ClaimKeeper {
         self.dirty |= changed;
         drop(claims);
         self.publish_if_due(now);
+        key_conflict
     }
 
     /// Publishes the table when it changed and the last publication is old enough.

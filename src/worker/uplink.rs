@@ -365,6 +365,9 @@ impl Uplink {
     /// that is up takes them; control plane: a few per peer every two minutes).
     pub fn send_handshakes(&mut self) {
         let Some(e2e) = &self.ctx.e2e else { return };
+        if self.announce.is_some() {
+            e2e.tick(Instant::now(), now_ns()); // the group key's renewal, when due
+        }
         if !e2e.has_outgoing() || !self.client.is_up() {
             return;
         }

@@ -255,7 +255,7 @@ impl Inbound for NativeIn {
                 let (body, user): (&[u8], Option<&[u8]>) = match &self.e2e {
                     None => (d.body, d.user_id),
                     Some(e2e) => match e2e.open(d.user_id, d.routing_key, d.body, &mut self.opened, Instant::now(), now_ns) {
-                        Ok(user) => (&self.opened, Some(user.as_bytes())),
+                        Ok(()) => (&self.opened, d.user_id),
                         Err(refusal) => {
                             out.counters.record_drop(refusal_reason(refusal), 1);
                             return;
@@ -288,7 +288,9 @@ impl Inbound for NativeIn {
             }
             Carries::Presence => {
                 if let Some(p) = &mut self.presence {
-                    p.on_presence(d.user_id, d.body, Instant::now());
+                    if p.on_presence(d.user_id, d.body, Instant::now()) {
+                        out.counters.record_drop(DropReason::KeyConflict, 1);
+                    }
                 }
                 if let Some(r) = &mut self.routes {
                     r.on_presence(d.user_id, d.body, Instant::now());

@@ -128,6 +128,7 @@ impl Router {
             advertise: Vec::new(),
             layer: Default::default(),
             macs: Vec::new(),
+            key: None,
         }
     }
 
