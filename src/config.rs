@@ -116,7 +116,11 @@ pub struct Bus {
     /// RabbitMQ). Each consuming connection reads into two frames' worth of buffer, so the
     /// lab lowers it for hundreds of light agents.
     pub frame_max: Option<u32>,
+    /// The consumer's prefetch at connect (and its least).
     pub prefetch: u16,
+    /// Grow the prefetch to what one round trip to the broker carries
+    /// (`worker::window`; `--fixed-prefetch` turns it off).
+    pub adaptive_prefetch: bool,
     /// Bound of each consumer queue on the broker (bytes of ready messages; beyond it the
     /// oldest are dropped): the delay a slow receiver can build up.
     pub queue_max_bytes: u64,
@@ -135,6 +139,7 @@ impl Bus {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             frame_max: None,
             prefetch: DEFAULT_PREFETCH,
+            adaptive_prefetch: true,
             queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             check_name: true,
         }

@@ -738,6 +738,38 @@ impl Client {
         Ok(h.event)
     }
 
+    /// A round-trip sample: `basic.qos` with `prefetch` (what the consumer has: nothing
+    /// changes), answered by [`Event::Reply`]. False (nothing sent) while not up or while
+    /// another question waits for its answer.
+    pub fn ask_qos(&mut self, prefetch: u16) -> bool {
+        match self.conn.session_mut() {
+            Some(s) if s.awaiting().is_none() => {
+                s.basic_qos(prefetch);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Renews the plan's consumer with `prefetch` (`Session::reconsume`), answered by
+    /// [`Event::Reply`]. False (nothing sent) while not up, while another question waits,
+    /// or when the plan has no consumer. A new connection gets the plan's prefetch again.
+    pub fn set_prefetch(&mut self, prefetch: u16) -> bool {
+        let Some(q) = self.conn.plan().queue.as_ref() else { return false };
+        let Some(c) = q.consume.clone() else { return false };
+        if c.tag.is_empty() {
+            return false; // the broker named it: not ours to renew
+        }
+        let queue = self.conn.queue().to_owned();
+        match self.conn.session_mut() {
+            Some(s) if s.awaiting().is_none() => {
+                s.reconsume(&queue, &c.tag, c.no_ack, c.exclusive, prefetch);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Acknowledges every delivery up to `tag` (queued; sent by the next flush).
     pub fn ack_multiple(&mut self, tag: u64) {
         if let Some(s) = self.conn.session_mut() {

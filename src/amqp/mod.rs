@@ -115,6 +115,11 @@ impl AckBatcher {
         AckBatcher { every: (u32::from(prefetch) / 2).max(1), since: 0, last: None }
     }
 
+    /// The consumer's prefetch changed: ack at least every half of the new one.
+    pub fn set_prefetch(&mut self, prefetch: u16) {
+        self.every = (u32::from(prefetch) / 2).max(1);
+    }
+
     /// Notes a delivery; returns the tag to ack (with `multiple`) when the batch is full.
     pub fn delivered(&mut self, tag: u64) -> Option<u64> {
         self.last = Some(tag);

@@ -671,6 +671,22 @@ impl Session {
         });
     }
 
+    /// Renews consumer `tag` of `queue` with another prefetch without a pause: in one write,
+    /// `basic.cancel` and `basic.consume` without waiting around a `basic.qos` (answered by
+    /// [`Event::Reply`]; a consumer's prefetch is fixed when it is made). Deliveries to the
+    /// old consumer still arrive first and are acknowledged as any other; nothing is requeued.
+    pub fn reconsume(&mut self, queue: &str, tag: &str, no_ack: bool, exclusive: bool, prefetch: u16) {
+        self.queue_method(CHANNEL, method::BASIC_CANCEL, |w| {
+            w.shortstr(tag.as_bytes()).bit(true); // nowait
+        });
+        self.basic_qos(prefetch);
+        self.queue_method(CHANNEL, method::BASIC_CONSUME, |w| {
+            w.short(0).shortstr(queue.as_bytes()).shortstr(tag.as_bytes());
+            w.bit(false).bit(no_ack).bit(exclusive).bit(true); // no-local, no-ack, exclusive, nowait
+            w.table(&[]);
+        });
+    }
+
     /// Acknowledges every delivery up to `tag`. Hot path: writes 21 bytes into the reused
     /// pending buffer.
     pub fn ack_multiple(&mut self, tag: u64) {

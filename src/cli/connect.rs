@@ -197,10 +197,14 @@ pub struct ConnectArgs {
     /// its senders.
     #[arg(long, default_value_t = config::DEFAULT_QUEUE_MAX_BYTES, value_parser = clap::value_parser!(u64).range(config::QUEUE_MAX_BYTES))]
     pub queue_max_bytes: u64,
-    /// Unacknowledged messages the broker may push to each consumer (they are not counted
-    /// against --queue-max-bytes, so this too bounds the delay under load).
+    /// Unacknowledged messages the broker may push to each consumer at connect (they are
+    /// not counted against --queue-max-bytes). The window then grows to what one round trip
+    /// to the broker carries, within 64 MiB per queue, unless --fixed-prefetch.
     #[arg(long, default_value_t = config::DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Keep --prefetch as it is: no growth with a far broker.
+    #[arg(long)]
+    pub fixed_prefetch: bool,
     /// Strict identities: accept a packet only when the broker user that published it may
     /// use its source address, as FILE says (one line per user: USER PREFIX[,PREFIX…]; each
     /// user also gets its agent's link-local address). Without it, first claim: a user's
@@ -371,7 +375,15 @@ impl ConnectArgs {
             Some(a) => Some(crate::metrics::prometheus::parse_addr(a).map_err(anyhow::Error::msg)?),
             None => None,
         };
-        let bus = Bus { heartbeat, session: self.bus.session, exchange, prefetch: self.prefetch, queue_max_bytes: self.queue_max_bytes, ..Bus::new(endpoints) };
+        let bus = Bus {
+            heartbeat,
+            session: self.bus.session,
+            exchange,
+            prefetch: self.prefetch,
+            adaptive_prefetch: !self.fixed_prefetch,
+            queue_max_bytes: self.queue_max_bytes,
+            ..Bus::new(endpoints)
+        };
         let kind = if self.userspace {
             let services = crate::port::userspace::Services { forwards: self.forward, exposes: self.expose, socks5: self.socks5 };
             config::PortKind::Userspace { services, endpoints: Vec::new() }

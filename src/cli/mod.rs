@@ -109,7 +109,7 @@ pub const CONNECT_HEADINGS: [(&str, &[&str]); 11] = [
     ("ioppytest wire", &["wait_config", "coordinator", "start_within", "ipv6_prefix", "ipv6_host", "ipv4_address", "ipv4_netmask", "force_bootstrap", "dump"]),
     ("Capture and emulation", &["pcap", "emulate", "emulate_to", "emulate_seed"]),
     ("Statistics", &["stats_interval", "stats_json", "metrics_addr", "status_dir"]),
-    ("Tuning", &["max_batch_bytes", "queue_max_bytes", "prefetch", "aqm_target", "aqm_interval", "aqm_drop", "no_aqm"]),
+    ("Tuning", &["max_batch_bytes", "queue_max_bytes", "prefetch", "fixed_prefetch", "aqm_target", "aqm_interval", "aqm_drop", "no_aqm"]),
 ];
 
 /// The examples `connect --help` ends with (then the exit codes).

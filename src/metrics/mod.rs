@@ -237,9 +237,16 @@ pub struct RxCounters {
     drops: Drops,
     /// Packets the queue management marked with CE (congestion experienced).
     marked: AtomicU64,
+    /// The consumer's prefetch now, once it grew (0: the configured one).
+    prefetch: AtomicU64,
 }
 
 impl RxCounters {
+    /// The consumer's prefetch grew to `p` (`worker::window`).
+    pub fn set_prefetch(&self, p: u16) {
+        self.prefetch.store(u64::from(p), Ordering::Relaxed);
+    }
+
     /// `n` packets were marked CE by the queue management.
     #[inline]
     pub fn record_marks(&self, n: u64) {
@@ -278,6 +285,8 @@ pub struct Snapshot {
     pub reconnects: u64,
     /// Packets marked CE by the receivers' queue management.
     pub ce_marked: u64,
+    /// The largest consumer prefetch any queue grew to (0: none grew).
+    pub prefetch: u64,
     pub drops: [u64; DropReason::ALL.len()],
 }
 
@@ -304,6 +313,7 @@ impl Snapshot {
         let (b, p, n) = c.received.load();
         (self.rx_batches, self.rx_packets, self.rx_bytes) = (self.rx_batches + b, self.rx_packets + p, self.rx_bytes + n);
         self.ce_marked += c.marked.load(Ordering::Relaxed);
+        self.prefetch = self.prefetch.max(c.prefetch.load(Ordering::Relaxed));
         self.add_drops(&c.drops);
     }
 

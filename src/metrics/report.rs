@@ -40,6 +40,8 @@ pub struct Report {
     pub reconnects: u64,
     /// Packets the queue management marked CE (ECN) instead of dropping them.
     pub ce_marked: u64,
+    /// The largest consumer prefetch a queue grew to for a far broker (0: none grew).
+    pub prefetch_grown: u64,
     pub drops: Vec<(String, u64)>,
     /// One-way latency, sender's batch timestamp → our TUN write.
     pub latency: Percentiles,
@@ -97,6 +99,7 @@ pub fn build(agent: &str, uptime: Duration, counters: &AgentCounters, hist: &[Ar
         rx_batches: s.rx_batches,
         reconnects: s.reconnects,
         ce_marked: s.ce_marked,
+        prefetch_grown: s.prefetch,
         drops: DropReason::ALL.iter().map(|r| (r.name().to_owned(), s.dropped(*r))).filter(|(_, n)| *n > 0).collect(),
         latency: merged(hist.iter().map(|h| &h.one_way_us)),
         read_to_publish: merged(hist.iter().map(|h| &h.read_to_publish_us)),
@@ -143,6 +146,9 @@ impl fmt::Display for Report {
         writeln!(f, "  read→publish    p50 {} us, p99 {} us, p99.9 {} us, max {} us", w.p50_us, w.p99_us, w.p999_us, w.max_us)?;
         let (p, b) = (&self.batch_packets, &self.batch_bytes);
         writeln!(f, "  batch size      p50 {} packets / {} bytes, p99 {} packets / {} bytes", p.p50_us, b.p50_us, p.p99_us, b.p99_us)?;
+        if self.prefetch_grown > 0 {
+            writeln!(f, "  consumer window grew to {} messages (a far broker)", self.prefetch_grown)?;
+        }
         write!(f, "  reconnects {}, drops:", self.reconnects)?;
         if self.drops.is_empty() {
             write!(f, " none")?;

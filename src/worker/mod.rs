@@ -14,4 +14,5 @@ pub mod routes;
 pub mod rx;
 pub mod switch;
 pub mod uplink;
+pub mod window;
 pub mod wire;

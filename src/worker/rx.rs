@@ -49,6 +49,8 @@ pub struct Receiver {
     counters: Arc<RxCounters>,
     latency: LocalHistogram,
     acks: AckBatcher,
+    /// The consumer's prefetch, sized to the path to the broker.
+    window: super::window::Window,
     /// The socket was drained since the last [`Receiver::take_ack`].
     drained: bool,
     /// A reused buffer: an ioppytest packet decoded, a packet whose checksum is completed.
@@ -62,15 +64,37 @@ impl Receiver {
             counters,
             latency: LocalHistogram::new(hist.one_way_us.clone()),
             acks: AckBatcher::for_prefetch(config.bus().prefetch),
+            window: super::window::Window::new(config.bus().prefetch, config.bus().adaptive_prefetch, Instant::now()),
             drained: false,
             scratch: Vec::new(),
         }
     }
 
-    /// Forgets pending acks: the connection is new.
+    /// Forgets pending acks: the connection is new (with the configured prefetch).
     pub fn reset(&mut self) {
         self.acks.take();
         self.drained = false;
+        self.window.reset(Instant::now());
+        self.acks.set_prefetch(self.window.prefetch());
+    }
+
+    /// What the consumer's window wants sent now (a round-trip sample, a larger prefetch).
+    pub fn window_ask(&mut self, now: Instant) -> Option<super::window::Ask> {
+        self.window.poll(now)
+    }
+
+    /// `ask` was sent.
+    pub fn window_sent(&mut self, ask: super::window::Ask, now: Instant) {
+        self.window.sent(ask, now);
+        self.acks.set_prefetch(self.window.prefetch());
+        if let super::window::Ask::Prefetch(p) = ask {
+            self.counters.set_prefetch(p);
+        }
+    }
+
+    /// The broker answered the window's question.
+    pub fn window_answered(&mut self, now: Instant) {
+        self.window.answered(now);
     }
 
     /// The socket has nothing more for now.
@@ -118,6 +142,7 @@ impl Receiver {
     /// One whole message, whose units go to `port`; returns a tag to acknowledge now
     /// (every half prefetch).
     pub fn on_delivery(&mut self, d: Delivery<'_>, now_ns: u64, port: &mut dyn Port) -> Option<u64> {
+        self.window.delivered(d.body.len());
         let out = PortSide { port, counters: &self.counters, latency: &mut self.latency, scratch: &mut self.scratch };
         self.inbound.on_delivery(&d, now_ns, out);
         self.acks.delivered(d.tag)

@@ -34,6 +34,7 @@ use crate::util::{now_ns, Stop};
 
 use super::batch::{Outlet, MAX_ENTRY};
 use super::rx::{Receiver, READS_PER_WAKE};
+use super::window::Ask;
 use super::wire::{Outbound, Outcome};
 
 /// Unacknowledged bytes in the publishing socket above which the broker counts as busy
@@ -288,6 +289,7 @@ impl Uplink {
             a.on_node(Some(self.client.broker()));
         }
         self.receiver.reset();
+        self.tune_window(); // a first round-trip sample on the idle connection
         if let (Some(e2e), true) = (&self.ctx.e2e, self.announce.is_some()) {
             // A new handshake with every peer on every new connection of queue 0: after a
             // restart of this agent or of the broker, sessions start afresh.
@@ -419,8 +421,26 @@ impl Uplink {
             self.client.fail(Instant::now(), e);
             return;
         }
+        self.tune_window();
         self.answer_pings();
         self.send_handshakes();
+    }
+
+    /// Sends what the consumer's window asks for (a round-trip sample, a larger prefetch:
+    /// `worker::window`); sent with the next flush.
+    fn tune_window(&mut self) {
+        let now = Instant::now();
+        let Some(ask) = self.receiver.window_ask(now) else { return };
+        let sent = match ask {
+            Ask::Probe(p) => self.client.ask_qos(p),
+            Ask::Prefetch(p) => self.client.set_prefetch(p),
+        };
+        if sent {
+            self.receiver.window_sent(ask, now);
+            if let Err(e) = self.client.flush(now) {
+                self.client.fail(now, e);
+            }
+        }
     }
 
     /// Answers the pings that arrived (`agent ping`), at most one per [`PING_ANSWER_GAP`],
@@ -568,6 +588,10 @@ fn take_events(client: &mut Client, receiver: &mut Receiver, port: &mut dyn Port
             Some(Event::Delivery(d)) => receiver.on_delivery(d, now_ns(), port),
             Some(Event::Oversized { tag }) => receiver.on_oversized(tag),
             Some(Event::Cancelled) => return Err(client::Error::Eof { broker: client.broker().to_owned(), hint: " (our consumer was cancelled)" }),
+            Some(Event::Reply { .. }) => {
+                receiver.window_answered(now);
+                None
+            }
             Some(_) => None, // blocked and unblocked are the client's; no reply is due
         };
         if let Some(tag) = ack {

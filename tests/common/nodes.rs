@@ -170,6 +170,8 @@ impl Drop for TestNode {
 /// A TCP relay between clients and `target`. [`Proxy::freeze`] drops every byte both ways
 /// on every connection, old and new, without closing anything: to the agent the path went
 /// silent (a NAT timeout, a cable pulled). [`Proxy::heal`] relays again.
+/// [`Proxy::delayed`] holds every chunk a while each way: a far broker (a delay line, no
+/// rate limit, no loss).
 pub struct Proxy {
     pub port: u16,
     frozen: Arc<AtomicBool>,
@@ -182,6 +184,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: u16) -> Proxy {
+        Proxy::delayed(target, Duration::ZERO)
+    }
+
+    /// A relay that holds what it relays `one_way` in each direction.
+    pub fn delayed(target: u16, one_way: Duration) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
@@ -202,7 +209,16 @@ impl Proxy {
                                 [(client.try_clone().expect("clone"), server.try_clone().expect("clone"), true), (server, client, false)]
                             {
                                 let (frozen, stop, closes) = (frozen.clone(), stop.clone(), closes.clone());
-                                pumps.push(std::thread::spawn(move || pump(from, to, is_client, &frozen, &stop, &closes)));
+                                pumps.push(std::thread::spawn(move || {
+                                    if one_way.is_zero() {
+                                        pump(from, to, is_client, &frozen, &stop, &closes)
+                                    } else {
+                                        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+                                        let writer = std::thread::spawn(move || delay_line(rx, to));
+                                        pump(from, DelayedWriter { tx, one_way }, is_client, &frozen, &stop, &closes);
+                                        let _ = writer.join();
+                                    }
+                                }));
                             }
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -225,7 +241,52 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, from_client: bool, frozen: &AtomicBool, stop: &AtomicBool, closes: &Mutex<Vec<Instant>>) {
+/// What a delayed relay writes into: each chunk with the time it is due.
+struct DelayedWriter {
+    tx: std::sync::mpsc::Sender<(Instant, Vec<u8>)>,
+    one_way: Duration,
+}
+
+/// The far end of a relay's way: a stream, or a delay line in front of one.
+trait Way: Write {
+    fn shut(&mut self);
+}
+
+impl Way for TcpStream {
+    fn shut(&mut self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Write for DelayedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tx.send((Instant::now() + self.one_way, buf.to_vec())).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Way for DelayedWriter {
+    fn shut(&mut self) {} // the line closes when this is dropped, after what it holds
+}
+
+/// Writes each chunk into `to` when it is due; shuts `to` once the line is closed and empty.
+fn delay_line(rx: std::sync::mpsc::Receiver<(Instant, Vec<u8>)>, mut to: TcpStream) {
+    while let Ok((due, chunk)) = rx.recv() {
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if to.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+fn pump(mut from: TcpStream, mut to: impl Way, from_client: bool, frozen: &AtomicBool, stop: &AtomicBool, closes: &Mutex<Vec<Instant>>) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::Relaxed) {
@@ -251,7 +312,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, from_client: bool, frozen: &Atom
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Both);
+    to.shut();
     let _ = from.shutdown(Shutdown::Both);
 }
 
