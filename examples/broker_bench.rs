@@ -16,6 +16,7 @@
 //! ```text
 //! broker_bench [--url amqp://guest:guest@127.0.0.1:5672/%2f] [--seconds 3]
 //!              [--sizes 1536,65536,262144] [--latency-samples 2000] [--latency-gaps 0,10]
+//!              [--tls-ca FILE]   (amqps:// URLs: the CA that signed the broker's certificate)
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +46,8 @@ struct Args {
     queue_type: String,
     /// The publisher's node when it differs from the consumer's (`--url`).
     publish_url: Option<String>,
+    /// TLS (`amqps://`): the CA of the broker's certificate.
+    tls: tunbus::amqp::tls::TlsOptions,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -56,6 +59,7 @@ fn parse_args() -> anyhow::Result<Args> {
         latency_gaps_ms: vec![0, 10],
         queue_type: "classic".to_owned(),
         publish_url: None,
+        tls: Default::default(),
     };
     let list =
         |v: String, flag: &str| -> anyhow::Result<Vec<u64>> { v.split(',').map(|s| s.trim().parse().with_context(|| format!("{flag}: {s:?}"))).collect() };
@@ -70,9 +74,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--latency-gaps" => args.latency_gaps_ms = list(value()?, "--latency-gaps")?,
             "--queue-type" => args.queue_type = value()?,
             "--publish-url" => args.publish_url = Some(value()?),
+            "--tls-ca" => args.tls.ca = Some(value()?.into()),
             other => bail!(
                 "unknown argument {other:?}\nusage: broker_bench [--url URL] [--seconds S] [--sizes A,B,..] \
-                 [--latency-samples N] [--latency-gaps MS,MS,..]"
+                 [--latency-samples N] [--latency-gaps MS,MS,..] [--tls-ca FILE]"
             ),
         }
     }
@@ -226,7 +231,7 @@ fn latency(publish: &mut Client, queue: &str, samples: usize, gap: Duration, pro
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let queue = format!("tunbus-perf-broker-{}-{}", std::process::id(), tunbus::util::now_ns() % 1_000_000);
-    let endpoint = Endpoint::new(args.url.parse()?, &Default::default())?;
+    let endpoint = Endpoint::new(args.url.parse()?, &args.tls)?;
     let never = AtomicBool::new(false);
     let mut consumer =
         Client::open(&endpoint, &ConnectOptions::new("broker_bench consumer"), &never).with_context(|| format!("connecting to {}", endpoint.url))?;
@@ -245,7 +250,7 @@ fn main() -> anyhow::Result<()> {
     consumer.basic_qos(PREFETCH, &never)?;
     consumer.basic_consume(&queue, "broker-bench", false, true, &never)?;
     let publish_endpoint = match &args.publish_url {
-        Some(u) => Endpoint::new(u.parse()?, &Default::default())?,
+        Some(u) => Endpoint::new(u.parse()?, &args.tls)?,
         None => endpoint.clone(),
     };
     let mut publish = Client::open(&publish_endpoint, &ConnectOptions::new("broker_bench publisher"), &never)?;
