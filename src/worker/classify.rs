@@ -318,7 +318,7 @@ mod tests {
         let mut learner = super::super::switch::Learner::new(a, l2.directory.clone());
         let hello =
             br#"{"name":"h2","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":["02:00:00:00:00:0b","02:00:00:00:00:99"]}"#;
-        learner.on_presence(hello, std::time::Instant::now());
+        learner.on_hello(&serde_json::from_slice(hello).expect("a hello"), std::time::Instant::now());
         let k = c.key(&eth(b, a), None).expect("a key");
         let (owner, _) = RoutingKey::parse_mac(k.as_str()).expect("a MAC key");
         assert_eq!(owner, b);

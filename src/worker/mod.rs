@@ -9,6 +9,7 @@
 pub mod aqm;
 pub mod batch;
 pub mod classify;
+pub mod presence;
 pub mod queue;
 pub mod routes;
 pub mod rx;

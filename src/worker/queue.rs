@@ -115,15 +115,17 @@ impl QueueWorker {
         let route_keeper = link.hello.is_some().then(|| {
             RouteKeeper::new(config.name(), &config.routing().routes, routes.clone(), Judge::of(&config.identity().mode, claims.clone(), trust.clone()))
         });
-        let presence = claims.map(|claims| super::rx::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()).with_e2e(link.e2e.clone()));
+        let listeners = super::presence::Listeners {
+            claims: claims.map(|claims| super::presence::ClaimKeeper::new(claims, trust.clone()).with_layer(port.layer()).with_e2e(link.e2e.clone())),
+            routes: route_keeper,
+        };
         // Queue 0 receives the floods and the hellos: it learns where MACs are.
         let l2_rx = l2.as_ref().map(|l2| super::rx::L2Rx {
             flood: crate::route::mac::FloodBucket::new(crate::route::mac::FloodLimit::default()),
             learner: (link.index == 0).then(|| super::switch::Learner::new(l2.own, l2.directory.clone())),
         });
         let bridged = matches!(config.interface().kind, crate::config::PortKind::Tap { bridge: Some(_) });
-        let (outbound, inbound) =
-            wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), presence, route_keeper, l2_rx, link.e2e.clone());
+        let (outbound, inbound) = wire::for_agent(&config, port.layer(), flood_key, peers.clone(), trust.view(), listeners, l2_rx, link.e2e.clone());
         let receiver = Receiver::new(&config, rx_counters, &hist, inbound);
         let stop = link.stop.clone();
         let layer = port.layer();

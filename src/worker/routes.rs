@@ -102,8 +102,7 @@ impl RouteKeeper {
 
     /// A hello or bye published by broker user `user` (on any control key: agents in
     /// first-claim mode hear gateways' hellos on both their hello and route keys).
-    pub fn on_presence(&mut self, user: Option<&[u8]>, body: &[u8], now: Instant) {
-        let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
+    pub fn on_hello(&mut self, user: Option<&[u8]>, hello: &Hello, now: Instant) {
         let user = user.map(String::from_utf8_lossy);
         let user = user.as_deref();
         if hello.leaving {
@@ -158,10 +157,13 @@ mod tests {
     use super::*;
     use std::net::IpAddr;
 
-    fn hello(name: &str, addr: &str, advertise: &[&str], leaving: bool) -> Vec<u8> {
+    fn hello(name: &str, addr: &str, advertise: &[&str], leaving: bool) -> Hello {
         let adv: Vec<String> = advertise.iter().map(|s| format!("{s:?}")).collect();
-        format!(r#"{{"name":"{name}","addresses":["{addr}"],"queues":1,"wire":"v1","started_unix_ms":1,"leaving":{leaving},"advertise":[{}]}}"#, adv.join(","))
-            .into_bytes()
+        let body = format!(
+            r#"{{"name":"{name}","addresses":["{addr}"],"queues":1,"wire":"v1","started_unix_ms":1,"leaving":{leaving},"advertise":[{}]}}"#,
+            adv.join(",")
+        );
+        serde_json::from_str(&body).expect("a hello")
     }
 
     fn gateway_of(share: &Arc<RouteShare>, dst: &str) -> Option<String> {
@@ -175,18 +177,18 @@ mod tests {
         let share = RouteShare::new();
         let mut k = RouteKeeper::new("me", &[], share.clone(), Judge::Strict(table));
         let now = Instant::now();
-        k.on_presence(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], false), now);
+        k.on_hello(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], false), now);
         assert_eq!(gateway_of(&share, "198.19.50.9").as_deref(), Some("gw"));
         // A rogue advertises a longer prefix inside gw's grant: refused, nothing diverted.
-        k.on_presence(Some(b"rogue"), &hello("rogue", "198.18.0.66/24", &["198.19.50.0/25"], false), now);
+        k.on_hello(Some(b"rogue"), &hello("rogue", "198.18.0.66/24", &["198.19.50.0/25"], false), now);
         assert_eq!(gateway_of(&share, "198.19.50.9").as_deref(), Some("gw"));
         // Unsigned: refused.
-        k.on_presence(None, &hello("anon", "198.18.0.67/24", &["198.19.50.0/26"], false), now);
+        k.on_hello(None, &hello("anon", "198.18.0.67/24", &["198.19.50.0/26"], false), now);
         assert_eq!(gateway_of(&share, "198.19.50.9").as_deref(), Some("gw"));
         // A bye in gw's name from the rogue changes nothing; gw's own removes the route.
-        k.on_presence(Some(b"rogue"), &hello("gw", "198.18.0.2/24", &[], true), now);
+        k.on_hello(Some(b"rogue"), &hello("gw", "198.18.0.2/24", &[], true), now);
         assert_eq!(gateway_of(&share, "198.19.50.9").as_deref(), Some("gw"));
-        k.on_presence(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], true), now);
+        k.on_hello(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], true), now);
         assert_eq!(gateway_of(&share, "198.19.50.9"), None);
     }
 
@@ -197,8 +199,8 @@ mod tests {
         let share = RouteShare::new();
         let mut k = RouteKeeper::new("me", &[], share.clone(), Judge::Claims(claims.clone(), trust.clone()));
         let now = Instant::now();
-        k.on_presence(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], false), now);
-        k.on_presence(Some(b"rogue"), &hello("rogue", "198.18.0.66/24", &["198.19.50.0/24"], false), now);
+        k.on_hello(Some(b"gw"), &hello("gw", "198.18.0.2/24", &["198.19.50.0/24"], false), now);
+        k.on_hello(Some(b"rogue"), &hello("rogue", "198.18.0.66/24", &["198.19.50.0/24"], false), now);
         let t = share.table();
         let r = t.lookup("198.19.50.9".parse().unwrap()).expect("a route");
         assert_eq!((r.gateway.as_str(), r.standby.len()), ("gw", 0), "the rogue's claim was refused, so it stands by for nothing");
@@ -212,17 +214,11 @@ mod tests {
     }
 
     #[test]
-    fn ordinary_hellos_and_garbage_change_nothing() {
+    fn ordinary_hellos_change_nothing() {
         let share = RouteShare::new();
         let mut k = RouteKeeper::new("me", &[], share.clone(), Judge::Off);
         let v0 = share.version();
-        k.on_presence(Some(b"h1"), &hello("h1", "198.18.0.1/24", &[], false), Instant::now());
-        k.on_presence(Some(b"h1"), b"not json", Instant::now());
-        k.on_presence(
-            Some(b"h1"),
-            br#"{"name":"a.b","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"advertise":["198.19.0.0/24"]}"#,
-            Instant::now(),
-        );
+        k.on_hello(Some(b"h1"), &hello("h1", "198.18.0.1/24", &[], false), Instant::now());
         assert_eq!(share.version(), v0);
     }
 }

@@ -17,16 +17,12 @@ use std::time::{Duration, Instant};
 
 use std::net::IpAddr;
 
-use std::sync::Mutex;
-
 use super::aqm::Aqm;
-use crate::amqp::presence::Hello;
 use crate::amqp::session::Delivery;
 use crate::amqp::AckBatcher;
 use crate::codec::vnet::{self, VnetHdr};
 use crate::codec::{ioppytest, v1};
 use crate::config::AgentConfig;
-use crate::identity::claims::{Claims, MAX_PER_HELLO};
 use crate::identity::{self, Verdict};
 use crate::metrics::{DropReason, Histograms, LocalHistogram, RxCounters};
 use crate::port::{Layer, Port};
@@ -515,132 +511,6 @@ pub fn deliver_frames(body: &[u8], user: Option<&[u8]>, flooded_by: Option<&str>
         sink.latency.record_n(now_ns.saturating_sub(sent) / 1000, written);
     }
     written
-}
-
-/// First-claim mode: the claims queue 0 keeps from the hellos and byes it receives, shared
-/// with the agent's other workers through [`identity::Trust`]. Control plane: hellos come
-/// every few seconds per agent, parsed here (with allocation, unlike packets).
-///
-/// Under a flood of hellos the table is republished at most every [`REPUBLISH_GAP`] (a
-/// claim then takes effect that much later), and refused claims are logged once a second.
-pub struct ClaimKeeper {
-    claims: Arc<Mutex<Claims>>,
-    trust: Arc<identity::Trust>,
-    last_expire: Instant,
-    last_publish: Instant,
-    /// The table changed since it was last published.
-    dirty: bool,
-    last_warning: Option<Instant>,
-    refused_since: u64,
-    /// This agent's layer: hellos of the other layer are warned about (sessions of
-    /// different layers do not mix).
-    layer: crate::amqp::presence::HelloLayer,
-    warned_layer: Option<Instant>,
-    /// `--e2e` without a peers file: keys in hellos are pinned on first use, each peer
-    /// reached at the addresses the table granted it.
-    e2e: Option<Arc<crate::e2e::E2e>>,
-}
-
-/// Shortest time between two publications of the claims table to the workers.
-pub const REPUBLISH_GAP: Duration = Duration::from_millis(100);
-
-impl ClaimKeeper {
-    pub fn new(claims: Arc<Mutex<Claims>>, trust: Arc<identity::Trust>) -> ClaimKeeper {
-        let now = Instant::now();
-        ClaimKeeper {
-            claims,
-            trust,
-            last_expire: now,
-            last_publish: now - REPUBLISH_GAP,
-            dirty: false,
-            last_warning: None,
-            refused_since: 0,
-            layer: Default::default(),
-            warned_layer: None,
-            e2e: None,
-        }
-    }
-
-    /// The keeper of an `--e2e` agent: it also pins keys from hellos.
-    pub fn with_e2e(self, e2e: Option<Arc<crate::e2e::E2e>>) -> ClaimKeeper {
-        ClaimKeeper { e2e, ..self }
-    }
-
-    /// The keeper of an agent whose port is of `layer`.
-    pub fn with_layer(self, layer: Layer) -> ClaimKeeper {
-        ClaimKeeper { layer: crate::amqp::presence::HelloLayer::of(layer), ..self }
-    }
-
-    /// A hello or bye published by broker user `user`. Whether it was refused for naming
-    /// an agent pinned with another key (`--e2e` without a peers file).
-    pub fn on_presence(&mut self, user: Option<&[u8]>, body: &[u8], now: Instant) -> bool {
-        let mut key_conflict = false;
-        let Some(user) = user.map(String::from_utf8_lossy) else {
-            return key_conflict; // a claim nobody vouches for claims nothing
-        };
-        let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return key_conflict };
-        if hello.layer != self.layer
-            && self.layer == crate::amqp::presence::HelloLayer::Ip
-            && !hello.leaving
-            && self.warned_layer.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30))
-        {
-            tracing::warn!(agent = %hello.name, layer = %hello.layer, "an agent of another layer is in this session: it cannot reach us nor we it (an L2 and an L3 session do not mix; give it a session of its own)");
-            self.warned_layer = Some(now);
-        }
-        let Ok(mut claims) = self.claims.lock() else { return key_conflict };
-        // MACs (L2) are held in the same table as addresses (`identity::mac_address`).
-        let macs = hello.macs.iter().map(|m| identity::mac_address(*m));
-        let addrs: Vec<IpAddr> = hello.addresses.iter().map(|p| p.addr).chain(macs).take(MAX_PER_HELLO).collect();
-        let changed = if hello.leaving {
-            claims.on_bye(&user, &addrs)
-        } else {
-            let (refused, changed) = claims.on_hello(&user, &addrs, now);
-            if let (Some(e2e), Some(key)) = (&self.e2e, hello.key) {
-                // Its unicast batches are sealed for the key of whoever holds the address.
-                let granted: Vec<crate::route::Prefix> =
-                    hello.addresses.iter().map(|p| p.addr).filter(|a| !refused.iter().any(|r| r.addr == *a)).map(crate::route::Prefix::host).collect();
-                key_conflict = matches!(e2e.learn(&user, hello.name.as_str(), key, &granted, now, crate::util::now_ns()), crate::e2e::Learned::Conflict { .. });
-            }
-            self.refused_since += refused.len() as u64;
-            if let Some(r) = refused.first() {
-                if self.last_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-                    tracing::warn!(agent = %hello.name, user = %r.claimant, address = %r.addr, holder = %r.holder, refused = self.refused_since, "REFUSED a claim: this address belongs to another live broker user (or the table is full); its packets from it are dropped");
-                    self.last_warning = Some(now);
-                    self.refused_since = 0;
-                }
-            }
-            changed
-        };
-        self.dirty |= changed;
-        drop(claims);
-        self.publish_if_due(now);
-        key_conflict
-    }
-
-    /// Publishes the table when it changed and the last publication is old enough.
-    pub fn publish_if_due(&mut self, now: Instant) {
-        if !self.dirty || now.saturating_duration_since(self.last_publish) < REPUBLISH_GAP {
-            return;
-        }
-        if let Ok(claims) = self.claims.lock() {
-            self.trust.publish(claims.table());
-            self.dirty = false;
-            self.last_publish = now;
-        }
-    }
-
-    /// Lets claims lapse whose users have gone silent (checked every few seconds).
-    pub fn expire(&mut self, now: Instant) {
-        self.publish_if_due(now);
-        if now.saturating_duration_since(self.last_expire) < Duration::from_secs(5) {
-            return;
-        }
-        self.last_expire = now;
-        if let Ok(mut claims) = self.claims.lock() {
-            self.dirty |= claims.expire(now);
-        }
-        self.publish_if_due(now);
-    }
 }
 
 /// Warnings about refused packets, at most one per second per sender (a hash of its user

@@ -110,9 +110,8 @@ impl Learner {
         }
     }
 
-    /// A hello or bye body (any agent's, ours included).
-    pub fn on_presence(&mut self, body: &[u8], now: Instant) {
-        let Ok(hello) = serde_json::from_slice::<Hello>(body) else { return };
+    /// A hello or bye (any agent's, ours included).
+    pub fn on_hello(&mut self, hello: &Hello, now: Instant) {
         if hello.layer != crate::amqp::presence::HelloLayer::Ethernet {
             if self.warned_layer.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30)) {
                 tracing::warn!(agent = %hello.name, layer = %hello.layer, "an agent of another layer is in this L2 session: it cannot reach us nor we it (sessions of different layers do not mix; give it a session of its own)");
@@ -224,10 +223,11 @@ mod tests {
     const B: Mac = Mac([2, 0, 0, 0, 0, 0xb]);
     const X: Mac = Mac([2, 0, 0, 0, 0, 0x99]);
 
-    fn hello(name: &str, macs: &[Mac], leaving: bool) -> Vec<u8> {
+    fn hello(name: &str, macs: &[Mac], leaving: bool) -> Hello {
         let macs: Vec<String> = macs.iter().map(ToString::to_string).collect();
-        format!(r#"{{"name":"{name}","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":{macs:?},"leaving":{leaving}}}"#)
-            .into_bytes()
+        let body =
+            format!(r#"{{"name":"{name}","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"layer":"ethernet","macs":{macs:?},"leaving":{leaving}}}"#);
+        serde_json::from_str(&body).expect("a hello")
     }
 
     #[test]
@@ -236,7 +236,7 @@ mod tests {
         let mut view = dir.view();
         let mut l = Learner::new(A, dir.clone());
         let t0 = Instant::now();
-        l.on_presence(&hello("h2", &[B], false), t0);
+        l.on_hello(&hello("h2", &[B], false), t0);
         view.refresh();
         assert_eq!(view.owner(B), Some(B));
         // X floods from behind h2's bridge.
@@ -246,14 +246,14 @@ mod tests {
         assert_eq!(view.owner(X), Some(B));
         // An unknown sender teaches nothing; our own echo neither.
         l.on_flooded_frame("h9", Mac([2, 9, 9, 9, 9, 9]), t0);
-        l.on_presence(&hello("h1", &[A], false), t0 + REPUBLISH_GAP * 2);
+        l.on_hello(&hello("h1", &[A], false), t0 + REPUBLISH_GAP * 2);
         l.on_flooded_frame("h1", Mac([2, 8, 8, 8, 8, 8]), t0 + REPUBLISH_GAP * 2);
         l.tick(t0 + REPUBLISH_GAP * 3);
         view.refresh();
         assert_eq!(view.owner(Mac([2, 9, 9, 9, 9, 9])), None);
         assert_eq!(view.owner(Mac([2, 8, 8, 8, 8, 8])), None);
         // Bye: what h2 taught goes.
-        l.on_presence(&hello("h2", &[B], true), t0 + REPUBLISH_GAP * 4);
+        l.on_hello(&hello("h2", &[B], true), t0 + REPUBLISH_GAP * 4);
         view.refresh();
         assert_eq!(view.owner(B), None);
         assert_eq!(view.owner(X), None);
@@ -264,11 +264,10 @@ mod tests {
         let dir = MacDirectory::new();
         let mut l = Learner::new(A, dir.clone());
         let body = br#"{"name":"r1","addresses":[],"queues":1,"wire":"v1","started_unix_ms":1,"macs":["02:00:00:00:00:0b"]}"#;
-        l.on_presence(body, Instant::now());
+        l.on_hello(&serde_json::from_slice(body).expect("a hello"), Instant::now());
         let mut v = dir.view();
         v.refresh();
         assert_eq!(v.owner(B), None);
-        l.on_presence(b"not json", Instant::now());
     }
 
     #[test]

@@ -28,8 +28,8 @@ use crate::route::peers::PeerQueues;
 use crate::route::{self, RoutingKey};
 use crate::util::now_ns;
 
-use super::routes::RouteKeeper;
-use super::rx::{self, ClaimKeeper, Sink, SuspectLog};
+use super::presence::Listeners;
+use super::rx::{self, Sink, SuspectLog};
 
 /// What became of a batch handed to an [`Outbound`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +79,8 @@ pub trait Inbound: Send {
 const MAX_PENDING_PINGS: usize = 8;
 
 /// The halves of the wire that agent `config` speaks, for a worker whose flood key is
-/// `flood_key`; `presence` is queue 0's claim keeper in first-claim mode.
-/// `routes` is queue 0's keeper of advertised prefixes; `l2`: an L2 agent's flood bound
+/// `flood_key`; `listeners`: queue 0's keepers of what hellos say (claims in first-claim
+/// mode, advertised prefixes: `worker::presence`); `l2`: an L2 agent's flood bound
 /// and (queue 0) learner. With `e2e` (`--e2e`), batches are sealed after batching and
 /// opened before they are delivered ([`SealedOut`], and [`NativeIn`] with its keys).
 #[allow(clippy::too_many_arguments)]
@@ -90,8 +90,7 @@ pub fn for_agent(
     flood_key: RoutingKey,
     peers: Arc<PeerQueues>,
     trust: identity::View,
-    presence: Option<ClaimKeeper>,
-    routes: Option<RouteKeeper>,
+    listeners: Listeners,
     l2: Option<rx::L2Rx>,
     e2e: Option<Arc<E2e>>,
 ) -> (Box<dyn Outbound>, Box<dyn Inbound>) {
@@ -107,8 +106,7 @@ pub fn for_agent(
                 peers,
                 trust,
                 suspects: SuspectLog::default(),
-                presence,
-                routes,
+                listeners,
                 probed: false,
                 pings: Vec::new(),
                 offload_from_bus: config.data_path().offload_from_bus,
@@ -199,10 +197,8 @@ pub struct NativeIn {
     /// Who may use which source addresses (refreshed once per delivery).
     trust: identity::View,
     suspects: SuspectLog,
-    /// First-claim mode, queue 0: keeps the claims from hellos.
-    presence: Option<ClaimKeeper>,
-    /// Queue 0 of a native agent: keeps the prefixes gateways advertise.
-    routes: Option<RouteKeeper>,
+    /// Queue 0 of a native agent: what hellos say (claims, advertised prefixes).
+    listeners: Listeners,
     /// A probe arrived since [`Inbound::take_probe`] was last asked.
     probed: bool,
     /// Pings that arrived since [`Inbound::take_pings`] was last asked (bodies, bounded).
@@ -287,16 +283,9 @@ impl Inbound for NativeIn {
                 }
             }
             Carries::Presence => {
-                if let Some(p) = &mut self.presence {
-                    if p.on_presence(d.user_id, d.body, Instant::now()) {
-                        out.counters.record_drop(DropReason::KeyConflict, 1);
-                    }
-                }
-                if let Some(r) = &mut self.routes {
-                    r.on_presence(d.user_id, d.body, Instant::now());
-                }
-                if let Some(learner) = self.l2.as_mut().and_then(|l2| l2.learner.as_mut()) {
-                    learner.on_presence(d.body, Instant::now());
+                let learner = self.l2.as_mut().and_then(|l2| l2.learner.as_mut());
+                if self.listeners.on_message(d.user_id, d.body, learner, Instant::now()).key_conflict {
+                    out.counters.record_drop(DropReason::KeyConflict, 1);
                 }
             }
             Carries::OwnFlood => {} // echoed by the broker
@@ -312,12 +301,7 @@ impl Inbound for NativeIn {
     }
 
     fn tick(&mut self, now: Instant) {
-        if let Some(p) = &mut self.presence {
-            p.expire(now);
-        }
-        if let Some(r) = &mut self.routes {
-            r.tick(now);
-        }
+        self.listeners.tick(now);
         if let Some(learner) = self.l2.as_mut().and_then(|l2| l2.learner.as_mut()) {
             learner.tick(now);
         }
