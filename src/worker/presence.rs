@@ -67,13 +67,19 @@ impl Listeners {
 /// with the agent's other workers through [`identity::Trust`]. Control plane: hellos come
 /// every few seconds per agent, parsed here (with allocation, unlike packets).
 ///
-/// Under a flood of hellos the table is republished at most every [`REPUBLISH_GAP`] (a
-/// claim then takes effect that much later), and refused claims are logged once a second.
+/// A changed table is published to the workers at once, up to [`PUBLISH_BURST`] times in a
+/// row (a session starting: each agent's first hello counts before its first packets
+/// arrive), then at most once per [`REPUBLISH_GAP`] (a flood of hellos costs a table copy
+/// now and then; a claim then takes effect that much later). Refused claims are logged
+/// once a second.
 pub struct ClaimKeeper {
     claims: Arc<Mutex<Claims>>,
     trust: Arc<identity::Trust>,
     last_expire: Instant,
-    last_publish: Instant,
+    /// Publications allowed now (a token bucket: [`PUBLISH_BURST`], one more per
+    /// [`REPUBLISH_GAP`]), and when it was last refilled.
+    credit: u32,
+    credit_at: Instant,
     /// The table changed since it was last published.
     dirty: bool,
     last_warning: Option<Instant>,
@@ -87,8 +93,11 @@ pub struct ClaimKeeper {
     e2e: Option<Arc<crate::e2e::E2e>>,
 }
 
-/// Shortest time between two publications of the claims table to the workers.
+/// Shortest time between two publications of the claims table to the workers, once the
+/// burst is spent.
 pub const REPUBLISH_GAP: Duration = Duration::from_millis(100);
+/// Publications of the claims table at once before [`REPUBLISH_GAP`] applies.
+pub const PUBLISH_BURST: u32 = 8;
 
 impl ClaimKeeper {
     pub fn new(claims: Arc<Mutex<Claims>>, trust: Arc<identity::Trust>) -> ClaimKeeper {
@@ -97,7 +106,8 @@ impl ClaimKeeper {
             claims,
             trust,
             last_expire: now,
-            last_publish: now - REPUBLISH_GAP,
+            credit: PUBLISH_BURST,
+            credit_at: now,
             dirty: false,
             last_warning: None,
             refused_since: 0,
@@ -162,15 +172,23 @@ impl ClaimKeeper {
         key_conflict
     }
 
-    /// Publishes the table when it changed and the last publication is old enough.
+    /// Publishes the table when it changed and the bucket allows.
     pub fn publish_if_due(&mut self, now: Instant) {
-        if !self.dirty || now.saturating_duration_since(self.last_publish) < REPUBLISH_GAP {
+        if !self.dirty {
+            return;
+        }
+        let gaps = now.saturating_duration_since(self.credit_at).as_nanos() / REPUBLISH_GAP.as_nanos();
+        if gaps > 0 {
+            self.credit = (self.credit as u128 + gaps).min(u128::from(PUBLISH_BURST)) as u32;
+            self.credit_at = now;
+        }
+        if self.credit == 0 {
             return;
         }
         if let Ok(claims) = self.claims.lock() {
             self.trust.publish(claims.table());
             self.dirty = false;
-            self.last_publish = now;
+            self.credit -= 1;
         }
     }
 
@@ -213,6 +231,35 @@ mod tests {
         view.refresh();
         assert_eq!(view.check(Some(b"gw"), "198.18.0.2".parse().unwrap()), identity::Verdict::Allowed, "claimed");
         assert_eq!(share.table().lookup("198.19.50.9".parse().unwrap()).map(|r| r.gateway.clone()).as_deref(), Some("gw"), "routed");
+    }
+
+    fn hello_from(user: u32) -> Vec<u8> {
+        format!(r#"{{"name":"h{user}","addresses":["198.18.{}.{}/24"],"queues":1,"wire":"v1","started_unix_ms":1}}"#, user / 200, user % 200 + 1).into_bytes()
+    }
+
+    fn allowed(trust: &Arc<identity::Trust>, user: u32) -> bool {
+        let mut view = trust.view();
+        view.refresh();
+        let addr = format!("198.18.{}.{}", user / 200, user % 200 + 1).parse().unwrap();
+        view.check(Some(format!("u{user}").as_bytes()), addr) == identity::Verdict::Allowed
+    }
+
+    #[test]
+    fn a_starting_session_is_claimed_at_once_and_a_flood_waits_its_turn() {
+        let (mut l, trust, _) = keepers();
+        let t = Instant::now();
+        // A session starting: each new agent's claim counts before its first packet.
+        for u in 0..PUBLISH_BURST {
+            l.on_message(Some(format!("u{u}").as_bytes()), &hello_from(u), None, t);
+            assert!(allowed(&trust, u), "agent {u}'s claim waited");
+        }
+        // A flood of hellos beyond the burst: published once per gap.
+        for u in PUBLISH_BURST..100 {
+            l.on_message(Some(format!("u{u}").as_bytes()), &hello_from(u), None, t);
+        }
+        assert!(!allowed(&trust, 99), "published beyond the burst");
+        l.tick(t + REPUBLISH_GAP);
+        assert!(allowed(&trust, 99), "not published after the gap");
     }
 
     #[test]
