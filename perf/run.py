@@ -910,6 +910,12 @@ def main() -> int:
     signal.signal(signal.SIGHUP, on_signal)
     if not args.no_build:
         build()
+    else:
+        # Without the build, a missing example silently empties its columns (the relay's
+        # figures went missing that way): say so at once.
+        for p in (AGENT, TUN_RELAY, BROKER_BENCH):
+            if not p.exists():
+                sys.exit(f"perf/run.py: {p} is missing: run without --no-build, or cargo build --release --bin agent --examples")
     if args.quick:
         plan = dict(tcp_s=3, omit=0, tcp8=True, udp_s=2, ping_count=200, ping_interval=0.01,
                     broker_s=1, broker_lat_samples=500)
