@@ -17,7 +17,6 @@ second. Prints a Markdown table; writes perf/results/broker-wakeup-<date>-<commi
 import argparse
 import datetime as dt
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -77,12 +76,7 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="use target/release as it is")
     ap.add_argument("--out", default=str(perf.REPO / "perf" / "results"), help="results directory")
     args = ap.parse_args()
-    perf.preflight()
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, perf.on_signal)
-    if not args.no_build:
-        if subprocess.run(["cargo", "build", "--release", "--bin", "agent", "--example", "broker_bench"], cwd=perf.REPO).returncode != 0:
-            sys.exit("perf/broker_wakeup.py: the build failed")
+    perf.prepare("perf/broker_wakeup.py", args.no_build, ("broker_bench",))
     gaps = [int(g) for g in args.gaps.split(",")]
     now = dt.datetime.now(dt.timezone.utc)
     res = {"date": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "commit": perf.git_commit(), "nodes": {}}
@@ -100,10 +94,7 @@ def main() -> int:
                     node.stop()
     finally:
         perf.CLEANUP.all()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"broker-wakeup-{now.strftime('%Y%m%d-%H%M%S')}-{res['commit']}.json"
-    path.write_text(json.dumps(res, indent=1))
+    path = perf.write_results(args.out, "broker-wakeup", res, now)
     print(f"\n# An idle broker's hop by pace ({res['date']}, {res['commit']})\n")
     print("| broker node | " + " | ".join(f"one hop, {g} ms gap: p50 / p99 ms" for g in gaps) + " | tunbus ping every 0.2 s p50 / p99 ms | every 1 s |")
     print("|---|" + "---:|" * (len(gaps) + 2))

@@ -109,13 +109,7 @@ def main() -> int:
     ap.add_argument("--queues", type=int, default=1, help="queues per agent [1]")
     ap.add_argument("--out", default=str(perf.REPO / "perf" / "results"), help="results directory")
     args = ap.parse_args()
-    perf.preflight()
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, perf.on_signal)
-    if not args.no_build:
-        perf.log("cargo build --release --bin agent (may wait for cargo's lock)")
-        if subprocess.run(["cargo", "build", "--release", "--bin", "agent"], cwd=perf.REPO).returncode != 0:
-            sys.exit("perf/e2e.py: the build failed")
+    perf.prepare("perf/e2e.py", args.no_build)
     if args.quick:
         plan = dict(tcp_s=3, omit=0, tcp8=False, udp_s=2, ping_count=200, ping_interval=0.01)
     else:

@@ -18,7 +18,6 @@ and prints a Markdown table. Removes what it made (namespaces, veths, processes)
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import signal
@@ -159,12 +158,7 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="use target/release/agent as it is")
     ap.add_argument("--out", default=str(perf.REPO / "perf" / "results"), help="results directory")
     args = ap.parse_args()
-    perf.preflight()
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, perf.on_signal)
-    if not args.no_build:
-        if subprocess.run(["cargo", "build", "--release", "--bin", "agent"], cwd=perf.REPO).returncode != 0:
-            sys.exit("perf/far_broker.py: the build failed")
+    perf.prepare("perf/far_broker.py", args.no_build)
     windows = {"adaptive": [], "fixed": ["--fixed-prefetch"]}
     chosen = [w for w in args.only.split(",") if w in windows]
     now = dt.datetime.now(dt.timezone.utc)
@@ -190,10 +184,7 @@ def main() -> int:
                 res["runs"][f"reference-{rtt:g}ms"] = reference(bus_rtt, args.seconds, logdir, 72)
     finally:
         perf.CLEANUP.all()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"far-broker-{now.strftime('%Y%m%d-%H%M%S')}-{res['commit']}.json"
-    path.write_text(json.dumps(res, indent=1))
+    path = perf.write_results(args.out, "far-broker", res, now)
     lan = res["runs"].get("lan", {})
     print(f"\n# A participant far from the broker ({res['date']}, {res['commit']}, {args.seconds} s per direction)\n")
     print("| run | ping through the bus p50 ms | A to B Gbit/s | B to A Gbit/s | target A to B | target B to A | prefetch grown (A, B) |")

@@ -195,6 +195,29 @@ def build() -> None:
             sys.exit(f"perf/run.py: {p} is missing after the build")
 
 
+def prepare(script: str, no_build: bool, examples: tuple[str, ...] = ()) -> None:
+    """What every perf script does first: check the machine, end cleanly on Ctrl-C and
+    SIGTERM (removing what it made), and build the agent (and `examples`) unless `no_build`."""
+    preflight()
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    if no_build:
+        return
+    cmd = ["cargo", "build", "--release", "--bin", "agent"] + [a for e in examples for a in ("--example", e)]
+    log(f"{' '.join(cmd)} (may wait for cargo's lock)")
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        sys.exit(f"{script}: the build failed")
+
+
+def write_results(out_dir: str, stem: str, res: dict, when) -> Path:
+    """`res` as perf/results/<stem>-<date>-<commit>.json; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}-{when.strftime('%Y%m%d-%H%M%S')}-{res['commit']}.json"
+    path.write_text(json.dumps(res, indent=1))
+    return path
+
+
 # --------------------------------------------------------------------------- measurements
 
 def percentile(sorted_vals: list[float], q: float) -> float | None:

@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -59,12 +58,7 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="use target/release as it is")
     ap.add_argument("--out", default=str(perf.REPO / "perf" / "results"), help="results directory")
     args = ap.parse_args()
-    perf.preflight()
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, perf.on_signal)
-    if not args.no_build:
-        if subprocess.run(["cargo", "build", "--release", "--bin", "agent", "--example", "broker_bench"], cwd=perf.REPO).returncode != 0:
-            sys.exit("perf/tls.py: the build failed")
+    perf.prepare("perf/tls.py", args.no_build, ("broker_bench",))
     plan = dict(tcp_s=args.seconds, omit=1, tcp8=False, udp_s=2, ping_count=100, ping_interval=0.01, mtu=9000)
     now = dt.datetime.now(dt.timezone.utc)
     res = {"date": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "commit": perf.git_commit(), "rounds": []}
@@ -94,10 +88,7 @@ def main() -> int:
     finally:
         node.stop()
         perf.CLEANUP.all()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"tls-{now.strftime('%Y%m%d-%H%M%S')}-{res['commit']}.json"
-    path.write_text(json.dumps(res, indent=1))
+    path = perf.write_results(args.out, "tls", res, now)
     print(f"\n# tunbus over TLS against RabbitMQ alone over TLS ({res['date']}, {res['commit']})\n")
     print("| round | broker TLS 64 KiB | broker TLS 256 KiB | tunbus TLS TCP 1 flow | mean batch bytes | tunbus / broker (nearest size) | broker plain 256 KiB | tunbus plain |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -157,13 +157,13 @@ mod tests {
         (w, t + rtt)
     }
 
-    /// A path of round trip `rtt` that delivers `window` messages per round trip (the
-    /// window is the limit) for `secs`; the window's answers come one round trip later.
-    fn window_limited(w: &mut Window, mut t: Instant, rtt: Duration, bytes: usize, secs: u64) -> Instant {
+    /// A path of round trip `rtt` that delivers `per_rtt(window)` messages of `bytes` per
+    /// round trip for `secs`; the window's questions are answered one round trip later.
+    fn drive(w: &mut Window, mut t: Instant, rtt: Duration, bytes: usize, secs: u64, per_rtt: impl Fn(u16) -> u64) -> Instant {
         let end = t + Duration::from_secs(secs);
         let mut pending: Option<Instant> = None;
         while t < end {
-            for _ in 0..w.prefetch() {
+            for _ in 0..per_rtt(w.prefetch()) {
                 w.delivered(bytes);
             }
             t += rtt;
@@ -177,6 +177,11 @@ mod tests {
             }
         }
         t
+    }
+
+    /// The window is the limit: a round trip carries all of it.
+    fn window_limited(w: &mut Window, t: Instant, rtt: Duration, bytes: usize, secs: u64) -> Instant {
+        drive(w, t, rtt, bytes, secs, u64::from)
     }
 
     #[test]
@@ -221,23 +226,9 @@ mod tests {
     #[test]
     fn a_rate_limited_elsewhere_stops_growing() {
         let rtt = 50 * MS;
-        let (mut w, mut t) = measured(rtt);
+        let (mut w, t) = measured(rtt);
         // 2,000 messages a second whatever the window: 100 per round trip.
-        let mut pending = None;
-        for _ in 0..200 {
-            for _ in 0..100 {
-                w.delivered(20_000);
-            }
-            t += rtt;
-            if pending.is_some_and(|p| t >= p) {
-                w.answered(t);
-                pending = None;
-            }
-            if let Some(ask) = w.poll(t) {
-                w.sent(ask, t);
-                pending = Some(t + rtt);
-            }
-        }
+        drive(&mut w, t, rtt, 20_000, 10, |_| 100);
         assert_eq!(w.prefetch(), 256, "grows while half of it is used, then stops");
     }
 
