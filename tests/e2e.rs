@@ -147,14 +147,18 @@ impl Setup {
 
     /// Agent `i`, once it says it is up (its session's exchange exists then).
     fn start_up(&self, i: usize, extra: &[&str]) -> AgentProc {
-        let a = self.start(i, extra);
-        let t0 = Instant::now();
-        while !a.logs().contains("agent up") {
-            assert!(t0.elapsed() < Duration::from_secs(10), "agent {i} did not come up:\n{}", a.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        a
+        up(self.start(i, extra))
     }
+}
+
+/// `a`, once it says it is up (its session's exchange exists then).
+fn up(a: AgentProc) -> AgentProc {
+    let t0 = Instant::now();
+    while !a.logs().contains("agent up") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the agent did not come up:\n{}", a.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a
 }
 
 impl Drop for Setup {
@@ -320,12 +324,7 @@ fn without_a_peers_file_keys_are_pinned_on_first_use_and_an_impostor_is_refused(
         return;
     }
     let s = Setup::new(48);
-    let mut a = s.start_first_use(0, &["--queues", "2"]);
-    let t0 = Instant::now();
-    while !a.logs().contains("agent up") {
-        assert!(t0.elapsed() < Duration::from_secs(10), "a did not come up:\n{}", a.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut a = up(s.start_first_use(0, &["--queues", "2"]));
     let mut observer = Observer::start(&s.exchange());
     let mut b = s.start_first_use(1, &["--queues", "2"]);
     assert!(wait_reachable(&s.ns[0], &s.v4[1], Duration::from_secs(15)).is_some(), "never reachable:\n--- a\n{}\n--- b\n{}", a.logs(), b.logs());

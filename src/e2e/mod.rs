@@ -401,10 +401,6 @@ impl E2e {
         self.local.public()
     }
 
-    pub fn key_source(&self) -> KeySource {
-        self.source
-    }
-
     /// How many peers have a key.
     pub fn peers_with_keys(&self) -> usize {
         self.keyed.load(Ordering::Relaxed)
